@@ -1,0 +1,195 @@
+//! Rendering a model's Jinja chat template the way Hugging Face's `apply_chat_template` does.
+//!
+//! Models ship their prompt format as a Jinja2 template written against Python's Jinja: HF
+//! renders it with `trim_blocks` and `lstrip_blocks`, the loop-controls extension, and the globals
+//! `raise_exception` and `strftime_now`, and its `tojson` is Python's `json.dumps` (no HTML
+//! escaping, `", "`/`": "` separators). Templates also call Python string methods (`.strip()`,
+//! `.startswith()`), which minijinja-contrib's `pycompat` supplies. A prompt that differs by one
+//! space tokenizes differently, so each of these details matters.
+
+use std::collections::BTreeMap;
+
+use minijinja::value::Value;
+use minijinja::{Environment, Error, ErrorKind};
+
+mod pyjson;
+mod strftime;
+
+use pyjson::tojson;
+
+/// One chat turn as the OpenAI-style API and the templates see it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+impl ChatMessage {
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        ChatMessage {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+}
+
+/// Why a template could not be compiled or rendered.
+#[derive(Debug, thiserror::Error)]
+pub enum ChatTemplateError {
+    #[error("chat template does not parse: {0}")]
+    Syntax(String),
+    #[error("chat template failed to render: {0}")]
+    Render(String),
+    /// The template itself rejected the conversation (`raise_exception(...)`), e.g. roles that do
+    /// not alternate; the message is the template's and is meant for the API caller.
+    #[error("chat template rejected the conversation: {0}")]
+    Raised(String),
+}
+
+const TEMPLATE_NAME: &str = "chat";
+
+/// Standard ChatML, for models that ship no template.
+const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
+/// A compiled chat template with the model's BOS/EOS strings; build once per model.
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    bos_token: Option<String>,
+    eos_token: Option<String>,
+}
+
+impl std::fmt::Debug for ChatTemplate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChatTemplate")
+            .field("bos_token", &self.bos_token)
+            .field("eos_token", &self.eos_token)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ChatTemplate {
+    /// Compiles `source`; `bos_token`/`eos_token` are exposed to it as in HF (left undefined if `None`).
+    pub fn new(
+        source: &str,
+        bos_token: Option<String>,
+        eos_token: Option<String>,
+    ) -> Result<ChatTemplate, ChatTemplateError> {
+        let mut env = Environment::new();
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        minijinja_contrib::add_to_environment(&mut env);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", raise_exception);
+        env.add_function("strftime_now", strftime_now);
+        env.add_filter("tojson", tojson);
+        env.add_template_owned(TEMPLATE_NAME, source.to_owned())
+            .map_err(|e| ChatTemplateError::Syntax(describe(&e)))?;
+        Ok(ChatTemplate {
+            env,
+            bos_token,
+            eos_token,
+        })
+    }
+
+    /// Renders `messages`; with `add_generation_prompt` the template appends the header that
+    /// opens the assistant's turn (HF's `apply_chat_template` semantics).
+    pub fn render(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String, ChatTemplateError> {
+        let mut ctx: BTreeMap<&str, Value> = BTreeMap::new();
+        ctx.insert("messages", Value::from_serialize(messages));
+        ctx.insert("add_generation_prompt", Value::from(add_generation_prompt));
+        if let Some(bos) = &self.bos_token {
+            ctx.insert("bos_token", Value::from(bos.as_str()));
+        }
+        if let Some(eos) = &self.eos_token {
+            ctx.insert("eos_token", Value::from(eos.as_str()));
+        }
+        let template = self
+            .env
+            .get_template(TEMPLATE_NAME)
+            .map_err(|e| ChatTemplateError::Render(describe(&e)))?;
+        template.render(ctx).map_err(|e| match raised_message(&e) {
+            Some(msg) => ChatTemplateError::Raised(msg),
+            None => ChatTemplateError::Render(describe(&e)),
+        })
+    }
+
+    /// ChatML (`<|im_start|>role\ncontent<|im_end|>\n`), the fallback for models without a template.
+    pub fn chatml() -> ChatTemplate {
+        // The source is a constant that the unit tests render, so compiling it cannot fail.
+        ChatTemplate::new(CHATML, None, None).expect("the built-in ChatML template compiles")
+    }
+}
+
+/// The error text plus the template line it points at, without minijinja's multi-line dump.
+fn describe(e: &Error) -> String {
+    let mut out = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+/// Marker attached to the error `raise_exception` returns, so `render` can tell it apart.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct RaisedByTemplate(String);
+
+fn raised_message(e: &Error) -> Option<String> {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(raised) = s.downcast_ref::<RaisedByTemplate>() {
+            return Some(raised.0.clone());
+        }
+        source = s.source();
+    }
+    None
+}
+
+/// HF's `raise_exception(message)` global.
+fn raise_exception(message: String) -> Result<Value, Error> {
+    Err(
+        Error::new(ErrorKind::InvalidOperation, "raise_exception called")
+            .with_source(RaisedByTemplate(message)),
+    )
+}
+
+/// HF's `strftime_now(format)` global: the current UTC time formatted like Python's strftime.
+fn strftime_now(format: String) -> Result<Value, Error> {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    Ok(Value::from(strftime::format_unix(&format, secs)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chatml_renders_turns_and_generation_prompt() {
+        let t = ChatTemplate::chatml();
+        let msgs = [
+            ChatMessage::new("system", "Be brief."),
+            ChatMessage::new("user", "Hi"),
+        ];
+        assert_eq!(
+            t.render(&msgs, true).unwrap(),
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+        );
+        assert!(!t.render(&msgs, false).unwrap().ends_with("assistant\n"));
+    }
+
+    #[test]
+    fn syntax_errors_are_reported_at_compile_time() {
+        let err = ChatTemplate::new("{% for m in messages %}", None, None).unwrap_err();
+        assert!(matches!(err, ChatTemplateError::Syntax(_)), "{err}");
+    }
+}

@@ -1,0 +1,9 @@
+//! Caduceus runtime: model engine (weights, tokenizer, chat template, batched forward), sampler,
+//! and the `caduceus` command-line entry points.
+pub mod chat_template;
+pub mod cli;
+pub mod generate;
+pub mod kv_cache;
+pub mod model;
+pub mod sampling;
+pub mod tokenizer;

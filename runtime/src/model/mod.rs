@@ -1,0 +1,14 @@
+pub mod batch;
+pub mod config;
+pub mod error;
+pub mod gguf;
+pub mod gguf_writer;
+pub mod linear;
+pub mod llama;
+pub mod loader;
+pub mod safetensors_dir;
+pub mod weights;
+
+pub use batch::ForwardBatch;
+pub use llama::LlamaModel;
+pub use loader::{LoadedModel, DEFAULT_MODEL_PATH};

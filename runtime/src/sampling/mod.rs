@@ -1,0 +1,11 @@
+//! Token sampling with vLLM semantics: per-request parameters ([`SamplingParams`]), penalties,
+//! temperature, top-k / top-p / min-p truncation, seeded per-request RNG ([`Sampler`]) and raw
+//! log-probabilities.
+
+pub mod logprobs;
+pub mod params;
+pub mod penalties;
+pub mod sampler;
+
+pub use params::{SamplingError, SamplingParams, GREEDY_TEMPERATURE_EPS, MAX_LOGPROBS};
+pub use sampler::{SampledToken, Sampler};

@@ -1,0 +1,127 @@
+//! The `caduceus` binary end to end: generate/tokenize output formats and clear errors on bad input.
+
+mod support;
+
+use std::process::Command;
+
+fn caduceus(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_caduceus"))
+        .args(args)
+        .args(["--threads", "2"])
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn generate_json_prints_one_object_per_prompt_in_order() {
+    let model = support::shared("reference/tiny-llama/model");
+    let expected: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(support::shared("reference/tiny-llama/expected.json")).unwrap(),
+    )
+    .unwrap();
+    let m = model.to_str().unwrap();
+    let out = caduceus(&[
+        "generate",
+        "--model",
+        m,
+        "--prompt",
+        "fever and cough",
+        "--prompt",
+        "ok",
+        "--max-tokens",
+        "16",
+        "--ignore-eos",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    for (line, idx) in lines.iter().zip([1, 3]) {
+        assert_eq!(
+            line["prompt_token_ids"],
+            expected["prompts"][idx]["token_ids"]
+        );
+        assert_eq!(line["token_ids"], expected["base"][idx]["greedy_16"]);
+        assert_eq!(line["finish_reason"], "length");
+        assert!(line["text"].is_string());
+    }
+}
+
+#[test]
+fn tokenize_prints_token_ids() {
+    let model = support::shared("reference/tiny-llama/model");
+    let out = caduceus(&[
+        "tokenize",
+        "--model",
+        model.to_str().unwrap(),
+        "--text",
+        "ok",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v, serde_json::json!({"token_ids": [78, 74]}));
+}
+
+#[test]
+fn missing_model_names_the_fetch_script() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_caduceus"))
+        .current_dir(dir.path())
+        .args(["generate", "--prompt", "hi"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("scripts/fetch-default-model"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn corrupt_model_file_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("broken.gguf");
+    std::fs::write(&path, b"GGUF\x03\x00\x00\x00garbage").unwrap();
+    let out = caduceus(&[
+        "generate",
+        "--model",
+        path.to_str().unwrap(),
+        "--prompt",
+        "hi",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("broken.gguf") && !err.contains("panicked"),
+        "{err}"
+    );
+}
+
+#[test]
+fn prompt_longer_than_the_context_is_a_clear_error() {
+    let model = support::shared("reference/tiny-llama/model");
+    let long = "a".repeat(300); // max_position_embeddings is 256, one token per byte
+    let out = caduceus(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        &long,
+        "--max-tokens",
+        "4",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("context length of 256"), "{err}");
+}

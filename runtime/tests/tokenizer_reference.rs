@@ -1,0 +1,260 @@
+//! Tokenizer and streaming detokenizer against independent references:
+//! - the default model's GGUF tokenizer vs. llama.cpp's ids and text (shared/reference/smollm2-greedy.json);
+//! - a Hugging Face tokenizer directory vs. transformers' ids (shared/reference/tiny-llama).
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use caduceus_runtime::model::gguf::GgufFile;
+use caduceus_runtime::tokenizer::detokenizer::IncrementalDetokenizer;
+use caduceus_runtime::tokenizer::{GgufTokenizerSpec, Tokenizer};
+use serde_json::Value;
+
+const DEFAULT_MODEL: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../models/SmolLM2-135M-Instruct.Q4_1.gguf"
+);
+const SMOLLM2_REFERENCE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../shared/reference/smollm2-greedy.json"
+);
+const TINY_LLAMA: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../shared/reference/tiny-llama"
+);
+
+fn read_json(path: &Path) -> Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| {
+        panic!(
+            "reference file {} is missing ({e}); it lives in the shared/ folder next to the workspace",
+            path.display()
+        )
+    });
+    serde_json::from_str(&text).unwrap()
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .expect("array of token ids")
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// The default model's tokenizer (built once for all tests), or `None` with a notice when the
+/// model file is absent.
+fn smollm2() -> Option<&'static Tokenizer> {
+    static TOKENIZER: OnceLock<Option<Tokenizer>> = OnceLock::new();
+    let tok = TOKENIZER.get_or_init(|| {
+        let path = PathBuf::from(DEFAULT_MODEL);
+        if !path.exists() {
+            return None;
+        }
+        let started = Instant::now();
+        let gguf = GgufFile::open(&path).unwrap();
+        let spec = GgufTokenizerSpec::from_gguf(&gguf).unwrap();
+        let read = started.elapsed();
+        let tok = Tokenizer::from_gguf_spec(&spec).unwrap();
+        eprintln!(
+            "SmolLM2 tokenizer: metadata read in {read:?}, built in {:?}",
+            started.elapsed() - read
+        );
+        Some(tok)
+    });
+    if tok.is_none() {
+        eprintln!(
+            "SKIPPED: default model {DEFAULT_MODEL} is absent (run scripts/fetch-default-model)"
+        );
+    }
+    tok.as_ref()
+}
+
+fn tiny_llama() -> Tokenizer {
+    Tokenizer::from_hf_dir(&Path::new(TINY_LLAMA).join("model")).unwrap()
+}
+
+#[test]
+fn smollm2_gguf_tokenizer_matches_llama_cpp_ids_and_text() {
+    let Some(tok) = smollm2() else { return };
+    let reference = read_json(Path::new(SMOLLM2_REFERENCE));
+    let cases = reference["cases"].as_array().unwrap();
+    assert!(!cases.is_empty());
+    for case in cases {
+        let prompt = case["prompt_text"].as_str().unwrap();
+        assert_eq!(
+            tok.encode(prompt).unwrap(),
+            ids(&case["prompt_token_ids"]),
+            "prompt {prompt:?}"
+        );
+        let message = case["message"].as_str().unwrap();
+        assert_eq!(
+            tok.encode(message).unwrap(),
+            ids(&case["message_token_ids"]),
+            "message {message:?}"
+        );
+        let greedy = ids(&case["greedy_token_ids"]);
+        assert_eq!(
+            tok.decode(&greedy, true).unwrap(),
+            case["greedy_text"].as_str().unwrap()
+        );
+    }
+}
+
+#[test]
+fn smollm2_special_tokens_and_metadata() {
+    let Some(tok) = smollm2() else { return };
+    assert_eq!(tok.vocab_size(), 49152);
+    assert_eq!(tok.bos_id(), Some(1));
+    assert_eq!(tok.bos_token().as_deref(), Some("<|im_start|>"));
+    assert_eq!(tok.eos_token().as_deref(), Some("<|im_end|>"));
+    // EOS first; <|endoftext|> (id 0) is a control token that also ends generation.
+    assert_eq!(tok.eos_ids(), &[2, 0]);
+    assert_eq!(tok.token_to_id("<|im_end|>"), Some(2));
+    assert_eq!(tok.id_to_token(1).as_deref(), Some("<|im_start|>"));
+    // add_bos_token is false for this model.
+    assert_eq!(
+        tok.encode("Hi").unwrap(),
+        vec![tok.token_to_id("Hi").unwrap()]
+    );
+    let ids = tok.encode("<|im_start|>user\nHi<|im_end|>").unwrap();
+    assert_eq!((ids[0], *ids.last().unwrap()), (1, 2));
+    assert_eq!(tok.decode(&ids, true).unwrap(), "user\nHi");
+    assert_eq!(
+        tok.decode(&ids, false).unwrap(),
+        "<|im_start|>user\nHi<|im_end|>"
+    );
+}
+
+#[test]
+fn smollm2_digits_are_split_individually() {
+    let Some(tok) = smollm2() else { return };
+    let ids = tok.encode("150/95").unwrap();
+    let pieces: Vec<String> = ids.iter().map(|&i| tok.id_to_token(i).unwrap()).collect();
+    assert_eq!(pieces, ["1", "5", "0", "/", "9", "5"]);
+}
+
+#[test]
+fn hf_dir_tokenizer_matches_transformers_ids() {
+    let tok = tiny_llama();
+    let expected = read_json(&Path::new(TINY_LLAMA).join("expected.json"));
+    let prompts = expected["prompts"].as_array().unwrap();
+    assert!(!prompts.is_empty());
+    for p in prompts {
+        let text = p["text"].as_str().unwrap();
+        assert_eq!(tok.encode(text).unwrap(), ids(&p["token_ids"]), "{text:?}");
+        assert_eq!(tok.decode(&ids(&p["token_ids"]), true).unwrap(), text);
+    }
+    assert_eq!(tok.vocab_size(), 258);
+    assert_eq!(tok.bos_id(), Some(256));
+    assert_eq!(tok.eos_ids(), &[257]);
+    assert_eq!(tok.bos_token().as_deref(), Some("<s>"));
+    assert!(tok.chat_template().is_none());
+}
+
+#[test]
+fn missing_hf_dir_names_the_file() {
+    let err = Tokenizer::from_hf_dir(Path::new("/nonexistent/model-dir")).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("/nonexistent/model-dir/tokenizer.json"),
+        "{err}"
+    );
+}
+
+const MULTIBYTE_TEXTS: &[&str] = &[
+    "Café crème brûlée, naïve façade.",
+    "東京の天気は晴れです。日本語のテキスト",
+    "Emoji: 🌸🚀👩‍⚕️ done 🎉",
+    "Mixed: Ωμέγα, Привет, שלום, 안녕하세요 and e\u{301}",
+];
+
+/// Streams `output` after `prompt` and checks the invariants; returns whether some push was held
+/// back because a token ended inside a character.
+fn stream_and_check(tok: &Tokenizer, prompt: &[u32], output: &[u32], skip: bool) -> bool {
+    let mut detok = IncrementalDetokenizer::new(prompt, skip);
+    let mut streamed = String::new();
+    let mut held_back = false;
+    for &id in output {
+        let chunk = detok.push(tok, id).unwrap();
+        assert!(!chunk.contains('\u{FFFD}'), "chunk {chunk:?} has U+FFFD");
+        held_back |= chunk.is_empty();
+        streamed.push_str(&chunk);
+    }
+    streamed.push_str(&detok.flush(tok).unwrap());
+    assert_eq!(streamed, tok.decode(output, skip).unwrap());
+    held_back
+}
+
+/// Some prefix of `ids` decodes to a string ending in U+FFFD: a token boundary splits a character.
+fn splits_a_character(tok: &Tokenizer, ids: &[u32]) -> bool {
+    (1..ids.len()).any(|n| tok.decode(&ids[..n], false).unwrap().ends_with('\u{FFFD}'))
+}
+
+#[test]
+fn streaming_byte_tokens_never_emits_half_characters() {
+    // Every token of this vocabulary is a single byte, so each multi-byte character is split.
+    let tok = tiny_llama();
+    let prompt = tok.encode("Doctor, ").unwrap();
+    for text in MULTIBYTE_TEXTS {
+        let ids = tok.encode(text).unwrap();
+        assert!(splits_a_character(&tok, &ids), "{text:?}");
+        assert!(stream_and_check(&tok, &prompt, &ids, true), "{text:?}");
+        stream_and_check(&tok, &[], &ids, false);
+    }
+}
+
+#[test]
+fn streaming_smollm2_matches_full_decode() {
+    let Some(tok) = smollm2() else { return };
+    let mut any_split = false;
+    let prompt = tok.encode("<|im_start|>assistant\n").unwrap();
+    for text in MULTIBYTE_TEXTS {
+        let mut ids = tok.encode(text).unwrap();
+        any_split |= splits_a_character(tok, &ids);
+        ids.push(2); // <|im_end|>, dropped when skipping special tokens
+        stream_and_check(tok, &prompt, &ids, true);
+        stream_and_check(tok, &prompt, &ids, false);
+    }
+    assert!(any_split, "no SmolLM2 token boundary split a character");
+    // The reference continuations stream to exactly the reference text.
+    let reference = read_json(Path::new(SMOLLM2_REFERENCE));
+    for case in reference["cases"].as_array().unwrap() {
+        let prompt = ids(&case["prompt_token_ids"]);
+        let greedy = ids(&case["greedy_token_ids"]);
+        let mut detok = IncrementalDetokenizer::new(&prompt, true);
+        let mut streamed = String::new();
+        for &id in &greedy {
+            streamed.push_str(&detok.push(tok, id).unwrap());
+        }
+        streamed.push_str(&detok.flush(tok).unwrap());
+        assert_eq!(streamed, case["greedy_text"].as_str().unwrap());
+    }
+}
+
+#[test]
+fn flush_releases_an_incomplete_character() {
+    let tok = tiny_llama();
+    let ids = tok.encode("ok 🌸").unwrap();
+    // Stop two bytes into the four-byte emoji.
+    let cut = &ids[..ids.len() - 2];
+    let mut detok = IncrementalDetokenizer::new(&[], true);
+    let mut streamed = String::new();
+    for &id in cut {
+        streamed.push_str(&detok.push(&tok, id).unwrap());
+    }
+    assert_eq!(streamed, "ok ");
+    let rest = detok.flush(&tok).unwrap();
+    assert!(rest.contains('\u{FFFD}'));
+    assert_eq!(streamed + &rest, tok.decode(cut, true).unwrap());
+    assert_eq!(detok.flush(&tok).unwrap(), "");
+}
+
+#[test]
+fn bad_token_id_is_reported() {
+    let tok = tiny_llama();
+    let err = tok.decode(&[258], false).unwrap_err().to_string();
+    assert!(err.contains("258"), "{err}");
+    let mut detok = IncrementalDetokenizer::new(&[], false);
+    assert!(detok.push(&tok, 9999).is_err());
+}
