@@ -1,5 +1,6 @@
 //! Quantized matmul at the default model's shapes (SmolLM2-135M: hidden 576, FFN 1536, Q4_1 weights,
-//! Q8_0 tied output 49152x576) for 1, 16 and 128 tokens. Thread count comes from RAYON_NUM_THREADS.
+//! Q8_0 tied output 49152x576) for 1, 16 and 64 tokens (`QUANT_TOKENS=1,4` overrides). Thread count
+//! comes from RAYON_NUM_THREADS; `QUANT_PATH=scalar|avx2` forces a kernel path.
 //!
 //! `RAYON_NUM_THREADS=2 cargo bench -p caduceus-benches --bench quant_matmul`
 
@@ -23,24 +24,35 @@ fn values(n: usize, seed: u64) -> Vec<f32> {
 }
 
 fn bench_matmul(c: &mut Criterion) {
+    // The default model's products as it runs them: fused qkv and gate/up, o, down, and the tied
+    // Q8_0 output head, repacked by `into_fast` exactly as the model loader does.
     let shapes = [
         (
-            "q4_1_576x576",
-            Matrix::quantize_q4_1(576, 576, &values(576 * 576, 1)),
+            "qkv_q4_1_960x576",
+            Matrix::quantize_q4_1(960, 576, &values(960 * 576, 1)),
         ),
         (
-            "q4_1_1536x576",
-            Matrix::quantize_q4_1(1536, 576, &values(1536 * 576, 2)),
+            "o_q4_1_576x576",
+            Matrix::quantize_q4_1(576, 576, &values(576 * 576, 2)),
         ),
         (
-            "q4_1_576x1536",
-            Matrix::quantize_q4_1(576, 1536, &values(576 * 1536, 3)),
+            "gate_up_q4_1_3072x576",
+            Matrix::quantize_q4_1(3072, 576, &values(3072 * 576, 3)),
         ),
         (
-            "q8_0_49152x576",
-            Matrix::quantize_q8_0(49152, 576, &values(49152 * 576, 4)),
+            "down_q4_1_576x1536",
+            Matrix::quantize_q4_1(576, 1536, &values(576 * 1536, 4)),
         ),
-    ];
+        (
+            "head_q8_0_49152x576",
+            Matrix::quantize_q8_0(49152, 576, &values(49152 * 576, 5)),
+        ),
+    ]
+    .map(|(name, w)| (name, w.into_fast()));
+    let token_counts: Vec<usize> = std::env::var("QUANT_TOKENS")
+        .ok()
+        .map(|s| s.split(',').filter_map(|t| t.parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 16, 64]);
     let path = std::env::var("QUANT_PATH").ok();
     let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all".to_string());
     let mut group = c.benchmark_group(format!("quant_matmul_t{threads}"));
@@ -49,7 +61,7 @@ fn bench_matmul(c: &mut Criterion) {
         .warm_up_time(Duration::from_millis(300))
         .measurement_time(Duration::from_secs(2));
     for (name, w) in &shapes {
-        for num_tokens in [1usize, 16, 128] {
+        for &num_tokens in &token_counts {
             let x = values(num_tokens * w.cols(), 9);
             let mut out = vec![0f32; num_tokens * w.rows()];
             group.throughput(Throughput::Elements(num_tokens as u64));
@@ -58,6 +70,7 @@ fn bench_matmul(c: &mut Criterion) {
                     Some("scalar") => {
                         matmul_with_path(&x, w, &mut out, KernelPath::Scalar).unwrap()
                     }
+                    Some("avx2") => matmul_with_path(&x, w, &mut out, KernelPath::Avx2).unwrap(),
                     _ => matmul(&x, w, &mut out),
                 })
             });

@@ -5,6 +5,7 @@
 //! the `cuda` feature.
 
 pub mod attention;
+pub mod lora;
 pub mod ops;
 
 pub use attention::{

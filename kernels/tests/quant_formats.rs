@@ -1,7 +1,9 @@
 //! Block formats: geometry, dequantization and reference quantizers against gguf-py's numpy
 //! implementation (fixtures written by scripts/gen-quant-fixtures.py), and `Matrix` invariants.
 
-use caduceus_kernels::quant::activations::{quantize_q8, quantize_q8_k, BlockQ8, BlockQ8K};
+use caduceus_kernels::quant::activations::{
+    quantize_q8, quantize_q8_k, quantize_q8_scalar, BlockQ8, BlockQ8K, Q8Acts,
+};
 use caduceus_kernels::quant::{GgmlType, Matrix, QuantError};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -178,6 +180,41 @@ fn quant_activation_quantizers_round_trip() {
         for (v, &q) in blk.iter().zip(&b.qs) {
             assert!((v - q as f32 * b.d).abs() <= 0.5 * b.d.abs() * 1.001);
         }
+    }
+}
+
+/// The SIMD activation quantizer (used where the CPU has it) must give the scalar one's blocks bit
+/// for bit, including all-zero blocks, exact halves (ties round to even) and saturating maxima.
+#[test]
+fn quant_activation_quantizer_matches_scalar_bit_for_bit() {
+    let mut rng = ChaCha8Rng::seed_from_u64(8);
+    let mut x: Vec<f32> = (0..32 * 64)
+        .map(|_| rng.random_range(-4.0f32..4.0))
+        .collect();
+    x[..32].fill(0.0);
+    // amax 127: every value is an integer or a half, so ties are exercised.
+    for (i, v) in x[32..64].iter_mut().enumerate() {
+        *v = (i as f32 - 15.5) * 0.5;
+    }
+    x[63] = 127.0;
+    x[64..96].fill(-1e-30);
+    for (i, v) in x[96..128].iter_mut().enumerate() {
+        *v *= 10f32.powi(i as i32 % 7 - 3);
+    }
+    let (mut fast, mut scalar) = (vec![BlockQ8::default(); 64], vec![BlockQ8::default(); 64]);
+    quantize_q8(&x, &mut fast);
+    quantize_q8_scalar(&x, &mut scalar);
+    for (i, (a, b)) in fast.iter().zip(&scalar).enumerate() {
+        assert_eq!(
+            (a.qs, a.d.to_bits(), a.s.to_bits()),
+            (b.qs, b.d.to_bits(), b.s.to_bits()),
+            "block {i}"
+        );
+    }
+    let acts = Q8Acts::quantize(&x, 256, false);
+    for (i, b) in scalar.iter().enumerate() {
+        assert_eq!(acts.isum[i], b.qs.iter().map(|&q| q as i32).sum::<i32>());
+        assert_eq!(acts.blocks[i].qs, b.qs);
     }
 }
 

@@ -74,28 +74,38 @@ fn run(x: &[f32], w: &Matrix, path: KernelPath) -> Vec<f32> {
 
 fn paths() -> Vec<KernelPath> {
     let mut paths = vec![KernelPath::Scalar];
-    if KernelPath::Avx2.is_available() {
-        paths.push(KernelPath::Avx2);
-    } else {
-        eprintln!("NOTICE: this CPU lacks AVX2/FMA/F16C; only the scalar path is tested");
+    for p in [KernelPath::Avx2, KernelPath::Vnni] {
+        if p.is_available() {
+            paths.push(p);
+        } else {
+            eprintln!("NOTICE: this CPU cannot run {p:?}; that path is not tested");
+        }
     }
     paths
 }
 
-/// Checks every path against the reference and the paths against each other.
+/// Checks every path against the reference and the paths against each other, for the matrix as
+/// built and as `into_fast` repacks it.
 fn check(ty: GgmlType, rows: usize, cols: usize, num_tokens: usize, seed: u64) {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let w = random_matrix(&mut rng, ty, rows, cols);
     let x = random_f32(&mut rng, num_tokens * cols);
+    check_matrix(&w, &x);
+    check_matrix(&w.into_fast(), &x);
+}
+
+fn check_matrix(w: &Matrix, x: &[f32]) {
+    let (ty, rows, cols) = (w.ty(), w.rows(), w.cols());
+    let num_tokens = x.len() / cols;
     let mut reference = vec![0f32; num_tokens * rows];
-    matmul_reference(&x, &w, &mut reference);
-    let mags = magnitudes(&x, &w);
+    matmul_reference(x, w, &mut reference);
+    let mags = magnitudes(x, w);
     // Float weights see no activation quantization; quantized ones see 8-bit activations.
     let (tol_ref, tol_paths) = match ty {
         GgmlType::F32 | GgmlType::F16 => (1e-5, 1e-5),
         _ => (1e-2, 1e-5),
     };
-    let outs: Vec<_> = paths().into_iter().map(|p| (p, run(&x, &w, p))).collect();
+    let outs: Vec<_> = paths().into_iter().map(|p| (p, run(x, w, p))).collect();
     for (path, out) in &outs {
         let (mut err2, mut ref2) = (0f64, 0f64);
         for i in 0..out.len() {
@@ -115,11 +125,12 @@ fn check(ty: GgmlType, rows: usize, cols: usize, num_tokens: usize, seed: u64) {
             "{ty} {path:?}: relative error {rel} vs reference"
         );
     }
-    if let [(_, a), (_, b)] = &outs[..] {
+    let a = &outs[0].1;
+    for (path, b) in &outs[1..] {
         for i in 0..a.len() {
             assert!(
                 (a[i] - b[i]).abs() <= tol_paths * mags[i] + 1e-6,
-                "{ty} scalar vs avx2 [{i}]: {} vs {}",
+                "{ty} scalar vs {path:?} [{i}]: {} vs {}",
                 a[i],
                 b[i]
             );
@@ -164,7 +175,7 @@ fn quant_matmul_parallel_split_matches_serial_results() {
     for ty in FAST {
         let cols = if ty.block_len() == 256 { 256 } else { 576 };
         let mut rng = ChaCha8Rng::seed_from_u64(11);
-        let w = random_matrix(&mut rng, ty, 301, cols);
+        let w = random_matrix(&mut rng, ty, 301, cols).into_fast();
         let x = random_f32(&mut rng, 6 * cols);
         let path = KernelPath::best();
         // Enough work to split into parallel chunks; each row's result must not depend on the split.
@@ -184,21 +195,52 @@ fn quant_matmul_parallel_split_matches_serial_results() {
 
 #[test]
 fn quant_matmul_token_tiles_give_each_token_the_single_token_result() {
+    // 11 tokens: a full 8-token tile plus a 3-token remainder (4 + 4 + 3 where tiles are 4 wide);
+    // 37 rows: two whole 16-row groups and a padded one.
+    const TOKENS: usize = 11;
+    const ROWS: usize = 37;
     for ty in FAST {
         let cols = if ty.block_len() == 256 { 256 } else { 288 };
         let mut rng = ChaCha8Rng::seed_from_u64(5);
-        let w = random_matrix(&mut rng, ty, 9, cols);
-        let x = random_f32(&mut rng, 7 * cols);
-        for path in paths() {
-            let batched = run(&x, &w, path);
-            for t in 0..7 {
-                let single = run(&x[t * cols..(t + 1) * cols], &w, path);
-                assert_eq!(
-                    &batched[t * 9..(t + 1) * 9],
-                    &single[..],
-                    "{ty} {path:?} token {t}"
-                );
+        let raw = random_matrix(&mut rng, ty, ROWS, cols);
+        let x = random_f32(&mut rng, TOKENS * cols);
+        for w in [raw.clone(), raw.into_fast()] {
+            for path in paths() {
+                let batched = run(&x, &w, path);
+                for t in 0..TOKENS {
+                    let single = run(&x[t * cols..(t + 1) * cols], &w, path);
+                    assert_eq!(
+                        &batched[t * ROWS..(t + 1) * ROWS],
+                        &single[..],
+                        "{ty} {path:?} packed={} token {t}",
+                        w.is_packed()
+                    );
+                }
+                // A token's result must not depend on where its tile starts either.
+                let tail = run(&x[3 * cols..], &w, path);
+                assert_eq!(&batched[3 * ROWS..], &tail[..], "{ty} {path:?} shifted");
             }
+        }
+    }
+}
+
+/// The packed kernels' builds (AVX-512 VNNI and AVX2) do the same float operations per lane, so
+/// where both run they must agree bit for bit, not just within tolerance.
+#[test]
+fn quant_matmul_packed_builds_agree_bit_for_bit() {
+    if !KernelPath::Vnni.is_available() {
+        eprintln!("NOTICE: no AVX-512 VNNI; the packed builds are not compared");
+        return;
+    }
+    for ty in [GgmlType::Q4_0, GgmlType::Q4_1] {
+        let mut rng = ChaCha8Rng::seed_from_u64(17);
+        let w = random_matrix(&mut rng, ty, 40, 320).into_fast();
+        assert!(w.is_packed(), "{ty}");
+        for num_tokens in [1, 5, 8, 13] {
+            let x = random_f32(&mut rng, num_tokens * 320);
+            let vnni = run(&x, &w, KernelPath::Vnni);
+            let avx2 = run(&x, &w, KernelPath::Avx2);
+            assert_eq!(vnni, avx2, "{ty} t={num_tokens}");
         }
     }
 }
@@ -227,6 +269,33 @@ fn quant_matmul_slow_types_are_dequantized_then_multiplied() {
                 (got[i] - want[i]).abs() <= 1e-5 * mags[i] + 1e-6,
                 "{ty} [{i}]"
             );
+        }
+    }
+}
+
+#[test]
+fn quant_matmul_packing_keeps_the_ggml_bytes_and_rows() {
+    for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+        let mut rng = ChaCha8Rng::seed_from_u64(21);
+        let parts = [
+            random_matrix(&mut rng, ty, 13, 96),
+            random_matrix(&mut rng, ty, 6, 96),
+        ];
+        let raw = Matrix::concat_rows(&parts).unwrap();
+        let fast = parts.map(|p| p.into_fast());
+        let fused = Matrix::concat_rows(&fast).unwrap();
+        assert_eq!(fused.is_packed(), fast[0].is_packed(), "{ty}");
+        assert_eq!(
+            fused.data(),
+            raw.data(),
+            "{ty}: data() restores ggml's bytes"
+        );
+        assert_eq!(fused.to_f32(), raw.to_f32(), "{ty}");
+        let (mut a, mut b) = (vec![0f32; 96], vec![0f32; 96]);
+        for row in [0, 7, 8, 12, 18] {
+            raw.dequantize_row(row, &mut a);
+            fused.dequantize_row(row, &mut b);
+            assert_eq!(a, b, "{ty} row {row}");
         }
     }
 }

@@ -1,15 +1,13 @@
-//! Offline batched generation: runs a fixed set of prompts to completion through the paged,
-//! batched forward pass. Each step carries every unfinished sequence: decode tokens first, then
-//! prefill chunks under a token budget, so prefill and decode mix in one batch.
-//!
-//! The server's engine loop (scheduler + `EngineCore`) supersedes this for online serving; this
-//! driver keeps `caduceus generate` and the model benchmarks free of any scheduling policy.
+//! Offline batched generation: runs a fixed set of prompts to completion through the engine
+//! ([`EngineCore`]) on the calling thread, so `caduceus generate` and the tests batch exactly as
+//! the server does (continuous batching, chunked prefill, prefix caching).
 
-use caduceus_kernels::attention::SeqAttention;
+use caduceus_scheduler::{FinishReason as EngineFinish, RequestId, SchedulerConfig};
+use tokio::sync::mpsc;
 
-use crate::kv_cache::KvCache;
-use crate::model::{ForwardBatch, LlamaModel};
-use crate::sampling::{SampledToken, Sampler, SamplingError, SamplingParams};
+use crate::engine::{EngineCore, EngineRequest, RequestError, RequestOutput};
+use crate::model::LlamaModel;
+use crate::sampling::{SampledToken, SamplingError, SamplingParams};
 
 /// Why a sequence stopped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -83,84 +81,90 @@ pub enum GenerateError {
     /// Sampling settings out of range.
     #[error("prompt {index}: {source}")]
     Sampling { index: usize, source: SamplingError },
+    /// The engine refused the request.
+    #[error("prompt {index}: {source}")]
+    Request { index: usize, source: RequestError },
+    /// The engine failed.
+    #[error("engine failure: {0}")]
+    Engine(String),
 }
 
-struct Sequence {
-    prompt: Vec<u32>,
-    output: Vec<u32>,
-    samples: Vec<SampledToken>,
-    sampler: Sampler,
-    max_tokens: usize,
-    ignore_eos: bool,
-    num_computed: usize,
-    block_table: Vec<u32>,
-    finish: Option<FinishReason>,
-}
-
-impl Sequence {
-    fn len(&self) -> usize {
-        self.prompt.len() + self.output.len()
-    }
-    /// Token at absolute position `pos` (prompt then output).
-    fn token(&self, pos: usize) -> u32 {
-        if pos < self.prompt.len() {
-            self.prompt[pos]
-        } else {
-            self.output[pos - self.prompt.len()]
-        }
-    }
-}
-
-/// Runs `requests` to completion as one continuously batched workload.
+/// Runs `requests` to completion as one continuously batched workload through the engine, with a
+/// KV pool large enough that nothing is preempted.
 pub fn generate(
     model: &LlamaModel,
     eos_ids: &[u32],
     requests: Vec<GenerateRequest>,
     opts: GenerateOptions,
 ) -> Result<Vec<GenerateOutput>, GenerateError> {
+    let bs = opts.block_size.max(1);
+    let num_blocks = 1 + requests
+        .iter()
+        .map(|r| (r.prompt_ids.len() + r.max_tokens).div_ceil(bs))
+        .sum::<usize>();
+    let config = SchedulerConfig {
+        max_num_seqs: requests.len().max(1),
+        max_num_batched_tokens: opts.max_batch_tokens.max(1),
+        block_size: bs,
+        num_blocks: num_blocks.max(2),
+        max_model_len: opts.max_model_len,
+        ..SchedulerConfig::default()
+    };
+    generate_with_config(model, eos_ids, requests, config)
+}
+
+/// [`generate`] with an explicit scheduler configuration (pool size, budgets, prefix caching).
+pub fn generate_with_config(
+    model: &LlamaModel,
+    eos_ids: &[u32],
+    requests: Vec<GenerateRequest>,
+    config: SchedulerConfig,
+) -> Result<Vec<GenerateOutput>, GenerateError> {
     let vocab_size = model.config().vocab_size;
     for (index, r) in requests.iter().enumerate() {
-        validate(index, r, vocab_size, opts.max_model_len)?;
+        validate(index, r, vocab_size, config.max_model_len)?;
     }
-    let bs = opts.block_size;
-    let mut next_block = 0u32;
-    let mut seqs: Vec<Sequence> = requests
-        .into_iter()
-        .map(|r| {
-            let blocks = (r.prompt_ids.len() + r.max_tokens).div_ceil(bs) as u32;
-            let block_table = (next_block..next_block + blocks).collect();
-            next_block += blocks;
-            Sequence {
-                sampler: Sampler::new(r.params),
-                max_tokens: r.max_tokens,
-                ignore_eos: r.ignore_eos,
-                prompt: r.prompt_ids,
-                output: Vec::new(),
-                samples: Vec::new(),
-                num_computed: 0,
-                block_table,
-                finish: None,
-            }
-        })
-        .collect();
-    for s in seqs.iter_mut().filter(|s| s.max_tokens == 0) {
-        s.finish = Some(FinishReason::Length);
+    let mut core = EngineCore::new(model, None, eos_ids.to_vec(), config)
+        .map_err(|e| GenerateError::Engine(e.to_string()))?;
+    let mut streams = Vec::with_capacity(requests.len());
+    for (index, r) in requests.into_iter().enumerate() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        if r.max_tokens > 0 {
+            let mut req = EngineRequest::new(r.prompt_ids, r.max_tokens);
+            req.sampling = r.params;
+            req.ignore_eos = r.ignore_eos;
+            req.detokenize = false;
+            core.add_request(RequestId(index as u64), req, tx)
+                .map_err(|source| GenerateError::Request { index, source })?;
+        }
+        streams.push(rx);
     }
-    let mut kv = KvCache::new(
-        model.config().num_layers,
-        model.kv_cache_shape(next_block as usize, bs),
-    );
-    while seqs.iter().any(|s| s.finish.is_none()) {
-        step(model, &mut kv, &mut seqs, eos_ids, opts);
+    while core.has_unfinished() {
+        core.step()
+            .map_err(|e| GenerateError::Engine(e.to_string()))?;
     }
-    Ok(seqs
-        .into_iter()
-        .map(|s| GenerateOutput {
-            token_ids: s.output,
-            samples: s.samples,
-            finish_reason: s.finish.unwrap_or(FinishReason::Length),
-        })
-        .collect())
+    Ok(streams.into_iter().map(collect).collect())
+}
+
+/// Gathers one request's streamed outputs.
+fn collect(mut rx: mpsc::UnboundedReceiver<RequestOutput>) -> GenerateOutput {
+    let mut out = GenerateOutput {
+        token_ids: Vec::new(),
+        samples: Vec::new(),
+        finish_reason: FinishReason::Length,
+    };
+    while let Ok(o) = rx.try_recv() {
+        out.token_ids
+            .extend(o.new_tokens.iter().map(|t| t.token_id));
+        out.samples.extend(o.new_tokens);
+        if let Some(f) = o.finished {
+            out.finish_reason = match f.reason {
+                EngineFinish::Stop => FinishReason::Stop,
+                _ => FinishReason::Length,
+            };
+        }
+    }
+    out
 }
 
 fn validate(
@@ -190,90 +194,4 @@ fn validate(
     r.params
         .validate()
         .map_err(|source| GenerateError::Sampling { index, source })
-}
-
-/// One iteration: schedule tokens for every unfinished sequence, run the model, sample.
-fn step(
-    model: &LlamaModel,
-    kv: &mut KvCache,
-    seqs: &mut [Sequence],
-    eos_ids: &[u32],
-    opts: GenerateOptions,
-) {
-    // Decodes first (one token each), then prefill chunks while the budget lasts.
-    let mut order: Vec<usize> = (0..seqs.len())
-        .filter(|&i| seqs[i].finish.is_none())
-        .collect();
-    order.sort_by_key(|&i| seqs[i].num_computed < seqs[i].prompt.len());
-    let mut budget = opts.max_batch_tokens.max(1);
-    let mut scheduled: Vec<(usize, usize)> = Vec::new();
-    for i in order {
-        let s = &seqs[i];
-        let n = (s.len() - s.num_computed).min(budget);
-        if n == 0 {
-            break;
-        }
-        budget -= n;
-        scheduled.push((i, n));
-    }
-
-    let (mut token_ids, mut positions, mut slots) = (Vec::new(), Vec::new(), Vec::new());
-    let mut logits_indices = Vec::new();
-    let mut samplers = Vec::new();
-    for &(i, n) in &scheduled {
-        let s = &seqs[i];
-        for pos in s.num_computed..s.num_computed + n {
-            token_ids.push(s.token(pos));
-            positions.push(pos as u32);
-            slots.push(
-                s.block_table[pos / opts.block_size] * opts.block_size as u32
-                    + (pos % opts.block_size) as u32,
-            );
-        }
-        if s.num_computed + n == s.len() {
-            logits_indices.push(token_ids.len() - 1);
-            samplers.push(i);
-        }
-    }
-    let mut start = 0;
-    let attn: Vec<SeqAttention<'_>> = scheduled
-        .iter()
-        .map(|&(i, n)| {
-            let s = &seqs[i];
-            let a = SeqAttention {
-                query_start: start,
-                query_len: n,
-                context_len: s.num_computed + n,
-                block_table: &s.block_table,
-            };
-            start += n;
-            a
-        })
-        .collect();
-    let batch = ForwardBatch {
-        token_ids: &token_ids,
-        positions: &positions,
-        slot_mapping: &slots,
-        seqs: &attn,
-        logits_indices: &logits_indices,
-    };
-    let logits = model.forward(&batch, kv);
-    drop(attn);
-
-    for &(i, n) in &scheduled {
-        seqs[i].num_computed += n;
-    }
-    let vocab = model.config().vocab_size;
-    for (row, &i) in logits.chunks_exact(vocab).zip(&samplers) {
-        let s = &mut seqs[i];
-        let sampled = s.sampler.sample(row, &s.prompt, &s.output);
-        let tok = sampled.token_id;
-        s.output.push(tok);
-        s.samples.push(sampled);
-        if !s.ignore_eos && eos_ids.contains(&tok) {
-            s.finish = Some(FinishReason::Stop);
-        } else if s.output.len() >= s.max_tokens {
-            s.finish = Some(FinishReason::Length);
-        }
-    }
 }

@@ -2,8 +2,12 @@
 //! and the `caduceus` command-line entry points.
 pub mod chat_template;
 pub mod cli;
+pub mod config;
+pub mod engine;
 pub mod generate;
 pub mod kv_cache;
+pub mod metrics;
 pub mod model;
 pub mod sampling;
+pub mod server;
 pub mod tokenizer;

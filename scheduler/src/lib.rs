@@ -1,1 +1,35 @@
-//! Caduceus scheduler: request state machine, KV block allocator, prefix cache and batching policy. Pure Rust, no tensors, no async (filled in by the continuous-batching issue).
+//! Caduceus scheduler: request state machine, paged KV block allocator, prefix cache and
+//! batching policy, shaped after vLLM v1 (`Scheduler`, `KvCacheManager`, `BlockPool`). Pure Rust:
+//! no tensors, no async, no threads, deterministic.
+//!
+//! The engine loop is `schedule() -> execute -> update()`: [`Scheduler::schedule`] emits a plain
+//! [`SchedulerOutput`], the executor answers with a [`StepOutput`] (one sampled token per request
+//! that reached its end), and [`Scheduler::update`] applies it.
+
+mod block_hash;
+mod block_pool;
+mod config;
+mod free_queue;
+mod fx;
+mod ids;
+mod kv_cache_manager;
+mod output;
+mod queue;
+mod request;
+mod schedule;
+mod scheduler;
+mod update;
+
+pub use block_hash::{
+    extend_block_hashes, hash_block_tokens, BlockHash, ExtraKeys, BLOCK_HASH_FORMAT,
+};
+pub use block_pool::{BlockKey, BlockPool};
+pub use config::{ConfigError, SchedulerConfig};
+pub use free_queue::FreeBlockQueue;
+pub use ids::{AdapterKey, BlockId, RequestId};
+pub use kv_cache_manager::{ComputedBlocks, KvCacheManager};
+pub use output::{
+    RequestUpdate, ScheduledData, ScheduledRequest, SchedulerOutput, SchedulerStats, StepOutput,
+};
+pub use request::{AddRequestError, FinishReason, NewRequest, Request, RequestStatus};
+pub use scheduler::Scheduler;

@@ -1,5 +1,6 @@
 //! `out = x · Wᵀ` for quantized weights: activations are quantized once per call, rows are split into
-//! chunks across the rayon pool, and each row is multiplied against tiles of tokens.
+//! chunks across the rayon pool, and each row is multiplied against tiles of tokens (packed
+//! weights: see `matmul_packed`).
 
 use super::activations::{quantize_q8_k, BlockQ8K, Q8Acts};
 use super::dot_scalar as scalar;
@@ -14,6 +15,9 @@ pub enum KernelPath {
     Scalar,
     /// AVX2 + FMA + F16C intrinsics (x86-64 only).
     Avx2,
+    /// AVX2 plus AVX-512 (F/BW) VNNI byte dot products on 512-bit vectors for packed
+    /// Q4_0/Q4_1/Q8_0 weights (x86-64 only).
+    Vnni,
 }
 
 impl KernelPath {
@@ -23,14 +27,18 @@ impl KernelPath {
             KernelPath::Scalar => true,
             #[cfg(target_arch = "x86_64")]
             KernelPath::Avx2 => super::dot_avx2::available(),
+            #[cfg(target_arch = "x86_64")]
+            KernelPath::Vnni => super::dot_packed::vnni_available(),
             #[cfg(not(target_arch = "x86_64"))]
-            KernelPath::Avx2 => false,
+            KernelPath::Avx2 | KernelPath::Vnni => false,
         }
     }
 
     /// The fastest path this CPU supports (detected once).
     pub fn best() -> KernelPath {
-        if KernelPath::Avx2.is_available() {
+        if KernelPath::Vnni.is_available() {
+            KernelPath::Vnni
+        } else if KernelPath::Avx2.is_available() {
             KernelPath::Avx2
         } else {
             KernelPath::Scalar
@@ -39,9 +47,9 @@ impl KernelPath {
 }
 
 /// Multiply-accumulates below which a call stays on the calling thread (rayon's hand-off costs more).
-const SERIAL_WORK: usize = 1 << 19;
+pub(super) const SERIAL_WORK: usize = 1 << 19;
 /// Multiply-accumulates a parallel task should at least get.
-const MIN_TASK_WORK: usize = 1 << 17;
+pub(super) const MIN_TASK_WORK: usize = 1 << 17;
 
 /// out[t * w.rows() + r] = sum_c x[t * w.cols() + c] * W[r, c] for t in 0..num_tokens (x is [num_tokens, cols]
 /// f32 row-major). Uses all threads of the current rayon pool. Panics only on a shape mismatch.
@@ -98,7 +106,7 @@ fn check_shapes(x: &[f32], w: &Matrix, out: &[f32]) -> usize {
 }
 
 /// Activations in the form the weight type's kernel consumes.
-enum Acts<'a> {
+pub(super) enum Acts<'a> {
     F32(&'a [f32]),
     Q8(Q8Acts),
     Q8K(Vec<BlockQ8K>),
@@ -136,6 +144,9 @@ fn run(x: &[f32], w: &Matrix, out: &mut [f32], path: KernelPath) {
         return;
     }
     let acts = quantize_acts(w.ty(), x, cols);
+    let Some(data) = w.row_major() else {
+        return super::matmul_packed::run_packed(w, &acts, num_tokens, out, path);
+    };
     let row_bytes = w.row_bytes();
     let kernel = |w_rows: &[u8], o: &mut [f32]| {
         compute_rows(w.ty(), path, w_rows, row_bytes, &acts, cols, num_tokens, o)
@@ -160,10 +171,10 @@ fn run(x: &[f32], w: &Matrix, out: &mut [f32], path: KernelPath) {
         &mut transposed
     };
     if chunk_rows >= rows {
-        kernel(w.data(), dst);
+        kernel(data, dst);
     } else {
         dst.par_chunks_mut(chunk_rows * num_tokens)
-            .zip(w.data().par_chunks(chunk_rows * row_bytes))
+            .zip(data.par_chunks(chunk_rows * row_bytes))
             .for_each(|(o, w_rows)| kernel(w_rows, o));
     }
     if num_tokens > 1 {
@@ -175,9 +186,13 @@ fn run(x: &[f32], w: &Matrix, out: &mut [f32], path: KernelPath) {
     }
 }
 
+pub(super) fn w_row_bytes(ty: GgmlType, cols: usize) -> usize {
+    cols / ty.block_len() * ty.block_bytes()
+}
+
 /// All rows of `w_rows` against all tokens; `out` is [row][token].
 #[allow(clippy::too_many_arguments)]
-fn compute_rows(
+pub(super) fn compute_rows(
     ty: GgmlType,
     path: KernelPath,
     w_rows: &[u8],
@@ -188,7 +203,7 @@ fn compute_rows(
     out: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if path == KernelPath::Avx2 {
+    if path != KernelPath::Scalar {
         use super::dot_avx2 as v;
         let (n8, n8k) = (cols / QK, cols / QK_K);
         match (ty, acts) {

@@ -1,17 +1,23 @@
 //! A weight matrix kept in its ggml storage type.
 
 use super::blocks::{dequantize_row, quantize_row_q4_0, quantize_row_q4_1, quantize_row_q8_0};
+use super::packed;
 use super::types::{GgmlType, QuantError};
+use std::borrow::Cow;
 
 /// A weight matrix [rows = out_features, cols = in_features], row-major, kept in its storage type.
 /// `data` holds ggml's raw block bytes (for F32 the little-endian f32 bytes), so GGUF tensors are
 /// used without conversion and several matrices can be fused by concatenating rows.
+/// [`Matrix::into_fast`] may instead hold them row-interleaved (see `packed`), which batched
+/// products read much faster; [`Matrix::data`] still returns ggml's bytes.
 #[derive(Clone, Debug)]
 pub struct Matrix {
     ty: GgmlType,
     rows: usize,
     cols: usize,
     data: Vec<u8>,
+    /// `data` is in the packed row-group layout rather than ggml's row-major one.
+    packed: bool,
 }
 
 impl Matrix {
@@ -50,6 +56,7 @@ impl Matrix {
             rows,
             cols,
             data,
+            packed: false,
         })
     }
 
@@ -66,6 +73,7 @@ impl Matrix {
             rows,
             cols,
             data,
+            packed: false,
         }
     }
 
@@ -94,6 +102,7 @@ impl Matrix {
             rows,
             cols,
             data,
+            packed: false,
         }
     }
 
@@ -129,14 +138,33 @@ impl Matrix {
         self.data.len()
     }
 
-    /// The raw ggml bytes.
-    pub fn data(&self) -> &[u8] {
-        &self.data
+    /// The raw ggml bytes (restored from the packed layout, so a copy, if the matrix is packed).
+    pub fn data(&self) -> Cow<'_, [u8]> {
+        if self.packed {
+            Cow::Owned(packed::unpack(self.ty, self.rows, self.cols, &self.data))
+        } else {
+            Cow::Borrowed(&self.data)
+        }
     }
 
-    /// Bytes of one stored row.
+    /// The stored bytes when they are ggml's row-major layout.
+    pub(crate) fn row_major(&self) -> Option<&[u8]> {
+        (!self.packed).then_some(&self.data[..])
+    }
+
+    /// The stored bytes when they are packed row groups.
+    pub(crate) fn packed_groups(&self) -> Option<&[u8]> {
+        self.packed.then_some(&self.data[..])
+    }
+
+    /// Whether the weights are held row-interleaved for the batched kernels.
+    pub fn is_packed(&self) -> bool {
+        self.packed
+    }
+
+    /// Bytes of one ggml row.
     pub fn row_bytes(&self) -> usize {
-        self.data.len().checked_div(self.rows).unwrap_or(0)
+        self.ty.row_bytes(self.cols).unwrap_or(0)
     }
 
     /// Dequantizes row `row` into `out` (`out.len() == cols`); used for embedding lookups.
@@ -152,25 +180,46 @@ impl Matrix {
             "dequantize_row: out must hold cols values"
         );
         let rb = self.row_bytes();
-        dequantize_row(self.ty, &self.data[row * rb..(row + 1) * rb], out);
+        if self.packed {
+            let gb = packed::group_bytes(self.ty, self.cols);
+            let (g, r) = (row / packed::GROUP, row % packed::GROUP);
+            let mut raw = vec![0u8; (r + 1) * rb];
+            packed::unpack_group(
+                self.ty,
+                self.cols,
+                &self.data[g * gb..(g + 1) * gb],
+                r + 1,
+                &mut raw,
+            );
+            dequantize_row(self.ty, &raw[r * rb..], out);
+        } else {
+            dequantize_row(self.ty, &self.data[row * rb..(row + 1) * rb], out);
+        }
     }
 
     /// The whole matrix as row-major f32.
     pub fn to_f32(&self) -> Vec<f32> {
         let mut out = vec![0f32; self.rows * self.cols];
         if self.cols > 0 {
-            dequantize_row(self.ty, &self.data, &mut out);
+            dequantize_row(self.ty, &self.data(), &mut out);
         }
         out
     }
 
     /// Returns a matrix [`crate::quant::matmul`] has a fast kernel for: types without one are
-    /// dequantized to F32 (bigger, but multiplied at full speed); others are returned as they are.
+    /// dequantized to F32 (bigger, but multiplied at full speed); Q4_0/Q4_1/Q8_0 are repacked
+    /// row-interleaved where this CPU has kernels for that; others are returned as they are.
     pub fn into_fast(self) -> Matrix {
-        if self.ty.has_fast_matmul() {
-            self
-        } else {
+        if !self.ty.has_fast_matmul() {
             Matrix::from_f32(self.rows, self.cols, &self.to_f32())
+        } else if !self.packed && self.rows > 0 && packed::worth_packing(self.ty) {
+            Matrix {
+                data: packed::pack(self.ty, self.rows, self.cols, &self.data),
+                packed: true,
+                ..self
+            }
+        } else {
+            self
         }
     }
 
@@ -192,8 +241,14 @@ impl Matrix {
         let rows = parts.iter().map(|p| p.rows).sum();
         let mut data = Vec::with_capacity(parts.iter().map(|p| p.data.len()).sum());
         for p in parts {
-            data.extend_from_slice(&p.data);
+            data.extend_from_slice(&p.data());
         }
-        Matrix::new(first.ty, rows, first.cols, data)
+        let m = Matrix::new(first.ty, rows, first.cols, data)?;
+        // Packed parts give a packed whole (groups may straddle the parts' boundaries).
+        Ok(if parts.iter().any(|p| p.packed) {
+            m.into_fast()
+        } else {
+            m
+        })
     }
 }

@@ -6,6 +6,7 @@ use super::ModelArg;
 use crate::chat_template::ChatMessage;
 use crate::generate::{generate, FinishReason, GenerateOptions, GenerateRequest};
 use crate::model::loader::LoadedModel;
+use crate::model::WeightFormat;
 use crate::sampling::SamplingParams;
 
 /// Arguments of `caduceus generate`.
@@ -40,6 +41,9 @@ pub struct GenerateArgs {
     /// Print one JSON object per prompt, one per line, in order.
     #[arg(long)]
     json: bool,
+    /// Hold the weights as `native` (quantized stays quantized) or `f32` (all dequantized).
+    #[arg(long, default_value = "native", value_parser = ["native", "f32"])]
+    weights: String,
     /// Tokens per KV block.
     #[arg(long, default_value_t = 16)]
     block_size: usize,
@@ -50,7 +54,12 @@ pub struct GenerateArgs {
 
 pub(super) fn run(args: GenerateArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.block_size >= 1, "--block-size must be at least 1");
-    let loaded = LoadedModel::load(&args.model.model)?;
+    let weights = if args.weights == "f32" {
+        WeightFormat::F32
+    } else {
+        WeightFormat::Native
+    };
+    let loaded = LoadedModel::load_with(&args.model.model, weights)?;
     let params = SamplingParams {
         temperature: args.temperature,
         top_k: (args.top_k > 0).then_some(args.top_k),

@@ -2,7 +2,11 @@
 //! binary's edge.
 
 mod bench_model;
+mod bench_prefix;
+mod bench_throughput;
+mod config_cmd;
 mod generate;
+mod serve;
 mod tokenize;
 
 use std::path::PathBuf;
@@ -18,9 +22,10 @@ pub struct Cli {
     /// Compute threads (default: all cores).
     #[arg(long, global = true)]
     pub threads: Option<usize>,
-    /// Log filter (e.g. `info`, `caduceus_runtime=debug`); RUST_LOG overrides it.
-    #[arg(long, global = true, default_value = "info")]
-    pub log_level: String,
+    /// Log filter (e.g. `info`, `caduceus_runtime=debug`; default `info`, or `logging.level` for
+    /// `serve`); RUST_LOG overrides it.
+    #[arg(long, global = true)]
+    pub log_level: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -42,27 +47,50 @@ pub enum Command {
     Tokenize(tokenize::TokenizeArgs),
     /// Measure prompt and decode throughput of the model on this machine.
     BenchModel(bench_model::BenchModelArgs),
+    /// Offline engine throughput: many random prompts through continuous batching.
+    BenchThroughput(bench_throughput::BenchThroughputArgs),
+    /// Time to first token of a request sharing a long prefix, prefix caching on vs off.
+    BenchPrefixCache(bench_prefix::BenchPrefixArgs),
+    /// Serve the OpenAI-compatible API (config file, environment and flags; see deploy/config).
+    Serve(serve::ServeArgs),
+    /// Validate (`check FILE`) or print (`print`) the server configuration.
+    Config(config_cmd::ConfigArgs),
 }
 
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
-    init_logging(&cli.log_level);
+    if let Command::Serve(mut args) = cli.command {
+        args.overrides.log_level = cli.log_level;
+        let config = serve::load_config(&args)?;
+        init_logging(&config.logging.level, config.logging.json);
+        init_threads(cli.threads)?;
+        return serve::run(config);
+    }
+    init_logging(cli.log_level.as_deref().unwrap_or("info"), false);
     init_threads(cli.threads)?;
     match cli.command {
+        Command::Serve(_) => Ok(()),
         Command::Generate(args) => generate::run(args),
         Command::Tokenize(args) => tokenize::run(args),
         Command::BenchModel(args) => bench_model::run(args),
+        Command::BenchThroughput(args) => bench_throughput::run(args),
+        Command::BenchPrefixCache(args) => bench_prefix::run(args),
+        Command::Config(args) => config_cmd::run(args),
     }
 }
 
-fn init_logging(level: &str) {
+fn init_logging(level: &str, json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
 }
 
 fn init_threads(threads: Option<usize>) -> anyhow::Result<()> {

@@ -29,6 +29,18 @@ struct LayerWeights {
     down: Linear,
 }
 
+/// How weight matrices are held in memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WeightFormat {
+    /// Their storage type where a fast kernel exists (quantized GGUF blocks stay quantized and
+    /// multiply 8-bit-quantized activations, as llama.cpp does); others are dequantized.
+    #[default]
+    Native,
+    /// Everything dequantized to f32 with f32 activations: ~4x the memory of Q4 weights and slower,
+    /// but the arithmetic of an f32 reference (Hugging Face transformers on the dequantized model).
+    F32,
+}
+
 /// A loaded Llama-family model, ready to run forward passes.
 pub struct LlamaModel {
     config: LlamaConfig,
@@ -43,8 +55,20 @@ pub struct LlamaModel {
 impl LlamaModel {
     /// Builds the model from a tensor store, checking every shape against the config.
     pub fn from_tensors(config: LlamaConfig, store: &mut TensorStore) -> Result<Self, ModelError> {
+        Self::from_tensors_with(config, store, WeightFormat::Native)
+    }
+
+    /// [`Self::from_tensors`] holding the weights in `format`.
+    pub fn from_tensors_with(
+        config: LlamaConfig,
+        store: &mut TensorStore,
+        format: WeightFormat,
+    ) -> Result<Self, ModelError> {
         config.validate()?;
-        let mut dq = Dequantized::default();
+        let mut dq = Dequantized {
+            counts: BTreeMap::new(),
+            all_to_f32: format == WeightFormat::F32,
+        };
         let c = &config;
         let (hidden, q_dim, kv_dim) = (
             c.hidden_size,
@@ -119,10 +143,12 @@ impl LlamaModel {
         }
         let embed = dq.fast(embed);
         let lm_head = lm_head.map(|m| dq.fast(m));
-        if dq.0.is_empty() {
+        if dq.counts.is_empty() {
             tracing::info!("all weight matrices kept in their storage types");
+        } else if dq.all_to_f32 {
+            tracing::info!(dequantized_to_f32 = ?dq.counts, "weights dequantized to f32 (weights = f32)");
         } else {
-            tracing::info!(dequantized_to_f32 = ?dq.0, "weight types without a fast kernel were dequantized");
+            tracing::info!(dequantized_to_f32 = ?dq.counts, "weight types without a fast kernel were dequantized");
         }
         Ok(Self {
             config,
@@ -262,12 +288,22 @@ fn split_qkv(
 
 /// Records which weight types had no fast kernel and were dequantized, for the load log line.
 #[derive(Default)]
-struct Dequantized(BTreeMap<&'static str, usize>);
+struct Dequantized {
+    /// Matrices dequantized, by storage type.
+    counts: BTreeMap<&'static str, usize>,
+    /// Dequantize every non-f32 matrix ([`WeightFormat::F32`]).
+    all_to_f32: bool,
+}
 
 impl Dequantized {
     fn fast(&mut self, m: Matrix) -> Matrix {
+        let name = m.ty().name();
+        if self.all_to_f32 && name != "F32" {
+            *self.counts.entry(name).or_default() += 1;
+            return Matrix::from_f32(m.rows(), m.cols(), &m.to_f32());
+        }
         if !m.ty().has_fast_matmul() {
-            *self.0.entry(m.ty().name()).or_default() += 1;
+            *self.counts.entry(name).or_default() += 1;
         }
         m.into_fast()
     }

@@ -7,7 +7,7 @@ use std::time::Instant;
 use super::config::LlamaConfig;
 use super::error::ModelError;
 use super::gguf::GgufFile;
-use super::llama::LlamaModel;
+use super::llama::{LlamaModel, WeightFormat};
 use super::weights::TensorStore;
 use crate::chat_template::{ChatTemplate, ChatTemplateError};
 use crate::tokenizer::{GgufTokenizerSpec, Tokenizer, TokenizerError};
@@ -55,6 +55,11 @@ pub struct LoadedModel {
 impl LoadedModel {
     /// Loads a `.gguf` file or an HF model directory (config.json, *.safetensors, tokenizer.json).
     pub fn load(path: &Path) -> Result<Self, LoadError> {
+        Self::load_with(path, WeightFormat::Native)
+    }
+
+    /// [`Self::load`] holding the weights in `weights` format.
+    pub fn load_with(path: &Path, weights: WeightFormat) -> Result<Self, LoadError> {
         if !path.exists() {
             let hint =
                 if path == Path::new(DEFAULT_MODEL_PATH) || path.ends_with(DEFAULT_MODEL_PATH) {
@@ -69,9 +74,9 @@ impl LoadedModel {
         }
         let started = Instant::now();
         let loaded = if path.is_dir() {
-            Self::load_hf_dir(path)?
+            Self::load_hf_dir(path, weights)?
         } else {
-            Self::load_gguf(path)?
+            Self::load_gguf(path, weights)?
         };
         let c = loaded.model.config();
         tracing::info!(
@@ -89,7 +94,7 @@ impl LoadedModel {
         Ok(loaded)
     }
 
-    fn load_gguf(path: &Path) -> Result<Self, LoadError> {
+    fn load_gguf(path: &Path, weights: WeightFormat) -> Result<Self, LoadError> {
         let file = GgufFile::open(path)?;
         let config = LlamaConfig::from_gguf(&file)?;
         let mut store = TensorStore::from_gguf(&file)?;
@@ -101,7 +106,7 @@ impl LoadedModel {
         let spec = GgufTokenizerSpec::from_gguf(&file).map_err(tok_err)?;
         let tokenizer = Tokenizer::from_gguf_spec(&spec).map_err(tok_err)?;
         let template = file.get_str("tokenizer.chat_template").map(str::to_owned);
-        let model = LlamaModel::from_tensors(config, &mut store)?;
+        let model = LlamaModel::from_tensors_with(config, &mut store, weights)?;
         let name = path
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
@@ -109,7 +114,7 @@ impl LoadedModel {
         Self::assemble(model, tokenizer, template.as_deref(), name, path)
     }
 
-    fn load_hf_dir(dir: &Path) -> Result<Self, LoadError> {
+    fn load_hf_dir(dir: &Path, weights: WeightFormat) -> Result<Self, LoadError> {
         let config_path = dir.join("config.json");
         let json = std::fs::read_to_string(&config_path).map_err(|source| ModelError::Io {
             path: config_path.clone(),
@@ -122,7 +127,7 @@ impl LoadedModel {
             source,
         })?;
         let template = tokenizer.chat_template().map(str::to_owned);
-        let model = LlamaModel::from_tensors(config, &mut store)?;
+        let model = LlamaModel::from_tensors_with(config, &mut store, weights)?;
         let name = dir
             .file_name()
             .map(|s| s.to_string_lossy().into_owned())

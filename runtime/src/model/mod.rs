@@ -10,5 +10,5 @@ pub mod safetensors_dir;
 pub mod weights;
 
 pub use batch::ForwardBatch;
-pub use llama::LlamaModel;
+pub use llama::{LlamaModel, WeightFormat};
 pub use loader::{LoadedModel, DEFAULT_MODEL_PATH};

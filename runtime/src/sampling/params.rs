@@ -53,7 +53,7 @@ impl Default for SamplingParams {
 }
 
 /// A request parameter outside its allowed range; the HTTP layer reports it as a 400.
-#[derive(Debug, thiserror::Error, PartialEq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq)]
 pub enum SamplingError {
     #[error("invalid sampling parameter `{field}` = {value}: allowed range is {allowed}")]
     OutOfRange {

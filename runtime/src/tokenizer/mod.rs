@@ -59,6 +59,7 @@ const END_OF_GENERATION_NAMES: &[&str] = &[
 ];
 
 /// A loaded tokenizer plus the serving policy around it (BOS, stop ids, chat template).
+#[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     /// One past the largest id (cached: `tokenizers` rebuilds its whole vocabulary to count it).

@@ -90,7 +90,7 @@ fn gguf_round_trip_preserves_metadata_and_tensors() {
             (q8_info.dims.as_slice(), q8_info.ggml_type),
             (&[64u64, 2][..], 8)
         );
-        assert_eq!(f.tensor_data(q8_info).unwrap(), q8.data());
+        assert_eq!(f.tensor_data(q8_info).unwrap(), &*q8.data());
 
         let mut store = TensorStore::from_gguf(&f).unwrap();
         let summary: Vec<_> = store.type_summary().into_iter().collect();

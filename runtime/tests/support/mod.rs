@@ -3,6 +3,7 @@
 
 pub mod random_model;
 pub mod reference_llama;
+pub mod server_app;
 
 use std::path::PathBuf;
 

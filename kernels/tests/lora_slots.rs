@@ -1,0 +1,213 @@
+//! The LoRA slot store and the checks on a batch: shape errors, empty and replaced slots, bad
+//! segments and outputs (leaving `y` untouched), scales and segment grouping.
+
+mod lora_support;
+
+use caduceus_kernels::lora::{
+    add_lora, lora_scale, segments_from_token_slots, LoraError, LoraShape, LoraSlots, OutputRows,
+    Segment,
+};
+use lora_support::*;
+
+const SHAPE: LoraShape = LoraShape {
+    num_slots: 3,
+    in_dim: 64,
+    out_dim: 32,
+    max_rank: 16,
+};
+
+fn seg(start: usize, len: usize, slot: Option<u32>) -> Segment {
+    Segment { start, len, slot }
+}
+
+#[test]
+fn lora_bad_shapes_and_loads_are_rejected() {
+    for bad in [
+        LoraShape {
+            num_slots: 0,
+            ..SHAPE
+        },
+        LoraShape { in_dim: 0, ..SHAPE },
+        LoraShape {
+            max_rank: 0,
+            ..SHAPE
+        },
+        LoraShape {
+            max_rank: 513,
+            ..SHAPE
+        },
+    ] {
+        assert_eq!(
+            LoraSlots::<f32>::new(bad).unwrap_err(),
+            LoraError::BadShape(bad)
+        );
+    }
+    let mut slots = LoraSlots::<f32>::new(SHAPE).unwrap();
+    let (a, b) = (vec![0.5; 8 * 64], vec![0.5; 32 * 8]);
+    assert_eq!(
+        slots.load_slot(3, &a, &b, 8, 1.0),
+        Err(LoraError::SlotOutOfRange {
+            slot: 3,
+            num_slots: 3
+        })
+    );
+    assert_eq!(
+        slots.load_slot(0, &a, &b, 17, 1.0),
+        Err(LoraError::BadRank {
+            rank: 17,
+            max_rank: 16
+        })
+    );
+    assert_eq!(
+        slots.load_slot(0, &a[1..], &b, 8, 1.0),
+        Err(LoraError::LengthMismatch {
+            what: "lora_A",
+            expected: 512,
+            actual: 511
+        })
+    );
+    assert_eq!(
+        slots.load_slot(0, &a, &b, 4, 1.0),
+        Err(LoraError::LengthMismatch {
+            what: "lora_A",
+            expected: 256,
+            actual: 512
+        })
+    );
+    assert_eq!(
+        slots.load_slot(0, &a, &b[..255], 8, 1.0),
+        Err(LoraError::LengthMismatch {
+            what: "lora_B",
+            expected: 256,
+            actual: 255
+        })
+    );
+    assert_eq!(slots.rank(0), None);
+    slots.load_slot(0, &a, &b, 8, 2.0).unwrap();
+    assert_eq!((slots.rank(0), slots.scale(0)), (Some(8), Some(2.0)));
+}
+
+#[test]
+fn lora_bad_batches_are_rejected_and_leave_y_untouched() {
+    let mut r = rng(1);
+    let ad = random_adapter(&mut r, 64, 32, 8);
+    let mut slots = store::<f32>(SHAPE, &[Some(ad.clone()), Some(ad)]);
+    let x = random_f32(&mut r, 4 * 64);
+    let y0 = random_f32(&mut r, 4 * 32);
+    let mut y = y0.clone();
+    let mut apply = |segs: &[Segment], x: &[f32], stride: usize, offset: usize| {
+        let rows = OutputRows {
+            data: &mut y,
+            stride,
+            offset,
+        };
+        let res = add_lora(&slots, x, segs, rows);
+        assert_eq!(y[..], y0[..], "y changed by a rejected batch");
+        res.unwrap_err()
+    };
+    let bad_segment = |index, start, end| LoraError::BadSegment {
+        index,
+        start,
+        end,
+        num_tokens: 4,
+    };
+    assert_eq!(
+        apply(&[seg(0, 2, Some(0)), seg(1, 1, Some(1))], &x, 32, 0),
+        bad_segment(1, 1, 2)
+    );
+    assert_eq!(
+        apply(&[seg(2, 1, Some(0)), seg(0, 1, None)], &x, 32, 0),
+        bad_segment(1, 0, 1)
+    );
+    assert_eq!(
+        apply(&[seg(3, 2, Some(0))], &x, 32, 0),
+        bad_segment(0, 3, 5)
+    );
+    assert_eq!(
+        apply(&[seg(0, 1, Some(7))], &x, 32, 0),
+        LoraError::SlotOutOfRange {
+            slot: 7,
+            num_slots: 3
+        }
+    );
+    assert_eq!(
+        apply(&[seg(0, 1, Some(2))], &x, 32, 0),
+        LoraError::EmptySlot { slot: 2 }
+    );
+    assert_eq!(
+        apply(&[], &x[1..], 32, 0),
+        LoraError::LengthMismatch {
+            what: "x",
+            expected: 256,
+            actual: 255
+        }
+    );
+    assert_eq!(
+        apply(&[], &x, 40, 9),
+        LoraError::BadOutputRows {
+            stride: 40,
+            offset: 9,
+            out_dim: 32
+        }
+    );
+    slots.clear_slot(1).unwrap();
+    let rows = OutputRows::dense(&mut y[..4 * 32], 32);
+    assert_eq!(
+        add_lora(&slots, &x, &[seg(0, 4, Some(1))], rows),
+        Err(LoraError::EmptySlot { slot: 1 })
+    );
+}
+
+#[test]
+fn lora_a_reloaded_slot_uses_only_the_new_adapter() {
+    // Rank 16 then rank 4 in the same slot: the stale rows past rank 4 must not be read.
+    let mut r = rng(2);
+    let old = random_adapter(&mut r, 64, 32, 16);
+    let new = random_adapter(&mut r, 64, 32, 4);
+    let mut slots = store::<f32>(SHAPE, &[Some(old)]);
+    slots
+        .load_slot(0, &new.a, &new.b, new.rank, new.scale)
+        .unwrap();
+    let x = random_f32(&mut r, 5 * 64);
+    let y0 = random_f32(&mut r, 5 * 32);
+    let mut y = y0.clone();
+    let segs = [seg(0, 1, Some(0)), seg(1, 4, Some(0))];
+    add_lora(&slots, &x, &segs, OutputRows::dense(&mut y, 32)).unwrap();
+    let (_, want, bound) = reference(&[Some(new)], &x, &[Some(0); 5], &y0, (64, 32));
+    assert_close(&y, &want, &bound, "reloaded slot");
+}
+
+#[test]
+fn lora_scales_follow_peft() {
+    assert_eq!(lora_scale(32.0, 16, false), 2.0);
+    assert_eq!(lora_scale(32.0, 16, true), 8.0);
+    assert_eq!(lora_scale(8.0, 64, true), 1.0);
+}
+
+#[test]
+fn lora_token_slots_group_into_runs() {
+    let per_token = [
+        Some(1),
+        Some(1),
+        None,
+        Some(0),
+        Some(1),
+        Some(1),
+        Some(1),
+        None,
+        None,
+    ];
+    let segs = segments_from_token_slots(&per_token);
+    assert_eq!(
+        segs,
+        [
+            seg(0, 2, Some(1)),
+            seg(2, 1, None),
+            seg(3, 1, Some(0)),
+            seg(4, 3, Some(1)),
+            seg(7, 2, None)
+        ]
+    );
+    assert_eq!(token_slots(&segs, per_token.len()), per_token);
+    assert!(segments_from_token_slots(&[]).is_empty());
+}

@@ -1,0 +1,138 @@
+//! `caduceus serve`: loads the config and the model, starts the engine thread and serves the
+//! OpenAI-compatible API until SIGTERM/SIGINT (drain) or an engine failure (non-zero exit).
+
+use std::sync::Arc;
+
+use anyhow::Context;
+
+use crate::config::{CaduceusConfig, ConfigOverrides, Device, Dtype, KvCacheSize};
+use crate::engine::{EngineCore, EngineHandle, SchedulerConfig};
+use crate::model::loader::LoadedModel;
+use crate::model::WeightFormat;
+use crate::server::{
+    run_server, shutdown_signal, AppState, Lifecycle, ServeOutcome, ServerSettings,
+};
+
+/// Arguments of `caduceus serve` (everything else comes from the config file and environment).
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub overrides: ConfigOverrides,
+}
+
+/// Loads the configuration `serve` would use (also for logging set-up before anything else).
+pub fn load_config(args: &ServeArgs) -> anyhow::Result<CaduceusConfig> {
+    Ok(CaduceusConfig::load_from_process_env(&args.overrides)?)
+}
+
+/// Runs the server with `config`.
+pub fn run(config: CaduceusConfig) -> anyhow::Result<()> {
+    check_device(&config)?;
+    let weights = match config.model.dtype {
+        Dtype::F32 => WeightFormat::F32,
+        _ => WeightFormat::Native,
+    };
+    let loaded = LoadedModel::load_with(&config.model.path, weights)
+        .with_context(|| format!("loading the model from {}", config.model.path.display()))?;
+    let max_model_len = config
+        .model
+        .max_model_len
+        .unwrap_or_else(|| loaded.max_model_len());
+    let s = &config.scheduler;
+    let block_bytes = loaded.model.kv_bytes_per_token() * s.block_size;
+    let num_blocks = match s.kv_cache_size() {
+        KvCacheSize::Blocks(n) => n,
+        KvCacheSize::Bytes(b) => (b.bytes() as usize / block_bytes.max(1)).max(2),
+    };
+    let sched = SchedulerConfig {
+        max_num_seqs: s.max_num_seqs,
+        max_num_batched_tokens: s.max_num_batched_tokens,
+        block_size: s.block_size,
+        num_blocks,
+        max_model_len,
+        enable_prefix_caching: s.enable_prefix_caching,
+        ..SchedulerConfig::default()
+    };
+    tracing::info!(
+        num_blocks,
+        kv_cache_mib = num_blocks * block_bytes / (1 << 20),
+        max_model_len,
+        max_num_seqs = s.max_num_seqs,
+        "KV cache pool"
+    );
+    let served_model_name = config
+        .model
+        .served_model_name
+        .clone()
+        .unwrap_or_else(|| loaded.name.clone());
+    let tokenizer = Arc::new(loaded.tokenizer);
+    let eos = tokenizer.eos_ids().to_vec();
+    let core = EngineCore::new(Arc::new(loaded.model), Some(tokenizer.clone()), eos, sched)?;
+    let (engine, _thread) = EngineHandle::spawn(core).context("starting the engine thread")?;
+    engine.set_max_queued(s.max_queued_requests);
+    let api_keys: Vec<String> = config
+        .server
+        .resolve_api_keys()?
+        .iter()
+        .map(|k| k.expose().to_owned())
+        .collect();
+    let state = AppState {
+        engine,
+        tokenizer,
+        chat_template: Arc::new(loaded.chat_template),
+        settings: Arc::new(ServerSettings {
+            served_model_name: served_model_name.clone(),
+            model_root: loaded.path.display().to_string(),
+            api_keys,
+            request_timeout: config.server.request_timeout.get(),
+            body_limit_bytes: config.server.body_limit.bytes() as usize,
+            log_prompts: config.logging.log_prompts,
+        }),
+        lifecycle: Arc::new(Lifecycle::default()),
+        metrics: crate::metrics::install(),
+        started: crate::server::protocol::unix_timestamp(),
+    };
+    let addr = format!("{}:{}", config.server.host, config.server.port);
+    let grace = config.server.shutdown_grace_period.get();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("caduceus-http")
+        .build()
+        .context("starting the async runtime")?;
+    let outcome = runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .with_context(|| format!("binding {addr} (`server.host`, `server.port`)"))?;
+        tracing::info!(addr = %listener.local_addr()?, model = %served_model_name, "serving the OpenAI API");
+        Ok::<_, anyhow::Error>(run_server(listener, state, grace, shutdown_signal()).await?)
+    })?;
+    match outcome {
+        ServeOutcome::Drained => tracing::info!("drained; exiting"),
+        ServeOutcome::GraceExpired { in_flight } => {
+            tracing::warn!(
+                in_flight,
+                "grace period over; exiting with requests still running"
+            )
+        }
+        ServeOutcome::EngineFailed => anyhow::bail!("the engine thread stopped"),
+    }
+    Ok(())
+}
+
+/// Refuses settings this build cannot honour, naming the key and the fix.
+fn check_device(config: &CaduceusConfig) -> anyhow::Result<()> {
+    if config.model.device == Device::Cuda {
+        anyhow::bail!(
+            "model.device = \"cuda\": this binary was built without CUDA support (the `cuda` \
+             feature); set model.device to \"cpu\" or \"auto\""
+        );
+    }
+    if matches!(config.model.dtype, Dtype::F16 | Dtype::Bf16) {
+        anyhow::bail!(
+            "model.dtype = \"{}\": the CPU engine computes in f32; set model.dtype to \"auto\" or \"f32\"",
+            if config.model.dtype == Dtype::F16 { "f16" } else { "bf16" }
+        );
+    }
+    Ok(())
+}

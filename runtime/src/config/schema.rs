@@ -1,0 +1,317 @@
+//! Every config key with the form its value must take. One table drives three things: rejecting
+//! unknown keys (with a "did you mean"), turning environment strings into typed TOML values, and
+//! checking each value before the merged tree is deserialized, so a bad value is reported with
+//! its key and origin rather than as an anonymous serde error.
+
+use toml::Value;
+
+use super::units::{ByteSize, HumanDuration, DURATION_FORM, SIZE_FORM};
+
+/// The form a value must take.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Kind {
+    Bool,
+    /// An integer in `min..=max`.
+    Int {
+        min: i64,
+        max: i64,
+    },
+    /// A non-empty string.
+    Str,
+    /// A host name or IP address.
+    Host,
+    /// A file-system path (existence is checked later where it matters).
+    Path,
+    /// A byte size of at least `min` bytes.
+    Size {
+        min: u64,
+    },
+    /// A duration of at least `min_ms` milliseconds.
+    Duration {
+        min_ms: u64,
+    },
+    /// An array of strings.
+    StrList,
+    /// One of a fixed set of words.
+    Choice(&'static [&'static str]),
+    /// A `tracing` EnvFilter directive.
+    LogFilter,
+}
+
+/// One key of the config file.
+pub(crate) struct KeySpec {
+    pub section: &'static str,
+    pub key: &'static str,
+    pub kind: Kind,
+}
+
+const USIZE_MAX: i64 = i64::MAX;
+
+const fn spec(section: &'static str, key: &'static str, kind: Kind) -> KeySpec {
+    KeySpec { section, key, kind }
+}
+
+const fn int(min: i64, max: i64) -> Kind {
+    Kind::Int { min, max }
+}
+
+/// Every key; a unit test keeps it in step with the structs in `sections.rs`.
+pub(crate) const SCHEMA: &[KeySpec] = &[
+    spec("server", "host", Kind::Host),
+    spec("server", "port", int(1, 65535)),
+    spec("server", "api_keys", Kind::StrList),
+    spec("server", "api_key_file", Kind::Path),
+    spec("server", "body_limit", Kind::Size { min: 1024 }),
+    spec("server", "request_timeout", Kind::Duration { min_ms: 1 }),
+    spec(
+        "server",
+        "shutdown_grace_period",
+        Kind::Duration { min_ms: 0 },
+    ),
+    spec("model", "path", Kind::Path),
+    spec("model", "served_model_name", Kind::Str),
+    spec("model", "max_model_len", int(2, u32::MAX as i64)),
+    spec("model", "device", Kind::Choice(&["auto", "cpu", "cuda"])),
+    spec(
+        "model",
+        "dtype",
+        Kind::Choice(&["auto", "f32", "f16", "bf16"]),
+    ),
+    spec("scheduler", "max_num_seqs", int(1, 65536)),
+    spec("scheduler", "max_num_batched_tokens", int(1, USIZE_MAX)),
+    spec("scheduler", "block_size", int(1, 256)),
+    spec("scheduler", "kv_cache_blocks", int(2, u32::MAX as i64)),
+    spec("scheduler", "kv_cache_bytes", Kind::Size { min: 1 }),
+    spec("scheduler", "enable_prefix_caching", Kind::Bool),
+    spec("scheduler", "max_queued_requests", int(1, USIZE_MAX)),
+    spec("logging", "level", Kind::LogFilter),
+    spec("logging", "json", Kind::Bool),
+    spec("logging", "log_prompts", Kind::Bool),
+    spec("adapters", "dir", Kind::Path),
+    spec("adapters", "max_loras", int(1, 1024)),
+    spec("adapters", "max_cpu_loras", int(1, USIZE_MAX)),
+    spec("adapters", "max_cpu_lora_bytes", Kind::Size { min: 1 }),
+    spec("adapters", "max_lora_rank", int(1, 512)),
+];
+
+/// The sections, in file order.
+pub(crate) const SECTIONS: [&str; 5] = ["server", "model", "scheduler", "logging", "adapters"];
+
+/// The spec of `section.key`, if there is one.
+pub(crate) fn find(section: &str, key: &str) -> Option<&'static KeySpec> {
+    SCHEMA.iter().find(|s| s.section == section && s.key == key)
+}
+
+impl Kind {
+    /// The accepted form, for error messages.
+    pub(crate) fn expected(self) -> String {
+        match self {
+            Kind::Bool => "true or false".into(),
+            Kind::Int { min, max } if max == USIZE_MAX => format!("an integer >= {min}"),
+            Kind::Int { min, max } => format!("an integer in {min}..={max}"),
+            Kind::Str => "a non-empty string".into(),
+            Kind::Host => "an IP address or host name (e.g. \"127.0.0.1\", \"0.0.0.0\")".into(),
+            Kind::Path => "a file path string".into(),
+            Kind::Size { min } => format!("{SIZE_FORM}, at least {}", ByteSize(min)),
+            Kind::Duration { min_ms: 0 } => DURATION_FORM.into(),
+            Kind::Duration { .. } => format!("{DURATION_FORM}, above zero"),
+            Kind::StrList => "an array of strings".into(),
+            Kind::Choice(words) => format!("one of {}", quoted_list(words)),
+            Kind::LogFilter => {
+                "a tracing filter such as \"info\" or \"caduceus_runtime=debug,info\"".into()
+            }
+        }
+    }
+
+    /// Whether `value` has this form.
+    pub(crate) fn accepts(self, value: &Value) -> bool {
+        match (self, value) {
+            (Kind::Bool, Value::Boolean(_)) => true,
+            (Kind::Int { min, max }, Value::Integer(n)) => (min..=max).contains(n),
+            (Kind::Str, Value::String(s)) => !s.trim().is_empty(),
+            (Kind::Host, Value::String(s)) => is_host(s),
+            (Kind::Path, Value::String(s)) => !s.is_empty(),
+            (Kind::Size { min }, Value::Integer(n)) => u64::try_from(*n).is_ok_and(|n| n >= min),
+            (Kind::Size { min }, Value::String(s)) => {
+                ByteSize::parse(s).is_some_and(|b| b.0 >= min)
+            }
+            (Kind::Duration { min_ms }, Value::String(s)) => {
+                HumanDuration::parse(s).is_some_and(|d| d.get().as_millis() >= u128::from(min_ms))
+            }
+            (Kind::StrList, Value::Array(items)) => items.iter().all(Value::is_str),
+            (Kind::Choice(words), Value::String(s)) => words.contains(&s.as_str()),
+            (Kind::LogFilter, Value::String(s)) => {
+                tracing_subscriber::EnvFilter::try_new(s).is_ok()
+            }
+            _ => false,
+        }
+    }
+
+    /// Reads an environment variable's text as this kind's TOML value. Text that does not fit
+    /// stays a string, so [`Kind::accepts`] reports it with the value the SRE wrote.
+    pub(crate) fn parse_env(self, text: &str) -> Value {
+        let trimmed = text.trim();
+        match self {
+            Kind::Bool => match trimmed {
+                "true" | "1" => Value::Boolean(true),
+                "false" | "0" => Value::Boolean(false),
+                _ => Value::String(text.into()),
+            },
+            Kind::Int { .. } | Kind::Size { .. } => trimmed
+                .parse::<i64>()
+                .map_or_else(|_| Value::String(text.into()), Value::Integer),
+            Kind::StrList => Value::Array(
+                text.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(|s| Value::String(s.into()))
+                    .collect(),
+            ),
+            _ => Value::String(text.into()),
+        }
+    }
+}
+
+fn quoted_list(words: &[&str]) -> String {
+    let quoted: Vec<String> = words.iter().map(|w| format!("\"{w}\"")).collect();
+    quoted.join(", ")
+}
+
+fn is_host(s: &str) -> bool {
+    if s.parse::<std::net::IpAddr>().is_ok() {
+        return true;
+    }
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        })
+}
+
+/// The valid key closest to `section.key`: the same key in another section, or a dotted key at
+/// small edit distance (typos like `prot` for `port`).
+pub(crate) fn suggest(section: &str, key: Option<&str>) -> Option<String> {
+    let Some(key) = key else {
+        return closest(section, SECTIONS.iter().copied()).map(str::to_owned);
+    };
+    if let Some(s) = SCHEMA.iter().find(|s| s.key == key) {
+        return Some(format!("{}.{}", s.section, s.key));
+    }
+    let wanted = format!("{section}.{key}");
+    let all: Vec<String> = SCHEMA
+        .iter()
+        .map(|s| format!("{}.{}", s.section, s.key))
+        .collect();
+    closest(&wanted, all.iter().map(String::as_str)).map(str::to_owned)
+}
+
+fn closest<'a>(wanted: &str, candidates: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    let limit = (wanted.len() / 3).max(2);
+    candidates
+        .map(|c| (edit_distance(wanted, c), c))
+        .filter(|(d, _)| *d <= limit)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c)
+}
+
+/// Levenshtein distance over chars.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let substitute = prev[j] + usize::from(ca != *cb);
+            cur[j + 1] = substitute.min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+    use crate::config::secrets::ApiKey;
+    use crate::config::units::ByteSize;
+    use crate::config::CaduceusConfig;
+
+    /// A config with every optional key set serializes to exactly the keys the schema lists.
+    #[test]
+    fn schema_matches_the_structs() {
+        let mut cfg = CaduceusConfig::default();
+        cfg.server.api_keys = vec![ApiKey::new("k")];
+        cfg.server.api_key_file = Some("keys.txt".into());
+        cfg.model.served_model_name = Some("m".into());
+        cfg.model.max_model_len = Some(4096);
+        cfg.scheduler.kv_cache_blocks = Some(64);
+        cfg.scheduler.kv_cache_bytes = Some(ByteSize(1));
+        cfg.adapters.dir = Some("adapters".into());
+        let table = toml::Table::try_from(&cfg).unwrap();
+        let mut from_structs = BTreeSet::new();
+        for (section, keys) in &table {
+            for key in keys.as_table().unwrap().keys() {
+                from_structs.insert(format!("{section}.{key}"));
+            }
+        }
+        let from_schema: BTreeSet<String> = SCHEMA
+            .iter()
+            .map(|s| format!("{}.{}", s.section, s.key))
+            .collect();
+        assert_eq!(from_structs, from_schema);
+        let sections: BTreeSet<&str> = table.keys().map(String::as_str).collect();
+        assert_eq!(sections, SECTIONS.into_iter().collect());
+    }
+
+    #[test]
+    fn edit_distance_matches_hand_counts() {
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        assert_eq!(edit_distance("", "abc"), 3);
+        assert_eq!(edit_distance("port", "port"), 0);
+        assert_eq!(edit_distance("prot", "port"), 2);
+    }
+
+    #[test]
+    fn suggestions() {
+        assert_eq!(
+            suggest("server", Some("prot")).as_deref(),
+            Some("server.port")
+        );
+        assert_eq!(
+            suggest("server", Some("max_num_seqs")).as_deref(),
+            Some("scheduler.max_num_seqs")
+        );
+        assert_eq!(suggest("sever", None).as_deref(), Some("server"));
+        assert_eq!(suggest("server", Some("completely_unrelated")), None);
+    }
+
+    #[test]
+    fn env_text_becomes_typed_values() {
+        assert_eq!(int(1, 9).parse_env("7"), Value::Integer(7));
+        assert_eq!(Kind::Bool.parse_env("false"), Value::Boolean(false));
+        assert_eq!(
+            Kind::Size { min: 1 }.parse_env("4096"),
+            Value::Integer(4096)
+        );
+        assert_eq!(
+            Kind::StrList.parse_env("a, b,"),
+            Value::Array(vec![Value::String("a".into()), Value::String("b".into())])
+        );
+        assert!(!int(1, 9).accepts(&int(1, 9).parse_env("seven")));
+    }
+
+    #[test]
+    fn hosts() {
+        for ok in ["127.0.0.1", "0.0.0.0", "::", "localhost", "api.example.com"] {
+            assert!(is_host(ok), "{ok}");
+        }
+        for bad in ["", "has space", "-bad.com", "a..b"] {
+            assert!(!is_host(bad), "{bad}");
+        }
+    }
+}

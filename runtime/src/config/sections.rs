@@ -1,0 +1,245 @@
+//! The sections of `caduceus.toml` and their defaults. Every field has a default so that
+//! `caduceus serve` with no file and no flags serves the default model on localhost; the
+//! commented example at `deploy/config/caduceus.toml` documents each key for SREs.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::secrets::ApiKey;
+use super::units::{ByteSize, HumanDuration};
+use crate::model::loader::DEFAULT_MODEL_PATH;
+
+/// The whole server configuration, after defaults, file, environment and flags are merged.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CaduceusConfig {
+    pub server: ServerSection,
+    pub model: ModelSection,
+    pub scheduler: SchedulerSection,
+    pub logging: LoggingSection,
+    pub adapters: AdaptersSection,
+}
+
+/// `[server]`: the HTTP listener and its guards.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerSection {
+    /// Listen address; loopback by default so a fresh install is not exposed.
+    pub host: String,
+    pub port: u16,
+    /// Accepted bearer tokens; with none here or in `api_key_file`, auth is off.
+    pub api_keys: Vec<ApiKey>,
+    /// A file with one key per line (blank lines and `#` comments skipped), so keys can come
+    /// from a secret mount instead of the config file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_key_file: Option<PathBuf>,
+    /// Largest request body accepted (413 above it).
+    pub body_limit: ByteSize,
+    /// Whole-request deadline, generation included.
+    pub request_timeout: HumanDuration,
+    /// How long in-flight requests may finish after SIGTERM before they are cut.
+    pub shutdown_grace_period: HumanDuration,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        ServerSection {
+            host: "127.0.0.1".into(),
+            port: 8000,
+            api_keys: Vec::new(),
+            api_key_file: None,
+            body_limit: ByteSize::mib(1),
+            request_timeout: HumanDuration::secs(600),
+            shutdown_grace_period: HumanDuration::secs(30),
+        }
+    }
+}
+
+/// Where the model runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Device {
+    /// CUDA when the binary was built with it and a GPU is present, else CPU.
+    #[default]
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+/// Compute dtype: `auto` keeps quantized weights quantized, `f32` dequantizes every weight.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Dtype {
+    /// The model's own dtype (f32 on CPU).
+    #[default]
+    Auto,
+    F32,
+    F16,
+    Bf16,
+}
+
+/// `[model]`: the base model served.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelSection {
+    /// GGUF file or Hugging Face model directory.
+    pub path: PathBuf,
+    /// The `model` name clients send; defaults to the file name without extension.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub served_model_name: Option<String>,
+    /// Prompt + output limit; defaults to the model's trained context length.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_model_len: Option<usize>,
+    pub device: Device,
+    pub dtype: Dtype,
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        ModelSection {
+            path: PathBuf::from(DEFAULT_MODEL_PATH),
+            served_model_name: None,
+            max_model_len: None,
+            device: Device::Auto,
+            dtype: Dtype::Auto,
+        }
+    }
+}
+
+impl ModelSection {
+    /// The name under which `/v1/models` lists the model: `served_model_name`, else the file
+    /// (or directory) name without its extension.
+    pub fn served_name(&self) -> String {
+        if let Some(name) = &self.served_model_name {
+            return name.clone();
+        }
+        let path: &Path = &self.path;
+        path.file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| path.display().to_string())
+    }
+}
+
+/// How big the KV-cache pool is: a block count, or bytes converted with the model's per-block
+/// size once it is loaded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvCacheSize {
+    Blocks(usize),
+    Bytes(ByteSize),
+}
+
+/// Default KV pool when neither `kv_cache_blocks` nor `kv_cache_bytes` is set.
+pub const DEFAULT_KV_CACHE_BYTES: ByteSize = ByteSize::mib(256);
+
+/// `[scheduler]`: batching and KV-cache limits (defaults match
+/// `caduceus_scheduler::SchedulerConfig::default()`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SchedulerSection {
+    pub max_num_seqs: usize,
+    pub max_num_batched_tokens: usize,
+    pub block_size: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kv_cache_blocks: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kv_cache_bytes: Option<ByteSize>,
+    pub enable_prefix_caching: bool,
+    /// Requests waiting beyond this are refused with 429 instead of queueing without bound.
+    pub max_queued_requests: usize,
+}
+
+impl Default for SchedulerSection {
+    fn default() -> Self {
+        let d = caduceus_scheduler::SchedulerConfig::default();
+        SchedulerSection {
+            max_num_seqs: d.max_num_seqs,
+            max_num_batched_tokens: d.max_num_batched_tokens,
+            block_size: d.block_size,
+            kv_cache_blocks: None,
+            kv_cache_bytes: None,
+            enable_prefix_caching: d.enable_prefix_caching,
+            max_queued_requests: 1024,
+        }
+    }
+}
+
+impl SchedulerSection {
+    /// The KV pool size asked for (validation guarantees at most one of the two keys is set).
+    pub fn kv_cache_size(&self) -> KvCacheSize {
+        match (self.kv_cache_blocks, self.kv_cache_bytes) {
+            (Some(blocks), _) => KvCacheSize::Blocks(blocks),
+            (None, bytes) => KvCacheSize::Bytes(bytes.unwrap_or(DEFAULT_KV_CACHE_BYTES)),
+        }
+    }
+
+    /// The scheduler's limits once the model fixed `num_blocks` and `max_model_len`.
+    pub fn scheduler_config(
+        &self,
+        num_blocks: usize,
+        max_model_len: usize,
+        max_loras: Option<usize>,
+    ) -> caduceus_scheduler::SchedulerConfig {
+        caduceus_scheduler::SchedulerConfig {
+            max_num_seqs: self.max_num_seqs,
+            max_num_batched_tokens: self.max_num_batched_tokens,
+            block_size: self.block_size,
+            num_blocks,
+            max_model_len,
+            enable_prefix_caching: self.enable_prefix_caching,
+            max_loras,
+            ..caduceus_scheduler::SchedulerConfig::default()
+        }
+    }
+}
+
+/// `[logging]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoggingSection {
+    /// A `tracing` EnvFilter directive (`info`, `caduceus_runtime=debug,info`); RUST_LOG wins.
+    pub level: String,
+    /// One JSON object per line, for log shippers.
+    pub json: bool,
+    /// Log prompt and completion text; off by default because prompts may hold personal data.
+    pub log_prompts: bool,
+}
+
+impl Default for LoggingSection {
+    fn default() -> Self {
+        LoggingSection {
+            level: "info".into(),
+            json: false,
+            log_prompts: false,
+        }
+    }
+}
+
+/// `[adapters]`: LoRA adapters served on top of the base model.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdaptersSection {
+    /// Directory scanned for adapters; none = base model only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dir: Option<PathBuf>,
+    /// Distinct adapters in one batch (the scheduler's `max_loras`).
+    pub max_loras: usize,
+    /// Adapters kept loaded in host memory (LRU beyond it).
+    pub max_cpu_loras: usize,
+    /// Host memory cap for loaded adapters.
+    pub max_cpu_lora_bytes: ByteSize,
+    /// Largest LoRA rank accepted when loading an adapter.
+    pub max_lora_rank: usize,
+}
+
+impl Default for AdaptersSection {
+    fn default() -> Self {
+        AdaptersSection {
+            dir: None,
+            max_loras: 8,
+            max_cpu_loras: 64,
+            max_cpu_lora_bytes: ByteSize::gib(1),
+            max_lora_rank: 64,
+        }
+    }
+}

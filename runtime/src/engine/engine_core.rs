@@ -1,0 +1,327 @@
+//! [`EngineCore`]: the iteration-level loop `schedule -> execute -> update`, plus the per-request
+//! bookkeeping around it (output streams, detokenization, stop strings, aborts).
+
+use std::collections::HashMap;
+use std::ops::Deref;
+use std::sync::Arc;
+use std::time::Instant;
+
+use caduceus_scheduler::{
+    AddRequestError, FinishReason, NewRequest, RequestId, RequestUpdate, ScheduledData, Scheduler,
+    SchedulerConfig, SchedulerOutput, SchedulerStats,
+};
+
+use super::executor::{ExecuteResult, Executor, ExecutorError, SeqSampling};
+use super::output::{Finished, OutputSender, RequestOutput, RequestTimes};
+use super::request::{EngineRequest, RequestError, RequestLimits};
+use super::stop::{StopCheck, StopStrings};
+use crate::model::LlamaModel;
+use crate::sampling::SampledToken;
+use crate::tokenizer::detokenizer::IncrementalDetokenizer;
+use crate::tokenizer::Tokenizer;
+
+/// Why the engine cannot start or must stop.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The scheduler configuration is invalid.
+    #[error("invalid scheduler configuration: {0}")]
+    Config(#[from] caduceus_scheduler::ConfigError),
+    /// Internal inconsistency between scheduler and executor.
+    #[error(transparent)]
+    Executor(#[from] ExecutorError),
+}
+
+/// A request the engine is serving: where its output goes and how text is produced.
+struct Tracked {
+    out: OutputSender,
+    detok: Option<IncrementalDetokenizer>,
+    stop: StopStrings,
+    num_prompt_tokens: usize,
+    num_output_tokens: usize,
+    num_cached_tokens: usize,
+    times: RequestTimes,
+}
+
+/// What one [`EngineCore::step`] did, for logs and metrics.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StepStats {
+    /// Requests in the batch.
+    pub num_scheduled_reqs: usize,
+    /// Tokens in the batch.
+    pub num_scheduled_tokens: usize,
+    /// Requests that finished during the step.
+    pub num_finished: usize,
+}
+
+/// The engine: one scheduler, one executor, and the requests they serve. Single-threaded; see
+/// [`super::EngineHandle`] for running it on its own thread.
+pub struct EngineCore<M> {
+    scheduler: Scheduler,
+    executor: Executor<M>,
+    tokenizer: Option<Arc<Tokenizer>>,
+    eos_ids: Vec<u32>,
+    limits: RequestLimits,
+    requests: HashMap<RequestId, Tracked>,
+    next_arrival: u64,
+}
+
+impl<M: Deref<Target = LlamaModel>> EngineCore<M> {
+    /// An engine over `model` with a KV pool of `config.num_blocks` blocks. Without a tokenizer
+    /// only token-level requests (`detokenize = false`, no stop strings) are accepted.
+    pub fn new(
+        model: M,
+        tokenizer: Option<Arc<Tokenizer>>,
+        eos_ids: Vec<u32>,
+        config: SchedulerConfig,
+    ) -> Result<Self, EngineError> {
+        let scheduler = Scheduler::new(config.clone())?;
+        let limits = RequestLimits {
+            max_model_len: config.max_model_len,
+            vocab_size: model.config().vocab_size,
+            block_size: config.block_size,
+            usable_blocks: config.num_blocks.saturating_sub(1),
+            has_tokenizer: tokenizer.is_some(),
+        };
+        Ok(EngineCore {
+            scheduler,
+            executor: Executor::new(model, config.num_blocks, config.block_size),
+            tokenizer,
+            eos_ids,
+            limits,
+            requests: HashMap::new(),
+            next_arrival: 0,
+        })
+    }
+
+    /// The limits every request is checked against.
+    pub fn limits(&self) -> RequestLimits {
+        self.limits
+    }
+
+    /// Scheduler statistics (queue lengths, KV usage, prefix-cache hits, preemptions).
+    pub fn stats(&self) -> SchedulerStats {
+        self.scheduler.stats()
+    }
+
+    /// Whether any request is waiting or running.
+    pub fn has_unfinished(&self) -> bool {
+        self.scheduler.has_unfinished()
+    }
+
+    /// Queues a request; its outputs go to `out`.
+    pub fn add_request(
+        &mut self,
+        id: RequestId,
+        req: EngineRequest,
+        out: OutputSender,
+    ) -> Result<(), RequestError> {
+        self.limits.check(&req)?;
+        let mut stop_token_ids = req.stop_token_ids.clone();
+        if !req.ignore_eos {
+            stop_token_ids.extend(&self.eos_ids);
+        }
+        let masked_ids = stop_token_ids.clone();
+        self.scheduler
+            .add_request(NewRequest {
+                id,
+                prompt_token_ids: req.prompt_token_ids.clone(),
+                max_tokens: req.max_tokens,
+                min_tokens: req.min_tokens,
+                stop_token_ids,
+                priority: req.priority,
+                arrival_seq: self.next_arrival,
+                adapter: req.adapter,
+                cache_salt: req.cache_salt,
+            })
+            .map_err(|e| match e {
+                AddRequestError::ExceedsKvPool {
+                    needed_blocks,
+                    usable_blocks,
+                } => RequestError::ExceedsKvPool {
+                    needed_blocks,
+                    usable_blocks,
+                },
+                AddRequestError::TooLong {
+                    prompt_tokens,
+                    max_tokens,
+                    max_model_len,
+                } => RequestError::TooLong {
+                    prompt_tokens,
+                    max_tokens,
+                    max_model_len,
+                },
+                AddRequestError::EmptyPrompt => RequestError::EmptyPrompt,
+                AddRequestError::ZeroMaxTokens => RequestError::ZeroMaxTokens,
+                AddRequestError::DuplicateId(id) => RequestError::DuplicateId(id.0),
+            })?;
+        self.next_arrival += 1;
+        self.executor.add_request(
+            id,
+            SeqSampling {
+                params: req.sampling,
+                min_tokens: req.min_tokens,
+                masked_ids,
+            },
+        );
+        let detok = req
+            .detokenize
+            .then(|| IncrementalDetokenizer::new(&req.prompt_token_ids, true));
+        self.requests.insert(
+            id,
+            Tracked {
+                out,
+                detok,
+                stop: StopStrings::new(req.stop),
+                num_prompt_tokens: req.prompt_token_ids.len(),
+                num_output_tokens: 0,
+                num_cached_tokens: 0,
+                times: RequestTimes::arriving_now(),
+            },
+        );
+        Ok(())
+    }
+
+    /// Ends a request wherever it is and frees its blocks now; its stream gets a final output
+    /// with `reason` (if anyone still listens).
+    pub fn abort_request(&mut self, id: RequestId, reason: FinishReason) {
+        if self.scheduler.finish_request(id, reason) {
+            self.finish(id, reason, String::new());
+        }
+    }
+
+    /// One iteration: schedule, run the model, apply the sampled tokens, stream the outputs.
+    pub fn step(&mut self) -> Result<StepStats, EngineError> {
+        self.abort_disconnected();
+        let sched = self.scheduler.schedule();
+        self.note_scheduled(&sched);
+        let result = self.executor.execute(&sched)?;
+        let updates = self.scheduler.update(&sched, &result.step);
+        let num_finished = self.emit(updates, result);
+        Ok(StepStats {
+            num_scheduled_reqs: sched.scheduled.len(),
+            num_scheduled_tokens: sched.total_num_scheduled_tokens,
+            num_finished,
+        })
+    }
+
+    /// A client that dropped its stream has left: abort its request, wherever it is.
+    fn abort_disconnected(&mut self) {
+        let gone: Vec<RequestId> = self
+            .requests
+            .iter()
+            .filter(|(_, t)| t.out.is_closed())
+            .map(|(&id, _)| id)
+            .collect();
+        for id in gone {
+            self.abort_request(id, FinishReason::Abort);
+        }
+    }
+
+    fn note_scheduled(&mut self, sched: &SchedulerOutput) {
+        let now = Instant::now();
+        for r in &sched.scheduled {
+            if let (Some(t), ScheduledData::New { .. }) = (self.requests.get_mut(&r.id), &r.data) {
+                if t.times.first_scheduled.is_none() {
+                    t.times.first_scheduled = Some(now);
+                    t.num_cached_tokens = r.num_computed_tokens;
+                }
+            }
+        }
+    }
+
+    /// Streams each update; returns how many requests finished.
+    fn emit(&mut self, updates: Vec<RequestUpdate>, mut result: ExecuteResult) -> usize {
+        let now = Instant::now();
+        let mut num_finished = 0;
+        for u in updates {
+            let Some(t) = self.requests.get_mut(&u.id) else {
+                continue;
+            };
+            let sampled = result.samples.remove(&u.id).unwrap_or(SampledToken {
+                token_id: u.new_token_id,
+                logprob: None,
+                top_logprobs: Vec::new(),
+            });
+            t.num_output_tokens += 1;
+            t.times.first_token.get_or_insert(now);
+            let (text, stopped) = self
+                .tokenizer
+                .as_deref()
+                .map_or((String::new(), false), |tok| {
+                    next_text(t, tok, u.new_token_id, u.finish_reason.is_some())
+                });
+            let reason = if stopped {
+                self.scheduler.finish_request(u.id, FinishReason::Stop);
+                Some(FinishReason::Stop)
+            } else {
+                u.finish_reason
+            };
+            match reason {
+                Some(reason) => {
+                    num_finished += 1;
+                    self.finish_with(u.id, reason, vec![sampled], text);
+                }
+                None => {
+                    let _ = t.out.send(RequestOutput {
+                        new_tokens: vec![sampled],
+                        text,
+                        finished: None,
+                    });
+                }
+            }
+        }
+        num_finished
+    }
+
+    fn finish(&mut self, id: RequestId, reason: FinishReason, text: String) {
+        self.finish_with(id, reason, Vec::new(), text);
+    }
+
+    /// Sends the final output of a request and forgets it.
+    fn finish_with(
+        &mut self,
+        id: RequestId,
+        reason: FinishReason,
+        new_tokens: Vec<SampledToken>,
+        text: String,
+    ) {
+        let Some(mut t) = self.requests.remove(&id) else {
+            return;
+        };
+        t.times.finished = Some(Instant::now());
+        let finished = Finished {
+            reason,
+            num_prompt_tokens: t.num_prompt_tokens,
+            num_output_tokens: t.num_output_tokens,
+            num_cached_tokens: t.num_cached_tokens,
+            times: t.times,
+        };
+        let _ = t.out.send(RequestOutput {
+            new_tokens,
+            text,
+            finished: Some(finished),
+        });
+    }
+}
+
+/// Detokenizes one new token and runs the stop strings; returns (text to emit, stop matched).
+/// On the last token (`last`), held-back text is released.
+fn next_text(t: &mut Tracked, tok: &Tokenizer, token_id: u32, last: bool) -> (String, bool) {
+    let Some(detok) = t.detok.as_mut() else {
+        return (String::new(), false);
+    };
+    // A token the tokenizer cannot decode yields no text rather than failing the request.
+    let mut piece = detok.push(tok, token_id).unwrap_or_default();
+    if last {
+        piece.push_str(&detok.flush(tok).unwrap_or_default());
+    }
+    match t.stop.push(&piece) {
+        StopCheck::Stopped(text) => (text, true),
+        StopCheck::Continue(mut text) => {
+            if last {
+                text.push_str(&t.stop.flush());
+            }
+            (text, false)
+        }
+    }
+}

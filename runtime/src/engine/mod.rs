@@ -1,0 +1,24 @@
+//! The engine loop: continuous (iteration-level) batching of many requests over one model.
+//!
+//! [`EngineCore::step`] is `schedule -> execute -> update`: the scheduler picks the tokens of this
+//! iteration under one token budget (decodes, prefill chunks, prefix-cache hits), the
+//! [`Executor`] runs them as one flattened batch over the paged KV cache and samples, and the
+//! scheduler applies the sampled tokens. Around it, the core streams each request's tokens and
+//! text, matches stop strings and aborts requests whose client has gone.
+//! [`EngineHandle`] runs the core on its own thread for the async server.
+
+mod engine_core;
+mod executor;
+mod handle;
+mod output;
+mod request;
+mod stop;
+
+pub use engine_core::{EngineCore, EngineError, StepStats};
+pub use executor::{ExecuteResult, Executor, ExecutorError, SeqSampling};
+pub use handle::EngineHandle;
+pub use output::{Finished, OutputSender, RequestOutput, RequestStream, RequestTimes};
+pub use request::{EngineRequest, RequestError, RequestLimits, MAX_STOP_STRINGS};
+pub use stop::{StopCheck, StopStrings};
+
+pub use caduceus_scheduler::{AdapterKey, FinishReason, RequestId, SchedulerConfig};

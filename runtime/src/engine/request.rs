@@ -1,0 +1,177 @@
+//! What a caller asks the engine for, and the checks every request passes before it is queued.
+
+use caduceus_scheduler::AdapterKey;
+
+use crate::sampling::{SamplingError, SamplingParams};
+
+/// Most stop strings one request may carry (OpenAI allows 4; vLLM more).
+pub const MAX_STOP_STRINGS: usize = 16;
+
+/// One generation request: prompt tokens (already templated and tokenized) plus its settings.
+#[derive(Clone, Debug)]
+pub struct EngineRequest {
+    /// Prompt token ids.
+    pub prompt_token_ids: Vec<u32>,
+    /// Sampling settings (temperature, top-k/p, penalties, seed, logprobs).
+    pub sampling: SamplingParams,
+    /// Most tokens to generate.
+    pub max_tokens: usize,
+    /// End-of-sequence and stop tokens are ignored until this many tokens exist.
+    pub min_tokens: usize,
+    /// Keep generating past end-of-sequence tokens (stop strings and `stop_token_ids` still apply).
+    pub ignore_eos: bool,
+    /// Strings that end generation; matched on detokenized text and never emitted.
+    pub stop: Vec<String>,
+    /// Extra token ids that end generation (besides the model's EOS ids).
+    pub stop_token_ids: Vec<u32>,
+    /// Lower values are scheduled first.
+    pub priority: i32,
+    /// The LoRA adapter this request runs with, if any.
+    pub adapter: Option<AdapterKey>,
+    /// Isolates this request's prefix-cache entries from requests with another salt.
+    pub cache_salt: Option<u64>,
+    /// Produce text (incremental detokenization); off for token-only benchmarks.
+    pub detokenize: bool,
+}
+
+impl EngineRequest {
+    /// A greedy request for `max_tokens` tokens with every other setting at its default.
+    pub fn new(prompt_token_ids: Vec<u32>, max_tokens: usize) -> Self {
+        EngineRequest {
+            prompt_token_ids,
+            sampling: SamplingParams::greedy(),
+            max_tokens,
+            min_tokens: 0,
+            ignore_eos: false,
+            stop: Vec::new(),
+            stop_token_ids: Vec::new(),
+            priority: 0,
+            adapter: None,
+            cache_salt: None,
+            detokenize: true,
+        }
+    }
+}
+
+/// A request the engine refuses; the HTTP layer reports each as a 400 naming the limit.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RequestError {
+    /// The prompt has no tokens.
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    /// `max_tokens` is zero.
+    #[error("`max_tokens` must be at least 1")]
+    ZeroMaxTokens,
+    /// Prompt plus `max_tokens` exceeds the context.
+    #[error(
+        "this model's maximum context length is {max_model_len} tokens, but the prompt has \
+         {prompt_tokens} tokens and {max_tokens} more were requested (`max_tokens`); \
+         shorten the prompt or lower `max_tokens`"
+    )]
+    TooLong {
+        prompt_tokens: usize,
+        max_tokens: usize,
+        max_model_len: usize,
+    },
+    /// The request could never fit the KV cache pool, even alone.
+    #[error(
+        "the request needs {needed_blocks} KV-cache blocks but the pool has {usable_blocks}; \
+         shorten the prompt or lower `max_tokens`"
+    )]
+    ExceedsKvPool {
+        needed_blocks: usize,
+        usable_blocks: usize,
+    },
+    /// A token id is outside the vocabulary.
+    #[error("token id {token_id} is outside the vocabulary of {vocab_size}")]
+    BadToken { token_id: u32, vocab_size: usize },
+    /// `min_tokens` above `max_tokens`.
+    #[error("`min_tokens` ({min_tokens}) must not exceed `max_tokens` ({max_tokens})")]
+    MinAboveMax {
+        min_tokens: usize,
+        max_tokens: usize,
+    },
+    /// Too many or empty stop strings.
+    #[error("`stop` takes at most {MAX_STOP_STRINGS} non-empty strings")]
+    BadStop,
+    /// Stop strings or text were asked of an engine without a tokenizer.
+    #[error("this engine has no tokenizer, so it cannot produce text or match stop strings")]
+    NoTokenizer,
+    /// Sampling settings out of range.
+    #[error(transparent)]
+    Sampling(#[from] SamplingError),
+    /// A request id already in use (a caller bug).
+    #[error("request id {0} is already in use")]
+    DuplicateId(u64),
+    /// The waiting queue is full (HTTP 429).
+    #[error("the server is overloaded: {limit} requests are already waiting; retry later")]
+    QueueFull { limit: usize },
+    /// The engine thread has stopped.
+    #[error("the engine is not running")]
+    EngineStopped,
+}
+
+/// The limits a request is checked against; copied into every engine handle so callers get
+/// errors before anything is queued.
+#[derive(Clone, Copy, Debug)]
+pub struct RequestLimits {
+    /// Longest prompt plus output.
+    pub max_model_len: usize,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Tokens per KV block.
+    pub block_size: usize,
+    /// KV blocks a single request may use (the pool minus the null block).
+    pub usable_blocks: usize,
+    /// Whether the engine can detokenize.
+    pub has_tokenizer: bool,
+}
+
+impl RequestLimits {
+    /// Checks `req` against these limits.
+    pub fn check(&self, req: &EngineRequest) -> Result<(), RequestError> {
+        let prompt_tokens = req.prompt_token_ids.len();
+        if prompt_tokens == 0 {
+            return Err(RequestError::EmptyPrompt);
+        }
+        if req.max_tokens == 0 {
+            return Err(RequestError::ZeroMaxTokens);
+        }
+        if prompt_tokens + req.max_tokens > self.max_model_len {
+            return Err(RequestError::TooLong {
+                prompt_tokens,
+                max_tokens: req.max_tokens,
+                max_model_len: self.max_model_len,
+            });
+        }
+        let needed_blocks = (prompt_tokens + req.max_tokens).div_ceil(self.block_size);
+        if needed_blocks > self.usable_blocks {
+            return Err(RequestError::ExceedsKvPool {
+                needed_blocks,
+                usable_blocks: self.usable_blocks,
+            });
+        }
+        let vocab_size = self.vocab_size;
+        let ids = req.prompt_token_ids.iter().chain(&req.stop_token_ids);
+        if let Some(&token_id) = ids.into_iter().find(|&&t| t as usize >= vocab_size) {
+            return Err(RequestError::BadToken {
+                token_id,
+                vocab_size,
+            });
+        }
+        if req.min_tokens > req.max_tokens {
+            return Err(RequestError::MinAboveMax {
+                min_tokens: req.min_tokens,
+                max_tokens: req.max_tokens,
+            });
+        }
+        if req.stop.len() > MAX_STOP_STRINGS || req.stop.iter().any(String::is_empty) {
+            return Err(RequestError::BadStop);
+        }
+        if !self.has_tokenizer && (req.detokenize || !req.stop.is_empty()) {
+            return Err(RequestError::NoTokenizer);
+        }
+        req.sampling.validate()?;
+        Ok(())
+    }
+}

@@ -1,0 +1,52 @@
+//! The router: every route, the body limit and API-key authentication. Tests drive `app()`
+//! in-process; `serve` binds it to a socket.
+
+use axum::extract::{DefaultBodyLimit, Request};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::Router;
+
+use super::auth::require_api_key;
+use super::json::BodyLimit;
+use super::protocol::ApiError;
+use super::state::AppState;
+use super::{chat, completions, routes};
+
+/// The whole HTTP API over `state`.
+pub fn app(state: AppState) -> Router {
+    let limit = state.settings.body_limit_bytes;
+    let v1 = Router::new()
+        .route("/v1/chat/completions", post(chat::chat_completions))
+        .route("/v1/completions", post(completions::completions))
+        .route("/v1/models", get(routes::list_models))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_api_key,
+        ));
+    Router::new()
+        .merge(v1)
+        .route("/health", get(routes::health))
+        .route("/version", get(routes::version))
+        .route("/metrics", get(routes::metrics))
+        .route("/openapi.json", get(routes::openapi))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn(
+            move |mut req: Request, next: Next| async move {
+                req.extensions_mut().insert(BodyLimit(limit));
+                next.run(req).await
+            },
+        ))
+        .with_state(state)
+}
+
+async fn not_found(req: Request) -> Response {
+    use axum::response::IntoResponse;
+    let mut e = ApiError::invalid_request(
+        format!("no route for {} {}", req.method(), req.uri().path()),
+        None,
+    );
+    e.status = 404;
+    e.into_response()
+}

@@ -1,0 +1,66 @@
+//! One mapping from every failure to an HTTP response with OpenAI's error body.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+use std::time::Duration;
+
+use super::protocol::{ApiError, ErrorBody, ErrorResponse};
+use crate::engine::RequestError;
+use crate::sampling::SamplingError;
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut resp = (status, Json(self.body)).into_response();
+        if let Some(secs) = self.retry_after_secs {
+            if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+                resp.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+        }
+        resp
+    }
+}
+
+/// Maps an engine refusal to its HTTP error; `prompt_field` is `messages` or `prompt`.
+pub fn request_error(err: RequestError, prompt_field: &str) -> ApiError {
+    let message = err.to_string();
+    let param = match &err {
+        RequestError::QueueFull { .. } => return ApiError::rate_limited(1),
+        RequestError::EngineStopped => return ApiError::unavailable(message),
+        RequestError::NoTokenizer | RequestError::DuplicateId(_) => {
+            tracing::error!(error = %message, "internal request error");
+            return ApiError::internal();
+        }
+        RequestError::EmptyPrompt
+        | RequestError::TooLong { .. }
+        | RequestError::ExceedsKvPool { .. }
+        | RequestError::BadToken { .. } => prompt_field,
+        RequestError::ZeroMaxTokens => "max_tokens",
+        RequestError::MinAboveMax { .. } => "min_tokens",
+        RequestError::BadStop => "stop",
+        RequestError::Sampling(SamplingError::OutOfRange { field, .. }) => field,
+    };
+    ApiError::invalid_request(message, Some(param))
+}
+
+/// 504: the request ran past `server.request_timeout` and was aborted.
+pub fn timeout_error(limit: Duration) -> ApiError {
+    ApiError {
+        status: 504,
+        body: ErrorResponse {
+            error: ErrorBody {
+                message: format!(
+                    "the request did not finish within the server's request timeout of {:.1} s \
+                     and was aborted; lower `max_tokens` or retry",
+                    limit.as_secs_f64()
+                ),
+                kind: "timeout_error".into(),
+                param: None,
+                code: Some("timeout".into()),
+            },
+        },
+        retry_after_secs: None,
+    }
+}

@@ -1,0 +1,176 @@
+//! Running a validated request through the engine: one engine request per prompt and choice,
+//! collected into one JSON response, or merged into one SSE stream.
+
+use std::time::{Duration, Instant};
+
+use futures_util::stream::{self, BoxStream, StreamExt};
+
+use super::error::{request_error, timeout_error};
+use super::protocol::{ApiError, FinishReason, GenerationParams};
+use super::request_log::RequestLog;
+use super::state::AppState;
+use crate::engine::{EngineRequest, RequestOutput, RequestStream};
+use crate::metrics::record_inter_token;
+use crate::sampling::SampledToken;
+
+/// Everything one choice produced.
+#[derive(Clone, Debug)]
+pub struct ChoiceOutput {
+    /// Generated text (stop strings removed).
+    pub text: String,
+    /// Generated tokens with their logprobs.
+    pub tokens: Vec<SampledToken>,
+    /// Why it ended.
+    pub finish_reason: FinishReason,
+}
+
+/// Queues one engine request per (prompt, choice), in choice-index order. On any refusal the
+/// streams already opened are dropped, which aborts them.
+pub fn submit(
+    state: &AppState,
+    prompts: &[Vec<u32>],
+    params: &GenerationParams,
+    prompt_field: &str,
+) -> Result<Vec<RequestStream>, ApiError> {
+    let max_model_len = state.engine.limits().max_model_len;
+    let mut streams = Vec::with_capacity(prompts.len() * params.n);
+    for prompt in prompts {
+        let room = max_model_len.saturating_sub(prompt.len());
+        let max_tokens = params.max_tokens.unwrap_or(room);
+        if max_tokens == 0 || prompt.len() >= max_model_len {
+            return Err(ApiError::invalid_request(
+                format!(
+                    "this model's maximum context length is {max_model_len} tokens, but the \
+                     prompt has {} tokens, which leaves no room to generate",
+                    prompt.len()
+                ),
+                Some(prompt_field),
+            ));
+        }
+        for choice in 0..params.n {
+            let mut sampling = params.sampling.clone();
+            // Distinct but reproducible streams for n > 1 with a seed.
+            sampling.seed = sampling.seed.map(|s| s.wrapping_add(choice as u64));
+            let req = EngineRequest {
+                prompt_token_ids: prompt.clone(),
+                sampling,
+                max_tokens,
+                min_tokens: params.min_tokens,
+                ignore_eos: params.ignore_eos,
+                stop: params.stop.clone(),
+                stop_token_ids: params.stop_token_ids.clone(),
+                priority: 0,
+                adapter: None,
+                cache_salt: None,
+                detokenize: true,
+            };
+            let stream = state
+                .engine
+                .submit(req)
+                .map_err(|e| request_error(e, prompt_field))?;
+            streams.push(stream);
+        }
+    }
+    Ok(streams)
+}
+
+/// Applies one engine output to the log (tokens, finish, cache and queue figures).
+fn note_output(log: &mut RequestLog, out: &RequestOutput, last: &mut Option<Instant>) {
+    if !out.new_tokens.is_empty() {
+        let now = Instant::now();
+        if let Some(prev) = last.replace(now) {
+            record_inter_token(now - prev);
+        }
+        log.token_arrived();
+        log.completion_tokens += out.new_tokens.len();
+    }
+    if let Some(f) = &out.finished {
+        if log.finish_reason == "none" {
+            log.finish_reason = finish_label(f.reason.into());
+            log.cached_tokens = f.num_cached_tokens;
+            log.queue_time = f.times.first_scheduled.map(|t| t - f.times.arrival);
+        }
+    }
+}
+
+/// The label of a finish reason in metrics and logs.
+pub fn finish_label(reason: FinishReason) -> &'static str {
+    match reason {
+        FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
+        FinishReason::Abort => "abort",
+        FinishReason::Error => "error",
+    }
+}
+
+/// Waits for every choice to finish (or the request timeout) and returns them in index order.
+pub async fn collect_all(
+    streams: Vec<RequestStream>,
+    log: &mut RequestLog,
+    timeout: Duration,
+) -> Result<Vec<ChoiceOutput>, ApiError> {
+    let n = streams.len();
+    let mut merged = merge(streams);
+    let mut outs: Vec<ChoiceOutput> = (0..n)
+        .map(|_| ChoiceOutput {
+            text: String::new(),
+            tokens: Vec::new(),
+            finish_reason: FinishReason::Error,
+        })
+        .collect();
+    let mut lasts = vec![None; n];
+    let mut remaining = n;
+    let deadline = tokio::time::sleep(timeout);
+    tokio::pin!(deadline);
+    while remaining > 0 {
+        let (i, out) = tokio::select! {
+            _ = &mut deadline => {
+                log.status = 504;
+                log.finish_reason = "timeout";
+                return Err(timeout_error(timeout));
+            }
+            next = merged.next() => match next {
+                Some(item) => item,
+                None => return Err(engine_gone(log)),
+            },
+        };
+        note_output(log, &out, &mut lasts[i]);
+        let o = &mut outs[i];
+        o.text.push_str(&out.text);
+        o.tokens.extend(out.new_tokens);
+        if let Some(f) = out.finished {
+            o.finish_reason = f.reason.into();
+            remaining -= 1;
+        }
+    }
+    Ok(outs)
+}
+
+/// The engine stopped before answering (it died or is shutting down).
+pub fn engine_gone(log: &mut RequestLog) -> ApiError {
+    log.status = 503;
+    log.finish_reason = "error";
+    ApiError::unavailable("the engine stopped before the request finished")
+}
+
+/// One stream of (choice index, output) over all choices.
+pub fn merge(streams: Vec<RequestStream>) -> BoxStream<'static, (usize, RequestOutput)> {
+    let per_choice = streams.into_iter().enumerate().map(|(i, s)| {
+        stream::unfold(s, |mut s| async move { s.next().await.map(|o| (o, s)) })
+            .map(move |o| (i, o))
+            .boxed()
+    });
+    stream::select_all(per_choice).boxed()
+}
+
+/// Notes, for the pump of an SSE response, one output; returns it with its choice index.
+pub fn note_stream_output(
+    log: &mut RequestLog,
+    lasts: &mut [Option<Instant>],
+    i: usize,
+    out: &RequestOutput,
+) {
+    if let Some(last) = lasts.get_mut(i) {
+        note_output(log, out, last);
+    }
+}

@@ -1,0 +1,243 @@
+//! `POST /v1/chat/completions`: request, response and streaming chunk.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::common::{FinishReason, StopSpec, StreamOptions, Usage};
+use super::logprobs::ChatLogprobs;
+
+/// A chat completion request. Unknown fields are ignored; integers are read signed and floats
+/// as `f64` so that out-of-range values reach validation, which names the field, instead of
+/// failing in serde with a message that does not.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, ToSchema)]
+pub struct ChatCompletionRequest {
+    /// Served model or adapter name; absent means the base model.
+    #[serde(default)]
+    pub model: Option<String>,
+    pub messages: Vec<ChatMessageParam>,
+    /// Deprecated by OpenAI in favour of `max_completion_tokens`, which wins when both are set.
+    pub max_tokens: Option<i64>,
+    pub max_completion_tokens: Option<i64>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    /// vLLM extension: -1 or 0 disables it.
+    pub top_k: Option<i64>,
+    pub min_p: Option<f64>,
+    pub seed: Option<i64>,
+    pub stop: Option<StopSpec>,
+    /// vLLM extension: extra token ids that end generation.
+    pub stop_token_ids: Option<Vec<u32>>,
+    pub n: Option<i64>,
+    pub presence_penalty: Option<f64>,
+    pub frequency_penalty: Option<f64>,
+    pub repetition_penalty: Option<f64>,
+    pub logprobs: Option<bool>,
+    pub top_logprobs: Option<i64>,
+    pub stream: Option<bool>,
+    pub stream_options: Option<StreamOptions>,
+    pub ignore_eos: Option<bool>,
+    pub min_tokens: Option<i64>,
+    pub user: Option<String>,
+}
+
+/// One input message.
+#[derive(Clone, Debug, PartialEq, Deserialize, ToSchema)]
+pub struct ChatMessageParam {
+    /// `system`, `user` or `assistant` (checked in validation so the error names the message).
+    pub role: String,
+    /// A string or text parts; may be null on assistant messages.
+    #[serde(default)]
+    pub content: Option<MessageContent>,
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+/// `messages[].content`: a string, or an array of content parts.
+#[derive(Clone, Debug, PartialEq, Deserialize, ToSchema)]
+#[serde(
+    untagged,
+    expecting = "`content` must be a string or an array of content parts"
+)]
+pub enum MessageContent {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+/// One content part; only `{"type": "text", "text": ...}` is supported, others are refused in
+/// validation with the part's index.
+#[derive(Clone, Debug, PartialEq, Deserialize, ToSchema)]
+pub struct ContentPart {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub text: Option<String>,
+}
+
+/// `object` of a chat completion.
+pub const CHAT_COMPLETION_OBJECT: &str = "chat.completion";
+/// `object` of a chat completion chunk.
+pub const CHAT_CHUNK_OBJECT: &str = "chat.completion.chunk";
+
+/// The non-streaming response.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ChatCompletionResponse {
+    pub id: String,
+    /// Always `"chat.completion"`.
+    pub object: String,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<ChatChoice>,
+    pub usage: Usage,
+}
+
+impl ChatCompletionResponse {
+    pub fn new(
+        id: String,
+        created: u64,
+        model: String,
+        choices: Vec<ChatChoice>,
+        usage: Usage,
+    ) -> Self {
+        ChatCompletionResponse {
+            id,
+            object: CHAT_COMPLETION_OBJECT.into(),
+            created,
+            model,
+            choices,
+            usage,
+        }
+    }
+}
+
+/// One generated answer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ChatChoice {
+    pub index: u32,
+    pub message: ChatResponseMessage,
+    pub logprobs: Option<ChatLogprobs>,
+    pub finish_reason: FinishReason,
+}
+
+/// The assistant's message.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ChatResponseMessage {
+    /// Always `"assistant"`.
+    pub role: String,
+    pub content: Option<String>,
+}
+
+impl ChatChoice {
+    pub fn new(
+        index: u32,
+        text: String,
+        logprobs: Option<ChatLogprobs>,
+        finish_reason: FinishReason,
+    ) -> Self {
+        ChatChoice {
+            index,
+            message: ChatResponseMessage {
+                role: "assistant".into(),
+                content: Some(text),
+            },
+            logprobs,
+            finish_reason,
+        }
+    }
+}
+
+/// One server-sent event of a streamed chat completion.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ChatCompletionChunk {
+    pub id: String,
+    /// Always `"chat.completion.chunk"`.
+    pub object: String,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<ChatChunkChoice>,
+    /// Absent without `include_usage`; with it, `null` on every chunk but the last, which has
+    /// empty `choices` and the totals.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Usage>)]
+    pub usage: Option<Option<Usage>>,
+}
+
+impl ChatCompletionChunk {
+    /// A chunk with `choices`; `include_usage` adds `"usage": null`.
+    pub fn new(
+        id: &str,
+        created: u64,
+        model: &str,
+        choices: Vec<ChatChunkChoice>,
+        include_usage: bool,
+    ) -> Self {
+        ChatCompletionChunk {
+            id: id.into(),
+            object: CHAT_CHUNK_OBJECT.into(),
+            created,
+            model: model.into(),
+            choices,
+            usage: include_usage.then_some(None),
+        }
+    }
+
+    /// The last chunk of an `include_usage` stream: no choices, the totals.
+    pub fn usage(id: &str, created: u64, model: &str, usage: Usage) -> Self {
+        ChatCompletionChunk {
+            usage: Some(Some(usage)),
+            ..ChatCompletionChunk::new(id, created, model, Vec::new(), true)
+        }
+    }
+}
+
+/// One choice's increment.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ChatChunkChoice {
+    pub index: u32,
+    pub delta: ChatDelta,
+    pub logprobs: Option<ChatLogprobs>,
+    pub finish_reason: Option<FinishReason>,
+}
+
+/// New text (and on the first chunk, the role).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ChatDelta {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+}
+
+impl ChatChunkChoice {
+    /// The first chunk of a choice: `{"role": "assistant", "content": ""}`.
+    pub fn role(index: u32) -> Self {
+        let delta = ChatDelta {
+            role: Some("assistant".into()),
+            content: Some(String::new()),
+        };
+        ChatChunkChoice {
+            index,
+            delta,
+            logprobs: None,
+            finish_reason: None,
+        }
+    }
+
+    /// New text, possibly the last (`finish_reason` set).
+    pub fn content(
+        index: u32,
+        text: String,
+        logprobs: Option<ChatLogprobs>,
+        finish_reason: Option<FinishReason>,
+    ) -> Self {
+        let delta = ChatDelta {
+            role: None,
+            content: Some(text),
+        };
+        ChatChunkChoice {
+            index,
+            delta,
+            logprobs,
+            finish_reason,
+        }
+    }
+}

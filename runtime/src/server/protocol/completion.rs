@@ -1,0 +1,134 @@
+//! `POST /v1/completions` (legacy): request, response and streaming chunk.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::common::{FinishReason, StopSpec, StreamOptions, Usage};
+use super::logprobs::CompletionLogprobs;
+
+/// A legacy completion request; the same reading rules as the chat request.
+#[derive(Clone, Debug, PartialEq, Deserialize, ToSchema)]
+pub struct CompletionRequest {
+    #[serde(default)]
+    pub model: Option<String>,
+    pub prompt: Prompt,
+    /// OpenAI's default for this endpoint is 16.
+    pub max_tokens: Option<i64>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<i64>,
+    pub min_p: Option<f64>,
+    pub seed: Option<i64>,
+    pub stop: Option<StopSpec>,
+    pub stop_token_ids: Option<Vec<u32>>,
+    pub n: Option<i64>,
+    pub presence_penalty: Option<f64>,
+    pub frequency_penalty: Option<f64>,
+    pub repetition_penalty: Option<f64>,
+    /// Number of alternatives per token (an integer here, unlike chat's boolean).
+    pub logprobs: Option<i64>,
+    pub stream: Option<bool>,
+    pub stream_options: Option<StreamOptions>,
+    pub ignore_eos: Option<bool>,
+    pub min_tokens: Option<i64>,
+    pub user: Option<String>,
+}
+
+/// `prompt`: text, several texts, token ids, or several token-id lists.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(
+    untagged,
+    expecting = "`prompt` must be a string, an array of strings, or an array of token ids (or of token-id arrays)"
+)]
+pub enum Prompt {
+    Text(String),
+    Texts(Vec<String>),
+    Tokens(Vec<u32>),
+    TokenLists(Vec<Vec<u32>>),
+}
+
+/// `object` of completions and their chunks.
+pub const TEXT_COMPLETION_OBJECT: &str = "text_completion";
+
+/// The non-streaming response.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct CompletionResponse {
+    pub id: String,
+    /// Always `"text_completion"`.
+    pub object: String,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<CompletionChoice>,
+    pub usage: Usage,
+}
+
+impl CompletionResponse {
+    pub fn new(
+        id: String,
+        created: u64,
+        model: String,
+        choices: Vec<CompletionChoice>,
+        usage: Usage,
+    ) -> Self {
+        CompletionResponse {
+            id,
+            object: TEXT_COMPLETION_OBJECT.into(),
+            created,
+            model,
+            choices,
+            usage,
+        }
+    }
+}
+
+/// One generated text; in chunks, its increment (`finish_reason` null until the last).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct CompletionChoice {
+    pub text: String,
+    /// `prompt_index * n + sample_index` with several prompts.
+    pub index: u32,
+    pub logprobs: Option<CompletionLogprobs>,
+    pub finish_reason: Option<FinishReason>,
+}
+
+/// One server-sent event of a streamed completion (OpenAI uses `text_completion` here too).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct CompletionChunk {
+    pub id: String,
+    pub object: String,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<CompletionChoice>,
+    /// As in chat chunks: absent, `null`, or the totals on the last chunk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Usage>)]
+    pub usage: Option<Option<Usage>>,
+}
+
+impl CompletionChunk {
+    /// A chunk with `choices`; `include_usage` adds `"usage": null`.
+    pub fn new(
+        id: &str,
+        created: u64,
+        model: &str,
+        choices: Vec<CompletionChoice>,
+        include_usage: bool,
+    ) -> Self {
+        CompletionChunk {
+            id: id.into(),
+            object: TEXT_COMPLETION_OBJECT.into(),
+            created,
+            model: model.into(),
+            choices,
+            usage: include_usage.then_some(None),
+        }
+    }
+
+    /// The last chunk of an `include_usage` stream: no choices, the totals.
+    pub fn usage(id: &str, created: u64, model: &str, usage: Usage) -> Self {
+        CompletionChunk {
+            usage: Some(Some(usage)),
+            ..CompletionChunk::new(id, created, model, Vec::new(), true)
+        }
+    }
+}

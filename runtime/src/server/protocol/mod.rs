@@ -1,0 +1,33 @@
+//! OpenAI-compatible wire types for `/v1/chat/completions`, `/v1/completions` and `/v1/models`,
+//! their validation into engine settings, and OpenAI's error body. Every type derives utoipa's
+//! `ToSchema` so `/openapi.json` is generated from the same definitions serde uses.
+
+mod chat;
+mod common;
+mod completion;
+mod convert;
+mod error;
+mod logprobs;
+mod models;
+mod validate;
+
+pub use chat::{
+    ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
+    ChatCompletionResponse, ChatDelta, ChatMessageParam, ChatResponseMessage, ContentPart,
+    MessageContent, CHAT_CHUNK_OBJECT, CHAT_COMPLETION_OBJECT,
+};
+pub use common::{
+    random_id, unix_timestamp, FinishReason, PromptTokensDetails, StopSpec, StreamOptions, Usage,
+    CHAT_ID_PREFIX, COMPLETION_ID_PREFIX, SSE_DONE,
+};
+pub use completion::{
+    CompletionChoice, CompletionChunk, CompletionRequest, CompletionResponse, Prompt,
+    TEXT_COMPLETION_OBJECT,
+};
+pub use error::{ApiError, ErrorBody, ErrorResponse};
+pub use logprobs::{ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, TopLogprob, MIN_LOGPROB};
+pub use models::{ModelCard, ModelList, OWNED_BY};
+pub use validate::{
+    validate_chat, validate_completion, GenerationParams, PromptInput, ValidatedChatRequest,
+    ValidatedCompletionRequest, ValidationError, DEFAULT_COMPLETION_MAX_TOKENS, MAX_N, MAX_PROMPTS,
+};

@@ -1,0 +1,365 @@
+//! Request validation: range checks that name the offending field and its limit, producing the
+//! settings the engine understands. Converting to `EngineRequest` (templating, tokenizing,
+//! context-length checks) happens in the server, which knows the model.
+
+use crate::chat_template::ChatMessage;
+use crate::engine::MAX_STOP_STRINGS;
+use crate::sampling::{SamplingError, SamplingParams, MAX_LOGPROBS};
+
+use super::chat::ChatCompletionRequest;
+use super::common::{StopSpec, StreamOptions};
+use super::completion::CompletionRequest;
+use super::convert::{convert_messages, convert_prompt};
+use super::error::ApiError;
+
+/// Most choices per prompt (`n`); each is a full sequence in the batch.
+pub const MAX_N: usize = 8;
+/// Most prompts in one legacy completion request (times `n` sequences), so one body cannot
+/// flood the queue.
+pub const MAX_PROMPTS: usize = 64;
+/// `max_tokens` of a legacy completion that does not set it (OpenAI's and vLLM's default).
+pub const DEFAULT_COMPLETION_MAX_TOKENS: usize = 16;
+
+/// A request field the server refuses; reported as a 400 with `param` set.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum ValidationError {
+    /// A value outside its range.
+    #[error("`{param}` is {value}, but it must be {allowed}")]
+    OutOfRange {
+        param: String,
+        value: String,
+        allowed: String,
+    },
+    /// A value of the right type that is still unusable.
+    #[error("`{param}` {reason}")]
+    Invalid { param: String, reason: String },
+}
+
+impl ValidationError {
+    /// The request field at fault, as OpenAI's `param` (e.g. `messages[1].role`).
+    pub fn param(&self) -> &str {
+        match self {
+            ValidationError::OutOfRange { param, .. } | ValidationError::Invalid { param, .. } => {
+                param
+            }
+        }
+    }
+}
+
+impl From<ValidationError> for ApiError {
+    fn from(err: ValidationError) -> ApiError {
+        ApiError::invalid_request(err.to_string(), Some(err.param()))
+    }
+}
+
+pub(super) fn out_of_range(param: &str, value: impl ToString, allowed: &str) -> ValidationError {
+    ValidationError::OutOfRange {
+        param: param.into(),
+        value: value.to_string(),
+        allowed: allowed.into(),
+    }
+}
+
+pub(super) fn invalid(param: &str, reason: impl Into<String>) -> ValidationError {
+    ValidationError::Invalid {
+        param: param.into(),
+        reason: reason.into(),
+    }
+}
+
+/// Settings shared by both endpoints, in engine terms.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GenerationParams {
+    /// The requested model; `None` means the base model.
+    pub model: Option<String>,
+    /// Temperature, truncation, penalties, seed and `logprobs` (`Some(k)`: report the sampled
+    /// token's logprob and the `k` most likely alternatives).
+    pub sampling: SamplingParams,
+    /// `None`: generate until a stop or the context is full.
+    pub max_tokens: Option<usize>,
+    pub min_tokens: usize,
+    pub ignore_eos: bool,
+    pub stop: Vec<String>,
+    pub stop_token_ids: Vec<u32>,
+    /// Choices per prompt.
+    pub n: usize,
+    pub stream: bool,
+    /// Send a final usage chunk (streaming only).
+    pub include_usage: bool,
+    pub user: Option<String>,
+}
+
+/// A checked chat request.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ValidatedChatRequest {
+    pub messages: Vec<ChatMessage>,
+    pub params: GenerationParams,
+}
+
+/// One prompt of a legacy completion request.
+#[derive(Clone, Debug, PartialEq)]
+pub enum PromptInput {
+    Text(String),
+    Tokens(Vec<u32>),
+}
+
+/// A checked legacy completion request.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ValidatedCompletionRequest {
+    pub prompts: Vec<PromptInput>,
+    pub params: GenerationParams,
+}
+
+/// The fields both request kinds share, borrowed from either.
+struct Common {
+    model: Option<String>,
+    max_tokens: Option<(&'static str, i64)>,
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    top_k: Option<i64>,
+    min_p: Option<f64>,
+    seed: Option<i64>,
+    stop: Option<StopSpec>,
+    stop_token_ids: Option<Vec<u32>>,
+    n: Option<i64>,
+    presence_penalty: Option<f64>,
+    frequency_penalty: Option<f64>,
+    repetition_penalty: Option<f64>,
+    stream: Option<bool>,
+    stream_options: Option<StreamOptions>,
+    ignore_eos: Option<bool>,
+    min_tokens: Option<i64>,
+    user: Option<String>,
+}
+
+/// Checks a chat request and converts its messages for the chat template.
+pub fn validate_chat(req: ChatCompletionRequest) -> Result<ValidatedChatRequest, ValidationError> {
+    if req.logprobs != Some(true) && req.top_logprobs.is_some_and(|k| k > 0) {
+        return Err(invalid("top_logprobs", "requires `logprobs` to be true"));
+    }
+    let logprobs = match (req.logprobs, req.top_logprobs) {
+        (Some(true), k) => Some(logprob_count("top_logprobs", k.unwrap_or(0))?),
+        _ => None,
+    };
+    let messages = convert_messages(req.messages)?;
+    // OpenAI deprecated `max_tokens` for `max_completion_tokens`; the newer field wins.
+    let max_tokens = match (req.max_completion_tokens, req.max_tokens) {
+        (Some(v), _) => Some(("max_completion_tokens", v)),
+        (None, Some(v)) => Some(("max_tokens", v)),
+        (None, None) => None,
+    };
+    let common = Common {
+        model: req.model,
+        max_tokens,
+        temperature: req.temperature,
+        top_p: req.top_p,
+        top_k: req.top_k,
+        min_p: req.min_p,
+        seed: req.seed,
+        stop: req.stop,
+        stop_token_ids: req.stop_token_ids,
+        n: req.n,
+        presence_penalty: req.presence_penalty,
+        frequency_penalty: req.frequency_penalty,
+        repetition_penalty: req.repetition_penalty,
+        stream: req.stream,
+        stream_options: req.stream_options,
+        ignore_eos: req.ignore_eos,
+        min_tokens: req.min_tokens,
+        user: req.user,
+    };
+    let params = generation_params(common, logprobs)?;
+    Ok(ValidatedChatRequest { messages, params })
+}
+
+/// Checks a legacy completion request; `max_tokens` defaults to
+/// [`DEFAULT_COMPLETION_MAX_TOKENS`] as in OpenAI's API.
+pub fn validate_completion(
+    req: CompletionRequest,
+) -> Result<ValidatedCompletionRequest, ValidationError> {
+    let logprobs = req
+        .logprobs
+        .map(|k| logprob_count("logprobs", k))
+        .transpose()?;
+    let prompts = convert_prompt(req.prompt)?;
+    let max_tokens = req
+        .max_tokens
+        .unwrap_or(DEFAULT_COMPLETION_MAX_TOKENS as i64);
+    let common = Common {
+        model: req.model,
+        max_tokens: Some(("max_tokens", max_tokens)),
+        temperature: req.temperature,
+        top_p: req.top_p,
+        top_k: req.top_k,
+        min_p: req.min_p,
+        seed: req.seed,
+        stop: req.stop,
+        stop_token_ids: req.stop_token_ids,
+        n: req.n,
+        presence_penalty: req.presence_penalty,
+        frequency_penalty: req.frequency_penalty,
+        repetition_penalty: req.repetition_penalty,
+        stream: req.stream,
+        stream_options: req.stream_options,
+        ignore_eos: req.ignore_eos,
+        min_tokens: req.min_tokens,
+        user: req.user,
+    };
+    let params = generation_params(common, logprobs)?;
+    Ok(ValidatedCompletionRequest { prompts, params })
+}
+
+fn logprob_count(param: &str, k: i64) -> Result<usize, ValidationError> {
+    let allowed = format!("in [0, {MAX_LOGPROBS}]");
+    usize::try_from(k)
+        .ok()
+        .filter(|&k| k <= MAX_LOGPROBS)
+        .ok_or_else(|| out_of_range(param, k, &allowed))
+}
+
+fn generation_params(
+    c: Common,
+    logprobs: Option<usize>,
+) -> Result<GenerationParams, ValidationError> {
+    let sampling = sampling_params(&c, logprobs)?;
+    let max_tokens = match c.max_tokens {
+        Some((param, v)) if v < 1 => return Err(out_of_range(param, v, "at least 1")),
+        Some((_, v)) => Some(usize::try_from(v).unwrap_or(usize::MAX)),
+        None => None,
+    };
+    let min_tokens = match c.min_tokens {
+        None => 0,
+        Some(v) if v < 0 => return Err(out_of_range("min_tokens", v, "at least 0")),
+        Some(v) => usize::try_from(v).unwrap_or(usize::MAX),
+    };
+    if let Some(max) = max_tokens.filter(|&max| min_tokens > max) {
+        return Err(out_of_range(
+            "min_tokens",
+            min_tokens,
+            &format!("at most `max_tokens` ({max})"),
+        ));
+    }
+    let n = c.n.unwrap_or(1);
+    let n = usize::try_from(n)
+        .ok()
+        .filter(|n| (1..=MAX_N).contains(n))
+        .ok_or_else(|| out_of_range("n", n, &format!("in [1, {MAX_N}]")))?;
+    let stop = c.stop.map(StopSpec::into_vec).unwrap_or_default();
+    if stop.len() > MAX_STOP_STRINGS {
+        let allowed = format!("at most {MAX_STOP_STRINGS} strings");
+        return Err(out_of_range(
+            "stop",
+            format!("{} strings", stop.len()),
+            &allowed,
+        ));
+    }
+    if stop.iter().any(String::is_empty) {
+        return Err(invalid("stop", "must not contain empty strings"));
+    }
+    let stream = c.stream.unwrap_or(false);
+    if c.stream_options.is_some() && !stream {
+        return Err(invalid(
+            "stream_options",
+            "is only allowed when `stream` is true",
+        ));
+    }
+    let include_usage = c
+        .stream_options
+        .and_then(|o| o.include_usage)
+        .unwrap_or(false);
+    Ok(GenerationParams {
+        model: c.model,
+        sampling,
+        max_tokens,
+        min_tokens,
+        ignore_eos: c.ignore_eos.unwrap_or(false),
+        stop,
+        stop_token_ids: c.stop_token_ids.unwrap_or_default(),
+        n,
+        stream,
+        include_usage,
+        user: c.user,
+    })
+}
+
+/// A float field: its default when absent, else checked against `ok`.
+fn float(
+    param: &str,
+    value: Option<f64>,
+    default: f32,
+    ok: fn(f64) -> bool,
+    allowed: &str,
+) -> Result<f32, ValidationError> {
+    match value {
+        None => Ok(default),
+        Some(v) if v.is_finite() && ok(v) => Ok(v as f32),
+        Some(v) => Err(out_of_range(param, v, allowed)),
+    }
+}
+
+fn sampling_params(c: &Common, logprobs: Option<usize>) -> Result<SamplingParams, ValidationError> {
+    let d = SamplingParams::default();
+    let penalty = |v: f64| (-2.0..=2.0).contains(&v);
+    let top_k = match c.top_k {
+        None | Some(-1) | Some(0) => None,
+        Some(k) if k >= 1 => Some(usize::try_from(k).unwrap_or(usize::MAX)),
+        Some(k) => return Err(out_of_range("top_k", k, "-1 or 0 (off), or at least 1")),
+    };
+    let sampling = SamplingParams {
+        temperature: float(
+            "temperature",
+            c.temperature,
+            d.temperature,
+            |v| (0.0..=2.0).contains(&v),
+            "in [0, 2]",
+        )?,
+        top_k,
+        top_p: float(
+            "top_p",
+            c.top_p,
+            d.top_p,
+            |v| v > 0.0 && v <= 1.0,
+            "in (0, 1]",
+        )?,
+        min_p: float(
+            "min_p",
+            c.min_p,
+            d.min_p,
+            |v| (0.0..=1.0).contains(&v),
+            "in [0, 1]",
+        )?,
+        presence_penalty: float(
+            "presence_penalty",
+            c.presence_penalty,
+            0.0,
+            penalty,
+            "in [-2, 2]",
+        )?,
+        frequency_penalty: float(
+            "frequency_penalty",
+            c.frequency_penalty,
+            0.0,
+            penalty,
+            "in [-2, 2]",
+        )?,
+        repetition_penalty: float(
+            "repetition_penalty",
+            c.repetition_penalty,
+            1.0,
+            |v| v > 0.0 && v <= 2.0,
+            "in (0, 2]",
+        )?,
+        // Negative seeds are accepted (vLLM does) and reinterpreted as their bit pattern.
+        seed: c.seed.map(|s| s as u64),
+        logprobs,
+    };
+    // The engine's own check, so the two can never disagree about a value passed on.
+    sampling.validate().map_err(
+        |SamplingError::OutOfRange {
+             field,
+             value,
+             allowed,
+         }| { out_of_range(field, value, &format!("in {allowed}")) },
+    )?;
+    Ok(sampling)
+}

@@ -1,0 +1,99 @@
+//! The small routes (`/v1/models`, `/health`, `/version`, `/metrics`, `/openapi.json`) and the
+//! admission checks every generation request passes first.
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use utoipa::OpenApi;
+
+use super::protocol::{ApiError, ModelCard, ModelList};
+use super::state::{AppState, InFlight, Phase};
+
+/// Refuses new work while draining or after an engine failure (503); counts the request in.
+pub fn admit(state: &AppState) -> Result<InFlight, ApiError> {
+    match state.lifecycle.phase() {
+        Phase::Ready if state.engine.is_alive() => Ok(state.lifecycle.enter()),
+        Phase::Ready | Phase::Failed => Err(ApiError::unavailable(
+            "the inference engine is not running; retry on another replica",
+        )),
+        Phase::Draining => Err(ApiError::unavailable(
+            "the server is shutting down; retry on another replica",
+        )),
+    }
+}
+
+/// The served name of the model a request asked for, or 404 when it names an unknown model.
+pub fn check_model(state: &AppState, model: Option<&str>) -> Result<String, ApiError> {
+    let served = &state.settings.served_model_name;
+    match model {
+        None => Ok(served.clone()),
+        Some(m) if m == served => Ok(served.clone()),
+        Some(m) => Err(ApiError::model_not_found(m)),
+    }
+}
+
+/// Lists the served models (OpenAI's `GET /v1/models`).
+#[utoipa::path(get, path = "/v1/models", responses((status = 200, body = ModelList)))]
+pub async fn list_models(State(state): State<AppState>) -> Json<ModelList> {
+    let s = &state.settings;
+    let base = ModelCard::base(
+        &s.served_model_name,
+        &s.model_root,
+        state.started,
+        state.engine.limits().max_model_len,
+    );
+    Json(ModelList::new(vec![base]))
+}
+
+/// 200 while the engine is alive and the server accepts work; 503 while draining or after an
+/// engine failure (so load balancers and Kubernetes stop routing here).
+pub async fn health(State(state): State<AppState>) -> Response {
+    let (code, status) = match state.lifecycle.phase() {
+        Phase::Ready if state.engine.is_alive() => (StatusCode::OK, "ok"),
+        Phase::Ready | Phase::Failed => (StatusCode::SERVICE_UNAVAILABLE, "engine_failed"),
+        Phase::Draining => (StatusCode::SERVICE_UNAVAILABLE, "draining"),
+    };
+    (code, Json(serde_json::json!({ "status": status }))).into_response()
+}
+
+/// Build and model identification.
+pub async fn version(State(state): State<AppState>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({
+        "name": "caduceus",
+        "version": env!("CARGO_PKG_VERSION"),
+        "model": state.settings.served_model_name,
+    }))
+}
+
+/// Prometheus text exposition.
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    match &state.metrics {
+        Some(handle) => (
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+            handle.render(),
+        )
+            .into_response(),
+        None => ApiError::unavailable("metrics are not available in this process").into_response(),
+    }
+}
+
+/// The OpenAPI document of the HTTP API.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Caduceus",
+        description = "OpenAI-compatible LLM serving with per-request LoRA adapters."
+    ),
+    paths(
+        super::chat::chat_completions,
+        super::completions::completions,
+        list_models
+    )
+)]
+pub struct ApiDoc;
+
+/// Serves the OpenAPI document.
+pub async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}

@@ -1,0 +1,80 @@
+//! An in-process server over the tiny reference Llama, for the HTTP tests.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use caduceus_runtime::engine::{EngineCore, EngineHandle, SchedulerConfig};
+use caduceus_runtime::model::loader::LoadedModel;
+use caduceus_runtime::server::{AppState, Lifecycle, ServerSettings};
+
+/// Knobs of a test server.
+#[derive(Clone, Debug)]
+pub struct TestServer {
+    pub api_keys: Vec<String>,
+    pub max_queued: usize,
+    pub max_num_seqs: usize,
+    pub num_blocks: usize,
+    pub request_timeout: Duration,
+    pub body_limit_bytes: usize,
+}
+
+impl Default for TestServer {
+    fn default() -> Self {
+        TestServer {
+            api_keys: Vec::new(),
+            max_queued: 1024,
+            max_num_seqs: 16,
+            num_blocks: 2048,
+            request_timeout: Duration::from_secs(60),
+            body_limit_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// The served name of the tiny model.
+pub const MODEL: &str = "tiny-llama";
+
+impl TestServer {
+    /// Loads the tiny model and starts its engine thread.
+    pub fn state(&self) -> AppState {
+        let loaded = LoadedModel::load(&super::shared("reference/tiny-llama/model")).unwrap();
+        let tokenizer = Arc::new(loaded.tokenizer);
+        let config = SchedulerConfig {
+            max_num_seqs: self.max_num_seqs,
+            max_num_batched_tokens: 256,
+            block_size: 16,
+            num_blocks: self.num_blocks,
+            max_model_len: loaded.model.config().max_position_embeddings,
+            ..SchedulerConfig::default()
+        };
+        let eos = tokenizer.eos_ids().to_vec();
+        let core =
+            EngineCore::new(Arc::new(loaded.model), Some(tokenizer.clone()), eos, config).unwrap();
+        let (engine, _thread) = EngineHandle::spawn(core).unwrap();
+        engine.set_max_queued(self.max_queued);
+        AppState {
+            engine,
+            tokenizer,
+            chat_template: Arc::new(loaded.chat_template),
+            settings: Arc::new(ServerSettings {
+                served_model_name: MODEL.into(),
+                model_root: "tiny".into(),
+                api_keys: self.api_keys.clone(),
+                request_timeout: self.request_timeout,
+                body_limit_bytes: self.body_limit_bytes,
+                log_prompts: false,
+            }),
+            lifecycle: Arc::new(Lifecycle::default()),
+            metrics: caduceus_runtime::metrics::install(),
+            started: 1_700_000_000,
+        }
+    }
+}
+
+/// Parses an SSE body into its `data:` payloads.
+pub fn sse_data(body: &str) -> Vec<String> {
+    body.lines()
+        .filter_map(|l| l.strip_prefix("data: ").or_else(|| l.strip_prefix("data:")))
+        .map(|d| d.trim().to_string())
+        .collect()
+}

@@ -1,0 +1,150 @@
+//! One scheduling step. A single token budget is walked by running requests first (each catches
+//! its `num_computed_tokens` up: one token for a decode, the next chunk for a prefill), then by
+//! waiting requests in service order. Chunked prefill, prefix hits and decode all fall out of that.
+
+use crate::output::{ScheduledData, ScheduledRequest, SchedulerOutput};
+use crate::queue::{merge_sorted, QueueKey};
+use crate::request::RequestStatus;
+use crate::scheduler::Scheduler;
+
+impl Scheduler {
+    /// Decides the next step. Running requests keep their blocks unless the pool runs dry, in
+    /// which case the lowest-priority running requests are preempted by recompute; waiting
+    /// requests are admitted only in steps without preemption.
+    pub fn schedule(&mut self) -> SchedulerOutput {
+        self.step += 1;
+        let mut out = SchedulerOutput {
+            step: self.step,
+            scheduled: Vec::with_capacity(self.running.len() + 8),
+            finished_ids: self.finished.drain(..).map(|(id, _)| id).collect(),
+            ..SchedulerOutput::default()
+        };
+        let mut token_budget = self.config.max_num_batched_tokens;
+        self.schedule_running(&mut token_budget, &mut out);
+        // Admitting now would only take blocks the running requests just proved they need.
+        if out.preempted_ids.is_empty() {
+            self.schedule_waiting(&mut token_budget, &mut out);
+        }
+        out.total_num_scheduled_tokens = self.config.max_num_batched_tokens - token_budget;
+        out
+    }
+
+    /// Schedules running requests in service order while the budget lasts. When a request cannot
+    /// get blocks, the last running request (highest priority value, latest arrival) is
+    /// preempted, possibly the request itself, and allocation is retried. Because `running` is
+    /// sorted, a victim is never a request already scheduled in this step.
+    fn schedule_running(&mut self, token_budget: &mut usize, out: &mut SchedulerOutput) {
+        let mut i = 0;
+        while i < self.running.len() && *token_budget > 0 {
+            let id = self.running[i].id;
+            let Some(req) = self.requests.get_mut(&id) else {
+                debug_assert!(false, "running request {id:?} has no record");
+                self.running.remove(i);
+                continue;
+            };
+            if req.num_computed_tokens >= req.num_tokens() {
+                // The executor never returned the token this request should have sampled:
+                // recompute its last position to sample it again.
+                req.num_computed_tokens = req.num_tokens() - 1;
+            }
+            let num_new_tokens = (req.num_tokens() - req.num_computed_tokens).min(*token_budget);
+            match self.kv.allocate_slots(req, num_new_tokens, None) {
+                Some(new_block_ids) => {
+                    out.scheduled.push(ScheduledRequest {
+                        id,
+                        num_computed_tokens: req.num_computed_tokens,
+                        num_scheduled_tokens: num_new_tokens,
+                        data: ScheduledData::Cached { new_block_ids },
+                    });
+                    *token_budget -= num_new_tokens;
+                    i += 1;
+                }
+                // The victim is at index >= i; if it was this request, the loop ends.
+                None => self.preempt_last_running(out),
+            }
+        }
+    }
+
+    /// Preempts by recompute: the blocks go back to the pool (full ones stay cached, so resuming
+    /// may hit them), progress resets, and the request waits at the front of the queue.
+    fn preempt_last_running(&mut self, out: &mut SchedulerOutput) {
+        let Some(key) = self.running.pop() else {
+            return;
+        };
+        let Some(req) = self.requests.get_mut(&key.id) else {
+            return;
+        };
+        self.kv.free(req);
+        req.num_computed_tokens = 0;
+        req.status = RequestStatus::Preempted;
+        if let Some(adapter) = req.adapter() {
+            self.running_adapters.remove(adapter);
+        }
+        self.waiting.push_front(key);
+        self.num_preemptions += 1;
+        out.preempted_ids.push(key.id);
+    }
+
+    /// Admits waiting requests in service order until the budget, `max_num_seqs` or the free
+    /// blocks run out (a request that cannot get blocks keeps its place; running requests are
+    /// never preempted for it). A request whose adapter would exceed `max_loras` is skipped, unless
+    /// it has aged: then admission stops so running adapters drain and free a slot for it.
+    fn schedule_waiting(&mut self, token_budget: &mut usize, out: &mut SchedulerOutput) {
+        let waiting = std::mem::take(&mut self.waiting);
+        let mut admitted: Vec<QueueKey> = Vec::new();
+        for key in waiting.iter() {
+            if *token_budget == 0 || self.running.len() + admitted.len() >= self.config.max_num_seqs
+            {
+                break;
+            }
+            let Some(req) = self.requests.get_mut(&key.id) else {
+                debug_assert!(false, "waiting request {:?} has no record", key.id);
+                continue;
+            };
+            let adapter = req.adapter();
+            if let (Some(adapter), Some(max_loras)) = (adapter, self.config.max_loras) {
+                if !self.running_adapters.contains(adapter)
+                    && self.running_adapters.num_distinct() >= max_loras
+                {
+                    if req.num_adapter_skips >= self.config.adapter_aging_steps {
+                        break;
+                    }
+                    req.num_adapter_skips = req.num_adapter_skips.saturating_add(1);
+                    continue;
+                }
+            }
+            let computed = self.kv.get_computed_blocks(req);
+            let num_new_tokens =
+                (req.num_tokens() - computed.num_computed_tokens).min(*token_budget);
+            if self
+                .kv
+                .allocate_slots(req, num_new_tokens, Some(&computed))
+                .is_none()
+            {
+                break;
+            }
+            req.num_computed_tokens = computed.num_computed_tokens;
+            req.status = RequestStatus::Running;
+            req.num_adapter_skips = 0;
+            if let Some(adapter) = adapter {
+                self.running_adapters.add(adapter);
+            }
+            out.scheduled.push(ScheduledRequest {
+                id: key.id,
+                num_computed_tokens: req.num_computed_tokens,
+                num_scheduled_tokens: num_new_tokens,
+                data: ScheduledData::New {
+                    token_ids: req.token_ids.clone(),
+                    num_prompt_tokens: req.num_prompt_tokens,
+                    block_ids: req.block_table.clone(),
+                    adapter,
+                },
+            });
+            *token_budget -= num_new_tokens;
+            admitted.push(key);
+        }
+        self.waiting = waiting;
+        self.waiting.remove_all(&admitted);
+        merge_sorted(&mut self.running, &mut admitted);
+    }
+}

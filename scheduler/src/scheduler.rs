@@ -1,0 +1,210 @@
+//! The scheduler: owns every live request, the waiting queue, the running set and the KV cache
+//! manager. `schedule()` (schedule.rs) decides one step, `update()` (update.rs) applies its
+//! result; this file holds construction, admission, finishing and read-only views.
+//!
+//! Finished requests are forgotten at once (their blocks go back to the pool immediately); only
+//! their id and reason are kept until the next `schedule()` reports them in `finished_ids`. Until
+//! then `status()` answers `Finished(reason)` and the id cannot be reused; afterwards `None`.
+
+use crate::config::{ConfigError, SchedulerConfig};
+use crate::fx::FxHashMap;
+use crate::ids::RequestId;
+use crate::kv_cache_manager::KvCacheManager;
+use crate::output::SchedulerStats;
+use crate::queue::{AdapterCounts, QueueKey, WaitingQueue};
+use crate::request::{AddRequestError, FinishReason, NewRequest, Request, RequestStatus};
+
+#[derive(Clone, Debug)]
+pub struct Scheduler {
+    pub(crate) config: SchedulerConfig,
+    pub(crate) kv: KvCacheManager,
+    pub(crate) requests: FxHashMap<RequestId, Request>,
+    pub(crate) waiting: WaitingQueue,
+    /// Sorted by `QueueKey`: served in this order, and the last one is the preemption victim.
+    pub(crate) running: Vec<QueueKey>,
+    /// Adapters of running requests, so a step never exceeds `max_loras`.
+    pub(crate) running_adapters: AdapterCounts,
+    /// Finished since the last `schedule()`, reported by the next one.
+    pub(crate) finished: Vec<(RequestId, FinishReason)>,
+    pub(crate) step: u64,
+    pub(crate) num_preemptions: u64,
+}
+
+impl Scheduler {
+    pub fn new(config: SchedulerConfig) -> Result<Scheduler, ConfigError> {
+        config.validate()?;
+        Ok(Scheduler {
+            kv: KvCacheManager::new(
+                config.num_blocks,
+                config.block_size,
+                config.enable_prefix_caching,
+            ),
+            config,
+            requests: FxHashMap::default(),
+            waiting: WaitingQueue::default(),
+            running: Vec::new(),
+            running_adapters: AdapterCounts::default(),
+            finished: Vec::new(),
+            step: 0,
+            num_preemptions: 0,
+        })
+    }
+
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.config
+    }
+
+    /// Queues a request. Refuses requests that could never finish: no prompt, no output, longer
+    /// than `max_model_len`, or needing more KV blocks at full length than the pool has (so a
+    /// request running alone can always complete and preemption always makes progress).
+    pub fn add_request(&mut self, req: NewRequest) -> Result<(), AddRequestError> {
+        if self.requests.contains_key(&req.id) || self.finished.iter().any(|(id, _)| *id == req.id)
+        {
+            return Err(AddRequestError::DuplicateId(req.id));
+        }
+        let prompt_tokens = req.prompt_token_ids.len();
+        if prompt_tokens == 0 {
+            return Err(AddRequestError::EmptyPrompt);
+        }
+        if req.max_tokens == 0 {
+            return Err(AddRequestError::ZeroMaxTokens);
+        }
+        let max_model_len = self.config.max_model_len;
+        if prompt_tokens.saturating_add(req.max_tokens) > max_model_len {
+            return Err(AddRequestError::TooLong {
+                prompt_tokens,
+                max_tokens: req.max_tokens,
+                max_model_len,
+            });
+        }
+        // The last sampled token is never fed back, so it needs no slot.
+        let needed_blocks = self.kv.num_blocks_for(prompt_tokens + req.max_tokens - 1);
+        let usable_blocks = self.kv.block_pool().num_usable_blocks();
+        if needed_blocks > usable_blocks {
+            return Err(AddRequestError::ExceedsKvPool {
+                needed_blocks,
+                usable_blocks,
+            });
+        }
+        let seed = self
+            .config
+            .enable_prefix_caching
+            .then_some(self.config.hash_seed);
+        let request = Request::new(req, self.config.block_size, seed);
+        self.waiting.push(request.queue_key());
+        self.requests.insert(request.id, request);
+        Ok(())
+    }
+
+    /// Ends a request wherever it is (waiting, running, preempted) and frees its blocks now.
+    /// Returns false if the id is unknown or already finished. The id is reported in the next
+    /// `SchedulerOutput::finished_ids`; a token sampled for it meanwhile is ignored by `update`.
+    pub fn finish_request(&mut self, id: RequestId, reason: FinishReason) -> bool {
+        let Some(status) = self.requests.get(&id).map(|r| r.status) else {
+            return false;
+        };
+        if status == RequestStatus::Running {
+            if let Some(key) = self.requests.get(&id).map(Request::queue_key) {
+                if let Ok(pos) = self.running.binary_search(&key) {
+                    self.running.remove(pos);
+                }
+            }
+        }
+        self.retire(id, reason);
+        true
+    }
+
+    /// Frees a request's blocks and forgets it, keeping its id for `finished_ids`. The caller
+    /// has already taken it out of `running`; a waiting request leaves the queue here.
+    pub(crate) fn retire(&mut self, id: RequestId, reason: FinishReason) {
+        let Some(mut req) = self.requests.remove(&id) else {
+            return;
+        };
+        match req.status {
+            RequestStatus::Running => {
+                if let Some(adapter) = req.adapter() {
+                    self.running_adapters.remove(adapter);
+                }
+            }
+            RequestStatus::Waiting | RequestStatus::Preempted => {
+                self.waiting.remove(&req.queue_key());
+            }
+            RequestStatus::Finished(_) => {}
+        }
+        self.kv.free(&mut req);
+        self.finished.push((id, reason));
+    }
+
+    /// `None` for unknown requests and for finished ones already reported by `schedule()`.
+    pub fn status(&self, id: RequestId) -> Option<RequestStatus> {
+        if let Some(req) = self.requests.get(&id) {
+            return Some(req.status);
+        }
+        self.finished
+            .iter()
+            .find(|(f, _)| *f == id)
+            .map(|&(_, reason)| RequestStatus::Finished(reason))
+    }
+
+    /// Whether any request is waiting or running.
+    pub fn has_unfinished(&self) -> bool {
+        !self.requests.is_empty()
+    }
+
+    /// Whether finished ids are waiting to be reported by the next `schedule()` (an idle engine
+    /// can call `schedule()` once more so the executor drops their state).
+    pub fn has_finished_to_report(&self) -> bool {
+        !self.finished.is_empty()
+    }
+
+    pub fn num_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    pub fn num_running(&self) -> usize {
+        self.running.len()
+    }
+
+    pub fn stats(&self) -> SchedulerStats {
+        let pool = self.kv.block_pool();
+        SchedulerStats {
+            num_waiting: self.num_waiting(),
+            num_running: self.num_running(),
+            kv_usage: pool.usage(),
+            num_free_blocks: pool.num_free_blocks(),
+            num_usable_blocks: pool.num_usable_blocks(),
+            prefix_cache_queries: self.kv.prefix_cache_queries(),
+            prefix_cache_hits: self.kv.prefix_cache_hits(),
+            num_preemptions: self.num_preemptions,
+        }
+    }
+
+    /// A live request's state (tokens, progress, block table), for tests and diagnostics.
+    pub fn request(&self, id: RequestId) -> Option<&Request> {
+        self.requests.get(&id)
+    }
+
+    /// Running requests in service order.
+    pub fn running_ids(&self) -> impl Iterator<Item = RequestId> + '_ {
+        self.running.iter().map(|k| k.id)
+    }
+
+    /// Waiting requests in service order (preempted ones first).
+    pub fn waiting_ids(&self) -> impl Iterator<Item = RequestId> + '_ {
+        self.waiting.iter().map(|k| k.id)
+    }
+
+    pub fn kv_cache_manager(&self) -> &KvCacheManager {
+        &self.kv
+    }
+}
+
+impl Request {
+    pub(crate) fn queue_key(&self) -> QueueKey {
+        QueueKey {
+            priority: self.priority,
+            arrival_seq: self.arrival_seq,
+            id: self.id,
+        }
+    }
+}
