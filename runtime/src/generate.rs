@@ -2,12 +2,19 @@
 //! ([`EngineCore`]) on the calling thread, so `caduceus generate` and the tests batch exactly as
 //! the server does (continuous batching, chunked prefill, prefix caching).
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use caduceus_scheduler::{FinishReason as EngineFinish, RequestId, SchedulerConfig};
 use tokio::sync::mpsc;
 
+use crate::adapters::AdapterService;
 use crate::engine::{EngineCore, EngineRequest, RequestError, RequestOutput};
-use crate::model::LlamaModel;
+use crate::model::{LlamaModel, LoraDtype};
 use crate::sampling::{SampledToken, SamplingError, SamplingParams};
+
+/// The adapters an offline run serves, and the storage type of their slots.
+pub type ServedAdapters = (Arc<AdapterService>, LoraDtype);
 
 /// Why a sequence stopped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -30,6 +37,8 @@ pub struct GenerateRequest {
     pub max_tokens: usize,
     /// Keep generating past end-of-sequence tokens.
     pub ignore_eos: bool,
+    /// The adapter (registry name) to run with; needs [`generate_with_adapters`].
+    pub adapter: Option<Arc<str>>,
 }
 
 /// The result for one prompt.
@@ -87,6 +96,9 @@ pub enum GenerateError {
     /// The engine failed.
     #[error("engine failure: {0}")]
     Engine(String),
+    /// A request failed in the engine (e.g. its adapter could not be loaded).
+    #[error("prompt {index}: {message}")]
+    Failed { index: usize, message: String },
 }
 
 /// Runs `requests` to completion as one continuously batched workload through the engine, with a
@@ -97,20 +109,36 @@ pub fn generate(
     requests: Vec<GenerateRequest>,
     opts: GenerateOptions,
 ) -> Result<Vec<GenerateOutput>, GenerateError> {
-    let bs = opts.block_size.max(1);
+    let config = scheduler_config_for(
+        &requests,
+        opts.block_size,
+        opts.max_batch_tokens,
+        opts.max_model_len,
+    );
+    generate_with_config(model, eos_ids, requests, config)
+}
+
+/// A scheduler configuration that runs `requests` all at once with a KV pool large enough that
+/// nothing is preempted.
+pub fn scheduler_config_for(
+    requests: &[GenerateRequest],
+    block_size: usize,
+    max_batch_tokens: usize,
+    max_model_len: usize,
+) -> SchedulerConfig {
+    let bs = block_size.max(1);
     let num_blocks = 1 + requests
         .iter()
         .map(|r| (r.prompt_ids.len() + r.max_tokens).div_ceil(bs))
         .sum::<usize>();
-    let config = SchedulerConfig {
+    SchedulerConfig {
         max_num_seqs: requests.len().max(1),
-        max_num_batched_tokens: opts.max_batch_tokens.max(1),
+        max_num_batched_tokens: max_batch_tokens.max(1),
         block_size: bs,
         num_blocks: num_blocks.max(2),
-        max_model_len: opts.max_model_len,
+        max_model_len,
         ..SchedulerConfig::default()
-    };
-    generate_with_config(model, eos_ids, requests, config)
+    }
 }
 
 /// [`generate`] with an explicit scheduler configuration (pool size, budgets, prefix caching).
@@ -120,12 +148,26 @@ pub fn generate_with_config(
     requests: Vec<GenerateRequest>,
     config: SchedulerConfig,
 ) -> Result<Vec<GenerateOutput>, GenerateError> {
+    generate_with_adapters(model, eos_ids, requests, config, None)
+}
+
+/// [`generate_with_config`] serving the adapters of `adapters` (slots stored as the given dtype).
+pub fn generate_with_adapters(
+    model: &LlamaModel,
+    eos_ids: &[u32],
+    requests: Vec<GenerateRequest>,
+    config: SchedulerConfig,
+    adapters: Option<ServedAdapters>,
+) -> Result<Vec<GenerateOutput>, GenerateError> {
     let vocab_size = model.config().vocab_size;
     for (index, r) in requests.iter().enumerate() {
         validate(index, r, vocab_size, config.max_model_len)?;
     }
-    let mut core = EngineCore::new(model, None, eos_ids.to_vec(), config)
-        .map_err(|e| GenerateError::Engine(e.to_string()))?;
+    let engine_err = |e: crate::engine::EngineError| GenerateError::Engine(e.to_string());
+    let mut core = EngineCore::new(model, None, eos_ids.to_vec(), config).map_err(engine_err)?;
+    if let Some((service, dtype)) = adapters {
+        core = core.with_adapters(service, dtype).map_err(engine_err)?;
+    }
     let mut streams = Vec::with_capacity(requests.len());
     for (index, r) in requests.into_iter().enumerate() {
         let (tx, rx) = mpsc::unbounded_channel();
@@ -134,20 +176,27 @@ pub fn generate_with_config(
             req.sampling = r.params;
             req.ignore_eos = r.ignore_eos;
             req.detokenize = false;
+            req.adapter = r.adapter;
             core.add_request(RequestId(index as u64), req, tx)
                 .map_err(|source| GenerateError::Request { index, source })?;
         }
         streams.push(rx);
     }
     while core.has_unfinished() {
-        core.step()
-            .map_err(|e| GenerateError::Engine(e.to_string()))?;
+        let step = core.step().map_err(engine_err)?;
+        if step.num_scheduled_reqs == 0 && core.num_parked() > 0 {
+            core.wait_for_adapter_load(Duration::from_millis(50));
+        }
     }
-    Ok(streams.into_iter().map(collect).collect())
+    streams
+        .into_iter()
+        .enumerate()
+        .map(|(index, rx)| collect(rx).map_err(|message| GenerateError::Failed { index, message }))
+        .collect()
 }
 
 /// Gathers one request's streamed outputs.
-fn collect(mut rx: mpsc::UnboundedReceiver<RequestOutput>) -> GenerateOutput {
+fn collect(mut rx: mpsc::UnboundedReceiver<RequestOutput>) -> Result<GenerateOutput, String> {
     let mut out = GenerateOutput {
         token_ids: Vec::new(),
         samples: Vec::new(),
@@ -158,13 +207,16 @@ fn collect(mut rx: mpsc::UnboundedReceiver<RequestOutput>) -> GenerateOutput {
             .extend(o.new_tokens.iter().map(|t| t.token_id));
         out.samples.extend(o.new_tokens);
         if let Some(f) = o.finished {
+            if let Some(message) = f.error {
+                return Err(message);
+            }
             out.finish_reason = match f.reason {
                 EngineFinish::Stop => FinishReason::Stop,
                 _ => FinishReason::Length,
             };
         }
     }
-    out
+    Ok(out)
 }
 
 fn validate(

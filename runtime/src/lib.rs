@@ -1,5 +1,6 @@
 //! Caduceus runtime: model engine (weights, tokenizer, chat template, batched forward), sampler,
 //! and the `caduceus` command-line entry points.
+pub mod adapters;
 pub mod chat_template;
 pub mod cli;
 pub mod config;

@@ -125,3 +125,63 @@ fn prompt_longer_than_the_context_is_a_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("context length of 256"), "{err}");
 }
+
+#[test]
+fn generate_with_adapters_matches_peft_per_prompt_in_one_batch() {
+    let dir = support::shared("reference/tiny-llama");
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let model = dir.join("model");
+    let (a, b) = (dir.join("adapters/doctor-a"), dir.join("adapters/doctor-b"));
+    let prompt = expected["prompts"][0]["text"].as_str().unwrap();
+    let out = caduceus(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        prompt,
+        "--prompt",
+        prompt,
+        "--prompt",
+        prompt,
+        "--adapter",
+        a.to_str().unwrap(),
+        "--adapter",
+        "none",
+        "--adapter",
+        b.to_str().unwrap(),
+        "--max-tokens",
+        "16",
+        "--ignore-eos",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    for (line, key) in lines.iter().zip(["doctor-a", "base", "doctor-b"]) {
+        assert_eq!(line["token_ids"], expected[key][0]["greedy_16"], "{key}");
+    }
+    // A broken adapter path is a clear error, not a panic.
+    let out = caduceus(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        prompt,
+        "--adapter",
+        "/definitely/not/an/adapter",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("/definitely/not/an/adapter") && !err.contains("panicked"),
+        "{err}"
+    );
+}

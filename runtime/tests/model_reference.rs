@@ -27,6 +27,7 @@ fn greedy(prompt: &[u32], max_tokens: usize) -> GenerateRequest {
         params: SamplingParams::greedy(),
         max_tokens,
         ignore_eos: true,
+        adapter: None,
     }
 }
 

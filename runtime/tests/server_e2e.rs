@@ -251,7 +251,15 @@ async fn a_request_past_its_timeout_gets_504_and_is_aborted() {
 async fn when_the_engine_dies_health_is_503_and_the_server_stops_with_a_failure() {
     let srv = start(TestServer::default(), Duration::from_secs(5)).await;
     srv.state.engine.shutdown(); // the engine thread ends, as it would on a fatal error
-    let (status, _) = http(srv.addr, "GET", "/health", None).await;
+                                 // The thread takes the command asynchronously: health turns 503 within moments.
+    let mut status = 200;
+    for _ in 0..500 {
+        status = http(srv.addr, "GET", "/health", None).await.0;
+        if status != 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert!(status == 503 || status == 0, "{status}");
     let outcome = tokio::time::timeout(Duration::from_secs(10), srv.done)
         .await

@@ -4,9 +4,15 @@ use anyhow::Context;
 
 use super::ModelArg;
 use crate::chat_template::ChatMessage;
-use crate::generate::{generate, FinishReason, GenerateOptions, GenerateRequest};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::adapters::peft::AdapterLimits;
+use crate::adapters::{AdapterRegistry, AdapterService, AdapterSettings};
+use crate::generate::scheduler_config_for;
+use crate::generate::{generate_with_adapters, FinishReason, GenerateRequest, ServedAdapters};
 use crate::model::loader::LoadedModel;
-use crate::model::WeightFormat;
+use crate::model::{LoraDtype, WeightFormat};
 use crate::sampling::SamplingParams;
 
 /// Arguments of `caduceus generate`.
@@ -50,6 +56,67 @@ pub struct GenerateArgs {
     /// Most tokens per forward pass (longer prompts are prefilled in chunks).
     #[arg(long, default_value_t = 512)]
     max_batch_tokens: usize,
+    /// PEFT LoRA adapter folder. Once: every prompt uses it. Once per prompt (in order): each
+    /// prompt its own, `none` for the base model, all in one batch.
+    #[arg(long, value_name = "PATH")]
+    adapter: Vec<String>,
+    /// Storage of the adapter slots (`f32` computes exactly what PEFT computes).
+    #[arg(long, default_value = "f32", value_parser = ["f16", "f32"])]
+    adapter_dtype: String,
+}
+
+/// The adapters of a run and each prompt's adapter name (`None`: the base model).
+type PromptAdapters = (Option<ServedAdapters>, Vec<Option<Arc<str>>>);
+
+/// Registers the `--adapter` folders (named by position) and returns each prompt's adapter.
+fn adapters_for(args: &GenerateArgs, loaded: &LoadedModel) -> anyhow::Result<PromptAdapters> {
+    let n = args.prompt.len();
+    if args.adapter.is_empty() {
+        return Ok((None, vec![None; n]));
+    }
+    anyhow::ensure!(
+        args.adapter.len() == 1 || args.adapter.len() == n,
+        "--adapter is given {} times for {n} prompts: give it once (all prompts) or once per prompt",
+        args.adapter.len()
+    );
+    let registry = AdapterRegistry::empty();
+    let mut names = Vec::with_capacity(args.adapter.len());
+    let mut max_rank = 1;
+    for (i, path) in args.adapter.iter().enumerate() {
+        if path == "none" {
+            names.push(None);
+            continue;
+        }
+        let info = crate::adapters::peft::probe(PathBuf::from(path).as_path())
+            .with_context(|| format!("reading the adapter {path}"))?;
+        max_rank = max_rank.max(info.rank);
+        let name = format!("adapter-{i}");
+        let dir = std::fs::canonicalize(path).with_context(|| format!("adapter {path}"))?;
+        registry.register(&name, dir, false)?;
+        names.push(Some(Arc::<str>::from(name)));
+    }
+    let settings = AdapterSettings {
+        max_loras: names.iter().flatten().count().max(1),
+        max_cpu_loras: names.len().max(1),
+        max_cpu_lora_bytes: usize::MAX,
+        limits: AdapterLimits {
+            max_rank,
+            max_file_bytes: u64::MAX,
+        },
+    };
+    let dtype = if args.adapter_dtype == "f16" {
+        LoraDtype::F16
+    } else {
+        LoraDtype::F32
+    };
+    let base = loaded.model.config().clone();
+    let service = Arc::new(AdapterService::new(registry, base, settings));
+    let per_prompt = if names.len() == 1 {
+        vec![names[0].clone(); n]
+    } else {
+        names
+    };
+    Ok((Some((service, dtype)), per_prompt))
 }
 
 pub(super) fn run(args: GenerateArgs) -> anyhow::Result<()> {
@@ -67,8 +134,9 @@ pub(super) fn run(args: GenerateArgs) -> anyhow::Result<()> {
         seed: args.seed,
         ..SamplingParams::default()
     };
+    let (adapters, per_prompt) = adapters_for(&args, &loaded)?;
     let mut requests = Vec::with_capacity(args.prompt.len());
-    for text in &args.prompt {
+    for (text, adapter) in args.prompt.iter().zip(per_prompt) {
         let rendered = if args.chat {
             let messages = [ChatMessage {
                 role: "user".into(),
@@ -87,15 +155,18 @@ pub(super) fn run(args: GenerateArgs) -> anyhow::Result<()> {
             params: params.clone(),
             max_tokens: args.max_tokens,
             ignore_eos: args.ignore_eos,
+            adapter,
         });
     }
     let prompts: Vec<Vec<u32>> = requests.iter().map(|r| r.prompt_ids.clone()).collect();
-    let opts = GenerateOptions {
-        block_size: args.block_size,
-        max_batch_tokens: args.max_batch_tokens,
-        max_model_len: loaded.max_model_len(),
-    };
-    let outputs = generate(&loaded.model, loaded.tokenizer.eos_ids(), requests, opts)?;
+    let config = scheduler_config_for(
+        &requests,
+        args.block_size,
+        args.max_batch_tokens,
+        loaded.max_model_len(),
+    );
+    let eos = loaded.tokenizer.eos_ids();
+    let outputs = generate_with_adapters(&loaded.model, eos, requests, config, adapters)?;
     for (prompt_ids, out) in prompts.iter().zip(&outputs) {
         let text_ids = match out.finish_reason {
             FinishReason::Stop => &out.token_ids[..out.token_ids.len().saturating_sub(1)],

@@ -1,11 +1,13 @@
 //! Command-line interface: argument types and dispatch. Errors become `anyhow` only here, at the
 //! binary's edge.
 
+mod bench_lora;
 mod bench_model;
 mod bench_prefix;
 mod bench_throughput;
 mod config_cmd;
 mod generate;
+mod make_adapters;
 mod serve;
 mod tokenize;
 
@@ -51,10 +53,14 @@ pub enum Command {
     BenchThroughput(bench_throughput::BenchThroughputArgs),
     /// Time to first token of a request sharing a long prefix, prefix caching on vs off.
     BenchPrefixCache(bench_prefix::BenchPrefixArgs),
+    /// Cost of many adapters: decode throughput vs base, cold loads, latency during a burst.
+    BenchLora(bench_lora::BenchLoraArgs),
     /// Serve the OpenAI-compatible API (config file, environment and flags; see deploy/config).
     Serve(serve::ServeArgs),
     /// Validate (`check FILE`) or print (`print`) the server configuration.
     Config(config_cmd::ConfigArgs),
+    /// Write deterministic synthetic PEFT LoRA adapters (doctor-0000, ...) for the base model.
+    MakeAdapters(make_adapters::MakeAdaptersArgs),
 }
 
 /// Runs a parsed command line.
@@ -75,7 +81,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::BenchModel(args) => bench_model::run(args),
         Command::BenchThroughput(args) => bench_throughput::run(args),
         Command::BenchPrefixCache(args) => bench_prefix::run(args),
+        Command::BenchLora(args) => bench_lora::run(args),
         Command::Config(args) => config_cmd::run(args),
+        Command::MakeAdapters(args) => make_adapters::run(args),
     }
 }
 

@@ -5,6 +5,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
+use crate::adapters::peft::AdapterLimits;
+use crate::adapters::{AdapterRegistry, AdapterService, AdapterSettings};
 use crate::config::{CaduceusConfig, ConfigOverrides, Device, Dtype, KvCacheSize};
 use crate::engine::{EngineCore, EngineHandle, SchedulerConfig};
 use crate::model::loader::LoadedModel;
@@ -12,6 +14,45 @@ use crate::model::WeightFormat;
 use crate::server::{
     run_server, shutdown_signal, AppState, Lifecycle, ServeOutcome, ServerSettings,
 };
+
+/// The adapter registry and tiers when `adapters.dir` is set (listing it reads no weights).
+fn adapter_service(
+    config: &CaduceusConfig,
+    base: crate::model::config::LlamaConfig,
+    served_model_name: &str,
+) -> anyhow::Result<Option<Arc<AdapterService>>> {
+    let a = &config.adapters;
+    let Some(dir) = &a.dir else {
+        return Ok(None);
+    };
+    let registry = AdapterRegistry::scan(Some(dir), vec![served_model_name.to_owned()])
+        .with_context(|| {
+            format!(
+                "reading the adapter directory {} (adapters.dir)",
+                dir.display()
+            )
+        })?;
+    tracing::info!(
+        dir = %dir.display(),
+        adapters = registry.len(),
+        max_loras = a.max_loras,
+        max_cpu_loras = a.max_cpu_loras,
+        "adapter registry"
+    );
+    let host_bytes = a.max_cpu_lora_bytes.bytes() as usize;
+    let settings = AdapterSettings {
+        max_loras: a.max_loras,
+        max_cpu_loras: a.max_cpu_loras,
+        max_cpu_lora_bytes: host_bytes,
+        limits: AdapterLimits {
+            max_rank: a.max_lora_rank,
+            max_file_bytes: a.max_cpu_lora_bytes.bytes(),
+        },
+    };
+    Ok(Some(Arc::new(AdapterService::new(
+        registry, base, settings,
+    ))))
+}
 
 /// Arguments of `caduceus serve` (everything else comes from the config file and environment).
 #[derive(Debug, clap::Args)]
@@ -67,7 +108,12 @@ pub fn run(config: CaduceusConfig) -> anyhow::Result<()> {
         .unwrap_or_else(|| loaded.name.clone());
     let tokenizer = Arc::new(loaded.tokenizer);
     let eos = tokenizer.eos_ids().to_vec();
-    let core = EngineCore::new(Arc::new(loaded.model), Some(tokenizer.clone()), eos, sched)?;
+    let base_config = loaded.model.config().clone();
+    let mut core = EngineCore::new(Arc::new(loaded.model), Some(tokenizer.clone()), eos, sched)?;
+    let adapters = adapter_service(&config, base_config, &served_model_name)?;
+    if let Some(service) = &adapters {
+        core = core.with_adapters(service.clone(), config.adapters.dtype)?;
+    }
     let (engine, _thread) = EngineHandle::spawn(core).context("starting the engine thread")?;
     engine.set_max_queued(s.max_queued_requests);
     let api_keys: Vec<String> = config
@@ -91,6 +137,7 @@ pub fn run(config: CaduceusConfig) -> anyhow::Result<()> {
         lifecycle: Arc::new(Lifecycle::default()),
         metrics: crate::metrics::install(),
         started: crate::server::protocol::unix_timestamp(),
+        adapters,
     };
     let addr = format!("{}:{}", config.server.host, config.server.port);
     let grace = config.server.shutdown_grace_period.get();

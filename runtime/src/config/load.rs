@@ -38,6 +38,12 @@ pub struct ConfigOverrides {
     /// Prompt + output token limit (`model.max_model_len`).
     #[arg(long, value_name = "TOKENS")]
     pub max_model_len: Option<usize>,
+    /// Adapter directory (`adapters.dir`): one sub-folder per PEFT adapter.
+    #[arg(long, value_name = "DIR")]
+    pub adapter_dir: Option<PathBuf>,
+    /// Distinct adapters per batch, i.e. adapter slots (`adapters.max_loras`).
+    #[arg(long, value_name = "N")]
+    pub max_loras: Option<usize>,
     /// `logging.level`, when the caller has its own flag for it (the CLI's global `--log-level`).
     #[arg(skip)]
     pub log_level: Option<String>,
@@ -172,7 +178,7 @@ impl Layers {
 
     fn apply_flags(&mut self, o: &ConfigOverrides) -> Result<(), ConfigError> {
         let path_str = |p: &PathBuf| Value::String(p.to_string_lossy().into_owned());
-        let flags: [(&str, &str, &str, Option<Value>); 6] = [
+        let flags: [(&str, &str, &str, Option<Value>); 8] = [
             ("model", "path", "--model", o.model.as_ref().map(path_str)),
             (
                 "model",
@@ -197,6 +203,18 @@ impl Layers {
                 "max_model_len",
                 "--max-model-len",
                 o.max_model_len.map(int_value),
+            ),
+            (
+                "adapters",
+                "dir",
+                "--adapter-dir",
+                o.adapter_dir.as_ref().map(path_str),
+            ),
+            (
+                "adapters",
+                "max_loras",
+                "--max-loras",
+                o.max_loras.map(int_value),
             ),
             (
                 "logging",

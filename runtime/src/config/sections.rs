@@ -230,6 +230,9 @@ pub struct AdaptersSection {
     pub max_cpu_lora_bytes: ByteSize,
     /// Largest LoRA rank accepted when loading an adapter.
     pub max_lora_rank: usize,
+    /// Storage type of the adapter slots: `f16` halves the bytes each decode step streams;
+    /// `f32` computes exactly what PEFT computes.
+    pub dtype: crate::model::LoraDtype,
 }
 
 impl Default for AdaptersSection {
@@ -240,6 +243,7 @@ impl Default for AdaptersSection {
             max_cpu_loras: 64,
             max_cpu_lora_bytes: ByteSize::gib(1),
             max_lora_rank: 64,
+            dtype: crate::model::LoraDtype::F16,
         }
     }
 }

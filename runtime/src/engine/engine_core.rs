@@ -11,11 +11,13 @@ use caduceus_scheduler::{
     SchedulerConfig, SchedulerOutput, SchedulerStats,
 };
 
+use super::device_slots::SlotFill;
 use super::executor::{ExecuteResult, Executor, ExecutorError, SeqSampling};
 use super::output::{Finished, OutputSender, RequestOutput, RequestTimes};
 use super::request::{EngineRequest, RequestError, RequestLimits};
 use super::stop::{StopCheck, StopStrings};
-use crate::model::LlamaModel;
+use crate::adapters::{AdapterEntry, AdapterLoader, AdapterService, LoadDone, LoadedAdapter};
+use crate::model::{LlamaModel, LoraDtype, LoraStack};
 use crate::sampling::SampledToken;
 use crate::tokenizer::detokenizer::IncrementalDetokenizer;
 use crate::tokenizer::Tokenizer;
@@ -29,6 +31,12 @@ pub enum EngineError {
     /// Internal inconsistency between scheduler and executor.
     #[error(transparent)]
     Executor(#[from] ExecutorError),
+    /// The adapter slots could not be allocated.
+    #[error("adapter slots: {0}")]
+    Lora(#[from] caduceus_kernels::lora::LoraError),
+    /// The adapter loader thread could not start.
+    #[error("adapter loader thread: {0}")]
+    Loader(#[from] std::io::Error),
 }
 
 /// A request the engine is serving: where its output goes and how text is produced.
@@ -40,6 +48,18 @@ struct Tracked {
     num_output_tokens: usize,
     num_cached_tokens: usize,
     times: RequestTimes,
+    adapter: Option<Arc<str>>,
+}
+
+/// The engine's side of adapter residency: the shared service, the loader thread and the
+/// requests parked until their adapter is in host memory.
+struct EngineAdapters {
+    service: Arc<AdapterService>,
+    loader: AdapterLoader,
+    /// Requests waiting for a disk load, with the registry entry they named.
+    parked: HashMap<RequestId, (EngineRequest, AdapterEntry)>,
+    /// The adapter names last published in the info gauge (running, waiting).
+    published: (Vec<Arc<str>>, Vec<Arc<str>>),
 }
 
 /// What one [`EngineCore::step`] did, for logs and metrics.
@@ -63,6 +83,8 @@ pub struct EngineCore<M> {
     limits: RequestLimits,
     requests: HashMap<RequestId, Tracked>,
     next_arrival: u64,
+    config: SchedulerConfig,
+    adapters: Option<EngineAdapters>,
 }
 
 impl<M: Deref<Target = LlamaModel>> EngineCore<M> {
@@ -90,7 +112,44 @@ impl<M: Deref<Target = LlamaModel>> EngineCore<M> {
             limits,
             requests: HashMap::new(),
             next_arrival: 0,
+            config,
+            adapters: None,
         })
+    }
+
+    /// Serves the adapters of `service`: allocates its `max_loras` slots (ranks up to its
+    /// `max_lora_rank`, stored as `dtype`), sets the scheduler's distinct-adapter limit to the
+    /// slot count and starts the loader thread. Call before adding requests.
+    pub fn with_adapters(
+        mut self,
+        service: Arc<AdapterService>,
+        dtype: LoraDtype,
+    ) -> Result<Self, EngineError> {
+        let settings = service.settings().clone();
+        let stack = LoraStack::new(
+            self.executor.model().config(),
+            settings.max_loras,
+            settings.limits.max_rank,
+            dtype,
+        )?;
+        tracing::info!(
+            slots = settings.max_loras,
+            max_rank = settings.limits.max_rank,
+            dtype = ?dtype,
+            mib = stack.nbytes() / (1 << 20),
+            "adapter slots allocated"
+        );
+        self.executor.set_lora(stack);
+        self.config.max_loras = Some(settings.max_loras);
+        self.scheduler = Scheduler::new(self.config.clone())?;
+        self.adapters = Some(EngineAdapters {
+            loader: AdapterLoader::spawn(service.clone())?,
+            service,
+            parked: HashMap::new(),
+            published: Default::default(),
+        });
+        crate::metrics::record_lora_slots(settings.max_loras, 0);
+        Ok(self)
     }
 
     /// The limits every request is checked against.
@@ -105,10 +164,16 @@ impl<M: Deref<Target = LlamaModel>> EngineCore<M> {
 
     /// Whether any request is waiting or running.
     pub fn has_unfinished(&self) -> bool {
-        self.scheduler.has_unfinished()
+        self.scheduler.has_unfinished() || self.num_parked() > 0
     }
 
-    /// Queues a request; its outputs go to `out`.
+    /// Requests waiting for their adapter to be read from disk.
+    pub fn num_parked(&self) -> usize {
+        self.adapters.as_ref().map_or(0, |a| a.parked.len())
+    }
+
+    /// Queues a request; its outputs go to `out`. A request whose adapter is not in host memory
+    /// is parked (not scheduled, blocking nobody) until the loader thread has read it.
     pub fn add_request(
         &mut self,
         id: RequestId,
@@ -116,6 +181,52 @@ impl<M: Deref<Target = LlamaModel>> EngineCore<M> {
         out: OutputSender,
     ) -> Result<(), RequestError> {
         self.limits.check(&req)?;
+        if self.requests.contains_key(&id) {
+            return Err(RequestError::DuplicateId(id.0));
+        }
+        let tracked = Tracked {
+            out,
+            detok: req
+                .detokenize
+                .then(|| IncrementalDetokenizer::new(&req.prompt_token_ids, true)),
+            stop: StopStrings::new(req.stop.clone()),
+            num_prompt_tokens: req.prompt_token_ids.len(),
+            num_output_tokens: 0,
+            num_cached_tokens: 0,
+            times: RequestTimes::arriving_now(),
+            adapter: req.adapter.clone(),
+        };
+        let adapter = match &req.adapter {
+            None => None,
+            Some(name) => {
+                let unknown = || RequestError::UnknownAdapter(name.to_string());
+                let a = self.adapters.as_mut().ok_or_else(unknown)?;
+                let entry = a.service.registry().get(name).ok_or_else(unknown)?;
+                match a.service.cached(&entry) {
+                    Some(loaded) => Some(loaded),
+                    None => {
+                        if !a.loader.request(&entry) && !a.loader.is_loading(&entry) {
+                            return Err(RequestError::EngineStopped);
+                        }
+                        a.parked.insert(id, (req, entry));
+                        self.requests.insert(id, tracked);
+                        return Ok(());
+                    }
+                }
+            }
+        };
+        self.admit(id, req, adapter)?;
+        self.requests.insert(id, tracked);
+        Ok(())
+    }
+
+    /// Hands a request (its adapter, if any, in host memory) to the scheduler and executor.
+    fn admit(
+        &mut self,
+        id: RequestId,
+        req: EngineRequest,
+        adapter: Option<Arc<LoadedAdapter>>,
+    ) -> Result<(), RequestError> {
         let mut stop_token_ids = req.stop_token_ids.clone();
         if !req.ignore_eos {
             stop_token_ids.extend(&self.eos_ids);
@@ -124,13 +235,13 @@ impl<M: Deref<Target = LlamaModel>> EngineCore<M> {
         self.scheduler
             .add_request(NewRequest {
                 id,
-                prompt_token_ids: req.prompt_token_ids.clone(),
+                prompt_token_ids: req.prompt_token_ids,
                 max_tokens: req.max_tokens,
                 min_tokens: req.min_tokens,
                 stop_token_ids,
                 priority: req.priority,
                 arrival_seq: self.next_arrival,
-                adapter: req.adapter,
+                adapter: adapter.as_ref().map(|a| a.key),
                 cache_salt: req.cache_salt,
             })
             .map_err(|e| match e {
@@ -161,40 +272,98 @@ impl<M: Deref<Target = LlamaModel>> EngineCore<M> {
                 params: req.sampling,
                 min_tokens: req.min_tokens,
                 masked_ids,
-            },
-        );
-        let detok = req
-            .detokenize
-            .then(|| IncrementalDetokenizer::new(&req.prompt_token_ids, true));
-        self.requests.insert(
-            id,
-            Tracked {
-                out,
-                detok,
-                stop: StopStrings::new(req.stop),
-                num_prompt_tokens: req.prompt_token_ids.len(),
-                num_output_tokens: 0,
-                num_cached_tokens: 0,
-                times: RequestTimes::arriving_now(),
+                adapter,
             },
         );
         Ok(())
     }
 
+    /// Admits the requests parked on loads that finished; fails those whose load failed.
+    fn poll_adapter_loads(&mut self) {
+        let Some(a) = self.adapters.as_mut() else {
+            return;
+        };
+        let done = a.loader.poll();
+        for d in done {
+            self.on_load_done(d);
+        }
+    }
+
+    fn on_load_done(&mut self, d: LoadDone) {
+        let Some(a) = self.adapters.as_mut() else {
+            return;
+        };
+        let waiting: Vec<RequestId> = a
+            .parked
+            .iter()
+            .filter(|(_, (_, e))| e.name == d.entry.name && e.version == d.entry.version)
+            .map(|(&id, _)| id)
+            .collect();
+        match &d.result {
+            Ok(_) => {
+                crate::metrics::record_lora_load(&d.entry.name, "disk", d.elapsed);
+                tracing::info!(
+                    adapter = %d.entry.name,
+                    ms = d.elapsed.as_secs_f64() * 1e3,
+                    waiting = waiting.len(),
+                    "adapter loaded from disk"
+                );
+            }
+            Err(e) => {
+                crate::metrics::record_lora_load_failure(&d.entry.name);
+                tracing::warn!(adapter = %d.entry.name, error = %e, "adapter could not be loaded");
+            }
+        }
+        for id in waiting {
+            let Some((req, _)) = self.adapters.as_mut().and_then(|a| a.parked.remove(&id)) else {
+                continue;
+            };
+            let admitted = match &d.result {
+                Ok(adapter) => self
+                    .admit(id, req, Some(adapter.clone()))
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(format!(
+                    "adapter `{}` could not be loaded: {e}",
+                    d.entry.name
+                )),
+            };
+            if let Err(message) = admitted {
+                self.finish_failed(id, message);
+            }
+        }
+    }
+
+    /// Ends a request that never ran with an error its caller sees.
+    fn finish_failed(&mut self, id: RequestId, message: String) {
+        if let Some(t) = self.requests.remove(&id) {
+            let _ = t.out.send(RequestOutput::failed_with(
+                FinishReason::Error,
+                Some(message),
+            ));
+        }
+    }
+
     /// Ends a request wherever it is and frees its blocks now; its stream gets a final output
     /// with `reason` (if anyone still listens).
     pub fn abort_request(&mut self, id: RequestId, reason: FinishReason) {
-        if self.scheduler.finish_request(id, reason) {
+        let parked = self
+            .adapters
+            .as_mut()
+            .and_then(|a| a.parked.remove(&id))
+            .is_some();
+        if parked || self.scheduler.finish_request(id, reason) {
             self.finish(id, reason, String::new());
         }
     }
 
     /// One iteration: schedule, run the model, apply the sampled tokens, stream the outputs.
     pub fn step(&mut self) -> Result<StepStats, EngineError> {
+        self.poll_adapter_loads();
         self.abort_disconnected();
         let sched = self.scheduler.schedule();
         self.note_scheduled(&sched);
         let result = self.executor.execute(&sched)?;
+        self.note_slot_fills(&result.slot_fills);
         let updates = self.scheduler.update(&sched, &result.step);
         let num_finished = self.emit(updates, result);
         Ok(StepStats {
@@ -214,6 +383,53 @@ impl<M: Deref<Target = LlamaModel>> EngineCore<M> {
             .collect();
         for id in gone {
             self.abort_request(id, FinishReason::Abort);
+        }
+    }
+
+    /// Waits up to `timeout` for an adapter load to finish and applies it; for a caller whose
+    /// only unfinished requests are parked (nothing can be scheduled until a load lands).
+    pub fn wait_for_adapter_load(&mut self, timeout: std::time::Duration) {
+        let Some(a) = self.adapters.as_mut() else {
+            return;
+        };
+        if let Some(d) = a.loader.wait(timeout) {
+            self.on_load_done(d);
+        }
+    }
+
+    fn note_slot_fills(&mut self, fills: &[SlotFill]) {
+        let Some(a) = &mut self.adapters else {
+            return;
+        };
+        for fill in fills {
+            crate::metrics::record_lora_slot_fill(*fill);
+        }
+        if !fills.is_empty() {
+            crate::metrics::record_lora_slots(
+                a.service.settings().max_loras,
+                self.executor.num_resident_adapters(),
+            );
+        }
+        // Publish running / waiting adapter names when they change (the gateway's info gauge).
+        let mut running: Vec<Arc<str>> = Vec::new();
+        let mut waiting: Vec<Arc<str>> = Vec::new();
+        for t in self.requests.values() {
+            if let Some(name) = &t.adapter {
+                let list = if t.times.first_scheduled.is_some() {
+                    &mut running
+                } else {
+                    &mut waiting
+                };
+                list.push(name.clone());
+            }
+        }
+        for list in [&mut running, &mut waiting] {
+            list.sort();
+            list.dedup();
+        }
+        if a.published != (running.clone(), waiting.clone()) {
+            crate::metrics::record_lora_info(a.service.settings().max_loras, &running, &waiting);
+            a.published = (running, waiting);
         }
     }
 
@@ -295,7 +511,11 @@ impl<M: Deref<Target = LlamaModel>> EngineCore<M> {
             num_output_tokens: t.num_output_tokens,
             num_cached_tokens: t.num_cached_tokens,
             times: t.times,
+            error: None,
         };
+        if let Some(name) = &t.adapter {
+            crate::metrics::record_lora_request(name, t.num_output_tokens);
+        }
         let _ = t.out.send(RequestOutput {
             new_tokens,
             text,

@@ -3,14 +3,18 @@
 //! from the scheduler's diffs (new requests arrive in full once, then only new blocks), as vLLM's
 //! model runner does.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ops::Deref;
+use std::sync::Arc;
 
 use caduceus_kernels::attention::SeqAttention;
+use caduceus_kernels::lora::{segments_from_token_slots, Segment};
 use caduceus_scheduler::{RequestId, ScheduledData, SchedulerOutput, StepOutput};
 
+use super::device_slots::{DeviceSlots, SlotFill};
+use crate::adapters::LoadedAdapter;
 use crate::kv_cache::KvCache;
-use crate::model::{ForwardBatch, LlamaModel};
+use crate::model::{ForwardBatch, LlamaModel, LoraBatch, LoraStack};
 use crate::sampling::{SampledToken, Sampler, SamplingParams};
 
 /// What the executor keeps for a request from admission to finish.
@@ -19,6 +23,8 @@ struct SeqState {
     /// Tokens masked while fewer than `min_tokens` outputs exist (EOS and stop ids).
     masked_ids: Vec<u32>,
     min_tokens: usize,
+    /// The adapter the request runs with (held for its whole life, whatever the caches do).
+    adapter: Option<Arc<LoadedAdapter>>,
     /// Present while the request holds KV blocks (dropped on preemption).
     kv: Option<SeqKv>,
 }
@@ -37,6 +43,8 @@ pub struct SeqSampling {
     pub min_tokens: usize,
     /// Ids suppressed until `min_tokens` outputs exist.
     pub masked_ids: Vec<u32>,
+    /// The request's adapter, if any.
+    pub adapter: Option<Arc<LoadedAdapter>>,
 }
 
 /// One executed step: the scheduler's part and the sampled details the engine streams.
@@ -46,6 +54,8 @@ pub struct ExecuteResult {
     pub step: StepOutput,
     /// The same samples with their logprobs.
     pub samples: HashMap<RequestId, SampledToken>,
+    /// How each newly scheduled adapter request found its slot.
+    pub slot_fills: Vec<SlotFill>,
 }
 
 /// The scheduler and executor disagree: a programming error, which stops the engine.
@@ -59,6 +69,8 @@ pub struct Executor<M> {
     kv: KvCache,
     block_size: usize,
     seqs: HashMap<RequestId, SeqState>,
+    /// Adapter slots; `None` serves the base model only.
+    lora: Option<DeviceSlots>,
 }
 
 impl<M: Deref<Target = LlamaModel>> Executor<M> {
@@ -73,7 +85,18 @@ impl<M: Deref<Target = LlamaModel>> Executor<M> {
             kv,
             block_size,
             seqs: HashMap::new(),
+            lora: None,
         }
+    }
+
+    /// Gives the executor adapter slots (requests with adapters are refused without them).
+    pub fn set_lora(&mut self, stack: LoraStack) {
+        self.lora = Some(DeviceSlots::new(stack));
+    }
+
+    /// Adapters resident in the slots.
+    pub fn num_resident_adapters(&self) -> usize {
+        self.lora.as_ref().map_or(0, DeviceSlots::num_resident)
     }
 
     /// The model.
@@ -88,6 +111,7 @@ impl<M: Deref<Target = LlamaModel>> Executor<M> {
             sampler: Sampler::new(s.params),
             masked_ids: s.masked_ids,
             min_tokens: s.min_tokens,
+            adapter: s.adapter,
             kv: None,
         };
         self.seqs.insert(id, state);
@@ -112,7 +136,13 @@ impl<M: Deref<Target = LlamaModel>> Executor<M> {
         if sched.scheduled.is_empty() {
             return Ok(ExecuteResult::default());
         }
-        let batch = self.build_batch(sched)?;
+        let (token_slots, slot_fills) = self.assign_slots(sched)?;
+        let batch = self.build_batch(sched, &token_slots)?;
+        let segments: Vec<Segment> = if batch.token_slots.iter().any(Option::is_some) {
+            segments_from_token_slots(&batch.token_slots)
+        } else {
+            Vec::new()
+        };
         let seqs: Vec<SeqAttention<'_>> = batch
             .seqs
             .iter()
@@ -134,9 +164,56 @@ impl<M: Deref<Target = LlamaModel>> Executor<M> {
             logits_indices: &batch.logits_indices,
         };
         forward.check().map_err(ExecutorError)?;
-        let logits = self.model.forward(&forward, &mut self.kv);
+        let lora = match &self.lora {
+            Some(slots) if !segments.is_empty() => Some(LoraBatch {
+                stack: slots.stack(),
+                segments: &segments,
+            }),
+            _ => None,
+        };
+        let logits = self
+            .model
+            .forward_with_lora(&forward, &mut self.kv, lora.as_ref())
+            .map_err(|e| ExecutorError(format!("LoRA: {e}")))?;
         drop(seqs);
-        Ok(self.sample(&batch.samplers, &logits))
+        let mut result = self.sample(&batch.samplers, &logits);
+        result.slot_fills = slot_fills;
+        Ok(result)
+    }
+
+    /// The slot of each scheduled request's adapter, filling slots for newly scheduled ones.
+    /// Slots used by any request holding KV (i.e. running) are never reassigned; the scheduler's
+    /// `max_loras` (equal to the slot count) guarantees one is free for every new adapter.
+    fn assign_slots(&mut self, sched: &SchedulerOutput) -> Result<SlotAssignment, ExecutorError> {
+        let mut slots = HashMap::new();
+        let mut fills = Vec::new();
+        let scheduled_with_adapter = sched.scheduled.iter().filter_map(|r| {
+            let a = self.seqs.get(&r.id)?.adapter.clone()?;
+            Some((r.id, a, matches!(r.data, ScheduledData::New { .. })))
+        });
+        let wanted: Vec<_> = scheduled_with_adapter.collect();
+        if wanted.is_empty() {
+            return Ok((slots, fills));
+        }
+        let pinned: HashSet<_> = self
+            .seqs
+            .values()
+            .filter(|s| s.kv.is_some())
+            .filter_map(|s| s.adapter.as_ref().map(|a| a.key))
+            .collect();
+        let device = self.lora.as_mut().ok_or_else(|| {
+            ExecutorError("a request with an adapter reached an executor without slots".into())
+        })?;
+        for (id, adapter, is_new) in wanted {
+            let (slot, fill) = device
+                .acquire(&adapter, &pinned)
+                .map_err(|e| ExecutorError(e.to_string()))?;
+            if is_new {
+                fills.push(fill);
+            }
+            slots.insert(id, slot);
+        }
+        Ok((slots, fills))
     }
 
     fn apply_diffs(&mut self, sched: &SchedulerOutput) -> Result<(), ExecutorError> {
@@ -169,10 +246,19 @@ impl<M: Deref<Target = LlamaModel>> Executor<M> {
         Ok(())
     }
 
-    fn build_batch(&self, sched: &SchedulerOutput) -> Result<BatchPlan, ExecutorError> {
+    fn build_batch(
+        &self,
+        sched: &SchedulerOutput,
+        token_slots: &HashMap<RequestId, u32>,
+    ) -> Result<BatchPlan, ExecutorError> {
         let bs = self.block_size;
         let mut plan = BatchPlan::with_capacity(sched.total_num_scheduled_tokens);
-        for r in &sched.scheduled {
+        // Requests on the same adapter sit next to each other, so their tokens form one segment
+        // (one read of the adapter's weights); the order changes no sequence's result.
+        let mut order: Vec<_> = sched.scheduled.iter().collect();
+        order.sort_by_key(|r| token_slots.get(&r.id).copied());
+        for r in order {
+            let slot = token_slots.get(&r.id).copied();
             let kv = self.seqs[&r.id].kv.as_ref().ok_or_else(|| {
                 ExecutorError(format!("request {:?} scheduled without data", r.id))
             })?;
@@ -195,6 +281,7 @@ impl<M: Deref<Target = LlamaModel>> Executor<M> {
                 context_len: start + n,
             });
             for pos in start..start + n {
+                plan.token_slots.push(slot);
                 plan.token_ids.push(kv.token_ids[pos]);
                 plan.positions.push(pos as u32);
                 plan.slot_mapping
@@ -241,9 +328,13 @@ impl<M: Deref<Target = LlamaModel>> Executor<M> {
     }
 }
 
+/// Each scheduled adapter request's slot, and how newly scheduled ones found theirs.
+type SlotAssignment = (HashMap<RequestId, u32>, Vec<SlotFill>);
+
 /// The flattened batch before it borrows the block tables.
 struct BatchPlan {
     token_ids: Vec<u32>,
+    token_slots: Vec<Option<u32>>,
     positions: Vec<u32>,
     slot_mapping: Vec<u32>,
     seqs: Vec<PlannedSeq>,
@@ -262,6 +353,7 @@ impl BatchPlan {
     fn with_capacity(n: usize) -> Self {
         BatchPlan {
             token_ids: Vec::with_capacity(n),
+            token_slots: Vec::with_capacity(n),
             positions: Vec::with_capacity(n),
             slot_mapping: Vec::with_capacity(n),
             seqs: Vec::new(),

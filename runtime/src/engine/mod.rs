@@ -7,6 +7,7 @@
 //! text, matches stop strings and aborts requests whose client has gone.
 //! [`EngineHandle`] runs the core on its own thread for the async server.
 
+mod device_slots;
 mod engine_core;
 mod executor;
 mod handle;
@@ -14,6 +15,7 @@ mod output;
 mod request;
 mod stop;
 
+pub use device_slots::SlotFill;
 pub use engine_core::{EngineCore, EngineError, StepStats};
 pub use executor::{ExecuteResult, Executor, ExecutorError, SeqSampling};
 pub use handle::EngineHandle;

@@ -21,6 +21,11 @@ pub struct RequestOutput {
 impl RequestOutput {
     /// The only output of a request that ended before producing anything.
     pub fn failed(reason: FinishReason) -> Self {
+        Self::failed_with(reason, None)
+    }
+
+    /// [`Self::failed`] with a message for the caller (e.g. why an adapter could not be loaded).
+    pub fn failed_with(reason: FinishReason, error: Option<String>) -> Self {
         let mut times = RequestTimes::arriving_now();
         times.finished = Some(times.arrival);
         RequestOutput {
@@ -32,6 +37,7 @@ impl RequestOutput {
                 num_output_tokens: 0,
                 num_cached_tokens: 0,
                 times,
+                error,
             }),
         }
     }
@@ -50,6 +56,8 @@ pub struct Finished {
     pub num_cached_tokens: usize,
     /// Timestamps of the request's life in the engine.
     pub times: RequestTimes,
+    /// Why the request failed, when `reason` is an error the caller should see.
+    pub error: Option<String>,
 }
 
 /// Timestamps for latency metrics (queue time, time to first token, end to end).

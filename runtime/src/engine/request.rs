@@ -1,6 +1,6 @@
 //! What a caller asks the engine for, and the checks every request passes before it is queued.
 
-use caduceus_scheduler::AdapterKey;
+use std::sync::Arc;
 
 use crate::sampling::{SamplingError, SamplingParams};
 
@@ -26,8 +26,8 @@ pub struct EngineRequest {
     pub stop_token_ids: Vec<u32>,
     /// Lower values are scheduled first.
     pub priority: i32,
-    /// The LoRA adapter this request runs with, if any.
-    pub adapter: Option<AdapterKey>,
+    /// The LoRA adapter (registry name) this request runs with, if any.
+    pub adapter: Option<Arc<str>>,
     /// Isolates this request's prefix-cache entries from requests with another salt.
     pub cache_salt: Option<u64>,
     /// Produce text (incremental detokenization); off for token-only benchmarks.
@@ -109,6 +109,9 @@ pub enum RequestError {
     /// The engine thread has stopped.
     #[error("the engine is not running")]
     EngineStopped,
+    /// The request names an adapter this engine does not serve (HTTP 404).
+    #[error("the model `{0}` does not exist")]
+    UnknownAdapter(String),
 }
 
 /// The limits a request is checked against; copied into every engine handle so callers get

@@ -5,6 +5,7 @@
 //! its batch neighbours.
 
 use caduceus_kernels::attention::{paged_attention, write_kv, AttentionParams, KvCacheShape};
+use caduceus_kernels::lora::{LoraError, OutputRows};
 use caduceus_kernels::ops::{add_inplace, rms_norm, silu_mul_fused, Rope, RopeStyle};
 use caduceus_kernels::quant::{matmul, Matrix};
 use std::collections::BTreeMap;
@@ -13,6 +14,7 @@ use super::batch::ForwardBatch;
 use super::config::LlamaConfig;
 use super::error::ModelError;
 use super::linear::Linear;
+use super::lora::LoraBatch;
 use super::weights::TensorStore;
 use crate::kv_cache::KvCache;
 
@@ -192,6 +194,21 @@ impl LlamaModel {
     /// Runs one forward pass: writes the batch's K/V into `kv`, and returns the logits of the rows
     /// named by `batch.logits_indices`, `[logits_indices.len(), vocab]` row-major.
     pub fn forward(&self, batch: &ForwardBatch<'_>, kv: &mut KvCache) -> Vec<f32> {
+        match self.forward_with_lora(batch, kv, None) {
+            Ok(logits) => logits,
+            Err(_) => unreachable!("a forward pass without adapters has no LoRA errors"),
+        }
+    }
+
+    /// [`Self::forward`] with per-token LoRA deltas: each token adds the delta of the adapter slot
+    /// `lora` assigns it. Fails only if `lora` names a slot outside its stack.
+    pub fn forward_with_lora(
+        &self,
+        batch: &ForwardBatch<'_>,
+        kv: &mut KvCache,
+        lora: Option<&LoraBatch<'_>>,
+    ) -> Result<Vec<f32>, LoraError> {
+        use crate::adapters::Projection as P;
         let c = &self.config;
         let n = batch.num_tokens();
         let hidden = c.hidden_size;
@@ -220,9 +237,24 @@ impl LlamaModel {
         let mut gate_up = vec![0f32; n * 2 * ffn];
         let mut act = vec![0f32; n * ffn];
 
-        for (layer, cache) in self.layers.iter().zip(kv.layers_mut()) {
+        let qkv_width = q_dim + 2 * kv_dim;
+        for (i, (layer, cache)) in self.layers.iter().zip(kv.layers_mut()).enumerate() {
+            // Adds layer i's deltas for `proj` (input `x`) into columns `offset..` of `y`'s rows.
+            let delta = |proj: P, x: &[f32], y: &mut [f32], stride: usize, offset: usize| {
+                lora.map_or(Ok(()), |l| {
+                    let rows = OutputRows {
+                        data: y,
+                        stride,
+                        offset,
+                    };
+                    l.stack.apply(l, i, proj, x, rows)
+                })
+            };
             rms_norm(&x, &layer.attn_norm, c.rms_norm_eps, &mut normed);
             layer.qkv.forward(&normed, &mut qkv);
+            delta(P::Q, &normed, &mut qkv, qkv_width, 0)?;
+            delta(P::K, &normed, &mut qkv, qkv_width, q_dim)?;
+            delta(P::V, &normed, &mut qkv, qkv_width, q_dim + kv_dim)?;
             split_qkv(
                 &qkv,
                 layer.qkv_bias.as_deref(),
@@ -234,12 +266,16 @@ impl LlamaModel {
             write_kv(cache, &k, &v, batch.slot_mapping);
             paged_attention(&q, cache, batch.seqs, &attn_params, &mut attn);
             layer.o_proj.forward(&attn, &mut proj);
+            delta(P::O, &attn, &mut proj, hidden, 0)?;
             add_inplace(&mut x, &proj);
 
             rms_norm(&x, &layer.ffn_norm, c.rms_norm_eps, &mut normed);
             layer.gate_up.forward(&normed, &mut gate_up);
+            delta(P::Gate, &normed, &mut gate_up, 2 * ffn, 0)?;
+            delta(P::Up, &normed, &mut gate_up, 2 * ffn, ffn)?;
             silu_mul_fused(&gate_up, ffn, &mut act);
             layer.down.forward(&act, &mut proj);
+            delta(P::Down, &act, &mut proj, hidden, 0)?;
             add_inplace(&mut x, &proj);
         }
 
@@ -253,7 +289,7 @@ impl LlamaModel {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let mut logits = vec![0f32; m * c.vocab_size];
         matmul(&last_normed, head, &mut logits);
-        logits
+        Ok(logits)
     }
 }
 

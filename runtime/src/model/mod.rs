@@ -6,9 +6,11 @@ pub mod gguf_writer;
 pub mod linear;
 pub mod llama;
 pub mod loader;
+pub mod lora;
 pub mod safetensors_dir;
 pub mod weights;
 
 pub use batch::ForwardBatch;
 pub use llama::{LlamaModel, WeightFormat};
 pub use loader::{LoadedModel, DEFAULT_MODEL_PATH};
+pub use lora::{LoraBatch, LoraDtype, LoraStack};

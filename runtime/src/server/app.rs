@@ -11,7 +11,7 @@ use super::auth::require_api_key;
 use super::json::BodyLimit;
 use super::protocol::ApiError;
 use super::state::AppState;
-use super::{chat, completions, routes};
+use super::{adapters, chat, completions, routes};
 
 /// The whole HTTP API over `state`.
 pub fn app(state: AppState) -> Router {
@@ -20,6 +20,11 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/completions", post(completions::completions))
         .route("/v1/models", get(routes::list_models))
+        .route("/v1/load_lora_adapter", post(adapters::load_lora_adapter))
+        .route(
+            "/v1/unload_lora_adapter",
+            post(adapters::unload_lora_adapter),
+        )
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_api_key,

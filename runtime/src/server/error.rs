@@ -29,6 +29,7 @@ pub fn request_error(err: RequestError, prompt_field: &str) -> ApiError {
     let param = match &err {
         RequestError::QueueFull { .. } => return ApiError::rate_limited(1),
         RequestError::EngineStopped => return ApiError::unavailable(message),
+        RequestError::UnknownAdapter(name) => return ApiError::model_not_found(name),
         RequestError::NoTokenizer | RequestError::DuplicateId(_) => {
             tracing::error!(error = %message, "internal request error");
             return ApiError::internal();
@@ -43,6 +44,23 @@ pub fn request_error(err: RequestError, prompt_field: &str) -> ApiError {
         RequestError::Sampling(SamplingError::OutOfRange { field, .. }) => field,
     };
     ApiError::invalid_request(message, Some(param))
+}
+
+/// 500 for a request whose adapter could not be loaded (a broken adapter on the server's disk:
+/// the operator's to fix, so a server error naming the problem).
+pub fn adapter_error(message: String) -> ApiError {
+    ApiError {
+        status: 500,
+        body: ErrorResponse {
+            error: ErrorBody {
+                message,
+                kind: "server_error".into(),
+                param: Some("model".into()),
+                code: Some("adapter_load_failed".into()),
+            },
+        },
+        retry_after_secs: None,
+    }
 }
 
 /// 504: the request ran past `server.request_timeout` and was aborted.

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::stream::{self, BoxStream, StreamExt};
 
-use super::error::{request_error, timeout_error};
+use super::error::{adapter_error, request_error, timeout_error};
 use super::protocol::{ApiError, FinishReason, GenerationParams};
 use super::request_log::RequestLog;
 use super::state::AppState;
@@ -33,6 +33,11 @@ pub fn submit(
     prompt_field: &str,
 ) -> Result<Vec<RequestStream>, ApiError> {
     let max_model_len = state.engine.limits().max_model_len;
+    let adapter = params
+        .model
+        .as_deref()
+        .filter(|m| *m != state.settings.served_model_name)
+        .map(std::sync::Arc::<str>::from);
     let mut streams = Vec::with_capacity(prompts.len() * params.n);
     for prompt in prompts {
         let room = max_model_len.saturating_sub(prompt.len());
@@ -60,7 +65,7 @@ pub fn submit(
                 stop: params.stop.clone(),
                 stop_token_ids: params.stop_token_ids.clone(),
                 priority: 0,
-                adapter: None,
+                adapter: adapter.clone(),
                 cache_salt: None,
                 detokenize: true,
             };
@@ -135,6 +140,11 @@ pub async fn collect_all(
             },
         };
         note_output(log, &out, &mut lasts[i]);
+        if let Some(message) = out.finished.as_ref().and_then(|f| f.error.clone()) {
+            let err = adapter_error(message);
+            log.status = err.status;
+            return Err(err);
+        }
         let o = &mut outs[i];
         o.text.push_str(&out.text);
         o.tokens.extend(out.new_tokens);

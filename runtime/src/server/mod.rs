@@ -1,6 +1,7 @@
 //! The OpenAI-compatible HTTP server: `app()` builds the router over an [`AppState`] (tests drive
 //! it in-process), `run_server` serves it with draining on shutdown.
 
+mod adapters;
 mod app;
 mod auth;
 mod chat;

@@ -29,7 +29,10 @@ pub fn check_model(state: &AppState, model: Option<&str>) -> Result<String, ApiE
     match model {
         None => Ok(served.clone()),
         Some(m) if m == served => Ok(served.clone()),
-        Some(m) => Err(ApiError::model_not_found(m)),
+        Some(m) => match &state.adapters {
+            Some(a) if a.registry().get(m).is_some() => Ok(m.to_owned()),
+            _ => Err(ApiError::model_not_found(m)),
+        },
     }
 }
 
@@ -43,7 +46,20 @@ pub async fn list_models(State(state): State<AppState>) -> Json<ModelList> {
         state.started,
         state.engine.limits().max_model_len,
     );
-    Json(ModelList::new(vec![base]))
+    let max_model_len = state.engine.limits().max_model_len;
+    let mut cards = vec![base];
+    if let Some(a) = &state.adapters {
+        cards.extend(a.registry().list().iter().map(|e| {
+            ModelCard::adapter(
+                &e.name,
+                &s.served_model_name,
+                &e.path.display().to_string(),
+                e.created,
+                max_model_len,
+            )
+        }));
+    }
+    Json(ModelList::new(cards))
 }
 
 /// 200 while the engine is alive and the server accepts work; 503 while draining or after an
@@ -88,7 +104,9 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
     paths(
         super::chat::chat_completions,
         super::completions::completions,
-        list_models
+        list_models,
+        super::adapters::load_lora_adapter,
+        super::adapters::unload_lora_adapter
     )
 )]
 pub struct ApiDoc;

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use metrics_exporter_prometheus::PrometheusHandle;
 
+use crate::adapters::AdapterService;
 use crate::chat_template::ChatTemplate;
 use crate::engine::EngineHandle;
 use crate::tokenizer::Tokenizer;
@@ -119,4 +120,6 @@ pub struct AppState {
     pub metrics: Option<PrometheusHandle>,
     /// Unix time the server started (`created` of `/v1/models`).
     pub started: u64,
+    /// The LoRA adapters served on the base model (None: base model only).
+    pub adapters: Option<Arc<AdapterService>>,
 }

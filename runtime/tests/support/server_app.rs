@@ -1,10 +1,14 @@
 //! An in-process server over the tiny reference Llama, for the HTTP tests.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use caduceus_runtime::adapters::peft::AdapterLimits;
+use caduceus_runtime::adapters::{AdapterRegistry, AdapterService, AdapterSettings};
 use caduceus_runtime::engine::{EngineCore, EngineHandle, SchedulerConfig};
 use caduceus_runtime::model::loader::LoadedModel;
+use caduceus_runtime::model::LoraDtype;
 use caduceus_runtime::server::{AppState, Lifecycle, ServerSettings};
 
 /// Knobs of a test server.
@@ -16,6 +20,12 @@ pub struct TestServer {
     pub num_blocks: usize,
     pub request_timeout: Duration,
     pub body_limit_bytes: usize,
+    /// Serve the adapters under this root (f32 slots, rank up to 16).
+    pub adapter_dir: Option<PathBuf>,
+    /// Adapter slots (the scheduler's `max_loras`).
+    pub max_loras: usize,
+    /// Adapters kept in the host cache.
+    pub max_cpu_loras: usize,
 }
 
 impl Default for TestServer {
@@ -27,6 +37,9 @@ impl Default for TestServer {
             num_blocks: 2048,
             request_timeout: Duration::from_secs(60),
             body_limit_bytes: 64 * 1024,
+            adapter_dir: None,
+            max_loras: 4,
+            max_cpu_loras: 8,
         }
     }
 }
@@ -48,8 +61,25 @@ impl TestServer {
             ..SchedulerConfig::default()
         };
         let eos = tokenizer.eos_ids().to_vec();
-        let core =
+        let base = loaded.model.config().clone();
+        let mut core =
             EngineCore::new(Arc::new(loaded.model), Some(tokenizer.clone()), eos, config).unwrap();
+        let adapters = self.adapter_dir.as_ref().map(|dir| {
+            let registry = AdapterRegistry::scan(Some(dir), vec![MODEL.into()]).unwrap();
+            let settings = AdapterSettings {
+                max_loras: self.max_loras,
+                max_cpu_loras: self.max_cpu_loras,
+                max_cpu_lora_bytes: 1 << 30,
+                limits: AdapterLimits {
+                    max_rank: 16,
+                    max_file_bytes: 1 << 30,
+                },
+            };
+            Arc::new(AdapterService::new(registry, base, settings))
+        });
+        if let Some(service) = &adapters {
+            core = core.with_adapters(service.clone(), LoraDtype::F32).unwrap();
+        }
         let (engine, _thread) = EngineHandle::spawn(core).unwrap();
         engine.set_max_queued(self.max_queued);
         AppState {
@@ -67,6 +97,7 @@ impl TestServer {
             lifecycle: Arc::new(Lifecycle::default()),
             metrics: caduceus_runtime::metrics::install(),
             started: 1_700_000_000,
+            adapters,
         }
     }
 }

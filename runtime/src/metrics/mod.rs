@@ -5,6 +5,15 @@
 //! Recorded through the `metrics` facade: the engine thread sets the scheduler gauges after each
 //! step, the server records per-request counters and latency histograms.
 
+mod lora;
+
+pub use lora::{
+    record_lora_host, record_lora_info, record_lora_load, record_lora_load_failure,
+    record_lora_request, record_lora_slot_fill, record_lora_slots, LORA_EVICTIONS, LORA_INFO,
+    LORA_LOADS, LORA_LOAD_FAILURES, LORA_LOAD_LATENCY, LORA_REQUESTS, LORA_RESIDENT,
+    LORA_RESIDENT_BYTES, LORA_TOKENS,
+};
+
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -123,6 +132,7 @@ fn describe() {
         Unit::Seconds,
         "Time from arrival to first schedule."
     );
+    lora::describe();
 }
 
 /// Publishes the scheduler's gauges and cumulative counters (called after each engine step).

@@ -1,0 +1,194 @@
+//! The host tier: loaded, validated adapters kept in memory, least recently used evicted first
+//! once either bound (count, bytes) is passed. Requests hold their adapter by `Arc`, so evicting
+//! an entry never takes weights from a request that is using them.
+
+use std::sync::Arc;
+
+use caduceus_scheduler::AdapterKey;
+
+use super::weights::AdapterWeights;
+
+/// An adapter ready for the device slots.
+#[derive(Debug)]
+pub struct LoadedAdapter {
+    /// Registry name.
+    pub name: Arc<str>,
+    /// Registry version it was loaded for.
+    pub version: u64,
+    /// Registry id and content generation: the prefix-cache and slot key.
+    pub key: AdapterKey,
+    /// The weights.
+    pub weights: AdapterWeights,
+}
+
+impl LoadedAdapter {
+    /// Bytes of weights held.
+    pub fn nbytes(&self) -> usize {
+        self.weights.nbytes()
+    }
+}
+
+struct Entry {
+    adapter: Arc<LoadedAdapter>,
+    last_used: u64,
+}
+
+/// LRU cache of loaded adapters bounded by count and bytes.
+pub struct HostCache {
+    max_entries: usize,
+    max_bytes: usize,
+    entries: Vec<Entry>,
+    bytes: usize,
+    tick: u64,
+}
+
+impl HostCache {
+    /// An empty cache holding at most `max_entries` adapters and `max_bytes` bytes (the most
+    /// recent adapter is kept even when it alone exceeds `max_bytes`).
+    pub fn new(max_entries: usize, max_bytes: usize) -> Self {
+        HostCache {
+            max_entries: max_entries.max(1),
+            max_bytes,
+            entries: Vec::new(),
+            bytes: 0,
+            tick: 0,
+        }
+    }
+
+    /// The adapter loaded for `name` at registry `version`, marking it used.
+    pub fn get(&mut self, name: &str, version: u64) -> Option<Arc<LoadedAdapter>> {
+        self.tick += 1;
+        let tick = self.tick;
+        let e = self
+            .entries
+            .iter_mut()
+            .find(|e| &*e.adapter.name == name && e.adapter.version == version)?;
+        e.last_used = tick;
+        Some(e.adapter.clone())
+    }
+
+    /// Adds (or replaces) an adapter; returns the names evicted to make room.
+    pub fn insert(&mut self, adapter: Arc<LoadedAdapter>) -> Vec<Arc<str>> {
+        self.remove(&adapter.name);
+        self.tick += 1;
+        self.bytes += adapter.nbytes();
+        self.entries.push(Entry {
+            adapter,
+            last_used: self.tick,
+        });
+        let mut evicted = Vec::new();
+        while self.entries.len() > 1
+            && (self.entries.len() > self.max_entries || self.bytes > self.max_bytes)
+        {
+            let Some(lru) = self
+                .entries
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, e)| e.last_used)
+                .map(|(i, _)| i)
+            else {
+                break;
+            };
+            let e = self.entries.swap_remove(lru);
+            self.bytes -= e.adapter.nbytes();
+            evicted.push(e.adapter.name.clone());
+        }
+        evicted
+    }
+
+    /// Drops `name` (any version); true if it was cached.
+    pub fn remove(&mut self, name: &str) -> bool {
+        let before = self.entries.len();
+        let bytes = &mut self.bytes;
+        self.entries.retain(|e| {
+            let keep = &*e.adapter.name != name;
+            if !keep {
+                *bytes -= e.adapter.nbytes();
+            }
+            keep
+        });
+        self.entries.len() != before
+    }
+
+    /// Adapters cached.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Bytes of weights cached.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adapters::weights::LoraPair;
+
+    fn adapter(name: &str, version: u64, floats: usize) -> Arc<LoadedAdapter> {
+        let pair = LoraPair {
+            a: vec![0.0; floats],
+            b: Vec::new(),
+        };
+        let mut layer: [Option<LoraPair>; 7] = Default::default();
+        layer[0] = Some(pair);
+        Arc::new(LoadedAdapter {
+            name: name.into(),
+            version,
+            key: AdapterKey {
+                id: 0,
+                generation: version,
+            },
+            weights: AdapterWeights {
+                rank: 1,
+                scale: 1.0,
+                layers: vec![layer],
+                generation: version,
+                source: name.into(),
+            },
+        })
+    }
+
+    #[test]
+    fn evicts_least_recently_used_by_count() {
+        let mut c = HostCache::new(2, usize::MAX);
+        assert!(c.insert(adapter("a", 1, 1)).is_empty());
+        assert!(c.insert(adapter("b", 1, 1)).is_empty());
+        assert!(c.get("a", 1).is_some());
+        assert_eq!(c.insert(adapter("c", 1, 1)), vec![Arc::from("b")]);
+        assert!(c.get("b", 1).is_none());
+        assert!(c.get("a", 1).is_some() && c.get("c", 1).is_some());
+    }
+
+    #[test]
+    fn evicts_by_bytes_but_keeps_the_newest() {
+        let mut c = HostCache::new(10, 100);
+        c.insert(adapter("a", 1, 10)); // 40 bytes
+        c.insert(adapter("b", 1, 10));
+        assert_eq!(c.bytes(), 80);
+        assert_eq!(c.insert(adapter("c", 1, 10)), vec![Arc::from("a")]);
+        assert_eq!(c.bytes(), 80);
+        let evicted = c.insert(adapter("huge", 1, 1000));
+        assert_eq!(evicted.len(), 2);
+        assert_eq!(c.len(), 1);
+        assert_eq!(c.bytes(), 4000);
+    }
+
+    #[test]
+    fn versions_and_removal() {
+        let mut c = HostCache::new(4, usize::MAX);
+        c.insert(adapter("a", 1, 1));
+        assert!(c.get("a", 2).is_none(), "a stale version is a miss");
+        c.insert(adapter("a", 2, 1));
+        assert_eq!(c.len(), 1, "a new version replaces the old");
+        assert!(c.remove("a"));
+        assert!(!c.remove("a"));
+        assert_eq!((c.len(), c.bytes()), (0, 0));
+    }
+}

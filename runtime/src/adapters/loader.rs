@@ -1,0 +1,134 @@
+//! The background loader: reads, validates and converts adapters from disk on its own
+//! low-priority thread, so the engine thread never waits on a disk load.
+
+use std::collections::HashSet;
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use super::host_cache::LoadedAdapter;
+use super::registry::AdapterEntry;
+use super::service::AdapterService;
+
+/// How much lower the loader thread's scheduling priority is than the engine's (Linux `nice`
+/// steps): a burst of cold loads then takes CPU only when the compute threads leave some.
+const LOADER_NICE: i32 = 10;
+
+/// One finished load.
+#[derive(Debug)]
+pub struct LoadDone {
+    /// What was loaded.
+    pub entry: AdapterEntry,
+    /// The adapter (already in the host cache), or why it could not be loaded.
+    pub result: Result<Arc<LoadedAdapter>, String>,
+    /// Time spent reading and validating.
+    pub elapsed: Duration,
+}
+
+/// Handle to the loader thread; dropping it stops the thread after its current load.
+pub struct AdapterLoader {
+    jobs: Option<mpsc::Sender<AdapterEntry>>,
+    done: mpsc::Receiver<LoadDone>,
+    in_flight: HashSet<(Arc<str>, u64)>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl AdapterLoader {
+    /// Starts the loader thread.
+    pub fn spawn(service: Arc<AdapterService>) -> std::io::Result<Self> {
+        let (jobs, job_rx) = mpsc::channel::<AdapterEntry>();
+        let (done_tx, done) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("caduceus-lora-loader".into())
+            .spawn(move || {
+                lower_priority();
+                for entry in job_rx {
+                    let (result, elapsed) = match service.load(&entry) {
+                        Ok((adapter, elapsed)) => {
+                            service.cache(adapter.clone());
+                            (Ok(adapter), elapsed)
+                        }
+                        Err(e) => (Err(e.to_string()), Duration::ZERO),
+                    };
+                    if done_tx
+                        .send(LoadDone {
+                            entry,
+                            result,
+                            elapsed,
+                        })
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            })?;
+        Ok(AdapterLoader {
+            jobs: Some(jobs),
+            done,
+            in_flight: HashSet::new(),
+            thread: Some(thread),
+        })
+    }
+
+    /// Queues a load of `entry` unless that version is already queued; true if queued now.
+    pub fn request(&mut self, entry: &AdapterEntry) -> bool {
+        if !self.in_flight.insert((entry.name.clone(), entry.version)) {
+            return false;
+        }
+        let sent = self.jobs.as_ref().map(|j| j.send(entry.clone()));
+        if !matches!(sent, Some(Ok(()))) {
+            // The thread is gone: report the failure through `poll` like any other.
+            self.in_flight.remove(&(entry.name.clone(), entry.version));
+            return false;
+        }
+        true
+    }
+
+    /// Whether `entry`'s version is being loaded.
+    pub fn is_loading(&self, entry: &AdapterEntry) -> bool {
+        self.in_flight
+            .contains(&(entry.name.clone(), entry.version))
+    }
+
+    /// Number of loads queued or running.
+    pub fn num_in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// Loads finished since the last call.
+    pub fn poll(&mut self) -> Vec<LoadDone> {
+        let mut out = Vec::new();
+        while let Ok(d) = self.done.try_recv() {
+            self.in_flight
+                .remove(&(d.entry.name.clone(), d.entry.version));
+            out.push(d);
+        }
+        out
+    }
+
+    /// Waits up to `timeout` for a load to finish (for callers with nothing else to do).
+    pub fn wait(&mut self, timeout: Duration) -> Option<LoadDone> {
+        let d = self.done.recv_timeout(timeout).ok()?;
+        self.in_flight
+            .remove(&(d.entry.name.clone(), d.entry.version));
+        Some(d)
+    }
+}
+
+impl Drop for AdapterLoader {
+    fn drop(&mut self) {
+        self.jobs = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Lowers the calling thread's priority (Linux applies `setpriority(PRIO_PROCESS, 0, ..)` to the
+/// calling thread only). Best effort: failure leaves the default priority.
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: setpriority has no memory-safety preconditions; it only changes this thread's nice.
+    unsafe {
+        let _ = libc::setpriority(libc::PRIO_PROCESS, 0, LOADER_NICE);
+    }
+}

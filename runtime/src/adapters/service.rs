@@ -1,0 +1,175 @@
+//! [`AdapterService`]: the registry, the host cache and the loading rules, shared by the HTTP layer
+//! (listing, load and unload endpoints) and the engine (which loads adapters off its thread).
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use caduceus_scheduler::AdapterKey;
+
+use super::host_cache::{HostCache, LoadedAdapter};
+use super::peft::{load_adapter, AdapterError, AdapterLimits};
+use super::registry::{AdapterEntry, AdapterRegistry, RegistryError};
+use crate::model::config::LlamaConfig;
+
+/// Settings of the adapter tiers (the `[adapters]` config section, resolved).
+#[derive(Clone, Debug)]
+pub struct AdapterSettings {
+    /// Device slots: distinct adapters in one batch.
+    pub max_loras: usize,
+    /// Adapters kept in the host cache.
+    pub max_cpu_loras: usize,
+    /// Bytes the host cache may hold.
+    pub max_cpu_lora_bytes: usize,
+    /// Validation limits (rank, file size).
+    pub limits: AdapterLimits,
+}
+
+/// Why `POST /v1/load_lora_adapter` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadAdapterError {
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Adapter(#[from] AdapterError),
+}
+
+/// Where a request's adapter was found when the engine admitted it (the `source` label of
+/// `caduceus_lora_loads_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoadSource {
+    /// Already in a device slot.
+    Device,
+    /// In the host cache; copied into a slot.
+    Host,
+    /// Read from disk.
+    Disk,
+}
+
+impl LoadSource {
+    /// Metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            LoadSource::Device => "device",
+            LoadSource::Host => "host",
+            LoadSource::Disk => "disk",
+        }
+    }
+}
+
+/// The shared adapter state.
+pub struct AdapterService {
+    registry: AdapterRegistry,
+    host: Mutex<HostCache>,
+    base: LlamaConfig,
+    settings: AdapterSettings,
+}
+
+impl AdapterService {
+    /// A service over `registry` for adapters of the base model `base`.
+    pub fn new(registry: AdapterRegistry, base: LlamaConfig, settings: AdapterSettings) -> Self {
+        let host = HostCache::new(settings.max_cpu_loras, settings.max_cpu_lora_bytes);
+        AdapterService {
+            registry,
+            host: Mutex::new(host),
+            base,
+            settings,
+        }
+    }
+
+    /// The registry.
+    pub fn registry(&self) -> &AdapterRegistry {
+        &self.registry
+    }
+
+    /// The tier settings.
+    pub fn settings(&self) -> &AdapterSettings {
+        &self.settings
+    }
+
+    /// The adapter of `entry` if the host cache holds that version.
+    pub fn cached(&self, entry: &AdapterEntry) -> Option<Arc<LoadedAdapter>> {
+        self.host().get(&entry.name, entry.version)
+    }
+
+    /// Reads and validates `entry`'s files (blocking: call it off the engine thread), returning
+    /// the adapter and how long it took. The result is not cached; see [`Self::cache`].
+    pub fn load(
+        &self,
+        entry: &AdapterEntry,
+    ) -> Result<(Arc<LoadedAdapter>, Duration), AdapterError> {
+        let start = Instant::now();
+        let weights = load_adapter(&entry.path, &self.base, &self.settings.limits)?;
+        let adapter = LoadedAdapter {
+            name: entry.name.clone(),
+            version: entry.version,
+            key: AdapterKey {
+                id: entry.id,
+                generation: weights.generation,
+            },
+            weights,
+        };
+        Ok((Arc::new(adapter), start.elapsed()))
+    }
+
+    /// Puts a loaded adapter in the host cache (unless its registry entry changed meanwhile),
+    /// evicting least recently used ones.
+    pub fn cache(&self, adapter: Arc<LoadedAdapter>) {
+        let current = self.registry.get(&adapter.name);
+        if current.is_none_or(|e| e.version != adapter.version) {
+            return;
+        }
+        let mut host = self.host();
+        let evicted = host.insert(adapter);
+        crate::metrics::record_lora_host(host.len(), host.bytes(), evicted.len());
+    }
+
+    /// `POST /v1/load_lora_adapter`: resolves `lora_path` inside the root, reads and validates
+    /// the adapter, then registers it as `name` (replacing an existing one only with `replace`)
+    /// and caches it, so its first request is a host hit. Blocking.
+    pub fn load_and_register(
+        &self,
+        name: &str,
+        lora_path: &str,
+        replace: bool,
+    ) -> Result<Arc<LoadedAdapter>, LoadAdapterError> {
+        if !super::registry::valid_name(name) {
+            return Err(RegistryError::BadName(name.into()).into());
+        }
+        if !replace && self.registry.get(name).is_some() {
+            return Err(RegistryError::AlreadyLoaded(name.into()).into());
+        }
+        let path = self.registry.resolve_path(lora_path)?;
+        let weights = load_adapter(&path, &self.base, &self.settings.limits)?;
+        let entry = self.registry.register(name, path, replace)?;
+        let adapter = Arc::new(LoadedAdapter {
+            name: entry.name.clone(),
+            version: entry.version,
+            key: AdapterKey {
+                id: entry.id,
+                generation: weights.generation,
+            },
+            weights,
+        });
+        self.cache(adapter.clone());
+        Ok(adapter)
+    }
+
+    /// Unregisters `name` and drops it from the host cache; in-flight requests keep their copy.
+    pub fn unload(&self, name: &str) -> Result<AdapterEntry, RegistryError> {
+        let entry = self.registry.unregister(name)?;
+        let mut host = self.host();
+        host.remove(name);
+        crate::metrics::record_lora_host(host.len(), host.bytes(), 0);
+        Ok(entry)
+    }
+
+    /// Adapters and bytes in the host cache.
+    pub fn host_usage(&self) -> (usize, usize) {
+        let host = self.host();
+        (host.len(), host.bytes())
+    }
+
+    fn host(&self) -> std::sync::MutexGuard<'_, HostCache> {
+        self.host.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}

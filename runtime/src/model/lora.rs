@@ -1,0 +1,230 @@
+//! The adapter slots the forward pass reads (vLLM's `max_loras` "device" slots): for every layer
+//! and each of the seven projections, a stacked [`LoraSlots`] store, plus the per-batch map of
+//! which tokens use which slot.
+
+use caduceus_kernels::lora::{add_lora, f16, LoraError, LoraShape, LoraSlots, OutputRows, Segment};
+
+use super::config::LlamaConfig;
+use crate::adapters::{AdapterWeights, LoraPair, Projection};
+
+/// Element type of the adapter slots.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LoraDtype {
+    /// Exact f32 (what PEFT computes; twice the bytes of f16).
+    F32,
+    /// Half precision storage, f32 arithmetic: half the bytes to stream per decode step.
+    #[default]
+    F16,
+}
+
+/// One projection's slots in the chosen storage type.
+enum ProjectionSlots {
+    F32(LoraSlots<f32>),
+    F16(LoraSlots<f16>),
+}
+
+impl ProjectionSlots {
+    fn new(dtype: LoraDtype, shape: LoraShape) -> Result<Self, LoraError> {
+        Ok(match dtype {
+            LoraDtype::F32 => ProjectionSlots::F32(LoraSlots::new(shape)?),
+            LoraDtype::F16 => ProjectionSlots::F16(LoraSlots::new(shape)?),
+        })
+    }
+
+    fn load(
+        &mut self,
+        slot: usize,
+        pair: &LoraPair,
+        rank: usize,
+        scale: f32,
+    ) -> Result<(), LoraError> {
+        match self {
+            ProjectionSlots::F32(s) => s.load_slot(slot, &pair.a, &pair.b, rank, scale),
+            ProjectionSlots::F16(s) => s.load_slot(slot, &pair.a, &pair.b, rank, scale),
+        }
+    }
+
+    fn clear(&mut self, slot: usize) -> Result<(), LoraError> {
+        match self {
+            ProjectionSlots::F32(s) => s.clear_slot(slot),
+            ProjectionSlots::F16(s) => s.clear_slot(slot),
+        }
+    }
+
+    fn is_loaded(&self, slot: usize) -> bool {
+        match self {
+            ProjectionSlots::F32(s) => s.rank(slot).is_some(),
+            ProjectionSlots::F16(s) => s.rank(slot).is_some(),
+        }
+    }
+
+    fn add(&self, x: &[f32], segments: &[Segment], y: OutputRows<'_>) -> Result<(), LoraError> {
+        match self {
+            ProjectionSlots::F32(s) => add_lora(s, x, segments, y),
+            ProjectionSlots::F16(s) => add_lora(s, x, segments, y),
+        }
+    }
+
+    fn nbytes(&self) -> usize {
+        match self {
+            ProjectionSlots::F32(s) => s.nbytes(),
+            ProjectionSlots::F16(s) => s.nbytes(),
+        }
+    }
+}
+
+/// `num_slots` adapter slots for every layer and projection of one model.
+pub struct LoraStack {
+    layers: Vec<[ProjectionSlots; 7]>,
+    num_slots: usize,
+    max_rank: usize,
+}
+
+/// Why an adapter cannot go into a slot.
+#[derive(Debug, thiserror::Error)]
+pub enum LoraStackError {
+    #[error("adapter has {actual} layers, the model {expected}")]
+    LayerCount { expected: usize, actual: usize },
+    #[error("layer {layer} {projection}: {source}")]
+    Slot {
+        layer: usize,
+        projection: &'static str,
+        source: LoraError,
+    },
+    #[error(transparent)]
+    Kernel(#[from] LoraError),
+}
+
+impl LoraStack {
+    /// Empty slots sized for adapters of rank up to `max_rank` on `config`'s shapes.
+    pub fn new(
+        config: &LlamaConfig,
+        num_slots: usize,
+        max_rank: usize,
+        dtype: LoraDtype,
+    ) -> Result<Self, LoraError> {
+        let dims = projection_dims(config);
+        let layers = (0..config.num_layers)
+            .map(|_| {
+                let mut out = Vec::with_capacity(7);
+                for (in_dim, out_dim) in dims {
+                    let shape = LoraShape {
+                        num_slots,
+                        in_dim,
+                        out_dim,
+                        max_rank,
+                    };
+                    out.push(ProjectionSlots::new(dtype, shape)?);
+                }
+                Ok(out
+                    .try_into()
+                    .unwrap_or_else(|_| unreachable!("seven projections")))
+            })
+            .collect::<Result<Vec<_>, LoraError>>()?;
+        Ok(LoraStack {
+            layers,
+            num_slots,
+            max_rank,
+        })
+    }
+
+    /// Number of slots.
+    pub fn num_slots(&self) -> usize {
+        self.num_slots
+    }
+
+    /// Largest rank a slot holds.
+    pub fn max_rank(&self) -> usize {
+        self.max_rank
+    }
+
+    /// Bytes held by all slots.
+    pub fn nbytes(&self) -> usize {
+        self.layers
+            .iter()
+            .flatten()
+            .map(ProjectionSlots::nbytes)
+            .sum()
+    }
+
+    /// Copies `adapter` into `slot`; projections it does not target are cleared there.
+    pub fn load(&mut self, slot: usize, adapter: &AdapterWeights) -> Result<(), LoraStackError> {
+        if adapter.layers.len() != self.layers.len() {
+            return Err(LoraStackError::LayerCount {
+                expected: self.layers.len(),
+                actual: adapter.layers.len(),
+            });
+        }
+        for (layer, (slots, pairs)) in self.layers.iter_mut().zip(&adapter.layers).enumerate() {
+            for (p, (s, pair)) in slots.iter_mut().zip(pairs).enumerate() {
+                let result = match pair {
+                    Some(pair) => s.load(slot, pair, adapter.rank, adapter.scale),
+                    None => s.clear(slot),
+                };
+                result.map_err(|source| LoraStackError::Slot {
+                    layer,
+                    projection: Projection::ALL[p].module_name(),
+                    source,
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Empties `slot` in every layer.
+    pub fn clear(&mut self, slot: usize) -> Result<(), LoraError> {
+        for s in self.layers.iter_mut().flatten() {
+            s.clear(slot)?;
+        }
+        Ok(())
+    }
+
+    /// Adds layer `layer`'s `projection` deltas of `batch` into `y`.
+    pub(crate) fn apply(
+        &self,
+        batch: &LoraBatch<'_>,
+        layer: usize,
+        projection: Projection,
+        x: &[f32],
+        y: OutputRows<'_>,
+    ) -> Result<(), LoraError> {
+        let slots = &self.layers[layer][projection.index()];
+        // Tokens whose adapter does not target this projection (here) get no delta.
+        let mut segments = Vec::new();
+        let mut any = false;
+        for s in batch.segments {
+            let slot = s.slot.filter(|&k| slots.is_loaded(k as usize));
+            any |= slot.is_some();
+            segments.push(Segment { slot, ..*s });
+        }
+        if !any {
+            return Ok(());
+        }
+        slots.add(x, &segments, y)
+    }
+}
+
+/// `(in_dim, out_dim)` of each projection, in [`Projection::ALL`] order.
+pub fn projection_dims(c: &LlamaConfig) -> [(usize, usize); 7] {
+    let (hidden, ffn) = (c.hidden_size, c.intermediate_size);
+    let (q_dim, kv_dim) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+    [
+        (hidden, q_dim),
+        (hidden, kv_dim),
+        (hidden, kv_dim),
+        (q_dim, hidden),
+        (hidden, ffn),
+        (hidden, ffn),
+        (ffn, hidden),
+    ]
+}
+
+/// Which slot each token of a forward batch uses: runs of consecutive tokens on one slot.
+#[derive(Clone, Copy)]
+pub struct LoraBatch<'a> {
+    /// The slots.
+    pub stack: &'a LoraStack,
+    /// Sorted, non-overlapping; tokens outside every segment, or on a `None` slot, use the base.
+    pub segments: &'a [Segment],
+}
