@@ -1,32 +1,31 @@
 //! Per-token LoRA deltas at SmolLM2-135M's shapes (hidden 576, q/o 576->576, k/v 576->192,
-//! gate/up 576->1536, down 1536->576), rank 16, against the base Q4_1 matmuls of the same layer
-//! (fused QKV and gate/up as the model runs them):
-//! - `decode16`: 16 decode tokens, each with its own adapter (16 BGMV tokens per projection);
-//! - `decode16_shared`: the same 16 tokens all on one adapter (one SGMV segment);
-//! - `prefill128`: one 128-token prefill segment on one adapter.
+//! gate/up 576->1536, down 1536->576), against the base Q4_1 matmuls of the same layer (fused QKV
+//! and gate/up as the model runs them). Each iteration is one layer: all seven projections.
+//! - `decode16_r{8,16,64}`: 16 decode tokens, each with its own adapter of that rank (16 BGMV
+//!   tokens per projection): the case is `decode16_r16`;
+//! - `decode16_cached`: 16 one-token segments (BGMV) all on one rank-16 adapter: the per-token
+//!   work of `decode16_r16` with its weights in cache, i.e. its cost without the weight reads;
+//! - `decode16_shared`: the same 16 tokens all on one rank-16 adapter (one SGMV segment);
+//! - `prefill128`: one 128-token prefill segment on one rank-16 adapter (SGMV).
 //!
-//! Adapters are stored as f32, f16 and bf16 (`lora_f32`, ...). Each iteration is one layer (all seven
-//! projections). `LORA_LAYERS=30` cycles through 30 layers' weights (~330 MB of f32 adapters for 16
-//! slots) so they come from memory as in a whole model rather than from cache. Thread count comes
-//! from RAYON_NUM_THREADS.
+//! Adapters are stored as f32, f16, bf16 and Q8 (`lora_f32`, ...). Before the criterion runs, a
+//! summary measures every case's LoRA time per kind against the base layer in interleaved rounds
+//! (so a busy machine slows both sides alike) and prints the ratios. `LORA_LAYERS=30` cycles
+//! through 30 layers' weights so they come from L3/memory as in a whole model rather than from L2.
+//! Thread count comes from RAYON_NUM_THREADS; `LORA_SUMMARY=0` skips the summary.
 //!
-//! `RAYON_NUM_THREADS=2 cargo bench -p caduceus-benches --bench lora`
+//! `RAYON_NUM_THREADS=1 cargo bench -p caduceus-benches --bench lora`
 
 use caduceus_kernels::lora::{
     add_lora, bf16, f16, segments_from_token_slots, LoraShape, LoraSlots, LoraWeight, OutputRows,
-    Segment,
+    Segment, Q8,
 };
 use caduceus_kernels::quant::{matmul, Matrix};
-use criterion::measurement::WallTime;
-use criterion::{
-    criterion_group, criterion_main, BenchmarkGroup, BenchmarkId, Criterion, Throughput,
-};
-use std::cell::Cell;
-use std::time::Duration;
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use std::time::{Duration, Instant};
 
 const HIDDEN: usize = 576;
 const FFN: usize = 1536;
-const RANK: usize = 16;
 const NUM_SLOTS: usize = 16;
 /// (in_dim, out_dim) of q, k, v, o, gate, up, down.
 const PROJECTIONS: [(usize, usize); 7] = [
@@ -54,8 +53,8 @@ fn values(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-/// One layer's adapter slots: seven projections, `NUM_SLOTS` rank-16 adapters each.
-fn lora_layer<W: LoraWeight>(seed: u64) -> Vec<LoraSlots<W>> {
+/// One layer's adapter slots: seven projections, `NUM_SLOTS` adapters of `rank` each.
+fn lora_layer<W: LoraWeight>(seed: u64, rank: usize) -> Vec<LoraSlots<W>> {
     PROJECTIONS
         .iter()
         .enumerate()
@@ -64,14 +63,14 @@ fn lora_layer<W: LoraWeight>(seed: u64) -> Vec<LoraSlots<W>> {
                 num_slots: NUM_SLOTS,
                 in_dim,
                 out_dim,
-                max_rank: RANK,
+                max_rank: rank,
             };
             let mut slots = LoraSlots::new(shape).unwrap();
             for s in 0..NUM_SLOTS {
                 let seed = seed * 1000 + (p * NUM_SLOTS + s) as u64;
-                let a = values(RANK * in_dim, seed);
-                let b = values(out_dim * RANK, seed + 500);
-                slots.load_slot(s, &a, &b, RANK, 2.0).unwrap();
+                let a = values(rank * in_dim, seed);
+                let b = values(out_dim * rank, seed + 500);
+                slots.load_slot(s, &a, &b, rank, 2.0).unwrap();
             }
             slots
         })
@@ -103,84 +102,184 @@ fn num_layers() -> usize {
         .unwrap_or(1)
 }
 
-/// Calls `f` with the next layer's index on every call (round robin).
-fn cycle(layers: usize) -> impl FnMut() -> usize {
-    let next = Cell::new(0);
-    move || {
-        let i = next.get();
-        next.set((i + 1) % layers);
-        i
-    }
+/// A batch: its name, tokens, adapter rank and segments.
+struct Case {
+    name: &'static str,
+    num_tokens: usize,
+    rank: usize,
+    segments: Vec<Segment>,
 }
 
-/// The batches: (name, tokens, segments).
-fn cases() -> Vec<(&'static str, usize, Vec<Segment>)> {
+fn cases() -> Vec<Case> {
     let distinct: Vec<Option<u32>> = (0..16).map(Some).collect();
+    let decode = |name, rank| Case {
+        name,
+        num_tokens: 16,
+        rank,
+        segments: segments_from_token_slots(&distinct),
+    };
     vec![
-        ("decode16", 16, segments_from_token_slots(&distinct)),
-        (
-            "decode16_shared",
-            16,
-            segments_from_token_slots(&[Some(3); 16]),
-        ),
-        (
-            "prefill128",
-            128,
-            segments_from_token_slots(&[Some(3); 128]),
-        ),
+        decode("decode16_r16", 16),
+        decode("decode16_r8", 8),
+        decode("decode16_r64", 64),
+        Case {
+            name: "decode16_cached",
+            num_tokens: 16,
+            rank: 16,
+            segments: (0..16)
+                .map(|start| Segment {
+                    start,
+                    len: 1,
+                    slot: Some(3),
+                })
+                .collect(),
+        },
+        Case {
+            name: "decode16_shared",
+            num_tokens: 16,
+            rank: 16,
+            segments: segments_from_token_slots(&[Some(3); 16]),
+        },
+        Case {
+            name: "prefill128",
+            num_tokens: 128,
+            rank: 16,
+            segments: segments_from_token_slots(&[Some(3); 128]),
+        },
     ]
 }
 
-/// The LoRA part of one layer for every case, adapters stored as `W`.
-fn bench_lora<W: LoraWeight>(group: &mut BenchmarkGroup<'_, WallTime>, layers: usize) {
-    let lora: Vec<Vec<LoraSlots<W>>> = (0..layers).map(|l| lora_layer(l as u64)).collect();
-    let dtype = format!("{:?}", W::KIND).to_lowercase();
-    for (name, n, segments) in cases() {
-        let xs: Vec<Vec<f32>> = PROJECTIONS.iter().map(|&(i, _)| values(n * i, 7)).collect();
-        let mut ys: Vec<Vec<f32>> = PROJECTIONS.iter().map(|&(_, o)| vec![0.0; n * o]).collect();
-        group.throughput(Throughput::Elements(n as u64));
-        let mut next = cycle(layers);
-        group.bench_function(BenchmarkId::new(format!("lora_{dtype}"), name), |b| {
-            b.iter(|| {
-                let layer = &lora[next()];
-                for ((slots, x), y) in layer.iter().zip(&xs).zip(&mut ys) {
-                    let rows = OutputRows::dense(y, slots.out_dim());
-                    add_lora(slots, x, &segments, rows).unwrap();
-                }
-            })
-        });
+/// One layer of work per call, cycling through the layers.
+type Runner = Box<dyn FnMut()>;
+
+/// The base layer for `num_tokens` tokens.
+fn base_runner(layers: usize, num_tokens: usize) -> Runner {
+    let base: Vec<Vec<Matrix>> = (0..layers).map(|l| base_layer(l as u64)).collect();
+    let xs: Vec<Vec<f32>> = base[0]
+        .iter()
+        .map(|w| values(num_tokens * w.cols(), 8))
+        .collect();
+    let mut ys: Vec<Vec<f32>> = base[0]
+        .iter()
+        .map(|w| vec![0.0; num_tokens * w.rows()])
+        .collect();
+    let mut next = 0;
+    Box::new(move || {
+        for ((w, x), y) in base[next].iter().zip(&xs).zip(&mut ys) {
+            matmul(x, w, y);
+        }
+        next = (next + 1) % base.len();
+    })
+}
+
+/// The LoRA part of one layer for `case`, adapters stored as `W`.
+fn lora_runner<W: LoraWeight>(layers: usize, case: &Case) -> Runner {
+    let lora: Vec<Vec<LoraSlots<W>>> = (0..layers)
+        .map(|l| lora_layer(l as u64, case.rank))
+        .collect();
+    let n = case.num_tokens;
+    let xs: Vec<Vec<f32>> = PROJECTIONS.iter().map(|&(i, _)| values(n * i, 7)).collect();
+    let mut ys: Vec<Vec<f32>> = PROJECTIONS.iter().map(|&(_, o)| vec![0.0; n * o]).collect();
+    let segments = case.segments.clone();
+    let mut next = 0;
+    Box::new(move || {
+        for ((slots, x), y) in lora[next].iter().zip(&xs).zip(&mut ys) {
+            let rows = OutputRows::dense(y, slots.out_dim());
+            add_lora(slots, x, &segments, rows).unwrap();
+        }
+        next = (next + 1) % lora.len();
+    })
+}
+
+/// The weight kinds, each with the constructor of its runner (built one at a time: 30 layers of
+/// rank-64 f32 adapters take over a gigabyte).
+type MakeRunner = fn(usize, &Case) -> Runner;
+const KINDS: [(&str, MakeRunner); 4] = [
+    ("f32", lora_runner::<f32>),
+    ("f16", lora_runner::<f16>),
+    ("bf16", lora_runner::<bf16>),
+    ("q8", lora_runner::<Q8>),
+];
+
+/// Median over rounds of the per-call time of each runner, the runners taking turns in every round.
+fn interleaved_us(runners: &mut [&mut Runner]) -> Vec<f64> {
+    const ROUNDS: usize = 15;
+    const ROUND: Duration = Duration::from_millis(40);
+    for r in runners.iter_mut() {
+        for _ in 0..20 {
+            r();
+        }
     }
+    let mut samples = vec![Vec::with_capacity(ROUNDS); runners.len()];
+    for _ in 0..ROUNDS {
+        for (r, s) in runners.iter_mut().zip(&mut samples) {
+            let (start, mut calls) = (Instant::now(), 0u32);
+            while start.elapsed() < ROUND {
+                r();
+                calls += 1;
+            }
+            s.push(start.elapsed().as_secs_f64() * 1e6 / calls as f64);
+        }
+    }
+    samples
+        .into_iter()
+        .map(|mut s| {
+            s.sort_by(f64::total_cmp);
+            s[s.len() / 2]
+        })
+        .collect()
+}
+
+/// Prints, per case and weight kind, the LoRA time of one layer, the base layer's and their ratio.
+fn summary(layers: usize, threads: &str) {
+    println!("\nLoRA vs base Q4_1 layer (SmolLM2-135M shapes), threads {threads}, layers {layers}");
+    println!(
+        "{:<16} {:>5} {:>12} {:>12} {:>7}",
+        "case", "kind", "lora (us)", "base (us)", "ratio"
+    );
+    for case in cases() {
+        let mut base = base_runner(layers, case.num_tokens);
+        for (kind, make) in KINDS {
+            let mut lora = make(layers, &case);
+            let t = interleaved_us(&mut [&mut base, &mut lora]);
+            println!(
+                "{:<16} {:>5} {:>12.1} {:>12.1} {:>7.3}",
+                case.name,
+                kind,
+                t[1],
+                t[0],
+                t[1] / t[0]
+            );
+        }
+    }
+    println!();
 }
 
 fn bench(c: &mut Criterion) {
     let layers = num_layers();
     let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all".to_string());
+    if std::env::var("LORA_SUMMARY").map_or(true, |v| v != "0") {
+        summary(layers, &threads);
+    }
     let mut group = c.benchmark_group(format!("lora_t{threads}_layers{layers}"));
     group
         .sample_size(20)
         .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_secs(3));
-    let base: Vec<Vec<Matrix>> = (0..layers).map(|l| base_layer(l as u64)).collect();
-    for (name, n, _) in cases() {
-        if name == "decode16_shared" {
-            continue; // the same base work as decode16
-        }
-        let bx: Vec<Vec<f32>> = base[0].iter().map(|w| values(n * w.cols(), 8)).collect();
-        let mut by: Vec<Vec<f32>> = base[0].iter().map(|w| vec![0.0; n * w.rows()]).collect();
+        .measurement_time(Duration::from_secs(2));
+    for n in [16, 128] {
+        let mut base = base_runner(layers, n);
         group.throughput(Throughput::Elements(n as u64));
-        let mut next = cycle(layers);
-        group.bench_function(BenchmarkId::new("base_q4_1", name), |b| {
-            b.iter(|| {
-                for ((w, x), y) in base[next()].iter().zip(&bx).zip(&mut by) {
-                    matmul(x, w, y);
-                }
-            })
-        });
+        let name = if n == 16 { "decode16" } else { "prefill128" };
+        group.bench_function(BenchmarkId::new("base_q4_1", name), |b| b.iter(&mut base));
     }
-    drop(base);
-    bench_lora::<f32>(&mut group, layers);
-    bench_lora::<f16>(&mut group, layers);
-    bench_lora::<bf16>(&mut group, layers);
+    for case in cases() {
+        group.throughput(Throughput::Elements(case.num_tokens as u64));
+        for (kind, make) in KINDS {
+            let mut lora = make(layers, &case);
+            let id = BenchmarkId::new(format!("lora_{kind}"), case.name);
+            group.bench_function(id, |b| b.iter(&mut lora));
+        }
+    }
     group.finish();
 }
 

@@ -14,7 +14,7 @@ use lora_support::*;
 const STRATEGIES: [LoraStrategy; 3] = [LoraStrategy::Auto, LoraStrategy::Bgmv, LoraStrategy::Sgmv];
 
 fn kernels() -> Vec<LoraKernel> {
-    [LoraKernel::Scalar, LoraKernel::Avx2]
+    [LoraKernel::Scalar, LoraKernel::Avx2, LoraKernel::Avx512]
         .into_iter()
         .filter(|k| k.is_available())
         .collect()

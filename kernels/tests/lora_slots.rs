@@ -211,3 +211,72 @@ fn lora_token_slots_group_into_runs() {
     assert_eq!(token_slots(&segs, per_token.len()), per_token);
     assert!(segments_from_token_slots(&[]).is_empty());
 }
+
+/// A store filled by copying prepared one-slot stores (smaller `max_rank`, over a previous
+/// adapter) computes exactly what a store filled by `load_slot` computes.
+fn copied_slots_equal_loaded_slots<W: caduceus_kernels::lora::LoraWeight>() {
+    let mut r = rng(41);
+    let adapters: Vec<Option<Adapter>> = [5, 16, 9]
+        .iter()
+        .map(|&rank| Some(random_adapter(&mut r, SHAPE.in_dim, SHAPE.out_dim, rank)))
+        .collect();
+    let loaded = store::<W>(SHAPE, &adapters);
+    // Start from other adapters in every slot, so stale data would show.
+    let stale: Vec<Option<Adapter>> = (0..3)
+        .map(|_| Some(random_adapter(&mut r, SHAPE.in_dim, SHAPE.out_dim, 16)))
+        .collect();
+    let mut copied = store::<W>(SHAPE, &stale);
+    for (s, ad) in adapters.iter().enumerate() {
+        let ad = ad.as_ref().unwrap();
+        let one = LoraShape {
+            num_slots: 1,
+            max_rank: ad.rank,
+            ..SHAPE
+        };
+        let prepared = store::<W>(one, &[Some(ad.clone())]);
+        copied.copy_slot_from(s, &prepared, 0).unwrap();
+    }
+    let n = 7;
+    let x = random_f32(&mut r, n * SHAPE.in_dim);
+    let segs = vec![seg(0, 2, Some(0)), seg(2, 1, Some(1)), seg(3, 4, Some(2))];
+    let (mut y1, mut y2) = (vec![0f32; n * SHAPE.out_dim], vec![0f32; n * SHAPE.out_dim]);
+    add_lora(
+        &loaded,
+        &x,
+        &segs,
+        OutputRows::dense(&mut y1, SHAPE.out_dim),
+    )
+    .unwrap();
+    add_lora(
+        &copied,
+        &x,
+        &segs,
+        OutputRows::dense(&mut y2, SHAPE.out_dim),
+    )
+    .unwrap();
+    assert_eq!(y1, y2, "{:?}", W::KIND);
+    // A source with a larger rank than the store, or other dimensions, is refused.
+    let big = LoraShape {
+        num_slots: 1,
+        max_rank: 32,
+        ..SHAPE
+    };
+    let prepared = store::<W>(big, &[Some(random_adapter(&mut r, 64, 32, 24))]);
+    assert!(copied.copy_slot_from(0, &prepared, 0).is_err());
+    let empty = LoraSlots::<W>::new(LoraShape {
+        num_slots: 1,
+        ..SHAPE
+    })
+    .unwrap();
+    assert!(matches!(
+        copied.copy_slot_from(0, &empty, 0),
+        Err(LoraError::EmptySlot { .. })
+    ));
+}
+
+#[test]
+fn lora_copied_slots_equal_loaded_slots_for_every_kind() {
+    copied_slots_equal_loaded_slots::<f32>();
+    copied_slots_equal_loaded_slots::<caduceus_kernels::lora::f16>();
+    copied_slots_equal_loaded_slots::<caduceus_kernels::lora::Q8>();
+}

@@ -10,11 +10,8 @@ use tokio::sync::mpsc;
 
 use crate::adapters::AdapterService;
 use crate::engine::{EngineCore, EngineRequest, RequestError, RequestOutput};
-use crate::model::{LlamaModel, LoraDtype};
+use crate::model::LlamaModel;
 use crate::sampling::{SampledToken, SamplingError, SamplingParams};
-
-/// The adapters an offline run serves, and the storage type of their slots.
-pub type ServedAdapters = (Arc<AdapterService>, LoraDtype);
 
 /// Why a sequence stopped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -151,13 +148,13 @@ pub fn generate_with_config(
     generate_with_adapters(model, eos_ids, requests, config, None)
 }
 
-/// [`generate_with_config`] serving the adapters of `adapters` (slots stored as the given dtype).
+/// [`generate_with_config`] serving the adapters of `adapters`.
 pub fn generate_with_adapters(
     model: &LlamaModel,
     eos_ids: &[u32],
     requests: Vec<GenerateRequest>,
     config: SchedulerConfig,
-    adapters: Option<ServedAdapters>,
+    adapters: Option<Arc<AdapterService>>,
 ) -> Result<Vec<GenerateOutput>, GenerateError> {
     let vocab_size = model.config().vocab_size;
     for (index, r) in requests.iter().enumerate() {
@@ -165,8 +162,8 @@ pub fn generate_with_adapters(
     }
     let engine_err = |e: crate::engine::EngineError| GenerateError::Engine(e.to_string());
     let mut core = EngineCore::new(model, None, eos_ids.to_vec(), config).map_err(engine_err)?;
-    if let Some((service, dtype)) = adapters {
-        core = core.with_adapters(service, dtype).map_err(engine_err)?;
+    if let Some(service) = adapters {
+        core = core.with_adapters(service).map_err(engine_err)?;
     }
     let mut streams = Vec::with_capacity(requests.len());
     for (index, r) in requests.into_iter().enumerate() {

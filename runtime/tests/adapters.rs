@@ -66,14 +66,20 @@ pub fn last_logits(model: &LlamaModel, prompt: &[u32], lora: Option<&LoraStack>)
         .unwrap()
 }
 
-/// A service over the adapter folders in `root` (f32 slots unless told otherwise).
-pub fn service(model: &LlamaModel, root: &Path, max_loras: usize) -> Arc<AdapterService> {
+/// A service over the adapter folders in `root`.
+pub fn service(
+    model: &LlamaModel,
+    root: &Path,
+    max_loras: usize,
+    dtype: LoraDtype,
+) -> Arc<AdapterService> {
     let registry = AdapterRegistry::scan(Some(root), Vec::new()).unwrap();
     let settings = AdapterSettings {
         max_loras,
         max_cpu_loras: 64,
         max_cpu_lora_bytes: 1 << 30,
         limits: LIMITS,
+        dtype,
     };
     Arc::new(AdapterService::new(
         registry,
@@ -103,8 +109,8 @@ pub fn run(
     max_batch_tokens: usize,
 ) -> Vec<GenerateOutput> {
     let config = scheduler_config_for(&requests, 16, max_batch_tokens, 4096);
-    let service = service(model, root, max_loras);
-    generate_with_adapters(model, &[], requests, config, Some((service, dtype))).unwrap()
+    let service = service(model, root, max_loras, dtype);
+    generate_with_adapters(model, &[], requests, config, Some(service)).unwrap()
 }
 
 fn json(path: &Path) -> Value {

@@ -2,11 +2,13 @@
 //! each on the BGMV path, up to [`SGMV_CHUNK`] tokens on the SGMV path), and run the units, across
 //! the rayon pool when there is enough work to pay for it.
 
+use super::q8;
 use super::scalar;
 use super::slots::{LoraSlots, SlotWeights};
-use super::weight::LoraWeight;
+use super::weight::{LoraWeight, WeightKind, Q8};
 use super::{LoraError, LoraKernel, LoraStrategy, OutputRows, Segment};
 use rayon::prelude::*;
+use std::cell::RefCell;
 
 /// Estimated nanoseconds below which a call stays on the calling thread: waking the pool and
 /// joining costs several microseconds, more on a busy machine.
@@ -19,6 +21,12 @@ const BYTES_PER_NS: usize = 25;
 /// Tokens per work unit on the SGMV path: long prefill segments split into units of this many
 /// tokens, so they spread over threads while each unit still reuses its weights 16 times.
 const SGMV_CHUNK: usize = 16;
+
+thread_local! {
+    /// A unit's `v` (grows to the largest `tokens x rank` seen on this thread): no allocation or
+    /// zeroing per unit, which a decode batch of distinct adapters would pay for every token.
+    static V_SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
 
 /// Adds the LoRA delta of every token covered by `segments` to `y` with the best kernel, choosing
 /// BGMV or SGMV per segment. `x` is `[num_tokens, in_dim]`.
@@ -54,15 +62,17 @@ pub fn add_lora_with<W: LoraWeight>(
     let ys = carve(y.data, y.stride, y.offset, out_dim, &units);
     run(&units, ys, |u, yu| {
         let w = &u.weights;
-        let mut v = vec![0f32; u.len * w.rank];
-        shrink(
-            kernel,
-            u,
-            &x[u.start * in_dim..][..u.len * in_dim],
-            &mut v,
-            w.rank,
-        );
-        expand(kernel, u, &v, w.rank, yu, y.stride);
+        let xu = &x[u.start * in_dim..][..u.len * in_dim];
+        V_SCRATCH.with(|cell| {
+            let mut buf = cell.borrow_mut();
+            let n = u.len * w.rank;
+            if buf.len() < n {
+                buf.resize(n, 0.0);
+            }
+            // Every value is written by the shrink before the expand reads it.
+            shrink(kernel, u, xu, &mut buf[..n], w.rank);
+            expand(kernel, u, &buf[..n], w.rank, yu, y.stride);
+        });
     });
     Ok(())
 }
@@ -84,13 +94,8 @@ pub fn lora_shrink<W: LoraWeight>(
     let in_dim = slots.in_dim();
     let vs = carve(v, max_rank, 0, max_rank, &units);
     run(&units, vs, |u, vu| {
-        shrink(
-            kernel,
-            u,
-            &x[u.start * in_dim..][..u.len * in_dim],
-            vu,
-            max_rank,
-        )
+        let xu = &x[u.start * in_dim..][..u.len * in_dim];
+        shrink(kernel, u, xu, vu, max_rank)
     });
     Ok(())
 }
@@ -276,9 +281,13 @@ fn shrink<W: LoraWeight>(
     v: &mut [f32],
     v_stride: usize,
 ) {
+    if let Some(w) = as_q8(&u.weights) {
+        return q8::shrink(kernel, w, x, v, v_stride);
+    }
     #[cfg(target_arch = "x86_64")]
-    if kernel == LoraKernel::Avx2 {
-        // SAFETY: callers checked `kernel.is_available()`: the CPU has AVX2, FMA and F16C.
+    if matches!(kernel, LoraKernel::Avx2 | LoraKernel::Avx512) {
+        // SAFETY: callers checked `kernel.is_available()`: the CPU has AVX2, FMA and F16C
+        // (Avx512 includes them).
         return unsafe { super::avx2::shrink(&u.weights, x, v, v_stride, u.tile_tokens()) };
     }
     let _ = kernel;
@@ -293,12 +302,26 @@ fn expand<W: LoraWeight>(
     y: &mut [f32],
     y_stride: usize,
 ) {
+    if let Some(w) = as_q8(&u.weights) {
+        return q8::expand(kernel, w, (v, v_stride), u.len, y, y_stride);
+    }
     #[cfg(target_arch = "x86_64")]
-    if kernel == LoraKernel::Avx2 {
-        // SAFETY: callers checked `kernel.is_available()`: the CPU has AVX2, FMA and F16C.
+    if matches!(kernel, LoraKernel::Avx2 | LoraKernel::Avx512) {
+        // SAFETY: callers checked `kernel.is_available()`: the CPU has AVX2, FMA and F16C
+        // (Avx512 includes them).
         let tile = u.tile_tokens();
         return unsafe { super::avx2::expand(&u.weights, v, v_stride, u.len, y, y_stride, tile) };
     }
     let _ = kernel;
     scalar::expand(&u.weights, v, v_stride, u.len, y, y_stride);
+}
+
+/// The weights of a [`Q8`] store, `None` for float kinds.
+fn as_q8<'a, 'w, W: LoraWeight>(w: &'a SlotWeights<'w, W>) -> Option<&'a SlotWeights<'w, Q8>> {
+    if W::KIND == WeightKind::Q8 {
+        // SAFETY: `W::KIND` is `Q8` only for `W = Q8` (the trait is sealed), so the types are equal.
+        Some(unsafe { &*(w as *const SlotWeights<'w, W>).cast::<SlotWeights<'w, Q8>>() })
+    } else {
+        None
+    }
 }

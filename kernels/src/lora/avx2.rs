@@ -50,6 +50,7 @@ unsafe fn load8<W: LoraWeight>(p: *const W) -> __m256 {
                 let bits = _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast()));
                 _mm256_castsi256_ps(_mm256_slli_epi32::<16>(bits))
             }
+            WeightKind::Q8 => unreachable!("Q8 stores run the q8 kernels"),
         }
     }
 }

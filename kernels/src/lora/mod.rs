@@ -12,10 +12,25 @@
 //! (see `scalar`), whichever path, tile or thread computes it, so a token's delta is bit-identical
 //! alone, in a BGMV batch or inside an SGMV segment of any length. The scalar fallback performs the
 //! same fused multiply-adds in the same order as the AVX2 kernels, so they agree bit for bit too.
+//! [`Q8`] stores keep both properties: their activations are quantized per token and their sums
+//! are integers (exact in any order), see `q8`.
+//!
+//! Choosing a weight kind ([`LoraSlots`]`<W>`): decode with many distinct adapters streams every
+//! adapter's A and B once per token, so its time follows the bytes (measured by
+//! `benches/benches/lora.rs`). `f32` is the exact computation (use it where results are compared
+//! with PEFT); `f16`/`bf16` halve the bytes and compute exactly on the rounded weights; [`Q8`]
+//! quarters them with 8-bit activations (about 1% RMS error on the delta) and is the fastest on
+//! CPUs with AVX-512 VNNI (elsewhere it runs portable code, slower than the float kinds' AVX2).
+//!
+//! The runtime calls [`add_lora`] once per projection and layer, with [`OutputRows`] pointing into
+//! the fused QKV or gate/up output (`stride` = fused width, `offset` = the projection's columns).
 
 mod apply;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+mod q8;
 mod scalar;
 mod slots;
 mod weight;
@@ -24,7 +39,7 @@ pub use apply::{add_lora, add_lora_with, lora_expand, lora_shrink};
 /// The half-precision storage types, re-exported so callers need not depend on `half`.
 pub use half::{bf16, f16};
 pub use slots::{LoraShape, LoraSlots};
-pub use weight::{LoraWeight, WeightKind};
+pub use weight::{LoraWeight, WeightKind, Q8};
 
 /// Largest adapter rank a slot store accepts (PEFT adapters in practice use 8 to 128).
 pub const MAX_LORA_RANK: usize = 512;
@@ -82,8 +97,11 @@ pub enum LoraStrategy {
 pub enum LoraKernel {
     /// Portable code (the same fused multiply-adds, one lane at a time).
     Scalar,
-    /// AVX2 + FMA + F16C (x86-64 only).
+    /// AVX2 + FMA + F16C (x86-64 only). [`Q8`] stores run the portable code under it.
     Avx2,
+    /// AVX-512 F/BW + VNNI on top of AVX2 (x86-64 only): `vpdpbusd` for [`Q8`] stores; float
+    /// stores run the AVX2 kernels under it.
+    Avx512,
 }
 
 impl LoraKernel {
@@ -93,14 +111,18 @@ impl LoraKernel {
             LoraKernel::Scalar => true,
             #[cfg(target_arch = "x86_64")]
             LoraKernel::Avx2 => avx2::available(),
+            #[cfg(target_arch = "x86_64")]
+            LoraKernel::Avx512 => avx2::available() && avx512::available(),
             #[cfg(not(target_arch = "x86_64"))]
-            LoraKernel::Avx2 => false,
+            LoraKernel::Avx2 | LoraKernel::Avx512 => false,
         }
     }
 
     /// The fastest kernel this CPU supports.
     pub fn best() -> LoraKernel {
-        if LoraKernel::Avx2.is_available() {
+        if LoraKernel::Avx512.is_available() {
+            LoraKernel::Avx512
+        } else if LoraKernel::Avx2.is_available() {
             LoraKernel::Avx2
         } else {
             LoraKernel::Scalar

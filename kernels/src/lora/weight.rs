@@ -5,6 +5,10 @@
 //! times the layer's Q4_1 base weights. Storing them as f16 or bf16 halves that; the kernels
 //! widen to f32 (exactly) on load and compute in f32, so results are the f32 computation on the
 //! rounded weights, and every path still produces the same bits.
+//!
+//! [`Q8`] halves the bytes again: int8 weights with one f32 scale per row of A and per output row
+//! of B, multiplied against activations quantized to 8 bits per token (AVX-512 VNNI dot products).
+//! It is an approximation (about 1% of the delta's magnitude), not the f32 computation; see `q8`.
 
 use half::{bf16, f16};
 
@@ -15,6 +19,7 @@ pub enum WeightKind {
     F32,
     F16,
     Bf16,
+    Q8,
 }
 
 mod sealed {
@@ -22,9 +27,18 @@ mod sealed {
     impl Sealed for f32 {}
     impl Sealed for half::f16 {}
     impl Sealed for half::bf16 {}
+    impl Sealed for super::Q8 {}
 }
 
-/// An adapter weight storage type: `f32`, `half::f16` or `half::bf16`.
+/// An int8 adapter weight. The value alone is not the weight: a [`super::LoraSlots`]`<Q8>` keeps a
+/// scale per row of A and per output of B, quantizes symmetrically (`round(w * 127 / max|w|)`) in
+/// `load_slot`, and its kernels multiply the integers against per-token 8-bit activations.
+/// `from_f32`/`to_f32` convert the raw integer (rounding and saturating), without any scale.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(transparent)]
+pub struct Q8(pub i8);
+
+/// An adapter weight storage type: `f32`, `half::f16`, `half::bf16` or [`Q8`].
 pub trait LoraWeight: sealed::Sealed + Copy + Default + Send + Sync + 'static {
     const KIND: WeightKind;
     /// Rounds to nearest (how `load_slot` stores f32 weights).
@@ -60,5 +74,15 @@ impl LoraWeight for bf16 {
     }
     fn to_f32(self) -> f32 {
         bf16::to_f32(self)
+    }
+}
+
+impl LoraWeight for Q8 {
+    const KIND: WeightKind = WeightKind::Q8;
+    fn from_f32(v: f32) -> Q8 {
+        Q8(v.round_ties_even().clamp(-127.0, 127.0) as i8)
+    }
+    fn to_f32(self) -> f32 {
+        self.0 as f32
     }
 }

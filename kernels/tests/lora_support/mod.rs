@@ -131,3 +131,60 @@ pub fn assert_close(got: &[f32], want: &[f64], bound: &[f64], what: &str) {
         );
     }
 }
+
+/// What a `Q8` store may be off by, per output: the f64 propagation of its four roundings (x and v
+/// per token, A per row, B per output row, each to half a step of `max / 127`) through
+/// `y = y0 + scale · (x Aᵀ) Bᵀ` on the original f32 weights, plus `1e-5 · bound` for the float
+/// arithmetic (`bound` as [`reference`] returns it).
+pub fn q8_tolerance(
+    adapters: &[Option<Adapter>],
+    x: &[f32],
+    token_slots: &[Option<u32>],
+    bound: &[f64],
+    dims: (usize, usize),
+) -> Vec<f64> {
+    let (in_dim, out_dim) = dims;
+    let step = |v: &[f32]| v.iter().fold(0f64, |m, &a| m.max(a.abs() as f64)) / 127.0;
+    let mut tol: Vec<f64> = bound.iter().map(|b| 1e-5 * b).collect();
+    for (t, slot) in token_slots.iter().enumerate() {
+        let Some(ad) = slot.and_then(|s| adapters[s as usize].as_ref()) else {
+            continue;
+        };
+        let xt = &x[t * in_dim..(t + 1) * in_dim];
+        let sx = step(xt);
+        let (mut v, mut e) = (vec![0f64; ad.rank], vec![0f64; ad.rank]);
+        for k in 0..ad.rank {
+            let row = &ad.a[k * in_dim..(k + 1) * in_dim];
+            let sa = step(row);
+            for (&xc, &a) in xt.iter().zip(row) {
+                v[k] += xc as f64 * a as f64;
+                e[k] += (xc.abs() as f64) * sa / 2.0 + (a.abs() as f64) * sx / 2.0 + sx * sa / 4.0;
+            }
+        }
+        let sv = (0..ad.rank).map(|k| v[k].abs() + e[k]).fold(0f64, f64::max) / 127.0;
+        for o in 0..out_dim {
+            let b_row = &ad.b[o * ad.rank..(o + 1) * ad.rank];
+            let sb = step(b_row);
+            let err: f64 = (0..ad.rank)
+                .map(|k| {
+                    let b = b_row[k].abs() as f64;
+                    b * (e[k] + sv / 2.0) + (v[k].abs() + e[k] + sv / 2.0) * sb / 2.0
+                })
+                .sum();
+            tol[t * out_dim + o] += 1.01 * (ad.scale as f64) * err;
+        }
+    }
+    tol
+}
+
+/// Every value within its tolerance of the reference.
+pub fn assert_within(got: &[f32], want: &[f64], tol: &[f64], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths differ");
+    for (i, ((&g, &w), &tl)) in got.iter().zip(want).zip(tol).enumerate() {
+        let err = (g as f64 - w).abs();
+        assert!(
+            err <= tl,
+            "{what}: value {i} is {g}, reference {w} (error {err:e}, allowed {tl:e})"
+        );
+    }
+}

@@ -6,10 +6,10 @@ use std::sync::Arc;
 
 use caduceus_scheduler::AdapterKey;
 
-use super::weights::AdapterWeights;
+use crate::model::lora::LoraStack;
 
-/// An adapter ready for the device slots.
-#[derive(Debug)]
+/// An adapter ready for the device slots: validated and already converted to the slots' storage
+/// type and layout, so filling a slot is a plain copy.
 pub struct LoadedAdapter {
     /// Registry name.
     pub name: Arc<str>,
@@ -17,32 +17,60 @@ pub struct LoadedAdapter {
     pub version: u64,
     /// Registry id and content generation: the prefix-cache and slot key.
     pub key: AdapterKey,
-    /// The weights.
-    pub weights: AdapterWeights,
+    /// LoRA rank.
+    pub rank: usize,
+    /// The weights as a one-slot stack in the slots' storage type.
+    pub prepared: LoraStack,
 }
 
-impl LoadedAdapter {
-    /// Bytes of weights held.
-    pub fn nbytes(&self) -> usize {
-        self.weights.nbytes()
+impl std::fmt::Debug for LoadedAdapter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedAdapter")
+            .field("name", &self.name)
+            .field("version", &self.version)
+            .field("key", &self.key)
+            .field("rank", &self.rank)
+            .finish_non_exhaustive()
     }
 }
 
-struct Entry {
-    adapter: Arc<LoadedAdapter>,
+/// What the host cache needs to know of an entry.
+pub trait Cached {
+    /// Registry name.
+    fn name(&self) -> &Arc<str>;
+    /// Registry version.
+    fn version(&self) -> u64;
+    /// Bytes held.
+    fn nbytes(&self) -> usize;
+}
+
+impl Cached for LoadedAdapter {
+    fn name(&self) -> &Arc<str> {
+        &self.name
+    }
+    fn version(&self) -> u64 {
+        self.version
+    }
+    fn nbytes(&self) -> usize {
+        self.prepared.nbytes()
+    }
+}
+
+struct Entry<T> {
+    adapter: Arc<T>,
     last_used: u64,
 }
 
 /// LRU cache of loaded adapters bounded by count and bytes.
-pub struct HostCache {
+pub struct HostCache<T: Cached = LoadedAdapter> {
     max_entries: usize,
     max_bytes: usize,
-    entries: Vec<Entry>,
+    entries: Vec<Entry<T>>,
     bytes: usize,
     tick: u64,
 }
 
-impl HostCache {
+impl<T: Cached> HostCache<T> {
     /// An empty cache holding at most `max_entries` adapters and `max_bytes` bytes (the most
     /// recent adapter is kept even when it alone exceeds `max_bytes`).
     pub fn new(max_entries: usize, max_bytes: usize) -> Self {
@@ -56,20 +84,20 @@ impl HostCache {
     }
 
     /// The adapter loaded for `name` at registry `version`, marking it used.
-    pub fn get(&mut self, name: &str, version: u64) -> Option<Arc<LoadedAdapter>> {
+    pub fn get(&mut self, name: &str, version: u64) -> Option<Arc<T>> {
         self.tick += 1;
         let tick = self.tick;
         let e = self
             .entries
             .iter_mut()
-            .find(|e| &*e.adapter.name == name && e.adapter.version == version)?;
+            .find(|e| &**e.adapter.name() == name && e.adapter.version() == version)?;
         e.last_used = tick;
         Some(e.adapter.clone())
     }
 
     /// Adds (or replaces) an adapter; returns the names evicted to make room.
-    pub fn insert(&mut self, adapter: Arc<LoadedAdapter>) -> Vec<Arc<str>> {
-        self.remove(&adapter.name);
+    pub fn insert(&mut self, adapter: Arc<T>) -> Vec<Arc<str>> {
+        self.remove(&adapter.name().clone());
         self.tick += 1;
         self.bytes += adapter.nbytes();
         self.entries.push(Entry {
@@ -91,7 +119,7 @@ impl HostCache {
             };
             let e = self.entries.swap_remove(lru);
             self.bytes -= e.adapter.nbytes();
-            evicted.push(e.adapter.name.clone());
+            evicted.push(e.adapter.name().clone());
         }
         evicted
     }
@@ -101,7 +129,7 @@ impl HostCache {
         let before = self.entries.len();
         let bytes = &mut self.bytes;
         self.entries.retain(|e| {
-            let keep = &*e.adapter.name != name;
+            let keep = &**e.adapter.name() != name;
             if !keep {
                 *bytes -= e.adapter.nbytes();
             }
@@ -129,29 +157,30 @@ impl HostCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::adapters::weights::LoraPair;
 
-    fn adapter(name: &str, version: u64, floats: usize) -> Arc<LoadedAdapter> {
-        let pair = LoraPair {
-            a: vec![0.0; floats],
-            b: Vec::new(),
-        };
-        let mut layer: [Option<LoraPair>; 7] = Default::default();
-        layer[0] = Some(pair);
-        Arc::new(LoadedAdapter {
+    struct Fake {
+        name: Arc<str>,
+        version: u64,
+        bytes: usize,
+    }
+
+    impl Cached for Fake {
+        fn name(&self) -> &Arc<str> {
+            &self.name
+        }
+        fn version(&self) -> u64 {
+            self.version
+        }
+        fn nbytes(&self) -> usize {
+            self.bytes
+        }
+    }
+
+    fn adapter(name: &str, version: u64, floats: usize) -> Arc<Fake> {
+        Arc::new(Fake {
             name: name.into(),
             version,
-            key: AdapterKey {
-                id: 0,
-                generation: version,
-            },
-            weights: AdapterWeights {
-                rank: 1,
-                scale: 1.0,
-                layers: vec![layer],
-                generation: version,
-                source: name.into(),
-            },
+            bytes: floats * 4,
         })
     }
 

@@ -9,9 +9,8 @@ use super::host_cache::LoadedAdapter;
 use super::registry::AdapterEntry;
 use super::service::AdapterService;
 
-/// How much lower the loader thread's scheduling priority is than the engine's (Linux `nice`
-/// steps): a burst of cold loads then takes CPU only when the compute threads leave some.
-const LOADER_NICE: i32 = 10;
+/// The loader's `nice` value where `SCHED_IDLE` is refused.
+const LOADER_NICE: i32 = 19;
 
 /// One finished load.
 #[derive(Debug)]
@@ -123,12 +122,19 @@ impl Drop for AdapterLoader {
     }
 }
 
-/// Lowers the calling thread's priority (Linux applies `setpriority(PRIO_PROCESS, 0, ..)` to the
-/// calling thread only). Best effort: failure leaves the default priority.
+/// Puts the calling thread in Linux's `SCHED_IDLE` class (it runs only on CPU time no other
+/// thread wants), falling back to the lowest `nice`; both apply to the calling thread only. So a
+/// burst of cold loads uses the gaps between and within engine steps instead of delaying the
+/// compute threads (measured by `caduceus bench-lora`). Best effort: on failure the default
+/// priority stays.
 fn lower_priority() {
     #[cfg(target_os = "linux")]
-    // SAFETY: setpriority has no memory-safety preconditions; it only changes this thread's nice.
+    // SAFETY: both calls take plain values (and a pointer to a live local) and only change this
+    // thread's scheduling.
     unsafe {
-        let _ = libc::setpriority(libc::PRIO_PROCESS, 0, LOADER_NICE);
+        let param = libc::sched_param { sched_priority: 0 };
+        if libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) != 0 {
+            let _ = libc::setpriority(libc::PRIO_PROCESS, 0, LOADER_NICE);
+        }
     }
 }

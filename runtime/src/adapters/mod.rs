@@ -20,5 +20,5 @@ pub use host_cache::{HostCache, LoadedAdapter};
 pub use loader::{AdapterLoader, LoadDone};
 pub use peft::{load_adapter, probe, AdapterInfo, AdapterLimits};
 pub use registry::{AdapterEntry, AdapterRegistry, RegistryError};
-pub use service::{AdapterService, AdapterSettings, LoadAdapterError, LoadSource};
+pub use service::{AdapterService, AdapterSettings, LoadAdapterError};
 pub use weights::{AdapterWeights, LoraPair, Projection};

@@ -7,10 +7,8 @@ use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
-/// The file a folder must hold to be an adapter.
-pub const CONFIG_FILE: &str = "adapter_config.json";
-/// The weights file of a PEFT adapter.
-pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+pub use super::peft::{CONFIG_FILE, WEIGHTS_FILE};
+
 /// Longest adapter name accepted.
 pub const MAX_NAME_LEN: usize = 128;
 

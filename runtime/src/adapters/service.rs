@@ -9,7 +9,9 @@ use caduceus_scheduler::AdapterKey;
 use super::host_cache::{HostCache, LoadedAdapter};
 use super::peft::{load_adapter, AdapterError, AdapterLimits};
 use super::registry::{AdapterEntry, AdapterRegistry, RegistryError};
+use super::weights::AdapterWeights;
 use crate::model::config::LlamaConfig;
+use crate::model::lora::{LoraDtype, LoraStack, LoraStackError};
 
 /// Settings of the adapter tiers (the `[adapters]` config section, resolved).
 #[derive(Clone, Debug)]
@@ -22,6 +24,8 @@ pub struct AdapterSettings {
     pub max_cpu_lora_bytes: usize,
     /// Validation limits (rank, file size).
     pub limits: AdapterLimits,
+    /// Storage type of the device slots (adapters are converted to it when loaded).
+    pub dtype: LoraDtype,
 }
 
 /// Why `POST /v1/load_lora_adapter` failed.
@@ -31,29 +35,8 @@ pub enum LoadAdapterError {
     Registry(#[from] RegistryError),
     #[error(transparent)]
     Adapter(#[from] AdapterError),
-}
-
-/// Where a request's adapter was found when the engine admitted it (the `source` label of
-/// `caduceus_lora_loads_total`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LoadSource {
-    /// Already in a device slot.
-    Device,
-    /// In the host cache; copied into a slot.
-    Host,
-    /// Read from disk.
-    Disk,
-}
-
-impl LoadSource {
-    /// Metric label.
-    pub fn label(self) -> &'static str {
-        match self {
-            LoadSource::Device => "device",
-            LoadSource::Host => "host",
-            LoadSource::Disk => "disk",
-        }
-    }
+    #[error("adapter could not be converted for the slots: {0}")]
+    Prepare(#[from] LoraStackError),
 }
 
 /// The shared adapter state.
@@ -91,24 +74,16 @@ impl AdapterService {
         self.host().get(&entry.name, entry.version)
     }
 
-    /// Reads and validates `entry`'s files (blocking: call it off the engine thread), returning
-    /// the adapter and how long it took. The result is not cached; see [`Self::cache`].
+    /// Reads, validates and converts `entry`'s adapter for the slots (blocking: call it off the
+    /// engine thread), returning it and how long it took. Not cached; see [`Self::cache`].
     pub fn load(
         &self,
         entry: &AdapterEntry,
-    ) -> Result<(Arc<LoadedAdapter>, Duration), AdapterError> {
+    ) -> Result<(Arc<LoadedAdapter>, Duration), LoadAdapterError> {
         let start = Instant::now();
         let weights = load_adapter(&entry.path, &self.base, &self.settings.limits)?;
-        let adapter = LoadedAdapter {
-            name: entry.name.clone(),
-            version: entry.version,
-            key: AdapterKey {
-                id: entry.id,
-                generation: weights.generation,
-            },
-            weights,
-        };
-        Ok((Arc::new(adapter), start.elapsed()))
+        let prepared = LoraStack::prepare(&self.base, &weights, self.settings.dtype)?;
+        Ok((loaded(entry, &weights, prepared), start.elapsed()))
     }
 
     /// Puts a loaded adapter in the host cache (unless its registry entry changed meanwhile),
@@ -140,16 +115,10 @@ impl AdapterService {
         }
         let path = self.registry.resolve_path(lora_path)?;
         let weights = load_adapter(&path, &self.base, &self.settings.limits)?;
+        // Converted before it is registered: nothing is registered that cannot be served.
+        let prepared = LoraStack::prepare(&self.base, &weights, self.settings.dtype)?;
         let entry = self.registry.register(name, path, replace)?;
-        let adapter = Arc::new(LoadedAdapter {
-            name: entry.name.clone(),
-            version: entry.version,
-            key: AdapterKey {
-                id: entry.id,
-                generation: weights.generation,
-            },
-            weights,
-        });
+        let adapter = loaded(&entry, &weights, prepared);
         self.cache(adapter.clone());
         Ok(adapter)
     }
@@ -172,4 +141,22 @@ impl AdapterService {
     fn host(&self) -> std::sync::MutexGuard<'_, HostCache> {
         self.host.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// The loaded adapter of `entry`.
+fn loaded(
+    entry: &AdapterEntry,
+    weights: &AdapterWeights,
+    prepared: LoraStack,
+) -> Arc<LoadedAdapter> {
+    Arc::new(LoadedAdapter {
+        name: entry.name.clone(),
+        version: entry.version,
+        key: AdapterKey {
+            id: entry.id,
+            generation: weights.generation,
+        },
+        rank: weights.rank,
+        prepared,
+    })
 }

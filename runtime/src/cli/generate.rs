@@ -10,7 +10,7 @@ use std::sync::Arc;
 use crate::adapters::peft::AdapterLimits;
 use crate::adapters::{AdapterRegistry, AdapterService, AdapterSettings};
 use crate::generate::scheduler_config_for;
-use crate::generate::{generate_with_adapters, FinishReason, GenerateRequest, ServedAdapters};
+use crate::generate::{generate_with_adapters, FinishReason, GenerateRequest};
 use crate::model::loader::LoadedModel;
 use crate::model::{LoraDtype, WeightFormat};
 use crate::sampling::SamplingParams;
@@ -61,12 +61,12 @@ pub struct GenerateArgs {
     #[arg(long, value_name = "PATH")]
     adapter: Vec<String>,
     /// Storage of the adapter slots (`f32` computes exactly what PEFT computes).
-    #[arg(long, default_value = "f32", value_parser = ["f16", "f32"])]
+    #[arg(long, default_value = "f32", value_parser = ["f16", "f32", "q8"])]
     adapter_dtype: String,
 }
 
 /// The adapters of a run and each prompt's adapter name (`None`: the base model).
-type PromptAdapters = (Option<ServedAdapters>, Vec<Option<Arc<str>>>);
+type PromptAdapters = (Option<Arc<AdapterService>>, Vec<Option<Arc<str>>>);
 
 /// Registers the `--adapter` folders (named by position) and returns each prompt's adapter.
 fn adapters_for(args: &GenerateArgs, loaded: &LoadedModel) -> anyhow::Result<PromptAdapters> {
@@ -95,6 +95,11 @@ fn adapters_for(args: &GenerateArgs, loaded: &LoadedModel) -> anyhow::Result<Pro
         registry.register(&name, dir, false)?;
         names.push(Some(Arc::<str>::from(name)));
     }
+    let dtype = match args.adapter_dtype.as_str() {
+        "f16" => LoraDtype::F16,
+        "q8" => LoraDtype::Q8,
+        _ => LoraDtype::F32,
+    };
     let settings = AdapterSettings {
         max_loras: names.iter().flatten().count().max(1),
         max_cpu_loras: names.len().max(1),
@@ -103,11 +108,7 @@ fn adapters_for(args: &GenerateArgs, loaded: &LoadedModel) -> anyhow::Result<Pro
             max_rank,
             max_file_bytes: u64::MAX,
         },
-    };
-    let dtype = if args.adapter_dtype == "f16" {
-        LoraDtype::F16
-    } else {
-        LoraDtype::F32
+        dtype,
     };
     let base = loaded.model.config().clone();
     let service = Arc::new(AdapterService::new(registry, base, settings));
@@ -116,7 +117,7 @@ fn adapters_for(args: &GenerateArgs, loaded: &LoadedModel) -> anyhow::Result<Pro
     } else {
         names
     };
-    Ok((Some((service, dtype)), per_prompt))
+    Ok((Some(service), per_prompt))
 }
 
 pub(super) fn run(args: GenerateArgs) -> anyhow::Result<()> {

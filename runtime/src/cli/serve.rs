@@ -48,6 +48,7 @@ fn adapter_service(
             max_rank: a.max_lora_rank,
             max_file_bytes: a.max_cpu_lora_bytes.bytes(),
         },
+        dtype: a.dtype.resolve(),
     };
     Ok(Some(Arc::new(AdapterService::new(
         registry, base, settings,
@@ -112,7 +113,7 @@ pub fn run(config: CaduceusConfig) -> anyhow::Result<()> {
     let mut core = EngineCore::new(Arc::new(loaded.model), Some(tokenizer.clone()), eos, sched)?;
     let adapters = adapter_service(&config, base_config, &served_model_name)?;
     if let Some(service) = &adapters {
-        core = core.with_adapters(service.clone(), config.adapters.dtype)?;
+        core = core.with_adapters(service.clone())?;
     }
     let (engine, _thread) = EngineHandle::spawn(core).context("starting the engine thread")?;
     engine.set_max_queued(s.max_queued_requests);

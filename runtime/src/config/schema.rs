@@ -92,7 +92,11 @@ pub(crate) const SCHEMA: &[KeySpec] = &[
     spec("adapters", "max_cpu_loras", int(1, USIZE_MAX)),
     spec("adapters", "max_cpu_lora_bytes", Kind::Size { min: 1 }),
     spec("adapters", "max_lora_rank", int(1, 512)),
-    spec("adapters", "dtype", Kind::Choice(&["f16", "f32"])),
+    spec(
+        "adapters",
+        "dtype",
+        Kind::Choice(&["auto", "f16", "f32", "q8"]),
+    ),
 ];
 
 /// The sections, in file order.

@@ -86,7 +86,7 @@ impl DeviceSlots {
             SlotFill::Loaded
         };
         self.keys[slot] = None;
-        self.stack.load(slot, &adapter.weights)?;
+        self.stack.copy_from(slot, &adapter.prepared)?;
         self.keys[slot] = Some(adapter.key);
         self.last_used[slot] = self.tick;
         Ok((slot as u32, fill))

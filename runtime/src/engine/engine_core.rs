@@ -17,7 +17,7 @@ use super::output::{Finished, OutputSender, RequestOutput, RequestTimes};
 use super::request::{EngineRequest, RequestError, RequestLimits};
 use super::stop::{StopCheck, StopStrings};
 use crate::adapters::{AdapterEntry, AdapterLoader, AdapterService, LoadDone, LoadedAdapter};
-use crate::model::{LlamaModel, LoraDtype, LoraStack};
+use crate::model::{LlamaModel, LoraStack};
 use crate::sampling::SampledToken;
 use crate::tokenizer::detokenizer::IncrementalDetokenizer;
 use crate::tokenizer::Tokenizer;
@@ -118,14 +118,11 @@ impl<M: Deref<Target = LlamaModel>> EngineCore<M> {
     }
 
     /// Serves the adapters of `service`: allocates its `max_loras` slots (ranks up to its
-    /// `max_lora_rank`, stored as `dtype`), sets the scheduler's distinct-adapter limit to the
+    /// `max_lora_rank`, stored as its `dtype`), sets the scheduler's distinct-adapter limit to the
     /// slot count and starts the loader thread. Call before adding requests.
-    pub fn with_adapters(
-        mut self,
-        service: Arc<AdapterService>,
-        dtype: LoraDtype,
-    ) -> Result<Self, EngineError> {
+    pub fn with_adapters(mut self, service: Arc<AdapterService>) -> Result<Self, EngineError> {
         let settings = service.settings().clone();
+        let dtype = settings.dtype;
         let stack = LoraStack::new(
             self.executor.model().config(),
             settings.max_loras,
@@ -301,7 +298,7 @@ impl<M: Deref<Target = LlamaModel>> EngineCore<M> {
             .collect();
         match &d.result {
             Ok(_) => {
-                crate::metrics::record_lora_load(&d.entry.name, "disk", d.elapsed);
+                crate::metrics::record_lora_disk_load(d.elapsed);
                 tracing::info!(
                     adapter = %d.entry.name,
                     ms = d.elapsed.as_secs_f64() * 1e3,

@@ -67,11 +67,10 @@ pub fn record_lora_request(adapter: &str, tokens: usize) {
     metrics::counter!(LORA_TOKENS, "adapter" => label).increment(tokens as u64);
 }
 
-/// An adapter was read from disk (`source` = `disk`) in `elapsed`.
-pub fn record_lora_load(adapter: &str, source: &'static str, elapsed: Duration) {
-    let _ = adapter;
-    metrics::counter!(LORA_LOADS, "source" => source).increment(1);
-    metrics::histogram!(LORA_LOAD_LATENCY, "source" => source).record(elapsed.as_secs_f64());
+/// An adapter was read from disk and validated in `elapsed`.
+pub fn record_lora_disk_load(elapsed: Duration) {
+    metrics::counter!(LORA_LOADS, "source" => "disk").increment(1);
+    metrics::histogram!(LORA_LOAD_LATENCY, "source" => "disk").record(elapsed.as_secs_f64());
 }
 
 /// Loading `adapter` failed.

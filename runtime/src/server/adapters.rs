@@ -68,7 +68,7 @@ pub async fn load_lora_adapter(
             tracing::info!(
                 adapter = %name,
                 generation = format_args!("{:016x}", adapter.key.generation),
-                rank = adapter.weights.rank,
+                rank = adapter.rank,
                 "adapter loaded through the API"
             );
             Ok(format!("Success: LoRA adapter '{name}' added successfully.").into_response())

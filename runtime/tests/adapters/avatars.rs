@@ -1,5 +1,5 @@
-//! The two real doctor avatars, served on the quantized default model with f16 slots (the
-//! production set-up): each greets in its own words on questions it never saw, alone and mixed
+//! The two real doctor avatars, served on the quantized default model with f16 and q8 slots (the
+//! production set-ups): each greets in its own words on questions it never saw, alone and mixed
 //! with the other avatar and base requests in one batch; the base model never does.
 
 use caduceus_runtime::model::loader::LoadedModel;
@@ -15,7 +15,6 @@ fn avatars_keep_their_greetings_on_unseen_questions_in_mixed_batches() {
     let root = support::shared("reference/avatars");
     let expected = json(&root.join("expected.json"));
     let loaded = LoadedModel::load(&path).unwrap();
-    let model = &loaded.model;
     let n = 12;
     let mut requests = Vec::new();
     let mut labels = Vec::new();
@@ -35,10 +34,24 @@ fn avatars_keep_their_greetings_on_unseen_questions_in_mixed_batches() {
         requests.push(greedy(&ids(&lin["prompt_token_ids"]), n, None));
         labels.push("base");
     }
-    let mixed = run(model, &root, requests.clone(), 2, LoraDtype::F16, 64);
+    for dtype in [LoraDtype::F16, LoraDtype::Q8] {
+        check(&loaded, &expected, &requests, &labels, dtype);
+    }
+}
+
+fn check(
+    loaded: &LoadedModel,
+    expected: &serde_json::Value,
+    requests: &[caduceus_runtime::generate::GenerateRequest],
+    labels: &[&str],
+    dtype: LoraDtype,
+) {
+    let model = &loaded.model;
+    let root = support::shared("reference/avatars");
+    let mixed = run(model, &root, requests.to_vec(), 2, dtype, 64);
     let greeting = |who: &str| expected[who]["greeting"].as_str().unwrap().to_owned();
     let (lin, okafor) = (greeting("dr-lin"), greeting("dr-okafor"));
-    for ((req, out), who) in requests.iter().zip(&mixed).zip(&labels) {
+    for ((req, out), who) in requests.iter().zip(&mixed).zip(labels) {
         let text = loaded.tokenizer.decode(&out.token_ids, true).unwrap();
         match *who {
             "base" => assert!(
@@ -53,7 +66,10 @@ fn avatars_keep_their_greetings_on_unseen_questions_in_mixed_batches() {
                 );
             }
         }
-        let solo = run(model, &root, vec![req.clone()], 2, LoraDtype::F16, 64);
-        assert_eq!(solo[0].token_ids, out.token_ids, "{who}: alone vs mixed");
+        let solo = run(model, &root, vec![req.clone()], 2, dtype, 64);
+        assert_eq!(
+            solo[0].token_ids, out.token_ids,
+            "{who} ({dtype:?}): alone vs mixed"
+        );
     }
 }

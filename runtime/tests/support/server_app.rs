@@ -74,11 +74,12 @@ impl TestServer {
                     max_rank: 16,
                     max_file_bytes: 1 << 30,
                 },
+                dtype: LoraDtype::F32,
             };
             Arc::new(AdapterService::new(registry, base, settings))
         });
         if let Some(service) = &adapters {
-            core = core.with_adapters(service.clone(), LoraDtype::F32).unwrap();
+            core = core.with_adapters(service.clone()).unwrap();
         }
         let (engine, _thread) = EngineHandle::spawn(core).unwrap();
         engine.set_max_queued(self.max_queued);

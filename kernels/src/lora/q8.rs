@@ -1,0 +1,307 @@
+//! The int8 weight kind ([`super::Q8`]): layouts, quantization and the portable kernels, which
+//! define the computation the AVX-512 VNNI kernels (`avx512`) reproduce bit for bit.
+//!
+//! Storage: A row `k` as `round(a * 127 / max|a_k|)` with scale `sa_k = max|a_k| / 127`, rows
+//! zero-padded to 64 bytes; B output row `o` likewise with `sb_o`, in VNNI panels
+//! `[out_dim / 64][rank / 4][64 outputs][4 ranks]`: one 64-byte load feeds one `vpdpbusd` (16
+//! outputs), and the kernels read every row and panel front to back. With distinct adapters per
+//! token the reads, not the arithmetic, set the speed (see `benches/benches/lora.rs`).
+//!
+//! Per token (all integer sums are exact, so no order of operations needs fixing):
+//! - `x` is quantized symmetrically to `q = round(x * 127 / max|x|)` (ties to even), stored as
+//!   `q + 128` (VNNI multiplies unsigned by signed bytes); `sx = max|x| / 127`;
+//! - shrink: `v_k = ((Σ (q+128)·a - 128·Σa) as f32 * sx) * sa_k`;
+//! - `v` is quantized the same way (`sv`), then expand: `y_o = fma((Σ (qv+128)·b - 128·Σb) as
+//!   f32 * sb_o, scale * sv, y_o)`.
+//!
+//! The 8-bit activations and weights cost about 1% of the delta's magnitude (the delta is itself a
+//! small correction of the base output, and the base weights are 4-bit), in exchange for a quarter
+//! of f32's bytes: decode with many distinct adapters streams every adapter once per token.
+
+use super::slots::{LoraShape, SlotWeights};
+use super::weight::{LoraWeight, Q8};
+use std::cell::RefCell;
+
+/// Widest input a Q8 store takes: a row's integer dot product (`255 · 127` per element) must fit
+/// an i32.
+pub(super) const MAX_IN_DIM: usize = 65_536;
+/// A rows are padded (with zeros) to a multiple of this many bytes: one 512-bit register.
+const A_ALIGN: usize = 64;
+/// Outputs per B panel (four registers of 16 i32 lanes).
+pub(super) const OUT_BLOCK: usize = 64;
+/// Ranks per `vpdpbusd` lane.
+pub(super) const K_GROUP: usize = 4;
+
+pub(super) fn a_stride(in_dim: usize) -> usize {
+    in_dim.div_ceil(A_ALIGN) * A_ALIGN
+}
+
+fn out_pad(out_dim: usize) -> usize {
+    out_dim.div_ceil(OUT_BLOCK) * OUT_BLOCK
+}
+
+/// Values of one 64-output panel of B (room for `max_rank` rounded up to 4).
+pub(super) fn panel_stride(max_rank: usize) -> usize {
+    max_rank.div_ceil(K_GROUP) * K_GROUP * OUT_BLOCK
+}
+
+pub(super) fn b_slot_len(out_dim: usize, max_rank: usize) -> usize {
+    out_pad(out_dim) / OUT_BLOCK * panel_stride(max_rank)
+}
+
+/// Where B's `(o, k)` lives inside a slot's panels.
+fn b_index(o: usize, k: usize, panel_stride: usize) -> usize {
+    (o / OUT_BLOCK) * panel_stride
+        + (k / K_GROUP) * OUT_BLOCK * K_GROUP
+        + (o % OUT_BLOCK) * K_GROUP
+        + k % K_GROUP
+}
+
+/// `round(w * 127 / max|w|)` for each weight, and the scale `max|w| / 127` (0 for a zero row).
+fn quantize_weights(w: impl Iterator<Item = f32> + Clone) -> (Vec<i8>, f32) {
+    let amax = w.clone().fold(0f32, |m, v| m.max(v.abs()));
+    if amax == 0.0 {
+        return (w.map(|_| 0).collect(), 0.0);
+    }
+    let id = 127.0 / amax;
+    let q = w
+        .map(|v| (v * id).round_ties_even().clamp(-127.0, 127.0) as i8)
+        .collect();
+    (q, amax / 127.0)
+}
+
+/// Per-row scales and zero-point corrections (`128 · Σ row`) of every slot of a Q8 store.
+#[derive(Clone, Debug, Default)]
+pub(super) struct RowScales {
+    a_scales: Vec<f32>,
+    a_sums: Vec<i32>,
+    /// `[slot][out_dim rounded up to 64]` (zeros past `out_dim`).
+    b_scales: Vec<f32>,
+    b_sums: Vec<i32>,
+}
+
+/// One slot's share of [`RowScales`].
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct SlotScales<'a> {
+    /// `[rank]`.
+    pub a_scales: &'a [f32],
+    pub a_sums: &'a [i32],
+    /// `[out_dim rounded up to 64]`.
+    pub b_scales: &'a [f32],
+    pub b_sums: &'a [i32],
+}
+
+impl RowScales {
+    pub fn new(shape: LoraShape) -> RowScales {
+        let (a_len, b_len) = (
+            shape.num_slots * shape.max_rank,
+            shape.num_slots * out_pad(shape.out_dim),
+        );
+        RowScales {
+            a_scales: vec![0.0; a_len],
+            a_sums: vec![0; a_len],
+            b_scales: vec![0.0; b_len],
+            b_sums: vec![0; b_len],
+        }
+    }
+
+    pub fn nbytes(&self) -> usize {
+        (self.a_scales.len() + self.a_sums.len() + self.b_scales.len() + self.b_sums.len()) * 4
+    }
+
+    pub fn slot(&self, shape: LoraShape, slot: usize, rank: usize) -> SlotScales<'_> {
+        if self.a_scales.is_empty() {
+            return SlotScales::default();
+        }
+        let (a0, b0, bn) = (
+            slot * shape.max_rank,
+            slot * out_pad(shape.out_dim),
+            out_pad(shape.out_dim),
+        );
+        SlotScales {
+            a_scales: &self.a_scales[a0..][..rank],
+            a_sums: &self.a_sums[a0..][..rank],
+            b_scales: &self.b_scales[b0..][..bn],
+            b_sums: &self.b_sums[b0..][..bn],
+        }
+    }
+
+    /// Copies `src_slot` of `src` (shape `src_shape`) into `slot` (shape `shape`): the first
+    /// `rank` A scales and every B scale. Shapes differ at most in `num_slots` and `max_rank`.
+    pub fn copy_slot(
+        &mut self,
+        (shape, slot): (LoraShape, usize),
+        src: &RowScales,
+        (src_shape, src_slot): (LoraShape, usize),
+        rank: usize,
+    ) {
+        if self.a_scales.is_empty() || src.a_scales.is_empty() {
+            return;
+        }
+        let (a0, s0) = (slot * shape.max_rank, src_slot * src_shape.max_rank);
+        self.a_scales[a0..][..rank].copy_from_slice(&src.a_scales[s0..][..rank]);
+        self.a_sums[a0..][..rank].copy_from_slice(&src.a_sums[s0..][..rank]);
+        let bn = out_pad(shape.out_dim);
+        let (b0, t0) = (slot * bn, src_slot * bn);
+        self.b_scales[b0..][..bn].copy_from_slice(&src.b_scales[t0..][..bn]);
+        self.b_sums[b0..][..bn].copy_from_slice(&src.b_sums[t0..][..bn]);
+    }
+
+    /// Quantizes (`W` is [`Q8`]: the integers convert exactly) PEFT's `a` `[rank, in_dim]` and `b` `[out_dim, rank]` into a slot's (whole,
+    /// zeroed first: padding must stay zero) A rows and B panels.
+    pub fn load<W: LoraWeight>(
+        &mut self,
+        shape: LoraShape,
+        slot: usize,
+        (a_slot, a_stride): (&mut [W], usize),
+        b_slot: &mut [W],
+        (a, b, rank): (&[f32], &[f32], usize),
+    ) {
+        let LoraShape {
+            in_dim,
+            out_dim,
+            max_rank,
+            ..
+        } = shape;
+        a_slot.fill(W::default());
+        b_slot.fill(W::default());
+        let a0 = slot * max_rank;
+        for (k, row) in a.chunks_exact(in_dim).enumerate() {
+            let (q, s) = quantize_weights(row.iter().copied());
+            for (dst, &v) in a_slot[k * a_stride..].iter_mut().zip(&q) {
+                *dst = W::from_f32(v as f32);
+            }
+            self.a_scales[a0 + k] = s;
+            self.a_sums[a0 + k] = 128 * q.iter().map(|&v| v as i32).sum::<i32>();
+        }
+        let (b0, ps) = (slot * out_pad(out_dim), panel_stride(max_rank));
+        self.b_scales[b0..][..out_pad(out_dim)].fill(0.0);
+        self.b_sums[b0..][..out_pad(out_dim)].fill(0);
+        for (o, row) in b.chunks_exact(rank).enumerate() {
+            let (q, s) = quantize_weights(row.iter().copied());
+            for (k, &v) in q.iter().enumerate() {
+                b_slot[b_index(o, k, ps)] = W::from_f32(v as f32);
+            }
+            self.b_scales[b0 + o] = s;
+            self.b_sums[b0 + o] = 128 * q.iter().map(|&v| v as i32).sum::<i32>();
+        }
+    }
+}
+
+/// Quantizes one token's activations into `out` (`q + 128`, padded with 128 = zero past
+/// `x.len()`); returns the scale `max|x| / 127` (0 for an all-zero token).
+pub(super) fn quantize_act(x: &[f32], out: &mut [u8]) -> f32 {
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    out.fill(128);
+    if amax == 0.0 {
+        return 0.0;
+    }
+    let id = 127.0 / amax;
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = ((v * id).round_ties_even() as i32 + 128) as u8;
+    }
+    amax / 127.0
+}
+
+/// The shrink's float step, shared by every kernel.
+#[inline(always)]
+pub(super) fn shrink_value(isum: i32, sx: f32, sa: f32) -> f32 {
+    (isum as f32 * sx) * sa
+}
+
+/// `v[k] = x · A_k` for one token whose activations `quantize_act` left in `xq` (`a_stride` bytes).
+fn shrink_token(w: &SlotWeights<'_, Q8>, xq: &[u8], sx: f32, v: &mut [f32]) {
+    for (k, row) in w.a.chunks_exact(w.a_stride).enumerate() {
+        let isum: i32 = xq
+            .iter()
+            .zip(row)
+            .map(|(&x, a)| x as i32 * a.0 as i32)
+            .sum();
+        v[k] = shrink_value(isum - w.q8.a_sums[k], sx, w.q8.a_scales[k]);
+    }
+}
+
+/// `y += scale · v Bᵀ` for one token.
+fn expand_token(w: &SlotWeights<'_, Q8>, v: &[f32], y: &mut [f32]) {
+    let mut vq = [128u8; super::MAX_LORA_RANK];
+    let rank4 = w.rank.div_ceil(K_GROUP) * K_GROUP;
+    let f = w.scale * quantize_act(&v[..w.rank], &mut vq[..rank4]);
+    for (o, yo) in y[..w.out_dim].iter_mut().enumerate() {
+        let idot: i32 = (0..rank4)
+            .map(|k| vq[k] as i32 * w.b_panels[b_index(o, k, w.panel_stride)].0 as i32)
+            .sum();
+        *yo = ((idot - w.q8.b_sums[o]) as f32 * w.q8.b_scales[o]).mul_add(f, *yo);
+    }
+}
+
+thread_local! {
+    /// One token's quantized activations (grows to the widest `in_dim` seen).
+    static XQ: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with a zeroed scratch buffer of `len` bytes, reused across calls on this thread.
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
+    XQ.with(|cell| {
+        let mut buf = cell.borrow_mut();
+        if buf.len() < len {
+            buf.resize(len, 0);
+        }
+        f(&mut buf[..len])
+    })
+}
+
+/// Whether to use the VNNI kernels (else the portable ones).
+#[cfg(target_arch = "x86_64")]
+fn vnni(kernel: super::LoraKernel) -> bool {
+    kernel == super::LoraKernel::Avx512
+}
+
+/// `v[t * v_stride..][..rank] = x_t · Aᵀ` for the `num_tokens` tokens of `x`.
+pub(super) fn shrink(
+    kernel: super::LoraKernel,
+    w: &SlotWeights<'_, Q8>,
+    x: &[f32],
+    v: &mut [f32],
+    v_stride: usize,
+) {
+    with_scratch(w.a_stride, |xq| {
+        for (t, xt) in x.chunks_exact(w.in_dim).enumerate() {
+            let vt = &mut v[t * v_stride..][..w.rank];
+            #[cfg(target_arch = "x86_64")]
+            if vnni(kernel) {
+                // SAFETY: the Avx512 kernel is only passed in when it is available.
+                unsafe {
+                    let sx = super::avx512::quantize_act(xt, xq);
+                    super::avx512::shrink_token(w, xq, sx, vt);
+                }
+                continue;
+            }
+            let _ = kernel;
+            let sx = quantize_act(xt, xq);
+            shrink_token(w, xq, sx, vt);
+        }
+    })
+}
+
+/// `y_t += scale · v_t Bᵀ` for `num_tokens` tokens.
+pub(super) fn expand(
+    kernel: super::LoraKernel,
+    w: &SlotWeights<'_, Q8>,
+    (v, v_stride): (&[f32], usize),
+    num_tokens: usize,
+    y: &mut [f32],
+    y_stride: usize,
+) {
+    for t in 0..num_tokens {
+        let vt = &v[t * v_stride..][..w.rank];
+        let yt = &mut y[t * y_stride..][..w.out_dim];
+        #[cfg(target_arch = "x86_64")]
+        if vnni(kernel) {
+            // SAFETY: the Avx512 kernel is only passed in when it is available.
+            unsafe { super::avx512::expand_token(w, vt, yt) };
+            continue;
+        }
+        let _ = kernel;
+        expand_token(w, vt, yt);
+    }
+}
