@@ -5,6 +5,7 @@
 mod fixtures;
 #[path = "adapter_files/fuzz.rs"]
 mod fuzz;
+mod support;
 #[path = "adapter_files/synthetic.rs"]
 mod synthetic;
 #[path = "adapter_files/validation.rs"]

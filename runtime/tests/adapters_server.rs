@@ -8,43 +8,22 @@ mod support;
 use std::path::Path;
 use std::time::Duration;
 
-use axum::body::{to_bytes, Body};
-use axum::http::{Request, StatusCode};
+use axum::http::StatusCode;
 use axum::Router;
 use caduceus_runtime::adapters::make::write_synthetic_adapters;
 use caduceus_runtime::adapters::Projection;
 use caduceus_runtime::model::loader::LoadedModel;
 use caduceus_runtime::server::app;
 use serde_json::{json, Value};
-use support::server_app::{TestServer, MODEL};
-use tower::ServiceExt;
+use support::server_app::{call, TestServer, MODEL};
 
-async fn call(
-    router: &Router,
-    method: &str,
-    uri: &str,
-    body: Option<Value>,
-) -> (StatusCode, String) {
-    let mut req = Request::builder().method(method).uri(uri);
-    let body = match body {
-        Some(v) => {
-            req = req.header("content-type", "application/json");
-            Body::from(v.to_string())
-        }
-        None => Body::empty(),
-    };
-    let resp = router
-        .clone()
-        .oneshot(req.body(body).unwrap())
-        .await
-        .unwrap();
-    let status = resp.status();
-    let bytes = to_bytes(resp.into_body(), 1 << 24).await.unwrap();
-    (status, String::from_utf8(bytes.to_vec()).unwrap())
+async fn get(router: &Router, uri: &str) -> (StatusCode, String) {
+    let (s, _, b) = call(router, "GET", uri, None, None).await;
+    (s, b)
 }
 
 async fn post(router: &Router, uri: &str, body: Value) -> (StatusCode, Value) {
-    let (s, b) = call(router, "POST", uri, Some(body)).await;
+    let (s, _, b) = call(router, "POST", uri, Some(body), None).await;
     (s, serde_json::from_str(&b).unwrap_or(Value::String(b)))
 }
 
@@ -105,7 +84,7 @@ async fn models_lists_every_adapter_and_unknown_models_are_404() {
     synthetic(tmp.path(), 3, 1);
     std::fs::create_dir(tmp.path().join("not-an-adapter")).unwrap();
     let router = server(tmp.path(), 2, 4);
-    let (status, body) = call(&router, "GET", "/v1/models", None).await;
+    let (status, body) = get(&router, "/v1/models").await;
     assert_eq!(status, StatusCode::OK);
     let body: Value = serde_json::from_str(&body).unwrap();
     let ids: Vec<&str> = body["data"]
@@ -292,7 +271,7 @@ async fn load_and_unload_endpoints_check_paths_and_keep_serving() {
     assert_eq!(status, StatusCode::OK, "{resp}");
     let (status, body) = complete(&router, "dr-new", "hello doctor", 6).await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    let (s, list) = call(&router, "GET", "/v1/models", None).await;
+    let (s, list) = get(&router, "/v1/models").await;
     assert_eq!(s, StatusCode::OK);
     assert!(list.contains("\"dr-new\""));
     let unload = json!({"lora_name": "dr-new"});
@@ -340,11 +319,11 @@ async fn a_broken_adapter_fails_its_requests_only() {
     assert_eq!((r2.0, r3.0), (StatusCode::OK, StatusCode::OK));
     // Streaming gets the error as an SSE error event.
     let body = json!({"model": "doctor-0001", "prompt": "hello", "max_tokens": 4, "stream": true});
-    let (status, sse) = call(&router, "POST", "/v1/completions", Some(body)).await;
+    let (status, _, sse) = call(&router, "POST", "/v1/completions", Some(body), None).await;
     assert_eq!(status, StatusCode::OK);
     assert!(sse.contains("adapter_load_failed"), "{sse}");
 
-    let (_, metrics) = call(&router, "GET", "/metrics", None).await;
+    let (_, metrics) = get(&router, "/metrics").await;
     for needle in [
         "caduceus_lora_requests_total{adapter=\"doctor-0000\"}",
         "caduceus_lora_loads_total{source=\"disk\"}",

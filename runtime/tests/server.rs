@@ -3,42 +3,13 @@
 
 mod support;
 
-use axum::body::{to_bytes, Body};
+use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use axum::Router;
 use caduceus_runtime::server::{app, AppState, Phase};
 use serde_json::{json, Value};
-use support::server_app::{sse_data, TestServer, MODEL};
+use support::server_app::{call, sse_data, TestServer, MODEL};
 use tower::ServiceExt;
-
-async fn call(
-    router: &Router,
-    method: &str,
-    uri: &str,
-    body: Option<Value>,
-    key: Option<&str>,
-) -> (StatusCode, axum::http::HeaderMap, String) {
-    let mut req = Request::builder().method(method).uri(uri);
-    if let Some(k) = key {
-        req = req.header("authorization", format!("Bearer {k}"));
-    }
-    let body = match body {
-        Some(v) => {
-            req = req.header("content-type", "application/json");
-            Body::from(v.to_string())
-        }
-        None => Body::empty(),
-    };
-    let resp = router
-        .clone()
-        .oneshot(req.body(body).unwrap())
-        .await
-        .unwrap();
-    let status = resp.status();
-    let headers = resp.headers().clone();
-    let bytes = to_bytes(resp.into_body(), 1 << 24).await.unwrap();
-    (status, headers, String::from_utf8(bytes.to_vec()).unwrap())
-}
 
 async fn post(router: &Router, uri: &str, body: Value) -> (StatusCode, Value) {
     let (s, _, b) = call(router, "POST", uri, Some(body), None).await;

@@ -199,27 +199,14 @@ impl LoraStack {
                 slots: self.dtype,
             });
         }
-        if prepared.layers.len() != self.layers.len() {
-            return Err(LoraStackError::LayerCount {
-                expected: self.layers.len(),
-                actual: prepared.layers.len(),
-            });
-        }
-        for (layer, (dst, src)) in self.layers.iter_mut().zip(&prepared.layers).enumerate() {
-            for (p, (d, s)) in dst.iter_mut().zip(src).enumerate() {
-                let result = if s.is_loaded(0) {
-                    d.copy_from(slot, s)
-                } else {
-                    d.clear(slot)
-                };
-                result.map_err(|source| LoraStackError::Slot {
-                    layer,
-                    projection: Projection::ALL[p].module_name(),
-                    source,
-                })?;
+        self.fill_each(prepared.layers.len(), |layer, p, d| {
+            let s = &prepared.layers[layer][p];
+            if s.is_loaded(0) {
+                d.copy_from(slot, s)
+            } else {
+                d.clear(slot)
             }
-        }
-        Ok(())
+        })
     }
 
     /// The storage type of the slots.
@@ -248,19 +235,30 @@ impl LoraStack {
 
     /// Copies `adapter` into `slot`; projections it does not target are cleared there.
     pub fn load(&mut self, slot: usize, adapter: &AdapterWeights) -> Result<(), LoraStackError> {
-        if adapter.layers.len() != self.layers.len() {
+        self.fill_each(adapter.layers.len(), |layer, p, s| {
+            match &adapter.layers[layer][p] {
+                Some(pair) => s.load(slot, pair, adapter.rank, adapter.scale),
+                None => s.clear(slot),
+            }
+        })
+    }
+
+    /// Runs `f(layer, projection index, slots)` over every projection of every layer, after
+    /// checking the source has `source_layers` layers like this stack; errors name the place.
+    fn fill_each(
+        &mut self,
+        source_layers: usize,
+        mut f: impl FnMut(usize, usize, &mut ProjectionSlots) -> Result<(), LoraError>,
+    ) -> Result<(), LoraStackError> {
+        if source_layers != self.layers.len() {
             return Err(LoraStackError::LayerCount {
                 expected: self.layers.len(),
-                actual: adapter.layers.len(),
+                actual: source_layers,
             });
         }
-        for (layer, (slots, pairs)) in self.layers.iter_mut().zip(&adapter.layers).enumerate() {
-            for (p, (s, pair)) in slots.iter_mut().zip(pairs).enumerate() {
-                let result = match pair {
-                    Some(pair) => s.load(slot, pair, adapter.rank, adapter.scale),
-                    None => s.clear(slot),
-                };
-                result.map_err(|source| LoraStackError::Slot {
+        for (layer, slots) in self.layers.iter_mut().enumerate() {
+            for (p, s) in slots.iter_mut().enumerate() {
+                f(layer, p, s).map_err(|source| LoraStackError::Slot {
                     layer,
                     projection: Projection::ALL[p].module_name(),
                     source,

@@ -14,33 +14,7 @@ pub const LIMITS: AdapterLimits = AdapterLimits {
     max_file_bytes: 1 << 30,
 };
 
-/// `../shared/<rel>` beside the workspace (the reference adapters and models).
-pub fn shared(rel: &str) -> PathBuf {
-    let p = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared")).join(rel);
-    assert!(
-        p.exists(),
-        "reference material {} is missing: the tests need ../shared/ beside the repo",
-        p.display()
-    );
-    p
-}
-
-/// The default GGUF model, or `None` (with a notice) when `scripts/fetch-default-model` has not run.
-pub fn default_model() -> Option<PathBuf> {
-    let p = PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../models/SmolLM2-135M-Instruct.Q4_1.gguf"
-    ));
-    if p.exists() {
-        Some(p)
-    } else {
-        eprintln!(
-            "SKIPPED: {} is absent; run scripts/fetch-default-model",
-            p.display()
-        );
-        None
-    }
-}
+pub use crate::support::{default_model, shared};
 
 /// The tiny-llama reference model's config (HF layout, so `rope_neox`).
 pub fn tiny_llama() -> LlamaConfig {

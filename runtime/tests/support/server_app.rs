@@ -1,8 +1,14 @@
 //! An in-process server over the tiny reference Llama, for the HTTP tests.
 
 use std::path::PathBuf;
+
+use axum::body::{to_bytes, Body};
+use axum::http::{Request, StatusCode};
+use axum::Router;
+use serde_json::Value;
 use std::sync::Arc;
 use std::time::Duration;
+use tower::ServiceExt;
 
 use caduceus_runtime::adapters::peft::AdapterLimits;
 use caduceus_runtime::adapters::{AdapterRegistry, AdapterService, AdapterSettings};
@@ -109,4 +115,34 @@ pub fn sse_data(body: &str) -> Vec<String> {
         .filter_map(|l| l.strip_prefix("data: ").or_else(|| l.strip_prefix("data:")))
         .map(|d| d.trim().to_string())
         .collect()
+}
+
+/// Sends one request to `router` in-process; returns status, headers and body text.
+pub async fn call(
+    router: &Router,
+    method: &str,
+    uri: &str,
+    body: Option<Value>,
+    key: Option<&str>,
+) -> (StatusCode, axum::http::HeaderMap, String) {
+    let mut req = Request::builder().method(method).uri(uri);
+    if let Some(k) = key {
+        req = req.header("authorization", format!("Bearer {k}"));
+    }
+    let body = match body {
+        Some(v) => {
+            req = req.header("content-type", "application/json");
+            Body::from(v.to_string())
+        }
+        None => Body::empty(),
+    };
+    let resp = router
+        .clone()
+        .oneshot(req.body(body).unwrap())
+        .await
+        .unwrap();
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let bytes = to_bytes(resp.into_body(), 1 << 24).await.unwrap();
+    (status, headers, String::from_utf8(bytes.to_vec()).unwrap())
 }
