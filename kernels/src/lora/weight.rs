@@ -80,7 +80,7 @@ impl LoraWeight for bf16 {
 impl LoraWeight for Q8 {
     const KIND: WeightKind = WeightKind::Q8;
     fn from_f32(v: f32) -> Q8 {
-        Q8(v.round_ties_even().clamp(-127.0, 127.0) as i8)
+        Q8(super::q8::round_small(v.clamp(-127.0, 127.0)) as i8)
     }
     fn to_f32(self) -> f32 {
         self.0 as f32

@@ -1,8 +1,9 @@
 //! `caduceus bench-lora`: what serving many adapters costs, on the engine itself.
 //!
 //! 1. Decode throughput of a batch of `--batch` requests, each on its own adapter (synthetic,
-//!    rank `--rank`, all seven projections), against the same batch on the base model, measured in
-//!    base / adapters / base order (A-B-A) from the steps where every request decodes.
+//!    rank `--rank`, all seven projections), against the same batch on the base model twice, the
+//!    three engines stepped in turn (base, adapters, base, base, adapters, ...) so that machine
+//!    drift cancels; only steps where every request decodes count.
 //! 2. Cold load: reading and validating one adapter from disk, per adapter.
 //! 3. Filling a device slot from host memory, and the step times (= inter-token latency) of
 //!    running adapter streams while the loader thread reads `--burst` cold adapters from disk,
@@ -93,40 +94,71 @@ impl Bench<'_> {
         Ok(core.with_adapters(self.service.clone())?)
     }
 
-    /// Decode tokens/s of `adapters.len()` requests (each on its adapter, `None` = base).
-    fn decode(&self, adapters: &[Option<&str>], steps: usize) -> anyhow::Result<f64> {
-        // Steady state: every adapter already in host memory (cold loads are measured apart).
-        for name in adapters.iter().flatten() {
-            let entry = self
-                .service
-                .registry()
-                .get(name)
-                .context("registered adapter")?;
-            if self.service.cached(&entry).is_none() {
-                self.service.cache(self.service.load(&entry)?.0);
+    /// Decode tokens/s of each workload in `runs` (per-request adapters, `None` = base),
+    /// stepped in turn (one step of each, round after round) so that the drift of a shared
+    /// machine hits all of them alike. Only steps where every request decodes count.
+    fn decode(&self, runs: &[&[Option<&str>]], steps: usize) -> anyhow::Result<Vec<f64>> {
+        struct Run<'m> {
+            core: EngineCore<&'m LlamaModel>,
+            _streams: Vec<mpsc::UnboundedReceiver<RequestOutput>>,
+            batch: usize,
+            decode_steps: usize,
+            secs: f64,
+        }
+        let vocab = self.model.config().vocab_size;
+        let mut list = Vec::new();
+        for adapters in runs {
+            // Steady state: every adapter already in host memory (cold loads are measured apart).
+            for name in adapters.iter().flatten() {
+                let entry = self
+                    .service
+                    .registry()
+                    .get(name)
+                    .context("registered adapter")?;
+                if self.service.cached(&entry).is_none() {
+                    self.service.cache(self.service.load(&entry)?.0);
+                }
+            }
+            let mut core = self.engine(adapters.len())?;
+            let prompts = random_prompts(adapters.len(), 32, vocab, 1);
+            let mut streams = Vec::new();
+            for (i, (p, a)) in prompts.iter().zip(adapters.iter()).enumerate() {
+                streams.push(submit(&mut core, i, p.clone(), steps + 8, *a)?);
+            }
+            list.push(Run {
+                core,
+                _streams: streams,
+                batch: adapters.len(),
+                decode_steps: 0,
+                secs: 0.0,
+            });
+        }
+        let mut busy = true;
+        while busy {
+            busy = false;
+            for r in list.iter_mut().filter(|r| r.core.has_unfinished()) {
+                busy = true;
+                let t = Instant::now();
+                let s = r.core.step()?;
+                let took = t.elapsed().as_secs_f64();
+                if s.num_scheduled_tokens == 0 {
+                    r.core.wait_for_adapter_load(Duration::from_millis(20));
+                } else if s.num_scheduled_tokens == r.batch {
+                    // The first decode steps warm caches and slots.
+                    r.decode_steps += 1;
+                    if r.decode_steps > 4 {
+                        r.secs += took;
+                    }
+                }
             }
         }
-        let mut core = self.engine(adapters.len())?;
-        let prompts = random_prompts(adapters.len(), 32, self.model.config().vocab_size, 1);
-        let mut streams = Vec::new();
-        for (i, (p, a)) in prompts.iter().zip(adapters).enumerate() {
-            streams.push(submit(&mut core, i, p.clone(), steps + 8, *a)?);
-        }
-        // Warm-up: prefill, loads and the first decode steps.
-        let mut decode_steps = Vec::new();
-        while core.has_unfinished() {
-            let t = Instant::now();
-            let s = core.step()?;
-            if s.num_scheduled_tokens == 0 {
-                core.wait_for_adapter_load(Duration::from_millis(20));
-            } else if s.num_scheduled_tokens == adapters.len() {
-                decode_steps.push(t.elapsed());
-            }
-        }
-        let measured = &decode_steps[decode_steps.len().min(4)..];
-        anyhow::ensure!(!measured.is_empty(), "no decode steps measured");
-        let secs: f64 = measured.iter().map(Duration::as_secs_f64).sum();
-        Ok((measured.len() * adapters.len()) as f64 / secs)
+        list.iter()
+            .map(|r| {
+                let counted = r.decode_steps.saturating_sub(4);
+                anyhow::ensure!(counted > 0, "no decode steps measured");
+                Ok((counted * r.batch) as f64 / r.secs)
+            })
+            .collect()
     }
 
     /// Step times (ms) of `running` streams (each on its own warm adapter, as in production)
@@ -269,9 +301,8 @@ fn run_in(
     let n = args.batch;
     let base: Vec<Option<&str>> = vec![None; n];
     let lora: Vec<Option<&str>> = b.names[..n].iter().map(|s| Some(s.as_str())).collect();
-    let base1 = b.decode(&base, args.decode_steps)?;
-    let with_lora = b.decode(&lora, args.decode_steps)?;
-    let base2 = b.decode(&base, args.decode_steps)?;
+    let tok_s = b.decode(&[&base, &lora, &base], args.decode_steps)?;
+    let (base1, with_lora, base2) = (tok_s[0], tok_s[1], tok_s[2]);
 
     // Cold loads straight from disk (not cached), one at a time.
     let mut load_ms = Vec::new();
