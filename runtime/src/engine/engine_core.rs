@@ -363,6 +363,7 @@ impl<M: Deref<Target = LlamaModel>> EngineCore<M> {
         self.note_slot_fills(&result.slot_fills);
         let updates = self.scheduler.update(&sched, &result.step);
         let num_finished = self.emit(updates, result);
+        self.publish_adapter_info();
         Ok(StepStats {
             num_scheduled_reqs: sched.scheduled.len(),
             num_scheduled_tokens: sched.total_num_scheduled_tokens,
@@ -407,7 +408,14 @@ impl<M: Deref<Target = LlamaModel>> EngineCore<M> {
                 self.executor.num_resident_adapters(),
             );
         }
-        // Publish running / waiting adapter names when they change (the gateway's info gauge).
+    }
+
+    /// Publishes the running and waiting adapter names when they change (the gateway's info
+    /// gauge), after the step's finishes so an idle engine shows none.
+    fn publish_adapter_info(&mut self) {
+        let Some(a) = &mut self.adapters else {
+            return;
+        };
         let mut running: Vec<Arc<str>> = Vec::new();
         let mut waiting: Vec<Arc<str>> = Vec::new();
         for t in self.requests.values() {
