@@ -36,6 +36,7 @@ impl AdapterLoader {
     pub fn spawn(service: Arc<AdapterService>) -> std::io::Result<Self> {
         let (jobs, job_rx) = mpsc::channel::<AdapterEntry>();
         let (done_tx, done) = mpsc::channel();
+        keep_freed_memory();
         let thread = std::thread::Builder::new()
             .name("caduceus-lora-loader".into())
             .spawn(move || {
@@ -136,5 +137,18 @@ fn lower_priority() {
         if libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) != 0 {
             let _ = libc::setpriority(libc::PRIO_PROCESS, 0, LOADER_NICE);
         }
+    }
+}
+
+/// Keeps large freed blocks in the allocator instead of unmapping them: every `munmap` of an
+/// adapter-sized buffer makes the kernel interrupt all cores running this process (TLB
+/// shootdown), stalling the compute threads mid-step. With glibc, blocks of up to 1 GiB come from
+/// the heap and the heap is trimmed only past 1 GiB of free space. Best effort, process-wide.
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt takes two integers and only changes allocator thresholds.
+    unsafe {
+        let _ = libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        let _ = libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
     }
 }
