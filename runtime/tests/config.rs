@@ -300,3 +300,32 @@ fn unreadable_and_malformed_files_name_the_path() {
         "{msg}"
     );
 }
+
+#[test]
+fn adapter_settings_come_from_file_env_and_flags() {
+    use caduceus_runtime::config::AdapterDtype;
+    use caduceus_runtime::model::LoraDtype;
+    let dir = tempfile::tempdir().unwrap();
+    let adapters = dir.path().join("avatars");
+    std::fs::create_dir(&adapters).unwrap();
+    let toml = "[adapters]\nmax_loras = 4\nmax_cpu_loras = 32\ndtype = \"f32\"\n";
+    let path = write(&dir, "c.toml", toml);
+    let file = CaduceusConfig::load(&with_file(&path), Vec::new()).unwrap();
+    assert_eq!(file.adapters.dtype, AdapterDtype::F32);
+    assert_eq!(file.adapters.dtype.resolve(), LoraDtype::F32);
+    assert_eq!(file.adapters.max_loras, 4);
+    let vars = [("CADUCEUS_ADAPTERS__DTYPE", "q8")];
+    let flags = ConfigOverrides {
+        adapter_dir: Some(adapters.clone()),
+        max_loras: Some(16),
+        ..with_file(&path)
+    };
+    let all = CaduceusConfig::load(&flags, env(&vars)).unwrap();
+    assert_eq!(all.adapters.dtype.resolve(), LoraDtype::Q8);
+    assert_eq!(all.adapters.dir.as_deref(), Some(adapters.as_path()));
+    assert_eq!(all.adapters.max_loras, 16);
+    // The default picks q8 exactly where the VNNI kernels exist.
+    assert_eq!(AdapterDtype::Auto.resolve(), LoraDtype::fastest());
+    let (msg, _, _) = load_err("[adapters]\ndtype = \"int4\"\n", &[]);
+    assert!(msg.contains("adapters.dtype") && msg.contains("q8"), "{msg}");
+}
