@@ -327,5 +327,8 @@ fn adapter_settings_come_from_file_env_and_flags() {
     // The default picks q8 exactly where the VNNI kernels exist.
     assert_eq!(AdapterDtype::Auto.resolve(), LoraDtype::fastest());
     let (msg, _, _) = load_err("[adapters]\ndtype = \"int4\"\n", &[]);
-    assert!(msg.contains("adapters.dtype") && msg.contains("q8"), "{msg}");
+    assert!(
+        msg.contains("adapters.dtype") && msg.contains("q8"),
+        "{msg}"
+    );
 }
