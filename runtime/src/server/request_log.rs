@@ -80,39 +80,24 @@ impl Drop for RequestLog {
             e2e: (self.status == 200).then_some(e2e),
         });
         let ms = |d: Option<Duration>| d.map_or(-1.0, |d| d.as_secs_f64() * 1e3);
-        match &self.texts {
-            None => tracing::info!(
-                target: "caduceus::request",
-                id = %self.id,
-                endpoint = self.endpoint,
-                model = %self.model,
-                status = self.status,
-                finish_reason = self.finish_reason,
-                prompt_tokens = self.prompt_tokens,
-                completion_tokens = self.completion_tokens,
-                cached_tokens = self.cached_tokens,
-                queue_ms = ms(self.queue_time),
-                ttft_ms = ms(ttft),
-                e2e_ms = ms(Some(e2e)),
-                "request"
-            ),
-            Some((prompt, completion)) => tracing::info!(
-                target: "caduceus::request",
-                id = %self.id,
-                endpoint = self.endpoint,
-                model = %self.model,
-                status = self.status,
-                finish_reason = self.finish_reason,
-                prompt_tokens = self.prompt_tokens,
-                completion_tokens = self.completion_tokens,
-                cached_tokens = self.cached_tokens,
-                queue_ms = ms(self.queue_time),
-                ttft_ms = ms(ttft),
-                e2e_ms = ms(Some(e2e)),
-                prompt = %prompt,
-                completion = %completion,
-                "request"
-            ),
-        }
+        // Text fields are recorded only with `log_prompts` (`None` records nothing).
+        let texts = self.texts.as_ref();
+        tracing::info!(
+            target: "caduceus::request",
+            id = %self.id,
+            endpoint = self.endpoint,
+            model = %self.model,
+            status = self.status,
+            finish_reason = self.finish_reason,
+            prompt_tokens = self.prompt_tokens,
+            completion_tokens = self.completion_tokens,
+            cached_tokens = self.cached_tokens,
+            queue_ms = ms(self.queue_time),
+            ttft_ms = ms(ttft),
+            e2e_ms = ms(Some(e2e)),
+            prompt = texts.map(|(p, _)| tracing::field::display(p)),
+            completion = texts.map(|(_, c)| tracing::field::display(c)),
+            "request"
+        );
     }
 }
