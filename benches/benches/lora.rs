@@ -12,7 +12,8 @@
 //! summary measures every case's LoRA time per kind against the base layer in interleaved rounds
 //! (so a busy machine slows both sides alike) and prints the ratios. `LORA_LAYERS=30` cycles
 //! through 30 layers' weights so they come from L3/memory as in a whole model rather than from L2.
-//! Thread count comes from RAYON_NUM_THREADS; `LORA_SUMMARY=0` skips the summary.
+//! Thread count comes from RAYON_NUM_THREADS; `LORA_SUMMARY=0` skips the summary;
+//! `LORA_CASES=decode16_r16,...` and `LORA_KINDS=q8,...` limit it to those cases and kinds.
 //!
 //! `RAYON_NUM_THREADS=1 cargo bench -p caduceus-benches --bench lora`
 
@@ -237,9 +238,12 @@ fn summary(layers: usize, threads: &str) {
         "{:<16} {:>5} {:>12} {:>12} {:>7}",
         "case", "kind", "lora (us)", "base (us)", "ratio"
     );
-    for case in cases() {
+    let only = |var: &str, name: &str| {
+        std::env::var(var).map_or(true, |v| v.split(',').any(|x| x == name))
+    };
+    for case in cases().into_iter().filter(|c| only("LORA_CASES", c.name)) {
         let mut base = base_runner(layers, case.num_tokens);
-        for (kind, make) in KINDS {
+        for (kind, make) in KINDS.iter().filter(|(k, _)| only("LORA_KINDS", k)) {
             let mut lora = make(layers, &case);
             let t = interleaved_us(&mut [&mut base, &mut lora]);
             println!(

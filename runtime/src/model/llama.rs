@@ -202,7 +202,20 @@ impl LlamaModel {
 
     /// [`Self::forward`] with per-token LoRA deltas: each token adds the delta of the adapter slot
     /// `lora` assigns it. Fails only if `lora` names a slot outside its stack.
+    ///
+    /// Runs on a thread of the current rayon pool (moving there once if called from outside
+    /// it), so that each of its hundreds of parallel kernels forks and joins inside the pool:
+    /// called from outside, each one would cost two cross-thread wake-ups.
     pub fn forward_with_lora(
+        &self,
+        batch: &ForwardBatch<'_>,
+        kv: &mut KvCache,
+        lora: Option<&LoraBatch<'_>>,
+    ) -> Result<Vec<f32>, LoraError> {
+        rayon::scope(|_| self.forward_in_pool(batch, kv, lora))
+    }
+
+    fn forward_in_pool(
         &self,
         batch: &ForwardBatch<'_>,
         kv: &mut KvCache,
