@@ -30,26 +30,17 @@ fn check_shape<W: LoraWeight>(
     lens: &[usize],
 ) {
     let mut r = rng(seed);
-    let mut adapters: Vec<_> = ranks
-        .iter()
-        .map(|&rank| Some(random_adapter(&mut r, in_dim, out_dim, rank)))
-        .collect();
-    adapters.push(None);
-    let shape = LoraShape {
-        num_slots: adapters.len(),
-        in_dim,
-        out_dim,
-        max_rank: ranks.iter().copied().max().unwrap(),
-    };
+    let MixedBatch {
+        adapters,
+        shape,
+        segs,
+        num_tokens,
+    } = mixed_batch(&mut r, (in_dim, out_dim), ranks, lens);
     let slots = store::<W>(shape, &adapters);
     let adapters: Vec<_> = adapters
         .iter()
         .map(|a| a.as_ref().map(rounded::<W>))
         .collect();
-    let mut cycle: Vec<Option<u32>> = (0..ranks.len() as u32).map(Some).collect();
-    cycle.insert(1, None);
-    let segs = segments(lens, &cycle);
-    let num_tokens: usize = lens.iter().sum();
     let x = random_f32(&mut r, num_tokens * in_dim);
     let y0 = random_f32(&mut r, num_tokens * out_dim);
     let per_token = token_slots(&segs, num_tokens);

@@ -32,21 +32,12 @@ struct Case {
 
 fn case(seed: u64, (in_dim, out_dim): (usize, usize), ranks: &[usize], lens: &[usize]) -> Case {
     let mut r = rng(seed);
-    let mut adapters: Vec<_> = ranks
-        .iter()
-        .map(|&rank| Some(random_adapter(&mut r, in_dim, out_dim, rank)))
-        .collect();
-    adapters.push(None);
-    let shape = LoraShape {
-        num_slots: adapters.len(),
-        in_dim,
-        out_dim,
-        max_rank: ranks.iter().copied().max().unwrap(),
-    };
-    let mut cycle: Vec<Option<u32>> = (0..ranks.len() as u32).map(Some).collect();
-    cycle.insert(1, None);
-    let segs = segments(lens, &cycle);
-    let num_tokens: usize = lens.iter().sum();
+    let MixedBatch {
+        adapters,
+        shape,
+        segs,
+        num_tokens,
+    } = mixed_batch(&mut r, (in_dim, out_dim), ranks, lens);
     Case {
         slots: store::<Q8>(shape, &adapters),
         adapters,

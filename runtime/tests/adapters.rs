@@ -12,16 +12,14 @@ mod merged;
 use std::path::Path;
 use std::sync::Arc;
 
-use caduceus_kernels::attention::SeqAttention;
 use caduceus_kernels::lora::Segment;
 use caduceus_runtime::adapters::peft::{load_adapter, AdapterLimits};
 use caduceus_runtime::adapters::{AdapterRegistry, AdapterService, AdapterSettings};
 use caduceus_runtime::generate::{
     generate_with_adapters, scheduler_config_for, GenerateOutput, GenerateRequest,
 };
-use caduceus_runtime::kv_cache::KvCache;
 use caduceus_runtime::model::loader::LoadedModel;
-use caduceus_runtime::model::{ForwardBatch, LlamaModel, LoraBatch, LoraDtype, LoraStack};
+use caduceus_runtime::model::{LlamaModel, LoraBatch, LoraDtype, LoraStack};
 use caduceus_runtime::sampling::SamplingParams;
 use serde_json::Value;
 
@@ -32,26 +30,6 @@ pub const LIMITS: AdapterLimits = AdapterLimits {
 
 /// Last-position logits of `prompt` run alone, with the adapter in `stack` slot 0 (or none).
 pub fn last_logits(model: &LlamaModel, prompt: &[u32], lora: Option<&LoraStack>) -> Vec<f32> {
-    let bs = 16;
-    let blocks = prompt.len().div_ceil(bs);
-    let table: Vec<u32> = (0..blocks as u32).collect();
-    let mut kv = KvCache::new(model.config().num_layers, model.kv_cache_shape(blocks, bs));
-    let positions: Vec<u32> = (0..prompt.len() as u32).collect();
-    let slots: Vec<u32> = positions.clone();
-    let seqs = [SeqAttention {
-        query_start: 0,
-        query_len: prompt.len(),
-        context_len: prompt.len(),
-        block_table: &table,
-    }];
-    let idx = [prompt.len() - 1];
-    let batch = ForwardBatch {
-        token_ids: prompt,
-        positions: &positions,
-        slot_mapping: &slots,
-        seqs: &seqs,
-        logits_indices: &idx,
-    };
     let segments = [Segment {
         start: 0,
         len: prompt.len(),
@@ -61,9 +39,7 @@ pub fn last_logits(model: &LlamaModel, prompt: &[u32], lora: Option<&LoraStack>)
         stack,
         segments: &segments,
     });
-    model
-        .forward_with_lora(&batch, &mut kv, lora.as_ref())
-        .unwrap()
+    support::forward_prompt(model, prompt, 16, &[prompt.len() - 1], lora.as_ref())
 }
 
 /// A service over the adapter folders in `root`.
@@ -152,12 +128,7 @@ fn tiny_llama_adapters_match_peft_logits_and_greedy_tokens() {
                     "{name} prompt {i} logit {t}: {got} vs peft {want}"
                 );
             }
-            let argmax = logits
-                .iter()
-                .enumerate()
-                .max_by(|a, b| a.1.total_cmp(b.1))
-                .unwrap()
-                .0;
+            let argmax = support::argmax(&logits);
             assert_eq!(argmax as u64, want["last_logits_argmax"].as_u64().unwrap());
         }
     }

@@ -12,6 +12,20 @@ fn caduceus(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// The JSON lines a successful run printed (fails with its stderr otherwise).
+fn json_lines(out: std::process::Output) -> Vec<serde_json::Value> {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 #[test]
 fn generate_json_prints_one_object_per_prompt_in_order() {
     let model = support::shared("reference/tiny-llama/model");
@@ -33,16 +47,7 @@ fn generate_json_prints_one_object_per_prompt_in_order() {
         "--ignore-eos",
         "--json",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = json_lines(out);
     assert_eq!(lines.len(), 2);
     for (line, idx) in lines.iter().zip([1, 3]) {
         assert_eq!(
@@ -155,16 +160,7 @@ fn generate_with_adapters_matches_peft_per_prompt_in_one_batch() {
         "--ignore-eos",
         "--json",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = json_lines(out);
     for (line, key) in lines.iter().zip(["doctor-a", "base", "doctor-b"]) {
         assert_eq!(line["token_ids"], expected[key][0]["greedy_16"], "{key}");
     }

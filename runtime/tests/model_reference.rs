@@ -4,11 +4,9 @@
 
 mod support;
 
-use caduceus_kernels::attention::SeqAttention;
 use caduceus_runtime::generate::{generate, FinishReason, GenerateOptions, GenerateRequest};
-use caduceus_runtime::kv_cache::KvCache;
 use caduceus_runtime::model::loader::LoadedModel;
-use caduceus_runtime::model::{ForwardBatch, LlamaModel, WeightFormat};
+use caduceus_runtime::model::{LlamaModel, WeightFormat};
 use caduceus_runtime::sampling::SamplingParams;
 use serde_json::Value;
 use support::random_model::{write_random_model, RandomSpec};
@@ -33,33 +31,9 @@ fn greedy(prompt: &[u32], max_tokens: usize) -> GenerateRequest {
 
 /// Logits of every position of one prompt, computed in one forward pass.
 fn all_logits(model: &LlamaModel, prompt: &[u32]) -> Vec<Vec<f32>> {
-    let bs = 4;
-    let blocks = prompt.len().div_ceil(bs);
-    // Scatter the blocks in reverse order so paging is exercised.
-    let table: Vec<u32> = (0..blocks as u32).rev().collect();
-    let mut kv = KvCache::new(model.config().num_layers, model.kv_cache_shape(blocks, bs));
-    let positions: Vec<u32> = (0..prompt.len() as u32).collect();
-    let slots: Vec<u32> = (0..prompt.len())
-        .map(|p| table[p / bs] * bs as u32 + (p % bs) as u32)
-        .collect();
-    let seqs = [SeqAttention {
-        query_start: 0,
-        query_len: prompt.len(),
-        context_len: prompt.len(),
-        block_table: &table,
-    }];
     let idx: Vec<usize> = (0..prompt.len()).collect();
-    let batch = ForwardBatch {
-        token_ids: prompt,
-        positions: &positions,
-        slot_mapping: &slots,
-        seqs: &seqs,
-        logits_indices: &idx,
-    };
-    batch.check().unwrap();
     let v = model.config().vocab_size;
-    model
-        .forward(&batch, &mut kv)
+    support::forward_prompt(model, prompt, 4, &idx, None)
         .chunks_exact(v)
         .map(<[f32]>::to_vec)
         .collect()
@@ -93,12 +67,7 @@ fn tiny_llama_matches_transformers() {
                 p["text"]
             );
         }
-        let argmax = last
-            .iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1))
-            .unwrap()
-            .0;
+        let argmax = support::argmax(last);
         assert_eq!(argmax as u64, want["last_logits_argmax"].as_u64().unwrap());
         requests.push(greedy(&ids, 16));
     }

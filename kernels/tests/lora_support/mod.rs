@@ -34,6 +34,42 @@ pub fn random_adapter(rng: &mut ChaCha8Rng, in_dim: usize, out_dim: usize, rank:
     }
 }
 
+/// A batch mixing adapters: one random adapter per rank in slots `0..ranks.len()`, an empty
+/// last slot, and segments of `lens` cycling through the adapters with a base-only one second.
+pub struct MixedBatch {
+    pub adapters: Vec<Option<Adapter>>,
+    pub shape: LoraShape,
+    pub segs: Vec<Segment>,
+    pub num_tokens: usize,
+}
+
+pub fn mixed_batch(
+    rng: &mut ChaCha8Rng,
+    (in_dim, out_dim): (usize, usize),
+    ranks: &[usize],
+    lens: &[usize],
+) -> MixedBatch {
+    let mut adapters: Vec<_> = ranks
+        .iter()
+        .map(|&rank| Some(random_adapter(rng, in_dim, out_dim, rank)))
+        .collect();
+    adapters.push(None);
+    let shape = LoraShape {
+        num_slots: adapters.len(),
+        in_dim,
+        out_dim,
+        max_rank: ranks.iter().copied().max().unwrap(),
+    };
+    let mut cycle: Vec<Option<u32>> = (0..ranks.len() as u32).map(Some).collect();
+    cycle.insert(1, None);
+    MixedBatch {
+        adapters,
+        shape,
+        segs: segments(lens, &cycle),
+        num_tokens: lens.iter().sum(),
+    }
+}
+
 /// The adapter as a `W` store holds it (weights rounded to `W`), for the reference.
 pub fn rounded<W: LoraWeight>(ad: &Adapter) -> Adapter {
     let round = |v: &[f32]| v.iter().map(|&x| W::from_f32(x).to_f32()).collect();
