@@ -5,7 +5,7 @@
 // Tiles index several register arrays in step; ranges read better than zipped iterators.
 #![allow(clippy::needless_range_loop)]
 
-use super::q8::{K_GROUP, OUT_BLOCK};
+use super::q8::{expand_correction, K_GROUP, OUT_BLOCK, V_OFFSET};
 use super::slots::SlotWeights;
 use super::weight::Q8;
 use std::arch::x86_64::*;
@@ -43,7 +43,7 @@ fn tail_mask(n: usize) -> __mmask16 {
 /// # Safety
 /// The CPU must support AVX-512 F and BW.
 #[target_feature(enable = "avx512f,avx512bw")]
-pub(super) unsafe fn quantize_act(x: &[f32], out: &mut [u8]) -> f32 {
+pub(super) unsafe fn quantize_act(x: &[f32], out: &mut [u8], offset: u8) -> f32 {
     let n = x.len();
     let (n64, n16) = (n / 64 * 64, n / 16 * 16);
     let xp = x.as_ptr();
@@ -71,11 +71,11 @@ pub(super) unsafe fn quantize_act(x: &[f32], out: &mut [u8]) -> f32 {
     let amax = _mm512_reduce_max_ps(m);
     let op = out.as_mut_ptr();
     if amax == 0.0 {
-        out.fill(128);
+        out.fill(offset);
         return 0.0;
     }
     let id = _mm512_set1_ps(127.0 / amax);
-    let bias = _mm512_set1_epi32(128);
+    let bias = _mm512_set1_epi32(offset as i32);
     // SAFETY: as above, and every store writes inside `out` (at least `n` bytes).
     unsafe {
         for c in (0..n16).step_by(16) {
@@ -89,7 +89,7 @@ pub(super) unsafe fn quantize_act(x: &[f32], out: &mut [u8]) -> f32 {
             _mm512_mask_cvtepi32_storeu_epi8(op.add(n16).cast(), m, _mm512_add_epi32(q, bias));
         }
     }
-    out[n..].fill(128);
+    out[n..].fill(offset);
     amax / 127.0
 }
 
@@ -177,7 +177,7 @@ pub(super) unsafe fn shrink_token(w: &SlotWeights<'_, Q8>, xq: &[u8], sx: f32, v
         // SAFETY: `a_sums`, `a_scales` and `v` hold `rank` values: lanes `k0..k0 + n` are inside.
         unsafe {
             let sums = _mm512_maskz_loadu_epi32(m, w.q8.a_sums.as_ptr().add(k0));
-            let scales = _mm512_maskz_loadu_ps(m, w.q8.a_scales.as_ptr().add(k0));
+            let scales = _mm512_maskz_loadu_ps(m, w.q8.scales.as_ptr().add(k0));
             let isum = _mm512_sub_epi32(reduce16(&rows), sums);
             // `q8::shrink_value`: `(isum as f32 * sx) * sa`.
             let vv = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(isum), sxv), scales);
@@ -192,15 +192,16 @@ pub(super) unsafe fn shrink_token(w: &SlotWeights<'_, Q8>, xq: &[u8], sx: f32, v
 /// The CPU must support AVX-512 F/BW/VNNI; `v` holds `rank` values and `y` `out_dim`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 pub(super) unsafe fn expand_token(w: &SlotWeights<'_, Q8>, v: &[f32], y: &mut [f32]) {
-    let mut vq = [128u8; super::MAX_LORA_RANK];
+    let mut vq = [V_OFFSET; super::MAX_LORA_RANK];
     let groups = w.rank.div_ceil(K_GROUP);
     // SAFETY: the caller vouches for the CPU; `vq` holds 512 >= 4 * groups bytes.
-    let sv = unsafe { quantize_act(&v[..w.rank], &mut vq[..groups * K_GROUP]) };
+    let sv = unsafe { quantize_act(&v[..w.rank], &mut vq[..groups * K_GROUP], V_OFFSET) };
     let f = _mm512_set1_ps(w.scale * sv);
+    let correction = _mm512_set1_epi32(expand_correction(&vq[..groups * K_GROUP]));
     let num_panels = w.out_dim.div_ceil(OUT_BLOCK);
     for p in 0..num_panels {
         // SAFETY: panel p exists; the caller vouches for the rest.
-        unsafe { expand_panel(w, (&vq, f), p, y) };
+        unsafe { expand_panel(w, (&vq, correction, f), p, y) };
     }
 }
 
@@ -212,7 +213,7 @@ pub(super) unsafe fn expand_token(w: &SlotWeights<'_, Q8>, v: &[f32], y: &mut [f
 #[inline]
 unsafe fn expand_panel(
     w: &SlotWeights<'_, Q8>,
-    (vq, f): (&[u8; super::MAX_LORA_RANK], __m512),
+    (vq, correction, f): (&[u8; super::MAX_LORA_RANK], __m512i, __m512),
     p: usize,
     y: &mut [f32],
 ) {
@@ -227,7 +228,7 @@ unsafe fn expand_panel(
             for j in 0..4 {
                 pf(b.wrapping_add(g * 256 + j * 64 + PF_DIST));
                 let bv = _mm512_loadu_si512(b.add(g * 256 + j * 64).cast());
-                acc[j] = _mm512_dpbusd_epi32(acc[j], vg, bv);
+                acc[j] = _mm512_dpbusd_epi32(acc[j], bv, vg);
             }
         }
         for j in 0..4 {
@@ -240,10 +241,8 @@ unsafe fn expand_panel(
             } else {
                 tail_mask(w.out_dim - o)
             };
-            // Scales and sums hold `out_dim` rounded up to 64 values; `y` goes through the mask.
-            let sums = _mm512_loadu_si512(w.q8.b_sums.as_ptr().add(o).cast());
-            let scales = _mm512_loadu_ps(w.q8.b_scales.as_ptr().add(o));
-            let t = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[j], sums)), scales);
+            // `y` goes through the mask.
+            let t = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[j], correction));
             let yp = y.as_mut_ptr().add(o);
             let yv = _mm512_maskz_loadu_ps(m, yp);
             _mm512_mask_storeu_ps(yp, m, _mm512_fmadd_ps(t, f, yv));

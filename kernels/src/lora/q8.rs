@@ -1,25 +1,28 @@
 //! The int8 weight kind ([`super::Q8`]): layouts, quantization and the portable kernels, which
 //! define the computation the AVX-512 VNNI kernels (`avx512`) reproduce bit for bit.
 //!
-//! Storage: A row `k` as `round(a * 127 / max|a_k|)` with scale `sa_k = max|a_k| / 127`, rows
-//! zero-padded to 64 bytes; B output row `o` likewise with `sb_o`, in VNNI panels
-//! `[out_dim / 64][rank / 4][64 outputs][4 ranks]`: one 64-byte load feeds one `vpdpbusd` (16
-//! outputs), and the kernels read every row and panel front to back. With distinct adapters per
-//! token the reads, not the arithmetic, set the speed (see `benches/benches/lora.rs`).
+//! Storage: A row `k` as `round(a * 127 / max|a_k|)` (scale `sa_k`), rows zero-padded to 64
+//! bytes; B column `k` (one rank, every output) as `round(b * 127 / max|b_k|)` (scale `sb_k`),
+//! stored as `q + 128`, in VNNI panels `[out_dim / 64][rank / 4][64 outputs][4 ranks]`: one
+//! 64-byte load feeds one `vpdpbusd` (16 outputs), and the kernels read every row and panel front
+//! to back. Per rank the slot keeps `sa_k · sb_k` and `128 · Σ A_k`; nothing per output, so the
+//! expand reads nothing but B's bytes. With distinct adapters per token the reads, not the
+//! arithmetic, set the speed (see `benches/benches/lora.rs`).
 //!
 //! Per token (all integer sums are exact, so no order of operations needs fixing):
 //! - `x` is quantized symmetrically to `q = round(x * 127 / max|x|)` (ties to even), stored as
 //!   `q + 128` (VNNI multiplies unsigned by signed bytes); `sx = max|x| / 127`;
-//! - shrink: `v_k = ((Σ (q+128)·a - 128·Σa) as f32 * sx) * sa_k`;
-//! - `v` is quantized the same way (`sv`), then expand: `y_o = fma((Σ (qv+128)·b - 128·Σb) as
-//!   f32 * sb_o, scale * sv, y_o)`.
+//! - shrink: `v_k = ((Σ (q+128)·a - 128·Σa) as f32 * sx) * (sa_k·sb_k)`: `v` carries B's column
+//!   scales;
+//! - `v` is quantized the same way to signed bytes `qv` (`sv`), then expand: `y_o = fma((Σ
+//!   (b+128)·qv - 128·Σqv) as f32, scale * sv, y_o)`.
 //!
 //! The 8-bit activations and weights cost about 1% of the delta's magnitude (the delta is itself a
 //! small correction of the base output, and the base weights are 4-bit), in exchange for a quarter
 //! of f32's bytes: decode with many distinct adapters streams every adapter once per token.
 
 use super::slots::{LoraShape, SlotWeights};
-use super::weight::{LoraWeight, Q8};
+use super::weight::Q8;
 use std::cell::RefCell;
 
 /// Widest input a Q8 store takes: a row's integer dot product (`255 · 127` per element) must fit
@@ -78,64 +81,61 @@ fn quantize_weights(w: impl Iterator<Item = f32> + Clone) -> (Vec<i8>, f32) {
     (q, amax / 127.0)
 }
 
-/// Per-row scales and zero-point corrections (`128 · Σ row`) of every slot of a Q8 store.
+/// Per-rank scales and zero-point corrections of every slot of a Q8 store.
 #[derive(Clone, Debug, Default)]
 pub(super) struct RowScales {
-    a_scales: Vec<f32>,
+    /// `[slot][max_rank]`: `sa_k · sb_k`, A row `k`'s scale times B column `k`'s.
+    scales: Vec<f32>,
+    /// `[slot][max_rank]`: `128 · Σ A_k` (the shrink's zero-point correction).
     a_sums: Vec<i32>,
-    /// `[slot][out_dim rounded up to 64]` (zeros past `out_dim`).
-    b_scales: Vec<f32>,
-    b_sums: Vec<i32>,
 }
 
 /// One slot's share of [`RowScales`].
 #[derive(Clone, Copy, Debug, Default)]
 pub(super) struct SlotScales<'a> {
     /// `[rank]`.
-    pub a_scales: &'a [f32],
+    pub scales: &'a [f32],
     pub a_sums: &'a [i32],
-    /// `[out_dim rounded up to 64]`.
-    pub b_scales: &'a [f32],
-    pub b_sums: &'a [i32],
+}
+
+/// A B weight as stored: `q + 128` in a byte (VNNI multiplies unsigned by signed bytes, and with
+/// the weights unsigned the correction depends only on the token, not on the output).
+fn b_byte(q: i8) -> Q8 {
+    Q8((q as u8 ^ 0x80) as i8)
+}
+
+/// The integer `q + 128` of a stored B weight.
+#[inline(always)]
+fn b_unsigned(w: Q8) -> i32 {
+    w.0 as u8 as i32
 }
 
 impl RowScales {
     pub fn new(shape: LoraShape) -> RowScales {
-        let (a_len, b_len) = (
-            shape.num_slots * shape.max_rank,
-            shape.num_slots * out_pad(shape.out_dim),
-        );
+        let len = shape.num_slots * shape.max_rank;
         RowScales {
-            a_scales: vec![0.0; a_len],
-            a_sums: vec![0; a_len],
-            b_scales: vec![0.0; b_len],
-            b_sums: vec![0; b_len],
+            scales: vec![0.0; len],
+            a_sums: vec![0; len],
         }
     }
 
     pub fn nbytes(&self) -> usize {
-        (self.a_scales.len() + self.a_sums.len() + self.b_scales.len() + self.b_sums.len()) * 4
+        (self.scales.len() + self.a_sums.len()) * 4
     }
 
     pub fn slot(&self, shape: LoraShape, slot: usize, rank: usize) -> SlotScales<'_> {
-        if self.a_scales.is_empty() {
+        if self.scales.is_empty() {
             return SlotScales::default();
         }
-        let (a0, b0, bn) = (
-            slot * shape.max_rank,
-            slot * out_pad(shape.out_dim),
-            out_pad(shape.out_dim),
-        );
+        let r0 = slot * shape.max_rank;
         SlotScales {
-            a_scales: &self.a_scales[a0..][..rank],
-            a_sums: &self.a_sums[a0..][..rank],
-            b_scales: &self.b_scales[b0..][..bn],
-            b_sums: &self.b_sums[b0..][..bn],
+            scales: &self.scales[r0..][..rank],
+            a_sums: &self.a_sums[r0..][..rank],
         }
     }
 
-    /// Copies `src_slot` of `src` (shape `src_shape`) into `slot` (shape `shape`): the first
-    /// `rank` A scales and every B scale. Shapes differ at most in `num_slots` and `max_rank`.
+    /// Copies the first `rank` values of `src_slot` of `src` (shape `src_shape`) into `slot`
+    /// (shape `shape`).
     pub fn copy_slot(
         &mut self,
         (shape, slot): (LoraShape, usize),
@@ -143,26 +143,22 @@ impl RowScales {
         (src_shape, src_slot): (LoraShape, usize),
         rank: usize,
     ) {
-        if self.a_scales.is_empty() || src.a_scales.is_empty() {
+        if self.scales.is_empty() || src.scales.is_empty() {
             return;
         }
-        let (a0, s0) = (slot * shape.max_rank, src_slot * src_shape.max_rank);
-        self.a_scales[a0..][..rank].copy_from_slice(&src.a_scales[s0..][..rank]);
-        self.a_sums[a0..][..rank].copy_from_slice(&src.a_sums[s0..][..rank]);
-        let bn = out_pad(shape.out_dim);
-        let (b0, t0) = (slot * bn, src_slot * bn);
-        self.b_scales[b0..][..bn].copy_from_slice(&src.b_scales[t0..][..bn]);
-        self.b_sums[b0..][..bn].copy_from_slice(&src.b_sums[t0..][..bn]);
+        let (r0, s0) = (slot * shape.max_rank, src_slot * src_shape.max_rank);
+        self.scales[r0..][..rank].copy_from_slice(&src.scales[s0..][..rank]);
+        self.a_sums[r0..][..rank].copy_from_slice(&src.a_sums[s0..][..rank]);
     }
 
-    /// Quantizes (`W` is [`Q8`]: the integers convert exactly) PEFT's `a` `[rank, in_dim]` and `b` `[out_dim, rank]` into a slot's (whole,
-    /// zeroed first: padding must stay zero) A rows and B panels.
-    pub fn load<W: LoraWeight>(
+    /// Quantizes PEFT's `a` `[rank, in_dim]` (per row) and `b` `[out_dim, rank]` (per column)
+    /// into a slot's (whole, cleared first: padding must stay zero) A rows and B panels.
+    pub fn load(
         &mut self,
         shape: LoraShape,
         slot: usize,
-        (a_slot, a_stride): (&mut [W], usize),
-        b_slot: &mut [W],
+        (a_slot, a_stride): (&mut [Q8], usize),
+        b_slot: &mut [Q8],
         (a, b, rank): (&[f32], &[f32], usize),
     ) {
         let LoraShape {
@@ -171,45 +167,45 @@ impl RowScales {
             max_rank,
             ..
         } = shape;
-        a_slot.fill(W::default());
-        b_slot.fill(W::default());
-        let a0 = slot * max_rank;
-        for (k, row) in a.chunks_exact(in_dim).enumerate() {
-            let (q, s) = quantize_weights(row.iter().copied());
-            for (dst, &v) in a_slot[k * a_stride..].iter_mut().zip(&q) {
-                *dst = W::from_f32(v as f32);
+        a_slot.fill(Q8(0));
+        b_slot.fill(b_byte(0));
+        let (r0, ps) = (slot * max_rank, panel_stride(max_rank));
+        for k in 0..rank {
+            let (qb, sb) = quantize_weights((0..out_dim).map(|o| b[o * rank + k]));
+            for (o, &q) in qb.iter().enumerate() {
+                b_slot[b_index(o, k, ps)] = b_byte(q);
             }
-            self.a_scales[a0 + k] = s;
-            self.a_sums[a0 + k] = 128 * q.iter().map(|&v| v as i32).sum::<i32>();
-        }
-        let (b0, ps) = (slot * out_pad(out_dim), panel_stride(max_rank));
-        self.b_scales[b0..][..out_pad(out_dim)].fill(0.0);
-        self.b_sums[b0..][..out_pad(out_dim)].fill(0);
-        for (o, row) in b.chunks_exact(rank).enumerate() {
-            let (q, s) = quantize_weights(row.iter().copied());
-            for (k, &v) in q.iter().enumerate() {
-                b_slot[b_index(o, k, ps)] = W::from_f32(v as f32);
+            let (qa, sa) = quantize_weights(a[k * in_dim..][..in_dim].iter().copied());
+            for (dst, &q) in a_slot[k * a_stride..].iter_mut().zip(&qa) {
+                *dst = Q8(q);
             }
-            self.b_scales[b0 + o] = s;
-            self.b_sums[b0 + o] = 128 * q.iter().map(|&v| v as i32).sum::<i32>();
+            self.scales[r0 + k] = sa * sb;
+            self.a_sums[r0 + k] = 128 * qa.iter().map(|&v| v as i32).sum::<i32>();
         }
     }
 }
 
-/// Quantizes one token's activations into `out` (`q + 128`, padded with 128 = zero past
-/// `x.len()`); returns the scale `max|x| / 127` (0 for an all-zero token).
-pub(super) fn quantize_act(x: &[f32], out: &mut [u8]) -> f32 {
+/// Quantizes one token's activations into `out` as `q + offset` (wrapping; padded with `offset`,
+/// i.e. zero, past `x.len()`); returns the scale `max|x| / 127` (0 for an all-zero token).
+/// [`X_OFFSET`] gives the unsigned bytes the shrink needs, [`V_OFFSET`] the signed ones of the
+/// expand.
+pub(super) fn quantize_act(x: &[f32], out: &mut [u8], offset: u8) -> f32 {
     let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
-    out.fill(128);
+    out.fill(offset);
     if amax == 0.0 {
         return 0.0;
     }
     let id = 127.0 / amax;
     for (o, &v) in out.iter_mut().zip(x) {
-        *o = (round_small(v * id) as i32 + 128) as u8;
+        *o = (round_small(v * id) as i32 as u8).wrapping_add(offset);
     }
     amax / 127.0
 }
+
+/// The shrink's activations are unsigned (`q + 128`) against signed A rows.
+pub(super) const X_OFFSET: u8 = 128;
+/// The expand's are signed (two's complement bytes) against unsigned B weights.
+pub(super) const V_OFFSET: u8 = 0;
 
 /// The shrink's float step, shared by every kernel.
 #[inline(always)]
@@ -225,21 +221,27 @@ fn shrink_token(w: &SlotWeights<'_, Q8>, xq: &[u8], sx: f32, v: &mut [f32]) {
             .zip(row)
             .map(|(&x, a)| x as i32 * a.0 as i32)
             .sum();
-        v[k] = shrink_value(isum - w.q8.a_sums[k], sx, w.q8.a_scales[k]);
+        v[k] = shrink_value(isum - w.q8.a_sums[k], sx, w.q8.scales[k]);
     }
 }
 
-/// `y += scale · v Bᵀ` for one token.
+/// `y += scale · v Bᵀ` for one token (`v` already carries B's column scales).
 fn expand_token(w: &SlotWeights<'_, Q8>, v: &[f32], y: &mut [f32]) {
-    let mut vq = [128u8; super::MAX_LORA_RANK];
+    let mut vq = [V_OFFSET; super::MAX_LORA_RANK];
     let rank4 = w.rank.div_ceil(K_GROUP) * K_GROUP;
-    let f = w.scale * quantize_act(&v[..w.rank], &mut vq[..rank4]);
+    let f = w.scale * quantize_act(&v[..w.rank], &mut vq[..rank4], V_OFFSET);
+    let correction = expand_correction(&vq[..rank4]);
     for (o, yo) in y[..w.out_dim].iter_mut().enumerate() {
         let idot: i32 = (0..rank4)
-            .map(|k| vq[k] as i32 * w.b_panels[b_index(o, k, w.panel_stride)].0 as i32)
+            .map(|k| b_unsigned(w.b_panels[b_index(o, k, w.panel_stride)]) * vq[k] as i8 as i32)
             .sum();
-        *yo = ((idot - w.q8.b_sums[o]) as f32 * w.q8.b_scales[o]).mul_add(f, *yo);
+        *yo = ((idot - correction) as f32).mul_add(f, *yo);
     }
+}
+
+/// `128 · Σ qv`: what the B weights' offset adds to every output's dot product.
+pub(super) fn expand_correction(vq: &[u8]) -> i32 {
+    128 * vq.iter().map(|&q| q as i8 as i32).sum::<i32>()
 }
 
 thread_local! {
@@ -279,13 +281,13 @@ pub(super) fn shrink(
             if vnni(kernel) {
                 // SAFETY: the Avx512 kernel is only passed in when it is available.
                 unsafe {
-                    let sx = super::avx512::quantize_act(xt, xq);
+                    let sx = super::avx512::quantize_act(xt, xq, X_OFFSET);
                     super::avx512::shrink_token(w, xq, sx, vt);
                 }
                 continue;
             }
             let _ = kernel;
-            let sx = quantize_act(xt, xq);
+            let sx = quantize_act(xt, xq, X_OFFSET);
             shrink_token(w, xq, sx, vt);
         }
     })

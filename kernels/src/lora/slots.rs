@@ -2,7 +2,7 @@
 
 use super::q8;
 use super::scalar::PANEL;
-use super::weight::{LoraWeight, WeightKind};
+use super::weight::{LoraWeight, WeightKind, Q8};
 use super::{LoraError, MAX_LORA_RANK};
 
 /// Dimensions of a slot store: `num_slots` adapters of rank up to `max_rank` for a projection
@@ -36,8 +36,7 @@ pub struct LoraSlots<W: LoraWeight = f32> {
     a_stride: usize,
     /// `[slot][panel][max_rank][PANEL]`; columns past `out_dim` stay zero.
     b_panels: Vec<W>,
-    /// Q8 only: `[slot][max_rank]` row scales and zero-point corrections of A, `[slot][out_dim
-    /// rounded up to 64]` of B (empty for float kinds).
+    /// Q8 only: `[slot][max_rank]` scales and zero-point corrections (empty for float kinds).
     q8: q8::RowScales,
     /// 0 for an empty slot.
     ranks: Vec<usize>,
@@ -158,8 +157,8 @@ impl<W: LoraWeight> LoraSlots<W> {
             self.q8.load(
                 self.shape,
                 slot,
-                (a_slot, self.a_stride),
-                b_slot,
+                (as_q8_mut(a_slot), self.a_stride),
+                as_q8_mut(b_slot),
                 (a, b, rank),
             );
         } else {
@@ -295,6 +294,13 @@ impl<W: LoraWeight> LoraSlots<W> {
             out_dim,
         })
     }
+}
+
+/// `s` as the [`Q8`] values it holds (for `W::KIND == Q8`).
+fn as_q8_mut<W: LoraWeight>(s: &mut [W]) -> &mut [Q8] {
+    assert_eq!(W::KIND, WeightKind::Q8, "not a Q8 store");
+    // SAFETY: `W::KIND` is `Q8` only for `W = Q8` (the trait is sealed), so the types are equal.
+    unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast::<Q8>(), s.len()) }
 }
 
 /// One loaded adapter, borrowed from its slot store.

@@ -6,9 +6,9 @@
 //! widen to f32 (exactly) on load and compute in f32, so results are the f32 computation on the
 //! rounded weights, and every path still produces the same bits.
 //!
-//! [`Q8`] halves the bytes again: int8 weights with one f32 scale per row of A and per output row
-//! of B, multiplied against activations quantized to 8 bits per token (AVX-512 VNNI dot products).
-//! It is an approximation (about 1% of the delta's magnitude), not the f32 computation; see `q8`.
+//! [`Q8`] halves the bytes again: int8 weights with one f32 scale per row of A and per column of
+//! B (so the expand reads nothing per output but the weights), multiplied against activations
+//! quantized to 8 bits per token (AVX-512 VNNI dot products). It is an approximation (about 1% of the delta's magnitude), not the f32 computation; see `q8`.
 
 use half::{bf16, f16};
 
@@ -31,7 +31,7 @@ mod sealed {
 }
 
 /// An int8 adapter weight. The value alone is not the weight: a [`super::LoraSlots`]`<Q8>` keeps a
-/// scale per row of A and per output of B, quantizes symmetrically (`round(w * 127 / max|w|)`) in
+/// scale per row of A and per column of B, quantizes symmetrically (`round(w * 127 / max|w|)`) in
 /// `load_slot`, and its kernels multiply the integers against per-token 8-bit activations.
 /// `from_f32`/`to_f32` convert the raw integer (rounding and saturating), without any scale.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

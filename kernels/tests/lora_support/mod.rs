@@ -169,7 +169,7 @@ pub fn assert_close(got: &[f32], want: &[f64], bound: &[f64], what: &str) {
 }
 
 /// What a `Q8` store may be off by, per output: the f64 propagation of its four roundings (x and v
-/// per token, A per row, B per output row, each to half a step of `max / 127`) through
+/// per token, A per row, B per column, each to half a step of `max / 127`) through
 /// `y = y0 + scale · (x Aᵀ) Bᵀ` on the original f32 weights, plus `1e-5 · bound` for the float
 /// arithmetic (`bound` as [`reference`] returns it).
 pub fn q8_tolerance(
@@ -197,14 +197,24 @@ pub fn q8_tolerance(
                 e[k] += (xc.abs() as f64) * sa / 2.0 + (a.abs() as f64) * sx / 2.0 + sx * sa / 4.0;
             }
         }
-        let sv = (0..ad.rank).map(|k| v[k].abs() + e[k]).fold(0f64, f64::max) / 127.0;
+        // B is quantized per column `k`; its scale `sb_k` rides on `v_k` into the expand.
+        let sb: Vec<f64> = (0..ad.rank)
+            .map(|k| {
+                let col: Vec<f32> = (0..out_dim).map(|o| ad.b[o * ad.rank + k]).collect();
+                step(&col)
+            })
+            .collect();
+        let sv = (0..ad.rank)
+            .map(|k| (v[k].abs() + e[k]) * sb[k])
+            .fold(0f64, f64::max)
+            / 127.0;
         for o in 0..out_dim {
             let b_row = &ad.b[o * ad.rank..(o + 1) * ad.rank];
-            let sb = step(b_row);
             let err: f64 = (0..ad.rank)
+                .filter(|&k| sb[k] > 0.0)
                 .map(|k| {
                     let b = b_row[k].abs() as f64;
-                    b * (e[k] + sv / 2.0) + (v[k].abs() + e[k] + sv / 2.0) * sb / 2.0
+                    b * e[k] + b * sv / (2.0 * sb[k]) + (v[k].abs() + e[k]) * sb[k] / 2.0 + sv / 4.0
                 })
                 .sum();
             tol[t * out_dim + o] += 1.01 * (ad.scale as f64) * err;

@@ -18,8 +18,8 @@ pub enum LoraDtype {
     /// Half precision storage, f32 arithmetic: half the bytes to stream per decode step.
     #[default]
     F16,
-    /// 8-bit weights with per-row scales and 8-bit activations (VNNI dot products): a quarter of
-    /// f32's bytes, ~0.75% RMS error on the delta. Needs AVX-512 VNNI to be fast.
+    /// 8-bit weights with per-rank scales and 8-bit activations (VNNI dot products): a quarter
+    /// of f32's bytes, ~1% RMS error on the delta. Needs AVX-512 VNNI to be fast.
     Q8,
 }
 
