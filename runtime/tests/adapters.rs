@@ -56,6 +56,7 @@ pub fn service(
         max_cpu_lora_bytes: 1 << 30,
         limits: LIMITS,
         dtype,
+        loader_share_percent: 5,
     };
     Arc::new(AdapterService::new(
         registry,

@@ -146,7 +146,7 @@ fn bad_values_name_key_value_expectation_and_origin() {
         "{msg}"
     );
 
-    let cases: [(&str, &str, &str, &str); 10] = [
+    let cases: [(&str, &str, &str, &str); 11] = [
         (
             "[scheduler]\nblock_size = 24",
             "scheduler.block_size",
@@ -188,6 +188,12 @@ fn bad_values_name_key_value_expectation_and_origin() {
             "adapters.max_lora_rank",
             "1024",
             "1..=512",
+        ),
+        (
+            "[adapters]\nloader_step_share_percent = 0",
+            "adapters.loader_step_share_percent",
+            "0",
+            "1..=100",
         ),
         (
             "[adapters]\nmax_loras = 16\nmax_cpu_loras = 4",
@@ -311,10 +317,14 @@ fn adapter_settings_come_from_file_env_and_flags() {
     let toml = "[adapters]\nmax_loras = 4\nmax_cpu_loras = 32\ndtype = \"f32\"\n";
     let path = write(&dir, "c.toml", toml);
     let file = CaduceusConfig::load(&with_file(&path), Vec::new()).unwrap();
+    assert_eq!(file.adapters.loader_step_share_percent, 5);
     assert_eq!(file.adapters.dtype, AdapterDtype::F32);
     assert_eq!(file.adapters.dtype.resolve(), LoraDtype::F32);
     assert_eq!(file.adapters.max_loras, 4);
-    let vars = [("CADUCEUS_ADAPTERS__DTYPE", "q8")];
+    let vars = [
+        ("CADUCEUS_ADAPTERS__DTYPE", "q8"),
+        ("CADUCEUS_ADAPTERS__LOADER_STEP_SHARE_PERCENT", "20"),
+    ];
     let flags = ConfigOverrides {
         adapter_dir: Some(adapters.clone()),
         max_loras: Some(16),
@@ -324,6 +334,7 @@ fn adapter_settings_come_from_file_env_and_flags() {
     assert_eq!(all.adapters.dtype.resolve(), LoraDtype::Q8);
     assert_eq!(all.adapters.dir.as_deref(), Some(adapters.as_path()));
     assert_eq!(all.adapters.max_loras, 16);
+    assert_eq!(all.adapters.loader_step_share_percent, 20);
     // The default picks q8 exactly where the VNNI kernels exist.
     assert_eq!(AdapterDtype::Auto.resolve(), LoraDtype::fastest());
     let (msg, _, _) = load_err("[adapters]\ndtype = \"int4\"\n", &[]);

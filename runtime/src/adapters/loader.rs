@@ -5,6 +5,7 @@ use std::collections::HashSet;
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
+use super::gate::LoaderGate;
 use super::host_cache::LoadedAdapter;
 use super::registry::AdapterEntry;
 use super::service::AdapterService;
@@ -32,8 +33,9 @@ pub struct AdapterLoader {
 }
 
 impl AdapterLoader {
-    /// Starts the loader thread.
-    pub fn spawn(service: Arc<AdapterService>) -> std::io::Result<Self> {
+    /// Starts the loader thread; it does its work between the [`super::gate::checkpoint`]s that
+    /// `gate` lets it pass.
+    pub fn spawn(service: Arc<AdapterService>, gate: Arc<LoaderGate>) -> std::io::Result<Self> {
         let (jobs, job_rx) = mpsc::channel::<AdapterEntry>();
         let (done_tx, done) = mpsc::channel();
         keep_freed_memory();
@@ -41,7 +43,9 @@ impl AdapterLoader {
             .name("caduceus-lora-loader".into())
             .spawn(move || {
                 lower_priority();
+                super::gate::install(gate.clone());
                 for entry in job_rx {
+                    let _job = Job::begin(&gate);
                     let (result, elapsed) = match service.load(&entry) {
                         Ok((adapter, elapsed)) => {
                             service.cache(adapter.clone());
@@ -111,6 +115,22 @@ impl AdapterLoader {
         self.in_flight
             .remove(&(d.entry.name.clone(), d.entry.version));
         Some(d)
+    }
+}
+
+/// A job's span on the gate (ended also if the load panics).
+struct Job<'a>(&'a LoaderGate);
+
+impl<'a> Job<'a> {
+    fn begin(gate: &'a LoaderGate) -> Job<'a> {
+        gate.begin_job();
+        Job(gate)
+    }
+}
+
+impl Drop for Job<'_> {
+    fn drop(&mut self) {
+        self.0.end_job();
     }
 }
 

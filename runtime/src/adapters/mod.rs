@@ -6,6 +6,7 @@
 //! LoRA kernels read (`engine::device_slots`).
 
 pub mod error;
+pub mod gate;
 pub mod host_cache;
 pub mod loader;
 pub mod make;
@@ -16,6 +17,7 @@ pub mod service;
 pub mod weights;
 
 pub use error::AdapterError;
+pub use gate::{LoaderGate, StepGate};
 pub use host_cache::{HostCache, LoadedAdapter};
 pub use loader::{AdapterLoader, LoadDone};
 pub use peft::{load_adapter, probe, AdapterInfo, AdapterLimits};

@@ -74,7 +74,10 @@ pub fn generation(config_bytes: &[u8], weights_bytes: &[u8]) -> u64 {
     let mut h = xxhash_rust::xxh3::Xxh3Default::new();
     h.update(&(config_bytes.len() as u64).to_le_bytes());
     h.update(config_bytes);
-    h.update(weights_bytes);
+    for piece in weights_bytes.chunks(PIECE_BYTES) {
+        super::gate::checkpoint();
+        h.update(piece);
+    }
     h.digest()
 }
 
@@ -101,6 +104,9 @@ pub fn permute_qk_rows(w: &[f32], n_head: usize, cols: usize) -> Option<Vec<f32>
     }
     Some(out)
 }
+
+/// Bytes read or hashed between two loader checkpoints (a fraction of a millisecond).
+const PIECE_BYTES: usize = 1 << 20;
 
 /// Reads `dir/file` whole, refusing it (before reading) when larger than `limit` bytes.
 pub(crate) fn read_limited(
@@ -138,9 +144,19 @@ pub(crate) fn read_limited(
     }
     // The file may grow between the check and the read: never read past the limit.
     let mut bytes = Vec::with_capacity(meta.len() as usize);
-    std::fs::File::open(&path)
-        .and_then(|f| f.take(limit.saturating_add(1)).read_to_end(&mut bytes))
-        .map_err(io)?;
+    let mut f = std::fs::File::open(&path)
+        .map_err(io)?
+        .take(limit.saturating_add(1));
+    loop {
+        super::gate::checkpoint();
+        let n = (&mut f)
+            .take(PIECE_BYTES as u64)
+            .read_to_end(&mut bytes)
+            .map_err(io)?;
+        if n == 0 {
+            break;
+        }
+    }
     if bytes.len() as u64 > limit {
         return Err(too_large(bytes.len() as u64));
     }
@@ -239,6 +255,7 @@ fn read_tensors(
     let mut tensors: Vec<_> = file.iter().collect();
     tensors.sort_unstable_by(|x, y| x.0.cmp(y.0));
     for (name, view) in tensors {
+        super::gate::checkpoint();
         let (layer, proj, half) =
             parse_name(name).map_err(|why| tensor_err(name, TensorProblem::Unexpected(why)))?;
         if layer >= base.num_layers {

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use caduceus_scheduler::AdapterKey;
 
+use super::gate::LoaderGate;
 use super::host_cache::{HostCache, LoadedAdapter};
 use super::peft::{load_adapter, AdapterError, AdapterLimits};
 use super::registry::{AdapterEntry, AdapterRegistry, RegistryError};
@@ -26,6 +27,9 @@ pub struct AdapterSettings {
     pub limits: AdapterLimits,
     /// Storage type of the device slots (adapters are converted to it when loaded).
     pub dtype: LoraDtype,
+    /// Where the compute threads take every core: the share of each step's time lent to the
+    /// loader thread after the step, in percent (100 = no slicing; see [`super::gate`]).
+    pub loader_share_percent: u32,
 }
 
 /// Why `POST /v1/load_lora_adapter` failed.
@@ -45,6 +49,7 @@ pub struct AdapterService {
     host: Mutex<HostCache>,
     base: LlamaConfig,
     settings: AdapterSettings,
+    gate: Arc<LoaderGate>,
 }
 
 impl AdapterService {
@@ -56,7 +61,13 @@ impl AdapterService {
             host: Mutex::new(host),
             base,
             settings,
+            gate: Arc::default(),
         }
+    }
+
+    /// The gate the loader threads of this service's engines pass (see [`super::gate`]).
+    pub fn loader_gate(&self) -> Arc<LoaderGate> {
+        self.gate.clone()
     }
 
     /// The registry.

@@ -6,8 +6,9 @@
 //!    drift cancels; only steps where every request decodes count.
 //! 2. Cold load: reading and validating one adapter from disk, per adapter.
 //! 3. Filling a device slot from host memory, and the step times (= inter-token latency) of
-//!    running adapter streams while the loader thread reads `--burst` cold adapters from disk,
-//!    against the same streams before (p50/p99).
+//!    running adapter streams while the engine's loader thread reads `--burst` cold adapters from
+//!    disk, against a twin engine serving the same streams without loads, stepped in turn with
+//!    it (p50/p99).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,9 +22,7 @@ use super::bench_throughput::random_prompts;
 use super::ModelArg;
 use crate::adapters::make::write_synthetic_adapters;
 use crate::adapters::peft::AdapterLimits;
-use crate::adapters::{
-    AdapterLoader, AdapterRegistry, AdapterService, AdapterSettings, Projection,
-};
+use crate::adapters::{AdapterRegistry, AdapterService, AdapterSettings, Projection};
 use crate::engine::{EngineCore, EngineRequest, RequestOutput};
 use crate::model::loader::LoadedModel;
 use crate::model::{LlamaModel, LoraDtype, LoraStack};
@@ -68,10 +67,16 @@ pub struct LoraReport {
     pub adapter_mib: f64,
     pub burst: usize,
     pub slot_fill_ms: f64,
-    pub step_ms_before_loads: [f64; 2],
+    /// p50/p99 step time of the running streams on the twin engine without loads.
+    pub step_ms_without_loads: [f64; 2],
+    /// p50/p99 step time (with the time lent to the loader) while the burst loads.
     pub step_ms_during_loads: [f64; 2],
     pub steps_during_loads: usize,
-    pub p99_during_over_before: f64,
+    /// Seconds until the whole burst was in host memory.
+    pub burst_secs: f64,
+    /// Whether the loader ran only between steps (compute threads on every core).
+    pub loader_between_steps: bool,
+    pub p99_during_over_without: f64,
 }
 
 struct Bench<'m> {
@@ -81,13 +86,17 @@ struct Bench<'m> {
 }
 
 impl Bench<'_> {
-    fn engine(&self, num_reqs: usize) -> anyhow::Result<EngineCore<&LlamaModel>> {
+    fn engine(
+        &self,
+        num_reqs: usize,
+        max_model_len: usize,
+    ) -> anyhow::Result<EngineCore<&LlamaModel>> {
         let config = SchedulerConfig {
             max_num_seqs: num_reqs.max(1),
             max_num_batched_tokens: 2048,
             block_size: 16,
-            num_blocks: 1 + num_reqs * 32,
-            max_model_len: 512,
+            num_blocks: 1 + num_reqs * max_model_len.div_ceil(16),
+            max_model_len,
             ..SchedulerConfig::default()
         };
         let core = EngineCore::new(self.model, None, Vec::new(), config)?;
@@ -119,7 +128,7 @@ impl Bench<'_> {
                     self.service.cache(self.service.load(&entry)?.0);
                 }
             }
-            let mut core = self.engine(adapters.len())?;
+            let mut core = self.engine(adapters.len(), 512)?;
             let prompts = random_prompts(adapters.len(), 32, vocab, 1);
             let mut streams = Vec::new();
             for (i, (p, a)) in prompts.iter().zip(adapters.iter()).enumerate() {
@@ -162,20 +171,28 @@ impl Bench<'_> {
     }
 
     /// Step times (ms) of `running` streams (each on its own warm adapter, as in production)
-    /// without loads, then while the loader thread reads the `cold` adapters from disk: returns
-    /// (before, during). The loads are what a burst of requests on cold adapters triggers; their
-    /// requests' own prefill is left out so that only the cost of loading shows.
+    /// while the engine's own loader thread reads the `cold` adapters from disk, and of a twin
+    /// engine serving the same streams without loads, the two stepped in turn: the twin's steps
+    /// see the same context lengths and the same machine drift. Where the loader runs between
+    /// steps (compute threads on every core), the time lent to it after a step counts in that
+    /// step, and the twin holds it during its own steps without lending it anything. The loads
+    /// are what a burst of requests on cold adapters triggers; their requests' own prefill is left
+    /// out so that only the cost of loading shows.
     fn loads_during_decode(
         &self,
         running: &[Option<&str>],
         cold: &[&str],
-    ) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
-        let mut core = self.engine(running.len())?;
+    ) -> anyhow::Result<BurstSteps> {
+        let mut loading = self.engine(running.len(), BURST_MODEL_LEN)?;
+        let mut twin = self.engine(running.len(), BURST_MODEL_LEN)?;
+        twin.set_loader_share_percent(0);
         let vocab = self.model.config().vocab_size;
         let prompts = random_prompts(running.len(), 32, vocab, 2);
         let mut streams = Vec::new();
-        for (i, (p, a)) in prompts.iter().zip(running).enumerate() {
-            streams.push(submit(&mut core, i, p.clone(), 450, *a)?);
+        for core in [&mut loading, &mut twin] {
+            for (i, (p, a)) in prompts.iter().zip(running).enumerate() {
+                streams.push(submit(core, i, p.clone(), BURST_MODEL_LEN - 64, *a)?);
+            }
         }
         let timed_step = |core: &mut EngineCore<&LlamaModel>| -> anyhow::Result<f64> {
             let t = Instant::now();
@@ -183,34 +200,60 @@ impl Bench<'_> {
             Ok(t.elapsed().as_secs_f64() * 1e3)
         };
         // Prefill and settle.
-        while core.stats().num_running < running.len() || core.num_parked() > 0 {
-            timed_step(&mut core)?;
+        for core in [&mut loading, &mut twin] {
+            while core.stats().num_running < running.len() || core.num_parked() > 0 {
+                timed_step(core)?;
+            }
+            for _ in 0..4 {
+                timed_step(core)?;
+            }
         }
-        for _ in 0..4 {
-            timed_step(&mut core)?;
-        }
-        let mut before = Vec::new();
-        for _ in 0..48 {
-            before.push(timed_step(&mut core)?);
-        }
-        let mut loader = AdapterLoader::spawn(self.service.clone())?;
+        let entries = cold
+            .iter()
+            .map(|name| {
+                self.service
+                    .registry()
+                    .get(name)
+                    .context("registered adapter")
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let start = Instant::now();
         for name in cold {
-            let entry = self
-                .service
-                .registry()
-                .get(name)
-                .context("registered adapter")?;
-            loader.request(&entry);
+            anyhow::ensure!(loading.prefetch_adapter(name), "could not queue {name}");
         }
-        let mut during = Vec::new();
-        let mut done = 0;
-        while done < cold.len() {
-            during.push(timed_step(&mut core)?);
-            done += loader.poll().len();
-            anyhow::ensure!(during.len() < 100_000, "cold loads did not finish");
+        let mut steps = BurstSteps {
+            sliced: loading.slices_loader(),
+            ..BurstSteps::default()
+        };
+        while entries.iter().any(|e| self.service.cached(e).is_none()) {
+            steps.loading.push(timed_step(&mut loading)?);
+            steps.twin.push(timed_step(&mut twin)?);
+            anyhow::ensure!(
+                loading.stats().num_running == running.len(),
+                "the running streams ended before the cold loads did ({} steps)",
+                steps.loading.len()
+            );
         }
-        Ok((before, during))
+        steps.secs = start.elapsed().as_secs_f64();
+        Ok(steps)
     }
+}
+
+/// Context length of the burst's engines: room for the steps a burst of slow, time-sliced loads
+/// takes.
+const BURST_MODEL_LEN: usize = 4096;
+
+/// [`Bench::loads_during_decode`]'s step times.
+#[derive(Default)]
+struct BurstSteps {
+    /// Of the engine whose loader reads the burst (ms).
+    loading: Vec<f64>,
+    /// Of its twin, at the same context lengths (ms).
+    twin: Vec<f64>,
+    /// Seconds until every cold adapter was in host memory.
+    secs: f64,
+    /// Whether the loader ran only between steps.
+    sliced: bool,
 }
 
 fn submit(
@@ -287,6 +330,7 @@ fn run_in(
             max_file_bytes: u64::MAX,
         },
         dtype,
+        loader_share_percent: 5,
     };
     let service = Arc::new(AdapterService::new(
         registry,
@@ -330,9 +374,9 @@ fn run_in(
         .iter()
         .map(String::as_str)
         .collect();
-    let (before, during) = b.loads_during_decode(&lora, &cold)?;
+    let burst = b.loads_during_decode(&lora, &cold)?;
     let pair = |v: &[f64]| [percentile(v, 0.5), percentile(v, 0.99)];
-    let (before_p, during_p) = (pair(&before), pair(&during));
+    let (twin_p, during_p) = (pair(&burst.twin), pair(&burst.loading));
     Ok(LoraReport {
         batch: n,
         rank: args.rank,
@@ -346,10 +390,12 @@ fn run_in(
         adapter_mib: adapter_bytes as f64 / (1 << 20) as f64,
         burst: args.burst,
         slot_fill_ms,
-        step_ms_before_loads: before_p,
+        step_ms_without_loads: twin_p,
         step_ms_during_loads: during_p,
-        steps_during_loads: during.len(),
-        p99_during_over_before: during_p[1] / before_p[1],
+        steps_during_loads: burst.loading.len(),
+        burst_secs: burst.secs,
+        loader_between_steps: burst.sliced,
+        p99_during_over_without: during_p[1] / twin_p[1],
     })
 }
 
@@ -375,14 +421,20 @@ fn print_report(r: &LoraReport) {
         r.slot_fill_ms
     );
     println!(
-        "step time p50/p99 ms of {} running adapter streams: {:.2}/{:.2} before, {:.2}/{:.2} while {} cold adapters load ({} steps); p99 ratio {:.3}",
+        "step time p50/p99 ms of {} running adapter streams: {:.2}/{:.2} on a twin engine without loads, {:.2}/{:.2} while {} cold adapters load ({} steps, {:.2} s; loader {}); p99 ratio {:.3}",
         r.batch,
-        r.step_ms_before_loads[0],
-        r.step_ms_before_loads[1],
+        r.step_ms_without_loads[0],
+        r.step_ms_without_loads[1],
         r.step_ms_during_loads[0],
         r.step_ms_during_loads[1],
         r.burst,
         r.steps_during_loads,
-        r.p99_during_over_before
+        r.burst_secs,
+        if r.loader_between_steps {
+            "between steps"
+        } else {
+            "on a free core"
+        },
+        r.p99_during_over_without
     );
 }

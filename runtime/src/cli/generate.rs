@@ -109,6 +109,7 @@ fn adapters_for(args: &GenerateArgs, loaded: &LoadedModel) -> anyhow::Result<Pro
             max_file_bytes: u64::MAX,
         },
         dtype,
+        loader_share_percent: 5,
     };
     let base = loaded.model.config().clone();
     let service = Arc::new(AdapterService::new(registry, base, settings));

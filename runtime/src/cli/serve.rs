@@ -49,6 +49,7 @@ fn adapter_service(
             max_file_bytes: a.max_cpu_lora_bytes.bytes(),
         },
         dtype: a.dtype.resolve(),
+        loader_share_percent: a.loader_step_share_percent,
     };
     Ok(Some(Arc::new(AdapterService::new(
         registry, base, settings,

@@ -232,6 +232,9 @@ pub struct AdaptersSection {
     pub max_lora_rank: usize,
     /// Storage type of the adapter slots.
     pub dtype: AdapterDtype,
+    /// Where the compute threads take every core: the share of each step's time lent to the
+    /// adapter loader between steps, in percent (100 = no slicing).
+    pub loader_step_share_percent: u32,
 }
 
 /// Storage type of the adapter slots (`adapters.dtype`).
@@ -245,7 +248,7 @@ pub enum AdapterDtype {
     F32,
     /// Half the bytes of f32 to stream per decode step.
     F16,
-    /// 8-bit weights and activations (~0.75% RMS error on the delta), a quarter of f32's bytes.
+    /// 8-bit weights and activations (~1% RMS error on the delta), a quarter of f32's bytes.
     Q8,
 }
 
@@ -271,6 +274,7 @@ impl Default for AdaptersSection {
             max_cpu_lora_bytes: ByteSize::gib(1),
             max_lora_rank: 64,
             dtype: AdapterDtype::Auto,
+            loader_step_share_percent: 5,
         }
     }
 }

@@ -16,7 +16,9 @@ use super::executor::{ExecuteResult, Executor, ExecutorError, SeqSampling};
 use super::output::{Finished, OutputSender, RequestOutput, RequestTimes};
 use super::request::{EngineRequest, RequestError, RequestLimits};
 use super::stop::{StopCheck, StopStrings};
-use crate::adapters::{AdapterEntry, AdapterLoader, AdapterService, LoadDone, LoadedAdapter};
+use crate::adapters::{
+    AdapterEntry, AdapterLoader, AdapterService, LoadDone, LoadedAdapter, StepGate,
+};
 use crate::model::{LlamaModel, LoraStack};
 use crate::sampling::SampledToken;
 use crate::tokenizer::detokenizer::IncrementalDetokenizer;
@@ -56,6 +58,8 @@ struct Tracked {
 struct EngineAdapters {
     service: Arc<AdapterService>,
     loader: AdapterLoader,
+    /// Holds the loader during steps when the compute threads take every core.
+    step_gate: Option<StepGate>,
     /// Requests waiting for a disk load, with the registry entry they named.
     parked: HashMap<RequestId, (EngineRequest, AdapterEntry)>,
     /// The adapter names last published in the info gauge (running, waiting).
@@ -139,8 +143,23 @@ impl<M: Deref<Target = LlamaModel>> EngineCore<M> {
         self.executor.set_lora(stack);
         self.config.max_loras = Some(settings.max_loras);
         self.scheduler = Scheduler::new(self.config.clone())?;
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let step_gate = StepGate::new(
+            service.loader_gate(),
+            settings.loader_share_percent,
+            rayon::current_num_threads(),
+            cores,
+        );
+        if step_gate.is_some() {
+            tracing::info!(
+                share_percent = settings.loader_share_percent,
+                cores,
+                "compute threads take every core: the adapter loader runs between steps"
+            );
+        }
         self.adapters = Some(EngineAdapters {
-            loader: AdapterLoader::spawn(service.clone())?,
+            loader: AdapterLoader::spawn(service.clone(), service.loader_gate())?,
+            step_gate,
             service,
             parked: HashMap::new(),
             published: Default::default(),
@@ -353,13 +372,47 @@ impl<M: Deref<Target = LlamaModel>> EngineCore<M> {
         }
     }
 
+    /// Changes the share of each step's time lent to the adapter loader where it runs between
+    /// steps (no effect otherwise). 0 holds the loader during this engine's steps without lending
+    /// it time: a benchmark's twin engine, stepped in turn with one that lends.
+    pub fn set_loader_share_percent(&mut self, percent: u32) {
+        if let Some(g) = self.adapters.as_mut().and_then(|a| a.step_gate.as_mut()) {
+            g.set_share_percent(percent);
+        }
+    }
+
+    /// Whether the adapter loader runs between this engine's steps (see [`crate::adapters::gate`]).
+    pub fn slices_loader(&self) -> bool {
+        self.adapters
+            .as_ref()
+            .is_some_and(|a| a.step_gate.is_some())
+    }
+
+    /// Queues a background load of the registered adapter `name` (what a request on a cold
+    /// adapter triggers, without the request); false if it is unknown or already loading.
+    pub fn prefetch_adapter(&mut self, name: &str) -> bool {
+        let Some(a) = self.adapters.as_mut() else {
+            return false;
+        };
+        let Some(entry) = a.service.registry().get(name) else {
+            return false;
+        };
+        a.loader.request(&entry)
+    }
+
     /// One iteration: schedule, run the model, apply the sampled tokens, stream the outputs.
     pub fn step(&mut self) -> Result<StepStats, EngineError> {
         self.poll_adapter_loads();
         self.abort_disconnected();
         let sched = self.scheduler.schedule();
         self.note_scheduled(&sched);
-        let result = self.executor.execute(&sched)?;
+        let gate = self.adapters.as_ref().and_then(|a| a.step_gate.as_ref());
+        let result = match gate {
+            Some(g) if sched.total_num_scheduled_tokens > 0 => {
+                g.around(|| self.executor.execute(&sched))
+            }
+            _ => self.executor.execute(&sched),
+        }?;
         self.note_slot_fills(&result.slot_fills);
         let updates = self.scheduler.update(&sched, &result.step);
         let num_finished = self.emit(updates, result);

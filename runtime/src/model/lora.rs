@@ -236,6 +236,8 @@ impl LoraStack {
     /// Copies `adapter` into `slot`; projections it does not target are cleared there.
     pub fn load(&mut self, slot: usize, adapter: &AdapterWeights) -> Result<(), LoraStackError> {
         self.fill_each(adapter.layers.len(), |layer, p, s| {
+            // On the loader thread, the engine may hold the conversion here during a step.
+            crate::adapters::gate::checkpoint();
             match &adapter.layers[layer][p] {
                 Some(pair) => s.load(slot, pair, adapter.rank, adapter.scale),
                 None => s.clear(slot),

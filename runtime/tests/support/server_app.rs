@@ -81,6 +81,7 @@ impl TestServer {
                     max_file_bytes: 1 << 30,
                 },
                 dtype: LoraDtype::F32,
+                loader_share_percent: 5,
             };
             Arc::new(AdapterService::new(registry, base, settings))
         });
