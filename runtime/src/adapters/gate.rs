@@ -185,7 +185,9 @@ struct Reopen<'a> {
 impl Drop for Reopen<'_> {
     fn drop(&mut self) {
         let lend = self.start.elapsed() * self.share_percent / 100;
+        let paused = Instant::now();
         self.gate.open(lend);
+        crate::metrics::record_lora_loader_lent(paused.elapsed());
     }
 }
 

@@ -23,6 +23,9 @@ pub const LORA_EVICTIONS: &str = "caduceus_lora_evictions_total";
 pub const LORA_RESIDENT: &str = "caduceus_lora_resident_adapters";
 /// Bytes of adapter weights in the host cache.
 pub const LORA_RESIDENT_BYTES: &str = "caduceus_lora_host_cache_bytes";
+/// Time the engine paused between steps so the adapter loader could run (the compute threads
+/// take every core; see `adapters::gate`).
+pub const LORA_LOADER_LENT: &str = "caduceus_lora_loader_lent_microseconds_total";
 /// vLLM's `vllm:lora_requests_info` under our prefix: labels `max_lora`,
 /// `running_lora_adapters`, `waiting_lora_adapters` (comma-separated names); value = Unix time of
 /// the update, so readers take the newest series.
@@ -54,6 +57,11 @@ pub(super) fn describe() {
         Unit::Bytes,
         "Bytes of adapter weights in the host cache."
     );
+    describe_counter!(
+        LORA_LOADER_LENT,
+        Unit::Microseconds,
+        "Time the engine paused between steps for the adapter loader (compute on every core)."
+    );
     describe_gauge!(
         LORA_INFO,
         "Running and waiting adapters and the slot count (for LoRA-affinity routing)."
@@ -76,6 +84,13 @@ pub fn record_lora_disk_load(elapsed: Duration) {
 /// Loading `adapter` failed.
 pub fn record_lora_load_failure(adapter: &str) {
     metrics::counter!(LORA_LOAD_FAILURES, "adapter" => adapter.to_owned()).increment(1);
+}
+
+/// The engine paused `lent` between steps for the adapter loader.
+pub fn record_lora_loader_lent(lent: Duration) {
+    if !lent.is_zero() {
+        metrics::counter!(LORA_LOADER_LENT).increment(lent.as_micros() as u64);
+    }
 }
 
 /// A newly scheduled request found its adapter's slot.
