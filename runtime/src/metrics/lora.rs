@@ -88,8 +88,9 @@ pub fn record_lora_load_failure(adapter: &str) {
 
 /// The engine paused `lent` between steps for the adapter loader.
 pub fn record_lora_loader_lent(lent: Duration) {
-    if !lent.is_zero() {
-        metrics::counter!(LORA_LOADER_LENT).increment(lent.as_micros() as u64);
+    let micros = lent.as_micros() as u64;
+    if micros > 0 {
+        metrics::counter!(LORA_LOADER_LENT).increment(micros);
     }
 }
 
