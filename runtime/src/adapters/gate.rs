@@ -122,6 +122,25 @@ pub(super) fn install(gate: Arc<LoaderGate>) {
     CURRENT.with(|c| *c.borrow_mut() = Some(gate));
 }
 
+/// Runs `f` on this thread as a loader job of `gate`: it passes the same checkpoints as the loader
+/// thread's work (an adapter registered through the HTTP endpoint is time-sliced like a cold load).
+pub fn as_loader_job<R>(gate: Arc<LoaderGate>, f: impl FnOnce() -> R) -> R {
+    struct Restore {
+        gate: Arc<LoaderGate>,
+        previous: Option<Arc<LoaderGate>>,
+    }
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            self.gate.end_job();
+            CURRENT.with(|c| *c.borrow_mut() = self.previous.take());
+        }
+    }
+    let previous = CURRENT.with(|c| c.borrow_mut().replace(gate.clone()));
+    gate.begin_job();
+    let _restore = Restore { gate, previous };
+    f()
+}
+
 /// A point in the loading work where the loader may be held while the engine computes: waits
 /// while this thread's gate is closed. Does nothing on threads without a gate (an HTTP handler
 /// registering an adapter, a test).
@@ -242,6 +261,47 @@ mod tests {
         gate.open(Duration::from_secs(10));
         assert!(t.elapsed() < Duration::from_secs(5));
         assert!(!gate.is_busy());
+    }
+
+    #[test]
+    fn a_job_on_another_thread_passes_the_same_gate() {
+        let gate = Arc::new(LoaderGate::default());
+        gate.close();
+        let progress = Arc::new(AtomicUsize::new(0));
+        let (go, wait_go) = std::sync::mpsc::channel::<()>();
+        let job = {
+            let (gate, progress) = (gate.clone(), progress.clone());
+            std::thread::spawn(move || {
+                as_loader_job(gate, || {
+                    checkpoint();
+                    progress.fetch_add(1, Ordering::AcqRel);
+                });
+                // Outside the job the thread has no gate again: a closed gate does not hold it.
+                let _ = wait_go.recv();
+                checkpoint();
+                progress.fetch_add(1, Ordering::AcqRel);
+            })
+        };
+        // The job counts as busy and is held at its checkpoint while the gate is closed.
+        while !gate.is_busy() {
+            std::thread::yield_now();
+        }
+        gate.close();
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(progress.load(Ordering::Acquire), 0, "job ran while closed");
+        gate.open(Duration::from_secs(10));
+        assert_eq!(progress.load(Ordering::Acquire), 1);
+        assert!(!gate.is_busy());
+        gate.close();
+        go.send(()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while progress.load(Ordering::Acquire) < 2 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let after_job = progress.load(Ordering::Acquire);
+        gate.open(Duration::ZERO);
+        job.join().unwrap();
+        assert_eq!(after_job, 2, "the thread kept the gate after its job");
     }
 
     #[test]

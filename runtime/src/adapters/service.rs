@@ -111,8 +111,20 @@ impl AdapterService {
 
     /// `POST /v1/load_lora_adapter`: resolves `lora_path` inside the root, reads and validates
     /// the adapter, then registers it as `name` (replacing an existing one only with `replace`)
-    /// and caches it, so its first request is a host hit. Blocking.
+    /// and caches it, so its first request is a host hit. Blocking; the reading and converting
+    /// pass the loader gate like the loader thread's own work (see [`super::gate`]).
     pub fn load_and_register(
+        &self,
+        name: &str,
+        lora_path: &str,
+        replace: bool,
+    ) -> Result<Arc<LoadedAdapter>, LoadAdapterError> {
+        super::gate::as_loader_job(self.gate.clone(), || {
+            self.register_loaded(name, lora_path, replace)
+        })
+    }
+
+    fn register_loaded(
         &self,
         name: &str,
         lora_path: &str,
