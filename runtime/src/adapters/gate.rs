@@ -70,40 +70,31 @@ impl LoaderGate {
     /// Engine side: closes the gate for a step, waiting (at most [`MAX_PARK_WAIT`]) until every
     /// busy loader has stopped at a checkpoint.
     pub fn close(&self) {
-        let deadline = Instant::now() + MAX_PARK_WAIT;
         let mut s = self.lock();
         s.closed = true;
-        while s.parked < s.busy {
-            let now = Instant::now();
-            if now >= deadline {
-                break;
-            }
-            s = self
-                .changed
-                .wait_timeout(s, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
+        self.wait_while(s, MAX_PARK_WAIT, |s| s.parked < s.busy);
     }
 
     /// Engine side: opens the gate after a step and, if a loader has work, waits until it has
     /// had `lend` of time or has finished its jobs.
     pub fn open(&self, lend: Duration) {
-        let deadline = Instant::now() + lend;
         let mut s = self.lock();
         s.closed = false;
         self.changed.notify_all();
-        while s.busy > 0 {
-            let now = Instant::now();
-            if now >= deadline {
-                break;
-            }
-            s = self
-                .changed
-                .wait_timeout(s, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
+        self.wait_while(s, lend, |s| s.busy > 0);
+    }
+
+    /// Waits (at most `timeout`) while `condition` holds, then releases the lock.
+    fn wait_while(
+        &self,
+        s: MutexGuard<'_, GateState>,
+        timeout: Duration,
+        condition: impl FnMut(&mut GateState) -> bool,
+    ) {
+        let _released = self
+            .changed
+            .wait_timeout_while(s, timeout, condition)
+            .unwrap_or_else(|e| e.into_inner());
     }
 
     /// Whether a loader has a job.
@@ -117,13 +108,8 @@ thread_local! {
     static CURRENT: RefCell<Option<Arc<LoaderGate>>> = const { RefCell::new(None) };
 }
 
-/// Makes `gate` the one [`checkpoint`] waits on, on this thread.
-pub(super) fn install(gate: Arc<LoaderGate>) {
-    CURRENT.with(|c| *c.borrow_mut() = Some(gate));
-}
-
-/// Runs `f` on this thread as a loader job of `gate`: it passes the same checkpoints as the loader
-/// thread's work (an adapter registered through the HTTP endpoint is time-sliced like a cold load).
+/// Runs `f` on this thread as a loader job of `gate`: while it runs, [`checkpoint`] waits on
+/// `gate` (the loader thread's loads, and an adapter registered through the HTTP endpoint).
 pub fn as_loader_job<R>(gate: Arc<LoaderGate>, f: impl FnOnce() -> R) -> R {
     struct Restore {
         gate: Arc<LoaderGate>,
@@ -223,13 +209,12 @@ mod tests {
         let loader = {
             let (gate, progress, stop) = (gate.clone(), progress.clone(), stop.clone());
             std::thread::spawn(move || {
-                install(gate.clone());
-                gate.begin_job();
-                while !stop.load(Ordering::Acquire) {
-                    progress.fetch_add(1, Ordering::AcqRel);
-                    checkpoint();
-                }
-                gate.end_job();
+                as_loader_job(gate, || {
+                    while !stop.load(Ordering::Acquire) {
+                        progress.fetch_add(1, Ordering::AcqRel);
+                        checkpoint();
+                    }
+                })
             })
         };
         // Let it run, then close: once `close` returns the loader is parked and makes no

@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
-use super::gate::LoaderGate;
+use super::gate::as_loader_job;
 use super::host_cache::LoadedAdapter;
 use super::registry::AdapterEntry;
 use super::service::AdapterService;
@@ -34,8 +34,8 @@ pub struct AdapterLoader {
 
 impl AdapterLoader {
     /// Starts the loader thread; it does its work between the [`super::gate::checkpoint`]s that
-    /// `gate` lets it pass.
-    pub fn spawn(service: Arc<AdapterService>, gate: Arc<LoaderGate>) -> std::io::Result<Self> {
+    /// the service's loader gate lets it pass.
+    pub fn spawn(service: Arc<AdapterService>) -> std::io::Result<Self> {
         let (jobs, job_rx) = mpsc::channel::<AdapterEntry>();
         let (done_tx, done) = mpsc::channel();
         keep_freed_memory();
@@ -43,16 +43,15 @@ impl AdapterLoader {
             .name("caduceus-lora-loader".into())
             .spawn(move || {
                 lower_priority();
-                super::gate::install(gate.clone());
                 for entry in job_rx {
-                    let _job = Job::begin(&gate);
-                    let (result, elapsed) = match service.load(&entry) {
+                    let job = || match service.load(&entry) {
                         Ok((adapter, elapsed)) => {
                             service.cache(adapter.clone());
                             (Ok(adapter), elapsed)
                         }
                         Err(e) => (Err(e.to_string()), Duration::ZERO),
                     };
+                    let (result, elapsed) = as_loader_job(service.loader_gate(), job);
                     if done_tx
                         .send(LoadDone {
                             entry,
@@ -115,22 +114,6 @@ impl AdapterLoader {
         self.in_flight
             .remove(&(d.entry.name.clone(), d.entry.version));
         Some(d)
-    }
-}
-
-/// A job's span on the gate (ended also if the load panics).
-struct Job<'a>(&'a LoaderGate);
-
-impl<'a> Job<'a> {
-    fn begin(gate: &'a LoaderGate) -> Job<'a> {
-        gate.begin_job();
-        Job(gate)
-    }
-}
-
-impl Drop for Job<'_> {
-    fn drop(&mut self) {
-        self.0.end_job();
     }
 }
 

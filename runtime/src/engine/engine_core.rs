@@ -158,7 +158,7 @@ impl<M: Deref<Target = LlamaModel>> EngineCore<M> {
             );
         }
         self.adapters = Some(EngineAdapters {
-            loader: AdapterLoader::spawn(service.clone(), service.loader_gate())?,
+            loader: AdapterLoader::spawn(service.clone())?,
             step_gate,
             service,
             parked: HashMap::new(),
