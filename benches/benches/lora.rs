@@ -12,14 +12,18 @@
 //! summary measures every case's LoRA time per kind against the base layer in interleaved rounds
 //! (so a busy machine slows both sides alike) and prints the ratios. `LORA_LAYERS=30` cycles
 //! through 30 layers' weights so they come from L3/memory as in a whole model rather than from L2.
+//! `LORA_WITH_BASE=1` runs each layer's base products before its LoRA calls, as a forward pass
+//! does, and reports what the LoRA calls add (the base's weights then compete with the adapters'
+//! for the caches). The LoRA calls are fused per input as the model makes them (q/k/v, o,
+//! gate/up, down), and the summary runs on a pool thread as the engine's forward pass does.
 //! Thread count comes from RAYON_NUM_THREADS; `LORA_SUMMARY=0` skips the summary;
 //! `LORA_CASES=decode16_r16,...` and `LORA_KINDS=q8,...` limit it to those cases and kinds.
 //!
 //! `RAYON_NUM_THREADS=1 cargo bench -p caduceus-benches --bench lora`
 
 use caduceus_kernels::lora::{
-    add_lora, bf16, f16, segments_from_token_slots, LoraShape, LoraSlots, LoraWeight, OutputRows,
-    Segment, Q8,
+    add_lora_fused, bf16, f16, segments_from_token_slots, FusedPart, LoraShape, LoraSlots,
+    LoraWeight, Segment, Q8,
 };
 use caduceus_kernels::quant::{matmul, Matrix};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -151,7 +155,7 @@ fn cases() -> Vec<Case> {
 }
 
 /// One layer of work per call, cycling through the layers.
-type Runner = Box<dyn FnMut()>;
+type Runner = Box<dyn FnMut() + Send>;
 
 /// The base layer for `num_tokens` tokens.
 fn base_runner(layers: usize, num_tokens: usize) -> Runner {
@@ -173,20 +177,47 @@ fn base_runner(layers: usize, num_tokens: usize) -> Runner {
     })
 }
 
-/// The LoRA part of one layer for `case`, adapters stored as `W`.
-fn lora_runner<W: LoraWeight>(layers: usize, case: &Case) -> Runner {
+/// Projections sharing an input, as the model fuses them: (projection indices, fused width).
+const GROUPS: [(&[usize], usize); 4] = [
+    (&[0, 1, 2], HIDDEN + 2 * 192),
+    (&[3], HIDDEN),
+    (&[4, 5], 2 * FFN),
+    (&[6], HIDDEN),
+];
+
+/// The LoRA part of one layer for `case`, adapters stored as `W`, one fused call per input as the
+/// model makes them (q/k/v, o, gate/up, down). With `base`, each call first runs that layer's
+/// base products, as a forward pass interleaves them (the base's weights then compete with the
+/// adapters' for the caches).
+fn lora_runner<W: LoraWeight>(layers: usize, case: &Case, base: bool) -> Runner {
     let lora: Vec<Vec<LoraSlots<W>>> = (0..layers)
         .map(|l| lora_layer(l as u64, case.rank))
         .collect();
+    let mut base = base.then(|| base_runner(layers, case.num_tokens));
     let n = case.num_tokens;
-    let xs: Vec<Vec<f32>> = PROJECTIONS.iter().map(|&(i, _)| values(n * i, 7)).collect();
-    let mut ys: Vec<Vec<f32>> = PROJECTIONS.iter().map(|&(_, o)| vec![0.0; n * o]).collect();
+    let xs: Vec<Vec<f32>> = GROUPS
+        .iter()
+        .map(|(p, _)| values(n * PROJECTIONS[p[0]].0, 7))
+        .collect();
+    let mut ys: Vec<Vec<f32>> = GROUPS.iter().map(|&(_, w)| vec![0.0; n * w]).collect();
     let segments = case.segments.clone();
     let mut next = 0;
     Box::new(move || {
-        for ((slots, x), y) in lora[next].iter().zip(&xs).zip(&mut ys) {
-            let rows = OutputRows::dense(y, slots.out_dim());
-            add_lora(slots, x, &segments, rows).unwrap();
+        if let Some(base) = base.as_mut() {
+            base();
+        }
+        for (((members, width), x), y) in GROUPS.iter().zip(&xs).zip(&mut ys) {
+            let mut offset = 0;
+            let parts: Vec<FusedPart<'_, W>> = members
+                .iter()
+                .map(|&p| {
+                    let slots = &lora[next][p];
+                    let part = FusedPart { slots, offset };
+                    offset += slots.out_dim();
+                    part
+                })
+                .collect();
+            add_lora_fused(&parts, x, &segments, y, *width).unwrap();
         }
         next = (next + 1) % lora.len();
     })
@@ -194,7 +225,7 @@ fn lora_runner<W: LoraWeight>(layers: usize, case: &Case) -> Runner {
 
 /// The weight kinds, each with the constructor of its runner (built one at a time: 30 layers of
 /// rank-64 f32 adapters take over a gigabyte).
-type MakeRunner = fn(usize, &Case) -> Runner;
+type MakeRunner = fn(usize, &Case, bool) -> Runner;
 const KINDS: [(&str, MakeRunner); 4] = [
     ("f32", lora_runner::<f32>),
     ("f16", lora_runner::<f16>),
@@ -241,18 +272,23 @@ fn summary(layers: usize, threads: &str) {
     let only = |var: &str, name: &str| {
         std::env::var(var).map_or(true, |v| v.split(',').any(|x| x == name))
     };
+    let with_base = std::env::var("LORA_WITH_BASE").is_ok_and(|v| v == "1");
     for case in cases().into_iter().filter(|c| only("LORA_CASES", c.name)) {
         let mut base = base_runner(layers, case.num_tokens);
         for (kind, make) in KINDS.iter().filter(|(k, _)| only("LORA_KINDS", k)) {
-            let mut lora = make(layers, &case);
-            let t = interleaved_us(&mut [&mut base, &mut lora]);
+            let mut lora = make(layers, &case, with_base);
+            // On a pool thread, as the engine's forward pass runs: its kernels fork and join
+            // inside the pool instead of paying two cross-thread wake-ups per call.
+            let t = rayon::scope(|_| interleaved_us(&mut [&mut base, &mut lora]));
+            // With the base inside the LoRA runner, LoRA's cost is what it adds.
+            let lora_us = if with_base { t[1] - t[0] } else { t[1] };
             println!(
                 "{:<16} {:>5} {:>12.1} {:>12.1} {:>7.3}",
                 case.name,
                 kind,
-                t[1],
+                lora_us,
                 t[0],
-                t[1] / t[0]
+                lora_us / t[0]
             );
         }
     }
@@ -279,7 +315,7 @@ fn bench(c: &mut Criterion) {
     for case in cases() {
         group.throughput(Throughput::Elements(case.num_tokens as u64));
         for (kind, make) in KINDS {
-            let mut lora = make(layers, &case);
+            let mut lora = make(layers, &case, false);
             let id = BenchmarkId::new(format!("lora_{kind}"), case.name);
             group.bench_function(id, |b| b.iter(&mut lora));
         }

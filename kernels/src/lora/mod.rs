@@ -22,8 +22,9 @@
 //! quarters them with 8-bit activations (about 1% RMS error on the delta) and is the fastest on
 //! CPUs with AVX-512 VNNI (elsewhere it runs portable code, slower than the float kinds' AVX2).
 //!
-//! The runtime calls [`add_lora`] once per projection and layer, with [`OutputRows`] pointing into
-//! the fused QKV or gate/up output (`stride` = fused width, `offset` = the projection's columns).
+//! The runtime calls [`add_lora_fused`] once for q, k and v into the fused QKV output, once for gate
+//! and up, and [`add_lora`] for o and down: one parallel dispatch per input, each token's input
+//! quantized once.
 
 mod apply;
 #[cfg(target_arch = "x86_64")]
@@ -35,7 +36,10 @@ mod scalar;
 mod slots;
 mod weight;
 
-pub use apply::{add_lora, add_lora_with, lora_expand, lora_shrink};
+pub use apply::{
+    add_lora, add_lora_fused, add_lora_fused_with, add_lora_with, lora_expand, lora_shrink,
+    FusedPart,
+};
 /// The half-precision storage types, re-exported so callers need not depend on `half`.
 pub use half::{bf16, f16};
 pub use slots::{LoraShape, LoraSlots};

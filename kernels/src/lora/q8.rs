@@ -245,19 +245,8 @@ pub(super) fn expand_correction(vq: &[u8]) -> i32 {
 }
 
 thread_local! {
-    /// One token's quantized activations (grows to the widest `in_dim` seen).
-    static XQ: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
-}
-
-/// Runs `f` with a zeroed scratch buffer of `len` bytes, reused across calls on this thread.
-fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
-    XQ.with(|cell| {
-        let mut buf = cell.borrow_mut();
-        if buf.len() < len {
-            buf.resize(len, 0);
-        }
-        f(&mut buf[..len])
-    })
+    /// A unit's quantized activations (grows to the widest unit seen) and their scales.
+    static XQ: RefCell<(Vec<u8>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// Whether to use the VNNI kernels (else the portable ones).
@@ -266,31 +255,57 @@ fn vnni(kernel: super::LoraKernel) -> bool {
     kernel == super::LoraKernel::Avx512
 }
 
-/// `v[t * v_stride..][..rank] = x_t · Aᵀ` for the `num_tokens` tokens of `x`.
-pub(super) fn shrink(
+/// Runs `f` with each token of `x` (`[num_tokens, in_dim]`) quantized for the shrink: `f(bytes,
+/// scales)` gets `a_stride(in_dim)` bytes and one scale per token, in buffers reused across calls
+/// on this thread.
+pub(super) fn with_quantized<R>(
     kernel: super::LoraKernel,
-    w: &SlotWeights<'_, Q8>,
     x: &[f32],
-    v: &mut [f32],
-    v_stride: usize,
-) {
-    with_scratch(w.a_stride, |xq| {
-        for (t, xt) in x.chunks_exact(w.in_dim).enumerate() {
-            let vt = &mut v[t * v_stride..][..w.rank];
+    in_dim: usize,
+    f: impl FnOnce(&[u8], &[f32]) -> R,
+) -> R {
+    let stride = a_stride(in_dim);
+    let num_tokens = x.len() / in_dim;
+    XQ.with(|cell| {
+        let mut guard = cell.borrow_mut();
+        let (bytes, scales) = &mut *guard;
+        if bytes.len() < num_tokens * stride {
+            bytes.resize(num_tokens * stride, 0);
+        }
+        scales.clear();
+        for (xt, out) in x.chunks_exact(in_dim).zip(bytes.chunks_exact_mut(stride)) {
             #[cfg(target_arch = "x86_64")]
             if vnni(kernel) {
                 // SAFETY: the Avx512 kernel is only passed in when it is available.
-                unsafe {
-                    let sx = super::avx512::quantize_act(xt, xq, X_OFFSET);
-                    super::avx512::shrink_token(w, xq, sx, vt);
-                }
+                scales.push(unsafe { super::avx512::quantize_act(xt, out, X_OFFSET) });
                 continue;
             }
             let _ = kernel;
-            let sx = quantize_act(xt, xq, X_OFFSET);
-            shrink_token(w, xq, sx, vt);
+            scales.push(quantize_act(xt, out, X_OFFSET));
         }
+        f(&bytes[..num_tokens * stride], scales)
     })
+}
+
+/// `v[t * v_stride..][..rank] = x_t · Aᵀ` for the tokens [`with_quantized`] prepared.
+pub(super) fn shrink(
+    kernel: super::LoraKernel,
+    w: &SlotWeights<'_, Q8>,
+    (xq, sx): (&[u8], &[f32]),
+    v: &mut [f32],
+    v_stride: usize,
+) {
+    for (t, (xt, &st)) in xq.chunks_exact(w.a_stride).zip(sx).enumerate() {
+        let vt = &mut v[t * v_stride..][..w.rank];
+        #[cfg(target_arch = "x86_64")]
+        if vnni(kernel) {
+            // SAFETY: the Avx512 kernel is only passed in when it is available.
+            unsafe { super::avx512::shrink_token(w, xt, st, vt) };
+            continue;
+        }
+        let _ = kernel;
+        shrink_token(w, xt, st, vt);
+    }
 }
 
 /// `y_t += scale · v_t Bᵀ` for `num_tokens` tokens.

@@ -5,7 +5,7 @@
 //! its batch neighbours.
 
 use caduceus_kernels::attention::{paged_attention, write_kv, AttentionParams, KvCacheShape};
-use caduceus_kernels::lora::{LoraError, OutputRows};
+use caduceus_kernels::lora::LoraError;
 use caduceus_kernels::ops::{add_inplace, rms_norm, silu_mul_fused, Rope, RopeStyle};
 use caduceus_kernels::quant::{matmul, Matrix};
 use std::collections::BTreeMap;
@@ -252,22 +252,15 @@ impl LlamaModel {
 
         let qkv_width = q_dim + 2 * kv_dim;
         for (i, (layer, cache)) in self.layers.iter().zip(kv.layers_mut()).enumerate() {
-            // Adds layer i's deltas for `proj` (input `x`) into columns `offset..` of `y`'s rows.
-            let delta = |proj: P, x: &[f32], y: &mut [f32], stride: usize, offset: usize| {
-                lora.map_or(Ok(()), |l| {
-                    let rows = OutputRows {
-                        data: y,
-                        stride,
-                        offset,
-                    };
-                    l.stack.apply(l, i, proj, x, rows)
-                })
+            // Adds layer i's deltas of projections sharing the input `x` (each with the column of
+            // `y`'s rows where its outputs start) in one pass.
+            let delta = |parts: &[(P, usize)], x: &[f32], y: &mut [f32], stride: usize| {
+                lora.map_or(Ok(()), |l| l.stack.apply(l, i, parts, x, (y, stride)))
             };
             rms_norm(&x, &layer.attn_norm, c.rms_norm_eps, &mut normed);
             layer.qkv.forward(&normed, &mut qkv);
-            delta(P::Q, &normed, &mut qkv, qkv_width, 0)?;
-            delta(P::K, &normed, &mut qkv, qkv_width, q_dim)?;
-            delta(P::V, &normed, &mut qkv, qkv_width, q_dim + kv_dim)?;
+            let qkv_parts = [(P::Q, 0), (P::K, q_dim), (P::V, q_dim + kv_dim)];
+            delta(&qkv_parts, &normed, &mut qkv, qkv_width)?;
             split_qkv(
                 &qkv,
                 layer.qkv_bias.as_deref(),
@@ -279,16 +272,20 @@ impl LlamaModel {
             write_kv(cache, &k, &v, batch.slot_mapping);
             paged_attention(&q, cache, batch.seqs, &attn_params, &mut attn);
             layer.o_proj.forward(&attn, &mut proj);
-            delta(P::O, &attn, &mut proj, hidden, 0)?;
+            delta(&[(P::O, 0)], &attn, &mut proj, hidden)?;
             add_inplace(&mut x, &proj);
 
             rms_norm(&x, &layer.ffn_norm, c.rms_norm_eps, &mut normed);
             layer.gate_up.forward(&normed, &mut gate_up);
-            delta(P::Gate, &normed, &mut gate_up, 2 * ffn, 0)?;
-            delta(P::Up, &normed, &mut gate_up, 2 * ffn, ffn)?;
+            delta(
+                &[(P::Gate, 0), (P::Up, ffn)],
+                &normed,
+                &mut gate_up,
+                2 * ffn,
+            )?;
             silu_mul_fused(&gate_up, ffn, &mut act);
             layer.down.forward(&act, &mut proj);
-            delta(P::Down, &act, &mut proj, hidden, 0)?;
+            delta(&[(P::Down, 0)], &act, &mut proj, hidden)?;
             add_inplace(&mut x, &proj);
         }
 

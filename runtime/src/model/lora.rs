@@ -3,7 +3,8 @@
 //! which tokens use which slot.
 
 use caduceus_kernels::lora::{
-    add_lora, f16, LoraError, LoraKernel, LoraShape, LoraSlots, OutputRows, Segment, Q8,
+    add_lora_fused, f16, FusedPart, LoraError, LoraKernel, LoraShape, LoraSlots, LoraWeight,
+    Segment, Q8,
 };
 
 use super::config::LlamaConfig;
@@ -99,19 +100,43 @@ impl ProjectionSlots {
         }
     }
 
-    fn add(&self, x: &[f32], segments: &[Segment], y: OutputRows<'_>) -> Result<(), LoraError> {
-        match self {
-            ProjectionSlots::F32(s) => add_lora(s, x, segments, y),
-            ProjectionSlots::F16(s) => add_lora(s, x, segments, y),
-            ProjectionSlots::Q8(s) => add_lora(s, x, segments, y),
-        }
-    }
-
     fn nbytes(&self) -> usize {
         match self {
             ProjectionSlots::F32(s) => s.nbytes(),
             ProjectionSlots::F16(s) => s.nbytes(),
             ProjectionSlots::Q8(s) => s.nbytes(),
+        }
+    }
+}
+
+/// The weight kinds a [`ProjectionSlots`] holds, for calls generic over the kind.
+trait SlotKind: LoraWeight {
+    fn pick(slots: &ProjectionSlots) -> Option<&LoraSlots<Self>>;
+}
+
+impl SlotKind for f32 {
+    fn pick(slots: &ProjectionSlots) -> Option<&LoraSlots<f32>> {
+        match slots {
+            ProjectionSlots::F32(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+impl SlotKind for f16 {
+    fn pick(slots: &ProjectionSlots) -> Option<&LoraSlots<f16>> {
+        match slots {
+            ProjectionSlots::F16(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+impl SlotKind for Q8 {
+    fn pick(slots: &ProjectionSlots) -> Option<&LoraSlots<Q8>> {
+        match slots {
+            ProjectionSlots::Q8(s) => Some(s),
+            _ => None,
         }
     }
 }
@@ -278,29 +303,43 @@ impl LoraStack {
         Ok(())
     }
 
-    /// Adds layer `layer`'s `projection` deltas of `batch` into `y`.
+    /// Adds layer `layer`'s deltas of `batch` for projections that share the input `x` (q, k and
+    /// v; gate and up; or one alone) in one pass, into one output: `y`'s rows are `stride` wide
+    /// and each projection's columns start at its offset. Tokens whose adapter does not target a
+    /// projection get no delta there.
     pub(crate) fn apply(
         &self,
         batch: &LoraBatch<'_>,
         layer: usize,
-        projection: Projection,
+        projections: &[(Projection, usize)],
         x: &[f32],
-        y: OutputRows<'_>,
+        (y, stride): (&mut [f32], usize),
     ) -> Result<(), LoraError> {
-        let slots = &self.layers[layer][projection.index()];
-        // Tokens whose adapter does not target this projection (here) get no delta.
-        let mut segments = Vec::new();
-        let mut any = false;
-        for s in batch.segments {
-            let slot = s.slot.filter(|&k| slots.is_loaded(k as usize));
-            any |= slot.is_some();
-            segments.push(Segment { slot, ..*s });
+        let slots = &self.layers[layer];
+        match self.dtype {
+            LoraDtype::F32 => fused::<f32>(slots, projections, batch.segments, x, (y, stride)),
+            LoraDtype::F16 => fused::<f16>(slots, projections, batch.segments, x, (y, stride)),
+            LoraDtype::Q8 => fused::<Q8>(slots, projections, batch.segments, x, (y, stride)),
         }
-        if !any {
-            return Ok(());
-        }
-        slots.add(x, &segments, y)
     }
+}
+
+/// [`add_lora_fused`] over `projections` of one layer's slots (which all hold `W`).
+fn fused<W: SlotKind>(
+    slots: &[ProjectionSlots; 7],
+    projections: &[(Projection, usize)],
+    segments: &[Segment],
+    x: &[f32],
+    (y, stride): (&mut [f32], usize),
+) -> Result<(), LoraError> {
+    let mut parts = Vec::with_capacity(projections.len());
+    for &(p, offset) in projections {
+        let s = &slots[p.index()];
+        // A stack holds one kind throughout.
+        let slots = W::pick(s).ok_or(LoraError::BadShape(s.shape()))?;
+        parts.push(FusedPart { slots, offset });
+    }
+    add_lora_fused(&parts, x, segments, y, stride)
 }
 
 /// `(in_dim, out_dim)` of each projection, in [`Projection::ALL`] order.
