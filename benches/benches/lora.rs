@@ -177,13 +177,13 @@ fn base_runner(layers: usize, num_tokens: usize) -> Runner {
     })
 }
 
-/// Projections sharing an input, as the model fuses them: (projection indices, fused width).
-const GROUPS: [(&[usize], usize); 4] = [
-    (&[0, 1, 2], HIDDEN + 2 * 192),
-    (&[3], HIDDEN),
-    (&[4, 5], 2 * FFN),
-    (&[6], HIDDEN),
-];
+/// Projections sharing an input, as the model fuses them (indices into [`PROJECTIONS`]).
+const GROUPS: [&[usize]; 4] = [&[0, 1, 2], &[3], &[4, 5], &[6]];
+
+/// The fused output width of a group: its projections' outputs side by side.
+fn group_width(members: &[usize]) -> usize {
+    members.iter().map(|&p| PROJECTIONS[p].1).sum()
+}
 
 /// The LoRA part of one layer for `case`, adapters stored as `W`, one fused call per input as the
 /// model makes them (q/k/v, o, gate/up, down). With `base`, each call first runs that layer's
@@ -197,16 +197,19 @@ fn lora_runner<W: LoraWeight>(layers: usize, case: &Case, base: bool) -> Runner 
     let n = case.num_tokens;
     let xs: Vec<Vec<f32>> = GROUPS
         .iter()
-        .map(|(p, _)| values(n * PROJECTIONS[p[0]].0, 7))
+        .map(|p| values(n * PROJECTIONS[p[0]].0, 7))
         .collect();
-    let mut ys: Vec<Vec<f32>> = GROUPS.iter().map(|&(_, w)| vec![0.0; n * w]).collect();
+    let mut ys: Vec<Vec<f32>> = GROUPS
+        .iter()
+        .map(|p| vec![0.0; n * group_width(p)])
+        .collect();
     let segments = case.segments.clone();
     let mut next = 0;
     Box::new(move || {
         if let Some(base) = base.as_mut() {
             base();
         }
-        for (((members, width), x), y) in GROUPS.iter().zip(&xs).zip(&mut ys) {
+        for ((members, x), y) in GROUPS.iter().zip(&xs).zip(&mut ys) {
             let mut offset = 0;
             let parts: Vec<FusedPart<'_, W>> = members
                 .iter()
@@ -217,7 +220,7 @@ fn lora_runner<W: LoraWeight>(layers: usize, case: &Case, base: bool) -> Runner 
                     part
                 })
                 .collect();
-            add_lora_fused(&parts, x, &segments, y, *width).unwrap();
+            add_lora_fused(&parts, x, &segments, y, group_width(members)).unwrap();
         }
         next = (next + 1) % lora.len();
     })

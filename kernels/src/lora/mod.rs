@@ -22,9 +22,9 @@
 //! quarters them with 8-bit activations (about 1% RMS error on the delta) and is the fastest on
 //! CPUs with AVX-512 VNNI (elsewhere it runs portable code, slower than the float kinds' AVX2).
 //!
-//! The runtime calls [`add_lora_fused`] once for q, k and v into the fused QKV output, once for gate
-//! and up, and [`add_lora`] for o and down: one parallel dispatch per input, each token's input
-//! quantized once.
+//! The runtime calls [`add_lora_fused`] once per input: q, k and v into the fused QKV output, gate
+//! and up into the fused gate/up output, and o and down each as a one-part call. That is one
+//! parallel dispatch per input, each token's input quantized once.
 
 mod apply;
 #[cfg(target_arch = "x86_64")]
