@@ -10,7 +10,9 @@
 //!
 //! Adapters are stored as f32, f16, bf16 and Q8 (`lora_f32`, ...). Before the criterion runs, a
 //! summary measures every case's LoRA time per kind against the base layer in interleaved rounds
-//! (so a busy machine slows both sides alike) and prints the ratios. `LORA_LAYERS=30` cycles
+//! (so a busy machine slows both sides alike) and prints the ratios; for a case with a distinct
+//! adapter per token it adds a `read` row: the same calls only moving the bytes a Q8 store holds
+//! for those tokens into L1 (the floor under any kernel of that format). `LORA_LAYERS=30` cycles
 //! through 30 layers' weights so they come from L3/memory as in a whole model rather than from L2.
 //! `LORA_WITH_BASE=1` runs each layer's base products before its LoRA calls, as a forward pass
 //! does, and reports what the LoRA calls add (the base's weights then compete with the adapters'
@@ -27,6 +29,7 @@ use caduceus_kernels::lora::{
 };
 use caduceus_kernels::quant::{matmul, Matrix};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use rayon::prelude::*;
 use std::time::{Duration, Instant};
 
 const HIDDEN: usize = 576;
@@ -226,6 +229,85 @@ fn lora_runner<W: LoraWeight>(layers: usize, case: &Case, base: bool) -> Runner 
     })
 }
 
+/// How far ahead [`read_floor_runner`] hints its reads, as the kernels do (the hardware streamer
+/// stops at every 4 KiB page).
+const READ_AHEAD: usize = 1024;
+
+/// Hints the line at `region[at]` into L1 (nothing past the region's end).
+fn hint_ahead(region: &[u8], at: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(p) = region.get(at) {
+        // SAFETY: a prefetch has no architectural effect; the address is inside `region`.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                (p as *const u8).cast(),
+            )
+        };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (region, at);
+}
+
+/// The floor under any kernel for `case` with 8-bit weights: the same calls (one per input, each
+/// unit of tokens in parallel) reading the bytes a Q8 store holds for each token's slot (A rows and
+/// B panels of every part, at their places in per-projection arrays) and doing nothing else.
+fn read_floor_runner(layers: usize, case: &Case) -> Runner {
+    // [layer][projection] = (A bytes of every slot, B bytes of every slot); written, so that the
+    // pages are real memory rather than the shared zero page.
+    let weights: Vec<Vec<(Vec<u8>, Vec<u8>)>> = (0..layers)
+        .map(|_| {
+            PROJECTIONS
+                .iter()
+                .map(|&(in_dim, out_dim)| {
+                    (
+                        vec![1; NUM_SLOTS * case.rank * in_dim],
+                        vec![1; NUM_SLOTS * case.rank * out_dim],
+                    )
+                })
+                .collect()
+        })
+        .collect();
+    // One unit per token (BGMV, as decode runs), naming its slot.
+    let units: Vec<usize> = case
+        .segments
+        .iter()
+        .filter_map(|s| s.slot.map(|slot| (s.len, slot as usize)))
+        .flat_map(|(len, slot)| std::iter::repeat_n(slot, len))
+        .collect();
+    let rank = case.rank;
+    let mut next = 0;
+    Box::new(move || {
+        let layer = &weights[next];
+        for members in GROUPS {
+            let read = |&slot: &usize| -> u64 {
+                let mut sum = 0u64;
+                for &p in members {
+                    let (in_dim, out_dim) = PROJECTIONS[p];
+                    let (a, b) = &layer[p];
+                    let a = &a[slot * rank * in_dim..][..rank * in_dim];
+                    let b = &b[slot * rank * out_dim..][..rank * out_dim];
+                    for region in [a, b] {
+                        for (i, line) in region.chunks(64).enumerate() {
+                            hint_ahead(region, i * 64 + READ_AHEAD);
+                            // One word per line moves the whole line: the traffic without the work.
+                            let word: [u8; 8] = line[..8].try_into().unwrap_or_default();
+                            sum = sum.wrapping_add(u64::from_le_bytes(word));
+                        }
+                    }
+                }
+                sum
+            };
+            let total: u64 = if rayon::current_num_threads() > 1 {
+                units.par_iter().with_max_len(1).map(read).sum()
+            } else {
+                units.iter().map(read).sum()
+            };
+            std::hint::black_box(total);
+        }
+        next = (next + 1) % weights.len();
+    })
+}
+
 /// The weight kinds, each with the constructor of its runner (built one at a time: 30 layers of
 /// rank-64 f32 adapters take over a gigabyte).
 type MakeRunner = fn(usize, &Case, bool) -> Runner;
@@ -292,6 +374,21 @@ fn summary(layers: usize, threads: &str) {
                 lora_us,
                 t[0],
                 lora_us / t[0]
+            );
+        }
+        // Distinct adapters per token: how close the Q8 kernel comes to only reading its bytes.
+        let slots: std::collections::BTreeSet<_> = case.segments.iter().map(|s| s.slot).collect();
+        let distinct = slots.len() == case.num_tokens && case.num_tokens > 1;
+        if distinct && only("LORA_KINDS", "q8") && !with_base {
+            let mut floor = read_floor_runner(layers, &case);
+            let t = rayon::scope(|_| interleaved_us(&mut [&mut base, &mut floor]));
+            println!(
+                "{:<16} {:>5} {:>12.1} {:>12.1} {:>7.3}",
+                case.name,
+                "read",
+                t[1],
+                t[0],
+                t[1] / t[0]
             );
         }
     }
