@@ -287,7 +287,7 @@ fn read_floor_runner(layers: usize, case: &Case) -> Runner {
                     let a = &a[slot * rank * in_dim..][..rank * in_dim];
                     let b = &b[slot * rank * out_dim..][..rank * out_dim];
                     for region in [a, b] {
-                        for (i, line) in region.chunks(64).enumerate() {
+                        for (i, line) in region.chunks_exact(64).enumerate() {
                             hint_ahead(region, i * 64 + READ_AHEAD);
                             // One word per line moves the whole line: the traffic without the work.
                             let word: [u8; 8] = line[..8].try_into().unwrap_or_default();
@@ -347,6 +347,14 @@ fn interleaved_us(runners: &mut [&mut Runner]) -> Vec<f64> {
         .collect()
 }
 
+/// One row of the summary: a case, what ran it, its time and the base layer's.
+fn print_row(case: &str, kind: &str, lora_us: f64, base_us: f64) {
+    println!(
+        "{case:<16} {kind:>5} {lora_us:>12.1} {base_us:>12.1} {:>7.3}",
+        lora_us / base_us
+    );
+}
+
 /// Prints, per case and weight kind, the LoRA time of one layer, the base layer's and their ratio.
 fn summary(layers: usize, threads: &str) {
     println!("\nLoRA vs base Q4_1 layer (SmolLM2-135M shapes), threads {threads}, layers {layers}");
@@ -367,14 +375,7 @@ fn summary(layers: usize, threads: &str) {
             let t = rayon::scope(|_| interleaved_us(&mut [&mut base, &mut lora]));
             // With the base inside the LoRA runner, LoRA's cost is what it adds.
             let lora_us = if with_base { t[1] - t[0] } else { t[1] };
-            println!(
-                "{:<16} {:>5} {:>12.1} {:>12.1} {:>7.3}",
-                case.name,
-                kind,
-                lora_us,
-                t[0],
-                lora_us / t[0]
-            );
+            print_row(case.name, kind, lora_us, t[0]);
         }
         // Distinct adapters per token: how close the Q8 kernel comes to only reading its bytes.
         let slots: std::collections::BTreeSet<_> = case.segments.iter().map(|s| s.slot).collect();
@@ -382,14 +383,7 @@ fn summary(layers: usize, threads: &str) {
         if distinct && only("LORA_KINDS", "q8") && !with_base {
             let mut floor = read_floor_runner(layers, &case);
             let t = rayon::scope(|_| interleaved_us(&mut [&mut base, &mut floor]));
-            println!(
-                "{:<16} {:>5} {:>12.1} {:>12.1} {:>7.3}",
-                case.name,
-                "read",
-                t[1],
-                t[0],
-                t[1] / t[0]
-            );
+            print_row(case.name, "read", t[1], t[0]);
         }
     }
     println!();
