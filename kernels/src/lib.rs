@@ -5,6 +5,8 @@
 //! the `cuda` feature.
 
 pub mod attention;
+#[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+pub mod gpu;
 pub mod lora;
 pub mod ops;
 

@@ -1,0 +1,150 @@
+//! Builds the kernels in `cuda/*.cu`:
+//! - feature `cuda-emu`: compiled by the host C++ compiler against `cuda/emu/emu.hpp` into a
+//!   static library, so tests run every kernel on the CPU (no CUDA toolkit needed);
+//! - feature `cuda`: compiled by nvcc into one fatbin per file (an sm_90 cubin for H100/H200
+//!   plus compute_80 PTX the driver can JIT for newer GPUs), embedded in the crate. A kernel
+//!   that spills registers fails the build unless its source says why it may, with a line
+//!   `// cad-allow-spill: <kernel name>: <reason>`.
+
+use std::env;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn main() {
+    let dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let cuda_dir = dir.join("cuda");
+    println!("cargo:rerun-if-changed=cuda");
+    let sources = kernel_sources(&cuda_dir);
+    if env::var_os("CARGO_FEATURE_CUDA_EMU").is_some() {
+        build_emulation(&cuda_dir, &sources);
+    }
+    if env::var_os("CARGO_FEATURE_CUDA").is_some() {
+        build_fatbins(&sources);
+    }
+}
+
+/// Every `cuda/*.cu`, sorted (one module each).
+fn kernel_sources(cuda_dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = fs::read_dir(cuda_dir)
+        .expect("kernels/cuda exists")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "cu"))
+        .collect();
+    v.sort();
+    v
+}
+
+fn build_emulation(cuda_dir: &Path, sources: &[PathBuf]) {
+    let mut b = cc::Build::new();
+    b.cpp(true)
+        .std("c++20")
+        .opt_level(2)
+        .flag("-pthread")
+        .flag_if_supported("-Wno-unused-parameter")
+        .warnings(true)
+        .include(cuda_dir)
+        .file(cuda_dir.join("emu/emu.cpp"));
+    if env::var_os("CAD_EMU_TSAN").is_some() {
+        // scripts/cuda-emu-tsan: the data-race detector over the emulated kernels.
+        b.flag("-fsanitize=thread").flag("-g");
+        println!("cargo:rustc-link-arg=-fsanitize=thread");
+    }
+    println!("cargo:rerun-if-env-changed=CAD_EMU_TSAN");
+    // The .cu files are C++ to g++; `-x c++` applies to the files that follow it.
+    b.flag("-xc++");
+    for s in sources {
+        b.file(s);
+    }
+    b.compile("cad_cuda_emu");
+    println!("cargo:rustc-link-lib=pthread");
+}
+
+fn nvcc() -> PathBuf {
+    println!("cargo:rerun-if-env-changed=CUDA_HOME");
+    println!("cargo:rerun-if-env-changed=NVCC");
+    if let Some(n) = env::var_os("NVCC") {
+        return PathBuf::from(n);
+    }
+    if let Some(home) = env::var_os("CUDA_HOME") {
+        let p = PathBuf::from(home).join("bin/nvcc");
+        if p.exists() {
+            return p;
+        }
+    }
+    // Where scripts/install-cuda-toolchain unpacks the toolchain by default.
+    if let Some(home) = env::var_os("HOME") {
+        let cached = PathBuf::from(home).join(".cache/caduceus/cuda-13.0/nvidia/cu13/bin/nvcc");
+        if cached.exists() {
+            return cached;
+        }
+    }
+    panic!(
+        "feature `cuda`: nvcc not found. Run `scripts/install-cuda-toolchain` (NVIDIA's CUDA 13.0 \
+         compiler wheels, no root needed) and export the lines it prints, or set CUDA_HOME/NVCC."
+    );
+}
+
+fn build_fatbins(sources: &[PathBuf]) {
+    let nvcc = nvcc();
+    let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let mut table = String::from("/// (module name, fatbin) for every kernel file.\npub(crate) const MODULES: &[(&str, &[u8])] = &[\n");
+    for src in sources {
+        let stem = src
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .expect("utf-8 file name");
+        let fatbin = out.join(format!("{stem}.fatbin"));
+        let output = Command::new(&nvcc)
+            .args(["-fatbin", "-O3", "-std=c++17", "-lineinfo", "-Xptxas", "-v"])
+            .args(["-gencode", "arch=compute_90,code=sm_90"])
+            .args(["-gencode", "arch=compute_80,code=compute_80"])
+            .arg("-I")
+            .arg(src.parent().expect("source has a folder"))
+            .arg("-o")
+            .arg(&fatbin)
+            .arg(src)
+            .output()
+            .unwrap_or_else(|e| panic!("running {}: {e}", nvcc.display()));
+        let log = String::from_utf8_lossy(&output.stderr);
+        if !output.status.success() {
+            panic!("nvcc failed on {}:\n{log}", src.display());
+        }
+        check_spills(src, &log);
+        table.push_str(&format!(
+            "    ({stem:?}, include_bytes!({:?})),\n",
+            fatbin.display().to_string()
+        ));
+    }
+    table.push_str("];\n");
+    fs::write(out.join("cuda_modules.rs"), table).expect("write cuda_modules.rs");
+}
+
+/// Fails on a kernel whose ptxas report shows spill stores or loads, unless allowed in its source.
+fn check_spills(src: &Path, ptxas_log: &str) {
+    let source = fs::read_to_string(src).unwrap_or_default();
+    let mut current = String::new();
+    let mut bad = Vec::new();
+    for line in ptxas_log.lines() {
+        if let Some(rest) = line.split("Function properties for ").nth(1) {
+            current = rest.trim().to_string();
+        } else if line.contains("spill stores") {
+            let spills = line
+                .split(',')
+                .filter(|part| part.contains("spill"))
+                .any(|part| part.trim().split(' ').next().is_some_and(|n| n != "0"));
+            let allowed = source.contains(&format!("cad-allow-spill: {current}:"));
+            if spills && !allowed {
+                bad.push(format!("{current}: {}", line.trim()));
+            }
+        }
+    }
+    if !bad.is_empty() {
+        panic!(
+            "{} has kernels that spill registers (say why with `// cad-allow-spill: <kernel>: <reason>` \
+             or fix them):\n{}",
+            src.display(),
+            bad.join("\n")
+        );
+    }
+}

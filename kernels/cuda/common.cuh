@@ -1,0 +1,81 @@
+// Shared by every kernel file: the element types, conversions and reductions, and the
+// CAD_KERNEL entry-point macro. Compiled by nvcc for the GPU and by g++ against emu/emu.hpp for
+// the host emulation the tests run (kernels/build.rs).
+#pragma once
+
+#if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+#define CAD_DYNAMIC_SMEM(T, name)                                  \
+  extern __shared__ __align__(16) unsigned char cad_dyn_smem_[];   \
+  T* name = reinterpret_cast<T*>(cad_dyn_smem_)
+/// An `extern "C"` kernel taking its parameter struct by value (one argument, so the Rust side
+/// launches every kernel the same way).
+#define CAD_KERNEL(name, Params, p) extern "C" __global__ void name(const Params p)
+#define CAD_KERNEL_BOUNDS(name, Params, p, threads) \
+  extern "C" __global__ void __launch_bounds__(threads) name(const Params p)
+#else
+#include "emu/emu.hpp"
+#define CAD_DYNAMIC_SMEM(T, name) CAD_EMU_DYNAMIC_SMEM(T, name)
+#define CAD_KERNEL_BOUNDS(name, Params, p, threads) CAD_KERNEL(name, Params, p)
+#endif
+
+namespace cad {
+
+using bf16 = __nv_bfloat16;
+using f16 = __half;
+
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(bf16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_f32(f16 v) { return __half2float(v); }
+
+template <class T>
+__device__ __forceinline__ T from_f32(float v);
+template <>
+__device__ __forceinline__ float from_f32<float>(float v) {
+  return v;
+}
+template <>
+__device__ __forceinline__ bf16 from_f32<bf16>(float v) {
+  return __float2bfloat16(v);
+}
+template <>
+__device__ __forceinline__ f16 from_f32<f16>(float v) {
+  return __float2half(v);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+/// Sum over a block of `blockDim.x` threads (a multiple of 32, at most 1024); every thread gets
+/// the total. `scratch` holds 32 floats of shared memory; the call ends with the block synced.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+  const unsigned lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  v = warp_sum(v);
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  v = lane < warps ? scratch[lane] : 0.0f;
+  return warp_sum(v);
+}
+
+/// Maximum over a block, as [`block_sum`].
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+  const unsigned lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  v = warp_max(v);
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  v = lane < warps ? scratch[lane] : -INFINITY;
+  return warp_max(v);
+}
+
+}  // namespace cad

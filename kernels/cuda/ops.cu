@@ -1,0 +1,74 @@
+// Element-wise and row-wise layer ops: embedding gather, RMSNorm with fused residual add,
+// SiLU-and-mul. CPU twins: runtime's embedding lookup, kernels::ops::{rms_norm, add_inplace,
+// silu_mul_fused}.
+#include "common.cuh"
+#include "params/ops.h"
+
+namespace {
+
+template <class T>
+__device__ void embedding(const EmbeddingParams& p) {
+  const uint32_t t = blockIdx.x;
+  if (t >= p.num_tokens) return;
+  const uint32_t id = p.ids[t];
+  T* out = static_cast<T*>(p.out) + size_t(t) * p.hidden;
+  const T* row = static_cast<const T*>(p.table) + size_t(id) * p.hidden;
+  for (uint32_t i = threadIdx.x; i < p.hidden; i += blockDim.x) {
+    out[i] = id < p.vocab ? row[i] : cad::from_f32<T>(0.0f);
+  }
+}
+
+/// One block per row. Pass 1 forms h (written to residual_out) and its sum of squares; pass 2
+/// re-reads h (from residual_out, or recomputes it) to scale.
+template <class T>
+__device__ void rms_norm(const RmsNormParams& p) {
+  __shared__ float scratch[32];
+  const uint32_t r = blockIdx.x;
+  if (r >= p.rows) return;
+  const size_t base = size_t(r) * p.dim;
+  const T* x = static_cast<const T*>(p.x) + base;
+  const T* res = p.residual ? static_cast<const T*>(p.residual) + base : nullptr;
+  T* res_out = p.residual_out ? static_cast<T*>(p.residual_out) + base : nullptr;
+  float ss = 0.0f;
+  for (uint32_t i = threadIdx.x; i < p.dim; i += blockDim.x) {
+    float h = cad::to_f32(x[i]);
+    if (res) h += cad::to_f32(res[i]);
+    if (res_out) {
+      // The stored residual is rounded to T; normalise what was stored, as the next layer sees it.
+      T hs = cad::from_f32<T>(h);
+      res_out[i] = hs;
+      h = cad::to_f32(hs);
+    }
+    ss += h * h;
+  }
+  const float total = cad::block_sum(ss, scratch);
+  const float inv = rsqrtf(total / float(p.dim) + p.eps);
+  const T* w = static_cast<const T*>(p.weight);
+  T* out = static_cast<T*>(p.out) + base;
+  for (uint32_t i = threadIdx.x; i < p.dim; i += blockDim.x) {
+    // Each thread re-reads only the elements it wrote itself, so no barrier is needed here.
+    float h = res_out ? cad::to_f32(res_out[i]) : cad::to_f32(x[i]) + (res ? cad::to_f32(res[i]) : 0.0f);
+    out[i] = cad::from_f32<T>(h * inv * cad::to_f32(w[i]));
+  }
+}
+
+template <class T>
+__device__ void silu_mul(const SiluMulParams& p) {
+  const size_t n = size_t(p.rows) * p.ffn;
+  for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    const size_t r = i / p.ffn, c = i % p.ffn;
+    const T* row = static_cast<const T*>(p.gate_up) + r * 2 * p.ffn;
+    const float g = cad::to_f32(row[c]);
+    const float u = cad::to_f32(row[p.ffn + c]);
+    static_cast<T*>(p.out)[i] = cad::from_f32<T>(g / (1.0f + __expf(-g)) * u);
+  }
+}
+
+}  // namespace
+
+CAD_KERNEL(cad_embedding_bf16, EmbeddingParams, p) { embedding<cad::bf16>(p); }
+CAD_KERNEL(cad_embedding_f16, EmbeddingParams, p) { embedding<cad::f16>(p); }
+CAD_KERNEL(cad_rms_norm_bf16, RmsNormParams, p) { rms_norm<cad::bf16>(p); }
+CAD_KERNEL(cad_rms_norm_f16, RmsNormParams, p) { rms_norm<cad::f16>(p); }
+CAD_KERNEL(cad_silu_mul_bf16, SiluMulParams, p) { silu_mul<cad::bf16>(p); }
+CAD_KERNEL(cad_silu_mul_f16, SiluMulParams, p) { silu_mul<cad::f16>(p); }

@@ -1,0 +1,138 @@
+//! The CUDA side of [`super::Device`]: cudarc with the driver loaded at run time, the embedded
+//! fatbins of `kernels/cuda/*.cu`, one stream.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{
+    result as drv, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig,
+    PushKernelArg,
+};
+use cudarc::nvrtc::Ptx;
+
+use super::device::GpuError;
+use super::kernel::{KernelParams, LaunchDims};
+
+include!(concat!(env!("OUT_DIR"), "/cuda_modules.rs"));
+
+fn driver_err(e: impl std::fmt::Debug) -> GpuError {
+    GpuError::Driver(format!("{e:?}"))
+}
+
+/// An opened GPU: context, the stream every launch and copy goes on, the loaded modules.
+pub struct CudaDevice {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    modules: Vec<Arc<CudaModule>>,
+    functions: Mutex<HashMap<&'static str, CudaFunction>>,
+}
+
+impl CudaDevice {
+    pub(super) fn open(ordinal: usize) -> Result<CudaDevice, GpuError> {
+        // SAFETY: only probes whether the shared library can be loaded (cudarc would panic on use).
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(GpuError::NoDriver);
+        }
+        let count = CudaContext::device_count().map_err(driver_err)?.max(0) as usize;
+        if ordinal >= count {
+            return Err(GpuError::NoSuchDevice { ordinal, count });
+        }
+        let ctx = CudaContext::new(ordinal).map_err(driver_err)?;
+        // SAFETY: all work goes on one stream, so cudarc's cross-stream events are not needed;
+        // buffers are only freed by their owner after the work that uses them.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.default_stream();
+        let modules = MODULES
+            .iter()
+            .map(|(name, bin)| {
+                ctx.load_module(Ptx::from_binary(bin.to_vec()))
+                    .map_err(|e| GpuError::Driver(format!("loading kernels {name}: {e:?}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(CudaDevice {
+            ctx,
+            stream,
+            modules,
+            functions: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub(super) fn describe(&self) -> String {
+        let name = self.ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        let cc = self
+            .ctx
+            .compute_capability()
+            .map(|(a, b)| format!("sm_{a}{b}"))
+            .unwrap_or_default();
+        format!("cuda:{} {name} {cc}", self.ctx.ordinal())
+    }
+
+    pub(super) fn alloc_zeroed(&self, bytes: usize) -> Result<(CudaSlice<u8>, u64), GpuError> {
+        let slice = self
+            .stream
+            .alloc_zeros::<u8>(bytes.max(1))
+            .map_err(driver_err)?;
+        let ptr = {
+            use cudarc::driver::DevicePtr;
+            slice.device_ptr(&self.stream).0
+        };
+        Ok((slice, ptr))
+    }
+
+    pub(super) fn write(&self, dst: u64, bytes: &[u8]) -> Result<(), GpuError> {
+        self.ctx.bind_to_thread().map_err(driver_err)?;
+        // SAFETY: the caller checked `dst..dst + len` lies in one live buffer; synchronising
+        // right after keeps `bytes` alive for the whole copy.
+        unsafe { drv::memcpy_htod_async(dst, bytes, self.stream.cu_stream()) }
+            .map_err(driver_err)?;
+        self.synchronize()
+    }
+
+    pub(super) fn read(&self, src: u64, out: &mut [u8]) -> Result<(), GpuError> {
+        self.ctx.bind_to_thread().map_err(driver_err)?;
+        // SAFETY: as in `write`, for a device-to-host copy into `out`.
+        unsafe { drv::memcpy_dtoh_async(out, src, self.stream.cu_stream()) }.map_err(driver_err)?;
+        self.synchronize()
+    }
+
+    pub(super) fn synchronize(&self) -> Result<(), GpuError> {
+        self.stream.synchronize().map_err(driver_err)
+    }
+
+    fn function(&self, name: &'static str) -> Result<CudaFunction, GpuError> {
+        let mut cache = self
+            .functions
+            .lock()
+            .map_err(|_| GpuError::Driver("kernel cache poisoned".into()))?;
+        if let Some(f) = cache.get(name) {
+            return Ok(f.clone());
+        }
+        let f = self
+            .modules
+            .iter()
+            .find_map(|m| m.load_function(name).ok())
+            .ok_or(GpuError::UnknownKernel(name))?;
+        cache.insert(name, f.clone());
+        Ok(f)
+    }
+
+    pub(super) fn launch<P: KernelParams>(
+        &self,
+        name: &'static str,
+        dims: LaunchDims,
+        params: &P,
+    ) -> Result<(), GpuError> {
+        let f = self.function(name)?;
+        let cfg = LaunchConfig {
+            grid_dim: dims.grid,
+            block_dim: dims.block,
+            shared_mem_bytes: dims.shared_bytes,
+        };
+        let mut builder = self.stream.launch_builder(&f);
+        builder.arg(params);
+        // SAFETY: `params` has its C twin's layout (KernelParams) and holds live device
+        // addresses checked by the launcher that built it.
+        unsafe { builder.launch(cfg) }.map_err(driver_err)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,318 @@
+//! [`Device`]: where kernels run (a CUDA GPU, or the host emulation) and the buffers they use.
+
+use super::kernel::{KernelFn, KernelParams, LaunchDims};
+
+/// Element type of activations, weights and KV cache on the device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    Bf16,
+    F16,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        2
+    }
+
+    /// Kernel-name suffix (`cad_rms_norm_bf16`).
+    pub fn suffix(self) -> &'static str {
+        match self {
+            DType::Bf16 => "bf16",
+            DType::F16 => "f16",
+        }
+    }
+}
+
+/// Why a device could not be opened or a kernel not run.
+#[derive(Debug, thiserror::Error)]
+pub enum GpuError {
+    #[error(
+        "no NVIDIA driver found (libcuda.so.1 could not be loaded): this machine has no usable \
+         NVIDIA GPU; run on the CPU (`device = \"cpu\"`)"
+    )]
+    NoDriver,
+    #[error("CUDA library {0} not found: put the CUDA 13 libraries on LD_LIBRARY_PATH")]
+    MissingLibrary(&'static str),
+    #[error("no CUDA device {ordinal} ({count} found)")]
+    NoSuchDevice { ordinal: usize, count: usize },
+    #[error("CUDA driver: {0}")]
+    Driver(String),
+    #[error("cuBLASLt: {0}")]
+    Blas(String),
+    #[error("kernel {0} is not in this build")]
+    UnknownKernel(&'static str),
+    #[error("kernel {0}: its parameter struct differs between Rust and C (rebuild both)")]
+    ParamsMismatch(&'static str),
+    #[error("bad kernel arguments: {0}")]
+    Shape(String),
+    #[error("buffer of {bytes} bytes read as {elem}-byte elements")]
+    Misaligned { bytes: usize, elem: usize },
+}
+
+/// Plain element types that can be copied to and from device buffers byte for byte.
+///
+/// # Safety
+/// Every bit pattern of `size_of::<Self>()` bytes must be a valid value, with no padding.
+pub unsafe trait DeviceElem: Copy + Default + 'static {}
+// SAFETY: plain integer and float types without padding or invalid bit patterns.
+unsafe impl DeviceElem for u8 {}
+// SAFETY: as above.
+unsafe impl DeviceElem for u16 {}
+// SAFETY: as above.
+unsafe impl DeviceElem for u32 {}
+// SAFETY: as above.
+unsafe impl DeviceElem for i32 {}
+// SAFETY: as above.
+unsafe impl DeviceElem for u64 {}
+// SAFETY: as above.
+unsafe impl DeviceElem for f32 {}
+// SAFETY: `half::bf16` is a transparent u16.
+unsafe impl DeviceElem for half::bf16 {}
+// SAFETY: `half::f16` is a transparent u16.
+unsafe impl DeviceElem for half::f16 {}
+
+fn as_bytes<T: DeviceElem>(v: &[T]) -> &[u8] {
+    // SAFETY: DeviceElem types have no padding; the byte view covers exactly the slice.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
+}
+
+/// Device memory: an address kernels take (`u64`) and the allocation behind it.
+pub struct DeviceBuffer {
+    ptr: u64,
+    bytes: usize,
+    store: Store,
+}
+
+enum Store {
+    /// Emulated device memory: 16-byte aligned host memory owned through a raw pointer, so
+    /// kernels may write it while Rust holds `&DeviceBuffer`.
+    #[cfg(feature = "cuda-emu")]
+    Host { words: usize },
+    #[cfg(feature = "cuda")]
+    Cuda(#[allow(dead_code)] cudarc::driver::CudaSlice<u8>),
+}
+
+impl DeviceBuffer {
+    /// The device address of the first byte.
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+
+    /// The device address `offset` bytes in (checked against the length).
+    pub fn ptr_at(&self, offset: usize) -> Result<u64, GpuError> {
+        if offset > self.bytes {
+            return Err(GpuError::Shape(format!(
+                "offset {offset} past a buffer of {} bytes",
+                self.bytes
+            )));
+        }
+        Ok(self.ptr + offset as u64)
+    }
+
+    pub fn len_bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Number of `T` elements the buffer holds.
+    pub fn len_of<T>(&self) -> usize {
+        self.bytes / std::mem::size_of::<T>()
+    }
+}
+
+impl Drop for DeviceBuffer {
+    fn drop(&mut self) {
+        match self.store {
+            #[cfg(feature = "cuda-emu")]
+            Store::Host { words } => {
+                let p = self.ptr as usize as *mut u128;
+                // SAFETY: allocated in `Device::alloc_zeroed` as a boxed slice of `words` u128s.
+                drop(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(p, words)) });
+            }
+            #[cfg(feature = "cuda")]
+            Store::Cuda(_) => {}
+        }
+    }
+}
+
+/// Where kernels run. Launches on one device are ordered; [`Device::download`] waits for them.
+pub enum Device {
+    /// The host emulation (`cuda/emu`): every kernel runs on CPU threads, synchronously.
+    #[cfg(feature = "cuda-emu")]
+    Emulated,
+    #[cfg(feature = "cuda")]
+    Cuda(super::cuda::CudaDevice),
+}
+
+impl Device {
+    /// The host emulation.
+    #[cfg(feature = "cuda-emu")]
+    pub fn emulated() -> Device {
+        Device::Emulated
+    }
+
+    /// CUDA device `ordinal`. Fails cleanly (no panic) on a machine without a driver or GPU.
+    #[cfg(feature = "cuda")]
+    pub fn cuda(ordinal: usize) -> Result<Device, GpuError> {
+        super::cuda::CudaDevice::open(ordinal).map(Device::Cuda)
+    }
+
+    /// What this device is, for logs and test names.
+    pub fn describe(&self) -> String {
+        match self {
+            #[cfg(feature = "cuda-emu")]
+            Device::Emulated => "cuda-emu (host emulation)".to_string(),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(d) => d.describe(),
+        }
+    }
+
+    /// Whether this is the host emulation (slow: tests size their shapes down).
+    pub fn is_emulated(&self) -> bool {
+        match self {
+            #[cfg(feature = "cuda-emu")]
+            Device::Emulated => true,
+            #[cfg(feature = "cuda")]
+            Device::Cuda(_) => false,
+        }
+    }
+
+    /// A zero-filled buffer of `bytes` bytes (at least one byte is allocated).
+    pub fn alloc_zeroed(&self, bytes: usize) -> Result<DeviceBuffer, GpuError> {
+        match self {
+            #[cfg(feature = "cuda-emu")]
+            Device::Emulated => {
+                let words = bytes.div_ceil(16).max(1);
+                let boxed: Box<[u128]> = vec![0u128; words].into_boxed_slice();
+                let ptr = Box::into_raw(boxed) as *mut u128 as usize as u64;
+                Ok(DeviceBuffer {
+                    ptr,
+                    bytes,
+                    store: Store::Host { words },
+                })
+            }
+            #[cfg(feature = "cuda")]
+            Device::Cuda(d) => {
+                let (slice, ptr) = d.alloc_zeroed(bytes)?;
+                Ok(DeviceBuffer {
+                    ptr,
+                    bytes,
+                    store: Store::Cuda(slice),
+                })
+            }
+        }
+    }
+
+    /// A new buffer holding `host`.
+    pub fn upload<T: DeviceElem>(&self, host: &[T]) -> Result<DeviceBuffer, GpuError> {
+        let buf = self.alloc_zeroed(std::mem::size_of_val(host))?;
+        self.write(&buf, 0, host)?;
+        Ok(buf)
+    }
+
+    /// Copies `host` into `buf` starting `offset` bytes in.
+    pub fn write<T: DeviceElem>(
+        &self,
+        buf: &DeviceBuffer,
+        offset: usize,
+        host: &[T],
+    ) -> Result<(), GpuError> {
+        let bytes = as_bytes(host);
+        if offset + bytes.len() > buf.bytes {
+            return Err(GpuError::Shape(format!(
+                "writing {} bytes at {offset} into a buffer of {}",
+                bytes.len(),
+                buf.bytes
+            )));
+        }
+        match self {
+            #[cfg(feature = "cuda-emu")]
+            Device::Emulated => {
+                // SAFETY: bounds checked above; the buffer is host memory owned by `buf`.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        bytes.as_ptr(),
+                        (buf.ptr as usize as *mut u8).add(offset),
+                        bytes.len(),
+                    )
+                };
+                Ok(())
+            }
+            #[cfg(feature = "cuda")]
+            Device::Cuda(d) => d.write(buf.ptr + offset as u64, bytes),
+        }
+    }
+
+    /// The whole buffer as `T`s, after every launch before it has finished.
+    pub fn download<T: DeviceElem>(&self, buf: &DeviceBuffer) -> Result<Vec<T>, GpuError> {
+        let elem = std::mem::size_of::<T>();
+        if !buf.bytes.is_multiple_of(elem) {
+            return Err(GpuError::Misaligned {
+                bytes: buf.bytes,
+                elem,
+            });
+        }
+        let mut out = vec![T::default(); buf.bytes / elem];
+        // SAFETY: DeviceElem: any bytes form valid values; the view covers exactly `out`.
+        let dst =
+            unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<u8>(), buf.bytes) };
+        match self {
+            #[cfg(feature = "cuda-emu")]
+            Device::Emulated => {
+                // SAFETY: `buf` owns `buf.bytes` bytes of host memory at `buf.ptr`.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        buf.ptr as usize as *const u8,
+                        dst.as_mut_ptr(),
+                        buf.bytes,
+                    )
+                };
+            }
+            #[cfg(feature = "cuda")]
+            Device::Cuda(d) => d.read(buf.ptr, dst)?,
+        }
+        Ok(out)
+    }
+
+    /// Waits until every launch so far has finished.
+    pub fn synchronize(&self) -> Result<(), GpuError> {
+        match self {
+            #[cfg(feature = "cuda-emu")]
+            Device::Emulated => Ok(()),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(d) => d.synchronize(),
+        }
+    }
+
+    /// Launches `kernel` with `params` (asynchronous on a GPU, synchronous in emulation).
+    pub(crate) fn launch<P: KernelParams>(
+        &self,
+        kernel: &KernelFn,
+        dims: LaunchDims,
+        params: &P,
+    ) -> Result<(), GpuError> {
+        if dims.grid.0 == 0 || dims.grid.1 == 0 || dims.grid.2 == 0 {
+            return Ok(());
+        }
+        match self {
+            #[cfg(feature = "cuda-emu")]
+            Device::Emulated => {
+                let l = super::kernel::EmuLaunch {
+                    grid: [dims.grid.0, dims.grid.1, dims.grid.2],
+                    block: [dims.block.0, dims.block.1, dims.block.2],
+                    shared_bytes: dims.shared_bytes,
+                };
+                let size = std::mem::size_of::<P>() as u32;
+                // SAFETY: the entry point reads `size` bytes of `params` after checking that its
+                // C struct has that size; pointers inside are emulated device addresses.
+                let rc = unsafe { (kernel.emu)(&l, (params as *const P).cast(), size) };
+                if rc != 0 {
+                    return Err(GpuError::ParamsMismatch(kernel.name));
+                }
+                Ok(())
+            }
+            #[cfg(feature = "cuda")]
+            Device::Cuda(d) => d.launch(kernel.name, dims, params),
+        }
+    }
+}

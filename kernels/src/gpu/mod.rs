@@ -1,0 +1,20 @@
+//! The GPU kernels (`kernels/cuda/*.cu`) seen from Rust: devices, buffers, launches.
+//!
+//! One [`Device`] API runs a kernel either on an NVIDIA GPU (feature `cuda`: nvcc-built fatbins
+//! loaded through cudarc, which dlopens the driver at run time) or in host emulation (feature
+//! `cuda-emu`: the same `.cu` sources compiled by the host C++ compiler against
+//! `cuda/emu/emu.hpp`). Tests run one body on every device there is, against the CPU kernels of
+//! this crate as the reference; CI runs them emulated, `scripts/gpu-check` on a GPU.
+//!
+//! Each kernel file has a parameter header (`cuda/params/*.h`) mirrored by a `#[repr(C)]` struct
+//! here, passed by value as the kernel's one argument, and a host-side launcher that checks
+//! shapes and picks the grid.
+
+#[cfg(feature = "cuda")]
+mod cuda;
+mod device;
+mod kernel;
+pub mod ops;
+
+pub use device::{DType, Device, DeviceBuffer, DeviceElem, GpuError};
+pub use kernel::LaunchDims;
