@@ -48,7 +48,7 @@ fn build_emulation(cuda_dir: &Path, sources: &[PathBuf]) {
     if env::var_os("CAD_EMU_TSAN").is_some() {
         // scripts/cuda-emu-tsan: the data-race detector over the emulated kernels.
         b.flag("-fsanitize=thread").flag("-g");
-        println!("cargo:rustc-link-arg=-fsanitize=thread");
+        println!("cargo:rustc-link-lib=dylib=tsan");
     }
     println!("cargo:rerun-if-env-changed=CAD_EMU_TSAN");
     // The .cu files are C++ to g++; `-x c++` applies to the files that follow it.

@@ -161,3 +161,57 @@ fn launchers_refuse_buffers_too_small_for_the_shape() {
     let err = ops::silu_mul(dev, dtype, &small, 2, 8, &small).unwrap_err();
     assert!(err.to_string().contains("silu_mul gate_up"), "{err}");
 }
+
+#[test]
+fn gemm_projects_rows_against_pytorch_layout_weights() {
+    use caduceus_kernels::gpu::gemm::{gemm, GemmShape};
+    for dev in devices() {
+        for dtype in DTYPES {
+            // Odd sizes: no dimension a multiple of a GPU tile.
+            let (m, n, k) = (5, 37, 70);
+            let mut r = rng(9);
+            let x = round(dtype, &random(&mut r, m * k, 1.0));
+            let w = round(dtype, &random(&mut r, n * k, 1.0));
+            let y0 = round(dtype, &random(&mut r, m * n, 1.0));
+            let (dx, dw) = (upload(&dev, dtype, &x), upload(&dev, dtype, &w));
+            for accumulate in [false, true] {
+                let dy = upload(&dev, dtype, &y0);
+                let s = GemmShape { m, n, k, accumulate };
+                gemm(&dev, dtype, &dx, &dw, &dy, s).unwrap();
+                let want: Vec<f32> = (0..m * n)
+                    .map(|i| {
+                        let (row, col) = (i / n, i % n);
+                        let dot: f64 = (0..k)
+                            .map(|j| x[row * k + j] as f64 * w[col * k + j] as f64)
+                            .sum();
+                        (dot + if accumulate { y0[i] as f64 } else { 0.0 }) as f32
+                    })
+                    .collect();
+                let what = format!("{} {dtype:?} accumulate={accumulate}", dev.describe());
+                assert_close(&what, &download(&dev, dtype, &dy), &want, 1e-3, 2.0 * eps(dtype));
+            }
+        }
+    }
+}
+
+/// A `cuda` build opened on a machine without a GPU or driver reports it (cudarc would panic
+/// on a missing library if the driver were not probed first). Skipped where a GPU run is asked
+/// for (`CADUCEUS_GPU_TESTS=1`): there the device opens for real in every other test.
+#[cfg(feature = "cuda")]
+#[test]
+fn opening_cuda_without_a_gpu_is_a_clean_error() {
+    use caduceus_kernels::gpu::{Device, GpuError};
+    if std::env::var("CADUCEUS_GPU_TESTS").is_ok_and(|s| s == "1") {
+        return;
+    }
+    let present = std::path::Path::new("/dev/nvidiactl").exists();
+    match Device::cuda(0) {
+        Err(e @ (GpuError::NoDriver | GpuError::NoSuchDevice { .. })) => {
+            assert!(!present, "a GPU node exists but opening failed: {e}");
+            let msg = e.to_string();
+            assert!(msg.contains("GPU") || msg.contains("CUDA device"), "{msg}");
+        }
+        Err(e) => panic!("unexpected error opening CUDA: {e}"),
+        Ok(d) => assert!(present, "opened {} without /dev/nvidiactl", d.describe()),
+    }
+}

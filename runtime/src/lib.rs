@@ -6,6 +6,7 @@ pub mod cli;
 pub mod config;
 pub mod engine;
 pub mod generate;
+pub mod gpu;
 pub mod kv_cache;
 pub mod metrics;
 pub mod model;

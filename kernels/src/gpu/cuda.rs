@@ -25,6 +25,8 @@ pub struct CudaDevice {
     stream: Arc<CudaStream>,
     modules: Vec<Arc<CudaModule>>,
     functions: Mutex<HashMap<&'static str, CudaFunction>>,
+    /// Created on first use (needs libcublasLt).
+    blas: Mutex<Option<cudarc::cublaslt::CudaBlasLT>>,
 }
 
 impl CudaDevice {
@@ -54,6 +56,7 @@ impl CudaDevice {
             stream,
             modules,
             functions: Mutex::new(HashMap::new()),
+            blas: Mutex::new(None),
         })
     }
 
@@ -134,5 +137,134 @@ impl CudaDevice {
         // addresses checked by the launcher that built it.
         unsafe { builder.launch(cfg) }.map_err(driver_err)?;
         Ok(())
+    }
+}
+
+/// A raw device range as cudarc's slice traits want it (the owner is a [`super::DeviceBuffer`]).
+struct Raw<'s, T> {
+    ptr: u64,
+    len: usize,
+    stream: &'s Arc<CudaStream>,
+    _t: std::marker::PhantomData<T>,
+}
+
+impl<T> cudarc::driver::DeviceSlice<T> for Raw<'_, T> {
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn stream(&self) -> &Arc<CudaStream> {
+        self.stream
+    }
+}
+
+impl<T> cudarc::driver::DevicePtr<T> for Raw<'_, T> {
+    fn device_ptr<'a>(
+        &'a self,
+        _stream: &'a CudaStream,
+    ) -> (cudarc::driver::sys::CUdeviceptr, cudarc::driver::SyncOnDrop<'a>) {
+        (self.ptr, cudarc::driver::SyncOnDrop::Record(None))
+    }
+}
+
+impl<T> cudarc::driver::DevicePtrMut<T> for Raw<'_, T> {
+    fn device_ptr_mut<'a>(
+        &'a mut self,
+        _stream: &'a CudaStream,
+    ) -> (cudarc::driver::sys::CUdeviceptr, cudarc::driver::SyncOnDrop<'a>) {
+        (self.ptr, cudarc::driver::SyncOnDrop::Record(None))
+    }
+}
+
+impl CudaDevice {
+    fn blas(&self) -> Result<std::sync::MutexGuard<'_, Option<cudarc::cublaslt::CudaBlasLT>>, GpuError> {
+        let mut guard = self
+            .blas
+            .lock()
+            .map_err(|_| GpuError::Blas("handle poisoned".into()))?;
+        if guard.is_none() {
+            // SAFETY: only probes whether libcublasLt can be loaded.
+            if !unsafe { cudarc::cublaslt::sys::is_culib_present() } {
+                return Err(GpuError::MissingLibrary("libcublasLt.so.13"));
+            }
+            let h = cudarc::cublaslt::CudaBlasLT::new(self.stream.clone())
+                .map_err(|e| GpuError::Blas(format!("{e:?}")))?;
+            *guard = Some(h);
+        }
+        Ok(guard)
+    }
+
+    /// `y (+)= x · Wᵀ` row-major, as column-major `yᵀ = W · xᵀ`: A = W (`[n, k]` row-major is
+    /// `k × n` column-major, transposed), B = xᵀ (`k × m` column-major as stored).
+    pub(super) fn gemm(
+        &self,
+        dtype: super::DType,
+        x: u64,
+        w: u64,
+        y: u64,
+        s: super::gemm::GemmShape,
+    ) -> Result<(), GpuError> {
+        use cudarc::cublaslt::{Matmul, MatmulConfig};
+        let guard = self.blas()?;
+        let blas = guard
+            .as_ref()
+            .ok_or_else(|| GpuError::Blas("no handle".into()))?;
+        let cfg = MatmulConfig {
+            transa: true,
+            transb: false,
+            transc: false,
+            m: s.n as u64,
+            n: s.m as u64,
+            k: s.k as u64,
+            alpha: 1.0,
+            lda: s.k as i64,
+            ldb: s.k as i64,
+            beta: if s.accumulate { 1.0 } else { 0.0 },
+            ldc: s.n as i64,
+            stride_a: None,
+            stride_b: None,
+            stride_c: None,
+            stride_bias: None,
+            batch_size: None,
+        };
+        fn raw<'s, T>(ptr: u64, len: usize, stream: &'s Arc<CudaStream>) -> Raw<'s, T> {
+            Raw {
+                ptr,
+                len,
+                stream,
+                _t: std::marker::PhantomData,
+            }
+        }
+        let st = &self.stream;
+        let err = |e: cudarc::cublaslt::result::CublasError| GpuError::Blas(format!("{e:?}"));
+        // SAFETY: the launcher checked all three buffers against the shape.
+        unsafe {
+            match dtype {
+                super::DType::Bf16 => {
+                    let mut c = raw::<half::bf16>(y, s.m * s.n, st);
+                    Matmul::<half::bf16>::matmul(
+                        blas,
+                        cfg,
+                        &raw(w, s.n * s.k, st),
+                        &raw(x, s.m * s.k, st),
+                        &mut c,
+                        None,
+                        None,
+                    )
+                }
+                super::DType::F16 => {
+                    let mut c = raw::<half::f16>(y, s.m * s.n, st);
+                    Matmul::<half::f16>::matmul(
+                        blas,
+                        cfg,
+                        &raw(w, s.n * s.k, st),
+                        &raw(x, s.m * s.k, st),
+                        &mut c,
+                        None,
+                        None,
+                    )
+                }
+            }
+        }
+        .map_err(err)
     }
 }

@@ -13,6 +13,7 @@
 #[cfg(feature = "cuda")]
 mod cuda;
 mod device;
+pub mod gemm;
 mod kernel;
 pub mod ops;
 

@@ -11,11 +11,13 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 /// The devices every GPU test runs on.
+/// `CADUCEUS_GPU_ONLY=1` leaves the emulation out (compute-sanitizer runs).
 #[allow(unused_mut)]
 pub fn devices() -> Vec<Device> {
-    let mut v = vec![Device::emulated()];
+    let gpu_only = std::env::var("CADUCEUS_GPU_ONLY").is_ok_and(|s| s == "1");
+    let mut v = if gpu_only { Vec::new() } else { vec![Device::emulated()] };
     #[cfg(feature = "cuda")]
-    if std::env::var("CADUCEUS_GPU_TESTS").is_ok_and(|s| s == "1") {
+    if gpu_only || std::env::var("CADUCEUS_GPU_TESTS").is_ok_and(|s| s == "1") {
         match Device::cuda(0) {
             Ok(d) => v.push(d),
             Err(e) => panic!("CADUCEUS_GPU_TESTS=1 but no GPU: {e}"),

@@ -172,6 +172,17 @@ pub fn run(config: CaduceusConfig) -> anyhow::Result<()> {
 /// Refuses settings this build cannot honour, naming the key and the fix.
 fn check_device(config: &CaduceusConfig) -> anyhow::Result<()> {
     if config.model.device == Device::Cuda {
+        #[cfg(feature = "cuda")]
+        {
+            let gpu = caduceus_kernels::gpu::Device::cuda(0)
+                .map_err(|e| anyhow::anyhow!("model.device = \"cuda\": {e}"))?;
+            anyhow::bail!(
+                "model.device = \"cuda\": found {}, but this version has the CUDA kernels only, not \
+                 the GPU engine yet; set model.device to \"cpu\" or \"auto\"",
+                gpu.describe()
+            );
+        }
+        #[cfg(not(feature = "cuda"))]
         anyhow::bail!(
             "model.device = \"cuda\": this binary was built without CUDA support (the `cuda` \
              feature); set model.device to \"cpu\" or \"auto\""

@@ -1,0 +1,76 @@
+//! Dense projections `y = x · Wᵀ` (all linear layers and the LM head): cuBLASLt in bf16/f16
+//! with f32 accumulation on a GPU; a plain host loop with the same rounding points in emulation,
+//! so the emulated engine can run a whole forward pass.
+
+use super::device::{DType, Device, DeviceBuffer, GpuError};
+use super::ops::need;
+
+/// Shape of one projection: `x` is `[m, k]`, `w` is `[n, k]` (PyTorch's `Linear.weight`), `y` is
+/// `[m, n]`; all row-major in the dtype. With `accumulate`, `y += x · Wᵀ` (residual fusion).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GemmShape {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub accumulate: bool,
+}
+
+/// `y (+)= x · Wᵀ`, f32 accumulation, one rounding to the dtype at the end.
+pub fn gemm(
+    dev: &Device,
+    dtype: DType,
+    x: &DeviceBuffer,
+    w: &DeviceBuffer,
+    y: &DeviceBuffer,
+    s: GemmShape,
+) -> Result<(), GpuError> {
+    need("gemm x", x, s.m * s.k, dtype.size())?;
+    need("gemm w", w, s.n * s.k, dtype.size())?;
+    need("gemm y", y, s.m * s.n, dtype.size())?;
+    if s.m == 0 || s.n == 0 {
+        return Ok(());
+    }
+    match dev {
+        #[cfg(feature = "cuda-emu")]
+        Device::Emulated => {
+            host_gemm(dtype, x, w, y, s);
+            Ok(())
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => d.gemm(dtype, x.ptr(), w.ptr(), y.ptr(), s),
+    }
+}
+
+#[cfg(feature = "cuda-emu")]
+fn host_gemm(dtype: DType, x: &DeviceBuffer, w: &DeviceBuffer, y: &DeviceBuffer, s: GemmShape) {
+    use half::{bf16, f16};
+    let load = |p: u64, i: usize| -> f32 {
+        // SAFETY: `need` checked every index below lies inside its emulated (host) buffer.
+        let bits = unsafe { *(p as usize as *const u16).add(i) };
+        match dtype {
+            DType::Bf16 => bf16::from_bits(bits).to_f32(),
+            DType::F16 => f16::from_bits(bits).to_f32(),
+        }
+    };
+    let store = |p: u64, i: usize, v: f32| {
+        let bits = match dtype {
+            DType::Bf16 => bf16::from_f32(v).to_bits(),
+            DType::F16 => f16::from_f32(v).to_bits(),
+        };
+        // SAFETY: as in `load`.
+        unsafe { *(p as usize as *mut u16).add(i) = bits };
+    };
+    for r in 0..s.m {
+        for c in 0..s.n {
+            let acc = (0..s.k).fold(0f32, |a, i| {
+                load(x.ptr(), r * s.k + i).mul_add(load(w.ptr(), c * s.k + i), a)
+            });
+            let prev = if s.accumulate {
+                load(y.ptr(), r * s.n + c)
+            } else {
+                0.0
+            };
+            store(y.ptr(), r * s.n + c, prev + acc);
+        }
+    }
+}
