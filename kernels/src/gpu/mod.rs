@@ -10,6 +10,7 @@
 //! here, passed by value as the kernel's one argument, and a host-side launcher that checks
 //! shapes and picks the grid.
 
+pub mod attention_prefill;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod device;
