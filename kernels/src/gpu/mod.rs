@@ -16,6 +16,7 @@ mod device;
 mod kernel;
 pub mod attention;
 pub mod ops;
+pub mod rope_cache;
 
 pub use device::{DType, Device, DeviceBuffer, DeviceElem, GpuError};
 pub use kernel::LaunchDims;
