@@ -15,7 +15,9 @@ pub mod attention_prefill;
 mod cuda;
 mod device;
 mod kernel;
+pub mod attention;
 pub mod ops;
+pub mod rope_cache;
 
 pub use device::{DType, Device, DeviceBuffer, DeviceElem, GpuError};
 pub use kernel::LaunchDims;
