@@ -20,15 +20,15 @@
 // as it needs; a CTA finds its sequence by binary search and exits when its tile is past the end
 // of that sequence's chunk (at most one such CTA per sequence and KV head).
 #include "common.cuh"
-#include "params/attention_prefill.h"
+#include "params/attention.h"
 
 // `#pragma unroll` for nvcc; the host compiler of the emulation does not know it.
 #if defined(__CUDACC__)
 #define CAD_UNROLL _Pragma("unroll")
-#define CAD_UNROLL_N(n) _Pragma("unroll " #n)
+#define CAD_UNROLL_4 _Pragma("unroll 4")
 #else
 #define CAD_UNROLL
-#define CAD_UNROLL_N(n)
+#define CAD_UNROLL_4
 #endif
 
 namespace {
@@ -114,12 +114,12 @@ __device__ __forceinline__ float group_sum(float v) {
 
 /// The sequence whose tiles include `tile`: the last s with query_start[s] / tile_tokens + s <=
 /// tile (that start is increasing in s).
-__device__ __forceinline__ uint32_t find_seq(const PagedPrefillParams& p, uint32_t tile,
+__device__ __forceinline__ uint32_t find_seq(const CadPagedBatch& b, uint32_t tile,
                                              uint32_t tile_tokens) {
-  uint32_t lo = 0, hi = p.num_seqs - 1;
+  uint32_t lo = 0, hi = b.num_seqs - 1;
   while (lo < hi) {
     const uint32_t mid = (lo + hi + 1) / 2;
-    if (p.query_start[mid] / tile_tokens + mid <= tile) {
+    if (b.query_start[mid] / tile_tokens + mid <= tile) {
       lo = mid;
     } else {
       hi = mid - 1;
@@ -129,7 +129,7 @@ __device__ __forceinline__ uint32_t find_seq(const PagedPrefillParams& p, uint32
 }
 
 template <class T, int D>
-__device__ void paged_prefill(const PagedPrefillParams& p) {
+__device__ void paged_prefill(const CadPagedAttnParams& p) {
   constexpr int kVec = 16 / sizeof(T);  // elements per 16-byte vector
   constexpr int kRowVecs = D / kVec;
   constexpr int kStride = D + kPad;
@@ -139,19 +139,21 @@ __device__ void paged_prefill(const PagedPrefillParams& p) {
   __align__(16) __shared__ T v_s[kKeys * kStride];
   __shared__ float p_s[kRows * kPStride];
 
-  const uint32_t group = p.num_heads / p.num_kv_heads;
+  const CadPagedBatch& b = p.batch;
+  const uint32_t num_heads = p.shape.num_heads, block_size = p.shape.block_size;
+  const uint32_t group = num_heads / p.shape.num_kv_heads;
   const uint32_t tile_tokens = kRows / group;
   // Highest tiles first: the last tile of a sequence walks the most keys.
   const uint32_t tile = gridDim.x - 1 - blockIdx.x;
   const uint32_t kvh = blockIdx.y;
-  const uint32_t s = find_seq(p, tile, tile_tokens);
-  const uint32_t q_first = p.query_start[s];
-  const uint32_t q_len = p.query_start[s + 1] - q_first;
+  const uint32_t s = find_seq(b, tile, tile_tokens);
+  const uint32_t q_first = b.query_start[s];
+  const uint32_t q_len = b.query_start[s + 1] - q_first;
   const uint32_t tok0 = (tile - (q_first / tile_tokens + s)) * tile_tokens;
-  const uint32_t ctx = p.context_len[s];
+  const uint32_t ctx = b.context_len[s];
   // Past this sequence's chunk, or an inconsistent entry (the runtime validates these; the
   // kernel only refuses to read outside the block table).
-  if (tok0 >= q_len || ctx < q_len || ctx > p.max_blocks_per_seq * p.block_size) return;
+  if (tok0 >= q_len || ctx < q_len || ctx > b.max_blocks_per_seq * block_size) return;
   const uint32_t ntok = min(tile_tokens, q_len - tok0);
   const uint32_t nrows = ntok * group;
   const uint32_t first_pos = ctx - q_len + tok0;  // absolute position of the tile's first token
@@ -164,7 +166,7 @@ __device__ void paged_prefill(const PagedPrefillParams& p) {
     if (r < nrows) {
       const size_t head = size_t(kvh) * group + r % group;
       const size_t tok = q_first + tok0 + r / group;
-      v = pun_load<Vec16>(static_cast<const T*>(p.q) + (tok * p.num_heads + head) * D + c);
+      v = pun_load<Vec16>(static_cast<const T*>(p.q) + (tok * num_heads + head) * D + c);
     }
     pun_store(&q_s[r * kStride + c], v);
   }
@@ -181,9 +183,9 @@ CAD_UNROLL
 CAD_UNROLL
     for (int c = 0; c < 2 * kPairs; ++c) acc[i][c] = 0.0f;
   }
-  const float scale_log2 = p.scale * kLog2e;
-  const uint32_t* table = p.block_tables + size_t(s) * p.max_blocks_per_seq;
-  const size_t slot_stride = size_t(p.num_kv_heads) * D;
+  const float scale_log2 = p.shape.scale * kLog2e;
+  const uint32_t* table = b.block_tables + size_t(s) * b.max_blocks_per_seq;
+  const size_t slot_stride = size_t(p.shape.num_kv_heads) * D;
   const T* k_head = static_cast<const T*>(p.k_cache) + size_t(kvh) * D;
   const T* v_head = static_cast<const T*>(p.v_cache) + size_t(kvh) * D;
 
@@ -194,9 +196,9 @@ CAD_UNROLL
       const uint32_t pos = k0 + key;
       Vec16 kv = {0, 0, 0, 0}, vv = {0, 0, 0, 0};
       if (pos < num_keys) {
-        const uint32_t block = table[pos / p.block_size];
-        if (block < p.num_blocks) {
-          const size_t off = (size_t(block) * p.block_size + pos % p.block_size) * slot_stride + c;
+        const uint32_t block = table[pos / block_size];
+        if (block < p.shape.num_blocks) {
+          const size_t off = (size_t(block) * block_size + pos % block_size) * slot_stride + c;
           kv = pun_load<Vec16>(k_head + off);
           vv = pun_load<Vec16>(v_head + off);
         }
@@ -211,7 +213,7 @@ CAD_UNROLL
     for (int i = 0; i < kRowsPerThread; ++i)
 CAD_UNROLL
       for (int j = 0; j < kKeysPerLane; ++j) sc[i][j] = 0.0f;
-CAD_UNROLL_N(4)
+CAD_UNROLL_4
     for (int d = 0; d < D; d += 2) {
       F2 qf[kRowsPerThread], kf[kKeysPerLane];
 CAD_UNROLL
@@ -280,7 +282,7 @@ CAD_UNROLL
     const float inv = 1.0f / l[i];
     const size_t head = size_t(kvh) * group + r % group;
     const size_t tok = q_first + tok0 + r / group;
-    T* o = static_cast<T*>(p.out) + (tok * p.num_heads + head) * D;
+    T* o = static_cast<T*>(p.out) + (tok * num_heads + head) * D;
 CAD_UNROLL
     for (int c = 0; c < kPairs; ++c) {
       store2(o + 2 * (j8 + kLanes * c), acc[i][2 * c] * inv, acc[i][2 * c + 1] * inv);
@@ -290,15 +292,15 @@ CAD_UNROLL
 
 }  // namespace
 
-CAD_KERNEL_BOUNDS(cad_paged_attention_prefill_d64_bf16, PagedPrefillParams, p, kThreads) {
+CAD_KERNEL_BOUNDS(cad_paged_attention_prefill_d64_bf16, CadPagedAttnParams, p, kThreads) {
   paged_prefill<cad::bf16, 64>(p);
 }
-CAD_KERNEL_BOUNDS(cad_paged_attention_prefill_d64_f16, PagedPrefillParams, p, kThreads) {
+CAD_KERNEL_BOUNDS(cad_paged_attention_prefill_d64_f16, CadPagedAttnParams, p, kThreads) {
   paged_prefill<cad::f16, 64>(p);
 }
-CAD_KERNEL_BOUNDS(cad_paged_attention_prefill_d128_bf16, PagedPrefillParams, p, kThreads) {
+CAD_KERNEL_BOUNDS(cad_paged_attention_prefill_d128_bf16, CadPagedAttnParams, p, kThreads) {
   paged_prefill<cad::bf16, 128>(p);
 }
-CAD_KERNEL_BOUNDS(cad_paged_attention_prefill_d128_f16, PagedPrefillParams, p, kThreads) {
+CAD_KERNEL_BOUNDS(cad_paged_attention_prefill_d128_f16, CadPagedAttnParams, p, kThreads) {
   paged_prefill<cad::f16, 128>(p);
 }

@@ -7,9 +7,8 @@
 
 mod gpu_support;
 
-use caduceus_kernels::gpu::attention_prefill::{
-    paged_attention_prefill, AttnShape, PagedBatchBuffers, PrefillBuffers,
-};
+use caduceus_kernels::gpu::attention::{AttnShape, PagedAttnArgs, PagedBatchBuffers};
+use caduceus_kernels::gpu::attention_prefill::paged_attention_prefill;
 use caduceus_kernels::gpu::{DType, Device};
 use caduceus_kernels::{
     paged_attention_reference, AttentionParams, KvCacheShape, LayerKvCache, SeqAttention,
@@ -109,20 +108,22 @@ fn run_gpu(
     seqs: &[SeqAttention<'_>],
     shape: &AttnShape,
 ) -> Vec<f32> {
-    let batch = PagedBatchBuffers::upload(dev, seqs, shape.block_size).unwrap();
+    let batch = PagedBatchBuffers::upload(dev, seqs).unwrap();
     let (dq, dk, dv) = (
         upload(dev, dtype, q),
         upload(dev, dtype, &cache.k),
         upload(dev, dtype, &cache.v),
     );
     let out = zeros(dev, dtype, q.len());
-    let bufs = PrefillBuffers {
+    let args = PagedAttnArgs {
         q: &dq,
         k_cache: &dk,
         v_cache: &dv,
         out: &out,
+        batch: batch.batch(),
+        shape: *shape,
     };
-    paged_attention_prefill(dev, dtype, &bufs, &batch.batch(), shape).unwrap();
+    paged_attention_prefill(dev, dtype, &args).unwrap();
     download(dev, dtype, &out)
 }
 
@@ -199,29 +200,31 @@ fn launcher_refuses_unsupported_shapes_and_small_buffers() {
         context_len: 2,
         block_table: &table,
     }];
-    let batch = PagedBatchBuffers::upload(dev, &seqs, 16).unwrap();
+    let batch = PagedBatchBuffers::upload(dev, &seqs).unwrap();
     let small = zeros(dev, dtype, 8);
-    let big = zeros(dev, dtype, 2 * 8 * 128);
-    let shape = |head_dim, num_heads| AttnShape {
-        num_heads,
-        num_kv_heads: 2,
-        head_dim,
-        block_size: 16,
-        num_blocks: 1,
-        scale: 1.0,
-    };
-    let bufs = |q| PrefillBuffers {
-        q,
-        k_cache: &big,
-        v_cache: &big,
-        out: &big,
-    };
-    let run = |q, s: AttnShape| {
-        paged_attention_prefill(dev, dtype, &bufs(q), &batch.batch(), &s)
+    let big = zeros(dev, dtype, 2 * 80 * 128);
+    let run = |q, num_heads, head_dim| {
+        let shape = AttnShape {
+            num_heads,
+            num_kv_heads: 1,
+            head_dim,
+            block_size: 16,
+            num_blocks: 1,
+            scale: 1.0,
+        };
+        let args = PagedAttnArgs {
+            q,
+            k_cache: &big,
+            v_cache: &big,
+            out: &big,
+            batch: batch.batch(),
+            shape,
+        };
+        paged_attention_prefill(dev, dtype, &args)
             .unwrap_err()
             .to_string()
     };
-    assert!(run(&big, shape(96, 2)).contains("head_dim 96"));
-    assert!(run(&big, shape(64, 3)).contains("multiple of num_kv_heads"));
-    assert!(run(&small, shape(64, 2)).contains("prefill q"));
+    assert!(run(&big, 2, 96).contains("head_dim 96"));
+    assert!(run(&big, 80, 64).contains("at most 64"));
+    assert!(run(&small, 2, 64).contains("attention q"));
 }

@@ -10,12 +10,12 @@
 //! here, passed by value as the kernel's one argument, and a host-side launcher that checks
 //! shapes and picks the grid.
 
+pub mod attention;
 pub mod attention_prefill;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod device;
 mod kernel;
-pub mod attention;
 pub mod ops;
 pub mod rope_cache;
 
