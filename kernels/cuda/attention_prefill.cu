@@ -84,12 +84,13 @@ __device__ __forceinline__ F2 load2(const cad::bf16* p) {
   return F2{__uint_as_float(w << 16), __uint_as_float(w & 0xffff0000u)};
 }
 __device__ __forceinline__ F2 load2(const cad::f16* p) {
-#if defined(__CUDA_ARCH__)
-  const float2 f = __half22float2(*reinterpret_cast<const __half2*>(p));
-  return F2{f.x, f.y};
-#else
-  return F2{cad::to_f32(p[0]), cad::to_f32(p[1])};
-#endif
+  // One code path for the GPU and the emulation: a 32-bit load split into its two halves.
+  const uint32_t w = pun_load<uint32_t>(p);
+  const uint16_t lo = uint16_t(w & 0xffffu), hi = uint16_t(w >> 16);
+  cad::f16 a, b;
+  memcpy(&a, &lo, 2);
+  memcpy(&b, &hi, 2);
+  return F2{cad::to_f32(a), cad::to_f32(b)};
 }
 
 /// Stores two floats rounded to T at `p` (4-byte aligned) with one 32-bit store.
@@ -102,14 +103,17 @@ __device__ __forceinline__ void store2(T* p, float a, float b) {
   pun_store(p, uint32_t(l) | (uint32_t(h) << 16));
 }
 
-__device__ __forceinline__ float group_max(float v) {
-  for (int o = kLanes / 2; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-
-__device__ __forceinline__ float group_sum(float v) {
-  for (int o = kLanes / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
+/// Reduces two floats at once over the 8 lanes of a row group (`max` or sum). The 64-bit shuffle
+/// is two 32-bit ones on the GPU but one exchange in the emulation, which halves its barriers.
+template <bool kMax>
+__device__ __forceinline__ void group_reduce2(float& a, float& b) {
+  for (int o = kLanes / 2; o > 0; o >>= 1) {
+    unsigned long long w = (uint64_t(__float_as_uint(b)) << 32) | __float_as_uint(a);
+    w = __shfl_xor_sync(0xffffffffu, w, o);
+    const float oa = __uint_as_float(uint32_t(w)), ob = __uint_as_float(uint32_t(w >> 32));
+    a = kMax ? fmaxf(a, oa) : a + oa;
+    b = kMax ? fmaxf(b, ob) : b + ob;
+  }
 }
 
 /// The sequence whose tiles include `tile`: the last s with query_start[s] / tile_tokens + s <=
@@ -190,7 +194,7 @@ CAD_UNROLL
   const T* v_head = static_cast<const T*>(p.v_cache) + size_t(kvh) * D;
 
   for (uint32_t k0 = 0; k0 < num_keys; k0 += kKeys) {
-    __syncthreads();  // the previous tile's K/V are consumed (and the Q tile is complete)
+    __syncthreads();  // the previous tile's K/V and P are consumed (and the Q tile is complete)
     for (uint32_t i = tid; i < kKeys * kRowVecs; i += kThreads) {
       const uint32_t key = i / kRowVecs, c = (i % kRowVecs) * kVec;
       const uint32_t pos = k0 + key;
@@ -230,30 +234,42 @@ CAD_UNROLL
     }
 
     // Online softmax in base 2: scores scaled by scale * log2(e), masked past each row's position.
+    static_assert(kRowsPerThread % 2 == 0, "rows are reduced in pairs");
+    float mx[kRowsPerThread], sum[kRowsPerThread], alpha[kRowsPerThread];
 CAD_UNROLL
     for (int i = 0; i < kRowsPerThread; ++i) {
-      float mx = -INFINITY;
+      mx[i] = -INFINITY;
 CAD_UNROLL
       for (int j = 0; j < kKeysPerLane; ++j) {
         const int pos = int(k0 + j8 + kLanes * j);
         sc[i][j] = pos <= row_pos[i] ? sc[i][j] * scale_log2 : -INFINITY;
-        mx = fmaxf(mx, sc[i][j]);
+        mx[i] = fmaxf(mx[i], sc[i][j]);
       }
-      const float m_new = fmaxf(m[i], group_max(mx));
+    }
+CAD_UNROLL
+    for (int i = 0; i < kRowsPerThread; i += 2) group_reduce2<true>(mx[i], mx[i + 1]);
+CAD_UNROLL
+    for (int i = 0; i < kRowsPerThread; ++i) {
+      const float m_new = fmaxf(m[i], mx[i]);
       const float base = m_new == -INFINITY ? 0.0f : m_new;  // a row with nothing visible yet
-      const float alpha = exp2f(m[i] - base);
-      float sum = 0.0f;
+      alpha[i] = exp2f(m[i] - base);
+      m[i] = m_new;
+      sum[i] = 0.0f;
       float* p_row = &p_s[(rg + 16 * i) * kPStride];
 CAD_UNROLL
       for (int j = 0; j < kKeysPerLane; ++j) {
         const float pj = exp2f(sc[i][j] - base);
-        sum += pj;
+        sum[i] += pj;
         p_row[j8 + kLanes * j] = pj;
       }
-      l[i] = l[i] * alpha + group_sum(sum);
-      m[i] = m_new;
+    }
 CAD_UNROLL
-      for (int c = 0; c < 2 * kPairs; ++c) acc[i][c] *= alpha;
+    for (int i = 0; i < kRowsPerThread; i += 2) group_reduce2<false>(sum[i], sum[i + 1]);
+CAD_UNROLL
+    for (int i = 0; i < kRowsPerThread; ++i) {
+      l[i] = l[i] * alpha[i] + sum[i];
+CAD_UNROLL
+      for (int c = 0; c < 2 * kPairs; ++c) acc[i][c] *= alpha[i];
     }
     __syncwarp();  // P rows are written and read by the same 8 lanes' warp
 
@@ -272,7 +288,6 @@ CAD_UNROLL
         }
       }
     }
-    __syncwarp();  // P is consumed before the next tile overwrites it
   }
 
 CAD_UNROLL

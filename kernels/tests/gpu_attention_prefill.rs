@@ -27,6 +27,11 @@ struct Case {
 
 /// Runs `case` on every device and dtype and compares every output element with the reference.
 fn check(name: &str, case: &Case, seed: u64) {
+    check_on(name, case, seed, devices());
+}
+
+/// [`check`] on the given devices.
+fn check_on(name: &str, case: &Case, seed: u64, devices: Vec<Device>) {
     let num_heads = case.group * case.num_kv_heads;
     let hd = case.head_dim;
     let bs = case.block_size;
@@ -83,7 +88,7 @@ fn check(name: &str, case: &Case, seed: u64) {
     let q_raw = random(&mut r, num_tokens * num_heads * hd, 2.0);
     let k_raw = random(&mut r, shape.elems(), 2.0);
     let v_raw = random(&mut r, shape.elems(), 1.0);
-    for dev in devices() {
+    for dev in devices {
         for dtype in DTYPES {
             let what = format!("{name}: {} {dtype:?}", dev.describe());
             let mut cache = LayerKvCache::new(shape);
@@ -187,6 +192,25 @@ fn decode_rows_in_a_mixed_batch_match_the_cpu() {
         seqs: &[(0, 1), (30, 1), (31, 1), (32, 1), (12, 30), (89, 1)],
     };
     check("decode rows", &case, 5);
+}
+
+#[test]
+fn long_prefills_over_long_prefixes_match_the_cpu_on_a_gpu() {
+    // Many query tiles per sequence and up to 63 K/V tiles per CTA: too slow for the emulation,
+    // so this runs only on a GPU (CADUCEUS_GPU_TESTS=1, scripts/gpu-check) and is a no-op here.
+    let gpus: Vec<Device> = devices().into_iter().filter(|d| !d.is_emulated()).collect();
+    if gpus.is_empty() {
+        eprintln!("long prefills: no GPU in this run, only the emulated cases ran");
+        return;
+    }
+    let case = Case {
+        group: 4,
+        num_kv_heads: 2,
+        head_dim: 128,
+        block_size: 16,
+        seqs: &[(700, 300), (0, 257), (1999, 1), (33, 190)],
+    };
+    check_on("long prefills", &case, 6, gpus);
 }
 
 #[test]
