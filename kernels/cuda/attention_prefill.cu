@@ -37,7 +37,8 @@ constexpr int kRows = 64;     // (token, head) rows per CTA
 constexpr int kKeys = 32;     // keys per K/V tile
 constexpr int kThreads = 128;
 constexpr int kLanes = 8;     // lanes sharing one row group
-constexpr int kRowsPerThread = kRows / (kThreads / kLanes);
+constexpr int kRowGroups = kThreads / kLanes;
+constexpr int kRowsPerThread = kRows / kRowGroups;
 constexpr int kKeysPerLane = kKeys / kLanes;
 // Shared rows are padded by 8 elements: still 16-byte aligned for vector stores, and the
 // 8 keys (or 4 query rows) a warp reads at one dim fall in distinct banks.
@@ -180,7 +181,7 @@ __device__ void paged_prefill(const CadPagedAttnParams& p) {
   float m[kRowsPerThread], l[kRowsPerThread], acc[kRowsPerThread][2 * kPairs];
 CAD_UNROLL
   for (int i = 0; i < kRowsPerThread; ++i) {
-    const uint32_t r = rg + 16 * i;
+    const uint32_t r = rg + kRowGroups * i;
     row_pos[i] = r < nrows ? int(first_pos + r / group) : -1;
     m[i] = -INFINITY;
     l[i] = 0.0f;
@@ -221,7 +222,7 @@ CAD_UNROLL_4
     for (int d = 0; d < D; d += 2) {
       F2 qf[kRowsPerThread], kf[kKeysPerLane];
 CAD_UNROLL
-      for (int i = 0; i < kRowsPerThread; ++i) qf[i] = load2(&q_s[(rg + 16 * i) * kStride + d]);
+      for (int i = 0; i < kRowsPerThread; ++i) qf[i] = load2(&q_s[(rg + kRowGroups * i) * kStride + d]);
 CAD_UNROLL
       for (int j = 0; j < kKeysPerLane; ++j) kf[j] = load2(&k_s[(j8 + kLanes * j) * kStride + d]);
 CAD_UNROLL
@@ -255,7 +256,7 @@ CAD_UNROLL
       alpha[i] = exp2f(m[i] - base);
       m[i] = m_new;
       sum[i] = 0.0f;
-      float* p_row = &p_s[(rg + 16 * i) * kPStride];
+      float* p_row = &p_s[(rg + kRowGroups * i) * kPStride];
 CAD_UNROLL
       for (int j = 0; j < kKeysPerLane; ++j) {
         const float pj = exp2f(sc[i][j] - base);
@@ -277,7 +278,7 @@ CAD_UNROLL
     for (uint32_t key = 0; key < tile_keys; ++key) {
       float pk[kRowsPerThread];
 CAD_UNROLL
-      for (int i = 0; i < kRowsPerThread; ++i) pk[i] = p_s[(rg + 16 * i) * kPStride + key];
+      for (int i = 0; i < kRowsPerThread; ++i) pk[i] = p_s[(rg + kRowGroups * i) * kPStride + key];
 CAD_UNROLL
       for (int c = 0; c < kPairs; ++c) {
         const F2 vf = load2(&v_s[key * kStride + 2 * (j8 + kLanes * c)]);
@@ -292,7 +293,7 @@ CAD_UNROLL
 
 CAD_UNROLL
   for (int i = 0; i < kRowsPerThread; ++i) {
-    const uint32_t r = rg + 16 * i;
+    const uint32_t r = rg + kRowGroups * i;
     if (r >= nrows) continue;
     const float inv = 1.0f / l[i];
     const size_t head = size_t(kvh) * group + r % group;

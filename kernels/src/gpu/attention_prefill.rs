@@ -7,7 +7,7 @@
 use super::attention::PagedAttnArgs;
 use super::device::{DType, Device, GpuError};
 use super::kernel::{kernel_fn, KernelFn, LaunchDims};
-use super::ops::by_dtype;
+use super::ops::{by_dtype, dim32};
 
 /// (token, query head) rows per CTA; `kRows` in the kernel.
 const TILE_ROWS: usize = 64;
@@ -59,6 +59,11 @@ pub fn paged_attention_prefill(
             )));
         }
     }
+    // The kernel bounds each context by the block table in u32.
+    dim32(
+        "max_blocks_per_seq * block_size",
+        args.batch.max_blocks_per_seq * shape.block_size,
+    )?;
     let family = if shape.head_dim == 64 {
         &PREFILL_D64
     } else {
