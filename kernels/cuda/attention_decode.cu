@@ -6,10 +6,11 @@
 // split) handles every query head sharing that KV head, so each K/V row is read from global
 // memory once per CTA. The CTA walks its part of the context in tiles of 32 tokens: the tile's
 // K and V rows are gathered through the block table into shared memory with 16-byte loads, then
-// a "row" of LANES = head_dim / 8 threads (each holding 8 dims of one query head in registers)
-// scores one token at a time (partial dot products summed by warp shuffles within the row) and
-// updates its online-softmax state (max, sum, 8 output dims). The rows are (head, z) pairs:
-// Z = ROWS / heads rows per head take every Z-th token of a tile, and their states are merged
+// a "row" of 8 lanes (each holding head_dim / 8 dims of one query head in registers, as 8-dim
+// chunks `lane` and `lane + 8` so a row's 16-byte shared loads are contiguous) scores one token
+// at a time (partial dot products summed by 3 warp shuffles within the row) and updates its
+// online-softmax state (max, sum, its output dims). The CTA's 16 rows are (head, z) pairs:
+// Z = 16 / heads rows per head take every Z-th token of a tile, and their states are merged
 // through shared memory at the end. With one split the CTA writes the output; with several it
 // writes (output, log-sum-exp) to a workspace that cad_paged_decode_merge_* combines.
 #include "common.cuh"
@@ -26,7 +27,9 @@ namespace {
 
 constexpr uint32_t kThreads = 128;
 constexpr uint32_t kTile = 32;
-constexpr uint32_t kVec = 8;
+constexpr uint32_t kVec = 8;     // elements per 16-byte vector
+constexpr uint32_t kLanes = 8;   // threads per row
+constexpr uint32_t kRows = kThreads / kLanes;
 
 template <class T, int N>
 struct alignas(N * sizeof(T)) Vec {
@@ -35,8 +38,11 @@ struct alignas(N * sizeof(T)) Vec {
 
 template <class T, uint32_t HD>
 __device__ void paged_decode(const CadDecodeParams& p) {
-  constexpr uint32_t LANES = HD / kVec;         // threads covering one head_dim row
-  constexpr uint32_t ROWS = kThreads / LANES;   // rows of the CTA: 16 (hd 64) or 8 (hd 128)
+  constexpr uint32_t CHUNKS = HD / (kVec * kLanes);  // 16-byte chunks per lane: 1 or 2
+  constexpr uint32_t VECS = HD / kVec;               // 16-byte vectors per K/V row
+  constexpr uint32_t ROWS = kRows;
+  constexpr uint32_t PER = CHUNKS * kVec;            // dims per lane
+  static_assert(HD % (kVec * kLanes) == 0, "head_dim must be a multiple of 64");
   using V8 = Vec<T, kVec>;
   __align__(16) __shared__ T s_k[kTile * HD];
   __align__(16) __shared__ T s_v[kTile * HD];
@@ -63,20 +69,23 @@ __device__ void paged_decode(const CadDecodeParams& p) {
   if (begin >= ctx && split > 0) return;
   const uint32_t end = min(ctx, begin + p.tokens_per_split);
 
-  const uint32_t tid = threadIdx.x, lane = tid % LANES, row = tid / LANES;
+  const uint32_t tid = threadIdx.x, lane = tid % kLanes, row = tid / kLanes;
   const uint32_t z_count = ROWS / per_cta;
   const uint32_t g = row % per_cta, z = row / per_cta;
   const bool active = z < z_count && g < heads;
   const uint32_t head = kvh * group + h0 + min(g, heads - 1);
 
-  float q[kVec], o[kVec];
+  float q[PER], o[PER];
   {
-    const V8 qv = *reinterpret_cast<const V8*>(static_cast<const T*>(a.q) + (size_t(t) * nh + head) * HD +
-                                               lane * kVec);
+    const V8* qrow = reinterpret_cast<const V8*>(static_cast<const T*>(a.q) + (size_t(t) * nh + head) * HD);
 CAD_UNROLL
-    for (uint32_t i = 0; i < kVec; ++i) {
-      q[i] = cad::to_f32(qv.v[i]) * a.shape.scale;
-      o[i] = 0.0f;
+    for (uint32_t c = 0; c < CHUNKS; ++c) {
+      const V8 qv = qrow[lane + c * kLanes];
+CAD_UNROLL
+      for (uint32_t i = 0; i < kVec; ++i) {
+        q[c * kVec + i] = cad::to_f32(qv.v[i]) * a.shape.scale;
+        o[c * kVec + i] = 0.0f;
+      }
     }
   }
   float m = -INFINITY, l = 0.0f;
@@ -91,8 +100,8 @@ CAD_UNROLL
       s_slot[tid] = table[pos / bs] * bs + pos % bs;
     }
     __syncthreads();
-    for (uint32_t w = tid; w < n * LANES; w += kThreads) {
-      const uint32_t j = w / LANES, c = w % LANES;
+    for (uint32_t w = tid; w < n * VECS; w += kThreads) {
+      const uint32_t j = w / VECS, c = w % VECS;
       const size_t off = (size_t(s_slot[j]) * nkv + kvh) * HD + c * kVec;
       reinterpret_cast<V8*>(s_k)[w] = *reinterpret_cast<const V8*>(k_cache + off);
       reinterpret_cast<V8*>(s_v)[w] = *reinterpret_cast<const V8*>(v_cache + off);
@@ -104,21 +113,29 @@ CAD_UNROLL
       const uint32_t j = j0 + z;
       const bool valid = active && j < n;
       const uint32_t jj = valid ? j : 0;
-      const V8 kv = reinterpret_cast<const V8*>(s_k)[jj * LANES + lane];
+      const V8* krow = reinterpret_cast<const V8*>(s_k) + jj * VECS;
       float dot = 0.0f;
 CAD_UNROLL
-      for (uint32_t i = 0; i < kVec; ++i) dot += q[i] * cad::to_f32(kv.v[i]);
+      for (uint32_t c = 0; c < CHUNKS; ++c) {
+        const V8 kv = krow[lane + c * kLanes];
 CAD_UNROLL
-      for (uint32_t off = LANES / 2; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
+        for (uint32_t i = 0; i < kVec; ++i) dot += q[c * kVec + i] * cad::to_f32(kv.v[i]);
+      }
+CAD_UNROLL
+      for (uint32_t off = kLanes / 2; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
       if (valid) {
         const float m_new = fmaxf(m, dot);
         const float corr = __expf(m - m_new);
         const float w = __expf(dot - m_new);
         l = l * corr + w;
         m = m_new;
-        const V8 vv = reinterpret_cast<const V8*>(s_v)[jj * LANES + lane];
+        const V8* vrow = reinterpret_cast<const V8*>(s_v) + jj * VECS;
 CAD_UNROLL
-        for (uint32_t i = 0; i < kVec; ++i) o[i] = o[i] * corr + w * cad::to_f32(vv.v[i]);
+        for (uint32_t c = 0; c < CHUNKS; ++c) {
+          const V8 vv = vrow[lane + c * kLanes];
+CAD_UNROLL
+          for (uint32_t i = 0; i < kVec; ++i) o[c * kVec + i] = o[c * kVec + i] * corr + w * cad::to_f32(vv.v[i]);
+        }
       }
     }
     __syncthreads();  // the next tile overwrites s_slot, s_k and s_v
@@ -130,7 +147,10 @@ CAD_UNROLL
     s_l[row] = l;
   }
 CAD_UNROLL
-  for (uint32_t i = 0; i < kVec; ++i) s_o[row * HD + lane * kVec + i] = o[i];
+  for (uint32_t c = 0; c < CHUNKS; ++c) {
+CAD_UNROLL
+    for (uint32_t i = 0; i < kVec; ++i) s_o[row * HD + (lane + c * kLanes) * kVec + i] = o[c * kVec + i];
+  }
   __syncthreads();
   const bool split_out = p.num_splits > 1;
   for (uint32_t w = tid; w < heads * HD; w += kThreads) {

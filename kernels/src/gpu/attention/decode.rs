@@ -97,10 +97,9 @@ impl DecodePlan {
     }
 }
 
-/// Query heads a decode CTA handles at once: one row of head_dim / 8 threads per head.
+/// Query heads a decode CTA handles at once: at most one per row of 8 threads.
 fn heads_per_cta(shape: &AttnShape) -> usize {
-    let rows = THREADS / (shape.head_dim / 8).max(1);
-    shape.group().min(rows).max(1)
+    shape.group().clamp(1, THREADS / 8)
 }
 
 /// CTAs per KV head (more than one only for GQA groups wider than a CTA's rows).
