@@ -138,7 +138,8 @@ CAD_UNROLL
         }
       }
     }
-    __syncthreads();  // the next tile overwrites s_slot, s_k and s_v
+    // No barrier here: the next tile writes only s_slot (not read while scoring) before its
+    // first __syncthreads, which every thread reaches only after scoring this tile.
   }
 
   // Merge the Z rows of each head.
