@@ -6,6 +6,13 @@
 // does), then every thread rotates units of 4 pairs (16-byte loads and stores for Interleaved,
 // two 8-byte halves for Neox) over all q and k heads, and copies v in 16-byte vectors.
 #include "common.cuh"
+#ifndef CAD_UNROLL  // full unrolling of a constant-trip loop, for nvcc and for g++ alike
+#if defined(__CUDACC__)
+#define CAD_UNROLL _Pragma("unroll")
+#else
+#define CAD_UNROLL _Pragma("GCC unroll 16")
+#endif
+#endif
 #include "params/rope_cache.h"
 
 namespace {
@@ -21,7 +28,7 @@ struct alignas(N * sizeof(T)) Vec {
 
 /// Rotates 4 pairs: (a[i], b[i]) by the angle of pair `first + i`.
 __device__ __forceinline__ void rotate4(float* a, float* b, const float* cs, const float* sn, uint32_t first) {
-#pragma unroll
+CAD_UNROLL
   for (int i = 0; i < 4; ++i) {
     const float c = cs[first + i], s = sn[first + i];
     const float x0 = a[i], x1 = b[i];
@@ -39,14 +46,14 @@ __device__ __forceinline__ void rotate_unit(const T* src, T* dst, uint32_t u, ui
   if (neox) {
     const Vec<T, 4> lo = *reinterpret_cast<const Vec<T, 4>*>(src + 4 * u);
     const Vec<T, 4> hi = *reinterpret_cast<const Vec<T, 4>*>(src + half + 4 * u);
-#pragma unroll
+CAD_UNROLL
     for (int i = 0; i < 4; ++i) {
       a[i] = cad::to_f32(lo.v[i]);
       b[i] = cad::to_f32(hi.v[i]);
     }
     rotate4(a, b, cs, sn, 4 * u);
     Vec<T, 4> olo, ohi;
-#pragma unroll
+CAD_UNROLL
     for (int i = 0; i < 4; ++i) {
       olo.v[i] = cad::from_f32<T>(a[i]);
       ohi.v[i] = cad::from_f32<T>(b[i]);
@@ -55,14 +62,14 @@ __device__ __forceinline__ void rotate_unit(const T* src, T* dst, uint32_t u, ui
     *reinterpret_cast<Vec<T, 4>*>(dst + half + 4 * u) = ohi;
   } else {
     const Vec<T, 8> x = *reinterpret_cast<const Vec<T, 8>*>(src + 8 * u);
-#pragma unroll
+CAD_UNROLL
     for (int i = 0; i < 4; ++i) {
       a[i] = cad::to_f32(x.v[2 * i]);
       b[i] = cad::to_f32(x.v[2 * i + 1]);
     }
     rotate4(a, b, cs, sn, 4 * u);
     Vec<T, 8> o;
-#pragma unroll
+CAD_UNROLL
     for (int i = 0; i < 4; ++i) {
       o.v[2 * i] = cad::from_f32<T>(a[i]);
       o.v[2 * i + 1] = cad::from_f32<T>(b[i]);

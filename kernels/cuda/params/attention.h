@@ -43,16 +43,17 @@ struct CadPagedAttnParams {
 
 // ---- decode only (attention_decode.cu) ----
 
-/// Decode with the context of each sequence cut into `num_splits` partitions of
-/// `blocks_per_split` cache blocks. With num_splits > 1 every (token, head, split) writes its
-/// partial output (normalised by its own softmax sum) to
-/// partial_out [num_tokens, num_heads, num_splits, head_dim] f32 and its log-sum-exp to
-/// partial_lse [num_tokens, num_heads, num_splits] f32 (-inf for an empty split); the merge
-/// kernel combines them into out. With num_splits == 1 the decode kernel writes out directly.
+/// Decode (sequences with exactly one query token; others are left alone) with each context cut
+/// into partitions of `tokens_per_split` tokens (a multiple of the kernel's 32-token tile),
+/// grid z = split. With num_splits > 1 each (token, head, split) writes its partial output
+/// (normalised by its own softmax sum) to partial_out [num_tokens, num_heads, num_splits,
+/// head_dim] f32 and its log-sum-exp to partial_lse [num_tokens, num_heads, num_splits] f32,
+/// and the merge kernel combines a sequence's non-empty splits into out. With num_splits == 1
+/// the decode kernel writes out directly and the workspace pointers are unused.
 struct CadDecodeParams {
   CadPagedAttnParams attn;
   float* partial_out;
   float* partial_lse;
   uint32_t num_splits;
-  uint32_t blocks_per_split;
+  uint32_t tokens_per_split;
 };

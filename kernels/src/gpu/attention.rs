@@ -236,3 +236,7 @@ impl PagedAttnArgs<'_> {
         })
     }
 }
+
+// ---- decode (cuda/attention_decode.cu) ----
+mod decode;
+pub use decode::{paged_attention_decode, DecodePlan, DecodeSplit};
