@@ -10,12 +10,15 @@
 //! here, passed by value as the kernel's one argument, and a host-side launcher that checks
 //! shapes and picks the grid.
 
+pub mod attention;
+pub mod attention_prefill;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod device;
 pub mod gemm;
 mod kernel;
 pub mod ops;
+pub mod rope_cache;
 
 pub use device::{DType, Device, DeviceBuffer, DeviceElem, GpuError};
 pub use kernel::LaunchDims;

@@ -154,3 +154,21 @@ impl Rope {
         }
     }
 }
+
+// ---- accessors for the GPU kernels (gpu::rope_cache uploads the same table) ----
+impl Rope {
+    /// The per-pair inverse frequencies (`head_dim / 2`, scaling applied): the device kernel
+    /// takes this exact table so its angles equal the CPU's.
+    pub fn inv_freq(&self) -> &[f32] {
+        &self.inv_freq
+    }
+
+    /// Which dimensions form a rotated pair.
+    pub fn style(&self) -> RopeStyle {
+        self.style
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+}

@@ -1,0 +1,187 @@
+//! Launcher of `cuda/attention_decode.cu`: paged attention for decode tokens, GQA-aware, with
+//! split-K over the context and a log-sum-exp merge when the batch alone cannot fill the GPU.
+
+use super::{AttnShape, PagedAttnArgs, PagedAttnParams, PagedBatch};
+use crate::gpu::device::{DType, Device, DeviceBuffer, GpuError};
+use crate::gpu::kernel::{kernel_fn, kernel_params, KernelFn, LaunchDims};
+use crate::gpu::ops::{by_dtype, dim32, need};
+
+/// `CadDecodeParams` in `cuda/params/attention.h`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct DecodeParams {
+    attn: PagedAttnParams,
+    partial_out: u64,
+    partial_lse: u64,
+    num_splits: u32,
+    tokens_per_split: u32,
+}
+
+kernel_params!(DecodeParams);
+
+const DECODE_HD64: [KernelFn; 2] = [
+    kernel_fn!(cad_paged_decode_hd64_bf16),
+    kernel_fn!(cad_paged_decode_hd64_f16),
+];
+const DECODE_HD128: [KernelFn; 2] = [
+    kernel_fn!(cad_paged_decode_hd128_bf16),
+    kernel_fn!(cad_paged_decode_hd128_f16),
+];
+const MERGE: [KernelFn; 2] = [
+    kernel_fn!(cad_paged_decode_merge_bf16),
+    kernel_fn!(cad_paged_decode_merge_f16),
+];
+
+/// Threads per decode CTA and tokens per shared-memory tile (as in the kernel).
+const THREADS: usize = 128;
+const TILE: usize = 32;
+/// SMs of an H100/H200 SXM.
+const NUM_SMS: usize = 132;
+/// CTAs wanted in flight: a few per SM, so each SM has enough loads outstanding to stream
+/// the KV cache at full bandwidth (a decode CTA holds ~20 KB of shared memory and 128 threads).
+const TARGET_CTAS: usize = 4 * NUM_SMS;
+/// Shortest split Auto makes: below this the merge and the per-CTA setup outweigh the gain.
+const MIN_SPLIT_TOKENS: usize = 256;
+/// CUDA's limit on grid y and z.
+const MAX_GRID_YZ: usize = 65_535;
+
+/// How the context of each sequence is partitioned among CTAs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecodeSplit {
+    /// Split only when sequences × KV heads leave the GPU's SMs idle.
+    Auto,
+    /// One partition per sequence (no merge kernel).
+    Off,
+    /// Partitions of this many tokens (rounded up to the 32-token tile).
+    Tokens(usize),
+}
+
+/// The partition of a decode launch, and the workspace it needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DecodePlan {
+    pub num_splits: usize,
+    pub tokens_per_split: usize,
+}
+
+impl DecodePlan {
+    /// Picks the partition for `batch` (from its `max_context_len`).
+    pub fn new(batch: &PagedBatch<'_>, shape: &AttnShape, split: DecodeSplit) -> DecodePlan {
+        let max_ctx = batch.max_context_len.max(1);
+        let tokens = match split {
+            DecodeSplit::Off => max_ctx,
+            DecodeSplit::Tokens(n) => n.max(1),
+            DecodeSplit::Auto => {
+                let ctas = batch.num_seqs * shape.num_kv_heads * head_chunks(shape);
+                if ctas >= TARGET_CTAS {
+                    max_ctx
+                } else {
+                    let want = TARGET_CTAS.div_ceil(ctas.max(1));
+                    max_ctx.div_ceil(want).max(MIN_SPLIT_TOKENS)
+                }
+            }
+        };
+        let tokens_per_split = tokens.div_ceil(TILE) * TILE;
+        DecodePlan {
+            num_splits: max_ctx.div_ceil(tokens_per_split),
+            tokens_per_split,
+        }
+    }
+
+    /// Bytes of f32 workspace [`paged_attention_decode`] needs for `num_tokens` query rows
+    /// (0 without splits): partial outputs, then log-sum-exps.
+    pub fn workspace_bytes(&self, num_tokens: usize, shape: &AttnShape) -> usize {
+        if self.num_splits <= 1 {
+            return 0;
+        }
+        num_tokens * shape.num_heads * self.num_splits * (shape.head_dim + 1) * 4
+    }
+}
+
+/// Query heads a decode CTA handles at once: at most one per row of 8 threads.
+fn heads_per_cta(shape: &AttnShape) -> usize {
+    shape.group().clamp(1, THREADS / 8)
+}
+
+/// CTAs per KV head (more than one only for GQA groups wider than a CTA's rows).
+fn head_chunks(shape: &AttnShape) -> usize {
+    shape.group().div_ceil(heads_per_cta(shape)).max(1)
+}
+
+/// Attention of every decode sequence (query_len 1) of `a.batch` over its paged context,
+/// written to `a.out`; rows of other sequences are left alone. `workspace` must hold
+/// [`DecodePlan::workspace_bytes`] when the plan splits.
+pub fn paged_attention_decode(
+    dev: &Device,
+    dtype: DType,
+    a: &PagedAttnArgs<'_>,
+    plan: &DecodePlan,
+    workspace: Option<&DeviceBuffer>,
+) -> Result<(), GpuError> {
+    let attn = a.params(dtype)?;
+    let s = &a.shape;
+    if plan.tokens_per_split == 0 || !plan.tokens_per_split.is_multiple_of(TILE) {
+        return Err(GpuError::Shape(format!(
+            "decode: tokens_per_split {} must be a positive multiple of {TILE}",
+            plan.tokens_per_split
+        )));
+    }
+    if plan.num_splits == 0 || plan.num_splits * plan.tokens_per_split < a.batch.max_context_len {
+        return Err(GpuError::Shape(format!(
+            "decode: {} splits of {} tokens do not cover a context of {}",
+            plan.num_splits, plan.tokens_per_split, a.batch.max_context_len
+        )));
+    }
+    if a.batch.num_seqs > MAX_GRID_YZ || plan.num_splits > MAX_GRID_YZ {
+        return Err(GpuError::Shape(format!(
+            "decode: {} sequences x {} splits exceed the grid",
+            a.batch.num_seqs, plan.num_splits
+        )));
+    }
+    let split = plan.num_splits > 1;
+    let (partial_out, partial_lse) = match (split, workspace) {
+        (false, _) => (0, 0),
+        (true, None) => {
+            return Err(GpuError::Shape(
+                "decode: a split plan needs a workspace".into(),
+            ))
+        }
+        (true, Some(ws)) => {
+            let bytes = plan.workspace_bytes(a.batch.num_tokens, s);
+            need("decode workspace", ws, bytes, 1)?;
+            let out_bytes = a.batch.num_tokens * s.num_heads * plan.num_splits * s.head_dim * 4;
+            (ws.ptr(), ws.ptr_at(out_bytes)?)
+        }
+    };
+    let p = DecodeParams {
+        attn,
+        partial_out,
+        partial_lse,
+        num_splits: dim32("num_splits", plan.num_splits)?,
+        tokens_per_split: dim32("tokens_per_split", plan.tokens_per_split)?,
+    };
+    let family = if s.head_dim == 64 {
+        &DECODE_HD64
+    } else {
+        &DECODE_HD128
+    };
+    let seqs = a.batch.num_seqs as u32;
+    let decode = LaunchDims {
+        grid: (
+            dim32("kv heads x chunks", s.num_kv_heads * head_chunks(s))?,
+            seqs,
+            p.num_splits,
+        ),
+        block: (THREADS as u32, 1, 1),
+        shared_bytes: 0,
+    };
+    dev.launch(by_dtype(family, dtype), decode, &p)?;
+    if split {
+        let merge = LaunchDims {
+            grid: (seqs, dim32("num_heads", s.num_heads)?, 1),
+            block: (s.head_dim as u32, 1, 1),
+            shared_bytes: 0,
+        };
+        dev.launch(by_dtype(&MERGE, dtype), merge, &p)?;
+    }
+    Ok(())
+}

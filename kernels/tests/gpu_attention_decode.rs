@@ -1,0 +1,285 @@
+//! GPU paged attention for decode tokens (`cuda/attention_decode.cu`) against the f64 CPU
+//! reference `paged_attention_reference`, on every device (see gpu_support).
+
+mod gpu_support;
+
+use caduceus_kernels::attention::{KvCacheShape, LayerKvCache, SeqAttention};
+use caduceus_kernels::gpu::attention::{
+    paged_attention_decode, AttnShape, DecodePlan, DecodeSplit, PagedAttnArgs, PagedBatchBuffers,
+};
+use caduceus_kernels::gpu::{DType, Device};
+use caduceus_kernels::{paged_attention_reference, AttentionParams};
+use gpu_support::*;
+use rand::seq::SliceRandom;
+
+const BLOCK_SIZE: usize = 16;
+/// Rows of a non-decode sequence hold this before and after: the decode kernel skips them.
+const UNTOUCHED: f32 = 7.0;
+
+/// (query_len, context_len) per sequence: contexts at and around the block edges, one crossing
+/// four 32-token tiles into a fifth (and the splits below), and a 3-token prefill chunk the
+/// decode kernel must leave alone.
+const SEQS: [(usize, usize); 6] = [
+    (1, 1),
+    (1, BLOCK_SIZE - 1),
+    (3, 9),
+    (1, BLOCK_SIZE),
+    (1, BLOCK_SIZE + 1),
+    (1, 130),
+];
+
+/// A random batch: K/V cache rounded to the dtype, blocks handed out in shuffled order.
+struct Batch {
+    cache: LayerKvCache,
+    tables: Vec<Vec<u32>>,
+    q: Vec<f32>,
+    num_tokens: usize,
+}
+
+fn make_batch(dtype: DType, nh: usize, nkv: usize, hd: usize, seed: u64) -> Batch {
+    let mut r = rng(seed);
+    let needed: Vec<usize> = SEQS.iter().map(|s| s.1.div_ceil(BLOCK_SIZE)).collect();
+    let num_blocks = needed.iter().sum::<usize>() + 2;
+    let mut ids: Vec<u32> = (0..num_blocks as u32).collect();
+    ids.shuffle(&mut r);
+    let mut next = ids.into_iter();
+    let tables = needed
+        .iter()
+        .map(|&n| next.by_ref().take(n).collect())
+        .collect();
+    let shape = KvCacheShape {
+        num_blocks,
+        block_size: BLOCK_SIZE,
+        num_kv_heads: nkv,
+        head_dim: hd,
+    };
+    let mut cache = LayerKvCache::new(shape);
+    cache.k = round(dtype, &random(&mut r, shape.elems(), 1.0));
+    cache.v = round(dtype, &random(&mut r, shape.elems(), 1.0));
+    let num_tokens = SEQS.iter().map(|s| s.0).sum();
+    // Queries of a few units so the softmax is neither flat nor one-hot.
+    let q = round(dtype, &random(&mut r, num_tokens * nh * hd, 3.0));
+    Batch {
+        cache,
+        tables,
+        q,
+        num_tokens,
+    }
+}
+
+fn seqs(b: &Batch) -> Vec<SeqAttention<'_>> {
+    let mut start = 0;
+    SEQS.iter()
+        .zip(&b.tables)
+        .map(|(&(query_len, context_len), table)| {
+            let s = SeqAttention {
+                query_start: start,
+                query_len,
+                context_len,
+                block_table: table,
+            };
+            start += query_len;
+            s
+        })
+        .collect()
+}
+
+/// Runs the decode kernel with `split` and returns the downloaded output.
+fn run_decode(
+    dev: &Device,
+    dtype: DType,
+    b: &Batch,
+    shape: &AttnShape,
+    split: DecodeSplit,
+) -> Vec<f32> {
+    let batch = PagedBatchBuffers::upload(dev, &seqs(b)).unwrap();
+    let (q, k, v) = (
+        upload(dev, dtype, &b.q),
+        upload(dev, dtype, &b.cache.k),
+        upload(dev, dtype, &b.cache.v),
+    );
+    let out = upload(dev, dtype, &vec![UNTOUCHED; b.q.len()]);
+    let args = PagedAttnArgs {
+        q: &q,
+        k_cache: &k,
+        v_cache: &v,
+        out: &out,
+        batch: batch.batch(),
+        shape: *shape,
+    };
+    let plan = DecodePlan::new(&args.batch, shape, split);
+    let ws = dev
+        .alloc_zeroed(plan.workspace_bytes(b.num_tokens, shape))
+        .unwrap();
+    paged_attention_decode(dev, dtype, &args, &plan, Some(&ws)).unwrap();
+    download(dev, dtype, &out)
+}
+
+/// (num_heads, num_kv_heads, head_dim, dtype in emulation): GQA groups 1, 3, 4, 8, and 32
+/// (wider than one CTA's 16 rows, so two CTAs share a KV head). The emulation
+/// runs each shape in one dtype (every head_dim x dtype kernel at least once) to stay fast; a
+/// GPU runs both.
+const HEADS: [(usize, usize, usize, DType); 5] = [
+    (2, 2, 64, DType::Bf16),
+    (6, 2, 128, DType::F16),
+    (4, 1, 64, DType::F16),
+    (8, 1, 128, DType::Bf16),
+    (32, 1, 64, DType::Bf16),
+];
+
+#[test]
+fn decode_matches_the_f64_reference_with_and_without_splits() {
+    for dev in devices() {
+        for (i, &(nh, nkv, hd, emu_dtype)) in HEADS.iter().enumerate() {
+            let dtypes = if dev.is_emulated() {
+                vec![emu_dtype]
+            } else {
+                DTYPES.to_vec()
+            };
+            for dtype in dtypes {
+                let what = format!("{} {dtype:?} heads {nh}/{nkv} hd {hd}", dev.describe());
+                let b = make_batch(dtype, nh, nkv, hd, 200 + i as u64);
+                let scale = 1.0 / (hd as f32).sqrt();
+                let shape = AttnShape {
+                    num_heads: nh,
+                    num_kv_heads: nkv,
+                    head_dim: hd,
+                    block_size: BLOCK_SIZE,
+                    num_blocks: b.cache.shape.num_blocks,
+                    scale,
+                };
+                let params = AttentionParams {
+                    num_heads: nh,
+                    num_kv_heads: nkv,
+                    head_dim: hd,
+                    scale,
+                };
+                let mut want = vec![UNTOUCHED; b.q.len()];
+                paged_attention_reference(&b.q, &b.cache, &seqs(&b), &params, &mut want);
+                let row = nh * hd;
+                // Off: one CTA per context; 32: every tile its own split (5 for 130 tokens, the
+                // last partial); 64: splits of two tiles (in emulation for the cheap shapes).
+                let mut splits = vec![DecodeSplit::Off, DecodeSplit::Tokens(32)];
+                if i < 2 || !dev.is_emulated() {
+                    splits.push(DecodeSplit::Tokens(64));
+                }
+                let runs: Vec<_> = splits
+                    .into_iter()
+                    .map(|split| (split, run_decode(&dev, dtype, &b, &shape, split)))
+                    .collect();
+                for (split, got) in &runs {
+                    let mut t = 0;
+                    for &(query_len, ctx) in &SEQS {
+                        let rows = t * row..(t + query_len) * row;
+                        let what = format!("{what} {split:?}: context {ctx}");
+                        if query_len == 1 {
+                            // One rounding of an f32 result, plus f32 accumulation and __expf.
+                            assert_close(
+                                &what,
+                                &got[rows.clone()],
+                                &want[rows],
+                                2e-5,
+                                eps(dtype) * 1.01,
+                            );
+                        } else {
+                            assert!(
+                                got[rows].iter().all(|&x| x == UNTOUCHED),
+                                "{what}: prefill rows written"
+                            );
+                        }
+                        t += query_len;
+                    }
+                }
+                // Split and unsplit agree to within one ulp of the dtype.
+                assert_close(
+                    &format!("{what}: split vs not"),
+                    &runs[1].1,
+                    &runs[0].1,
+                    2e-5,
+                    2.0 * eps(dtype) * 1.01,
+                );
+            }
+        }
+    }
+}
+
+fn shape(nh: usize, nkv: usize, hd: usize) -> AttnShape {
+    AttnShape {
+        num_heads: nh,
+        num_kv_heads: nkv,
+        head_dim: hd,
+        block_size: 16,
+        num_blocks: 1,
+        scale: 1.0,
+    }
+}
+
+#[test]
+fn auto_splits_only_when_the_batch_leaves_sms_idle() {
+    let dev = Device::emulated();
+    let buf = dev.alloc_zeroed(4).unwrap();
+    let batch = |num_seqs, max_context_len| caduceus_kernels::gpu::attention::PagedBatch {
+        query_start: &buf,
+        context_len: &buf,
+        block_tables: &buf,
+        num_seqs,
+        num_tokens: num_seqs,
+        max_blocks_per_seq: max_context_len / 16,
+        max_context_len,
+    };
+    // 256 sequences x 8 KV heads = 2048 CTAs: enough, no split.
+    let big = DecodePlan::new(&batch(256, 4096), &shape(32, 8, 128), DecodeSplit::Auto);
+    assert_eq!(big.num_splits, 1);
+    assert_eq!(big.workspace_bytes(256, &shape(32, 8, 128)), 0);
+    // One sequence x 8 KV heads: split the 32k context to reach ~528 CTAs (66 per head).
+    let one = DecodePlan::new(&batch(1, 32_768), &shape(32, 8, 128), DecodeSplit::Auto);
+    assert_eq!(one.tokens_per_split, 512);
+    assert_eq!(one.num_splits, 64);
+    // A short context is not cut below the minimum split.
+    let short = DecodePlan::new(&batch(1, 300), &shape(32, 8, 128), DecodeSplit::Auto);
+    assert_eq!((short.num_splits, short.tokens_per_split), (2, 256));
+    // Forced sizes round up to the 32-token tile.
+    let forced = DecodePlan::new(&batch(4, 100), &shape(8, 8, 64), DecodeSplit::Tokens(40));
+    assert_eq!((forced.num_splits, forced.tokens_per_split), (2, 64));
+    assert_eq!(
+        forced.workspace_bytes(4, &shape(8, 8, 64)),
+        4 * 8 * 2 * 65 * 4
+    );
+}
+
+#[test]
+fn decode_rejects_a_split_plan_without_workspace_and_unsupported_head_dims() {
+    let dev = Device::emulated();
+    let dtype = DType::F16;
+    let seqs = [SeqAttention {
+        query_start: 0,
+        query_len: 1,
+        context_len: 40,
+        block_table: &[0, 1, 2],
+    }];
+    let batch = PagedBatchBuffers::upload(&dev, &seqs).unwrap();
+    let buf = zeros(&dev, dtype, 3 * 16 * 128);
+    let mut s = shape(1, 1, 64);
+    s.num_blocks = 3;
+    let args = |shape| PagedAttnArgs {
+        q: &buf,
+        k_cache: &buf,
+        v_cache: &buf,
+        out: &buf,
+        batch: batch.batch(),
+        shape,
+    };
+    let split = DecodePlan::new(&batch.batch(), &s, DecodeSplit::Tokens(32));
+    assert_eq!(split.num_splits, 2);
+    assert!(paged_attention_decode(&dev, dtype, &args(s), &split, None).is_err());
+    let whole = DecodePlan::new(&batch.batch(), &s, DecodeSplit::Off);
+    assert!(paged_attention_decode(&dev, dtype, &args(s), &whole, None).is_ok());
+    assert!(paged_attention_decode(
+        &dev,
+        dtype,
+        &args(AttnShape { head_dim: 96, ..s }),
+        &whole,
+        None
+    )
+    .is_err());
+}

@@ -1,0 +1,261 @@
+//! GPU paged prefill attention (`cuda/attention_prefill.cu`) against the CPU reference
+//! (`paged_attention_reference`, f64), on every device (see gpu_support).
+//!
+//! The kernel's tiles: 64 (token, head) rows per CTA, so 64 / group query tokens (64, 21, 16, 8
+//! for GQA 1, 3, 4, 8), and 32 keys per K/V tile. The cases put chunk lengths and contexts on
+//! both sides of those edges, in ragged batches with shuffled block tables.
+
+mod gpu_support;
+
+use caduceus_kernels::gpu::attention::{AttnShape, PagedAttnArgs, PagedBatchBuffers};
+use caduceus_kernels::gpu::attention_prefill::paged_attention_prefill;
+use caduceus_kernels::gpu::{DType, Device};
+use caduceus_kernels::{
+    paged_attention_reference, AttentionParams, KvCacheShape, LayerKvCache, SeqAttention,
+};
+use gpu_support::*;
+use rand::seq::SliceRandom;
+
+/// One batch: its head layout and, per sequence, (tokens cached before the chunk, chunk length).
+struct Case {
+    group: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+    block_size: usize,
+    seqs: &'static [(usize, usize)],
+}
+
+/// Runs `case` on every device and compares every output element with the reference: in both
+/// dtypes on a GPU, in `emu_dtype` only in the emulation (the cases together still run all four
+/// kernels there: head_dim 64 and 128, each in bf16 and f16).
+fn check(name: &str, case: &Case, seed: u64, emu_dtype: DType) {
+    check_on(name, case, seed, emu_dtype, devices());
+}
+
+/// [`check`] on the given devices.
+fn check_on(name: &str, case: &Case, seed: u64, emu_dtype: DType, devices: Vec<Device>) {
+    let num_heads = case.group * case.num_kv_heads;
+    let hd = case.head_dim;
+    let bs = case.block_size;
+    let mut r = rng(seed);
+    // Block ids handed out from a shuffled pool (with spare blocks nobody owns).
+    let blocks_needed: usize = case.seqs.iter().map(|&(c, n)| (c + n).div_ceil(bs)).sum();
+    let num_blocks = blocks_needed + 3;
+    let mut pool: Vec<u32> = (0..num_blocks as u32).collect();
+    pool.shuffle(&mut r);
+    let mut tables = Vec::new();
+    let mut next = 0;
+    for &(c, n) in case.seqs {
+        let k = (c + n).div_ceil(bs);
+        tables.push(pool[next..next + k].to_vec());
+        next += k;
+    }
+    let mut query_start = 0;
+    let seqs: Vec<SeqAttention<'_>> = case
+        .seqs
+        .iter()
+        .zip(&tables)
+        .map(|(&(cached, n), table)| {
+            let s = SeqAttention {
+                query_start,
+                query_len: n,
+                context_len: cached + n,
+                block_table: table,
+            };
+            query_start += n;
+            s
+        })
+        .collect();
+    let num_tokens = query_start;
+    let shape = KvCacheShape {
+        num_blocks,
+        block_size: bs,
+        num_kv_heads: case.num_kv_heads,
+        head_dim: hd,
+    };
+    let params = AttentionParams {
+        num_heads,
+        num_kv_heads: case.num_kv_heads,
+        head_dim: hd,
+        scale: 1.0 / (hd as f32).sqrt(),
+    };
+    let gpu_shape = AttnShape {
+        num_heads,
+        num_kv_heads: case.num_kv_heads,
+        head_dim: hd,
+        block_size: bs,
+        num_blocks,
+        scale: params.scale,
+    };
+    let q_raw = random(&mut r, num_tokens * num_heads * hd, 2.0);
+    let k_raw = random(&mut r, shape.elems(), 2.0);
+    let v_raw = random(&mut r, shape.elems(), 1.0);
+    for dev in devices {
+        let dtypes = if dev.is_emulated() {
+            vec![emu_dtype]
+        } else {
+            DTYPES.to_vec()
+        };
+        for dtype in dtypes {
+            let what = format!("{name}: {} {dtype:?}", dev.describe());
+            let mut cache = LayerKvCache::new(shape);
+            cache.k = round(dtype, &k_raw);
+            cache.v = round(dtype, &v_raw);
+            let q = round(dtype, &q_raw);
+            let mut want = vec![0.0; q.len()];
+            paged_attention_reference(&q, &cache, &seqs, &params, &mut want);
+            let got = run_gpu(&dev, dtype, &q, &cache, &seqs, &gpu_shape);
+            // f32 scores, softmax and accumulation over at most a few hundred keys (vs f64) on
+            // outputs of magnitude <= 1, then one rounding of the output to the dtype.
+            assert_close(&what, &got, &want, 2e-5, eps(dtype));
+        }
+    }
+}
+
+fn run_gpu(
+    dev: &Device,
+    dtype: DType,
+    q: &[f32],
+    cache: &LayerKvCache,
+    seqs: &[SeqAttention<'_>],
+    shape: &AttnShape,
+) -> Vec<f32> {
+    let batch = PagedBatchBuffers::upload(dev, seqs).unwrap();
+    let (dq, dk, dv) = (
+        upload(dev, dtype, q),
+        upload(dev, dtype, &cache.k),
+        upload(dev, dtype, &cache.v),
+    );
+    let out = zeros(dev, dtype, q.len());
+    let args = PagedAttnArgs {
+        q: &dq,
+        k_cache: &dk,
+        v_cache: &dv,
+        out: &out,
+        batch: batch.batch(),
+        shape: *shape,
+    };
+    paged_attention_prefill(dev, dtype, &args).unwrap();
+    download(dev, dtype, &out)
+}
+
+#[test]
+fn fresh_chunks_crossing_the_query_tile_match_the_cpu() {
+    // MHA: 64 tokens per tile; chunks of 1, 63, 64, 65 with nothing cached.
+    let case = Case {
+        group: 1,
+        num_kv_heads: 2,
+        head_dim: 64,
+        block_size: 16,
+        seqs: &[(0, 1), (0, 63), (0, 64), (0, 65)],
+    };
+    check("mha fresh chunks", &case, 1, DType::Bf16);
+}
+
+#[test]
+fn prefix_hits_with_gqa4_and_head_dim_128_match_the_cpu() {
+    // GQA 4: 16 tokens per tile; chunks of 15, 16, 17 after 0 to 100 cached tokens, whose
+    // contexts end on both sides of the 32-key tile.
+    let case = Case {
+        group: 4,
+        num_kv_heads: 2,
+        head_dim: 128,
+        block_size: 16,
+        seqs: &[(100, 17), (48, 16), (0, 15), (17, 15), (31, 1)],
+    };
+    check("gqa4 prefix hits", &case, 2, DType::F16);
+}
+
+#[test]
+fn gqa3_and_gqa8_chunks_match_the_cpu() {
+    // GQA 3: 21 tokens (63 of the 64 rows) per tile.
+    let gqa3 = Case {
+        group: 3,
+        num_kv_heads: 2,
+        head_dim: 64,
+        block_size: 8,
+        seqs: &[(11, 20), (0, 21), (40, 22)],
+    };
+    check("gqa3", &gqa3, 3, DType::F16);
+    // GQA 8: 8 tokens per tile.
+    let gqa8 = Case {
+        group: 8,
+        num_kv_heads: 1,
+        head_dim: 128,
+        block_size: 32,
+        seqs: &[(40, 7), (3, 8), (64, 9)],
+    };
+    check("gqa8", &gqa8, 4, DType::Bf16);
+}
+
+#[test]
+fn decode_rows_in_a_mixed_batch_match_the_cpu() {
+    // Query length 1 at contexts around the key tile, next to a prefill chunk.
+    let case = Case {
+        group: 4,
+        num_kv_heads: 2,
+        head_dim: 64,
+        block_size: 8,
+        seqs: &[(0, 1), (30, 1), (31, 1), (32, 1), (12, 30), (89, 1)],
+    };
+    check("decode rows", &case, 5, DType::F16);
+}
+
+#[test]
+fn long_prefills_over_long_prefixes_match_the_cpu_on_a_gpu() {
+    // Many query tiles per sequence and up to 63 K/V tiles per CTA: too slow for the emulation,
+    // so this runs only on a GPU (CADUCEUS_GPU_TESTS=1, scripts/gpu-check) and is a no-op here.
+    let gpus: Vec<Device> = devices().into_iter().filter(|d| !d.is_emulated()).collect();
+    if gpus.is_empty() {
+        eprintln!("long prefills: no GPU in this run, only the emulated cases ran");
+        return;
+    }
+    let case = Case {
+        group: 4,
+        num_kv_heads: 2,
+        head_dim: 128,
+        block_size: 16,
+        seqs: &[(700, 300), (0, 257), (1999, 1), (33, 190)],
+    };
+    check_on("long prefills", &case, 6, DType::Bf16, gpus);
+}
+
+#[test]
+fn launcher_refuses_unsupported_shapes_and_small_buffers() {
+    let dev = &devices()[0];
+    let dtype = DTYPES[0];
+    let table = [0u32];
+    let seqs = [SeqAttention {
+        query_start: 0,
+        query_len: 2,
+        context_len: 2,
+        block_table: &table,
+    }];
+    let batch = PagedBatchBuffers::upload(dev, &seqs).unwrap();
+    let small = zeros(dev, dtype, 8);
+    let big = zeros(dev, dtype, 2 * 80 * 128);
+    let run = |q, num_heads, head_dim| {
+        let shape = AttnShape {
+            num_heads,
+            num_kv_heads: 1,
+            head_dim,
+            block_size: 16,
+            num_blocks: 1,
+            scale: 1.0,
+        };
+        let args = PagedAttnArgs {
+            q,
+            k_cache: &big,
+            v_cache: &big,
+            out: &big,
+            batch: batch.batch(),
+            shape,
+        };
+        paged_attention_prefill(dev, dtype, &args)
+            .unwrap_err()
+            .to_string()
+    };
+    assert!(run(&big, 2, 96).contains("head_dim 96"));
+    assert!(run(&big, 80, 64).contains("at most 64"));
+    assert!(run(&small, 2, 64).contains("attention q"));
+}

@@ -1,0 +1,196 @@
+//! GPU RoPE fused with the KV cache write (`cuda/rope_cache.cu`) against its CPU twin,
+//! `Rope::apply` on q and k followed by `write_kv`, on every device (see gpu_support).
+
+mod gpu_support;
+
+use caduceus_kernels::attention::{KvCacheShape, LayerKvCache, PAD_SLOT};
+use caduceus_kernels::gpu::rope_cache::{rope_cache, RopeCacheArgs};
+use caduceus_kernels::gpu::{DType, Device};
+use caduceus_kernels::{write_kv, Rope, RopeStyle};
+use gpu_support::*;
+
+struct Case {
+    style: RopeStyle,
+    head_dim: usize,
+    num_heads: usize,
+    num_kv_heads: usize,
+    /// Llama-3 rope scaling (frequency factors) instead of plain inverse frequencies.
+    llama3: bool,
+}
+
+const CASES: [Case; 4] = [
+    Case {
+        style: RopeStyle::Interleaved,
+        head_dim: 64,
+        num_heads: 9,
+        num_kv_heads: 3,
+        llama3: false,
+    },
+    Case {
+        style: RopeStyle::Neox,
+        head_dim: 64,
+        num_heads: 4,
+        num_kv_heads: 4,
+        llama3: false,
+    },
+    Case {
+        style: RopeStyle::Interleaved,
+        head_dim: 128,
+        num_heads: 8,
+        num_kv_heads: 1,
+        llama3: true,
+    },
+    Case {
+        style: RopeStyle::Neox,
+        head_dim: 128,
+        num_heads: 8,
+        num_kv_heads: 2,
+        llama3: true,
+    },
+];
+
+/// Positions from 0 to far past the largest low-frequency wavelength, a padding token, and two
+/// tokens whose slots fall in the same block out of order.
+const POSITIONS: [u32; 7] = [0, 1, 17, 255, 4095, 70_000, 131_071];
+
+fn rope_for(c: &Case) -> Rope {
+    let factors = c
+        .llama3
+        .then(|| Rope::llama3_freq_factors(c.head_dim, 500_000.0, 8.0, 1.0, 4.0, 8192));
+    Rope::new(c.style, c.head_dim, 500_000.0, factors.as_deref())
+}
+
+fn run_case(dev: &Device, dtype: DType, c: &Case, seed: u64) {
+    let what = format!(
+        "{} {dtype:?} {:?} hd {} heads {}/{}",
+        dev.describe(),
+        c.style,
+        c.head_dim,
+        c.num_heads,
+        c.num_kv_heads
+    );
+    let (hd, nh, nkv) = (c.head_dim, c.num_heads, c.num_kv_heads);
+    let shape = KvCacheShape {
+        num_blocks: 5,
+        block_size: 4,
+        num_kv_heads: nkv,
+        head_dim: hd,
+    };
+    let n = POSITIONS.len();
+    let (q_len, kv_len) = (nh * hd, nkv * hd);
+    let row = q_len + 2 * kv_len;
+    let mut r = rng(seed);
+    let qkv = round(dtype, &random(&mut r, n * row, 2.0));
+    // The cache already holds other tokens: untouched slots must keep them.
+    let old_k = round(dtype, &random(&mut r, shape.elems(), 1.0));
+    let old_v = round(dtype, &random(&mut r, shape.elems(), 1.0));
+    let slots: Vec<u32> = vec![19, 0, 7, PAD_SLOT, 5, 4, 12];
+
+    // CPU twin: split the fused rows, rotate q and k, write k and v.
+    let (mut q, mut k, mut v) = (Vec::new(), Vec::new(), Vec::new());
+    for t in qkv.chunks_exact(row) {
+        q.extend_from_slice(&t[..q_len]);
+        k.extend_from_slice(&t[q_len..q_len + kv_len]);
+        v.extend_from_slice(&t[q_len + kv_len..]);
+    }
+    let rope = rope_for(c);
+    rope.apply(&mut q, nh, &POSITIONS);
+    rope.apply(&mut k, nkv, &POSITIONS);
+    let mut cache = LayerKvCache::new(shape);
+    cache.k.copy_from_slice(&old_k);
+    cache.v.copy_from_slice(&old_v);
+    write_kv(&mut cache, &k, &v, &slots);
+
+    let d_qkv = upload(dev, dtype, &qkv);
+    let d_pos = dev.upload(&POSITIONS).unwrap();
+    let d_slots = dev.upload(&slots).unwrap();
+    let d_freq = dev.upload(rope.inv_freq()).unwrap();
+    let (d_k, d_v) = (upload(dev, dtype, &old_k), upload(dev, dtype, &old_v));
+    let args = RopeCacheArgs {
+        qkv: &d_qkv,
+        positions: &d_pos,
+        slot_mapping: &d_slots,
+        inv_freq: &d_freq,
+        style: rope.style(),
+        k_cache: &d_k,
+        v_cache: &d_v,
+        cache: shape,
+        num_tokens: n,
+        num_heads: nh,
+    };
+    rope_cache(dev, dtype, &args).unwrap();
+
+    // One rounding to the dtype of an f32 rotation: within half an ulp of the CPU's f32 value,
+    // plus the few f32 ulps by which sinf/cosf and FMA contraction may differ.
+    let (atol, rtol) = (2e-6, eps(dtype) * 1.001);
+    let got_qkv = download(dev, dtype, &d_qkv);
+    for (t, got_row) in got_qkv.chunks_exact(row).enumerate() {
+        assert_close(
+            &format!("{what}: q of token {t}"),
+            &got_row[..q_len],
+            &q[t * q_len..(t + 1) * q_len],
+            atol,
+            rtol,
+        );
+        // k and v are read, not rotated in place.
+        assert_eq!(
+            &got_row[q_len..],
+            &qkv[t * row + q_len..(t + 1) * row],
+            "{what}: token {t}: k|v of qkv changed"
+        );
+    }
+    assert_close(
+        &format!("{what}: k cache"),
+        &download(dev, dtype, &d_k),
+        &cache.k,
+        atol,
+        rtol,
+    );
+    // v is copied: bit-exact, and the padding token's row went nowhere.
+    assert_eq!(download(dev, dtype, &d_v), cache.v, "{what}: v cache");
+}
+
+#[test]
+fn rope_cache_matches_rope_apply_then_write_kv() {
+    for dev in devices() {
+        for dtype in DTYPES {
+            for (i, c) in CASES.iter().enumerate() {
+                run_case(&dev, dtype, c, 100 + i as u64);
+            }
+        }
+    }
+}
+
+#[test]
+fn rope_cache_rejects_bad_shapes() {
+    let dev = Device::emulated();
+    let dtype = DType::Bf16;
+    let buf = zeros(&dev, dtype, 4096);
+    let small = dev.alloc_zeroed(4).unwrap();
+    let shape = KvCacheShape {
+        num_blocks: 2,
+        block_size: 2,
+        num_kv_heads: 1,
+        head_dim: 64,
+    };
+    let args = |cache, qkv| RopeCacheArgs {
+        qkv,
+        positions: &small,
+        slot_mapping: &small,
+        inv_freq: &buf,
+        style: RopeStyle::Neox,
+        k_cache: &buf,
+        v_cache: &buf,
+        cache,
+        num_tokens: 1,
+        num_heads: 2,
+    };
+    assert!(rope_cache(&dev, dtype, &args(shape, &buf)).is_ok());
+    // qkv shorter than one fused row.
+    assert!(rope_cache(&dev, dtype, &args(shape, &small)).is_err());
+    let odd = KvCacheShape {
+        head_dim: 60,
+        ..shape
+    };
+    assert!(rope_cache(&dev, dtype, &args(odd, &buf)).is_err());
+}
