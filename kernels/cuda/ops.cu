@@ -64,8 +64,18 @@ __device__ void silu_mul(const SiluMulParams& p) {
   }
 }
 
+template <class T>
+__device__ void copy_rows(const CopyRowsParams& p) {
+  const T* src = static_cast<const T*>(p.src) + size_t(blockIdx.x) * p.src_stride;
+  T* dst = static_cast<T*>(p.dst) + size_t(blockIdx.x) * p.dst_stride;
+  if (blockIdx.x >= p.rows) return;
+  for (uint32_t c = threadIdx.x; c < p.cols; c += blockDim.x) dst[c] = src[c];
+}
+
 }  // namespace
 
+CAD_KERNEL(cad_copy_rows_bf16, CopyRowsParams, p) { copy_rows<cad::bf16>(p); }
+CAD_KERNEL(cad_copy_rows_f16, CopyRowsParams, p) { copy_rows<cad::f16>(p); }
 CAD_KERNEL(cad_embedding_bf16, EmbeddingParams, p) { embedding<cad::bf16>(p); }
 CAD_KERNEL(cad_embedding_f16, EmbeddingParams, p) { embedding<cad::f16>(p); }
 CAD_KERNEL(cad_rms_norm_bf16, RmsNormParams, p) { rms_norm<cad::bf16>(p); }

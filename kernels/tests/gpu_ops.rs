@@ -215,3 +215,24 @@ fn opening_cuda_without_a_gpu_is_a_clean_error() {
         Ok(d) => assert!(present, "opened {} without /dev/nvidiactl", d.describe()),
     }
 }
+
+#[test]
+fn copy_rows_moves_a_column_range_between_strided_layouts() {
+    use caduceus_kernels::gpu::ops::{copy_rows, Strided};
+    for dev in devices() {
+        for dtype in DTYPES {
+            // q (first 40 columns) out of 3 rows of a fused [q | k | v] of width 72.
+            let (rows, cols, width) = (3, 40, 72);
+            let src = round(dtype, &random(&mut rng(5), rows * width, 1.0));
+            let dsrc = upload(&dev, dtype, &src);
+            let dst = upload(&dev, dtype, &vec![7.0; rows * cols + 1]);
+            let (s, d) = (Strided { buf: &dsrc, stride: width }, Strided { buf: &dst, stride: cols });
+            copy_rows(&dev, dtype, s, d, rows, cols).unwrap();
+            let got = download(&dev, dtype, &dst);
+            for r in 0..rows {
+                assert_eq!(&got[r * cols..(r + 1) * cols], &src[r * width..r * width + cols]);
+            }
+            assert_eq!(got[rows * cols], 7.0, "nothing written past the rows");
+        }
+    }
+}

@@ -36,3 +36,14 @@ struct SiluMulParams {
   uint32_t rows;
   uint32_t ffn;
 };
+
+/// dst[r * dst_stride + c] = src[r * src_stride + c] for r < rows, c < cols (element strides):
+/// copies a column range out of a fused output (q out of q|k|v) or into one.
+struct CopyRowsParams {
+  const void* src;
+  void* dst;
+  uint32_t rows;
+  uint32_t cols;
+  uint32_t src_stride;
+  uint32_t dst_stride;
+};

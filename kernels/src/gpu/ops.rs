@@ -38,13 +38,25 @@ struct SiluMulParams {
     ffn: u32,
 }
 
-kernel_params!(EmbeddingParams, RmsNormParams, SiluMulParams);
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct CopyRowsParams {
+    src: u64,
+    dst: u64,
+    rows: u32,
+    cols: u32,
+    src_stride: u32,
+    dst_stride: u32,
+}
+
+kernel_params!(EmbeddingParams, RmsNormParams, SiluMulParams, CopyRowsParams);
 
 const EMBEDDING: [KernelFn; 2] = [
     kernel_fn!(cad_embedding_bf16),
     kernel_fn!(cad_embedding_f16),
 ];
 const RMS_NORM: [KernelFn; 2] = [kernel_fn!(cad_rms_norm_bf16), kernel_fn!(cad_rms_norm_f16)];
+const COPY_ROWS: [KernelFn; 2] = [kernel_fn!(cad_copy_rows_bf16), kernel_fn!(cad_copy_rows_f16)];
 const SILU_MUL: [KernelFn; 2] = [kernel_fn!(cad_silu_mul_bf16), kernel_fn!(cad_silu_mul_f16)];
 
 /// The variant of a kernel family for `dtype` (arrays are ordered bf16, f16).
@@ -182,4 +194,44 @@ pub fn silu_mul(
         LaunchDims::linear(blocks, 256),
         &p,
     )
+}
+
+/// Where [`copy_rows`] reads or writes: `rows` rows of `cols` elements, row `r` starting at
+/// element `r * stride` of `buf`.
+#[derive(Clone, Copy)]
+pub struct Strided<'a> {
+    pub buf: &'a DeviceBuffer,
+    pub stride: usize,
+}
+
+/// Copies `rows x cols` elements between strided row layouts (a column range of a fused
+/// projection output into a dense buffer, or back).
+pub fn copy_rows(
+    dev: &Device,
+    dtype: DType,
+    src: Strided<'_>,
+    dst: Strided<'_>,
+    rows: usize,
+    cols: usize,
+) -> Result<(), GpuError> {
+    if rows == 0 || cols == 0 {
+        return Ok(());
+    }
+    if cols > src.stride || cols > dst.stride {
+        return Err(GpuError::Shape(format!(
+            "copy_rows: {cols} columns exceed a stride ({} / {})",
+            src.stride, dst.stride
+        )));
+    }
+    need("copy_rows src", src.buf, (rows - 1) * src.stride + cols, dtype.size())?;
+    need("copy_rows dst", dst.buf, (rows - 1) * dst.stride + cols, dtype.size())?;
+    let p = CopyRowsParams {
+        src: src.buf.ptr(),
+        dst: dst.buf.ptr(),
+        rows: dim32("rows", rows)?,
+        cols: dim32("cols", cols)?,
+        src_stride: dim32("src_stride", src.stride)?,
+        dst_stride: dim32("dst_stride", dst.stride)?,
+    };
+    dev.launch(by_dtype(&COPY_ROWS, dtype), LaunchDims::linear(p.rows, row_threads(cols, 256)), &p)
 }

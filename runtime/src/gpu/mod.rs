@@ -1,6 +1,8 @@
-//! The GPU engine's host-side planning (issue 17, in progress): how device memory is divided and
-//! which batch sizes get a captured CUDA graph. Pure arithmetic, tested on any machine; the
-//! kernels it plans for are `caduceus_kernels::gpu`.
+//! The GPU engine (issue 17, in progress): how device memory is divided, which batch sizes get a
+//! captured CUDA graph (pure arithmetic, tested on any machine), and the model forward pass over
+//! the kernels of `caduceus_kernels::gpu` (`model`, with feature `cuda` or `gpu-emu`).
 
 pub mod graph_ladder;
 pub mod memory_plan;
+#[cfg(any(feature = "cuda", feature = "gpu-emu"))]
+pub mod model;

@@ -43,6 +43,30 @@ pub enum WeightFormat {
     F32,
 }
 
+/// The model's rotary table: GGUF's `rope_freqs.weight` when present, else Llama-3 scaling from
+/// the config, in the layout the weights were stored for (taken out of `store`).
+pub(crate) fn build_rope(c: &LlamaConfig, store: &mut TensorStore) -> Result<Rope, ModelError> {
+    let freq_factors = store.take_optional_vector("rope_freqs.weight", c.head_dim / 2)?;
+    let freq_factors = freq_factors.or_else(|| {
+        c.rope_scaling.as_ref().map(|s| {
+            Rope::llama3_freq_factors(
+                c.head_dim,
+                c.rope_theta,
+                s.factor,
+                s.low_freq_factor,
+                s.high_freq_factor,
+                s.original_max_position_embeddings,
+            )
+        })
+    });
+    let style = if c.rope_neox {
+        RopeStyle::Neox
+    } else {
+        RopeStyle::Interleaved
+    };
+    Ok(Rope::new(style, c.head_dim, c.rope_theta, freq_factors.as_deref()))
+}
+
 /// A loaded Llama-family model, ready to run forward passes.
 pub struct LlamaModel {
     config: LlamaConfig,
@@ -83,25 +107,7 @@ impl LlamaModel {
             return Err(ModelError::MissingTensor("output.weight".into()));
         }
         let final_norm = store.take_vector("output_norm.weight", hidden)?;
-        let freq_factors = store.take_optional_vector("rope_freqs.weight", c.head_dim / 2)?;
-        let freq_factors = freq_factors.or_else(|| {
-            c.rope_scaling.as_ref().map(|s| {
-                Rope::llama3_freq_factors(
-                    c.head_dim,
-                    c.rope_theta,
-                    s.factor,
-                    s.low_freq_factor,
-                    s.high_freq_factor,
-                    s.original_max_position_embeddings,
-                )
-            })
-        });
-        let style = if c.rope_neox {
-            RopeStyle::Neox
-        } else {
-            RopeStyle::Interleaved
-        };
-        let rope = Rope::new(style, c.head_dim, c.rope_theta, freq_factors.as_deref());
+        let rope = build_rope(c, store)?;
 
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
