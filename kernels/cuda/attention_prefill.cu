@@ -22,13 +22,19 @@
 #include "common.cuh"
 #include "params/attention.h"
 
-// `#pragma unroll` for nvcc; the host compiler of the emulation does not know it.
+// Loop unrolling for nvcc and g++ alike (as attention_decode.cu; guarded should common.cuh
+// come to define it).
+#ifndef CAD_UNROLL
 #if defined(__CUDACC__)
 #define CAD_UNROLL _Pragma("unroll")
+#else
+#define CAD_UNROLL _Pragma("GCC unroll 16")
+#endif
+#endif
+#if defined(__CUDACC__)
 #define CAD_UNROLL_4 _Pragma("unroll 4")
 #else
-#define CAD_UNROLL
-#define CAD_UNROLL_4
+#define CAD_UNROLL_4 _Pragma("GCC unroll 4")
 #endif
 
 namespace {

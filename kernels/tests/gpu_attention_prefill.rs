@@ -190,13 +190,14 @@ fn gqa3_and_gqa8_chunks_match_the_cpu() {
 
 #[test]
 fn decode_rows_in_a_mixed_batch_match_the_cpu() {
-    // Query length 1 at contexts around the key tile, next to a prefill chunk.
+    // Query length 1 at contexts around the key tile, next to a prefill chunk and a sequence
+    // with no query tokens this step.
     let case = Case {
         group: 4,
         num_kv_heads: 2,
         head_dim: 64,
         block_size: 8,
-        seqs: &[(0, 1), (30, 1), (31, 1), (32, 1), (12, 30), (89, 1)],
+        seqs: &[(0, 1), (30, 1), (31, 1), (7, 0), (32, 1), (12, 30), (89, 1)],
     };
     check("decode rows", &case, 5, DType::F16);
 }

@@ -3,6 +3,12 @@
 //! One launch attends every query token of a flattened batch (prefill chunks, prefix-cache hits
 //! and decode rows alike) causally over its sequence's paged KV cache, which already holds this
 //! step's keys and values. The CPU twin is [`crate::paged_attention`].
+//!
+//! The grid is (query tiles, KV heads): a tile is 64 (token, query head) rows of one sequence,
+//! i.e. `64 / group` tokens with all heads of their GQA group, so it fills the GPU when the batch
+//! has a few hundred query tokens. A short chunk over a long cached prefix gives few CTAs that
+//! each walk the whole context; decode-only batches belong to the decode kernel (split-K), and
+//! this kernel has no split over the context yet.
 
 use super::attention::PagedAttnArgs;
 use super::device::{DType, Device, GpuError};
