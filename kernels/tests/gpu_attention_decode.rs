@@ -30,15 +30,22 @@ const SEQS: [(usize, usize); 6] = [
 
 /// A random batch: K/V cache rounded to the dtype, blocks handed out in shuffled order.
 struct Batch {
+    /// (query_len, context_len) per sequence.
+    spec: Vec<(usize, usize)>,
     cache: LayerKvCache,
     tables: Vec<Vec<u32>>,
     q: Vec<f32>,
     num_tokens: usize,
 }
 
-fn make_batch(dtype: DType, nh: usize, nkv: usize, hd: usize, seed: u64) -> Batch {
+fn make_batch(
+    dtype: DType,
+    spec: &[(usize, usize)],
+    (nh, nkv, hd): (usize, usize, usize),
+    seed: u64,
+) -> Batch {
     let mut r = rng(seed);
-    let needed: Vec<usize> = SEQS.iter().map(|s| s.1.div_ceil(BLOCK_SIZE)).collect();
+    let needed: Vec<usize> = spec.iter().map(|s| s.1.div_ceil(BLOCK_SIZE)).collect();
     let num_blocks = needed.iter().sum::<usize>() + 2;
     let mut ids: Vec<u32> = (0..num_blocks as u32).collect();
     ids.shuffle(&mut r);
@@ -56,10 +63,11 @@ fn make_batch(dtype: DType, nh: usize, nkv: usize, hd: usize, seed: u64) -> Batc
     let mut cache = LayerKvCache::new(shape);
     cache.k = round(dtype, &random(&mut r, shape.elems(), 1.0));
     cache.v = round(dtype, &random(&mut r, shape.elems(), 1.0));
-    let num_tokens = SEQS.iter().map(|s| s.0).sum();
+    let num_tokens = spec.iter().map(|s| s.0).sum();
     // Queries of a few units so the softmax is neither flat nor one-hot.
     let q = round(dtype, &random(&mut r, num_tokens * nh * hd, 3.0));
     Batch {
+        spec: spec.to_vec(),
         cache,
         tables,
         q,
@@ -69,7 +77,8 @@ fn make_batch(dtype: DType, nh: usize, nkv: usize, hd: usize, seed: u64) -> Batc
 
 fn seqs(b: &Batch) -> Vec<SeqAttention<'_>> {
     let mut start = 0;
-    SEQS.iter()
+    b.spec
+        .iter()
         .zip(&b.tables)
         .map(|(&(query_len, context_len), table)| {
             let s = SeqAttention {
@@ -84,14 +93,14 @@ fn seqs(b: &Batch) -> Vec<SeqAttention<'_>> {
         .collect()
 }
 
-/// Runs the decode kernel with `split` and returns the downloaded output.
+/// Runs the decode kernel with `split`; returns the downloaded output and the plan it used.
 fn run_decode(
     dev: &Device,
     dtype: DType,
     b: &Batch,
     shape: &AttnShape,
     split: DecodeSplit,
-) -> Vec<f32> {
+) -> (Vec<f32>, DecodePlan) {
     let batch = PagedBatchBuffers::upload(dev, &seqs(b)).unwrap();
     let (q, k, v) = (
         upload(dev, dtype, &b.q),
@@ -112,7 +121,7 @@ fn run_decode(
         .alloc_zeroed(plan.workspace_bytes(b.num_tokens, shape))
         .unwrap();
     paged_attention_decode(dev, dtype, &args, &plan, Some(&ws)).unwrap();
-    download(dev, dtype, &out)
+    (download(dev, dtype, &out), plan)
 }
 
 /// (num_heads, num_kv_heads, head_dim, dtype in emulation): GQA groups 1, 3, 4, 8, and 32
@@ -138,7 +147,7 @@ fn decode_matches_the_f64_reference_with_and_without_splits() {
             };
             for dtype in dtypes {
                 let what = format!("{} {dtype:?} heads {nh}/{nkv} hd {hd}", dev.describe());
-                let b = make_batch(dtype, nh, nkv, hd, 200 + i as u64);
+                let b = make_batch(dtype, &SEQS, (nh, nkv, hd), 200 + i as u64);
                 let scale = 1.0 / (hd as f32).sqrt();
                 let shape = AttnShape {
                     num_heads: nh,
@@ -165,7 +174,7 @@ fn decode_matches_the_f64_reference_with_and_without_splits() {
                 }
                 let runs: Vec<_> = splits
                     .into_iter()
-                    .map(|split| (split, run_decode(&dev, dtype, &b, &shape, split)))
+                    .map(|split| (split, run_decode(&dev, dtype, &b, &shape, split).0))
                     .collect();
                 for (split, got) in &runs {
                     let mut t = 0;
@@ -200,6 +209,38 @@ fn decode_matches_the_f64_reference_with_and_without_splits() {
                 );
             }
         }
+    }
+}
+
+/// The launcher's own choice for a batch that cannot fill the GPU: one long sequence on two KV
+/// heads gets six 256-token splits (the last partial), merged back to the f64 reference.
+#[test]
+fn auto_split_of_a_long_context_matches_the_reference() {
+    for dev in devices() {
+        let dtype = DType::Bf16;
+        let (nh, nkv, hd) = (2, 2, 64);
+        let b = make_batch(dtype, &[(1, 1500)], (nh, nkv, hd), 300);
+        let scale = 0.125;
+        let shape = AttnShape {
+            num_heads: nh,
+            num_kv_heads: nkv,
+            head_dim: hd,
+            block_size: BLOCK_SIZE,
+            num_blocks: b.cache.shape.num_blocks,
+            scale,
+        };
+        let params = AttentionParams {
+            num_heads: nh,
+            num_kv_heads: nkv,
+            head_dim: hd,
+            scale,
+        };
+        let mut want = vec![0.0; b.q.len()];
+        paged_attention_reference(&b.q, &b.cache, &seqs(&b), &params, &mut want);
+        let (got, plan) = run_decode(&dev, dtype, &b, &shape, DecodeSplit::Auto);
+        assert_eq!((plan.num_splits, plan.tokens_per_split), (6, 256));
+        let what = format!("{} auto split, context 1500", dev.describe());
+        assert_close(&what, &got, &want, 2e-5, eps(dtype) * 1.01);
     }
 }
 
