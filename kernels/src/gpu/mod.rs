@@ -14,6 +14,7 @@
 mod cuda;
 mod device;
 mod kernel;
+pub mod lora;
 pub mod ops;
 
 pub use device::{DType, Device, DeviceBuffer, DeviceElem, GpuError};
