@@ -144,11 +144,14 @@ impl Qkv {
         dev.download::<u16>(&dy).unwrap()
     }
 
-    /// Random dtype-rounded inputs and starting outputs for `num_tokens` tokens.
+    /// Random dtype-rounded inputs and starting outputs for `num_tokens` tokens. Every fifth
+    /// output starts as -0.0, which any write turns to +0.0 or a delta: a stray write of a zero
+    /// delta (a padding column, a missing token of a tile) still changes its bits.
     fn inputs(&self, seed: u64, num_tokens: usize) -> (Vec<f32>, Vec<f32>) {
         let mut r = rng(seed);
         let x = round(self.dtype, &random(&mut r, num_tokens * self.in_dim, 1.0));
-        let y0 = round(self.dtype, &random(&mut r, num_tokens * self.stride, 1.0));
+        let mut y0 = round(self.dtype, &random(&mut r, num_tokens * self.stride, 1.0));
+        y0.iter_mut().step_by(5).for_each(|v| *v = -0.0);
         (x, y0)
     }
 
@@ -348,9 +351,10 @@ fn a_single_part_call_adds_into_its_columns_only() {
         lora::add_lora_fused(&cpu, &x, &token_segments(&tokens), &mut want, qkv.stride).unwrap();
         let got = download(&dev, dtype, &dy);
         assert_close(&dev.describe(), &got, &want, 1e-5, eps(dtype));
-        // Slot 1 has no k adapter: token 1's row is as it was.
+        // Slot 1 has no k adapter: token 1's row keeps its bits.
         let row = qkv.stride..2 * qkv.stride;
-        assert_eq!(got[row.clone()], y0[row]);
+        let bits = dev.download::<u16>(&dy).unwrap();
+        assert_eq!(bits[row.clone()], to_bits(dtype, &y0[row])[..]);
     }
 }
 
@@ -448,4 +452,88 @@ fn bad_slots_segments_and_output_rows_are_refused() {
         other => panic!("a short y accepted: {other:?}"),
     }
     call(&ok, 8, &y).unwrap();
+}
+
+#[test]
+fn batches_without_adapters_for_a_call_leave_y_alone() {
+    for dev in devices() {
+        let dtype = DType::Bf16;
+        let qkv = Qkv::new(&dev, dtype, 16, 9);
+        let (x, y0) = qkv.inputs(10, 3);
+        let want = to_bits(dtype, &y0);
+        // Base-only tokens, and a slot that holds nothing for k (slot 1) on a k-only call.
+        for tokens in [[None, None, None], [Some(1), None, Some(1)]] {
+            let batch = LoraBatch::bgmv(&dev, &tokens).unwrap();
+            let k_only = [DeviceFusedPart {
+                slots: &qkv.gpu[1],
+                offset: 530,
+            }];
+            for parts in [&k_only[..], &[]] {
+                let (dx, dy) = (upload(&dev, dtype, &x), upload(&dev, dtype, &y0));
+                let ws = dev.alloc_zeroed(workspace_bytes(parts, 3).max(4)).unwrap();
+                let args = FusedLoraArgs {
+                    parts,
+                    x: &dx,
+                    batch: &batch,
+                    workspace: &ws,
+                    y: &dy,
+                    y_stride: qkv.stride,
+                };
+                add_lora_fused(&dev, &args).unwrap();
+                assert_eq!(dev.download::<u16>(&dy).unwrap(), want);
+            }
+        }
+    }
+}
+
+#[test]
+fn reloading_a_slot_with_a_smaller_rank_replaces_the_adapter() {
+    for dev in devices() {
+        let dtype = DType::F16;
+        let shape = LoraShape {
+            num_slots: 2,
+            in_dim: 40,
+            out_dim: 24,
+            max_rank: 32,
+        };
+        let mut gpu = DeviceLoraSlots::new(&dev, dtype, shape).unwrap();
+        let mut cpu = LoraSlots::<f32>::new(shape).unwrap();
+        let mut r = rng(11);
+        for rank in [32, 8] {
+            let ad = adapter(&mut r, shape.in_dim, shape.out_dim, rank);
+            gpu.load_slot(&dev, 1, &ad.a, &ad.b, rank, ad.scale)
+                .unwrap();
+            let (a, b) = (round(dtype, &ad.a), round(dtype, &ad.b));
+            cpu.load_slot(1, &a, &b, rank, ad.scale).unwrap();
+        }
+        assert_eq!(gpu.rank(1), Some(8));
+        let tokens = [Some(1), Some(1)];
+        let x = round(dtype, &random(&mut r, 2 * shape.in_dim, 1.0));
+        let y0 = round(dtype, &random(&mut r, 2 * shape.out_dim, 1.0));
+        let part = [DeviceFusedPart {
+            slots: &gpu,
+            offset: 0,
+        }];
+        let (dx, dy) = (upload(&dev, dtype, &x), upload(&dev, dtype, &y0));
+        let ws = dev.alloc_zeroed(workspace_bytes(&part, 2)).unwrap();
+        let batch = LoraBatch::bgmv(&dev, &tokens).unwrap();
+        let args = FusedLoraArgs {
+            parts: &part,
+            x: &dx,
+            batch: &batch,
+            workspace: &ws,
+            y: &dy,
+            y_stride: shape.out_dim,
+        };
+        add_lora_fused(&dev, &args).unwrap();
+        let mut want = y0.clone();
+        let cpu_part = [FusedPart {
+            slots: &cpu,
+            offset: 0,
+        }];
+        let segs = token_segments(&tokens);
+        lora::add_lora_fused(&cpu_part, &x, &segs, &mut want, shape.out_dim).unwrap();
+        let got = download(&dev, dtype, &dy);
+        assert_close(&dev.describe(), &got, &want, 1e-5, eps(dtype));
+    }
 }
