@@ -6,8 +6,10 @@
 //   BGMV (decode): one block per token, its slot from a per-token list (0xffffffff: base only);
 //   SGMV (prefill runs): one block per tile of up to kTileTokens consecutive tokens on one slot
 //   (built on the host from the batch's segments), so each A and B value read serves the whole tile.
-// Every output value is the same sequence of f32 fused multiply-adds whichever way it is mapped,
-// so a token's delta is bit-identical alone, in a BGMV batch, or inside any SGMV tile.
+// Every output value is the same sequence of f32 operations whichever way it is mapped (each
+// lane's fused multiply-adds over its columns in order, the 32 lanes summed in order through
+// shared memory, the rank terms in order), so a token's delta is bit-identical alone, in a BGMV
+// batch, or inside any SGMV tile.
 #include "common.cuh"
 #include "params/lora.h"
 
@@ -82,8 +84,6 @@ __device__ __forceinline__ void load_shared_vec(const T* p, float (&out)[N]) {
   unpack<T, N>(raw, out);
 }
 
-__device__ __forceinline__ uint32_t div_up(uint32_t a, uint32_t b) { return (a + b - 1) / b; }
-
 /// The tokens one block works on: `len` tokens from `start`, all on adapter `slot` (len 0: none).
 struct Unit {
   uint32_t start, len, slot;
@@ -153,26 +153,38 @@ __device__ __forceinline__ void stage_x(T* xs, const T* x, uint32_t len, uint32_
   }
 }
 
-/// One warp's first `R` rank rows (`rows[r]`, pointing at this chunk) against the staged tokens:
-/// lane l takes columns l*8.. of every 256, in increasing order.
+/// Columns `j..j + 8` of one warp's first `R` rank rows (`rows[r]`, pointing at this chunk)
+/// against every staged token.
+template <class T, int TOK, int CHUNK, int ROWS, int R>
+__device__ __forceinline__ void dot_cols(const T* const (&rows)[ROWS], const T* xs, uint32_t j,
+                                         float (&acc)[ROWS][TOK]) {
+  float w[R][8];
+  LORA_UNROLL
+  for (int r = 0; r < R; ++r) load_vec<T, 8>(rows[r] + j, w[r]);
+  LORA_UNROLL
+  for (int tok = 0; tok < TOK; ++tok) {
+    float xv[8];
+    load_shared_vec<T, 8>(xs + tok * CHUNK + j, xv);
+    LORA_UNROLL
+    for (int r = 0; r < R; ++r) {
+      LORA_UNROLL
+      for (int e = 0; e < 8; ++e) acc[r][tok] = fmaf(w[r][e], xv[e], acc[r][tok]);
+    }
+  }
+}
+
+/// One warp's first `R` rank rows against the staged tokens: lane l takes columns l*8.. of every
+/// 256, in increasing order.
 template <class T, int TOK, int CHUNK, int ROWS, int R>
 __device__ __forceinline__ void dot_rows(const T* const (&rows)[ROWS], const T* xs, uint32_t cols,
                                          float (&acc)[ROWS][TOK]) {
   const uint32_t lane = threadIdx.x % 32;
-  for (uint32_t j = lane * 8; j < cols; j += 256) {
-    float w[R][8];
-    LORA_UNROLL
-    for (int r = 0; r < R; ++r) load_vec<T, 8>(rows[r] + j, w[r]);
-    LORA_UNROLL
-    for (int tok = 0; tok < TOK; ++tok) {
-      float xv[8];
-      load_shared_vec<T, 8>(xs + tok * CHUNK + j, xv);
-      LORA_UNROLL
-      for (int r = 0; r < R; ++r) {
-        LORA_UNROLL
-        for (int e = 0; e < 8; ++e) acc[r][tok] = fmaf(w[r][e], xv[e], acc[r][tok]);
-      }
-    }
+  if constexpr (CHUNK > 256) {
+    // BGMV's long chunks: several 16-byte loads of each row in flight.
+    LORA_UNROLL4
+    for (uint32_t j = lane * 8; j < cols; j += 256) dot_cols<T, TOK, CHUNK, ROWS, R>(rows, xs, j, acc);
+  } else {
+    for (uint32_t j = lane * 8; j < cols; j += 256) dot_cols<T, TOK, CHUNK, ROWS, R>(rows, xs, j, acc);
   }
 }
 
