@@ -126,22 +126,7 @@ impl Qkv {
 
     /// The device's output bits after one fused call over `batch`.
     fn gpu(&self, dev: &Device, x: &[f32], batch: &LoraBatch, y0: &[f32]) -> Vec<u16> {
-        let num_tokens = batch.num_tokens();
-        let parts = self.parts();
-        let (dx, dy) = (upload(dev, self.dtype, x), upload(dev, self.dtype, y0));
-        let ws = dev
-            .alloc_zeroed(workspace_bytes(&parts, num_tokens))
-            .unwrap();
-        let args = FusedLoraArgs {
-            parts: &parts,
-            x: &dx,
-            batch,
-            workspace: &ws,
-            y: &dy,
-            y_stride: self.stride,
-        };
-        add_lora_fused(dev, &args).unwrap();
-        dev.download::<u16>(&dy).unwrap()
+        run_fused(dev, &self.parts(), (x, batch), y0, self.stride)
     }
 
     /// Random dtype-rounded inputs and starting outputs for `num_tokens` tokens. Every fifth
@@ -186,6 +171,30 @@ impl Qkv {
             owns && self.gpu[p].rank(slot as usize).is_some()
         })
     }
+}
+
+/// Uploads `x` and `y0` in the parts' dtype, runs one fused call, returns `y`'s bits.
+fn run_fused(
+    dev: &Device,
+    parts: &[DeviceFusedPart<'_>],
+    (x, batch): (&[f32], &LoraBatch),
+    y0: &[f32],
+    y_stride: usize,
+) -> Vec<u16> {
+    let dtype = parts.first().map_or(DType::Bf16, |p| p.slots.dtype());
+    let (dx, dy) = (upload(dev, dtype, x), upload(dev, dtype, y0));
+    let ws_bytes = workspace_bytes(parts, batch.num_tokens());
+    let ws = dev.alloc_zeroed(ws_bytes).unwrap();
+    let args = FusedLoraArgs {
+        parts,
+        x: &dx,
+        batch,
+        workspace: &ws,
+        y: &dy,
+        y_stride,
+    };
+    add_lora_fused(dev, &args).unwrap();
+    dev.download::<u16>(&dy).unwrap()
 }
 
 fn to_bits(dtype: DType, v: &[f32]) -> Vec<u16> {
@@ -332,28 +341,17 @@ fn a_single_part_call_adds_into_its_columns_only() {
         let tokens = [Some(5), Some(1), Some(3), None];
         let batch = LoraBatch::bgmv(&dev, &tokens).unwrap();
         let (x, y0) = qkv.inputs(8, tokens.len());
-        let (dx, dy) = (upload(&dev, dtype, &x), upload(&dev, dtype, &y0));
-        let ws = dev.alloc_zeroed(workspace_bytes(&part, 4)).unwrap();
-        let args = FusedLoraArgs {
-            parts: &part,
-            x: &dx,
-            batch: &batch,
-            workspace: &ws,
-            y: &dy,
-            y_stride: qkv.stride,
-        };
-        add_lora_fused(&dev, &args).unwrap();
+        let bits = run_fused(&dev, &part, (&x, &batch), &y0, qkv.stride);
         let mut want = y0.clone();
         let cpu = [FusedPart {
             slots: &qkv.cpu[1],
             offset: 530,
         }];
         lora::add_lora_fused(&cpu, &x, &token_segments(&tokens), &mut want, qkv.stride).unwrap();
-        let got = download(&dev, dtype, &dy);
+        let got = bits_to_f32(dtype, &bits);
         assert_close(&dev.describe(), &got, &want, 1e-5, eps(dtype));
         // Slot 1 has no k adapter: token 1's row keeps its bits.
         let row = qkv.stride..2 * qkv.stride;
-        let bits = dev.download::<u16>(&dy).unwrap();
         assert_eq!(bits[row.clone()], to_bits(dtype, &y0[row])[..]);
     }
 }
@@ -469,18 +467,8 @@ fn batches_without_adapters_for_a_call_leave_y_alone() {
                 offset: 530,
             }];
             for parts in [&k_only[..], &[]] {
-                let (dx, dy) = (upload(&dev, dtype, &x), upload(&dev, dtype, &y0));
-                let ws = dev.alloc_zeroed(workspace_bytes(parts, 3).max(4)).unwrap();
-                let args = FusedLoraArgs {
-                    parts,
-                    x: &dx,
-                    batch: &batch,
-                    workspace: &ws,
-                    y: &dy,
-                    y_stride: qkv.stride,
-                };
-                add_lora_fused(&dev, &args).unwrap();
-                assert_eq!(dev.download::<u16>(&dy).unwrap(), want);
+                let got = run_fused(&dev, parts, (&x, &batch), &y0, qkv.stride);
+                assert_eq!(got, want);
             }
         }
     }
@@ -514,18 +502,8 @@ fn reloading_a_slot_with_a_smaller_rank_replaces_the_adapter() {
             slots: &gpu,
             offset: 0,
         }];
-        let (dx, dy) = (upload(&dev, dtype, &x), upload(&dev, dtype, &y0));
-        let ws = dev.alloc_zeroed(workspace_bytes(&part, 2)).unwrap();
         let batch = LoraBatch::bgmv(&dev, &tokens).unwrap();
-        let args = FusedLoraArgs {
-            parts: &part,
-            x: &dx,
-            batch: &batch,
-            workspace: &ws,
-            y: &dy,
-            y_stride: shape.out_dim,
-        };
-        add_lora_fused(&dev, &args).unwrap();
+        let bits = run_fused(&dev, &part, (&x, &batch), &y0, shape.out_dim);
         let mut want = y0.clone();
         let cpu_part = [FusedPart {
             slots: &cpu,
@@ -533,7 +511,7 @@ fn reloading_a_slot_with_a_smaller_rank_replaces_the_adapter() {
         }];
         let segs = token_segments(&tokens);
         lora::add_lora_fused(&cpu_part, &x, &segs, &mut want, shape.out_dim).unwrap();
-        let got = download(&dev, dtype, &dy);
+        let got = bits_to_f32(dtype, &bits);
         assert_close(&dev.describe(), &got, &want, 1e-5, eps(dtype));
     }
 }
