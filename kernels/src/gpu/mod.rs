@@ -17,6 +17,7 @@ mod cuda;
 mod device;
 pub mod gemm;
 mod kernel;
+pub mod lora;
 pub mod ops;
 pub mod rope_cache;
 

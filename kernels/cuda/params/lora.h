@@ -1,0 +1,59 @@
+// Parameter struct of lora.cu (multi-LoRA shrink/expand), passed by value to every kernel of the
+// family. Mirrored field for field by kernels/src/gpu/lora.rs (`#[repr(C)]`).
+#pragma once
+#include <stdint.h>
+
+/// Most projections one fused call covers (q, k and v share the attention input).
+#define CAD_LORA_MAX_PARTS 3
+
+/// One projection's slot store, as kernels/src/gpu/lora.rs lays it out.
+struct LoraPart {
+  /// `[num_slots][max_rank][in_stride]` of the dtype, rows zero-padded to `in_stride`.
+  const void* a;
+  /// `[num_slots][max_rank][out_stride]`: B transposed (row k holds B[o, k] for every o), padded.
+  const void* b;
+  /// `[num_slots]`: the slot's rank, 0 when it holds nothing for this projection.
+  const uint32_t* ranks;
+  /// `[num_slots]`: alpha / rank (or rsLoRA's alpha / sqrt(rank)).
+  const float* scales;
+  uint32_t max_rank;
+  uint32_t out_dim;
+  /// `out_dim` rounded up to 8 (16-byte rows).
+  uint32_t out_stride;
+  /// Column of the fused output row where this projection's outputs start.
+  uint32_t y_offset;
+  /// Column of the workspace row `v` where this projection's ranks start.
+  uint32_t v_offset;
+  /// Blocks of grid.y this part spans in the shrink and in the expand (0: no token of the batch
+  /// has an adapter for it). Sized by the host for the largest rank the batch uses.
+  uint32_t shrink_blocks;
+  uint32_t expand_blocks;
+  uint32_t _pad;
+};
+
+/// A fused LoRA call: shrink `v[t, part, k] = x_t . A[k]`, expand `y[t, off + o] += scale *
+/// sum_k v[t, part, k] B[o, k]`, for the tokens that `token_slots` (BGMV) or `tiles` (SGMV) give
+/// an adapter.
+struct LoraParams {
+  LoraPart parts[CAD_LORA_MAX_PARTS];
+  /// `[num_tokens][in_dim]` of the dtype.
+  const void* x;
+  /// `[num_tokens][v_stride]` f32 workspace.
+  float* v;
+  /// Rows of `y_stride` dtype values.
+  void* y;
+  /// BGMV: `[num_tokens]` slot per token, 0xffffffff for base-only tokens.
+  const uint32_t* token_slots;
+  /// SGMV: `[num_tiles][3]` (first token, tokens <= the tile size, slot).
+  const uint32_t* tiles;
+  uint32_t num_parts;
+  uint32_t num_slots;
+  /// BGMV: tokens (grid.x); SGMV: tiles (grid.x).
+  uint32_t num_units;
+  uint32_t in_dim;
+  /// `in_dim` rounded up to 8.
+  uint32_t in_stride;
+  uint32_t v_stride;
+  uint32_t y_stride;
+  uint32_t _pad;
+};
