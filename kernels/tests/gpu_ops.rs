@@ -176,7 +176,12 @@ fn gemm_projects_rows_against_pytorch_layout_weights() {
             let (dx, dw) = (upload(&dev, dtype, &x), upload(&dev, dtype, &w));
             for accumulate in [false, true] {
                 let dy = upload(&dev, dtype, &y0);
-                let s = GemmShape { m, n, k, accumulate };
+                let s = GemmShape {
+                    m,
+                    n,
+                    k,
+                    accumulate,
+                };
                 gemm(&dev, dtype, &dx, &dw, &dy, s).unwrap();
                 let want: Vec<f32> = (0..m * n)
                     .map(|i| {
@@ -188,7 +193,13 @@ fn gemm_projects_rows_against_pytorch_layout_weights() {
                     })
                     .collect();
                 let what = format!("{} {dtype:?} accumulate={accumulate}", dev.describe());
-                assert_close(&what, &download(&dev, dtype, &dy), &want, 1e-3, 2.0 * eps(dtype));
+                assert_close(
+                    &what,
+                    &download(&dev, dtype, &dy),
+                    &want,
+                    1e-3,
+                    2.0 * eps(dtype),
+                );
             }
         }
     }
@@ -226,11 +237,23 @@ fn copy_rows_moves_a_column_range_between_strided_layouts() {
             let src = round(dtype, &random(&mut rng(5), rows * width, 1.0));
             let dsrc = upload(&dev, dtype, &src);
             let dst = upload(&dev, dtype, &vec![7.0; rows * cols + 1]);
-            let (s, d) = (Strided { buf: &dsrc, stride: width }, Strided { buf: &dst, stride: cols });
+            let (s, d) = (
+                Strided {
+                    buf: &dsrc,
+                    stride: width,
+                },
+                Strided {
+                    buf: &dst,
+                    stride: cols,
+                },
+            );
             copy_rows(&dev, dtype, s, d, rows, cols).unwrap();
             let got = download(&dev, dtype, &dst);
             for r in 0..rows {
-                assert_eq!(&got[r * cols..(r + 1) * cols], &src[r * width..r * width + cols]);
+                assert_eq!(
+                    &got[r * cols..(r + 1) * cols],
+                    &src[r * width..r * width + cols]
+                );
             }
             assert_eq!(got[rows * cols], 7.0, "nothing written past the rows");
         }

@@ -161,7 +161,10 @@ impl<T> cudarc::driver::DevicePtr<T> for Raw<'_, T> {
     fn device_ptr<'a>(
         &'a self,
         _stream: &'a CudaStream,
-    ) -> (cudarc::driver::sys::CUdeviceptr, cudarc::driver::SyncOnDrop<'a>) {
+    ) -> (
+        cudarc::driver::sys::CUdeviceptr,
+        cudarc::driver::SyncOnDrop<'a>,
+    ) {
         (self.ptr, cudarc::driver::SyncOnDrop::Record(None))
     }
 }
@@ -170,13 +173,18 @@ impl<T> cudarc::driver::DevicePtrMut<T> for Raw<'_, T> {
     fn device_ptr_mut<'a>(
         &'a mut self,
         _stream: &'a CudaStream,
-    ) -> (cudarc::driver::sys::CUdeviceptr, cudarc::driver::SyncOnDrop<'a>) {
+    ) -> (
+        cudarc::driver::sys::CUdeviceptr,
+        cudarc::driver::SyncOnDrop<'a>,
+    ) {
         (self.ptr, cudarc::driver::SyncOnDrop::Record(None))
     }
 }
 
 impl CudaDevice {
-    fn blas(&self) -> Result<std::sync::MutexGuard<'_, Option<cudarc::cublaslt::CudaBlasLT>>, GpuError> {
+    fn blas(
+        &self,
+    ) -> Result<std::sync::MutexGuard<'_, Option<cudarc::cublaslt::CudaBlasLT>>, GpuError> {
         let mut guard = self
             .blas
             .lock()

@@ -49,14 +49,22 @@ struct CopyRowsParams {
     dst_stride: u32,
 }
 
-kernel_params!(EmbeddingParams, RmsNormParams, SiluMulParams, CopyRowsParams);
+kernel_params!(
+    EmbeddingParams,
+    RmsNormParams,
+    SiluMulParams,
+    CopyRowsParams
+);
 
 const EMBEDDING: [KernelFn; 2] = [
     kernel_fn!(cad_embedding_bf16),
     kernel_fn!(cad_embedding_f16),
 ];
 const RMS_NORM: [KernelFn; 2] = [kernel_fn!(cad_rms_norm_bf16), kernel_fn!(cad_rms_norm_f16)];
-const COPY_ROWS: [KernelFn; 2] = [kernel_fn!(cad_copy_rows_bf16), kernel_fn!(cad_copy_rows_f16)];
+const COPY_ROWS: [KernelFn; 2] = [
+    kernel_fn!(cad_copy_rows_bf16),
+    kernel_fn!(cad_copy_rows_f16),
+];
 const SILU_MUL: [KernelFn; 2] = [kernel_fn!(cad_silu_mul_bf16), kernel_fn!(cad_silu_mul_f16)];
 
 /// The variant of a kernel family for `dtype` (arrays are ordered bf16, f16).
@@ -223,8 +231,18 @@ pub fn copy_rows(
             src.stride, dst.stride
         )));
     }
-    need("copy_rows src", src.buf, (rows - 1) * src.stride + cols, dtype.size())?;
-    need("copy_rows dst", dst.buf, (rows - 1) * dst.stride + cols, dtype.size())?;
+    need(
+        "copy_rows src",
+        src.buf,
+        (rows - 1) * src.stride + cols,
+        dtype.size(),
+    )?;
+    need(
+        "copy_rows dst",
+        dst.buf,
+        (rows - 1) * dst.stride + cols,
+        dtype.size(),
+    )?;
     let p = CopyRowsParams {
         src: src.buf.ptr(),
         dst: dst.buf.ptr(),
@@ -233,5 +251,9 @@ pub fn copy_rows(
         src_stride: dim32("src_stride", src.stride)?,
         dst_stride: dim32("dst_stride", dst.stride)?,
     };
-    dev.launch(by_dtype(&COPY_ROWS, dtype), LaunchDims::linear(p.rows, row_threads(cols, 256)), &p)
+    dev.launch(
+        by_dtype(&COPY_ROWS, dtype),
+        LaunchDims::linear(p.rows, row_threads(cols, 256)),
+        &p,
+    )
 }

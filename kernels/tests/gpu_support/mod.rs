@@ -15,7 +15,11 @@ use rand_chacha::ChaCha8Rng;
 #[allow(unused_mut)]
 pub fn devices() -> Vec<Device> {
     let gpu_only = std::env::var("CADUCEUS_GPU_ONLY").is_ok_and(|s| s == "1");
-    let mut v = if gpu_only { Vec::new() } else { vec![Device::emulated()] };
+    let mut v = if gpu_only {
+        Vec::new()
+    } else {
+        vec![Device::emulated()]
+    };
     #[cfg(feature = "cuda")]
     if gpu_only || std::env::var("CADUCEUS_GPU_TESTS").is_ok_and(|s| s == "1") {
         match Device::cuda(0) {

@@ -51,7 +51,10 @@ mod tests {
                 let p = padded_batch_size(&sizes, n).expect("every n <= max fits");
                 assert!(p >= n && sizes.contains(&p));
                 // Minimal: no captured size between n and p.
-                assert!(sizes.iter().all(|&s| s < n || s >= p), "max {max} n {n} -> {p}");
+                assert!(
+                    sizes.iter().all(|&s| s < n || s >= p),
+                    "max {max} n {n} -> {p}"
+                );
                 // Waste is bounded: at most 7 rows past 8 (the ladder's step).
                 assert!(p - n < 8.max(n / 2 + 1));
             }

@@ -39,9 +39,7 @@ pub struct MemoryPlan {
 /// Why the model cannot be served on this device with these settings (each says what to change).
 #[derive(Debug, PartialEq, thiserror::Error)]
 pub enum MemoryPlanError {
-    #[error(
-        "model.gpu_memory_utilization = {0}: must be greater than 0 and at most 1 (e.g. 0.9)"
-    )]
+    #[error("model.gpu_memory_utilization = {0}: must be greater than 0 and at most 1 (e.g. 0.9)")]
     BadUtilization(f64),
     #[error(
         "the model does not fit on the GPU: weights {weights} + adapter slots {adapters} + \
@@ -156,7 +154,10 @@ mod tests {
         let budget = (141.0 * 0.9 * GIB as f64) as u64 - GIB / 2;
         assert_eq!(p.budget_bytes, budget);
         assert_eq!(p.fixed_bytes, 16 * GIB + 2 * GIB + GIB + GIB / 4);
-        assert_eq!(p.num_gpu_blocks, (budget - p.fixed_bytes) / i.kv_bytes_per_block);
+        assert_eq!(
+            p.num_gpu_blocks,
+            (budget - p.fixed_bytes) / i.kv_bytes_per_block
+        );
         // Invariants: the blocks fit, and one more would not.
         assert!(p.fixed_bytes + p.kv_bytes <= p.budget_bytes);
         assert!(p.fixed_bytes + p.kv_bytes + i.kv_bytes_per_block > p.budget_bytes);
@@ -168,7 +169,10 @@ mod tests {
         i.weight_bytes = 140 * GIB;
         let e = plan_memory(&i).unwrap_err();
         assert!(matches!(e, MemoryPlanError::FixedDoesNotFit { .. }));
-        assert!(e.to_string().contains("model.gpu_memory_utilization"), "{e}");
+        assert!(
+            e.to_string().contains("model.gpu_memory_utilization"),
+            "{e}"
+        );
 
         let mut i = h200_llama8b();
         i.min_blocks = u64::MAX / 2;

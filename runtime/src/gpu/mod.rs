@@ -3,6 +3,8 @@
 //! the kernels of `caduceus_kernels::gpu` (`model`, with feature `cuda` or `gpu-emu`).
 
 pub mod graph_ladder;
+#[cfg(any(feature = "cuda", feature = "gpu-emu"))]
+pub mod lora;
 pub mod memory_plan;
 #[cfg(any(feature = "cuda", feature = "gpu-emu"))]
 pub mod model;

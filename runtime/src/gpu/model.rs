@@ -3,7 +3,7 @@
 //! every op. Same batch contract as the CPU [`crate::model::LlamaModel::forward`]: a flattened
 //! [`ForwardBatch`] mixing prefill chunks and decode tokens, logits for `logits_indices`.
 //!
-//! Not yet here (issue 17): LoRA deltas, sampling on the device, one pinned upload per step,
+//! Not yet here (issue 17): sampling on the device, one pinned upload per step,
 //! CUDA graphs, attention biases; it has never run on a GPU.
 
 use caduceus_kernels::attention::KvCacheShape;
@@ -12,6 +12,9 @@ use caduceus_kernels::gpu::attention::{
 };
 use caduceus_kernels::gpu::attention_prefill::paged_attention_prefill;
 use caduceus_kernels::gpu::gemm::{gemm, GemmShape};
+use caduceus_kernels::gpu::lora::{
+    add_lora_fused, workspace_bytes, DeviceFusedPart, FusedLoraArgs, LoraBatch, LoraGpuError,
+};
 use caduceus_kernels::gpu::ops::{self, copy_rows, RmsNormArgs, Strided};
 use caduceus_kernels::gpu::rope_cache::{rope_cache, RopeCacheArgs};
 use caduceus_kernels::gpu::{DType, Device, DeviceBuffer, GpuError};
@@ -24,6 +27,8 @@ use crate::model::error::ModelError;
 use crate::model::llama::build_rope;
 use crate::model::weights::TensorStore;
 
+use super::lora::{GpuLoraBatch, GpuLoraStack};
+
 /// Why a GPU forward pass or load failed.
 #[derive(Debug, thiserror::Error)]
 pub enum GpuModelError {
@@ -35,6 +40,8 @@ pub enum GpuModelError {
     Unsupported(String),
     #[error("invalid batch: {0}")]
     Batch(String),
+    #[error("LoRA: {0}")]
+    Lora(#[from] LoraGpuError),
 }
 
 struct GpuLayer {
@@ -112,7 +119,9 @@ impl GpuModel {
         config.validate()?;
         let c = &config;
         if c.attention_bias {
-            return Err(GpuModelError::Unsupported("attention biases (Qwen2)".into()));
+            return Err(GpuModelError::Unsupported(
+                "attention biases (Qwen2)".into(),
+            ));
         }
         let (hidden, q_dim, kv_dim, ffn) = (
             c.hidden_size,
@@ -120,7 +129,7 @@ impl GpuModel {
             c.num_kv_heads * c.head_dim,
             c.intermediate_size,
         );
-        let mut matrix = |store: &mut TensorStore, names: &[(&str, usize)], cols: usize| {
+        let matrix = |store: &mut TensorStore, names: &[(&str, usize)], cols: usize| {
             let mut values = Vec::new();
             for &(name, rows) in names {
                 values.extend(store.take_matrix(name, rows, cols)?.to_f32());
@@ -135,7 +144,11 @@ impl GpuModel {
         } else {
             return Err(ModelError::MissingTensor("output.weight".into()).into());
         };
-        let final_norm = upload_as(&dev, dtype, &store.take_vector("output_norm.weight", hidden)?)?;
+        let final_norm = upload_as(
+            &dev,
+            dtype,
+            &store.take_vector("output_norm.weight", hidden)?,
+        )?;
         let rope = build_rope(c, store)?;
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
@@ -143,8 +156,16 @@ impl GpuModel {
             let (q, k, v) = (n("attn_q.weight"), n("attn_k.weight"), n("attn_v.weight"));
             let (gate, up) = (n("ffn_gate.weight"), n("ffn_up.weight"));
             layers.push(GpuLayer {
-                attn_norm: upload_as(&dev, dtype, &store.take_vector(&n("attn_norm.weight"), hidden)?)?,
-                ffn_norm: upload_as(&dev, dtype, &store.take_vector(&n("ffn_norm.weight"), hidden)?)?,
+                attn_norm: upload_as(
+                    &dev,
+                    dtype,
+                    &store.take_vector(&n("attn_norm.weight"), hidden)?,
+                )?,
+                ffn_norm: upload_as(
+                    &dev,
+                    dtype,
+                    &store.take_vector(&n("ffn_norm.weight"), hidden)?,
+                )?,
                 qkv: matrix(store, &[(&q, q_dim), (&k, kv_dim), (&v, kv_dim)], hidden)?,
                 o_proj: matrix(store, &[(&n("attn_output.weight"), hidden)], q_dim)?,
                 gate_up: matrix(store, &[(&gate, ffn), (&up, ffn)], hidden)?,
@@ -178,7 +199,11 @@ impl GpuModel {
     }
 
     /// A KV cache of `num_blocks` blocks of `block_size` tokens per layer.
-    pub fn new_kv_cache(&self, num_blocks: usize, block_size: usize) -> Result<GpuKvCache, GpuError> {
+    pub fn new_kv_cache(
+        &self,
+        num_blocks: usize,
+        block_size: usize,
+    ) -> Result<GpuKvCache, GpuError> {
         let shape = KvCacheShape {
             num_blocks,
             block_size,
@@ -194,7 +219,23 @@ impl GpuModel {
 
     /// One forward pass (see the module docs): writes the batch's K/V into `kv` and returns the
     /// logits of `batch.logits_indices`, `[logits_indices.len(), vocab]` f32 row-major.
-    pub fn forward(&self, batch: &ForwardBatch<'_>, kv: &GpuKvCache) -> Result<Vec<f32>, GpuModelError> {
+    pub fn forward(
+        &self,
+        batch: &ForwardBatch<'_>,
+        kv: &GpuKvCache,
+    ) -> Result<Vec<f32>, GpuModelError> {
+        self.forward_with_lora(batch, kv, None)
+    }
+
+    /// [`Self::forward`] with each token's adapter delta added after every projection: one fused
+    /// call per input (q/k/v into the QKV output, gate/up into gate_up, o and down alone), BGMV
+    /// when every run is one token, SGMV otherwise.
+    pub fn forward_with_lora(
+        &self,
+        batch: &ForwardBatch<'_>,
+        kv: &GpuKvCache,
+        lora: Option<&GpuLoraBatch<'_>>,
+    ) -> Result<Vec<f32>, GpuModelError> {
         batch.check().map_err(GpuModelError::Batch)?;
         let (dev, dt, c) = (&self.dev, self.dtype, &self.config);
         let t = batch.num_tokens();
@@ -218,11 +259,76 @@ impl GpuModel {
             scale: 1.0 / (hd as f32).sqrt(),
         };
         let plan = DecodePlan::new(&seqs.batch(), &shape, DecodeSplit::Auto);
-        let workspace_bytes = plan.workspace_bytes(t, &shape);
-        let workspace = if decode_only && workspace_bytes > 0 {
-            Some(dev.alloc_zeroed(workspace_bytes)?)
+        let decode_ws_bytes = plan.workspace_bytes(t, &shape);
+        let workspace = if decode_only && decode_ws_bytes > 0 {
+            Some(dev.alloc_zeroed(decode_ws_bytes)?)
         } else {
             None
+        };
+
+        let ffn = c.intermediate_size;
+        let lora = match lora {
+            Some(l) if l.segments.iter().any(|s| s.slot.is_some()) => {
+                let units = if l.segments.iter().all(|s| s.len == 1) {
+                    let mut slots = vec![None; t];
+                    for s in l.segments {
+                        if let Some(x) = slots.get_mut(s.start) {
+                            *x = s.slot;
+                        }
+                    }
+                    LoraBatch::bgmv(dev, &slots)?
+                } else {
+                    LoraBatch::sgmv(dev, l.segments, t)?
+                };
+                Some((l.stack, units))
+            }
+            _ => None,
+        };
+        // (projection indices, column offsets, output width) of the four fused calls.
+        let calls: [(&[usize], [usize; 3], usize); 4] = [
+            (&[0, 1, 2], [0, q_dim, q_dim + kv_dim], qkv_width),
+            (&[3], [0, 0, 0], hidden),
+            (&[4, 5], [0, ffn, 0], 2 * ffn),
+            (&[6], [0, 0, 0], hidden),
+        ];
+        let lora_stack: Option<&GpuLoraStack> = lora.as_ref().map(|(s, _)| *s);
+        let parts_of = move |layer: usize, call: usize| {
+            let Some(stack) = lora_stack else {
+                return Vec::new();
+            };
+            let (idx, offs, _) = calls[call];
+            idx.iter()
+                .zip(offs)
+                .map(|(&p, offset)| DeviceFusedPart {
+                    slots: &stack.layer(layer)[p],
+                    offset,
+                })
+                .collect()
+        };
+        let lora_ws = match &lora {
+            Some(_) => {
+                let most = (0..4)
+                    .map(|k| workspace_bytes(&parts_of(0, k), t))
+                    .max()
+                    .unwrap_or(0);
+                Some(dev.alloc_zeroed(most)?)
+            }
+            None => None,
+        };
+        let add_lora = |layer: usize, call: usize, x: &DeviceBuffer, y: &DeviceBuffer| {
+            let (Some((_, units)), Some(ws)) = (&lora, &lora_ws) else {
+                return Ok(());
+            };
+            let parts = parts_of(layer, call);
+            let args = FusedLoraArgs {
+                parts: &parts,
+                x,
+                batch: units,
+                workspace: ws,
+                y,
+                y_stride: calls[call].2,
+            };
+            add_lora_fused(dev, &args)
         };
 
         let x = self.zeros(t * hidden)?; // each block's output (the residual's next addend)
@@ -231,8 +337,8 @@ impl GpuModel {
         let qkv = self.zeros(t * qkv_width)?;
         let q = self.zeros(t * q_dim)?;
         let attn = self.zeros(t * q_dim)?;
-        let gate_up = self.zeros(t * 2 * c.intermediate_size)?;
-        let act = self.zeros(t * c.intermediate_size)?;
+        let gate_up = self.zeros(t * 2 * ffn)?;
+        let act = self.zeros(t * ffn)?;
         ops::embedding(dev, dt, &self.embed, c.vocab_size, hidden, &ids, t, &x)?;
         let norm = |x: &DeviceBuffer, first: bool, w: &DeviceBuffer, out: &DeviceBuffer| {
             ops::rms_norm(
@@ -251,11 +357,24 @@ impl GpuModel {
             )
         };
         let proj = |x: &DeviceBuffer, w: &DeviceBuffer, y: &DeviceBuffer, n: usize, k: usize| {
-            gemm(dev, dt, x, w, y, GemmShape { m: t, n, k, accumulate: false })
+            gemm(
+                dev,
+                dt,
+                x,
+                w,
+                y,
+                GemmShape {
+                    m: t,
+                    n,
+                    k,
+                    accumulate: false,
+                },
+            )
         };
         for (i, l) in self.layers.iter().enumerate() {
             norm(&x, i == 0, &l.attn_norm, &h)?;
             proj(&h, &l.qkv, &qkv, qkv_width, hidden)?;
+            add_lora(i, 0, &h, &qkv)?;
             rope_cache(
                 dev,
                 dt,
@@ -273,8 +392,14 @@ impl GpuModel {
                 },
             )?;
             let (src, dst) = (
-                Strided { buf: &qkv, stride: qkv_width },
-                Strided { buf: &q, stride: q_dim },
+                Strided {
+                    buf: &qkv,
+                    stride: qkv_width,
+                },
+                Strided {
+                    buf: &q,
+                    stride: q_dim,
+                },
             );
             copy_rows(dev, dt, src, dst, t, q_dim)?;
             let args = PagedAttnArgs {
@@ -291,10 +416,13 @@ impl GpuModel {
                 paged_attention_prefill(dev, dt, &args)?;
             }
             proj(&attn, &l.o_proj, &x, hidden, q_dim)?;
+            add_lora(i, 1, &attn, &x)?;
             norm(&x, false, &l.ffn_norm, &h)?;
-            proj(&h, &l.gate_up, &gate_up, 2 * c.intermediate_size, hidden)?;
-            ops::silu_mul(dev, dt, &gate_up, t, c.intermediate_size, &act)?;
-            proj(&act, &l.down, &x, hidden, c.intermediate_size)?;
+            proj(&h, &l.gate_up, &gate_up, 2 * ffn, hidden)?;
+            add_lora(i, 2, &h, &gate_up)?;
+            ops::silu_mul(dev, dt, &gate_up, t, ffn, &act)?;
+            proj(&act, &l.down, &x, hidden, ffn)?;
+            add_lora(i, 3, &act, &x)?;
         }
         // Final norm of residual + last block's output, only for the rows that need logits.
         norm(&x, self.layers.is_empty(), &self.final_norm, &h)?;
@@ -308,10 +436,30 @@ impl GpuModel {
         ops::embedding(dev, dt, &h, t, hidden, &dev.upload(&rows)?, n, &picked)?;
         let logits = self.zeros(n * c.vocab_size)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        gemm(dev, dt, &picked, head, &logits, GemmShape { m: n, n: c.vocab_size, k: hidden, accumulate: false })?;
+        gemm(
+            dev,
+            dt,
+            &picked,
+            head,
+            &logits,
+            GemmShape {
+                m: n,
+                n: c.vocab_size,
+                k: hidden,
+                accumulate: false,
+            },
+        )?;
         Ok(match dt {
-            DType::Bf16 => dev.download::<bf16>(&logits)?.iter().map(|v| v.to_f32()).collect(),
-            DType::F16 => dev.download::<f16>(&logits)?.iter().map(|v| v.to_f32()).collect(),
+            DType::Bf16 => dev
+                .download::<bf16>(&logits)?
+                .iter()
+                .map(|v| v.to_f32())
+                .collect(),
+            DType::F16 => dev
+                .download::<f16>(&logits)?
+                .iter()
+                .map(|v| v.to_f32())
+                .collect(),
         })
     }
 }

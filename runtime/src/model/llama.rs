@@ -64,7 +64,12 @@ pub(crate) fn build_rope(c: &LlamaConfig, store: &mut TensorStore) -> Result<Rop
     } else {
         RopeStyle::Interleaved
     };
-    Ok(Rope::new(style, c.head_dim, c.rope_theta, freq_factors.as_deref()))
+    Ok(Rope::new(
+        style,
+        c.head_dim,
+        c.rope_theta,
+        freq_factors.as_deref(),
+    ))
 }
 
 /// A loaded Llama-family model, ready to run forward passes.
