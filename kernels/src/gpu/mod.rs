@@ -15,6 +15,7 @@ mod cuda;
 mod device;
 mod kernel;
 pub mod ops;
+pub mod sampling;
 
 pub use device::{DType, Device, DeviceBuffer, DeviceElem, GpuError};
 pub use kernel::LaunchDims;
