@@ -491,3 +491,22 @@ fn the_launcher_refuses_rows_its_buffers_cannot_serve() {
     let err = sampling::sample(dev, &args).unwrap_err().to_string();
     assert!(err.contains("sample logits"), "{err}");
 }
+
+#[test]
+fn a_vocab_smaller_than_a_warp_leaves_warps_idle_and_still_matches() {
+    // 7 ids for 128 threads: most warps own no ids; 20 logprobs asked, 7 exist.
+    let vocab = 7;
+    let mut cases = vec![greedy()];
+    for (t, u) in [
+        (truncation(1.0, 3, 1.0, 0.0), 0.8),
+        (truncation(0.7, 0, 0.6, 0.0), 0.2),
+        (truncation(1.0, 0, 1.0, 0.3), 0.999),
+    ] {
+        cases.push(draw_case(t, u));
+    }
+    for c in &mut cases {
+        c.logprobs = Some(20);
+    }
+    let logits = rows(8, cases.len(), vocab, 2.0);
+    check("tiny vocab", &logits, vocab, &cases, 0, Mode::Eps);
+}
