@@ -87,6 +87,26 @@ impl Sampler {
         }
     }
 
+    /// This step's penalty entries (what the GPU kernel reads): the distinct prompt and output
+    /// tokens below `vocab`, prompt-only ones only when the repetition penalty is on.
+    pub fn penalty_entries(
+        &mut self,
+        prompt_ids: &[u32],
+        output_ids: &[u32],
+        vocab: usize,
+    ) -> &[PenaltyEntry] {
+        let with_prompt = self.params.repetition_penalty != 1.0;
+        penalty_entries(
+            prompt_ids,
+            output_ids,
+            vocab,
+            with_prompt,
+            &mut self.ids,
+            &mut self.entries,
+        );
+        &self.entries
+    }
+
     /// Samples one token from one row of raw logits (len = vocab). `prompt_ids`/`output_ids`
     /// feed the penalties. Logprobs are those of the model's raw distribution (log_softmax of
     /// the unmodified logits), as vLLM returns by default, not of the distribution drawn from.
@@ -98,15 +118,7 @@ impl Sampler {
         output_ids: &[u32],
     ) -> SampledToken {
         let s = self.row_sampling();
-        let with_prompt = s.penalties.repetition != 1.0;
-        penalty_entries(
-            prompt_ids,
-            output_ids,
-            logits.len(),
-            with_prompt,
-            &mut self.ids,
-            &mut self.entries,
-        );
+        self.penalty_entries(prompt_ids, output_ids, logits.len());
         let u = self.next_uniform();
         let token_id = choose_token(logits, &self.entries, &s, u, &mut self.scratch);
         match self.params.logprobs {
@@ -134,6 +146,36 @@ impl Sampler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a GPU step does per request (row description, entries, one uniform, then the
+    /// kernel, whose twin is `choose_token`) draws the same tokens as `sample` for one seed.
+    #[test]
+    fn the_device_path_inputs_reproduce_sample() {
+        let params = SamplingParams {
+            seed: Some(5),
+            temperature: 0.8,
+            top_k: Some(30),
+            top_p: 0.9,
+            repetition_penalty: 1.3,
+            frequency_penalty: 0.5,
+            ..Default::default()
+        };
+        let (mut cpu, mut dev) = (Sampler::new(params.clone()), Sampler::new(params));
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        let prompt: Vec<u32> = (0..20).map(|_| rng.random_range(0..200)).collect();
+        let mut output = Vec::new();
+        let mut scratch = SampleScratch::default();
+        for _ in 0..40 {
+            let row: Vec<f32> = (0..200).map(|_| rng.random_range(-4.0..4.0)).collect();
+            let want = cpu.sample(&row, &prompt, &output).token_id;
+            let s = dev.row_sampling();
+            let u = dev.next_uniform();
+            let entries = dev.penalty_entries(&prompt, &output, row.len()).to_vec();
+            assert_eq!(choose_token(&row, &entries, &s, u, &mut scratch), want);
+            output.push(want);
+        }
+        assert!(output.iter().any(|&t| t != output[0]), "the draws vary");
+    }
 
     #[test]
     fn nan_and_inf_rows_do_not_panic() {
