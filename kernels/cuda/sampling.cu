@@ -164,54 +164,70 @@ __device__ Selected radix_select(uint32_t n, u64 target, Item item, Shared& sh) 
 }
 
 /// The first id (ascending) at which the running sum of `weight(id)` exceeds
-/// `target_of(total)`; kNone when the target is not below the total.
+/// `target_of(total)`; kNone when the target is not below the total. The range narrows to one
+/// warp's contiguous share per level (every warp sums its share, coalesced; thread 0 finds the
+/// share holding the target) until one warp walks what is left, 32 ids and a warp scan a step:
+/// a 256k row takes three levels and a walk of 2 steps at 16 warps.
 template <class Weight, class Target>
 __device__ uint32_t ordered_select(uint32_t n, Weight weight, Target target_of, Shared& sh) {
   const unsigned lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
-  const uint32_t chunk = ((n + warps - 1) / warps + 31) / 32 * 32;
-  const uint32_t begin = min(n, warp * chunk), end = min(n, begin + chunk);
-  u64 s = 0;
-  for (uint32_t id = begin + lane; id < end; id += 32) s += weight(id);
-  s = warp_sum_u64(s);
-  __syncthreads();
-  if (lane == 0) sh.warp_u64[warp] = s;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    u64 total = 0;
-    for (unsigned w = 0; w < warps; ++w) total += sh.warp_u64[w];
-    const u64 target = target_of(total);
-    sh.sel_id = kNone;
-    sh.sel_warp = kNone;
-    u64 before = 0;
-    for (unsigned w = 0; target < total && w < warps; ++w) {
-      if (before + sh.warp_u64[w] > target) {
-        sh.sel_warp = w;
-        sh.sel_before = before;
-        sh.sel_target = target;
-        break;
+  uint32_t lo = 0, hi = n;
+  for (bool first = true;; first = false) {
+    const uint32_t chunk = ((hi - lo + warps - 1) / warps + 31) / 32 * 32;
+    const uint32_t begin = min(hi, lo + warp * chunk), end = min(hi, begin + chunk);
+    u64 s = 0;
+    for (uint32_t id = begin + lane; id < end; id += 32) s += weight(id);
+    s = warp_sum_u64(s);
+    __syncthreads();
+    if (lane == 0) sh.warp_u64[warp] = s;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      u64 before = first ? 0 : sh.sel_before;
+      if (first) {
+        u64 total = 0;
+        for (unsigned w = 0; w < warps; ++w) total += sh.warp_u64[w];
+        sh.sel_target = target_of(total);
+        sh.sel_id = kNone;
       }
-      before += sh.warp_u64[w];
+      const u64 target = sh.sel_target;
+      sh.sel_warp = kNone;
+      for (unsigned w = 0; w < warps; ++w) {
+        if (before + sh.warp_u64[w] > target) {
+          sh.sel_warp = w;
+          sh.sel_before = before;
+          break;
+        }
+        before += sh.warp_u64[w];
+      }
     }
-  }
-  __syncthreads();
-  if (warp == sh.sel_warp) {
-    u64 run = sh.sel_before;
-    const u64 target = sh.sel_target;
-    for (uint32_t base = begin; base < end; base += 32) {
-      const uint32_t id = base + lane;
-      const u64 x = id < end ? weight(id) : 0;
-      u64 incl = x;
-      for (int o = 1; o < 32; o <<= 1) {
-        const u64 t = __shfl_up_sync(kFull, incl, o);
-        if (lane >= unsigned(o)) incl += t;
-      }
-      const unsigned hit = __ballot_sync(kFull, run + incl > target && run + incl - x <= target);
-      if (hit != 0) {
-        if (lane == unsigned(__ffs(hit) - 1)) sh.sel_id = id;
-        break;
-      }
-      run += __shfl_sync(kFull, incl, 31);
+    __syncthreads();
+    const uint32_t picked = sh.sel_warp;
+    if (picked == kNone) break;
+    if (chunk > 256 && warps > 1) {
+      lo = min(hi, lo + picked * chunk);
+      hi = min(hi, lo + chunk);
+      continue;
     }
+    if (warp == picked) {
+      u64 run = sh.sel_before;
+      const u64 target = sh.sel_target;
+      for (uint32_t base = begin; base < end; base += 32) {
+        const uint32_t id = base + lane;
+        const u64 x = id < end ? weight(id) : 0;
+        u64 incl = x;
+        for (int o = 1; o < 32; o <<= 1) {
+          const u64 t = __shfl_up_sync(kFull, incl, o);
+          if (lane >= unsigned(o)) incl += t;
+        }
+        const unsigned hit = __ballot_sync(kFull, run + incl > target && run + incl - x <= target);
+        if (hit != 0) {
+          if (lane == unsigned(__ffs(hit) - 1)) sh.sel_id = id;
+          break;
+        }
+        run += __shfl_sync(kFull, incl, 31);
+      }
+    }
+    break;
   }
   __syncthreads();
   const uint32_t r = sh.sel_id;

@@ -510,3 +510,31 @@ fn a_vocab_smaller_than_a_warp_leaves_warps_idle_and_still_matches() {
     let logits = rows(8, cases.len(), vocab, 2.0);
     check("tiny vocab", &logits, vocab, &cases, 0, Mode::Eps);
 }
+
+#[test]
+fn draws_land_on_the_right_id_at_every_share_boundary_of_a_large_row() {
+    // A flat row: every weight is exactly 1, so u = (id + 0.5) / vocab must draw `id` (an
+    // independent expectation). The ids sit at the edges of the contiguous shares the draw
+    // narrows through (12320 then 3104 ids at 4 warps, 32-id walk steps) and at the row's ends.
+    let vocab = 49152 + 7;
+    let ids: Vec<u32> = vec![
+        0, 31, 32, 3103, 3104, 6207, 12287, 12319, 12320, 15423, 24639, 24640, 36959, 36960, 49151,
+        49158,
+    ];
+    let cases: Vec<Case> = ids
+        .iter()
+        .map(|&id| {
+            draw_case(
+                truncation(1.0, 0, 1.0, 0.0),
+                (id as f64 + 0.5) / vocab as f64,
+            )
+        })
+        .collect();
+    let logits = vec![0.0f32; cases.len() * vocab];
+    let mut scratch = SampleScratch::default();
+    for (c, &id) in cases.iter().zip(&ids) {
+        let row = &logits[..vocab];
+        assert_eq!(choose_token(row, &[], &c.s, c.u, &mut scratch), id);
+    }
+    check("share edges", &logits, vocab, &cases, 0, Mode::Exact);
+}
