@@ -36,6 +36,9 @@ struct SampleRow {
   uint32_t flags;
   uint32_t _pad;
 };
+// Rows and entries are arrays the Rust side fills (kernels/src/gpu/sampling.rs asserts the same).
+static_assert(sizeof(SampleRow) == 56, "SampleRow layout changed: update gpu/sampling.rs");
+static_assert(sizeof(PenaltyEntry) == 8, "PenaltyEntry layout changed: update sampling/penalties.rs");
 
 /// One CTA per row of `logits` ([num_rows, vocab] f32). `work` ([num_rows, vocab] f32) receives
 /// the penalised row of every row with penalty entries (may be null if none has). Writes

@@ -40,11 +40,15 @@ pub struct SampleRow {
     _pad: u32,
 }
 
-// SAFETY: `#[repr(C)]` plain numbers, 56 bytes without padding (the C twin's size is checked
-// at every launch through `SampleParams`' pointers only, so keep the field lists identical).
+// SAFETY: `#[repr(C)]` plain numbers, 56 bytes without padding; the size is asserted here and
+// in `cuda/params/sampling.h`, so the two field lists cannot drift apart unnoticed.
 unsafe impl DeviceElem for SampleRow {}
 // SAFETY: `#[repr(C)]` pair of u32, no padding.
 unsafe impl DeviceElem for PenaltyEntry {}
+
+// Rows and entries reach the kernel as arrays, not through the checked parameter struct.
+const _: () = assert!(std::mem::size_of::<SampleRow>() == 56);
+const _: () = assert!(std::mem::size_of::<PenaltyEntry>() == 8);
 
 impl SampleRow {
     /// The row of a request sampled as `s` with uniform `u` (drawn on the host from the
