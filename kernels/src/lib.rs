@@ -9,6 +9,7 @@ pub mod attention;
 pub mod gpu;
 pub mod lora;
 pub mod ops;
+pub mod sampling;
 
 pub use attention::{
     paged_attention, paged_attention_reference, write_kv, AttentionParams, KvCacheShape,

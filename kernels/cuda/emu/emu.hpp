@@ -236,3 +236,11 @@ inline __half __float2half(float f) {
     return 0;                                                                        \
   }                                                                                  \
   static void name##_body(const Params p)
+
+// ---- Added for sampling.cu (gpu-sample): IEEE round-to-nearest float operations that nvcc
+// never contracts into an FMA, so the kernel rounds exactly as its CPU twin. Plain operators
+// on the host (x86-64 g++ without -mfma does not contract).
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }

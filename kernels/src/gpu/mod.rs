@@ -20,6 +20,7 @@ mod kernel;
 pub mod lora;
 pub mod ops;
 pub mod rope_cache;
+pub mod sampling;
 
 pub use device::{DType, Device, DeviceBuffer, DeviceElem, GpuError};
 pub use kernel::LaunchDims;

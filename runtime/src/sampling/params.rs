@@ -6,8 +6,8 @@ use serde::{Deserialize, Serialize};
 /// would overflow the logits and gives the same result as argmax anyway.
 pub const GREEDY_TEMPERATURE_EPS: f32 = 1e-5;
 
-/// Most `top_logprobs` a request may ask for (OpenAI's limit).
-pub const MAX_LOGPROBS: usize = 20;
+/// Most `top_logprobs` a request may ask for (OpenAI's limit; the GPU kernel's output stride).
+pub use caduceus_kernels::sampling::MAX_LOGPROBS;
 
 /// How one request wants its tokens chosen. Values come straight from the HTTP request, so
 /// [`SamplingParams::validate`] must be called before sampling; the sampler itself never panics on
