@@ -14,13 +14,6 @@
 // through shared memory at the end. With one split the CTA writes the output; with several it
 // writes (output, log-sum-exp) to a workspace that cad_paged_decode_merge_* combines.
 #include "common.cuh"
-#ifndef CAD_UNROLL  // full unrolling of a constant-trip loop, for nvcc and for g++ alike
-#if defined(__CUDACC__)
-#define CAD_UNROLL _Pragma("unroll")
-#else
-#define CAD_UNROLL _Pragma("GCC unroll 16")
-#endif
-#endif
 #include "params/attention.h"
 
 namespace {

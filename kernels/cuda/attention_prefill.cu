@@ -22,15 +22,6 @@
 #include "common.cuh"
 #include "params/attention.h"
 
-// Loop unrolling for nvcc and g++ alike (as attention_decode.cu; guarded should common.cuh
-// come to define it).
-#ifndef CAD_UNROLL
-#if defined(__CUDACC__)
-#define CAD_UNROLL _Pragma("unroll")
-#else
-#define CAD_UNROLL _Pragma("GCC unroll 16")
-#endif
-#endif
 #if defined(__CUDACC__)
 #define CAD_UNROLL_4 _Pragma("unroll 4")
 #else

@@ -21,6 +21,13 @@
 #define CAD_KERNEL_BOUNDS(name, Params, p, threads) CAD_KERNEL(name, Params, p)
 #endif
 
+/// Full unrolling of a constant-trip loop, for nvcc and g++ alike.
+#if defined(__CUDACC__)
+#define CAD_UNROLL _Pragma("unroll")
+#else
+#define CAD_UNROLL _Pragma("GCC unroll 16")
+#endif
+
 namespace cad {
 
 using bf16 = __nv_bfloat16;

@@ -6,13 +6,6 @@
 // does), then every thread rotates units of 4 pairs (16-byte loads and stores for Interleaved,
 // two 8-byte halves for Neox) over all q and k heads, and copies v in 16-byte vectors.
 #include "common.cuh"
-#ifndef CAD_UNROLL  // full unrolling of a constant-trip loop, for nvcc and for g++ alike
-#if defined(__CUDACC__)
-#define CAD_UNROLL _Pragma("unroll")
-#else
-#define CAD_UNROLL _Pragma("GCC unroll 16")
-#endif
-#endif
 #include "params/rope_cache.h"
 
 namespace {

@@ -211,7 +211,7 @@ impl CudaDevice {
         y: u64,
         s: super::gemm::GemmShape,
     ) -> Result<(), GpuError> {
-        use cudarc::cublaslt::{Matmul, MatmulConfig};
+        use cudarc::cublaslt::MatmulConfig;
         let guard = self.blas()?;
         let blas = guard
             .as_ref()
@@ -234,45 +234,51 @@ impl CudaDevice {
             stride_bias: None,
             batch_size: None,
         };
-        fn raw<'s, T>(ptr: u64, len: usize, stream: &'s Arc<CudaStream>) -> Raw<'s, T> {
-            Raw {
-                ptr,
-                len,
-                stream,
-                _t: std::marker::PhantomData,
-            }
-        }
-        let st = &self.stream;
         let err = |e: cudarc::cublaslt::result::CublasError| GpuError::Blas(format!("{e:?}"));
         // SAFETY: the launcher checked all three buffers against the shape.
         unsafe {
             match dtype {
-                super::DType::Bf16 => {
-                    let mut c = raw::<half::bf16>(y, s.m * s.n, st);
-                    Matmul::<half::bf16>::matmul(
-                        blas,
-                        cfg,
-                        &raw(w, s.n * s.k, st),
-                        &raw(x, s.m * s.k, st),
-                        &mut c,
-                        None,
-                        None,
-                    )
-                }
-                super::DType::F16 => {
-                    let mut c = raw::<half::f16>(y, s.m * s.n, st);
-                    Matmul::<half::f16>::matmul(
-                        blas,
-                        cfg,
-                        &raw(w, s.n * s.k, st),
-                        &raw(x, s.m * s.k, st),
-                        &mut c,
-                        None,
-                        None,
-                    )
-                }
+                super::DType::Bf16 => matmul::<half::bf16>(blas, &self.stream, cfg, x, w, y, s),
+                super::DType::F16 => matmul::<half::f16>(blas, &self.stream, cfg, x, w, y, s),
             }
         }
         .map_err(err)
+    }
+}
+
+/// cuBLASLt's `C = op(A) · B` on raw device ranges of element type `T`.
+///
+/// # Safety
+/// `x`, `w` and `y` must hold the `[m, k]`, `[n, k]` and `[m, n]` elements of `s`.
+unsafe fn matmul<T>(
+    blas: &cudarc::cublaslt::CudaBlasLT,
+    st: &Arc<CudaStream>,
+    cfg: cudarc::cublaslt::MatmulConfig,
+    x: u64,
+    w: u64,
+    y: u64,
+    s: super::gemm::GemmShape,
+) -> Result<(), cudarc::cublaslt::result::CublasError>
+where
+    cudarc::cublaslt::CudaBlasLT: cudarc::cublaslt::Matmul<T>,
+{
+    let raw = |ptr: u64, len: usize| Raw::<T> {
+        ptr,
+        len,
+        stream: st,
+        _t: std::marker::PhantomData,
+    };
+    let mut c = raw(y, s.m * s.n);
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        cudarc::cublaslt::Matmul::<T>::matmul(
+            blas,
+            cfg,
+            &raw(w, s.n * s.k),
+            &raw(x, s.m * s.k),
+            &mut c,
+            None,
+            None,
+        )
     }
 }
