@@ -3,6 +3,11 @@
 
 mod support;
 
+#[path = "server/isolation.rs"]
+mod isolation;
+#[path = "server/special_tokens.rs"]
+mod special_tokens;
+
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use axum::Router;

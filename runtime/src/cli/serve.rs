@@ -7,7 +7,9 @@ use anyhow::Context;
 
 use crate::adapters::peft::AdapterLimits;
 use crate::adapters::{AdapterRegistry, AdapterService, AdapterSettings};
-use crate::config::{CaduceusConfig, ConfigOverrides, Device, Dtype, KvCacheSize};
+use crate::config::{
+    CaduceusConfig, ConfigOverrides, Device, Dtype, KvCacheSize, PrefixCacheIsolation,
+};
 use crate::engine::{EngineCore, EngineHandle, SchedulerConfig};
 use crate::model::loader::LoadedModel;
 use crate::model::WeightFormat;
@@ -124,6 +126,7 @@ pub fn run(config: CaduceusConfig) -> anyhow::Result<()> {
         .iter()
         .map(|k| k.expose().to_owned())
         .collect();
+    log_cache_isolation(&config, api_keys.is_empty());
     let state = AppState {
         engine,
         tokenizer,
@@ -135,6 +138,8 @@ pub fn run(config: CaduceusConfig) -> anyhow::Result<()> {
             request_timeout: config.server.request_timeout.get(),
             body_limit_bytes: config.server.body_limit.bytes() as usize,
             log_prompts: config.logging.log_prompts,
+            prefix_cache_isolation: config.server.prefix_cache_isolation,
+            allow_special_tokens_in_prompt: config.server.allow_special_tokens_in_prompt,
         }),
         lifecycle: Arc::new(Lifecycle::default()),
         metrics: crate::metrics::install(),
@@ -167,6 +172,27 @@ pub fn run(config: CaduceusConfig) -> anyhow::Result<()> {
         ServeOutcome::EngineFailed => anyhow::bail!("the engine thread stopped"),
     }
     Ok(())
+}
+
+/// Says at start whether one client can see another's prefix-cache hits.
+fn log_cache_isolation(config: &CaduceusConfig, no_api_keys: bool) {
+    if !config.scheduler.enable_prefix_caching {
+        return;
+    }
+    match config.server.prefix_cache_isolation {
+        PrefixCacheIsolation::PerKey if no_api_keys => tracing::warn!(
+            "no API keys configured: every client shares the prefix cache, so one can tell from \
+             cached_tokens whether another sent the same prompt; set server.api_keys to \
+             isolate tenants (server.prefix_cache_isolation = \"per_key\")"
+        ),
+        PrefixCacheIsolation::PerKey => {
+            tracing::info!("prefix cache isolated per API key (server.prefix_cache_isolation)")
+        }
+        PrefixCacheIsolation::Shared => tracing::warn!(
+            "server.prefix_cache_isolation = \"shared\": every client shares the prefix cache \
+             (only a request's own cache_salt separates it)"
+        ),
+    }
 }
 
 /// Refuses settings this build cannot honour, naming the key and the fix.

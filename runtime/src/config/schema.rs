@@ -68,6 +68,12 @@ pub(crate) const SCHEMA: &[KeySpec] = &[
         "shutdown_grace_period",
         Kind::Duration { min_ms: 0 },
     ),
+    spec(
+        "server",
+        "prefix_cache_isolation",
+        Kind::Choice(&["per_key", "shared"]),
+    ),
+    spec("server", "allow_special_tokens_in_prompt", Kind::Bool),
     spec("model", "path", Kind::Path),
     spec("model", "served_model_name", Kind::Str),
     spec("model", "max_model_len", int(2, u32::MAX as i64)),

@@ -7,9 +7,15 @@ use axum::response::{IntoResponse, Response};
 
 use super::protocol::ApiError;
 use super::state::AppState;
+use super::tenant::Tenant;
 
-/// Rejects requests without `Authorization: Bearer <key>` naming a configured key (401).
-pub async fn require_api_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
+/// Rejects requests without `Authorization: Bearer <key>` naming a configured key (401); an
+/// accepted request carries its [`Tenant`] (for prefix-cache isolation).
+pub async fn require_api_key(
+    State(state): State<AppState>,
+    mut req: Request,
+    next: Next,
+) -> Response {
     let keys = &state.settings.api_keys;
     if keys.is_empty() {
         return next.run(req).await;
@@ -26,6 +32,8 @@ pub async fn require_api_key(State(state): State<AppState>, req: Request, next: 
                 .iter()
                 .any(|k| constant_time_eq(k.as_bytes(), key.as_bytes())) =>
         {
+            let tenant = Tenant::from_api_key(key);
+            req.extensions_mut().insert(tenant);
             next.run(req).await
         }
         _ => ApiError::unauthorized().into_response(),

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use axum::Json;
 
 use super::generation::{collect_all, finish_label, submit};
@@ -16,9 +17,21 @@ use super::request_log::RequestLog;
 use super::routes::{admit, check_model};
 use super::sse::{self, ChunkFormat};
 use super::state::AppState;
+use super::tenant::Tenant;
 use super::token_text::completion_logprobs;
 use crate::sampling::SampledToken;
-use crate::tokenizer::Tokenizer;
+use crate::tokenizer::{Tokenizer, TokenizerError};
+
+/// A text prompt's ids: special-token strings stay plain text (a client cannot forge control
+/// tokens) unless `server.allow_special_tokens_in_prompt` is on.
+fn prompt_ids(state: &AppState, text: &str) -> Result<Vec<u32>, TokenizerError> {
+    let tokenizer = &state.tokenizer;
+    if state.settings.allow_special_tokens_in_prompt || !tokenizer.spells_special_token(text) {
+        tokenizer.encode(text)
+    } else {
+        tokenizer.encode_literal(text)
+    }
+}
 
 /// Creates a completion (OpenAI's `POST /v1/completions`); choice `i * n + j` is prompt `i`'s
 /// `j`-th sample.
@@ -28,6 +41,7 @@ use crate::tokenizer::Tokenizer;
               (status = 429, body = super::protocol::ErrorResponse), (status = 503, body = super::protocol::ErrorResponse)))]
 pub async fn completions(
     State(state): State<AppState>,
+    tenant: Option<Extension<Tenant>>,
     ApiJson(req): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     let in_flight = admit(&state)?;
@@ -37,7 +51,7 @@ pub async fn completions(
     let mut prompts = Vec::with_capacity(v.prompts.len());
     for (i, p) in v.prompts.iter().enumerate() {
         let ids = match p {
-            PromptInput::Text(text) => state.tokenizer.encode(text).map_err(|e| {
+            PromptInput::Text(text) => prompt_ids(&state, text).map_err(|e| {
                 tracing::error!(error = %e, "tokenizer failed");
                 ApiError::internal()
             })?,
@@ -56,8 +70,14 @@ pub async fn completions(
     let id = random_id(COMPLETION_ID_PREFIX);
     let mut log = RequestLog::new(id.clone(), "completions", model.clone(), in_flight);
     log.prompt_tokens = prompts.iter().map(Vec::len).sum();
-    let streams =
-        submit(&state, &prompts, &v.params, "prompt").inspect_err(|e| log.status = e.status)?;
+    let streams = submit(
+        &state,
+        &prompts,
+        &v.params,
+        "prompt",
+        tenant.map(|Extension(t)| t),
+    )
+    .inspect_err(|e| log.status = e.status)?;
     let created = unix_timestamp();
     let timeout = state.settings.request_timeout;
     if state.settings.log_prompts {

@@ -12,6 +12,7 @@ use tower::ServiceExt;
 
 use caduceus_runtime::adapters::peft::AdapterLimits;
 use caduceus_runtime::adapters::{AdapterRegistry, AdapterService, AdapterSettings};
+use caduceus_runtime::config::PrefixCacheIsolation;
 use caduceus_runtime::engine::{EngineCore, EngineHandle, SchedulerConfig};
 use caduceus_runtime::model::loader::LoadedModel;
 use caduceus_runtime::model::LoraDtype;
@@ -32,6 +33,10 @@ pub struct TestServer {
     pub max_loras: usize,
     /// Adapters kept in the host cache.
     pub max_cpu_loras: usize,
+    /// `server.prefix_cache_isolation`.
+    pub prefix_cache_isolation: PrefixCacheIsolation,
+    /// `server.allow_special_tokens_in_prompt`.
+    pub allow_special_tokens_in_prompt: bool,
 }
 
 impl Default for TestServer {
@@ -46,6 +51,8 @@ impl Default for TestServer {
             adapter_dir: None,
             max_loras: 4,
             max_cpu_loras: 8,
+            prefix_cache_isolation: PrefixCacheIsolation::PerKey,
+            allow_special_tokens_in_prompt: false,
         }
     }
 }
@@ -101,6 +108,8 @@ impl TestServer {
                 request_timeout: self.request_timeout,
                 body_limit_bytes: self.body_limit_bytes,
                 log_prompts: false,
+                prefix_cache_isolation: self.prefix_cache_isolation,
+                allow_special_tokens_in_prompt: self.allow_special_tokens_in_prompt,
             }),
             lifecycle: Arc::new(Lifecycle::default()),
             metrics: caduceus_runtime::metrics::install(),

@@ -17,6 +17,8 @@ pub const MAX_N: usize = 8;
 /// Most prompts in one legacy completion request (times `n` sequences), so one body cannot
 /// flood the queue.
 pub const MAX_PROMPTS: usize = 64;
+/// Longest `cache_salt` accepted (it is hashed, never stored per block).
+pub const MAX_CACHE_SALT_BYTES: usize = 256;
 /// `max_tokens` of a legacy completion that does not set it (OpenAI's and vLLM's default).
 pub const DEFAULT_COMPLETION_MAX_TOKENS: usize = 16;
 
@@ -87,6 +89,8 @@ pub struct GenerationParams {
     /// Send a final usage chunk (streaming only).
     pub include_usage: bool,
     pub user: Option<String>,
+    /// The request's own prefix-cache salt (vLLM's `cache_salt`).
+    pub cache_salt: Option<String>,
 }
 
 /// A checked chat request.
@@ -130,6 +134,7 @@ struct Common {
     ignore_eos: Option<bool>,
     min_tokens: Option<i64>,
     user: Option<String>,
+    cache_salt: Option<String>,
 }
 
 /// Checks a chat request and converts its messages for the chat template.
@@ -167,6 +172,7 @@ pub fn validate_chat(req: ChatCompletionRequest) -> Result<ValidatedChatRequest,
         ignore_eos: req.ignore_eos,
         min_tokens: req.min_tokens,
         user: req.user,
+        cache_salt: req.cache_salt,
     };
     let params = generation_params(common, logprobs)?;
     Ok(ValidatedChatRequest { messages, params })
@@ -204,6 +210,7 @@ pub fn validate_completion(
         ignore_eos: req.ignore_eos,
         min_tokens: req.min_tokens,
         user: req.user,
+        cache_salt: req.cache_salt,
     };
     let params = generation_params(common, logprobs)?;
     Ok(ValidatedCompletionRequest { prompts, params })
@@ -263,6 +270,16 @@ fn generation_params(
             "is only allowed when `stream` is true",
         ));
     }
+    if let Some(salt) = &c.cache_salt {
+        if salt.is_empty() || salt.len() > MAX_CACHE_SALT_BYTES {
+            let allowed = format!("a string of 1 to {MAX_CACHE_SALT_BYTES} bytes");
+            return Err(out_of_range(
+                "cache_salt",
+                format!("{} bytes long", salt.len()),
+                &allowed,
+            ));
+        }
+    }
     let include_usage = c
         .stream_options
         .and_then(|o| o.include_usage)
@@ -279,6 +296,7 @@ fn generation_params(
         stream,
         include_usage,
         user: c.user,
+        cache_salt: c.cache_salt,
     })
 }
 
