@@ -3,6 +3,8 @@
 
 mod support;
 
+#[path = "server/admin.rs"]
+mod admin;
 #[path = "server/isolation.rs"]
 mod isolation;
 #[path = "server/special_tokens.rs"]

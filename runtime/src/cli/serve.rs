@@ -120,12 +120,7 @@ pub fn run(config: CaduceusConfig) -> anyhow::Result<()> {
     }
     let (engine, _thread) = EngineHandle::spawn(core).context("starting the engine thread")?;
     engine.set_max_queued(s.max_queued_requests);
-    let api_keys: Vec<String> = config
-        .server
-        .resolve_api_keys()?
-        .iter()
-        .map(|k| k.expose().to_owned())
-        .collect();
+    let api_keys = expose(&config.server.resolve_api_keys()?);
     log_cache_isolation(&config, api_keys.is_empty());
     let state = AppState {
         engine,
@@ -140,6 +135,14 @@ pub fn run(config: CaduceusConfig) -> anyhow::Result<()> {
             log_prompts: config.logging.log_prompts,
             prefix_cache_isolation: config.server.prefix_cache_isolation,
             allow_special_tokens_in_prompt: config.server.allow_special_tokens_in_prompt,
+            admin_api_keys: expose(&config.server.admin_api_keys),
+            allow_keyless_admin: config.server.allow_runtime_lora_updating
+                && config.server.is_loopback(),
+            metrics_api_key: config
+                .server
+                .metrics_api_key
+                .as_ref()
+                .map(|k| k.expose().to_owned()),
         }),
         lifecycle: Arc::new(Lifecycle::default()),
         metrics: crate::metrics::install(),
@@ -172,6 +175,11 @@ pub fn run(config: CaduceusConfig) -> anyhow::Result<()> {
         ServeOutcome::EngineFailed => anyhow::bail!("the engine thread stopped"),
     }
     Ok(())
+}
+
+/// The keys in full, for the server's comparisons.
+fn expose(keys: &[crate::config::ApiKey]) -> Vec<String> {
+    keys.iter().map(|k| k.expose().to_owned()).collect()
 }
 
 /// Says at start whether one client can see another's prefix-cache hits.

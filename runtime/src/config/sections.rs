@@ -45,6 +45,25 @@ pub struct ServerSection {
     pub prefix_cache_isolation: PrefixCacheIsolation,
     /// Let `/v1/completions` text spell special tokens (off: a client cannot forge control tokens).
     pub allow_special_tokens_in_prompt: bool,
+    /// Keys for `/v1/load_lora_adapter` and `/v1/unload_lora_adapter`; inference keys do not
+    /// grant them.
+    pub admin_api_keys: Vec<ApiKey>,
+    /// With no admin keys, open the adapter routes anyway, on a loopback `host` only.
+    pub allow_runtime_lora_updating: bool,
+    /// Key `/metrics` requires; none = open.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_api_key: Option<ApiKey>,
+}
+
+impl ServerSection {
+    /// Whether `host` accepts connections from this machine only.
+    pub fn is_loopback(&self) -> bool {
+        self.host == "localhost"
+            || self
+                .host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    }
 }
 
 /// `server.prefix_cache_isolation`: a prefix-cache hit shows in `cached_tokens` and in time to
@@ -71,6 +90,9 @@ impl Default for ServerSection {
             shutdown_grace_period: HumanDuration::secs(30),
             prefix_cache_isolation: PrefixCacheIsolation::PerKey,
             allow_special_tokens_in_prompt: false,
+            admin_api_keys: Vec::new(),
+            allow_runtime_lora_updating: false,
+            metrics_api_key: None,
         }
     }
 }

@@ -37,6 +37,12 @@ pub struct TestServer {
     pub prefix_cache_isolation: PrefixCacheIsolation,
     /// `server.allow_special_tokens_in_prompt`.
     pub allow_special_tokens_in_prompt: bool,
+    /// `server.admin_api_keys`.
+    pub admin_api_keys: Vec<String>,
+    /// Adapter routes open without admin keys (loopback + allow_runtime_lora_updating).
+    pub allow_keyless_admin: bool,
+    /// `server.metrics_api_key`.
+    pub metrics_api_key: Option<String>,
 }
 
 impl Default for TestServer {
@@ -53,6 +59,9 @@ impl Default for TestServer {
             max_cpu_loras: 8,
             prefix_cache_isolation: PrefixCacheIsolation::PerKey,
             allow_special_tokens_in_prompt: false,
+            admin_api_keys: Vec::new(),
+            allow_keyless_admin: true,
+            metrics_api_key: None,
         }
     }
 }
@@ -110,6 +119,9 @@ impl TestServer {
                 log_prompts: false,
                 prefix_cache_isolation: self.prefix_cache_isolation,
                 allow_special_tokens_in_prompt: self.allow_special_tokens_in_prompt,
+                admin_api_keys: self.admin_api_keys.clone(),
+                allow_keyless_admin: self.allow_keyless_admin,
+                metrics_api_key: self.metrics_api_key.clone(),
             }),
             lifecycle: Arc::new(Lifecycle::default()),
             metrics: caduceus_runtime::metrics::install(),
