@@ -128,7 +128,11 @@ pub fn run(config: CaduceusConfig) -> anyhow::Result<()> {
         chat_template: Arc::new(loaded.chat_template),
         settings: Arc::new(ServerSettings {
             served_model_name: served_model_name.clone(),
-            model_root: loaded.path.display().to_string(),
+            // The file or folder name only: clients never see the server's paths.
+            model_root: loaded.path.file_name().map_or_else(
+                || served_model_name.clone(),
+                |n| n.to_string_lossy().into_owned(),
+            ),
             api_keys,
             request_timeout: config.server.request_timeout.get(),
             body_limit_bytes: config.server.body_limit.bytes() as usize,

@@ -339,13 +339,22 @@ impl<M: Deref<Target = LlamaModel>> EngineCore<M> {
                     .admit(id, req, Some(adapter.clone()))
                     .map_err(|e| e.to_string()),
                 Err(e) => Err(format!(
-                    "adapter `{}` could not be loaded: {e}",
-                    d.entry.name
+                    "adapter `{}` could not be loaded: {}",
+                    d.entry.name,
+                    self.redact_adapter_paths(&e.to_string())
                 )),
             };
             if let Err(message) = admitted {
                 self.finish_failed(id, message);
             }
+        }
+    }
+
+    /// An adapter error without the server's paths, for the client.
+    fn redact_adapter_paths(&self, message: &str) -> String {
+        match &self.adapters {
+            Some(a) => a.service.registry().redact(message),
+            None => message.to_owned(),
         }
     }
 
