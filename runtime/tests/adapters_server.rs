@@ -402,3 +402,45 @@ async fn adapters_found_by_name_stay_inside_the_root_and_clients_see_no_server_p
     let (status, resp) = complete(&router, "doctor-0000", "hello", 2).await;
     assert_eq!(status, StatusCode::OK, "{resp}");
 }
+
+#[test]
+fn requests_parked_on_a_cold_adapter_count_as_waiting() {
+    use caduceus_runtime::adapters::peft::AdapterLimits;
+    use caduceus_runtime::adapters::{AdapterRegistry, AdapterService, AdapterSettings};
+    use caduceus_runtime::engine::{EngineCore, EngineRequest, RequestId, SchedulerConfig};
+    use caduceus_runtime::model::LoraDtype;
+    use std::sync::Arc;
+    let tmp = tempfile::tempdir().unwrap();
+    synthetic(tmp.path(), 1, 7);
+    let loaded = LoadedModel::load(&support::shared("reference/tiny-llama/model")).unwrap();
+    let base = loaded.model.config().clone();
+    let registry = AdapterRegistry::scan(Some(tmp.path()), vec![MODEL.into()]).unwrap();
+    let settings = AdapterSettings {
+        max_loras: 2,
+        max_cpu_loras: 2,
+        max_cpu_lora_bytes: 1 << 30,
+        limits: AdapterLimits {
+            max_rank: 16,
+            max_file_bytes: 1 << 30,
+        },
+        dtype: LoraDtype::F32,
+        loader_share_percent: 100,
+    };
+    let service = Arc::new(AdapterService::new(registry, base, settings));
+    let config = SchedulerConfig {
+        num_blocks: 64,
+        max_model_len: 256,
+        ..SchedulerConfig::default()
+    };
+    let mut core = EngineCore::new(Arc::new(loaded.model), None, Vec::new(), config)
+        .unwrap()
+        .with_adapters(service)
+        .unwrap();
+    let mut req = EngineRequest::new(vec![5, 6, 7], 2);
+    req.adapter = Some(Arc::from("doctor-0000"));
+    req.detokenize = false;
+    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    core.add_request(RequestId(0), req, tx).unwrap();
+    assert_eq!(core.num_parked(), 1);
+    assert_eq!(core.stats().num_waiting, 1);
+}

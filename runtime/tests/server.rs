@@ -7,6 +7,8 @@ mod support;
 mod admin;
 #[path = "server/isolation.rs"]
 mod isolation;
+#[path = "server/limits.rs"]
+mod limits;
 #[path = "server/special_tokens.rs"]
 mod special_tokens;
 

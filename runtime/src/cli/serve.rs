@@ -156,7 +156,7 @@ pub fn run(config: CaduceusConfig) -> anyhow::Result<()> {
     let addr = format!("{}:{}", config.server.host, config.server.port);
     let grace = config.server.shutdown_grace_period.get();
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(config.server.worker_threads)
         .enable_all()
         .thread_name("caduceus-http")
         .build()

@@ -53,6 +53,8 @@ pub struct ServerSection {
     /// Key `/metrics` requires; none = open.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics_api_key: Option<ApiKey>,
+    /// Async (HTTP) worker threads; tokenization and templating run on a separate blocking pool.
+    pub worker_threads: usize,
 }
 
 impl ServerSection {
@@ -93,6 +95,7 @@ impl Default for ServerSection {
             admin_api_keys: Vec::new(),
             allow_runtime_lora_updating: false,
             metrics_api_key: None,
+            worker_threads: 2,
         }
     }
 }

@@ -175,7 +175,11 @@ impl<M: Deref<Target = LlamaModel>> EngineCore<M> {
 
     /// Scheduler statistics (queue lengths, KV usage, prefix-cache hits, preemptions).
     pub fn stats(&self) -> SchedulerStats {
-        self.scheduler.stats()
+        let mut stats = self.scheduler.stats();
+        // A request parked on a cold adapter waits too: the queue bound (429) and
+        // `caduceus_num_requests_waiting` must count it.
+        stats.num_waiting += self.num_parked();
+        stats
     }
 
     /// Whether any request is waiting or running.

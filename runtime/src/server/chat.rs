@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use axum::Json;
 
-use super::generation::{collect_all, finish_label, submit};
+use super::generation::{collect_all, finish_label, off_the_workers, submit};
 use super::json::ApiJson;
 use super::protocol::{
     random_id, unix_timestamp, validate_chat, ApiError, ChatChoice, ChatChunkChoice,
@@ -41,27 +41,30 @@ pub async fn chat_completions(
     let ChatPrompt {
         text,
         token_ids: prompt,
-    } = encode_chat(&state.chat_template, &state.tokenizer, &v.messages, true).map_err(
-        |e| match e {
-            ChatPromptError::Template(ChatTemplateError::Raised(msg)) => {
-                ApiError::invalid_request(msg, Some("messages"))
-            }
-            ChatPromptError::Template(other) => {
-                tracing::error!(error = %other, "chat template failed");
-                ApiError::invalid_request(
-                    "the model's chat template could not render these messages",
-                    Some("messages"),
-                )
-            }
-            ChatPromptError::Unseparable => {
-                ApiError::invalid_request(e.to_string(), Some("messages"))
-            }
-            ChatPromptError::Tokenizer(e) => {
-                tracing::error!(error = %e, "tokenizer failed");
-                ApiError::internal()
-            }
-        },
-    )?;
+    } = {
+        // Rendering and tokenizing a long conversation takes milliseconds of CPU: off the async
+        // workers, so `/health` and other connections keep answering.
+        let (template, tokenizer) = (state.chat_template.clone(), state.tokenizer.clone());
+        let messages = v.messages;
+        off_the_workers(move || encode_chat(&template, &tokenizer, &messages, true)).await?
+    }
+    .map_err(|e| match e {
+        ChatPromptError::Template(ChatTemplateError::Raised(msg)) => {
+            ApiError::invalid_request(msg, Some("messages"))
+        }
+        ChatPromptError::Template(other) => {
+            tracing::error!(error = %other, "chat template failed");
+            ApiError::invalid_request(
+                "the model's chat template could not render these messages",
+                Some("messages"),
+            )
+        }
+        ChatPromptError::Unseparable => ApiError::invalid_request(e.to_string(), Some("messages")),
+        ChatPromptError::Tokenizer(e) => {
+            tracing::error!(error = %e, "tokenizer failed");
+            ApiError::internal()
+        }
+    })?;
     let id = random_id(CHAT_ID_PREFIX);
     let mut log = RequestLog::new(id.clone(), "chat", model.clone(), in_flight);
     log.prompt_tokens = prompt.len();

@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use axum::Json;
 
-use super::generation::{collect_all, finish_label, submit};
+use super::generation::{collect_all, finish_label, off_the_workers, submit};
 use super::json::ApiJson;
 use super::protocol::{
     random_id, unix_timestamp, validate_completion, ApiError, CompletionChoice, CompletionChunk,
@@ -33,25 +33,17 @@ fn prompt_ids(state: &AppState, text: &str) -> Result<Vec<u32>, TokenizerError> 
     }
 }
 
-/// Creates a completion (OpenAI's `POST /v1/completions`); choice `i * n + j` is prompt `i`'s
-/// `j`-th sample.
-#[utoipa::path(post, path = "/v1/completions", request_body = CompletionRequest,
-    responses((status = 200, body = CompletionResponse, description = "A completion, or an SSE stream of CompletionChunk when `stream` is true"),
-              (status = 400, body = super::protocol::ErrorResponse), (status = 404, body = super::protocol::ErrorResponse),
-              (status = 429, body = super::protocol::ErrorResponse), (status = 503, body = super::protocol::ErrorResponse)))]
-pub async fn completions(
-    State(state): State<AppState>,
-    tenant: Option<Extension<Tenant>>,
-    ApiJson(req): ApiJson<CompletionRequest>,
-) -> Result<Response, ApiError> {
-    let in_flight = admit(&state)?;
-    let v = validate_completion(req)?;
-    let model = check_model(&state, v.params.model.as_deref())?;
+/// Every prompt's ids (text tokenized, id lists checked against the vocabulary), returned with
+/// the inputs for the prompt log.
+fn tokenize_prompts(
+    state: &AppState,
+    inputs: Vec<PromptInput>,
+) -> Result<(Vec<Vec<u32>>, Vec<PromptInput>), ApiError> {
     let vocab = state.tokenizer.vocab_size();
-    let mut prompts = Vec::with_capacity(v.prompts.len());
-    for (i, p) in v.prompts.iter().enumerate() {
+    let mut prompts = Vec::with_capacity(inputs.len());
+    for (i, p) in inputs.iter().enumerate() {
         let ids = match p {
-            PromptInput::Text(text) => prompt_ids(&state, text).map_err(|e| {
+            PromptInput::Text(text) => prompt_ids(state, text).map_err(|e| {
                 tracing::error!(error = %e, "tokenizer failed");
                 ApiError::internal()
             })?,
@@ -67,6 +59,29 @@ pub async fn completions(
         };
         prompts.push(ids);
     }
+    Ok((prompts, inputs))
+}
+
+/// Creates a completion (OpenAI's `POST /v1/completions`); choice `i * n + j` is prompt `i`'s
+/// `j`-th sample.
+#[utoipa::path(post, path = "/v1/completions", request_body = CompletionRequest,
+    responses((status = 200, body = CompletionResponse, description = "A completion, or an SSE stream of CompletionChunk when `stream` is true"),
+              (status = 400, body = super::protocol::ErrorResponse), (status = 404, body = super::protocol::ErrorResponse),
+              (status = 429, body = super::protocol::ErrorResponse), (status = 503, body = super::protocol::ErrorResponse)))]
+pub async fn completions(
+    State(state): State<AppState>,
+    tenant: Option<Extension<Tenant>>,
+    ApiJson(req): ApiJson<CompletionRequest>,
+) -> Result<Response, ApiError> {
+    let in_flight = admit(&state)?;
+    let v = validate_completion(req)?;
+    let model = check_model(&state, v.params.model.as_deref())?;
+    // Tokenizing up to a body limit's worth of text is CPU work: off the async workers.
+    let (prompts, inputs) = {
+        let state = state.clone();
+        let inputs = v.prompts;
+        off_the_workers(move || tokenize_prompts(&state, inputs)).await??
+    };
     let id = random_id(COMPLETION_ID_PREFIX);
     let mut log = RequestLog::new(id.clone(), "completions", model.clone(), in_flight);
     log.prompt_tokens = prompts.iter().map(Vec::len).sum();
@@ -81,7 +96,7 @@ pub async fn completions(
     let created = unix_timestamp();
     let timeout = state.settings.request_timeout;
     if state.settings.log_prompts {
-        let text = v.prompts.iter().map(|p| match p {
+        let text = inputs.iter().map(|p| match p {
             PromptInput::Text(t) => t.clone(),
             PromptInput::Tokens(ids) => format!("{ids:?}"),
         });

@@ -87,6 +87,17 @@ pub fn submit(
     Ok(streams)
 }
 
+/// Runs CPU-bound request work (template rendering, tokenization) on tokio's blocking pool, so
+/// the async workers keep serving other connections and `/health` meanwhile.
+pub async fn off_the_workers<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(work).await.map_err(|e| {
+        tracing::error!(error = %e, "request preparation failed on the blocking pool");
+        ApiError::internal()
+    })
+}
+
 /// Applies one engine output to the log (tokens, finish, cache and queue figures).
 fn note_output(log: &mut RequestLog, out: &RequestOutput, last: &mut Option<Instant>) {
     if !out.new_tokens.is_empty() {

@@ -1,5 +1,6 @@
 //! The JSON body extractor: OpenAI-style errors for bodies that are too large (413), not JSON,
-//! or of the wrong shape (400 naming the field, via serde_path_to_error). The content type is
+//! of the wrong shape (400 naming the field, via serde_path_to_error), or asking for a feature
+//! the server does not implement (400 naming the field). The content type is
 //! not required, so `curl -d` works.
 
 use axum::body::Bytes;
@@ -7,7 +8,7 @@ use axum::extract::{FromRequest, Request};
 use axum::http::StatusCode;
 use serde::de::DeserializeOwned;
 
-use super::protocol::ApiError;
+use super::protocol::{unsupported_error, unsupported_field, ApiError};
 
 /// A JSON request body of type `T`.
 pub struct ApiJson<T>(pub T);
@@ -28,6 +29,9 @@ where
                 ApiError::invalid_request(format!("could not read the request body: {e}"), None)
             }
         })?;
+        if let Some(field) = unsupported_field(&bytes) {
+            return Err(unsupported_error(field));
+        }
         parse(&bytes).map(ApiJson)
     }
 }

@@ -3,7 +3,7 @@
 //! context-length checks) happens in the server, which knows the model.
 
 use crate::chat_template::ChatMessage;
-use crate::engine::MAX_STOP_STRINGS;
+use crate::engine::{MAX_STOP_STRINGS, MAX_STOP_STRING_BYTES, MAX_STOP_TOKEN_IDS};
 use crate::sampling::{SamplingError, SamplingParams, MAX_LOGPROBS};
 
 use super::chat::ChatCompletionRequest;
@@ -263,6 +263,23 @@ fn generation_params(
     if stop.iter().any(String::is_empty) {
         return Err(invalid("stop", "must not contain empty strings"));
     }
+    if let Some(long) = stop.iter().find(|s| s.len() > MAX_STOP_STRING_BYTES) {
+        let allowed = format!("at most {MAX_STOP_STRING_BYTES} bytes per string");
+        return Err(out_of_range(
+            "stop",
+            format!("{} bytes", long.len()),
+            &allowed,
+        ));
+    }
+    let stop_token_ids = c.stop_token_ids.unwrap_or_default();
+    if stop_token_ids.len() > MAX_STOP_TOKEN_IDS {
+        let allowed = format!("at most {MAX_STOP_TOKEN_IDS} ids");
+        return Err(out_of_range(
+            "stop_token_ids",
+            format!("{} ids", stop_token_ids.len()),
+            &allowed,
+        ));
+    }
     let stream = c.stream.unwrap_or(false);
     if c.stream_options.is_some() && !stream {
         return Err(invalid(
@@ -291,7 +308,7 @@ fn generation_params(
         min_tokens,
         ignore_eos: c.ignore_eos.unwrap_or(false),
         stop,
-        stop_token_ids: c.stop_token_ids.unwrap_or_default(),
+        stop_token_ids,
         n,
         stream,
         include_usage,

@@ -1,0 +1,64 @@
+//! Bounded work per request: stop-string and stop-token limits, and fields the server does not
+//! implement refused with a 400 naming them instead of a silent 200.
+
+use caduceus_runtime::engine::{MAX_STOP_STRING_BYTES, MAX_STOP_TOKEN_IDS};
+use caduceus_runtime::server::app;
+use caduceus_runtime::server::protocol::UNSUPPORTED_FIELDS;
+use serde_json::{json, Value};
+
+use crate::support::server_app::{call, TestServer};
+
+#[tokio::test]
+async fn unimplemented_fields_and_oversized_stops_get_a_400_naming_the_field() {
+    let r = app(TestServer::default().state());
+    let chat = |extra: Value| {
+        let mut body = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        body
+    };
+    let cases = [
+        (
+            json!({"tools": [{"type": "function", "function": {"name": "f"}}]}),
+            "tools",
+        ),
+        (
+            json!({"response_format": {"type": "json_object"}}),
+            "response_format",
+        ),
+        (json!({"logit_bias": {"5": 100}}), "logit_bias"),
+        (
+            json!({"stop": ["x".repeat(MAX_STOP_STRING_BYTES + 1)]}),
+            "stop",
+        ),
+        (
+            json!({"stop_token_ids": vec![3; MAX_STOP_TOKEN_IDS + 1]}),
+            "stop_token_ids",
+        ),
+    ];
+    for (extra, field) in cases {
+        let (s, _, b) = call(&r, "POST", "/v1/chat/completions", Some(chat(extra)), None).await;
+        assert_eq!(s, 400, "{field}: {b}");
+        let v: Value = serde_json::from_str(&b).unwrap();
+        assert_eq!(v["error"]["param"], field, "{b}");
+    }
+    assert!(UNSUPPORTED_FIELDS.contains(&"echo"));
+    let (s, _, b) = call(
+        &r,
+        "POST",
+        "/v1/completions",
+        Some(json!({"prompt": "Hi", "max_tokens": 1, "echo": true})),
+        None,
+    )
+    .await;
+    assert_eq!(s, 400, "{b}");
+    // Explicit defaults ask for nothing and pass, as do the limits themselves.
+    let fine = chat(
+        json!({"tools": [], "logit_bias": {}, "response_format": null,
+                           "stop": ["y".repeat(MAX_STOP_STRING_BYTES)],
+                           "stop_token_ids": vec![3; MAX_STOP_TOKEN_IDS]}),
+    );
+    let (s, _, b) = call(&r, "POST", "/v1/chat/completions", Some(fine), None).await;
+    assert_eq!(s, 200, "{b}");
+}
