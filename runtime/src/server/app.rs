@@ -11,15 +11,23 @@ use axum::Router;
 use super::auth::{require_admin_key, require_api_key, require_metrics_key};
 use super::json::BodyLimit;
 use super::protocol::ApiError;
+use super::request_log::count_early_responses;
 use super::state::AppState;
 use super::{adapters, chat, completions, routes};
 
 /// The whole HTTP API over `state`.
 pub fn app(state: AppState) -> Router {
     let limit = state.settings.body_limit_bytes;
-    let v1 = Router::new()
+    let generation = Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/completions", post(completions::completions))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_api_key,
+        ))
+        // Outermost, so requests refused by authentication are counted too.
+        .route_layer(middleware::from_fn(count_early_responses));
+    let v1 = Router::new()
         .route("/v1/models", get(routes::list_models))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
@@ -42,6 +50,7 @@ pub fn app(state: AppState) -> Router {
             require_metrics_key,
         ));
     Router::new()
+        .merge(generation)
         .merge(v1)
         .merge(admin)
         .merge(metrics)

@@ -62,3 +62,50 @@ async fn unimplemented_fields_and_oversized_stops_get_a_400_naming_the_field() {
     let (s, _, b) = call(&r, "POST", "/v1/chat/completions", Some(fine), None).await;
     assert_eq!(s, 200, "{b}");
 }
+
+/// The value of `caduceus_requests_total` for one status with `finish_reason="none"`.
+fn early_count(metrics: &str, status: u16) -> u64 {
+    let label = format!("status=\"{status}\"");
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("caduceus_requests_total{") && l.contains(&label))
+        .filter(|l| l.contains("finish_reason=\"none\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn requests_refused_before_generation_are_counted() {
+    let r = app(TestServer {
+        api_keys: vec!["sk-count-0123456789".into()],
+        body_limit_bytes: 2048,
+        ..TestServer::default()
+    }
+    .state());
+    let metrics = |r: axum::Router| async move { call(&r, "GET", "/metrics", None, None).await.2 };
+    let before = metrics(r.clone()).await;
+    let key = Some("sk-count-0123456789");
+    let ok = json!({"prompt": "Hi", "max_tokens": 1});
+    assert_eq!(
+        call(&r, "POST", "/v1/completions", Some(ok), None).await.0,
+        401
+    );
+    let big = json!({"prompt": "x".repeat(4096)});
+    assert_eq!(
+        call(&r, "POST", "/v1/completions", Some(big), key).await.0,
+        413
+    );
+    let bad = json!({"prompt": "Hi", "temperature": 9});
+    assert_eq!(
+        call(&r, "POST", "/v1/completions", Some(bad), key).await.0,
+        400
+    );
+    let after = metrics(r.clone()).await;
+    // Other tests in this binary share the recorder, so each count grew by at least one.
+    for status in [401, 413, 400] {
+        assert!(
+            early_count(&after, status) > early_count(&before, status),
+            "status {status} not counted:\n{after}"
+        );
+    }
+}
