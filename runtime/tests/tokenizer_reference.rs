@@ -63,6 +63,11 @@ fn smollm2() -> Option<&'static Tokenizer> {
         Some(tok)
     });
     if tok.is_none() {
+        // Under CI the model is fetched first: a missing file must fail, not skip.
+        assert!(
+            !std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1"),
+            "{DEFAULT_MODEL} is absent and CI=true: run scripts/fetch-default-model"
+        );
         eprintln!(
             "SKIPPED: default model {DEFAULT_MODEL} is absent (run scripts/fetch-default-model)"
         );
