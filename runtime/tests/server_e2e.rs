@@ -292,8 +292,9 @@ async fn a_client_sending_a_too_large_body_reads_its_413() {
         Duration::from_secs(5),
     )
     .await;
-    // A 2 MiB body sent whole before the response is read, as simple clients do.
-    let body = format!("{{\"prompt\": \"{}\"}}", "x".repeat(2 << 20));
+    // A 14 MiB body (more than loopback socket buffers hold) sent whole before the response
+    // is read, as simple clients do.
+    let body = format!("{{\"prompt\": \"{}\"}}", "x".repeat(14 << 20));
     let mut s = TcpStream::connect(running.addr).await.unwrap();
     let head = format!(
         "POST /v1/completions HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
