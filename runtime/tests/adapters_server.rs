@@ -335,3 +335,112 @@ async fn a_broken_adapter_fails_its_requests_only() {
         assert!(metrics.contains(needle), "missing {needle} in\n{metrics}");
     }
 }
+
+#[tokio::test]
+async fn adapters_found_by_name_stay_inside_the_root_and_clients_see_no_server_path() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("adapters");
+    std::fs::create_dir(&root).unwrap();
+    synthetic(&root, 1, 4);
+    let outside = tempfile::tempdir().unwrap();
+    synthetic(outside.path(), 1, 5);
+    let foreign = outside.path().join("doctor-0000");
+    let symlink = |from: &Path, to: &Path| std::os::unix::fs::symlink(from, to).unwrap();
+    // A symlinked folder seen at start, and a folder whose weights file is a symlink out.
+    symlink(&foreign, &root.join("escape"));
+    let half = root.join("half-escape");
+    std::fs::create_dir(&half).unwrap();
+    std::fs::copy(
+        foreign.join("adapter_config.json"),
+        half.join("adapter_config.json"),
+    )
+    .unwrap();
+    symlink(
+        &foreign.join("adapter_model.safetensors"),
+        &half.join("adapter_model.safetensors"),
+    );
+    // A broken adapter inside the root: its error must not name the server's folders.
+    let broken = root.join("broken");
+    std::fs::create_dir(&broken).unwrap();
+    std::fs::write(broken.join("adapter_config.json"), "{").unwrap();
+    std::fs::write(broken.join("adapter_model.safetensors"), "").unwrap();
+    let router = server(&root, 2, 4);
+    // A symlinked folder that appears after start, found on first request.
+    symlink(&foreign, &root.join("late-escape"));
+    let (status, body) = get(&router, "/v1/models").await;
+    assert_eq!(status, StatusCode::OK);
+    let models: Value = serde_json::from_str(&body).unwrap();
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [MODEL, "broken", "doctor-0000"]);
+    let tmp_path = tmp.path().display().to_string();
+    assert!(!body.contains(&tmp_path), "{body}");
+    assert_eq!(models["data"][2]["root"], "doctor-0000");
+    for name in ["escape", "half-escape", "late-escape"] {
+        let (status, resp) = complete(&router, name, "hello", 2).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{name}: {resp}");
+    }
+    let (status, resp) = complete(&router, "broken", "hello", 2).await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{resp}");
+    let message = resp["error"]["message"].as_str().unwrap();
+    assert!(message.contains("adapter_config.json"), "{message}");
+    assert!(!message.contains(&tmp_path), "{message}");
+    let (status, resp) = post(
+        &router,
+        "/v1/load_lora_adapter",
+        json!({"lora_name": "b2", "lora_path": "broken"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let message = resp["error"]["message"].as_str().unwrap();
+    assert!(message.contains("broken"), "{message}");
+    assert!(!message.contains(&tmp_path), "{message}");
+    let (status, resp) = complete(&router, "doctor-0000", "hello", 2).await;
+    assert_eq!(status, StatusCode::OK, "{resp}");
+}
+
+#[test]
+fn requests_parked_on_a_cold_adapter_count_as_waiting() {
+    use caduceus_runtime::adapters::peft::AdapterLimits;
+    use caduceus_runtime::adapters::{AdapterRegistry, AdapterService, AdapterSettings};
+    use caduceus_runtime::engine::{EngineCore, EngineRequest, RequestId, SchedulerConfig};
+    use caduceus_runtime::model::LoraDtype;
+    use std::sync::Arc;
+    let tmp = tempfile::tempdir().unwrap();
+    synthetic(tmp.path(), 1, 7);
+    let loaded = LoadedModel::load(&support::shared("reference/tiny-llama/model")).unwrap();
+    let base = loaded.model.config().clone();
+    let registry = AdapterRegistry::scan(Some(tmp.path()), vec![MODEL.into()]).unwrap();
+    let settings = AdapterSettings {
+        max_loras: 2,
+        max_cpu_loras: 2,
+        max_cpu_lora_bytes: 1 << 30,
+        limits: AdapterLimits {
+            max_rank: 16,
+            max_file_bytes: 1 << 30,
+        },
+        dtype: LoraDtype::F32,
+        loader_share_percent: 100,
+    };
+    let service = Arc::new(AdapterService::new(registry, base, settings));
+    let config = SchedulerConfig {
+        num_blocks: 64,
+        max_model_len: 256,
+        ..SchedulerConfig::default()
+    };
+    let mut core = EngineCore::new(Arc::new(loaded.model), None, Vec::new(), config)
+        .unwrap()
+        .with_adapters(service)
+        .unwrap();
+    let mut req = EngineRequest::new(vec![5, 6, 7], 2);
+    req.adapter = Some(Arc::from("doctor-0000"));
+    req.detokenize = false;
+    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    core.add_request(RequestId(0), req, tx).unwrap();
+    assert_eq!(core.num_parked(), 1);
+    assert_eq!(core.stats().num_waiting, 1);
+}

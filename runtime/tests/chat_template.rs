@@ -63,6 +63,12 @@ fn conversation() -> Vec<ChatMessage> {
 fn default_model_template_reproduces_reference_prompts() {
     let path = Path::new(DEFAULT_MODEL);
     if !path.exists() {
+        // Under CI the model is fetched first: a missing file must fail, not skip.
+        assert!(
+            !std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1"),
+            "{} is absent and CI=true: run scripts/fetch-default-model",
+            path.display()
+        );
         eprintln!(
             "SKIPPED: default model {} is absent (run scripts/fetch-default-model)",
             path.display()

@@ -3,6 +3,15 @@
 
 mod support;
 
+#[path = "server/admin.rs"]
+mod admin;
+#[path = "server/isolation.rs"]
+mod isolation;
+#[path = "server/limits.rs"]
+mod limits;
+#[path = "server/special_tokens.rs"]
+mod special_tokens;
+
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use axum::Router;

@@ -281,3 +281,30 @@ async fn when_the_engine_dies_health_is_503_and_the_server_stops_with_a_failure(
         .unwrap();
     assert_eq!(outcome, ServeOutcome::EngineFailed);
 }
+
+#[tokio::test]
+async fn a_client_sending_a_too_large_body_reads_its_413() {
+    let running = start(
+        TestServer {
+            body_limit_bytes: 1024,
+            ..TestServer::default()
+        },
+        Duration::from_secs(5),
+    )
+    .await;
+    // A 14 MiB body (more than loopback socket buffers hold) sent whole before the response
+    // is read, as simple clients do.
+    let body = format!("{{\"prompt\": \"{}\"}}", "x".repeat(14 << 20));
+    let mut s = TcpStream::connect(running.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/completions HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(body.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await.unwrap();
+    let (status, text) = parse_response(&String::from_utf8_lossy(&raw));
+    assert_eq!(status, 413, "{text}");
+    assert!(text.contains("1024"), "{text}");
+}

@@ -37,8 +37,8 @@ pub enum RegistryError {
     BadName(String),
     #[error("lora_path {0:?} must not contain '..'")]
     DotDot(String),
-    #[error("lora_path {path:?} resolves outside the adapter directory {root}")]
-    OutsideRoot { path: String, root: String },
+    #[error("lora_path {path:?} resolves outside the adapter directory")]
+    OutsideRoot { path: String },
     #[error("lora_path {path:?}: {reason}")]
     NotAnAdapter { path: String, reason: String },
     #[error("adapter {0:?} is already loaded (pass \"load_inplace\": true to replace it)")]
@@ -90,8 +90,12 @@ impl AdapterRegistry {
             }
             found.sort();
             for name in found {
-                let path = root.join(&name);
-                let _ = registry.insert(&name, path, true);
+                match registry.resolve_path(&name) {
+                    Ok(path) => {
+                        let _ = registry.insert(&name, path, true);
+                    }
+                    Err(e) => tracing::warn!(adapter = %name, error = %e, "adapter folder skipped"),
+                }
             }
         }
         Ok(registry)
@@ -128,10 +132,18 @@ impl AdapterRegistry {
         if !valid_name(name) || self.reserved.iter().any(|r| r == name) {
             return None;
         }
-        let path = root.join(name);
-        if !path.join(CONFIG_FILE).is_file() {
+        if !root.join(name).join(CONFIG_FILE).is_file() {
             return None;
         }
+        // The same confinement as `lora_path`: a symlinked folder or file leaving the root is
+        // not an adapter.
+        let path = match self.resolve_path(name) {
+            Ok(path) => path,
+            Err(e) => {
+                tracing::warn!(adapter = %name, error = %e, "adapter folder refused");
+                return None;
+            }
+        };
         // Another thread may have registered it meanwhile: keep the first.
         self.insert(name, path, false)
             .ok()
@@ -173,7 +185,6 @@ impl AdapterRegistry {
         let dir = std::fs::canonicalize(&joined).map_err(|e| not_adapter(e.to_string()))?;
         let outside = || RegistryError::OutsideRoot {
             path: lora_path.into(),
-            root: root.display().to_string(),
         };
         if !dir.starts_with(root) || dir == *root {
             return Err(outside());
@@ -189,6 +200,27 @@ impl AdapterRegistry {
             }
         }
         Ok(dir)
+    }
+
+    /// Where `entry` lives, relative to the adapter root: what clients may see (`/v1/models`),
+    /// never the server's own paths.
+    pub fn client_path(&self, entry: &AdapterEntry) -> String {
+        self.root
+            .as_ref()
+            .and_then(|root| entry.path.strip_prefix(root).ok())
+            .map_or_else(|| entry.name.to_string(), |p| p.display().to_string())
+    }
+
+    /// `message` with the adapter root's absolute path taken out, for errors clients see
+    /// (adapter errors name their folder for the operator's log).
+    pub fn redact(&self, message: &str) -> String {
+        let Some(root) = &self.root else {
+            return message.to_owned();
+        };
+        let root = root.display().to_string();
+        message
+            .replace(&format!("{root}/"), "")
+            .replace(&root, "adapters.dir")
     }
 
     /// Registers `name` at `path` (already resolved). With `replace`, an existing entry is

@@ -7,7 +7,9 @@ use anyhow::Context;
 
 use crate::adapters::peft::AdapterLimits;
 use crate::adapters::{AdapterRegistry, AdapterService, AdapterSettings};
-use crate::config::{CaduceusConfig, ConfigOverrides, Device, Dtype, KvCacheSize};
+use crate::config::{
+    CaduceusConfig, ConfigOverrides, Device, Dtype, KvCacheSize, PrefixCacheIsolation,
+};
 use crate::engine::{EngineCore, EngineHandle, SchedulerConfig};
 use crate::model::loader::LoadedModel;
 use crate::model::WeightFormat;
@@ -118,23 +120,33 @@ pub fn run(config: CaduceusConfig) -> anyhow::Result<()> {
     }
     let (engine, _thread) = EngineHandle::spawn(core).context("starting the engine thread")?;
     engine.set_max_queued(s.max_queued_requests);
-    let api_keys: Vec<String> = config
-        .server
-        .resolve_api_keys()?
-        .iter()
-        .map(|k| k.expose().to_owned())
-        .collect();
+    let api_keys = expose(&config.server.resolve_api_keys()?);
+    log_cache_isolation(&config, api_keys.is_empty());
     let state = AppState {
         engine,
         tokenizer,
         chat_template: Arc::new(loaded.chat_template),
         settings: Arc::new(ServerSettings {
             served_model_name: served_model_name.clone(),
-            model_root: loaded.path.display().to_string(),
+            // The file or folder name only: clients never see the server's paths.
+            model_root: loaded.path.file_name().map_or_else(
+                || served_model_name.clone(),
+                |n| n.to_string_lossy().into_owned(),
+            ),
             api_keys,
             request_timeout: config.server.request_timeout.get(),
             body_limit_bytes: config.server.body_limit.bytes() as usize,
             log_prompts: config.logging.log_prompts,
+            prefix_cache_isolation: config.server.prefix_cache_isolation,
+            allow_special_tokens_in_prompt: config.server.allow_special_tokens_in_prompt,
+            admin_api_keys: expose(&config.server.admin_api_keys),
+            allow_keyless_admin: config.server.allow_runtime_lora_updating
+                && config.server.is_loopback(),
+            metrics_api_key: config
+                .server
+                .metrics_api_key
+                .as_ref()
+                .map(|k| k.expose().to_owned()),
         }),
         lifecycle: Arc::new(Lifecycle::default()),
         metrics: crate::metrics::install(),
@@ -144,7 +156,7 @@ pub fn run(config: CaduceusConfig) -> anyhow::Result<()> {
     let addr = format!("{}:{}", config.server.host, config.server.port);
     let grace = config.server.shutdown_grace_period.get();
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(config.server.worker_threads)
         .enable_all()
         .thread_name("caduceus-http")
         .build()
@@ -167,6 +179,32 @@ pub fn run(config: CaduceusConfig) -> anyhow::Result<()> {
         ServeOutcome::EngineFailed => anyhow::bail!("the engine thread stopped"),
     }
     Ok(())
+}
+
+/// The keys in full, for the server's comparisons.
+fn expose(keys: &[crate::config::ApiKey]) -> Vec<String> {
+    keys.iter().map(|k| k.expose().to_owned()).collect()
+}
+
+/// Says at start whether one client can see another's prefix-cache hits.
+fn log_cache_isolation(config: &CaduceusConfig, no_api_keys: bool) {
+    if !config.scheduler.enable_prefix_caching {
+        return;
+    }
+    match config.server.prefix_cache_isolation {
+        PrefixCacheIsolation::PerKey if no_api_keys => tracing::warn!(
+            "no API keys configured: every client shares the prefix cache, so one can tell from \
+             cached_tokens whether another sent the same prompt; set server.api_keys to \
+             isolate tenants (server.prefix_cache_isolation = \"per_key\")"
+        ),
+        PrefixCacheIsolation::PerKey => {
+            tracing::info!("prefix cache isolated per API key (server.prefix_cache_isolation)")
+        }
+        PrefixCacheIsolation::Shared => tracing::warn!(
+            "server.prefix_cache_isolation = \"shared\": every client shares the prefix cache \
+             (only a request's own cache_salt separates it)"
+        ),
+    }
 }
 
 /// Refuses settings this build cannot honour, naming the key and the fix.

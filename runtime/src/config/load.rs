@@ -290,8 +290,8 @@ fn int_value(n: usize) -> Value {
 
 /// The value as written, except that API keys are never echoed.
 fn render(spec: &KeySpec, value: &Value) -> String {
-    if spec.key == "api_keys" {
-        return "(redacted api_keys value)".into();
+    if matches!(spec.key, "api_keys" | "admin_api_keys" | "metrics_api_key") {
+        return format!("(redacted {} value)", spec.key);
     }
     value.to_string()
 }

@@ -18,6 +18,6 @@ pub use load::{env_var_name, ConfigOverrides, ENV_PREFIX};
 pub use secrets::ApiKey;
 pub use sections::{
     AdapterDtype, AdaptersSection, CaduceusConfig, Device, Dtype, KvCacheSize, LoggingSection,
-    ModelSection, SchedulerSection, ServerSection, DEFAULT_KV_CACHE_BYTES,
+    ModelSection, PrefixCacheIsolation, SchedulerSection, ServerSection, DEFAULT_KV_CACHE_BYTES,
 };
 pub use units::{ByteSize, HumanDuration};

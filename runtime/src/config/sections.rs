@@ -40,6 +40,44 @@ pub struct ServerSection {
     pub request_timeout: HumanDuration,
     /// How long in-flight requests may finish after SIGTERM before they are cut.
     pub shutdown_grace_period: HumanDuration,
+    // Health-data hardening (issue 18): tenant isolation, special tokens, admin auth.
+    /// Who may reuse whose prefix-cache blocks (a cache hit is visible to the caller).
+    pub prefix_cache_isolation: PrefixCacheIsolation,
+    /// Let `/v1/completions` text spell special tokens (off: a client cannot forge control tokens).
+    pub allow_special_tokens_in_prompt: bool,
+    /// Keys for `/v1/load_lora_adapter` and `/v1/unload_lora_adapter`; inference keys do not
+    /// grant them.
+    pub admin_api_keys: Vec<ApiKey>,
+    /// With no admin keys, open the adapter routes anyway, on a loopback `host` only.
+    pub allow_runtime_lora_updating: bool,
+    /// Key `/metrics` requires; none = open.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_api_key: Option<ApiKey>,
+    /// Async (HTTP) worker threads; tokenization and templating run on a separate blocking pool.
+    pub worker_threads: usize,
+}
+
+impl ServerSection {
+    /// Whether `host` accepts connections from this machine only.
+    pub fn is_loopback(&self) -> bool {
+        self.host == "localhost"
+            || self
+                .host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    }
+}
+
+/// `server.prefix_cache_isolation`: a prefix-cache hit shows in `cached_tokens` and in time to
+/// first token, so sharing blocks between tenants tells one whether another sent a prompt.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PrefixCacheIsolation {
+    /// Blocks are reused only by requests with the same API key (and the same `cache_salt`).
+    #[default]
+    PerKey,
+    /// Every client shares the cache (only a request's own `cache_salt` separates it).
+    Shared,
 }
 
 impl Default for ServerSection {
@@ -52,6 +90,12 @@ impl Default for ServerSection {
             body_limit: ByteSize::mib(1),
             request_timeout: HumanDuration::secs(600),
             shutdown_grace_period: HumanDuration::secs(30),
+            prefix_cache_isolation: PrefixCacheIsolation::PerKey,
+            allow_special_tokens_in_prompt: false,
+            admin_api_keys: Vec::new(),
+            allow_runtime_lora_updating: false,
+            metrics_api_key: None,
+            worker_threads: 2,
         }
     }
 }

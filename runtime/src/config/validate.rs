@@ -48,6 +48,39 @@ pub(crate) fn validate(cfg: &CaduceusConfig, origins: &Origins) -> Result<(), Co
             return Err(invalid("server.api_keys", key.masked(), expected.into()));
         }
     }
+    for key in &cfg.server.admin_api_keys {
+        if let Some(expected) = key_problem(key.expose()) {
+            return Err(invalid(
+                "server.admin_api_keys",
+                key.masked(),
+                expected.into(),
+            ));
+        }
+    }
+    if let Some(key) = &cfg.server.metrics_api_key {
+        if let Some(expected) = key_problem(key.expose()) {
+            return Err(invalid(
+                "server.metrics_api_key",
+                key.masked(),
+                expected.into(),
+            ));
+        }
+    }
+    let server = &cfg.server;
+    if server.allow_runtime_lora_updating
+        && server.admin_api_keys.is_empty()
+        && !server.is_loopback()
+    {
+        return Err(invalid(
+            "server.allow_runtime_lora_updating",
+            "true".into(),
+            format!(
+                "false while server.host ({}) is not a loopback address: anyone who reaches the \
+                 port could load adapters; set server.admin_api_keys instead",
+                server.host
+            ),
+        ));
+    }
     if let Some(path) = &cfg.server.api_key_file {
         if let Err(message) = read_key_file(path) {
             return Err(invalid(

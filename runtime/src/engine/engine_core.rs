@@ -175,7 +175,11 @@ impl<M: Deref<Target = LlamaModel>> EngineCore<M> {
 
     /// Scheduler statistics (queue lengths, KV usage, prefix-cache hits, preemptions).
     pub fn stats(&self) -> SchedulerStats {
-        self.scheduler.stats()
+        let mut stats = self.scheduler.stats();
+        // A request parked on a cold adapter waits too: the queue bound (429) and
+        // `caduceus_num_requests_waiting` must count it.
+        stats.num_waiting += self.num_parked();
+        stats
     }
 
     /// Whether any request is waiting or running.
@@ -339,13 +343,22 @@ impl<M: Deref<Target = LlamaModel>> EngineCore<M> {
                     .admit(id, req, Some(adapter.clone()))
                     .map_err(|e| e.to_string()),
                 Err(e) => Err(format!(
-                    "adapter `{}` could not be loaded: {e}",
-                    d.entry.name
+                    "adapter `{}` could not be loaded: {}",
+                    d.entry.name,
+                    self.redact_adapter_paths(&e.to_string())
                 )),
             };
             if let Err(message) = admitted {
                 self.finish_failed(id, message);
             }
+        }
+    }
+
+    /// An adapter error without the server's paths, for the client.
+    fn redact_adapter_paths(&self, message: &str) -> String {
+        match &self.adapters {
+            Some(a) => a.service.registry().redact(message),
+            None => message.to_owned(),
         }
     }
 

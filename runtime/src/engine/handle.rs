@@ -75,7 +75,27 @@ impl EngineHandle {
             .name("caduceus-engine".into())
             .spawn(move || {
                 let _alive = AliveGuard(shared.clone());
-                run_loop(core, rx, &shared)
+                // Logged here, before `alive` turns false, so the reason is in the log before
+                // the server notices and the process exits.
+                let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    run_loop(core, rx, &shared)
+                }));
+                match run {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %e, "the engine thread stopped with an error");
+                        Err(e)
+                    }
+                    Err(panic) => {
+                        let message = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_else(|| "a non-string panic payload".into());
+                        tracing::error!(panic = %message, "the engine thread panicked");
+                        std::panic::resume_unwind(panic)
+                    }
+                }
             })?;
         Ok((handle, thread))
     }

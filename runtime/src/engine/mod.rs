@@ -20,7 +20,10 @@ pub use engine_core::{EngineCore, EngineError, StepStats};
 pub use executor::{ExecuteResult, Executor, ExecutorError, SeqSampling};
 pub use handle::EngineHandle;
 pub use output::{Finished, OutputSender, RequestOutput, RequestStream, RequestTimes};
-pub use request::{EngineRequest, RequestError, RequestLimits, MAX_STOP_STRINGS};
+pub use request::{
+    EngineRequest, RequestError, RequestLimits, MAX_STOP_STRINGS, MAX_STOP_STRING_BYTES,
+    MAX_STOP_TOKEN_IDS,
+};
 pub use stop::{StopCheck, StopStrings};
 
 pub use caduceus_scheduler::{AdapterKey, FinishReason, RequestId, SchedulerConfig};

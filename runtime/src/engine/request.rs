@@ -6,6 +6,11 @@ use crate::sampling::{SamplingError, SamplingParams};
 
 /// Most stop strings one request may carry (OpenAI allows 4; vLLM more).
 pub const MAX_STOP_STRINGS: usize = 16;
+/// Longest stop string in bytes: together with the count it bounds the matching work and the
+/// text held back per token.
+pub const MAX_STOP_STRING_BYTES: usize = 256;
+/// Most `stop_token_ids` (each is checked on every sampled token).
+pub const MAX_STOP_TOKEN_IDS: usize = 64;
 
 /// One generation request: prompt tokens (already templated and tokenized) plus its settings.
 #[derive(Clone, Debug)]
@@ -92,8 +97,11 @@ pub enum RequestError {
         max_tokens: usize,
     },
     /// Too many or empty stop strings.
-    #[error("`stop` takes at most {MAX_STOP_STRINGS} non-empty strings")]
+    #[error("`stop` takes at most {MAX_STOP_STRINGS} non-empty strings of at most {MAX_STOP_STRING_BYTES} bytes")]
     BadStop,
+    /// Too many `stop_token_ids`.
+    #[error("`stop_token_ids` takes at most {MAX_STOP_TOKEN_IDS} ids")]
+    TooManyStopTokenIds,
     /// Stop strings or text were asked of an engine without a tokenizer.
     #[error("this engine has no tokenizer, so it cannot produce text or match stop strings")]
     NoTokenizer,
@@ -168,8 +176,16 @@ impl RequestLimits {
                 max_tokens: req.max_tokens,
             });
         }
-        if req.stop.len() > MAX_STOP_STRINGS || req.stop.iter().any(String::is_empty) {
+        if req.stop.len() > MAX_STOP_STRINGS
+            || req
+                .stop
+                .iter()
+                .any(|s| s.is_empty() || s.len() > MAX_STOP_STRING_BYTES)
+        {
             return Err(RequestError::BadStop);
+        }
+        if req.stop_token_ids.len() > MAX_STOP_TOKEN_IDS {
+            return Err(RequestError::TooManyStopTokenIds);
         }
         if !self.has_tokenizer && (req.detokenize || !req.stop.is_empty()) {
             return Err(RequestError::NoTokenizer);

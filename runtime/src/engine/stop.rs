@@ -1,11 +1,61 @@
 //! Stop strings matched on detokenized text with hold-back: text that could be the start of a
 //! stop string is held until the next token shows whether it is, so a stop string split across
 //! tokens is never emitted (vLLM and TGI do the same).
+//!
+//! Each stop string runs a Knuth-Morris-Pratt automaton over the text as it arrives, so a token
+//! costs O(new bytes x number of stops) amortized, never (held text x stop length): a hostile
+//! request with long, self-overlapping stop strings cannot slow the steps other streams share.
+
+/// One stop string with its KMP failure table and how much of it the text now ends with.
+#[derive(Clone, Debug)]
+struct Matcher {
+    pattern: Vec<u8>,
+    /// `fail[i]`: length of the longest proper prefix of `pattern[..=i]` that is also a suffix.
+    fail: Vec<usize>,
+    /// Length of the longest prefix of `pattern` the text seen so far ends with.
+    state: usize,
+}
+
+impl Matcher {
+    fn new(pattern: &str) -> Self {
+        let pattern = pattern.as_bytes().to_vec();
+        let mut fail = vec![0; pattern.len()];
+        let mut k = 0;
+        for i in 1..pattern.len() {
+            while k > 0 && pattern[i] != pattern[k] {
+                k = fail[k - 1];
+            }
+            if pattern[i] == pattern[k] {
+                k += 1;
+            }
+            fail[i] = k;
+        }
+        Matcher {
+            pattern,
+            fail,
+            state: 0,
+        }
+    }
+
+    /// Advances over one byte; true when the whole pattern now ends the text.
+    fn feed(&mut self, b: u8) -> bool {
+        if self.state == self.pattern.len() {
+            self.state = self.fail[self.state - 1];
+        }
+        while self.state > 0 && self.pattern[self.state] != b {
+            self.state = self.fail[self.state - 1];
+        }
+        if self.pattern[self.state] == b {
+            self.state += 1;
+        }
+        self.state == self.pattern.len()
+    }
+}
 
 /// Per-request stop-string state.
 #[derive(Clone, Debug, Default)]
 pub struct StopStrings {
-    stops: Vec<String>,
+    stops: Vec<Matcher>,
     /// Text received but not yet released.
     held: String,
 }
@@ -23,28 +73,42 @@ impl StopStrings {
     /// Matches `stops` (empty strings are ignored).
     pub fn new(stops: Vec<String>) -> Self {
         StopStrings {
-            stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
+            stops: stops
+                .iter()
+                .filter(|s| !s.is_empty())
+                .map(|s| Matcher::new(s))
+                .collect(),
             held: String::new(),
         }
     }
 
-    /// Feeds newly detokenized text.
+    /// Feeds newly detokenized text. When several stop strings complete in it, the one that
+    /// starts first wins.
     pub fn push(&mut self, text: &str) -> StopCheck {
         if self.stops.is_empty() {
             return StopCheck::Continue(text.to_owned());
         }
+        let offset = self.held.len();
         self.held.push_str(text);
-        let first_match = self
-            .stops
-            .iter()
-            .filter_map(|s| self.held.find(s.as_str()))
-            .min();
+        let mut first_match: Option<usize> = None;
+        for (i, &b) in text.as_bytes().iter().enumerate() {
+            let end = offset + i + 1;
+            for m in &mut self.stops {
+                if m.feed(b) {
+                    let start = end - m.pattern.len();
+                    first_match = Some(first_match.map_or(start, |f| f.min(start)));
+                }
+            }
+        }
         if let Some(pos) = first_match {
             let before = self.held[..pos].to_owned();
             self.held.clear();
+            self.stops.iter_mut().for_each(|m| m.state = 0);
             return StopCheck::Stopped(before);
         }
-        let keep = self.partial_match_len();
+        // The longest held suffix that may still grow into a stop string. It starts where a
+        // stop string starts, so on a character boundary.
+        let keep = self.stops.iter().map(|m| m.state).max().unwrap_or(0);
         let release = self.held.len() - keep;
         let out = self.held[..release].to_owned();
         self.held.drain(..release);
@@ -54,28 +118,6 @@ impl StopStrings {
     /// Releases held text at the end of generation (no stop string can complete any more).
     pub fn flush(&mut self) -> String {
         std::mem::take(&mut self.held)
-    }
-
-    /// Length in bytes of the longest suffix of `held` that is a proper prefix of a stop string.
-    fn partial_match_len(&self) -> usize {
-        let held = self.held.as_str();
-        let longest = self.stops.iter().map(String::len).max().unwrap_or(0);
-        let mut best = 0;
-        for len in 1..longest.min(held.len() + 1) {
-            let start = held.len() - len;
-            if !held.is_char_boundary(start) {
-                continue;
-            }
-            let suffix = &held[start..];
-            if self
-                .stops
-                .iter()
-                .any(|s| s.len() > len && s.starts_with(suffix))
-            {
-                best = len;
-            }
-        }
-        best
     }
 }
 
@@ -141,6 +183,35 @@ mod tests {
         assert_eq!(s.push("xé"), StopCheck::Continue("x".into()));
         assert_eq!(s.push("b"), StopCheck::Continue("éb".into()));
         assert_eq!(run(&["éa"], &["xé", "a"]), ("x".to_string(), true));
+    }
+
+    #[test]
+    fn self_overlapping_stops_match_as_str_find_does() {
+        // KMP must fall back correctly: "aab" inside "aaab", and overlapping candidates.
+        assert_eq!(
+            run(&["aab"], &["a", "a", "a", "b", "c"]),
+            ("a".to_string(), true)
+        );
+        assert_eq!(run(&["abab"], &["ab", "a", "bab"]), (String::new(), true));
+        assert_eq!(run(&["abcdef", "cd"], &["abcdef"]), (String::new(), true));
+        // Against a naive reference on every split of a text into two pieces.
+        let text = "xxaxaabaabaaab-END-ENDE";
+        let stops = ["aabaaab", "ENDE", "baab", "zz"];
+        for cut in 0..=text.len() {
+            let want = stops
+                .iter()
+                .filter_map(|s| text.find(s))
+                .min()
+                .map_or((text.to_string(), false), |p| (text[..p].to_string(), true));
+            let pieces = [&text[..cut], &text[cut..]];
+            let got = run(&stops, &pieces);
+            // Once a stop completes in the first piece, generation ends there.
+            let first = stops.iter().filter_map(|s| pieces[0].find(s)).min();
+            match first {
+                Some(p) => assert_eq!(got, (text[..p].to_string(), true), "cut {cut}"),
+                None => assert_eq!(got, want, "cut {cut}"),
+            }
+        }
     }
 
     #[test]

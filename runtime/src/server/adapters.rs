@@ -80,7 +80,11 @@ pub async fn load_lora_adapter(
                 ) => "lora_name",
                 _ => "lora_path",
             };
-            Err(ApiError::invalid_request(e.to_string(), Some(param)))
+            let message = state
+                .adapters
+                .as_ref()
+                .map_or_else(|| e.to_string(), |a| a.registry().redact(&e.to_string()));
+            Err(ApiError::invalid_request(message, Some(param)))
         }
     }
 }

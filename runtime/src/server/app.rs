@@ -1,4 +1,5 @@
-//! The router: every route, the body limit and API-key authentication. Tests drive `app()`
+//! The router: every route, the body limit and authentication (inference, admin and metrics
+//! keys). Tests drive `app()`
 //! in-process; `serve` binds it to a socket.
 
 use axum::extract::{DefaultBodyLimit, Request};
@@ -7,19 +8,32 @@ use axum::response::Response;
 use axum::routing::{get, post};
 use axum::Router;
 
-use super::auth::require_api_key;
+use super::auth::{require_admin_key, require_api_key, require_metrics_key};
 use super::json::BodyLimit;
 use super::protocol::ApiError;
+use super::request_log::count_early_responses;
 use super::state::AppState;
 use super::{adapters, chat, completions, routes};
 
 /// The whole HTTP API over `state`.
 pub fn app(state: AppState) -> Router {
     let limit = state.settings.body_limit_bytes;
-    let v1 = Router::new()
+    let generation = Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/completions", post(completions::completions))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_api_key,
+        ))
+        // Outermost, so requests refused by authentication are counted too.
+        .route_layer(middleware::from_fn(count_early_responses));
+    let v1 = Router::new()
         .route("/v1/models", get(routes::list_models))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_api_key,
+        ));
+    let admin = Router::new()
         .route("/v1/load_lora_adapter", post(adapters::load_lora_adapter))
         .route(
             "/v1/unload_lora_adapter",
@@ -27,13 +41,21 @@ pub fn app(state: AppState) -> Router {
         )
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
-            require_api_key,
+            require_admin_key,
+        ));
+    let metrics = Router::new()
+        .route("/metrics", get(routes::metrics))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_metrics_key,
         ));
     Router::new()
+        .merge(generation)
         .merge(v1)
+        .merge(admin)
+        .merge(metrics)
         .route("/health", get(routes::health))
         .route("/version", get(routes::version))
-        .route("/metrics", get(routes::metrics))
         .route("/openapi.json", get(routes::openapi))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(limit))

@@ -4,9 +4,10 @@ use std::sync::Arc;
 
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use axum::Json;
 
-use super::generation::{collect_all, finish_label, submit};
+use super::generation::{collect_all, finish_label, off_the_workers, submit};
 use super::json::ApiJson;
 use super::protocol::{
     random_id, unix_timestamp, validate_chat, ApiError, ChatChoice, ChatChunkChoice,
@@ -17,9 +18,11 @@ use super::request_log::RequestLog;
 use super::routes::{admit, check_model};
 use super::sse::{self, ChunkFormat};
 use super::state::AppState;
+use super::tenant::Tenant;
 use super::token_text::chat_logprobs;
 use crate::chat_template::ChatTemplateError;
 use crate::sampling::SampledToken;
+use crate::tokenizer::chat_prompt::{encode_chat, ChatPrompt, ChatPromptError};
 use crate::tokenizer::Tokenizer;
 
 /// Creates a chat completion (OpenAI's `POST /v1/chat/completions`).
@@ -29,33 +32,51 @@ use crate::tokenizer::Tokenizer;
               (status = 429, body = super::protocol::ErrorResponse), (status = 503, body = super::protocol::ErrorResponse)))]
 pub async fn chat_completions(
     State(state): State<AppState>,
+    tenant: Option<Extension<Tenant>>,
     ApiJson(req): ApiJson<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
     let in_flight = admit(&state)?;
     let v = validate_chat(req)?;
     let model = check_model(&state, v.params.model.as_deref())?;
-    let text = state
-        .chat_template
-        .render(&v.messages, true)
-        .map_err(|e| match e {
-            ChatTemplateError::Raised(msg) => ApiError::invalid_request(msg, Some("messages")),
-            other => {
-                tracing::error!(error = %other, "chat template failed");
-                ApiError::invalid_request(
-                    "the model's chat template could not render these messages",
-                    Some("messages"),
-                )
-            }
-        })?;
-    let prompt = state.tokenizer.encode(&text).map_err(|e| {
-        tracing::error!(error = %e, "tokenizer failed");
-        ApiError::internal()
+    let ChatPrompt {
+        text,
+        token_ids: prompt,
+    } = {
+        // Rendering and tokenizing a long conversation takes milliseconds of CPU: off the async
+        // workers, so `/health` and other connections keep answering.
+        let (template, tokenizer) = (state.chat_template.clone(), state.tokenizer.clone());
+        let messages = v.messages;
+        off_the_workers(move || encode_chat(&template, &tokenizer, &messages, true)).await?
+    }
+    .map_err(|e| match e {
+        ChatPromptError::Template(ChatTemplateError::Raised(msg)) => {
+            ApiError::invalid_request(msg, Some("messages"))
+        }
+        ChatPromptError::Template(other) => {
+            tracing::error!(error = %other, "chat template failed");
+            ApiError::invalid_request(
+                "the model's chat template could not render these messages",
+                Some("messages"),
+            )
+        }
+        ChatPromptError::Unseparable => ApiError::invalid_request(e.to_string(), Some("messages")),
+        ChatPromptError::Tokenizer(e) => {
+            tracing::error!(error = %e, "tokenizer failed");
+            ApiError::internal()
+        }
     })?;
     let id = random_id(CHAT_ID_PREFIX);
     let mut log = RequestLog::new(id.clone(), "chat", model.clone(), in_flight);
     log.prompt_tokens = prompt.len();
-    let streams = submit(&state, std::slice::from_ref(&prompt), &v.params, "messages")
-        .inspect_err(|e| log.status = e.status)?;
+    let tenant = tenant.map(|Extension(t)| t);
+    let streams = submit(
+        &state,
+        std::slice::from_ref(&prompt),
+        &v.params,
+        "messages",
+        tenant,
+    )
+    .inspect_err(|e| log.status = e.status)?;
     let created = unix_timestamp();
     let timeout = state.settings.request_timeout;
     if state.settings.log_prompts {

@@ -4,9 +4,10 @@ use std::sync::Arc;
 
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use axum::Json;
 
-use super::generation::{collect_all, finish_label, submit};
+use super::generation::{collect_all, finish_label, off_the_workers, submit};
 use super::json::ApiJson;
 use super::protocol::{
     random_id, unix_timestamp, validate_completion, ApiError, CompletionChoice, CompletionChunk,
@@ -16,28 +17,33 @@ use super::request_log::RequestLog;
 use super::routes::{admit, check_model};
 use super::sse::{self, ChunkFormat};
 use super::state::AppState;
+use super::tenant::Tenant;
 use super::token_text::completion_logprobs;
 use crate::sampling::SampledToken;
-use crate::tokenizer::Tokenizer;
+use crate::tokenizer::{Tokenizer, TokenizerError};
 
-/// Creates a completion (OpenAI's `POST /v1/completions`); choice `i * n + j` is prompt `i`'s
-/// `j`-th sample.
-#[utoipa::path(post, path = "/v1/completions", request_body = CompletionRequest,
-    responses((status = 200, body = CompletionResponse, description = "A completion, or an SSE stream of CompletionChunk when `stream` is true"),
-              (status = 400, body = super::protocol::ErrorResponse), (status = 404, body = super::protocol::ErrorResponse),
-              (status = 429, body = super::protocol::ErrorResponse), (status = 503, body = super::protocol::ErrorResponse)))]
-pub async fn completions(
-    State(state): State<AppState>,
-    ApiJson(req): ApiJson<CompletionRequest>,
-) -> Result<Response, ApiError> {
-    let in_flight = admit(&state)?;
-    let v = validate_completion(req)?;
-    let model = check_model(&state, v.params.model.as_deref())?;
+/// A text prompt's ids: special-token strings stay plain text (a client cannot forge control
+/// tokens) unless `server.allow_special_tokens_in_prompt` is on.
+fn prompt_ids(state: &AppState, text: &str) -> Result<Vec<u32>, TokenizerError> {
+    let tokenizer = &state.tokenizer;
+    if state.settings.allow_special_tokens_in_prompt || !tokenizer.spells_special_token(text) {
+        tokenizer.encode(text)
+    } else {
+        tokenizer.encode_literal(text)
+    }
+}
+
+/// Every prompt's ids (text tokenized, id lists checked against the vocabulary), returned with
+/// the inputs for the prompt log.
+fn tokenize_prompts(
+    state: &AppState,
+    inputs: Vec<PromptInput>,
+) -> Result<(Vec<Vec<u32>>, Vec<PromptInput>), ApiError> {
     let vocab = state.tokenizer.vocab_size();
-    let mut prompts = Vec::with_capacity(v.prompts.len());
-    for (i, p) in v.prompts.iter().enumerate() {
+    let mut prompts = Vec::with_capacity(inputs.len());
+    for (i, p) in inputs.iter().enumerate() {
         let ids = match p {
-            PromptInput::Text(text) => state.tokenizer.encode(text).map_err(|e| {
+            PromptInput::Text(text) => prompt_ids(state, text).map_err(|e| {
                 tracing::error!(error = %e, "tokenizer failed");
                 ApiError::internal()
             })?,
@@ -53,15 +59,44 @@ pub async fn completions(
         };
         prompts.push(ids);
     }
+    Ok((prompts, inputs))
+}
+
+/// Creates a completion (OpenAI's `POST /v1/completions`); choice `i * n + j` is prompt `i`'s
+/// `j`-th sample.
+#[utoipa::path(post, path = "/v1/completions", request_body = CompletionRequest,
+    responses((status = 200, body = CompletionResponse, description = "A completion, or an SSE stream of CompletionChunk when `stream` is true"),
+              (status = 400, body = super::protocol::ErrorResponse), (status = 404, body = super::protocol::ErrorResponse),
+              (status = 429, body = super::protocol::ErrorResponse), (status = 503, body = super::protocol::ErrorResponse)))]
+pub async fn completions(
+    State(state): State<AppState>,
+    tenant: Option<Extension<Tenant>>,
+    ApiJson(req): ApiJson<CompletionRequest>,
+) -> Result<Response, ApiError> {
+    let in_flight = admit(&state)?;
+    let v = validate_completion(req)?;
+    let model = check_model(&state, v.params.model.as_deref())?;
+    // Tokenizing up to a body limit's worth of text is CPU work: off the async workers.
+    let (prompts, inputs) = {
+        let state = state.clone();
+        let inputs = v.prompts;
+        off_the_workers(move || tokenize_prompts(&state, inputs)).await??
+    };
     let id = random_id(COMPLETION_ID_PREFIX);
     let mut log = RequestLog::new(id.clone(), "completions", model.clone(), in_flight);
     log.prompt_tokens = prompts.iter().map(Vec::len).sum();
-    let streams =
-        submit(&state, &prompts, &v.params, "prompt").inspect_err(|e| log.status = e.status)?;
+    let streams = submit(
+        &state,
+        &prompts,
+        &v.params,
+        "prompt",
+        tenant.map(|Extension(t)| t),
+    )
+    .inspect_err(|e| log.status = e.status)?;
     let created = unix_timestamp();
     let timeout = state.settings.request_timeout;
     if state.settings.log_prompts {
-        let text = v.prompts.iter().map(|p| match p {
+        let text = inputs.iter().map(|p| match p {
             PromptInput::Text(t) => t.clone(),
             PromptInput::Tokens(ids) => format!("{ids:?}"),
         });

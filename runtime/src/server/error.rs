@@ -41,6 +41,7 @@ pub fn request_error(err: RequestError, prompt_field: &str) -> ApiError {
         RequestError::ZeroMaxTokens => "max_tokens",
         RequestError::MinAboveMax { .. } => "min_tokens",
         RequestError::BadStop => "stop",
+        RequestError::TooManyStopTokenIds => "stop_token_ids",
         RequestError::Sampling(SamplingError::OutOfRange { field, .. }) => field,
     };
     ApiError::invalid_request(message, Some(param))

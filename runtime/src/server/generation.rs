@@ -9,6 +9,7 @@ use super::error::{adapter_error, request_error, timeout_error};
 use super::protocol::{ApiError, FinishReason, GenerationParams};
 use super::request_log::RequestLog;
 use super::state::AppState;
+use super::tenant::{cache_salt, Tenant};
 use crate::engine::{EngineRequest, RequestOutput, RequestStream};
 use crate::metrics::record_inter_token;
 use crate::sampling::SampledToken;
@@ -25,13 +26,20 @@ pub struct ChoiceOutput {
 }
 
 /// Queues one engine request per (prompt, choice), in choice-index order. On any refusal the
-/// streams already opened are dropped, which aborts them.
+/// streams already opened are dropped, which aborts them. `tenant` is the authenticated caller,
+/// whose prefix-cache blocks are kept apart from other tenants' under `per_key` isolation.
 pub fn submit(
     state: &AppState,
     prompts: &[Vec<u32>],
     params: &GenerationParams,
     prompt_field: &str,
+    tenant: Option<Tenant>,
 ) -> Result<Vec<RequestStream>, ApiError> {
+    let cache_salt = cache_salt(
+        state.settings.prefix_cache_isolation,
+        tenant,
+        params.cache_salt.as_deref(),
+    );
     let max_model_len = state.engine.limits().max_model_len;
     let adapter = params
         .model
@@ -66,7 +74,7 @@ pub fn submit(
                 stop_token_ids: params.stop_token_ids.clone(),
                 priority: 0,
                 adapter: adapter.clone(),
-                cache_salt: None,
+                cache_salt,
                 detokenize: true,
             };
             let stream = state
@@ -77,6 +85,17 @@ pub fn submit(
         }
     }
     Ok(streams)
+}
+
+/// Runs CPU-bound request work (template rendering, tokenization) on tokio's blocking pool, so
+/// the async workers keep serving other connections and `/health` meanwhile.
+pub async fn off_the_workers<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(work).await.map_err(|e| {
+        tracing::error!(error = %e, "request preparation failed on the blocking pool");
+        ApiError::internal()
+    })
 }
 
 /// Applies one engine output to the log (tokens, finish, cache and queue figures).

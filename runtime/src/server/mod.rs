@@ -15,6 +15,7 @@ mod routes;
 mod serve;
 mod sse;
 mod state;
+mod tenant;
 mod token_text;
 
 pub use app::app;

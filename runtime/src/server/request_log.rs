@@ -2,10 +2,40 @@
 //! as metrics and one log line (id, model, token counts, latencies, status; prompt and completion
 //! text only when `log_prompts` is on). A request whose client left is recorded as aborted.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use axum::extract::Request;
+use axum::middleware::Next;
+use axum::response::Response;
 
 use super::state::InFlight;
 use crate::metrics::{record_request, RequestRecord};
+
+tokio::task_local! {
+    /// Set when the request being served created a [`RequestLog`] (which records it).
+    static LOGGED: Arc<AtomicBool>;
+}
+
+/// Counts in `caduceus_requests_total` every generation request answered before a
+/// [`RequestLog`] existed: 401, 400 from validation, 404, 413, 429 and 503 refusals.
+pub async fn count_early_responses(req: Request, next: Next) -> Response {
+    let logged = Arc::new(AtomicBool::new(false));
+    let response = LOGGED.scope(logged.clone(), next.run(req)).await;
+    if !logged.load(Ordering::Acquire) {
+        record_request(&RequestRecord {
+            status: response.status().as_u16(),
+            finish_reason: "none",
+            prompt_tokens: 0,
+            generation_tokens: 0,
+            ttft: None,
+            queue_time: None,
+            e2e: None,
+        });
+    }
+    response
+}
 
 /// One request's record; fill it in as the request progresses.
 #[derive(Debug)]
@@ -40,6 +70,7 @@ pub struct RequestLog {
 impl RequestLog {
     /// Starts the record of a request arriving now.
     pub fn new(id: String, endpoint: &'static str, model: String, in_flight: InFlight) -> Self {
+        let _ = LOGGED.try_with(|l| l.store(true, Ordering::Release));
         RequestLog {
             id,
             endpoint,

@@ -49,11 +49,12 @@ pub async fn list_models(State(state): State<AppState>) -> Json<ModelList> {
     let max_model_len = state.engine.limits().max_model_len;
     let mut cards = vec![base];
     if let Some(a) = &state.adapters {
-        cards.extend(a.registry().list().iter().map(|e| {
+        let registry = a.registry();
+        cards.extend(registry.list().iter().map(|e| {
             ModelCard::adapter(
                 &e.name,
                 &s.served_model_name,
-                &e.path.display().to_string(),
+                &registry.client_path(e),
                 e.created,
                 max_model_len,
             )

@@ -9,6 +9,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::adapters::AdapterService;
 use crate::chat_template::ChatTemplate;
+use crate::config::PrefixCacheIsolation;
 use crate::engine::EngineHandle;
 use crate::tokenizer::Tokenizer;
 
@@ -101,6 +102,17 @@ pub struct ServerSettings {
     pub body_limit_bytes: usize,
     /// Log prompt and completion text (off by default: patient questions are health data).
     pub log_prompts: bool,
+    /// Whether API keys separate prefix-cache tenants.
+    pub prefix_cache_isolation: PrefixCacheIsolation,
+    /// `/v1/completions` text may spell special tokens (off: they stay plain text).
+    pub allow_special_tokens_in_prompt: bool,
+    /// Keys for the adapter load/unload routes (inference keys do not grant them).
+    pub admin_api_keys: Vec<String>,
+    /// With no admin keys, the adapter routes are open (to inference keys, if any) only when
+    /// `allow_runtime_lora_updating` is on and the server listens on loopback.
+    pub allow_keyless_admin: bool,
+    /// Key `/metrics` requires, if any.
+    pub metrics_api_key: Option<String>,
 }
 
 /// Everything a handler needs; cheap to clone.

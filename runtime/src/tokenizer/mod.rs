@@ -5,6 +5,7 @@
 //! `tokenizers` crate so that ids match Hugging Face exactly; this module adds what a serving
 //! runtime needs on top: BOS policy, the set of end-of-generation ids, and the chat template text.
 
+pub mod chat_prompt;
 pub mod detokenizer;
 pub mod gguf_bpe;
 
@@ -62,6 +63,14 @@ const END_OF_GENERATION_NAMES: &[&str] = &[
 #[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    /// The same pipeline with special-token parsing off: user text such as `<|im_start|>` stays
+    /// those characters instead of becoming the control token.
+    literal: tokenizers::Tokenizer,
+    /// The text of every special token, to tell whether a user text spells one.
+    special_texts: Vec<String>,
+    /// The backend's post-processor prepends BOS (HF directories), so segment-wise encoding,
+    /// which skips the post-processor, must add it.
+    post_adds_bos: bool,
     /// One past the largest id (cached: `tokenizers` rebuilds its whole vocabulary to count it).
     vocab_size: usize,
     bos_id: Option<u32>,
@@ -175,6 +184,19 @@ impl Tokenizer {
             .collect();
         marked.sort_unstable();
         marked.into_iter().for_each(push);
+        let mut special_texts: Vec<String> = inner
+            .get_added_tokens_decoder()
+            .into_values()
+            .filter(|t| t.special)
+            .map(|t| t.content)
+            .collect();
+        special_texts.sort_unstable();
+        let post_adds_bos = match (bos_id, inner.encode_fast("", true)) {
+            (Some(bos), Ok(enc)) => enc.get_ids().first() == Some(&bos),
+            _ => false,
+        };
+        let mut literal = inner.clone();
+        literal.set_encode_special_tokens(true);
         let vocab_size = inner
             .get_vocab(true)
             .values()
@@ -182,6 +204,9 @@ impl Tokenizer {
             .map_or(0, |&max| max as usize + 1);
         Tokenizer {
             inner,
+            literal,
+            special_texts,
+            post_adds_bos,
             vocab_size,
             bos_id,
             eos_id,
@@ -213,6 +238,46 @@ impl Tokenizer {
             }
         }
         Ok(ids)
+    }
+
+    /// Text that may spell special tokens only where `parse_special` is set: each segment is
+    /// encoded on its own (no BOS/EOS), the model's BOS/EOS policy applied once around them.
+    /// Chat prompts use it so that only the template's markup becomes control tokens.
+    pub fn encode_segments(&self, segments: &[(&str, bool)]) -> Result<Vec<u32>, TokenizerError> {
+        let mut ids = Vec::new();
+        if let (true, Some(bos)) = (self.add_bos || self.post_adds_bos, self.bos_id) {
+            ids.push(bos);
+        }
+        for &(text, parse_special) in segments {
+            let backend = if parse_special {
+                &self.inner
+            } else {
+                &self.literal
+            };
+            let enc = backend
+                .encode_fast(text, false)
+                .map_err(TokenizerError::backend)?;
+            ids.extend_from_slice(enc.get_ids());
+        }
+        if let (true, Some(eos)) = (self.add_eos, self.eos_id) {
+            if ids.last() != Some(&eos) {
+                ids.push(eos);
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Raw text with special-token parsing off: a user's `<|im_start|>` is characters.
+    pub fn encode_literal(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
+        self.encode_segments(&[(text, false)])
+    }
+
+    /// Whether `text` contains the text of a special token (which [`Tokenizer::encode`] would
+    /// turn into the token itself).
+    pub fn spells_special_token(&self, text: &str) -> bool {
+        self.special_texts
+            .iter()
+            .any(|s| !s.is_empty() && text.contains(s.as_str()))
     }
 
     /// Ids to text; invalid UTF-8 from partial byte tokens becomes U+FFFD.

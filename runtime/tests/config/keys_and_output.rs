@@ -113,6 +113,7 @@ fn shipped_example_validates_documents_every_key_and_states_the_defaults() {
     let text = std::fs::read_to_string(&path).unwrap();
     let mut every_key = CaduceusConfig::default();
     every_key.server.api_key_file = Some("k".into());
+    every_key.server.metrics_api_key = Some(ApiKey::new("k"));
     every_key.model.served_model_name = Some("m".into());
     every_key.model.max_model_len = Some(2);
     every_key.scheduler.kv_cache_blocks = Some(2);
@@ -178,4 +179,28 @@ fn config_subcommands_exit_codes_and_output() {
     assert!(printed.status.success());
     let table: toml::Table = String::from_utf8_lossy(&printed.stdout).parse().unwrap();
     assert_eq!(table["server"]["port"].as_integer(), Some(9999));
+}
+
+#[test]
+fn keyless_adapter_loading_is_refused_off_loopback_and_admin_keys_are_masked() {
+    let (msg, err, _) = load_err(
+        "[server]\nhost = \"0.0.0.0\"\nallow_runtime_lora_updating = true\n",
+        &[],
+    );
+    assert_eq!(
+        err.key(),
+        Some("server.allow_runtime_lora_updating"),
+        "{msg}"
+    );
+    assert!(msg.contains("admin_api_keys"), "{msg}");
+    let (cfg, _) = load("[server]\nallow_runtime_lora_updating = true\n", &[]);
+    assert!(cfg.unwrap().server.allow_runtime_lora_updating);
+    let toml = "[server]\nhost = \"0.0.0.0\"\nallow_runtime_lora_updating = true\n\
+                admin_api_keys = [\"sk-admin-secret-000000001\"]\n\
+                metrics_api_key = \"sk-metrics-secret-00000001\"\n";
+    let (cfg, _) = load(toml, &[]);
+    let printed = cfg.unwrap().to_toml_masked().unwrap();
+    assert!(!printed.contains("secret"), "{printed}");
+    let (msg, err, _) = load_err("[server]\nadmin_api_keys = [\"has space\"]\n", &[]);
+    assert_eq!(err.key(), Some("server.admin_api_keys"), "{msg}");
 }

@@ -12,6 +12,7 @@ use tower::ServiceExt;
 
 use caduceus_runtime::adapters::peft::AdapterLimits;
 use caduceus_runtime::adapters::{AdapterRegistry, AdapterService, AdapterSettings};
+use caduceus_runtime::config::PrefixCacheIsolation;
 use caduceus_runtime::engine::{EngineCore, EngineHandle, SchedulerConfig};
 use caduceus_runtime::model::loader::LoadedModel;
 use caduceus_runtime::model::LoraDtype;
@@ -32,6 +33,16 @@ pub struct TestServer {
     pub max_loras: usize,
     /// Adapters kept in the host cache.
     pub max_cpu_loras: usize,
+    /// `server.prefix_cache_isolation`.
+    pub prefix_cache_isolation: PrefixCacheIsolation,
+    /// `server.allow_special_tokens_in_prompt`.
+    pub allow_special_tokens_in_prompt: bool,
+    /// `server.admin_api_keys`.
+    pub admin_api_keys: Vec<String>,
+    /// Adapter routes open without admin keys (loopback + allow_runtime_lora_updating).
+    pub allow_keyless_admin: bool,
+    /// `server.metrics_api_key`.
+    pub metrics_api_key: Option<String>,
 }
 
 impl Default for TestServer {
@@ -46,6 +57,11 @@ impl Default for TestServer {
             adapter_dir: None,
             max_loras: 4,
             max_cpu_loras: 8,
+            prefix_cache_isolation: PrefixCacheIsolation::PerKey,
+            allow_special_tokens_in_prompt: false,
+            admin_api_keys: Vec::new(),
+            allow_keyless_admin: true,
+            metrics_api_key: None,
         }
     }
 }
@@ -101,6 +117,11 @@ impl TestServer {
                 request_timeout: self.request_timeout,
                 body_limit_bytes: self.body_limit_bytes,
                 log_prompts: false,
+                prefix_cache_isolation: self.prefix_cache_isolation,
+                allow_special_tokens_in_prompt: self.allow_special_tokens_in_prompt,
+                admin_api_keys: self.admin_api_keys.clone(),
+                allow_keyless_admin: self.allow_keyless_admin,
+                metrics_api_key: self.metrics_api_key.clone(),
             }),
             lifecycle: Arc::new(Lifecycle::default()),
             metrics: caduceus_runtime::metrics::install(),

@@ -38,6 +38,9 @@ pub struct ChatCompletionRequest {
     pub ignore_eos: Option<bool>,
     pub min_tokens: Option<i64>,
     pub user: Option<String>,
+    /// vLLM extension: prefix-cache blocks are shared only between requests with the same salt
+    /// (and, under `per_key` isolation, the same API key).
+    pub cache_salt: Option<String>,
 }
 
 /// One input message.

@@ -32,6 +32,8 @@ pub struct CompletionRequest {
     pub ignore_eos: Option<bool>,
     pub min_tokens: Option<i64>,
     pub user: Option<String>,
+    /// As in chat: separates this request's prefix-cache blocks from other salts.
+    pub cache_salt: Option<String>,
 }
 
 /// `prompt`: text, several texts, token ids, or several token-id lists.

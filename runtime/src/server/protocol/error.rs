@@ -68,6 +68,17 @@ impl ApiError {
         )
     }
 
+    /// 403: the route exists but is switched off by configuration; the message names the key.
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(
+            403,
+            "permission_error",
+            message.into(),
+            None,
+            Some("forbidden"),
+        )
+    }
+
     /// 404: the `model` is neither the base model nor a known adapter.
     pub fn model_not_found(model: &str) -> Self {
         let message = format!("the model `{model}` does not exist");

@@ -9,6 +9,7 @@ mod convert;
 mod error;
 mod logprobs;
 mod models;
+mod unsupported;
 mod validate;
 
 pub use chat::{
@@ -27,7 +28,9 @@ pub use completion::{
 pub use error::{ApiError, ErrorBody, ErrorResponse};
 pub use logprobs::{ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, TopLogprob, MIN_LOGPROB};
 pub use models::{ModelCard, ModelList, OWNED_BY};
+pub use unsupported::{unsupported_error, unsupported_field, UNSUPPORTED_FIELDS};
 pub use validate::{
     validate_chat, validate_completion, GenerationParams, PromptInput, ValidatedChatRequest,
-    ValidatedCompletionRequest, ValidationError, DEFAULT_COMPLETION_MAX_TOKENS, MAX_N, MAX_PROMPTS,
+    ValidatedCompletionRequest, ValidationError, DEFAULT_COMPLETION_MAX_TOKENS,
+    MAX_CACHE_SALT_BYTES, MAX_N, MAX_PROMPTS,
 };

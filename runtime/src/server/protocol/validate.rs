@@ -3,7 +3,7 @@
 //! context-length checks) happens in the server, which knows the model.
 
 use crate::chat_template::ChatMessage;
-use crate::engine::MAX_STOP_STRINGS;
+use crate::engine::{MAX_STOP_STRINGS, MAX_STOP_STRING_BYTES, MAX_STOP_TOKEN_IDS};
 use crate::sampling::{SamplingError, SamplingParams, MAX_LOGPROBS};
 
 use super::chat::ChatCompletionRequest;
@@ -17,6 +17,8 @@ pub const MAX_N: usize = 8;
 /// Most prompts in one legacy completion request (times `n` sequences), so one body cannot
 /// flood the queue.
 pub const MAX_PROMPTS: usize = 64;
+/// Longest `cache_salt` accepted (it is hashed, never stored per block).
+pub const MAX_CACHE_SALT_BYTES: usize = 256;
 /// `max_tokens` of a legacy completion that does not set it (OpenAI's and vLLM's default).
 pub const DEFAULT_COMPLETION_MAX_TOKENS: usize = 16;
 
@@ -87,6 +89,8 @@ pub struct GenerationParams {
     /// Send a final usage chunk (streaming only).
     pub include_usage: bool,
     pub user: Option<String>,
+    /// The request's own prefix-cache salt (vLLM's `cache_salt`).
+    pub cache_salt: Option<String>,
 }
 
 /// A checked chat request.
@@ -130,6 +134,7 @@ struct Common {
     ignore_eos: Option<bool>,
     min_tokens: Option<i64>,
     user: Option<String>,
+    cache_salt: Option<String>,
 }
 
 /// Checks a chat request and converts its messages for the chat template.
@@ -167,6 +172,7 @@ pub fn validate_chat(req: ChatCompletionRequest) -> Result<ValidatedChatRequest,
         ignore_eos: req.ignore_eos,
         min_tokens: req.min_tokens,
         user: req.user,
+        cache_salt: req.cache_salt,
     };
     let params = generation_params(common, logprobs)?;
     Ok(ValidatedChatRequest { messages, params })
@@ -204,6 +210,7 @@ pub fn validate_completion(
         ignore_eos: req.ignore_eos,
         min_tokens: req.min_tokens,
         user: req.user,
+        cache_salt: req.cache_salt,
     };
     let params = generation_params(common, logprobs)?;
     Ok(ValidatedCompletionRequest { prompts, params })
@@ -256,12 +263,39 @@ fn generation_params(
     if stop.iter().any(String::is_empty) {
         return Err(invalid("stop", "must not contain empty strings"));
     }
+    if let Some(long) = stop.iter().find(|s| s.len() > MAX_STOP_STRING_BYTES) {
+        let allowed = format!("at most {MAX_STOP_STRING_BYTES} bytes per string");
+        return Err(out_of_range(
+            "stop",
+            format!("{} bytes", long.len()),
+            &allowed,
+        ));
+    }
+    let stop_token_ids = c.stop_token_ids.unwrap_or_default();
+    if stop_token_ids.len() > MAX_STOP_TOKEN_IDS {
+        let allowed = format!("at most {MAX_STOP_TOKEN_IDS} ids");
+        return Err(out_of_range(
+            "stop_token_ids",
+            format!("{} ids", stop_token_ids.len()),
+            &allowed,
+        ));
+    }
     let stream = c.stream.unwrap_or(false);
     if c.stream_options.is_some() && !stream {
         return Err(invalid(
             "stream_options",
             "is only allowed when `stream` is true",
         ));
+    }
+    if let Some(salt) = &c.cache_salt {
+        if salt.is_empty() || salt.len() > MAX_CACHE_SALT_BYTES {
+            let allowed = format!("a string of 1 to {MAX_CACHE_SALT_BYTES} bytes");
+            return Err(out_of_range(
+                "cache_salt",
+                format!("{} bytes long", salt.len()),
+                &allowed,
+            ));
+        }
     }
     let include_usage = c
         .stream_options
@@ -274,11 +308,12 @@ fn generation_params(
         min_tokens,
         ignore_eos: c.ignore_eos.unwrap_or(false),
         stop,
-        stop_token_ids: c.stop_token_ids.unwrap_or_default(),
+        stop_token_ids,
         n,
         stream,
         include_usage,
         user: c.user,
+        cache_salt: c.cache_salt,
     })
 }
 

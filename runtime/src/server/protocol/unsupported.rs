@@ -1,0 +1,141 @@
+//! Request fields of the OpenAI (and vLLM) API that Caduceus does not implement. A client that
+//! sends one expects it to act (a JSON schema enforced, a tool called, a bias applied); ignoring
+//! it would answer 200 with something else, so such a request gets a 400 naming the field.
+
+use std::collections::BTreeMap;
+
+use serde::de::{Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
+
+use super::error::ApiError;
+
+/// The one list of fields refused until implemented: remove a name when its feature lands.
+pub const UNSUPPORTED_FIELDS: &[&str] = &[
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "functions",
+    "function_call",
+    "response_format",
+    "structured_outputs",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+    "logit_bias",
+    "best_of",
+    "echo",
+    "suffix",
+    "prediction",
+    "audio",
+    "modalities",
+    "web_search_options",
+];
+
+/// Whether a field's value asks for anything: `null`, `false`, `""`, `[]` and `{}` do not (SDKs
+/// send some of these as explicit defaults).
+enum Presence {
+    Off,
+    On,
+}
+
+impl<'de> Deserialize<'de> for Presence {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(PresenceVisitor)
+    }
+}
+
+struct PresenceVisitor;
+
+impl<'de> Visitor<'de> for PresenceVisitor {
+    type Value = Presence;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_unit<E>(self) -> Result<Presence, E> {
+        Ok(Presence::Off)
+    }
+    fn visit_none<E>(self) -> Result<Presence, E> {
+        Ok(Presence::Off)
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Presence, E> {
+        Ok(if v { Presence::On } else { Presence::Off })
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Presence, E> {
+        Ok(Presence::On)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Presence, E> {
+        Ok(Presence::On)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Presence, E> {
+        Ok(Presence::On)
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Presence, E> {
+        Ok(if v.is_empty() {
+            Presence::Off
+        } else {
+            Presence::On
+        })
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Presence, A::Error> {
+        let mut any = false;
+        while seq.next_element::<IgnoredAny>()?.is_some() {
+            any = true;
+        }
+        Ok(if any { Presence::On } else { Presence::Off })
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Presence, A::Error> {
+        let mut any = false;
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {
+            any = true;
+        }
+        Ok(if any { Presence::On } else { Presence::Off })
+    }
+}
+
+/// The field a JSON object body asks for that the server does not implement, if any (the
+/// first in [`UNSUPPORTED_FIELDS`] order). Bodies that are not JSON objects pass: the typed
+/// parse reports them.
+pub fn unsupported_field(body: &[u8]) -> Option<&'static str> {
+    // Only the top-level keys are kept; every value is skipped without being stored.
+    let fields: BTreeMap<String, Presence> = serde_json::from_slice(body).ok()?;
+    UNSUPPORTED_FIELDS
+        .iter()
+        .find(|name| matches!(fields.get(**name), Some(Presence::On)))
+        .copied()
+}
+
+/// The 400 for [`unsupported_field`].
+pub fn unsupported_error(field: &str) -> ApiError {
+    ApiError::invalid_request(
+        format!("`{field}` is not supported by this server; remove it from the request"),
+        Some(field),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unsupported_field;
+
+    #[test]
+    fn only_fields_that_ask_for_something_are_refused() {
+        let check = |s: &str| unsupported_field(s.as_bytes());
+        assert_eq!(check(r#"{"tools": [{"type": "function"}]}"#), Some("tools"));
+        assert_eq!(
+            check(r#"{"logit_bias": {"50256": -100}}"#),
+            Some("logit_bias")
+        );
+        assert_eq!(
+            check(r#"{"response_format": {"type": "json_object"}}"#),
+            Some("response_format")
+        );
+        assert_eq!(
+            check(r#"{"tools": [], "logit_bias": {}, "echo": false, "suffix": null}"#),
+            None
+        );
+        assert_eq!(check(r#"{"model": "m", "prompt": "hi"}"#), None);
+        assert_eq!(check("[1, 2]"), None);
+        assert_eq!(check("not json"), None);
+    }
+}
