@@ -7,6 +7,7 @@ pub mod config;
 pub mod engine;
 pub mod generate;
 pub mod kv_cache;
+pub mod kv_events;
 pub mod metrics;
 pub mod model;
 pub mod sampling;

@@ -9,6 +9,7 @@ use crate::adapters::peft::AdapterLimits;
 use crate::adapters::{AdapterRegistry, AdapterService, AdapterSettings};
 use crate::config::{CaduceusConfig, ConfigOverrides, Device, Dtype, KvCacheSize};
 use crate::engine::{EngineCore, EngineHandle, SchedulerConfig};
+use crate::kv_events::{KvEventPublisher, KvEventSettings, DEFAULT_REPLAY_BUFFER};
 use crate::model::loader::LoadedModel;
 use crate::model::WeightFormat;
 use crate::server::{
@@ -116,6 +117,15 @@ pub fn run(config: CaduceusConfig) -> anyhow::Result<()> {
     if let Some(service) = &adapters {
         core = core.with_adapters(service.clone())?;
     }
+    let _kv_events = match kv_event_publisher(&config, &served_model_name)? {
+        Some(publisher) => {
+            core = core.with_kv_events(publisher.sink());
+            Some(publisher)
+        }
+        None => None,
+    };
+    // Installed before the engine starts so the engine thread's first gauges are kept.
+    let metrics = crate::metrics::install();
     let (engine, _thread) = EngineHandle::spawn(core).context("starting the engine thread")?;
     engine.set_max_queued(s.max_queued_requests);
     let api_keys: Vec<String> = config
@@ -137,7 +147,7 @@ pub fn run(config: CaduceusConfig) -> anyhow::Result<()> {
             log_prompts: config.logging.log_prompts,
         }),
         lifecycle: Arc::new(Lifecycle::default()),
-        metrics: crate::metrics::install(),
+        metrics,
         started: crate::server::protocol::unix_timestamp(),
         adapters,
     };
@@ -167,6 +177,30 @@ pub fn run(config: CaduceusConfig) -> anyhow::Result<()> {
         ServeOutcome::EngineFailed => anyhow::bail!("the engine thread stopped"),
     }
     Ok(())
+}
+
+/// Starts the KV-event publisher when `kv_events.enabled`; the default topic names this pod
+/// (`POD_IP` from the environment, else `server.host`) the way llm-d's subscriber expects.
+fn kv_event_publisher(
+    config: &CaduceusConfig,
+    served_model_name: &str,
+) -> anyhow::Result<Option<KvEventPublisher>> {
+    let k = &config.kv_events;
+    if !k.enabled {
+        return Ok(None);
+    }
+    let topic = k.topic.clone().unwrap_or_else(|| {
+        let host = std::env::var("POD_IP").unwrap_or_else(|_| config.server.host.clone());
+        format!("kv@{host}:{}@{served_model_name}", config.server.port)
+    });
+    let publisher = KvEventPublisher::start(KvEventSettings {
+        endpoint: k.endpoint.clone(),
+        replay_endpoint: k.replay_endpoint.clone(),
+        topic,
+        medium: "CPU",
+        replay_buffer: DEFAULT_REPLAY_BUFFER,
+    })?;
+    Ok(Some(publisher))
 }
 
 /// Refuses settings this build cannot honour, naming the key and the fix.
