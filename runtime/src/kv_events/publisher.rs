@@ -64,9 +64,7 @@ pub struct KvEventSink {
 impl KvEventSink {
     /// Remembers the name of adapter `id` for the `lora_name` of its events.
     pub fn note_adapter(&mut self, id: u32, name: &Arc<str>) {
-        if !self.names.contains_key(&id) {
-            self.names.insert(id, name.clone());
-        }
+        self.names.entry(id).or_insert_with(|| name.clone());
     }
 
     /// Queues one step's events (dropped silently once the publisher has stopped).
