@@ -123,6 +123,10 @@ pub struct RunArgs {
     /// Include every request's timings in the JSON report.
     #[arg(long)]
     pub save_detailed: bool,
+    /// More servers (repeat the flag): each adapter always goes to the same one of --url and
+    /// these, by a hash of its name, as an adapter-affinity gateway routes (local scale-out runs).
+    #[arg(long = "replica-url")]
+    pub replica_urls: Vec<String>,
 }
 
 #[derive(Debug, Clone, Args)]

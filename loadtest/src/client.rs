@@ -76,8 +76,32 @@ struct ModelList {
 pub struct ApiClient {
     http: Client<HttpConnector, Full<Bytes>>,
     base: String,
+    /// With `with_replicas`: every server, `base` first; each model goes to one of them.
+    replicas: Vec<String>,
     api_key: Option<String>,
     opts: RequestOptions,
+}
+
+/// `http://host:port` from a URL with or without a trailing `/` or `/v1`.
+fn normalise(url: &str) -> Result<String, ClientError> {
+    let base = url
+        .trim_end_matches('/')
+        .trim_end_matches("/v1")
+        .to_string();
+    let authority = base
+        .strip_prefix("http://")
+        .ok_or_else(|| ClientError::Url(url.into()))?;
+    if authority.is_empty() || authority.contains('/') {
+        return Err(ClientError::Url(url.into()));
+    }
+    Ok(base)
+}
+
+/// FNV-1a: a hash of a model name that every run and platform agrees on.
+fn stable_hash(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 impl ApiClient {
@@ -87,16 +111,7 @@ impl ApiClient {
         api_key: Option<String>,
         opts: RequestOptions,
     ) -> Result<Self, ClientError> {
-        let base = url
-            .trim_end_matches('/')
-            .trim_end_matches("/v1")
-            .to_string();
-        let authority = base
-            .strip_prefix("http://")
-            .ok_or_else(|| ClientError::Url(url.into()))?;
-        if authority.is_empty() || authority.contains('/') {
-            return Err(ClientError::Url(url.into()));
-        }
+        let base = normalise(url)?;
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         let http = Client::builder(TokioExecutor::new())
@@ -105,6 +120,7 @@ impl ApiClient {
         Ok(Self {
             http,
             base,
+            replicas: Vec::new(),
             api_key,
             opts,
         })
@@ -112,6 +128,29 @@ impl ApiClient {
 
     pub fn base_url(&self) -> &str {
         &self.base
+    }
+
+    /// Also sends to `urls`: each model (adapter) always goes to the same server, chosen by a
+    /// stable hash of its name, as a gateway with adapter affinity would route. The harness side
+    /// of a local scale-out run; the servers themselves route nothing.
+    pub fn with_replicas(mut self, urls: &[String]) -> Result<Self, ClientError> {
+        if urls.is_empty() {
+            return Ok(self);
+        }
+        let mut bases = vec![self.base.clone()];
+        for url in urls {
+            bases.push(normalise(url)?);
+        }
+        self.replicas = bases;
+        Ok(self)
+    }
+
+    /// The server a request for `model` is sent to.
+    pub fn base_for(&self, model: &str) -> &str {
+        match self.replicas.len() {
+            0 => &self.base,
+            n => &self.replicas[(stable_hash(model) % n as u64) as usize],
+        }
     }
 
     pub fn options(&self) -> &RequestOptions {
@@ -186,7 +225,11 @@ impl ApiClient {
         let body = Bytes::from(self.body(r, model).to_string());
         let mut req = Request::builder()
             .method(Method::POST)
-            .uri(format!("{}{}", self.base, self.opts.endpoint.path()))
+            .uri(format!(
+                "{}{}",
+                self.base_for(model),
+                self.opts.endpoint.path()
+            ))
             .header("content-type", "application/json")
             .header("accept", "text/event-stream");
         if let Some(key) = &self.api_key {
@@ -363,6 +406,38 @@ mod tests {
         let c = ApiClient::new("http://127.0.0.1:8000/v1/", None, opts.clone()).unwrap();
         assert_eq!(c.base_url(), "http://127.0.0.1:8000");
         assert!(ApiClient::new("https://example.com", None, opts.clone()).is_err());
-        assert!(ApiClient::new("127.0.0.1:8000", None, opts).is_err());
+        assert!(ApiClient::new("127.0.0.1:8000", None, opts.clone()).is_err());
+    }
+
+    #[test]
+    fn replicas_get_each_model_always_and_all_get_some() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let _guard = rt.enter();
+        let opts = RequestOptions {
+            endpoint: Endpoint::Chat,
+            ignore_eos: false,
+            temperature: None,
+            timeout: Duration::from_secs(1),
+        };
+        let one = ApiClient::new("http://a:1", None, opts.clone()).unwrap();
+        assert_eq!(one.base_for("doctor-7"), "http://a:1");
+        let replicas = ["http://b:2/v1".to_string(), "http://c:3".to_string()];
+        let c = one.with_replicas(&replicas).unwrap();
+        let mut per_base = std::collections::HashMap::new();
+        for i in 0..60 {
+            let model = format!("doctor-{i:04}");
+            let base = c.base_for(&model).to_string();
+            assert_eq!(c.base_for(&model), base, "one server per adapter");
+            *per_base.entry(base).or_insert(0) += 1;
+        }
+        let mut bases: Vec<_> = per_base.keys().cloned().collect();
+        bases.sort();
+        assert_eq!(bases, ["http://a:1", "http://b:2", "http://c:3"]);
+        assert!(per_base.values().all(|&n| n >= 10), "{per_base:?}");
+        let bad = ["b:2".to_string()];
+        let c = ApiClient::new("http://a:1", None, opts).unwrap();
+        assert!(c.with_replicas(&bad).is_err());
     }
 }

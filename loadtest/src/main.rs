@@ -60,7 +60,7 @@ fn ensure_parent(path: &Path) -> anyhow::Result<()> {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let client = setup::client(&args.url, &args.load)?;
+    let client = setup::client(&args.url, &args.load)?.with_replicas(&args.replica_urls)?;
     let targets = setup::resolve_targets(&args.load, &client).await?;
     let spec = setup::schedule_spec(&args.load, targets, None)?;
     let prepared = setup::prepare(client.base_url(), &args.load, spec)?;

@@ -8,6 +8,7 @@ pub mod engine;
 pub mod generate;
 pub mod gpu;
 pub mod kv_cache;
+pub mod kv_events;
 pub mod metrics;
 pub mod model;
 pub mod sampling;

@@ -6,6 +6,8 @@ mod support;
 
 #[path = "adapters/avatars.rs"]
 mod avatars;
+#[path = "adapters/kv_events.rs"]
+mod kv_events;
 #[path = "adapters/merged.rs"]
 mod merged;
 

@@ -3,6 +3,8 @@
 //! and generations, the load/unload endpoints with their path checks, broken adapters failing
 //! alone, and the LoRA metrics.
 
+#[path = "adapters_server/gateway_metrics.rs"]
+mod gateway_metrics;
 mod support;
 
 use std::path::Path;

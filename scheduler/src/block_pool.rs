@@ -11,6 +11,7 @@ use crate::block_hash::{BlockHash, ExtraKeys};
 use crate::free_queue::FreeBlockQueue;
 use crate::fx::FxHashMap;
 use crate::ids::BlockId;
+use crate::kv_events::{KvCacheEvent, KvEventLog};
 
 /// The full identity of a cached block's content: what a hit must match.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,6 +43,7 @@ pub struct BlockPool {
     free: FreeBlockQueue,
     cached: FxHashMap<BlockHash, BlockId>,
     enable_caching: bool,
+    events: KvEventLog,
 }
 
 impl BlockPool {
@@ -56,6 +58,7 @@ impl BlockPool {
             free,
             cached: FxHashMap::default(),
             enable_caching,
+            events: KvEventLog::default(),
         }
     }
 
@@ -186,6 +189,36 @@ impl BlockPool {
         meta.tokens.clear();
         meta.tokens.extend_from_slice(key.tokens);
         self.cached.insert(key.hash, block);
+        if key.extra.cache_salt.is_none() {
+            self.events
+                .stored(key.hash, key.parent, key.tokens, key.extra.adapter);
+        }
+        true
+    }
+
+    /// Records [`KvCacheEvent`]s from now on (off by default: nobody drains them).
+    pub fn set_events_enabled(&mut self, enabled: bool) {
+        self.events.set_enabled(enabled);
+    }
+
+    /// The cache changes since the last call, oldest first.
+    pub fn take_events(&mut self) -> Vec<KvCacheEvent> {
+        self.events.take()
+    }
+
+    /// Forgets every cached block (after new weights, or on an operator's request). Only when
+    /// no request holds a block, as vLLM's reset does: a held block's hash must stay valid for
+    /// its holder's later blocks. Returns whether the cache was cleared.
+    pub fn reset_prefix_cache(&mut self) -> bool {
+        if self.num_free_blocks() != self.num_usable_blocks() {
+            return false;
+        }
+        for meta in &mut self.blocks {
+            meta.cached = None;
+            meta.tokens.clear();
+        }
+        self.cached.clear();
+        self.events.cleared();
         true
     }
 
@@ -195,6 +228,9 @@ impl BlockPool {
             meta.tokens.clear();
             if self.cached.get(&cached.hash) == Some(&block) {
                 self.cached.remove(&cached.hash);
+                if cached.extra.cache_salt.is_none() {
+                    self.events.removed(cached.hash);
+                }
             }
         }
     }

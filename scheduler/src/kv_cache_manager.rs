@@ -38,6 +38,10 @@ impl KvCacheManager {
         &self.pool
     }
 
+    pub(crate) fn block_pool_mut(&mut self) -> &mut BlockPool {
+        &mut self.pool
+    }
+
     pub fn block_size(&self) -> usize {
         self.block_size
     }

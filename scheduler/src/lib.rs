@@ -13,6 +13,7 @@ mod free_queue;
 mod fx;
 mod ids;
 mod kv_cache_manager;
+mod kv_events;
 mod output;
 mod queue;
 mod request;
@@ -28,6 +29,7 @@ pub use config::{ConfigError, SchedulerConfig};
 pub use free_queue::FreeBlockQueue;
 pub use ids::{AdapterKey, BlockId, RequestId};
 pub use kv_cache_manager::{ComputedBlocks, KvCacheManager};
+pub use kv_events::KvCacheEvent;
 pub use output::{
     RequestUpdate, ScheduledData, ScheduledRequest, SchedulerOutput, SchedulerStats, StepOutput,
 };

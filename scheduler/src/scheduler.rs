@@ -10,6 +10,7 @@ use crate::config::{ConfigError, SchedulerConfig};
 use crate::fx::FxHashMap;
 use crate::ids::RequestId;
 use crate::kv_cache_manager::KvCacheManager;
+use crate::kv_events::KvCacheEvent;
 use crate::output::SchedulerStats;
 use crate::queue::{AdapterCounts, QueueKey, WaitingQueue};
 use crate::request::{AddRequestError, FinishReason, NewRequest, Request, RequestStatus};
@@ -196,6 +197,24 @@ impl Scheduler {
 
     pub fn kv_cache_manager(&self) -> &KvCacheManager {
         &self.kv
+    }
+
+    /// Starts recording [`KvCacheEvent`]s for [`Self::take_kv_cache_events`] (for a publisher
+    /// that lets a gateway mirror this cache; off by default).
+    pub fn enable_kv_cache_events(&mut self) {
+        self.kv.block_pool_mut().set_events_enabled(true);
+    }
+
+    /// The prefix cache's changes since the last call, oldest first (empty unless enabled).
+    pub fn take_kv_cache_events(&mut self) -> Vec<KvCacheEvent> {
+        self.kv.block_pool_mut().take_events()
+    }
+
+    /// Forgets every cached block when no request holds one; see [`BlockPool::reset_prefix_cache`].
+    ///
+    /// [`BlockPool::reset_prefix_cache`]: crate::BlockPool::reset_prefix_cache
+    pub fn reset_prefix_cache(&mut self) -> bool {
+        self.kv.block_pool_mut().reset_prefix_cache()
     }
 }
 

@@ -2,6 +2,8 @@
 //! isolation by adapter generation and cache salt, and the statistics.
 
 mod common;
+#[path = "prefix_cache/kv_events.rs"]
+mod kv_events;
 
 use caduceus_scheduler::{AdapterKey, ScheduledData, SchedulerConfig, SchedulerOutput};
 use common::{req, solo_run, Driver};

@@ -11,6 +11,7 @@ use crate::config::{
     CaduceusConfig, ConfigOverrides, Device, Dtype, KvCacheSize, PrefixCacheIsolation,
 };
 use crate::engine::{EngineCore, EngineHandle, SchedulerConfig};
+use crate::kv_events::{KvEventPublisher, KvEventSettings, DEFAULT_REPLAY_BUFFER};
 use crate::model::loader::LoadedModel;
 use crate::model::WeightFormat;
 use crate::server::{
@@ -118,6 +119,15 @@ pub fn run(config: CaduceusConfig) -> anyhow::Result<()> {
     if let Some(service) = &adapters {
         core = core.with_adapters(service.clone())?;
     }
+    let _kv_events = match kv_event_publisher(&config, &served_model_name)? {
+        Some(publisher) => {
+            core = core.with_kv_events(publisher.sink());
+            Some(publisher)
+        }
+        None => None,
+    };
+    // Installed before the engine starts so the engine thread's first gauges are kept.
+    let metrics = crate::metrics::install();
     let (engine, _thread) = EngineHandle::spawn(core).context("starting the engine thread")?;
     engine.set_max_queued(s.max_queued_requests);
     let api_keys = expose(&config.server.resolve_api_keys()?);
@@ -149,7 +159,7 @@ pub fn run(config: CaduceusConfig) -> anyhow::Result<()> {
                 .map(|k| k.expose().to_owned()),
         }),
         lifecycle: Arc::new(Lifecycle::default()),
-        metrics: crate::metrics::install(),
+        metrics,
         started: crate::server::protocol::unix_timestamp(),
         adapters,
     };
@@ -205,6 +215,30 @@ fn log_cache_isolation(config: &CaduceusConfig, no_api_keys: bool) {
              (only a request's own cache_salt separates it)"
         ),
     }
+}
+
+/// Starts the KV-event publisher when `kv_events.enabled`; the default topic names this pod
+/// (`POD_IP` from the environment, else `server.host`) the way llm-d's subscriber expects.
+fn kv_event_publisher(
+    config: &CaduceusConfig,
+    served_model_name: &str,
+) -> anyhow::Result<Option<KvEventPublisher>> {
+    let k = &config.kv_events;
+    if !k.enabled {
+        return Ok(None);
+    }
+    let topic = k.topic.clone().unwrap_or_else(|| {
+        let host = std::env::var("POD_IP").unwrap_or_else(|_| config.server.host.clone());
+        format!("kv@{host}:{}@{served_model_name}", config.server.port)
+    });
+    let publisher = KvEventPublisher::start(KvEventSettings {
+        endpoint: k.endpoint.clone(),
+        replay_endpoint: k.replay_endpoint.clone(),
+        topic,
+        medium: "CPU",
+        replay_buffer: DEFAULT_REPLAY_BUFFER,
+    })?;
+    Ok(Some(publisher))
 }
 
 /// Refuses settings this build cannot honour, naming the key and the fix.

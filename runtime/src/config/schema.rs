@@ -36,6 +36,8 @@ pub(crate) enum Kind {
     Choice(&'static [&'static str]),
     /// A `tracing` EnvFilter directive.
     LogFilter,
+    /// A ZeroMQ TCP endpoint `tcp://HOST:PORT` (`*` for every interface).
+    TcpEndpoint,
 }
 
 /// One key of the config file.
@@ -108,10 +110,21 @@ pub(crate) const SCHEMA: &[KeySpec] = &[
         "dtype",
         Kind::Choice(&["auto", "f16", "f32", "q8"]),
     ),
+    spec("kv_events", "enabled", Kind::Bool),
+    spec("kv_events", "endpoint", Kind::TcpEndpoint),
+    spec("kv_events", "replay_endpoint", Kind::TcpEndpoint),
+    spec("kv_events", "topic", Kind::Str),
 ];
 
 /// The sections, in file order.
-pub(crate) const SECTIONS: [&str; 5] = ["server", "model", "scheduler", "logging", "adapters"];
+pub(crate) const SECTIONS: [&str; 6] = [
+    "server",
+    "model",
+    "scheduler",
+    "logging",
+    "adapters",
+    "kv_events",
+];
 
 /// The spec of `section.key`, if there is one.
 pub(crate) fn find(section: &str, key: &str) -> Option<&'static KeySpec> {
@@ -136,6 +149,9 @@ impl Kind {
             Kind::LogFilter => {
                 "a tracing filter such as \"info\" or \"caduceus_runtime=debug,info\"".into()
             }
+            Kind::TcpEndpoint => {
+                "a ZeroMQ endpoint \"tcp://HOST:PORT\" (e.g. \"tcp://*:5557\")".into()
+            }
         }
     }
 
@@ -159,6 +175,7 @@ impl Kind {
             (Kind::LogFilter, Value::String(s)) => {
                 tracing_subscriber::EnvFilter::try_new(s).is_ok()
             }
+            (Kind::TcpEndpoint, Value::String(s)) => is_tcp_endpoint(s),
             _ => false,
         }
     }
@@ -191,6 +208,14 @@ impl Kind {
 fn quoted_list(words: &[&str]) -> String {
     let quoted: Vec<String> = words.iter().map(|w| format!("\"{w}\"")).collect();
     quoted.join(", ")
+}
+
+fn is_tcp_endpoint(s: &str) -> bool {
+    let Some((host, port)) = s.strip_prefix("tcp://").and_then(|a| a.rsplit_once(':')) else {
+        return false;
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    (host == "*" || is_host(host)) && port.parse::<u16>().is_ok()
 }
 
 fn is_host(s: &str) -> bool {
@@ -268,6 +293,8 @@ mod tests {
         cfg.scheduler.kv_cache_blocks = Some(64);
         cfg.scheduler.kv_cache_bytes = Some(ByteSize(1));
         cfg.adapters.dir = Some("adapters".into());
+        cfg.kv_events.replay_endpoint = Some("tcp://*:5558".into());
+        cfg.kv_events.topic = Some("kv@pod@model".into());
         let table = toml::Table::try_from(&cfg).unwrap();
         let mut from_structs = BTreeSet::new();
         for (section, keys) in &table {
@@ -328,6 +355,23 @@ mod tests {
         }
         for bad in ["", "has space", "-bad.com", "a..b"] {
             assert!(!is_host(bad), "{bad}");
+        }
+        for ok in [
+            "tcp://*:5557",
+            "tcp://0.0.0.0:0",
+            "tcp://[::1]:5557",
+            "tcp://pod:1",
+        ] {
+            assert!(is_tcp_endpoint(ok), "{ok}");
+        }
+        for bad in [
+            "*:5557",
+            "tcp://*",
+            "tcp://*:port",
+            "ipc:///tmp/x",
+            "tcp://*:70000",
+        ] {
+            assert!(!is_tcp_endpoint(bad), "{bad}");
         }
     }
 }

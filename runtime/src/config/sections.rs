@@ -19,6 +19,7 @@ pub struct CaduceusConfig {
     pub scheduler: SchedulerSection,
     pub logging: LoggingSection,
     pub adapters: AdaptersSection,
+    pub kv_events: KvEventsSection,
 }
 
 /// `[server]`: the HTTP listener and its guards.
@@ -319,6 +320,35 @@ impl Default for AdaptersSection {
             max_lora_rank: 64,
             dtype: AdapterDtype::Auto,
             loader_step_share_percent: 5,
+        }
+    }
+}
+
+/// `[kv_events]`: publish KV-cache events (vLLM's ZeroMQ wire format) so a prefix-aware
+/// gateway (llm-d's precise prefix-cache scorer) can mirror this replica's cache.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KvEventsSection {
+    /// Off by default: the events carry prompt token ids, so the socket must only be reachable
+    /// by the gateway.
+    pub enabled: bool,
+    /// ZeroMQ PUB endpoint to bind (`tcp://HOST:PORT`, `*` = every interface).
+    pub endpoint: String,
+    /// ZeroMQ ROUTER endpoint answering replay requests for missed events; none = no replay.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replay_endpoint: Option<String>,
+    /// First frame of every message; default `kv@<POD_IP or server.host>:<server.port>@<model>`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub topic: Option<String>,
+}
+
+impl Default for KvEventsSection {
+    fn default() -> Self {
+        KvEventsSection {
+            enabled: false,
+            endpoint: "tcp://*:5557".into(),
+            replay_endpoint: None,
+            topic: None,
         }
     }
 }

@@ -19,6 +19,7 @@ use super::stop::{StopCheck, StopStrings};
 use crate::adapters::{
     AdapterEntry, AdapterLoader, AdapterService, LoadDone, LoadedAdapter, StepGate,
 };
+use crate::kv_events::KvEventSink;
 use crate::model::{LlamaModel, LoraStack};
 use crate::sampling::SampledToken;
 use crate::tokenizer::detokenizer::IncrementalDetokenizer;
@@ -89,6 +90,7 @@ pub struct EngineCore<M> {
     next_arrival: u64,
     config: SchedulerConfig,
     adapters: Option<EngineAdapters>,
+    kv_events: Option<KvEventSink>,
 }
 
 impl<M: Deref<Target = LlamaModel>> EngineCore<M> {
@@ -118,6 +120,7 @@ impl<M: Deref<Target = LlamaModel>> EngineCore<M> {
             next_arrival: 0,
             config,
             adapters: None,
+            kv_events: None,
         })
     }
 
@@ -143,6 +146,9 @@ impl<M: Deref<Target = LlamaModel>> EngineCore<M> {
         self.executor.set_lora(stack);
         self.config.max_loras = Some(settings.max_loras);
         self.scheduler = Scheduler::new(self.config.clone())?;
+        if self.kv_events.is_some() {
+            self.scheduler.enable_kv_cache_events();
+        }
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let step_gate = StepGate::new(
             service.loader_gate(),
@@ -168,18 +174,38 @@ impl<M: Deref<Target = LlamaModel>> EngineCore<M> {
         Ok(self)
     }
 
+    /// Publishes the prefix cache's changes to `sink` after every step, starting with
+    /// `AllBlocksCleared` (a restarted replica on the same topic holds nothing).
+    pub fn with_kv_events(mut self, sink: KvEventSink) -> Self {
+        self.scheduler.enable_kv_cache_events();
+        self.scheduler.reset_prefix_cache();
+        self.kv_events = Some(sink);
+        self
+    }
+
+    /// The scheduler, read-only (its block pool's cache, for tests and diagnostics).
+    pub fn scheduler(&self) -> &Scheduler {
+        &self.scheduler
+    }
+
     /// The limits every request is checked against.
     pub fn limits(&self) -> RequestLimits {
         self.limits
     }
 
-    /// Scheduler statistics (queue lengths, KV usage, prefix-cache hits, preemptions).
+    /// Scheduler statistics (queue lengths, KV usage, prefix-cache hits, preemptions);
+    /// requests parked on an adapter load count as waiting (a gateway must see them queued).
     pub fn stats(&self) -> SchedulerStats {
         let mut stats = self.scheduler.stats();
         // A request parked on a cold adapter waits too: the queue bound (429) and
         // `caduceus_num_requests_waiting` must count it.
         stats.num_waiting += self.num_parked();
         stats
+    }
+
+    /// The scheduler's limits (block size and pool size included).
+    pub fn scheduler_config(&self) -> &SchedulerConfig {
+        &self.config
     }
 
     /// Whether any request is waiting or running.
@@ -286,6 +312,9 @@ impl<M: Deref<Target = LlamaModel>> EngineCore<M> {
                 AddRequestError::DuplicateId(id) => RequestError::DuplicateId(id.0),
             })?;
         self.next_arrival += 1;
+        if let (Some(sink), Some(a)) = (&mut self.kv_events, &adapter) {
+            sink.note_adapter(a.key.id, &a.name);
+        }
         self.executor.add_request(
             id,
             SeqSampling {
@@ -430,6 +459,9 @@ impl<M: Deref<Target = LlamaModel>> EngineCore<M> {
         let updates = self.scheduler.update(&sched, &result.step);
         let num_finished = self.emit(updates, result);
         self.publish_adapter_info();
+        if let Some(sink) = &self.kv_events {
+            sink.publish(self.scheduler.take_kv_cache_events());
+        }
         Ok(StepStats {
             num_scheduled_reqs: sched.scheduled.len(),
             num_scheduled_tokens: sched.total_num_scheduled_tokens,

@@ -183,6 +183,8 @@ fn run_loop<M: Deref<Target = LlamaModel>>(
     rx: mpsc::Receiver<Command>,
     shared: &Shared,
 ) -> Result<(), EngineError> {
+    let config = core.scheduler_config();
+    crate::metrics::record_cache_config(config.block_size, config.num_blocks.saturating_sub(1));
     loop {
         // Block while idle; otherwise take whatever arrived since the last step.
         if !core.has_unfinished() {

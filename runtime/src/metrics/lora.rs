@@ -1,7 +1,7 @@
 //! Adapter (LoRA) metrics: per-adapter traffic, loads by tier, load latency, evictions, resident
 //! adapters per tier, and the info gauge LoRA-affinity routers read.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::engine::SlotFill;
@@ -62,10 +62,6 @@ pub(super) fn describe() {
         Unit::Microseconds,
         "Time the engine paused between steps for the adapter loader (compute on every core)."
     );
-    describe_gauge!(
-        LORA_INFO,
-        "Running and waiting adapters and the slot count (for LoRA-affinity routing)."
-    );
 }
 
 /// A request on `adapter` finished after generating `tokens` tokens.
@@ -121,17 +117,43 @@ pub fn record_lora_host(adapters: usize, bytes: usize, evicted: usize) {
     }
 }
 
-/// Publishes the running and waiting adapter names.
+/// The current LoRA info series. Rendered by [`render_lora_info`] rather than through the
+/// recorder: every change of the label values would otherwise leave one more stale series
+/// behind for the life of the process (unbounded with thousands of adapters).
+static LORA_INFO_NOW: Mutex<Option<String>> = Mutex::new(None);
+
+/// Publishes the running and waiting adapter names, stamped with the Unix time of the update.
 pub fn record_lora_info(max_lora: usize, running: &[Arc<str>], waiting: &[Arc<str>]) {
-    let join = |names: &[Arc<str>]| names.iter().map(|n| &**n).collect::<Vec<_>>().join(",");
+    let join = |names: &[Arc<str>]| {
+        let joined = names.iter().map(|n| &**n).collect::<Vec<_>>().join(",");
+        escape_label(&joined)
+    };
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64());
-    metrics::gauge!(
-        LORA_INFO,
-        "max_lora" => max_lora.to_string(),
-        "running_lora_adapters" => join(running),
-        "waiting_lora_adapters" => join(waiting),
-    )
-    .set(now);
+    let line = format!(
+        "{LORA_INFO}{{max_lora=\"{max_lora}\",running_lora_adapters=\"{}\",waiting_lora_adapters=\"{}\"}} {now}\n",
+        join(running),
+        join(waiting),
+    );
+    *LORA_INFO_NOW.lock().unwrap_or_else(|e| e.into_inner()) = Some(line);
+}
+
+/// Appends the current LoRA info series (if any was published) to a Prometheus text page.
+pub(super) fn render_lora_info(page: &mut String) {
+    let now = LORA_INFO_NOW.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(line) = now.as_deref() {
+        page.push_str(&format!(
+            "# HELP {LORA_INFO} Running and waiting adapters and the slot count (for LoRA-affinity routing); value = Unix time of the update.\n# TYPE {LORA_INFO} gauge\n"
+        ));
+        page.push_str(line);
+    }
+}
+
+/// Escapes a Prometheus label value (backslash, double quote, newline).
+fn escape_label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }

@@ -48,10 +48,16 @@ pub const INTER_TOKEN_LATENCY: &str = "caduceus_inter_token_latency_seconds";
 pub const E2E_REQUEST_LATENCY: &str = "caduceus_e2e_request_latency_seconds";
 /// Arrival to first schedule.
 pub const REQUEST_QUEUE_TIME: &str = "caduceus_request_queue_time_seconds";
+/// vLLM's `cache_config_info`: value 1, labels `block_size` (tokens per KV block) and
+/// `num_gpu_blocks` (blocks requests can hold), which gateways read to size their view of the
+/// cache (llm-d's `cacheInfoSpec`).
+pub const CACHE_CONFIG_INFO: &str = "caduceus_cache_config_info";
 
+/// Bucket bounds of every latency histogram. The SLO thresholds of deploy/ (TTFT 2 s, TPOT
+/// 250 ms) are bounds, so the share of requests under them is exact.
 const LATENCY_BUCKETS: &[f64] = &[
-    0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
-    7.5, 10.0, 20.0, 40.0, 80.0,
+    0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.0, 2.5,
+    5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
 ];
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
@@ -132,7 +138,28 @@ fn describe() {
         Unit::Seconds,
         "Time from arrival to first schedule."
     );
+    describe_gauge!(
+        CACHE_CONFIG_INFO,
+        "KV-cache geometry: labels block_size and num_gpu_blocks; value 1."
+    );
     lora::describe();
+}
+
+/// The `/metrics` page: the recorder's metrics plus the current LoRA info series.
+pub fn render(handle: &PrometheusHandle) -> String {
+    let mut page = handle.render();
+    lora::render_lora_info(&mut page);
+    page
+}
+
+/// Publishes the KV-cache geometry (once, when the engine starts).
+pub fn record_cache_config(block_size: usize, num_usable_blocks: usize) {
+    metrics::gauge!(
+        CACHE_CONFIG_INFO,
+        "block_size" => block_size.to_string(),
+        "num_gpu_blocks" => num_usable_blocks.to_string(),
+    )
+    .set(1.0);
 }
 
 /// Publishes the scheduler's gauges and cumulative counters (called after each engine step).

@@ -88,7 +88,7 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
     match &state.metrics {
         Some(handle) => (
             [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-            handle.render(),
+            crate::metrics::render(handle),
         )
             .into_response(),
         None => ApiError::unavailable("metrics are not available in this process").into_response(),
