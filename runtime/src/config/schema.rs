@@ -288,6 +288,7 @@ mod tests {
         let mut cfg = CaduceusConfig::default();
         cfg.server.api_keys = vec![ApiKey::new("k")];
         cfg.server.api_key_file = Some("keys.txt".into());
+        cfg.server.metrics_api_key = Some(ApiKey::new("m"));
         cfg.model.served_model_name = Some("m".into());
         cfg.model.max_model_len = Some(4096);
         cfg.scheduler.kv_cache_blocks = Some(64);
