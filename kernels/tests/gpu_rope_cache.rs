@@ -166,6 +166,8 @@ fn rope_cache_rejects_bad_shapes() {
     let dev = Device::emulated();
     let dtype = DType::Bf16;
     let buf = zeros(&dev, dtype, 4096);
+    // Separate caches: the one call that runs must not write k and v into the same memory.
+    let (k_cache, v_cache) = (zeros(&dev, dtype, 4096), zeros(&dev, dtype, 4096));
     let small = dev.alloc_zeroed(4).unwrap();
     let shape = KvCacheShape {
         num_blocks: 2,
@@ -179,8 +181,8 @@ fn rope_cache_rejects_bad_shapes() {
         slot_mapping: &small,
         inv_freq: &buf,
         style: RopeStyle::Neox,
-        k_cache: &buf,
-        v_cache: &buf,
+        k_cache: &k_cache,
+        v_cache: &v_cache,
         cache,
         num_tokens: 1,
         num_heads: 2,
