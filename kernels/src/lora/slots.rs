@@ -15,6 +15,51 @@ pub struct LoraShape {
     pub max_rank: usize,
 }
 
+impl LoraShape {
+    /// Fails unless `slot` exists.
+    pub(crate) fn check_slot(&self, slot: usize) -> Result<(), LoraError> {
+        if slot >= self.num_slots {
+            return Err(LoraError::SlotOutOfRange {
+                slot,
+                num_slots: self.num_slots,
+            });
+        }
+        Ok(())
+    }
+
+    /// Fails unless `slot` can take an adapter of `rank` whose PEFT `lora_A` has `a_len` values
+    /// (`[rank, in_dim]`) and `lora_B` `b_len` (`[out_dim, rank]`): the one check every slot
+    /// store (CPU or device) makes before writing anything.
+    pub(crate) fn check_load(
+        &self,
+        slot: usize,
+        rank: usize,
+        a_len: usize,
+        b_len: usize,
+    ) -> Result<(), LoraError> {
+        self.check_slot(slot)?;
+        if !(1..=self.max_rank).contains(&rank) {
+            return Err(LoraError::BadRank {
+                rank,
+                max_rank: self.max_rank,
+            });
+        }
+        for (what, expected, actual) in [
+            ("lora_A", rank * self.in_dim, a_len),
+            ("lora_B", self.out_dim * rank, b_len),
+        ] {
+            if actual != expected {
+                return Err(LoraError::LengthMismatch {
+                    what,
+                    expected,
+                    actual,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
 /// `num_slots` adapters for one projection, stored as `W` (f32, f16 or bf16: see `weight`), each
 /// slot sized for `max_rank` and remembering its own rank and scale.
 ///
@@ -128,28 +173,8 @@ impl<W: LoraWeight> LoraSlots<W> {
         rank: usize,
         scale: f32,
     ) -> Result<(), LoraError> {
-        let LoraShape {
-            in_dim,
-            out_dim,
-            max_rank,
-            ..
-        } = self.shape;
-        self.check_slot(slot)?;
-        if !(1..=max_rank).contains(&rank) {
-            return Err(LoraError::BadRank { rank, max_rank });
-        }
-        for (what, expected, actual) in [
-            ("lora_A", rank * in_dim, a.len()),
-            ("lora_B", out_dim * rank, b.len()),
-        ] {
-            if actual != expected {
-                return Err(LoraError::LengthMismatch {
-                    what,
-                    expected,
-                    actual,
-                });
-            }
-        }
+        let max_rank = self.shape.max_rank;
+        self.shape.check_load(slot, rank, a.len(), b.len())?;
         if W::KIND == WeightKind::Q8 {
             let a_slot = &mut self.a[slot * max_rank * self.a_stride..][..max_rank * self.a_stride];
             let b_slot = &mut self.b_panels[slot * Self::b_slot_len(self.shape)..]
@@ -257,13 +282,7 @@ impl<W: LoraWeight> LoraSlots<W> {
     }
 
     fn check_slot(&self, slot: usize) -> Result<(), LoraError> {
-        if slot >= self.shape.num_slots {
-            return Err(LoraError::SlotOutOfRange {
-                slot,
-                num_slots: self.shape.num_slots,
-            });
-        }
-        Ok(())
+        self.shape.check_slot(slot)
     }
 
     /// The loaded adapter in `slot` as the kernels read it, or why there is none.

@@ -119,23 +119,7 @@ impl DeviceLoraSlots {
             max_rank,
             ..
         } = self.shape;
-        self.check_slot(slot)?;
-        if !(1..=max_rank).contains(&rank) {
-            return Err(LoraError::BadRank { rank, max_rank }.into());
-        }
-        for (what, expected, actual) in [
-            ("lora_A", rank * in_dim, a.len()),
-            ("lora_B", out_dim * rank, b.len()),
-        ] {
-            if actual != expected {
-                let e = LoraError::LengthMismatch {
-                    what,
-                    expected,
-                    actual,
-                };
-                return Err(e.into());
-            }
-        }
+        self.shape.check_load(slot, rank, a.len(), b.len())?;
         let (is, os) = (self.in_stride, self.out_stride);
         let a_rows = (0..rank * is).map(|i| {
             let (k, c) = (i / is, i % is);
@@ -187,12 +171,6 @@ impl DeviceLoraSlots {
     }
 
     fn check_slot(&self, slot: usize) -> Result<(), LoraError> {
-        if slot >= self.shape.num_slots {
-            return Err(LoraError::SlotOutOfRange {
-                slot,
-                num_slots: self.shape.num_slots,
-            });
-        }
-        Ok(())
+        self.shape.check_slot(slot)
     }
 }
