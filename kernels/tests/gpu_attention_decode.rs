@@ -149,20 +149,7 @@ fn decode_matches_the_f64_reference_with_and_without_splits() {
                 let what = format!("{} {dtype:?} heads {nh}/{nkv} hd {hd}", dev.describe());
                 let b = make_batch(dtype, &SEQS, (nh, nkv, hd), 200 + i as u64);
                 let scale = 1.0 / (hd as f32).sqrt();
-                let shape = AttnShape {
-                    num_heads: nh,
-                    num_kv_heads: nkv,
-                    head_dim: hd,
-                    block_size: BLOCK_SIZE,
-                    num_blocks: b.cache.shape.num_blocks,
-                    scale,
-                };
-                let params = AttentionParams {
-                    num_heads: nh,
-                    num_kv_heads: nkv,
-                    head_dim: hd,
-                    scale,
-                };
+                let (shape, params) = shapes((nh, nkv, hd), b.cache.shape.num_blocks, scale);
                 let mut want = vec![UNTOUCHED; b.q.len()];
                 paged_attention_reference(&b.q, &b.cache, &seqs(&b), &params, &mut want);
                 let row = nh * hd;
@@ -221,20 +208,7 @@ fn auto_split_of_a_long_context_matches_the_reference() {
         let (nh, nkv, hd) = (2, 2, 64);
         let b = make_batch(dtype, &[(1, 1500)], (nh, nkv, hd), 300);
         let scale = 0.125;
-        let shape = AttnShape {
-            num_heads: nh,
-            num_kv_heads: nkv,
-            head_dim: hd,
-            block_size: BLOCK_SIZE,
-            num_blocks: b.cache.shape.num_blocks,
-            scale,
-        };
-        let params = AttentionParams {
-            num_heads: nh,
-            num_kv_heads: nkv,
-            head_dim: hd,
-            scale,
-        };
+        let (shape, params) = shapes((nh, nkv, hd), b.cache.shape.num_blocks, scale);
         let mut want = vec![0.0; b.q.len()];
         paged_attention_reference(&b.q, &b.cache, &seqs(&b), &params, &mut want);
         let (got, plan) = run_decode(&dev, dtype, &b, &shape, DecodeSplit::Auto);
@@ -323,4 +297,27 @@ fn decode_rejects_a_split_plan_without_workspace_and_unsupported_head_dims() {
         None
     )
     .is_err());
+}
+
+/// The device kernels' and the CPU reference's description of the same layer.
+fn shapes(
+    (nh, nkv, hd): (usize, usize, usize),
+    num_blocks: usize,
+    scale: f32,
+) -> (AttnShape, AttentionParams) {
+    let shape = AttnShape {
+        num_heads: nh,
+        num_kv_heads: nkv,
+        head_dim: hd,
+        block_size: BLOCK_SIZE,
+        num_blocks,
+        scale,
+    };
+    let params = AttentionParams {
+        num_heads: nh,
+        num_kv_heads: nkv,
+        head_dim: hd,
+        scale,
+    };
+    (shape, params)
 }
