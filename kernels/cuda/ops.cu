@@ -72,6 +72,13 @@ __device__ void copy_rows(const CopyRowsParams& p) {
   for (uint32_t c = threadIdx.x; c < p.cols; c += blockDim.x) dst[c] = src[c];
 }
 
+template <class T>
+__device__ void to_f32(const ToF32Params& p) {
+  for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < p.n; i += size_t(gridDim.x) * blockDim.x) {
+    p.out[i] = cad::to_f32(static_cast<const T*>(p.x)[i]);
+  }
+}
+
 }  // namespace
 
 CAD_KERNEL(cad_copy_rows_bf16, CopyRowsParams, p) { copy_rows<cad::bf16>(p); }
@@ -82,3 +89,5 @@ CAD_KERNEL(cad_rms_norm_bf16, RmsNormParams, p) { rms_norm<cad::bf16>(p); }
 CAD_KERNEL(cad_rms_norm_f16, RmsNormParams, p) { rms_norm<cad::f16>(p); }
 CAD_KERNEL(cad_silu_mul_bf16, SiluMulParams, p) { silu_mul<cad::bf16>(p); }
 CAD_KERNEL(cad_silu_mul_f16, SiluMulParams, p) { silu_mul<cad::f16>(p); }
+CAD_KERNEL(cad_to_f32_bf16, ToF32Params, p) { to_f32<cad::bf16>(p); }
+CAD_KERNEL(cad_to_f32_f16, ToF32Params, p) { to_f32<cad::f16>(p); }

@@ -154,6 +154,23 @@ fn silu_mul_matches_the_cpu_kernel() {
 }
 
 #[test]
+fn to_f32_widens_every_element_exactly() {
+    for dev in devices() {
+        for dtype in DTYPES {
+            // Spans more than one grid-stride pass would at 65,535 blocks only on a GPU; odd n.
+            let n = 3 * 256 + 5;
+            let x = round(dtype, &random(&mut rng(9), n, 50.0));
+            let out = dev.alloc_zeroed(n * 4).unwrap();
+            ops::to_f32(&dev, dtype, &upload(&dev, dtype, &x), n, &out).unwrap();
+            assert_eq!(dev.download::<f32>(&out).unwrap(), x, "{}", dev.describe());
+            let short = dev.alloc_zeroed((n - 1) * 4).unwrap();
+            let err = ops::to_f32(&dev, dtype, &upload(&dev, dtype, &x), n, &short).unwrap_err();
+            assert!(err.to_string().contains("to_f32 out"), "{err}");
+        }
+    }
+}
+
+#[test]
 fn launchers_refuse_buffers_too_small_for_the_shape() {
     let dev = &devices()[0];
     let dtype = DTYPES[0];

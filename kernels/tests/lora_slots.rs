@@ -280,3 +280,38 @@ fn lora_copied_slots_equal_loaded_slots_for_every_kind() {
     copied_slots_equal_loaded_slots::<caduceus_kernels::lora::f16>();
     copied_slots_equal_loaded_slots::<caduceus_kernels::lora::Q8>();
 }
+
+#[test]
+fn lora_a_slot_reads_back_in_peft_layout() {
+    use caduceus_kernels::lora::{f16, LoraWeight, Q8};
+    // out_dim 70 crosses a 64-wide B panel; rank 5 below max_rank.
+    let shape = LoraShape {
+        num_slots: 2,
+        in_dim: 24,
+        out_dim: 70,
+        max_rank: 8,
+    };
+    let rank = 5;
+    let a: Vec<f32> = (0..rank * shape.in_dim)
+        .map(|i| i as f32 * 0.37 - 9.0)
+        .collect();
+    let b: Vec<f32> = (0..shape.out_dim * rank)
+        .map(|i| 4.0 - i as f32 * 0.11)
+        .collect();
+    let mut exact = LoraSlots::<f32>::new(shape).unwrap();
+    exact.load_slot(1, &a, &b, rank, 0.5).unwrap();
+    assert_eq!(exact.read_slot(0), None, "empty slot");
+    let back = exact.read_slot(1).unwrap();
+    assert_eq!(
+        (back.a, back.b, back.rank, back.scale),
+        (a.clone(), b.clone(), rank, 0.5)
+    );
+    let mut half = LoraSlots::<f16>::new(shape).unwrap();
+    half.load_slot(0, &a, &b, rank, 2.0).unwrap();
+    let back = half.read_slot(0).unwrap();
+    let round = |v: &[f32]| -> Vec<f32> { v.iter().map(|&x| f16::from_f32(x).to_f32()).collect() };
+    assert_eq!((back.a, back.b), (round(&a), round(&b)));
+    let mut q8 = LoraSlots::<Q8>::new(shape).unwrap();
+    q8.load_slot(0, &a, &b, rank, 1.0).unwrap();
+    assert_eq!(q8.read_slot(0), None, "Q8 rounding is not read back");
+}

@@ -6,8 +6,8 @@ mod support;
 use std::sync::Arc;
 
 use caduceus_runtime::engine::{
-    EngineCore, EngineHandle, EngineRequest, FinishReason, Finished, RequestError, RequestId,
-    SchedulerConfig,
+    CpuBackend, EngineCore, EngineHandle, EngineRequest, FinishReason, Finished, RequestError,
+    RequestId, SchedulerConfig,
 };
 use caduceus_runtime::model::loader::LoadedModel;
 use caduceus_runtime::model::LlamaModel;
@@ -60,7 +60,7 @@ fn run_all<'m>(
     tok: Option<&Tokenizer>,
     config: SchedulerConfig,
     reqs: Vec<EngineRequest>,
-) -> (Vec<Collected>, EngineCore<&'m LlamaModel>) {
+) -> (Vec<Collected>, EngineCore<CpuBackend<&'m LlamaModel>>) {
     let eos = tok.map(|t| t.eos_ids().to_vec()).unwrap_or_default();
     let mut core =
         EngineCore::new(model, tok.map(|t| Arc::new((*t).clone())), eos, config).unwrap();

@@ -47,3 +47,10 @@ struct CopyRowsParams {
   uint32_t src_stride;
   uint32_t dst_stride;
 };
+
+/// out[i] = float(x[i]) for i < n: the LM head's logits widened for sampling.
+struct ToF32Params {
+  const void* x;
+  float* out;
+  uint64_t n;
+};

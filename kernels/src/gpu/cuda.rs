@@ -70,6 +70,10 @@ impl CudaDevice {
         format!("cuda:{} {name} {cc}", self.ctx.ordinal())
     }
 
+    pub(super) fn memory_info(&self) -> Result<(usize, usize), GpuError> {
+        self.ctx.mem_get_info().map_err(driver_err)
+    }
+
     pub(super) fn alloc_zeroed(&self, bytes: usize) -> Result<(CudaSlice<u8>, u64), GpuError> {
         let slice = self
             .stream

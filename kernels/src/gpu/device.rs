@@ -135,6 +135,9 @@ impl Drop for DeviceBuffer {
     }
 }
 
+/// What the emulated device reports as its memory (1 GiB), so memory planning runs there too.
+pub const EMULATED_MEMORY_BYTES: usize = 1 << 30;
+
 /// Where kernels run. Launches on one device are ordered; [`Device::download`] waits for them.
 pub enum Device {
     /// The host emulation (`cuda/emu`): every kernel runs on CPU threads, synchronously.
@@ -174,6 +177,17 @@ impl Device {
             Device::Emulated => true,
             #[cfg(feature = "cuda")]
             Device::Cuda(_) => false,
+        }
+    }
+
+    /// `(free, total)` bytes of device memory. The emulation reports a nominal
+    /// [`EMULATED_MEMORY_BYTES`], all free (its buffers are host memory).
+    pub fn memory_info(&self) -> Result<(usize, usize), GpuError> {
+        match self {
+            #[cfg(feature = "cuda-emu")]
+            Device::Emulated => Ok((EMULATED_MEMORY_BYTES, EMULATED_MEMORY_BYTES)),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(d) => d.memory_info(),
         }
     }
 

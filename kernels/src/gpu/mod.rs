@@ -22,5 +22,5 @@ pub mod ops;
 pub mod rope_cache;
 pub mod sampling;
 
-pub use device::{DType, Device, DeviceBuffer, DeviceElem, GpuError};
+pub use device::{DType, Device, DeviceBuffer, DeviceElem, GpuError, EMULATED_MEMORY_BYTES};
 pub use kernel::LaunchDims;

@@ -49,11 +49,20 @@ struct CopyRowsParams {
     dst_stride: u32,
 }
 
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct ToF32Params {
+    x: u64,
+    out: u64,
+    n: u64,
+}
+
 kernel_params!(
     EmbeddingParams,
     RmsNormParams,
     SiluMulParams,
-    CopyRowsParams
+    CopyRowsParams,
+    ToF32Params
 );
 
 const EMBEDDING: [KernelFn; 2] = [
@@ -66,6 +75,7 @@ const COPY_ROWS: [KernelFn; 2] = [
     kernel_fn!(cad_copy_rows_f16),
 ];
 const SILU_MUL: [KernelFn; 2] = [kernel_fn!(cad_silu_mul_bf16), kernel_fn!(cad_silu_mul_f16)];
+const TO_F32: [KernelFn; 2] = [kernel_fn!(cad_to_f32_bf16), kernel_fn!(cad_to_f32_f16)];
 
 /// The variant of a kernel family for `dtype` (arrays are ordered bf16, f16).
 pub(crate) fn by_dtype(family: &[KernelFn; 2], dtype: DType) -> &KernelFn {
@@ -199,6 +209,30 @@ pub fn silu_mul(
     let blocks = (rows * ffn).div_ceil(256).clamp(1, 65_535) as u32;
     dev.launch(
         by_dtype(&SILU_MUL, dtype),
+        LaunchDims::linear(blocks, 256),
+        &p,
+    )
+}
+
+/// `out[i] = x[i]` widened to f32 for `n` elements (logits in the model dtype to the f32 the
+/// sampling kernel reads, as vLLM casts them).
+pub fn to_f32(
+    dev: &Device,
+    dtype: DType,
+    x: &DeviceBuffer,
+    n: usize,
+    out: &DeviceBuffer,
+) -> Result<(), GpuError> {
+    need("to_f32 x", x, n, dtype.size())?;
+    need("to_f32 out", out, n, 4)?;
+    let p = ToF32Params {
+        x: x.ptr(),
+        out: out.ptr(),
+        n: n as u64,
+    };
+    let blocks = n.div_ceil(256).clamp(1, 65_535) as u32;
+    dev.launch(
+        by_dtype(&TO_F32, dtype),
         LaunchDims::linear(blocks, 256),
         &p,
     )

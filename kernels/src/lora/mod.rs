@@ -42,7 +42,7 @@ pub use apply::{
 };
 /// The half-precision storage types, re-exported so callers need not depend on `half`.
 pub use half::{bf16, f16};
-pub use slots::{LoraShape, LoraSlots};
+pub use slots::{LoraShape, LoraSlots, PeftSlot};
 pub use weight::{LoraWeight, WeightKind, Q8};
 
 /// Largest adapter rank a slot store accepts (PEFT adapters in practice use 8 to 128).

@@ -60,6 +60,15 @@ impl LoraShape {
     }
 }
 
+/// One adapter read back from a slot by [`LoraSlots::read_slot`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct PeftSlot {
+    pub a: Vec<f32>,
+    pub b: Vec<f32>,
+    pub rank: usize,
+    pub scale: f32,
+}
+
 /// `num_slots` adapters for one projection, stored as `W` (f32, f16 or bf16: see `weight`), each
 /// slot sized for `max_rank` and remembering its own rank and scale.
 ///
@@ -279,6 +288,39 @@ impl<W: LoraWeight> LoraSlots<W> {
     /// The scale of the adapter in `slot`, `None` if it is empty or out of range.
     pub fn scale(&self, slot: usize) -> Option<f32> {
         self.rank(slot).map(|_| self.scales[slot])
+    }
+
+    /// The adapter in `slot` back in PEFT's layouts as f32 (`a` `[rank, in_dim]`, `b`
+    /// `[out_dim, rank]`) with its scale: what another device's store is filled from. `None` for
+    /// an empty slot and for [`super::Q8`] stores, whose rounding is not invertible.
+    pub fn read_slot(&self, slot: usize) -> Option<PeftSlot> {
+        let rank = self.rank(slot)?;
+        if W::KIND == WeightKind::Q8 {
+            return None;
+        }
+        let LoraShape {
+            in_dim,
+            out_dim,
+            max_rank,
+            ..
+        } = self.shape;
+        let a = self.a[slot * max_rank * in_dim..][..rank * in_dim]
+            .iter()
+            .map(|w| w.to_f32())
+            .collect();
+        let panel_len = max_rank * PANEL;
+        let panels = &self.b_panels[slot * panel_len * out_dim.div_ceil(PANEL)..];
+        let mut b = Vec::with_capacity(out_dim * rank);
+        for o in 0..out_dim {
+            let panel = &panels[(o / PANEL) * panel_len..];
+            b.extend((0..rank).map(|k| panel[k * PANEL + o % PANEL].to_f32()));
+        }
+        Some(PeftSlot {
+            a,
+            b,
+            rank,
+            scale: self.scales[slot],
+        })
     }
 
     fn check_slot(&self, slot: usize) -> Result<(), LoraError> {

@@ -23,7 +23,7 @@ use super::ModelArg;
 use crate::adapters::make::write_synthetic_adapters;
 use crate::adapters::peft::AdapterLimits;
 use crate::adapters::{AdapterRegistry, AdapterService, AdapterSettings, Projection};
-use crate::engine::{EngineCore, EngineRequest, RequestOutput};
+use crate::engine::{CpuBackend, EngineCore, EngineRequest, RequestOutput};
 use crate::model::loader::LoadedModel;
 use crate::model::{LlamaModel, LoraDtype, LoraStack};
 
@@ -90,7 +90,7 @@ impl Bench<'_> {
         &self,
         num_reqs: usize,
         max_model_len: usize,
-    ) -> anyhow::Result<EngineCore<&LlamaModel>> {
+    ) -> anyhow::Result<EngineCore<CpuBackend<&LlamaModel>>> {
         let config = SchedulerConfig {
             max_num_seqs: num_reqs.max(1),
             max_num_batched_tokens: 2048,
@@ -108,7 +108,7 @@ impl Bench<'_> {
     /// machine hits all of them alike. Only steps where every request decodes count.
     fn decode(&self, runs: &[&[Option<&str>]], steps: usize) -> anyhow::Result<Vec<f64>> {
         struct Run<'m> {
-            core: EngineCore<&'m LlamaModel>,
+            core: EngineCore<CpuBackend<&'m LlamaModel>>,
             _streams: Vec<mpsc::UnboundedReceiver<RequestOutput>>,
             batch: usize,
             decode_steps: usize,
@@ -194,7 +194,7 @@ impl Bench<'_> {
                 streams.push(submit(core, i, p.clone(), BURST_MODEL_LEN - 64, *a)?);
             }
         }
-        let timed_step = |core: &mut EngineCore<&LlamaModel>| -> anyhow::Result<f64> {
+        let timed_step = |core: &mut EngineCore<CpuBackend<&LlamaModel>>| -> anyhow::Result<f64> {
             let t = Instant::now();
             core.step()?;
             Ok(t.elapsed().as_secs_f64() * 1e3)
@@ -257,7 +257,7 @@ struct BurstSteps {
 }
 
 fn submit(
-    core: &mut EngineCore<&LlamaModel>,
+    core: &mut EngineCore<CpuBackend<&LlamaModel>>,
     id: usize,
     prompt: Vec<u32>,
     max_tokens: usize,

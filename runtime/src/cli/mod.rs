@@ -9,6 +9,8 @@ mod config_cmd;
 mod generate;
 mod make_adapters;
 mod serve;
+#[cfg(feature = "cuda")]
+mod serve_gpu;
 mod tokenize;
 
 use std::path::PathBuf;

@@ -10,7 +10,7 @@ use crate::adapters::{AdapterRegistry, AdapterService, AdapterSettings};
 use crate::config::{
     CaduceusConfig, ConfigOverrides, Device, Dtype, KvCacheSize, PrefixCacheIsolation,
 };
-use crate::engine::{EngineCore, EngineHandle, SchedulerConfig};
+use crate::engine::{Backend, EngineCore, EngineHandle, SchedulerConfig};
 use crate::kv_events::{KvEventPublisher, KvEventSettings, DEFAULT_REPLAY_BUFFER};
 use crate::model::loader::LoadedModel;
 use crate::model::WeightFormat;
@@ -23,6 +23,7 @@ fn adapter_service(
     config: &CaduceusConfig,
     base: crate::model::config::LlamaConfig,
     served_model_name: &str,
+    dtype: crate::model::LoraDtype,
 ) -> anyhow::Result<Option<Arc<AdapterService>>> {
     let a = &config.adapters;
     let Some(dir) = &a.dir else {
@@ -51,7 +52,7 @@ fn adapter_service(
             max_rank: a.max_lora_rank,
             max_file_bytes: a.max_cpu_lora_bytes.bytes(),
         },
-        dtype: a.dtype.resolve(),
+        dtype,
         loader_share_percent: a.loader_step_share_percent,
     };
     Ok(Some(Arc::new(AdapterService::new(
@@ -71,9 +72,70 @@ pub fn load_config(args: &ServeArgs) -> anyhow::Result<CaduceusConfig> {
     Ok(CaduceusConfig::load_from_process_env(&args.overrides)?)
 }
 
-/// Runs the server with `config`.
+/// What the generic half of `serve` needs from the loaded model.
+pub(super) struct ServedModel {
+    pub tokenizer: Arc<crate::tokenizer::Tokenizer>,
+    pub chat_template: crate::chat_template::ChatTemplate,
+    pub served_model_name: String,
+    /// The model's file or folder name (clients never see the server's paths).
+    pub model_root: String,
+    pub base_config: crate::model::config::LlamaConfig,
+    /// Where the KV blocks live, for KV events (`"CPU"`, `"GPU"`).
+    pub medium: &'static str,
+    /// How the host tier prepares adapters for this engine's slots.
+    pub adapter_dtype: crate::model::LoraDtype,
+}
+
+/// Runs the server with `config` on the device `model.device` selects.
 pub fn run(config: CaduceusConfig) -> anyhow::Result<()> {
-    check_device(&config)?;
+    match select_device(&config)? {
+        Selected::Cpu => run_cpu(config),
+        #[cfg(feature = "cuda")]
+        Selected::Cuda(dev) => super::serve_gpu::run(config, dev),
+    }
+}
+
+/// The device `model.device` resolves to in this build on this machine.
+enum Selected {
+    Cpu,
+    #[cfg(feature = "cuda")]
+    Cuda(caduceus_kernels::gpu::Device),
+}
+
+/// `auto` takes CUDA device 0 when this build has CUDA and a GPU answers, else the CPU (and
+/// says why); `cuda:N` must open or the server does not start.
+fn select_device(config: &CaduceusConfig) -> anyhow::Result<Selected> {
+    match config.model.device {
+        Device::Cpu => Ok(Selected::Cpu),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(n) => caduceus_kernels::gpu::Device::cuda(n)
+            .map(Selected::Cuda)
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "model.device = \"cuda:{n}\": {e}; set model.device to \"cpu\" or \"auto\""
+                )
+            }),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(n) => anyhow::bail!(
+            "model.device = \"cuda:{n}\": this binary was built without CUDA support (the `cuda` \
+             feature); set model.device to \"cpu\" or \"auto\""
+        ),
+        #[cfg(feature = "cuda")]
+        Device::Auto => match caduceus_kernels::gpu::Device::cuda(0) {
+            Ok(dev) => Ok(Selected::Cuda(dev)),
+            Err(e) => {
+                tracing::info!(reason = %e, "model.device = \"auto\": no usable GPU, running on the CPU");
+                Ok(Selected::Cpu)
+            }
+        },
+        #[cfg(not(feature = "cuda"))]
+        Device::Auto => Ok(Selected::Cpu),
+    }
+}
+
+/// Loads the model for the CPU engine and serves it.
+fn run_cpu(config: CaduceusConfig) -> anyhow::Result<()> {
+    check_cpu_dtype(&config)?;
     let weights = match config.model.dtype {
         Dtype::F32 => WeightFormat::F32,
         _ => WeightFormat::Native,
@@ -90,15 +152,7 @@ pub fn run(config: CaduceusConfig) -> anyhow::Result<()> {
         KvCacheSize::Blocks(n) => n,
         KvCacheSize::Bytes(b) => (b.bytes() as usize / block_bytes.max(1)).max(2),
     };
-    let sched = SchedulerConfig {
-        max_num_seqs: s.max_num_seqs,
-        max_num_batched_tokens: s.max_num_batched_tokens,
-        block_size: s.block_size,
-        num_blocks,
-        max_model_len,
-        enable_prefix_caching: s.enable_prefix_caching,
-        ..SchedulerConfig::default()
-    };
+    let sched = scheduler_config(&config, num_blocks, max_model_len);
     tracing::info!(
         num_blocks,
         kv_cache_mib = num_blocks * block_bytes / (1 << 20),
@@ -106,20 +160,80 @@ pub fn run(config: CaduceusConfig) -> anyhow::Result<()> {
         max_num_seqs = s.max_num_seqs,
         "KV cache pool"
     );
-    let served_model_name = config
+    let served = ServedModel {
+        tokenizer: Arc::new(loaded.tokenizer),
+        chat_template: loaded.chat_template,
+        served_model_name: served_name(&config, &loaded.name),
+        model_root: root_name(&loaded.path, &loaded.name),
+        base_config: loaded.model.config().clone(),
+        medium: "CPU",
+        adapter_dtype: config.adapters.dtype.resolve(),
+    };
+    let eos = served.tokenizer.eos_ids().to_vec();
+    let core = EngineCore::new(
+        Arc::new(loaded.model),
+        Some(served.tokenizer.clone()),
+        eos,
+        sched,
+    )?;
+    serve(config, core, served)
+}
+
+/// The scheduler settings of `config` for a pool of `num_blocks`.
+pub(super) fn scheduler_config(
+    config: &CaduceusConfig,
+    num_blocks: usize,
+    max_model_len: usize,
+) -> SchedulerConfig {
+    let s = &config.scheduler;
+    SchedulerConfig {
+        max_num_seqs: s.max_num_seqs,
+        max_num_batched_tokens: s.max_num_batched_tokens,
+        block_size: s.block_size,
+        num_blocks,
+        max_model_len,
+        enable_prefix_caching: s.enable_prefix_caching,
+        ..SchedulerConfig::default()
+    }
+}
+
+/// `model.served_model_name`, else the model's own name.
+pub(super) fn served_name(config: &CaduceusConfig, loaded_name: &str) -> String {
+    config
         .model
         .served_model_name
         .clone()
-        .unwrap_or_else(|| loaded.name.clone());
-    let tokenizer = Arc::new(loaded.tokenizer);
-    let eos = tokenizer.eos_ids().to_vec();
-    let base_config = loaded.model.config().clone();
-    let mut core = EngineCore::new(Arc::new(loaded.model), Some(tokenizer.clone()), eos, sched)?;
-    let adapters = adapter_service(&config, base_config, &served_model_name)?;
+        .unwrap_or_else(|| loaded_name.to_owned())
+}
+
+/// The file or folder name of the model (what `/v1/models` may show instead of a path).
+pub(super) fn root_name(path: &std::path::Path, fallback: &str) -> String {
+    path.file_name()
+        .map_or_else(|| fallback.to_owned(), |n| n.to_string_lossy().into_owned())
+}
+
+/// Serves `core` (any backend) with the adapters, KV events, metrics and the HTTP API `config`
+/// asks for, until drained or the engine fails.
+pub(super) fn serve<B: Backend + Send + 'static>(
+    config: CaduceusConfig,
+    mut core: EngineCore<B>,
+    model: ServedModel,
+) -> anyhow::Result<()> {
+    let ServedModel {
+        tokenizer,
+        chat_template,
+        served_model_name,
+        model_root,
+        base_config,
+        medium,
+        adapter_dtype,
+    } = model;
+    let s = &config.scheduler;
+    let adapters = adapter_service(&config, base_config, &served_model_name, adapter_dtype)?;
     if let Some(service) = &adapters {
         core = core.with_adapters(service.clone())?;
     }
-    let _kv_events = match kv_event_publisher(&config, &served_model_name)? {
+    let _kv_events = match kv_event_publisher(&config, &served_model_name, medium)? {
         Some(publisher) => {
             core = core.with_kv_events(publisher.sink());
             Some(publisher)
@@ -135,14 +249,10 @@ pub fn run(config: CaduceusConfig) -> anyhow::Result<()> {
     let state = AppState {
         engine,
         tokenizer,
-        chat_template: Arc::new(loaded.chat_template),
+        chat_template: Arc::new(chat_template),
         settings: Arc::new(ServerSettings {
             served_model_name: served_model_name.clone(),
-            // The file or folder name only: clients never see the server's paths.
-            model_root: loaded.path.file_name().map_or_else(
-                || served_model_name.clone(),
-                |n| n.to_string_lossy().into_owned(),
-            ),
+            model_root,
             api_keys,
             request_timeout: config.server.request_timeout.get(),
             body_limit_bytes: config.server.body_limit.bytes() as usize,
@@ -222,6 +332,7 @@ fn log_cache_isolation(config: &CaduceusConfig, no_api_keys: bool) {
 fn kv_event_publisher(
     config: &CaduceusConfig,
     served_model_name: &str,
+    medium: &'static str,
 ) -> anyhow::Result<Option<KvEventPublisher>> {
     let k = &config.kv_events;
     if !k.enabled {
@@ -235,34 +346,17 @@ fn kv_event_publisher(
         endpoint: k.endpoint.clone(),
         replay_endpoint: k.replay_endpoint.clone(),
         topic,
-        medium: "CPU",
+        medium,
         replay_buffer: DEFAULT_REPLAY_BUFFER,
     })?;
     Ok(Some(publisher))
 }
 
-/// Refuses settings this build cannot honour, naming the key and the fix.
-fn check_device(config: &CaduceusConfig) -> anyhow::Result<()> {
-    if config.model.device == Device::Cuda {
-        #[cfg(feature = "cuda")]
-        {
-            let gpu = caduceus_kernels::gpu::Device::cuda(0)
-                .map_err(|e| anyhow::anyhow!("model.device = \"cuda\": {e}"))?;
-            anyhow::bail!(
-                "model.device = \"cuda\": found {}, but this version has the CUDA kernels only, not \
-                 the GPU engine yet; set model.device to \"cpu\" or \"auto\"",
-                gpu.describe()
-            );
-        }
-        #[cfg(not(feature = "cuda"))]
-        anyhow::bail!(
-            "model.device = \"cuda\": this binary was built without CUDA support (the `cuda` \
-             feature); set model.device to \"cpu\" or \"auto\""
-        );
-    }
+/// The CPU engine computes in f32 (quantized weights stay quantized).
+fn check_cpu_dtype(config: &CaduceusConfig) -> anyhow::Result<()> {
     if matches!(config.model.dtype, Dtype::F16 | Dtype::Bf16) {
         anyhow::bail!(
-            "model.dtype = \"{}\": the CPU engine computes in f32; set model.dtype to \"auto\" or \"f32\"",
+            "model.dtype = \"{}\": the CPU engine computes in f32; set model.dtype to \"auto\" or \"f32\" (or model.device to \"cuda\")",
             if config.model.dtype == Dtype::F16 { "f16" } else { "bf16" }
         );
     }

@@ -38,6 +38,10 @@ pub(crate) enum Kind {
     LogFilter,
     /// A ZeroMQ TCP endpoint `tcp://HOST:PORT` (`*` for every interface).
     TcpEndpoint,
+    /// Where the model runs: `auto`, `cpu`, `cuda` or `cuda:N`.
+    Device,
+    /// A number in (0, 1].
+    Fraction,
 }
 
 /// One key of the config file.
@@ -83,7 +87,9 @@ pub(crate) const SCHEMA: &[KeySpec] = &[
     spec("model", "path", Kind::Path),
     spec("model", "served_model_name", Kind::Str),
     spec("model", "max_model_len", int(2, u32::MAX as i64)),
-    spec("model", "device", Kind::Choice(&["auto", "cpu", "cuda"])),
+    spec("model", "device", Kind::Device),
+    spec("model", "gpu_memory_utilization", Kind::Fraction),
+    spec("model", "num_gpu_blocks_override", int(2, u32::MAX as i64)),
     spec(
         "model",
         "dtype",
@@ -152,6 +158,8 @@ impl Kind {
             Kind::TcpEndpoint => {
                 "a ZeroMQ endpoint \"tcp://HOST:PORT\" (e.g. \"tcp://*:5557\")".into()
             }
+            Kind::Device => "one of \"auto\", \"cpu\", \"cuda\", \"cuda:N\" (N a GPU index)".into(),
+            Kind::Fraction => "a number greater than 0 and at most 1 (e.g. 0.9)".into(),
         }
     }
 
@@ -176,6 +184,9 @@ impl Kind {
                 tracing_subscriber::EnvFilter::try_new(s).is_ok()
             }
             (Kind::TcpEndpoint, Value::String(s)) => is_tcp_endpoint(s),
+            (Kind::Device, Value::String(s)) => s.parse::<super::sections::Device>().is_ok(),
+            (Kind::Fraction, Value::Float(x)) => *x > 0.0 && *x <= 1.0,
+            (Kind::Fraction, Value::Integer(1)) => true,
             _ => false,
         }
     }
@@ -193,6 +204,9 @@ impl Kind {
             Kind::Int { .. } | Kind::Size { .. } => trimmed
                 .parse::<i64>()
                 .map_or_else(|_| Value::String(text.into()), Value::Integer),
+            Kind::Fraction => trimmed
+                .parse::<f64>()
+                .map_or_else(|_| Value::String(text.into()), Value::Float),
             Kind::StrList => Value::Array(
                 text.split(',')
                     .map(str::trim)
@@ -291,6 +305,7 @@ mod tests {
         cfg.server.metrics_api_key = Some(ApiKey::new("m"));
         cfg.model.served_model_name = Some("m".into());
         cfg.model.max_model_len = Some(4096);
+        cfg.model.num_gpu_blocks_override = Some(64);
         cfg.scheduler.kv_cache_blocks = Some(64);
         cfg.scheduler.kv_cache_bytes = Some(ByteSize(1));
         cfg.adapters.dir = Some("adapters".into());
@@ -310,6 +325,43 @@ mod tests {
         assert_eq!(from_structs, from_schema);
         let sections: BTreeSet<&str> = table.keys().map(String::as_str).collect();
         assert_eq!(sections, SECTIONS.into_iter().collect());
+    }
+
+    #[test]
+    fn devices_and_fractions() {
+        use super::super::sections::Device;
+        for (text, want) in [
+            ("auto", Some(Device::Auto)),
+            ("cpu", Some(Device::Cpu)),
+            ("cuda", Some(Device::Cuda(0))),
+            ("cuda:3", Some(Device::Cuda(3))),
+            ("cuda:", None),
+            ("cuda:-1", None),
+            ("gpu", None),
+        ] {
+            assert_eq!(text.parse::<Device>().ok(), want, "{text}");
+            let v = Value::String(text.into());
+            assert_eq!(Kind::Device.accepts(&v), want.is_some(), "{text}");
+            if let Some(d) = want {
+                assert_eq!(
+                    String::from(d).parse::<Device>(),
+                    Ok(d),
+                    "round trip {text}"
+                );
+            }
+        }
+        for (v, ok) in [
+            (Value::Float(0.9), true),
+            (Value::Float(1.0), true),
+            (Value::Integer(1), true),
+            (Value::Float(0.0), false),
+            (Value::Float(1.01), false),
+            (Value::Float(f64::NAN), false),
+            (Value::String("0.9".into()), false),
+        ] {
+            assert_eq!(Kind::Fraction.accepts(&v), ok, "{v:?}");
+        }
+        assert_eq!(Kind::Fraction.parse_env(" 0.5 "), Value::Float(0.5));
     }
 
     #[test]

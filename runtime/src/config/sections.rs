@@ -101,18 +101,53 @@ impl Default for ServerSection {
     }
 }
 
-/// Where the model runs.
+/// Where the model runs (`"auto"`, `"cpu"`, `"cuda"` = `"cuda:0"`, `"cuda:N"`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(try_from = "String", into = "String")]
 pub enum Device {
-    /// CUDA when the binary was built with it and a GPU is present, else CPU.
+    /// CUDA device 0 when the binary was built with CUDA and a GPU is present, else CPU.
     #[default]
     Auto,
     Cpu,
-    Cuda,
+    /// The CUDA device of this index.
+    Cuda(usize),
 }
 
-/// Compute dtype: `auto` keeps quantized weights quantized, `f32` dequantizes every weight.
+impl std::str::FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Device::Auto),
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Device::Cuda)
+                .ok_or_else(|| format!("unknown device \"{s}\"")),
+        }
+    }
+}
+
+impl TryFrom<String> for Device {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<Device> for String {
+    fn from(d: Device) -> String {
+        match d {
+            Device::Auto => "auto".into(),
+            Device::Cpu => "cpu".into(),
+            Device::Cuda(n) => format!("cuda:{n}"),
+        }
+    }
+}
+
+/// Compute dtype. On the CPU `auto` keeps quantized weights quantized and `f32` dequantizes
+/// every weight; on a GPU `auto` is bf16 and weights are converted to bf16 or f16.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Dtype {
@@ -138,6 +173,12 @@ pub struct ModelSection {
     pub max_model_len: Option<usize>,
     pub device: Device,
     pub dtype: Dtype,
+    /// Share of the GPU's memory Caduceus may use; the KV pool gets what is left of it after
+    /// weights, adapter slots and activations (vLLM's `gpu_memory_utilization`).
+    pub gpu_memory_utilization: f64,
+    /// A fixed number of KV blocks on the GPU instead of the memory plan's (tests, debugging).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub num_gpu_blocks_override: Option<usize>,
 }
 
 impl Default for ModelSection {
@@ -148,6 +189,8 @@ impl Default for ModelSection {
             max_model_len: None,
             device: Device::Auto,
             dtype: Dtype::Auto,
+            gpu_memory_utilization: 0.9,
+            num_gpu_blocks_override: None,
         }
     }
 }

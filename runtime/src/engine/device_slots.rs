@@ -1,12 +1,13 @@
-//! The device tier of adapter residency: which adapter (id + generation) sits in which slot of the
-//! [`LoraStack`], filled from the host tier on first use and reused least recently used first.
+//! The device tier of adapter residency: which adapter (id + generation) sits in which of the
+//! backend's adapter slots, filled from the host tier on first use and reused least recently
+//! used first. Bookkeeping only: the backend does the copies.
 
 use std::collections::HashSet;
 
 use caduceus_scheduler::AdapterKey;
 
+use super::backend::BackendError;
 use crate::adapters::LoadedAdapter;
-use crate::model::lora::{LoraStack, LoraStackError};
 
 /// What finding a slot for an adapter took.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -19,9 +20,8 @@ pub enum SlotFill {
     Evicted,
 }
 
-/// Slot assignment over a [`LoraStack`].
+/// Slot assignment over a backend's adapter slots.
 pub struct DeviceSlots {
-    stack: LoraStack,
     keys: Vec<Option<AdapterKey>>,
     last_used: Vec<u64>,
     tick: u64,
@@ -34,24 +34,17 @@ pub enum SlotError {
     #[error("all {0} adapter slots are in use by running requests")]
     Full(usize),
     #[error("adapter could not be copied into its slot: {0}")]
-    Load(#[from] LoraStackError),
+    Load(#[from] BackendError),
 }
 
 impl DeviceSlots {
-    /// Empty slots.
-    pub fn new(stack: LoraStack) -> Self {
-        let n = stack.num_slots();
+    /// `n` empty slots.
+    pub fn new(n: usize) -> Self {
         DeviceSlots {
-            stack,
             keys: vec![None; n],
             last_used: vec![0; n],
             tick: 0,
         }
-    }
-
-    /// The stack the forward pass reads.
-    pub fn stack(&self) -> &LoraStack {
-        &self.stack
     }
 
     /// Adapters resident now.
@@ -59,12 +52,13 @@ impl DeviceSlots {
         self.keys.iter().flatten().count()
     }
 
-    /// The slot holding `adapter`, filling one if needed. Slots whose adapter a request in
-    /// `pinned` uses are never taken.
+    /// The slot holding `adapter`, filling one with `load(slot)` if needed. Slots whose adapter
+    /// a request in `pinned` uses are never taken.
     pub fn acquire(
         &mut self,
         adapter: &LoadedAdapter,
         pinned: &HashSet<AdapterKey>,
+        load: impl FnOnce(u32) -> Result<(), BackendError>,
     ) -> Result<(u32, SlotFill), SlotError> {
         self.tick += 1;
         if let Some(slot) = self.keys.iter().position(|k| *k == Some(adapter.key)) {
@@ -86,7 +80,7 @@ impl DeviceSlots {
             SlotFill::Loaded
         };
         self.keys[slot] = None;
-        self.stack.copy_from(slot, &adapter.prepared)?;
+        load(slot as u32)?;
         self.keys[slot] = Some(adapter.key);
         self.last_used[slot] = self.tick;
         Ok((slot as u32, fill))

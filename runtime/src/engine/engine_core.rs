@@ -11,6 +11,8 @@ use caduceus_scheduler::{
     SchedulerConfig, SchedulerOutput, SchedulerStats,
 };
 
+use super::backend::{Backend, BackendError, SlotSpec};
+use super::cpu_backend::CpuBackend;
 use super::device_slots::SlotFill;
 use super::executor::{ExecuteResult, Executor, ExecutorError, SeqSampling};
 use super::output::{Finished, OutputSender, RequestOutput, RequestTimes};
@@ -20,7 +22,7 @@ use crate::adapters::{
     AdapterEntry, AdapterLoader, AdapterService, LoadDone, LoadedAdapter, StepGate,
 };
 use crate::kv_events::KvEventSink;
-use crate::model::{LlamaModel, LoraStack};
+use crate::model::LlamaModel;
 use crate::sampling::SampledToken;
 use crate::tokenizer::detokenizer::IncrementalDetokenizer;
 use crate::tokenizer::Tokenizer;
@@ -34,9 +36,9 @@ pub enum EngineError {
     /// Internal inconsistency between scheduler and executor.
     #[error(transparent)]
     Executor(#[from] ExecutorError),
-    /// The adapter slots could not be allocated.
-    #[error("adapter slots: {0}")]
-    Lora(#[from] caduceus_kernels::lora::LoraError),
+    /// The backend failed (e.g. the adapter slots could not be allocated).
+    #[error(transparent)]
+    Backend(#[from] BackendError),
     /// The adapter loader thread could not start.
     #[error("adapter loader thread: {0}")]
     Loader(#[from] std::io::Error),
@@ -80,9 +82,9 @@ pub struct StepStats {
 
 /// The engine: one scheduler, one executor, and the requests they serve. Single-threaded; see
 /// [`super::EngineHandle`] for running it on its own thread.
-pub struct EngineCore<M> {
+pub struct EngineCore<B> {
     scheduler: Scheduler,
-    executor: Executor<M>,
+    executor: Executor<B>,
     tokenizer: Option<Arc<Tokenizer>>,
     eos_ids: Vec<u32>,
     limits: RequestLimits,
@@ -93,26 +95,42 @@ pub struct EngineCore<M> {
     kv_events: Option<KvEventSink>,
 }
 
-impl<M: Deref<Target = LlamaModel>> EngineCore<M> {
-    /// An engine over `model` with a KV pool of `config.num_blocks` blocks. Without a tokenizer
-    /// only token-level requests (`detokenize = false`, no stop strings) are accepted.
+impl<M: Deref<Target = LlamaModel>> EngineCore<CpuBackend<M>> {
+    /// An engine over `model` on the CPU with a KV pool of `config.num_blocks` blocks. Without a
+    /// tokenizer only token-level requests (`detokenize = false`, no stop strings) are accepted.
     pub fn new(
         model: M,
         tokenizer: Option<Arc<Tokenizer>>,
         eos_ids: Vec<u32>,
         config: SchedulerConfig,
     ) -> Result<Self, EngineError> {
+        let backend = CpuBackend::new(model, config.num_blocks, config.block_size);
+        Self::with_backend(backend, tokenizer, eos_ids, config)
+    }
+}
+
+impl<B: Backend> EngineCore<B> {
+    /// An engine over `backend`; the scheduler manages the backend's KV pool (its block count
+    /// and size replace `config`'s).
+    pub fn with_backend(
+        backend: B,
+        tokenizer: Option<Arc<Tokenizer>>,
+        eos_ids: Vec<u32>,
+        mut config: SchedulerConfig,
+    ) -> Result<Self, EngineError> {
+        config.num_blocks = backend.num_kv_blocks();
+        config.block_size = backend.block_size();
         let scheduler = Scheduler::new(config.clone())?;
         let limits = RequestLimits {
             max_model_len: config.max_model_len,
-            vocab_size: model.config().vocab_size,
+            vocab_size: backend.config().vocab_size,
             block_size: config.block_size,
             usable_blocks: config.num_blocks.saturating_sub(1),
             has_tokenizer: tokenizer.is_some(),
         };
         Ok(EngineCore {
             scheduler,
-            executor: Executor::new(model, config.num_blocks, config.block_size),
+            executor: Executor::new(backend),
             tokenizer,
             eos_ids,
             limits,
@@ -130,20 +148,18 @@ impl<M: Deref<Target = LlamaModel>> EngineCore<M> {
     pub fn with_adapters(mut self, service: Arc<AdapterService>) -> Result<Self, EngineError> {
         let settings = service.settings().clone();
         let dtype = settings.dtype;
-        let stack = LoraStack::new(
-            self.executor.model().config(),
-            settings.max_loras,
-            settings.limits.max_rank,
+        let bytes = self.executor.set_lora(SlotSpec {
+            num_slots: settings.max_loras,
+            max_rank: settings.limits.max_rank,
             dtype,
-        )?;
+        })?;
         tracing::info!(
             slots = settings.max_loras,
             max_rank = settings.limits.max_rank,
             dtype = ?dtype,
-            mib = stack.nbytes() / (1 << 20),
+            mib = bytes / (1 << 20),
             "adapter slots allocated"
         );
-        self.executor.set_lora(stack);
         self.config.max_loras = Some(settings.max_loras);
         self.scheduler = Scheduler::new(self.config.clone())?;
         if self.kv_events.is_some() {

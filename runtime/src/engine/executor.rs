@@ -1,20 +1,19 @@
-//! The executor: turns a [`SchedulerOutput`] into one flattened [`ForwardBatch`], runs the model
-//! over the paged KV cache and samples. It mirrors each running request's tokens and block table
+//! The executor: turns a [`SchedulerOutput`] into one flattened [`ForwardBatch`], has the
+//! [`Backend`] run the model over its paged KV pool and sample. It mirrors each running request's tokens and block table
 //! from the scheduler's diffs (new requests arrive in full once, then only new blocks), as vLLM's
 //! model runner does.
 
 use std::collections::{HashMap, HashSet};
-use std::ops::Deref;
 use std::sync::Arc;
 
 use caduceus_kernels::attention::SeqAttention;
 use caduceus_kernels::lora::{segments_from_token_slots, Segment};
 use caduceus_scheduler::{RequestId, ScheduledData, SchedulerOutput, StepOutput};
 
+use super::backend::{Backend, BackendError, SlotSpec};
 use super::device_slots::{DeviceSlots, SlotFill};
 use crate::adapters::LoadedAdapter;
-use crate::kv_cache::KvCache;
-use crate::model::{ForwardBatch, LlamaModel, LoraBatch, LoraStack};
+use crate::model::ForwardBatch;
 use crate::sampling::{SampledToken, Sampler, SamplingParams};
 
 /// What the executor keeps for a request from admission to finish.
@@ -63,35 +62,32 @@ pub struct ExecuteResult {
 #[error("executor state out of sync with the scheduler: {0}")]
 pub struct ExecutorError(String);
 
-/// Owns the KV cache pool and runs the model for each scheduled step.
-pub struct Executor<M> {
-    model: M,
-    kv: KvCache,
+/// Prepares each scheduled step for the backend, which owns the model and the KV pool.
+pub struct Executor<B> {
+    backend: B,
     block_size: usize,
     seqs: HashMap<RequestId, SeqState>,
     /// Adapter slots; `None` serves the base model only.
     lora: Option<DeviceSlots>,
 }
 
-impl<M: Deref<Target = LlamaModel>> Executor<M> {
-    /// An executor with a pool of `num_blocks` blocks of `block_size` tokens.
-    pub fn new(model: M, num_blocks: usize, block_size: usize) -> Self {
-        let kv = KvCache::new(
-            model.config().num_layers,
-            model.kv_cache_shape(num_blocks, block_size),
-        );
+impl<B: Backend> Executor<B> {
+    /// An executor over `backend` (its KV pool's block size is the scheduler's).
+    pub fn new(backend: B) -> Self {
         Executor {
-            model,
-            kv,
-            block_size,
+            block_size: backend.block_size(),
+            backend,
             seqs: HashMap::new(),
             lora: None,
         }
     }
 
-    /// Gives the executor adapter slots (requests with adapters are refused without them).
-    pub fn set_lora(&mut self, stack: LoraStack) {
-        self.lora = Some(DeviceSlots::new(stack));
+    /// Gives the executor adapter slots (requests with adapters are refused without them);
+    /// returns their bytes on the backend's device.
+    pub fn set_lora(&mut self, spec: SlotSpec) -> Result<usize, BackendError> {
+        let bytes = self.backend.init_adapter_slots(spec)?;
+        self.lora = Some(DeviceSlots::new(spec.num_slots));
+        Ok(bytes)
     }
 
     /// Adapters resident in the slots.
@@ -99,9 +95,9 @@ impl<M: Deref<Target = LlamaModel>> Executor<M> {
         self.lora.as_ref().map_or(0, DeviceSlots::num_resident)
     }
 
-    /// The model.
-    pub fn model(&self) -> &LlamaModel {
-        &self.model
+    /// The backend.
+    pub fn backend(&self) -> &B {
+        &self.backend
     }
 
     /// Registers a request's sampler when it is admitted (before it is first scheduled). The
@@ -164,19 +160,11 @@ impl<M: Deref<Target = LlamaModel>> Executor<M> {
             logits_indices: &batch.logits_indices,
         };
         forward.check().map_err(ExecutorError)?;
-        let lora = match &self.lora {
-            Some(slots) if !segments.is_empty() => Some(LoraBatch {
-                stack: slots.stack(),
-                segments: &segments,
-            }),
-            _ => None,
-        };
-        let logits = self
-            .model
-            .forward_with_lora(&forward, &mut self.kv, lora.as_ref())
-            .map_err(|e| ExecutorError(format!("LoRA: {e}")))?;
+        self.backend
+            .forward(&forward, &segments)
+            .map_err(|e| ExecutorError(e.to_string()))?;
         drop(seqs);
-        let mut result = self.sample(&batch.samplers, &logits);
+        let mut result = self.sample(&batch.samplers)?;
         result.slot_fills = slot_fills;
         Ok(result)
     }
@@ -204,9 +192,12 @@ impl<M: Deref<Target = LlamaModel>> Executor<M> {
         let device = self.lora.as_mut().ok_or_else(|| {
             ExecutorError("a request with an adapter reached an executor without slots".into())
         })?;
+        let backend = &mut self.backend;
         for (id, adapter, is_new) in wanted {
             let (slot, fill) = device
-                .acquire(&adapter, &pinned)
+                .acquire(&adapter, &pinned, |slot| {
+                    backend.load_adapter(slot, &adapter)
+                })
                 .map_err(|e| ExecutorError(e.to_string()))?;
             if is_new {
                 fills.push(fill);
@@ -295,36 +286,40 @@ impl<M: Deref<Target = LlamaModel>> Executor<M> {
         Ok(plan)
     }
 
-    fn sample(&mut self, ids: &[RequestId], logits: &[f32]) -> ExecuteResult {
-        let vocab = self.model.config().vocab_size;
-        let mut result = ExecuteResult::default();
-        let mut masked_row = Vec::new();
-        for (row, id) in logits.chunks_exact(vocab).zip(ids) {
-            let Some(state) = self.seqs.get_mut(id) else {
-                continue;
-            };
-            let Some(kv) = state.kv.as_mut() else {
-                continue;
-            };
+    /// Samples the rows of `ids` (in logits-row order) on the backend and appends the tokens.
+    fn sample(&mut self, ids: &[RequestId]) -> Result<ExecuteResult, ExecutorError> {
+        let vocab = self.backend.config().vocab_size;
+        let mut rows = Vec::with_capacity(ids.len());
+        for id in ids {
+            let state = self
+                .seqs
+                .get_mut(id)
+                .ok_or_else(|| ExecutorError(format!("sampling unknown request {id:?}")))?;
+            let kv = state
+                .kv
+                .as_ref()
+                .ok_or_else(|| ExecutorError(format!("sampling request {id:?} without data")))?;
             let (prompt, output) = kv.token_ids.split_at(kv.num_prompt_tokens);
-            let row = if output.len() < state.min_tokens && !state.masked_ids.is_empty() {
-                masked_row.clear();
-                masked_row.extend_from_slice(row);
-                for &t in &state.masked_ids {
-                    if let Some(l) = masked_row.get_mut(t as usize) {
-                        *l = f32::NEG_INFINITY;
-                    }
-                }
-                &masked_row[..]
+            let banned = if output.len() < state.min_tokens {
+                &state.masked_ids[..]
             } else {
-                row
+                &[]
             };
-            let sampled = state.sampler.sample(row, prompt, output);
-            kv.token_ids.push(sampled.token_id);
+            rows.push(state.sampler.row_sample(prompt, output, vocab, banned));
+        }
+        let sampled = self
+            .backend
+            .sample(&rows)
+            .map_err(|e| ExecutorError(e.to_string()))?;
+        let mut result = ExecuteResult::default();
+        for (id, sampled) in ids.iter().zip(sampled) {
+            if let Some(kv) = self.seqs.get_mut(id).and_then(|s| s.kv.as_mut()) {
+                kv.token_ids.push(sampled.token_id);
+            }
             result.step.sampled.push((*id, sampled.token_id));
             result.samples.insert(*id, sampled);
         }
-        result
+        Ok(result)
     }
 }
 

@@ -2,7 +2,6 @@
 //! and aborts go in through a channel, each request's outputs come back on its own stream. The
 //! thread blocks while idle and exits when every handle is dropped or on [`EngineHandle::shutdown`].
 
-use std::ops::Deref;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
@@ -10,10 +9,10 @@ use std::thread::JoinHandle;
 use caduceus_scheduler::{FinishReason, RequestId, SchedulerStats};
 use tokio::sync::mpsc as async_mpsc;
 
+use super::backend::Backend;
 use super::engine_core::{EngineCore, EngineError};
 use super::output::{OutputSender, RequestOutput, RequestStream};
 use super::request::{EngineRequest, RequestError, RequestLimits};
-use crate::model::LlamaModel;
 
 /// How long an engine with work but nothing runnable waits before trying again.
 const IDLE_POLL: std::time::Duration = std::time::Duration::from_millis(2);
@@ -51,11 +50,11 @@ pub struct EngineHandle {
 
 impl EngineHandle {
     /// Starts `core` on a new thread named `caduceus-engine`.
-    pub fn spawn<M>(
-        core: EngineCore<M>,
+    pub fn spawn<B>(
+        core: EngineCore<B>,
     ) -> std::io::Result<(EngineHandle, JoinHandle<Result<(), EngineError>>)>
     where
-        M: Deref<Target = LlamaModel> + Send + 'static,
+        B: Backend + Send + 'static,
     {
         let (tx, rx) = mpsc::channel();
         let shared = Arc::new(Shared {
@@ -178,8 +177,8 @@ impl Drop for AliveGuard {
     }
 }
 
-fn run_loop<M: Deref<Target = LlamaModel>>(
-    mut core: EngineCore<M>,
+fn run_loop<B: Backend>(
+    mut core: EngineCore<B>,
     rx: mpsc::Receiver<Command>,
     shared: &Shared,
 ) -> Result<(), EngineError> {
@@ -226,11 +225,7 @@ fn run_loop<M: Deref<Target = LlamaModel>>(
 }
 
 /// Applies one command; false means shut down.
-fn apply<M: Deref<Target = LlamaModel>>(
-    core: &mut EngineCore<M>,
-    cmd: Command,
-    shared: &Shared,
-) -> bool {
+fn apply<B: Backend>(core: &mut EngineCore<B>, cmd: Command, shared: &Shared) -> bool {
     match cmd {
         Command::Add { id, req, out } => {
             shared.in_channel.fetch_sub(1, Ordering::AcqRel);

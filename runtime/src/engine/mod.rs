@@ -2,11 +2,14 @@
 //!
 //! [`EngineCore::step`] is `schedule -> execute -> update`: the scheduler picks the tokens of this
 //! iteration under one token budget (decodes, prefill chunks, prefix-cache hits), the
-//! [`Executor`] runs them as one flattened batch over the paged KV cache and samples, and the
+//! [`Executor`] runs them as one flattened batch on a [`Backend`] (CPU or CUDA: the one hardware
+//! seam) over its paged KV pool and samples, and the
 //! scheduler applies the sampled tokens. Around it, the core streams each request's tokens and
 //! text, matches stop strings and aborts requests whose client has gone.
 //! [`EngineHandle`] runs the core on its own thread for the async server.
 
+mod backend;
+mod cpu_backend;
 mod device_slots;
 mod engine_core;
 mod executor;
@@ -15,6 +18,8 @@ mod output;
 mod request;
 mod stop;
 
+pub use backend::{Backend, BackendError, SlotSpec};
+pub use cpu_backend::CpuBackend;
 pub use device_slots::SlotFill;
 pub use engine_core::{EngineCore, EngineError, StepStats};
 pub use executor::{ExecuteResult, Executor, ExecutorError, SeqSampling};

@@ -7,7 +7,18 @@ use caduceus_kernels::lora::{LoraShape, Segment};
 
 use crate::adapters::AdapterWeights;
 use crate::model::config::LlamaConfig;
-use crate::model::lora::projection_dims;
+use crate::model::lora::{projection_dims, LoraStack, LoraStackError};
+
+/// Why a host-prepared adapter cannot go into the device slots.
+#[derive(Debug, thiserror::Error)]
+pub enum GpuLoraLoadError {
+    #[error("the GPU engine reads adapters prepared as f16 or f32 (set adapters.dtype): {0}")]
+    Prepared(#[from] LoraStackError),
+    #[error("adapter has {actual} layers, the model {expected}")]
+    Layers { expected: usize, actual: usize },
+    #[error(transparent)]
+    Device(#[from] LoraGpuError),
+}
 
 /// `max_loras` device slots for every projection of every layer.
 pub struct GpuLoraStack {
@@ -71,6 +82,32 @@ impl GpuLoraStack {
                         slots.load_slot(dev, slot, &p.a, &p.b, adapter.rank, adapter.scale)?
                     }
                     None => slots.clear_slot(dev, slot)?,
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts the adapter of a host-prepared one-slot stack (f32 or f16; see
+    /// [`LoraStack::read_slot`]) into `slot`, converted to the device dtype.
+    pub fn load_prepared(
+        &mut self,
+        dev: &Device,
+        slot: usize,
+        prepared: &LoraStack,
+    ) -> Result<(), GpuLoraLoadError> {
+        let layers = prepared.read_slot(0)?;
+        if layers.len() != self.layers.len() {
+            return Err(GpuLoraLoadError::Layers {
+                expected: self.layers.len(),
+                actual: layers.len(),
+            });
+        }
+        for (stores, pairs) in self.layers.iter_mut().zip(&layers) {
+            for (store, pair) in stores.iter_mut().zip(pairs) {
+                match pair {
+                    Some(p) => store.load_slot(dev, slot, &p.a, &p.b, p.rank, p.scale)?,
+                    None => store.clear_slot(dev, slot)?,
                 }
             }
         }

@@ -1,10 +1,16 @@
 //! The GPU engine (issue 17, in progress): how device memory is divided, which batch sizes get a
 //! captured CUDA graph (pure arithmetic, tested on any machine), and the model forward pass over
-//! the kernels of `caduceus_kernels::gpu` (`model`, with feature `cuda` or `gpu-emu`).
+//! the kernels of `caduceus_kernels::gpu` (`model`) behind the engine's backend seam
+//! (`backend`), with feature `cuda` or `gpu-emu`.
 
+#[cfg(any(feature = "cuda", feature = "gpu-emu"))]
+pub mod backend;
 pub mod graph_ladder;
 #[cfg(any(feature = "cuda", feature = "gpu-emu"))]
 pub mod lora;
 pub mod memory_plan;
 #[cfg(any(feature = "cuda", feature = "gpu-emu"))]
 pub mod model;
+
+#[cfg(any(feature = "cuda", feature = "gpu-emu"))]
+pub use backend::{GpuBackend, GpuBackendConfig, KvBlocks, PlanLimits};

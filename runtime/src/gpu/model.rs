@@ -3,8 +3,8 @@
 //! every op. Same batch contract as the CPU [`crate::model::LlamaModel::forward`]: a flattened
 //! [`ForwardBatch`] mixing prefill chunks and decode tokens, logits for `logits_indices`.
 //!
-//! Not yet here (issue 17): sampling on the device, one pinned upload per step,
-//! CUDA graphs, attention biases; it has never run on a GPU.
+//! Not yet here (issue 17): one pinned upload per step and a preallocated workspace, CUDA
+//! graphs, attention biases; it has never run on a GPU.
 
 use caduceus_kernels::attention::KvCacheShape;
 use caduceus_kernels::gpu::attention::{
@@ -198,6 +198,32 @@ impl GpuModel {
         self.dtype
     }
 
+    /// Device bytes of the weights.
+    pub fn weight_bytes(&self) -> usize {
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                [
+                    &l.attn_norm,
+                    &l.ffn_norm,
+                    &l.qkv,
+                    &l.o_proj,
+                    &l.gate_up,
+                    &l.down,
+                ]
+                .iter()
+                .map(|b| b.len_bytes())
+                .sum::<usize>()
+            })
+            .sum();
+        layers
+            + self.embed.len_bytes()
+            + self.lm_head.as_ref().map_or(0, DeviceBuffer::len_bytes)
+            + self.final_norm.len_bytes()
+            + self.inv_freq.len_bytes()
+    }
+
     /// A KV cache of `num_blocks` blocks of `block_size` tokens per layer.
     pub fn new_kv_cache(
         &self,
@@ -236,11 +262,30 @@ impl GpuModel {
         kv: &GpuKvCache,
         lora: Option<&GpuLoraBatch<'_>>,
     ) -> Result<Vec<f32>, GpuModelError> {
+        let Some(logits) = self.forward_on_device(batch, kv, lora)? else {
+            return Ok(Vec::new());
+        };
+        let f32_logits = self
+            .dev
+            .alloc_zeroed(logits.len_bytes() / self.dtype.size() * 4)?;
+        let n = batch.logits_indices.len() * self.config.vocab_size;
+        ops::to_f32(&self.dev, self.dtype, &logits, n, &f32_logits)?;
+        Ok(self.dev.download::<f32>(&f32_logits)?)
+    }
+
+    /// [`Self::forward_with_lora`] leaving the logits on the device, `[logits_indices.len(),
+    /// vocab]` in the model dtype (`None` when no row asks for logits).
+    pub fn forward_on_device(
+        &self,
+        batch: &ForwardBatch<'_>,
+        kv: &GpuKvCache,
+        lora: Option<&GpuLoraBatch<'_>>,
+    ) -> Result<Option<DeviceBuffer>, GpuModelError> {
         batch.check().map_err(GpuModelError::Batch)?;
         let (dev, dt, c) = (&self.dev, self.dtype, &self.config);
         let t = batch.num_tokens();
         if t == 0 {
-            return Ok(Vec::new());
+            return Ok(None);
         }
         let (hidden, hd) = (c.hidden_size, c.head_dim);
         let (q_dim, kv_dim) = (c.num_heads * hd, c.num_kv_heads * hd);
@@ -429,7 +474,7 @@ impl GpuModel {
         let rows: Vec<u32> = batch.logits_indices.iter().map(|&r| r as u32).collect();
         let n = rows.len();
         if n == 0 {
-            return Ok(Vec::new());
+            return Ok(None);
         }
         let picked = self.zeros(n * hidden)?;
         // The embedding gather serves as a row gather: table = h, ids = the wanted rows.
@@ -449,20 +494,18 @@ impl GpuModel {
                 accumulate: false,
             },
         )?;
-        Ok(match dt {
-            DType::Bf16 => dev
-                .download::<bf16>(&logits)?
-                .iter()
-                .map(|v| v.to_f32())
-                .collect(),
-            DType::F16 => dev
-                .download::<f16>(&logits)?
-                .iter()
-                .map(|v| v.to_f32())
-                .collect(),
-        })
+        Ok(Some(logits))
     }
 }
 
 #[cfg(all(test, feature = "gpu-emu"))]
-mod tests;
+pub(super) mod tests;
+
+impl crate::model::Network for GpuModel {
+    fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+    fn weight_bytes(&self) -> usize {
+        GpuModel::weight_bytes(self)
+    }
+}

@@ -30,6 +30,9 @@ pub enum LoadError {
         path: PathBuf,
         source: TokenizerError,
     },
+    /// The weights could not be placed on the device.
+    #[error("putting the model on {device}: {message}")]
+    Device { device: String, message: String },
     /// The chat template does not compile.
     #[error("chat template of {path}: {source}")]
     ChatTemplate {
@@ -38,10 +41,26 @@ pub enum LoadError {
     },
 }
 
+/// A network built from a checkpoint's tensors: the CPU [`LlamaModel`], or the GPU model.
+pub trait Network {
+    fn config(&self) -> &LlamaConfig;
+    /// Bytes of weights held (host or device).
+    fn weight_bytes(&self) -> usize;
+}
+
+impl Network for LlamaModel {
+    fn config(&self) -> &LlamaConfig {
+        LlamaModel::config(self)
+    }
+    fn weight_bytes(&self) -> usize {
+        LlamaModel::weight_bytes(self)
+    }
+}
+
 /// Everything needed to turn text into tokens, run the model and turn tokens back into text.
-pub struct LoadedModel {
+pub struct LoadedModel<N = LlamaModel> {
     /// The network.
-    pub model: LlamaModel,
+    pub model: N,
     /// The model's own tokenizer.
     pub tokenizer: Tokenizer,
     /// The model's own chat template (ChatML when the model ships none).
@@ -60,6 +79,22 @@ impl LoadedModel {
 
     /// [`Self::load`] holding the weights in `weights` format.
     pub fn load_with(path: &Path, weights: WeightFormat) -> Result<Self, LoadError> {
+        LoadedModel::load_into(path, |config, store| {
+            Ok(LlamaModel::from_tensors_with(config, store, weights)?)
+        })
+    }
+}
+
+/// Builds a network from the checkpoint's config and tensors.
+type Build<'a, N> = dyn FnOnce(LlamaConfig, &mut TensorStore) -> Result<N, LoadError> + 'a;
+
+impl<N: Network> LoadedModel<N> {
+    /// Loads a `.gguf` file or an HF model directory, the network made by `build` from its
+    /// tensors (e.g. uploaded to a GPU).
+    pub fn load_into(
+        path: &Path,
+        build: impl FnOnce(LlamaConfig, &mut TensorStore) -> Result<N, LoadError>,
+    ) -> Result<Self, LoadError> {
         if !path.exists() {
             let hint =
                 if path == Path::new(DEFAULT_MODEL_PATH) || path.ends_with(DEFAULT_MODEL_PATH) {
@@ -74,9 +109,9 @@ impl LoadedModel {
         }
         let started = Instant::now();
         let loaded = if path.is_dir() {
-            Self::load_hf_dir(path, weights)?
+            Self::load_hf_dir(path, Box::new(build))?
         } else {
-            Self::load_gguf(path, weights)?
+            Self::load_gguf(path, Box::new(build))?
         };
         let c = loaded.model.config();
         tracing::info!(
@@ -94,7 +129,7 @@ impl LoadedModel {
         Ok(loaded)
     }
 
-    fn load_gguf(path: &Path, weights: WeightFormat) -> Result<Self, LoadError> {
+    fn load_gguf(path: &Path, build: Box<Build<'_, N>>) -> Result<Self, LoadError> {
         let file = GgufFile::open(path)?;
         let config = LlamaConfig::from_gguf(&file)?;
         let mut store = TensorStore::from_gguf(&file)?;
@@ -106,7 +141,7 @@ impl LoadedModel {
         let spec = GgufTokenizerSpec::from_gguf(&file).map_err(tok_err)?;
         let tokenizer = Tokenizer::from_gguf_spec(&spec).map_err(tok_err)?;
         let template = file.get_str("tokenizer.chat_template").map(str::to_owned);
-        let model = LlamaModel::from_tensors_with(config, &mut store, weights)?;
+        let model = build(config, &mut store)?;
         let name = path
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
@@ -114,7 +149,7 @@ impl LoadedModel {
         Self::assemble(model, tokenizer, template.as_deref(), name, path)
     }
 
-    fn load_hf_dir(dir: &Path, weights: WeightFormat) -> Result<Self, LoadError> {
+    fn load_hf_dir(dir: &Path, build: Box<Build<'_, N>>) -> Result<Self, LoadError> {
         let config_path = dir.join("config.json");
         let json = std::fs::read_to_string(&config_path).map_err(|source| ModelError::Io {
             path: config_path.clone(),
@@ -127,7 +162,7 @@ impl LoadedModel {
             source,
         })?;
         let template = tokenizer.chat_template().map(str::to_owned);
-        let model = LlamaModel::from_tensors_with(config, &mut store, weights)?;
+        let model = build(config, &mut store)?;
         let name = dir
             .file_name()
             .map(|s| s.to_string_lossy().into_owned())
@@ -136,7 +171,7 @@ impl LoadedModel {
     }
 
     fn assemble(
-        model: LlamaModel,
+        model: N,
         tokenizer: Tokenizer,
         template: Option<&str>,
         name: String,

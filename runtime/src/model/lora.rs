@@ -4,7 +4,7 @@
 
 use caduceus_kernels::lora::{
     add_lora_fused, f16, FusedPart, LoraError, LoraKernel, LoraShape, LoraSlots, LoraWeight,
-    Segment, Q8,
+    PeftSlot, Segment, Q8,
 };
 
 use super::config::LlamaConfig;
@@ -89,6 +89,14 @@ impl ProjectionSlots {
             ProjectionSlots::F32(s) => s.clear_slot(slot),
             ProjectionSlots::F16(s) => s.clear_slot(slot),
             ProjectionSlots::Q8(s) => s.clear_slot(slot),
+        }
+    }
+
+    fn read(&self, slot: usize) -> Option<PeftSlot> {
+        match self {
+            ProjectionSlots::F32(s) => s.read_slot(slot),
+            ProjectionSlots::F16(s) => s.read_slot(slot),
+            ProjectionSlots::Q8(s) => s.read_slot(slot),
         }
     }
 
@@ -232,6 +240,22 @@ impl LoraStack {
                 d.clear(slot)
             }
         })
+    }
+
+    /// The adapter in `slot` back in PEFT's f32 layouts, per layer and projection (`None`: not
+    /// targeted): what a device backend fills its own slots from. Q8 stacks cannot be read back.
+    pub fn read_slot(&self, slot: usize) -> Result<Vec<[Option<PeftSlot>; 7]>, LoraStackError> {
+        if self.dtype == LoraDtype::Q8 {
+            return Err(LoraStackError::Dtype {
+                prepared: LoraDtype::Q8,
+                slots: LoraDtype::F16,
+            });
+        }
+        Ok(self
+            .layers
+            .iter()
+            .map(|projections| std::array::from_fn(|p| projections[p].read(slot)))
+            .collect())
     }
 
     /// The storage type of the slots.

@@ -12,5 +12,5 @@ pub mod weights;
 
 pub use batch::ForwardBatch;
 pub use llama::{LlamaModel, WeightFormat};
-pub use loader::{LoadedModel, DEFAULT_MODEL_PATH};
+pub use loader::{LoadedModel, Network, DEFAULT_MODEL_PATH};
 pub use lora::{LoraBatch, LoraDtype, LoraStack};

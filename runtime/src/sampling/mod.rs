@@ -5,7 +5,9 @@
 pub mod logprobs;
 pub mod params;
 pub mod penalties;
+pub mod row;
 pub mod sampler;
 
 pub use params::{SamplingError, SamplingParams, GREEDY_TEMPERATURE_EPS, MAX_LOGPROBS};
+pub use row::{sample_row, RowSample, RowScratch};
 pub use sampler::{SampledToken, Sampler};

@@ -8,13 +8,13 @@
 //! allocation happens.
 
 use caduceus_kernels::sampling::{
-    choose_token, penalty_entries, top_logprobs, LogSoftmax, Penalties, PenaltyEntry, RowSampling,
-    SampleScratch, Truncation,
+    penalty_entries, Penalties, PenaltyEntry, RowSampling, Truncation,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::params::{SamplingParams, MAX_LOGPROBS};
+use super::params::SamplingParams;
+use super::row::{sample_row, RowSample, RowScratch};
 
 /// One sampled token, with logprobs when the request asked for them.
 #[derive(Clone, Debug, PartialEq)]
@@ -32,7 +32,7 @@ pub struct SampledToken {
 pub struct Sampler {
     params: SamplingParams,
     rng: ChaCha8Rng,
-    scratch: SampleScratch,
+    scratch: RowScratch,
     /// The penalty entries of the current step, and scratch for building them.
     entries: Vec<PenaltyEntry>,
     ids: Vec<u32>,
@@ -49,7 +49,7 @@ impl Sampler {
         Sampler {
             params,
             rng,
-            scratch: SampleScratch::default(),
+            scratch: RowScratch::default(),
             entries: Vec::new(),
             ids: Vec::new(),
         }
@@ -107,6 +107,26 @@ impl Sampler {
         &self.entries
     }
 
+    /// This step's [`RowSample`] for a row of `vocab` logits: consumes one uniform (non-greedy)
+    /// and builds the penalty entries; `banned` ids count as -inf.
+    pub fn row_sample(
+        &mut self,
+        prompt_ids: &[u32],
+        output_ids: &[u32],
+        vocab: usize,
+        banned: &[u32],
+    ) -> RowSample {
+        let sampling = self.row_sampling();
+        let penalties = self.penalty_entries(prompt_ids, output_ids, vocab).to_vec();
+        RowSample {
+            sampling,
+            u: self.next_uniform(),
+            penalties,
+            banned: banned.to_vec(),
+            logprobs: self.params.logprobs,
+        }
+    }
+
     /// Samples one token from one row of raw logits (len = vocab). `prompt_ids`/`output_ids`
     /// feed the penalties. Logprobs are those of the model's raw distribution (log_softmax of
     /// the unmodified logits), as vLLM returns by default, not of the distribution drawn from.
@@ -117,35 +137,15 @@ impl Sampler {
         prompt_ids: &[u32],
         output_ids: &[u32],
     ) -> SampledToken {
-        let s = self.row_sampling();
-        self.penalty_entries(prompt_ids, output_ids, logits.len());
-        let u = self.next_uniform();
-        let token_id = choose_token(logits, &self.entries, &s, u, &mut self.scratch);
-        match self.params.logprobs {
-            None => SampledToken {
-                token_id,
-                logprob: None,
-                top_logprobs: Vec::new(),
-            },
-            Some(n) => {
-                let norm = LogSoftmax::new(logits);
-                let raw = logits
-                    .get(token_id as usize)
-                    .copied()
-                    .unwrap_or(f32::NEG_INFINITY);
-                SampledToken {
-                    token_id,
-                    logprob: Some(norm.logprob(raw)),
-                    top_logprobs: top_logprobs(logits, n.min(MAX_LOGPROBS), &norm),
-                }
-            }
-        }
+        let r = self.row_sample(prompt_ids, output_ids, logits.len(), &[]);
+        sample_row(logits, &r, &mut self.scratch)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use caduceus_kernels::sampling::{choose_token, SampleScratch};
 
     /// What a GPU step does per request (row description, entries, one uniform, then the
     /// kernel, whose twin is `choose_token`) draws the same tokens as `sample` for one seed.

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use caduceus_runtime::engine::{EngineCore, EngineRequest, RequestId, SchedulerConfig};
+use caduceus_runtime::engine::{CpuBackend, EngineCore, EngineRequest, RequestId, SchedulerConfig};
 use caduceus_runtime::kv_events::{KvEventPublisher, KvEventSettings};
 use caduceus_runtime::model::loader::LoadedModel;
 use caduceus_runtime::model::{LlamaModel, LoraDtype};
@@ -80,7 +80,7 @@ fn apply(mirror: &mut Mirror, payload: &[u8], names: &mut HashMap<u64, String>) 
 }
 
 /// The engine's own view, keyed and labelled as on the wire.
-fn pool_view(core: &EngineCore<&LlamaModel>, names: &HashMap<u64, String>) -> Mirror {
+fn pool_view(core: &EngineCore<CpuBackend<&LlamaModel>>, names: &HashMap<u64, String>) -> Mirror {
     let pool = core.scheduler().kv_cache_manager().block_pool();
     (0..pool.num_blocks() as u32)
         .filter_map(|b| pool.cached_key(caduceus_scheduler::BlockId(b)))
@@ -92,7 +92,7 @@ fn pool_view(core: &EngineCore<&LlamaModel>, names: &HashMap<u64, String>) -> Mi
         .collect()
 }
 
-fn run_to_idle(core: &mut EngineCore<&LlamaModel>) {
+fn run_to_idle(core: &mut EngineCore<CpuBackend<&LlamaModel>>) {
     for _ in 0..2000 {
         if !core.has_unfinished() {
             return;
@@ -105,7 +105,11 @@ fn run_to_idle(core: &mut EngineCore<&LlamaModel>) {
 }
 
 /// Queues a request; the returned stream must stay alive (dropping it aborts the request).
-fn submit(core: &mut EngineCore<&LlamaModel>, id: u64, adapter: Option<&str>) -> Stream {
+fn submit(
+    core: &mut EngineCore<CpuBackend<&LlamaModel>>,
+    id: u64,
+    adapter: Option<&str>,
+) -> Stream {
     let prompt: Vec<u32> = (0..18 + id as u32 % 7).map(|i| (i * 5 + 3) % 250).collect();
     let mut req = EngineRequest::new(prompt, 6);
     req.ignore_eos = true;

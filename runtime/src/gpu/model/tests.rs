@@ -21,13 +21,13 @@ use crate::model::weights::TensorStore;
 
 /// A random Llama with GQA (2 query heads of 64 on 1 KV head), 2 layers: small, since the
 /// emulation runs a thread per CUDA thread.
-const CONFIG: &str = r#"{"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+pub(crate) const CONFIG: &str = r#"{"architectures": ["LlamaForCausalLM"], "model_type": "llama",
   "vocab_size": 300, "hidden_size": 128, "intermediate_size": 192, "num_hidden_layers": 2,
   "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 512,
   "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": false}"#;
 
 /// Weights already rounded to `dtype`, so both models multiply the same numbers.
-fn store(c: &LlamaConfig, dtype: DType) -> TensorStore {
+pub(crate) fn store(c: &LlamaConfig, dtype: DType) -> TensorStore {
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     let round = |v: f32| match dtype {
         DType::Bf16 => half::bf16::from_f32(v).to_f32(),
@@ -82,7 +82,7 @@ struct Piece {
 
 /// A random adapter of `rank` on the projections `targets` (indices into `Projection::ALL`),
 /// weights rounded to `dtype` so both sides hold the same numbers.
-fn adapter(
+pub(crate) fn adapter(
     c: &LlamaConfig,
     rank: usize,
     targets: &[usize],

@@ -1,0 +1,116 @@
+//! `caduceus serve` on a CUDA device: weights converted to bf16/f16 and uploaded, adapter slots
+//! and the KV pool sized by the memory plan, then the same serving half as the CPU.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use caduceus_kernels::gpu::{DType, Device};
+
+use super::serve::{root_name, scheduler_config, serve, served_name, ServedModel};
+use crate::config::{AdapterDtype, CaduceusConfig, Dtype};
+use crate::engine::{EngineCore, SlotSpec};
+use crate::gpu::model::GpuModel;
+use crate::gpu::{GpuBackend, GpuBackendConfig, KvBlocks, PlanLimits};
+use crate::model::loader::{LoadError, LoadedModel};
+use crate::model::LoraDtype;
+
+/// Loads the model onto `dev` and serves it.
+pub(super) fn run(config: CaduceusConfig, dev: Device) -> anyhow::Result<()> {
+    let dtype = match config.model.dtype {
+        Dtype::Auto | Dtype::Bf16 => DType::Bf16,
+        Dtype::F16 => DType::F16,
+        Dtype::F32 => anyhow::bail!(
+            "model.dtype = \"f32\": the GPU engine computes in bf16 or f16; set model.dtype to \
+             \"auto\", \"bf16\" or \"f16\" (or model.device to \"cpu\")"
+        ),
+    };
+    let adapter_dtype = match config.adapters.dtype {
+        AdapterDtype::Auto | AdapterDtype::F16 => LoraDtype::F16,
+        AdapterDtype::F32 => LoraDtype::F32,
+        AdapterDtype::Q8 => anyhow::bail!(
+            "adapters.dtype = \"q8\" is a CPU format; on a GPU set adapters.dtype to \"auto\", \
+             \"f16\" or \"f32\" (adapters are converted to the model dtype in the device slots)"
+        ),
+    };
+    let device_name = dev.describe();
+    let loaded = LoadedModel::load_into(&config.model.path, |c, store| {
+        GpuModel::from_tensors(c, store, dev, dtype).map_err(|e| LoadError::Device {
+            device: device_name.clone(),
+            message: e.to_string(),
+        })
+    })
+    .with_context(|| format!("loading the model from {}", config.model.path.display()))?;
+    tracing::info!(device = %device_name, ?dtype, "weights converted and resident on the GPU");
+    let max_model_len = config
+        .model
+        .max_model_len
+        .unwrap_or_else(|| loaded.max_model_len());
+    let s = &config.scheduler;
+    let adapter_slots = config.adapters.dir.is_some().then_some(SlotSpec {
+        num_slots: config.adapters.max_loras,
+        max_rank: config.adapters.max_lora_rank,
+        dtype: adapter_dtype,
+    });
+    let kv_blocks = match config.model.num_gpu_blocks_override {
+        Some(n) => KvBlocks::Fixed(n),
+        None => KvBlocks::Plan(PlanLimits {
+            gpu_memory_utilization: config.model.gpu_memory_utilization,
+            max_num_batched_tokens: s.max_num_batched_tokens,
+            max_num_seqs: s.max_num_seqs,
+            max_model_len,
+        }),
+    };
+    let ServedModelParts { model, served } = parts(&config, loaded, adapter_dtype);
+    let backend = GpuBackend::new(
+        model,
+        GpuBackendConfig {
+            block_size: s.block_size,
+            kv_blocks,
+            adapter_slots,
+        },
+    )?;
+    match backend.memory_plan() {
+        Some(p) => tracing::info!(
+            num_gpu_blocks = p.num_gpu_blocks,
+            budget_mib = p.budget_bytes >> 20,
+            fixed_mib = p.fixed_bytes >> 20,
+            kv_mib = p.kv_bytes >> 20,
+            gpu_memory_utilization = config.model.gpu_memory_utilization,
+            "KV cache pool (GPU memory plan)"
+        ),
+        None => tracing::info!(
+            num_gpu_blocks = config.model.num_gpu_blocks_override,
+            "KV cache pool (model.num_gpu_blocks_override)"
+        ),
+    }
+    let eos = served.tokenizer.eos_ids().to_vec();
+    // The scheduler's block count comes from the backend's pool.
+    let sched = scheduler_config(&config, 0, max_model_len);
+    let core = EngineCore::with_backend(backend, Some(served.tokenizer.clone()), eos, sched)?;
+    serve(config, core, served)
+}
+
+struct ServedModelParts {
+    model: GpuModel,
+    served: ServedModel,
+}
+
+fn parts(
+    config: &CaduceusConfig,
+    loaded: LoadedModel<GpuModel>,
+    adapter_dtype: LoraDtype,
+) -> ServedModelParts {
+    let served = ServedModel {
+        tokenizer: Arc::new(loaded.tokenizer),
+        chat_template: loaded.chat_template,
+        served_model_name: served_name(config, &loaded.name),
+        model_root: root_name(&loaded.path, &loaded.name),
+        base_config: loaded.model.config().clone(),
+        medium: "GPU",
+        adapter_dtype,
+    };
+    ServedModelParts {
+        model: loaded.model,
+        served,
+    }
+}

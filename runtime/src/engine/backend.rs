@@ -1,0 +1,90 @@
+//! The one seam where hardware enters the engine: a [`Backend`] holds the model weights, the
+//! paged KV pool and the adapter slots on its device, runs a flattened forward pass and samples
+//! from the logits it keeps. The executor (batch preparation, request state, slot bookkeeping)
+//! and everything above it are shared by the CPU backend ([`super::CpuBackend`], the reference)
+//! and the CUDA one ([`crate::gpu::GpuBackend`]).
+
+use caduceus_kernels::lora::Segment;
+
+use crate::adapters::LoadedAdapter;
+use crate::model::config::LlamaConfig;
+use crate::model::{ForwardBatch, LoraDtype};
+use crate::sampling::{RowSample, SampledToken};
+
+/// A failure inside the backend (a kernel, a copy, an adapter that does not fit its slots).
+#[derive(Debug, thiserror::Error)]
+#[error("{backend} backend: {message}")]
+pub struct BackendError {
+    pub backend: &'static str,
+    pub message: String,
+}
+
+impl BackendError {
+    pub fn new(backend: &'static str, e: impl std::fmt::Display) -> Self {
+        BackendError {
+            backend,
+            message: e.to_string(),
+        }
+    }
+}
+
+/// The adapter slots a backend allocates (`adapters.max_loras` of them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SlotSpec {
+    pub num_slots: usize,
+    /// Largest adapter rank a slot holds.
+    pub max_rank: usize,
+    /// How the host tier prepares adapters (`adapters.dtype`): the CPU slots' storage type; a
+    /// device backend converts from it to its own.
+    pub dtype: LoraDtype,
+}
+
+/// Hardware for the engine (see the module docs). Calls come from the engine thread, in order:
+/// `forward` then `sample` for each step.
+pub trait Backend {
+    /// The model's geometry.
+    fn config(&self) -> &LlamaConfig;
+    /// Blocks in the KV pool (the scheduler's `num_blocks`).
+    fn num_kv_blocks(&self) -> usize;
+    /// Tokens per KV block.
+    fn block_size(&self) -> usize;
+    /// What runs the model, for logs.
+    fn describe(&self) -> String;
+    /// Allocates the adapter slots; returns their bytes.
+    fn init_adapter_slots(&mut self, spec: SlotSpec) -> Result<usize, BackendError>;
+    /// Copies `adapter` (from the host tier) into `slot`; projections it does not target are
+    /// cleared there. The executor never names a slot a running request still reads.
+    fn load_adapter(&mut self, slot: u32, adapter: &LoadedAdapter) -> Result<(), BackendError>;
+    /// Runs the model over `batch` (writing its K/V into the pool); `lora`: runs of tokens on
+    /// one slot (empty: base model only). Keeps the logits of `batch.logits_indices`.
+    fn forward(&mut self, batch: &ForwardBatch<'_>, lora: &[Segment]) -> Result<(), BackendError>;
+    /// Samples one token per row of the last forward's logits (`rows[i]` for logits row `i`).
+    fn sample(&mut self, rows: &[RowSample]) -> Result<Vec<SampledToken>, BackendError>;
+}
+
+impl<B: Backend + ?Sized> Backend for Box<B> {
+    fn config(&self) -> &LlamaConfig {
+        (**self).config()
+    }
+    fn num_kv_blocks(&self) -> usize {
+        (**self).num_kv_blocks()
+    }
+    fn block_size(&self) -> usize {
+        (**self).block_size()
+    }
+    fn describe(&self) -> String {
+        (**self).describe()
+    }
+    fn init_adapter_slots(&mut self, spec: SlotSpec) -> Result<usize, BackendError> {
+        (**self).init_adapter_slots(spec)
+    }
+    fn load_adapter(&mut self, slot: u32, adapter: &LoadedAdapter) -> Result<(), BackendError> {
+        (**self).load_adapter(slot, adapter)
+    }
+    fn forward(&mut self, batch: &ForwardBatch<'_>, lora: &[Segment]) -> Result<(), BackendError> {
+        (**self).forward(batch, lora)
+    }
+    fn sample(&mut self, rows: &[RowSample]) -> Result<Vec<SampledToken>, BackendError> {
+        (**self).sample(rows)
+    }
+}

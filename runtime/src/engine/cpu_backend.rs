@@ -1,0 +1,122 @@
+//! The CPU [`Backend`]: the reference model on the host, its f32 paged KV pool and the CPU
+//! adapter slots; samples each row with the shared sampling math.
+
+use std::ops::Deref;
+
+use caduceus_kernels::lora::Segment;
+
+use super::backend::{Backend, BackendError, SlotSpec};
+use crate::adapters::LoadedAdapter;
+use crate::kv_cache::KvCache;
+use crate::model::config::LlamaConfig;
+use crate::model::{ForwardBatch, LlamaModel, LoraBatch, LoraStack};
+use crate::sampling::{sample_row, RowSample, RowScratch, SampledToken};
+
+const NAME: &str = "cpu";
+
+/// The model `M` (owned, `Arc` or borrowed) on the CPU.
+pub struct CpuBackend<M> {
+    model: M,
+    kv: KvCache,
+    lora: Option<LoraStack>,
+    logits: Vec<f32>,
+    scratch: RowScratch,
+}
+
+impl<M: Deref<Target = LlamaModel>> CpuBackend<M> {
+    /// `model` with a KV pool of `num_blocks` blocks of `block_size` tokens.
+    pub fn new(model: M, num_blocks: usize, block_size: usize) -> Self {
+        let kv = KvCache::new(
+            model.config().num_layers,
+            model.kv_cache_shape(num_blocks, block_size),
+        );
+        CpuBackend {
+            model,
+            kv,
+            lora: None,
+            logits: Vec::new(),
+            scratch: RowScratch::default(),
+        }
+    }
+
+    /// The model.
+    pub fn model(&self) -> &LlamaModel {
+        &self.model
+    }
+}
+
+impl<M: Deref<Target = LlamaModel>> Backend for CpuBackend<M> {
+    fn config(&self) -> &LlamaConfig {
+        self.model.config()
+    }
+
+    fn num_kv_blocks(&self) -> usize {
+        self.kv.num_blocks()
+    }
+
+    fn block_size(&self) -> usize {
+        self.kv.block_size()
+    }
+
+    fn describe(&self) -> String {
+        format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+
+    fn init_adapter_slots(&mut self, spec: SlotSpec) -> Result<usize, BackendError> {
+        let stack = LoraStack::new(
+            self.model.config(),
+            spec.num_slots,
+            spec.max_rank,
+            spec.dtype,
+        )
+        .map_err(|e| BackendError::new(NAME, e))?;
+        let bytes = stack.nbytes();
+        self.lora = Some(stack);
+        Ok(bytes)
+    }
+
+    fn load_adapter(&mut self, slot: u32, adapter: &LoadedAdapter) -> Result<(), BackendError> {
+        let stack = self
+            .lora
+            .as_mut()
+            .ok_or_else(|| BackendError::new(NAME, "no adapter slots were allocated"))?;
+        stack
+            .copy_from(slot as usize, &adapter.prepared)
+            .map_err(|e| BackendError::new(NAME, e))
+    }
+
+    fn forward(&mut self, batch: &ForwardBatch<'_>, lora: &[Segment]) -> Result<(), BackendError> {
+        let lora = match &self.lora {
+            Some(stack) if !lora.is_empty() => Some(LoraBatch {
+                stack,
+                segments: lora,
+            }),
+            _ => None,
+        };
+        self.logits = self
+            .model
+            .forward_with_lora(batch, &mut self.kv, lora.as_ref())
+            .map_err(|e| BackendError::new(NAME, format!("LoRA: {e}")))?;
+        Ok(())
+    }
+
+    fn sample(&mut self, rows: &[RowSample]) -> Result<Vec<SampledToken>, BackendError> {
+        let vocab = self.model.config().vocab_size;
+        if rows.len() * vocab != self.logits.len() {
+            return Err(BackendError::new(
+                NAME,
+                format!(
+                    "{} rows to sample, {} logits of vocab {vocab} kept",
+                    rows.len(),
+                    self.logits.len()
+                ),
+            ));
+        }
+        Ok(self
+            .logits
+            .chunks_exact(vocab)
+            .zip(rows)
+            .map(|(row, r)| sample_row(row, r, &mut self.scratch))
+            .collect())
+    }
+}

@@ -1,0 +1,377 @@
+//! The CUDA [`Backend`]: the model's weights, the paged KV pool and the adapter slots on one
+//! [`Device`], the forward pass of [`GpuModel`], and sampling with the device kernel so only ids
+//! and logprobs come back. The KV pool is sized by [`plan_memory`] from what the card has free,
+//! after weights, adapter slots and the activation workspace (or fixed, for tests).
+//!
+//! Runs in the kernels' host emulation in CI; it has never run on a GPU (issue 17).
+
+use caduceus_kernels::gpu::ops;
+use caduceus_kernels::gpu::sampling::{self, LogprobOutputs, SampleArgs, SampleRow};
+use caduceus_kernels::gpu::{DType, Device, DeviceBuffer, GpuError};
+use caduceus_kernels::lora::Segment;
+use caduceus_kernels::sampling::{PenaltyEntry, MAX_LOGPROBS};
+
+use super::lora::{GpuLoraBatch, GpuLoraStack};
+use super::memory_plan::{kv_bytes_per_block, plan_memory, MemoryInputs, MemoryPlan};
+use super::model::{GpuKvCache, GpuModel};
+use crate::adapters::LoadedAdapter;
+use crate::engine::{Backend, BackendError, SlotSpec};
+use crate::model::config::LlamaConfig;
+use crate::model::ForwardBatch;
+use crate::sampling::{RowSample, SampledToken};
+
+const NAME: &str = "cuda";
+
+fn err(e: impl std::fmt::Display) -> BackendError {
+    BackendError::new(NAME, e)
+}
+
+/// How many KV blocks the pool gets.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum KvBlocks {
+    /// Exactly this many (vLLM's `num_gpu_blocks_override`; tests).
+    Fixed(usize),
+    /// What fits in `model.gpu_memory_utilization` of the card after everything else.
+    Plan(PlanLimits),
+}
+
+/// The server limits the memory plan sizes the activation workspace from.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PlanLimits {
+    pub gpu_memory_utilization: f64,
+    pub max_num_batched_tokens: usize,
+    pub max_num_seqs: usize,
+    pub max_model_len: usize,
+}
+
+/// Settings of a [`GpuBackend`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GpuBackendConfig {
+    pub block_size: usize,
+    pub kv_blocks: KvBlocks,
+    /// Adapter slots, allocated before the KV pool is sized (`None`: base model only).
+    pub adapter_slots: Option<SlotSpec>,
+}
+
+/// Upper bound of the per-step device buffers (activations, logits, sampling, decode and LoRA
+/// workspaces) for steps of at most `tokens` tokens and `seqs` sequences of at most `max_len`.
+pub fn activation_bytes(
+    c: &LlamaConfig,
+    dtype: DType,
+    tokens: usize,
+    seqs: usize,
+    max_len: usize,
+    max_rank: usize,
+) -> u64 {
+    let (hd, ffn) = (c.head_dim, c.intermediate_size);
+    let (q, kv) = (c.num_heads * hd, c.num_kv_heads * hd);
+    let per_token = 3 * c.hidden_size + (q + 2 * kv) + 2 * q + 3 * ffn;
+    let rows = seqs.min(tokens);
+    let logits = rows * (c.hidden_size + c.vocab_size) * dtype.size() + rows * c.vocab_size * 8;
+    let splits = max_len.div_ceil(256) + 1;
+    let decode = seqs * c.num_heads * splits * (hd + 1) * 4;
+    let lora = tokens * 3 * max_rank * 4;
+    (tokens * per_token * dtype.size() + logits + decode + lora) as u64
+}
+
+/// Grow-only device buffers reused across steps.
+#[derive(Default)]
+struct Scratch {
+    bufs: Vec<Option<DeviceBuffer>>,
+}
+
+impl Scratch {
+    fn get(&mut self, dev: &Device, index: usize, bytes: usize) -> Result<&DeviceBuffer, GpuError> {
+        if self.bufs.len() <= index {
+            self.bufs.resize_with(index + 1, || None);
+        }
+        let slot = &mut self.bufs[index];
+        if slot.as_ref().is_none_or(|b| b.len_bytes() < bytes) {
+            *slot = Some(dev.alloc_zeroed(bytes.max(4))?);
+        }
+        slot.as_ref()
+            .ok_or_else(|| GpuError::Shape("scratch buffer missing".into()))
+    }
+}
+
+// Indices of the sampling scratch buffers.
+const LOGITS_F32: usize = 0;
+const ROWS: usize = 1;
+const PENALTIES: usize = 2;
+const WORK: usize = 3;
+const OUT_IDS: usize = 4;
+const OUT_LOGPROB: usize = 5;
+const OUT_TOP_IDS: usize = 6;
+const OUT_TOP_LOGPROBS: usize = 7;
+
+/// A model on a CUDA device (or its emulation).
+pub struct GpuBackend {
+    model: GpuModel,
+    kv: GpuKvCache,
+    lora: Option<GpuLoraStack>,
+    slot_spec: Option<SlotSpec>,
+    plan: Option<MemoryPlan>,
+    /// The last forward's logits in the model dtype, and their row count.
+    logits: Option<(DeviceBuffer, usize)>,
+    scratch: Scratch,
+}
+
+impl GpuBackend {
+    /// Allocates the adapter slots, sizes and allocates the KV pool.
+    pub fn new(model: GpuModel, cfg: GpuBackendConfig) -> Result<Self, BackendError> {
+        let c = model.config().clone();
+        let (dev, dtype) = (model.device(), model.dtype());
+        let lora = match cfg.adapter_slots {
+            Some(s) => {
+                Some(GpuLoraStack::new(dev, dtype, &c, s.num_slots, s.max_rank).map_err(err)?)
+            }
+            None => None,
+        };
+        let per_block = kv_bytes_per_block(
+            c.num_layers,
+            cfg.block_size,
+            c.num_kv_heads,
+            c.head_dim,
+            dtype.size(),
+        );
+        let (num_blocks, plan) = match cfg.kv_blocks {
+            KvBlocks::Fixed(n) => (n, None),
+            KvBlocks::Plan(l) => {
+                let (free, total) = dev.memory_info().map_err(err)?;
+                let weights = model.weight_bytes() as u64;
+                let slots = lora.as_ref().map_or(0, GpuLoraStack::nbytes) as u64;
+                let inputs = MemoryInputs {
+                    total_bytes: total as u64,
+                    gpu_memory_utilization: l.gpu_memory_utilization,
+                    // Our weights and slots are resident already: the rest is someone else's.
+                    used_by_others: (total as u64)
+                        .saturating_sub(free as u64)
+                        .saturating_sub(weights + slots),
+                    weight_bytes: weights,
+                    adapter_slot_bytes: slots,
+                    activation_bytes: activation_bytes(
+                        &c,
+                        dtype,
+                        l.max_num_batched_tokens,
+                        l.max_num_seqs,
+                        l.max_model_len,
+                        cfg.adapter_slots.map_or(0, |s| s.max_rank),
+                    ),
+                    graph_bytes: 0,
+                    kv_bytes_per_block: per_block,
+                    min_blocks: l.max_model_len.div_ceil(cfg.block_size) as u64 + 1,
+                };
+                let plan = plan_memory(&inputs).map_err(err)?;
+                let n = usize::try_from(plan.num_gpu_blocks).map_err(err)?;
+                (n, Some(plan))
+            }
+        };
+        let kv = model
+            .new_kv_cache(num_blocks, cfg.block_size)
+            .map_err(|e| err(format!("allocating {num_blocks} KV blocks: {e}")))?;
+        Ok(GpuBackend {
+            model,
+            kv,
+            lora,
+            slot_spec: cfg.adapter_slots,
+            plan,
+            logits: None,
+            scratch: Scratch::default(),
+        })
+    }
+
+    /// How the card's memory was divided (`None` with [`KvBlocks::Fixed`]).
+    pub fn memory_plan(&self) -> Option<MemoryPlan> {
+        self.plan
+    }
+
+    /// Samples every row on the device.
+    fn sample_on_device(&mut self, rows: &[RowSample]) -> Result<Vec<SampledToken>, GpuError> {
+        let vocab = self.model.config().vocab_size;
+        let dtype = self.model.dtype();
+        let dev = self.model.device();
+        let (logits, n) = self
+            .logits
+            .as_ref()
+            .ok_or_else(|| GpuError::Shape("sample before forward".into()))?;
+        if *n != rows.len() {
+            return Err(GpuError::Shape(format!(
+                "{} rows to sample, the forward kept {n}",
+                rows.len()
+            )));
+        }
+        let cells = n * vocab;
+        let f32_logits = self.scratch.get(dev, LOGITS_F32, cells * 4)?;
+        ops::to_f32(dev, dtype, logits, cells, f32_logits)?;
+        // Bans (EOS before min_tokens): -inf written into the f32 row before the kernel reads it.
+        for (i, r) in rows.iter().enumerate() {
+            for &t in r.banned.iter().filter(|&&t| (t as usize) < vocab) {
+                dev.write(
+                    f32_logits,
+                    (i * vocab + t as usize) * 4,
+                    &[f32::NEG_INFINITY],
+                )?;
+            }
+        }
+        let mut entries: Vec<PenaltyEntry> = Vec::new();
+        let mut descs = Vec::with_capacity(rows.len());
+        for r in rows {
+            let start = u32::try_from(entries.len())
+                .map_err(|_| GpuError::Shape("too many penalty entries".into()))?;
+            let count = if r.sampling.penalties.is_active() {
+                entries.extend_from_slice(&r.penalties);
+                r.penalties.len() as u32
+            } else {
+                0
+            };
+            descs.push(SampleRow::new(&r.sampling, r.u, start, count, r.logprobs));
+        }
+        let want_logprobs = rows.iter().any(|r| r.logprobs.is_some());
+        let size = std::mem::size_of::<SampleRow>();
+        // Every buffer is fetched (and grown) before any is borrowed for the launch.
+        for (index, bytes) in [
+            (ROWS, n * size),
+            (OUT_IDS, n * 4),
+            (OUT_LOGPROB, n * 4),
+            (OUT_TOP_IDS, n * MAX_LOGPROBS * 4),
+            (OUT_TOP_LOGPROBS, n * MAX_LOGPROBS * 4),
+            (PENALTIES, entries.len() * 8),
+            (WORK, cells * 4),
+        ] {
+            self.scratch.get(dev, index, bytes)?;
+        }
+        if !entries.is_empty() {
+            dev.write(self.buf(PENALTIES)?, 0, &entries)?;
+        }
+        let args = SampleArgs {
+            logits: self.buf(LOGITS_F32)?,
+            rows: &descs,
+            rows_buf: self.buf(ROWS)?,
+            penalties: (!entries.is_empty())
+                .then(|| self.buf(PENALTIES))
+                .transpose()?,
+            work: (!entries.is_empty()).then(|| self.buf(WORK)).transpose()?,
+            out_ids: self.buf(OUT_IDS)?,
+            out_logprobs: if want_logprobs {
+                Some(LogprobOutputs {
+                    logprob: self.buf(OUT_LOGPROB)?,
+                    top_ids: self.buf(OUT_TOP_IDS)?,
+                    top_logprobs: self.buf(OUT_TOP_LOGPROBS)?,
+                })
+            } else {
+                None
+            },
+            vocab,
+            threads: 0,
+        };
+        sampling::sample(dev, &args)?;
+        let ids: Vec<u32> = dev.download(self.buf(OUT_IDS)?)?;
+        let (logprob, top_ids, top_lp) = if want_logprobs {
+            (
+                dev.download::<f32>(self.buf(OUT_LOGPROB)?)?,
+                dev.download::<u32>(self.buf(OUT_TOP_IDS)?)?,
+                dev.download::<f32>(self.buf(OUT_TOP_LOGPROBS)?)?,
+            )
+        } else {
+            Default::default()
+        };
+        Ok(rows
+            .iter()
+            .enumerate()
+            .map(|(i, r)| SampledToken {
+                token_id: ids[i],
+                logprob: r.logprobs.map(|_| logprob[i]),
+                top_logprobs: r.logprobs.map_or_else(Vec::new, |k| {
+                    let k = k.min(MAX_LOGPROBS);
+                    let base = i * MAX_LOGPROBS;
+                    (0..k)
+                        .map(|j| (top_ids[base + j], top_lp[base + j]))
+                        .collect()
+                }),
+            })
+            .collect())
+    }
+
+    fn buf(&self, index: usize) -> Result<&DeviceBuffer, GpuError> {
+        self.scratch
+            .bufs
+            .get(index)
+            .and_then(Option::as_ref)
+            .ok_or_else(|| GpuError::Shape(format!("scratch buffer {index} missing")))
+    }
+}
+
+impl Backend for GpuBackend {
+    fn config(&self) -> &LlamaConfig {
+        self.model.config()
+    }
+
+    fn num_kv_blocks(&self) -> usize {
+        self.kv.shape().num_blocks
+    }
+
+    fn block_size(&self) -> usize {
+        self.kv.shape().block_size
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{} {:?}",
+            self.model.device().describe(),
+            self.model.dtype()
+        )
+    }
+
+    fn init_adapter_slots(&mut self, spec: SlotSpec) -> Result<usize, BackendError> {
+        match (&self.lora, self.slot_spec) {
+            (Some(stack), Some(planned))
+                if planned.num_slots == spec.num_slots && planned.max_rank == spec.max_rank =>
+            {
+                Ok(stack.nbytes())
+            }
+            _ => Err(err(format!(
+                "adapter slots {spec:?} were not planned when the backend was built \
+                 (planned: {:?})",
+                self.slot_spec
+            ))),
+        }
+    }
+
+    fn load_adapter(&mut self, slot: u32, adapter: &LoadedAdapter) -> Result<(), BackendError> {
+        let dev = self.model.device();
+        let stack = self
+            .lora
+            .as_mut()
+            .ok_or_else(|| err("no adapter slots were allocated"))?;
+        stack
+            .load_prepared(dev, slot as usize, &adapter.prepared)
+            .map_err(err)
+    }
+
+    fn forward(&mut self, batch: &ForwardBatch<'_>, lora: &[Segment]) -> Result<(), BackendError> {
+        self.logits = None;
+        let lora = match &self.lora {
+            Some(stack) if !lora.is_empty() => Some(GpuLoraBatch {
+                stack,
+                segments: lora,
+            }),
+            _ => None,
+        };
+        let logits = self
+            .model
+            .forward_on_device(batch, &self.kv, lora.as_ref())
+            .map_err(err)?;
+        self.logits = logits.map(|l| (l, batch.logits_indices.len()));
+        Ok(())
+    }
+
+    fn sample(&mut self, rows: &[RowSample]) -> Result<Vec<SampledToken>, BackendError> {
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.sample_on_device(rows).map_err(err)
+    }
+}
+
+#[cfg(all(test, feature = "gpu-emu"))]
+mod tests;

@@ -1,0 +1,307 @@
+//! The CUDA backend in the kernels' host emulation: the whole engine (scheduler, executor batch
+//! preparation, device sampling) against the CPU engine on the same weights; the sampling
+//! plumbing (penalty ranges, bans, logprobs) against the CPU twin on the same logits; adapters
+//! filled from the host tier's prepared stacks; the memory plan at start.
+
+use caduceus_kernels::attention::SeqAttention;
+use caduceus_kernels::gpu::{DType, Device};
+use caduceus_kernels::lora::segments_from_token_slots;
+use caduceus_scheduler::{RequestId, SchedulerConfig};
+use tokio::sync::mpsc;
+
+use super::{GpuBackend, GpuBackendConfig, KvBlocks, PlanLimits};
+use crate::engine::{Backend, EngineCore, EngineRequest, SlotSpec};
+use crate::gpu::lora::{GpuLoraBatch, GpuLoraStack};
+use crate::gpu::model::tests::{adapter, store, CONFIG};
+use crate::gpu::model::GpuModel;
+use crate::model::config::LlamaConfig;
+use crate::model::lora::{LoraDtype, LoraStack};
+use crate::model::{ForwardBatch, LlamaModel};
+use crate::sampling::{sample_row, RowScratch, SamplingParams};
+
+const DTYPE: DType = DType::F16;
+
+fn config() -> LlamaConfig {
+    LlamaConfig::from_hf_json(CONFIG).unwrap()
+}
+
+fn gpu_model() -> GpuModel {
+    let c = config();
+    GpuModel::from_tensors(c.clone(), &mut store(&c, DTYPE), Device::emulated(), DTYPE).unwrap()
+}
+
+fn backend(num_blocks: usize, slots: Option<SlotSpec>) -> GpuBackend {
+    GpuBackend::new(
+        gpu_model(),
+        GpuBackendConfig {
+            block_size: 16,
+            kv_blocks: KvBlocks::Fixed(num_blocks),
+            adapter_slots: slots,
+        },
+    )
+    .unwrap()
+}
+
+/// Runs `reqs` to completion; each request's tokens.
+fn run<B: Backend>(core: &mut EngineCore<B>, reqs: Vec<EngineRequest>) -> Vec<Vec<u32>> {
+    let mut rxs = Vec::new();
+    for (i, r) in reqs.into_iter().enumerate() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        core.add_request(RequestId(i as u64), r, tx).unwrap();
+        rxs.push(rx);
+    }
+    let mut steps = 0;
+    while core.has_unfinished() {
+        core.step().unwrap();
+        steps += 1;
+        assert!(steps < 1000, "the engine does not finish");
+    }
+    rxs.iter_mut()
+        .map(|rx| {
+            let mut t = Vec::new();
+            while let Ok(o) = rx.try_recv() {
+                t.extend(o.new_tokens.iter().map(|s| s.token_id));
+            }
+            t
+        })
+        .collect()
+}
+
+fn requests() -> Vec<EngineRequest> {
+    // Two prompts share a 32-token (two-block) prefix, so the second hits the prefix cache.
+    let shared: Vec<u32> = (0..32).map(|i| (i * 29 + 3) % 300).collect();
+    let prompts: Vec<Vec<u32>> = vec![
+        shared.iter().copied().chain([7, 8, 9]).collect(),
+        (0..5).map(|i| (i * 53 + 5) % 300).collect(),
+        (0..41).map(|i| (i * 37 + 11) % 300).collect(),
+        shared.iter().copied().chain([150, 151]).collect(),
+    ];
+    prompts
+        .into_iter()
+        .map(|p| {
+            let mut r = EngineRequest::new(p, 12);
+            r.ignore_eos = true;
+            r.detokenize = false;
+            r
+        })
+        .collect()
+}
+
+fn sched(num_blocks: usize) -> SchedulerConfig {
+    SchedulerConfig {
+        max_num_seqs: 4,
+        // Chunked prefill: the 41-token prompt takes several steps next to decodes.
+        max_num_batched_tokens: 24,
+        block_size: 16,
+        num_blocks,
+        max_model_len: 128,
+        enable_prefix_caching: true,
+        ..SchedulerConfig::default()
+    }
+}
+
+#[test]
+fn the_engine_on_the_emulated_gpu_backend_generates_what_the_cpu_engine_does() {
+    let c = config();
+    let cpu_model = LlamaModel::from_tensors(c.clone(), &mut store(&c, DTYPE)).unwrap();
+    let mut cpu = EngineCore::new(&cpu_model, None, Vec::new(), sched(32)).unwrap();
+    let want = run(&mut cpu, requests());
+    // A pool of 6 blocks cannot hold all four requests: the GPU run also preempts.
+    let mut gpu = EngineCore::with_backend(backend(6, None), None, Vec::new(), sched(999)).unwrap();
+    assert_eq!(
+        gpu.scheduler_config().num_blocks,
+        6,
+        "the backend's pool sizes the scheduler"
+    );
+    let got = run(&mut gpu, requests());
+    assert!(gpu.stats().num_preemptions > 0, "the small pool preempted");
+    assert!(
+        gpu.stats().prefix_cache_hits > 0,
+        "the shared prefix was reused"
+    );
+    assert_eq!(
+        got, want,
+        "greedy tokens of f16 on the emulated GPU vs f32 on the CPU"
+    );
+}
+
+#[test]
+fn device_sampling_matches_the_cpu_twin_on_the_same_logits() {
+    let mut b = backend(4, None);
+    let ids: Vec<u32> = (0..7).map(|i| i * 31 % 300).collect();
+    let pos: Vec<u32> = (0..7).collect();
+    let table = [2u32];
+    let seqs = [SeqAttention {
+        query_start: 0,
+        query_len: 7,
+        context_len: 7,
+        block_table: &table,
+    }];
+    // Four rows (some repeated) so four differently sampled requests read real logits.
+    let rows = [6, 3, 6, 5];
+    let slots: Vec<u32> = pos.iter().map(|p| 32 + p).collect();
+    let batch = ForwardBatch {
+        token_ids: &ids,
+        positions: &pos,
+        slot_mapping: &slots,
+        seqs: &seqs,
+        logits_indices: &rows,
+    };
+    let kv = b.model.new_kv_cache(4, 16).unwrap();
+    let logits = b.model.forward_with_lora(&batch, &kv, None).unwrap();
+    b.forward(&batch, &[]).unwrap();
+    let prompt: Vec<u32> = (0..20).map(|i| i * 7 % 300).collect();
+    let output = [5u32, 9, 5];
+    let params = [
+        SamplingParams {
+            logprobs: Some(3),
+            ..Default::default()
+        },
+        SamplingParams {
+            seed: Some(1),
+            temperature: 0.9,
+            top_k: Some(40),
+            top_p: 0.8,
+            repetition_penalty: 1.4,
+            frequency_penalty: 0.3,
+            logprobs: Some(0),
+            ..Default::default()
+        },
+        SamplingParams {
+            seed: Some(2),
+            temperature: 1.3,
+            min_p: 0.05,
+            presence_penalty: 0.7,
+            ..Default::default()
+        },
+        SamplingParams {
+            seed: Some(3),
+            temperature: 0.7,
+            logprobs: Some(20),
+            ..Default::default()
+        },
+    ];
+    let vocab = c_vocab();
+    let cpu_argmax = |r: usize| {
+        let row = &logits[r * vocab..(r + 1) * vocab];
+        (0..vocab)
+            .max_by(|&a, &b| row[a].total_cmp(&row[b]).then(b.cmp(&a)))
+            .unwrap() as u32
+    };
+    // The first row's greedy winner is banned (min_tokens), so the ban must take effect.
+    let banned = [cpu_argmax(0), 299];
+    let row_samples: Vec<_> = params
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let mut s = crate::sampling::Sampler::new(p.clone());
+            let ban: &[u32] = if i == 0 { &banned } else { &[] };
+            s.row_sample(&prompt, &output, vocab, ban)
+        })
+        .collect();
+    let got = b.sample(&row_samples).unwrap();
+    let mut scratch = RowScratch::default();
+    for (i, r) in row_samples.iter().enumerate() {
+        let want = sample_row(&logits[i * vocab..(i + 1) * vocab], r, &mut scratch);
+        assert_eq!(got[i].token_id, want.token_id, "row {i}");
+        assert_eq!(got[i].logprob.is_some(), want.logprob.is_some(), "row {i}");
+        if let (Some(g), Some(w)) = (got[i].logprob, want.logprob) {
+            assert!((g - w).abs() < 1e-4, "row {i}: logprob {g} vs {w}");
+        }
+        let ids = |v: &[(u32, f32)]| v.iter().map(|x| x.0).collect::<Vec<_>>();
+        assert_eq!(
+            ids(&got[i].top_logprobs),
+            ids(&want.top_logprobs),
+            "row {i}"
+        );
+    }
+    assert_ne!(got[0].token_id, banned[0], "a banned id was sampled");
+}
+
+fn c_vocab() -> usize {
+    config().vocab_size
+}
+
+#[test]
+fn adapters_from_the_host_tier_fill_device_slots_like_direct_loads() {
+    let c = config();
+    let dev_model = gpu_model();
+    let w = adapter(&c, 8, &[0, 2, 3, 6], 11, DTYPE);
+    let prepared = LoraStack::prepare(&c, &w, LoraDtype::F16).unwrap();
+    let mut direct = GpuLoraStack::new(dev_model.device(), DTYPE, &c, 2, 8).unwrap();
+    let mut host = GpuLoraStack::new(dev_model.device(), DTYPE, &c, 2, 8).unwrap();
+    direct.load(dev_model.device(), 1, &w).unwrap();
+    host.load_prepared(dev_model.device(), 1, &prepared)
+        .unwrap();
+    let ids: Vec<u32> = (0..4).collect();
+    let table = [0u32];
+    let seqs = [SeqAttention {
+        query_start: 0,
+        query_len: 4,
+        context_len: 4,
+        block_table: &table,
+    }];
+    let batch = ForwardBatch {
+        token_ids: &ids,
+        positions: &ids,
+        slot_mapping: &ids,
+        seqs: &seqs,
+        logits_indices: &[3],
+    };
+    let segs = segments_from_token_slots(&[Some(1); 4]);
+    let run = |stack: &GpuLoraStack| {
+        let kv = dev_model.new_kv_cache(1, 16).unwrap();
+        let lora = GpuLoraBatch {
+            stack,
+            segments: &segs,
+        };
+        dev_model
+            .forward_with_lora(&batch, &kv, Some(&lora))
+            .unwrap()
+    };
+    let base = dev_model
+        .forward(&batch, &dev_model.new_kv_cache(1, 16).unwrap())
+        .unwrap();
+    let (a, b) = (run(&direct), run(&host));
+    assert_eq!(a, b, "f16-prepared weights are the f16-rounded originals");
+    assert_ne!(a, base, "the adapter changed the logits");
+    let q8 = LoraStack::prepare(&c, &w, LoraDtype::Q8).unwrap();
+    let e = host.load_prepared(dev_model.device(), 0, &q8).unwrap_err();
+    assert!(e.to_string().contains("adapters.dtype"), "{e}");
+}
+
+#[test]
+fn the_kv_pool_is_what_the_memory_plan_leaves() {
+    let limits = PlanLimits {
+        gpu_memory_utilization: 0.05,
+        max_num_batched_tokens: 64,
+        max_num_seqs: 8,
+        max_model_len: 128,
+    };
+    let cfg = |limits| GpuBackendConfig {
+        block_size: 16,
+        kv_blocks: KvBlocks::Plan(limits),
+        adapter_slots: Some(SlotSpec {
+            num_slots: 2,
+            max_rank: 8,
+            dtype: LoraDtype::F16,
+        }),
+    };
+    let b = GpuBackend::new(gpu_model(), cfg(limits)).unwrap();
+    let plan = b.memory_plan().unwrap();
+    let total = caduceus_kernels::gpu::EMULATED_MEMORY_BYTES as u64;
+    assert_eq!(plan.budget_bytes, (total as f64 * 0.05) as u64);
+    assert_eq!(b.num_kv_blocks() as u64, plan.num_gpu_blocks);
+    let c = config();
+    let per_block = (2 * c.num_layers * 16 * c.num_kv_heads * c.head_dim * 2) as u64;
+    assert_eq!(plan.kv_bytes, plan.num_gpu_blocks * per_block);
+    assert!(plan.fixed_bytes + plan.kv_bytes <= plan.budget_bytes);
+    assert!(plan.budget_bytes - plan.fixed_bytes - plan.kv_bytes < per_block);
+    // A budget below the weights says what to change.
+    let tiny = PlanLimits {
+        gpu_memory_utilization: 0.0001,
+        ..limits
+    };
+    let e = GpuBackend::new(gpu_model(), cfg(tiny)).err().unwrap();
+    assert!(e.to_string().contains("gpu_memory_utilization"), "{e}");
+}
