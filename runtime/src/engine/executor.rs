@@ -12,6 +12,7 @@ use caduceus_kernels::lora::{segments_from_token_slots, Segment};
 use caduceus_scheduler::{RequestId, ScheduledData, SchedulerOutput, StepOutput};
 
 use super::device_slots::{DeviceSlots, SlotFill};
+use super::failure::RequestFailure;
 use crate::adapters::LoadedAdapter;
 use crate::kv_cache::KvCache;
 use crate::model::{ForwardBatch, LlamaModel, LoraBatch, LoraStack};
@@ -56,9 +57,13 @@ pub struct ExecuteResult {
     pub samples: HashMap<RequestId, SampledToken>,
     /// How each newly scheduled adapter request found its slot.
     pub slot_fills: Vec<SlotFill>,
+    /// Requests that failed this step (left out of the batch, or their sample dropped); the
+    /// engine finishes each with its error and the others go on.
+    pub failed: Vec<(RequestId, RequestFailure)>,
 }
 
-/// The scheduler and executor disagree: a programming error, which stops the engine.
+/// The scheduler and executor disagree: a programming error, which stops the engine (one
+/// request's own trouble is a [`RequestFailure`] instead).
 #[derive(Debug, thiserror::Error)]
 #[error("executor state out of sync with the scheduler: {0}")]
 pub struct ExecutorError(String);
@@ -71,6 +76,8 @@ pub struct Executor<M> {
     seqs: HashMap<RequestId, SeqState>,
     /// Adapter slots; `None` serves the base model only.
     lora: Option<DeviceSlots>,
+    #[cfg(feature = "fault-injection")]
+    faults: super::fault::Faults,
 }
 
 impl<M: Deref<Target = LlamaModel>> Executor<M> {
@@ -86,6 +93,8 @@ impl<M: Deref<Target = LlamaModel>> Executor<M> {
             block_size,
             seqs: HashMap::new(),
             lora: None,
+            #[cfg(feature = "fault-injection")]
+            faults: Default::default(),
         }
     }
 
@@ -122,6 +131,12 @@ impl<M: Deref<Target = LlamaModel>> Executor<M> {
         self.seqs.remove(&id);
     }
 
+    /// The fault-injection seam (tests only).
+    #[cfg(feature = "fault-injection")]
+    pub(super) fn faults_mut(&mut self) -> &mut super::fault::Faults {
+        &mut self.faults
+    }
+
     /// Runs one scheduled step.
     pub fn execute(&mut self, sched: &SchedulerOutput) -> Result<ExecuteResult, ExecutorError> {
         for id in &sched.finished_ids {
@@ -133,11 +148,20 @@ impl<M: Deref<Target = LlamaModel>> Executor<M> {
             }
         }
         self.apply_diffs(sched)?;
+        #[cfg(feature = "fault-injection")]
+        self.faults.before_step(sched);
         if sched.scheduled.is_empty() {
             return Ok(ExecuteResult::default());
         }
-        let (token_slots, slot_fills) = self.assign_slots(sched)?;
-        let batch = self.build_batch(sched, &token_slots)?;
+        let (token_slots, slot_fills, mut failed) = self.assign_slots(sched)?;
+        let batch = self.build_batch(sched, &token_slots, &failed)?;
+        if batch.token_ids.is_empty() {
+            return Ok(ExecuteResult {
+                slot_fills,
+                failed,
+                ..ExecuteResult::default()
+            });
+        }
         let segments: Vec<Segment> = if batch.token_slots.iter().any(Option::is_some) {
             segments_from_token_slots(&batch.token_slots)
         } else {
@@ -171,29 +195,38 @@ impl<M: Deref<Target = LlamaModel>> Executor<M> {
             }),
             _ => None,
         };
-        let logits = self
+        #[allow(unused_mut)] // written by the fault-injection seam only
+        let mut logits = self
             .model
             .forward_with_lora(&forward, &mut self.kv, lora.as_ref())
             .map_err(|e| ExecutorError(format!("LoRA: {e}")))?;
         drop(seqs);
+        #[cfg(feature = "fault-injection")]
+        self.faults
+            .poison(&batch.samplers, &mut logits, self.model.config().vocab_size);
         let mut result = self.sample(&batch.samplers, &logits);
         result.slot_fills = slot_fills;
+        failed.append(&mut result.failed);
+        result.failed = failed;
         Ok(result)
     }
 
     /// The slot of each scheduled request's adapter, filling slots for newly scheduled ones.
     /// Slots used by any request holding KV (i.e. running) are never reassigned; the scheduler's
-    /// `max_loras` (equal to the slot count) guarantees one is free for every new adapter.
+    /// `max_loras` (equal to the slot count) guarantees one is free for every new adapter. A
+    /// request whose adapter cannot be placed fails alone (its slot is left empty, the batch goes
+    /// on without it).
     fn assign_slots(&mut self, sched: &SchedulerOutput) -> Result<SlotAssignment, ExecutorError> {
         let mut slots = HashMap::new();
         let mut fills = Vec::new();
+        let mut failed = Vec::new();
         let scheduled_with_adapter = sched.scheduled.iter().filter_map(|r| {
             let a = self.seqs.get(&r.id)?.adapter.clone()?;
             Some((r.id, a, matches!(r.data, ScheduledData::New { .. })))
         });
         let wanted: Vec<_> = scheduled_with_adapter.collect();
         if wanted.is_empty() {
-            return Ok((slots, fills));
+            return Ok((slots, fills, failed));
         }
         let pinned: HashSet<_> = self
             .seqs
@@ -205,15 +238,23 @@ impl<M: Deref<Target = LlamaModel>> Executor<M> {
             ExecutorError("a request with an adapter reached an executor without slots".into())
         })?;
         for (id, adapter, is_new) in wanted {
-            let (slot, fill) = device
-                .acquire(&adapter, &pinned)
-                .map_err(|e| ExecutorError(e.to_string()))?;
-            if is_new {
-                fills.push(fill);
+            #[cfg(feature = "fault-injection")]
+            if self.faults.fails_slot(id) {
+                let injected = "injected fault".to_string();
+                failed.push((id, RequestFailure::AdapterSlot(injected)));
+                continue;
             }
-            slots.insert(id, slot);
+            match device.acquire(&adapter, &pinned) {
+                Ok((slot, fill)) => {
+                    if is_new {
+                        fills.push(fill);
+                    }
+                    slots.insert(id, slot);
+                }
+                Err(e) => failed.push((id, RequestFailure::AdapterSlot(e.to_string()))),
+            }
         }
-        Ok((slots, fills))
+        Ok((slots, fills, failed))
     }
 
     fn apply_diffs(&mut self, sched: &SchedulerOutput) -> Result<(), ExecutorError> {
@@ -246,16 +287,22 @@ impl<M: Deref<Target = LlamaModel>> Executor<M> {
         Ok(())
     }
 
+    /// The flattened batch of every scheduled request except the `failed` ones.
     fn build_batch(
         &self,
         sched: &SchedulerOutput,
         token_slots: &HashMap<RequestId, u32>,
+        failed: &[(RequestId, RequestFailure)],
     ) -> Result<BatchPlan, ExecutorError> {
         let bs = self.block_size;
         let mut plan = BatchPlan::with_capacity(sched.total_num_scheduled_tokens);
         // Requests on the same adapter sit next to each other, so their tokens form one segment
         // (one read of the adapter's weights); the order changes no sequence's result.
-        let mut order: Vec<_> = sched.scheduled.iter().collect();
+        let mut order: Vec<_> = sched
+            .scheduled
+            .iter()
+            .filter(|r| failed.iter().all(|(id, _)| *id != r.id))
+            .collect();
         order.sort_by_key(|r| token_slots.get(&r.id).copied());
         for r in order {
             let slot = token_slots.get(&r.id).copied();
@@ -306,6 +353,11 @@ impl<M: Deref<Target = LlamaModel>> Executor<M> {
             let Some(kv) = state.kv.as_mut() else {
                 continue;
             };
+            // NaN or inf would sample garbage (or nothing): this request fails, not the batch.
+            if row.iter().any(|l| !l.is_finite()) {
+                result.failed.push((*id, RequestFailure::NonFiniteLogits));
+                continue;
+            }
             let (prompt, output) = kv.token_ids.split_at(kv.num_prompt_tokens);
             let row = if output.len() < state.min_tokens && !state.masked_ids.is_empty() {
                 masked_row.clear();
@@ -328,8 +380,13 @@ impl<M: Deref<Target = LlamaModel>> Executor<M> {
     }
 }
 
-/// Each scheduled adapter request's slot, and how newly scheduled ones found theirs.
-type SlotAssignment = (HashMap<RequestId, u32>, Vec<SlotFill>);
+/// Each scheduled adapter request's slot, how newly scheduled ones found theirs, and the
+/// requests whose adapter could not be placed.
+type SlotAssignment = (
+    HashMap<RequestId, u32>,
+    Vec<SlotFill>,
+    Vec<(RequestId, RequestFailure)>,
+);
 
 /// The flattened batch before it borrows the block tables.
 struct BatchPlan {
