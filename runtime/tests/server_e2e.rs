@@ -153,7 +153,11 @@ async fn clients_that_disconnect_abort_their_requests() {
             conns.push(s);
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
-        drop(conns); // every client leaves: streaming, decoding, prefilling and waiting ones
+        // Every client leaves: streaming, decoding, prefilling and waiting ones. Every handler
+        // sees its client leave (a request still being tokenized has not reached the engine
+        // yet, so an idle engine alone proves nothing), then the engine is idle.
+        drop(conns);
+        wait_until(|| srv.state.lifecycle.in_flight() == 0).await;
         wait_idle(&srv.state).await;
         assert_eq!(srv.state.lifecycle.in_flight(), 0, "round {round}");
     }

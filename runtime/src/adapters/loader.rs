@@ -237,16 +237,12 @@ fn start_thread(
         .spawn(move || {
             lower_priority();
             for entry in job_rx {
-                #[cfg(feature = "fault-injection")]
-                {
-                    let mut armed = panic_on.lock().unwrap_or_else(|e| e.into_inner());
-                    if armed.as_deref() == Some(&*entry.name) {
-                        *armed = None;
-                        drop(armed);
-                        panic!("injected fault: adapter loader panic");
-                    }
-                }
-                let job = || match service.load(&entry) {
+                let job = || match load(
+                    &service,
+                    &entry,
+                    #[cfg(feature = "fault-injection")]
+                    &panic_on,
+                ) {
                     Ok((adapter, elapsed)) => {
                         service.cache(adapter.clone());
                         (Ok(adapter), elapsed)
@@ -265,6 +261,24 @@ fn start_thread(
             }
         })?;
     Ok((jobs, done, thread))
+}
+
+/// Reads one adapter (inside the loader gate, where a real panic would strike too).
+fn load(
+    service: &AdapterService,
+    entry: &AdapterEntry,
+    #[cfg(feature = "fault-injection")] panic_on: &std::sync::Mutex<Option<Arc<str>>>,
+) -> Result<(Arc<LoadedAdapter>, Duration), super::service::LoadAdapterError> {
+    #[cfg(feature = "fault-injection")]
+    {
+        let mut armed = panic_on.lock().unwrap_or_else(|e| e.into_inner());
+        if armed.as_deref() == Some(&*entry.name) {
+            *armed = None;
+            drop(armed);
+            panic!("injected fault: adapter loader panic");
+        }
+    }
+    service.load(entry)
 }
 
 /// The text of a panic payload.

@@ -234,10 +234,12 @@ async fn a_dead_adapter_loader_fails_its_waiters_fast_and_is_restarted() {
             .is_some_and(|m| m.contains("loader stopped") && m.contains("restarted")),
         "{e}"
     );
-    // The restarted loader serves the same adapter.
+    // The restarted loader serves the same adapter, and the dead one's job left the loader
+    // gate (the panic struck inside it) unheld.
     let (s, b) = post(&r, completion(Some("doctor-0000"), None, false)).await;
     assert_eq!(s, StatusCode::OK, "{b}");
     wait_idle(&state).await;
+    assert!(!state.adapters.as_ref().unwrap().loader_gate().is_busy());
     let (_, _, page) = call(&r, "GET", "/metrics", None, None).await;
     assert!(
         page.lines()
