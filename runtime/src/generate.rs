@@ -204,8 +204,8 @@ fn collect(mut rx: mpsc::UnboundedReceiver<RequestOutput>) -> Result<GenerateOut
             .extend(o.new_tokens.iter().map(|t| t.token_id));
         out.samples.extend(o.new_tokens);
         if let Some(f) = o.finished {
-            if let Some(message) = f.error {
-                return Err(message);
+            if let Some(failure) = f.error {
+                return Err(failure.to_string());
             }
             out.finish_reason = match f.reason {
                 EngineFinish::Stop => FinishReason::Stop,

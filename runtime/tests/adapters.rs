@@ -8,6 +8,8 @@ mod support;
 mod avatars;
 #[path = "adapters/kv_events.rs"]
 mod kv_events;
+#[path = "adapters/loader_supervision.rs"]
+mod loader_supervision;
 #[path = "adapters/merged.rs"]
 mod merged;
 

@@ -5,6 +5,8 @@ mod support;
 
 #[path = "server/admin.rs"]
 mod admin;
+#[path = "server/faults.rs"]
+mod faults;
 #[path = "server/isolation.rs"]
 mod isolation;
 #[path = "server/limits.rs"]

@@ -4,11 +4,13 @@
 mod support;
 
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use caduceus_runtime::server::{run_server, AppState, ServeOutcome};
+use caduceus_runtime::engine::{FaultPlan, StepLatch};
+use caduceus_runtime::server::{app, run_server, AppState, Phase, ServeOutcome};
 use serde_json::{json, Value};
-use support::server_app::{sse_data, TestServer};
+use support::server_app::{call, sse_data, TestServer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
@@ -58,20 +60,6 @@ async fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&Value>) 
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).await.unwrap();
     parse_response(&String::from_utf8_lossy(&raw))
-}
-
-/// [`http`]'s status, or 0 when the connection is refused or reset: a server that is stopping
-/// may close its listener between two requests.
-async fn status_or_gone(addr: SocketAddr, path: &str) -> u16 {
-    let Ok(mut s) = TcpStream::connect(addr).await else {
-        return 0;
-    };
-    let req = format!("GET {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n");
-    let mut raw = Vec::new();
-    if s.write_all(req.as_bytes()).await.is_err() || s.read_to_end(&mut raw).await.is_err() {
-        return 0;
-    }
-    parse_response(&String::from_utf8_lossy(&raw)).0
 }
 
 fn parse_response(raw: &str) -> (u16, String) {
@@ -165,7 +153,11 @@ async fn clients_that_disconnect_abort_their_requests() {
             conns.push(s);
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
-        drop(conns); // every client leaves: streaming, decoding, prefilling and waiting ones
+        // Every client leaves: streaming, decoding, prefilling and waiting ones. Every handler
+        // sees its client leave (a request still being tokenized has not reached the engine
+        // yet, so an idle engine alone proves nothing), then the engine is idle.
+        drop(conns);
+        wait_until(|| srv.state.lifecycle.in_flight() == 0).await;
         wait_idle(&srv.state).await;
         assert_eq!(srv.state.lifecycle.in_flight(), 0, "round {round}");
     }
@@ -208,34 +200,53 @@ async fn past_the_queue_limit_requests_get_429_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_drains_in_flight_requests_and_refuses_new_ones() {
-    let mut srv = start(TestServer::default(), Duration::from_secs(30)).await;
+    // The in-flight request's steps are held until the drain has been observed, so it is
+    // still running however fast the machine is.
+    let latch = Arc::new(StepLatch::default());
+    let cfg = TestServer {
+        faults: FaultPlan {
+            hold_step: Some((FaultPlan::seed(21), latch.clone())),
+            ..FaultPlan::default()
+        },
+        ..TestServer::default()
+    };
+    let mut srv = start(cfg, Duration::from_secs(30)).await;
     let addr = srv.addr;
-    let body = json!({"prompt": "Tell me.", "max_tokens": 120, "ignore_eos": true, "stream": true});
+    let body = json!({"prompt": "Tell me.", "max_tokens": 12, "ignore_eos": true, "stream": true,
+                      "seed": 21});
     let inflight =
         tokio::spawn(async move { http(addr, "POST", "/v1/completions", Some(&body)).await });
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    wait_until(|| latch.num_held() > 0).await;
     srv.stop.take().unwrap().send(()).unwrap();
-    tokio::time::sleep(Duration::from_millis(20)).await;
-    // Connections still accepted during the drain get 503.
-    if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr)).await
-    {
-        drop(s);
-        let (status, _) = http(
-            addr,
-            "POST",
-            "/v1/completions",
-            Some(&json!({"prompt": "x"})),
-        )
-        .await;
-        assert!(
-            status == 503 || status == 0,
-            "new request during drain got {status}"
-        );
-    }
+    wait_until(|| srv.state.lifecycle.phase() == Phase::Draining).await;
+    // The listener stays open while draining: new requests connect and get 503.
+    let (status, text) = http(
+        addr,
+        "POST",
+        "/v1/completions",
+        Some(&json!({"prompt": "x"})),
+    )
+    .await;
+    assert_eq!(status, 503, "new request during drain: {text}");
+    let (status, text) = http(addr, "GET", "/health", None).await;
+    assert_eq!(status, 503, "{text}");
+    assert!(text.contains("draining"), "{text}");
+    latch.release();
     let (status, text) = inflight.await.unwrap();
     assert_eq!(status, 200);
     assert_eq!(sse_data(&text).last().map(String::as_str), Some("[DONE]"));
     assert_eq!(srv.done.await.unwrap(), ServeOutcome::Drained);
+}
+
+/// Polls `done` every few milliseconds for up to 10 s; panics if it never holds.
+async fn wait_until(done: impl Fn() -> bool) {
+    for _ in 0..1000 {
+        if done() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("condition not reached within 10 s");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -263,23 +274,68 @@ async fn a_request_past_its_timeout_gets_504_and_is_aborted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_the_engine_dies_health_is_503_and_the_server_stops_with_a_failure() {
-    let srv = start(TestServer::default(), Duration::from_secs(5)).await;
-    srv.state.engine.shutdown(); // the engine thread ends, as it would on a fatal error
-                                 // The thread takes the command asynchronously: health turns 503 within moments.
-    let mut status = 200;
-    for _ in 0..500 {
-        status = status_or_gone(srv.addr, "/health").await;
-        if status != 200 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(status == 503 || status == 0, "{status}");
+    let log = capture_logs();
+    // A real fault: the engine thread panics inside the step that schedules this request.
+    let cfg = TestServer {
+        faults: FaultPlan {
+            panic_in_step: Some(FaultPlan::seed(13)),
+            ..FaultPlan::default()
+        },
+        ..TestServer::default()
+    };
+    let srv = start(cfg, Duration::from_secs(5)).await;
+    let body = json!({"prompt": "Hello", "max_tokens": 4, "seed": 13});
+    let (status, text) = http(srv.addr, "POST", "/v1/completions", Some(&body)).await;
+    assert_eq!(status, 503, "{text}");
     let outcome = tokio::time::timeout(Duration::from_secs(10), srv.done)
         .await
         .unwrap()
         .unwrap();
     assert_eq!(outcome, ServeOutcome::EngineFailed);
+    // Health says so (asked in-process: the listener is closed once the server stopped)...
+    let (status, _, text) = call(&app(srv.state.clone()), "GET", "/health", None, None).await;
+    assert_eq!(status.as_u16(), 503, "{text}");
+    assert!(text.contains("engine_failed"), "{text}");
+    // ...and the cause was logged before the server gave up.
+    let log = String::from_utf8_lossy(&log.lock().unwrap()).into_owned();
+    let died = log
+        .find("the engine thread panicked")
+        .unwrap_or_else(|| panic!("engine death not logged:\n{log}"));
+    assert!(log[died..].contains("injected fault"), "{log}");
+    let stopped = log
+        .find("the engine thread stopped; refusing requests")
+        .unwrap_or_else(|| panic!("server stop not logged:\n{log}"));
+    assert!(died < stopped, "{log}");
+}
+
+/// Sends this test binary's log (every thread) to a buffer; the first call installs it.
+fn capture_logs() -> Arc<Mutex<Vec<u8>>> {
+    static BUFFER: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    BUFFER
+        .get_or_init(|| {
+            let buffer = Arc::new(Mutex::new(Vec::new()));
+            let writer = buffer.clone();
+            let subscriber = tracing_subscriber::fmt()
+                .with_ansi(false)
+                .with_writer(move || LogWriter(writer.clone()))
+                .finish();
+            tracing::subscriber::set_global_default(subscriber).unwrap();
+            buffer
+        })
+        .clone()
+}
+
+struct LogWriter(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 #[tokio::test]

@@ -255,6 +255,7 @@ pub(super) fn serve<B: Backend + Send + 'static>(
             model_root,
             api_keys,
             request_timeout: config.server.request_timeout.get(),
+            engine_stall_timeout: config.server.engine_stall_timeout.get(),
             body_limit_bytes: config.server.body_limit.bytes() as usize,
             log_prompts: config.logging.log_prompts,
             prefix_cache_isolation: config.server.prefix_cache_isolation,

@@ -76,6 +76,11 @@ pub(crate) const SCHEMA: &[KeySpec] = &[
     ),
     spec(
         "server",
+        "engine_stall_timeout",
+        Kind::Duration { min_ms: 0 },
+    ),
+    spec(
+        "server",
         "prefix_cache_isolation",
         Kind::Choice(&["per_key", "shared"]),
     ),

@@ -41,6 +41,9 @@ pub struct ServerSection {
     pub request_timeout: HumanDuration,
     /// How long in-flight requests may finish after SIGTERM before they are cut.
     pub shutdown_grace_period: HumanDuration,
+    /// `/health` answers 503 when the engine has work and finished no step for this long
+    /// (a stuck engine is alive but serves nobody); `0s` turns the watchdog off.
+    pub engine_stall_timeout: HumanDuration,
     // Health-data hardening (issue 18): tenant isolation, special tokens, admin auth.
     /// Who may reuse whose prefix-cache blocks (a cache hit is visible to the caller).
     pub prefix_cache_isolation: PrefixCacheIsolation,
@@ -91,6 +94,7 @@ impl Default for ServerSection {
             body_limit: ByteSize::mib(1),
             request_timeout: HumanDuration::secs(600),
             shutdown_grace_period: HumanDuration::secs(30),
+            engine_stall_timeout: HumanDuration::secs(60),
             prefix_cache_isolation: PrefixCacheIsolation::PerKey,
             allow_special_tokens_in_prompt: false,
             admin_api_keys: Vec::new(),

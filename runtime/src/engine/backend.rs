@@ -6,6 +6,7 @@
 
 use caduceus_kernels::lora::Segment;
 
+use super::failure::RequestFailure;
 use crate::adapters::LoadedAdapter;
 use crate::model::config::LlamaConfig;
 use crate::model::{ForwardBatch, LoraDtype};
@@ -27,6 +28,9 @@ impl BackendError {
         }
     }
 }
+
+/// One sampled row: its token, or why its request fails alone (NaN or inf in its logits).
+pub type RowOutcome = Result<SampledToken, RequestFailure>;
 
 /// The adapter slots a backend allocates (`adapters.max_loras` of them).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,7 +63,10 @@ pub trait Backend {
     /// one slot (empty: base model only). Keeps the logits of `batch.logits_indices`.
     fn forward(&mut self, batch: &ForwardBatch<'_>, lora: &[Segment]) -> Result<(), BackendError>;
     /// Samples one token per row of the last forward's logits (`rows[i]` for logits row `i`).
-    fn sample(&mut self, rows: &[RowSample]) -> Result<Vec<SampledToken>, BackendError>;
+    fn sample(&mut self, rows: &[RowSample]) -> Result<Vec<RowOutcome>, BackendError>;
+    /// Writes NaN into logits row `row` of the last forward (fault-injection tests).
+    #[cfg(feature = "fault-injection")]
+    fn poison_logits_row(&mut self, row: usize) -> Result<(), BackendError>;
 }
 
 impl<B: Backend + ?Sized> Backend for Box<B> {
@@ -84,7 +91,11 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
     fn forward(&mut self, batch: &ForwardBatch<'_>, lora: &[Segment]) -> Result<(), BackendError> {
         (**self).forward(batch, lora)
     }
-    fn sample(&mut self, rows: &[RowSample]) -> Result<Vec<SampledToken>, BackendError> {
+    fn sample(&mut self, rows: &[RowSample]) -> Result<Vec<RowOutcome>, BackendError> {
         (**self).sample(rows)
+    }
+    #[cfg(feature = "fault-injection")]
+    fn poison_logits_row(&mut self, row: usize) -> Result<(), BackendError> {
+        (**self).poison_logits_row(row)
     }
 }

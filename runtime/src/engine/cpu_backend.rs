@@ -5,12 +5,13 @@ use std::ops::Deref;
 
 use caduceus_kernels::lora::Segment;
 
-use super::backend::{Backend, BackendError, SlotSpec};
+use super::backend::{Backend, BackendError, RowOutcome, SlotSpec};
+use super::failure::RequestFailure;
 use crate::adapters::LoadedAdapter;
 use crate::kv_cache::KvCache;
 use crate::model::config::LlamaConfig;
 use crate::model::{ForwardBatch, LlamaModel, LoraBatch, LoraStack};
-use crate::sampling::{sample_row, RowSample, RowScratch, SampledToken};
+use crate::sampling::{sample_row, RowSample, RowScratch};
 
 const NAME: &str = "cpu";
 
@@ -100,7 +101,7 @@ impl<M: Deref<Target = LlamaModel>> Backend for CpuBackend<M> {
         Ok(())
     }
 
-    fn sample(&mut self, rows: &[RowSample]) -> Result<Vec<SampledToken>, BackendError> {
+    fn sample(&mut self, rows: &[RowSample]) -> Result<Vec<RowOutcome>, BackendError> {
         let vocab = self.model.config().vocab_size;
         if rows.len() * vocab != self.logits.len() {
             return Err(BackendError::new(
@@ -116,7 +117,24 @@ impl<M: Deref<Target = LlamaModel>> Backend for CpuBackend<M> {
             .logits
             .chunks_exact(vocab)
             .zip(rows)
-            .map(|(row, r)| sample_row(row, r, &mut self.scratch))
+            .map(|(row, r)| {
+                // NaN or inf would sample garbage (or nothing): this request fails alone.
+                if row.iter().any(|l| !l.is_finite()) {
+                    return Err(RequestFailure::NonFiniteLogits);
+                }
+                Ok(sample_row(row, r, &mut self.scratch))
+            })
             .collect())
+    }
+
+    #[cfg(feature = "fault-injection")]
+    fn poison_logits_row(&mut self, row: usize) -> Result<(), BackendError> {
+        let vocab = self.model.config().vocab_size;
+        let cell = self
+            .logits
+            .get_mut(row * vocab)
+            .ok_or_else(|| BackendError::new(NAME, format!("no logits row {row}")))?;
+        *cell = f32::NAN;
+        Ok(())
     }
 }

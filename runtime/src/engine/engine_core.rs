@@ -1,5 +1,8 @@
 //! [`EngineCore`]: the iteration-level loop `schedule -> execute -> update`, plus the per-request
-//! bookkeeping around it (output streams, detokenization, stop strings, aborts).
+//! bookkeeping around it (output streams, detokenization, stop strings, aborts, one request's
+//! failure). The adapter side (loader, parked requests, slot metrics) is in [`adapters`].
+
+mod adapters;
 
 use std::collections::HashMap;
 use std::ops::Deref;
@@ -11,16 +14,15 @@ use caduceus_scheduler::{
     SchedulerConfig, SchedulerOutput, SchedulerStats,
 };
 
-use super::backend::{Backend, BackendError, SlotSpec};
+use self::adapters::EngineAdapters;
+use super::backend::{Backend, BackendError};
 use super::cpu_backend::CpuBackend;
-use super::device_slots::SlotFill;
 use super::executor::{ExecuteResult, Executor, ExecutorError, SeqSampling};
+use super::failure::RequestFailure;
 use super::output::{Finished, OutputSender, RequestOutput, RequestTimes};
 use super::request::{EngineRequest, RequestError, RequestLimits};
 use super::stop::{StopCheck, StopStrings};
-use crate::adapters::{
-    AdapterEntry, AdapterLoader, AdapterService, LoadDone, LoadedAdapter, StepGate,
-};
+use crate::adapters::LoadedAdapter;
 use crate::kv_events::KvEventSink;
 use crate::model::LlamaModel;
 use crate::sampling::SampledToken;
@@ -54,19 +56,6 @@ struct Tracked {
     num_cached_tokens: usize,
     times: RequestTimes,
     adapter: Option<Arc<str>>,
-}
-
-/// The engine's side of adapter residency: the shared service, the loader thread and the
-/// requests parked until their adapter is in host memory.
-struct EngineAdapters {
-    service: Arc<AdapterService>,
-    loader: AdapterLoader,
-    /// Holds the loader during steps when the compute threads take every core.
-    step_gate: Option<StepGate>,
-    /// Requests waiting for a disk load, with the registry entry they named.
-    parked: HashMap<RequestId, (EngineRequest, AdapterEntry)>,
-    /// The adapter names last published in the info gauge (running, waiting).
-    published: (Vec<Arc<str>>, Vec<Arc<str>>),
 }
 
 /// What one [`EngineCore::step`] did, for logs and metrics.
@@ -142,52 +131,15 @@ impl<B: Backend> EngineCore<B> {
         })
     }
 
-    /// Serves the adapters of `service`: allocates its `max_loras` slots (ranks up to its
-    /// `max_lora_rank`, stored as its `dtype`), sets the scheduler's distinct-adapter limit to the
-    /// slot count and starts the loader thread. Call before adding requests.
-    pub fn with_adapters(mut self, service: Arc<AdapterService>) -> Result<Self, EngineError> {
-        let settings = service.settings().clone();
-        let dtype = settings.dtype;
-        let bytes = self.executor.set_lora(SlotSpec {
-            num_slots: settings.max_loras,
-            max_rank: settings.limits.max_rank,
-            dtype,
-        })?;
-        tracing::info!(
-            slots = settings.max_loras,
-            max_rank = settings.limits.max_rank,
-            dtype = ?dtype,
-            mib = bytes / (1 << 20),
-            "adapter slots allocated"
-        );
-        self.config.max_loras = Some(settings.max_loras);
-        self.scheduler = Scheduler::new(self.config.clone())?;
-        if self.kv_events.is_some() {
-            self.scheduler.enable_kv_cache_events();
+    /// Injects test faults into this engine's steps and adapter loader (see [`super::fault`]).
+    /// Only with the `fault-injection` feature; call after [`Self::with_adapters`].
+    #[cfg(feature = "fault-injection")]
+    pub fn with_faults(mut self, plan: super::fault::FaultPlan) -> Self {
+        if let (Some(name), Some(a)) = (&plan.loader_panic, &self.adapters) {
+            a.loader.panic_on_load_of(name.clone());
         }
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let step_gate = StepGate::new(
-            service.loader_gate(),
-            settings.loader_share_percent,
-            rayon::current_num_threads(),
-            cores,
-        );
-        if step_gate.is_some() {
-            tracing::info!(
-                share_percent = settings.loader_share_percent,
-                cores,
-                "compute threads take every core: the adapter loader runs between steps"
-            );
-        }
-        self.adapters = Some(EngineAdapters {
-            loader: AdapterLoader::spawn(service.clone())?,
-            step_gate,
-            service,
-            parked: HashMap::new(),
-            published: Default::default(),
-        });
-        crate::metrics::record_lora_slots(settings.max_loras, 0);
-        Ok(self)
+        *self.executor.faults_mut() = super::fault::Faults::new(plan);
+        self
     }
 
     /// Publishes the prefix cache's changes to `sink` after every step, starting with
@@ -289,6 +241,8 @@ impl<B: Backend> EngineCore<B> {
         req: EngineRequest,
         adapter: Option<Arc<LoadedAdapter>>,
     ) -> Result<(), RequestError> {
+        #[cfg(feature = "fault-injection")]
+        self.executor.faults_mut().mark(id, &req);
         let mut stop_token_ids = req.stop_token_ids.clone();
         if !req.ignore_eos {
             stop_token_ids.extend(&self.eos_ids);
@@ -343,78 +297,35 @@ impl<B: Backend> EngineCore<B> {
         Ok(())
     }
 
-    /// Admits the requests parked on loads that finished; fails those whose load failed.
-    fn poll_adapter_loads(&mut self) {
-        let Some(a) = self.adapters.as_mut() else {
+    /// Ends a request with an error its caller sees, wherever it is: its KV blocks (and with
+    /// them its hold on an adapter slot) go back through the scheduler's finish path, as for an
+    /// abort. The error is logged with the request's id and adapter, never its text.
+    fn finish_failed(&mut self, id: RequestId, failure: RequestFailure) {
+        self.scheduler.finish_request(id, FinishReason::Error);
+        self.executor.remove_request(id);
+        let Some(mut t) = self.requests.remove(&id) else {
             return;
         };
-        let done = a.loader.poll();
-        for d in done {
-            self.on_load_done(d);
-        }
-    }
-
-    fn on_load_done(&mut self, d: LoadDone) {
-        let Some(a) = self.adapters.as_mut() else {
-            return;
-        };
-        let waiting: Vec<RequestId> = a
-            .parked
-            .iter()
-            .filter(|(_, (_, e))| e.name == d.entry.name && e.version == d.entry.version)
-            .map(|(&id, _)| id)
-            .collect();
-        match &d.result {
-            Ok(_) => {
-                crate::metrics::record_lora_disk_load(d.elapsed);
-                tracing::info!(
-                    adapter = %d.entry.name,
-                    ms = d.elapsed.as_secs_f64() * 1e3,
-                    waiting = waiting.len(),
-                    "adapter loaded from disk"
-                );
-            }
-            Err(e) => {
-                crate::metrics::record_lora_load_failure(&d.entry.name);
-                tracing::warn!(adapter = %d.entry.name, error = %e, "adapter could not be loaded");
-            }
-        }
-        for id in waiting {
-            let Some((req, _)) = self.adapters.as_mut().and_then(|a| a.parked.remove(&id)) else {
-                continue;
-            };
-            let admitted = match &d.result {
-                Ok(adapter) => self
-                    .admit(id, req, Some(adapter.clone()))
-                    .map_err(|e| e.to_string()),
-                Err(e) => Err(format!(
-                    "adapter `{}` could not be loaded: {}",
-                    d.entry.name,
-                    self.redact_adapter_paths(&e.to_string())
-                )),
-            };
-            if let Err(message) = admitted {
-                self.finish_failed(id, message);
-            }
-        }
-    }
-
-    /// An adapter error without the server's paths, for the client.
-    fn redact_adapter_paths(&self, message: &str) -> String {
-        match &self.adapters {
-            Some(a) => a.service.registry().redact(message),
-            None => message.to_owned(),
-        }
-    }
-
-    /// Ends a request that never ran with an error its caller sees.
-    fn finish_failed(&mut self, id: RequestId, message: String) {
-        if let Some(t) = self.requests.remove(&id) {
-            let _ = t.out.send(RequestOutput::failed_with(
-                FinishReason::Error,
-                Some(message),
-            ));
-        }
+        tracing::error!(
+            request_id = id.0,
+            adapter = t.adapter.as_deref().unwrap_or(""),
+            code = failure.code(),
+            error = %failure,
+            "request failed in the engine; the others go on"
+        );
+        t.times.finished = Some(Instant::now());
+        let _ = t.out.send(RequestOutput {
+            new_tokens: Vec::new(),
+            text: String::new(),
+            finished: Some(Finished {
+                reason: FinishReason::Error,
+                num_prompt_tokens: t.num_prompt_tokens,
+                num_output_tokens: t.num_output_tokens,
+                num_cached_tokens: t.num_cached_tokens,
+                times: t.times,
+                error: Some(failure),
+            }),
+        });
     }
 
     /// Ends a request wherever it is and frees its blocks now; its stream gets a final output
@@ -430,34 +341,6 @@ impl<B: Backend> EngineCore<B> {
         }
     }
 
-    /// Changes the share of each step's time lent to the adapter loader where it runs between
-    /// steps (no effect otherwise). 0 holds the loader during this engine's steps without lending
-    /// it time: a benchmark's twin engine, stepped in turn with one that lends.
-    pub fn set_loader_share_percent(&mut self, percent: u32) {
-        if let Some(g) = self.adapters.as_mut().and_then(|a| a.step_gate.as_mut()) {
-            g.set_share_percent(percent);
-        }
-    }
-
-    /// Whether the adapter loader runs between this engine's steps (see [`crate::adapters::gate`]).
-    pub fn slices_loader(&self) -> bool {
-        self.adapters
-            .as_ref()
-            .is_some_and(|a| a.step_gate.is_some())
-    }
-
-    /// Queues a background load of the registered adapter `name` (what a request on a cold
-    /// adapter triggers, without the request); false if it is unknown or already loading.
-    pub fn prefetch_adapter(&mut self, name: &str) -> bool {
-        let Some(a) = self.adapters.as_mut() else {
-            return false;
-        };
-        let Some(entry) = a.service.registry().get(name) else {
-            return false;
-        };
-        a.loader.request(&entry)
-    }
-
     /// One iteration: schedule, run the model, apply the sampled tokens, stream the outputs.
     pub fn step(&mut self) -> Result<StepStats, EngineError> {
         self.poll_adapter_loads();
@@ -465,12 +348,15 @@ impl<B: Backend> EngineCore<B> {
         let sched = self.scheduler.schedule();
         self.note_scheduled(&sched);
         let gate = self.adapters.as_ref().and_then(|a| a.step_gate.as_ref());
-        let result = match gate {
+        let mut result = match gate {
             Some(g) if sched.total_num_scheduled_tokens > 0 => {
                 g.around(|| self.executor.execute(&sched))
             }
             _ => self.executor.execute(&sched),
         }?;
+        for (id, failure) in std::mem::take(&mut result.failed) {
+            self.finish_failed(id, failure);
+        }
         self.note_slot_fills(&result.slot_fills);
         let updates = self.scheduler.update(&sched, &result.step);
         let num_finished = self.emit(updates, result);
@@ -495,60 +381,6 @@ impl<B: Backend> EngineCore<B> {
             .collect();
         for id in gone {
             self.abort_request(id, FinishReason::Abort);
-        }
-    }
-
-    /// Waits up to `timeout` for an adapter load to finish and applies it; for a caller whose
-    /// only unfinished requests are parked (nothing can be scheduled until a load lands).
-    pub fn wait_for_adapter_load(&mut self, timeout: std::time::Duration) {
-        let Some(a) = self.adapters.as_mut() else {
-            return;
-        };
-        if let Some(d) = a.loader.wait(timeout) {
-            self.on_load_done(d);
-        }
-    }
-
-    fn note_slot_fills(&mut self, fills: &[SlotFill]) {
-        let Some(a) = &mut self.adapters else {
-            return;
-        };
-        for fill in fills {
-            crate::metrics::record_lora_slot_fill(*fill);
-        }
-        if !fills.is_empty() {
-            crate::metrics::record_lora_slots(
-                a.service.settings().max_loras,
-                self.executor.num_resident_adapters(),
-            );
-        }
-    }
-
-    /// Publishes the running and waiting adapter names when they change (the gateway's info
-    /// gauge), after the step's finishes so an idle engine shows none.
-    fn publish_adapter_info(&mut self) {
-        let Some(a) = &mut self.adapters else {
-            return;
-        };
-        let mut running: Vec<Arc<str>> = Vec::new();
-        let mut waiting: Vec<Arc<str>> = Vec::new();
-        for t in self.requests.values() {
-            if let Some(name) = &t.adapter {
-                let list = if t.times.first_scheduled.is_some() {
-                    &mut running
-                } else {
-                    &mut waiting
-                };
-                list.push(name.clone());
-            }
-        }
-        for list in [&mut running, &mut waiting] {
-            list.sort();
-            list.dedup();
-        }
-        if a.published != (running.clone(), waiting.clone()) {
-            crate::metrics::record_lora_info(a.service.settings().max_loras, &running, &waiting);
-            a.published = (running, waiting);
         }
     }
 

@@ -12,6 +12,7 @@ use caduceus_scheduler::{RequestId, ScheduledData, SchedulerOutput, StepOutput};
 
 use super::backend::{Backend, BackendError, SlotSpec};
 use super::device_slots::{DeviceSlots, SlotFill};
+use super::failure::RequestFailure;
 use crate::adapters::LoadedAdapter;
 use crate::model::ForwardBatch;
 use crate::sampling::{SampledToken, Sampler, SamplingParams};
@@ -55,9 +56,13 @@ pub struct ExecuteResult {
     pub samples: HashMap<RequestId, SampledToken>,
     /// How each newly scheduled adapter request found its slot.
     pub slot_fills: Vec<SlotFill>,
+    /// Requests that failed this step (left out of the batch, or their sample dropped); the
+    /// engine finishes each with its error and the others go on.
+    pub failed: Vec<(RequestId, RequestFailure)>,
 }
 
-/// The scheduler and executor disagree: a programming error, which stops the engine.
+/// The scheduler and executor disagree: a programming error, which stops the engine (one
+/// request's own trouble is a [`RequestFailure`] instead).
 #[derive(Debug, thiserror::Error)]
 #[error("executor state out of sync with the scheduler: {0}")]
 pub struct ExecutorError(String);
@@ -69,6 +74,8 @@ pub struct Executor<B> {
     seqs: HashMap<RequestId, SeqState>,
     /// Adapter slots; `None` serves the base model only.
     lora: Option<DeviceSlots>,
+    #[cfg(feature = "fault-injection")]
+    faults: super::fault::Faults,
 }
 
 impl<B: Backend> Executor<B> {
@@ -79,6 +86,8 @@ impl<B: Backend> Executor<B> {
             backend,
             seqs: HashMap::new(),
             lora: None,
+            #[cfg(feature = "fault-injection")]
+            faults: Default::default(),
         }
     }
 
@@ -118,6 +127,12 @@ impl<B: Backend> Executor<B> {
         self.seqs.remove(&id);
     }
 
+    /// The fault-injection seam (tests only).
+    #[cfg(feature = "fault-injection")]
+    pub(super) fn faults_mut(&mut self) -> &mut super::fault::Faults {
+        &mut self.faults
+    }
+
     /// Runs one scheduled step.
     pub fn execute(&mut self, sched: &SchedulerOutput) -> Result<ExecuteResult, ExecutorError> {
         for id in &sched.finished_ids {
@@ -129,11 +144,20 @@ impl<B: Backend> Executor<B> {
             }
         }
         self.apply_diffs(sched)?;
+        #[cfg(feature = "fault-injection")]
+        self.faults.before_step(sched);
         if sched.scheduled.is_empty() {
             return Ok(ExecuteResult::default());
         }
-        let (token_slots, slot_fills) = self.assign_slots(sched)?;
-        let batch = self.build_batch(sched, &token_slots)?;
+        let (token_slots, slot_fills, mut failed) = self.assign_slots(sched)?;
+        let batch = self.build_batch(sched, &token_slots, &failed)?;
+        if batch.token_ids.is_empty() {
+            return Ok(ExecuteResult {
+                slot_fills,
+                failed,
+                ..ExecuteResult::default()
+            });
+        }
         let segments: Vec<Segment> = if batch.token_slots.iter().any(Option::is_some) {
             segments_from_token_slots(&batch.token_slots)
         } else {
@@ -164,24 +188,35 @@ impl<B: Backend> Executor<B> {
             .forward(&forward, &segments)
             .map_err(|e| ExecutorError(e.to_string()))?;
         drop(seqs);
+        #[cfg(feature = "fault-injection")]
+        for row in self.faults.poisoned_rows(&batch.samplers) {
+            self.backend
+                .poison_logits_row(row)
+                .map_err(|e| ExecutorError(e.to_string()))?;
+        }
         let mut result = self.sample(&batch.samplers)?;
         result.slot_fills = slot_fills;
+        failed.append(&mut result.failed);
+        result.failed = failed;
         Ok(result)
     }
 
     /// The slot of each scheduled request's adapter, filling slots for newly scheduled ones.
     /// Slots used by any request holding KV (i.e. running) are never reassigned; the scheduler's
-    /// `max_loras` (equal to the slot count) guarantees one is free for every new adapter.
+    /// `max_loras` (equal to the slot count) guarantees one is free for every new adapter. A
+    /// request whose adapter cannot be placed fails alone (its slot is left empty, the batch goes
+    /// on without it).
     fn assign_slots(&mut self, sched: &SchedulerOutput) -> Result<SlotAssignment, ExecutorError> {
         let mut slots = HashMap::new();
         let mut fills = Vec::new();
+        let mut failed = Vec::new();
         let scheduled_with_adapter = sched.scheduled.iter().filter_map(|r| {
             let a = self.seqs.get(&r.id)?.adapter.clone()?;
             Some((r.id, a, matches!(r.data, ScheduledData::New { .. })))
         });
         let wanted: Vec<_> = scheduled_with_adapter.collect();
         if wanted.is_empty() {
-            return Ok((slots, fills));
+            return Ok((slots, fills, failed));
         }
         let pinned: HashSet<_> = self
             .seqs
@@ -194,17 +229,24 @@ impl<B: Backend> Executor<B> {
         })?;
         let backend = &mut self.backend;
         for (id, adapter, is_new) in wanted {
-            let (slot, fill) = device
-                .acquire(&adapter, &pinned, |slot| {
-                    backend.load_adapter(slot, &adapter)
-                })
-                .map_err(|e| ExecutorError(e.to_string()))?;
-            if is_new {
-                fills.push(fill);
+            #[cfg(feature = "fault-injection")]
+            if self.faults.fails_slot(id) {
+                let injected = "injected fault".to_string();
+                failed.push((id, RequestFailure::AdapterSlot(injected)));
+                continue;
             }
-            slots.insert(id, slot);
+            let load = |slot| backend.load_adapter(slot, &adapter);
+            match device.acquire(&adapter, &pinned, load) {
+                Ok((slot, fill)) => {
+                    if is_new {
+                        fills.push(fill);
+                    }
+                    slots.insert(id, slot);
+                }
+                Err(e) => failed.push((id, RequestFailure::AdapterSlot(e.to_string()))),
+            }
         }
-        Ok((slots, fills))
+        Ok((slots, fills, failed))
     }
 
     fn apply_diffs(&mut self, sched: &SchedulerOutput) -> Result<(), ExecutorError> {
@@ -237,16 +279,22 @@ impl<B: Backend> Executor<B> {
         Ok(())
     }
 
+    /// The flattened batch of every scheduled request except the `failed` ones.
     fn build_batch(
         &self,
         sched: &SchedulerOutput,
         token_slots: &HashMap<RequestId, u32>,
+        failed: &[(RequestId, RequestFailure)],
     ) -> Result<BatchPlan, ExecutorError> {
         let bs = self.block_size;
         let mut plan = BatchPlan::with_capacity(sched.total_num_scheduled_tokens);
         // Requests on the same adapter sit next to each other, so their tokens form one segment
         // (one read of the adapter's weights); the order changes no sequence's result.
-        let mut order: Vec<_> = sched.scheduled.iter().collect();
+        let mut order: Vec<_> = sched
+            .scheduled
+            .iter()
+            .filter(|r| failed.iter().all(|(id, _)| *id != r.id))
+            .collect();
         order.sort_by_key(|r| token_slots.get(&r.id).copied());
         for r in order {
             let slot = token_slots.get(&r.id).copied();
@@ -313,6 +361,14 @@ impl<B: Backend> Executor<B> {
             .map_err(|e| ExecutorError(e.to_string()))?;
         let mut result = ExecuteResult::default();
         for (id, sampled) in ids.iter().zip(sampled) {
+            // A row the backend found NaN or inf in fails its request, not the batch.
+            let sampled = match sampled {
+                Ok(s) => s,
+                Err(failure) => {
+                    result.failed.push((*id, failure));
+                    continue;
+                }
+            };
             if let Some(kv) = self.seqs.get_mut(id).and_then(|s| s.kv.as_mut()) {
                 kv.token_ids.push(sampled.token_id);
             }
@@ -323,8 +379,13 @@ impl<B: Backend> Executor<B> {
     }
 }
 
-/// Each scheduled adapter request's slot, and how newly scheduled ones found theirs.
-type SlotAssignment = (HashMap<RequestId, u32>, Vec<SlotFill>);
+/// Each scheduled adapter request's slot, how newly scheduled ones found theirs, and the
+/// requests whose adapter could not be placed.
+type SlotAssignment = (
+    HashMap<RequestId, u32>,
+    Vec<SlotFill>,
+    Vec<(RequestId, RequestFailure)>,
+);
 
 /// The flattened batch before it borrows the block tables.
 struct BatchPlan {

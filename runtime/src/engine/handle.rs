@@ -11,8 +11,10 @@ use tokio::sync::mpsc as async_mpsc;
 
 use super::backend::Backend;
 use super::engine_core::{EngineCore, EngineError};
+use super::failure::RequestFailure;
 use super::output::{OutputSender, RequestOutput, RequestStream};
 use super::request::{EngineRequest, RequestError, RequestLimits};
+use super::watchdog::{Progress, Stall};
 
 /// How long an engine with work but nothing runnable waits before trying again.
 const IDLE_POLL: std::time::Duration = std::time::Duration::from_millis(2);
@@ -38,6 +40,8 @@ struct Shared {
     /// Admission limit on `in_channel + waiting`.
     max_queued: AtomicUsize,
     stats: std::sync::Mutex<SchedulerStats>,
+    /// When the engine thread last finished a step (the stall watchdog's evidence).
+    progress: Progress,
 }
 
 /// A cloneable handle to an engine running on its own thread.
@@ -64,6 +68,7 @@ impl EngineHandle {
             waiting: AtomicUsize::new(0),
             max_queued: AtomicUsize::new(usize::MAX),
             stats: std::sync::Mutex::new(core.stats()),
+            progress: Progress::new(),
         });
         let handle = EngineHandle {
             tx,
@@ -158,6 +163,12 @@ impl EngineHandle {
         self.limits
     }
 
+    /// The stall, if the engine has had work for longer than `timeout` without finishing a
+    /// step (`server.engine_stall_timeout`; zero is off). Logs when a stall starts and ends.
+    pub fn stall(&self, timeout: std::time::Duration) -> Option<Stall> {
+        self.shared.progress.check(timeout)
+    }
+
     /// Scheduler statistics as of the end of the last step.
     pub fn stats(&self) -> SchedulerStats {
         self.shared
@@ -189,6 +200,7 @@ fn run_loop<B: Backend>(
         if !core.has_unfinished() {
             match rx.recv() {
                 Ok(cmd) => {
+                    shared.progress.became_busy();
                     if !apply(&mut core, cmd, shared) {
                         return Ok(());
                     }
@@ -202,6 +214,7 @@ fn run_loop<B: Backend>(
             }
         }
         let step = core.step()?;
+        shared.progress.step_finished(core.has_unfinished());
         let stats = core.stats();
         shared.waiting.store(stats.num_waiting, Ordering::Release);
         crate::metrics::record_engine_stats(&stats);
@@ -233,7 +246,8 @@ fn apply<B: Backend>(core: &mut EngineCore<B>, cmd: Command, shared: &Shared) ->
             if let Err(e) = core.add_request(id, *req, out.clone()) {
                 // Checked by the handle already; only a pool or id clash can land here.
                 tracing::warn!(request_id = id.0, error = %e, "request rejected by the engine");
-                let _ = out.send(RequestOutput::failed(FinishReason::Error));
+                let failure = Some(RequestFailure::Rejected(e));
+                let _ = out.send(RequestOutput::failed_with(FinishReason::Error, failure));
             }
             true
         }

@@ -13,16 +13,23 @@ mod cpu_backend;
 mod device_slots;
 mod engine_core;
 mod executor;
+mod failure;
+#[cfg(feature = "fault-injection")]
+mod fault;
 mod handle;
 mod output;
 mod request;
 mod stop;
+mod watchdog;
 
-pub use backend::{Backend, BackendError, SlotSpec};
+pub use backend::{Backend, BackendError, RowOutcome, SlotSpec};
 pub use cpu_backend::CpuBackend;
 pub use device_slots::SlotFill;
 pub use engine_core::{EngineCore, EngineError, StepStats};
 pub use executor::{ExecuteResult, Executor, ExecutorError, SeqSampling};
+pub use failure::RequestFailure;
+#[cfg(feature = "fault-injection")]
+pub use fault::{FaultPlan, RequestMatcher, StepLatch};
 pub use handle::EngineHandle;
 pub use output::{Finished, OutputSender, RequestOutput, RequestStream, RequestTimes};
 pub use request::{
@@ -30,5 +37,6 @@ pub use request::{
     MAX_STOP_TOKEN_IDS,
 };
 pub use stop::{StopCheck, StopStrings};
+pub use watchdog::Stall;
 
 pub use caduceus_scheduler::{AdapterKey, FinishReason, RequestId, SchedulerConfig};

@@ -5,6 +5,7 @@ use std::time::Instant;
 use caduceus_scheduler::{FinishReason, RequestId};
 use tokio::sync::mpsc;
 
+use super::failure::RequestFailure;
 use crate::sampling::SampledToken;
 
 /// One step's worth of output for one request.
@@ -24,8 +25,8 @@ impl RequestOutput {
         Self::failed_with(reason, None)
     }
 
-    /// [`Self::failed`] with a message for the caller (e.g. why an adapter could not be loaded).
-    pub fn failed_with(reason: FinishReason, error: Option<String>) -> Self {
+    /// [`Self::failed`] with the failure the caller sees (e.g. why it was refused).
+    pub fn failed_with(reason: FinishReason, error: Option<RequestFailure>) -> Self {
         let mut times = RequestTimes::arriving_now();
         times.finished = Some(times.arrival);
         RequestOutput {
@@ -57,7 +58,7 @@ pub struct Finished {
     /// Timestamps of the request's life in the engine.
     pub times: RequestTimes,
     /// Why the request failed, when `reason` is an error the caller should see.
-    pub error: Option<String>,
+    pub error: Option<RequestFailure>,
 }
 
 /// Timestamps for latency metrics (queue time, time to first token, end to end).

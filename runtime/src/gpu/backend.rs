@@ -15,7 +15,7 @@ use super::lora::{GpuLoraBatch, GpuLoraStack};
 use super::memory_plan::{kv_bytes_per_block, plan_memory, MemoryInputs, MemoryPlan};
 use super::model::{GpuKvCache, GpuModel};
 use crate::adapters::LoadedAdapter;
-use crate::engine::{Backend, BackendError, SlotSpec};
+use crate::engine::{Backend, BackendError, RowOutcome, SlotSpec};
 use crate::model::config::LlamaConfig;
 use crate::model::ForwardBatch;
 use crate::sampling::{RowSample, SampledToken};
@@ -365,11 +365,33 @@ impl Backend for GpuBackend {
         Ok(())
     }
 
-    fn sample(&mut self, rows: &[RowSample]) -> Result<Vec<SampledToken>, BackendError> {
+    /// Rows are sampled on the device; a NaN/inf row is not detected here yet (the kernel
+    /// treats NaN as -inf), so it does not fail its request as on the CPU.
+    fn sample(&mut self, rows: &[RowSample]) -> Result<Vec<RowOutcome>, BackendError> {
         if rows.is_empty() {
             return Ok(Vec::new());
         }
-        self.sample_on_device(rows).map_err(err)
+        Ok(self
+            .sample_on_device(rows)
+            .map_err(err)?
+            .into_iter()
+            .map(Ok)
+            .collect())
+    }
+
+    #[cfg(feature = "fault-injection")]
+    fn poison_logits_row(&mut self, row: usize) -> Result<(), BackendError> {
+        let vocab = self.model.config().vocab_size;
+        let (logits, _) = self.logits.as_ref().ok_or_else(|| err("no logits kept"))?;
+        let dt = self.model.dtype();
+        let nan: u16 = match dt {
+            DType::Bf16 => half::bf16::NAN.to_bits(),
+            DType::F16 => half::f16::NAN.to_bits(),
+        };
+        self.model
+            .device()
+            .write(logits, row * vocab * dt.size(), &[nan])
+            .map_err(err)
     }
 }
 

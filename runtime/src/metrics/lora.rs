@@ -26,6 +26,8 @@ pub const LORA_RESIDENT_BYTES: &str = "caduceus_lora_host_cache_bytes";
 /// Time the engine paused between steps so the adapter loader could run (the compute threads
 /// take every core; see `adapters::gate`).
 pub const LORA_LOADER_LENT: &str = "caduceus_lora_loader_lent_microseconds_total";
+/// Times the adapter loader thread died and was restarted.
+pub const LORA_LOADER_RESTARTS: &str = "caduceus_lora_loader_restarts_total";
 /// vLLM's `vllm:lora_requests_info` under our prefix: labels `max_lora`,
 /// `running_lora_adapters`, `waiting_lora_adapters` (comma-separated names); value = Unix time of
 /// the update, so readers take the newest series.
@@ -51,6 +53,11 @@ pub(super) fn describe() {
         "Time to read and validate an adapter from disk."
     );
     describe_counter!(LORA_EVICTIONS, Unit::Count, "Adapters evicted, by tier.");
+    describe_counter!(
+        LORA_LOADER_RESTARTS,
+        Unit::Count,
+        "Times the adapter loader thread died (its loads failed) and was restarted."
+    );
     describe_gauge!(LORA_RESIDENT, "Adapters resident, by tier.");
     describe_gauge!(
         LORA_RESIDENT_BYTES,
@@ -80,6 +87,11 @@ pub fn record_lora_disk_load(elapsed: Duration) {
 /// Loading `adapter` failed.
 pub fn record_lora_load_failure(adapter: &str) {
     metrics::counter!(LORA_LOAD_FAILURES, "adapter" => adapter.to_owned()).increment(1);
+}
+
+/// The adapter loader thread died and was restarted.
+pub fn record_lora_loader_restart() {
+    metrics::counter!(LORA_LOADER_RESTARTS).increment(1);
 }
 
 /// The engine paused `lent` between steps for the adapter loader.

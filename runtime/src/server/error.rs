@@ -7,7 +7,7 @@ use axum::Json;
 use std::time::Duration;
 
 use super::protocol::{ApiError, ErrorBody, ErrorResponse};
-use crate::engine::RequestError;
+use crate::engine::{RequestError, RequestFailure};
 use crate::sampling::SamplingError;
 
 impl IntoResponse for ApiError {
@@ -47,17 +47,26 @@ pub fn request_error(err: RequestError, prompt_field: &str) -> ApiError {
     ApiError::invalid_request(message, Some(param))
 }
 
-/// 500 for a request whose adapter could not be loaded (a broken adapter on the server's disk:
-/// the operator's to fix, so a server error naming the problem).
-pub fn adapter_error(message: String) -> ApiError {
+/// The HTTP error of a request the engine failed after accepting it (the other requests went
+/// on). A broken adapter on the server's disk or a numerical failure is the operator's to fix: a
+/// 500 whose `code` names the failure; a request refused once its adapter arrived gets the
+/// refusal's own status (400 for a limit, ...), as if refused at the door.
+pub fn failure_error(failure: &RequestFailure) -> ApiError {
+    let param = match failure {
+        RequestFailure::Rejected(e) => return request_error(e.clone(), "prompt"),
+        RequestFailure::AdapterLoad { .. }
+        | RequestFailure::LoaderStopped { .. }
+        | RequestFailure::AdapterSlot(_) => Some("model".into()),
+        RequestFailure::NonFiniteLogits => None,
+    };
     ApiError {
         status: 500,
         body: ErrorResponse {
             error: ErrorBody {
-                message,
+                message: failure.to_string(),
                 kind: "server_error".into(),
-                param: Some("model".into()),
-                code: Some("adapter_load_failed".into()),
+                param,
+                code: Some(failure.code().into()),
             },
         },
         retry_after_secs: None,

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::stream::{self, BoxStream, StreamExt};
 
-use super::error::{adapter_error, request_error, timeout_error};
+use super::error::{failure_error, request_error, timeout_error};
 use super::protocol::{ApiError, FinishReason, GenerationParams};
 use super::request_log::RequestLog;
 use super::state::AppState;
@@ -159,8 +159,8 @@ pub async fn collect_all(
             },
         };
         note_output(log, &out, &mut lasts[i]);
-        if let Some(message) = out.finished.as_ref().and_then(|f| f.error.clone()) {
-            let err = adapter_error(message);
+        if let Some(failure) = out.finished.as_ref().and_then(|f| f.error.as_ref()) {
+            let err = failure_error(failure);
             log.status = err.status;
             return Err(err);
         }

@@ -63,15 +63,27 @@ pub async fn list_models(State(state): State<AppState>) -> Json<ModelList> {
     Json(ModelList::new(cards))
 }
 
-/// 200 while the engine is alive and the server accepts work; 503 while draining or after an
-/// engine failure (so load balancers and Kubernetes stop routing here).
+/// 200 while the engine is alive, making progress and the server accepts work; 503 while
+/// draining, after an engine failure, or while the engine has work but finished no step within
+/// `server.engine_stall_timeout` (so load balancers and Kubernetes stop routing here; it
+/// recovers when steps resume).
 pub async fn health(State(state): State<AppState>) -> Response {
-    let (code, status) = match state.lifecycle.phase() {
-        Phase::Ready if state.engine.is_alive() => (StatusCode::OK, "ok"),
-        Phase::Ready | Phase::Failed => (StatusCode::SERVICE_UNAVAILABLE, "engine_failed"),
-        Phase::Draining => (StatusCode::SERVICE_UNAVAILABLE, "draining"),
+    let unavailable = StatusCode::SERVICE_UNAVAILABLE;
+    let (code, status, reason) = match state.lifecycle.phase() {
+        Phase::Ready if state.engine.is_alive() => {
+            match state.engine.stall(state.settings.engine_stall_timeout) {
+                None => (StatusCode::OK, "ok", None),
+                Some(stall) => (unavailable, "engine_stalled", Some(stall.to_string())),
+            }
+        }
+        Phase::Ready | Phase::Failed => (unavailable, "engine_failed", None),
+        Phase::Draining => (unavailable, "draining", None),
     };
-    (code, Json(serde_json::json!({ "status": status }))).into_response()
+    let body = match reason {
+        None => serde_json::json!({ "status": status }),
+        Some(reason) => serde_json::json!({ "status": status, "reason": reason }),
+    };
+    (code, Json(body)).into_response()
 }
 
 /// Build and model identification.

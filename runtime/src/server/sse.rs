@@ -11,7 +11,7 @@ use futures_util::stream::{self, Stream, StreamExt};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use super::error::{adapter_error, timeout_error};
+use super::error::{failure_error, timeout_error};
 use super::generation::{engine_gone, merge, note_stream_output};
 use super::protocol::{ApiError, FinishReason, Usage, SSE_DONE};
 use super::request_log::RequestLog;
@@ -98,8 +98,8 @@ async fn pump<F: ChunkFormat>(
             return;
         };
         note_stream_output(&mut log, &mut lasts, i, &out);
-        if let Some(message) = out.finished.as_ref().and_then(|f| f.error.clone()) {
-            let err = adapter_error(message);
+        if let Some(failure) = out.finished.as_ref().and_then(|f| f.error.as_ref()) {
+            let err = failure_error(failure);
             log.status = err.status;
             let _ = tx.send(error_event(&err)).await;
             return;

@@ -113,6 +113,9 @@ pub struct ServerSettings {
     pub allow_keyless_admin: bool,
     /// Key `/metrics` requires, if any.
     pub metrics_api_key: Option<String>,
+    /// `/health` answers 503 while the engine has work and finished no step for this long
+    /// (zero: no watchdog).
+    pub engine_stall_timeout: Duration,
 }
 
 /// Everything a handler needs; cheap to clone.

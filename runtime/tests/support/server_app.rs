@@ -13,13 +13,13 @@ use tower::ServiceExt;
 use caduceus_runtime::adapters::peft::AdapterLimits;
 use caduceus_runtime::adapters::{AdapterRegistry, AdapterService, AdapterSettings};
 use caduceus_runtime::config::PrefixCacheIsolation;
-use caduceus_runtime::engine::{EngineCore, EngineHandle, SchedulerConfig};
+use caduceus_runtime::engine::{EngineCore, EngineHandle, FaultPlan, SchedulerConfig};
 use caduceus_runtime::model::loader::LoadedModel;
 use caduceus_runtime::model::LoraDtype;
 use caduceus_runtime::server::{AppState, Lifecycle, ServerSettings};
 
 /// Knobs of a test server.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct TestServer {
     pub api_keys: Vec<String>,
     pub max_queued: usize,
@@ -43,6 +43,10 @@ pub struct TestServer {
     pub allow_keyless_admin: bool,
     /// `server.metrics_api_key`.
     pub metrics_api_key: Option<String>,
+    /// `server.engine_stall_timeout` (zero: off).
+    pub engine_stall_timeout: Duration,
+    /// Faults injected into the engine's steps and adapter loader.
+    pub faults: FaultPlan,
 }
 
 impl Default for TestServer {
@@ -62,6 +66,8 @@ impl Default for TestServer {
             admin_api_keys: Vec::new(),
             allow_keyless_admin: true,
             metrics_api_key: None,
+            engine_stall_timeout: Duration::from_secs(60),
+            faults: FaultPlan::default(),
         }
     }
 }
@@ -104,6 +110,7 @@ impl TestServer {
         if let Some(service) = &adapters {
             core = core.with_adapters(service.clone()).unwrap();
         }
+        let core = core.with_faults(self.faults.clone());
         let (engine, _thread) = EngineHandle::spawn(core).unwrap();
         engine.set_max_queued(self.max_queued);
         AppState {
@@ -122,6 +129,7 @@ impl TestServer {
                 admin_api_keys: self.admin_api_keys.clone(),
                 allow_keyless_admin: self.allow_keyless_admin,
                 metrics_api_key: self.metrics_api_key.clone(),
+                engine_stall_timeout: self.engine_stall_timeout,
             }),
             lifecycle: Arc::new(Lifecycle::default()),
             metrics: caduceus_runtime::metrics::install(),

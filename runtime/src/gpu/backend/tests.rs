@@ -199,7 +199,12 @@ fn device_sampling_matches_the_cpu_twin_on_the_same_logits() {
             s.row_sample(&prompt, &output, vocab, ban)
         })
         .collect();
-    let got = b.sample(&row_samples).unwrap();
+    let got: Vec<_> = b
+        .sample(&row_samples)
+        .unwrap()
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
     let mut scratch = RowScratch::default();
     for (i, r) in row_samples.iter().enumerate() {
         let want = sample_row(&logits[i * vocab..(i + 1) * vocab], r, &mut scratch);

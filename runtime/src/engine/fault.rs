@@ -1,0 +1,147 @@
+//! Fault injection for tests: the seam that proves a failure stays small and visible (one
+//! request's bad logits or adapter slot fails that request alone; a panic inside a step kills the
+//! engine loudly; a stuck step trips the stall watchdog; a dying adapter loader is restarted).
+//! Compiled only with the `fault-injection` feature, which the runtime's own tests enable and no
+//! release build does: nothing here can fire in production.
+//!
+//! Requests are picked by a predicate on the [`EngineRequest`] (tests usually match a sampling
+//! seed), evaluated once when the request is admitted.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+
+use caduceus_scheduler::{RequestId, SchedulerOutput};
+
+use super::request::EngineRequest;
+
+/// Picks the requests a fault applies to.
+pub type RequestMatcher = Arc<dyn Fn(&EngineRequest) -> bool + Send + Sync>;
+
+/// The faults to inject; each `None` is off.
+#[derive(Clone, Default)]
+pub struct FaultPlan {
+    /// Matching requests get NaN in their logits row.
+    pub nan_logits: Option<RequestMatcher>,
+    /// Matching requests fail to get an adapter slot.
+    pub slot_failure: Option<RequestMatcher>,
+    /// The step that schedules a matching request panics (on the engine thread).
+    pub panic_in_step: Option<RequestMatcher>,
+    /// Every step that schedules a matching request waits on the latch until it is released.
+    pub hold_step: Option<(RequestMatcher, Arc<StepLatch>)>,
+    /// The adapter loader thread panics when it is next asked to load this adapter (once).
+    pub loader_panic: Option<Arc<str>>,
+}
+
+impl FaultPlan {
+    /// A matcher for the requests sampled with `seed` (how HTTP tests single one out).
+    pub fn seed(seed: u64) -> RequestMatcher {
+        Arc::new(move |r: &EngineRequest| r.sampling.seed == Some(seed))
+    }
+}
+
+/// Holds steps until released: an engine stuck mid-step, on demand.
+#[derive(Debug, Default)]
+pub struct StepLatch {
+    released: Mutex<bool>,
+    changed: Condvar,
+    num_held: AtomicUsize,
+}
+
+impl StepLatch {
+    /// Lets every held and future step through.
+    pub fn release(&self) {
+        *self.released.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.changed.notify_all();
+    }
+
+    /// Steps that have waited on the latch so far.
+    pub fn num_held(&self) -> usize {
+        self.num_held.load(Ordering::Acquire)
+    }
+
+    fn wait(&self) {
+        let mut released = self.released.lock().unwrap_or_else(|e| e.into_inner());
+        if *released {
+            return;
+        }
+        self.num_held.fetch_add(1, Ordering::AcqRel);
+        while !*released {
+            released = self
+                .changed
+                .wait(released)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+/// Which faults one admitted request carries.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Marks {
+    nan_logits: bool,
+    slot_failure: bool,
+    panic_in_step: bool,
+    hold_step: bool,
+}
+
+/// The executor's side of a [`FaultPlan`]: the plan plus the marks of admitted requests.
+#[derive(Default)]
+pub(super) struct Faults {
+    plan: FaultPlan,
+    marked: HashMap<RequestId, Marks>,
+}
+
+impl Faults {
+    /// Faults from `plan` for requests admitted from now on.
+    pub fn new(plan: FaultPlan) -> Self {
+        Faults {
+            plan,
+            marked: HashMap::new(),
+        }
+    }
+
+    /// Evaluates the plan's matchers on a request being admitted.
+    pub fn mark(&mut self, id: RequestId, req: &EngineRequest) {
+        let hit = |m: &Option<RequestMatcher>| m.as_ref().is_some_and(|m| m(req));
+        let marks = Marks {
+            nan_logits: hit(&self.plan.nan_logits),
+            slot_failure: hit(&self.plan.slot_failure),
+            panic_in_step: hit(&self.plan.panic_in_step),
+            hold_step: self.plan.hold_step.as_ref().is_some_and(|(m, _)| m(req)),
+        };
+        if marks != Marks::default() {
+            self.marked.insert(id, marks);
+        }
+    }
+
+    fn marks(&self, id: &RequestId) -> Marks {
+        self.marked.get(id).copied().unwrap_or_default()
+    }
+
+    /// At the start of a step: panics or holds if a scheduled request asks for it.
+    pub fn before_step(&self, sched: &SchedulerOutput) {
+        let marks: Vec<Marks> = sched.scheduled.iter().map(|r| self.marks(&r.id)).collect();
+        if marks.iter().any(|m| m.panic_in_step) {
+            panic!("injected fault: panic inside an engine step");
+        }
+        if let Some((_, latch)) = &self.plan.hold_step {
+            if marks.iter().any(|m| m.hold_step) {
+                latch.wait();
+            }
+        }
+    }
+
+    /// Whether `id`'s adapter slot acquire must fail.
+    pub fn fails_slot(&self, id: RequestId) -> bool {
+        self.marks(&id).slot_failure
+    }
+
+    /// The logits rows (one per entry of `ids`) of marked requests, for the backend to poison.
+    pub fn poisoned_rows(&self, ids: &[RequestId]) -> Vec<usize> {
+        ids.iter()
+            .enumerate()
+            .filter(|(_, id)| self.marks(id).nan_logits)
+            .map(|(row, _)| row)
+            .collect()
+    }
+}
