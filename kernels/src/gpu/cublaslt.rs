@@ -161,54 +161,67 @@ impl Blas {
             // bucket came first.
             let b = Layout::new(dtype, s.k, key.m_bucket, s.k)?;
             let c = Layout::new(dtype, s.n, key.m_bucket, s.n)?;
-            let pref = Pref(result::create_matmul_pref().map_err(blas_err)?);
-            let bytes = WORKSPACE_BYTES;
-            // SAFETY: live descriptors; the attribute is a usize.
-            unsafe {
-                result::set_matmul_pref_attribute(
-                    pref.0,
-                    sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                    (&bytes as *const usize).cast(),
-                    size_of::<usize>(),
-                )
-                .map_err(blas_err)?;
-                result::get_matmul_algo_heuristic(
-                    self.handle,
-                    desc.0,
-                    a.0,
-                    b.0,
-                    c.0,
-                    c.0,
-                    pref.0,
-                )
-            }
-            .map(|h| h.algo)
-            .map_err(blas_err)
+            self.heuristic(&desc, &a, &b, &c)
         })?;
         let alpha = 1.0f32;
         let beta = if s.accumulate { 1.0f32 } else { 0.0 };
         let ptr = |p: u64| p as usize as *const c_void;
-        // SAFETY: forwarded from the caller; the descriptors and the workspace are live.
-        unsafe {
-            result::matmul(
-                self.handle,
-                desc.0,
-                (&alpha as *const f32).cast(),
-                (&beta as *const f32).cast(),
-                ptr(w),
-                a.0,
-                ptr(x),
-                b.0,
-                ptr(y),
-                c.0,
-                y as usize as *mut c_void,
-                c.0,
-                &algo,
-                self.workspace_ptr as usize as *mut c_void,
-                WORKSPACE_BYTES,
-                stream.cu_stream() as *mut _,
-            )
+        let run = |algo: &sys::cublasLtMatmulAlgo_t| {
+            // SAFETY: forwarded from the caller; the descriptors and the workspace are live.
+            unsafe {
+                result::matmul(
+                    self.handle,
+                    desc.0,
+                    (&alpha as *const f32).cast(),
+                    (&beta as *const f32).cast(),
+                    ptr(w),
+                    a.0,
+                    ptr(x),
+                    b.0,
+                    ptr(y),
+                    c.0,
+                    y as usize as *mut c_void,
+                    c.0,
+                    algo,
+                    self.workspace_ptr as usize as *mut c_void,
+                    WORKSPACE_BYTES,
+                    stream.cu_stream() as *mut _,
+                )
+            }
+        };
+        use sys::cublasStatus_t as St;
+        match run(&algo) {
+            // cuBLASLt validates the algorithm on the host before launching: should the bucket's
+            // choice not fit this m, ask for this exact shape (not cached) rather than fail.
+            Err(result::CublasError(
+                St::CUBLAS_STATUS_NOT_SUPPORTED | St::CUBLAS_STATUS_INVALID_VALUE,
+            )) => run(&self.heuristic(&desc, &a, &b, &c)?).map_err(blas_err),
+            r => r.map_err(blas_err),
         }
+    }
+
+    /// cuBLASLt's best algorithm for these descriptors within our workspace.
+    fn heuristic(
+        &self,
+        desc: &Desc,
+        a: &Layout,
+        b: &Layout,
+        c: &Layout,
+    ) -> Result<sys::cublasLtMatmulAlgo_t, GpuError> {
+        let pref = Pref(result::create_matmul_pref().map_err(blas_err)?);
+        let bytes = WORKSPACE_BYTES;
+        // SAFETY: live descriptors; the attribute is a usize.
+        unsafe {
+            result::set_matmul_pref_attribute(
+                pref.0,
+                sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                (&bytes as *const usize).cast(),
+                size_of::<usize>(),
+            )
+            .map_err(blas_err)?;
+            result::get_matmul_algo_heuristic(self.handle, desc.0, a.0, b.0, c.0, c.0, pref.0)
+        }
+        .map(|h| h.algo)
         .map_err(blas_err)
     }
 }

@@ -5,7 +5,9 @@
 //! The key buckets `m` (the token count, which changes every step) to its next power of two and
 //! the heuristic is asked for the bucket's upper end, so the choice does not depend on which `m`
 //! of a bucket came first; `n`, `k`, the dtype, `beta` (accumulate or not) and the bias epilogue
-//! are exact, as any of them changes the kernel cuBLASLt picks.
+//! are exact, as any of them changes the kernel cuBLASLt picks. Should cuBLASLt refuse a bucket's
+//! algorithm for some `m` of the bucket (it checks on the host before launching), that call asks
+//! for its exact shape instead, uncached (`gpu::cublaslt`).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
