@@ -278,5 +278,7 @@ fn launcher_refuses_unsupported_shapes_and_small_buffers() {
     };
     assert!(run(&big, 2, 48).contains("head_dim 48"));
     assert!(run(&big, 80, 64).contains("at most 64"));
+    // head_dim 256 tiles hold 32 rows: a GQA group of 40 cannot fit.
+    assert!(run(&big, 40, 256).contains("at most 32"));
     assert!(run(&small, 2, 64).contains("attention q"));
 }
