@@ -13,6 +13,12 @@
 // Z = 16 / heads rows per head take every Z-th token of a tile, and their states are merged
 // through shared memory at the end. With one split the CTA writes the output; with several it
 // writes (output, log-sum-exp) to a workspace that cad_paged_decode_merge_* combines.
+//
+// Head dims: instantiated for 16, 32, 64, 80, 96, 128 and 256 (the launcher's table in
+// kernels/src/gpu/attention/head_dims.rs). 64 and 128 fill a row's 8 lanes with 1 or 2 chunks
+// each; the others leave lanes with a chunk fewer (hd 16 and 32 leave 6 and 4 lanes idle, hd 80
+// and 96 give 2 and 4 lanes a second chunk), skipped by compile-time masks that vanish for
+// 64/128. hd 256 walks 16-token tiles to keep the static shared memory under 48 KB.
 #include "common.cuh"
 #include "params/attention.h"
 
@@ -31,15 +37,20 @@ struct alignas(N * sizeof(T)) Vec {
 
 template <class T, uint32_t HD>
 __device__ void paged_decode(const CadDecodeParams& p) {
-  constexpr uint32_t CHUNKS = HD / (kVec * kLanes);  // 16-byte chunks per lane: 1 or 2
-  constexpr uint32_t VECS = HD / kVec;               // 16-byte vectors per K/V row
+  constexpr uint32_t VECS = HD / kVec;                       // 16-byte vectors per K/V row
+  constexpr uint32_t CHUNKS = (VECS + kLanes - 1) / kLanes;  // 16-byte chunks per lane: 1, 2 or 4
+  // Whether some lanes hold a chunk fewer: chunk c of lane l is vector l + 8c, which exists
+  // only below VECS (always true for hd 64 and 128, so their code has no mask).
+  constexpr bool kRagged = VECS % kLanes != 0;
   constexpr uint32_t ROWS = kRows;
   constexpr uint32_t PER = CHUNKS * kVec;            // dims per lane
-  static_assert(HD % (kVec * kLanes) == 0, "head_dim must be a multiple of 64");
+  constexpr uint32_t TILE = HD > 128 ? kTile / 2 : kTile;  // tokens per shared K/V tile
+  static_assert(HD % kVec == 0, "head_dim must be a multiple of 8");
+  static_assert(kTile % TILE == 0, "splits are multiples of kTile");
   using V8 = Vec<T, kVec>;
-  __align__(16) __shared__ T s_k[kTile * HD];
-  __align__(16) __shared__ T s_v[kTile * HD];
-  __shared__ uint32_t s_slot[kTile];
+  __align__(16) __shared__ T s_k[TILE * HD];
+  __align__(16) __shared__ T s_v[TILE * HD];
+  __shared__ uint32_t s_slot[TILE];
   __shared__ float s_m[ROWS];
   __shared__ float s_l[ROWS];
   __align__(16) __shared__ float s_o[ROWS * HD];
@@ -73,10 +84,12 @@ __device__ void paged_decode(const CadDecodeParams& p) {
     const V8* qrow = reinterpret_cast<const V8*>(static_cast<const T*>(a.q) + (size_t(t) * nh + head) * HD);
 CAD_UNROLL
     for (uint32_t c = 0; c < CHUNKS; ++c) {
-      const V8 qv = qrow[lane + c * kLanes];
+      const bool has = !kRagged || lane + c * kLanes < VECS;
+      V8 qv{};
+      if (has) qv = qrow[lane + c * kLanes];
 CAD_UNROLL
       for (uint32_t i = 0; i < kVec; ++i) {
-        q[c * kVec + i] = cad::to_f32(qv.v[i]) * a.shape.scale;
+        q[c * kVec + i] = has ? cad::to_f32(qv.v[i]) * a.shape.scale : 0.0f;
         o[c * kVec + i] = 0.0f;
       }
     }
@@ -86,8 +99,8 @@ CAD_UNROLL
   const T* k_cache = static_cast<const T*>(a.k_cache);
   const T* v_cache = static_cast<const T*>(a.v_cache);
 
-  for (uint32_t start = begin; start < end; start += kTile) {
-    const uint32_t n = min(kTile, end - start);
+  for (uint32_t start = begin; start < end; start += TILE) {
+    const uint32_t n = min(TILE, end - start);
     if (tid < n) {
       const uint32_t pos = start + tid;
       s_slot[tid] = table[pos / bs] * bs + pos % bs;
@@ -110,6 +123,7 @@ CAD_UNROLL
       float dot = 0.0f;
 CAD_UNROLL
       for (uint32_t c = 0; c < CHUNKS; ++c) {
+        if (kRagged && lane + c * kLanes >= VECS) continue;
         const V8 kv = krow[lane + c * kLanes];
 CAD_UNROLL
         for (uint32_t i = 0; i < kVec; ++i) dot += q[c * kVec + i] * cad::to_f32(kv.v[i]);
@@ -125,6 +139,7 @@ CAD_UNROLL
         const V8* vrow = reinterpret_cast<const V8*>(s_v) + jj * VECS;
 CAD_UNROLL
         for (uint32_t c = 0; c < CHUNKS; ++c) {
+          if (kRagged && lane + c * kLanes >= VECS) continue;
           const V8 vv = vrow[lane + c * kLanes];
 CAD_UNROLL
           for (uint32_t i = 0; i < kVec; ++i) o[c * kVec + i] = o[c * kVec + i] * corr + w * cad::to_f32(vv.v[i]);
@@ -142,6 +157,7 @@ CAD_UNROLL
   }
 CAD_UNROLL
   for (uint32_t c = 0; c < CHUNKS; ++c) {
+    if (kRagged && lane + c * kLanes >= VECS) continue;
 CAD_UNROLL
     for (uint32_t i = 0; i < kVec; ++i) s_o[row * HD + (lane + c * kLanes) * kVec + i] = o[c * kVec + i];
   }
@@ -172,14 +188,15 @@ CAD_UNROLL
   }
 }
 
-/// One block of head_dim threads per (sequence, head): out = sum_i w_i o_i / sum_i w_i with
-/// w_i = exp(lse_i - max lse) over the sequence's non-empty splits.
+/// One block of min(head_dim, 128) threads per (sequence, head), each thread taking dims
+/// d, d + blockDim.x, ...: out = sum_i w_i o_i / sum_i w_i with w_i = exp(lse_i - max lse) over
+/// the sequence's non-empty splits.
 template <class T>
 __device__ void paged_decode_merge(const CadDecodeParams& p) {
   const CadPagedAttnParams& a = p.attn;
-  const uint32_t seq = blockIdx.x, head = blockIdx.y, d = threadIdx.x;
+  const uint32_t seq = blockIdx.x, head = blockIdx.y;
   const uint32_t nh = a.shape.num_heads, hd = a.shape.head_dim;
-  if (seq >= a.batch.num_seqs || head >= nh || d >= hd) return;
+  if (seq >= a.batch.num_seqs || head >= nh) return;
   const uint32_t t = a.batch.query_start[seq];
   if (a.batch.query_start[seq + 1] - t != 1) return;
   const uint32_t ctx = a.batch.context_len[seq];
@@ -187,22 +204,33 @@ __device__ void paged_decode_merge(const CadDecodeParams& p) {
   const size_t base = (size_t(t) * nh + head) * p.num_splits;
   float mx = -INFINITY;
   for (uint32_t i = 0; i < used; ++i) mx = fmaxf(mx, p.partial_lse[base + i]);
-  float sum = 0.0f, acc = 0.0f;
-  if (mx != -INFINITY) {
-    for (uint32_t i = 0; i < used; ++i) {
-      const float w = __expf(p.partial_lse[base + i] - mx);
-      sum += w;
-      acc += w * p.partial_out[(base + i) * hd + d];
+  for (uint32_t d = threadIdx.x; d < hd; d += blockDim.x) {
+    float sum = 0.0f, acc = 0.0f;
+    if (mx != -INFINITY) {
+      for (uint32_t i = 0; i < used; ++i) {
+        const float w = __expf(p.partial_lse[base + i] - mx);
+        sum += w;
+        acc += w * p.partial_out[(base + i) * hd + d];
+      }
     }
+    static_cast<T*>(a.out)[(size_t(t) * nh + head) * hd + d] = cad::from_f32<T>(sum > 0.0f ? acc / sum : 0.0f);
   }
-  static_cast<T*>(a.out)[(size_t(t) * nh + head) * hd + d] = cad::from_f32<T>(sum > 0.0f ? acc / sum : 0.0f);
 }
 
 }  // namespace
 
-CAD_KERNEL_BOUNDS(cad_paged_decode_hd64_bf16, CadDecodeParams, p, 128) { paged_decode<cad::bf16, 64>(p); }
-CAD_KERNEL_BOUNDS(cad_paged_decode_hd64_f16, CadDecodeParams, p, 128) { paged_decode<cad::f16, 64>(p); }
-CAD_KERNEL_BOUNDS(cad_paged_decode_hd128_bf16, CadDecodeParams, p, 128) { paged_decode<cad::bf16, 128>(p); }
-CAD_KERNEL_BOUNDS(cad_paged_decode_hd128_f16, CadDecodeParams, p, 128) { paged_decode<cad::f16, 128>(p); }
+// One kernel per (head_dim, dtype); the launcher's table (attention/head_dims.rs) names them.
+#define CAD_DECODE(HD)                                                                          \
+  CAD_KERNEL_BOUNDS(cad_paged_decode_hd##HD##_bf16, CadDecodeParams, p, 128) {                  \
+    paged_decode<cad::bf16, HD>(p);                                                             \
+  }                                                                                             \
+  CAD_KERNEL_BOUNDS(cad_paged_decode_hd##HD##_f16, CadDecodeParams, p, 128) { paged_decode<cad::f16, HD>(p); }
+CAD_DECODE(16)
+CAD_DECODE(32)
+CAD_DECODE(64)
+CAD_DECODE(80)
+CAD_DECODE(96)
+CAD_DECODE(128)
+CAD_DECODE(256)
 CAD_KERNEL_BOUNDS(cad_paged_decode_merge_bf16, CadDecodeParams, p, 128) { paged_decode_merge<cad::bf16>(p); }
 CAD_KERNEL_BOUNDS(cad_paged_decode_merge_f16, CadDecodeParams, p, 128) { paged_decode_merge<cad::f16>(p); }

@@ -10,10 +10,13 @@
 // loaded. The output stays in registers until the end.
 //
 // Threads: 128 = 16 row groups x 8 lanes. Row group rg (lanes 8rg..8rg+7, inside one warp) owns
-// rows rg + 16i (i < 4). For S = QK^T its lane j8 computes keys j8 + 8j (j < 4) of those rows;
-// for O += PV it accumulates dim pairs j8 + 8c. The softmax statistics of a row therefore live
-// in one group of 8 lanes (reduced with shuffles) and P only passes through a warp-private
-// shared tile: two block barriers per K/V tile.
+// rows rg + 16i (i < kRows / 16). For S = QK^T its lane j8 computes keys j8 + 8j (j < kKeys / 8)
+// of those rows; for O += PV it accumulates dim pairs j8 + 8c (c < D / 16). The softmax
+// statistics of a row therefore live in one group of 8 lanes (reduced with shuffles) and P only
+// passes through a warp-private shared tile: two block barriers per K/V tile.
+//
+// Head dims: any multiple of 16, instantiated for 16, 32, 64, 80, 96, 128 and 256 (the
+// launcher's table). Tiles are 64 rows x 32 keys, and 32 x 16 for D = 256 (see `Tile`).
 //
 // Grid: x enumerates query tiles over the flattened batch, y the KV heads. Sequence s gets tiles
 // query_start[s] / tokens_per_tile + s .. (exclusive) the next sequence's first, at least as many
@@ -30,17 +33,24 @@
 
 namespace {
 
-constexpr int kRows = 64;     // (token, head) rows per CTA
-constexpr int kKeys = 32;     // keys per K/V tile
 constexpr int kThreads = 128;
 constexpr int kLanes = 8;     // lanes sharing one row group
 constexpr int kRowGroups = kThreads / kLanes;
-constexpr int kRowsPerThread = kRows / kRowGroups;
-constexpr int kKeysPerLane = kKeys / kLanes;
 // Shared rows are padded by 8 elements: still 16-byte aligned for vector stores, and the
 // 8 keys (or 4 query rows) a warp reads at one dim fall in distinct banks.
 constexpr int kPad = 8;
-constexpr int kPStride = kKeys + 8;  // floats; the 4 row groups of a warp hit distinct banks
+
+/// Tile shape for head dim D: 64 (token, head) rows per CTA and 32 keys per K/V tile, halved
+/// for D > 128 so the static shared memory stays under 48 KB and the accumulators in registers
+/// (the launcher's table in kernels/src/gpu/attention/head_dims.rs repeats `kRows`).
+template <int D>
+struct Tile {
+  static constexpr int kRows = D > 128 ? 32 : 64;
+  static constexpr int kKeys = D > 128 ? 16 : 32;
+  static constexpr int kRowsPerThread = kRows / kRowGroups;
+  static constexpr int kKeysPerLane = kKeys / kLanes;
+  static constexpr int kPStride = kKeys + 8;  // floats; the 4 row groups of a warp hit distinct banks
+};
 constexpr float kLog2e = 1.4426950408889634f;
 
 #if defined(__CUDACC__)
@@ -132,6 +142,10 @@ __device__ __forceinline__ uint32_t find_seq(const CadPagedBatch& b, uint32_t ti
 
 template <class T, int D>
 __device__ void paged_prefill(const CadPagedAttnParams& p) {
+  constexpr int kRows = Tile<D>::kRows, kKeys = Tile<D>::kKeys;
+  constexpr int kRowsPerThread = Tile<D>::kRowsPerThread, kKeysPerLane = Tile<D>::kKeysPerLane;
+  constexpr int kPStride = Tile<D>::kPStride;
+  static_assert(D % (2 * kLanes) == 0, "head_dim must be a multiple of 16");
   constexpr int kVec = 16 / sizeof(T);  // elements per 16-byte vector
   constexpr int kRowVecs = D / kVec;
   constexpr int kStride = D + kPad;
@@ -305,15 +319,18 @@ CAD_UNROLL
 
 }  // namespace
 
-CAD_KERNEL_BOUNDS(cad_paged_attention_prefill_d64_bf16, CadPagedAttnParams, p, kThreads) {
-  paged_prefill<cad::bf16, 64>(p);
-}
-CAD_KERNEL_BOUNDS(cad_paged_attention_prefill_d64_f16, CadPagedAttnParams, p, kThreads) {
-  paged_prefill<cad::f16, 64>(p);
-}
-CAD_KERNEL_BOUNDS(cad_paged_attention_prefill_d128_bf16, CadPagedAttnParams, p, kThreads) {
-  paged_prefill<cad::bf16, 128>(p);
-}
-CAD_KERNEL_BOUNDS(cad_paged_attention_prefill_d128_f16, CadPagedAttnParams, p, kThreads) {
-  paged_prefill<cad::f16, 128>(p);
-}
+// One kernel per (head_dim, dtype); the launcher's table (attention/head_dims.rs) names them.
+#define CAD_PREFILL(D)                                                                            \
+  CAD_KERNEL_BOUNDS(cad_paged_attention_prefill_d##D##_bf16, CadPagedAttnParams, p, kThreads) {   \
+    paged_prefill<cad::bf16, D>(p);                                                               \
+  }                                                                                               \
+  CAD_KERNEL_BOUNDS(cad_paged_attention_prefill_d##D##_f16, CadPagedAttnParams, p, kThreads) {    \
+    paged_prefill<cad::f16, D>(p);                                                                \
+  }
+CAD_PREFILL(16)
+CAD_PREFILL(32)
+CAD_PREFILL(64)
+CAD_PREFILL(80)
+CAD_PREFILL(96)
+CAD_PREFILL(128)
+CAD_PREFILL(256)

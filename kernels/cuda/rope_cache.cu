@@ -4,7 +4,9 @@
 // One block per token (grid-strided). The block first computes the token's head_dim / 2
 // (cos, sin) pairs once into shared memory (precise sinf/cosf of the f32 angle, as the CPU
 // does), then every thread rotates units of 4 pairs (16-byte loads and stores for Interleaved,
-// two 8-byte halves for Neox) over all q and k heads, and copies v in 16-byte vectors.
+// two 8-byte halves for Neox) over all q and k heads, and copies v in 16-byte vectors. Rotated q
+// goes back into qkv or, with q_out, straight into the contiguous q the attention kernels read
+// (which saves the engine a copy of every q row).
 #include "common.cuh"
 #include "params/rope_cache.h"
 
@@ -31,7 +33,7 @@ CAD_UNROLL
 }
 
 /// Rotates unit `u` (pairs 4u..4u + 3) of the head at `src`, writing the result to `dst`
-/// (the same head in place for q, a cache row for k).
+/// (the same head in place or a q_out row for q, a cache row for k).
 template <class T>
 __device__ __forceinline__ void rotate_unit(const T* src, T* dst, uint32_t u, uint32_t half, bool neox,
                                             const float* cs, const float* sn) {
@@ -79,6 +81,7 @@ __device__ void rope_cache(const CadRopeCacheParams& p) {
   const uint32_t row_len = (p.num_heads + 2 * p.num_kv_heads) * hd;
   const uint32_t kv_row = p.num_kv_heads * hd;
   const bool neox = p.neox != 0;
+  T* q_out = static_cast<T*>(p.q_out);  // null: rotate q in place
   for (uint32_t t = blockIdx.x; t < p.num_tokens; t += gridDim.x) {
     const float pos = float(p.positions[t]);
     for (uint32_t i = threadIdx.x; i < half; i += blockDim.x) {
@@ -98,7 +101,8 @@ __device__ void rope_cache(const CadRopeCacheParams& p) {
       const uint32_t head = w / units, u = w % units;
       if (head < p.num_heads) {
         T* q = row + head * hd;
-        rotate_unit(q, q, u, half, neox, s_cos, s_sin);
+        T* q_dst = q_out ? q_out + (size_t(t) * p.num_heads + head) * hd : q;
+        rotate_unit(q, q_dst, u, half, neox, s_cos, s_sin);
       } else if (store) {
         const uint32_t kh = head - p.num_heads;
         rotate_unit(row + (p.num_heads + kh) * hd, k_dst + kh * hd, u, half, neox, s_cos, s_sin);

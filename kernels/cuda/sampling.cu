@@ -1,6 +1,7 @@
-// Sampling on the device: penalties, greedy argmax, temperature, top-k, top-p, min-p, the
-// inverse-CDF draw with the request's uniform `u`, and raw top-N logprobs. One CTA per row
-// (request), any vocabulary up to 2^23; only the sampled ids and requested logprobs are written.
+// Sampling on the device: an optional allowed-token mask (structured outputs), penalties, greedy
+// argmax, temperature, top-k, top-p, min-p, the inverse-CDF draw with the request's uniform `u`,
+// and raw top-N logprobs. One CTA per row (request), any vocabulary up to 2^23; only the sampled
+// ids and requested logprobs are written.
 // CPU twin: kernels/src/sampling/ (the one definition of the math; read its docs first).
 //
 // Design: the row stays in global memory (a 256k vocabulary does not fit in shared memory) and
@@ -421,6 +422,16 @@ __device__ void sample(const SampleParams& p) {
   if (r >= p.num_rows) return;
   const SampleRow row = p.rows[r];
   const float* raw = p.logits + size_t(r) * n;
+  if (row.flags & CAD_SAMPLE_ALLOWED) {
+    // Structured outputs: disallowed tokens become -inf before anything reads the row.
+    float* masked = p.masked + size_t(r) * n;
+    const uint32_t* bits = p.allowed + size_t(r) * p.allowed_words;
+    for (uint32_t id = threadIdx.x; id < n; id += blockDim.x) {
+      masked[id] = (bits[id >> 5] >> (id & 31u)) & 1u ? raw[id] : -INFINITY;
+    }
+    __syncthreads();
+    raw = masked;
+  }
   const float* src = raw;
   if (row.penalty_count > 0) {
     float* work = p.work + size_t(r) * n;

@@ -7,7 +7,9 @@
 
 mod gpu_support;
 
-use caduceus_kernels::gpu::attention::{AttnShape, PagedAttnArgs, PagedBatchBuffers};
+use caduceus_kernels::gpu::attention::{
+    AttnShape, PagedAttnArgs, PagedBatchBuffers, SUPPORTED_HEAD_DIMS,
+};
 use caduceus_kernels::gpu::attention_prefill::paged_attention_prefill;
 use caduceus_kernels::gpu::{DType, Device};
 use caduceus_kernels::{
@@ -203,6 +205,24 @@ fn decode_rows_in_a_mixed_batch_match_the_cpu() {
 }
 
 #[test]
+fn every_supported_head_dim_matches_the_cpu() {
+    // A prefix hit crossing a key tile (32 keys, 16 for head_dim 256) and a query tile (16
+    // tokens at GQA 4, 8 for head_dim 256's 32-row tiles), next to a fresh chunk and a decode
+    // row. One dtype per head dim in emulation, alternating.
+    for (i, &head_dim) in SUPPORTED_HEAD_DIMS.iter().enumerate() {
+        let case = Case {
+            group: 4,
+            num_kv_heads: 1,
+            head_dim,
+            block_size: 16,
+            seqs: &[(20, 17), (0, 3), (33, 1)],
+        };
+        let name = format!("head_dim {head_dim}");
+        check(&name, &case, 10 + i as u64, DTYPES[i % 2]);
+    }
+}
+
+#[test]
 fn long_prefills_over_long_prefixes_match_the_cpu_on_a_gpu() {
     // Many query tiles per sequence and up to 63 K/V tiles per CTA: too slow for the emulation,
     // so this runs only on a GPU (CADUCEUS_GPU_TESTS=1, scripts/gpu-check) and is a no-op here.
@@ -256,7 +276,9 @@ fn launcher_refuses_unsupported_shapes_and_small_buffers() {
             .unwrap_err()
             .to_string()
     };
-    assert!(run(&big, 2, 96).contains("head_dim 96"));
+    assert!(run(&big, 2, 48).contains("head_dim 48"));
     assert!(run(&big, 80, 64).contains("at most 64"));
+    // head_dim 256 tiles hold 32 rows: a GQA group of 40 cannot fit.
+    assert!(run(&big, 40, 256).contains("at most 32"));
     assert!(run(&small, 2, 64).contains("attention q"));
 }

@@ -3,6 +3,7 @@
 mod gpu_support;
 
 use caduceus_kernels::gpu::ops::{self, RmsNormArgs};
+use caduceus_kernels::gpu::DType;
 use caduceus_kernels::{add_inplace, rms_norm, silu_mul_fused};
 use gpu_support::*;
 
@@ -181,7 +182,7 @@ fn launchers_refuse_buffers_too_small_for_the_shape() {
 
 #[test]
 fn gemm_projects_rows_against_pytorch_layout_weights() {
-    use caduceus_kernels::gpu::gemm::{gemm, GemmShape};
+    use caduceus_kernels::gpu::gemm::{gemm, gemm_bias, GemmShape};
     for dev in devices() {
         for dtype in DTYPES {
             // Odd sizes: no dimension a multiple of a GPU tile.
@@ -190,35 +191,111 @@ fn gemm_projects_rows_against_pytorch_layout_weights() {
             let x = round(dtype, &random(&mut r, m * k, 1.0));
             let w = round(dtype, &random(&mut r, n * k, 1.0));
             let y0 = round(dtype, &random(&mut r, m * n, 1.0));
-            let (dx, dw) = (upload(&dev, dtype, &x), upload(&dev, dtype, &w));
-            for accumulate in [false, true] {
-                let dy = upload(&dev, dtype, &y0);
-                let s = GemmShape {
-                    m,
-                    n,
-                    k,
-                    accumulate,
-                };
-                gemm(&dev, dtype, &dx, &dw, &dy, s).unwrap();
-                let want: Vec<f32> = (0..m * n)
-                    .map(|i| {
-                        let (row, col) = (i / n, i % n);
-                        let dot: f64 = (0..k)
-                            .map(|j| x[row * k + j] as f64 * w[col * k + j] as f64)
-                            .sum();
-                        (dot + if accumulate { y0[i] as f64 } else { 0.0 }) as f32
-                    })
-                    .collect();
-                let what = format!("{} {dtype:?} accumulate={accumulate}", dev.describe());
-                assert_close(
-                    &what,
-                    &download(&dev, dtype, &dy),
-                    &want,
-                    1e-3,
-                    2.0 * eps(dtype),
-                );
+            // A Qwen2-style q/k/v bias: a few units, so a missed or misplaced bias shows.
+            let b = round(dtype, &random(&mut r, n, 4.0));
+            let (dx, dw, db) = (
+                upload(&dev, dtype, &x),
+                upload(&dev, dtype, &w),
+                upload(&dev, dtype, &b),
+            );
+            for with_bias in [false, true] {
+                for accumulate in [false, true] {
+                    let dy = upload(&dev, dtype, &y0);
+                    let s = GemmShape {
+                        m,
+                        n,
+                        k,
+                        accumulate,
+                    };
+                    if with_bias {
+                        gemm_bias(&dev, dtype, &dx, &dw, &db, &dy, s).unwrap();
+                    } else {
+                        gemm(&dev, dtype, &dx, &dw, &dy, s).unwrap();
+                    }
+                    let want: Vec<f32> = (0..m * n)
+                        .map(|i| {
+                            let (row, col) = (i / n, i % n);
+                            let dot: f64 = (0..k)
+                                .map(|j| x[row * k + j] as f64 * w[col * k + j] as f64)
+                                .sum();
+                            let prev = if accumulate { y0[i] as f64 } else { 0.0 };
+                            let bias = if with_bias { b[col] as f64 } else { 0.0 };
+                            (dot + prev + bias) as f32
+                        })
+                        .collect();
+                    let what = format!(
+                        "{} {dtype:?} accumulate={accumulate} bias={with_bias}",
+                        dev.describe()
+                    );
+                    assert_close(
+                        &what,
+                        &download(&dev, dtype, &dy),
+                        &want,
+                        1e-3,
+                        2.0 * eps(dtype),
+                    );
+                }
             }
         }
+        // Every call above was a new (dtype, beta, bias) combination: 8 choices, no reuse.
+        let stats = dev.gemm_cache_stats();
+        assert_eq!(
+            (stats.hits, stats.misses, stats.entries),
+            (0, 8, 8),
+            "{}",
+            dev.describe()
+        );
+    }
+}
+
+/// The algorithm is chosen once per (m bucket, n, k, dtype, beta, bias) and then reused: what
+/// lets a CUDA graph be captured after one warm-up step without cuBLASLt heuristic queries.
+/// Also checks that reused choices still compute the right product at every m of a bucket.
+#[test]
+fn gemm_chooses_its_algorithm_once_per_shape_bucket() {
+    use caduceus_kernels::gpu::gemm::{gemm, GemmShape};
+    for dev in devices() {
+        let dtype = DType::Bf16;
+        let (n, k) = (24, 40);
+        let mut r = rng(10);
+        let w = round(dtype, &random(&mut r, n * k, 1.0));
+        let dw = upload(&dev, dtype, &w);
+        // m 5..=8 share a bucket, 9 and 16 share the next, 1 is its own.
+        let ms = [5, 8, 6, 7, 9, 16, 1, 5];
+        for (i, &m) in ms.iter().enumerate() {
+            let x = round(dtype, &random(&mut r, m * k, 1.0));
+            let (dx, dy) = (upload(&dev, dtype, &x), zeros(&dev, dtype, m * n));
+            let s = GemmShape {
+                m,
+                n,
+                k,
+                accumulate: false,
+            };
+            gemm(&dev, dtype, &dx, &dw, &dy, s).unwrap();
+            let want: Vec<f32> = (0..m * n)
+                .map(|e| {
+                    let (row, col) = (e / n, e % n);
+                    (0..k)
+                        .map(|j| x[row * k + j] as f64 * w[col * k + j] as f64)
+                        .sum::<f64>() as f32
+                })
+                .collect();
+            let what = format!("{} call {i} m {m}", dev.describe());
+            assert_close(
+                &what,
+                &download(&dev, dtype, &dy),
+                &want,
+                1e-3,
+                2.0 * eps(dtype),
+            );
+        }
+        let stats = dev.gemm_cache_stats();
+        assert_eq!(
+            (stats.hits, stats.misses, stats.entries),
+            (5, 3, 3),
+            "{}",
+            dev.describe()
+        );
     }
 }
 

@@ -60,9 +60,22 @@ fn rope_for(c: &Case) -> Rope {
     Rope::new(c.style, c.head_dim, 500_000.0, factors.as_deref())
 }
 
+/// Where rotated q goes.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum QDest {
+    /// Back into the fused qkv rows.
+    InPlace,
+    /// A separate contiguous `[tokens, heads * head_dim]` buffer; qkv stays unchanged.
+    Out,
+}
+
 fn run_case(dev: &Device, dtype: DType, c: &Case, seed: u64) {
+    run_case_to(dev, dtype, c, seed, QDest::InPlace)
+}
+
+fn run_case_to(dev: &Device, dtype: DType, c: &Case, seed: u64, q_dest: QDest) {
     let what = format!(
-        "{} {dtype:?} {:?} hd {} heads {}/{}",
+        "{} {dtype:?} {:?} hd {} heads {}/{} q {q_dest:?}",
         dev.describe(),
         c.style,
         c.head_dim,
@@ -106,8 +119,11 @@ fn run_case(dev: &Device, dtype: DType, c: &Case, seed: u64) {
     let d_slots = dev.upload(&slots).unwrap();
     let d_freq = dev.upload(rope.inv_freq()).unwrap();
     let (d_k, d_v) = (upload(dev, dtype, &old_k), upload(dev, dtype, &old_v));
+    // Poisoned, so a q_out element left unwritten shows.
+    let d_q_out = upload(dev, dtype, &vec![f32::NAN; n * q_len]);
     let args = RopeCacheArgs {
         qkv: &d_qkv,
+        q_out: (q_dest == QDest::Out).then_some(&d_q_out),
         positions: &d_pos,
         slot_mapping: &d_slots,
         inv_freq: &d_freq,
@@ -124,10 +140,23 @@ fn run_case(dev: &Device, dtype: DType, c: &Case, seed: u64) {
     // plus the few f32 ulps by which sinf/cosf and FMA contraction may differ.
     let (atol, rtol) = (2e-6, eps(dtype) * 1.001);
     let got_qkv = download(dev, dtype, &d_qkv);
+    let got_q_out = download(dev, dtype, &d_q_out);
     for (t, got_row) in got_qkv.chunks_exact(row).enumerate() {
+        let got_q = match q_dest {
+            QDest::InPlace => &got_row[..q_len],
+            QDest::Out => {
+                // The fused rows are only read.
+                assert_eq!(
+                    &got_row[..q_len],
+                    &qkv[t * row..t * row + q_len],
+                    "{what}: token {t}: q of qkv changed"
+                );
+                &got_q_out[t * q_len..(t + 1) * q_len]
+            }
+        };
         assert_close(
             &format!("{what}: q of token {t}"),
-            &got_row[..q_len],
+            got_q,
             &q[t * q_len..(t + 1) * q_len],
             atol,
             rtol,
@@ -137,6 +166,12 @@ fn run_case(dev: &Device, dtype: DType, c: &Case, seed: u64) {
             &got_row[q_len..],
             &qkv[t * row + q_len..(t + 1) * row],
             "{what}: token {t}: k|v of qkv changed"
+        );
+    }
+    if q_dest == QDest::InPlace {
+        assert!(
+            got_q_out.iter().all(|x| x.is_nan()),
+            "{what}: q_out written"
         );
     }
     assert_close(
@@ -161,6 +196,50 @@ fn rope_cache_matches_rope_apply_then_write_kv() {
     }
 }
 
+/// With `q_out`, rotated q lands contiguous in its own buffer (what the attention kernels read)
+/// and the fused qkv rows stay as they were; both pair layouts, GQA and MHA.
+#[test]
+fn rope_cache_writes_q_out_and_leaves_qkv_alone() {
+    for dev in devices() {
+        for (i, c) in [&CASES[0], &CASES[3]].into_iter().enumerate() {
+            let dtypes = if dev.is_emulated() {
+                vec![DTYPES[i % 2]]
+            } else {
+                DTYPES.to_vec()
+            };
+            for dtype in dtypes {
+                run_case_to(&dev, dtype, c, 300 + i as u64, QDest::Out);
+            }
+        }
+    }
+}
+
+/// Every head dim the attention kernels take besides 64/128 (and the kernel's 256 maximum),
+/// both pair layouts: the (cos, sin) table and the 4-pair units at their smallest and largest.
+/// One dtype per case in emulation, alternating; both on a GPU.
+#[test]
+fn rope_cache_covers_head_dims_16_to_256() {
+    for dev in devices() {
+        for (i, head_dim) in [16, 32, 80, 96, 256].into_iter().enumerate() {
+            let c = Case {
+                style: [RopeStyle::Interleaved, RopeStyle::Neox][i % 2],
+                head_dim,
+                num_heads: 4,
+                num_kv_heads: 2,
+                llama3: i == 4,
+            };
+            let dtypes = if dev.is_emulated() {
+                vec![DTYPES[i % 2]]
+            } else {
+                DTYPES.to_vec()
+            };
+            for dtype in dtypes {
+                run_case(&dev, dtype, &c, 200 + i as u64);
+            }
+        }
+    }
+}
+
 #[test]
 fn rope_cache_rejects_bad_shapes() {
     let dev = Device::emulated();
@@ -177,6 +256,7 @@ fn rope_cache_rejects_bad_shapes() {
     };
     let args = |cache, qkv| RopeCacheArgs {
         qkv,
+        q_out: None,
         positions: &small,
         slot_mapping: &small,
         inv_freq: &buf,
@@ -195,4 +275,12 @@ fn rope_cache_rejects_bad_shapes() {
         ..shape
     };
     assert!(rope_cache(&dev, dtype, &args(odd, &buf)).is_err());
+    // A q_out shorter than num_tokens x num_heads x head_dim.
+    let q_out = zeros(&dev, dtype, 2 * 64 - 1);
+    let short_q_out = RopeCacheArgs {
+        q_out: Some(&q_out),
+        ..args(shape, &buf)
+    };
+    let err = rope_cache(&dev, dtype, &short_q_out).unwrap_err();
+    assert!(err.to_string().contains("q_out"), "{err}");
 }

@@ -9,8 +9,10 @@
 //! emulation computes the same bits as the reference, so there every token matched in practice.
 
 mod gpu_support;
+/// Allowed-token masks (structured outputs).
+mod sampling_allowed;
 
-use caduceus_kernels::gpu::sampling::{self, LogprobOutputs, SampleArgs, SampleRow};
+use caduceus_kernels::gpu::sampling::{self, AllowedTokens, LogprobOutputs, SampleArgs, SampleRow};
 use caduceus_kernels::gpu::Device;
 use caduceus_kernels::sampling::{
     apply_penalties, choose_token, penalty_entries, sanitize, survivors, top_logprobs,
@@ -31,6 +33,20 @@ struct Case {
     u: f64,
     entries: Vec<PenaltyEntry>,
     logprobs: Option<usize>,
+    /// Allowed-token bitset (bit t % 32 of word t / 32 = token t allowed), or no mask.
+    allowed: Option<Vec<u32>>,
+}
+
+/// The row as the sampler sees it: disallowed tokens at -inf (unchanged without a mask).
+fn masked_row(row: &[f32], c: &Case) -> Vec<f32> {
+    let Some(bits) = &c.allowed else {
+        return row.to_vec();
+    };
+    let allowed = |t: usize| bits[t / 32] >> (t % 32) & 1 == 1;
+    row.iter()
+        .enumerate()
+        .map(|(t, &l)| if allowed(t) { l } else { f32::NEG_INFINITY })
+        .collect()
 }
 
 struct GpuOut {
@@ -46,10 +62,25 @@ fn run(dev: &Device, logits: &[f32], vocab: usize, cases: &[Case], threads: u32)
         .map(|c| {
             let start = all_entries.len() as u32;
             all_entries.extend_from_slice(&c.entries);
-            SampleRow::new(&c.s, c.u, start, c.entries.len() as u32, c.logprobs)
+            let row = SampleRow::new(&c.s, c.u, start, c.entries.len() as u32, c.logprobs);
+            if c.allowed.is_some() {
+                row.with_allowed_tokens()
+            } else {
+                row
+            }
         })
         .collect();
     let n = cases.len();
+    // Rows without a mask get all-zero words: the kernel must not read them.
+    let words = sampling::allowed_words(vocab);
+    let bits: Vec<u32> = cases
+        .iter()
+        .flat_map(|c| c.allowed.clone().unwrap_or_else(|| vec![0; words]))
+        .collect();
+    let masked = cases.iter().any(|c| c.allowed.is_some()).then(|| {
+        let b = dev.upload(&bits).unwrap();
+        (b, dev.alloc_zeroed(n * vocab * 4).unwrap())
+    });
     let d_logits = dev.upload(logits).unwrap();
     let rows_buf = dev.alloc_zeroed(n * size_of::<SampleRow>()).unwrap();
     let entries = (!all_entries.is_empty()).then(|| dev.upload(&all_entries).unwrap());
@@ -72,6 +103,9 @@ fn run(dev: &Device, logits: &[f32], vocab: usize, cases: &[Case], threads: u32)
             top_ids: &top_ids,
             top_logprobs: &top_lp,
         }),
+        allowed: masked
+            .as_ref()
+            .map(|(bits, masked)| AllowedTokens { bits, masked }),
         vocab,
         threads,
     };
@@ -153,7 +187,7 @@ fn check(what: &str, logits: &[f32], vocab: usize, cases: &[Case], threads: u32,
         let got = run(&dev, logits, vocab, cases, threads);
         let mut near = 0;
         for (r, (c, g)) in cases.iter().zip(&got).enumerate() {
-            let row = &logits[r * vocab..(r + 1) * vocab];
+            let row = &masked_row(&logits[r * vocab..(r + 1) * vocab], c);
             let want = choose_token(row, &c.entries, &c.s, c.u, &mut scratch);
             let tag = format!("{what}: {} row {r} ({:?}, u {})", dev.describe(), c.s, c.u);
             if mode == Mode::Eps && near_boundary(row, c) {
@@ -215,6 +249,7 @@ fn draw_case(t: Truncation, u: f64) -> Case {
         u,
         entries: Vec::new(),
         logprobs: None,
+        allowed: None,
     }
 }
 
@@ -236,6 +271,7 @@ fn greedy() -> Case {
         u: 0.0,
         entries: Vec::new(),
         logprobs: None,
+        allowed: None,
     }
 }
 
@@ -348,6 +384,7 @@ fn penalties_match_for_every_combination() {
                 u: r.random(),
                 entries: entries.clone(),
                 logprobs: Some(3),
+                allowed: None,
             });
         }
     }
@@ -482,6 +519,7 @@ fn the_launcher_refuses_rows_its_buffers_cannot_serve() {
         work: None,
         out_ids: &ids,
         out_logprobs: None,
+        allowed: None,
         vocab: 8,
         threads: 0,
     };

@@ -4,12 +4,15 @@
 
 /// RoPE on the q and k parts of the fused QKV projection output, fused with the KV cache write.
 /// qkv: [num_tokens, (num_heads + 2 * num_kv_heads) * head_dim] of the dtype, rows q | k | v;
-/// the q part is rotated in place, k (rotated) and v are stored in k_cache/v_cache
+/// the q part is rotated in place, or into q_out ([num_tokens, num_heads * head_dim], contiguous,
+/// for the attention kernels) when q_out is not null, leaving qkv unchanged; k (rotated) and v
+/// are stored in k_cache/v_cache
 /// ([num_slots, num_kv_heads, head_dim]) at slot_mapping[t]; a slot of UINT32_MAX (PAD_SLOT) or
 /// past num_slots is not written. Token t is at position positions[t]; the angle of pair i is
 /// positions[t] * inv_freq[i] (head_dim / 2 f32 entries, Llama-3 scaling already applied).
 struct CadRopeCacheParams {
   void* qkv;
+  void* q_out;
   const uint32_t* positions;
   const uint32_t* slot_mapping;
   const float* inv_freq;

@@ -15,6 +15,8 @@ struct PenaltyEntry {
 /// Row flags.
 #define CAD_SAMPLE_GREEDY 1u
 #define CAD_SAMPLE_LOGPROBS 2u
+/// The row has an allowed-token bitset (structured outputs): see SampleParams::allowed.
+#define CAD_SAMPLE_ALLOWED 4u
 /// Output stride of the top logprobs (OpenAI's limit).
 #define CAD_SAMPLE_MAX_LOGPROBS 20u
 
@@ -45,6 +47,12 @@ static_assert(sizeof(PenaltyEntry) == 8, "PenaltyEntry layout changed: update sa
 /// `out_ids[row]`, and for rows with CAD_SAMPLE_LOGPROBS `out_logprobs[row]` (the sampled
 /// token's raw logprob) and the first min(num_top_logprobs, 20, vocab) entries of
 /// `out_top_ids`/`out_top_logprobs` at `row * 20`.
+///
+/// Rows flagged CAD_SAMPLE_ALLOWED have a bitset at `allowed + row * allowed_words` (bit t % 32
+/// of word t / 32 set = token t allowed): their logits are first copied to `masked` ([num_rows,
+/// vocab] f32) with every other token at -inf, and that masked row is what everything after
+/// sees (penalties, greedy, the draw, the fallback argmax and the logprobs), as if the model had
+/// produced it. `allowed`/`masked` may be null if no row is flagged.
 struct SampleParams {
   const float* logits;
   float* work;
@@ -54,6 +62,10 @@ struct SampleParams {
   float* out_logprobs;
   uint32_t* out_top_ids;
   float* out_top_logprobs;
+  const uint32_t* allowed;
+  float* masked;
   uint32_t num_rows;
   uint32_t vocab;
+  uint32_t allowed_words;
+  uint32_t _pad;
 };

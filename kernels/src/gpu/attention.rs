@@ -33,7 +33,7 @@ pub struct PagedBatch<'a> {
 pub struct AttnShape {
     pub num_heads: usize,
     pub num_kv_heads: usize,
-    /// 64 or 128 (the kernels are instantiated for these).
+    /// One of [`SUPPORTED_HEAD_DIMS`] (the kernels are instantiated for these).
     pub head_dim: usize,
     pub block_size: usize,
     pub num_blocks: usize,
@@ -58,12 +58,7 @@ impl AttnShape {
                 self.num_heads, self.num_kv_heads
             )));
         }
-        if self.head_dim != 64 && self.head_dim != 128 {
-            return Err(GpuError::Shape(format!(
-                "head_dim {} is not supported (64 or 128)",
-                self.head_dim
-            )));
-        }
+        head_dims::kernels_for(self.head_dim)?;
         if self.block_size == 0 {
             return Err(GpuError::Shape("block_size must be positive".into()));
         }
@@ -240,3 +235,6 @@ impl PagedAttnArgs<'_> {
 // ---- decode (cuda/attention_decode.cu) ----
 mod decode;
 pub use decode::{paged_attention_decode, DecodePlan, DecodeSplit};
+
+pub(crate) mod head_dims;
+pub use head_dims::SUPPORTED_HEAD_DIMS;

@@ -4,36 +4,19 @@
 //! and decode rows alike) causally over its sequence's paged KV cache, which already holds this
 //! step's keys and values. The CPU twin is [`crate::paged_attention`].
 //!
-//! The grid is (query tiles, KV heads): a tile is 64 (token, query head) rows of one sequence,
-//! i.e. `64 / group` tokens with all heads of their GQA group, so it fills the GPU when the batch
-//! has a few hundred query tokens. A short chunk over a long cached prefix gives few CTAs that
-//! each walk the whole context; decode-only batches belong to the decode kernel (split-K), and
-//! this kernel has no split over the context yet.
+//! The grid is (query tiles, KV heads): a tile is 64 (token, query head) rows of one sequence
+//! (32 for head_dim 256), i.e. `rows / group` tokens with all heads of their GQA group, so it
+//! fills the GPU when the batch has a few hundred query tokens. A short chunk over a long cached
+//! prefix gives few CTAs that each walk the whole context; decode-only batches belong to the
+//! decode kernel (split-K), and this kernel has no split over the context yet.
 
-use super::attention::PagedAttnArgs;
+use super::attention::{head_dims, PagedAttnArgs};
 use super::device::{DType, Device, GpuError};
-use super::kernel::{kernel_fn, KernelFn, LaunchDims};
+use super::kernel::LaunchDims;
 use super::ops::{by_dtype, dim32};
 
-/// (token, query head) rows per CTA; `kRows` in the kernel.
-const TILE_ROWS: usize = 64;
 /// Threads per CTA; `kThreads` in the kernel.
 const THREADS: u32 = 128;
-
-const PREFILL_D64: [KernelFn; 2] = [
-    kernel_fn!(cad_paged_attention_prefill_d64_bf16),
-    kernel_fn!(cad_paged_attention_prefill_d64_f16),
-];
-const PREFILL_D128: [KernelFn; 2] = [
-    kernel_fn!(cad_paged_attention_prefill_d128_bf16),
-    kernel_fn!(cad_paged_attention_prefill_d128_f16),
-];
-
-/// Query tokens per CTA for a GQA group of `group` heads (the rows of a tile are
-/// tokens x heads of the group).
-fn tile_tokens(group: usize) -> usize {
-    TILE_ROWS / group
-}
 
 /// Causal paged attention of every query token in `args.batch` (any query_len >= 1, any number
 /// of cached tokens before it); see the module doc. Checks every buffer against the shape; the
@@ -46,10 +29,15 @@ pub fn paged_attention_prefill(
 ) -> Result<(), GpuError> {
     let p = args.params(dtype)?;
     let shape = &args.shape;
+    let kernels = head_dims::kernels_for(shape.head_dim)?;
+    // (token, query head) rows per CTA: tokens x the heads of their GQA group.
+    let tile_rows = kernels.prefill_rows;
     let group = shape.group();
-    if group > TILE_ROWS {
+    if group > tile_rows {
         return Err(GpuError::Shape(format!(
-            "paged_attention_prefill: {group} query heads per KV head, at most {TILE_ROWS}"
+            "paged_attention_prefill: {group} query heads per KV head, at most {tile_rows} \
+             with head_dim {}",
+            shape.head_dim
         )));
     }
     for (what, b) in [
@@ -70,17 +58,13 @@ pub fn paged_attention_prefill(
         "max_blocks_per_seq * block_size",
         args.batch.max_blocks_per_seq * shape.block_size,
     )?;
-    let family = if shape.head_dim == 64 {
-        &PREFILL_D64
-    } else {
-        &PREFILL_D128
-    };
+    let family = &kernels.prefill;
     let batch = &args.batch;
     if batch.num_seqs == 0 {
         return Ok(());
     }
-    // Sequence s owns tiles query_start[s] / tile_tokens + s up to the next sequence's first.
-    let tiles = batch.num_tokens / tile_tokens(group) + batch.num_seqs;
+    // Sequence s owns tiles query_start[s] / (tile_rows / group) + s up to the next sequence's first.
+    let tiles = batch.num_tokens / (tile_rows / group) + batch.num_seqs;
     let tiles = u32::try_from(tiles)
         .ok()
         .filter(|&t| t <= i32::MAX as u32)

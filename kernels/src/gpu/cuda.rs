@@ -10,7 +10,9 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::Ptx;
 
+use super::cublaslt::Blas;
 use super::device::GpuError;
+use super::gemm_cache::GemmCacheStats;
 use super::kernel::{KernelParams, LaunchDims};
 
 include!(concat!(env!("OUT_DIR"), "/cuda_modules.rs"));
@@ -26,7 +28,7 @@ pub struct CudaDevice {
     modules: Vec<Arc<CudaModule>>,
     functions: Mutex<HashMap<&'static str, CudaFunction>>,
     /// Created on first use (needs libcublasLt).
-    blas: Mutex<Option<cudarc::cublaslt::CudaBlasLT>>,
+    blas: Mutex<Option<Blas>>,
 }
 
 impl CudaDevice {
@@ -144,51 +146,9 @@ impl CudaDevice {
     }
 }
 
-/// A raw device range as cudarc's slice traits want it (the owner is a [`super::DeviceBuffer`]).
-struct Raw<'s, T> {
-    ptr: u64,
-    len: usize,
-    stream: &'s Arc<CudaStream>,
-    _t: std::marker::PhantomData<T>,
-}
-
-impl<T> cudarc::driver::DeviceSlice<T> for Raw<'_, T> {
-    fn len(&self) -> usize {
-        self.len
-    }
-    fn stream(&self) -> &Arc<CudaStream> {
-        self.stream
-    }
-}
-
-impl<T> cudarc::driver::DevicePtr<T> for Raw<'_, T> {
-    fn device_ptr<'a>(
-        &'a self,
-        _stream: &'a CudaStream,
-    ) -> (
-        cudarc::driver::sys::CUdeviceptr,
-        cudarc::driver::SyncOnDrop<'a>,
-    ) {
-        (self.ptr, cudarc::driver::SyncOnDrop::Record(None))
-    }
-}
-
-impl<T> cudarc::driver::DevicePtrMut<T> for Raw<'_, T> {
-    fn device_ptr_mut<'a>(
-        &'a mut self,
-        _stream: &'a CudaStream,
-    ) -> (
-        cudarc::driver::sys::CUdeviceptr,
-        cudarc::driver::SyncOnDrop<'a>,
-    ) {
-        (self.ptr, cudarc::driver::SyncOnDrop::Record(None))
-    }
-}
-
 impl CudaDevice {
-    fn blas(
-        &self,
-    ) -> Result<std::sync::MutexGuard<'_, Option<cudarc::cublaslt::CudaBlasLT>>, GpuError> {
+    /// The cuBLASLt handle, created on first use (needs libcublasLt).
+    fn blas(&self) -> Result<std::sync::MutexGuard<'_, Option<Blas>>, GpuError> {
         let mut guard = self
             .blas
             .lock()
@@ -198,91 +158,35 @@ impl CudaDevice {
             if !unsafe { cudarc::cublaslt::sys::is_culib_present() } {
                 return Err(GpuError::MissingLibrary("libcublasLt.so.13"));
             }
-            let h = cudarc::cublaslt::CudaBlasLT::new(self.stream.clone())
-                .map_err(|e| GpuError::Blas(format!("{e:?}")))?;
-            *guard = Some(h);
+            self.ctx.bind_to_thread().map_err(driver_err)?;
+            *guard = Some(Blas::new(&self.stream)?);
         }
         Ok(guard)
     }
 
-    /// `y (+)= x · Wᵀ` row-major, as column-major `yᵀ = W · xᵀ`: A = W (`[n, k]` row-major is
-    /// `k × n` column-major, transposed), B = xᵀ (`k × m` column-major as stored).
+    /// `y (+)= x · Wᵀ (+ bias)`; see [`Blas::gemm`].
     pub(super) fn gemm(
         &self,
         dtype: super::DType,
         x: u64,
         w: u64,
+        bias: Option<u64>,
         y: u64,
         s: super::gemm::GemmShape,
     ) -> Result<(), GpuError> {
-        use cudarc::cublaslt::MatmulConfig;
         let guard = self.blas()?;
         let blas = guard
             .as_ref()
             .ok_or_else(|| GpuError::Blas("no handle".into()))?;
-        let cfg = MatmulConfig {
-            transa: true,
-            transb: false,
-            transc: false,
-            m: s.n as u64,
-            n: s.m as u64,
-            k: s.k as u64,
-            alpha: 1.0,
-            lda: s.k as i64,
-            ldb: s.k as i64,
-            beta: if s.accumulate { 1.0 } else { 0.0 },
-            ldc: s.n as i64,
-            stride_a: None,
-            stride_b: None,
-            stride_c: None,
-            stride_bias: None,
-            batch_size: None,
-        };
-        let err = |e: cudarc::cublaslt::result::CublasError| GpuError::Blas(format!("{e:?}"));
-        // SAFETY: the launcher checked all three buffers against the shape.
-        unsafe {
-            match dtype {
-                super::DType::Bf16 => matmul::<half::bf16>(blas, &self.stream, cfg, x, w, y, s),
-                super::DType::F16 => matmul::<half::f16>(blas, &self.stream, cfg, x, w, y, s),
-            }
-        }
-        .map_err(err)
+        // SAFETY: the launcher checked every buffer against the shape; they live on this device.
+        unsafe { blas.gemm(&self.stream, dtype, x, w, bias, y, s) }
     }
-}
 
-/// cuBLASLt's `C = op(A) · B` on raw device ranges of element type `T`.
-///
-/// # Safety
-/// `x`, `w` and `y` must hold the `[m, k]`, `[n, k]` and `[m, n]` elements of `s`.
-unsafe fn matmul<T>(
-    blas: &cudarc::cublaslt::CudaBlasLT,
-    st: &Arc<CudaStream>,
-    cfg: cudarc::cublaslt::MatmulConfig,
-    x: u64,
-    w: u64,
-    y: u64,
-    s: super::gemm::GemmShape,
-) -> Result<(), cudarc::cublaslt::result::CublasError>
-where
-    cudarc::cublaslt::CudaBlasLT: cudarc::cublaslt::Matmul<T>,
-{
-    let raw = |ptr: u64, len: usize| Raw::<T> {
-        ptr,
-        len,
-        stream: st,
-        _t: std::marker::PhantomData,
-    };
-    let mut c = raw(y, s.m * s.n);
-    // SAFETY: forwarded from the caller.
-    unsafe {
-        cudarc::cublaslt::Matmul::<T>::matmul(
-            blas,
-            cfg,
-            &raw(w, s.n * s.k),
-            &raw(x, s.m * s.k),
-            &mut c,
-            None,
-            None,
-        )
+    /// Hits and misses of the cuBLASLt algorithm cache (zeros before the first GEMM).
+    pub(super) fn gemm_cache_stats(&self) -> GemmCacheStats {
+        self.blas
+            .lock()
+            .map(|g| g.as_ref().map(Blas::stats).unwrap_or_default())
+            .unwrap_or_default()
     }
 }

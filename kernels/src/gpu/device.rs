@@ -1,5 +1,8 @@
 //! [`Device`]: where kernels run (a CUDA GPU, or the host emulation) and the buffers they use.
 
+#[cfg(feature = "cuda-emu")]
+use super::gemm_cache::AlgoCache;
+use super::gemm_cache::GemmCacheStats;
 use super::kernel::{KernelFn, KernelParams, LaunchDims};
 
 /// Element type of activations, weights and KV cache on the device.
@@ -142,16 +145,38 @@ pub const EMULATED_MEMORY_BYTES: usize = 1 << 30;
 pub enum Device {
     /// The host emulation (`cuda/emu`): every kernel runs on CPU threads, synchronously.
     #[cfg(feature = "cuda-emu")]
-    Emulated,
+    Emulated(Emulation),
     #[cfg(feature = "cuda")]
     Cuda(super::cuda::CudaDevice),
+}
+
+/// State of the emulated device.
+#[cfg(feature = "cuda-emu")]
+pub struct Emulation {
+    /// GEMM "algorithms" (nothing to choose for the host loop), cached and counted by the same
+    /// keys as cuBLASLt's on a GPU, so tests see the cache at work.
+    pub(crate) gemm_algos: AlgoCache<()>,
 }
 
 impl Device {
     /// The host emulation.
     #[cfg(feature = "cuda-emu")]
     pub fn emulated() -> Device {
-        Device::Emulated
+        Device::Emulated(Emulation {
+            gemm_algos: AlgoCache::new(),
+        })
+    }
+
+    /// Hits and misses of the GEMM algorithm cache since the device was opened: after warm-up
+    /// (one GEMM per shape bucket) every call should be a hit, which is what lets a CUDA graph be
+    /// captured without cuBLASLt heuristic queries.
+    pub fn gemm_cache_stats(&self) -> GemmCacheStats {
+        match self {
+            #[cfg(feature = "cuda-emu")]
+            Device::Emulated(e) => e.gemm_algos.stats(),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(d) => d.gemm_cache_stats(),
+        }
     }
 
     /// CUDA device `ordinal`. Fails cleanly (no panic) on a machine without a driver or GPU.
@@ -164,7 +189,7 @@ impl Device {
     pub fn describe(&self) -> String {
         match self {
             #[cfg(feature = "cuda-emu")]
-            Device::Emulated => "cuda-emu (host emulation)".to_string(),
+            Device::Emulated(_) => "cuda-emu (host emulation)".to_string(),
             #[cfg(feature = "cuda")]
             Device::Cuda(d) => d.describe(),
         }
@@ -174,7 +199,7 @@ impl Device {
     pub fn is_emulated(&self) -> bool {
         match self {
             #[cfg(feature = "cuda-emu")]
-            Device::Emulated => true,
+            Device::Emulated(_) => true,
             #[cfg(feature = "cuda")]
             Device::Cuda(_) => false,
         }
@@ -185,7 +210,7 @@ impl Device {
     pub fn memory_info(&self) -> Result<(usize, usize), GpuError> {
         match self {
             #[cfg(feature = "cuda-emu")]
-            Device::Emulated => Ok((EMULATED_MEMORY_BYTES, EMULATED_MEMORY_BYTES)),
+            Device::Emulated(_) => Ok((EMULATED_MEMORY_BYTES, EMULATED_MEMORY_BYTES)),
             #[cfg(feature = "cuda")]
             Device::Cuda(d) => d.memory_info(),
         }
@@ -195,7 +220,7 @@ impl Device {
     pub fn alloc_zeroed(&self, bytes: usize) -> Result<DeviceBuffer, GpuError> {
         match self {
             #[cfg(feature = "cuda-emu")]
-            Device::Emulated => {
+            Device::Emulated(_) => {
                 let words = bytes.div_ceil(16).max(1);
                 let boxed: Box<[u128]> = vec![0u128; words].into_boxed_slice();
                 let ptr = Box::into_raw(boxed) as *mut u128 as usize as u64;
@@ -241,7 +266,7 @@ impl Device {
         }
         match self {
             #[cfg(feature = "cuda-emu")]
-            Device::Emulated => {
+            Device::Emulated(_) => {
                 // SAFETY: bounds checked above; the buffer is host memory owned by `buf`.
                 unsafe {
                     std::ptr::copy_nonoverlapping(
@@ -272,7 +297,7 @@ impl Device {
             unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<u8>(), buf.bytes) };
         match self {
             #[cfg(feature = "cuda-emu")]
-            Device::Emulated => {
+            Device::Emulated(_) => {
                 // SAFETY: `buf` owns `buf.bytes` bytes of host memory at `buf.ptr`.
                 unsafe {
                     std::ptr::copy_nonoverlapping(
@@ -292,7 +317,7 @@ impl Device {
     pub fn synchronize(&self) -> Result<(), GpuError> {
         match self {
             #[cfg(feature = "cuda-emu")]
-            Device::Emulated => Ok(()),
+            Device::Emulated(_) => Ok(()),
             #[cfg(feature = "cuda")]
             Device::Cuda(d) => d.synchronize(),
         }
@@ -310,7 +335,7 @@ impl Device {
         }
         match self {
             #[cfg(feature = "cuda-emu")]
-            Device::Emulated => {
+            Device::Emulated(_) => {
                 let l = super::kernel::EmuLaunch {
                     grid: [dims.grid.0, dims.grid.1, dims.grid.2],
                     block: [dims.block.0, dims.block.1, dims.block.2],

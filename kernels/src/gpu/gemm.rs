@@ -1,8 +1,11 @@
-//! Dense projections `y = x · Wᵀ` (all linear layers and the LM head): cuBLASLt in bf16/f16
-//! with f32 accumulation on a GPU; a plain host loop with the same rounding points in emulation,
-//! so the emulated engine can run a whole forward pass.
+//! Dense projections `y = x · Wᵀ (+ bias)` (all linear layers and the LM head): cuBLASLt in
+//! bf16/f16 with f32 accumulation on a GPU, its algorithm chosen once per shape bucket
+//! ([`super::gemm_cache`]); a plain host loop with the same rounding points in emulation, so the
+//! emulated engine can run a whole forward pass.
 
 use super::device::{DType, Device, DeviceBuffer, GpuError};
+#[cfg(feature = "cuda-emu")]
+use super::gemm_cache::GemmKey;
 use super::ops::need;
 
 /// Shape of one projection: `x` is `[m, k]`, `w` is `[n, k]` (PyTorch's `Linear.weight`), `y` is
@@ -24,6 +27,34 @@ pub fn gemm(
     y: &DeviceBuffer,
     s: GemmShape,
 ) -> Result<(), GpuError> {
+    run(dev, dtype, x, w, None, y, s)
+}
+
+/// `y (+)= x · Wᵀ + bias`: a linear layer with bias (Qwen2's q/k/v projections), the bias
+/// (`[n]` in the dtype) added to every row in f32 before the one rounding (cuBLASLt's BIAS
+/// epilogue on a GPU, so the bias costs no extra pass over `y`).
+pub fn gemm_bias(
+    dev: &Device,
+    dtype: DType,
+    x: &DeviceBuffer,
+    w: &DeviceBuffer,
+    bias: &DeviceBuffer,
+    y: &DeviceBuffer,
+    s: GemmShape,
+) -> Result<(), GpuError> {
+    need("gemm bias", bias, s.n, dtype.size())?;
+    run(dev, dtype, x, w, Some(bias), y, s)
+}
+
+fn run(
+    dev: &Device,
+    dtype: DType,
+    x: &DeviceBuffer,
+    w: &DeviceBuffer,
+    bias: Option<&DeviceBuffer>,
+    y: &DeviceBuffer,
+    s: GemmShape,
+) -> Result<(), GpuError> {
     need("gemm x", x, s.m * s.k, dtype.size())?;
     need("gemm w", w, s.n * s.k, dtype.size())?;
     need("gemm y", y, s.m * s.n, dtype.size())?;
@@ -32,17 +63,30 @@ pub fn gemm(
     }
     match dev {
         #[cfg(feature = "cuda-emu")]
-        Device::Emulated => {
-            host_gemm(dtype, x, w, y, s);
+        Device::Emulated(e) => {
+            // Nothing to choose for the host loop, but the choice is cached and counted exactly
+            // as cuBLASLt's algorithm is on a GPU.
+            e.gemm_algos
+                .get_or_choose(GemmKey::new(dtype, &s, bias.is_some()), || {
+                    Ok::<_, GpuError>(())
+                })?;
+            host_gemm(dtype, x, w, bias, y, s);
             Ok(())
         }
         #[cfg(feature = "cuda")]
-        Device::Cuda(d) => d.gemm(dtype, x.ptr(), w.ptr(), y.ptr(), s),
+        Device::Cuda(d) => d.gemm(dtype, x.ptr(), w.ptr(), bias.map(|b| b.ptr()), y.ptr(), s),
     }
 }
 
 #[cfg(feature = "cuda-emu")]
-fn host_gemm(dtype: DType, x: &DeviceBuffer, w: &DeviceBuffer, y: &DeviceBuffer, s: GemmShape) {
+fn host_gemm(
+    dtype: DType,
+    x: &DeviceBuffer,
+    w: &DeviceBuffer,
+    bias: Option<&DeviceBuffer>,
+    y: &DeviceBuffer,
+    s: GemmShape,
+) {
     use half::{bf16, f16};
     let load = |p: u64, i: usize| -> f32 {
         // SAFETY: `need` checked every index below lies inside its emulated (host) buffer.
@@ -70,7 +114,8 @@ fn host_gemm(dtype: DType, x: &DeviceBuffer, w: &DeviceBuffer, y: &DeviceBuffer,
             } else {
                 0.0
             };
-            store(y.ptr(), r * s.n + c, prev + acc);
+            let b = bias.map_or(0.0, |b| load(b.ptr(), c));
+            store(y.ptr(), r * s.n + c, prev + acc + b);
         }
     }
 }

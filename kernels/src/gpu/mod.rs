@@ -13,14 +13,19 @@
 pub mod attention;
 pub mod attention_prefill;
 #[cfg(feature = "cuda")]
+mod cublaslt;
+#[cfg(feature = "cuda")]
 mod cuda;
 mod device;
 pub mod gemm;
+pub mod gemm_cache;
 mod kernel;
 pub mod lora;
 pub mod ops;
 pub mod rope_cache;
 pub mod sampling;
 
+#[cfg(feature = "cuda-emu")]
+pub use device::Emulation;
 pub use device::{DType, Device, DeviceBuffer, DeviceElem, GpuError, EMULATED_MEMORY_BYTES};
 pub use kernel::LaunchDims;

@@ -12,6 +12,7 @@ use crate::RopeStyle;
 #[derive(Clone, Copy, Debug)]
 struct RopeCacheParams {
     qkv: u64,
+    q_out: u64,
     positions: u64,
     slot_mapping: u64,
     inv_freq: u64,
@@ -42,8 +43,11 @@ const MAX_BLOCKS: usize = 1 << 16;
 /// The buffers of one [`rope_cache`] call.
 pub struct RopeCacheArgs<'a> {
     /// `[num_tokens, (num_heads + 2 * num_kv_heads) * head_dim]`, rows `q | k | v`; q is rotated
-    /// in place, k and v are only read.
+    /// in place unless `q_out` is given, k and v are only read.
     pub qkv: &'a DeviceBuffer,
+    /// `[num_tokens, num_heads * head_dim]`: where rotated q goes, contiguous as the attention
+    /// kernels read it (qkv is then left unchanged). `None` rotates q in place in `qkv`.
+    pub q_out: Option<&'a DeviceBuffer>,
     /// Absolute position of each token (u32).
     pub positions: &'a DeviceBuffer,
     /// Cache slot of each token (u32); [`crate::attention::PAD_SLOT`] skips the write.
@@ -59,7 +63,7 @@ pub struct RopeCacheArgs<'a> {
     pub num_heads: usize,
 }
 
-/// Rotates q (in place) and k of every token, and stores rotated k and v into the paged cache at
+/// Rotates q (in place, or into `q_out`) and k of every token, and stores rotated k and v into the paged cache at
 /// the token's slot. A slot past the cache is skipped like a padding slot (the runtime validates
 /// slot mappings; the kernel never writes out of bounds).
 pub fn rope_cache(dev: &Device, dtype: DType, a: &RopeCacheArgs<'_>) -> Result<(), GpuError> {
@@ -73,6 +77,14 @@ pub fn rope_cache(dev: &Device, dtype: DType, a: &RopeCacheArgs<'_>) -> Result<(
     let es = dtype.size();
     let row = (a.num_heads + 2 * c.num_kv_heads) * hd;
     need("rope_cache qkv", a.qkv, a.num_tokens * row, es)?;
+    if let Some(q_out) = a.q_out {
+        need(
+            "rope_cache q_out",
+            q_out,
+            a.num_tokens * a.num_heads * hd,
+            es,
+        )?;
+    }
     need("rope_cache positions", a.positions, a.num_tokens, 4)?;
     need("rope_cache slot_mapping", a.slot_mapping, a.num_tokens, 4)?;
     need("rope_cache inv_freq", a.inv_freq, hd / 2, 4)?;
@@ -80,6 +92,7 @@ pub fn rope_cache(dev: &Device, dtype: DType, a: &RopeCacheArgs<'_>) -> Result<(
     need("rope_cache v_cache", a.v_cache, c.elems(), es)?;
     let p = RopeCacheParams {
         qkv: a.qkv.ptr(),
+        q_out: a.q_out.map_or(0, |b| b.ptr()),
         positions: a.positions.ptr(),
         slot_mapping: a.slot_mapping.ptr(),
         inv_freq: a.inv_freq.ptr(),

@@ -1,5 +1,6 @@
 //! Launcher of `cuda/sampling.cu`: one CTA per request row samples a token from f32 logits
-//! (penalties, greedy, temperature, top-k, top-p, min-p, the draw with the request's uniform)
+//! (an allowed-token mask for structured outputs, penalties, greedy, temperature, top-k, top-p,
+//! min-p, the draw with the request's uniform)
 //! and writes the raw logprobs asked for, so only ids and logprobs leave the device. The math
 //! is [`crate::sampling`]'s; the tests hold the kernel to it.
 //!
@@ -14,6 +15,8 @@ use crate::sampling::{PenaltyEntry, RowSampling, MAX_LOGPROBS};
 const GREEDY: u32 = 1;
 /// Row flag: write the sampled token's logprob and the top logprobs.
 const LOGPROBS: u32 = 2;
+/// Row flag: the row has an allowed-token bitset ([`AllowedTokens`]).
+const ALLOWED: u32 = 4;
 /// Threads per row on a GPU: 16 warps stream the row; the kernel is bounded to this.
 pub const GPU_THREADS: u32 = 512;
 /// Threads per row in the host emulation, which runs an OS thread per CUDA thread.
@@ -87,6 +90,28 @@ impl SampleRow {
             _pad: 0,
         }
     }
+
+    /// The same row restricted to the tokens its bitset in [`SampleArgs::allowed`] allows
+    /// (structured outputs): every other token's logit is -inf before anything reads the row.
+    pub fn with_allowed_tokens(mut self) -> SampleRow {
+        self.flags |= ALLOWED;
+        self
+    }
+}
+
+/// Words of an allowed-token bitset row for `vocab` tokens: bit `t % 32` of word `t / 32` set
+/// means token `t` is allowed (the CPU sampler's representation, uploaded as is).
+pub fn allowed_words(vocab: usize) -> usize {
+    vocab.div_ceil(32)
+}
+
+/// Per-row allowed-token bitsets of one [`sample`] call, for rows made with
+/// [`SampleRow::with_allowed_tokens`] (other rows' bitsets are not read).
+pub struct AllowedTokens<'a> {
+    /// `[num_rows, allowed_words(vocab)]` u32.
+    pub bits: &'a DeviceBuffer,
+    /// `[num_rows, vocab]` f32 scratch: the masked rows are written here.
+    pub masked: &'a DeviceBuffer,
 }
 
 #[repr(C)]
@@ -100,8 +125,12 @@ struct SampleParams {
     out_logprobs: u64,
     out_top_ids: u64,
     out_top_logprobs: u64,
+    allowed: u64,
+    masked: u64,
     num_rows: u32,
     vocab: u32,
+    allowed_words: u32,
+    _pad: u32,
 }
 
 kernel_params!(SampleParams);
@@ -123,6 +152,8 @@ pub struct SampleArgs<'a> {
     pub out_ids: &'a DeviceBuffer,
     /// `[num_rows]` f32 and `[num_rows, 20]` u32 / f32: logprobs of rows that asked for them.
     pub out_logprobs: Option<LogprobOutputs<'a>>,
+    /// Allowed-token bitsets; needed iff a row is [`SampleRow::with_allowed_tokens`].
+    pub allowed: Option<AllowedTokens<'a>>,
     pub vocab: usize,
     /// Threads per row; 0 picks [`GPU_THREADS`] (or [`EMU_THREADS`] in emulation).
     pub threads: u32,
@@ -163,6 +194,11 @@ pub fn sample(dev: &Device, a: &SampleArgs<'_>) -> Result<(), GpuError> {
     if let Some(w) = a.work {
         need("sample work", w, cells, 4)?;
     }
+    let words = allowed_words(a.vocab);
+    if let Some(m) = &a.allowed {
+        need("sample allowed bits", m.bits, num_rows * words, 4)?;
+        need("sample masked", m.masked, cells, 4)?;
+    }
     if let Some(o) = &a.out_logprobs {
         need("sample logprob", o.logprob, num_rows, 4)?;
         need("sample top_ids", o.top_ids, num_rows * MAX_LOGPROBS, 4)?;
@@ -194,8 +230,12 @@ pub fn sample(dev: &Device, a: &SampleArgs<'_>) -> Result<(), GpuError> {
         out_logprobs: ptr(a.out_logprobs.as_ref().map(|o| o.logprob)),
         out_top_ids: ptr(a.out_logprobs.as_ref().map(|o| o.top_ids)),
         out_top_logprobs: ptr(a.out_logprobs.as_ref().map(|o| o.top_logprobs)),
+        allowed: ptr(a.allowed.as_ref().map(|m| m.bits)),
+        masked: ptr(a.allowed.as_ref().map(|m| m.masked)),
         num_rows: dim32("num_rows", num_rows)?,
         vocab: dim32("vocab", a.vocab)?,
+        allowed_words: dim32("allowed words", words)?,
+        _pad: 0,
     };
     dev.launch(&SAMPLE, LaunchDims::linear(p.num_rows, threads), &p)
 }
@@ -208,6 +248,11 @@ fn check_rows(a: &SampleArgs<'_>) -> Result<(), GpuError> {
         if r.flags & LOGPROBS != 0 && a.out_logprobs.is_none() {
             return Err(GpuError::Shape(format!(
                 "sample: row {i} asks for logprobs but no logprob outputs were given"
+            )));
+        }
+        if r.flags & ALLOWED != 0 && a.allowed.is_none() {
+            return Err(GpuError::Shape(format!(
+                "sample: row {i} has an allowed-token mask but no bitsets were given"
             )));
         }
         let end = r.penalty_start as usize + r.penalty_count as usize;

@@ -261,6 +261,8 @@ impl GpuBackend {
             } else {
                 None
             },
+            // Bans are written into the rows above; structured-output masks will come here.
+            allowed: None,
             vocab,
             threads: 0,
         };

@@ -4,18 +4,18 @@
 //! [`ForwardBatch`] mixing prefill chunks and decode tokens, logits for `logits_indices`.
 //!
 //! Not yet here (issue 17): one pinned upload per step and a preallocated workspace, CUDA
-//! graphs, attention biases; it has never run on a GPU.
+//! graphs; it has never run on a GPU.
 
 use caduceus_kernels::attention::KvCacheShape;
 use caduceus_kernels::gpu::attention::{
     paged_attention_decode, AttnShape, DecodePlan, DecodeSplit, PagedAttnArgs, PagedBatchBuffers,
 };
 use caduceus_kernels::gpu::attention_prefill::paged_attention_prefill;
-use caduceus_kernels::gpu::gemm::{gemm, GemmShape};
+use caduceus_kernels::gpu::gemm::{gemm, gemm_bias, GemmShape};
 use caduceus_kernels::gpu::lora::{
     add_lora_fused, workspace_bytes, DeviceFusedPart, FusedLoraArgs, LoraBatch, LoraGpuError,
 };
-use caduceus_kernels::gpu::ops::{self, copy_rows, RmsNormArgs, Strided};
+use caduceus_kernels::gpu::ops::{self, RmsNormArgs};
 use caduceus_kernels::gpu::rope_cache::{rope_cache, RopeCacheArgs};
 use caduceus_kernels::gpu::{DType, Device, DeviceBuffer, GpuError};
 use caduceus_kernels::ops::RopeStyle;
@@ -24,7 +24,7 @@ use half::{bf16, f16};
 use crate::model::batch::ForwardBatch;
 use crate::model::config::LlamaConfig;
 use crate::model::error::ModelError;
-use crate::model::llama::build_rope;
+use crate::model::llama::{build_rope, take_qkv_bias};
 use crate::model::weights::TensorStore;
 
 use super::lora::{GpuLoraBatch, GpuLoraStack};
@@ -36,8 +36,6 @@ pub enum GpuModelError {
     Gpu(#[from] GpuError),
     #[error(transparent)]
     Model(#[from] ModelError),
-    #[error("the GPU engine does not support {0} yet")]
-    Unsupported(String),
     #[error("invalid batch: {0}")]
     Batch(String),
     #[error("LoRA: {0}")]
@@ -49,6 +47,8 @@ struct GpuLayer {
     ffn_norm: DeviceBuffer,
     /// `[q | k | v]` rows fused, `[(num_heads + 2 num_kv_heads) head_dim, hidden]`.
     qkv: DeviceBuffer,
+    /// Fused `[q | k | v]` bias (Qwen2's `attention_bias`), added in the projection's epilogue.
+    qkv_bias: Option<DeviceBuffer>,
     o_proj: DeviceBuffer,
     /// `[gate | up]` rows fused, `[2 ffn, hidden]`.
     gate_up: DeviceBuffer,
@@ -118,11 +118,6 @@ impl GpuModel {
     ) -> Result<GpuModel, GpuModelError> {
         config.validate()?;
         let c = &config;
-        if c.attention_bias {
-            return Err(GpuModelError::Unsupported(
-                "attention biases (Qwen2)".into(),
-            ));
-        }
         let (hidden, q_dim, kv_dim, ffn) = (
             c.hidden_size,
             c.num_heads * c.head_dim,
@@ -155,7 +150,12 @@ impl GpuModel {
             let n = |t: &str| format!("blk.{i}.{t}");
             let (q, k, v) = (n("attn_q.weight"), n("attn_k.weight"), n("attn_v.weight"));
             let (gate, up) = (n("ffn_gate.weight"), n("ffn_up.weight"));
+            let qkv_bias = match take_qkv_bias(store, i, q_dim, kv_dim)? {
+                Some(b) => Some(upload_as(&dev, dtype, &b)?),
+                None => None,
+            };
             layers.push(GpuLayer {
+                qkv_bias,
                 attn_norm: upload_as(
                     &dev,
                     dtype,
@@ -401,24 +401,21 @@ impl GpuModel {
                 },
             )
         };
+        let shape_of = |n: usize, k: usize| GemmShape {
+            m: t,
+            n,
+            k,
+            accumulate: false,
+        };
         let proj = |x: &DeviceBuffer, w: &DeviceBuffer, y: &DeviceBuffer, n: usize, k: usize| {
-            gemm(
-                dev,
-                dt,
-                x,
-                w,
-                y,
-                GemmShape {
-                    m: t,
-                    n,
-                    k,
-                    accumulate: false,
-                },
-            )
+            gemm(dev, dt, x, w, y, shape_of(n, k))
         };
         for (i, l) in self.layers.iter().enumerate() {
             norm(&x, i == 0, &l.attn_norm, &h)?;
-            proj(&h, &l.qkv, &qkv, qkv_width, hidden)?;
+            match &l.qkv_bias {
+                Some(b) => gemm_bias(dev, dt, &h, &l.qkv, b, &qkv, shape_of(qkv_width, hidden))?,
+                None => proj(&h, &l.qkv, &qkv, qkv_width, hidden)?,
+            }
             add_lora(i, 0, &h, &qkv)?;
             rope_cache(
                 dev,
@@ -434,19 +431,9 @@ impl GpuModel {
                     cache: kv.shape,
                     num_tokens: t,
                     num_heads: c.num_heads,
+                    q_out: Some(&q),
                 },
             )?;
-            let (src, dst) = (
-                Strided {
-                    buf: &qkv,
-                    stride: qkv_width,
-                },
-                Strided {
-                    buf: &q,
-                    stride: q_dim,
-                },
-            );
-            copy_rows(dev, dt, src, dst, t, q_dim)?;
             let args = PagedAttnArgs {
                 q: &q,
                 k_cache: &kv.k[i],

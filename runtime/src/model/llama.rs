@@ -120,20 +120,7 @@ impl LlamaModel {
             let q = store.take_matrix(&name("attn_q.weight"), q_dim, hidden)?;
             let k = store.take_matrix(&name("attn_k.weight"), kv_dim, hidden)?;
             let v = store.take_matrix(&name("attn_v.weight"), kv_dim, hidden)?;
-            let biases = [
-                store.take_optional_vector(&name("attn_q.bias"), q_dim)?,
-                store.take_optional_vector(&name("attn_k.bias"), kv_dim)?,
-                store.take_optional_vector(&name("attn_v.bias"), kv_dim)?,
-            ];
-            let qkv_bias = if biases.iter().any(Option::is_some) {
-                let mut b = Vec::with_capacity(q_dim + 2 * kv_dim);
-                for (part, len) in biases.into_iter().zip([q_dim, kv_dim, kv_dim]) {
-                    b.extend(part.unwrap_or_else(|| vec![0.0; len]));
-                }
-                Some(b)
-            } else {
-                None
-            };
+            let qkv_bias = take_qkv_bias(store, i, q_dim, kv_dim)?;
             let gate = store.take_matrix(&name("ffn_gate.weight"), c.intermediate_size, hidden)?;
             let up = store.take_matrix(&name("ffn_up.weight"), c.intermediate_size, hidden)?;
             layers.push(LayerWeights {
@@ -312,6 +299,30 @@ impl LlamaModel {
         matmul(&last_normed, head, &mut logits);
         Ok(logits)
     }
+}
+
+/// Layer `layer`'s q/k/v biases (Qwen2-style `attention_bias`) fused as `[q | k | v]`, zeros
+/// for a missing part; `None` when the layer has none.
+pub(crate) fn take_qkv_bias(
+    store: &mut TensorStore,
+    layer: usize,
+    q_dim: usize,
+    kv_dim: usize,
+) -> Result<Option<Vec<f32>>, ModelError> {
+    let name = |t: &str| format!("blk.{layer}.{t}");
+    let biases = [
+        store.take_optional_vector(&name("attn_q.bias"), q_dim)?,
+        store.take_optional_vector(&name("attn_k.bias"), kv_dim)?,
+        store.take_optional_vector(&name("attn_v.bias"), kv_dim)?,
+    ];
+    if biases.iter().all(Option::is_none) {
+        return Ok(None);
+    }
+    let mut b = Vec::with_capacity(q_dim + 2 * kv_dim);
+    for (part, len) in biases.into_iter().zip([q_dim, kv_dim, kv_dim]) {
+        b.extend(part.unwrap_or_else(|| vec![0.0; len]));
+    }
+    Ok(Some(b))
 }
 
 /// Splits fused `[q | k | v]` rows into separate buffers, adding the optional fused bias.

@@ -19,14 +19,6 @@ struct DecodeParams {
 
 kernel_params!(DecodeParams);
 
-const DECODE_HD64: [KernelFn; 2] = [
-    kernel_fn!(cad_paged_decode_hd64_bf16),
-    kernel_fn!(cad_paged_decode_hd64_f16),
-];
-const DECODE_HD128: [KernelFn; 2] = [
-    kernel_fn!(cad_paged_decode_hd128_bf16),
-    kernel_fn!(cad_paged_decode_hd128_f16),
-];
 const MERGE: [KernelFn; 2] = [
     kernel_fn!(cad_paged_decode_merge_bf16),
     kernel_fn!(cad_paged_decode_merge_f16),
@@ -159,11 +151,7 @@ pub fn paged_attention_decode(
         num_splits: dim32("num_splits", plan.num_splits)?,
         tokens_per_split: dim32("tokens_per_split", plan.tokens_per_split)?,
     };
-    let family = if s.head_dim == 64 {
-        &DECODE_HD64
-    } else {
-        &DECODE_HD128
-    };
+    let family = &super::head_dims::kernels_for(s.head_dim)?.decode;
     let seqs = a.batch.num_seqs as u32;
     let decode = LaunchDims {
         grid: (
@@ -178,7 +166,7 @@ pub fn paged_attention_decode(
     if split {
         let merge = LaunchDims {
             grid: (seqs, dim32("num_heads", s.num_heads)?, 1),
-            block: (s.head_dim as u32, 1, 1),
+            block: (s.head_dim.min(THREADS) as u32, 1, 1),
             shared_bytes: 0,
         };
         dev.launch(by_dtype(&MERGE, dtype), merge, &p)?;

@@ -139,6 +139,38 @@ fn steps() -> Vec<Vec<Piece>> {
 /// Runs [`steps`] on the CPU model and the emulated GPU model, feeding both the CPU's greedy
 /// tokens, and checks every logits row. `adapters[s]` is sequence s's slot (None: base model).
 fn compare(dtype: DType, adapters: [Option<u32>; 3]) {
+    compare_with(dtype, adapters, false)
+}
+
+/// `store` plus Qwen2-style q/k/v biases in every layer (k's missing in layer 0: zeros).
+fn biased_store(c: &LlamaConfig, dtype: DType) -> TensorStore {
+    let mut s = store(c, dtype);
+    let mut rng = ChaCha8Rng::seed_from_u64(21);
+    let round = |v: f32| match dtype {
+        DType::Bf16 => half::bf16::from_f32(v).to_f32(),
+        DType::F16 => half::f16::from_f32(v).to_f32(),
+    };
+    let (q, kv) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+    for i in 0..c.num_layers {
+        for (part, n) in [("q", q), ("k", kv), ("v", kv)] {
+            if i == 0 && part == "k" {
+                continue;
+            }
+            let v = (0..n).map(|_| round(rng.random_range(-0.5..0.5))).collect();
+            s.insert_vector(format!("blk.{i}.attn_{part}.bias"), v);
+        }
+    }
+    s
+}
+
+fn compare_with(dtype: DType, adapters: [Option<u32>; 3], bias: bool) {
+    let store = |c: &LlamaConfig, d: DType| {
+        if bias {
+            biased_store(c, d)
+        } else {
+            store(c, d)
+        }
+    };
     let config = LlamaConfig::from_hf_json(CONFIG).unwrap();
     let (block_size, num_blocks) = (16, 16);
     // Shuffled, interleaved block tables.
@@ -270,6 +302,11 @@ fn emulated_gpu_forward_matches_the_cpu_model() {
 fn emulated_gpu_forward_with_mixed_adapters_matches_the_cpu_model() {
     // Two adapters and the base model in one batch.
     compare(DType::Bf16, [Some(0), None, Some(1)]);
+}
+
+#[test]
+fn emulated_gpu_forward_with_attention_bias_matches_the_cpu_model() {
+    compare_with(DType::Bf16, [None, Some(1), None], true);
 }
 
 #[test]

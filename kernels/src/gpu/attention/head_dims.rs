@@ -1,0 +1,89 @@
+//! The head dims the attention kernels are instantiated for: one table that both launchers
+//! (decode and prefill) pick their kernels from, and the one error naming the supported set.
+//!
+//! Each `.cu` instantiates its template per head dim (`CAD_DECODE(HD)`, `CAD_PREFILL(D)`); adding
+//! a head dim means one line in each file and one row here.
+
+use crate::gpu::device::GpuError;
+use crate::gpu::kernel::{kernel_fn, KernelFn};
+
+/// Head dims with attention kernels: the shared tiny Llama (16), Llama 3.2 and SmolLM2 (64),
+/// Llama 3 8B (128), and the 32/80/96/256 of other Llama-family models.
+pub const SUPPORTED_HEAD_DIMS: [usize; 7] = [16, 32, 64, 80, 96, 128, 256];
+
+/// The kernels of one head dim, each `[bf16, f16]` (the order of [`crate::gpu::ops::by_dtype`]).
+pub(crate) struct HeadDimKernels {
+    pub head_dim: usize,
+    pub decode: [KernelFn; 2],
+    pub prefill: [KernelFn; 2],
+    /// (token, query head) rows per prefill CTA: `Tile<D>::kRows` in `attention_prefill.cu`.
+    pub prefill_rows: usize,
+}
+
+macro_rules! head_dim {
+    ($hd:expr, $rows:expr, $d_bf16:ident, $d_f16:ident, $p_bf16:ident, $p_f16:ident) => {
+        HeadDimKernels {
+            head_dim: $hd,
+            decode: [kernel_fn!($d_bf16), kernel_fn!($d_f16)],
+            prefill: [kernel_fn!($p_bf16), kernel_fn!($p_f16)],
+            prefill_rows: $rows,
+        }
+    };
+}
+
+#[rustfmt::skip]
+const TABLE: [HeadDimKernels; 7] = [
+    head_dim!(16, 64, cad_paged_decode_hd16_bf16, cad_paged_decode_hd16_f16,
+        cad_paged_attention_prefill_d16_bf16, cad_paged_attention_prefill_d16_f16),
+    head_dim!(32, 64, cad_paged_decode_hd32_bf16, cad_paged_decode_hd32_f16,
+        cad_paged_attention_prefill_d32_bf16, cad_paged_attention_prefill_d32_f16),
+    head_dim!(64, 64, cad_paged_decode_hd64_bf16, cad_paged_decode_hd64_f16,
+        cad_paged_attention_prefill_d64_bf16, cad_paged_attention_prefill_d64_f16),
+    head_dim!(80, 64, cad_paged_decode_hd80_bf16, cad_paged_decode_hd80_f16,
+        cad_paged_attention_prefill_d80_bf16, cad_paged_attention_prefill_d80_f16),
+    head_dim!(96, 64, cad_paged_decode_hd96_bf16, cad_paged_decode_hd96_f16,
+        cad_paged_attention_prefill_d96_bf16, cad_paged_attention_prefill_d96_f16),
+    head_dim!(128, 64, cad_paged_decode_hd128_bf16, cad_paged_decode_hd128_f16,
+        cad_paged_attention_prefill_d128_bf16, cad_paged_attention_prefill_d128_f16),
+    head_dim!(256, 32, cad_paged_decode_hd256_bf16, cad_paged_decode_hd256_f16,
+        cad_paged_attention_prefill_d256_bf16, cad_paged_attention_prefill_d256_f16),
+];
+
+/// The kernels for `head_dim`, or an error naming the supported set.
+pub(crate) fn kernels_for(head_dim: usize) -> Result<&'static HeadDimKernels, GpuError> {
+    TABLE
+        .iter()
+        .find(|k| k.head_dim == head_dim)
+        .ok_or_else(|| {
+            GpuError::Shape(format!(
+                "head_dim {head_dim} is not supported: the attention kernels are built for \
+                 head_dim {SUPPORTED_HEAD_DIMS:?}"
+            ))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_covers_exactly_the_supported_head_dims() {
+        let dims: Vec<usize> = TABLE.iter().map(|k| k.head_dim).collect();
+        assert_eq!(dims, SUPPORTED_HEAD_DIMS);
+        for k in &TABLE {
+            let hd = k.head_dim.to_string();
+            for f in k.decode.iter().chain(&k.prefill) {
+                assert!(
+                    f.name.contains(&format!("d{hd}_")),
+                    "{} in row {hd}",
+                    f.name
+                );
+            }
+        }
+        let err = kernels_for(48)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("head_dim 48") && err.contains("256"), "{err}");
+    }
+}
