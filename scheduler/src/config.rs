@@ -1,5 +1,6 @@
 //! Scheduler limits and the checks that keep them meaningful.
 
+use crate::fairness::Fairness;
 use thiserror::Error;
 
 /// Limits of one scheduler instance. One struct, not positional arguments, so the engine can
@@ -25,6 +26,8 @@ pub struct SchedulerConfig {
     pub adapter_aging_steps: u32,
     /// Seed of the stable xxh3 block hash (change it to invalidate every cached block key).
     pub hash_seed: u64,
+    /// Order of waiting requests of equal priority: least-served adapter first (VTC) or FCFS.
+    pub fairness: Fairness,
 }
 
 impl Default for SchedulerConfig {
@@ -39,6 +42,7 @@ impl Default for SchedulerConfig {
             max_loras: None,
             adapter_aging_steps: 8,
             hash_seed: 0,
+            fairness: Fairness::Vtc,
         }
     }
 }
@@ -114,6 +118,7 @@ mod tests {
             (c.max_loras, c.adapter_aging_steps, c.hash_seed),
             (None, 8, 0)
         );
+        assert_eq!(c.fairness, Fairness::Vtc);
     }
 
     #[test]

@@ -9,6 +9,8 @@
 mod block_hash;
 mod block_pool;
 mod config;
+mod fair_order;
+mod fairness;
 mod free_queue;
 mod fx;
 mod ids;
@@ -26,6 +28,7 @@ pub use block_hash::{
 };
 pub use block_pool::{BlockKey, BlockPool};
 pub use config::{ConfigError, SchedulerConfig};
+pub use fairness::{Fairness, VTC_OUTPUT_WEIGHT, VTC_PROMPT_WEIGHT};
 pub use free_queue::FreeBlockQueue;
 pub use ids::{AdapterKey, BlockId, RequestId};
 pub use kv_cache_manager::{ComputedBlocks, KvCacheManager};

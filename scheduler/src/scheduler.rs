@@ -7,6 +7,7 @@
 //! then `status()` answers `Finished(reason)` and the id cannot be reused; afterwards `None`.
 
 use crate::config::{ConfigError, SchedulerConfig};
+use crate::fairness::{Fairness, Tenant, VirtualCounters};
 use crate::fx::FxHashMap;
 use crate::ids::RequestId;
 use crate::kv_cache_manager::KvCacheManager;
@@ -29,12 +30,15 @@ pub struct Scheduler {
     pub(crate) finished: Vec<(RequestId, FinishReason)>,
     pub(crate) step: u64,
     pub(crate) num_preemptions: u64,
+    /// Per-adapter service counters; `None` under FCFS.
+    pub(crate) vtc: Option<VirtualCounters>,
 }
 
 impl Scheduler {
     pub fn new(config: SchedulerConfig) -> Result<Scheduler, ConfigError> {
         config.validate()?;
         Ok(Scheduler {
+            vtc: (config.fairness == Fairness::Vtc).then(VirtualCounters::default),
             kv: KvCacheManager::new(
                 config.num_blocks,
                 config.block_size,
@@ -93,6 +97,9 @@ impl Scheduler {
             .then_some(self.config.hash_seed);
         let request = Request::new(req, self.config.block_size, seed);
         self.waiting.push(request.queue_key());
+        if let Some(vtc) = &mut self.vtc {
+            vtc.on_arrival(request.tenant());
+        }
         self.requests.insert(request.id, request);
         Ok(())
     }
@@ -129,6 +136,9 @@ impl Scheduler {
             }
             RequestStatus::Waiting | RequestStatus::Preempted => {
                 self.waiting.remove(&req.queue_key());
+                if let Some(vtc) = &mut self.vtc {
+                    vtc.on_leave_queue(req.tenant());
+                }
             }
             RequestStatus::Finished(_) => {}
         }
@@ -195,6 +205,12 @@ impl Scheduler {
         self.waiting.iter().map(|k| k.id)
     }
 
+    /// An adapter's (`None`: the base model's) weighted service so far under VTC fairness;
+    /// `None` under FCFS. For diagnostics and tests.
+    pub fn fairness_counter(&self, adapter_id: Option<u32>) -> Option<u64> {
+        self.vtc.as_ref().map(|v| v.counter(adapter_id))
+    }
+
     pub fn kv_cache_manager(&self) -> &KvCacheManager {
         &self.kv
     }
@@ -225,5 +241,10 @@ impl Request {
             arrival_seq: self.arrival_seq,
             id: self.id,
         }
+    }
+
+    /// Whose service this request counts as under VTC fairness.
+    pub(crate) fn tenant(&self) -> Tenant {
+        self.adapter().map(|a| a.id)
     }
 }

@@ -6,7 +6,9 @@
 
 mod common;
 
-use caduceus_scheduler::{AdapterKey, AddRequestError, FinishReason, NewRequest, RequestId};
+use caduceus_scheduler::{
+    AdapterKey, AddRequestError, Fairness, FinishReason, NewRequest, RequestId,
+};
 use common::{solo_run, Driver, VOCAB};
 use proptest::prelude::*;
 
@@ -36,6 +38,7 @@ struct Scenario {
     spare_blocks: usize,
     max_model_len: usize,
     reverse_samples: bool,
+    fairness: Fairness,
     specs: Vec<Spec>,
     /// (step, request index, before schedule rather than between schedule and update)
     aborts: Vec<(usize, usize, bool)>,
@@ -89,7 +92,7 @@ fn scenario() -> impl Strategy<Value = Scenario> {
             0..4u32,
             any::<u64>(),
         ),
-        (0..6usize, 16..48usize, any::<bool>()),
+        (0..6usize, 16..48usize, any::<bool>(), any::<bool>()),
         prop::collection::vec(spec(), 1..12),
         prop::collection::vec((0..30usize, 0..12usize, any::<bool>()), 0..4),
     )
@@ -104,6 +107,11 @@ fn scenario() -> impl Strategy<Value = Scenario> {
             spare_blocks: pool.0,
             max_model_len: pool.1,
             reverse_samples: pool.2,
+            fairness: if pool.3 {
+                Fairness::Vtc
+            } else {
+                Fairness::Fcfs
+            },
             specs,
             aborts,
         })
@@ -180,6 +188,7 @@ fn run(sc: &Scenario) -> Result<(), TestCaseError> {
         max_loras: sc.max_loras,
         adapter_aging_steps: sc.aging,
         hash_seed: sc.hash_seed,
+        fairness: sc.fairness,
     };
     let mut d = Driver::new(config);
     d.reverse_samples = sc.reverse_samples;
