@@ -3,6 +3,8 @@
 //! adapter slot drains, so a stream of hot-adapter requests cannot starve a cold one.
 
 mod common;
+#[path = "adapters/fairness.rs"]
+mod fairness;
 
 use caduceus_scheduler::{
     Fairness, RequestId, RequestStatus, ScheduledData, SchedulerConfig, SchedulerOutput,
