@@ -1,5 +1,6 @@
 //! Scheduler limits and the checks that keep them meaningful.
 
+use crate::admission::AdmissionLimits;
 use crate::fairness::Fairness;
 use thiserror::Error;
 
@@ -74,6 +75,15 @@ fn at_least(field: &'static str, value: usize, min: u64) -> Result<(), ConfigErr
 }
 
 impl SchedulerConfig {
+    /// The size limits every request is admitted under.
+    pub fn admission_limits(&self) -> AdmissionLimits {
+        AdmissionLimits {
+            max_model_len: self.max_model_len,
+            block_size: self.block_size,
+            usable_blocks: self.num_blocks.saturating_sub(1),
+        }
+    }
+
     /// Rejects limits that would make the scheduler unable to run any request.
     pub fn validate(&self) -> Result<(), ConfigError> {
         at_least("max_num_seqs", self.max_num_seqs, 1)?;

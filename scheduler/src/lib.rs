@@ -6,6 +6,7 @@
 //! [`SchedulerOutput`], the executor answers with a [`StepOutput`] (one sampled token per request
 //! that reached its end), and [`Scheduler::update`] applies it.
 
+mod admission;
 mod block_hash;
 mod block_pool;
 mod config;
@@ -23,6 +24,7 @@ mod schedule;
 mod scheduler;
 mod update;
 
+pub use admission::AdmissionLimits;
 pub use block_hash::{
     extend_block_hashes, hash_block_tokens, BlockHash, ExtraKeys, BLOCK_HASH_FORMAT,
 };

@@ -59,38 +59,16 @@ impl Scheduler {
         &self.config
     }
 
-    /// Queues a request. Refuses requests that could never finish: no prompt, no output, longer
-    /// than `max_model_len`, or needing more KV blocks at full length than the pool has (so a
-    /// request running alone can always complete and preemption always makes progress).
+    /// Queues a request. Refuses requests that could never finish, by the one admission rule
+    /// ([`AdmissionLimits::check`](crate::AdmissionLimits::check)).
     pub fn add_request(&mut self, req: NewRequest) -> Result<(), AddRequestError> {
         if self.requests.contains_key(&req.id) || self.finished.iter().any(|(id, _)| *id == req.id)
         {
             return Err(AddRequestError::DuplicateId(req.id));
         }
-        let prompt_tokens = req.prompt_token_ids.len();
-        if prompt_tokens == 0 {
-            return Err(AddRequestError::EmptyPrompt);
-        }
-        if req.max_tokens == 0 {
-            return Err(AddRequestError::ZeroMaxTokens);
-        }
-        let max_model_len = self.config.max_model_len;
-        if prompt_tokens.saturating_add(req.max_tokens) > max_model_len {
-            return Err(AddRequestError::TooLong {
-                prompt_tokens,
-                max_tokens: req.max_tokens,
-                max_model_len,
-            });
-        }
-        // The last sampled token is never fed back, so it needs no slot.
-        let needed_blocks = self.kv.num_blocks_for(prompt_tokens + req.max_tokens - 1);
-        let usable_blocks = self.kv.block_pool().num_usable_blocks();
-        if needed_blocks > usable_blocks {
-            return Err(AddRequestError::ExceedsKvPool {
-                needed_blocks,
-                usable_blocks,
-            });
-        }
+        self.config
+            .admission_limits()
+            .check(req.prompt_token_ids.len(), req.max_tokens)?;
         let seed = self
             .config
             .enable_prefix_caching

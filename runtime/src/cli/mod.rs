@@ -9,6 +9,7 @@ mod config_cmd;
 mod generate;
 mod make_adapters;
 mod serve;
+mod step_budget;
 mod tokenize;
 
 use std::path::PathBuf;

@@ -10,12 +10,12 @@ use crate::adapters::{AdapterRegistry, AdapterService, AdapterSettings};
 use crate::config::{
     CaduceusConfig, ConfigOverrides, Device, Dtype, KvCacheSize, PrefixCacheIsolation,
 };
-use crate::engine::{EngineCore, EngineHandle, SchedulerConfig};
+use crate::engine::{EngineCore, EngineHandle};
 use crate::kv_events::{KvEventPublisher, KvEventSettings, DEFAULT_REPLAY_BUFFER};
 use crate::model::loader::LoadedModel;
 use crate::model::WeightFormat;
 use crate::server::{
-    run_server, shutdown_signal, AppState, Lifecycle, ServeOutcome, ServerSettings,
+    run_server, shutdown_signal, AppState, Lifecycle, RateLimiter, ServeOutcome, ServerSettings,
 };
 
 /// The adapter registry and tiers when `adapters.dir` is set (listing it reads no weights).
@@ -90,20 +90,14 @@ pub fn run(config: CaduceusConfig) -> anyhow::Result<()> {
         KvCacheSize::Blocks(n) => n,
         KvCacheSize::Bytes(b) => (b.bytes() as usize / block_bytes.max(1)).max(2),
     };
-    let sched = SchedulerConfig {
-        max_num_seqs: s.max_num_seqs,
-        max_num_batched_tokens: s.max_num_batched_tokens,
-        block_size: s.block_size,
-        num_blocks,
-        max_model_len,
-        enable_prefix_caching: s.enable_prefix_caching,
-        ..SchedulerConfig::default()
-    };
+    // max_loras is set by the adapter service when there is one (EngineCore::with_adapters).
+    let mut sched = s.scheduler_config(num_blocks, max_model_len, None);
+    super::step_budget::resolve(s, &loaded.model, &mut sched)?;
     tracing::info!(
         num_blocks,
         kv_cache_mib = num_blocks * block_bytes / (1 << 20),
         max_model_len,
-        max_num_seqs = s.max_num_seqs,
+        max_num_seqs = sched.max_num_seqs,
         "KV cache pool"
     );
     let served_model_name = config
@@ -157,6 +151,10 @@ pub fn run(config: CaduceusConfig) -> anyhow::Result<()> {
                 .metrics_api_key
                 .as_ref()
                 .map(|k| k.expose().to_owned()),
+            rate_limiter: config
+                .server
+                .rate_limit()
+                .map(|limit| Arc::new(RateLimiter::new(limit))),
         }),
         lifecycle: Arc::new(Lifecycle::default()),
         metrics,

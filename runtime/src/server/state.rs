@@ -13,6 +13,8 @@ use crate::config::PrefixCacheIsolation;
 use crate::engine::EngineHandle;
 use crate::tokenizer::Tokenizer;
 
+use super::rate_limit::RateLimiter;
+
 /// Where the server is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -113,6 +115,8 @@ pub struct ServerSettings {
     pub allow_keyless_admin: bool,
     /// Key `/metrics` requires, if any.
     pub metrics_api_key: Option<String>,
+    /// Per-key request-rate limit of the generation routes, if configured.
+    pub rate_limiter: Option<Arc<RateLimiter>>,
 }
 
 /// Everything a handler needs; cheap to clone.

@@ -16,7 +16,7 @@ use caduceus_runtime::config::PrefixCacheIsolation;
 use caduceus_runtime::engine::{EngineCore, EngineHandle, SchedulerConfig};
 use caduceus_runtime::model::loader::LoadedModel;
 use caduceus_runtime::model::LoraDtype;
-use caduceus_runtime::server::{AppState, Lifecycle, ServerSettings};
+use caduceus_runtime::server::{AppState, Lifecycle, RateLimit, RateLimiter, ServerSettings};
 
 /// Knobs of a test server.
 #[derive(Clone, Debug)]
@@ -43,6 +43,8 @@ pub struct TestServer {
     pub allow_keyless_admin: bool,
     /// `server.metrics_api_key`.
     pub metrics_api_key: Option<String>,
+    /// `server.rate_limit_per_key` and `rate_limit_burst`.
+    pub rate_limit: Option<RateLimit>,
 }
 
 impl Default for TestServer {
@@ -62,6 +64,7 @@ impl Default for TestServer {
             admin_api_keys: Vec::new(),
             allow_keyless_admin: true,
             metrics_api_key: None,
+            rate_limit: None,
         }
     }
 }
@@ -122,6 +125,7 @@ impl TestServer {
                 admin_api_keys: self.admin_api_keys.clone(),
                 allow_keyless_admin: self.allow_keyless_admin,
                 metrics_api_key: self.metrics_api_key.clone(),
+                rate_limiter: self.rate_limit.map(|l| Arc::new(RateLimiter::new(l))),
             }),
             lifecycle: Arc::new(Lifecycle::default()),
             metrics: caduceus_runtime::metrics::install(),
