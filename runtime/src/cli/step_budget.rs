@@ -30,16 +30,19 @@ pub fn budget_for(tokens_per_sec: f64, max_step_ms: u64) -> usize {
 }
 
 /// Prefill tokens per second of `model` on this machine: the second of two single-chunk
-/// prefills of [`PROBE_TOKENS`] tokens (the first warms the thread pool and caches).
+/// prefills of [`PROBE_TOKENS`] tokens, fewer if the context is shorter (the first warms the
+/// thread pool and caches).
 pub fn measure_prefill_rate(model: &LlamaModel) -> Result<f64, crate::generate::GenerateError> {
     let vocab = model.config().vocab_size.max(1);
-    let prompt: Vec<u32> = (0..PROBE_TOKENS)
-        .map(|i| ((i * 31 + 7) % vocab) as u32)
-        .collect();
+    // Within the model's positions (small test models have short contexts).
+    let tokens = PROBE_TOKENS
+        .min(model.config().max_position_embeddings.saturating_sub(1))
+        .max(1);
+    let prompt: Vec<u32> = (0..tokens).map(|i| ((i * 31 + 7) % vocab) as u32).collect();
     let opts = GenerateOptions {
         block_size: 16,
-        max_batch_tokens: PROBE_TOKENS,
-        max_model_len: PROBE_TOKENS + 1,
+        max_batch_tokens: tokens,
+        max_model_len: tokens + 1,
     };
     let request = GenerateRequest {
         prompt_ids: prompt,
@@ -51,7 +54,7 @@ pub fn measure_prefill_rate(model: &LlamaModel) -> Result<f64, crate::generate::
     generate(model, &[], vec![request.clone()], opts)?;
     let start = Instant::now();
     generate(model, &[], vec![request], opts)?;
-    Ok(PROBE_TOKENS as f64 / start.elapsed().as_secs_f64().max(1e-6))
+    Ok(tokens as f64 / start.elapsed().as_secs_f64().max(1e-6))
 }
 
 /// Sets `config`'s step budget: `max_num_batched_tokens` when the file sets it, else measured
