@@ -62,10 +62,11 @@ fn no_file_no_env_no_flags_gives_the_documented_defaults() {
     assert_eq!(cfg.model.served_name(), "SmolLM2-135M-Instruct.Q4_1");
     let sched = caduceus_runtime::engine::SchedulerConfig::default();
     assert_eq!(cfg.scheduler.max_num_seqs, sched.max_num_seqs);
-    assert_eq!(
-        cfg.scheduler.max_num_batched_tokens,
-        sched.max_num_batched_tokens
-    );
+    // No budget by default: `serve` sizes it from the measured prefill rate and max_step_ms.
+    assert_eq!(cfg.scheduler.max_num_batched_tokens, None);
+    assert_eq!(cfg.scheduler.max_step_ms, 250);
+    assert_eq!(cfg.scheduler.fairness, caduceus_scheduler::Fairness::Vtc);
+    assert_eq!(cfg.server.rate_limit_per_key, None);
     assert_eq!(cfg.scheduler.block_size, sched.block_size);
     assert!(cfg.scheduler.enable_prefix_caching);
     assert_eq!(cfg.scheduler.max_queued_requests, 1024);

@@ -5,12 +5,16 @@ mod support;
 
 #[path = "server/admin.rs"]
 mod admin;
+#[path = "server/admission.rs"]
+mod admission;
 #[path = "server/faults.rs"]
 mod faults;
 #[path = "server/isolation.rs"]
 mod isolation;
 #[path = "server/limits.rs"]
 mod limits;
+#[path = "server/rate_limit.rs"]
+mod rate_limit;
 #[path = "server/special_tokens.rs"]
 mod special_tokens;
 

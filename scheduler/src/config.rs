@@ -1,5 +1,7 @@
 //! Scheduler limits and the checks that keep them meaningful.
 
+use crate::admission::AdmissionLimits;
+use crate::fairness::Fairness;
 use thiserror::Error;
 
 /// Limits of one scheduler instance. One struct, not positional arguments, so the engine can
@@ -25,6 +27,8 @@ pub struct SchedulerConfig {
     pub adapter_aging_steps: u32,
     /// Seed of the stable xxh3 block hash (change it to invalidate every cached block key).
     pub hash_seed: u64,
+    /// Order of waiting requests of equal priority: least-served adapter first (VTC) or FCFS.
+    pub fairness: Fairness,
 }
 
 impl Default for SchedulerConfig {
@@ -39,6 +43,7 @@ impl Default for SchedulerConfig {
             max_loras: None,
             adapter_aging_steps: 8,
             hash_seed: 0,
+            fairness: Fairness::Vtc,
         }
     }
 }
@@ -70,6 +75,15 @@ fn at_least(field: &'static str, value: usize, min: u64) -> Result<(), ConfigErr
 }
 
 impl SchedulerConfig {
+    /// The size limits every request is admitted under.
+    pub fn admission_limits(&self) -> AdmissionLimits {
+        AdmissionLimits {
+            max_model_len: self.max_model_len,
+            block_size: self.block_size,
+            usable_blocks: self.num_blocks.saturating_sub(1),
+        }
+    }
+
     /// Rejects limits that would make the scheduler unable to run any request.
     pub fn validate(&self) -> Result<(), ConfigError> {
         at_least("max_num_seqs", self.max_num_seqs, 1)?;
@@ -114,6 +128,7 @@ mod tests {
             (c.max_loras, c.adapter_aging_steps, c.hash_seed),
             (None, 8, 0)
         );
+        assert_eq!(c.fairness, Fairness::Vtc);
     }
 
     #[test]

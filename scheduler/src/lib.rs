@@ -6,9 +6,12 @@
 //! [`SchedulerOutput`], the executor answers with a [`StepOutput`] (one sampled token per request
 //! that reached its end), and [`Scheduler::update`] applies it.
 
+mod admission;
 mod block_hash;
 mod block_pool;
 mod config;
+mod fair_order;
+mod fairness;
 mod free_queue;
 mod fx;
 mod ids;
@@ -21,11 +24,13 @@ mod schedule;
 mod scheduler;
 mod update;
 
+pub use admission::AdmissionLimits;
 pub use block_hash::{
     extend_block_hashes, hash_block_tokens, BlockHash, ExtraKeys, BLOCK_HASH_FORMAT,
 };
 pub use block_pool::{BlockKey, BlockPool};
 pub use config::{ConfigError, SchedulerConfig};
+pub use fairness::{Fairness, VTC_OUTPUT_WEIGHT, VTC_PROMPT_WEIGHT};
 pub use free_queue::FreeBlockQueue;
 pub use ids::{AdapterKey, BlockId, RequestId};
 pub use kv_cache_manager::{ComputedBlocks, KvCacheManager};

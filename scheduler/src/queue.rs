@@ -58,6 +58,16 @@ impl WaitingQueue {
         }
     }
 
+    /// Preempted requests, in the order they resume.
+    pub fn front_iter(&self) -> impl Iterator<Item = QueueKey> + '_ {
+        self.front.iter().copied()
+    }
+
+    /// Requests that never ran, by priority then arrival.
+    pub fn queue_iter(&self) -> impl Iterator<Item = QueueKey> + '_ {
+        self.queue.iter().copied()
+    }
+
     /// Service order.
     pub fn iter(&self) -> impl Iterator<Item = QueueKey> + '_ {
         self.front.iter().chain(self.queue.iter()).copied()

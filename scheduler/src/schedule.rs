@@ -2,6 +2,7 @@
 //! its `num_computed_tokens` up: one token for a decode, the next chunk for a prefill), then by
 //! waiting requests in service order. Chunked prefill, prefix hits and decode all fall out of that.
 
+use crate::fairness::VTC_PROMPT_WEIGHT;
 use crate::output::{ScheduledData, ScheduledRequest, SchedulerOutput};
 use crate::queue::{merge_sorted, QueueKey};
 use crate::request::RequestStatus;
@@ -80,71 +81,110 @@ impl Scheduler {
         if let Some(adapter) = req.adapter() {
             self.running_adapters.remove(adapter);
         }
+        if let Some(vtc) = &mut self.vtc {
+            vtc.on_requeue(req.tenant());
+        }
         self.waiting.push_front(key);
         self.num_preemptions += 1;
         out.preempted_ids.push(key.id);
     }
 
-    /// Admits waiting requests in service order until the budget, `max_num_seqs` or the free
-    /// blocks run out (a request that cannot get blocks keeps its place; running requests are
-    /// never preempted for it). A request whose adapter would exceed `max_loras` is skipped, unless
-    /// it has aged: then admission stops so running adapters drain and free a slot for it.
+    /// Admits waiting requests until the budget, `max_num_seqs` or the free blocks run out (a
+    /// request that cannot get blocks keeps its place; running requests are never preempted for
+    /// it). Preempted requests go first, then each priority level in turn: by arrival under FCFS,
+    /// least-served adapter first under VTC (`fair_order.rs`).
     fn schedule_waiting(&mut self, token_budget: &mut usize, out: &mut SchedulerOutput) {
         let waiting = std::mem::take(&mut self.waiting);
         let mut admitted: Vec<QueueKey> = Vec::new();
-        for key in waiting.iter() {
-            if *token_budget == 0 || self.running.len() + admitted.len() >= self.config.max_num_seqs
-            {
-                break;
-            }
-            let Some(req) = self.requests.get_mut(&key.id) else {
-                debug_assert!(false, "waiting request {:?} has no record", key.id);
-                continue;
-            };
-            let adapter = req.adapter();
-            if let (Some(adapter), Some(max_loras)) = (adapter, self.config.max_loras) {
-                if !self.running_adapters.contains(adapter)
-                    && self.running_adapters.num_distinct() >= max_loras
-                {
-                    if req.num_adapter_skips >= self.config.adapter_aging_steps {
-                        break;
-                    }
-                    req.num_adapter_skips = req.num_adapter_skips.saturating_add(1);
-                    continue;
+        if self.vtc.is_some() {
+            self.admit_fair(&waiting, token_budget, out, &mut admitted);
+        } else {
+            for key in waiting.iter() {
+                match self.try_admit(key, token_budget, out, &mut admitted) {
+                    Admission::Admitted | Admission::Skipped => {}
+                    Admission::Stop => break,
                 }
             }
-            let computed = self.kv.get_computed_blocks(req);
-            let num_new_tokens =
-                (req.num_tokens() - computed.num_computed_tokens).min(*token_budget);
-            if self
-                .kv
-                .allocate_slots(req, num_new_tokens, Some(&computed))
-                .is_none()
-            {
-                break;
-            }
-            req.num_computed_tokens = computed.num_computed_tokens;
-            req.status = RequestStatus::Running;
-            req.num_adapter_skips = 0;
-            if let Some(adapter) = adapter {
-                self.running_adapters.add(adapter);
-            }
-            out.scheduled.push(ScheduledRequest {
-                id: key.id,
-                num_computed_tokens: req.num_computed_tokens,
-                num_scheduled_tokens: num_new_tokens,
-                data: ScheduledData::New {
-                    token_ids: req.token_ids.clone(),
-                    num_prompt_tokens: req.num_prompt_tokens,
-                    block_ids: req.block_table.clone(),
-                    adapter,
-                },
-            });
-            *token_budget -= num_new_tokens;
-            admitted.push(key);
         }
         self.waiting = waiting;
         self.waiting.remove_all(&admitted);
         merge_sorted(&mut self.running, &mut admitted);
     }
+
+    /// Tries to admit one waiting request. A request whose adapter would exceed `max_loras` is
+    /// skipped, unless it has aged: then admission stops so running adapters drain and free a
+    /// slot for it.
+    pub(crate) fn try_admit(
+        &mut self,
+        key: QueueKey,
+        token_budget: &mut usize,
+        out: &mut SchedulerOutput,
+        admitted: &mut Vec<QueueKey>,
+    ) -> Admission {
+        if *token_budget == 0 || self.running.len() + admitted.len() >= self.config.max_num_seqs {
+            return Admission::Stop;
+        }
+        let Some(req) = self.requests.get_mut(&key.id) else {
+            debug_assert!(false, "waiting request {:?} has no record", key.id);
+            return Admission::Skipped;
+        };
+        let adapter = req.adapter();
+        if let (Some(adapter), Some(max_loras)) = (adapter, self.config.max_loras) {
+            if !self.running_adapters.contains(adapter)
+                && self.running_adapters.num_distinct() >= max_loras
+            {
+                if req.num_adapter_skips >= self.config.adapter_aging_steps {
+                    return Admission::Stop;
+                }
+                req.num_adapter_skips = req.num_adapter_skips.saturating_add(1);
+                return Admission::Skipped;
+            }
+        }
+        let computed = self.kv.get_computed_blocks(req);
+        let num_new_tokens = (req.num_tokens() - computed.num_computed_tokens).min(*token_budget);
+        if self
+            .kv
+            .allocate_slots(req, num_new_tokens, Some(&computed))
+            .is_none()
+        {
+            return Admission::Stop;
+        }
+        if let Some(vtc) = &mut self.vtc {
+            vtc.on_leave_queue(req.tenant());
+            // Prompt tokens are charged once; a preempted request's recompute is not its doing.
+            if req.status == RequestStatus::Waiting {
+                vtc.charge(req.tenant(), req.num_prompt_tokens, VTC_PROMPT_WEIGHT);
+            }
+        }
+        req.num_computed_tokens = computed.num_computed_tokens;
+        req.status = RequestStatus::Running;
+        req.num_adapter_skips = 0;
+        if let Some(adapter) = adapter {
+            self.running_adapters.add(adapter);
+        }
+        out.scheduled.push(ScheduledRequest {
+            id: key.id,
+            num_computed_tokens: req.num_computed_tokens,
+            num_scheduled_tokens: num_new_tokens,
+            data: ScheduledData::New {
+                token_ids: req.token_ids.clone(),
+                num_prompt_tokens: req.num_prompt_tokens,
+                block_ids: req.block_table.clone(),
+                adapter,
+            },
+        });
+        *token_budget -= num_new_tokens;
+        admitted.push(key);
+        Admission::Admitted
+    }
+}
+
+/// What became of one waiting request in `try_admit`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Admission {
+    Admitted,
+    /// Passed over (its adapter does not fit `max_loras` now); later requests may still run.
+    Skipped,
+    /// Nothing more is admitted this step (budget, `max_num_seqs`, blocks, or an aged request).
+    Stop,
 }

@@ -7,6 +7,7 @@
 //! then `status()` answers `Finished(reason)` and the id cannot be reused; afterwards `None`.
 
 use crate::config::{ConfigError, SchedulerConfig};
+use crate::fairness::{Fairness, Tenant, VirtualCounters};
 use crate::fx::FxHashMap;
 use crate::ids::RequestId;
 use crate::kv_cache_manager::KvCacheManager;
@@ -29,12 +30,15 @@ pub struct Scheduler {
     pub(crate) finished: Vec<(RequestId, FinishReason)>,
     pub(crate) step: u64,
     pub(crate) num_preemptions: u64,
+    /// Per-adapter service counters; `None` under FCFS.
+    pub(crate) vtc: Option<VirtualCounters>,
 }
 
 impl Scheduler {
     pub fn new(config: SchedulerConfig) -> Result<Scheduler, ConfigError> {
         config.validate()?;
         Ok(Scheduler {
+            vtc: (config.fairness == Fairness::Vtc).then(VirtualCounters::default),
             kv: KvCacheManager::new(
                 config.num_blocks,
                 config.block_size,
@@ -55,44 +59,25 @@ impl Scheduler {
         &self.config
     }
 
-    /// Queues a request. Refuses requests that could never finish: no prompt, no output, longer
-    /// than `max_model_len`, or needing more KV blocks at full length than the pool has (so a
-    /// request running alone can always complete and preemption always makes progress).
+    /// Queues a request. Refuses requests that could never finish, by the one admission rule
+    /// ([`AdmissionLimits::check`](crate::AdmissionLimits::check)).
     pub fn add_request(&mut self, req: NewRequest) -> Result<(), AddRequestError> {
         if self.requests.contains_key(&req.id) || self.finished.iter().any(|(id, _)| *id == req.id)
         {
             return Err(AddRequestError::DuplicateId(req.id));
         }
-        let prompt_tokens = req.prompt_token_ids.len();
-        if prompt_tokens == 0 {
-            return Err(AddRequestError::EmptyPrompt);
-        }
-        if req.max_tokens == 0 {
-            return Err(AddRequestError::ZeroMaxTokens);
-        }
-        let max_model_len = self.config.max_model_len;
-        if prompt_tokens.saturating_add(req.max_tokens) > max_model_len {
-            return Err(AddRequestError::TooLong {
-                prompt_tokens,
-                max_tokens: req.max_tokens,
-                max_model_len,
-            });
-        }
-        // The last sampled token is never fed back, so it needs no slot.
-        let needed_blocks = self.kv.num_blocks_for(prompt_tokens + req.max_tokens - 1);
-        let usable_blocks = self.kv.block_pool().num_usable_blocks();
-        if needed_blocks > usable_blocks {
-            return Err(AddRequestError::ExceedsKvPool {
-                needed_blocks,
-                usable_blocks,
-            });
-        }
+        self.config
+            .admission_limits()
+            .check(req.prompt_token_ids.len(), req.max_tokens)?;
         let seed = self
             .config
             .enable_prefix_caching
             .then_some(self.config.hash_seed);
         let request = Request::new(req, self.config.block_size, seed);
         self.waiting.push(request.queue_key());
+        if let Some(vtc) = &mut self.vtc {
+            vtc.on_arrival(request.tenant());
+        }
         self.requests.insert(request.id, request);
         Ok(())
     }
@@ -129,6 +114,9 @@ impl Scheduler {
             }
             RequestStatus::Waiting | RequestStatus::Preempted => {
                 self.waiting.remove(&req.queue_key());
+                if let Some(vtc) = &mut self.vtc {
+                    vtc.on_leave_queue(req.tenant());
+                }
             }
             RequestStatus::Finished(_) => {}
         }
@@ -195,6 +183,12 @@ impl Scheduler {
         self.waiting.iter().map(|k| k.id)
     }
 
+    /// An adapter's (`None`: the base model's) weighted service so far under VTC fairness;
+    /// `None` under FCFS. For diagnostics and tests.
+    pub fn fairness_counter(&self, adapter_id: Option<u32>) -> Option<u64> {
+        self.vtc.as_ref().map(|v| v.counter(adapter_id))
+    }
+
     pub fn kv_cache_manager(&self) -> &KvCacheManager {
         &self.kv
     }
@@ -225,5 +219,10 @@ impl Request {
             arrival_seq: self.arrival_seq,
             id: self.id,
         }
+    }
+
+    /// Whose service this request counts as under VTC fairness.
+    pub(crate) fn tenant(&self) -> Tenant {
+        self.adapter().map(|a| a.id)
     }
 }

@@ -1,5 +1,6 @@
 //! Applying the executor's answer to the step the scheduler last handed out.
 
+use crate::fairness::{Tenant, VTC_OUTPUT_WEIGHT};
 use crate::ids::RequestId;
 use crate::output::{RequestUpdate, SchedulerOutput, StepOutput};
 use crate::queue::QueueKey;
@@ -48,18 +49,29 @@ impl Scheduler {
                 (req.num_computed_tokens + s.num_scheduled_tokens).min(req.num_tokens());
             self.kv.cache_full_blocks(req);
             if let Some(token) = token {
+                let tenant = req.tenant();
                 let outcome = apply_sample(req, token, self.config.max_model_len);
+                self.charge_output(tenant, &outcome);
                 self.record(s.id, token, outcome, &mut applied);
             }
         }
         for &(id, token) in &step.sampled[next_sample..] {
             if let Some(req) = self.requests.get_mut(&id) {
+                let tenant = req.tenant();
                 let outcome = apply_sample(req, token, self.config.max_model_len);
+                self.charge_output(tenant, &outcome);
                 self.record(id, token, outcome, &mut applied);
             }
         }
         self.remove_from_running(&mut applied.finished);
         applied.updates
+    }
+
+    /// Counts an accepted output token towards its adapter's VTC service.
+    fn charge_output(&mut self, tenant: Tenant, outcome: &Option<Option<FinishReason>>) {
+        if let (Some(vtc), Some(_)) = (&mut self.vtc, outcome) {
+            vtc.charge(tenant, 1, VTC_OUTPUT_WEIGHT);
+        }
     }
 
     fn record(

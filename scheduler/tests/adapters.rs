@@ -3,15 +3,19 @@
 //! adapter slot drains, so a stream of hot-adapter requests cannot starve a cold one.
 
 mod common;
+#[path = "adapters/fairness.rs"]
+mod fairness;
 
 use caduceus_scheduler::{
-    RequestId, RequestStatus, ScheduledData, SchedulerConfig, SchedulerOutput,
+    Fairness, RequestId, RequestStatus, ScheduledData, SchedulerConfig, SchedulerOutput,
 };
 use common::{adapter, req, solo_run, Driver};
 use std::collections::HashSet;
 
+/// FCFS, so these tests pin the `max_loras` and aging rules alone (`fairness` below covers VTC).
 fn config(max_loras: usize, adapter_aging_steps: u32) -> SchedulerConfig {
     SchedulerConfig {
+        fairness: Fairness::Fcfs,
         max_num_seqs: 8,
         max_num_batched_tokens: 64,
         block_size: 4,

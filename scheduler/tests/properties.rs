@@ -6,7 +6,9 @@
 
 mod common;
 
-use caduceus_scheduler::{AdapterKey, AddRequestError, FinishReason, NewRequest, RequestId};
+use caduceus_scheduler::{
+    AdapterKey, AddRequestError, Fairness, FinishReason, NewRequest, RequestId,
+};
 use common::{solo_run, Driver, VOCAB};
 use proptest::prelude::*;
 
@@ -36,6 +38,7 @@ struct Scenario {
     spare_blocks: usize,
     max_model_len: usize,
     reverse_samples: bool,
+    fairness: Fairness,
     specs: Vec<Spec>,
     /// (step, request index, before schedule rather than between schedule and update)
     aborts: Vec<(usize, usize, bool)>,
@@ -89,7 +92,7 @@ fn scenario() -> impl Strategy<Value = Scenario> {
             0..4u32,
             any::<u64>(),
         ),
-        (0..6usize, 16..48usize, any::<bool>()),
+        (0..6usize, 16..48usize, any::<bool>(), any::<bool>()),
         prop::collection::vec(spec(), 1..12),
         prop::collection::vec((0..30usize, 0..12usize, any::<bool>()), 0..4),
     )
@@ -104,6 +107,11 @@ fn scenario() -> impl Strategy<Value = Scenario> {
             spare_blocks: pool.0,
             max_model_len: pool.1,
             reverse_samples: pool.2,
+            fairness: if pool.3 {
+                Fairness::Vtc
+            } else {
+                Fairness::Fcfs
+            },
             specs,
             aborts,
         })
@@ -180,6 +188,7 @@ fn run(sc: &Scenario) -> Result<(), TestCaseError> {
         max_loras: sc.max_loras,
         adapter_aging_steps: sc.aging,
         hash_seed: sc.hash_seed,
+        fairness: sc.fairness,
     };
     let mut d = Driver::new(config);
     d.reverse_samples = sc.reverse_samples;
@@ -257,4 +266,153 @@ proptest! {
     fn scheduling_matches_solo_runs_and_keeps_invariants(sc in scenario()) {
         run(&sc)?;
     }
+}
+
+/// One adapter floods (`flood_per_step` requests of the largest size every step for
+/// `flood_steps` steps) while the others send a few requests at random steps.
+#[derive(Clone, Debug)]
+struct Backlog {
+    num_tenants: u32,
+    budget: usize,
+    caching: bool,
+    flood_per_step: usize,
+    flood_steps: usize,
+    /// (tenant 1.., arrival step, prompt length 1..=P_MAX, max_tokens 1..=M_MAX)
+    others: Vec<(u32, usize, usize, usize)>,
+}
+
+const P_MAX: usize = 6;
+const M_MAX: usize = 4;
+
+fn backlog() -> impl Strategy<Value = Backlog> {
+    (2..6u32, 1..8usize, any::<bool>(), 1..5usize, 5..20usize).prop_flat_map(
+        |(num_tenants, budget, caching, flood_per_step, flood_steps)| {
+            let other = (1..num_tenants, 0..30usize, 1..=P_MAX, 1..=M_MAX);
+            prop::collection::vec(other, 1..16).prop_map(move |others| Backlog {
+                num_tenants,
+                budget,
+                caching,
+                flood_per_step,
+                flood_steps,
+                others,
+            })
+        },
+    )
+}
+
+/// No starvation under VTC. With one request running at a time (`max_num_seqs = 1`, a pool
+/// that always fits it, one priority, no `max_loras`), write R = ceil(P_MAX / budget) + M_MAX - 1
+/// for the most steps one request holds the seat, and U = w_p * P_MAX + w_q * M_MAX for the most
+/// service one request is charged. Every counter stays within U above the backlog's minimum V
+/// (a tenant is admitted only at V, then charged at most U; arrivals are lifted to V; V never
+/// falls). While adapter B waits, its counter C is at most V + U, and another adapter is
+/// admitted only while its counter is <= C, each time then gaining at least w_p + w_q: so at
+/// most floor(U / (w_p + w_q)) + 1 times. Hence B goes at most
+/// (1 + (T - 1) * (floor(U / (w_p + w_q)) + 1)) * R + 1 consecutive steps backlogged without
+/// an admission (the request running when it started waiting, then the others'). Under FCFS
+/// the wait grows with the flood instead, and this fails.
+fn check_no_starvation(b: &Backlog, fairness: Fairness) -> Result<(), TestCaseError> {
+    use caduceus_scheduler::{
+        ScheduledData, SchedulerConfig, VTC_OUTPUT_WEIGHT, VTC_PROMPT_WEIGHT,
+    };
+    let block_size = 4;
+    let config = SchedulerConfig {
+        max_num_seqs: 1,
+        max_num_batched_tokens: b.budget,
+        block_size,
+        num_blocks: 1 + (P_MAX + M_MAX).div_ceil(block_size),
+        max_model_len: P_MAX + M_MAX,
+        enable_prefix_caching: b.caching,
+        fairness,
+        ..SchedulerConfig::default()
+    };
+    let r = P_MAX.div_ceil(b.budget) + M_MAX - 1;
+    let u = VTC_PROMPT_WEIGHT as usize * P_MAX + VTC_OUTPUT_WEIGHT as usize * M_MAX;
+    let per_tenant = u / (VTC_PROMPT_WEIGHT + VTC_OUTPUT_WEIGHT) as usize + 1;
+    let bound = (1 + (b.num_tenants as usize - 1) * per_tenant) * r + 1;
+
+    let mut arrivals: Vec<(usize, NewRequest)> = Vec::new();
+    let mut next_id = 0u64;
+    let mut push = |step: usize, tenant: u32, len: usize, max_tokens: usize| {
+        let mut r = common::req(next_id, &base_prompt(tenant as usize)[..len], max_tokens);
+        r.arrival_seq = (step * 1000) as u64 + next_id;
+        r.adapter = Some(AdapterKey {
+            id: tenant,
+            generation: 0,
+        });
+        arrivals.push((step, r));
+        next_id += 1;
+    };
+    for step in 0..b.flood_steps {
+        for _ in 0..b.flood_per_step {
+            push(step, 0, P_MAX, M_MAX);
+        }
+    }
+    for &(tenant, step, len, max_tokens) in &b.others {
+        push(step, tenant, len, max_tokens);
+    }
+    let tenant_of: std::collections::HashMap<RequestId, u32> = arrivals
+        .iter()
+        .map(|(_, r)| (r.id, r.adapter.map_or(0, |a| a.id)))
+        .collect();
+    let last_arrival = arrivals.iter().map(|(s, _)| *s).max().unwrap_or(0);
+    let mut d = Driver::new(config);
+    let mut waited = vec![0usize; b.num_tenants as usize];
+    let mut step = 0;
+    while step <= last_arrival || d.sched.has_unfinished() {
+        for (_, r) in arrivals.iter().filter(|(s, _)| *s == step) {
+            d.add(r.clone())
+                .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        }
+        let mut backlogged = vec![false; b.num_tenants as usize];
+        for id in d.sched.waiting_ids() {
+            backlogged[tenant_of[&id] as usize] = true;
+        }
+        let (out, _) = d.step().map_err(TestCaseError::fail)?;
+        let mut admitted = vec![false; b.num_tenants as usize];
+        for s in &out.scheduled {
+            if matches!(s.data, ScheduledData::New { .. }) {
+                admitted[tenant_of[&s.id] as usize] = true;
+            }
+        }
+        for t in 0..waited.len() {
+            waited[t] = if backlogged[t] && !admitted[t] {
+                waited[t] + 1
+            } else {
+                0
+            };
+            prop_assert!(
+                waited[t] <= bound,
+                "adapter {t} backlogged {} steps without an admission (bound {bound})",
+                waited[t]
+            );
+        }
+        step += 1;
+        prop_assert!(step < STEP_BOUND, "not done after {STEP_BOUND} steps");
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn vtc_admits_every_backlogged_adapter_within_the_bound(b in backlog()) {
+        check_no_starvation(&b, Fairness::Vtc)?;
+    }
+}
+
+/// The bound is not vacuous: FCFS breaks it on a heavy flood.
+#[test]
+fn fcfs_lets_a_flood_exceed_the_starvation_bound() {
+    let b = Backlog {
+        num_tenants: 2,
+        budget: 8,
+        caching: false,
+        flood_per_step: 4,
+        flood_steps: 10,
+        others: vec![(1, 2, 3, 2)],
+    };
+    assert!(check_no_starvation(&b, Fairness::Fcfs).is_err());
+    assert!(check_no_starvation(&b, Fairness::Vtc).is_ok());
 }

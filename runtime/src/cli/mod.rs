@@ -11,6 +11,7 @@ mod make_adapters;
 mod serve;
 #[cfg(feature = "cuda")]
 mod serve_gpu;
+mod step_budget;
 mod tokenize;
 
 use std::path::PathBuf;

@@ -10,12 +10,12 @@ use crate::adapters::{AdapterRegistry, AdapterService, AdapterSettings};
 use crate::config::{
     CaduceusConfig, ConfigOverrides, Device, Dtype, KvCacheSize, PrefixCacheIsolation,
 };
-use crate::engine::{Backend, EngineCore, EngineHandle, SchedulerConfig};
+use crate::engine::{Backend, EngineCore, EngineHandle};
 use crate::kv_events::{KvEventPublisher, KvEventSettings, DEFAULT_REPLAY_BUFFER};
 use crate::model::loader::LoadedModel;
 use crate::model::WeightFormat;
 use crate::server::{
-    run_server, shutdown_signal, AppState, Lifecycle, ServeOutcome, ServerSettings,
+    run_server, shutdown_signal, AppState, Lifecycle, RateLimiter, ServeOutcome, ServerSettings,
 };
 
 /// The adapter registry and tiers when `adapters.dir` is set (listing it reads no weights).
@@ -91,7 +91,7 @@ pub fn run(config: CaduceusConfig) -> anyhow::Result<()> {
     match select_device(&config)? {
         Selected::Cpu => run_cpu(config),
         #[cfg(feature = "cuda")]
-        Selected::Cuda(dev) => super::serve_gpu::run(config, dev),
+        Selected::Cuda(dev) => super::serve_gpu::run(config, *dev),
     }
 }
 
@@ -99,7 +99,7 @@ pub fn run(config: CaduceusConfig) -> anyhow::Result<()> {
 enum Selected {
     Cpu,
     #[cfg(feature = "cuda")]
-    Cuda(caduceus_kernels::gpu::Device),
+    Cuda(Box<caduceus_kernels::gpu::Device>),
 }
 
 /// `auto` takes CUDA device 0 when this build has CUDA and a GPU answers, else the CPU (and
@@ -109,7 +109,7 @@ fn select_device(config: &CaduceusConfig) -> anyhow::Result<Selected> {
         Device::Cpu => Ok(Selected::Cpu),
         #[cfg(feature = "cuda")]
         Device::Cuda(n) => caduceus_kernels::gpu::Device::cuda(n)
-            .map(Selected::Cuda)
+            .map(|d| Selected::Cuda(Box::new(d)))
             .map_err(|e| {
                 anyhow::anyhow!(
                     "model.device = \"cuda:{n}\": {e}; set model.device to \"cpu\" or \"auto\""
@@ -122,7 +122,7 @@ fn select_device(config: &CaduceusConfig) -> anyhow::Result<Selected> {
         ),
         #[cfg(feature = "cuda")]
         Device::Auto => match caduceus_kernels::gpu::Device::cuda(0) {
-            Ok(dev) => Ok(Selected::Cuda(dev)),
+            Ok(dev) => Ok(Selected::Cuda(Box::new(dev))),
             Err(e) => {
                 tracing::info!(reason = %e, "model.device = \"auto\": no usable GPU, running on the CPU");
                 Ok(Selected::Cpu)
@@ -152,12 +152,14 @@ fn run_cpu(config: CaduceusConfig) -> anyhow::Result<()> {
         KvCacheSize::Blocks(n) => n,
         KvCacheSize::Bytes(b) => (b.bytes() as usize / block_bytes.max(1)).max(2),
     };
-    let sched = scheduler_config(&config, num_blocks, max_model_len);
+    // max_loras is set by the adapter service when there is one (EngineCore::with_adapters).
+    let mut sched = s.scheduler_config(num_blocks, max_model_len, None);
+    super::step_budget::resolve(s, &loaded.model, &mut sched)?;
     tracing::info!(
         num_blocks,
         kv_cache_mib = num_blocks * block_bytes / (1 << 20),
         max_model_len,
-        max_num_seqs = s.max_num_seqs,
+        max_num_seqs = sched.max_num_seqs,
         "KV cache pool"
     );
     let served = ServedModel {
@@ -177,24 +179,6 @@ fn run_cpu(config: CaduceusConfig) -> anyhow::Result<()> {
         sched,
     )?;
     serve(config, core, served)
-}
-
-/// The scheduler settings of `config` for a pool of `num_blocks`.
-pub(super) fn scheduler_config(
-    config: &CaduceusConfig,
-    num_blocks: usize,
-    max_model_len: usize,
-) -> SchedulerConfig {
-    let s = &config.scheduler;
-    SchedulerConfig {
-        max_num_seqs: s.max_num_seqs,
-        max_num_batched_tokens: s.max_num_batched_tokens,
-        block_size: s.block_size,
-        num_blocks,
-        max_model_len,
-        enable_prefix_caching: s.enable_prefix_caching,
-        ..SchedulerConfig::default()
-    }
 }
 
 /// `model.served_model_name`, else the model's own name.
@@ -268,6 +252,10 @@ pub(super) fn serve<B: Backend + Send + 'static>(
                 .metrics_api_key
                 .as_ref()
                 .map(|k| k.expose().to_owned()),
+            rate_limiter: config
+                .server
+                .rate_limit()
+                .map(|limit| Arc::new(RateLimiter::new(limit))),
         }),
         lifecycle: Arc::new(Lifecycle::default()),
         metrics,

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use caduceus_kernels::gpu::{DType, Device};
 
-use super::serve::{root_name, scheduler_config, serve, served_name, ServedModel};
+use super::serve::{root_name, serve, served_name, ServedModel};
 use crate::config::{AdapterDtype, CaduceusConfig, Dtype};
 use crate::engine::{EngineCore, SlotSpec};
 use crate::gpu::model::GpuModel;
@@ -46,6 +46,9 @@ pub(super) fn run(config: CaduceusConfig, dev: Device) -> anyhow::Result<()> {
         .max_model_len
         .unwrap_or_else(|| loaded.max_model_len());
     let s = &config.scheduler;
+    // The block count comes from the backend's pool; an unset step budget keeps the default
+    // (a GPU step of 2048 tokens is milliseconds, not the CPU's seconds).
+    let sched = s.scheduler_config(0, max_model_len, None);
     let adapter_slots = config.adapters.dir.is_some().then_some(SlotSpec {
         num_slots: config.adapters.max_loras,
         max_rank: config.adapters.max_lora_rank,
@@ -55,8 +58,8 @@ pub(super) fn run(config: CaduceusConfig, dev: Device) -> anyhow::Result<()> {
         Some(n) => KvBlocks::Fixed(n),
         None => KvBlocks::Plan(PlanLimits {
             gpu_memory_utilization: config.model.gpu_memory_utilization,
-            max_num_batched_tokens: s.max_num_batched_tokens,
-            max_num_seqs: s.max_num_seqs,
+            max_num_batched_tokens: sched.max_num_batched_tokens,
+            max_num_seqs: sched.max_num_seqs,
             max_model_len,
         }),
     };
@@ -84,8 +87,6 @@ pub(super) fn run(config: CaduceusConfig, dev: Device) -> anyhow::Result<()> {
         ),
     }
     let eos = served.tokenizer.eos_ids().to_vec();
-    // The scheduler's block count comes from the backend's pool.
-    let sched = scheduler_config(&config, 0, max_model_len);
     let core = EngineCore::with_backend(backend, Some(served.tokenizer.clone()), eos, sched)?;
     serve(config, core, served)
 }

@@ -16,6 +16,8 @@ pub(crate) enum Kind {
         min: i64,
         max: i64,
     },
+    /// A finite number above zero (integer or float).
+    PositiveNumber,
     /// A non-empty string.
     Str,
     /// A host name or IP address.
@@ -89,6 +91,8 @@ pub(crate) const SCHEMA: &[KeySpec] = &[
     spec("server", "allow_runtime_lora_updating", Kind::Bool),
     spec("server", "metrics_api_key", Kind::Str),
     spec("server", "worker_threads", int(1, 1024)),
+    spec("server", "rate_limit_per_key", Kind::PositiveNumber),
+    spec("server", "rate_limit_burst", int(1, u32::MAX as i64)),
     spec("model", "path", Kind::Path),
     spec("model", "served_model_name", Kind::Str),
     spec("model", "max_model_len", int(2, u32::MAX as i64)),
@@ -102,11 +106,13 @@ pub(crate) const SCHEMA: &[KeySpec] = &[
     ),
     spec("scheduler", "max_num_seqs", int(1, 65536)),
     spec("scheduler", "max_num_batched_tokens", int(1, USIZE_MAX)),
+    spec("scheduler", "max_step_ms", int(10, 60_000)),
     spec("scheduler", "block_size", int(1, 256)),
     spec("scheduler", "kv_cache_blocks", int(2, u32::MAX as i64)),
     spec("scheduler", "kv_cache_bytes", Kind::Size { min: 1 }),
     spec("scheduler", "enable_prefix_caching", Kind::Bool),
     spec("scheduler", "max_queued_requests", int(1, USIZE_MAX)),
+    spec("scheduler", "fairness", Kind::Choice(&["vtc", "fcfs"])),
     spec("logging", "level", Kind::LogFilter),
     spec("logging", "json", Kind::Bool),
     spec("logging", "log_prompts", Kind::Bool),
@@ -149,6 +155,7 @@ impl Kind {
             Kind::Bool => "true or false".into(),
             Kind::Int { min, max } if max == USIZE_MAX => format!("an integer >= {min}"),
             Kind::Int { min, max } => format!("an integer in {min}..={max}"),
+            Kind::PositiveNumber => "a number above zero (e.g. 5 or 0.5)".into(),
             Kind::Str => "a non-empty string".into(),
             Kind::Host => "an IP address or host name (e.g. \"127.0.0.1\", \"0.0.0.0\")".into(),
             Kind::Path => "a file path string".into(),
@@ -173,6 +180,8 @@ impl Kind {
         match (self, value) {
             (Kind::Bool, Value::Boolean(_)) => true,
             (Kind::Int { min, max }, Value::Integer(n)) => (min..=max).contains(n),
+            (Kind::PositiveNumber, Value::Integer(n)) => *n > 0,
+            (Kind::PositiveNumber, Value::Float(x)) => x.is_finite() && *x > 0.0,
             (Kind::Str, Value::String(s)) => !s.trim().is_empty(),
             (Kind::Host, Value::String(s)) => is_host(s),
             (Kind::Path, Value::String(s)) => !s.is_empty(),
@@ -212,6 +221,11 @@ impl Kind {
             Kind::Fraction => trimmed
                 .parse::<f64>()
                 .map_or_else(|_| Value::String(text.into()), Value::Float),
+            Kind::PositiveNumber => match (trimmed.parse::<i64>(), trimmed.parse::<f64>()) {
+                (Ok(n), _) => Value::Integer(n),
+                (_, Ok(x)) => Value::Float(x),
+                _ => Value::String(text.into()),
+            },
             Kind::StrList => Value::Array(
                 text.split(',')
                     .map(str::trim)
@@ -308,10 +322,13 @@ mod tests {
         cfg.server.api_keys = vec![ApiKey::new("k")];
         cfg.server.api_key_file = Some("keys.txt".into());
         cfg.server.metrics_api_key = Some(ApiKey::new("m"));
+        cfg.server.rate_limit_per_key = Some(2.5);
+        cfg.server.rate_limit_burst = Some(5);
         cfg.model.served_model_name = Some("m".into());
         cfg.model.max_model_len = Some(4096);
         cfg.model.num_gpu_blocks_override = Some(64);
         cfg.scheduler.kv_cache_blocks = Some(64);
+        cfg.scheduler.max_num_batched_tokens = Some(512);
         cfg.scheduler.kv_cache_bytes = Some(ByteSize(1));
         cfg.adapters.dir = Some("adapters".into());
         cfg.kv_events.replay_endpoint = Some("tcp://*:5558".into());
@@ -404,6 +421,13 @@ mod tests {
             Value::Array(vec![Value::String("a".into()), Value::String("b".into())])
         );
         assert!(!int(1, 9).accepts(&int(1, 9).parse_env("seven")));
+        let rate = Kind::PositiveNumber;
+        assert_eq!(rate.parse_env("5"), Value::Integer(5));
+        assert_eq!(rate.parse_env("0.5"), Value::Float(0.5));
+        assert!(rate.accepts(&rate.parse_env("0.5")));
+        for bad in ["0", "-1", "0.0", "inf", "NaN", "fast"] {
+            assert!(!rate.accepts(&rate.parse_env(bad)), "{bad}");
+        }
     }
 
     #[test]

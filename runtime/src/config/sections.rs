@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use caduceus_scheduler::Fairness;
+
 use super::secrets::ApiKey;
 use super::units::{ByteSize, HumanDuration};
 use crate::model::loader::DEFAULT_MODEL_PATH;
@@ -59,9 +61,25 @@ pub struct ServerSection {
     pub metrics_api_key: Option<ApiKey>,
     /// Async (HTTP) worker threads; tokenization and templating run on a separate blocking pool.
     pub worker_threads: usize,
+    /// Requests per second one API key may send to the generation routes (429 above it); none =
+    /// unlimited.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_limit_per_key: Option<f64>,
+    /// Requests a key may send at once above `rate_limit_per_key`; default: the rate rounded up.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_limit_burst: Option<u32>,
 }
 
 impl ServerSection {
+    /// The per-key rate limit, if `rate_limit_per_key` is set.
+    pub fn rate_limit(&self) -> Option<crate::server::RateLimit> {
+        let per_second = self.rate_limit_per_key?;
+        let burst = self
+            .rate_limit_burst
+            .unwrap_or_else(|| per_second.ceil().clamp(1.0, f64::from(u32::MAX)) as u32);
+        Some(crate::server::RateLimit { per_second, burst })
+    }
+
     /// Whether `host` accepts connections from this machine only.
     pub fn is_loopback(&self) -> bool {
         self.host == "localhost"
@@ -101,6 +119,8 @@ impl Default for ServerSection {
             allow_runtime_lora_updating: false,
             metrics_api_key: None,
             worker_threads: 2,
+            rate_limit_per_key: None,
+            rate_limit_burst: None,
         }
     }
 }
@@ -230,7 +250,12 @@ pub const DEFAULT_KV_CACHE_BYTES: ByteSize = ByteSize::mib(256);
 #[serde(default, deny_unknown_fields)]
 pub struct SchedulerSection {
     pub max_num_seqs: usize,
-    pub max_num_batched_tokens: usize,
+    /// Token budget of one step; none = sized from the measured prefill rate so a step takes
+    /// about `max_step_ms` (see `cli/step_budget.rs`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_num_batched_tokens: Option<usize>,
+    /// Target duration of one engine step when `max_num_batched_tokens` is not set.
+    pub max_step_ms: u64,
     pub block_size: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kv_cache_blocks: Option<usize>,
@@ -239,6 +264,30 @@ pub struct SchedulerSection {
     pub enable_prefix_caching: bool,
     /// Requests waiting beyond this are refused with 429 instead of queueing without bound.
     pub max_queued_requests: usize,
+    /// Order of waiting requests across adapters: least-served first (`vtc`) or `fcfs`.
+    #[serde(with = "fairness_name")]
+    pub fairness: Fairness,
+}
+
+/// `scheduler.fairness` as the words `vtc` and `fcfs` (the scheduler crate has no serde).
+mod fairness_name {
+    use caduceus_scheduler::Fairness;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(f: &Fairness, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(match f {
+            Fairness::Vtc => "vtc",
+            Fairness::Fcfs => "fcfs",
+        })
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Fairness, D::Error> {
+        match String::deserialize(d)?.as_str() {
+            "vtc" => Ok(Fairness::Vtc),
+            "fcfs" => Ok(Fairness::Fcfs),
+            other => Err(serde::de::Error::unknown_variant(other, &["vtc", "fcfs"])),
+        }
+    }
 }
 
 impl Default for SchedulerSection {
@@ -246,12 +295,14 @@ impl Default for SchedulerSection {
         let d = caduceus_scheduler::SchedulerConfig::default();
         SchedulerSection {
             max_num_seqs: d.max_num_seqs,
-            max_num_batched_tokens: d.max_num_batched_tokens,
+            max_num_batched_tokens: None,
+            max_step_ms: 250,
             block_size: d.block_size,
             kv_cache_blocks: None,
             kv_cache_bytes: None,
             enable_prefix_caching: d.enable_prefix_caching,
             max_queued_requests: 1024,
+            fairness: d.fairness,
         }
     }
 }
@@ -265,7 +316,9 @@ impl SchedulerSection {
         }
     }
 
-    /// The scheduler's limits once the model fixed `num_blocks` and `max_model_len`.
+    /// The scheduler's limits once the model fixed `num_blocks` and `max_model_len` (and the
+    /// engine `max_loras`); with no `max_num_batched_tokens`, the scheduler's default budget
+    /// until the caller sizes it.
     pub fn scheduler_config(
         &self,
         num_blocks: usize,
@@ -274,12 +327,15 @@ impl SchedulerSection {
     ) -> caduceus_scheduler::SchedulerConfig {
         caduceus_scheduler::SchedulerConfig {
             max_num_seqs: self.max_num_seqs,
-            max_num_batched_tokens: self.max_num_batched_tokens,
+            max_num_batched_tokens: self
+                .max_num_batched_tokens
+                .unwrap_or(caduceus_scheduler::SchedulerConfig::default().max_num_batched_tokens),
             block_size: self.block_size,
             num_blocks,
             max_model_len,
             enable_prefix_caching: self.enable_prefix_caching,
             max_loras,
+            fairness: self.fairness,
             ..caduceus_scheduler::SchedulerConfig::default()
         }
     }

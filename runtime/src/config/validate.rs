@@ -33,10 +33,11 @@ pub(crate) fn validate(cfg: &CaduceusConfig, origins: &Origins) -> Result<(), Co
         });
     }
     // Every running sequence needs one token of the step budget to decode.
-    if sched.max_num_batched_tokens < sched.max_num_seqs {
+    let budget = sched.max_num_batched_tokens;
+    if let Some(budget) = budget.filter(|&b| b < sched.max_num_seqs) {
         return Err(invalid(
             "scheduler.max_num_batched_tokens",
-            sched.max_num_batched_tokens.to_string(),
+            budget.to_string(),
             format!(
                 "at least scheduler.max_num_seqs ({}) so every running sequence can decode each step",
                 sched.max_num_seqs
@@ -89,6 +90,14 @@ pub(crate) fn validate(cfg: &CaduceusConfig, origins: &Origins) -> Result<(), Co
                 format!("a readable file with one API key per line ({message})"),
             ));
         }
+    }
+    if let (Some(burst), None) = (server.rate_limit_burst, server.rate_limit_per_key) {
+        return Err(invalid(
+            "server.rate_limit_burst",
+            burst.to_string(),
+            "no value unless server.rate_limit_per_key is set (the burst is above that rate)"
+                .into(),
+        ));
     }
     let adapters = &cfg.adapters;
     if adapters.max_cpu_loras < adapters.max_loras {

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use caduceus_scheduler::{
-    AddRequestError, FinishReason, NewRequest, RequestId, RequestUpdate, ScheduledData, Scheduler,
-    SchedulerConfig, SchedulerOutput, SchedulerStats,
+    FinishReason, NewRequest, RequestId, RequestUpdate, ScheduledData, Scheduler, SchedulerConfig,
+    SchedulerOutput, SchedulerStats,
 };
 
 use self::adapters::EngineAdapters;
@@ -260,27 +260,7 @@ impl<B: Backend> EngineCore<B> {
                 adapter: adapter.as_ref().map(|a| a.key),
                 cache_salt: req.cache_salt,
             })
-            .map_err(|e| match e {
-                AddRequestError::ExceedsKvPool {
-                    needed_blocks,
-                    usable_blocks,
-                } => RequestError::ExceedsKvPool {
-                    needed_blocks,
-                    usable_blocks,
-                },
-                AddRequestError::TooLong {
-                    prompt_tokens,
-                    max_tokens,
-                    max_model_len,
-                } => RequestError::TooLong {
-                    prompt_tokens,
-                    max_tokens,
-                    max_model_len,
-                },
-                AddRequestError::EmptyPrompt => RequestError::EmptyPrompt,
-                AddRequestError::ZeroMaxTokens => RequestError::ZeroMaxTokens,
-                AddRequestError::DuplicateId(id) => RequestError::DuplicateId(id.0),
-            })?;
+            .map_err(RequestError::from)?;
         self.next_arrival += 1;
         if let (Some(sink), Some(a)) = (&mut self.kv_events, &adapter) {
             sink.note_adapter(a.key.id, &a.name);

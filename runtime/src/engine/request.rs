@@ -2,6 +2,8 @@
 
 use std::sync::Arc;
 
+use caduceus_scheduler::{AddRequestError, AdmissionLimits};
+
 use crate::sampling::{SamplingError, SamplingParams};
 
 /// Most stop strings one request may carry (OpenAI allows 4; vLLM more).
@@ -122,6 +124,32 @@ pub enum RequestError {
     UnknownAdapter(String),
 }
 
+impl From<AddRequestError> for RequestError {
+    fn from(e: AddRequestError) -> Self {
+        match e {
+            AddRequestError::EmptyPrompt => RequestError::EmptyPrompt,
+            AddRequestError::ZeroMaxTokens => RequestError::ZeroMaxTokens,
+            AddRequestError::TooLong {
+                prompt_tokens,
+                max_tokens,
+                max_model_len,
+            } => RequestError::TooLong {
+                prompt_tokens,
+                max_tokens,
+                max_model_len,
+            },
+            AddRequestError::ExceedsKvPool {
+                needed_blocks,
+                usable_blocks,
+            } => RequestError::ExceedsKvPool {
+                needed_blocks,
+                usable_blocks,
+            },
+            AddRequestError::DuplicateId(id) => RequestError::DuplicateId(id.0),
+        }
+    }
+}
+
 /// The limits a request is checked against; copied into every engine handle so callers get
 /// errors before anything is queued.
 #[derive(Clone, Copy, Debug)]
@@ -139,29 +167,20 @@ pub struct RequestLimits {
 }
 
 impl RequestLimits {
+    /// The scheduler's admission rule over these limits (one rule for the server's default
+    /// `max_tokens`, this check and `Scheduler::add_request`).
+    pub fn admission(&self) -> AdmissionLimits {
+        AdmissionLimits {
+            max_model_len: self.max_model_len,
+            block_size: self.block_size,
+            usable_blocks: self.usable_blocks,
+        }
+    }
+
     /// Checks `req` against these limits.
     pub fn check(&self, req: &EngineRequest) -> Result<(), RequestError> {
-        let prompt_tokens = req.prompt_token_ids.len();
-        if prompt_tokens == 0 {
-            return Err(RequestError::EmptyPrompt);
-        }
-        if req.max_tokens == 0 {
-            return Err(RequestError::ZeroMaxTokens);
-        }
-        if prompt_tokens + req.max_tokens > self.max_model_len {
-            return Err(RequestError::TooLong {
-                prompt_tokens,
-                max_tokens: req.max_tokens,
-                max_model_len: self.max_model_len,
-            });
-        }
-        let needed_blocks = (prompt_tokens + req.max_tokens).div_ceil(self.block_size);
-        if needed_blocks > self.usable_blocks {
-            return Err(RequestError::ExceedsKvPool {
-                needed_blocks,
-                usable_blocks: self.usable_blocks,
-            });
-        }
+        self.admission()
+            .check(req.prompt_token_ids.len(), req.max_tokens)?;
         let vocab_size = self.vocab_size;
         let ids = req.prompt_token_ids.iter().chain(&req.stop_token_ids);
         if let Some(&token_id) = ids.into_iter().find(|&&t| t as usize >= vocab_size) {

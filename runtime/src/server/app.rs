@@ -11,6 +11,7 @@ use axum::Router;
 use super::auth::{require_admin_key, require_api_key, require_metrics_key};
 use super::json::BodyLimit;
 use super::protocol::ApiError;
+use super::rate_limit::limit_rate;
 use super::request_log::count_early_responses;
 use super::state::AppState;
 use super::{adapters, chat, completions, routes};
@@ -21,6 +22,8 @@ pub fn app(state: AppState) -> Router {
     let generation = Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/completions", post(completions::completions))
+        // Inside authentication, which tags the request with its key.
+        .route_layer(middleware::from_fn_with_state(state.clone(), limit_rate))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_api_key,

@@ -40,7 +40,7 @@ pub fn submit(
         tenant,
         params.cache_salt.as_deref(),
     );
-    let max_model_len = state.engine.limits().max_model_len;
+    let limits = state.engine.limits();
     let adapter = params
         .model
         .as_deref()
@@ -48,18 +48,10 @@ pub fn submit(
         .map(std::sync::Arc::<str>::from);
     let mut streams = Vec::with_capacity(prompts.len() * params.n);
     for prompt in prompts {
-        let room = max_model_len.saturating_sub(prompt.len());
-        let max_tokens = params.max_tokens.unwrap_or(room);
-        if max_tokens == 0 || prompt.len() >= max_model_len {
-            return Err(ApiError::invalid_request(
-                format!(
-                    "this model's maximum context length is {max_model_len} tokens, but the \
-                     prompt has {} tokens, which leaves no room to generate",
-                    prompt.len()
-                ),
-                Some(prompt_field),
-            ));
-        }
+        // No max_tokens: as many as the admission rule allows (the context and the KV pool);
+        // with no room at all, the engine's check names the limit the prompt alone breaks.
+        let room = limits.admission().max_output_tokens(prompt.len());
+        let max_tokens = params.max_tokens.unwrap_or(room.max(1));
         for choice in 0..params.n {
             let mut sampling = params.sampling.clone();
             // Distinct but reproducible streams for n > 1 with a seed.

@@ -10,6 +10,7 @@ mod error;
 mod generation;
 mod json;
 pub mod protocol;
+mod rate_limit;
 mod request_log;
 mod routes;
 mod serve;
@@ -20,6 +21,7 @@ mod token_text;
 
 pub use app::app;
 pub use error::request_error;
+pub use rate_limit::{RateLimit, RateLimiter};
 pub use routes::ApiDoc;
 pub use serve::{run_server, shutdown_signal, ServeOutcome};
 pub use state::{AppState, Lifecycle, Phase, ServerSettings};

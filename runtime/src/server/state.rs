@@ -13,6 +13,8 @@ use crate::config::PrefixCacheIsolation;
 use crate::engine::EngineHandle;
 use crate::tokenizer::Tokenizer;
 
+use super::rate_limit::RateLimiter;
+
 /// Where the server is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -116,6 +118,8 @@ pub struct ServerSettings {
     /// `/health` answers 503 while the engine has work and finished no step for this long
     /// (zero: no watchdog).
     pub engine_stall_timeout: Duration,
+    /// Per-key request-rate limit of the generation routes, if configured.
+    pub rate_limiter: Option<Arc<RateLimiter>>,
 }
 
 /// Everything a handler needs; cheap to clone.

@@ -9,7 +9,7 @@ use crate::config::PrefixCacheIsolation;
 
 /// The authenticated caller: a hash of the API key it presented (the key itself is not kept in
 /// request extensions). Set by the auth middleware; absent when authentication is off.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Tenant(u64);
 
 /// Seeds the salt hashes; any fixed value works, the salts only need to differ per tenant.

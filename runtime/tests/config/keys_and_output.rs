@@ -118,6 +118,9 @@ fn shipped_example_validates_documents_every_key_and_states_the_defaults() {
     every_key.model.max_model_len = Some(2);
     every_key.scheduler.kv_cache_blocks = Some(2);
     every_key.scheduler.kv_cache_bytes = Some(ByteSize(1));
+    every_key.scheduler.max_num_batched_tokens = Some(1);
+    every_key.server.rate_limit_per_key = Some(1.0);
+    every_key.server.rate_limit_burst = Some(1);
     every_key.adapters.dir = Some("d".into());
     let table = toml::Table::try_from(&every_key).unwrap();
     for (section, keys) in &table {

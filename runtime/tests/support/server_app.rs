@@ -16,7 +16,7 @@ use caduceus_runtime::config::PrefixCacheIsolation;
 use caduceus_runtime::engine::{EngineCore, EngineHandle, FaultPlan, SchedulerConfig};
 use caduceus_runtime::model::loader::LoadedModel;
 use caduceus_runtime::model::LoraDtype;
-use caduceus_runtime::server::{AppState, Lifecycle, ServerSettings};
+use caduceus_runtime::server::{AppState, Lifecycle, RateLimit, RateLimiter, ServerSettings};
 
 /// Knobs of a test server.
 #[derive(Clone)]
@@ -47,6 +47,8 @@ pub struct TestServer {
     pub engine_stall_timeout: Duration,
     /// Faults injected into the engine's steps and adapter loader.
     pub faults: FaultPlan,
+    /// `server.rate_limit_per_key` and `rate_limit_burst`.
+    pub rate_limit: Option<RateLimit>,
 }
 
 impl Default for TestServer {
@@ -68,6 +70,7 @@ impl Default for TestServer {
             metrics_api_key: None,
             engine_stall_timeout: Duration::from_secs(60),
             faults: FaultPlan::default(),
+            rate_limit: None,
         }
     }
 }
@@ -130,6 +133,7 @@ impl TestServer {
                 allow_keyless_admin: self.allow_keyless_admin,
                 metrics_api_key: self.metrics_api_key.clone(),
                 engine_stall_timeout: self.engine_stall_timeout,
+                rate_limiter: self.rate_limit.map(|l| Arc::new(RateLimiter::new(l))),
             }),
             lifecycle: Arc::new(Lifecycle::default()),
             metrics: caduceus_runtime::metrics::install(),
