@@ -10,24 +10,12 @@ use half::{bf16, f16};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-/// The devices every GPU test runs on.
-/// `CADUCEUS_GPU_ONLY=1` leaves the emulation out (compute-sanitizer runs).
-#[allow(unused_mut)]
+/// The devices every GPU test runs on (see [`caduceus_kernels::gpu::devices_under_test`]).
 pub fn devices() -> Vec<Device> {
-    let gpu_only = std::env::var("CADUCEUS_GPU_ONLY").is_ok_and(|s| s == "1");
-    let mut v = if gpu_only {
-        Vec::new()
-    } else {
-        vec![Device::emulated()]
-    };
-    #[cfg(feature = "cuda")]
-    if gpu_only || std::env::var("CADUCEUS_GPU_TESTS").is_ok_and(|s| s == "1") {
-        match Device::cuda(0) {
-            Ok(d) => v.push(d),
-            Err(e) => panic!("CADUCEUS_GPU_TESTS=1 but no GPU: {e}"),
-        }
+    match caduceus_kernels::gpu::devices_under_test() {
+        Ok(v) => v,
+        Err(e) => panic!("CADUCEUS_GPU_TESTS=1 but no GPU: {e}"),
     }
-    v
 }
 
 pub const DTYPES: [DType; 2] = [DType::Bf16, DType::F16];

@@ -398,4 +398,6 @@ impl Backend for GpuBackend {
 }
 
 #[cfg(all(test, feature = "gpu-emu"))]
+mod reference_tests;
+#[cfg(all(test, feature = "gpu-emu"))]
 mod tests;
