@@ -283,7 +283,7 @@ fn lora_copied_slots_equal_loaded_slots_for_every_kind() {
 
 #[test]
 fn lora_a_slot_reads_back_in_peft_layout() {
-    use caduceus_kernels::lora::{f16, LoraWeight, Q8};
+    use caduceus_kernels::lora::{f16, Q8};
     // out_dim 70 crosses a 64-wide B panel; rank 5 below max_rank.
     let shape = LoraShape {
         num_slots: 2,
