@@ -114,6 +114,7 @@ pub fn run(config: CaduceusConfig) -> anyhow::Result<()> {
     let tokenizer = Arc::new(loaded.tokenizer);
     let eos = tokenizer.eos_ids().to_vec();
     let base_config = loaded.model.config().clone();
+    let vocab_size = base_config.vocab_size;
     let mut core = EngineCore::new(Arc::new(loaded.model), Some(tokenizer.clone()), eos, sched)?;
     let adapters = adapter_service(&config, base_config, &served_model_name)?;
     if let Some(service) = &adapters {
@@ -132,8 +133,10 @@ pub fn run(config: CaduceusConfig) -> anyhow::Result<()> {
     engine.set_max_queued(s.max_queued_requests);
     let api_keys = expose(&config.server.resolve_api_keys()?);
     log_cache_isolation(&config, api_keys.is_empty());
+    let structured = structured_compiler(&tokenizer, vocab_size);
     let state = AppState {
         engine,
+        structured,
         tokenizer,
         chat_template: Arc::new(loaded.chat_template),
         settings: Arc::new(ServerSettings {
@@ -267,4 +270,22 @@ fn check_device(config: &CaduceusConfig) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The structured-outputs compiler for this model, or None (logged) when its vocabulary cannot
+/// be described to llguidance: those requests then get a 400, everything else is served.
+fn structured_compiler(
+    tokenizer: &Arc<crate::tokenizer::Tokenizer>,
+    vocab_size: usize,
+) -> Option<Arc<crate::structured::ConstraintCompiler>> {
+    use crate::structured::{tok_env, CompileLimits, ConstraintCompiler};
+    let built = tok_env::build(tokenizer.clone(), vocab_size)
+        .and_then(|env| ConstraintCompiler::new(env, CompileLimits::default()));
+    match built {
+        Ok(c) => Some(Arc::new(c)),
+        Err(e) => {
+            tracing::warn!(error = %e, "structured outputs disabled");
+            None
+        }
+    }
 }

@@ -322,6 +322,7 @@ impl<M: Deref<Target = LlamaModel>> EngineCore<M> {
                 min_tokens: req.min_tokens,
                 masked_ids,
                 adapter,
+                constraint: req.constraint.as_ref().map(|c| c.matcher()),
             },
         );
         Ok(())

@@ -16,6 +16,7 @@ use crate::adapters::LoadedAdapter;
 use crate::kv_cache::KvCache;
 use crate::model::{ForwardBatch, LlamaModel, LoraBatch, LoraStack};
 use crate::sampling::{SampledToken, Sampler, SamplingParams};
+use crate::structured::{compute_masks, RequestMatcher, TokenMask};
 
 /// What the executor keeps for a request from admission to finish.
 struct SeqState {
@@ -27,6 +28,8 @@ struct SeqState {
     adapter: Option<Arc<LoadedAdapter>>,
     /// Present while the request holds KV blocks (dropped on preemption).
     kv: Option<SeqKv>,
+    /// The grammar matcher of a constrained request (survives preemption, like the sampler).
+    constraint: Option<RequestMatcher>,
 }
 
 struct SeqKv {
@@ -45,6 +48,8 @@ pub struct SeqSampling {
     pub masked_ids: Vec<u32>,
     /// The request's adapter, if any.
     pub adapter: Option<Arc<LoadedAdapter>>,
+    /// The grammar matcher of a constrained request.
+    pub constraint: Option<RequestMatcher>,
 }
 
 /// One executed step: the scheduler's part and the sampled details the engine streams.
@@ -113,6 +118,7 @@ impl<M: Deref<Target = LlamaModel>> Executor<M> {
             min_tokens: s.min_tokens,
             adapter: s.adapter,
             kv: None,
+            constraint: s.constraint,
         };
         self.seqs.insert(id, state);
     }
@@ -299,6 +305,7 @@ impl<M: Deref<Target = LlamaModel>> Executor<M> {
         let vocab = self.model.config().vocab_size;
         let mut result = ExecuteResult::default();
         let mut masked_row = Vec::new();
+        let mut grammar_masks = self.grammar_masks(ids);
         for (row, id) in logits.chunks_exact(vocab).zip(ids) {
             let Some(state) = self.seqs.get_mut(id) else {
                 continue;
@@ -307,12 +314,19 @@ impl<M: Deref<Target = LlamaModel>> Executor<M> {
                 continue;
             };
             let (prompt, output) = kv.token_ids.split_at(kv.num_prompt_tokens);
-            let row = if output.len() < state.min_tokens && !state.masked_ids.is_empty() {
+            let min_tokens_mask = output.len() < state.min_tokens && !state.masked_ids.is_empty();
+            let grammar_mask = grammar_masks.remove(id);
+            let row = if min_tokens_mask || grammar_mask.is_some() {
                 masked_row.clear();
                 masked_row.extend_from_slice(row);
-                for &t in &state.masked_ids {
-                    if let Some(l) = masked_row.get_mut(t as usize) {
-                        *l = f32::NEG_INFINITY;
+                if let Some(mask) = &grammar_mask {
+                    mask.apply(&mut masked_row);
+                }
+                if min_tokens_mask {
+                    for &t in &state.masked_ids {
+                        if let Some(l) = masked_row.get_mut(t as usize) {
+                            *l = f32::NEG_INFINITY;
+                        }
                     }
                 }
                 &masked_row[..]
@@ -320,11 +334,32 @@ impl<M: Deref<Target = LlamaModel>> Executor<M> {
                 row
             };
             let sampled = state.sampler.sample(row, prompt, output);
+            if let Some(m) = state.constraint.as_mut() {
+                m.commit(sampled.token_id);
+            }
             kv.token_ids.push(sampled.token_id);
             result.step.sampled.push((*id, sampled.token_id));
             result.samples.insert(*id, sampled);
         }
         result
+    }
+}
+
+impl<M> Executor<M> {
+    /// The grammar masks of the constrained requests among `ids` (none, at no cost, when no
+    /// running request is constrained), computed in parallel.
+    fn grammar_masks(&mut self, ids: &[RequestId]) -> HashMap<RequestId, TokenMask> {
+        if !self.seqs.values().any(|s| s.constraint.is_some()) {
+            return HashMap::new();
+        }
+        let wanted: HashSet<&RequestId> = ids.iter().collect();
+        let matchers = self
+            .seqs
+            .iter_mut()
+            .filter(|(id, _)| wanted.contains(id))
+            .filter_map(|(id, s)| Some((*id, s.constraint.as_mut()?)))
+            .collect();
+        compute_masks(matchers).into_iter().collect()
     }
 }
 

@@ -17,6 +17,7 @@ use caduceus_runtime::engine::{EngineCore, EngineHandle, SchedulerConfig};
 use caduceus_runtime::model::loader::LoadedModel;
 use caduceus_runtime::model::LoraDtype;
 use caduceus_runtime::server::{AppState, Lifecycle, ServerSettings};
+use caduceus_runtime::structured::{tok_env, CompileLimits, ConstraintCompiler};
 
 /// Knobs of a test server.
 #[derive(Clone, Debug)]
@@ -84,6 +85,7 @@ impl TestServer {
         };
         let eos = tokenizer.eos_ids().to_vec();
         let base = loaded.model.config().clone();
+        let vocab_size = base.vocab_size;
         let mut core =
             EngineCore::new(Arc::new(loaded.model), Some(tokenizer.clone()), eos, config).unwrap();
         let adapters = self.adapter_dir.as_ref().map(|dir| {
@@ -104,9 +106,14 @@ impl TestServer {
         if let Some(service) = &adapters {
             core = core.with_adapters(service.clone()).unwrap();
         }
+        let structured = tok_env::build(tokenizer.clone(), vocab_size)
+            .and_then(|env| ConstraintCompiler::new(env, CompileLimits::default()))
+            .ok()
+            .map(Arc::new);
         let (engine, _thread) = EngineHandle::spawn(core).unwrap();
         engine.set_max_queued(self.max_queued);
         AppState {
+            structured,
             engine,
             tokenizer,
             chat_template: Arc::new(loaded.chat_template),
