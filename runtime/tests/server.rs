@@ -11,6 +11,8 @@ mod isolation;
 mod limits;
 #[path = "server/special_tokens.rs"]
 mod special_tokens;
+#[path = "server/structured.rs"]
+mod structured;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};

@@ -100,10 +100,11 @@ pub async fn chat_completions(
             include_usage: v.params.include_usage,
             logprobs: v.params.sampling.logprobs.is_some(),
             tokenizer: state.tokenizer.clone(),
-            tools: v
-                .tools
-                .as_ref()
-                .map(|_| (0..streams.len()).map(|_| ToolCallStream::default()).collect()),
+            tools: v.tools.as_ref().map(|_| {
+                (0..streams.len())
+                    .map(|_| ToolCallStream::default())
+                    .collect()
+            }),
         };
         return Ok(
             sse::respond(streams, format, log, v.params.include_usage, timeout).into_response(),

@@ -11,9 +11,9 @@ use super::request_log::RequestLog;
 use super::state::AppState;
 use super::tenant::{cache_salt, Tenant};
 use crate::engine::{EngineRequest, RequestOutput, RequestStream};
-use crate::structured::{CompiledConstraint, ConstraintSpec};
 use crate::metrics::record_inter_token;
 use crate::sampling::SampledToken;
+use crate::structured::{CompiledConstraint, ConstraintSpec};
 
 /// Everything one choice produced.
 #[derive(Clone, Debug)]

@@ -7,11 +7,11 @@ use rand::distr::{Alphanumeric, SampleString};
 use serde_json::{json, Value};
 
 use super::protocol::{
-    FunctionCall, FunctionCallDelta, ToolCall, ToolCallDelta, ToolMode, ToolPlan,
-    TOOL_CALL_CLOSE, TOOL_CALL_OPEN,
+    FunctionCall, FunctionCallDelta, ToolCall, ToolCallDelta, ToolMode, ToolPlan, TOOL_CALL_CLOSE,
+    TOOL_CALL_OPEN,
 };
 use crate::chat_template::ChatMessage;
-use crate::structured::ConstraintSpec;
+use crate::structured::{with_json_layout, ConstraintSpec};
 
 /// Most calls in one answer with `parallel_tool_calls`.
 const MAX_PARALLEL_CALLS: usize = 8;
@@ -60,12 +60,12 @@ pub fn tool_constraint(plan: &ToolPlan) -> ConstraintSpec {
         })
         .collect();
     let max_items = if plan.parallel { MAX_PARALLEL_CALLS } else { 1 };
-    let schema = json!({
+    let schema = with_json_layout(json!({
         "type": "array",
         "items": {"anyOf": calls},
         "minItems": 1,
         "maxItems": max_items
-    });
+    }));
     let open = Value::from(TOOL_CALL_OPEN);
     let close = Value::from(TOOL_CALL_CLOSE);
     let calls_rule = format!("calls: {open} %json {schema} {close}\n");
@@ -92,7 +92,12 @@ pub fn parse_tool_calls(text: &str) -> Option<Vec<ToolCall>> {
             let name = item.get("name")?.as_str()?.to_owned();
             let parsed = item.get("arguments")?;
             let arguments = match raw.get(i) {
-                Some((Some(n), a)) if *n == name && serde_json::from_str::<Value>(a).ok().as_ref() == Some(parsed) => (*a).to_owned(),
+                Some((Some(n), a))
+                    if *n == name
+                        && serde_json::from_str::<Value>(a).ok().as_ref() == Some(parsed) =>
+                {
+                    (*a).to_owned()
+                }
                 _ => parsed.to_string(),
             };
             Some(ToolCall {

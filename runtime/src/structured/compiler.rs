@@ -97,7 +97,10 @@ impl ConstraintCompiler {
 
     /// The compiled form of `spec`, from the cache or compiled now. Blocks for up to the time
     /// limit: call it off the async runtime (`spawn_blocking`).
-    pub fn compile(&self, spec: &ConstraintSpec) -> Result<Arc<CompiledConstraint>, StructuredError> {
+    pub fn compile(
+        &self,
+        spec: &ConstraintSpec,
+    ) -> Result<Arc<CompiledConstraint>, StructuredError> {
         let key = spec.cache_key();
         let what = spec.what();
         if key.len() > self.limits.max_text_bytes {

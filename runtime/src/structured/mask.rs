@@ -138,6 +138,10 @@ mod tests {
             }
             v
         };
-        assert_eq!(TokenMask::from_vob(&vob), mask, "one layout with llguidance");
+        assert_eq!(
+            TokenMask::from_vob(&vob),
+            mask,
+            "one layout with llguidance"
+        );
     }
 }

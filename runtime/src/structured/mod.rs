@@ -22,7 +22,7 @@ pub mod tok_env;
 pub use compiler::{CompileLimits, CompiledConstraint, ConstraintCompiler};
 pub use mask::{compute_masks, mask_stats, MaskStats, TokenMask};
 pub use matcher::RequestMatcher;
-pub use spec::ConstraintSpec;
+pub use spec::{with_json_layout, ConstraintSpec};
 
 /// Why a constraint cannot be used; the HTTP layer reports each as a 400.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -36,10 +36,7 @@ pub enum StructuredError {
     },
     /// llguidance refused the grammar (syntax, unsupported keyword, unsatisfiable, too complex).
     #[error("{what} cannot be used for constrained decoding: {message}")]
-    Invalid {
-        what: &'static str,
-        message: String,
-    },
+    Invalid { what: &'static str, message: String },
     /// Compiling took longer than the limit.
     #[error("{what} took longer than {ms} ms to compile; simplify it")]
     Timeout { what: &'static str, ms: u128 },

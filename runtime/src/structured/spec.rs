@@ -22,7 +22,8 @@ pub enum ConstraintSpec {
 
 /// How JSON is laid out: compact, no free whitespace. A small model given free whitespace can
 /// emit newlines until `max_tokens` and leave the JSON unfinished.
-const JSON_LAYOUT: &str = r#"{"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "}"#;
+const JSON_LAYOUT: &str =
+    r#"{"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "}"#;
 
 impl ConstraintSpec {
     /// What the constraint is, for error messages.
@@ -71,17 +72,23 @@ impl ConstraintSpec {
     }
 }
 
-/// A JSON-schema grammar with our layout (a schema's own `x-guidance` options are replaced).
+/// A JSON-schema grammar with our layout.
 fn json_grammar(schema: Value) -> Result<TopLevelGrammar, StructuredError> {
-    let mut schema = match schema {
+    let schema = match schema {
         Value::Bool(true) => serde_json::json!({}),
         other => other,
     };
+    Ok(TopLevelGrammar::from_json_schema(with_json_layout(schema)))
+}
+
+/// `schema` with our JSON layout (compact, no free whitespace) as its `x-guidance` options,
+/// replacing its own; also for schemas embedded in Lark grammars with `%json`.
+pub fn with_json_layout(mut schema: Value) -> Value {
     if let (Some(obj), Ok(layout)) = (
         schema.as_object_mut(),
         serde_json::from_str::<Value>(JSON_LAYOUT),
     ) {
         obj.insert("x-guidance".to_owned(), layout);
     }
-    Ok(TopLevelGrammar::from_json_schema(schema))
+    schema
 }

@@ -28,10 +28,16 @@ impl TokenizerEnv for CaduceusTokEnv {
             Ok(text) => {
                 // Special-token parsing is off, so a BOS/EOS here is the model's policy: drop it.
                 let mut ids = self.tokenizer.encode_literal(text).unwrap_or_default();
-                if ids.first().is_some_and(|&t| Some(t) == self.tokenizer.bos_id()) {
+                if ids
+                    .first()
+                    .is_some_and(|&t| Some(t) == self.tokenizer.bos_id())
+                {
                     ids.remove(0);
                 }
-                if ids.last().is_some_and(|t| self.tokenizer.eos_ids().contains(t)) {
+                if ids
+                    .last()
+                    .is_some_and(|t| self.tokenizer.eos_ids().contains(t))
+                {
                     ids.pop();
                 }
                 ids
@@ -62,7 +68,9 @@ pub fn build(tokenizer: Arc<Tokenizer>, model_vocab: usize) -> Result<TokEnv, St
         .filter(|&t| (t as usize) < n_vocab)
         .collect();
     let Some(&first_eos) = eos_ids.first() else {
-        return Err(unavailable(&"the tokenizer declares no end-of-sequence token"));
+        return Err(unavailable(
+            &"the tokenizer declares no end-of-sequence token",
+        ));
     };
     let vocab_size = u32::try_from(n_vocab).map_err(|e| unavailable(&e))?;
     let mut info = TokRxInfo::new(vocab_size, first_eos);

@@ -44,6 +44,8 @@ pub struct TestServer {
     pub allow_keyless_admin: bool,
     /// `server.metrics_api_key`.
     pub metrics_api_key: Option<String>,
+    /// Context length past the model's own (RoPE extends; for long prompts such as tool lists).
+    pub max_model_len: Option<usize>,
 }
 
 impl Default for TestServer {
@@ -63,6 +65,7 @@ impl Default for TestServer {
             admin_api_keys: Vec::new(),
             allow_keyless_admin: true,
             metrics_api_key: None,
+            max_model_len: None,
         }
     }
 }
@@ -80,7 +83,9 @@ impl TestServer {
             max_num_batched_tokens: 256,
             block_size: 16,
             num_blocks: self.num_blocks,
-            max_model_len: loaded.model.config().max_position_embeddings,
+            max_model_len: self
+                .max_model_len
+                .unwrap_or(loaded.model.config().max_position_embeddings),
             ..SchedulerConfig::default()
         };
         let eos = tokenizer.eos_ids().to_vec();

@@ -4,8 +4,8 @@
 use crate::chat_template::ChatMessage;
 
 use super::chat::{ChatMessageParam, ContentPart, MessageContent};
-use super::structured::tool_calls_text;
 use super::completion::Prompt;
+use super::structured::tool_calls_text;
 use super::validate::{invalid, out_of_range, PromptInput, ValidationError, MAX_PROMPTS};
 
 pub(super) fn convert_messages(
@@ -32,7 +32,10 @@ pub(super) fn convert_messages(
                 None => return Err(invalid(&format!("messages[{i}].content"), "is required")),
             };
             // An earlier answer's calls go back into the conversation as the model wrote them.
-            if let Some(calls) = m.tool_calls.filter(|c| !c.is_empty() && m.role == "assistant") {
+            if let Some(calls) = m
+                .tool_calls
+                .filter(|c| !c.is_empty() && m.role == "assistant")
+            {
                 content.push_str(&tool_calls_text(&calls));
             }
             Ok(ChatMessage::new(m.role, content))

@@ -238,10 +238,7 @@ pub fn tool_plan(
     let mut defs: Vec<FunctionDef> = Vec::with_capacity(tools.len());
     for (i, t) in tools.into_iter().enumerate() {
         if t.kind != "function" {
-            return Err(invalid(
-                &format!("tools[{i}].type"),
-                "must be \"function\"",
-            ));
+            return Err(invalid(&format!("tools[{i}].type"), "must be \"function\""));
         }
         let name = &t.function.name;
         let ok_name = !name.is_empty()

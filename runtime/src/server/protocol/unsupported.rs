@@ -116,7 +116,10 @@ mod tests {
     #[test]
     fn only_fields_that_ask_for_something_are_refused() {
         let check = |s: &str| unsupported_field(s.as_bytes());
-        assert_eq!(check(r#"{"functions": [{"name": "f"}]}"#), Some("functions"));
+        assert_eq!(
+            check(r#"{"functions": [{"name": "f"}]}"#),
+            Some("functions")
+        );
         assert_eq!(
             check(r#"{"logit_bias": {"50256": -100}}"#),
             Some("logit_bias")
