@@ -211,10 +211,7 @@ fn partial_calls(body: &str) -> Vec<(Option<String>, &str)> {
     let mut calls = Vec::new();
     let bytes = body.as_bytes();
     let mut pos = 0;
-    loop {
-        let Some(rel) = body[pos..].find("{\"name\": \"") else {
-            break;
-        };
+    while let Some(rel) = body[pos..].find("{\"name\": \"") {
         let name_start = pos + rel + "{\"name\": \"".len();
         let Some(name_len) = body[name_start..].find('"') else {
             calls.push((None, ""));
