@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field
 class Triage(BaseModel):
     """The triage flags an upstream service routes on (issue 20)."""
     urgent: bool
-    reason: str = Field(max_length=24)
+    reason: str = Field(max_length=12)
     see_doctor_within_hours: int = Field(ge=0, le=720)
 
 
@@ -30,14 +30,15 @@ def structured_and_tools(client: OpenAI, model: str) -> None:
     messages = [{"role": "user", "content": "I have had chest pain since this morning."}]
     beta = getattr(client, "beta", None)
     parse = beta.chat.completions.parse if beta is not None and hasattr(beta, "chat") else client.chat.completions.parse
-    parsed = parse(model=model, messages=messages, response_format=Triage, max_tokens=80,
+    parsed = parse(model=model, messages=messages, response_format=Triage, max_tokens=300,
                    temperature=0.7, seed=3)
     triage = parsed.choices[0].message.parsed
     assert isinstance(triage, Triage), parsed
     assert 0 <= triage.see_doctor_within_hours <= 720, triage
 
     first = client.chat.completions.create(model=model, messages=messages, tools=[BOOK_VISIT],
-                                           tool_choice="required", max_tokens=60, temperature=0)
+                                           tool_choice="required", max_tokens=200, temperature=0,
+                                           parallel_tool_calls=False)
     choice = first.choices[0]
     assert choice.finish_reason == "tool_calls", first
     call = choice.message.tool_calls[0]
@@ -47,8 +48,8 @@ def structured_and_tools(client: OpenAI, model: str) -> None:
 
     streamed_args, streamed_name, finish = "", None, None
     for chunk in client.chat.completions.create(model=model, messages=messages, tools=[BOOK_VISIT],
-                                                tool_choice="required", max_tokens=60, temperature=0,
-                                                stream=True):
+                                                tool_choice="required", max_tokens=200, temperature=0,
+                                                parallel_tool_calls=False, stream=True):
         for c in chunk.choices:
             finish = c.finish_reason or finish
             for tc in c.delta.tool_calls or []:
