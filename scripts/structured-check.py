@@ -47,7 +47,9 @@ def schemas():
     for i in range(9):  # anyOf
         out.append(obj({"answer": {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 100},
                                              s(10 + i), {"type": "null"}]},
-                        "confidence": {"type": "number", "minimum": 0, "maximum": 1}}))
+                        # A `number` in [0, 1] once looped on "1.000..." until max_tokens (greedy,
+                        # dr-lin): bound precision by asking for an integer percentage.
+                        "confidence_percent": {"type": "integer", "minimum": 0, "maximum": 100}}))
     for i in range(8):  # string patterns
         pats = ["^[A-Z][0-9]{2}$", "^ICD-[0-9]{3}$", "^[0-9]{2}:[0-9]{2}$", "^(am|pm)-[0-9]$"]
         out.append(obj({"code": {"type": "string", "pattern": pats[i % 4]}, "label": s(20),
