@@ -3,9 +3,66 @@ completions, streaming and not. Exits non-zero on the first mismatch.
 
 Usage: python openai-sdk-check.py BASE_URL MODEL
 """
+import json
 import sys
 
 from openai import OpenAI
+from pydantic import BaseModel, Field
+
+
+class Triage(BaseModel):
+    """The triage flags an upstream service routes on (issue 20)."""
+    urgent: bool
+    reason: str = Field(max_length=12)
+    see_doctor_within_hours: int = Field(ge=0, le=720)
+
+
+BOOK_VISIT = {"type": "function", "function": {
+    "name": "book_visit", "description": "Book a visit with the doctor",
+    "parameters": {"type": "object", "properties": {
+        "within_hours": {"type": "integer", "minimum": 1, "maximum": 72},
+        "department": {"type": "string", "enum": ["general", "cardiology"]}},
+        "required": ["within_hours", "department"], "additionalProperties": False}}}
+
+
+def structured_and_tools(client: OpenAI, model: str) -> None:
+    """`parse` with a Pydantic model, and a tool-call round trip, streamed and not."""
+    messages = [{"role": "user", "content": "I have had chest pain since this morning."}]
+    beta = getattr(client, "beta", None)
+    parse = beta.chat.completions.parse if beta is not None and hasattr(beta, "chat") else client.chat.completions.parse
+    parsed = parse(model=model, messages=messages, response_format=Triage, max_tokens=300,
+                   temperature=0.7, seed=3)
+    triage = parsed.choices[0].message.parsed
+    assert isinstance(triage, Triage), parsed
+    assert 0 <= triage.see_doctor_within_hours <= 720, triage
+
+    first = client.chat.completions.create(model=model, messages=messages, tools=[BOOK_VISIT],
+                                           tool_choice="required", max_tokens=200, temperature=0,
+                                           parallel_tool_calls=False)
+    choice = first.choices[0]
+    assert choice.finish_reason == "tool_calls", first
+    call = choice.message.tool_calls[0]
+    assert call.id.startswith("call_") and call.function.name == "book_visit", call
+    args = json.loads(call.function.arguments)
+    assert 1 <= args["within_hours"] <= 72 and args["department"] in ("general", "cardiology"), args
+
+    streamed_args, streamed_name, finish = "", None, None
+    for chunk in client.chat.completions.create(model=model, messages=messages, tools=[BOOK_VISIT],
+                                                tool_choice="required", max_tokens=200, temperature=0,
+                                                parallel_tool_calls=False, stream=True):
+        for c in chunk.choices:
+            finish = c.finish_reason or finish
+            for tc in c.delta.tool_calls or []:
+                streamed_name = tc.function.name or streamed_name
+                streamed_args += tc.function.arguments or ""
+    assert finish == "tool_calls" and streamed_name == "book_visit", (finish, streamed_name)
+    assert streamed_args == call.function.arguments, (streamed_args, call.function.arguments)
+
+    messages += [choice.message.model_dump(exclude_none=True),
+                 {"role": "tool", "tool_call_id": call.id, "content": "Booked for tomorrow 9:00."}]
+    answer = client.chat.completions.create(model=model, messages=messages, tools=[BOOK_VISIT],
+                                            max_tokens=8, temperature=0, tool_choice="none")
+    assert answer.choices[0].message.content is not None, answer
 
 
 def main() -> None:
@@ -68,7 +125,9 @@ def main() -> None:
         raise AssertionError("an unknown model was accepted")
     except Exception as e:  # openai.NotFoundError
         assert getattr(e, "status_code", None) == 404, e
-    print("openai SDK check: 6 calls passed (models, chat, chat stream, completions, completions stream, 404)")
+    structured_and_tools(client, model)
+    print("openai SDK check: 10 calls passed (models, chat, chat stream, completions, completions stream, "
+          "404, parse with a Pydantic model, tool call, tool call stream, tool result round trip)")
 
 
 if __name__ == "__main__":

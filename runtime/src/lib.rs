@@ -13,4 +13,5 @@ pub mod metrics;
 pub mod model;
 pub mod sampling;
 pub mod server;
+pub mod structured;
 pub mod tokenizer;

@@ -256,9 +256,9 @@ fn every_chat_range_check_names_its_param_and_limit() {
         ("messages", json!([]), "messages", "at least one"),
         (
             "messages",
-            json!([{"role": "tool", "content": "x"}]),
+            json!([{"role": "function", "content": "x"}]),
             "messages[0].role",
-            "\"system\", \"user\", \"assistant\"",
+            "\"system\", \"user\", \"assistant\", \"tool\"",
         ),
         (
             "messages",

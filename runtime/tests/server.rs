@@ -17,6 +17,8 @@ mod limits;
 mod rate_limit;
 #[path = "server/special_tokens.rs"]
 mod special_tokens;
+#[path = "server/structured.rs"]
+mod structured;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};

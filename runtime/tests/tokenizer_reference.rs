@@ -314,3 +314,39 @@ fn smollm2_chat_messages_cannot_forge_control_tokens() {
     // Tokenizing the rendered text whole (what the server did) would have forged a system turn.
     assert_eq!(count(&tok.encode(&prompt.text).unwrap(), start), 4);
 }
+
+/// Structured outputs (issue 20) match grammars against each token's bytes: llguidance's view of
+/// the vocabulary must be exactly what our detokenizer produces, special tokens (marked) and
+/// end-of-generation ids included.
+#[test]
+fn the_grammar_engine_sees_every_token_as_we_decode_it() {
+    let Some(tok) = smollm2() else { return };
+    let env = caduceus_runtime::structured::tok_env::build(
+        std::sync::Arc::new(tok.clone()),
+        tok.vocab_size(),
+    )
+    .unwrap();
+    let trie = env.tok_trie();
+    assert_eq!(trie.vocab_size(), tok.vocab_size());
+    assert_eq!(trie.eos_tokens(), tok.eos_ids());
+    let (mut whole, mut partial) = (0, 0);
+    for id in 0..tok.vocab_size() as u32 {
+        let bytes = trie.token(id);
+        let text = tok.decode(&[id], false).unwrap();
+        if trie.is_special_token(id) {
+            assert_eq!(&bytes[1..], text.as_bytes(), "special token {id}");
+        } else {
+            // Our decoder turns a token holding part of a character into U+FFFD.
+            assert_eq!(String::from_utf8_lossy(bytes), text, "token {id}");
+            if std::str::from_utf8(bytes).is_ok() {
+                whole += 1;
+            } else {
+                partial += 1;
+            }
+        }
+    }
+    assert!(
+        whole > 45_000 && partial < 2_000,
+        "{whole} whole, {partial} partial"
+    );
+}

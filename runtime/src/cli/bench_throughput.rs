@@ -2,6 +2,7 @@
 //! scheduler), like vLLM's `benchmarks/benchmark_throughput.py`: N random prompts of L tokens,
 //! M output tokens each (EOS ignored), all submitted at once.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
@@ -15,6 +16,9 @@ use super::ModelArg;
 use crate::engine::{EngineCore, EngineRequest};
 use crate::model::loader::LoadedModel;
 use crate::model::LlamaModel;
+use crate::structured::{
+    mask_stats, tok_env, CompileLimits, CompiledConstraint, ConstraintCompiler, ConstraintSpec,
+};
 
 /// Arguments of `caduceus bench-throughput`.
 #[derive(Debug, clap::Args)]
@@ -41,7 +45,17 @@ pub struct BenchThroughputArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
+    /// Constrain the first N requests by a JSON schema (an array of triage objects that cannot
+    /// end within `--output-len`), to measure the cost of grammar masks.
+    #[arg(long, default_value_t = 0)]
+    constrained: usize,
 }
+
+/// The schema `--constrained` requests follow: triage objects, at least 10 000 of them.
+const BENCH_SCHEMA: &str = r#"{"type": "array", "minItems": 10000, "items": {"type": "object",
+  "properties": {"urgent": {"type": "boolean"}, "reason": {"type": "string"},
+  "see_doctor_within_hours": {"type": "integer"}},
+  "required": ["urgent", "reason", "see_doctor_within_hours"]}}"#;
 
 /// Scheduler settings shared by the engine benchmarks.
 #[derive(Debug, Clone, clap::Args)]
@@ -96,6 +110,11 @@ pub struct ThroughputReport {
     pub total_tokens_per_s: f64,
     pub num_preemptions: u64,
     pub num_steps: u64,
+    /// Requests constrained by a grammar.
+    pub num_constrained: usize,
+    /// Grammar masks computed, and their mean time (summed over threads) in microseconds.
+    pub num_masks: u64,
+    pub mean_mask_us: f64,
 }
 
 /// Runs `prompts` to completion on one engine and measures it.
@@ -104,8 +123,10 @@ pub fn run_throughput(
     config: SchedulerConfig,
     prompts: &[Vec<u32>],
     output_len: usize,
+    constrained: Option<(&Arc<CompiledConstraint>, usize)>,
 ) -> anyhow::Result<ThroughputReport> {
     let mut core = EngineCore::new(model, None, Vec::new(), config)?;
+    let masks_before = mask_stats();
     let mut streams = Vec::new();
     let start = Instant::now();
     for (i, p) in prompts.iter().enumerate() {
@@ -113,6 +134,9 @@ pub fn run_throughput(
         let mut req = EngineRequest::new(p.clone(), output_len);
         req.ignore_eos = true;
         req.detokenize = false;
+        if let Some((grammar, _)) = constrained.filter(|&(_, n)| i < n) {
+            req.constraint = Some(grammar.clone());
+        }
         core.add_request(RequestId(i as u64), req, tx)?;
         streams.push(rx);
     }
@@ -129,6 +153,9 @@ pub fn run_throughput(
         }
     }
     let input_tokens: usize = prompts.iter().map(Vec::len).sum();
+    let masks = mask_stats();
+    let num_masks = masks.num_masks - masks_before.num_masks;
+    let mask_nanos = masks.total_nanos - masks_before.total_nanos;
     Ok(ThroughputReport {
         num_requests: prompts.len(),
         elapsed_s,
@@ -137,6 +164,9 @@ pub fn run_throughput(
         total_tokens_per_s: (input_tokens + output_tokens) as f64 / elapsed_s,
         num_preemptions: core.stats().num_preemptions,
         num_steps,
+        num_constrained: constrained.map_or(0, |(_, n)| n.min(prompts.len())),
+        num_masks,
+        mean_mask_us: mask_nanos as f64 / 1e3 / num_masks.max(1) as f64,
     })
 }
 
@@ -167,7 +197,32 @@ pub fn run(args: BenchThroughputArgs) -> anyhow::Result<()> {
         args.seed,
     );
     let config = args.engine.config(max_model_len, max_len, args.num_prompts);
-    let batched = run_throughput(model, config.clone(), &prompts, args.output_len)?;
+    let grammar = if args.constrained > 0 {
+        let tokenizer = Arc::new(loaded.tokenizer.clone());
+        let env = tok_env::build(tokenizer, model.config().vocab_size)?;
+        let compiler = ConstraintCompiler::new(env, CompileLimits::default())?;
+        let start = Instant::now();
+        let g = compiler.compile(&ConstraintSpec::JsonSchema(serde_json::from_str(
+            BENCH_SCHEMA,
+        )?))?;
+        if !args.json {
+            println!(
+                "schema compiled in {:.1} ms",
+                start.elapsed().as_secs_f64() * 1e3
+            );
+        }
+        Some(g)
+    } else {
+        None
+    };
+    let constrained = grammar.as_ref().map(|g| (g, args.constrained));
+    let batched = run_throughput(
+        model,
+        config.clone(),
+        &prompts,
+        args.output_len,
+        constrained,
+    )?;
     let sequential = if args.compare_sequential {
         let seq_config = SchedulerConfig {
             max_num_seqs: 1,
@@ -178,6 +233,7 @@ pub fn run(args: BenchThroughputArgs) -> anyhow::Result<()> {
             seq_config,
             &prompts,
             args.output_len,
+            constrained,
         )?)
     } else {
         None
@@ -214,4 +270,10 @@ fn print_report(label: &str, r: &ThroughputReport) {
         "{label:<11} {:>8.2} s  {:>7.3} req/s  {:>8.1} output tok/s  {:>8.1} total tok/s  {} steps, {} preemptions",
         r.elapsed_s, r.requests_per_s, r.output_tokens_per_s, r.total_tokens_per_s, r.num_steps, r.num_preemptions
     );
+    if r.num_constrained > 0 {
+        println!(
+            "{:<11} {} requests constrained, {} masks, {:.1} us per mask (summed over threads)",
+            "", r.num_constrained, r.num_masks, r.mean_mask_us
+        );
+    }
 }

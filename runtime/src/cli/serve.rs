@@ -213,6 +213,7 @@ pub(super) fn serve<B: Backend + Send + 'static>(
         adapter_dtype,
     } = model;
     let s = &config.scheduler;
+    let vocab_size = base_config.vocab_size;
     let adapters = adapter_service(&config, base_config, &served_model_name, adapter_dtype)?;
     if let Some(service) = &adapters {
         core = core.with_adapters(service.clone())?;
@@ -230,8 +231,10 @@ pub(super) fn serve<B: Backend + Send + 'static>(
     engine.set_max_queued(s.max_queued_requests);
     let api_keys = expose(&config.server.resolve_api_keys()?);
     log_cache_isolation(&config, api_keys.is_empty());
+    let structured = structured_compiler(&tokenizer, vocab_size);
     let state = AppState {
         engine,
+        structured,
         tokenizer,
         chat_template: Arc::new(chat_template),
         settings: Arc::new(ServerSettings {
@@ -350,4 +353,22 @@ fn check_cpu_dtype(config: &CaduceusConfig) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The structured-outputs compiler for this model, or None (logged) when its vocabulary cannot
+/// be described to llguidance: those requests then get a 400, everything else is served.
+fn structured_compiler(
+    tokenizer: &Arc<crate::tokenizer::Tokenizer>,
+    vocab_size: usize,
+) -> Option<Arc<crate::structured::ConstraintCompiler>> {
+    use crate::structured::{tok_env, CompileLimits, ConstraintCompiler};
+    let built = tok_env::build(tokenizer.clone(), vocab_size)
+        .and_then(|env| ConstraintCompiler::new(env, CompileLimits::default()));
+    match built {
+        Ok(c) => Some(Arc::new(c)),
+        Err(e) => {
+            tracing::warn!(error = %e, "structured outputs disabled");
+            None
+        }
+    }
 }

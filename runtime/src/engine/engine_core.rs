@@ -272,6 +272,7 @@ impl<B: Backend> EngineCore<B> {
                 min_tokens: req.min_tokens,
                 masked_ids,
                 adapter,
+                constraint: req.constraint.as_ref().map(|c| c.matcher()),
             },
         );
         Ok(())

@@ -16,6 +16,7 @@ use super::failure::RequestFailure;
 use crate::adapters::LoadedAdapter;
 use crate::model::ForwardBatch;
 use crate::sampling::{SampledToken, Sampler, SamplingParams};
+use crate::structured::{compute_masks, RequestMatcher, TokenMask};
 
 /// What the executor keeps for a request from admission to finish.
 struct SeqState {
@@ -27,6 +28,8 @@ struct SeqState {
     adapter: Option<Arc<LoadedAdapter>>,
     /// Present while the request holds KV blocks (dropped on preemption).
     kv: Option<SeqKv>,
+    /// The grammar matcher of a constrained request (survives preemption, like the sampler).
+    constraint: Option<RequestMatcher>,
 }
 
 struct SeqKv {
@@ -45,6 +48,8 @@ pub struct SeqSampling {
     pub masked_ids: Vec<u32>,
     /// The request's adapter, if any.
     pub adapter: Option<Arc<LoadedAdapter>>,
+    /// The grammar matcher of a constrained request.
+    pub constraint: Option<RequestMatcher>,
 }
 
 /// One executed step: the scheduler's part and the sampled details the engine streams.
@@ -118,6 +123,7 @@ impl<B: Backend> Executor<B> {
             min_tokens: s.min_tokens,
             adapter: s.adapter,
             kv: None,
+            constraint: s.constraint,
         };
         self.seqs.insert(id, state);
     }
@@ -338,6 +344,7 @@ impl<B: Backend> Executor<B> {
     fn sample(&mut self, ids: &[RequestId]) -> Result<ExecuteResult, ExecutorError> {
         let vocab = self.backend.config().vocab_size;
         let mut rows = Vec::with_capacity(ids.len());
+        let mut grammar_masks = self.grammar_masks(ids);
         for id in ids {
             let state = self
                 .seqs
@@ -353,7 +360,9 @@ impl<B: Backend> Executor<B> {
             } else {
                 &[]
             };
-            rows.push(state.sampler.row_sample(prompt, output, vocab, banned));
+            let mut row = state.sampler.row_sample(prompt, output, vocab, banned);
+            row.allowed = grammar_masks.remove(id);
+            rows.push(row);
         }
         let sampled = self
             .backend
@@ -369,13 +378,36 @@ impl<B: Backend> Executor<B> {
                     continue;
                 }
             };
-            if let Some(kv) = self.seqs.get_mut(id).and_then(|s| s.kv.as_mut()) {
-                kv.token_ids.push(sampled.token_id);
+            if let Some(state) = self.seqs.get_mut(id) {
+                if let Some(m) = state.constraint.as_mut() {
+                    m.commit(sampled.token_id);
+                }
+                if let Some(kv) = state.kv.as_mut() {
+                    kv.token_ids.push(sampled.token_id);
+                }
             }
             result.step.sampled.push((*id, sampled.token_id));
             result.samples.insert(*id, sampled);
         }
         Ok(result)
+    }
+}
+
+impl<B> Executor<B> {
+    /// The grammar masks of the constrained requests among `ids` (none, at no cost, when no
+    /// running request is constrained), computed in parallel.
+    fn grammar_masks(&mut self, ids: &[RequestId]) -> HashMap<RequestId, TokenMask> {
+        if !self.seqs.values().any(|s| s.constraint.is_some()) {
+            return HashMap::new();
+        }
+        let wanted: HashSet<&RequestId> = ids.iter().collect();
+        let matchers = self
+            .seqs
+            .iter_mut()
+            .filter(|(id, _)| wanted.contains(id))
+            .filter_map(|(id, s)| Some((*id, s.constraint.as_mut()?)))
+            .collect();
+        compute_masks(matchers).into_iter().collect()
     }
 }
 

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use caduceus_scheduler::{AddRequestError, AdmissionLimits};
 
 use crate::sampling::{SamplingError, SamplingParams};
+use crate::structured::CompiledConstraint;
 
 /// Most stop strings one request may carry (OpenAI allows 4; vLLM more).
 pub const MAX_STOP_STRINGS: usize = 16;
@@ -39,6 +40,8 @@ pub struct EngineRequest {
     pub cache_salt: Option<u64>,
     /// Produce text (incremental detokenization); off for token-only benchmarks.
     pub detokenize: bool,
+    /// The grammar the output must match (structured outputs), compiled before queueing.
+    pub constraint: Option<Arc<CompiledConstraint>>,
 }
 
 impl EngineRequest {
@@ -56,6 +59,7 @@ impl EngineRequest {
             adapter: None,
             cache_salt: None,
             detokenize: true,
+            constraint: None,
         }
     }
 }

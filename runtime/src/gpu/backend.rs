@@ -6,7 +6,9 @@
 //! Runs in the kernels' host emulation in CI; it has never run on a GPU (issue 17).
 
 use caduceus_kernels::gpu::ops;
-use caduceus_kernels::gpu::sampling::{self, LogprobOutputs, SampleArgs, SampleRow};
+use caduceus_kernels::gpu::sampling::{
+    self, allowed_words, AllowedTokens, LogprobOutputs, SampleArgs, SampleRow,
+};
 use caduceus_kernels::gpu::{DType, Device, DeviceBuffer, GpuError};
 use caduceus_kernels::lora::Segment;
 use caduceus_kernels::sampling::{PenaltyEntry, MAX_LOGPROBS};
@@ -103,6 +105,8 @@ const OUT_IDS: usize = 4;
 const OUT_LOGPROB: usize = 5;
 const OUT_TOP_IDS: usize = 6;
 const OUT_TOP_LOGPROBS: usize = 7;
+const ALLOWED_BITS: usize = 8;
+const MASKED: usize = 9;
 
 /// A model on a CUDA device (or its emulation).
 pub struct GpuBackend {
@@ -224,7 +228,29 @@ impl GpuBackend {
             } else {
                 0
             };
-            descs.push(SampleRow::new(&r.sampling, r.u, start, count, r.logprobs));
+            let row = SampleRow::new(&r.sampling, r.u, start, count, r.logprobs);
+            descs.push(match r.allowed {
+                Some(_) => row.with_allowed_tokens(),
+                None => row,
+            });
+        }
+        // Structured outputs: each constrained row's bitset, as the CPU holds it.
+        let words = allowed_words(vocab);
+        let any_allowed = rows.iter().any(|r| r.allowed.is_some());
+        let mut bits = Vec::new();
+        if any_allowed {
+            bits = vec![u32::MAX; n * words];
+            for (i, r) in rows.iter().enumerate() {
+                if let Some(mask) = &r.allowed {
+                    let dst = &mut bits[i * words..(i + 1) * words];
+                    for (d, w) in dst
+                        .iter_mut()
+                        .zip(mask.words().iter().chain(std::iter::repeat(&0)))
+                    {
+                        *d = *w;
+                    }
+                }
+            }
         }
         let want_logprobs = rows.iter().any(|r| r.logprobs.is_some());
         let size = std::mem::size_of::<SampleRow>();
@@ -237,11 +263,16 @@ impl GpuBackend {
             (OUT_TOP_LOGPROBS, n * MAX_LOGPROBS * 4),
             (PENALTIES, entries.len() * 8),
             (WORK, cells * 4),
+            (ALLOWED_BITS, bits.len() * 4),
+            (MASKED, if any_allowed { cells * 4 } else { 0 }),
         ] {
             self.scratch.get(dev, index, bytes)?;
         }
         if !entries.is_empty() {
             dev.write(self.buf(PENALTIES)?, 0, &entries)?;
+        }
+        if any_allowed {
+            dev.write(self.buf(ALLOWED_BITS)?, 0, &bits)?;
         }
         let args = SampleArgs {
             logits: self.buf(LOGITS_F32)?,
@@ -261,8 +292,15 @@ impl GpuBackend {
             } else {
                 None
             },
-            // Bans are written into the rows above; structured-output masks will come here.
-            allowed: None,
+            // Bans are written into the rows above; grammar masks go up as bitsets.
+            allowed: if any_allowed {
+                Some(AllowedTokens {
+                    bits: self.buf(ALLOWED_BITS)?,
+                    masked: self.buf(MASKED)?,
+                })
+            } else {
+                None
+            },
             vocab,
             threads: 0,
         };

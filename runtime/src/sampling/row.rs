@@ -9,6 +9,7 @@ use caduceus_kernels::sampling::{
 
 use super::params::MAX_LOGPROBS;
 use super::sampler::SampledToken;
+use crate::structured::TokenMask;
 
 /// How one logits row is sampled.
 #[derive(Clone, Debug, PartialEq)]
@@ -23,6 +24,9 @@ pub struct RowSample {
     pub banned: Vec<u32>,
     /// `Some(n)`: the sampled token's logprob and the `n` most likely tokens.
     pub logprobs: Option<usize>,
+    /// Structured outputs: only these tokens may be sampled (others count as -inf, for the
+    /// draw and the logprobs alike).
+    pub allowed: Option<TokenMask>,
 }
 
 /// Reused storage of [`sample_row`].
@@ -35,11 +39,14 @@ pub struct RowScratch {
 /// Samples `r` from `logits` (one row, len = vocab). Logprobs are those of the raw distribution
 /// after the bans (log_softmax of the row), as vLLM returns by default.
 pub fn sample_row(logits: &[f32], r: &RowSample, scratch: &mut RowScratch) -> SampledToken {
-    let row = if r.banned.is_empty() {
+    let row = if r.banned.is_empty() && r.allowed.is_none() {
         logits
     } else {
         scratch.masked.clear();
         scratch.masked.extend_from_slice(logits);
+        if let Some(mask) = &r.allowed {
+            mask.apply(&mut scratch.masked);
+        }
         for &t in &r.banned {
             if let Some(l) = scratch.masked.get_mut(t as usize) {
                 *l = f32::NEG_INFINITY;

@@ -124,6 +124,7 @@ impl Sampler {
             penalties,
             banned: banned.to_vec(),
             logprobs: self.params.logprobs,
+            allowed: None,
         }
     }
 

@@ -7,12 +7,12 @@ use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use axum::Json;
 
-use super::generation::{collect_all, finish_label, off_the_workers, submit};
+use super::generation::{collect_all, compile_constraint, finish_label, off_the_workers, submit};
 use super::json::ApiJson;
 use super::protocol::{
     random_id, unix_timestamp, validate_chat, ApiError, ChatChoice, ChatChunkChoice,
-    ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, FinishReason, Usage,
-    CHAT_ID_PREFIX,
+    ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatDelta, FinishReason,
+    Usage, CHAT_ID_PREFIX,
 };
 use super::request_log::RequestLog;
 use super::routes::{admit, check_model};
@@ -20,6 +20,7 @@ use super::sse::{self, ChunkFormat};
 use super::state::AppState;
 use super::tenant::Tenant;
 use super::token_text::chat_logprobs;
+use super::tool_calls::{add_tools_prompt, parse_tool_calls, tool_constraint, ToolCallStream};
 use crate::chat_template::ChatTemplateError;
 use crate::sampling::SampledToken;
 use crate::tokenizer::chat_prompt::{encode_chat, ChatPrompt, ChatPromptError};
@@ -36,8 +37,16 @@ pub async fn chat_completions(
     ApiJson(req): ApiJson<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
     let in_flight = admit(&state)?;
-    let v = validate_chat(req)?;
+    let mut v = validate_chat(req)?;
     let model = check_model(&state, v.params.model.as_deref())?;
+    if let Some(plan) = &v.tools {
+        add_tools_prompt(&mut v.messages, plan);
+    }
+    let constraint = match &v.tools {
+        Some(plan) => Some((tool_constraint(plan), "tools")),
+        None => v.params.constraint.clone(),
+    };
+    let constraint = compile_constraint(&state, constraint).await?;
     let ChatPrompt {
         text,
         token_ids: prompt,
@@ -75,6 +84,7 @@ pub async fn chat_completions(
         &v.params,
         "messages",
         tenant,
+        constraint,
     )
     .inspect_err(|e| log.status = e.status)?;
     let created = unix_timestamp();
@@ -90,6 +100,11 @@ pub async fn chat_completions(
             include_usage: v.params.include_usage,
             logprobs: v.params.sampling.logprobs.is_some(),
             tokenizer: state.tokenizer.clone(),
+            tools: v.tools.as_ref().map(|_| {
+                (0..streams.len())
+                    .map(|_| ToolCallStream::default())
+                    .collect()
+            }),
         };
         return Ok(
             sse::respond(streams, format, log, v.params.include_usage, timeout).into_response(),
@@ -103,7 +118,16 @@ pub async fn chat_completions(
         .enumerate()
         .map(|(i, o)| {
             let lp = chat_logprobs(&state.tokenizer, &o.tokens);
-            ChatChoice::new(i as u32, o.text, lp, o.finish_reason)
+            let calls = v.tools.as_ref().and_then(|_| parse_tool_calls(&o.text));
+            let mut choice = ChatChoice::new(i as u32, o.text, lp, o.finish_reason);
+            if let Some(calls) = calls {
+                choice.message.content = None;
+                choice.message.tool_calls = Some(calls);
+                if choice.finish_reason == FinishReason::Stop {
+                    choice.finish_reason = FinishReason::ToolCalls;
+                }
+            }
+            choice
         })
         .collect::<Vec<_>>();
     if let (Some(t), Some(c)) = (log.texts.as_mut(), choices.first()) {
@@ -129,6 +153,8 @@ struct ChatFormat {
     include_usage: bool,
     logprobs: bool,
     tokenizer: Arc<Tokenizer>,
+    /// Per choice, with tools: the parser turning its text into `delta.tool_calls`.
+    tools: Option<Vec<ToolCallStream>>,
 }
 
 impl ChunkFormat for ChatFormat {
@@ -151,11 +177,24 @@ impl ChunkFormat for ChatFormat {
         finish: Option<FinishReason>,
     ) -> serde_json::Value {
         let lp = chat_logprobs(&self.tokenizer, tokens);
+        let mut choice = ChatChunkChoice::content(index, text, lp, finish);
+        let stream = self.tools.as_mut().and_then(|t| t.get_mut(index as usize));
+        if let Some(stream) = stream {
+            let piece = stream.push(choice.delta.content.as_deref().unwrap_or(""));
+            choice.delta = ChatDelta {
+                role: None,
+                content: piece.content,
+                tool_calls: (!piece.tool_calls.is_empty()).then_some(piece.tool_calls),
+            };
+            if stream.has_calls() && choice.finish_reason == Some(FinishReason::Stop) {
+                choice.finish_reason = Some(FinishReason::ToolCalls);
+            }
+        }
         let chunk = ChatCompletionChunk::new(
             &self.id,
             self.created,
             &self.model,
-            vec![ChatChunkChoice::content(index, text, lp, finish)],
+            vec![choice],
             self.include_usage,
         );
         serde_json::to_value(chunk).unwrap_or_default()

@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use axum::Json;
 
-use super::generation::{collect_all, finish_label, off_the_workers, submit};
+use super::generation::{collect_all, compile_constraint, finish_label, off_the_workers, submit};
 use super::json::ApiJson;
 use super::protocol::{
     random_id, unix_timestamp, validate_completion, ApiError, CompletionChoice, CompletionChunk,
@@ -82,6 +82,7 @@ pub async fn completions(
         let inputs = v.prompts;
         off_the_workers(move || tokenize_prompts(&state, inputs)).await??
     };
+    let constraint = compile_constraint(&state, v.params.constraint.clone()).await?;
     let id = random_id(COMPLETION_ID_PREFIX);
     let mut log = RequestLog::new(id.clone(), "completions", model.clone(), in_flight);
     log.prompt_tokens = prompts.iter().map(Vec::len).sum();
@@ -91,6 +92,7 @@ pub async fn completions(
         &v.params,
         "prompt",
         tenant.map(|Extension(t)| t),
+        constraint,
     )
     .inspect_err(|e| log.status = e.status)?;
     let created = unix_timestamp();

@@ -13,6 +13,7 @@ use super::tenant::{cache_salt, Tenant};
 use crate::engine::{EngineRequest, RequestOutput, RequestStream};
 use crate::metrics::record_inter_token;
 use crate::sampling::SampledToken;
+use crate::structured::{CompiledConstraint, ConstraintSpec};
 
 /// Everything one choice produced.
 #[derive(Clone, Debug)]
@@ -25,6 +26,27 @@ pub struct ChoiceOutput {
     pub finish_reason: FinishReason,
 }
 
+/// Compiles the request's output grammar (cached by its text) off the async workers; a grammar
+/// that cannot be compiled is a 400 naming `field` and the problem, before anything is queued.
+pub async fn compile_constraint(
+    state: &AppState,
+    constraint: Option<(ConstraintSpec, &'static str)>,
+) -> Result<Option<std::sync::Arc<CompiledConstraint>>, ApiError> {
+    let Some((spec, field)) = constraint else {
+        return Ok(None);
+    };
+    let Some(compiler) = state.structured.clone() else {
+        return Err(ApiError::invalid_request(
+            format!("`{field}` is not available for this model (its vocabulary could not be read)"),
+            Some(field),
+        ));
+    };
+    let compiled = off_the_workers(move || compiler.compile(&spec)).await?;
+    compiled
+        .map(Some)
+        .map_err(|e| ApiError::invalid_request(format!("`{field}`: {e}"), Some(field)))
+}
+
 /// Queues one engine request per (prompt, choice), in choice-index order. On any refusal the
 /// streams already opened are dropped, which aborts them. `tenant` is the authenticated caller,
 /// whose prefix-cache blocks are kept apart from other tenants' under `per_key` isolation.
@@ -34,6 +56,7 @@ pub fn submit(
     params: &GenerationParams,
     prompt_field: &str,
     tenant: Option<Tenant>,
+    constraint: Option<std::sync::Arc<CompiledConstraint>>,
 ) -> Result<Vec<RequestStream>, ApiError> {
     let cache_salt = cache_salt(
         state.settings.prefix_cache_isolation,
@@ -68,6 +91,7 @@ pub fn submit(
                 adapter: adapter.clone(),
                 cache_salt,
                 detokenize: true,
+                constraint: constraint.clone(),
             };
             let stream = state
                 .engine
@@ -116,6 +140,7 @@ pub fn finish_label(reason: FinishReason) -> &'static str {
         FinishReason::Length => "length",
         FinishReason::Abort => "abort",
         FinishReason::Error => "error",
+        FinishReason::ToolCalls => "tool_calls",
     }
 }
 

@@ -18,6 +18,7 @@ mod sse;
 mod state;
 mod tenant;
 mod token_text;
+mod tool_calls;
 
 pub use app::app;
 pub use error::request_error;

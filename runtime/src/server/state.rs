@@ -11,6 +11,7 @@ use crate::adapters::AdapterService;
 use crate::chat_template::ChatTemplate;
 use crate::config::PrefixCacheIsolation;
 use crate::engine::EngineHandle;
+use crate::structured::ConstraintCompiler;
 use crate::tokenizer::Tokenizer;
 
 use super::rate_limit::RateLimiter;
@@ -141,4 +142,7 @@ pub struct AppState {
     pub started: u64,
     /// The LoRA adapters served on the base model (None: base model only).
     pub adapters: Option<Arc<AdapterService>>,
+    /// Compiles structured-output grammars for this model's vocabulary (None: the tokenizer
+    /// cannot be described to llguidance, and such requests get a 400).
+    pub structured: Option<Arc<ConstraintCompiler>>,
 }

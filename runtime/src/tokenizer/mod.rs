@@ -291,6 +291,12 @@ impl Tokenizer {
             .map_err(TokenizerError::backend)
     }
 
+    /// The backend pipeline as `tokenizer.json` text: structured outputs read each token's exact
+    /// bytes from it (byte-level or byte-fallback vocabularies, special tokens marked).
+    pub fn to_json(&self) -> Result<String, TokenizerError> {
+        self.inner.to_string(false).map_err(TokenizerError::backend)
+    }
+
     /// Number of ids (one past the largest), added tokens included.
     pub fn vocab_size(&self) -> usize {
         self.vocab_size

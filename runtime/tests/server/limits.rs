@@ -19,14 +19,8 @@ async fn unimplemented_fields_and_oversized_stops_get_a_400_naming_the_field() {
         body
     };
     let cases = [
-        (
-            json!({"tools": [{"type": "function", "function": {"name": "f"}}]}),
-            "tools",
-        ),
-        (
-            json!({"response_format": {"type": "json_object"}}),
-            "response_format",
-        ),
+        (json!({"functions": [{"name": "f"}]}), "functions"),
+        (json!({"guided_json": {"type": "object"}}), "guided_json"),
         (json!({"logit_bias": {"5": 100}}), "logit_bias"),
         (
             json!({"stop": ["x".repeat(MAX_STOP_STRING_BYTES + 1)]}),

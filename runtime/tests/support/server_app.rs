@@ -17,6 +17,7 @@ use caduceus_runtime::engine::{EngineCore, EngineHandle, FaultPlan, SchedulerCon
 use caduceus_runtime::model::loader::LoadedModel;
 use caduceus_runtime::model::LoraDtype;
 use caduceus_runtime::server::{AppState, Lifecycle, RateLimit, RateLimiter, ServerSettings};
+use caduceus_runtime::structured::{tok_env, CompileLimits, ConstraintCompiler};
 
 /// Knobs of a test server.
 #[derive(Clone)]
@@ -49,6 +50,8 @@ pub struct TestServer {
     pub faults: FaultPlan,
     /// `server.rate_limit_per_key` and `rate_limit_burst`.
     pub rate_limit: Option<RateLimit>,
+    /// Context length past the model's own (RoPE extends; for long prompts such as tool lists).
+    pub max_model_len: Option<usize>,
 }
 
 impl Default for TestServer {
@@ -71,6 +74,7 @@ impl Default for TestServer {
             engine_stall_timeout: Duration::from_secs(60),
             faults: FaultPlan::default(),
             rate_limit: None,
+            max_model_len: None,
         }
     }
 }
@@ -88,11 +92,14 @@ impl TestServer {
             max_num_batched_tokens: 256,
             block_size: 16,
             num_blocks: self.num_blocks,
-            max_model_len: loaded.model.config().max_position_embeddings,
+            max_model_len: self
+                .max_model_len
+                .unwrap_or(loaded.model.config().max_position_embeddings),
             ..SchedulerConfig::default()
         };
         let eos = tokenizer.eos_ids().to_vec();
         let base = loaded.model.config().clone();
+        let vocab_size = base.vocab_size;
         let mut core =
             EngineCore::new(Arc::new(loaded.model), Some(tokenizer.clone()), eos, config).unwrap();
         let adapters = self.adapter_dir.as_ref().map(|dir| {
@@ -114,9 +121,14 @@ impl TestServer {
             core = core.with_adapters(service.clone()).unwrap();
         }
         let core = core.with_faults(self.faults.clone());
+        let structured = tok_env::build(tokenizer.clone(), vocab_size)
+            .and_then(|env| ConstraintCompiler::new(env, CompileLimits::default()))
+            .ok()
+            .map(Arc::new);
         let (engine, _thread) = EngineHandle::spawn(core).unwrap();
         engine.set_max_queued(self.max_queued);
         AppState {
+            structured,
             engine,
             tokenizer,
             chat_template: Arc::new(loaded.chat_template),

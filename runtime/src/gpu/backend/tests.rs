@@ -18,6 +18,7 @@ use crate::model::config::LlamaConfig;
 use crate::model::lora::{LoraDtype, LoraStack};
 use crate::model::{ForwardBatch, LlamaModel};
 use crate::sampling::{sample_row, RowScratch, SamplingParams};
+use crate::structured::TokenMask;
 
 const DTYPE: DType = DType::F16;
 
@@ -190,13 +191,29 @@ fn device_sampling_matches_the_cpu_twin_on_the_same_logits() {
     };
     // The first row's greedy winner is banned (min_tokens), so the ban must take effect.
     let banned = [cpu_argmax(0), 299];
+    // Rows 2 and 3 are grammar-constrained (structured outputs), row 3 to its raw argmax's
+    // complement so the mask must change the answer.
+    let grammar = [
+        None,
+        None,
+        Some(TokenMask::from_ids(vocab, &[3, 17, 250, 299])),
+        Some(TokenMask::from_ids(
+            vocab,
+            &(0..vocab as u32)
+                .filter(|&t| t != cpu_argmax(3))
+                .collect::<Vec<_>>(),
+        )),
+    ];
     let row_samples: Vec<_> = params
         .iter()
+        .zip(grammar)
         .enumerate()
-        .map(|(i, p)| {
+        .map(|(i, (p, allowed))| {
             let mut s = crate::sampling::Sampler::new(p.clone());
             let ban: &[u32] = if i == 0 { &banned } else { &[] };
-            s.row_sample(&prompt, &output, vocab, ban)
+            let mut r = s.row_sample(&prompt, &output, vocab, ban);
+            r.allowed = allowed;
+            r
         })
         .collect();
     let got: Vec<_> = b
@@ -221,6 +238,15 @@ fn device_sampling_matches_the_cpu_twin_on_the_same_logits() {
         );
     }
     assert_ne!(got[0].token_id, banned[0], "a banned id was sampled");
+    assert!(
+        [3, 17, 250, 299].contains(&got[2].token_id),
+        "row 2 left its grammar"
+    );
+    assert_ne!(
+        got[3].token_id,
+        cpu_argmax(3),
+        "row 3 sampled a disallowed token"
+    );
 }
 
 fn c_vocab() -> usize {

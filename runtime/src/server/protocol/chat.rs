@@ -5,6 +5,9 @@ use utoipa::ToSchema;
 
 use super::common::{FinishReason, StopSpec, StreamOptions, Usage};
 use super::logprobs::ChatLogprobs;
+use super::structured::{
+    ResponseFormat, StructuredOutputs, ToolCall, ToolCallDelta, ToolChoiceParam, ToolParam,
+};
 
 /// A chat completion request. Unknown fields are ignored; integers are read signed and floats
 /// as `f64` so that out-of-range values reach validation, which names the field, instead of
@@ -41,6 +44,16 @@ pub struct ChatCompletionRequest {
     /// vLLM extension: prefix-cache blocks are shared only between requests with the same salt
     /// (and, under `per_key` isolation, the same API key).
     pub cache_salt: Option<String>,
+    /// Constrains the answer to JSON (an object, or valid under a schema).
+    pub response_format: Option<ResponseFormat>,
+    /// vLLM extension: a JSON schema, regex, choice list or Lark grammar the answer must match.
+    pub structured_outputs: Option<StructuredOutputs>,
+    /// Functions the model may call.
+    pub tools: Option<Vec<ToolParam>>,
+    /// `none`, `auto` (default with tools), `required` or a named function.
+    pub tool_choice: Option<ToolChoiceParam>,
+    /// More than one call per answer (default true).
+    pub parallel_tool_calls: Option<bool>,
 }
 
 /// One input message.
@@ -53,6 +66,12 @@ pub struct ChatMessageParam {
     pub content: Option<MessageContent>,
     #[serde(default)]
     pub name: Option<String>,
+    /// The calls an earlier assistant answer made.
+    #[serde(default)]
+    pub tool_calls: Option<Vec<ToolCall>>,
+    /// On `tool` messages: the call this result answers.
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
 }
 
 /// `messages[].content`: a string, or an array of content parts.
@@ -126,7 +145,10 @@ pub struct ChatChoice {
 pub struct ChatResponseMessage {
     /// Always `"assistant"`.
     pub role: String,
+    /// The text; `null` when the answer is tool calls.
     pub content: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCall>>,
 }
 
 impl ChatChoice {
@@ -141,6 +163,7 @@ impl ChatChoice {
             message: ChatResponseMessage {
                 role: "assistant".into(),
                 content: Some(text),
+                tool_calls: None,
             },
             logprobs,
             finish_reason,
@@ -208,6 +231,8 @@ pub struct ChatDelta {
     pub role: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallDelta>>,
 }
 
 impl ChatChunkChoice {
@@ -216,6 +241,7 @@ impl ChatChunkChoice {
         let delta = ChatDelta {
             role: Some("assistant".into()),
             content: Some(String::new()),
+            tool_calls: None,
         };
         ChatChunkChoice {
             index,
@@ -235,6 +261,7 @@ impl ChatChunkChoice {
         let delta = ChatDelta {
             role: None,
             content: Some(text),
+            tool_calls: None,
         };
         ChatChunkChoice {
             index,

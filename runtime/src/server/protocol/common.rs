@@ -79,6 +79,8 @@ pub enum FinishReason {
     Abort,
     /// The engine failed the request.
     Error,
+    /// The answer is tool calls.
+    ToolCalls,
 }
 
 impl From<caduceus_scheduler::FinishReason> for FinishReason {

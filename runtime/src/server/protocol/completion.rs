@@ -5,6 +5,7 @@ use utoipa::ToSchema;
 
 use super::common::{FinishReason, StopSpec, StreamOptions, Usage};
 use super::logprobs::CompletionLogprobs;
+use super::structured::{ResponseFormat, StructuredOutputs};
 
 /// A legacy completion request; the same reading rules as the chat request.
 #[derive(Clone, Debug, PartialEq, Deserialize, ToSchema)]
@@ -34,6 +35,10 @@ pub struct CompletionRequest {
     pub user: Option<String>,
     /// As in chat: separates this request's prefix-cache blocks from other salts.
     pub cache_salt: Option<String>,
+    /// As in chat: constrains the text to JSON.
+    pub response_format: Option<ResponseFormat>,
+    /// vLLM extension, as in chat.
+    pub structured_outputs: Option<StructuredOutputs>,
 }
 
 /// `prompt`: text, several texts, token ids, or several token-id lists.

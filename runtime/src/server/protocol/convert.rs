@@ -5,6 +5,7 @@ use crate::chat_template::ChatMessage;
 
 use super::chat::{ChatMessageParam, ContentPart, MessageContent};
 use super::completion::Prompt;
+use super::structured::tool_calls_text;
 use super::validate::{invalid, out_of_range, PromptInput, ValidationError, MAX_PROMPTS};
 
 pub(super) fn convert_messages(
@@ -17,19 +18,26 @@ pub(super) fn convert_messages(
         .into_iter()
         .enumerate()
         .map(|(i, m)| {
-            if !matches!(m.role.as_str(), "system" | "user" | "assistant") {
+            if !matches!(m.role.as_str(), "system" | "user" | "assistant" | "tool") {
                 return Err(out_of_range(
                     &format!("messages[{i}].role"),
                     format!("\"{}\"", m.role),
-                    "one of \"system\", \"user\", \"assistant\"",
+                    "one of \"system\", \"user\", \"assistant\", \"tool\"",
                 ));
             }
-            let content = match m.content {
+            let mut content = match m.content {
                 Some(MessageContent::Text(text)) => text,
                 Some(MessageContent::Parts(parts)) => join_parts(i, parts)?,
                 None if m.role == "assistant" => String::new(),
                 None => return Err(invalid(&format!("messages[{i}].content"), "is required")),
             };
+            // An earlier answer's calls go back into the conversation as the model wrote them.
+            if let Some(calls) = m
+                .tool_calls
+                .filter(|c| !c.is_empty() && m.role == "assistant")
+            {
+                content.push_str(&tool_calls_text(&calls));
+            }
             Ok(ChatMessage::new(m.role, content))
         })
         .collect()

@@ -9,6 +9,7 @@ mod convert;
 mod error;
 mod logprobs;
 mod models;
+mod structured;
 mod unsupported;
 mod validate;
 
@@ -28,6 +29,12 @@ pub use completion::{
 pub use error::{ApiError, ErrorBody, ErrorResponse};
 pub use logprobs::{ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, TopLogprob, MIN_LOGPROB};
 pub use models::{ModelCard, ModelList, OWNED_BY};
+pub use structured::{
+    output_constraint, tool_calls_text, tool_plan, FunctionCall, FunctionCallDelta, FunctionDef,
+    JsonSchemaFormat, NamedFunction, NamedToolChoice, ResponseFormat, StructuredOutputs, ToolCall,
+    ToolCallDelta, ToolChoiceParam, ToolMode, ToolParam, ToolPlan, MAX_TOOLS, TOOL_CALL_CLOSE,
+    TOOL_CALL_OPEN,
+};
 pub use unsupported::{unsupported_error, unsupported_field, UNSUPPORTED_FIELDS};
 pub use validate::{
     validate_chat, validate_completion, GenerationParams, PromptInput, ValidatedChatRequest,

@@ -11,6 +11,8 @@ use super::common::{StopSpec, StreamOptions};
 use super::completion::CompletionRequest;
 use super::convert::{convert_messages, convert_prompt};
 use super::error::ApiError;
+use super::structured::{output_constraint, tool_plan, ToolPlan};
+use crate::structured::ConstraintSpec;
 
 /// Most choices per prompt (`n`); each is a full sequence in the batch.
 pub const MAX_N: usize = 8;
@@ -91,6 +93,8 @@ pub struct GenerationParams {
     pub user: Option<String>,
     /// The request's own prefix-cache salt (vLLM's `cache_salt`).
     pub cache_salt: Option<String>,
+    /// The grammar the output must match, and the field that asked for it.
+    pub constraint: Option<(ConstraintSpec, &'static str)>,
 }
 
 /// A checked chat request.
@@ -98,6 +102,8 @@ pub struct GenerationParams {
 pub struct ValidatedChatRequest {
     pub messages: Vec<ChatMessage>,
     pub params: GenerationParams,
+    /// The tools the model may call (absent with none, or `tool_choice: "none"`).
+    pub tools: Option<ToolPlan>,
 }
 
 /// One prompt of a legacy completion request.
@@ -135,6 +141,7 @@ struct Common {
     min_tokens: Option<i64>,
     user: Option<String>,
     cache_salt: Option<String>,
+    constraint: Option<(ConstraintSpec, &'static str)>,
 }
 
 /// Checks a chat request and converts its messages for the chat template.
@@ -147,6 +154,14 @@ pub fn validate_chat(req: ChatCompletionRequest) -> Result<ValidatedChatRequest,
         _ => None,
     };
     let messages = convert_messages(req.messages)?;
+    let constraint = output_constraint(req.response_format, req.structured_outputs)?;
+    let tools = tool_plan(req.tools, req.tool_choice, req.parallel_tool_calls)?;
+    if let (Some((_, field)), Some(_)) = (&constraint, &tools) {
+        return Err(invalid(
+            field,
+            "cannot be combined with `tools`; send `tool_choice: \"none\"` or drop one",
+        ));
+    }
     // OpenAI deprecated `max_tokens` for `max_completion_tokens`; the newer field wins.
     let max_tokens = match (req.max_completion_tokens, req.max_tokens) {
         (Some(v), _) => Some(("max_completion_tokens", v)),
@@ -173,9 +188,14 @@ pub fn validate_chat(req: ChatCompletionRequest) -> Result<ValidatedChatRequest,
         min_tokens: req.min_tokens,
         user: req.user,
         cache_salt: req.cache_salt,
+        constraint,
     };
     let params = generation_params(common, logprobs)?;
-    Ok(ValidatedChatRequest { messages, params })
+    Ok(ValidatedChatRequest {
+        messages,
+        params,
+        tools,
+    })
 }
 
 /// Checks a legacy completion request; `max_tokens` defaults to
@@ -211,6 +231,7 @@ pub fn validate_completion(
         min_tokens: req.min_tokens,
         user: req.user,
         cache_salt: req.cache_salt,
+        constraint: output_constraint(req.response_format, req.structured_outputs)?,
     };
     let params = generation_params(common, logprobs)?;
     Ok(ValidatedCompletionRequest { prompts, params })
@@ -229,6 +250,12 @@ fn generation_params(
     logprobs: Option<usize>,
 ) -> Result<GenerationParams, ValidationError> {
     let sampling = sampling_params(&c, logprobs)?;
+    if c.constraint.is_some() && c.ignore_eos == Some(true) {
+        return Err(invalid(
+            "ignore_eos",
+            "cannot be combined with a structured output (the grammar ends the answer)",
+        ));
+    }
     let max_tokens = match c.max_tokens {
         Some((param, v)) if v < 1 => return Err(out_of_range(param, v, "at least 1")),
         Some((_, v)) => Some(usize::try_from(v).unwrap_or(usize::MAX)),
@@ -314,6 +341,7 @@ fn generation_params(
         include_usage,
         user: c.user,
         cache_salt: c.cache_salt,
+        constraint: c.constraint,
     })
 }
 
