@@ -39,8 +39,13 @@ const LIMITS: AdapterLimits = AdapterLimits {
 /// must agree, per dtype.
 const TOLERANCES: [(DType, f32, bool); 2] = [(DType::F16, 0.03, true), (DType::Bf16, 0.25, false)];
 
+/// `$CADUCEUS_SHARED_DIR/reference/tiny-llama` (set by `scripts/gpu-check`, which carries the
+/// files), else the checkout's `../shared`.
 fn dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/reference/tiny-llama")
+    let shared = std::env::var_os("CADUCEUS_SHARED_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared"));
+    shared.join("reference/tiny-llama")
 }
 
 fn expected() -> Value {

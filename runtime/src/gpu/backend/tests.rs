@@ -4,7 +4,7 @@
 //! filled from the host tier's prepared stacks; the memory plan at start.
 
 use caduceus_kernels::attention::SeqAttention;
-use caduceus_kernels::gpu::{DType, Device};
+use caduceus_kernels::gpu::{devices_under_test, DType, Device};
 use caduceus_kernels::lora::segments_from_token_slots;
 use caduceus_scheduler::{RequestId, SchedulerConfig};
 use tokio::sync::mpsc;
@@ -27,13 +27,17 @@ fn config() -> LlamaConfig {
 }
 
 fn gpu_model() -> GpuModel {
-    let c = config();
-    GpuModel::from_tensors(c.clone(), &mut store(&c, DTYPE), Device::emulated(), DTYPE).unwrap()
+    model_on(Device::emulated())
 }
 
-fn backend(num_blocks: usize, slots: Option<SlotSpec>) -> GpuBackend {
+fn model_on(dev: Device) -> GpuModel {
+    let c = config();
+    GpuModel::from_tensors(c.clone(), &mut store(&c, DTYPE), dev, DTYPE).unwrap()
+}
+
+fn backend(dev: Device, num_blocks: usize, slots: Option<SlotSpec>) -> GpuBackend {
     GpuBackend::new(
-        gpu_model(),
+        model_on(dev),
         GpuBackendConfig {
             block_size: 16,
             kv_blocks: KvBlocks::Fixed(num_blocks),
@@ -102,13 +106,21 @@ fn sched(num_blocks: usize) -> SchedulerConfig {
 }
 
 #[test]
-fn the_engine_on_the_emulated_gpu_backend_generates_what_the_cpu_engine_does() {
+fn the_engine_on_the_gpu_backend_generates_what_the_cpu_engine_does() {
     let c = config();
     let cpu_model = LlamaModel::from_tensors(c.clone(), &mut store(&c, DTYPE)).unwrap();
     let mut cpu = EngineCore::new(&cpu_model, None, Vec::new(), sched(32)).unwrap();
     let want = run(&mut cpu, requests());
+    for dev in devices_under_test().unwrap() {
+        engine_matches(dev, &want);
+    }
+}
+
+fn engine_matches(dev: Device, want: &[Vec<u32>]) {
+    let what = dev.describe();
     // A pool of 6 blocks cannot hold all four requests: the GPU run also preempts.
-    let mut gpu = EngineCore::with_backend(backend(6, None), None, Vec::new(), sched(999)).unwrap();
+    let mut gpu =
+        EngineCore::with_backend(backend(dev, 6, None), None, Vec::new(), sched(999)).unwrap();
     assert_eq!(
         gpu.scheduler_config().num_blocks,
         6,
@@ -120,15 +132,18 @@ fn the_engine_on_the_emulated_gpu_backend_generates_what_the_cpu_engine_does() {
         gpu.stats().prefix_cache_hits > 0,
         "the shared prefix was reused"
     );
-    assert_eq!(
-        got, want,
-        "greedy tokens of f16 on the emulated GPU vs f32 on the CPU"
-    );
+    assert_eq!(got, want, "{what}: greedy tokens of f16 vs f32 on the CPU");
 }
 
 #[test]
 fn device_sampling_matches_the_cpu_twin_on_the_same_logits() {
-    let mut b = backend(4, None);
+    for dev in devices_under_test().unwrap() {
+        sampling_matches(dev);
+    }
+}
+
+fn sampling_matches(dev: Device) {
+    let mut b = backend(dev, 4, None);
     let ids: Vec<u32> = (0..7).map(|i| i * 31 % 300).collect();
     let pos: Vec<u32> = (0..7).collect();
     let table = [2u32];
