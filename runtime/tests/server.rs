@@ -5,6 +5,8 @@ mod support;
 
 #[path = "server/admin.rs"]
 mod admin;
+#[path = "server/fuzz.rs"]
+mod fuzz;
 #[path = "server/isolation.rs"]
 mod isolation;
 #[path = "server/limits.rs"]

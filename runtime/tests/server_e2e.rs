@@ -3,6 +3,9 @@
 
 mod support;
 
+#[path = "server_e2e/disconnects.rs"]
+mod disconnects;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -12,6 +15,9 @@ use support::server_app::{sse_data, TestServer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
+
+/// Held by the tests whose clients leave early, so each can count its own 499s exactly.
+static SOCKET_ABORTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 struct Running {
     addr: SocketAddr,
@@ -139,6 +145,7 @@ async fn streaming_over_a_socket_parses_as_openai_sse() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_that_disconnect_abort_their_requests() {
+    let _alone = SOCKET_ABORTS.lock().await;
     let srv = start(
         TestServer {
             max_num_seqs: 2,
