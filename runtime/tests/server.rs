@@ -5,12 +5,16 @@ mod support;
 
 #[path = "server/admin.rs"]
 mod admin;
+#[path = "server/admin_loads.rs"]
+mod admin_loads;
 #[path = "server/fuzz.rs"]
 mod fuzz;
 #[path = "server/isolation.rs"]
 mod isolation;
 #[path = "server/limits.rs"]
 mod limits;
+#[path = "server/models_page.rs"]
+mod models_page;
 #[path = "server/special_tokens.rs"]
 mod special_tokens;
 

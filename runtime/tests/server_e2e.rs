@@ -3,6 +3,8 @@
 
 mod support;
 
+#[path = "server_e2e/big_prompts.rs"]
+mod big_prompts;
 #[path = "server_e2e/disconnects.rs"]
 mod disconnects;
 
@@ -106,17 +108,23 @@ fn parse_response(raw: &str) -> (u16, String) {
     (status, out)
 }
 
+/// Waits until the engine holds no request and no free block is missing, and no HTTP request is
+/// in flight (a handler may still be tokenizing when the engine is already idle).
 async fn wait_idle(state: &AppState) {
-    for _ in 0..400 {
+    for _ in 0..2000 {
         let s = state.engine.stats();
-        if s.num_running + s.num_waiting == 0 && s.num_free_blocks == s.num_usable_blocks {
+        if s.num_running + s.num_waiting == 0
+            && s.num_free_blocks == s.num_usable_blocks
+            && state.lifecycle.in_flight() == 0
+        {
             return;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     panic!(
-        "the engine did not return to idle: {:?}",
-        state.engine.stats()
+        "the server did not return to idle: {:?}, {} requests in flight",
+        state.engine.stats(),
+        state.lifecycle.in_flight()
     );
 }
 

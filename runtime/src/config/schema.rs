@@ -80,6 +80,7 @@ pub(crate) const SCHEMA: &[KeySpec] = &[
     spec("server", "allow_runtime_lora_updating", Kind::Bool),
     spec("server", "metrics_api_key", Kind::Str),
     spec("server", "worker_threads", int(1, 1024)),
+    spec("server", "max_concurrent_adapter_loads", int(1, 1024)),
     spec("model", "path", Kind::Path),
     spec("model", "served_model_name", Kind::Str),
     spec("model", "max_model_len", int(2, u32::MAX as i64)),

@@ -56,6 +56,8 @@ pub struct ServerSection {
     pub metrics_api_key: Option<ApiKey>,
     /// Async (HTTP) worker threads; tokenization and templating run on a separate blocking pool.
     pub worker_threads: usize,
+    /// `POST /v1/load_lora_adapter` calls validating at once; as many more wait, then 429.
+    pub max_concurrent_adapter_loads: usize,
 }
 
 impl ServerSection {
@@ -97,6 +99,7 @@ impl Default for ServerSection {
             allow_runtime_lora_updating: false,
             metrics_api_key: None,
             worker_threads: 2,
+            max_concurrent_adapter_loads: 2,
         }
     }
 }

