@@ -13,7 +13,9 @@ use tokio::sync::mpsc;
 
 use super::bench_throughput::random_prompts;
 use super::ModelArg;
-use crate::engine::{EngineCore, EngineRequest, MAX_STOP_STRINGS, MAX_STOP_STRING_BYTES};
+use crate::engine::{
+    EngineCore, EngineRequest, StopStrings, MAX_STOP_STRINGS, MAX_STOP_STRING_BYTES,
+};
 use crate::model::loader::LoadedModel;
 use crate::model::LlamaModel;
 use crate::tokenizer::Tokenizer;
@@ -119,6 +121,32 @@ pub fn hostile_stops(text: &str) -> Vec<String> {
         .collect()
 }
 
+/// Time the hostile stop strings take per generated piece of `text` (about a token's worth of
+/// bytes), fed as the engine feeds them: the direct cost behind the step-time ratio, which a
+/// noisy machine blurs.
+fn stop_cost_per_token(text: &str, stops: &[String]) -> Duration {
+    let mut pieces = Vec::new();
+    let mut start = 0;
+    while start < text.len() {
+        let mut end = (start + 4).min(text.len());
+        while !text.is_char_boundary(end) {
+            end += 1;
+        }
+        pieces.push(&text[start..end]);
+        start = end;
+    }
+    let reps = 200u32;
+    let begin = Instant::now();
+    for _ in 0..reps {
+        let mut m = StopStrings::new(stops.to_vec());
+        for p in &pieces {
+            std::hint::black_box(m.push(p));
+        }
+        std::hint::black_box(m.flush());
+    }
+    begin.elapsed() / (reps * pieces.len().max(1) as u32)
+}
+
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
@@ -153,6 +181,8 @@ pub fn run(args: BenchStopArgs) -> anyhow::Result<()> {
     }
     let (plain, hostile) = (median(plain), median(hostile));
     let ratio = hostile.as_secs_f64() / plain.as_secs_f64();
+    let per_token = stop_cost_per_token(&text, &stops);
+    let share = per_token.as_secs_f64() / plain.as_secs_f64();
     if args.json {
         let v = serde_json::json!({
             "streams": args.streams + 1,
@@ -161,6 +191,8 @@ pub fn run(args: BenchStopArgs) -> anyhow::Result<()> {
             "step_ms_plain": plain.as_secs_f64() * 1e3,
             "step_ms_hostile": hostile.as_secs_f64() * 1e3,
             "ratio": ratio,
+            "stop_us_per_token": per_token.as_secs_f64() * 1e6,
+            "stop_share_of_step": share,
         });
         println!("{v}");
     } else {
@@ -176,25 +208,11 @@ pub fn run(args: BenchStopArgs) -> anyhow::Result<()> {
             hostile.as_secs_f64() * 1e3,
             (ratio - 1.0) * 100.0
         );
+        println!(
+            "the hostile stop strings' matching alone: {:.1} us per token, {:.2}% of a plain step",
+            per_token.as_secs_f64() * 1e6,
+            share * 100.0
+        );
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::hostile_stops;
-    use crate::engine::{StopCheck, StopStrings, MAX_STOP_STRINGS, MAX_STOP_STRING_BYTES};
-
-    #[test]
-    fn hostile_stops_hold_the_whole_text_back_and_never_match() {
-        let text = "Dr. Lin here. Rest, drink water, and see a doctor if the fever lasts.";
-        let stops = hostile_stops(text);
-        assert_eq!(stops.len(), MAX_STOP_STRINGS);
-        assert!(stops.iter().all(|s| s.len() == MAX_STOP_STRING_BYTES));
-        let mut m = StopStrings::new(stops);
-        for piece in text.split_inclusive(' ') {
-            assert_eq!(m.push(piece), StopCheck::Continue(String::new()));
-        }
-        assert_eq!(m.flush(), text);
-    }
 }

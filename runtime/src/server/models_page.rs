@@ -60,7 +60,7 @@ pub async fn list_models(
     let mut cards = Vec::new();
     let mut remaining = limit;
     // The base model is the first entry; a cursor naming it continues with the adapters.
-    let adapters_after = match query.after.as_deref() {
+    let adapters_after = match query.after.as_deref().filter(|a| !a.is_empty()) {
         None => {
             cards.push(ModelCard::base(
                 base_name,
