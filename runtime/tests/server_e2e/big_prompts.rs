@@ -8,7 +8,7 @@ use serde_json::json;
 use super::{http, start};
 use crate::support::server_app::TestServer;
 
-const NUM_PROMPTS: usize = 6;
+const NUM_PROMPTS: usize = 3;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_answers_while_one_mib_prompts_arrive() {
