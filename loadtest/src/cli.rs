@@ -27,6 +27,9 @@ pub enum Command {
     Sweep(SweepArgs),
     /// Run the same schedule against two servers in A-B-B-A order and compare every metric.
     Compare(CompareArgs),
+    /// Send random and mutated requests to every endpoint; fail on any 5xx, unanswered request
+    /// or an unhealthy server afterwards.
+    Fuzz(FuzzArgs),
     /// Start the mock OpenAI server used by the tests (for manual trials).
     #[command(hide = true)]
     MockServer(MockArgs),
@@ -205,4 +208,27 @@ pub struct MockArgs {
     /// Answer at most this many requests at once (the rest queue).
     #[arg(long)]
     pub max_concurrency: Option<usize>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct FuzzArgs {
+    /// The server, as host:port.
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    pub addr: String,
+    #[arg(long, default_value_t = 10_000)]
+    pub num_requests: u64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: usize,
+    /// Served names to address (base and adapters), comma-separated. Default: what
+    /// `GET /v1/models` lists.
+    #[arg(long, value_delimiter = ',')]
+    pub models: Vec<String>,
+    /// API key for requests that do not set their own `Authorization`.
+    #[arg(long, env = "OPENAI_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Seconds to wait for one answer.
+    #[arg(long, default_value_t = 120.0)]
+    pub timeout: f64,
 }

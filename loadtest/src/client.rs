@@ -69,6 +69,11 @@ pub struct ModelEntry {
 #[derive(Deserialize)]
 struct ModelList {
     data: Vec<ModelEntry>,
+    /// Caduceus pages `/v1/models` (OpenAI list style); servers that do not say list all.
+    #[serde(default)]
+    has_more: bool,
+    #[serde(default)]
+    last_id: Option<String>,
 }
 
 /// A cheap-to-clone client bound to one server.
@@ -277,9 +282,31 @@ impl ApiClient {
         }
     }
 
-    /// `GET /v1/models`.
+    /// `GET /v1/models`, following `has_more` / `after` pages to the end.
     pub async fn list_models(&self) -> Result<Vec<ModelEntry>, ClientError> {
-        let url = format!("{}/v1/models", self.base);
+        let mut all = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = self.models_page(after.as_deref()).await?;
+            all.extend(page.data);
+            match page.last_id {
+                Some(last) if page.has_more && after.as_deref() != Some(&last) => {
+                    after = Some(last)
+                }
+                _ => return Ok(all),
+            }
+        }
+    }
+
+    async fn models_page(&self, after: Option<&str>) -> Result<ModelList, ClientError> {
+        let url = match after {
+            Some(a) => format!(
+                "{}/v1/models?after={}",
+                self.base,
+                crate::fuzz::percent_encode(a)
+            ),
+            None => format!("{}/v1/models", self.base),
+        };
         let err = |why: String| ClientError::Get {
             url: url.clone(),
             why,
@@ -306,8 +333,7 @@ impl ApiClient {
         if status != StatusCode::OK {
             return Err(err(format!("HTTP {status}")));
         }
-        let list: ModelList = serde_json::from_slice(&bytes).map_err(|e| err(e.to_string()))?;
-        Ok(list.data)
+        serde_json::from_slice(&bytes).map_err(|e| err(e.to_string()))
     }
 }
 

@@ -7,6 +7,8 @@ pub mod cli;
 pub mod client;
 pub mod compare;
 pub mod dataset;
+pub mod fuzz;
+pub mod fuzz_run;
 pub mod lengths;
 pub mod metrics;
 pub mod mock;

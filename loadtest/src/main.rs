@@ -2,9 +2,9 @@
 //! Exit codes: 0 success, 1 a `compare --gate` failed, 2 an error.
 
 use anyhow::Context;
-use caduceus_loadtest::cli::{Cli, Command, CompareArgs, MockArgs, RunArgs, SweepArgs};
+use caduceus_loadtest::cli::{Cli, Command, CompareArgs, FuzzArgs, MockArgs, RunArgs, SweepArgs};
 use caduceus_loadtest::mock::{MockConfig, MockServer};
-use caduceus_loadtest::{compare, plot, setup, sweep};
+use caduceus_loadtest::{compare, fuzz_run, plot, setup, sweep};
 use clap::Parser;
 use std::path::Path;
 use std::process::ExitCode;
@@ -38,6 +38,7 @@ async fn dispatch(command: Command) -> anyhow::Result<bool> {
         Command::Run(args) => run(args).await.map(|()| true),
         Command::Sweep(args) => sweep_cmd(args).await.map(|()| true),
         Command::Compare(args) => compare_cmd(args).await,
+        Command::Fuzz(args) => fuzz_cmd(args).await,
         Command::MockServer(args) => mock_server(args).await.map(|()| true),
     }
 }
@@ -113,6 +114,50 @@ async fn compare_cmd(args: CompareArgs) -> anyhow::Result<bool> {
         eprintln!("plot written to {}", path.display());
     }
     Ok(verdicts.iter().all(|v| v.passed))
+}
+
+async fn fuzz_cmd(args: FuzzArgs) -> anyhow::Result<bool> {
+    let addr = tokio::net::lookup_host(&args.addr)
+        .await
+        .with_context(|| format!("resolving {}", args.addr))?
+        .next()
+        .with_context(|| format!("{} resolves to no address", args.addr))?;
+    let mut models = args.models.clone();
+    if models.is_empty() {
+        let base = format!("http://{}", args.addr);
+        let client = caduceus_loadtest::client::ApiClient::new(
+            &base,
+            args.api_key.clone(),
+            caduceus_loadtest::client::RequestOptions {
+                endpoint: caduceus_loadtest::client::Endpoint::Chat,
+                ignore_eos: false,
+                temperature: None,
+                timeout: Duration::from_secs_f64(args.timeout),
+            },
+        )?;
+        models = client
+            .list_models()
+            .await?
+            .into_iter()
+            .map(|m| m.id)
+            .collect();
+    }
+    let plan = fuzz_run::FuzzPlan {
+        addr,
+        seed: args.seed,
+        num_requests: args.num_requests,
+        concurrency: args.concurrency,
+        models,
+        api_key: args.api_key,
+        timeout: Duration::from_secs_f64(args.timeout),
+    };
+    eprintln!(
+        "fuzzing {} with {} requests (seed {}, {} at once) over models {:?}",
+        addr, plan.num_requests, plan.seed, plan.concurrency, plan.models
+    );
+    let report = fuzz_run::run(&plan).await;
+    println!("{}", report.summary());
+    Ok(report.passed())
 }
 
 async fn mock_server(args: MockArgs) -> anyhow::Result<()> {

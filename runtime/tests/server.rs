@@ -5,14 +5,20 @@ mod support;
 
 #[path = "server/admin.rs"]
 mod admin;
+#[path = "server/admin_loads.rs"]
+mod admin_loads;
 #[path = "server/admission.rs"]
 mod admission;
 #[path = "server/faults.rs"]
 mod faults;
+#[path = "server/fuzz.rs"]
+mod fuzz;
 #[path = "server/isolation.rs"]
 mod isolation;
 #[path = "server/limits.rs"]
 mod limits;
+#[path = "server/models_page.rs"]
+mod models_page;
 #[path = "server/rate_limit.rs"]
 mod rate_limit;
 #[path = "server/special_tokens.rs"]

@@ -3,6 +3,11 @@
 
 mod support;
 
+#[path = "server_e2e/big_prompts.rs"]
+mod big_prompts;
+#[path = "server_e2e/disconnects.rs"]
+mod disconnects;
+
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -14,6 +19,9 @@ use support::server_app::{call, sse_data, TestServer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
+
+/// Held by the tests whose clients leave early, so each can count its own 499s exactly.
+static SOCKET_ABORTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 struct Running {
     addr: SocketAddr,
@@ -88,17 +96,23 @@ fn parse_response(raw: &str) -> (u16, String) {
     (status, out)
 }
 
+/// Waits until the engine holds no request and no free block is missing, and no HTTP request is
+/// in flight (a handler may still be tokenizing when the engine is already idle).
 async fn wait_idle(state: &AppState) {
-    for _ in 0..400 {
+    for _ in 0..2000 {
         let s = state.engine.stats();
-        if s.num_running + s.num_waiting == 0 && s.num_free_blocks == s.num_usable_blocks {
+        if s.num_running + s.num_waiting == 0
+            && s.num_free_blocks == s.num_usable_blocks
+            && state.lifecycle.in_flight() == 0
+        {
             return;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     panic!(
-        "the engine did not return to idle: {:?}",
-        state.engine.stats()
+        "the server did not return to idle: {:?}, {} requests in flight",
+        state.engine.stats(),
+        state.lifecycle.in_flight()
     );
 }
 
@@ -127,6 +141,7 @@ async fn streaming_over_a_socket_parses_as_openai_sse() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_that_disconnect_abort_their_requests() {
+    let _alone = SOCKET_ABORTS.lock().await;
     let srv = start(
         TestServer {
             max_num_seqs: 2,

@@ -155,6 +155,17 @@ impl AdapterRegistry {
         self.read().by_name.values().cloned().collect()
     }
 
+    /// Up to `limit` adapters whose names sort after `after` (from the first when `None`), by
+    /// name, and whether more follow: one page of `GET /v1/models` without copying the rest.
+    pub fn page(&self, after: Option<&str>, limit: usize) -> (Vec<AdapterEntry>, bool) {
+        use std::ops::Bound;
+        let inner = self.read();
+        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut rest = inner.by_name.range::<str, _>((start, Bound::Unbounded));
+        let page: Vec<AdapterEntry> = rest.by_ref().take(limit).map(|(_, e)| e.clone()).collect();
+        (page, rest.next().is_some())
+    }
+
     /// Number of registered adapters.
     pub fn len(&self) -> usize {
         self.read().by_name.len()

@@ -4,6 +4,7 @@
 mod bench_lora;
 mod bench_model;
 mod bench_prefix;
+mod bench_stop;
 mod bench_throughput;
 mod config_cmd;
 mod generate;
@@ -58,6 +59,8 @@ pub enum Command {
     BenchPrefixCache(bench_prefix::BenchPrefixArgs),
     /// Cost of many adapters: decode throughput vs base, cold loads, latency during a burst.
     BenchLora(bench_lora::BenchLoraArgs),
+    /// How much one request with the most and longest stop strings slows other streams' steps.
+    BenchStop(bench_stop::BenchStopArgs),
     /// Serve the OpenAI-compatible API (config file, environment and flags; see deploy/config).
     Serve(serve::ServeArgs),
     /// Validate (`check FILE`) or print (`print`) the server configuration.
@@ -85,6 +88,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::BenchThroughput(args) => bench_throughput::run(args),
         Command::BenchPrefixCache(args) => bench_prefix::run(args),
         Command::BenchLora(args) => bench_lora::run(args),
+        Command::BenchStop(args) => bench_stop::run(args),
         Command::Config(args) => config_cmd::run(args),
         Command::MakeAdapters(args) => make_adapters::run(args),
     }

@@ -15,7 +15,8 @@ use crate::kv_events::{KvEventPublisher, KvEventSettings, DEFAULT_REPLAY_BUFFER}
 use crate::model::loader::LoadedModel;
 use crate::model::WeightFormat;
 use crate::server::{
-    run_server, shutdown_signal, AppState, Lifecycle, RateLimiter, ServeOutcome, ServerSettings,
+    run_server, shutdown_signal, AdapterLoadLimit, AppState, Lifecycle, RateLimiter, ServeOutcome,
+    ServerSettings,
 };
 
 /// The adapter registry and tiers when `adapters.dir` is set (listing it reads no weights).
@@ -264,6 +265,9 @@ pub(super) fn serve<B: Backend + Send + 'static>(
         metrics,
         started: crate::server::protocol::unix_timestamp(),
         adapters,
+        adapter_loads: Arc::new(AdapterLoadLimit::new(
+            config.server.max_concurrent_adapter_loads,
+        )),
     };
     let addr = format!("{}:{}", config.server.host, config.server.port);
     let grace = config.server.shutdown_grace_period.get();

@@ -93,6 +93,7 @@ pub(crate) const SCHEMA: &[KeySpec] = &[
     spec("server", "worker_threads", int(1, 1024)),
     spec("server", "rate_limit_per_key", Kind::PositiveNumber),
     spec("server", "rate_limit_burst", int(1, u32::MAX as i64)),
+    spec("server", "max_concurrent_adapter_loads", int(1, 1024)),
     spec("model", "path", Kind::Path),
     spec("model", "served_model_name", Kind::Str),
     spec("model", "max_model_len", int(2, u32::MAX as i64)),

@@ -68,6 +68,8 @@ pub struct ServerSection {
     /// Requests a key may send at once above `rate_limit_per_key`; default: the rate rounded up.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rate_limit_burst: Option<u32>,
+    /// `POST /v1/load_lora_adapter` calls validating at once; as many more wait, then 429.
+    pub max_concurrent_adapter_loads: usize,
 }
 
 impl ServerSection {
@@ -121,6 +123,7 @@ impl Default for ServerSection {
             worker_threads: 2,
             rate_limit_per_key: None,
             rate_limit_burst: None,
+            max_concurrent_adapter_loads: 2,
         }
     }
 }

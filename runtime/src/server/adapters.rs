@@ -58,6 +58,8 @@ pub async fn load_lora_adapter(
         ));
     }
     let name = req.lora_name.clone();
+    // Held until the load finishes; a client that leaves while waiting gives its turn back.
+    let _turn = state.adapter_loads.enter().await?;
     let loaded = tokio::task::spawn_blocking(move || {
         service.load_and_register(&req.lora_name, &req.lora_path, req.load_inplace)
     })

@@ -14,7 +14,7 @@ use super::protocol::ApiError;
 use super::rate_limit::limit_rate;
 use super::request_log::count_early_responses;
 use super::state::AppState;
-use super::{adapters, chat, completions, routes};
+use super::{adapters, chat, completions, models_page, routes};
 
 /// The whole HTTP API over `state`.
 pub fn app(state: AppState) -> Router {
@@ -31,7 +31,7 @@ pub fn app(state: AppState) -> Router {
         // Outermost, so requests refused by authentication are counted too.
         .route_layer(middleware::from_fn(count_early_responses));
     let v1 = Router::new()
-        .route("/v1/models", get(routes::list_models))
+        .route("/v1/models", get(models_page::list_models))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_api_key,

@@ -2,6 +2,7 @@
 //! it in-process), `run_server` serves it with draining on shutdown.
 
 mod adapters;
+mod admin_loads;
 mod app;
 mod auth;
 mod chat;
@@ -9,6 +10,7 @@ mod completions;
 mod error;
 mod generation;
 mod json;
+mod models_page;
 pub mod protocol;
 mod rate_limit;
 mod request_log;
@@ -20,8 +22,10 @@ mod tenant;
 mod token_text;
 mod tool_calls;
 
+pub use admin_loads::{AdapterLoadLimit, LoadPermit};
 pub use app::app;
 pub use error::request_error;
+pub use models_page::{ModelPage, MAX_MODELS_LIMIT};
 pub use rate_limit::{RateLimit, RateLimiter};
 pub use routes::ApiDoc;
 pub use serve::{run_server, shutdown_signal, ServeOutcome};

@@ -19,14 +19,37 @@ tokio::task_local! {
 }
 
 /// Counts in `caduceus_requests_total` every generation request answered before a
-/// [`RequestLog`] existed: 401, 400 from validation, 404, 413, 429 and 503 refusals.
+/// [`RequestLog`] existed: 401, 400 from validation, 404, 413, 429 and 503 refusals, and (as 499
+/// `abort`) a client that left while its body was read or its prompt tokenized.
 pub async fn count_early_responses(req: Request, next: Next) -> Response {
-    let logged = Arc::new(AtomicBool::new(false));
-    let response = LOGGED.scope(logged.clone(), next.run(req)).await;
-    if !logged.load(Ordering::Acquire) {
+    let mut early = EarlyCount {
+        logged: Arc::new(AtomicBool::new(false)),
+        status: None,
+    };
+    let response = LOGGED.scope(early.logged.clone(), next.run(req)).await;
+    early.status = Some(response.status().as_u16());
+    response
+}
+
+/// Records a request no [`RequestLog`] took over, when the middleware ends or is dropped (the
+/// client left: hyper drops the handler's future).
+struct EarlyCount {
+    logged: Arc<AtomicBool>,
+    status: Option<u16>,
+}
+
+impl Drop for EarlyCount {
+    fn drop(&mut self) {
+        if self.logged.load(Ordering::Acquire) {
+            return;
+        }
         record_request(&RequestRecord {
-            status: response.status().as_u16(),
-            finish_reason: "none",
+            status: self.status.unwrap_or(499),
+            finish_reason: if self.status.is_some() {
+                "none"
+            } else {
+                "abort"
+            },
             prompt_tokens: 0,
             generation_tokens: 0,
             ttft: None,
@@ -34,7 +57,6 @@ pub async fn count_early_responses(req: Request, next: Next) -> Response {
             e2e: None,
         });
     }
-    response
 }
 
 /// One request's record; fill it in as the request progresses.

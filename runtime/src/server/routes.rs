@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use utoipa::OpenApi;
 
-use super::protocol::{ApiError, ModelCard, ModelList};
+use super::protocol::ApiError;
 use super::state::{AppState, InFlight, Phase};
 
 /// Refuses new work while draining or after an engine failure (503); counts the request in.
@@ -34,33 +34,6 @@ pub fn check_model(state: &AppState, model: Option<&str>) -> Result<String, ApiE
             _ => Err(ApiError::model_not_found(m)),
         },
     }
-}
-
-/// Lists the served models (OpenAI's `GET /v1/models`).
-#[utoipa::path(get, path = "/v1/models", responses((status = 200, body = ModelList)))]
-pub async fn list_models(State(state): State<AppState>) -> Json<ModelList> {
-    let s = &state.settings;
-    let base = ModelCard::base(
-        &s.served_model_name,
-        &s.model_root,
-        state.started,
-        state.engine.limits().max_model_len,
-    );
-    let max_model_len = state.engine.limits().max_model_len;
-    let mut cards = vec![base];
-    if let Some(a) = &state.adapters {
-        let registry = a.registry();
-        cards.extend(registry.list().iter().map(|e| {
-            ModelCard::adapter(
-                &e.name,
-                &s.served_model_name,
-                &registry.client_path(e),
-                e.created,
-                max_model_len,
-            )
-        }));
-    }
-    Json(ModelList::new(cards))
 }
 
 /// 200 while the engine is alive, making progress and the server accepts work; 503 while
@@ -117,7 +90,7 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
     paths(
         super::chat::chat_completions,
         super::completions::completions,
-        list_models,
+        super::models_page::list_models,
         super::adapters::load_lora_adapter,
         super::adapters::unload_lora_adapter
     )

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use metrics_exporter_prometheus::PrometheusHandle;
 
+use super::admin_loads::AdapterLoadLimit;
 use crate::adapters::AdapterService;
 use crate::chat_template::ChatTemplate;
 use crate::config::PrefixCacheIsolation;
@@ -145,4 +146,6 @@ pub struct AppState {
     /// Compiles structured-output grammars for this model's vocabulary (None: the tokenizer
     /// cannot be described to llguidance, and such requests get a 400).
     pub structured: Option<Arc<ConstraintCompiler>>,
+    /// Bounds concurrent `POST /v1/load_lora_adapter` work (queue, then 429).
+    pub adapter_loads: Arc<AdapterLoadLimit>,
 }

@@ -16,7 +16,9 @@ use caduceus_runtime::config::PrefixCacheIsolation;
 use caduceus_runtime::engine::{EngineCore, EngineHandle, FaultPlan, SchedulerConfig};
 use caduceus_runtime::model::loader::LoadedModel;
 use caduceus_runtime::model::LoraDtype;
-use caduceus_runtime::server::{AppState, Lifecycle, RateLimit, RateLimiter, ServerSettings};
+use caduceus_runtime::server::{
+    AdapterLoadLimit, AppState, Lifecycle, RateLimit, RateLimiter, ServerSettings,
+};
 use caduceus_runtime::structured::{tok_env, CompileLimits, ConstraintCompiler};
 
 /// Knobs of a test server.
@@ -52,6 +54,8 @@ pub struct TestServer {
     pub rate_limit: Option<RateLimit>,
     /// Context length past the model's own (RoPE extends; for long prompts such as tool lists).
     pub max_model_len: Option<usize>,
+    /// `server.max_concurrent_adapter_loads`.
+    pub max_concurrent_adapter_loads: usize,
 }
 
 impl Default for TestServer {
@@ -75,6 +79,7 @@ impl Default for TestServer {
             faults: FaultPlan::default(),
             rate_limit: None,
             max_model_len: None,
+            max_concurrent_adapter_loads: 2,
         }
     }
 }
@@ -151,7 +156,18 @@ impl TestServer {
             metrics: caduceus_runtime::metrics::install(),
             started: 1_700_000_000,
             adapters,
+            adapter_loads: Arc::new(AdapterLoadLimit::new(self.max_concurrent_adapter_loads)),
         }
+    }
+}
+
+/// Copies the tiny model's `doctor-b` adapter into `root/name` (a served name of a test's own).
+pub fn copy_adapter(root: &std::path::Path, name: &str) {
+    let from = super::shared("reference/tiny-llama/adapters/doctor-b");
+    let to = root.join(name);
+    std::fs::create_dir_all(&to).unwrap();
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(from.join(f), to.join(f)).unwrap();
     }
 }
 
