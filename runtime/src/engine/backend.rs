@@ -44,8 +44,9 @@ pub struct SlotSpec {
 }
 
 /// Hardware for the engine (see the module docs). Calls come from the engine thread, in order:
-/// `forward` then `sample` for each step.
-pub trait Backend {
+/// `forward` then `sample` for each step; the executor computes grammar masks on other threads
+/// while `forward` runs (so a backend is `Send`).
+pub trait Backend: Send {
     /// The model's geometry.
     fn config(&self) -> &LlamaConfig;
     /// Blocks in the KV pool (the scheduler's `num_blocks`).

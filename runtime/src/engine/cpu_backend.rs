@@ -46,7 +46,7 @@ impl<M: Deref<Target = LlamaModel>> CpuBackend<M> {
     }
 }
 
-impl<M: Deref<Target = LlamaModel>> Backend for CpuBackend<M> {
+impl<M: Deref<Target = LlamaModel> + Send> Backend for CpuBackend<M> {
     fn config(&self) -> &LlamaConfig {
         self.model.config()
     }

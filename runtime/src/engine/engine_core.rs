@@ -84,7 +84,7 @@ pub struct EngineCore<B> {
     kv_events: Option<KvEventSink>,
 }
 
-impl<M: Deref<Target = LlamaModel>> EngineCore<CpuBackend<M>> {
+impl<M: Deref<Target = LlamaModel> + Send> EngineCore<CpuBackend<M>> {
     /// An engine over `model` on the CPU with a KV pool of `config.num_blocks` blocks. Without a
     /// tokenizer only token-level requests (`detokenize = false`, no stop strings) are accepted.
     pub fn new(

@@ -169,6 +169,7 @@ impl<B: Backend> Executor<B> {
         } else {
             Vec::new()
         };
+        let mut matchers = self.take_matchers(&batch.samplers);
         let seqs: Vec<SeqAttention<'_>> = batch
             .seqs
             .iter()
@@ -190,17 +191,26 @@ impl<B: Backend> Executor<B> {
             logits_indices: &batch.logits_indices,
         };
         forward.check().map_err(ExecutorError)?;
-        self.backend
-            .forward(&forward, &segments)
-            .map_err(|e| ExecutorError(e.to_string()))?;
+        // The grammar masks of this step's constrained rows are computed while the model runs
+        // (a matcher only needs the tokens committed so far); unconstrained batches pay nothing.
+        let backend = &mut self.backend;
+        let (forwarded, masks) = rayon::join(
+            || backend.forward(&forward, &segments),
+            || {
+                let items = matchers.iter_mut().map(|(id, m)| (*id, m)).collect();
+                compute_masks(items).into_iter().collect::<HashMap<_, _>>()
+            },
+        );
         drop(seqs);
+        self.put_back_matchers(matchers);
+        forwarded.map_err(|e| ExecutorError(e.to_string()))?;
         #[cfg(feature = "fault-injection")]
         for row in self.faults.poisoned_rows(&batch.samplers) {
             self.backend
                 .poison_logits_row(row)
                 .map_err(|e| ExecutorError(e.to_string()))?;
         }
-        let mut result = self.sample(&batch.samplers)?;
+        let mut result = self.sample(&batch.samplers, masks)?;
         result.slot_fills = slot_fills;
         failed.append(&mut result.failed);
         result.failed = failed;
@@ -341,10 +351,13 @@ impl<B: Backend> Executor<B> {
     }
 
     /// Samples the rows of `ids` (in logits-row order) on the backend and appends the tokens.
-    fn sample(&mut self, ids: &[RequestId]) -> Result<ExecuteResult, ExecutorError> {
+    fn sample(
+        &mut self,
+        ids: &[RequestId],
+        mut grammar_masks: HashMap<RequestId, TokenMask>,
+    ) -> Result<ExecuteResult, ExecutorError> {
         let vocab = self.backend.config().vocab_size;
         let mut rows = Vec::with_capacity(ids.len());
-        let mut grammar_masks = self.grammar_masks(ids);
         for id in ids {
             let state = self
                 .seqs
@@ -394,20 +407,25 @@ impl<B: Backend> Executor<B> {
 }
 
 impl<B> Executor<B> {
-    /// The grammar masks of the constrained requests among `ids` (none, at no cost, when no
-    /// running request is constrained), computed in parallel.
-    fn grammar_masks(&mut self, ids: &[RequestId]) -> HashMap<RequestId, TokenMask> {
+    /// Moves the matchers of the constrained requests among `ids` out of their states (none,
+    /// at no cost, when no running request is constrained), so their masks can be computed
+    /// while the forward pass reads the states' block tables.
+    fn take_matchers(&mut self, ids: &[RequestId]) -> Vec<(RequestId, RequestMatcher)> {
         if !self.seqs.values().any(|s| s.constraint.is_some()) {
-            return HashMap::new();
+            return Vec::new();
         }
-        let wanted: HashSet<&RequestId> = ids.iter().collect();
-        let matchers = self
-            .seqs
-            .iter_mut()
-            .filter(|(id, _)| wanted.contains(id))
-            .filter_map(|(id, s)| Some((*id, s.constraint.as_mut()?)))
-            .collect();
-        compute_masks(matchers).into_iter().collect()
+        ids.iter()
+            .filter_map(|id| Some((*id, self.seqs.get_mut(id)?.constraint.take()?)))
+            .collect()
+    }
+
+    /// Returns matchers taken by [`Self::take_matchers`] to their requests.
+    fn put_back_matchers(&mut self, matchers: Vec<(RequestId, RequestMatcher)>) {
+        for (id, m) in matchers {
+            if let Some(s) = self.seqs.get_mut(&id) {
+                s.constraint = Some(m);
+            }
+        }
     }
 }
 
