@@ -59,6 +59,16 @@ fn ids(v: &Value) -> Vec<u32> {
     serde_json::from_value(v.clone()).unwrap()
 }
 
+/// The reference prompts' token ids.
+fn prompts(expected: &Value) -> Vec<Vec<u32>> {
+    expected["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| ids(&p["token_ids"]))
+        .collect()
+}
+
 fn load(dev: Device, dtype: DType) -> LoadedModel<GpuModel> {
     LoadedModel::load_into(&dir().join("model"), |c, store| {
         GpuModel::from_tensors(c, store, dev, dtype).map_err(|e| LoadError::Device {
@@ -72,12 +82,7 @@ fn load(dev: Device, dtype: DType) -> LoadedModel<GpuModel> {
 #[test]
 fn tiny_llama_and_peft_adapters_match_torch_logits_on_the_gpu_backend() {
     let expected = expected();
-    let prompts: Vec<Vec<u32>> = expected["prompts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| ids(&p["token_ids"]))
-        .collect();
+    let prompts = prompts(&expected);
     let runs = devices_under_test()
         .unwrap()
         .into_iter()
@@ -156,12 +161,7 @@ fn tiny_llama_and_peft_adapters_match_torch_logits_on_the_gpu_backend() {
 #[test]
 fn tiny_llama_mixed_adapter_batch_on_the_f16_gpu_engine_generates_peft_greedy_tokens() {
     let expected = expected();
-    let prompts: Vec<Vec<u32>> = expected["prompts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| ids(&p["token_ids"]))
-        .collect();
+    let prompts = prompts(&expected);
     for dev in devices_under_test().unwrap() {
         let what = format!("{} {EXACT:?}", dev.describe());
         let loaded = load(dev, EXACT);
