@@ -83,79 +83,83 @@ fn load(dev: Device, dtype: DType) -> LoadedModel<GpuModel> {
 fn tiny_llama_and_peft_adapters_match_torch_logits_on_the_gpu_backend() {
     let expected = expected();
     let prompts = prompts(&expected);
-    let runs = devices_under_test()
-        .unwrap()
-        .into_iter()
-        .flat_map(|d| TOLERANCES.map(|t| (d.describe(), t)))
-        .collect::<Vec<_>>();
-    for (name, (dtype, tolerance, exact_argmax)) in runs {
-        let dev = devices_under_test()
-            .unwrap()
-            .into_iter()
-            .find(|d| d.describe() == name)
-            .unwrap();
-        let what = format!("{name} {dtype:?}");
-        let loaded = load(dev, dtype);
-        let model = &loaded.model;
-        let c = model.config().clone();
-        let mut stack = GpuLoraStack::new(model.device(), dtype, &c, 2, 16).unwrap();
-        for (slot, name) in ["doctor-a", "doctor-b"].iter().enumerate() {
-            let w = load_adapter(&dir().join("adapters").join(name), &c, &LIMITS).unwrap();
-            stack.load(model.device(), slot, &w).unwrap();
+    for (dtype, tolerance, exact_argmax) in TOLERANCES {
+        for dev in devices_under_test().unwrap() {
+            logits_match(&expected, &prompts, dev, dtype, tolerance, exact_argmax);
         }
-        let mut worst = 0f32;
-        for (key, slot) in [("base", None), ("doctor-a", Some(0)), ("doctor-b", Some(1))] {
-            for (i, (prompt, want)) in prompts
-                .iter()
-                .zip(expected[key].as_array().unwrap())
-                .enumerate()
-            {
-                let n = prompt.len();
-                let pos: Vec<u32> = (0..n as u32).collect();
-                let table: Vec<u32> = (0..n.div_ceil(16) as u32).collect();
-                let seqs = [SeqAttention {
-                    query_start: 0,
-                    query_len: n,
-                    context_len: n,
-                    block_table: &table,
-                }];
-                let batch = ForwardBatch {
-                    token_ids: prompt,
-                    positions: &pos,
-                    slot_mapping: &pos,
-                    seqs: &seqs,
-                    logits_indices: &[n - 1],
-                };
-                let kv = model.new_kv_cache(table.len(), 16).unwrap();
-                let segs = segments_from_token_slots(&vec![slot; n]);
-                let lora = GpuLoraBatch {
-                    stack: &stack,
-                    segments: &segs,
-                };
-                let logits = model.forward_with_lora(&batch, &kv, Some(&lora)).unwrap();
-                let want16: Vec<f32> =
-                    serde_json::from_value(want["last_logits_first16"].clone()).unwrap();
-                for (t, (g, w)) in logits.iter().zip(&want16).enumerate() {
-                    worst = worst.max((g - w).abs());
-                    assert!(
-                        (g - w).abs() <= tolerance,
-                        "{what} {key} prompt {i} logit {t}: {g} vs torch {w}"
-                    );
-                }
-                let argmax = (0..logits.len())
-                    .max_by(|&a, &b| logits[a].total_cmp(&logits[b]).then(b.cmp(&a)))
-                    .unwrap();
-                if exact_argmax {
-                    assert_eq!(
-                        argmax as u64,
-                        want["last_logits_argmax"].as_u64().unwrap(),
-                        "{what} {key} prompt {i}: argmax"
-                    );
-                }
+    }
+}
+
+/// One device and dtype of [`tiny_llama_and_peft_adapters_match_torch_logits_on_the_gpu_backend`].
+fn logits_match(
+    expected: &Value,
+    prompts: &[Vec<u32>],
+    dev: Device,
+    dtype: DType,
+    tolerance: f32,
+    exact_argmax: bool,
+) {
+    let what = format!("{} {dtype:?}", dev.describe());
+    let loaded = load(dev, dtype);
+    let model = &loaded.model;
+    let c = model.config().clone();
+    let mut stack = GpuLoraStack::new(model.device(), dtype, &c, 2, 16).unwrap();
+    for (slot, name) in ["doctor-a", "doctor-b"].iter().enumerate() {
+        let w = load_adapter(&dir().join("adapters").join(name), &c, &LIMITS).unwrap();
+        stack.load(model.device(), slot, &w).unwrap();
+    }
+    let mut worst = 0f32;
+    for (key, slot) in [("base", None), ("doctor-a", Some(0)), ("doctor-b", Some(1))] {
+        for (i, (prompt, want)) in prompts
+            .iter()
+            .zip(expected[key].as_array().unwrap())
+            .enumerate()
+        {
+            let n = prompt.len();
+            let pos: Vec<u32> = (0..n as u32).collect();
+            let table: Vec<u32> = (0..n.div_ceil(16) as u32).collect();
+            let seqs = [SeqAttention {
+                query_start: 0,
+                query_len: n,
+                context_len: n,
+                block_table: &table,
+            }];
+            let batch = ForwardBatch {
+                token_ids: prompt,
+                positions: &pos,
+                slot_mapping: &pos,
+                seqs: &seqs,
+                logits_indices: &[n - 1],
+            };
+            let kv = model.new_kv_cache(table.len(), 16).unwrap();
+            let segs = segments_from_token_slots(&vec![slot; n]);
+            let lora = GpuLoraBatch {
+                stack: &stack,
+                segments: &segs,
+            };
+            let logits = model.forward_with_lora(&batch, &kv, Some(&lora)).unwrap();
+            let want16: Vec<f32> =
+                serde_json::from_value(want["last_logits_first16"].clone()).unwrap();
+            for (t, (g, w)) in logits.iter().zip(&want16).enumerate() {
+                worst = worst.max((g - w).abs());
+                assert!(
+                    (g - w).abs() <= tolerance,
+                    "{what} {key} prompt {i} logit {t}: {g} vs torch {w}"
+                );
+            }
+            let argmax = (0..logits.len())
+                .max_by(|&a, &b| logits[a].total_cmp(&logits[b]).then(b.cmp(&a)))
+                .unwrap();
+            if exact_argmax {
+                assert_eq!(
+                    argmax as u64,
+                    want["last_logits_argmax"].as_u64().unwrap(),
+                    "{what} {key} prompt {i}: argmax"
+                );
             }
         }
-        eprintln!("{what}: worst |logit - torch| {worst:.4} (tolerance {tolerance})");
     }
+    eprintln!("{what}: worst |logit - torch| {worst:.4} (tolerance {tolerance})");
 }
 
 #[test]

@@ -197,7 +197,7 @@ fn sampling_matches(dev: Device) {
             ..Default::default()
         },
     ];
-    let vocab = c_vocab();
+    let vocab = b.config().vocab_size;
     let cpu_argmax = |r: usize| {
         let row = &logits[r * vocab..(r + 1) * vocab];
         (0..vocab)
@@ -262,10 +262,6 @@ fn sampling_matches(dev: Device) {
         cpu_argmax(3),
         "row 3 sampled a disallowed token"
     );
-}
-
-fn c_vocab() -> usize {
-    config().vocab_size
 }
 
 #[test]
