@@ -365,10 +365,7 @@ fn structured_compiler(
     tokenizer: &Arc<crate::tokenizer::Tokenizer>,
     vocab_size: usize,
 ) -> Option<Arc<crate::structured::ConstraintCompiler>> {
-    use crate::structured::{tok_env, CompileLimits, ConstraintCompiler};
-    let built = tok_env::build(tokenizer.clone(), vocab_size)
-        .and_then(|env| ConstraintCompiler::new(env, CompileLimits::default()));
-    match built {
+    match crate::structured::compiler_for(tokenizer.clone(), vocab_size) {
         Ok(c) => Some(Arc::new(c)),
         Err(e) => {
             tracing::warn!(error = %e, "structured outputs disabled");

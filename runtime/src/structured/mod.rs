@@ -44,3 +44,13 @@ pub enum StructuredError {
     #[error("structured outputs are not available for this model: {0}")]
     Unavailable(String),
 }
+
+/// The structured-outputs compiler for a model's vocabulary (default limits), or why its
+/// vocabulary cannot be described to llguidance.
+pub fn compiler_for(
+    tokenizer: std::sync::Arc<crate::tokenizer::Tokenizer>,
+    vocab_size: usize,
+) -> Result<ConstraintCompiler, StructuredError> {
+    tok_env::build(tokenizer, vocab_size)
+        .and_then(|env| ConstraintCompiler::new(env, CompileLimits::default()))
+}

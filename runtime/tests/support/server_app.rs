@@ -19,7 +19,7 @@ use caduceus_runtime::model::LoraDtype;
 use caduceus_runtime::server::{
     AdapterLoadLimit, AppState, Lifecycle, RateLimit, RateLimiter, ServerSettings,
 };
-use caduceus_runtime::structured::{tok_env, CompileLimits, ConstraintCompiler};
+use caduceus_runtime::structured::compiler_for;
 
 /// Knobs of a test server.
 #[derive(Clone)]
@@ -126,8 +126,7 @@ impl TestServer {
             core = core.with_adapters(service.clone()).unwrap();
         }
         let core = core.with_faults(self.faults.clone());
-        let structured = tok_env::build(tokenizer.clone(), vocab_size)
-            .and_then(|env| ConstraintCompiler::new(env, CompileLimits::default()))
+        let structured = compiler_for(tokenizer.clone(), vocab_size)
             .ok()
             .map(Arc::new);
         let (engine, _thread) = EngineHandle::spawn(core).unwrap();
