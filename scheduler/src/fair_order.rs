@@ -1,16 +1,20 @@
-//! Admission order under VTC fairness (see `fairness.rs`): preempted requests first, as under
-//! FCFS; then each priority level in turn, where the adapter with the smallest virtual counter
-//! sends its earliest request next. Counters grow as requests are admitted, so the order is
-//! decided one admission at a time.
+//! Service order under VTC fairness (see `fairness.rs`). Waiting requests: each priority level
+//! in turn, where the adapter with the smallest virtual counter sends its next request (its
+//! preempted ones first, then by arrival); counters grow as requests are admitted, so the order
+//! is decided one admission at a time. A request that finds no room may take it from an
+//! over-served adapter (`fair_room.rs`). Running requests: by priority, then counter, so the
+//! least-served adapters get the step's budget first and the most-served are preempted first.
 
+use crate::fair_room::FairRoom;
 use crate::fairness::Tenant;
 use crate::fx::FxHashMap;
 use crate::output::SchedulerOutput;
 use crate::queue::{QueueKey, WaitingQueue};
 use crate::schedule::Admission;
 use crate::scheduler::Scheduler;
+use std::collections::BTreeMap;
 
-/// One tenant's waiting requests at one priority, in arrival order.
+/// One tenant's waiting requests at one priority, in service order.
 struct TenantQueue {
     tenant: Tenant,
     keys: Vec<QueueKey>,
@@ -20,42 +24,55 @@ struct TenantQueue {
     skipped: bool,
 }
 
+/// Per-step state of VTC admission.
+pub(crate) struct FairAdmission<'a> {
+    pub token_budget: &'a mut usize,
+    pub out: &'a mut SchedulerOutput,
+    pub admitted: &'a mut Vec<QueueKey>,
+    /// Requests preempted for fairness so far in this step.
+    pub preempted: usize,
+}
+
 impl Scheduler {
-    /// Admits from `waiting` in VTC order until `try_admit` says stop.
-    pub(crate) fn admit_fair(
-        &mut self,
-        waiting: &WaitingQueue,
-        token_budget: &mut usize,
-        out: &mut SchedulerOutput,
-        admitted: &mut Vec<QueueKey>,
-    ) {
-        for key in waiting.front_iter() {
-            if self.try_admit(key, token_budget, out, admitted) == Admission::Stop {
-                return;
-            }
+    /// Running requests in the order a step serves them: `running` itself under FCFS; under VTC
+    /// by priority, then the adapter's counter, then arrival.
+    pub(crate) fn service_order(&self) -> Vec<QueueKey> {
+        let mut order = self.running.clone();
+        if let Some(vtc) = &self.vtc {
+            order.sort_by_cached_key(|k| {
+                let counter = self
+                    .requests
+                    .get(&k.id)
+                    .map_or(u64::MAX, |r| vtc.counter(r.tenant()));
+                (k.priority, counter, *k)
+            });
         }
-        let mut queue = waiting.queue_iter().peekable();
-        while let Some(first) = queue.peek().copied() {
-            // The queue is sorted by priority first: take one level.
-            let mut level: Vec<TenantQueue> = Vec::new();
-            let mut index: FxHashMap<Tenant, usize> = FxHashMap::default();
-            while let Some(key) = queue.next_if(|k| k.priority == first.priority) {
-                let Some(tenant) = self.requests.get(&key.id).map(|r| r.tenant()) else {
-                    debug_assert!(false, "waiting request {:?} has no record", key.id);
-                    continue;
-                };
-                let slot = *index.entry(tenant).or_insert_with(|| {
-                    level.push(TenantQueue {
-                        tenant,
-                        keys: Vec::new(),
-                        next: 0,
-                        skipped: false,
-                    });
-                    level.len() - 1
+        order
+    }
+
+    /// Admits from `waiting` in VTC order until nothing more fits.
+    pub(crate) fn admit_fair(&mut self, waiting: &WaitingQueue, step: &mut FairAdmission) {
+        let mut levels: BTreeMap<i32, (Vec<TenantQueue>, FxHashMap<Tenant, usize>)> =
+            BTreeMap::new();
+        for key in waiting.iter() {
+            let Some(tenant) = self.requests.get(&key.id).map(|r| r.tenant()) else {
+                debug_assert!(false, "waiting request {:?} has no record", key.id);
+                continue;
+            };
+            let (level, index) = levels.entry(key.priority).or_default();
+            let slot = *index.entry(tenant).or_insert_with(|| {
+                level.push(TenantQueue {
+                    tenant,
+                    keys: Vec::new(),
+                    next: 0,
+                    skipped: false,
                 });
-                level[slot].keys.push(key);
-            }
-            if !self.admit_level(&mut level, token_budget, out, admitted) {
+                level.len() - 1
+            });
+            level[slot].keys.push(key);
+        }
+        for (level, _) in levels.values_mut() {
+            if !self.admit_level(level, step) {
                 return;
             }
         }
@@ -63,13 +80,7 @@ impl Scheduler {
 
     /// Offers one priority level's requests, least-served tenant first (ties: earliest head).
     /// False when admission stopped for this step.
-    fn admit_level(
-        &mut self,
-        level: &mut [TenantQueue],
-        token_budget: &mut usize,
-        out: &mut SchedulerOutput,
-        admitted: &mut Vec<QueueKey>,
-    ) -> bool {
+    fn admit_level(&mut self, level: &mut [TenantQueue], step: &mut FairAdmission) -> bool {
         loop {
             let Some(vtc) = &self.vtc else {
                 return false;
@@ -82,10 +93,31 @@ impl Scheduler {
                 return true;
             };
             let key = q.keys[q.next];
-            match self.try_admit(key, token_budget, out, admitted) {
+            let wanted = self
+                .requests
+                .get(&key.id)
+                .map_or(0, |r| r.num_tokens() - r.num_computed_tokens);
+            if wanted > *step.token_budget {
+                let short = wanted - *step.token_budget;
+                self.yield_budget(key, short, step.token_budget, step.out);
+            }
+            match self.try_admit(key, step.token_budget, step.out, step.admitted) {
                 Admission::Admitted => q.next += 1,
                 Admission::Skipped => q.skipped = true,
                 Admission::Stop => return false,
+                Admission::NoRoom(shortage) => match self.make_fair_room(
+                    key,
+                    shortage,
+                    step.token_budget,
+                    step.out,
+                    step.admitted,
+                    &mut step.preempted,
+                ) {
+                    FairRoom::Made => {}
+                    // Its adapter has its share: the next adapter may still be owed room.
+                    FairRoom::OverShare => q.skipped = true,
+                    FairRoom::Unavailable => return false,
+                },
             }
         }
     }

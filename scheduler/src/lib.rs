@@ -11,6 +11,7 @@ mod block_hash;
 mod block_pool;
 mod config;
 mod fair_order;
+mod fair_room;
 mod fairness;
 mod free_queue;
 mod fx;

@@ -34,6 +34,14 @@ impl WaitingQueue {
         self.front.push_front(key);
     }
 
+    /// Moves everything in `other` here, each part keeping its place (front or ordered).
+    pub fn append(&mut self, other: WaitingQueue) {
+        for key in other.front.into_iter().rev() {
+            self.front.push_front(key);
+        }
+        self.queue.extend(other.queue);
+    }
+
     /// Removes `key` wherever it is; false if absent.
     pub fn remove(&mut self, key: &QueueKey) -> bool {
         if self.queue.remove(key) {
@@ -56,16 +64,6 @@ impl WaitingQueue {
         for key in keys {
             self.queue.remove(key);
         }
-    }
-
-    /// Preempted requests, in the order they resume.
-    pub fn front_iter(&self) -> impl Iterator<Item = QueueKey> + '_ {
-        self.front.iter().copied()
-    }
-
-    /// Requests that never ran, by priority then arrival.
-    pub fn queue_iter(&self) -> impl Iterator<Item = QueueKey> + '_ {
-        self.queue.iter().copied()
     }
 
     /// Service order.

@@ -2,6 +2,7 @@
 //! its `num_computed_tokens` up: one token for a decode, the next chunk for a prefill), then by
 //! waiting requests in service order. Chunked prefill, prefix hits and decode all fall out of that.
 
+use crate::fair_order::FairAdmission;
 use crate::fairness::VTC_PROMPT_WEIGHT;
 use crate::output::{ScheduledData, ScheduledRequest, SchedulerOutput};
 use crate::queue::{merge_sorted, QueueKey};
@@ -31,16 +32,19 @@ impl Scheduler {
     }
 
     /// Schedules running requests in service order while the budget lasts. When a request cannot
-    /// get blocks, the last running request (highest priority value, latest arrival) is
-    /// preempted, possibly the request itself, and allocation is retried. Because `running` is
-    /// sorted, a victim is never a request already scheduled in this step.
+    /// get blocks, the last request of that order is preempted, possibly the request itself, and
+    /// allocation is retried. The order is `running`'s (priority, then arrival) under FCFS; under
+    /// VTC the least-served adapter goes first within a priority (`service_order`), so a flood's
+    /// running requests are the ones preempted and the last to get budget. Either way a victim is
+    /// never a request already scheduled in this step.
     fn schedule_running(&mut self, token_budget: &mut usize, out: &mut SchedulerOutput) {
+        let mut order = self.service_order();
         let mut i = 0;
-        while i < self.running.len() && *token_budget > 0 {
-            let id = self.running[i].id;
+        while i < order.len() && *token_budget > 0 {
+            let id = order[i].id;
             let Some(req) = self.requests.get_mut(&id) else {
                 debug_assert!(false, "running request {id:?} has no record");
-                self.running.remove(i);
+                order.remove(i);
                 continue;
             };
             if req.num_computed_tokens >= req.num_tokens() {
@@ -61,17 +65,22 @@ impl Scheduler {
                     i += 1;
                 }
                 // The victim is at index >= i; if it was this request, the loop ends.
-                None => self.preempt_last_running(out),
+                None => {
+                    if let Some(victim) = order.pop() {
+                        self.preempt(victim, Requeue::Front, out);
+                    }
+                }
             }
         }
     }
 
-    /// Preempts by recompute: the blocks go back to the pool (full ones stay cached, so resuming
-    /// may hit them), progress resets, and the request waits at the front of the queue.
-    fn preempt_last_running(&mut self, out: &mut SchedulerOutput) {
-        let Some(key) = self.running.pop() else {
-            return;
-        };
+    /// Preempts a running request by recompute: the blocks go back to the pool (full ones stay
+    /// cached, so resuming may hit them), progress resets, and the request waits again. The
+    /// caller has made sure it is not among this step's scheduled requests.
+    pub(crate) fn preempt(&mut self, key: QueueKey, requeue: Requeue, out: &mut SchedulerOutput) {
+        if let Ok(pos) = self.running.binary_search(&key) {
+            self.running.remove(pos);
+        }
         let Some(req) = self.requests.get_mut(&key.id) else {
             return;
         };
@@ -84,30 +93,41 @@ impl Scheduler {
         if let Some(vtc) = &mut self.vtc {
             vtc.on_requeue(req.tenant());
         }
-        self.waiting.push_front(key);
+        match requeue {
+            Requeue::Front => self.waiting.push_front(key),
+            Requeue::InOrder => self.waiting.push(key),
+        }
         self.num_preemptions += 1;
         out.preempted_ids.push(key.id);
     }
 
     /// Admits waiting requests until the budget, `max_num_seqs` or the free blocks run out (a
-    /// request that cannot get blocks keeps its place; running requests are never preempted for
-    /// it). Preempted requests go first, then each priority level in turn: by arrival under FCFS,
-    /// least-served adapter first under VTC (`fair_order.rs`).
+    /// request that cannot get blocks keeps its place). Under FCFS preempted requests go first,
+    /// then each priority level by arrival, and running requests are never preempted for a
+    /// waiting one; under VTC see `fair_order.rs` and `fair_room.rs`.
     fn schedule_waiting(&mut self, token_budget: &mut usize, out: &mut SchedulerOutput) {
         let waiting = std::mem::take(&mut self.waiting);
         let mut admitted: Vec<QueueKey> = Vec::new();
         if self.vtc.is_some() {
-            self.admit_fair(&waiting, token_budget, out, &mut admitted);
+            let mut step = FairAdmission {
+                token_budget,
+                out,
+                admitted: &mut admitted,
+                preempted: 0,
+            };
+            self.admit_fair(&waiting, &mut step);
         } else {
             for key in waiting.iter() {
                 match self.try_admit(key, token_budget, out, &mut admitted) {
                     Admission::Admitted | Admission::Skipped => {}
-                    Admission::Stop => break,
+                    Admission::Stop | Admission::NoRoom(_) => break,
                 }
             }
         }
-        self.waiting = waiting;
+        // Requests preempted to make room went into the (empty) stand-in queue.
+        let requeued = std::mem::replace(&mut self.waiting, waiting);
         self.waiting.remove_all(&admitted);
+        self.waiting.append(requeued);
         merge_sorted(&mut self.running, &mut admitted);
     }
 
@@ -121,8 +141,11 @@ impl Scheduler {
         out: &mut SchedulerOutput,
         admitted: &mut Vec<QueueKey>,
     ) -> Admission {
-        if *token_budget == 0 || self.running.len() + admitted.len() >= self.config.max_num_seqs {
-            return Admission::Stop;
+        if *token_budget == 0 {
+            return Admission::NoRoom(Shortage::Budget);
+        }
+        if self.running.len() + admitted.len() >= self.config.max_num_seqs {
+            return Admission::NoRoom(Shortage::Seats);
         }
         let Some(req) = self.requests.get_mut(&key.id) else {
             debug_assert!(false, "waiting request {:?} has no record", key.id);
@@ -147,7 +170,7 @@ impl Scheduler {
             .allocate_slots(req, num_new_tokens, Some(&computed))
             .is_none()
         {
-            return Admission::Stop;
+            return Admission::NoRoom(Shortage::Blocks);
         }
         if let Some(vtc) = &mut self.vtc {
             vtc.on_leave_queue(req.tenant());
@@ -185,6 +208,29 @@ pub(crate) enum Admission {
     Admitted,
     /// Passed over (its adapter does not fit `max_loras` now); later requests may still run.
     Skipped,
-    /// Nothing more is admitted this step (budget, `max_num_seqs`, blocks, or an aged request).
+    /// Nothing more is admitted this step: an aged request waits for an adapter slot to drain.
     Stop,
+    /// Nothing more fits this step (under VTC, room may be taken from an over-served adapter).
+    NoRoom(Shortage),
+}
+
+/// What a waiting request lacked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Shortage {
+    /// The step's token budget is spent.
+    Budget,
+    /// `max_num_seqs` requests are running.
+    Seats,
+    /// The pool cannot hold its next chunk.
+    Blocks,
+}
+
+/// Where a preempted request waits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Requeue {
+    /// In front of everything (preempted for blocks: it already spent compute).
+    Front,
+    /// At its own place by priority and arrival (preempted to make room for an under-served
+    /// adapter: going in front would take that room straight back).
+    InOrder,
 }

@@ -71,3 +71,91 @@ fn a_flooded_adapter_cannot_starve_ten_others() {
     let ahead = flood_then_ten(Fairness::Fcfs);
     assert!(ahead.iter().all(|&n| n >= 190), "{ahead:?}");
 }
+
+/// A steady stream of quiet requests (one every `QUIET_EVERY` steps over adapters 1..=10),
+/// optionally beside adapter 0 flooding `flood_per_step` requests every step, with a pool the
+/// flood alone fills (prompts of 96 tokens, 32 outputs: shaped like `scripts/loadtest-fairness`
+/// on the CPU server, in steps instead of milliseconds). Returns each quiet request's time to
+/// first token, in steps from its arrival.
+fn quiet_ttft_steps(flood_per_step: usize, fairness: Fairness) -> Vec<usize> {
+    const STEPS: usize = 240;
+    const QUIET_EVERY: usize = 4;
+    let config = SchedulerConfig {
+        max_num_seqs: 256,
+        max_num_batched_tokens: 256,
+        block_size: 16,
+        num_blocks: 364,
+        max_model_len: 512,
+        fairness,
+        ..SchedulerConfig::default()
+    };
+    let mut d = Driver::new(config);
+    let prompt = |i: u64| -> Vec<u32> { (0..96).map(|t| ((i * 13 + t * 7) % 31) as u32).collect() };
+    let mut arrival: HashMap<RequestId, usize> = HashMap::new();
+    let mut ttft: HashMap<RequestId, usize> = HashMap::new();
+    let mut next_id = 0u64;
+    let mut step = 0;
+    while step < STEPS || ttft.len() < arrival.len() {
+        assert!(
+            step < 20 * STEPS,
+            "quiet requests still waiting after {step} steps"
+        );
+        if step < STEPS {
+            for _ in 0..flood_per_step {
+                let mut r = req(next_id, &prompt(next_id), 32);
+                r.adapter = adapter(0);
+                r.arrival_seq = next_id;
+                d.add(r).unwrap();
+                next_id += 1;
+            }
+            if step % QUIET_EVERY == 0 {
+                let mut r = req(next_id, &prompt(next_id), 32);
+                r.adapter = adapter(1 + (step / QUIET_EVERY % 10) as u32);
+                arrival.insert(r.id, step);
+                d.add(r).unwrap();
+                next_id += 1;
+            }
+        } else if flood_per_step > 0 {
+            // The flood's backlog is not needed any more: drop it so the test stays short.
+            let waiting: Vec<RequestId> = d.sched.waiting_ids().collect();
+            for id in waiting.into_iter().filter(|id| !arrival.contains_key(id)) {
+                d.abort(id);
+            }
+        }
+        let (_, updates) = d.step().unwrap();
+        for u in &updates {
+            if let Some(&a) = arrival.get(&u.id) {
+                ttft.entry(u.id).or_insert(step + 1 - a);
+            }
+        }
+        step += 1;
+    }
+    let mut v: Vec<usize> = ttft.into_values().collect();
+    v.sort_unstable();
+    v
+}
+
+#[test]
+fn a_flood_that_fills_the_pool_keeps_quiet_ttft_within_twice_its_own() {
+    let median = |v: &[usize]| v[v.len() / 2];
+    let alone = quiet_ttft_steps(0, Fairness::Vtc);
+    let flooded = quiet_ttft_steps(5, Fairness::Vtc);
+    let fcfs = quiet_ttft_steps(5, Fairness::Fcfs);
+    eprintln!(
+        "quiet TTFT in steps, median / max: alone {} / {}, flooded (vtc) {} / {}, flooded (fcfs) {} / {}",
+        median(&alone),
+        alone[alone.len() - 1],
+        median(&flooded),
+        flooded[flooded.len() - 1],
+        median(&fcfs),
+        fcfs[fcfs.len() - 1]
+    );
+    assert!(
+        median(&flooded) <= 2 * median(&alone),
+        "{flooded:?} vs {alone:?}"
+    );
+    assert!(
+        median(&fcfs) > 2 * median(&alone),
+        "the flood does not hurt FCFS: {fcfs:?}"
+    );
+}

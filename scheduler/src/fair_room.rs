@@ -1,0 +1,171 @@
+//! Room for under-served adapters (VTC only). Ordering the queue is not enough once a flooded
+//! adapter's running requests hold every seat or KV block: they would keep them until they
+//! finish, and a quiet doctor's patient would wait for whole generations. So when a waiting
+//! request finds no room, and its adapter would still be within its fair share of the running
+//! set with it (`max_num_seqs` and the pool, each divided among the active adapters), room is
+//! taken from an adapter above its share that has received at least as much service: that
+//! adapter's latest running request is preempted by recompute (its full blocks stay cached) and
+//! waits again at its own place in the queue, not in front, so it cannot take the room straight
+//! back.
+
+use crate::fairness::Tenant;
+use crate::fx::FxHashMap;
+use crate::output::SchedulerOutput;
+use crate::queue::QueueKey;
+use crate::schedule::{Requeue, Shortage};
+use crate::scheduler::Scheduler;
+
+/// At most this many requests are preempted for fairness in one step, so a burst of quiet
+/// arrivals costs the flood a bounded amount of recompute per step.
+pub(crate) const MAX_FAIR_PREEMPTIONS_PER_STEP: usize = 4;
+
+/// What `make_fair_room` could do for a waiting request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum FairRoom {
+    /// A running request was preempted: try the admission again.
+    Made,
+    /// Its adapter already holds its fair share: it waits, others may still fit.
+    OverShare,
+    /// Nothing can be done this step.
+    Unavailable,
+}
+
+/// What one adapter holds of the running set.
+#[derive(Clone, Copy, Debug, Default)]
+struct Load {
+    seats: usize,
+    blocks: usize,
+}
+
+impl Scheduler {
+    /// Tries to free room for waiting request `key`, which lacked `shortage`. Never preempts a
+    /// request of higher priority (lower value) than `key`'s, nor one admitted in this step.
+    pub(crate) fn make_fair_room(
+        &mut self,
+        key: QueueKey,
+        shortage: Shortage,
+        token_budget: &mut usize,
+        out: &mut SchedulerOutput,
+        admitted: &[QueueKey],
+        preempted: &mut usize,
+    ) -> FairRoom {
+        // More blocks or seats do not give a step more tokens.
+        if shortage == Shortage::Budget {
+            return FairRoom::Unavailable;
+        }
+        let victim = match self.fair_victim(key, admitted) {
+            Victim::Found(_) if *preempted >= MAX_FAIR_PREEMPTIONS_PER_STEP => {
+                return FairRoom::Unavailable
+            }
+            Victim::Found(victim) => victim,
+            Victim::OverShare => return FairRoom::OverShare,
+            Victim::None => return FairRoom::Unavailable,
+        };
+        if let Some(pos) = out.scheduled.iter().position(|s| s.id == victim.id) {
+            *token_budget += out.scheduled.remove(pos).num_scheduled_tokens;
+        }
+        self.preempt(victim, Requeue::InOrder, out);
+        *preempted += 1;
+        FairRoom::Made
+    }
+
+    /// Gives waiting request `key` up to `wanted` more tokens of this step's budget by shortening
+    /// prefill chunks already scheduled for running requests of adapters with larger counters
+    /// (each keeps at least one token, and its blocks: it resumes next step where it stopped).
+    /// Without it a quiet adapter's prompt would trickle in behind a flood's ongoing prefills.
+    pub(crate) fn yield_budget(
+        &mut self,
+        key: QueueKey,
+        wanted: usize,
+        token_budget: &mut usize,
+        out: &mut SchedulerOutput,
+    ) {
+        let Some(vtc) = &self.vtc else {
+            return;
+        };
+        let Some(floor) = self.requests.get(&key.id).map(|r| vtc.counter(r.tenant())) else {
+            return;
+        };
+        let mut left = wanted;
+        // Latest-scheduled chunks first: the most-served adapters come last in service order.
+        for s in out.scheduled.iter_mut().rev() {
+            if left == 0 {
+                break;
+            }
+            let Some(r) = self.requests.get(&s.id) else {
+                continue;
+            };
+            if s.num_scheduled_tokens <= 1
+                || r.priority < key.priority
+                || vtc.counter(r.tenant()) <= floor
+                || !matches!(s.data, crate::output::ScheduledData::Cached { .. })
+            {
+                continue;
+            }
+            let give = left.min(s.num_scheduled_tokens - 1);
+            s.num_scheduled_tokens -= give;
+            *token_budget += give;
+            left -= give;
+        }
+    }
+
+    /// The running request to preempt for `key`, if its adapter is under its fair share and
+    /// another is over its own without having received less service: that adapter's last
+    /// running request.
+    fn fair_victim(&self, key: QueueKey, admitted: &[QueueKey]) -> Victim {
+        let Some(vtc) = self.vtc.as_ref() else {
+            return Victim::None;
+        };
+        let tenant_of = |k: &QueueKey| self.requests.get(&k.id).map(|r| r.tenant());
+        let Some(candidate) = tenant_of(&key) else {
+            return Victim::None;
+        };
+        let mut loads: FxHashMap<Tenant, Load> = FxHashMap::default();
+        for k in self.running.iter().chain(admitted) {
+            if let Some(r) = self.requests.get(&k.id) {
+                let load = loads.entry(r.tenant()).or_default();
+                load.seats += 1;
+                load.blocks += r.block_table.len();
+            }
+        }
+        let active = vtc.backlogged().filter(|t| !loads.contains_key(t)).count() + loads.len();
+        let seat_share = (self.config.max_num_seqs / active.max(1)).max(1);
+        let block_share = self.kv.block_pool().num_usable_blocks() / active.max(1);
+        let own = loads.get(&candidate).copied().unwrap_or_default();
+        // Only room that keeps the waiting request's adapter within its own share is taken, so
+        // it can never become the next victim and hand the room back (no ping-pong).
+        let need = self
+            .requests
+            .get(&key.id)
+            .map_or(usize::MAX, |r| self.kv.num_blocks_for(r.num_tokens()));
+        if own.seats + 1 > seat_share || own.blocks.saturating_add(need) > block_share {
+            return Victim::OverShare;
+        }
+        // Arrivals are lifted to the backlog's smallest counter, so a quiet adapter often ties
+        // with the flood: the share decides then.
+        let floor = vtc.counter(candidate);
+        let over = loads
+            .iter()
+            .filter(|&(&t, l)| {
+                t != candidate
+                    && (l.seats > seat_share || l.blocks > block_share)
+                    && vtc.counter(t) >= floor
+            })
+            .max_by_key(|&(&t, l)| (vtc.counter(t), l.blocks));
+        let Some((&victim_tenant, _)) = over else {
+            return Victim::None;
+        };
+        self.running
+            .iter()
+            .rev()
+            .find(|k| k.priority >= key.priority && tenant_of(k) == Some(victim_tenant))
+            .map_or(Victim::None, |&k| Victim::Found(k))
+    }
+}
+
+enum Victim {
+    Found(QueueKey),
+    /// The waiting request's adapter holds its share already.
+    OverShare,
+    None,
+}
