@@ -55,6 +55,11 @@ impl StepLatch {
         self.changed.notify_all();
     }
 
+    /// Holds steps again from the next one on (a step already past the latch runs on).
+    pub fn arm(&self) {
+        *self.released.lock().unwrap_or_else(|e| e.into_inner()) = false;
+    }
+
     /// Steps that have waited on the latch so far.
     pub fn num_held(&self) -> usize {
         self.num_held.load(Ordering::Acquire)
