@@ -13,6 +13,7 @@ use caduceus_kernels::gpu::{DType, Device, DeviceBuffer, GpuError};
 use caduceus_kernels::lora::Segment;
 use caduceus_kernels::sampling::{PenaltyEntry, MAX_LOGPROBS};
 
+use super::adapter_copies::AdapterCopies;
 use super::lora::{GpuLoraBatch, GpuLoraStack};
 use super::memory_plan::{kv_bytes_per_block, plan_memory, MemoryInputs, MemoryPlan};
 use super::model::{GpuKvCache, GpuModel};
@@ -110,6 +111,8 @@ const MASKED: usize = 9;
 
 /// A model on a CUDA device (or its emulation).
 pub struct GpuBackend {
+    /// Dropped first: its queued copies write into `lora`'s slots.
+    copies: Option<AdapterCopies>,
     model: GpuModel,
     kv: GpuKvCache,
     lora: Option<GpuLoraStack>,
@@ -173,7 +176,12 @@ impl GpuBackend {
         let kv = model
             .new_kv_cache(num_blocks, cfg.block_size)
             .map_err(|e| err(format!("allocating {num_blocks} KV blocks: {e}")))?;
+        let copies = match &lora {
+            Some(stack) => Some(AdapterCopies::new(dev, stack.num_slots()).map_err(err)?),
+            None => None,
+        };
         Ok(GpuBackend {
+            copies,
             model,
             kv,
             lora,
@@ -182,6 +190,11 @@ impl GpuBackend {
             logits: None,
             scratch: Scratch::default(),
         })
+    }
+
+    /// The adapter copy stream (`None` without adapter slots).
+    pub fn adapter_copies(&mut self) -> Option<&mut AdapterCopies> {
+        self.copies.as_mut()
     }
 
     /// How the card's memory was divided (`None` with [`KvBlocks::Fixed`]).
@@ -379,17 +392,22 @@ impl Backend for GpuBackend {
 
     fn load_adapter(&mut self, slot: u32, adapter: &LoadedAdapter) -> Result<(), BackendError> {
         let dev = self.model.device();
-        let stack = self
-            .lora
-            .as_mut()
-            .ok_or_else(|| err("no adapter slots were allocated"))?;
-        stack
-            .load_prepared(dev, slot as usize, &adapter.prepared)
+        let (Some(stack), Some(copies)) = (self.lora.as_mut(), self.copies.as_mut()) else {
+            return Err(err("no adapter slots were allocated"));
+        };
+        // On the copy stream: the running batch is not stalled (see `adapter_copies`).
+        copies
+            .load(dev, stack, slot as usize, &adapter.prepared)
             .map_err(err)
     }
 
     fn forward(&mut self, batch: &ForwardBatch<'_>, lora: &[Segment]) -> Result<(), BackendError> {
         self.logits = None;
+        if let Some(copies) = &mut self.copies {
+            copies
+                .before_forward(self.model.device(), lora)
+                .map_err(err)?;
+        }
         let lora = match &self.lora {
             Some(stack) if !lora.is_empty() => Some(GpuLoraBatch {
                 stack,
@@ -435,6 +453,8 @@ impl Backend for GpuBackend {
     }
 }
 
+#[cfg(all(test, feature = "gpu-emu"))]
+mod copy_tests;
 #[cfg(all(test, feature = "gpu-emu"))]
 mod reference_tests;
 #[cfg(all(test, feature = "gpu-emu"))]

@@ -20,7 +20,7 @@ use crate::model::{ForwardBatch, LlamaModel};
 use crate::sampling::{sample_row, RowScratch, SamplingParams};
 use crate::structured::TokenMask;
 
-const DTYPE: DType = DType::F16;
+pub(super) const DTYPE: DType = DType::F16;
 
 fn config() -> LlamaConfig {
     LlamaConfig::from_hf_json(CONFIG).unwrap()
@@ -35,7 +35,7 @@ fn model_on(dev: Device) -> GpuModel {
     GpuModel::from_tensors(c.clone(), &mut store(&c, DTYPE), dev, DTYPE).unwrap()
 }
 
-fn backend(dev: Device, num_blocks: usize, slots: Option<SlotSpec>) -> GpuBackend {
+pub(super) fn backend(dev: Device, num_blocks: usize, slots: Option<SlotSpec>) -> GpuBackend {
     GpuBackend::new(
         model_on(dev),
         GpuBackendConfig {
