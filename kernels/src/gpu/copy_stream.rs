@@ -155,7 +155,7 @@ impl CopyStream {
         host: &[T],
     ) -> Result<(), GpuError> {
         let bytes = as_bytes(host);
-        if offset + bytes.len() > buf.len_bytes() {
+        if offset.saturating_add(bytes.len()) > buf.len_bytes() {
             return Err(GpuError::Shape(format!(
                 "copying {} bytes at {offset} into a buffer of {}",
                 bytes.len(),
