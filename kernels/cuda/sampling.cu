@@ -26,6 +26,8 @@ constexpr uint32_t kNone = 0xffffffffu;
 constexpr unsigned kFull = 0xffffffffu;
 /// Fixed-point scale of weights (kernels::sampling::WEIGHT_ONE).
 constexpr float kWeightOne = 1099511627776.0f;  // 2^40
+/// FLT_MAX: `!(|x| <= kMaxFinite)` holds exactly for NaN and +-inf.
+constexpr float kMaxFinite = 3.402823466e+38f;
 using u64 = unsigned long long;
 
 struct Shared {
@@ -422,6 +424,13 @@ __device__ void sample(const SampleParams& p) {
   if (r >= p.num_rows) return;
   const SampleRow row = p.rows[r];
   const float* raw = p.logits + size_t(r) * n;
+  if (p.out_nonfinite) {
+    // NaN or +-inf anywhere in the model's row (before any mask): the request fails alone.
+    u64 bad = 0;
+    for (uint32_t id = threadIdx.x; id < n; id += blockDim.x) bad |= !(fabsf(raw[id]) <= kMaxFinite);
+    bad = block_reduce_u64<true>(bad, sh);
+    if (threadIdx.x == 0) p.out_nonfinite[r] = uint32_t(bad);
+  }
   if (row.flags & CAD_SAMPLE_ALLOWED) {
     // Structured outputs: disallowed tokens become -inf before anything reads the row.
     float* masked = p.masked + size_t(r) * n;

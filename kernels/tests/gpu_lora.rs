@@ -5,6 +5,8 @@
 //! result to the dtype once (half an ulp, `eps`), and its f32 sums (at most 300 terms of size
 //! ~0.05) run in another order than the CPU's, which moves them by ~1e-6.
 
+/// Slot loads on the adapter copy stream.
+mod copy_stream;
 mod gpu_support;
 
 use caduceus_kernels::gpu::lora::{

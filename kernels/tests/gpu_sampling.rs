@@ -91,6 +91,7 @@ fn run(dev: &Device, logits: &[f32], vocab: usize, cases: &[Case], threads: u32)
     let lp = dev.alloc_zeroed(n * 4).unwrap();
     let top_ids = dev.alloc_zeroed(n * MAX_LOGPROBS * 4).unwrap();
     let top_lp = dev.alloc_zeroed(n * MAX_LOGPROBS * 4).unwrap();
+    let nonfinite = dev.alloc_zeroed(n * 4).unwrap();
     let args = SampleArgs {
         logits: &d_logits,
         rows: &rows,
@@ -106,11 +107,19 @@ fn run(dev: &Device, logits: &[f32], vocab: usize, cases: &[Case], threads: u32)
         allowed: masked
             .as_ref()
             .map(|(bits, masked)| AllowedTokens { bits, masked }),
+        out_nonfinite: Some(&nonfinite),
         vocab,
         threads,
     };
     sampling::sample(dev, &args).unwrap();
     let ids: Vec<u32> = dev.download(&out_ids).unwrap();
+    // The flag the engine fails a request on: any NaN or infinity in the raw row, mask or not
+    // (the CPU backend's test on the same row).
+    let flags: Vec<u32> = dev.download(&nonfinite).unwrap();
+    for (r, row) in logits.chunks_exact(vocab).take(n).enumerate() {
+        let want = row.iter().any(|l| !l.is_finite());
+        assert_eq!(flags[r], u32::from(want), "row {r}: non-finite flag");
+    }
     let lps: Vec<f32> = dev.download(&lp).unwrap();
     let tids: Vec<u32> = dev.download(&top_ids).unwrap();
     let tlps: Vec<f32> = dev.download(&top_lp).unwrap();
@@ -520,6 +529,7 @@ fn the_launcher_refuses_rows_its_buffers_cannot_serve() {
         out_ids: &ids,
         out_logprobs: None,
         allowed: None,
+        out_nonfinite: None,
         vocab: 8,
         threads: 0,
     };

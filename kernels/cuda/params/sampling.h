@@ -53,6 +53,10 @@ static_assert(sizeof(PenaltyEntry) == 8, "PenaltyEntry layout changed: update sa
 /// vocab] f32) with every other token at -inf, and that masked row is what everything after
 /// sees (penalties, greedy, the draw, the fallback argmax and the logprobs), as if the model had
 /// produced it. `allowed`/`masked` may be null if no row is flagged.
+///
+/// `out_nonfinite` (may be null): `[num_rows]` u32, 1 where the row's input logits hold a NaN or
+/// an infinity (before any mask), else 0; the engine fails that request alone, as the CPU
+/// backend does (RequestFailure::NonFiniteLogits).
 struct SampleParams {
   const float* logits;
   float* work;
@@ -64,6 +68,7 @@ struct SampleParams {
   float* out_top_logprobs;
   const uint32_t* allowed;
   float* masked;
+  uint32_t* out_nonfinite;
   uint32_t num_rows;
   uint32_t vocab;
   uint32_t allowed_words;

@@ -42,8 +42,9 @@ impl CudaDevice {
             return Err(GpuError::NoSuchDevice { ordinal, count });
         }
         let ctx = CudaContext::new(ordinal).map_err(driver_err)?;
-        // SAFETY: all work goes on one stream, so cudarc's cross-stream events are not needed;
-        // buffers are only freed by their owner after the work that uses them.
+        // SAFETY: all launches go on one stream, so cudarc's cross-stream events are not needed;
+        // buffers are only freed by their owner after the work that uses them. The one other
+        // stream (`super::copy_stream`, adapter copies) orders itself with its own events.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
         let modules = MODULES
@@ -106,6 +107,11 @@ impl CudaDevice {
 
     pub(super) fn synchronize(&self) -> Result<(), GpuError> {
         self.stream.synchronize().map_err(driver_err)
+    }
+
+    /// The context and the compute stream, for the adapter copy stream (`super::copy_stream`).
+    pub(super) fn context_and_stream(&self) -> (&Arc<CudaContext>, &Arc<CudaStream>) {
+        (&self.ctx, &self.stream)
     }
 
     fn function(&self, name: &'static str) -> Result<CudaFunction, GpuError> {

@@ -75,7 +75,7 @@ unsafe impl DeviceElem for half::bf16 {}
 // SAFETY: `half::f16` is a transparent u16.
 unsafe impl DeviceElem for half::f16 {}
 
-fn as_bytes<T: DeviceElem>(v: &[T]) -> &[u8] {
+pub(crate) fn as_bytes<T: DeviceElem>(v: &[T]) -> &[u8] {
     // SAFETY: DeviceElem types have no padding; the byte view covers exactly the slice.
     unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
 }

@@ -12,6 +12,7 @@
 
 pub mod attention;
 pub mod attention_prefill;
+pub mod copy_stream;
 #[cfg(feature = "cuda")]
 mod cublaslt;
 #[cfg(feature = "cuda")]

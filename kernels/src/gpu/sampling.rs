@@ -1,7 +1,8 @@
 //! Launcher of `cuda/sampling.cu`: one CTA per request row samples a token from f32 logits
 //! (an allowed-token mask for structured outputs, penalties, greedy, temperature, top-k, top-p,
 //! min-p, the draw with the request's uniform)
-//! and writes the raw logprobs asked for, so only ids and logprobs leave the device. The math
+//! and writes the raw logprobs asked for, so only ids and logprobs (and a per-row non-finite
+//! flag) leave the device. The math
 //! is [`crate::sampling`]'s; the tests hold the kernel to it.
 //!
 //! Logits are f32 (the LM head's output, as vLLM samples in f32), not the activation dtype.
@@ -127,6 +128,7 @@ struct SampleParams {
     out_top_logprobs: u64,
     allowed: u64,
     masked: u64,
+    out_nonfinite: u64,
     num_rows: u32,
     vocab: u32,
     allowed_words: u32,
@@ -154,6 +156,9 @@ pub struct SampleArgs<'a> {
     pub out_logprobs: Option<LogprobOutputs<'a>>,
     /// Allowed-token bitsets; needed iff a row is [`SampleRow::with_allowed_tokens`].
     pub allowed: Option<AllowedTokens<'a>>,
+    /// `[num_rows]` u32: 1 where the row's input logits hold a NaN or an infinity (before
+    /// any mask), else 0, so the caller can fail that request as the CPU backend does.
+    pub out_nonfinite: Option<&'a DeviceBuffer>,
     pub vocab: usize,
     /// Threads per row; 0 picks [`GPU_THREADS`] (or [`EMU_THREADS`] in emulation).
     pub threads: u32,
@@ -199,6 +204,9 @@ pub fn sample(dev: &Device, a: &SampleArgs<'_>) -> Result<(), GpuError> {
         need("sample allowed bits", m.bits, num_rows * words, 4)?;
         need("sample masked", m.masked, cells, 4)?;
     }
+    if let Some(f) = a.out_nonfinite {
+        need("sample out_nonfinite", f, num_rows, 4)?;
+    }
     if let Some(o) = &a.out_logprobs {
         need("sample logprob", o.logprob, num_rows, 4)?;
         need("sample top_ids", o.top_ids, num_rows * MAX_LOGPROBS, 4)?;
@@ -232,6 +240,7 @@ pub fn sample(dev: &Device, a: &SampleArgs<'_>) -> Result<(), GpuError> {
         out_top_logprobs: ptr(a.out_logprobs.as_ref().map(|o| o.top_logprobs)),
         allowed: ptr(a.allowed.as_ref().map(|m| m.bits)),
         masked: ptr(a.allowed.as_ref().map(|m| m.masked)),
+        out_nonfinite: ptr(a.out_nonfinite),
         num_rows: dim32("num_rows", num_rows)?,
         vocab: dim32("vocab", a.vocab)?,
         allowed_words: dim32("allowed words", words)?,

@@ -113,6 +113,7 @@ fn a_masked_row_without_bitsets_is_refused() {
         out_ids: &ids,
         out_logprobs: None,
         allowed: None,
+        out_nonfinite: None,
         vocab: 8,
         threads: 0,
     };

@@ -9,6 +9,7 @@ use caduceus_kernels::gpu::{DType, Device};
 use super::serve::{root_name, serve, served_name, ServedModel};
 use crate::config::{AdapterDtype, CaduceusConfig, Dtype};
 use crate::engine::{EngineCore, SlotSpec};
+use crate::gpu::memory_plan::{check_weights_fit, llama_weight_bytes};
 use crate::gpu::model::GpuModel;
 use crate::gpu::{GpuBackend, GpuBackendConfig, KvBlocks, PlanLimits};
 use crate::model::loader::{LoadError, LoadedModel};
@@ -34,10 +35,21 @@ pub(super) fn run(config: CaduceusConfig, dev: Device) -> anyhow::Result<()> {
     };
     let device_name = dev.describe();
     let loaded = LoadedModel::load_into(&config.model.path, |c, store| {
-        GpuModel::from_tensors(c, store, dev, dtype).map_err(|e| LoadError::Device {
+        let on_device = |message: String| LoadError::Device {
             device: device_name.clone(),
-            message: e.to_string(),
-        })
+            message,
+        };
+        // Too big for the card: say so with both sizes before uploading anything.
+        let (free, total) = dev.memory_info().map_err(|e| on_device(e.to_string()))?;
+        let weights = llama_weight_bytes(&c, dtype.size());
+        check_weights_fit(
+            &device_name,
+            dtype.suffix(),
+            weights,
+            (free as u64, total as u64),
+        )
+        .map_err(|e| on_device(e.to_string()))?;
+        GpuModel::from_tensors(c, store, dev, dtype).map_err(|e| on_device(e.to_string()))
     })
     .with_context(|| format!("loading the model from {}", config.model.path.display()))?;
     tracing::info!(device = %device_name, ?dtype, "weights converted and resident on the GPU");

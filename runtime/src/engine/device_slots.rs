@@ -86,3 +86,53 @@ impl DeviceSlots {
         Ok((slot as u32, fill))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::config::LlamaConfig;
+    use crate::model::lora::{LoraDtype, LoraStack};
+
+    fn adapter(id: u32) -> LoadedAdapter {
+        let c = LlamaConfig::from_hf_json(
+            r#"{"architectures": ["LlamaForCausalLM"], "hidden_size": 8,
+                "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+                "num_key_value_heads": 1, "vocab_size": 16, "rms_norm_eps": 1e-5,
+                "max_position_embeddings": 64}"#,
+        )
+        .unwrap();
+        LoadedAdapter {
+            name: format!("a{id}").into(),
+            version: 1,
+            key: AdapterKey { id, generation: 1 },
+            rank: 2,
+            prepared: LoraStack::new(&c, 1, 2, LoraDtype::F32).unwrap(),
+        }
+    }
+
+    /// A slot whose adapter a running request reads is never reloaded, even when it is the
+    /// least recently used one (the backend's copy stream relies on it).
+    #[test]
+    fn slots_of_running_requests_are_never_overwritten() {
+        let (a, b, c, d) = (adapter(1), adapter(2), adapter(3), adapter(4));
+        let mut slots = DeviceSlots::new(2);
+        let none = HashSet::new();
+        let ok = |_| Ok(());
+        assert_eq!(slots.acquire(&a, &none, ok).unwrap(), (0, SlotFill::Loaded));
+        assert_eq!(slots.acquire(&b, &none, ok).unwrap(), (1, SlotFill::Loaded));
+        // `a` is the least recently used but running: `b`'s slot is taken.
+        let running = HashSet::from([a.key]);
+        let mut loaded = Vec::new();
+        let fill = slots.acquire(&c, &running, |s| {
+            loaded.push(s);
+            Ok(())
+        });
+        assert_eq!(fill.unwrap(), (1, SlotFill::Evicted));
+        assert_eq!(loaded, [1]);
+        // Both residents running: no slot, and nothing is copied.
+        let running = HashSet::from([a.key, c.key]);
+        let full = slots.acquire(&d, &running, |_| panic!("a running slot was reloaded"));
+        assert!(matches!(full, Err(SlotError::Full(2))));
+        assert_eq!(slots.acquire(&a, &running, ok).unwrap(), (0, SlotFill::Hit));
+    }
+}

@@ -13,11 +13,12 @@ use caduceus_kernels::gpu::{DType, Device, DeviceBuffer, GpuError};
 use caduceus_kernels::lora::Segment;
 use caduceus_kernels::sampling::{PenaltyEntry, MAX_LOGPROBS};
 
+use super::adapter_copies::AdapterCopies;
 use super::lora::{GpuLoraBatch, GpuLoraStack};
 use super::memory_plan::{kv_bytes_per_block, plan_memory, MemoryInputs, MemoryPlan};
 use super::model::{GpuKvCache, GpuModel};
 use crate::adapters::LoadedAdapter;
-use crate::engine::{Backend, BackendError, RowOutcome, SlotSpec};
+use crate::engine::{Backend, BackendError, RequestFailure, RowOutcome, SlotSpec};
 use crate::model::config::LlamaConfig;
 use crate::model::ForwardBatch;
 use crate::sampling::{RowSample, SampledToken};
@@ -107,9 +108,17 @@ const OUT_TOP_IDS: usize = 6;
 const OUT_TOP_LOGPROBS: usize = 7;
 const ALLOWED_BITS: usize = 8;
 const MASKED: usize = 9;
+const NONFINITE: usize = 10;
+
+/// Whether a row is sampled through an allowed-token bitset (a grammar, or banned ids).
+fn masked(r: &RowSample) -> bool {
+    r.allowed.is_some() || !r.banned.is_empty()
+}
 
 /// A model on a CUDA device (or its emulation).
 pub struct GpuBackend {
+    /// Dropped first: its queued copies write into `lora`'s slots.
+    copies: Option<AdapterCopies>,
     model: GpuModel,
     kv: GpuKvCache,
     lora: Option<GpuLoraStack>,
@@ -126,9 +135,15 @@ impl GpuBackend {
         let c = model.config().clone();
         let (dev, dtype) = (model.device(), model.dtype());
         let lora = match cfg.adapter_slots {
-            Some(s) => {
-                Some(GpuLoraStack::new(dev, dtype, &c, s.num_slots, s.max_rank).map_err(err)?)
-            }
+            Some(s) => Some(
+                GpuLoraStack::new(dev, dtype, &c, s.num_slots, s.max_rank).map_err(|e| {
+                    err(format!(
+                        "allocating {} adapter slots of rank {} on the device: {e}; lower \
+                         adapters.max_loras or adapters.max_lora_rank",
+                        s.num_slots, s.max_rank
+                    ))
+                })?,
+            ),
             None => None,
         };
         let per_block = kv_bytes_per_block(
@@ -164,6 +179,7 @@ impl GpuBackend {
                     graph_bytes: 0,
                     kv_bytes_per_block: per_block,
                     min_blocks: l.max_model_len.div_ceil(cfg.block_size) as u64 + 1,
+                    block_size: cfg.block_size as u64,
                 };
                 let plan = plan_memory(&inputs).map_err(err)?;
                 let n = usize::try_from(plan.num_gpu_blocks).map_err(err)?;
@@ -172,8 +188,18 @@ impl GpuBackend {
         };
         let kv = model
             .new_kv_cache(num_blocks, cfg.block_size)
-            .map_err(|e| err(format!("allocating {num_blocks} KV blocks: {e}")))?;
+            .map_err(|e| {
+                err(format!(
+                    "allocating {num_blocks} KV blocks: {e}; lower model.gpu_memory_utilization \
+                     or set model.num_gpu_blocks_override to fewer blocks"
+                ))
+            })?;
+        let copies = match &lora {
+            Some(stack) => Some(AdapterCopies::new(dev, stack.num_slots()).map_err(err)?),
+            None => None,
+        };
         Ok(GpuBackend {
+            copies,
             model,
             kv,
             lora,
@@ -184,13 +210,18 @@ impl GpuBackend {
         })
     }
 
+    /// The adapter copy stream (`None` without adapter slots).
+    pub fn adapter_copies(&mut self) -> Option<&mut AdapterCopies> {
+        self.copies.as_mut()
+    }
+
     /// How the card's memory was divided (`None` with [`KvBlocks::Fixed`]).
     pub fn memory_plan(&self) -> Option<MemoryPlan> {
         self.plan
     }
 
-    /// Samples every row on the device.
-    fn sample_on_device(&mut self, rows: &[RowSample]) -> Result<Vec<SampledToken>, GpuError> {
+    /// Samples every row on the device; a row whose logits hold NaN or inf fails alone.
+    fn sample_on_device(&mut self, rows: &[RowSample]) -> Result<Vec<RowOutcome>, GpuError> {
         let vocab = self.model.config().vocab_size;
         let dtype = self.model.dtype();
         let dev = self.model.device();
@@ -207,16 +238,6 @@ impl GpuBackend {
         let cells = n * vocab;
         let f32_logits = self.scratch.get(dev, LOGITS_F32, cells * 4)?;
         ops::to_f32(dev, dtype, logits, cells, f32_logits)?;
-        // Bans (EOS before min_tokens): -inf written into the f32 row before the kernel reads it.
-        for (i, r) in rows.iter().enumerate() {
-            for &t in r.banned.iter().filter(|&&t| (t as usize) < vocab) {
-                dev.write(
-                    f32_logits,
-                    (i * vocab + t as usize) * 4,
-                    &[f32::NEG_INFINITY],
-                )?;
-            }
-        }
         let mut entries: Vec<PenaltyEntry> = Vec::new();
         let mut descs = Vec::with_capacity(rows.len());
         for r in rows {
@@ -229,26 +250,32 @@ impl GpuBackend {
                 0
             };
             let row = SampleRow::new(&r.sampling, r.u, start, count, r.logprobs);
-            descs.push(match r.allowed {
-                Some(_) => row.with_allowed_tokens(),
-                None => row,
+            descs.push(if masked(r) {
+                row.with_allowed_tokens()
+            } else {
+                row
             });
         }
-        // Structured outputs: each constrained row's bitset, as the CPU holds it.
+        // Structured outputs and bans (EOS before min_tokens): one allowed-token bitset per
+        // masked row (the grammar's, as the CPU holds it, less the banned ids), so the kernel
+        // still sees the model's own logits when it checks them for NaN and inf.
         let words = allowed_words(vocab);
-        let any_allowed = rows.iter().any(|r| r.allowed.is_some());
+        let any_allowed = rows.iter().any(masked);
         let mut bits = Vec::new();
         if any_allowed {
             bits = vec![u32::MAX; n * words];
             for (i, r) in rows.iter().enumerate() {
+                let dst = &mut bits[i * words..(i + 1) * words];
                 if let Some(mask) = &r.allowed {
-                    let dst = &mut bits[i * words..(i + 1) * words];
                     for (d, w) in dst
                         .iter_mut()
                         .zip(mask.words().iter().chain(std::iter::repeat(&0)))
                     {
                         *d = *w;
                     }
+                }
+                for t in r.banned.iter().map(|&t| t as usize).filter(|&t| t < vocab) {
+                    dst[t / 32] &= !(1 << (t % 32));
                 }
             }
         }
@@ -265,6 +292,7 @@ impl GpuBackend {
             (WORK, cells * 4),
             (ALLOWED_BITS, bits.len() * 4),
             (MASKED, if any_allowed { cells * 4 } else { 0 }),
+            (NONFINITE, n * 4),
         ] {
             self.scratch.get(dev, index, bytes)?;
         }
@@ -301,11 +329,13 @@ impl GpuBackend {
             } else {
                 None
             },
+            out_nonfinite: Some(self.buf(NONFINITE)?),
             vocab,
             threads: 0,
         };
         sampling::sample(dev, &args)?;
         let ids: Vec<u32> = dev.download(self.buf(OUT_IDS)?)?;
+        let nonfinite: Vec<u32> = dev.download(self.buf(NONFINITE)?)?;
         let (logprob, top_ids, top_lp) = if want_logprobs {
             (
                 dev.download::<f32>(self.buf(OUT_LOGPROB)?)?,
@@ -318,16 +348,22 @@ impl GpuBackend {
         Ok(rows
             .iter()
             .enumerate()
-            .map(|(i, r)| SampledToken {
-                token_id: ids[i],
-                logprob: r.logprobs.map(|_| logprob[i]),
-                top_logprobs: r.logprobs.map_or_else(Vec::new, |k| {
-                    let k = k.min(MAX_LOGPROBS);
-                    let base = i * MAX_LOGPROBS;
-                    (0..k)
-                        .map(|j| (top_ids[base + j], top_lp[base + j]))
-                        .collect()
-                }),
+            .map(|(i, r)| {
+                if nonfinite[i] != 0 {
+                    // The CPU backend's rule: NaN or inf logits fail this request alone.
+                    return Err(RequestFailure::NonFiniteLogits);
+                }
+                Ok(SampledToken {
+                    token_id: ids[i],
+                    logprob: r.logprobs.map(|_| logprob[i]),
+                    top_logprobs: r.logprobs.map_or_else(Vec::new, |k| {
+                        let k = k.min(MAX_LOGPROBS);
+                        let base = i * MAX_LOGPROBS;
+                        (0..k)
+                            .map(|j| (top_ids[base + j], top_lp[base + j]))
+                            .collect()
+                    }),
+                })
             })
             .collect())
     }
@@ -379,17 +415,22 @@ impl Backend for GpuBackend {
 
     fn load_adapter(&mut self, slot: u32, adapter: &LoadedAdapter) -> Result<(), BackendError> {
         let dev = self.model.device();
-        let stack = self
-            .lora
-            .as_mut()
-            .ok_or_else(|| err("no adapter slots were allocated"))?;
-        stack
-            .load_prepared(dev, slot as usize, &adapter.prepared)
+        let (Some(stack), Some(copies)) = (self.lora.as_mut(), self.copies.as_mut()) else {
+            return Err(err("no adapter slots were allocated"));
+        };
+        // On the copy stream: the running batch is not stalled (see `adapter_copies`).
+        copies
+            .load(dev, stack, slot as usize, &adapter.prepared)
             .map_err(err)
     }
 
     fn forward(&mut self, batch: &ForwardBatch<'_>, lora: &[Segment]) -> Result<(), BackendError> {
         self.logits = None;
+        if let Some(copies) = &mut self.copies {
+            copies
+                .before_forward(self.model.device(), lora)
+                .map_err(err)?;
+        }
         let lora = match &self.lora {
             Some(stack) if !lora.is_empty() => Some(GpuLoraBatch {
                 stack,
@@ -405,18 +446,13 @@ impl Backend for GpuBackend {
         Ok(())
     }
 
-    /// Rows are sampled on the device; a NaN/inf row is not detected here yet (the kernel
-    /// treats NaN as -inf), so it does not fail its request as on the CPU.
+    /// Rows are sampled on the device; the kernel flags a row whose logits hold NaN or inf,
+    /// and that request fails alone, as on the CPU.
     fn sample(&mut self, rows: &[RowSample]) -> Result<Vec<RowOutcome>, BackendError> {
         if rows.is_empty() {
             return Ok(Vec::new());
         }
-        Ok(self
-            .sample_on_device(rows)
-            .map_err(err)?
-            .into_iter()
-            .map(Ok)
-            .collect())
+        self.sample_on_device(rows).map_err(err)
     }
 
     #[cfg(feature = "fault-injection")]
@@ -435,6 +471,8 @@ impl Backend for GpuBackend {
     }
 }
 
+#[cfg(all(test, feature = "gpu-emu"))]
+mod copy_tests;
 #[cfg(all(test, feature = "gpu-emu"))]
 mod reference_tests;
 #[cfg(all(test, feature = "gpu-emu"))]

@@ -1,6 +1,7 @@
 //! The adapter slots on the device: for every layer and each of the seven projections a
 //! [`DeviceLoraSlots`] store, filled from the same [`AdapterWeights`] the CPU stack takes.
 
+use caduceus_kernels::gpu::copy_stream::Upload;
 use caduceus_kernels::gpu::lora::{DeviceLoraSlots, LoraGpuError};
 use caduceus_kernels::gpu::{DType, Device};
 use caduceus_kernels::lora::{LoraShape, Segment};
@@ -96,6 +97,18 @@ impl GpuLoraStack {
         slot: usize,
         prepared: &LoraStack,
     ) -> Result<(), GpuLoraLoadError> {
+        let mut up = dev;
+        self.load_prepared_with(&mut up, slot, prepared)
+    }
+
+    /// [`Self::load_prepared`] through `up` (the adapter copy stream: see
+    /// [`super::adapter_copies`]).
+    pub fn load_prepared_with(
+        &mut self,
+        up: &mut impl Upload,
+        slot: usize,
+        prepared: &LoraStack,
+    ) -> Result<(), GpuLoraLoadError> {
         let layers = prepared.read_slot(0)?;
         if layers.len() != self.layers.len() {
             return Err(GpuLoraLoadError::Layers {
@@ -106,8 +119,8 @@ impl GpuLoraStack {
         for (stores, pairs) in self.layers.iter_mut().zip(&layers) {
             for (store, pair) in stores.iter_mut().zip(pairs) {
                 match pair {
-                    Some(p) => store.load_slot(dev, slot, &p.a, &p.b, p.rank, p.scale)?,
-                    None => store.clear_slot(dev, slot)?,
+                    Some(p) => store.load_slot_with(up, slot, &p.a, &p.b, p.rank, p.scale)?,
+                    None => store.clear_slot_with(up, slot)?,
                 }
             }
         }

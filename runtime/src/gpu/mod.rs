@@ -4,6 +4,8 @@
 //! (`backend`), with feature `cuda` or `gpu-emu`.
 
 #[cfg(any(feature = "cuda", feature = "gpu-emu"))]
+pub mod adapter_copies;
+#[cfg(any(feature = "cuda", feature = "gpu-emu"))]
 pub mod backend;
 pub mod graph_ladder;
 #[cfg(any(feature = "cuda", feature = "gpu-emu"))]

@@ -1,6 +1,7 @@
 //! [`DeviceLoraSlots`]: one projection's adapter slots in device memory, loaded from PEFT layouts.
 
 use super::LoraGpuError;
+use crate::gpu::copy_stream::Upload;
 use crate::gpu::ops::dim32;
 use crate::gpu::{DType, Device, DeviceBuffer};
 use crate::lora::{LoraError, LoraShape, MAX_LORA_RANK};
@@ -113,6 +114,22 @@ impl DeviceLoraSlots {
         rank: usize,
         scale: f32,
     ) -> Result<(), LoraGpuError> {
+        let mut up = dev;
+        self.load_slot_with(&mut up, slot, a, b, rank, scale)
+    }
+
+    /// [`Self::load_slot`] through `up`: on a [`crate::gpu::copy_stream::CopyStream`] the
+    /// slot's bytes (weights, rank, scale) land when the copy stream gets there, so the compute
+    /// stream must wait for an event recorded after this before it reads `slot`.
+    pub fn load_slot_with(
+        &mut self,
+        up: &mut impl Upload,
+        slot: usize,
+        a: &[f32],
+        b: &[f32],
+        rank: usize,
+        scale: f32,
+    ) -> Result<(), LoraGpuError> {
         let LoraShape {
             in_dim,
             out_dim,
@@ -138,34 +155,44 @@ impl DeviceLoraSlots {
             }
         });
         let es = self.dtype.size();
-        dev.write(
+        up.upload(
             &self.a,
             slot * max_rank * is * es,
             &to_bits(self.dtype, a_rows),
         )?;
-        dev.write(
+        up.upload(
             &self.b,
             slot * max_rank * os * es,
             &to_bits(self.dtype, b_rows),
         )?;
-        self.set_slot(dev, slot, rank as u32, scale)
+        self.set_slot(up, slot, rank as u32, scale)
     }
 
     /// Marks `slot` empty: tokens naming it get no delta from this projection.
     pub fn clear_slot(&mut self, dev: &Device, slot: usize) -> Result<(), LoraGpuError> {
+        let mut up = dev;
+        self.clear_slot_with(&mut up, slot)
+    }
+
+    /// [`Self::clear_slot`] through `up` (see [`Self::load_slot_with`]).
+    pub fn clear_slot_with(
+        &mut self,
+        up: &mut impl Upload,
+        slot: usize,
+    ) -> Result<(), LoraGpuError> {
         self.check_slot(slot)?;
-        self.set_slot(dev, slot, 0, 0.0)
+        self.set_slot(up, slot, 0, 0.0)
     }
 
     fn set_slot(
         &mut self,
-        dev: &Device,
+        up: &mut impl Upload,
         slot: usize,
         rank: u32,
         scale: f32,
     ) -> Result<(), LoraGpuError> {
-        dev.write(&self.ranks, slot * 4, &[rank])?;
-        dev.write(&self.scales, slot * 4, &[scale])?;
+        up.upload(&self.ranks, slot * 4, &[rank])?;
+        up.upload(&self.scales, slot * 4, &[scale])?;
         self.host_ranks[slot] = rank;
         Ok(())
     }

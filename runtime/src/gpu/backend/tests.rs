@@ -10,8 +10,9 @@ use caduceus_scheduler::{RequestId, SchedulerConfig};
 use tokio::sync::mpsc;
 
 use super::{GpuBackend, GpuBackendConfig, KvBlocks, PlanLimits};
-use crate::engine::{Backend, EngineCore, EngineRequest, SlotSpec};
+use crate::engine::{Backend, EngineCore, EngineRequest, FaultPlan, RequestFailure, SlotSpec};
 use crate::gpu::lora::{GpuLoraBatch, GpuLoraStack};
+use crate::gpu::memory_plan::{check_weights_fit, llama_weight_bytes};
 use crate::gpu::model::tests::{adapter, store, CONFIG};
 use crate::gpu::model::GpuModel;
 use crate::model::config::LlamaConfig;
@@ -20,7 +21,7 @@ use crate::model::{ForwardBatch, LlamaModel};
 use crate::sampling::{sample_row, RowScratch, SamplingParams};
 use crate::structured::TokenMask;
 
-const DTYPE: DType = DType::F16;
+pub(super) const DTYPE: DType = DType::F16;
 
 fn config() -> LlamaConfig {
     LlamaConfig::from_hf_json(CONFIG).unwrap()
@@ -35,7 +36,7 @@ fn model_on(dev: Device) -> GpuModel {
     GpuModel::from_tensors(c.clone(), &mut store(&c, DTYPE), dev, DTYPE).unwrap()
 }
 
-fn backend(dev: Device, num_blocks: usize, slots: Option<SlotSpec>) -> GpuBackend {
+pub(super) fn backend(dev: Device, num_blocks: usize, slots: Option<SlotSpec>) -> GpuBackend {
     GpuBackend::new(
         model_on(dev),
         GpuBackendConfig {
@@ -133,6 +134,79 @@ fn engine_matches(dev: Device, want: &[Vec<u32>]) {
         "the shared prefix was reused"
     );
     assert_eq!(got, want, "{what}: greedy tokens of f16 vs f32 on the CPU");
+}
+
+/// Three short greedy requests (the fault test keeps to a few emulated steps).
+fn short_requests() -> Vec<EngineRequest> {
+    (0..3u32)
+        .map(|r| {
+            let mut q = EngineRequest::new((0..5).map(|i| (i * 41 + r * 7 + 2) % 300).collect(), 4);
+            q.ignore_eos = true;
+            q.detokenize = false;
+            q
+        })
+        .collect()
+}
+
+/// Runs `short_requests()` with the second poisoned (NaN logits from its first step): its
+/// finish error, and every request's tokens.
+fn run_poisoned<B: Backend>(core: EngineCore<B>) -> (Option<RequestFailure>, Vec<Vec<u32>>) {
+    let mut core = core.with_faults(FaultPlan {
+        nan_logits: Some(FaultPlan::seed(4242)),
+        ..FaultPlan::default()
+    });
+    let mut reqs = short_requests();
+    reqs[1].sampling.seed = Some(4242);
+    let mut rxs = Vec::new();
+    for (i, r) in reqs.into_iter().enumerate() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        core.add_request(RequestId(i as u64), r, tx).unwrap();
+        rxs.push(rx);
+    }
+    while core.has_unfinished() {
+        core.step().unwrap();
+    }
+    let mut error = None;
+    let tokens = rxs
+        .iter_mut()
+        .enumerate()
+        .map(|(i, rx)| {
+            let mut t = Vec::new();
+            while let Ok(o) = rx.try_recv() {
+                t.extend(o.new_tokens.iter().map(|s| s.token_id));
+                if let Some(e) = o.finished.and_then(|f| f.error) {
+                    assert_eq!(i, 1, "request {i} failed: {e}");
+                    error = Some(e);
+                }
+            }
+            t
+        })
+        .collect();
+    (error, tokens)
+}
+
+#[test]
+fn a_nan_logits_row_fails_its_request_alone_on_either_backend() {
+    let c = config();
+    let cpu_model = LlamaModel::from_tensors(c.clone(), &mut store(&c, DTYPE)).unwrap();
+    let clean = run(
+        &mut EngineCore::new(&cpu_model, None, Vec::new(), sched(32)).unwrap(),
+        short_requests(),
+    );
+    let cpu = run_poisoned(EngineCore::new(&cpu_model, None, Vec::new(), sched(32)).unwrap());
+    let mut runs = vec![("cpu".to_string(), cpu)];
+    for dev in devices_under_test().unwrap() {
+        let what = dev.describe();
+        let core = EngineCore::with_backend(backend(dev, 32, None), None, Vec::new(), sched(32));
+        runs.push((what, run_poisoned(core.unwrap())));
+    }
+    for (what, (error, tokens)) in runs {
+        assert_eq!(error, Some(RequestFailure::NonFiniteLogits), "{what}");
+        assert!(tokens[1].is_empty(), "{what}: the poisoned request sampled");
+        for i in [0, 2] {
+            assert_eq!(tokens[i], clean[i], "{what}: request {i} changed");
+        }
+    }
 }
 
 #[test]
@@ -346,4 +420,54 @@ fn the_kv_pool_is_what_the_memory_plan_leaves() {
     };
     let e = GpuBackend::new(gpu_model(), cfg(tiny)).err().unwrap();
     assert!(e.to_string().contains("gpu_memory_utilization"), "{e}");
+    // A max_model_len the pool cannot hold says which one it can, and that one starts.
+    let long = PlanLimits {
+        max_model_len: (plan.num_gpu_blocks as usize + 4) * 16,
+        ..limits
+    };
+    let e = GpuBackend::new(gpu_model(), cfg(long))
+        .err()
+        .unwrap()
+        .to_string();
+    let (_, tail) = e.split_once("model.max_model_len to at most ").expect(&e);
+    let fits: usize = tail.split(',').next().unwrap().parse().unwrap();
+    assert!(fits > 0 && fits < long.max_model_len, "{e}");
+    let at_fits = PlanLimits {
+        max_model_len: fits,
+        ..limits
+    };
+    assert!(GpuBackend::new(gpu_model(), cfg(at_fits)).is_ok(), "{e}");
+}
+
+#[test]
+fn a_model_too_big_for_the_device_is_refused_with_both_sizes() {
+    let c = config();
+    let m = gpu_model();
+    // The config-only size is what the upload holds (plus the RoPE frequency table).
+    let estimate = llama_weight_bytes(&c, DTYPE.size());
+    let rope_table = (c.head_dim / 2 * 4) as u64;
+    assert_eq!(m.weight_bytes() as u64, estimate + rope_table);
+    // Llama-3-8B in bf16 (16 GB) on the emulated device's 1 GiB.
+    let mut big = c.clone();
+    (big.hidden_size, big.intermediate_size, big.num_layers) = (4096, 14336, 32);
+    (
+        big.num_heads,
+        big.num_kv_heads,
+        big.head_dim,
+        big.vocab_size,
+    ) = (32, 8, 128, 128256);
+    let dev = m.device();
+    let (free, total) = dev.memory_info().unwrap();
+    let e = check_weights_fit(
+        &dev.describe(),
+        "bf16",
+        llama_weight_bytes(&big, 2),
+        (free as u64, total as u64),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("15316.5 MiB in bf16") && e.contains("1024.0 MiB in total"),
+        "{e}"
+    );
 }
