@@ -108,6 +108,22 @@ impl CudaDevice {
         self.stream.synchronize().map_err(driver_err)
     }
 
+    /// Starts capturing this thread's launches on the stream into a graph (`super::graph`).
+    pub(super) fn begin_capture(&self) -> Result<(), GpuError> {
+        use cudarc::driver::sys::CUstreamCaptureMode;
+        self.stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(driver_err)
+    }
+
+    /// Ends the capture and instantiates the graph (`None`: nothing was captured).
+    pub(super) fn end_capture(&self) -> Result<Option<cudarc::driver::CudaGraph>, GpuError> {
+        use cudarc::driver::sys::CUgraphInstantiate_flags;
+        self.stream
+            .end_capture(CUgraphInstantiate_flags(0))
+            .map_err(driver_err)
+    }
+
     fn function(&self, name: &'static str) -> Result<CudaFunction, GpuError> {
         let mut cache = self
             .functions

@@ -19,6 +19,7 @@ mod cuda;
 mod device;
 pub mod gemm;
 pub mod gemm_cache;
+mod graph;
 mod kernel;
 pub mod lora;
 pub mod ops;
@@ -27,7 +28,10 @@ pub mod sampling;
 
 #[cfg(feature = "cuda-emu")]
 pub use device::Emulation;
-pub use device::{DType, Device, DeviceBuffer, DeviceElem, GpuError, EMULATED_MEMORY_BYTES};
+pub use device::{
+    BufferView, DType, Device, DeviceBuffer, DeviceElem, GpuError, EMULATED_MEMORY_BYTES,
+};
+pub use graph::{DeviceGraph, Transfers};
 pub use kernel::LaunchDims;
 
 /// The devices GPU tests run on: the host emulation (unless `CADUCEUS_GPU_ONLY=1`), plus CUDA

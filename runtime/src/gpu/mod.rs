@@ -5,12 +5,18 @@
 
 #[cfg(any(feature = "cuda", feature = "gpu-emu"))]
 pub mod backend;
+#[cfg(any(feature = "cuda", feature = "gpu-emu"))]
+pub mod decode_graph;
 pub mod graph_ladder;
 #[cfg(any(feature = "cuda", feature = "gpu-emu"))]
 pub mod lora;
 pub mod memory_plan;
 #[cfg(any(feature = "cuda", feature = "gpu-emu"))]
 pub mod model;
+#[cfg(any(feature = "cuda", feature = "gpu-emu"))]
+pub mod workspace;
 
 #[cfg(any(feature = "cuda", feature = "gpu-emu"))]
-pub use backend::{GpuBackend, GpuBackendConfig, KvBlocks, PlanLimits};
+pub use backend::{GpuBackend, GpuBackendConfig, KvBlocks};
+#[cfg(any(feature = "cuda", feature = "gpu-emu"))]
+pub use workspace::StepLimits;
