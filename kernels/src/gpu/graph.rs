@@ -164,11 +164,21 @@ enum Inner {
     #[cfg(feature = "cuda-emu")]
     Emulated(Vec<EmuOp>),
     #[cfg(feature = "cuda")]
-    Cuda(cudarc::driver::CudaGraph),
+    Cuda(CudaGraphSend),
     /// Nothing was launched while capturing.
     #[allow(dead_code)]
     Empty,
 }
+
+/// A captured CUDA graph that may move to another thread (the engine runs on its own).
+#[cfg(feature = "cuda")]
+struct CudaGraphSend(cudarc::driver::CudaGraph);
+
+// SAFETY: CUDA graph handles may be used from any thread as long as calls on one graph are not
+// concurrent (driver docs, "Graph object thread safety"); `DeviceGraph` is not `Sync`, so its
+// one owner serialises every use.
+#[cfg(feature = "cuda")]
+unsafe impl Send for CudaGraphSend {}
 
 impl DeviceGraph {
     /// Kernel launches and GEMMs in the graph (emulation; 0 on a GPU, where the driver owns it).
@@ -246,7 +256,9 @@ impl Device {
             #[cfg(feature = "cuda")]
             Device::Cuda(d) => Ok(DeviceGraph {
                 nodes: 0,
-                inner: d.end_capture()?.map_or(Inner::Empty, Inner::Cuda),
+                inner: d
+                    .end_capture()?
+                    .map_or(Inner::Empty, |g| Inner::Cuda(CudaGraphSend(g))),
             }),
         }
     }
@@ -263,9 +275,10 @@ impl Device {
                 Ok(())
             }
             #[cfg(feature = "cuda")]
-            (Device::Cuda(_), Inner::Cuda(g)) => g
-                .launch()
-                .map_err(|e| GpuError::Driver(format!("graph launch: {e:?}"))),
+            (Device::Cuda(_), Inner::Cuda(g)) => {
+                g.0.launch()
+                    .map_err(|e| GpuError::Driver(format!("graph launch: {e:?}")))
+            }
             (_, Inner::Empty) => Ok(()),
             #[allow(unreachable_patterns)]
             _ => Err(GpuError::Capture(
@@ -304,5 +317,89 @@ fn replay_op(op: &EmuOp) -> Result<(), GpuError> {
             super::gemm::host_gemm(*dtype, *x, *w, *bias, *y, *shape);
             Ok(())
         }
+    }
+}
+
+#[cfg(all(test, feature = "cuda-emu"))]
+mod tests {
+    use half::f16;
+
+    use super::*;
+    use crate::gpu::gemm::gemm;
+    use crate::gpu::ops::to_f32;
+
+    fn f16s(v: &[f32]) -> Vec<f16> {
+        v.iter().map(|&x| f16::from_f32(x)).collect()
+    }
+
+    /// `y = x · Wᵀ` then `out = f32(y)`, x `[2, 3]`, W `[2, 3]`.
+    fn step(
+        dev: &Device,
+        x: &DeviceBuffer,
+        w: &DeviceBuffer,
+        y: &DeviceBuffer,
+        out: &DeviceBuffer,
+    ) {
+        let s = GemmShape {
+            m: 2,
+            n: 2,
+            k: 3,
+            accumulate: false,
+        };
+        gemm(dev, DType::F16, x, w, y, s).unwrap();
+        to_f32(dev, DType::F16, y, 4, out).unwrap();
+    }
+
+    #[test]
+    fn a_replay_reruns_the_captured_launches_on_the_current_contents() {
+        let dev = Device::emulated();
+        let x = dev.upload(&f16s(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0])).unwrap();
+        let w = dev.upload(&f16s(&[1.0, 0.0, 1.0, 0.0, 1.0, 0.0])).unwrap();
+        let y = dev.alloc_zeroed(8).unwrap();
+        let out = dev.alloc_zeroed(16).unwrap();
+        // Capturing before the GEMM shape was ever run would choose its algorithm mid-capture.
+        let cold = dev.capture(|| -> Result<(), GpuError> {
+            step(&dev, &x, &w, &y, &out);
+            Ok(())
+        });
+        assert!(
+            matches!(cold, Err(GpuError::Capture(_))),
+            "cold GEMM captured"
+        );
+        step(&dev, &x, &w, &y, &out);
+        assert_eq!(dev.download::<f32>(&out).unwrap(), [4.0, 2.0, 10.0, 5.0]);
+        let graph = dev
+            .capture(|| -> Result<(), GpuError> {
+                step(&dev, &x, &w, &y, &out);
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(graph.num_nodes(), 2, "one GEMM, one conversion");
+        // New inputs at the same address: the replay computes with them.
+        dev.write(&x, 0, &f16s(&[2.0, 0.0, 1.0, 1.0, 1.0, -1.0]))
+            .unwrap();
+        dev.write(&out, 0, &[0f32; 4]).unwrap();
+        let before = dev.transfers().unwrap();
+        dev.replay(&graph).unwrap();
+        assert_eq!(dev.transfers(), Some(before), "a replay copies nothing");
+        assert_eq!(dev.download::<f32>(&out).unwrap(), [3.0, 0.0, 0.0, 1.0]);
+    }
+
+    #[test]
+    fn capture_refuses_allocations_and_copies_and_always_ends() {
+        let dev = Device::emulated();
+        let buf = dev.alloc_zeroed(16).unwrap();
+        let alloc = dev.capture(|| dev.alloc_zeroed(4).map(drop));
+        assert!(matches!(alloc, Err(GpuError::Capture(_))));
+        let write = dev.capture(|| dev.write(&buf, 0, &[1u32]));
+        assert!(matches!(write, Err(GpuError::Capture(_))));
+        let read = dev.capture(|| dev.download::<u32>(&buf).map(drop));
+        assert!(matches!(read, Err(GpuError::Capture(_))));
+        // Capture ended after each failure: the device works as before.
+        dev.write(&buf, 0, &[7u32]).unwrap();
+        assert_eq!(dev.download::<u32>(&buf).unwrap()[0], 7);
+        let empty = dev.capture(|| Ok::<_, GpuError>(())).unwrap();
+        assert_eq!(empty.num_nodes(), 0);
+        dev.replay(&empty).unwrap();
     }
 }
