@@ -108,6 +108,15 @@ impl CudaDevice {
         self.stream.synchronize().map_err(driver_err)
     }
 
+    /// Page-locked host memory of `words` u32s (`cuMemHostAlloc`), for staging uploads.
+    pub(super) fn alloc_pinned_words(
+        &self,
+        words: usize,
+    ) -> Result<cudarc::driver::PinnedHostSlice<u32>, GpuError> {
+        // SAFETY: the contents start uninitialised; the caller zeroes them before any read.
+        unsafe { self.ctx.alloc_pinned::<u32>(words) }.map_err(driver_err)
+    }
+
     /// Starts capturing this thread's launches on the stream into a graph (`super::graph`).
     pub(super) fn begin_capture(&self) -> Result<(), GpuError> {
         use cudarc::driver::sys::CUstreamCaptureMode;

@@ -25,6 +25,7 @@ pub mod lora;
 pub mod ops;
 pub mod rope_cache;
 pub mod sampling;
+mod staging;
 
 #[cfg(feature = "cuda-emu")]
 pub use device::Emulation;
@@ -33,6 +34,7 @@ pub use device::{
 };
 pub use graph::{DeviceGraph, Transfers};
 pub use kernel::LaunchDims;
+pub use staging::HostStaging;
 
 /// The devices GPU tests run on: the host emulation (unless `CADUCEUS_GPU_ONLY=1`), plus CUDA
 /// device 0 when built with `cuda` and `CADUCEUS_GPU_TESTS=1` or `CADUCEUS_GPU_ONLY=1` (set by

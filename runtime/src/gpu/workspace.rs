@@ -7,13 +7,13 @@
 //! fixed address, which is also what lets a captured decode graph ([`super::decode_graph`]) be
 //! replayed with nothing but that copy. Sampling rows still go up separately (`backend`).
 //!
-//! The staging buffer is plain host memory, not pinned (`cuMemHostAlloc`) yet. None of this has
-//! run on a GPU: CI runs it in the kernels' host emulation.
+//! The staging buffer is page-locked on a GPU ([`HostStaging`]). None of this has run on a GPU:
+//! CI runs it in the kernels' host emulation.
 
 use caduceus_kernels::attention::PAD_SLOT;
 use caduceus_kernels::gpu::attention::{AttnShape, DecodePlan, DecodeSplit};
 use caduceus_kernels::gpu::lora::{LoraUnits, TILE_TOKENS};
-use caduceus_kernels::gpu::{BufferView, DType, Device, DeviceBuffer, GpuError};
+use caduceus_kernels::gpu::{BufferView, DType, Device, DeviceBuffer, GpuError, HostStaging};
 use caduceus_kernels::lora::Segment;
 
 use crate::model::config::LlamaConfig;
@@ -229,7 +229,8 @@ pub struct Workspace {
     pub(crate) decode: DeviceBuffer,
     pub(crate) lora: DeviceBuffer,
     upload: DeviceBuffer,
-    staging: Vec<u32>,
+    /// Pinned on a GPU.
+    staging: HostStaging,
 }
 
 impl Workspace {
@@ -271,7 +272,7 @@ impl Workspace {
             decode: next()?,
             lora: next()?,
             upload: next()?,
-            staging: vec![0; layout.total_words],
+            staging: dev.host_staging(layout.total_words)?,
         })
     }
 
@@ -378,7 +379,7 @@ impl Workspace {
                 return bad("LoRA units do not fit the step upload".into());
             }
         }
-        let st = &mut self.staging;
+        let st = self.staging.words_mut()?;
         let fill = |st: &mut [u32], at: usize, real: &[u32], len: usize, pad: u32| {
             st[at..at + real.len()].copy_from_slice(real);
             st[at + real.len()..at + len].fill(pad);
@@ -414,7 +415,8 @@ impl Workspace {
         if let Some(u) = &lora {
             st[l.lora..l.lora + u.words().len()].copy_from_slice(u.words());
         }
-        dev.write(&self.upload, 0, &st[..l.tables + seqs * l.max_blocks])?;
+        let words = l.tables + seqs * l.max_blocks;
+        dev.upload_staged(&self.upload, &self.staging, words)?;
         Ok(Step {
             tokens,
             seqs,
