@@ -153,13 +153,17 @@ pub fn add_lora_fused(dev: &Device, args: &FusedLoraArgs<'_>) -> Result<(), Lora
     for (pp, part) in parts.iter_mut().zip(args.parts) {
         check_part(part, dtype, in_dim, args)?;
         let (s, shape) = (part.slots, part.slots.shape);
-        // The largest rank this part holds for the batch's slots sizes its grid.
-        let rank = batch
-            .slots_used
-            .iter()
-            .filter_map(|&slot| s.rank(slot as usize))
-            .max()
-            .unwrap_or(0);
+        // The largest rank this part holds for the batch's slots sizes its grid (the store's
+        // largest for a fixed grid, which any later contents of the units fit).
+        let rank = match batch.fixed_grid {
+            true => shape.max_rank,
+            false => batch
+                .slots_used
+                .iter()
+                .filter_map(|&slot| s.rank(slot as usize))
+                .max()
+                .unwrap_or(0),
+        };
         let blocks = (
             rank.div_ceil(shrink_rows),
             rank.min(1) * shape.out_dim.div_ceil(OUT_TILE),

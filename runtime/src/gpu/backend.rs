@@ -175,7 +175,8 @@ impl GpuBackend {
             true => None,
             false => {
                 let free_before = dev.memory_info().map_err(err)?.0;
-                let g = DecodeGraphs::capture(&model, &kv, &mut ws, &sizes).map_err(err)?;
+                let g = DecodeGraphs::capture(&model, &kv, &mut ws, &sizes, lora.as_ref())
+                    .map_err(err)?;
                 let free_after = dev.memory_info().map_err(err)?.0;
                 tracing::info!(
                     graphs = g.sizes().len(),
@@ -412,16 +413,6 @@ impl Backend for GpuBackend {
 
     fn forward(&mut self, batch: &ForwardBatch<'_>, lora: &[Segment]) -> Result<(), BackendError> {
         self.logit_rows = 0;
-        let with_adapters = lora.iter().any(|s| s.slot.is_some());
-        if let Some(graphs) = &mut self.graphs {
-            if let Some(rows) = graphs
-                .replay(&self.model, batch, with_adapters, &mut self.ws)
-                .map_err(err)?
-            {
-                self.logit_rows = rows;
-                return Ok(());
-            }
-        }
         let lora = match &self.lora {
             Some(stack) if !lora.is_empty() => Some(GpuLoraBatch {
                 stack,
@@ -429,6 +420,15 @@ impl Backend for GpuBackend {
             }),
             _ => None,
         };
+        if let Some(graphs) = &mut self.graphs {
+            if let Some(rows) = graphs
+                .replay(&self.model, batch, lora.as_ref(), &mut self.ws)
+                .map_err(err)?
+            {
+                self.logit_rows = rows;
+                return Ok(());
+            }
+        }
         self.logit_rows = self
             .model
             .forward_in(batch, &self.kv, lora.as_ref(), &mut self.ws)

@@ -1,10 +1,11 @@
 //! Decode steps replayed from graphs captured at start, one per padded batch size of
 //! [`super::graph_ladder`] (up to `model.cuda_graph_max_batch`).
 //!
-//! A pure-decode step without adapters is staged padded to the next captured size (its one
-//! upload fills the fixed addresses the graph reads) and the graph is replayed; mixed
-//! prefill/decode steps, steps using adapters (their kernels size grids from the adapters'
-//! ranks) and batches above the largest size run eagerly. Each graph is captured after one
+//! A pure-decode step is staged padded to the next captured size (its one upload fills the
+//! fixed addresses the graph reads) and the graph is replayed; mixed prefill/decode steps and
+//! batches above the largest size run eagerly. With adapter slots, every graph carries the
+//! BGMV LoRA launches with grids sized for the slots' largest rank (a token without adapter
+//! adds nothing), so decode steps mixing adapters replay too. Each graph is captured after one
 //! eager run of its size, so the GEMM algorithm cache is warm (no cuBLASLt heuristic query
 //! while capturing).
 //!
@@ -15,6 +16,7 @@
 use caduceus_kernels::gpu::{DeviceGraph, GpuError};
 
 use super::graph_ladder::{graph_batch_sizes, padded_batch_size};
+use super::lora::{GpuLoraBatch, GpuLoraStack};
 use super::model::{GpuKvCache, GpuModel, GpuModelError};
 use super::workspace::Workspace;
 use crate::model::ForwardBatch;
@@ -34,18 +36,21 @@ pub fn graph_sizes(max_num_seqs: usize, max_tokens: usize, max_batch: usize) -> 
 /// The captured decode graphs.
 pub struct DecodeGraphs {
     sizes: Vec<usize>,
+    /// The graphs carry the LoRA launches.
+    with_lora: bool,
     graphs: Vec<DeviceGraph>,
     replays: u64,
 }
 
 impl DecodeGraphs {
     /// Captures one graph per size in `sizes` (ascending), each on an all-padding batch of
-    /// that size, after one eager run of it.
+    /// that size, after one eager run of it; with `stack`, including its LoRA launches.
     pub fn capture(
         model: &GpuModel,
         kv: &GpuKvCache,
         ws: &mut Workspace,
         sizes: &[usize],
+        stack: Option<&GpuLoraStack>,
     ) -> Result<DecodeGraphs, GpuModelError> {
         let dev = model.device();
         let empty = ForwardBatch {
@@ -57,13 +62,14 @@ impl DecodeGraphs {
         };
         let mut graphs = Vec::with_capacity(sizes.len());
         for &size in sizes {
-            let step = ws.stage(dev, &empty, None, Some(size))?;
-            model.launch(kv, ws, &step, None)?;
+            let step = ws.stage(dev, &empty, stack.map(|_| &[][..]), Some(size))?;
+            model.launch(kv, ws, &step, stack)?;
             let ws: &Workspace = ws;
-            graphs.push(dev.capture(|| model.launch(kv, ws, &step, None))?);
+            graphs.push(dev.capture(|| model.launch(kv, ws, &step, stack))?);
         }
         Ok(DecodeGraphs {
             sizes: sizes.to_vec(),
+            with_lora: stack.is_some(),
             graphs,
             replays: 0,
         })
@@ -90,11 +96,22 @@ impl DecodeGraphs {
         &mut self,
         model: &GpuModel,
         batch: &ForwardBatch<'_>,
-        with_adapters: bool,
+        lora: Option<&GpuLoraBatch<'_>>,
         ws: &mut Workspace,
     ) -> Result<Option<usize>, GpuModelError> {
         let n = batch.seqs.len();
-        let eligible = !with_adapters
+        let segments = lora.map_or(&[][..], |l| l.segments);
+        // The launches were captured for slots below the stack's count; the eager path
+        // reports a bad one.
+        let slots_ok = match (self.with_lora, lora) {
+            (_, None) => true,
+            (true, Some(l)) => segments
+                .iter()
+                .filter_map(|s| s.slot)
+                .all(|s| (s as usize) < l.stack.num_slots()),
+            (false, Some(_)) => segments.iter().all(|s| s.slot.is_none()),
+        };
+        let eligible = slots_ok
             && n > 0
             && batch.num_tokens() == n
             && batch.seqs.iter().all(|s| s.query_len == 1)
@@ -108,7 +125,8 @@ impl DecodeGraphs {
             .position(|&s| s == size)
             .ok_or_else(|| GpuError::Capture(format!("no graph of size {size}")))?;
         let dev = model.device();
-        ws.stage(dev, batch, None, Some(size))?;
+        let segments = self.with_lora.then_some(segments);
+        ws.stage(dev, batch, segments, Some(size))?;
         dev.replay(&self.graphs[index])?;
         self.replays += 1;
         Ok(Some(n))

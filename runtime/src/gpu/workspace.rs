@@ -341,7 +341,8 @@ impl Workspace {
     /// Writes `batch` (and its LoRA segments) into the staging buffer and copies it to the
     /// device in one write. With `pad_to`, a decode-only batch whose logits rows are its
     /// tokens in order is padded to that many sequences: padding tokens write to
-    /// [`PAD_SLOT`], attend to one token of block 0 and their logits are ignored.
+    /// [`PAD_SLOT`], attend to one token of block 0, use no adapter and their logits are
+    /// ignored; `segments` then means "adapters on" even when empty (a slot per token).
     pub(crate) fn stage(
         &mut self,
         dev: &Device,
@@ -373,11 +374,25 @@ impl Workspace {
                 l.tokens, l.seqs
             ));
         }
-        let lora = lora_units(segments, t)?;
-        if let Some(u) = &lora {
-            if u.words().len() > l.lora_words || pad_to.is_some() {
-                return bad("LoRA units do not fit the step upload".into());
+        let lora = match (pad_to, segments) {
+            // A graph's units: a slot per (padded) token, whether or not any is named.
+            (Some(p), Some(segs)) => {
+                let mut slots = vec![None; p];
+                for s in segs {
+                    for x in slots.iter_mut().skip(s.start).take(s.len) {
+                        *x = s.slot;
+                    }
+                }
+                Some(LoraUnits::bgmv(&slots)?)
             }
+            (Some(_), None) => None,
+            (None, segs) => lora_units(segs, t)?,
+        };
+        if lora
+            .as_ref()
+            .is_some_and(|u| u.words().len() > l.lora_words)
+        {
+            return bad("LoRA units do not fit the step upload".into());
         }
         let st = self.staging.words_mut()?;
         let fill = |st: &mut [u32], at: usize, real: &[u32], len: usize, pad: u32| {

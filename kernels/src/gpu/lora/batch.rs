@@ -87,16 +87,26 @@ impl LoraUnits {
     /// [`Self::words`].
     pub fn placed(self, buf: &DeviceBuffer) -> Result<LoraBatch<'_>, LoraGpuError> {
         need("lora units", buf, self.words.len(), 4)?;
-        Ok(self.into_batch(Units::At(buf)))
+        Ok(self.into_batch(Units::At(buf), false))
     }
 
-    fn into_batch(self, units: Units<'_>) -> LoraBatch<'_> {
+    /// [`Self::placed`] with grids sized for every slot's largest rank rather than the ranks
+    /// these units use, so the launches stay valid for any BGMV units of the same length written
+    /// to `buf` later (a captured graph). Those slots are then not checked at launch: the caller
+    /// checks them against the stores' slot count before each upload.
+    pub fn placed_fixed(self, buf: &DeviceBuffer) -> Result<LoraBatch<'_>, LoraGpuError> {
+        need("lora units", buf, self.words.len(), 4)?;
+        Ok(self.into_batch(Units::At(buf), true))
+    }
+
+    fn into_batch(self, units: Units<'_>, fixed_grid: bool) -> LoraBatch<'_> {
         LoraBatch {
             mapping: self.mapping,
             units,
             num_units: self.num_units,
             num_tokens: self.num_tokens,
             slots_used: self.slots_used,
+            fixed_grid,
         }
     }
 }
@@ -117,6 +127,8 @@ pub struct LoraBatch<'a> {
     /// The distinct slots named, ascending: checked against each store's `num_slots` at launch,
     /// and their ranks size the grids (no blocks for ranks no token of the batch uses).
     pub(super) slots_used: Vec<u32>,
+    /// Grids sized by the stores' `max_rank` ([`LoraUnits::placed_fixed`]).
+    pub(super) fixed_grid: bool,
 }
 
 impl LoraBatch<'static> {
@@ -136,7 +148,7 @@ impl LoraBatch<'static> {
 
     fn upload(dev: &Device, units: LoraUnits) -> Result<Self, LoraGpuError> {
         let buf = dev.upload(&units.words)?;
-        Ok(units.into_batch(Units::Owned(buf)))
+        Ok(units.into_batch(Units::Owned(buf), false))
     }
 }
 

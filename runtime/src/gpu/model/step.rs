@@ -67,7 +67,14 @@ impl GpuModel {
         let plan = ws.decode_plan(step, &shape);
 
         let lora = match (&step.lora, stack) {
-            (Some(units), Some(stack)) => Some((stack, units.clone().placed(&inputs.lora)?)),
+            (Some(units), Some(stack)) => {
+                let units = units.clone();
+                let batch = match step.fixed {
+                    true => units.placed_fixed(&inputs.lora)?,
+                    false => units.placed(&inputs.lora)?,
+                };
+                Some((stack, batch))
+            }
             (Some(_), None) => {
                 return Err(GpuModelError::Batch(
                     "LoRA segments without adapter slots".into(),
