@@ -1,7 +1,9 @@
 //! The GPU engine (issue 17, in progress): how device memory is divided, which batch sizes get a
 //! captured CUDA graph (pure arithmetic, tested on any machine), and the model forward pass over
-//! the kernels of `caduceus_kernels::gpu` (`model`) behind the engine's backend seam
-//! (`backend`), with feature `cuda` or `gpu-emu`.
+//! the kernels of `caduceus_kernels::gpu` (`model`) in a preallocated activation workspace with
+//! one upload per step (`workspace`), decode steps replayed from captured graphs
+//! (`decode_graph`), behind the engine's backend seam (`backend`), with feature `cuda` or
+//! `gpu-emu`. None of it has run on a GPU yet.
 
 #[cfg(any(feature = "cuda", feature = "gpu-emu"))]
 pub mod backend;
