@@ -114,6 +114,31 @@ impl CudaDevice {
         (&self.ctx, &self.stream)
     }
 
+    /// Page-locked host memory of `words` u32s (`cuMemHostAlloc`), for staging uploads.
+    pub(super) fn alloc_pinned_words(
+        &self,
+        words: usize,
+    ) -> Result<cudarc::driver::PinnedHostSlice<u32>, GpuError> {
+        // SAFETY: the contents start uninitialised; the caller zeroes them before any read.
+        unsafe { self.ctx.alloc_pinned::<u32>(words) }.map_err(driver_err)
+    }
+
+    /// Starts capturing this thread's launches on the stream into a graph (`super::graph`).
+    pub(super) fn begin_capture(&self) -> Result<(), GpuError> {
+        use cudarc::driver::sys::CUstreamCaptureMode;
+        self.stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(driver_err)
+    }
+
+    /// Ends the capture and instantiates the graph (`None`: nothing was captured).
+    pub(super) fn end_capture(&self) -> Result<Option<cudarc::driver::CudaGraph>, GpuError> {
+        use cudarc::driver::sys::CUgraphInstantiate_flags;
+        self.stream
+            .end_capture(CUgraphInstantiate_flags(0))
+            .map_err(driver_err)
+    }
+
     fn function(&self, name: &'static str) -> Result<CudaFunction, GpuError> {
         let mut cache = self
             .functions

@@ -3,6 +3,8 @@
 #[cfg(feature = "cuda-emu")]
 use super::gemm_cache::AlgoCache;
 use super::gemm_cache::GemmCacheStats;
+#[cfg(feature = "cuda-emu")]
+use super::graph::{EmuCapture, TransferCounts};
 use super::kernel::{KernelFn, KernelParams, LaunchDims};
 
 /// Element type of activations, weights and KV cache on the device.
@@ -51,6 +53,8 @@ pub enum GpuError {
     Shape(String),
     #[error("buffer of {bytes} bytes read as {elem}-byte elements")]
     Misaligned { bytes: usize, elem: usize },
+    #[error("graph capture: {0}")]
+    Capture(String),
 }
 
 /// Plain element types that can be copied to and from device buffers byte for byte.
@@ -94,6 +98,8 @@ enum Store {
     Host { words: usize },
     #[cfg(feature = "cuda")]
     Cuda(#[allow(dead_code)] cudarc::driver::CudaSlice<u8>),
+    /// A range of another buffer ([`DeviceBuffer::view`]): owns nothing.
+    View,
 }
 
 impl DeviceBuffer {
@@ -121,6 +127,40 @@ impl DeviceBuffer {
     pub fn len_of<T>(&self) -> usize {
         self.bytes / std::mem::size_of::<T>()
     }
+
+    /// `bytes` bytes of this buffer from `offset`, as a buffer kernels can take: how one fixed
+    /// per-step upload buffer hands each kernel its sub-range at a fixed address (what a
+    /// captured graph needs).
+    pub fn view(&self, offset: usize, bytes: usize) -> Result<BufferView<'_>, GpuError> {
+        let end = offset.checked_add(bytes);
+        if end.is_none_or(|e| e > self.bytes) {
+            return Err(GpuError::Shape(format!(
+                "view of {bytes} bytes at {offset} past a buffer of {}",
+                self.bytes
+            )));
+        }
+        Ok(BufferView {
+            buf: DeviceBuffer {
+                ptr: self.ptr + offset as u64,
+                bytes,
+                store: Store::View,
+            },
+            _parent: std::marker::PhantomData,
+        })
+    }
+}
+
+/// A sub-range of a [`DeviceBuffer`], borrowed from it (so it cannot outlive the memory).
+pub struct BufferView<'a> {
+    buf: DeviceBuffer,
+    _parent: std::marker::PhantomData<&'a DeviceBuffer>,
+}
+
+impl std::ops::Deref for BufferView<'_> {
+    type Target = DeviceBuffer;
+    fn deref(&self) -> &DeviceBuffer {
+        &self.buf
+    }
 }
 
 impl Drop for DeviceBuffer {
@@ -134,6 +174,7 @@ impl Drop for DeviceBuffer {
             }
             #[cfg(feature = "cuda")]
             Store::Cuda(_) => {}
+            Store::View => {}
         }
     }
 }
@@ -156,6 +197,10 @@ pub struct Emulation {
     /// GEMM "algorithms" (nothing to choose for the host loop), cached and counted by the same
     /// keys as cuBLASLt's on a GPU, so tests see the cache at work.
     pub(crate) gemm_algos: AlgoCache<()>,
+    /// Allocations and host->device writes so far (tests count them per step).
+    pub(crate) counts: TransferCounts,
+    /// The launches recorded while a graph is being captured (`super::graph`).
+    pub(crate) capture: EmuCapture,
 }
 
 impl Device {
@@ -164,6 +209,8 @@ impl Device {
     pub fn emulated() -> Device {
         Device::Emulated(Emulation {
             gemm_algos: AlgoCache::new(),
+            counts: TransferCounts::default(),
+            capture: EmuCapture::default(),
         })
     }
 
@@ -220,7 +267,9 @@ impl Device {
     pub fn alloc_zeroed(&self, bytes: usize) -> Result<DeviceBuffer, GpuError> {
         match self {
             #[cfg(feature = "cuda-emu")]
-            Device::Emulated(_) => {
+            Device::Emulated(e) => {
+                e.capture.refuse("allocation")?;
+                e.counts.count_alloc();
                 let words = bytes.div_ceil(16).max(1);
                 let boxed: Box<[u128]> = vec![0u128; words].into_boxed_slice();
                 let ptr = Box::into_raw(boxed) as *mut u128 as usize as u64;
@@ -266,7 +315,9 @@ impl Device {
         }
         match self {
             #[cfg(feature = "cuda-emu")]
-            Device::Emulated(_) => {
+            Device::Emulated(e) => {
+                e.capture.refuse("host->device copy")?;
+                e.counts.count_write();
                 // SAFETY: bounds checked above; the buffer is host memory owned by `buf`.
                 unsafe {
                     std::ptr::copy_nonoverlapping(
@@ -297,7 +348,8 @@ impl Device {
             unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<u8>(), buf.bytes) };
         match self {
             #[cfg(feature = "cuda-emu")]
-            Device::Emulated(_) => {
+            Device::Emulated(e) => {
+                e.capture.refuse("device->host copy")?;
                 // SAFETY: `buf` owns `buf.bytes` bytes of host memory at `buf.ptr`.
                 unsafe {
                     std::ptr::copy_nonoverlapping(
@@ -335,12 +387,15 @@ impl Device {
         }
         match self {
             #[cfg(feature = "cuda-emu")]
-            Device::Emulated(_) => {
+            Device::Emulated(e) => {
                 let l = super::kernel::EmuLaunch {
                     grid: [dims.grid.0, dims.grid.1, dims.grid.2],
                     block: [dims.block.0, dims.block.1, dims.block.2],
                     shared_bytes: dims.shared_bytes,
                 };
+                if e.capture.record_launch(kernel, &l, params)? {
+                    return Ok(());
+                }
                 let size = std::mem::size_of::<P>() as u32;
                 // SAFETY: the entry point reads `size` bytes of `params` after checking that its
                 // C struct has that size; pointers inside are emulated device addresses.

@@ -70,7 +70,10 @@ fn run(
                 .get_or_choose(GemmKey::new(dtype, &s, bias.is_some()), || {
                     Ok::<_, GpuError>(())
                 })?;
-            host_gemm(dtype, x, w, bias, y, s);
+            if e.capture.record_gemm(dtype, [x, w, y], bias, s)? {
+                return Ok(());
+            }
+            host_gemm(dtype, x.ptr(), w.ptr(), bias.map(|b| b.ptr()), y.ptr(), s);
             Ok(())
         }
         #[cfg(feature = "cuda")]
@@ -78,15 +81,10 @@ fn run(
     }
 }
 
+/// The emulated GEMM on raw emulated addresses (also what a replayed graph runs); the caller
+/// checked every buffer against `s`.
 #[cfg(feature = "cuda-emu")]
-fn host_gemm(
-    dtype: DType,
-    x: &DeviceBuffer,
-    w: &DeviceBuffer,
-    bias: Option<&DeviceBuffer>,
-    y: &DeviceBuffer,
-    s: GemmShape,
-) {
+pub(crate) fn host_gemm(dtype: DType, x: u64, w: u64, bias: Option<u64>, y: u64, s: GemmShape) {
     use half::{bf16, f16};
     let load = |p: u64, i: usize| -> f32 {
         // SAFETY: `need` checked every index below lies inside its emulated (host) buffer.
@@ -107,15 +105,15 @@ fn host_gemm(
     for r in 0..s.m {
         for c in 0..s.n {
             let acc = (0..s.k).fold(0f32, |a, i| {
-                load(x.ptr(), r * s.k + i).mul_add(load(w.ptr(), c * s.k + i), a)
+                load(x, r * s.k + i).mul_add(load(w, c * s.k + i), a)
             });
             let prev = if s.accumulate {
-                load(y.ptr(), r * s.n + c)
+                load(y, r * s.n + c)
             } else {
                 0.0
             };
-            let b = bias.map_or(0.0, |b| load(b.ptr(), c));
-            store(y.ptr(), r * s.n + c, prev + acc + b);
+            let b = bias.map_or(0.0, |b| load(b, c));
+            store(y, r * s.n + c, prev + acc + b);
         }
     }
 }

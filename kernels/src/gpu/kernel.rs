@@ -22,6 +22,7 @@ impl LaunchDims {
 /// The geometry an emulated entry point receives (`CadEmuLaunch` in emu.hpp).
 #[cfg(feature = "cuda-emu")]
 #[repr(C)]
+#[derive(Clone, Copy)]
 pub(crate) struct EmuLaunch {
     pub grid: [u32; 3],
     pub block: [u32; 3],

@@ -12,7 +12,7 @@
 mod batch;
 mod slots;
 
-pub use batch::LoraBatch;
+pub use batch::{LoraBatch, LoraUnits};
 pub use slots::DeviceLoraSlots;
 
 use super::device::{DType, Device, DeviceBuffer, GpuError};
@@ -117,7 +117,7 @@ pub struct FusedLoraArgs<'a> {
     pub parts: &'a [DeviceFusedPart<'a>],
     /// `[num_tokens, in_dim]` of the parts' dtype.
     pub x: &'a DeviceBuffer,
-    pub batch: &'a LoraBatch,
+    pub batch: &'a LoraBatch<'a>,
     /// f32 scratch of at least [`workspace_bytes`]; its contents are not kept between calls.
     pub workspace: &'a DeviceBuffer,
     /// Rows of `y_stride` values of the dtype, `num_tokens` of them.
@@ -153,13 +153,17 @@ pub fn add_lora_fused(dev: &Device, args: &FusedLoraArgs<'_>) -> Result<(), Lora
     for (pp, part) in parts.iter_mut().zip(args.parts) {
         check_part(part, dtype, in_dim, args)?;
         let (s, shape) = (part.slots, part.slots.shape);
-        // The largest rank this part holds for the batch's slots sizes its grid.
-        let rank = batch
-            .slots_used
-            .iter()
-            .filter_map(|&slot| s.rank(slot as usize))
-            .max()
-            .unwrap_or(0);
+        // The largest rank this part holds for the batch's slots sizes its grid (the store's
+        // largest for a fixed grid, which any later contents of the units fit).
+        let rank = match batch.fixed_grid {
+            true => shape.max_rank,
+            false => batch
+                .slots_used
+                .iter()
+                .filter_map(|&slot| s.rank(slot as usize))
+                .max()
+                .unwrap_or(0),
+        };
         let blocks = (
             rank.div_ceil(shrink_rows),
             rank.min(1) * shape.out_dim.div_ceil(OUT_TILE),
@@ -188,8 +192,8 @@ pub fn add_lora_fused(dev: &Device, args: &FusedLoraArgs<'_>) -> Result<(), Lora
     need("lora y", args.y, num_tokens * args.y_stride, es)?;
     need("lora workspace", args.workspace, num_tokens * v_stride, 4)?;
     let (token_slots, tiles) = match batch.mapping {
-        Mapping::Bgmv => (batch.units.ptr(), 0),
-        Mapping::Sgmv => (0, batch.units.ptr()),
+        Mapping::Bgmv => (batch.units_ptr(), 0),
+        Mapping::Sgmv => (0, batch.units_ptr()),
     };
     let num_slots = args.parts.iter().map(|p| p.slots.shape.num_slots).min();
     let p = LoraParams {

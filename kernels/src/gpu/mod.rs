@@ -20,16 +20,22 @@ mod cuda;
 mod device;
 pub mod gemm;
 pub mod gemm_cache;
+mod graph;
 mod kernel;
 pub mod lora;
 pub mod ops;
 pub mod rope_cache;
 pub mod sampling;
+mod staging;
 
 #[cfg(feature = "cuda-emu")]
 pub use device::Emulation;
-pub use device::{DType, Device, DeviceBuffer, DeviceElem, GpuError, EMULATED_MEMORY_BYTES};
+pub use device::{
+    BufferView, DType, Device, DeviceBuffer, DeviceElem, GpuError, EMULATED_MEMORY_BYTES,
+};
+pub use graph::{DeviceGraph, Transfers};
 pub use kernel::LaunchDims;
+pub use staging::HostStaging;
 
 /// The devices GPU tests run on: the host emulation (unless `CADUCEUS_GPU_ONLY=1`), plus CUDA
 /// device 0 when built with `cuda` and `CADUCEUS_GPU_TESTS=1` or `CADUCEUS_GPU_ONLY=1` (set by

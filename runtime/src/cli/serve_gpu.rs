@@ -11,7 +11,7 @@ use crate::config::{AdapterDtype, CaduceusConfig, Dtype};
 use crate::engine::{EngineCore, SlotSpec};
 use crate::gpu::memory_plan::{check_weights_fit, llama_weight_bytes};
 use crate::gpu::model::GpuModel;
-use crate::gpu::{GpuBackend, GpuBackendConfig, KvBlocks, PlanLimits};
+use crate::gpu::{GpuBackend, GpuBackendConfig, KvBlocks, StepLimits};
 use crate::model::loader::{LoadError, LoadedModel};
 use crate::model::LoraDtype;
 
@@ -68,12 +68,16 @@ pub(super) fn run(config: CaduceusConfig, dev: Device) -> anyhow::Result<()> {
     });
     let kv_blocks = match config.model.num_gpu_blocks_override {
         Some(n) => KvBlocks::Fixed(n),
-        None => KvBlocks::Plan(PlanLimits {
+        None => KvBlocks::Plan {
             gpu_memory_utilization: config.model.gpu_memory_utilization,
-            max_num_batched_tokens: sched.max_num_batched_tokens,
-            max_num_seqs: sched.max_num_seqs,
-            max_model_len,
-        }),
+        },
+    };
+    let cuda_graph_max_batch = match config.model.cuda_graphs {
+        true => config
+            .model
+            .cuda_graph_max_batch
+            .unwrap_or(sched.max_num_seqs),
+        false => 0,
     };
     let ServedModelParts { model, served } = parts(&config, loaded, adapter_dtype);
     let backend = GpuBackend::new(
@@ -82,6 +86,12 @@ pub(super) fn run(config: CaduceusConfig, dev: Device) -> anyhow::Result<()> {
             block_size: s.block_size,
             kv_blocks,
             adapter_slots,
+            step: StepLimits {
+                max_num_batched_tokens: sched.max_num_batched_tokens,
+                max_num_seqs: sched.max_num_seqs,
+                max_model_len,
+            },
+            cuda_graph_max_batch,
         },
     )?;
     match backend.memory_plan() {

@@ -100,6 +100,8 @@ pub(crate) const SCHEMA: &[KeySpec] = &[
     spec("model", "device", Kind::Device),
     spec("model", "gpu_memory_utilization", Kind::Fraction),
     spec("model", "num_gpu_blocks_override", int(2, u32::MAX as i64)),
+    spec("model", "cuda_graphs", Kind::Bool),
+    spec("model", "cuda_graph_max_batch", int(1, 65536)),
     spec(
         "model",
         "dtype",
@@ -328,6 +330,7 @@ mod tests {
         cfg.model.served_model_name = Some("m".into());
         cfg.model.max_model_len = Some(4096);
         cfg.model.num_gpu_blocks_override = Some(64);
+        cfg.model.cuda_graph_max_batch = Some(32);
         cfg.scheduler.kv_cache_blocks = Some(64);
         cfg.scheduler.max_num_batched_tokens = Some(512);
         cfg.scheduler.kv_cache_bytes = Some(ByteSize(1));

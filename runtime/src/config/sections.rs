@@ -206,6 +206,13 @@ pub struct ModelSection {
     /// A fixed number of KV blocks on the GPU instead of the memory plan's (tests, debugging).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub num_gpu_blocks_override: Option<usize>,
+    /// CUDA: replay pure-decode steps from graphs captured at start (launch overhead off the
+    /// host); `false` runs every step eagerly.
+    pub cuda_graphs: bool,
+    /// CUDA: the largest decode batch that gets a graph (default `scheduler.max_num_seqs`);
+    /// larger batches run eagerly.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cuda_graph_max_batch: Option<usize>,
 }
 
 impl Default for ModelSection {
@@ -218,6 +225,8 @@ impl Default for ModelSection {
             dtype: Dtype::Auto,
             gpu_memory_utilization: 0.9,
             num_gpu_blocks_override: None,
+            cuda_graphs: true,
+            cuda_graph_max_batch: None,
         }
     }
 }

@@ -156,6 +156,11 @@ impl<B: Backend> EngineCore<B> {
         &self.scheduler
     }
 
+    /// The backend, read-only (diagnostics: e.g. how many decode steps replayed a graph).
+    pub fn backend(&self) -> &B {
+        self.executor.backend()
+    }
+
     /// The limits every request is checked against.
     pub fn limits(&self) -> RequestLimits {
         self.limits

@@ -1,7 +1,9 @@
 //! The CUDA [`Backend`]: the model's weights, the paged KV pool and the adapter slots on one
 //! [`Device`], the forward pass of [`GpuModel`], and sampling with the device kernel so only ids
 //! and logprobs come back. The KV pool is sized by [`plan_memory`] from what the card has free,
-//! after weights, adapter slots and the activation workspace (or fixed, for tests).
+//! after weights, adapter slots, the activation workspace and the decode graphs (or fixed, for
+//! tests). Steps run in one preallocated [`Workspace`] with one upload each; pure-decode steps
+//! replay a captured graph ([`DecodeGraphs`]).
 //!
 //! Runs in the kernels' host emulation in CI; it has never run on a GPU (issue 17).
 
@@ -9,14 +11,18 @@ use caduceus_kernels::gpu::ops;
 use caduceus_kernels::gpu::sampling::{
     self, allowed_words, AllowedTokens, LogprobOutputs, SampleArgs, SampleRow,
 };
-use caduceus_kernels::gpu::{DType, Device, DeviceBuffer, GpuError};
+#[cfg(feature = "fault-injection")]
+use caduceus_kernels::gpu::DType;
+use caduceus_kernels::gpu::{Device, DeviceBuffer, GpuError};
 use caduceus_kernels::lora::Segment;
 use caduceus_kernels::sampling::{PenaltyEntry, MAX_LOGPROBS};
 
 use super::adapter_copies::AdapterCopies;
+use super::decode_graph::{graph_sizes, DecodeGraphs, GRAPH_RESERVE_BYTES};
 use super::lora::{GpuLoraBatch, GpuLoraStack};
 use super::memory_plan::{kv_bytes_per_block, plan_memory, MemoryInputs, MemoryPlan};
 use super::model::{GpuKvCache, GpuModel};
+use super::workspace::{StepLimits, Workspace};
 use crate::adapters::LoadedAdapter;
 use crate::engine::{Backend, BackendError, RequestFailure, RowOutcome, SlotSpec};
 use crate::model::config::LlamaConfig;
@@ -35,16 +41,7 @@ pub enum KvBlocks {
     /// Exactly this many (vLLM's `num_gpu_blocks_override`; tests).
     Fixed(usize),
     /// What fits in `model.gpu_memory_utilization` of the card after everything else.
-    Plan(PlanLimits),
-}
-
-/// The server limits the memory plan sizes the activation workspace from.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct PlanLimits {
-    pub gpu_memory_utilization: f64,
-    pub max_num_batched_tokens: usize,
-    pub max_num_seqs: usize,
-    pub max_model_len: usize,
+    Plan { gpu_memory_utilization: f64 },
 }
 
 /// Settings of a [`GpuBackend`].
@@ -54,27 +51,18 @@ pub struct GpuBackendConfig {
     pub kv_blocks: KvBlocks,
     /// Adapter slots, allocated before the KV pool is sized (`None`: base model only).
     pub adapter_slots: Option<SlotSpec>,
+    /// The largest step, which sizes the activation workspace.
+    pub step: StepLimits,
+    /// Largest decode batch replayed from a captured graph (`model.cuda_graph_max_batch`;
+    /// 0: `model.cuda_graphs = false`, every step eager).
+    pub cuda_graph_max_batch: usize,
 }
 
-/// Upper bound of the per-step device buffers (activations, logits, sampling, decode and LoRA
-/// workspaces) for steps of at most `tokens` tokens and `seqs` sequences of at most `max_len`.
-pub fn activation_bytes(
-    c: &LlamaConfig,
-    dtype: DType,
-    tokens: usize,
-    seqs: usize,
-    max_len: usize,
-    max_rank: usize,
-) -> u64 {
-    let (hd, ffn) = (c.head_dim, c.intermediate_size);
-    let (q, kv) = (c.num_heads * hd, c.num_kv_heads * hd);
-    let per_token = 3 * c.hidden_size + (q + 2 * kv) + 2 * q + 3 * ffn;
-    let rows = seqs.min(tokens);
-    let logits = rows * (c.hidden_size + c.vocab_size) * dtype.size() + rows * c.vocab_size * 8;
-    let splits = max_len.div_ceil(256) + 1;
-    let decode = seqs * c.num_heads * splits * (hd + 1) * 4;
-    let lora = tokens * 3 * max_rank * 4;
-    (tokens * per_token * dtype.size() + logits + decode + lora) as u64
+/// Upper bound of the sampling buffers (f32 logits, penalty work, grammar-masked copy and
+/// bitsets, row descriptors and outputs) for `rows` rows, which grow on first use.
+fn sampling_bytes(vocab: usize, rows: usize) -> u64 {
+    let per_row = vocab * 4 * 3 + allowed_words(vocab) * 4 + 1024 + 8 * MAX_LOGPROBS;
+    (rows * per_row) as u64
 }
 
 /// Grow-only device buffers reused across steps.
@@ -124,13 +112,17 @@ pub struct GpuBackend {
     lora: Option<GpuLoraStack>,
     slot_spec: Option<SlotSpec>,
     plan: Option<MemoryPlan>,
-    /// The last forward's logits in the model dtype, and their row count.
-    logits: Option<(DeviceBuffer, usize)>,
+    /// Every buffer of a forward step; holds the last forward's logits.
+    ws: Workspace,
+    /// Rows of logits the last forward left in `ws` (0: none).
+    logit_rows: usize,
+    graphs: Option<DecodeGraphs>,
     scratch: Scratch,
 }
 
 impl GpuBackend {
-    /// Allocates the adapter slots, sizes and allocates the KV pool.
+    /// Allocates the adapter slots and the activation workspace, sizes and allocates the KV
+    /// pool, then captures the decode graphs.
     pub fn new(model: GpuModel, cfg: GpuBackendConfig) -> Result<Self, BackendError> {
         let c = model.config().clone();
         let (dev, dtype) = (model.device(), model.dtype());
@@ -146,6 +138,13 @@ impl GpuBackend {
             ),
             None => None,
         };
+        let rank = cfg.adapter_slots.map_or(0, |s| s.max_rank);
+        let ws = Workspace::new(dev, &c, dtype, cfg.block_size, cfg.step, rank).map_err(err)?;
+        let sizes = graph_sizes(
+            cfg.step.max_num_seqs,
+            cfg.step.max_num_batched_tokens,
+            cfg.cuda_graph_max_batch,
+        );
         let per_block = kv_bytes_per_block(
             c.num_layers,
             cfg.block_size,
@@ -155,30 +154,28 @@ impl GpuBackend {
         );
         let (num_blocks, plan) = match cfg.kv_blocks {
             KvBlocks::Fixed(n) => (n, None),
-            KvBlocks::Plan(l) => {
+            KvBlocks::Plan {
+                gpu_memory_utilization,
+            } => {
                 let (free, total) = dev.memory_info().map_err(err)?;
                 let weights = model.weight_bytes() as u64;
                 let slots = lora.as_ref().map_or(0, GpuLoraStack::nbytes) as u64;
+                let workspace = ws.nbytes() as u64;
                 let inputs = MemoryInputs {
                     total_bytes: total as u64,
-                    gpu_memory_utilization: l.gpu_memory_utilization,
-                    // Our weights and slots are resident already: the rest is someone else's.
+                    gpu_memory_utilization,
+                    // Our weights, slots and workspace are resident already: the rest is
+                    // someone else's.
                     used_by_others: (total as u64)
                         .saturating_sub(free as u64)
-                        .saturating_sub(weights + slots),
+                        .saturating_sub(weights + slots + workspace),
                     weight_bytes: weights,
                     adapter_slot_bytes: slots,
-                    activation_bytes: activation_bytes(
-                        &c,
-                        dtype,
-                        l.max_num_batched_tokens,
-                        l.max_num_seqs,
-                        l.max_model_len,
-                        cfg.adapter_slots.map_or(0, |s| s.max_rank),
-                    ),
-                    graph_bytes: 0,
+                    activation_bytes: workspace
+                        + sampling_bytes(c.vocab_size, cfg.step.max_num_seqs),
+                    graph_bytes: sizes.len() as u64 * GRAPH_RESERVE_BYTES,
                     kv_bytes_per_block: per_block,
-                    min_blocks: l.max_model_len.div_ceil(cfg.block_size) as u64 + 1,
+                    min_blocks: cfg.step.max_model_len.div_ceil(cfg.block_size) as u64 + 1,
                     block_size: cfg.block_size as u64,
                 };
                 let plan = plan_memory(&inputs).map_err(err)?;
@@ -198,6 +195,25 @@ impl GpuBackend {
             Some(stack) => Some(AdapterCopies::new(dev, stack.num_slots()).map_err(err)?),
             None => None,
         };
+        let mut ws = ws;
+        let graphs = match sizes.is_empty() {
+            true => None,
+            false => {
+                let free_before = dev.memory_info().map_err(err)?.0;
+                let g = DecodeGraphs::capture(&model, &kv, &mut ws, &sizes, lora.as_ref())
+                    .map_err(err)?;
+                let free_after = dev.memory_info().map_err(err)?.0;
+                tracing::info!(
+                    graphs = g.sizes().len(),
+                    sizes = ?g.sizes(),
+                    nodes = ?g.nodes(),
+                    measured_mib = free_before.saturating_sub(free_after) >> 20,
+                    reserved_mib = (g.sizes().len() as u64 * GRAPH_RESERVE_BYTES) >> 20,
+                    "decode graphs captured"
+                );
+                Some(g)
+            }
+        };
         Ok(GpuBackend {
             copies,
             model,
@@ -205,7 +221,9 @@ impl GpuBackend {
             lora,
             slot_spec: cfg.adapter_slots,
             plan,
-            logits: None,
+            ws,
+            logit_rows: 0,
+            graphs,
             scratch: Scratch::default(),
         })
     }
@@ -213,6 +231,11 @@ impl GpuBackend {
     /// The adapter copy stream (`None` without adapter slots).
     pub fn adapter_copies(&mut self) -> Option<&mut AdapterCopies> {
         self.copies.as_mut()
+    }
+
+    /// The captured decode graphs (`None`: graphs off).
+    pub fn decode_graphs(&self) -> Option<&DecodeGraphs> {
+        self.graphs.as_ref()
     }
 
     /// How the card's memory was divided (`None` with [`KvBlocks::Fixed`]).
@@ -225,11 +248,11 @@ impl GpuBackend {
         let vocab = self.model.config().vocab_size;
         let dtype = self.model.dtype();
         let dev = self.model.device();
-        let (logits, n) = self
-            .logits
-            .as_ref()
-            .ok_or_else(|| GpuError::Shape("sample before forward".into()))?;
-        if *n != rows.len() {
+        let (logits, n) = (self.ws.logits(), self.logit_rows);
+        if n == 0 {
+            return Err(GpuError::Shape("sample before forward".into()));
+        }
+        if n != rows.len() {
             return Err(GpuError::Shape(format!(
                 "{} rows to sample, the forward kept {n}",
                 rows.len()
@@ -425,7 +448,7 @@ impl Backend for GpuBackend {
     }
 
     fn forward(&mut self, batch: &ForwardBatch<'_>, lora: &[Segment]) -> Result<(), BackendError> {
-        self.logits = None;
+        self.logit_rows = 0;
         if let Some(copies) = &mut self.copies {
             copies
                 .before_forward(self.model.device(), lora)
@@ -438,11 +461,19 @@ impl Backend for GpuBackend {
             }),
             _ => None,
         };
-        let logits = self
+        if let Some(graphs) = &mut self.graphs {
+            if let Some(rows) = graphs
+                .replay(&self.model, batch, lora.as_ref(), &mut self.ws)
+                .map_err(err)?
+            {
+                self.logit_rows = rows;
+                return Ok(());
+            }
+        }
+        self.logit_rows = self
             .model
-            .forward_on_device(batch, &self.kv, lora.as_ref())
+            .forward_in(batch, &self.kv, lora.as_ref(), &mut self.ws)
             .map_err(err)?;
-        self.logits = logits.map(|l| (l, batch.logits_indices.len()));
         Ok(())
     }
 
@@ -458,7 +489,10 @@ impl Backend for GpuBackend {
     #[cfg(feature = "fault-injection")]
     fn poison_logits_row(&mut self, row: usize) -> Result<(), BackendError> {
         let vocab = self.model.config().vocab_size;
-        let (logits, _) = self.logits.as_ref().ok_or_else(|| err("no logits kept"))?;
+        if self.logit_rows == 0 {
+            return Err(err("no logits kept"));
+        }
+        let logits = self.ws.logits();
         let dt = self.model.dtype();
         let nan: u16 = match dt {
             DType::Bf16 => half::bf16::NAN.to_bits(),

@@ -1,18 +1,26 @@
 //! The GPU engine (issue 17, in progress): how device memory is divided, which batch sizes get a
 //! captured CUDA graph (pure arithmetic, tested on any machine), and the model forward pass over
-//! the kernels of `caduceus_kernels::gpu` (`model`) behind the engine's backend seam
-//! (`backend`), with feature `cuda` or `gpu-emu`.
+//! the kernels of `caduceus_kernels::gpu` (`model`) in a preallocated activation workspace with
+//! one upload per step (`workspace`), decode steps replayed from captured graphs
+//! (`decode_graph`), behind the engine's backend seam (`backend`), with feature `cuda` or
+//! `gpu-emu`. None of it has run on a GPU yet.
 
 #[cfg(any(feature = "cuda", feature = "gpu-emu"))]
 pub mod adapter_copies;
 #[cfg(any(feature = "cuda", feature = "gpu-emu"))]
 pub mod backend;
+#[cfg(any(feature = "cuda", feature = "gpu-emu"))]
+pub mod decode_graph;
 pub mod graph_ladder;
 #[cfg(any(feature = "cuda", feature = "gpu-emu"))]
 pub mod lora;
 pub mod memory_plan;
 #[cfg(any(feature = "cuda", feature = "gpu-emu"))]
 pub mod model;
+#[cfg(any(feature = "cuda", feature = "gpu-emu"))]
+pub mod workspace;
 
 #[cfg(any(feature = "cuda", feature = "gpu-emu"))]
-pub use backend::{GpuBackend, GpuBackendConfig, KvBlocks, PlanLimits};
+pub use backend::{GpuBackend, GpuBackendConfig, KvBlocks};
+#[cfg(any(feature = "cuda", feature = "gpu-emu"))]
+pub use workspace::StepLimits;

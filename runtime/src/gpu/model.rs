@@ -3,20 +3,12 @@
 //! every op. Same batch contract as the CPU [`crate::model::LlamaModel::forward`]: a flattened
 //! [`ForwardBatch`] mixing prefill chunks and decode tokens, logits for `logits_indices`.
 //!
-//! Not yet here (issue 17): one pinned upload per step and a preallocated workspace, CUDA
-//! graphs; it has never run on a GPU.
+//! A step runs in a preallocated [`Workspace`] with one upload (`step`); decode steps can be
+//! captured as graphs (`super::decode_graph`). None of it has ever run on a GPU.
 
 use caduceus_kernels::attention::KvCacheShape;
-use caduceus_kernels::gpu::attention::{
-    paged_attention_decode, AttnShape, DecodePlan, DecodeSplit, PagedAttnArgs, PagedBatchBuffers,
-};
-use caduceus_kernels::gpu::attention_prefill::paged_attention_prefill;
-use caduceus_kernels::gpu::gemm::{gemm, gemm_bias, GemmShape};
-use caduceus_kernels::gpu::lora::{
-    add_lora_fused, workspace_bytes, DeviceFusedPart, FusedLoraArgs, LoraBatch, LoraGpuError,
-};
-use caduceus_kernels::gpu::ops::{self, RmsNormArgs};
-use caduceus_kernels::gpu::rope_cache::{rope_cache, RopeCacheArgs};
+use caduceus_kernels::gpu::lora::LoraGpuError;
+use caduceus_kernels::gpu::ops;
 use caduceus_kernels::gpu::{DType, Device, DeviceBuffer, GpuError};
 use caduceus_kernels::ops::RopeStyle;
 use half::{bf16, f16};
@@ -27,7 +19,8 @@ use crate::model::error::ModelError;
 use crate::model::llama::{build_rope, take_qkv_bias};
 use crate::model::weights::TensorStore;
 
-use super::lora::{GpuLoraBatch, GpuLoraStack};
+use super::lora::GpuLoraBatch;
+use super::workspace::{StepLimits, Workspace};
 
 /// Why a GPU forward pass or load failed.
 #[derive(Debug, thiserror::Error)]
@@ -239,10 +232,6 @@ impl GpuModel {
         GpuKvCache::new(&self.dev, self.dtype, self.config.num_layers, shape)
     }
 
-    fn zeros(&self, elems: usize) -> Result<DeviceBuffer, GpuError> {
-        self.dev.alloc_zeroed(elems * self.dtype.size())
-    }
-
     /// One forward pass (see the module docs): writes the batch's K/V into `kv` and returns the
     /// logits of `batch.logits_indices`, `[logits_indices.len(), vocab]` f32 row-major.
     pub fn forward(
@@ -274,7 +263,9 @@ impl GpuModel {
     }
 
     /// [`Self::forward_with_lora`] leaving the logits on the device, `[logits_indices.len(),
-    /// vocab]` in the model dtype (`None` when no row asks for logits).
+    /// vocab]` in the model dtype (`None` when no row asks for logits). Allocates a
+    /// [`Workspace`] sized for this batch alone: the engine keeps one and calls
+    /// [`Self::forward_in`].
     pub fn forward_on_device(
         &self,
         batch: &ForwardBatch<'_>,
@@ -282,209 +273,26 @@ impl GpuModel {
         lora: Option<&GpuLoraBatch<'_>>,
     ) -> Result<Option<DeviceBuffer>, GpuModelError> {
         batch.check().map_err(GpuModelError::Batch)?;
-        let (dev, dt, c) = (&self.dev, self.dtype, &self.config);
-        let t = batch.num_tokens();
-        if t == 0 {
+        if batch.num_tokens() == 0 {
             return Ok(None);
         }
-        let (hidden, hd) = (c.hidden_size, c.head_dim);
-        let (q_dim, kv_dim) = (c.num_heads * hd, c.num_kv_heads * hd);
-        let qkv_width = q_dim + 2 * kv_dim;
-        let ids = dev.upload(batch.token_ids)?;
-        let positions = dev.upload(batch.positions)?;
-        let slots = dev.upload(batch.slot_mapping)?;
-        let seqs = PagedBatchBuffers::upload(dev, batch.seqs)?;
-        let decode_only = batch.seqs.iter().all(|s| s.query_len == 1);
-        let shape = AttnShape {
-            num_heads: c.num_heads,
-            num_kv_heads: c.num_kv_heads,
-            head_dim: hd,
-            block_size: kv.shape.block_size,
-            num_blocks: kv.shape.num_blocks,
-            scale: 1.0 / (hd as f32).sqrt(),
+        let bs = kv.shape.block_size;
+        let longest = batch.seqs.iter().map(|s| s.block_table.len()).max();
+        let limits = StepLimits {
+            max_num_batched_tokens: batch.num_tokens(),
+            max_num_seqs: batch.seqs.len().max(batch.logits_indices.len()),
+            max_model_len: longest.unwrap_or(1).max(1) * bs,
         };
-        let plan = DecodePlan::new(&seqs.batch(), &shape, DecodeSplit::Auto);
-        let decode_ws_bytes = plan.workspace_bytes(t, &shape);
-        let workspace = if decode_only && decode_ws_bytes > 0 {
-            Some(dev.alloc_zeroed(decode_ws_bytes)?)
-        } else {
-            None
-        };
-
-        let ffn = c.intermediate_size;
-        let lora = match lora {
-            Some(l) if l.segments.iter().any(|s| s.slot.is_some()) => {
-                let units = if l.segments.iter().all(|s| s.len == 1) {
-                    let mut slots = vec![None; t];
-                    for s in l.segments {
-                        if let Some(x) = slots.get_mut(s.start) {
-                            *x = s.slot;
-                        }
-                    }
-                    LoraBatch::bgmv(dev, &slots)?
-                } else {
-                    LoraBatch::sgmv(dev, l.segments, t)?
-                };
-                Some((l.stack, units))
-            }
-            _ => None,
-        };
-        // (projection indices, column offsets, output width) of the four fused calls.
-        let calls: [(&[usize], [usize; 3], usize); 4] = [
-            (&[0, 1, 2], [0, q_dim, q_dim + kv_dim], qkv_width),
-            (&[3], [0, 0, 0], hidden),
-            (&[4, 5], [0, ffn, 0], 2 * ffn),
-            (&[6], [0, 0, 0], hidden),
-        ];
-        let lora_stack: Option<&GpuLoraStack> = lora.as_ref().map(|(s, _)| *s);
-        let parts_of = move |layer: usize, call: usize| {
-            let Some(stack) = lora_stack else {
-                return Vec::new();
-            };
-            let (idx, offs, _) = calls[call];
-            idx.iter()
-                .zip(offs)
-                .map(|(&p, offset)| DeviceFusedPart {
-                    slots: &stack.layer(layer)[p],
-                    offset,
-                })
-                .collect()
-        };
-        let lora_ws = match &lora {
-            Some(_) => {
-                let most = (0..4)
-                    .map(|k| workspace_bytes(&parts_of(0, k), t))
-                    .max()
-                    .unwrap_or(0);
-                Some(dev.alloc_zeroed(most)?)
-            }
-            None => None,
-        };
-        let add_lora = |layer: usize, call: usize, x: &DeviceBuffer, y: &DeviceBuffer| {
-            let (Some((_, units)), Some(ws)) = (&lora, &lora_ws) else {
-                return Ok(());
-            };
-            let parts = parts_of(layer, call);
-            let args = FusedLoraArgs {
-                parts: &parts,
-                x,
-                batch: units,
-                workspace: ws,
-                y,
-                y_stride: calls[call].2,
-            };
-            add_lora_fused(dev, &args)
-        };
-
-        let x = self.zeros(t * hidden)?; // each block's output (the residual's next addend)
-        let residual = self.zeros(t * hidden)?;
-        let h = self.zeros(t * hidden)?;
-        let qkv = self.zeros(t * qkv_width)?;
-        let q = self.zeros(t * q_dim)?;
-        let attn = self.zeros(t * q_dim)?;
-        let gate_up = self.zeros(t * 2 * ffn)?;
-        let act = self.zeros(t * ffn)?;
-        ops::embedding(dev, dt, &self.embed, c.vocab_size, hidden, &ids, t, &x)?;
-        let norm = |x: &DeviceBuffer, first: bool, w: &DeviceBuffer, out: &DeviceBuffer| {
-            ops::rms_norm(
-                dev,
-                dt,
-                &RmsNormArgs {
-                    x,
-                    residual: (!first).then_some(&residual),
-                    residual_out: Some(&residual),
-                    weight: w,
-                    out,
-                    rows: t,
-                    dim: hidden,
-                    eps: c.rms_norm_eps,
-                },
-            )
-        };
-        let shape_of = |n: usize, k: usize| GemmShape {
-            m: t,
-            n,
-            k,
-            accumulate: false,
-        };
-        let proj = |x: &DeviceBuffer, w: &DeviceBuffer, y: &DeviceBuffer, n: usize, k: usize| {
-            gemm(dev, dt, x, w, y, shape_of(n, k))
-        };
-        for (i, l) in self.layers.iter().enumerate() {
-            norm(&x, i == 0, &l.attn_norm, &h)?;
-            match &l.qkv_bias {
-                Some(b) => gemm_bias(dev, dt, &h, &l.qkv, b, &qkv, shape_of(qkv_width, hidden))?,
-                None => proj(&h, &l.qkv, &qkv, qkv_width, hidden)?,
-            }
-            add_lora(i, 0, &h, &qkv)?;
-            rope_cache(
-                dev,
-                dt,
-                &RopeCacheArgs {
-                    qkv: &qkv,
-                    positions: &positions,
-                    slot_mapping: &slots,
-                    inv_freq: &self.inv_freq,
-                    style: self.rope_style,
-                    k_cache: &kv.k[i],
-                    v_cache: &kv.v[i],
-                    cache: kv.shape,
-                    num_tokens: t,
-                    num_heads: c.num_heads,
-                    q_out: Some(&q),
-                },
-            )?;
-            let args = PagedAttnArgs {
-                q: &q,
-                k_cache: &kv.k[i],
-                v_cache: &kv.v[i],
-                out: &attn,
-                batch: seqs.batch(),
-                shape,
-            };
-            if decode_only {
-                paged_attention_decode(dev, dt, &args, &plan, workspace.as_ref())?;
-            } else {
-                paged_attention_prefill(dev, dt, &args)?;
-            }
-            proj(&attn, &l.o_proj, &x, hidden, q_dim)?;
-            add_lora(i, 1, &attn, &x)?;
-            norm(&x, false, &l.ffn_norm, &h)?;
-            proj(&h, &l.gate_up, &gate_up, 2 * ffn, hidden)?;
-            add_lora(i, 2, &h, &gate_up)?;
-            ops::silu_mul(dev, dt, &gate_up, t, ffn, &act)?;
-            proj(&act, &l.down, &x, hidden, ffn)?;
-            add_lora(i, 3, &act, &x)?;
-        }
-        // Final norm of residual + last block's output, only for the rows that need logits.
-        norm(&x, self.layers.is_empty(), &self.final_norm, &h)?;
-        let rows: Vec<u32> = batch.logits_indices.iter().map(|&r| r as u32).collect();
-        let n = rows.len();
-        if n == 0 {
-            return Ok(None);
-        }
-        let picked = self.zeros(n * hidden)?;
-        // The embedding gather serves as a row gather: table = h, ids = the wanted rows.
-        ops::embedding(dev, dt, &h, t, hidden, &dev.upload(&rows)?, n, &picked)?;
-        let logits = self.zeros(n * c.vocab_size)?;
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        gemm(
-            dev,
-            dt,
-            &picked,
-            head,
-            &logits,
-            GemmShape {
-                m: n,
-                n: c.vocab_size,
-                k: hidden,
-                accumulate: false,
-            },
-        )?;
-        Ok(Some(logits))
+        let rank = lora
+            .and_then(|l| l.stack.layer(0).first())
+            .map_or(0, |slots| slots.shape().max_rank);
+        let mut ws = Workspace::new(&self.dev, &self.config, self.dtype, bs, limits, rank)?;
+        let rows = self.forward_in(batch, kv, lora, &mut ws)?;
+        Ok((rows > 0).then(|| ws.into_logits()))
     }
 }
 
+mod step;
 #[cfg(all(test, feature = "gpu-emu"))]
 pub(super) mod tests;
 

@@ -58,12 +58,24 @@ pub struct DecodePlan {
 impl DecodePlan {
     /// Picks the partition for `batch` (from its `max_context_len`).
     pub fn new(batch: &PagedBatch<'_>, shape: &AttnShape, split: DecodeSplit) -> DecodePlan {
-        let max_ctx = batch.max_context_len.max(1);
+        Self::for_shape(batch.num_seqs, batch.max_context_len, shape, split)
+    }
+
+    /// The partition for `num_seqs` sequences of at most `max_context_len` tokens, without
+    /// device buffers: what sizes a preallocated workspace, and the fixed plan a captured graph
+    /// uses for every context up to that length.
+    pub fn for_shape(
+        num_seqs: usize,
+        max_context_len: usize,
+        shape: &AttnShape,
+        split: DecodeSplit,
+    ) -> DecodePlan {
+        let max_ctx = max_context_len.max(1);
         let tokens = match split {
             DecodeSplit::Off => max_ctx,
             DecodeSplit::Tokens(n) => n.max(1),
             DecodeSplit::Auto => {
-                let ctas = batch.num_seqs * shape.num_kv_heads * head_chunks(shape);
+                let ctas = num_seqs * shape.num_kv_heads * head_chunks(shape);
                 if ctas >= TARGET_CTAS {
                     max_ctx
                 } else {

@@ -19,9 +19,11 @@ use crate::model::ForwardBatch;
 
 /// The backend's kept logits of the last forward, widened to f32.
 fn kept_logits(b: &GpuBackend) -> Vec<f32> {
-    let (buf, _) = b.logits.as_ref().expect("no logits kept");
-    let bits: Vec<u16> = b.model.device().download(buf).unwrap();
-    bits.iter()
+    assert!(b.logit_rows > 0, "no logits kept");
+    let bits: Vec<u16> = b.model.device().download(b.ws.logits()).unwrap();
+    let n = b.logit_rows * b.model.config().vocab_size;
+    bits[..n]
+        .iter()
         .map(|&x| half::f16::from_bits(x).to_f32())
         .collect()
 }

@@ -19,7 +19,7 @@ use caduceus_scheduler::{RequestId, SchedulerConfig};
 use serde_json::Value;
 use tokio::sync::mpsc;
 
-use super::{GpuBackend, GpuBackendConfig, KvBlocks};
+use super::{GpuBackend, GpuBackendConfig, KvBlocks, StepLimits};
 use crate::adapters::{
     load_adapter, AdapterLimits, AdapterRegistry, AdapterService, AdapterSettings,
 };
@@ -180,6 +180,13 @@ fn tiny_llama_mixed_adapter_batch_on_the_f16_gpu_engine_generates_peft_greedy_to
                     max_rank: LIMITS.max_rank,
                     dtype: LoraDtype::F16,
                 }),
+                step: StepLimits {
+                    max_num_batched_tokens: 40,
+                    max_num_seqs: 16,
+                    max_model_len: 256,
+                },
+                // Adapter steps run eagerly; the engine test covers graphs.
+                cuda_graph_max_batch: 0,
             },
         )
         .unwrap();

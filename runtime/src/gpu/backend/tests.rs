@@ -9,7 +9,7 @@ use caduceus_kernels::lora::segments_from_token_slots;
 use caduceus_scheduler::{RequestId, SchedulerConfig};
 use tokio::sync::mpsc;
 
-use super::{GpuBackend, GpuBackendConfig, KvBlocks, PlanLimits};
+use super::{GpuBackend, GpuBackendConfig, KvBlocks, StepLimits};
 use crate::engine::{Backend, EngineCore, EngineRequest, FaultPlan, RequestFailure, SlotSpec};
 use crate::gpu::lora::{GpuLoraBatch, GpuLoraStack};
 use crate::gpu::memory_plan::{check_weights_fit, llama_weight_bytes};
@@ -36,13 +36,32 @@ fn model_on(dev: Device) -> GpuModel {
     GpuModel::from_tensors(c.clone(), &mut store(&c, DTYPE), dev, DTYPE).unwrap()
 }
 
+/// The step limits of [`sched`].
+const STEP: StepLimits = StepLimits {
+    max_num_batched_tokens: 24,
+    max_num_seqs: 4,
+    max_model_len: 128,
+};
+
 pub(super) fn backend(dev: Device, num_blocks: usize, slots: Option<SlotSpec>) -> GpuBackend {
+    backend_with_graphs(dev, num_blocks, slots, 0)
+}
+
+/// A backend with decode graphs up to `graph_max_batch` sequences (0: off).
+fn backend_with_graphs(
+    dev: Device,
+    num_blocks: usize,
+    slots: Option<SlotSpec>,
+    graph_max_batch: usize,
+) -> GpuBackend {
     GpuBackend::new(
         model_on(dev),
         GpuBackendConfig {
             block_size: 16,
             kv_blocks: KvBlocks::Fixed(num_blocks),
             adapter_slots: slots,
+            step: STEP,
+            cuda_graph_max_batch: graph_max_batch,
         },
     )
     .unwrap()
@@ -95,12 +114,12 @@ fn requests() -> Vec<EngineRequest> {
 
 fn sched(num_blocks: usize) -> SchedulerConfig {
     SchedulerConfig {
-        max_num_seqs: 4,
+        max_num_seqs: STEP.max_num_seqs,
         // Chunked prefill: the 41-token prompt takes several steps next to decodes.
-        max_num_batched_tokens: 24,
+        max_num_batched_tokens: STEP.max_num_batched_tokens,
         block_size: 16,
         num_blocks,
-        max_model_len: 128,
+        max_model_len: STEP.max_model_len,
         enable_prefix_caching: true,
         ..SchedulerConfig::default()
     }
@@ -113,15 +132,20 @@ fn the_engine_on_the_gpu_backend_generates_what_the_cpu_engine_does() {
     let mut cpu = EngineCore::new(&cpu_model, None, Vec::new(), sched(32)).unwrap();
     let want = run(&mut cpu, requests());
     for dev in devices_under_test().unwrap() {
-        engine_matches(dev, &want);
+        engine_matches(dev, &want, 0);
+    }
+    // With decode graphs up to 2 sequences: decode steps of 1 and 2 replay a graph, of 3 and 4
+    // (above the cap) run eagerly.
+    for dev in devices_under_test().unwrap() {
+        engine_matches(dev, &want, 2);
     }
 }
 
-fn engine_matches(dev: Device, want: &[Vec<u32>]) {
-    let what = dev.describe();
+fn engine_matches(dev: Device, want: &[Vec<u32>], graph_max_batch: usize) {
+    let what = format!("{} graphs<={graph_max_batch}", dev.describe());
     // A pool of 6 blocks cannot hold all four requests: the GPU run also preempts.
-    let mut gpu =
-        EngineCore::with_backend(backend(dev, 6, None), None, Vec::new(), sched(999)).unwrap();
+    let backend = backend_with_graphs(dev, 6, None, graph_max_batch);
+    let mut gpu = EngineCore::with_backend(backend, None, Vec::new(), sched(999)).unwrap();
     assert_eq!(
         gpu.scheduler_config().num_blocks,
         6,
@@ -134,6 +158,15 @@ fn engine_matches(dev: Device, want: &[Vec<u32>]) {
         "the shared prefix was reused"
     );
     assert_eq!(got, want, "{what}: greedy tokens of f16 vs f32 on the CPU");
+    let graphs = gpu.backend().decode_graphs();
+    match graph_max_batch {
+        0 => assert!(graphs.is_none(), "{what}"),
+        _ => {
+            let g = graphs.expect("graphs captured");
+            assert_eq!(g.sizes(), &[1, 2][..], "{what}");
+            assert!(g.replays() > 0, "{what}: decode steps replayed a graph");
+        }
+    }
 }
 
 /// Three short greedy requests (the fault test keeps to a few emulated steps).
@@ -388,22 +421,26 @@ fn adapters_from_the_host_tier_fill_device_slots_like_direct_loads() {
 
 #[test]
 fn the_kv_pool_is_what_the_memory_plan_leaves() {
-    let limits = PlanLimits {
-        gpu_memory_utilization: 0.05,
+    let step = StepLimits {
         max_num_batched_tokens: 64,
         max_num_seqs: 8,
         max_model_len: 128,
     };
-    let cfg = |limits| GpuBackendConfig {
+    let cfg_with = |gpu_memory_utilization, step| GpuBackendConfig {
         block_size: 16,
-        kv_blocks: KvBlocks::Plan(limits),
+        kv_blocks: KvBlocks::Plan {
+            gpu_memory_utilization,
+        },
         adapter_slots: Some(SlotSpec {
             num_slots: 2,
             max_rank: 8,
             dtype: LoraDtype::F16,
         }),
+        step,
+        cuda_graph_max_batch: 0,
     };
-    let b = GpuBackend::new(gpu_model(), cfg(limits)).unwrap();
+    let cfg = |gpu_memory_utilization| cfg_with(gpu_memory_utilization, step);
+    let b = GpuBackend::new(gpu_model(), cfg(0.05)).unwrap();
     let plan = b.memory_plan().unwrap();
     let total = caduceus_kernels::gpu::EMULATED_MEMORY_BYTES as u64;
     assert_eq!(plan.budget_bytes, (total as f64 * 0.05) as u64);
@@ -414,29 +451,28 @@ fn the_kv_pool_is_what_the_memory_plan_leaves() {
     assert!(plan.fixed_bytes + plan.kv_bytes <= plan.budget_bytes);
     assert!(plan.budget_bytes - plan.fixed_bytes - plan.kv_bytes < per_block);
     // A budget below the weights says what to change.
-    let tiny = PlanLimits {
-        gpu_memory_utilization: 0.0001,
-        ..limits
-    };
-    let e = GpuBackend::new(gpu_model(), cfg(tiny)).err().unwrap();
+    let e = GpuBackend::new(gpu_model(), cfg(0.0001)).err().unwrap();
     assert!(e.to_string().contains("gpu_memory_utilization"), "{e}");
     // A max_model_len the pool cannot hold says which one it can, and that one starts.
-    let long = PlanLimits {
+    let long = StepLimits {
         max_model_len: (plan.num_gpu_blocks as usize + 4) * 16,
-        ..limits
+        ..step
     };
-    let e = GpuBackend::new(gpu_model(), cfg(long))
+    let e = GpuBackend::new(gpu_model(), cfg_with(0.05, long))
         .err()
         .unwrap()
         .to_string();
     let (_, tail) = e.split_once("model.max_model_len to at most ").expect(&e);
     let fits: usize = tail.split(',').next().unwrap().parse().unwrap();
     assert!(fits > 0 && fits < long.max_model_len, "{e}");
-    let at_fits = PlanLimits {
+    let at_fits = StepLimits {
         max_model_len: fits,
-        ..limits
+        ..step
     };
-    assert!(GpuBackend::new(gpu_model(), cfg(at_fits)).is_ok(), "{e}");
+    assert!(
+        GpuBackend::new(gpu_model(), cfg_with(0.05, at_fits)).is_ok(),
+        "{e}"
+    );
 }
 
 #[test]
