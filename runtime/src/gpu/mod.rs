@@ -1,16 +1,24 @@
 //! The GPU engine (issue 17, in progress): how device memory is divided, which batch sizes get a
 //! captured CUDA graph (pure arithmetic, tested on any machine), and the model forward pass over
 //! the kernels of `caduceus_kernels::gpu` (`model`) behind the engine's backend seam
-//! (`backend`), with feature `cuda` or `gpu-emu`.
+//! (`backend`), with feature `cuda` or `gpu-emu`; `roofline` (pure arithmetic), `random_model`
+//! and `bench`/`bench_engine` are `caduceus gpu-bench`.
 
 #[cfg(any(feature = "cuda", feature = "gpu-emu"))]
 pub mod backend;
+#[cfg(any(feature = "cuda", feature = "gpu-emu"))]
+pub mod bench;
+#[cfg(any(feature = "cuda", feature = "gpu-emu"))]
+pub mod bench_engine;
 pub mod graph_ladder;
 #[cfg(any(feature = "cuda", feature = "gpu-emu"))]
 pub mod lora;
 pub mod memory_plan;
 #[cfg(any(feature = "cuda", feature = "gpu-emu"))]
 pub mod model;
+#[cfg(any(feature = "cuda", feature = "gpu-emu"))]
+pub mod random_model;
+pub mod roofline;
 
 #[cfg(any(feature = "cuda", feature = "gpu-emu"))]
 pub use backend::{GpuBackend, GpuBackendConfig, KvBlocks, PlanLimits};
