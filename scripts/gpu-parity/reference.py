@@ -64,7 +64,11 @@ def write_tokenizer(model_dir, vocab):
 
 
 def run_all(model_dir, adapters, prompts, dtype, n, dev):
-    base = LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=dtype).to(dev).eval()
+    try:
+        base = LlamaForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    except TypeError:  # transformers < 4.56 names it torch_dtype
+        base = LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=dtype)
+    base = base.to(dev).eval()
     peft = PeftModel.from_pretrained(base, adapters[0][1], adapter_name=adapters[0][0])
     for name, path in adapters[1:]:
         peft.load_adapter(path, adapter_name=name)
@@ -109,8 +113,7 @@ def main():
     cfg = LlamaConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.ffn,
                       num_hidden_layers=a.layers, num_attention_heads=a.heads,
                       num_key_value_heads=a.kv_heads, max_position_embeddings=4096,
-                      rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
-                      bos_token_id=1, eos_token_id=2, torch_dtype="bfloat16")
+                      rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
     with torch.device(dev):
         model = LlamaForCausalLM(cfg)
     with torch.no_grad():
