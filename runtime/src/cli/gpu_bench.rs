@@ -203,14 +203,20 @@ pub fn bench_json(args: &GpuBenchArgs) -> anyhow::Result<serde_json::Value> {
     };
     let engine = match args.engine_requests {
         0 => json!({"skipped": "--engine-requests 0"}),
-        _ => {
-            let fig = run_engine_part(model, &engine_opts, &mut |s| say(s))?;
-            say(&format!(
-                "engine: {:.0} output tokens/s",
-                fig.output_tokens_per_s
-            ));
-            serde_json::to_value(fig)?
-        }
+        // A failure here keeps the figures above: the JSON says what went wrong instead.
+        _ => match run_engine_part(model, &engine_opts, &mut |s| say(s)) {
+            Ok(fig) => {
+                say(&format!(
+                    "engine: {:.0} output tokens/s",
+                    fig.output_tokens_per_s
+                ));
+                serde_json::to_value(fig)?
+            }
+            Err(e) => {
+                say(&format!("engine part failed: {e}"));
+                json!({ "error": e.to_string() })
+            }
+        },
     };
     Ok(json!({
         "bench": "caduceus gpu-bench",
@@ -247,6 +253,9 @@ pub fn run(args: GpuBenchArgs) -> anyhow::Result<()> {
         Some(path) => std::fs::write(path, text + "\n")
             .with_context(|| format!("writing {}", path.display()))?,
         None => println!("{text}"),
+    }
+    if let Some(e) = report["engine"].get("error") {
+        anyhow::bail!("the engine part failed (the JSON has the other figures): {e}");
     }
     Ok(())
 }
