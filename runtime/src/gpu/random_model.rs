@@ -17,8 +17,12 @@ use crate::model::error::ModelError;
 use crate::model::lora::projection_dims;
 use crate::model::weights::TensorStore;
 
-/// The Hugging Face config of a Llama with `shape` (untied head, no biases, Llama-3 rope theta).
-pub fn config_for(shape: &ModelShape, max_position_embeddings: usize) -> LlamaConfig {
+/// The Hugging Face config of a Llama with `shape` (untied head, no biases, Llama-3 rope theta);
+/// a shape the loader would refuse (e.g. zero heads) is an error naming it.
+pub fn config_for(
+    shape: &ModelShape,
+    max_position_embeddings: usize,
+) -> Result<LlamaConfig, ModelError> {
     let json = serde_json::json!({
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -34,11 +38,9 @@ pub fn config_for(shape: &ModelShape, max_position_embeddings: usize) -> LlamaCo
         "rope_theta": 500000.0,
         "tie_word_embeddings": false,
     });
-    // Every field is set above from integers: parsing cannot fail on a well-formed shape, and a
-    // bad one (e.g. zero heads) is caught by `LlamaConfig::validate` at load.
-    LlamaConfig::from_hf_json(&json.to_string()).unwrap_or_else(|e| {
-        unreachable!("a config built from integers parses: {e}");
-    })
+    let config = LlamaConfig::from_hf_json(&json.to_string())?;
+    config.validate()?;
+    Ok(config)
 }
 
 /// SplitMix64: a full-period 64-bit mix, the standard seeder of xorshift generators.
@@ -130,8 +132,7 @@ pub fn random_gpu_model(
     dtype: DType,
     seed: u64,
 ) -> Result<GpuModel, GpuModelError> {
-    let config = config_for(shape, max_model_len);
-    config.validate().map_err(GpuModelError::Model)?;
+    let config = config_for(shape, max_model_len)?;
     let mut store = random_store(&config, seed);
     let model = GpuModel::from_tensors(config, &mut store, dev, dtype)?;
     if let Some(left) = store.names().first() {

@@ -26,7 +26,7 @@ const TINY: ModelShape = ModelShape {
 
 #[test]
 fn random_gpu_model_matches_the_cpu_model_of_its_store() {
-    let config = config_for(&TINY, 64);
+    let config = config_for(&TINY, 64).unwrap();
     let cpu = LlamaModel::from_tensors(config.clone(), &mut random_store(&config, 5)).unwrap();
     let gpu = random_gpu_model(&TINY, 64, Device::emulated(), DType::Bf16, 5).unwrap();
     let ids: Vec<u32> = (0..12).map(|i| (i * 37 + 3) % 256).collect();
@@ -56,6 +56,32 @@ fn random_gpu_model_matches_the_cpu_model_of_its_store() {
         // bf16 activations between layers: within 3% of the largest logit.
         assert!((g - w).abs() <= 0.03 * spread, "logit {t}: {g} vs cpu {w}");
     }
+}
+
+#[test]
+fn an_unrunnable_shape_is_an_error_not_a_panic() {
+    let no_heads = ModelShape { heads: 0, ..TINY };
+    assert!(config_for(&no_heads, 64).is_err());
+    // Builds (the loader does not know the kernels), but the first step says which head dims
+    // the attention kernels have.
+    let bad = ModelShape {
+        head_dim: 24,
+        ..TINY
+    };
+    let model = random_gpu_model(&bad, 64, Device::emulated(), DType::Bf16, 1).unwrap();
+    let opts = ModelBenchOptions {
+        decode_batches: vec![1],
+        context: 4,
+        warmup: 0,
+        steps: 1,
+        prefill_len: 0,
+        lora_streams: 0,
+        lora_distinct: vec![],
+        lora_rank: 4,
+        block_size: 16,
+    };
+    let err = run_model_parts(&model, &bad, None, &opts, &mut |_| {}).err();
+    assert!(err.is_some_and(|e| e.to_string().contains("24")));
 }
 
 #[test]
