@@ -8,6 +8,9 @@ mod bench_stop;
 mod bench_throughput;
 mod config_cmd;
 mod generate;
+#[cfg(any(feature = "cuda", feature = "gpu-emu"))]
+mod gpu_bench;
+mod gpu_parity;
 mod make_adapters;
 mod serve;
 #[cfg(feature = "cuda")]
@@ -67,6 +70,12 @@ pub enum Command {
     Config(config_cmd::ConfigArgs),
     /// Write deterministic synthetic PEFT LoRA adapters (doctor-0000, ...) for the base model.
     MakeAdapters(make_adapters::MakeAdaptersArgs),
+    /// Benchmark a random-weight model (Llama-3-8B shape by default) on the GPU; one JSON.
+    #[cfg(any(feature = "cuda", feature = "gpu-emu"))]
+    GpuBench(gpu_bench::GpuBenchArgs),
+    /// Last-position logits and greedy tokens of an HF model (+ PEFT adapters) as JSON, per
+    /// request and in one mixed batch, for parity checks against transformers + peft.
+    GpuParity(gpu_parity::GpuParityArgs),
 }
 
 /// Runs a parsed command line.
@@ -91,6 +100,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::BenchStop(args) => bench_stop::run(args),
         Command::Config(args) => config_cmd::run(args),
         Command::MakeAdapters(args) => make_adapters::run(args),
+        #[cfg(any(feature = "cuda", feature = "gpu-emu"))]
+        Command::GpuBench(args) => gpu_bench::run(args),
+        Command::GpuParity(args) => gpu_parity::run(args),
     }
 }
 

@@ -3,12 +3,17 @@
 //! the kernels of `caduceus_kernels::gpu` (`model`) in a preallocated activation workspace with
 //! one upload per step (`workspace`), decode steps replayed from captured graphs
 //! (`decode_graph`), behind the engine's backend seam (`backend`), with feature `cuda` or
-//! `gpu-emu`. None of it has run on a GPU yet.
+//! `gpu-emu`; `roofline` (pure arithmetic), `random_model` and `bench`/`bench_engine` are
+//! `caduceus gpu-bench`. None of it has run on a GPU yet.
 
 #[cfg(any(feature = "cuda", feature = "gpu-emu"))]
 pub mod adapter_copies;
 #[cfg(any(feature = "cuda", feature = "gpu-emu"))]
 pub mod backend;
+#[cfg(any(feature = "cuda", feature = "gpu-emu"))]
+pub mod bench;
+#[cfg(any(feature = "cuda", feature = "gpu-emu"))]
+pub mod bench_engine;
 #[cfg(any(feature = "cuda", feature = "gpu-emu"))]
 pub mod decode_graph;
 pub mod graph_ladder;
@@ -17,6 +22,9 @@ pub mod lora;
 pub mod memory_plan;
 #[cfg(any(feature = "cuda", feature = "gpu-emu"))]
 pub mod model;
+#[cfg(any(feature = "cuda", feature = "gpu-emu"))]
+pub mod random_model;
+pub mod roofline;
 #[cfg(any(feature = "cuda", feature = "gpu-emu"))]
 pub mod workspace;
 

@@ -1,0 +1,147 @@
+//! `gpu-bench` on a tiny shape in the kernels' host emulation: the random model is the model its
+//! store describes (the CPU model on the same store gives the same logits), every model-level
+//! part runs and reports what it was asked for, and the adapter mix follows its power law. The
+//! engine part runs in `cli::gpu_bench`'s test of the whole command.
+
+use caduceus_kernels::attention::SeqAttention;
+use caduceus_kernels::gpu::{DType, Device};
+
+use super::{run_model_parts, ModelBenchOptions};
+use crate::gpu::bench_engine::power_law_mix;
+use crate::gpu::random_model::{config_for, random_gpu_model, random_store};
+use crate::gpu::roofline::{spec_for, ModelShape};
+use crate::kv_cache::KvCache;
+use crate::model::{ForwardBatch, LlamaModel};
+
+const TINY: ModelShape = ModelShape {
+    hidden: 64,
+    layers: 1,
+    heads: 4,
+    kv_heads: 2,
+    head_dim: 16,
+    ffn: 96,
+    vocab: 256,
+    dtype_bytes: 2,
+};
+
+#[test]
+fn random_gpu_model_matches_the_cpu_model_of_its_store() {
+    let config = config_for(&TINY, 64).unwrap();
+    let cpu = LlamaModel::from_tensors(config.clone(), &mut random_store(&config, 5)).unwrap();
+    let gpu = random_gpu_model(&TINY, 64, Device::emulated(), DType::Bf16, 5).unwrap();
+    let ids: Vec<u32> = (0..12).map(|i| (i * 37 + 3) % 256).collect();
+    let pos: Vec<u32> = (0..12).collect();
+    let table = [0u32];
+    let seqs = [SeqAttention {
+        query_start: 0,
+        query_len: 12,
+        context_len: 12,
+        block_table: &table,
+    }];
+    let batch = ForwardBatch {
+        token_ids: &ids,
+        positions: &pos,
+        slot_mapping: &pos,
+        seqs: &seqs,
+        logits_indices: &[11],
+    };
+    let want = cpu.forward(&batch, &mut KvCache::new(1, cpu.kv_cache_shape(1, 16)));
+    let got = gpu
+        .forward(&batch, &gpu.new_kv_cache(1, 16).unwrap())
+        .unwrap();
+    assert_eq!(got.len(), 256);
+    let spread = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+    assert!(spread > 0.1, "random logits should not all be ~0: {spread}");
+    for (t, (g, w)) in got.iter().zip(&want).enumerate() {
+        // bf16 activations between layers: within 3% of the largest logit.
+        assert!((g - w).abs() <= 0.03 * spread, "logit {t}: {g} vs cpu {w}");
+    }
+}
+
+#[test]
+fn an_unrunnable_shape_is_an_error_not_a_panic() {
+    let no_heads = ModelShape { heads: 0, ..TINY };
+    assert!(config_for(&no_heads, 64).is_err());
+    // Builds (the loader does not know the kernels), but the first step says which head dims
+    // the attention kernels have.
+    let bad = ModelShape {
+        head_dim: 24,
+        ..TINY
+    };
+    let model = random_gpu_model(&bad, 64, Device::emulated(), DType::Bf16, 1).unwrap();
+    let opts = ModelBenchOptions {
+        decode_batches: vec![1],
+        context: 4,
+        warmup: 0,
+        steps: 1,
+        prefill_len: 0,
+        lora_streams: 0,
+        lora_distinct: vec![],
+        lora_rank: 4,
+        block_size: 16,
+    };
+    let err = run_model_parts(&model, &bad, None, &opts, &mut |_| {}).err();
+    assert!(err.is_some_and(|e| e.to_string().contains("24")));
+}
+
+#[test]
+fn model_parts_run_on_a_tiny_shape_and_report_each_configuration() {
+    let model = random_gpu_model(&TINY, 64, Device::emulated(), DType::Bf16, 1).unwrap();
+    let gpu = spec_for(&model.device().describe());
+    assert!(gpu.is_none(), "the emulation has no datasheet row");
+    let opts = ModelBenchOptions {
+        decode_batches: vec![1, 3],
+        context: 20,
+        warmup: 0,
+        steps: 1,
+        prefill_len: 17,
+        lora_streams: 2,
+        lora_distinct: vec![1, 2],
+        lora_rank: 4,
+        block_size: 16,
+    };
+    let mut lines = Vec::new();
+    let r = run_model_parts(&model, &TINY, gpu.as_ref(), &opts, &mut |s| {
+        lines.push(s.to_string())
+    })
+    .unwrap();
+    let batches: Vec<usize> = r.decode.iter().map(|d| d.batch).collect();
+    assert_eq!(batches, [1, 3]);
+    for d in &r.decode {
+        assert_eq!(d.step.reps, 1);
+        assert!(d.step.min_ms > 0.0 && d.step.min_ms <= d.step.median_ms);
+        assert!((d.tokens_per_s - d.batch as f64 / (d.step.median_ms / 1e3)).abs() < 1e-6);
+        assert!(d.step.roofline.is_none() && d.meets_target.is_none());
+    }
+    let p = r.prefill.as_ref().unwrap();
+    assert_eq!(p.prompt_len, 17);
+    assert!(p.tokens_per_s > 0.0 && p.flops_utilization.is_none());
+    let l = r.multi_lora.as_ref().unwrap();
+    let distinct: Vec<usize> = l.runs.iter().map(|x| x.distinct).collect();
+    assert_eq!((l.streams, distinct), (2, vec![1, 2]));
+    assert!(l
+        .runs
+        .iter()
+        .all(|x| x.over_base.is_finite() && x.over_base > 0.0));
+    let json = serde_json::to_value(&r).unwrap();
+    assert!(json["decode"][1]["step"]["median_ms"].is_f64());
+    assert!(lines.iter().any(|l| l.starts_with("decode batch 3")));
+}
+
+#[test]
+fn power_law_mix_favours_low_ranks_and_is_seeded() {
+    let mix = power_law_mix(20_000, 64, 1.0, 9);
+    assert_eq!(mix, power_law_mix(20_000, 64, 1.0, 9));
+    let mut counts = [0usize; 64];
+    for &k in &mix {
+        counts[k] += 1;
+    }
+    // Zipf(1) over 64: P(0) = 1 / H_64 = 0.2108, P(1) = half of it, P(63) = 1/64 of it.
+    let h64: f64 = (1..=64).map(|k| 1.0 / k as f64).sum();
+    let p0 = counts[0] as f64 / 20_000.0;
+    assert!((p0 - 1.0 / h64).abs() < 0.015, "{p0}");
+    let ratio = counts[0] as f64 / counts[1] as f64;
+    assert!((ratio - 2.0).abs() < 0.25, "{ratio}");
+    assert!(counts[63] > 0 && counts[63] < counts[0] / 20);
+    assert!(power_law_mix(5, 0, 1.0, 1).is_empty());
+}
