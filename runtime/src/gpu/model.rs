@@ -11,7 +11,9 @@ use caduceus_kernels::gpu::lora::LoraGpuError;
 use caduceus_kernels::gpu::ops;
 use caduceus_kernels::gpu::{DType, Device, DeviceBuffer, GpuError};
 use caduceus_kernels::ops::RopeStyle;
+use caduceus_kernels::quant::Matrix;
 use half::{bf16, f16};
+use rayon::prelude::*;
 
 use crate::model::batch::ForwardBatch;
 use crate::model::config::LlamaConfig;
@@ -100,6 +102,45 @@ fn upload_as(dev: &Device, dtype: DType, v: &[f32]) -> Result<DeviceBuffer, GpuE
     }
 }
 
+/// Uploads the rows of `parts` (stacked, each `cols` wide) converted to the dtype. Rows are
+/// dequantized and rounded in parallel straight into the dtype (an 8B model is 16 GB: one
+/// thread and an f32 copy of each matrix made loading it minutes, not seconds).
+fn upload_rows(
+    dev: &Device,
+    dtype: DType,
+    parts: &[Matrix],
+    cols: usize,
+) -> Result<DeviceBuffer, GpuError> {
+    fn convert<T: Copy + Default + Send>(
+        parts: &[Matrix],
+        cols: usize,
+        round: fn(f32) -> T,
+    ) -> Vec<T> {
+        let rows: Vec<(&Matrix, usize)> = parts
+            .iter()
+            .flat_map(|m| (0..m.rows()).map(move |r| (m, r)))
+            .collect();
+        let mut out = vec![T::default(); rows.len() * cols];
+        if cols == 0 {
+            return out;
+        }
+        out.par_chunks_mut(cols).zip(rows.par_iter()).for_each_init(
+            || vec![0f32; cols],
+            |row, (dst, &(m, r))| {
+                m.dequantize_row(r, row);
+                for (d, &x) in dst.iter_mut().zip(row.iter()) {
+                    *d = round(x);
+                }
+            },
+        );
+        out
+    }
+    match dtype {
+        DType::Bf16 => dev.upload(&convert(parts, cols, bf16::from_f32)),
+        DType::F16 => dev.upload(&convert(parts, cols, f16::from_f32)),
+    }
+}
+
 impl GpuModel {
     /// Takes the weights out of `store` (the names and shapes the CPU model reads), converts them
     /// to `dtype` (quantized GGUF weights are dequantized first) and uploads them to `dev`.
@@ -118,11 +159,11 @@ impl GpuModel {
             c.intermediate_size,
         );
         let matrix = |store: &mut TensorStore, names: &[(&str, usize)], cols: usize| {
-            let mut values = Vec::new();
+            let mut parts = Vec::with_capacity(names.len());
             for &(name, rows) in names {
-                values.extend(store.take_matrix(name, rows, cols)?.to_f32());
+                parts.push(store.take_matrix(name, rows, cols)?);
             }
-            Ok::<_, GpuModelError>(upload_as(&dev, dtype, &values)?)
+            Ok::<_, GpuModelError>(upload_rows(&dev, dtype, &parts, cols)?)
         };
         let embed = matrix(store, &[("token_embd.weight", c.vocab_size)], hidden)?;
         let lm_head = if store.contains("output.weight") {
