@@ -54,12 +54,9 @@ impl Scheduler {
             return FairRoom::Unavailable;
         }
         let victim = match self.fair_victim(key, admitted) {
-            Victim::Found(_) if *preempted >= MAX_FAIR_PREEMPTIONS_PER_STEP => {
-                return FairRoom::Unavailable
-            }
-            Victim::Found(victim) => victim,
-            Victim::OverShare => return FairRoom::OverShare,
-            Victim::None => return FairRoom::Unavailable,
+            Ok(_) if *preempted >= MAX_FAIR_PREEMPTIONS_PER_STEP => return FairRoom::Unavailable,
+            Ok(victim) => victim,
+            Err(why) => return why,
         };
         if let Some(pos) = out.scheduled.iter().position(|s| s.id == victim.id) {
             *token_budget += out.scheduled.remove(pos).num_scheduled_tokens;
@@ -111,15 +108,11 @@ impl Scheduler {
 
     /// The running request to preempt for `key`, if its adapter is under its fair share and
     /// another is over its own without having received less service: that adapter's last
-    /// running request.
-    fn fair_victim(&self, key: QueueKey, admitted: &[QueueKey]) -> Victim {
-        let Some(vtc) = self.vtc.as_ref() else {
-            return Victim::None;
-        };
+    /// running request. Otherwise why not (`OverShare` or `Unavailable`).
+    fn fair_victim(&self, key: QueueKey, admitted: &[QueueKey]) -> Result<QueueKey, FairRoom> {
+        let vtc = self.vtc.as_ref().ok_or(FairRoom::Unavailable)?;
         let tenant_of = |k: &QueueKey| self.requests.get(&k.id).map(|r| r.tenant());
-        let Some(candidate) = tenant_of(&key) else {
-            return Victim::None;
-        };
+        let candidate = tenant_of(&key).ok_or(FairRoom::Unavailable)?;
         let mut loads: FxHashMap<Tenant, Load> = FxHashMap::default();
         for k in self.running.iter().chain(admitted) {
             if let Some(r) = self.requests.get(&k.id) {
@@ -139,7 +132,7 @@ impl Scheduler {
             .get(&key.id)
             .map_or(usize::MAX, |r| self.kv.num_blocks_for(r.num_tokens()));
         if own.seats + 1 > seat_share || own.blocks.saturating_add(need) > block_share {
-            return Victim::OverShare;
+            return Err(FairRoom::OverShare);
         }
         // Arrivals are lifted to the backlog's smallest counter, so a quiet adapter often ties
         // with the flood: the share decides then.
@@ -152,20 +145,12 @@ impl Scheduler {
                     && vtc.counter(t) >= floor
             })
             .max_by_key(|&(&t, l)| (vtc.counter(t), l.blocks));
-        let Some((&victim_tenant, _)) = over else {
-            return Victim::None;
-        };
+        let (&victim_tenant, _) = over.ok_or(FairRoom::Unavailable)?;
         self.running
             .iter()
             .rev()
             .find(|k| k.priority >= key.priority && tenant_of(k) == Some(victim_tenant))
-            .map_or(Victim::None, |&k| Victim::Found(k))
+            .copied()
+            .ok_or(FairRoom::Unavailable)
     }
-}
-
-enum Victim {
-    Found(QueueKey),
-    /// The waiting request's adapter holds its share already.
-    OverShare,
-    None,
 }
