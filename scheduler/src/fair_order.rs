@@ -1,9 +1,12 @@
-//! Service order under VTC fairness (see `fairness.rs`). Waiting requests: each priority level
-//! in turn, where the adapter with the smallest virtual counter sends its next request (its
-//! preempted ones first, then by arrival); counters grow as requests are admitted, so the order
-//! is decided one admission at a time. A request that finds no room may take it from an
-//! over-served adapter (`fair_room.rs`). Running requests: by priority, then counter, so the
-//! least-served adapters get the step's budget first and the most-served are preempted first.
+//! Service order under VTC fairness (see `fairness.rs`). Adapters are ranked by whether they
+//! hold more than their max-min fair share of the running set (`fair_share.rs`), then by their
+//! virtual counter. Waiting requests: each priority level in turn, where the best-ranked adapter
+//! sends its next request (its preempted ones first, then by arrival); ranks change as requests
+//! are admitted, so the order is decided one admission at a time. A request that finds no room
+//! may take it from an over-served adapter (`fair_room.rs`). Running requests: by priority, then
+//! rank, so adapters within their share get the step's budget first (a quiet adapter's prompt,
+//! charged in full at admission, is not left to trickle in behind a flood's prefills) and the
+//! flood's requests are preempted first.
 
 use crate::fair_room::FairRoom;
 use crate::fairness::Tenant;
@@ -35,19 +38,18 @@ pub(crate) struct FairAdmission<'a> {
 
 impl Scheduler {
     /// Running requests in the order a step serves them: `running` itself under FCFS; under VTC
-    /// by priority, then the adapter's counter, then arrival.
+    /// by priority, then requests within their adapter's fair share (by arrival) before surplus
+    /// ones (by the adapter's counter, then arrival; see `running_ranks`). Counters alone are not
+    /// enough: a quiet adapter is charged its whole prompt at admission, so behind a flood's
+    /// ongoing prefills the rest of that prompt would trickle in over many steps, and it would
+    /// be the first preempted when the pool runs dry.
     pub(crate) fn service_order(&self) -> Vec<QueueKey> {
-        let mut order = self.running.clone();
-        if let Some(vtc) = &self.vtc {
-            order.sort_by_cached_key(|k| {
-                let counter = self
-                    .requests
-                    .get(&k.id)
-                    .map_or(u64::MAX, |r| vtc.counter(r.tenant()));
-                (k.priority, counter, *k)
-            });
+        if self.vtc.is_none() {
+            return self.running.clone();
         }
-        order
+        let mut ranked = self.running_ranks();
+        ranked.sort_unstable_by_key(|&(k, rank)| (k.priority, rank, k));
+        ranked.into_iter().map(|(k, _)| k).collect()
     }
 
     /// Admits from `waiting` in VTC order until nothing more fits.
@@ -78,17 +80,19 @@ impl Scheduler {
         }
     }
 
-    /// Offers one priority level's requests, least-served tenant first (ties: earliest head).
+    /// Offers one priority level's requests in `FairShares::rank` order: adapters within their
+    /// share of the running set first, then the least-served (ties: earliest head).
     /// False when admission stopped for this step.
     fn admit_level(&mut self, level: &mut [TenantQueue], step: &mut FairAdmission) -> bool {
         loop {
             let Some(vtc) = &self.vtc else {
                 return false;
             };
+            let shares = self.fair_shares(step.admitted);
             let pick = level
                 .iter_mut()
                 .filter(|q| !q.skipped && q.next < q.keys.len())
-                .min_by_key(|q| (vtc.counter(q.tenant), q.keys[q.next]));
+                .min_by_key(|q| (shares.rank(vtc, q.tenant), q.keys[q.next]));
             let Some(q) = pick else {
                 return true;
             };
@@ -99,13 +103,13 @@ impl Scheduler {
                 .map_or(0, |r| r.num_tokens() - r.num_computed_tokens);
             if wanted > *step.token_budget {
                 let short = wanted - *step.token_budget;
-                self.yield_budget(key, short, step.token_budget, step.out);
+                self.yield_budget(key, short, step.token_budget, step.out, step.admitted);
             }
-            match self.try_admit(key, step.token_budget, step.out, step.admitted) {
-                Admission::Admitted => q.next += 1,
-                Admission::Skipped => q.skipped = true,
-                Admission::Stop => return false,
-                Admission::NoRoom(shortage) => match self.make_fair_room(
+            let mut outcome = self.try_admit(key, step.token_budget, step.out, step.admitted);
+            // Room made for `key` is retried for `key` at once: picking again could hand it to
+            // the victim's own adapter, whose share just dropped.
+            while let Admission::NoRoom(shortage) = outcome {
+                match self.make_fair_room(
                     key,
                     shortage,
                     step.token_budget,
@@ -113,11 +117,20 @@ impl Scheduler {
                     step.admitted,
                     &mut step.preempted,
                 ) {
-                    FairRoom::Made => {}
+                    FairRoom::Made => {
+                        outcome = self.try_admit(key, step.token_budget, step.out, step.admitted);
+                    }
                     // Its adapter has its share: the next adapter may still be owed room.
-                    FairRoom::OverShare => q.skipped = true,
+                    FairRoom::OverShare => {
+                        outcome = Admission::Skipped;
+                    }
                     FairRoom::Unavailable => return false,
-                },
+                }
+            }
+            match outcome {
+                Admission::Admitted => q.next += 1,
+                Admission::Skipped => q.skipped = true,
+                Admission::Stop | Admission::NoRoom(_) => return false,
             }
         }
     }

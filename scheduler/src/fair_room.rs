@@ -2,14 +2,14 @@
 //! adapter's running requests hold every seat or KV block: they would keep them until they
 //! finish, and a quiet doctor's patient would wait for whole generations. So when a waiting
 //! request finds no room, and its adapter would still be within its fair share of the running
-//! set with it (`max_num_seqs` and the pool, each divided among the active adapters), room is
+//! set with it (`fair_share.rs`: seats and blocks, divided max-min fairly by demand), room is
 //! taken from an adapter above its share that has received at least as much service: that
 //! adapter's latest running request is preempted by recompute (its full blocks stay cached) and
 //! waits again at its own place in the queue, not in front, so it cannot take the room straight
 //! back.
 
-use crate::fairness::Tenant;
 use crate::fx::FxHashMap;
+use crate::ids::RequestId;
 use crate::output::SchedulerOutput;
 use crate::queue::QueueKey;
 use crate::schedule::{Requeue, Shortage};
@@ -28,13 +28,6 @@ pub(crate) enum FairRoom {
     OverShare,
     /// Nothing can be done this step.
     Unavailable,
-}
-
-/// What one adapter holds of the running set.
-#[derive(Clone, Copy, Debug, Default)]
-struct Load {
-    seats: usize,
-    blocks: usize,
 }
 
 impl Scheduler {
@@ -67,8 +60,9 @@ impl Scheduler {
     }
 
     /// Gives waiting request `key` up to `wanted` more tokens of this step's budget by shortening
-    /// prefill chunks already scheduled for running requests of adapters with larger counters
-    /// (each keeps at least one token, and its blocks: it resumes next step where it stopped).
+    /// prefill chunks already scheduled for running requests of adapters later in service order
+    /// (`FairShares::rank`; each keeps at least one token, and its blocks: it resumes next step
+    /// where it stopped).
     /// Without it a quiet adapter's prompt would trickle in behind a flood's ongoing prefills.
     pub(crate) fn yield_budget(
         &mut self,
@@ -76,25 +70,37 @@ impl Scheduler {
         wanted: usize,
         token_budget: &mut usize,
         out: &mut SchedulerOutput,
+        admitted: &[QueueKey],
     ) {
         let Some(vtc) = &self.vtc else {
             return;
         };
-        let Some(floor) = self.requests.get(&key.id).map(|r| vtc.counter(r.tenant())) else {
+        let Some(r) = self.requests.get(&key.id) else {
             return;
         };
+        let need = self.kv.num_blocks_for(r.num_tokens());
+        let shares = self.fair_shares(admitted);
+        let floor = (
+            !shares.fits_one_more(r.tenant(), need),
+            vtc.counter(r.tenant()),
+        );
+        let ranks: FxHashMap<RequestId, (bool, u64)> = self
+            .running_ranks()
+            .into_iter()
+            .map(|(k, rank)| (k.id, rank))
+            .collect();
         let mut left = wanted;
         // Latest-scheduled chunks first: the most-served adapters come last in service order.
         for s in out.scheduled.iter_mut().rev() {
             if left == 0 {
                 break;
             }
-            let Some(r) = self.requests.get(&s.id) else {
+            let (Some(r), Some(&rank)) = (self.requests.get(&s.id), ranks.get(&s.id)) else {
                 continue;
             };
             if s.num_scheduled_tokens <= 1
                 || r.priority < key.priority
-                || vtc.counter(r.tenant()) <= floor
+                || rank <= floor
                 || !matches!(s.data, crate::output::ScheduledData::Cached { .. })
             {
                 continue;
@@ -113,37 +119,23 @@ impl Scheduler {
         let vtc = self.vtc.as_ref().ok_or(FairRoom::Unavailable)?;
         let tenant_of = |k: &QueueKey| self.requests.get(&k.id).map(|r| r.tenant());
         let candidate = tenant_of(&key).ok_or(FairRoom::Unavailable)?;
-        let mut loads: FxHashMap<Tenant, Load> = FxHashMap::default();
-        for k in self.running.iter().chain(admitted) {
-            if let Some(r) = self.requests.get(&k.id) {
-                let load = loads.entry(r.tenant()).or_default();
-                load.seats += 1;
-                load.blocks += r.block_table.len();
-            }
-        }
-        let active = vtc.backlogged().filter(|t| !loads.contains_key(t)).count() + loads.len();
-        let seat_share = (self.config.max_num_seqs / active.max(1)).max(1);
-        let block_share = self.kv.block_pool().num_usable_blocks() / active.max(1);
-        let own = loads.get(&candidate).copied().unwrap_or_default();
+        let shares = self.fair_shares(admitted);
         // Only room that keeps the waiting request's adapter within its own share is taken, so
         // it can never become the next victim and hand the room back (no ping-pong).
         let need = self
             .requests
             .get(&key.id)
             .map_or(usize::MAX, |r| self.kv.num_blocks_for(r.num_tokens()));
-        if own.seats + 1 > seat_share || own.blocks.saturating_add(need) > block_share {
+        if !shares.fits_one_more(candidate, need) {
             return Err(FairRoom::OverShare);
         }
         // Arrivals are lifted to the backlog's smallest counter, so a quiet adapter often ties
         // with the flood: the share decides then.
         let floor = vtc.counter(candidate);
-        let over = loads
+        let over = shares
+            .loads
             .iter()
-            .filter(|&(&t, l)| {
-                t != candidate
-                    && (l.seats > seat_share || l.blocks > block_share)
-                    && vtc.counter(t) >= floor
-            })
+            .filter(|&(&t, _)| t != candidate && shares.is_over(t) && vtc.counter(t) >= floor)
             .max_by_key(|&(&t, l)| (vtc.counter(t), l.blocks));
         let (&victim_tenant, _) = over.ok_or(FairRoom::Unavailable)?;
         self.running

@@ -78,11 +78,6 @@ impl VirtualCounters {
         }
     }
 
-    /// Tenants with at least one waiting request.
-    pub fn backlogged(&self) -> impl Iterator<Item = Tenant> + '_ {
-        self.waiting.keys().copied()
-    }
-
     /// Adds `tokens` of service at `weight` to `tenant`'s counter.
     pub fn charge(&mut self, tenant: Tenant, tokens: usize, weight: u64) {
         let cost = (tokens as u64).saturating_mul(weight);

@@ -12,6 +12,7 @@ mod block_pool;
 mod config;
 mod fair_order;
 mod fair_room;
+mod fair_share;
 mod fairness;
 mod free_queue;
 mod fx;

@@ -21,6 +21,7 @@ impl Scheduler {
             finished_ids: self.finished.drain(..).map(|(id, _)| id).collect(),
             ..SchedulerOutput::default()
         };
+        self.fair_levels = self.compute_fair_levels();
         let mut token_budget = self.config.max_num_batched_tokens;
         self.schedule_running(&mut token_budget, &mut out);
         // Admitting now would only take blocks the running requests just proved they need.
@@ -34,9 +35,9 @@ impl Scheduler {
     /// Schedules running requests in service order while the budget lasts. When a request cannot
     /// get blocks, the last request of that order is preempted, possibly the request itself, and
     /// allocation is retried. The order is `running`'s (priority, then arrival) under FCFS; under
-    /// VTC the least-served adapter goes first within a priority (`service_order`), so a flood's
-    /// running requests are the ones preempted and the last to get budget. Either way a victim is
-    /// never a request already scheduled in this step.
+    /// VTC, within a priority, adapters within their fair share go first, then the least served
+    /// (`service_order`), so a flood's running requests are the ones preempted and the last to
+    /// get budget. Either way a victim is never a request already scheduled in this step.
     fn schedule_running(&mut self, token_budget: &mut usize, out: &mut SchedulerOutput) {
         let mut order = self.service_order();
         let mut i = 0;

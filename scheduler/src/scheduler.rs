@@ -7,6 +7,7 @@
 //! then `status()` answers `Finished(reason)` and the id cannot be reused; afterwards `None`.
 
 use crate::config::{ConfigError, SchedulerConfig};
+use crate::fair_share::FairLevels;
 use crate::fairness::{Fairness, Tenant, VirtualCounters};
 use crate::fx::FxHashMap;
 use crate::ids::RequestId;
@@ -32,6 +33,8 @@ pub struct Scheduler {
     pub(crate) num_preemptions: u64,
     /// Per-adapter service counters; `None` under FCFS.
     pub(crate) vtc: Option<VirtualCounters>,
+    /// This step's max-min fair shares of seats and blocks (VTC).
+    pub(crate) fair_levels: FairLevels,
 }
 
 impl Scheduler {
@@ -39,6 +42,7 @@ impl Scheduler {
         config.validate()?;
         Ok(Scheduler {
             vtc: (config.fairness == Fairness::Vtc).then(VirtualCounters::default),
+            fair_levels: FairLevels::default(),
             kv: KvCacheManager::new(
                 config.num_blocks,
                 config.block_size,

@@ -333,6 +333,7 @@ impl<B: Backend> EngineCore<B> {
         self.abort_disconnected();
         let sched = self.scheduler.schedule();
         self.note_scheduled(&sched);
+        let started = Instant::now();
         let gate = self.adapters.as_ref().and_then(|a| a.step_gate.as_ref());
         let mut result = match gate {
             Some(g) if sched.total_num_scheduled_tokens > 0 => {
@@ -344,6 +345,7 @@ impl<B: Backend> EngineCore<B> {
             self.finish_failed(id, failure);
         }
         self.note_slot_fills(&result.slot_fills);
+        log_step(&sched, started.elapsed());
         let updates = self.scheduler.update(&sched, &result.step);
         let num_finished = self.emit(updates, result);
         self.publish_adapter_info();
@@ -479,6 +481,45 @@ fn next_text(t: &mut Tracked, tok: &Tokenizer, token_id: u32, last: bool) -> (St
                 text.push_str(&t.stop.flush());
             }
             (text, false)
+        }
+    }
+}
+
+/// What a step did, at debug level (`RUST_LOG=caduceus::step=debug`), and each request's chunk
+/// at trace level: ids and counts only, never text.
+fn log_step(sched: &SchedulerOutput, elapsed: std::time::Duration) {
+    if !tracing::enabled!(target: "caduceus::step", tracing::Level::DEBUG) {
+        return;
+    }
+    let admitted = sched
+        .scheduled
+        .iter()
+        .filter(|r| matches!(r.data, ScheduledData::New { .. }))
+        .count();
+    tracing::debug!(
+        target: "caduceus::step",
+        step = sched.step,
+        reqs = sched.scheduled.len(),
+        tokens = sched.total_num_scheduled_tokens,
+        admitted,
+        preempted = sched.preempted_ids.len(),
+        ms = elapsed.as_secs_f64() * 1e3,
+        "step"
+    );
+    if tracing::enabled!(target: "caduceus::step", tracing::Level::TRACE) {
+        for r in &sched.scheduled {
+            tracing::trace!(
+                target: "caduceus::step",
+                step = sched.step,
+                id = r.id.0,
+                computed = r.num_computed_tokens,
+                scheduled = r.num_scheduled_tokens,
+                adapter = match &r.data {
+                    ScheduledData::New { adapter, .. } => adapter.map_or(-1, |a| i64::from(a.id)),
+                    ScheduledData::Cached { .. } => -2,
+                },
+                "chunk"
+            );
         }
     }
 }

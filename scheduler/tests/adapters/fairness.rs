@@ -74,15 +74,17 @@ fn a_flooded_adapter_cannot_starve_ten_others() {
 
 /// A steady stream of quiet requests (one every `QUIET_EVERY` steps over adapters 1..=10),
 /// optionally beside adapter 0 flooding `flood_per_step` requests every step, with a pool the
-/// flood alone fills (prompts of 96 tokens, 32 outputs: shaped like `scripts/loadtest-fairness`
-/// on the CPU server, in steps instead of milliseconds). Returns each quiet request's time to
-/// first token, in steps from its arrival.
+/// flood alone fills, shaped like `scripts/loadtest-fairness` on the CPU server in steps instead
+/// of milliseconds: its pool (364 blocks of 16) and step budget (236 tokens), chat prompts of
+/// 352 tokens that share a 192-token system prompt per adapter (so a prompt without a prefix hit
+/// needs two steps), 32 outputs. Returns each quiet request's time to first token, in steps from
+/// its arrival.
 fn quiet_ttft_steps(flood_per_step: usize, fairness: Fairness) -> Vec<usize> {
     const STEPS: usize = 240;
     const QUIET_EVERY: usize = 4;
     let config = SchedulerConfig {
-        max_num_seqs: 256,
-        max_num_batched_tokens: 256,
+        max_num_seqs: 236,
+        max_num_batched_tokens: 236,
         block_size: 16,
         num_blocks: 364,
         max_model_len: 512,
@@ -90,7 +92,13 @@ fn quiet_ttft_steps(flood_per_step: usize, fairness: Fairness) -> Vec<usize> {
         ..SchedulerConfig::default()
     };
     let mut d = Driver::new(config);
-    let prompt = |i: u64| -> Vec<u32> { (0..96).map(|t| ((i * 13 + t * 7) % 31) as u32).collect() };
+    // Each adapter's chats share a 192-token system prompt; 160 tokens are the request's own.
+    let prompt = |adapter_index: u64, i: u64| -> Vec<u32> {
+        let system = (0..192).map(|t| ((adapter_index * 17 + t * 5) % 29) as u32);
+        system
+            .chain((0..160).map(|t| ((i * 13 + t * 7) % 31) as u32))
+            .collect()
+    };
     let mut arrival: HashMap<RequestId, usize> = HashMap::new();
     let mut ttft: HashMap<RequestId, usize> = HashMap::new();
     let mut next_id = 0u64;
@@ -102,15 +110,16 @@ fn quiet_ttft_steps(flood_per_step: usize, fairness: Fairness) -> Vec<usize> {
         );
         if step < STEPS {
             for _ in 0..flood_per_step {
-                let mut r = req(next_id, &prompt(next_id), 32);
+                let mut r = req(next_id, &prompt(0, next_id), 32);
                 r.adapter = adapter(0);
                 r.arrival_seq = next_id;
                 d.add(r).unwrap();
                 next_id += 1;
             }
             if step % QUIET_EVERY == 0 {
-                let mut r = req(next_id, &prompt(next_id), 32);
-                r.adapter = adapter(1 + (step / QUIET_EVERY % 10) as u32);
+                let quiet_index = 1 + (step / QUIET_EVERY % 10) as u64;
+                let mut r = req(next_id, &prompt(quiet_index, next_id), 32);
+                r.adapter = adapter(quiet_index as u32);
                 arrival.insert(r.id, step);
                 d.add(r).unwrap();
                 next_id += 1;
