@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use caduceus_runtime::engine::{
     CpuBackend, EngineCore, EngineHandle, EngineRequest, FinishReason, Finished, RequestError,
-    RequestId, SchedulerConfig,
+    RequestId, SchedulerConfig, StepTimer,
 };
 use caduceus_runtime::model::loader::LoadedModel;
 use caduceus_runtime::model::LlamaModel;
@@ -436,5 +436,47 @@ fn default_model_preemption_keeps_greedy_outputs() {
     for (a, b) in free.iter().zip(&tight) {
         assert_eq!(a.tokens, b.tokens);
         assert_eq!(a.text, b.text);
+    }
+}
+
+#[test]
+fn a_step_timer_moves_the_budget_without_changing_outputs() {
+    let m = tiny();
+    let p = prompts(&m.tokenizer);
+    let p16: Vec<Vec<u32>> = p.iter().cycle().take(16).cloned().collect();
+    let reqs = greedy_reqs(&p16, 40);
+    let (fixed, _) = run_all(
+        &m.model,
+        Some(&m.tokenizer),
+        config(400, false),
+        reqs.clone(),
+    );
+    // A 0 ms target: every step that fills half its budget is too slow, so the budget falls to
+    // the floor, at most 10% a step.
+    let tok = Arc::new(m.tokenizer.clone());
+    let eos = tok.eos_ids().to_vec();
+    let mut core = EngineCore::new(&m.model, Some(tok), eos, config(400, false))
+        .unwrap()
+        .with_step_timer(StepTimer::new(0, 8, 48));
+    let mut rxs = Vec::new();
+    for (i, r) in reqs.into_iter().enumerate() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        core.add_request(RequestId(i as u64), r, tx).unwrap();
+        rxs.push(rx);
+    }
+    let mut budgets = vec![core.scheduler_config().max_num_batched_tokens];
+    while core.has_unfinished() {
+        core.step().unwrap();
+        budgets.push(core.scheduler().config().max_num_batched_tokens);
+        assert!(budgets.len() < 10_000, "the engine does not finish");
+    }
+    assert_eq!(budgets[0], 48);
+    assert_eq!(*budgets.last().unwrap(), 8, "{budgets:?}");
+    for w in budgets.windows(2) {
+        assert!(w[1] <= w[0] && w[0] - w[1] <= 5, "{budgets:?}");
+    }
+    let timed: Vec<Collected> = rxs.iter_mut().map(drain).collect();
+    for (a, b) in fixed.iter().zip(&timed) {
+        assert_eq!(a.tokens, b.tokens);
     }
 }

@@ -63,6 +63,12 @@ impl Scheduler {
         &self.config
     }
 
+    /// Changes the step token budget from the next step on (at least 1): the engine steers it
+    /// toward a target step time when it was not configured.
+    pub fn set_max_num_batched_tokens(&mut self, budget: usize) {
+        self.config.max_num_batched_tokens = budget.max(1);
+    }
+
     /// Queues a request. Refuses requests that could never finish, by the one admission rule
     /// ([`AdmissionLimits::check`](crate::AdmissionLimits::check)).
     pub fn add_request(&mut self, req: NewRequest) -> Result<(), AddRequestError> {

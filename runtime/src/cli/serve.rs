@@ -155,7 +155,7 @@ fn run_cpu(config: CaduceusConfig) -> anyhow::Result<()> {
     };
     // max_loras is set by the adapter service when there is one (EngineCore::with_adapters).
     let mut sched = s.scheduler_config(num_blocks, max_model_len, None);
-    super::step_budget::resolve(s, &loaded.model, &mut sched)?;
+    let step_timer = super::step_budget::resolve(s, &loaded.model, &mut sched)?;
     tracing::info!(
         num_blocks,
         kv_cache_mib = num_blocks * block_bytes / (1 << 20),
@@ -173,12 +173,15 @@ fn run_cpu(config: CaduceusConfig) -> anyhow::Result<()> {
         adapter_dtype: config.adapters.dtype.resolve(),
     };
     let eos = served.tokenizer.eos_ids().to_vec();
-    let core = EngineCore::new(
+    let mut core = EngineCore::new(
         Arc::new(loaded.model),
         Some(served.tokenizer.clone()),
         eos,
         sched,
     )?;
+    if let Some(timer) = step_timer {
+        core = core.with_step_timer(timer);
+    }
     serve(config, core, served)
 }
 

@@ -2,12 +2,14 @@
 //! machine's measured prefill rate so one engine step takes about `scheduler.max_step_ms`.
 //! Every running stream waits for the whole step, newcomers' prompt chunks included, so on a CPU
 //! a fixed 2048-token budget (about 2 s of prefill on two cores) stalls every stream for seconds.
+//! The probe only starts the budget: the engine's `StepTimer` then follows real step times.
 
 use std::time::Instant;
 
 use caduceus_scheduler::SchedulerConfig;
 
 use crate::config::SchedulerSection;
+use crate::engine::StepTimer;
 use crate::generate::{generate, GenerateOptions, GenerateRequest};
 use crate::model::LlamaModel;
 use crate::sampling::SamplingParams;
@@ -59,15 +61,16 @@ pub fn measure_prefill_rate(model: &LlamaModel) -> Result<f64, crate::generate::
 
 /// Sets `config`'s step budget: `max_num_batched_tokens` when the file sets it, else measured
 /// for `max_step_ms` (the running sequences are then capped at the budget so each still decodes
-/// every step).
+/// every step). Returns the timer that keeps a measured budget on target as the real load's
+/// step times come in (`None` for a configured budget, which stays as set).
 pub fn resolve(
     section: &SchedulerSection,
     model: &LlamaModel,
     config: &mut SchedulerConfig,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Option<StepTimer>> {
     if let Some(budget) = section.max_num_batched_tokens {
         config.max_num_batched_tokens = budget;
-        return Ok(());
+        return Ok(None);
     }
     let rate = measure_prefill_rate(model)?;
     let budget = budget_for(rate, section.max_step_ms);
@@ -81,9 +84,13 @@ pub fn resolve(
         max_num_batched_tokens = budget,
         max_num_seqs = config.max_num_seqs,
         "step budget sized from the measured prefill rate (set scheduler.max_num_batched_tokens \
-         to fix it)"
+         to fix it); it follows the measured step time from now on"
     );
-    Ok(())
+    Ok(Some(StepTimer::new(
+        section.max_step_ms,
+        MIN_BUDGET,
+        MAX_BUDGET,
+    )))
 }
 
 #[cfg(test)]

@@ -263,7 +263,8 @@ pub const DEFAULT_KV_CACHE_BYTES: ByteSize = ByteSize::mib(256);
 pub struct SchedulerSection {
     pub max_num_seqs: usize,
     /// Token budget of one step; none = sized from the measured prefill rate so a step takes
-    /// about `max_step_ms` (see `cli/step_budget.rs`).
+    /// about `max_step_ms`, then steered by measured step times (`cli/step_budget.rs`,
+    /// `engine/step_time.rs`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_num_batched_tokens: Option<usize>,
     /// Target duration of one engine step when `max_num_batched_tokens` is not set.

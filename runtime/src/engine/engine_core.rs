@@ -79,9 +79,10 @@ pub struct EngineCore<B> {
     limits: RequestLimits,
     requests: HashMap<RequestId, Tracked>,
     next_arrival: u64,
-    config: SchedulerConfig,
     adapters: Option<EngineAdapters>,
     kv_events: Option<KvEventSink>,
+    /// Steers the step token budget toward a step time (when it was sized, not configured).
+    step_timer: Option<super::StepTimer>,
 }
 
 impl<M: Deref<Target = LlamaModel> + Send> EngineCore<CpuBackend<M>> {
@@ -125,10 +126,16 @@ impl<B: Backend> EngineCore<B> {
             limits,
             requests: HashMap::new(),
             next_arrival: 0,
-            config,
             adapters: None,
             kv_events: None,
+            step_timer: None,
         })
+    }
+
+    /// Lets `timer` move the step token budget after each step, from the time steps take.
+    pub fn with_step_timer(mut self, timer: super::StepTimer) -> Self {
+        self.step_timer = Some(timer);
+        self
     }
 
     /// Injects test faults into this engine's steps and adapter loader (see [`super::fault`]).
@@ -176,9 +183,9 @@ impl<B: Backend> EngineCore<B> {
         stats
     }
 
-    /// The scheduler's limits (block size and pool size included).
+    /// The scheduler's limits (block size and pool size included; the step budget as it is now).
     pub fn scheduler_config(&self) -> &SchedulerConfig {
-        &self.config
+        self.scheduler.config()
     }
 
     /// Whether any request is waiting or running.
@@ -345,7 +352,9 @@ impl<B: Backend> EngineCore<B> {
             self.finish_failed(id, failure);
         }
         self.note_slot_fills(&result.slot_fills);
-        log_step(&sched, started.elapsed());
+        let elapsed = started.elapsed();
+        log_step(&sched, elapsed);
+        self.steer_budget(sched.total_num_scheduled_tokens, elapsed);
         let updates = self.scheduler.update(&sched, &result.step);
         let num_finished = self.emit(updates, result);
         self.publish_adapter_info();
@@ -357,6 +366,18 @@ impl<B: Backend> EngineCore<B> {
             num_scheduled_tokens: sched.total_num_scheduled_tokens,
             num_finished,
         })
+    }
+
+    /// Feeds a step's size and time to the step timer, if any, and applies the budget it wants.
+    fn steer_budget(&mut self, tokens: usize, elapsed: std::time::Duration) {
+        let Some(timer) = &mut self.step_timer else {
+            return;
+        };
+        let budget = self.scheduler.config().max_num_batched_tokens;
+        if let Some(next) = timer.observe(tokens, budget, elapsed.as_secs_f64() * 1e3) {
+            self.scheduler.set_max_num_batched_tokens(next);
+            tracing::debug!(target: "caduceus::step", from = budget, to = next, "step budget");
+        }
     }
 
     /// A client that dropped its stream has left: abort its request, wherever it is.

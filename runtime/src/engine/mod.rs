@@ -19,6 +19,7 @@ mod fault;
 mod handle;
 mod output;
 mod request;
+mod step_time;
 mod stop;
 mod watchdog;
 
@@ -36,6 +37,7 @@ pub use request::{
     EngineRequest, RequestError, RequestLimits, MAX_STOP_STRINGS, MAX_STOP_STRING_BYTES,
     MAX_STOP_TOKEN_IDS,
 };
+pub use step_time::StepTimer;
 pub use stop::{StopCheck, StopStrings};
 pub use watchdog::Stall;
 

@@ -47,8 +47,9 @@ impl<B: Backend> EngineCore<B> {
             mib = bytes / (1 << 20),
             "adapter slots allocated"
         );
-        self.config.max_loras = Some(settings.max_loras);
-        self.scheduler = Scheduler::new(self.config.clone())?;
+        let mut config = self.scheduler.config().clone();
+        config.max_loras = Some(settings.max_loras);
+        self.scheduler = Scheduler::new(config)?;
         if self.kv_events.is_some() {
             self.scheduler.enable_kv_cache_events();
         }
