@@ -78,12 +78,8 @@ impl Scheduler {
         let Some(r) = self.requests.get(&key.id) else {
             return;
         };
-        let need = self.kv.num_blocks_for(r.num_tokens());
         let shares = self.fair_shares(admitted);
-        let floor = (
-            !shares.fits_one_more(r.tenant(), need),
-            vtc.counter(r.tenant()),
-        );
+        let floor = (!self.fits_share(&shares, r), vtc.counter(r.tenant()));
         let ranks: FxHashMap<RequestId, (bool, u64)> = self
             .running_ranks()
             .into_iter()
@@ -118,15 +114,12 @@ impl Scheduler {
     fn fair_victim(&self, key: QueueKey, admitted: &[QueueKey]) -> Result<QueueKey, FairRoom> {
         let vtc = self.vtc.as_ref().ok_or(FairRoom::Unavailable)?;
         let tenant_of = |k: &QueueKey| self.requests.get(&k.id).map(|r| r.tenant());
-        let candidate = tenant_of(&key).ok_or(FairRoom::Unavailable)?;
+        let waiting = self.requests.get(&key.id).ok_or(FairRoom::Unavailable)?;
+        let candidate = waiting.tenant();
         let shares = self.fair_shares(admitted);
         // Only room that keeps the waiting request's adapter within its own share is taken, so
         // it can never become the next victim and hand the room back (no ping-pong).
-        let need = self
-            .requests
-            .get(&key.id)
-            .map_or(usize::MAX, |r| self.kv.num_blocks_for(r.num_tokens()));
-        if !shares.fits_one_more(candidate, need) {
+        if !self.fits_share(&shares, waiting) {
             return Err(FairRoom::OverShare);
         }
         // Arrivals are lifted to the backlog's smallest counter, so a quiet adapter often ties

@@ -12,6 +12,7 @@
 use crate::fairness::{Tenant, VirtualCounters};
 use crate::fx::FxHashMap;
 use crate::queue::QueueKey;
+use crate::request::Request;
 use crate::scheduler::Scheduler;
 
 /// Seats and blocks: what an adapter holds or needs.
@@ -19,6 +20,14 @@ use crate::scheduler::Scheduler;
 pub(crate) struct Load {
     pub seats: usize,
     pub blocks: usize,
+}
+
+impl Load {
+    /// Counts one more request of `blocks` blocks.
+    fn add(&mut self, blocks: usize) {
+        self.seats += 1;
+        self.blocks = self.blocks.saturating_add(blocks);
+    }
 }
 
 /// This step's max-min fair levels: an adapter holding more seats or blocks than these is over
@@ -86,12 +95,10 @@ impl FairShares {
     }
 
     /// Whether `tenant` stays within its share with one more request of `blocks` blocks.
-    pub fn fits_one_more(&self, tenant: Tenant, blocks: usize) -> bool {
-        let own = self.loads.get(&tenant).copied().unwrap_or_default();
-        !self.levels.is_surplus(Load {
-            seats: own.seats + 1,
-            blocks: own.blocks.saturating_add(blocks),
-        })
+    fn fits_one_more(&self, tenant: Tenant, blocks: usize) -> bool {
+        let mut own = self.loads.get(&tenant).copied().unwrap_or_default();
+        own.add(blocks);
+        !self.levels.is_surplus(own)
     }
 }
 
@@ -105,12 +112,11 @@ impl Scheduler {
         let mut demand: FxHashMap<Tenant, Load> = FxHashMap::default();
         for k in self.running.iter().copied().chain(self.waiting.iter()) {
             if let Some(r) = self.requests.get(&k.id) {
-                let d = demand.entry(r.tenant()).or_default();
-                d.seats += 1;
-                d.blocks += self
-                    .kv
-                    .num_blocks_for(r.num_tokens())
-                    .max(r.block_table.len());
+                let blocks = self.kv.num_blocks_for(r.num_tokens());
+                demand
+                    .entry(r.tenant())
+                    .or_default()
+                    .add(blocks.max(r.block_table.len()));
             }
         }
         FairLevels {
@@ -129,12 +135,12 @@ impl Scheduler {
     /// surplus ones) its adapter's counter; requests within their share rank equal, so arrival
     /// decides among them: each is entitled to run, and finishing the earlier prompt first gives
     /// it its first token sooner without delaying the later one (sharing the budget by counter
-    /// would stretch both). Walking each adapter's running requests in arrival order, a request is
-    /// surplus once the adapter's seats or blocks so far pass its level (`is_surplus`). Preempting a request
-    /// never makes an earlier one of its adapter surplus, nor changes another adapter's, so
-    /// choosing victims by this rank cannot make two adapters take turns preempting each other
-    /// (ranking by the adapter's current holding could: the victim's adapter falls under its
-    /// share, the other one rises above it).
+    /// would stretch both). Walking each adapter's running requests in arrival order, a request
+    /// is surplus once the adapter's seats or blocks so far pass its level (`is_surplus`).
+    /// Preempting a request never makes an earlier one of its adapter surplus, nor changes
+    /// another adapter's, so choosing victims by this rank cannot make two adapters take turns
+    /// preempting each other (ranking by the adapter's current holding could: the victim's
+    /// adapter falls under its share, the other one rises above it).
     pub(crate) fn running_ranks(&self) -> Vec<(QueueKey, (bool, u64))> {
         let Some(vtc) = &self.vtc else {
             return self.running.iter().map(|&k| (k, (false, 0))).collect();
@@ -147,8 +153,7 @@ impl Scheduler {
                     return (k, (true, u64::MAX));
                 };
                 let load = so_far.entry(r.tenant()).or_default();
-                load.seats += 1;
-                load.blocks += r.block_table.len();
+                load.add(r.block_table.len());
                 if self.fair_levels.is_surplus(*load) {
                     (k, (true, vtc.counter(r.tenant())))
                 } else {
@@ -158,15 +163,22 @@ impl Scheduler {
             .collect()
     }
 
+    /// Whether waiting request `r`'s adapter stays within its share once `r` runs (the room
+    /// rule of `fair_room.rs` and the budget rule of `yield_budget`).
+    pub(crate) fn fits_share(&self, shares: &FairShares, r: &Request) -> bool {
+        shares.fits_one_more(r.tenant(), self.kv.num_blocks_for(r.num_tokens()))
+    }
+
     /// What each adapter holds, counting `admitted` (this step's admissions) as running,
     /// against this step's levels.
     pub(crate) fn fair_shares(&self, admitted: &[QueueKey]) -> FairShares {
         let mut loads: FxHashMap<Tenant, Load> = FxHashMap::default();
         for k in self.running.iter().chain(admitted) {
             if let Some(r) = self.requests.get(&k.id) {
-                let load = loads.entry(r.tenant()).or_default();
-                load.seats += 1;
-                load.blocks += r.block_table.len();
+                loads
+                    .entry(r.tenant())
+                    .or_default()
+                    .add(r.block_table.len());
             }
         }
         FairShares {

@@ -35,9 +35,9 @@ impl Scheduler {
     /// Schedules running requests in service order while the budget lasts. When a request cannot
     /// get blocks, the last request of that order is preempted, possibly the request itself, and
     /// allocation is retried. The order is `running`'s (priority, then arrival) under FCFS; under
-    /// VTC, within a priority, adapters within their fair share go first, then the least served
-    /// (`service_order`), so a flood's running requests are the ones preempted and the last to
-    /// get budget. Either way a victim is never a request already scheduled in this step.
+    /// VTC, within a priority, requests within their adapter's fair share go first (by arrival),
+    /// then surplus ones by counter (`service_order`), so a flood's running requests are the ones
+    /// preempted and the last to get budget. Either way a victim is never a request already scheduled in this step.
     fn schedule_running(&mut self, token_budget: &mut usize, out: &mut SchedulerOutput) {
         let mut order = self.service_order();
         let mut i = 0;

@@ -65,7 +65,7 @@ impl StepTimer {
 mod tests {
     use super::*;
 
-    /// Runs `steps` full steps on a machine where a step costs `fixed + per_token * tokens` ms.
+    /// Runs 200 full steps on a machine where a step costs `fixed + per_token * tokens` ms.
     fn settle(timer: &mut StepTimer, mut budget: usize, fixed: f64, per_token: f64) -> usize {
         for _ in 0..200 {
             let ms = fixed + per_token * budget as f64;
