@@ -1,19 +1,42 @@
-//! The pool of KV blocks: reference counts, the null block, the LRU free list and the
-//! hash -> block map of the prefix cache.
+//! The pool of KV blocks: reference counts, the null block, the segmented-LRU free list and
+//! the hash -> block map of the prefix cache.
 //!
 //! A block whose last holder lets go keeps its hash and tokens while it waits in the free list,
 //! so a later request with the same prefix can take it back (a "hit on a free cached block",
 //! which unlinks it from the free list in O(1)). Only when the block is handed out again is its
-//! hash evicted. Every hit is confirmed against the stored tokens, parent hash and extra keys, so
+//! hash evicted.
+//!
+//! Eviction is segmented LRU: a freed block whose cached content was reused by a later request
+//! since it was allocated (a prefix hit) waits in the protected segment, any other in probation,
+//! and probation is evicted first. So a flood of one-off prompt tails cannot push out a prefix
+//! that many requests share, such as a doctor's system prompt, which plain LRU evicts as soon as
+//! it has gone unused for one pool's worth of traffic. Protected holds at most half the pool:
+//! past that its least recently freed block moves to the probation tail, so prefixes nobody asks
+//! for any more still age out. The scheduler can also keep an allocation from evicting
+//! protected blocks at all ([`Evict::SpareReused`]), and counts them per adapter. Every hit is confirmed against the stored tokens, parent hash and extra keys, so
 //! a hash collision degrades to a miss, never to wrong KV.
 
 use crate::block_hash::{BlockHash, ExtraKeys};
-use crate::free_queue::FreeBlockQueue;
+use crate::free_queue::{Segment, SegmentedFreeList};
 use crate::fx::FxHashMap;
 use crate::ids::BlockId;
 use crate::kv_events::{KvCacheEvent, KvEventLog};
 
 /// The full identity of a cached block's content: what a hit must match.
+/// Reused (prefix-hit) free blocks may fill at most 1/`PROTECTED_DIVISOR` of the pool before the
+/// oldest of them become ordinary LRU victims again.
+const PROTECTED_DIVISOR: usize = 2;
+
+/// Which free blocks an allocation may evict.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Evict {
+    /// Any free block, probation first.
+    Any,
+    /// Only probation blocks: reused prefixes stay cached (the scheduler's rule for a request
+    /// over its adapter's fair share).
+    SpareReused,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BlockKey<'a> {
     pub hash: BlockHash,
@@ -35,23 +58,29 @@ struct BlockMeta {
     cached: Option<CachedMeta>,
     /// The block's tokens while it is cached (capacity reused across cachings).
     tokens: Vec<u32>,
+    /// A prefix-cache hit took this block since it was last allocated: when freed it joins the
+    /// protected segment of the free list.
+    reused: bool,
 }
 
 #[derive(Clone, Debug)]
 pub struct BlockPool {
     blocks: Vec<BlockMeta>,
-    free: FreeBlockQueue,
+    free: SegmentedFreeList,
     cached: FxHashMap<BlockHash, BlockId>,
     enable_caching: bool,
     events: KvEventLog,
+    protected_cap: usize,
+    /// Free protected blocks per adapter id of their cache key (`None`: the base model).
+    protected_by_adapter: FxHashMap<Option<u32>, usize>,
 }
 
 impl BlockPool {
     /// `num_blocks` includes the null block 0, which is never allocated.
     pub fn new(num_blocks: usize, enable_caching: bool) -> Self {
-        let mut free = FreeBlockQueue::new(num_blocks);
+        let mut free = SegmentedFreeList::new(num_blocks);
         for b in 1..num_blocks {
-            free.push_back(BlockId(b as u32));
+            free.push_back(BlockId(b as u32), Segment::Probation);
         }
         BlockPool {
             blocks: vec![BlockMeta::default(); num_blocks],
@@ -59,6 +88,8 @@ impl BlockPool {
             cached: FxHashMap::default(),
             enable_caching,
             events: KvEventLog::default(),
+            protected_cap: num_blocks.saturating_sub(1) / PROTECTED_DIVISOR,
+            protected_by_adapter: FxHashMap::default(),
         }
     }
 
@@ -74,6 +105,29 @@ impl BlockPool {
     /// Free blocks, cached-but-free ones included (they are evictable).
     pub fn num_free_blocks(&self) -> usize {
         self.free.len()
+    }
+
+    /// Free blocks an allocation under `evict` may take.
+    pub fn num_evictable(&self, evict: Evict) -> usize {
+        match evict {
+            Evict::Any => self.free.len(),
+            Evict::SpareReused => self.free.len_of(Segment::Probation),
+        }
+    }
+
+    /// Whether taking free `block` (a prefix hit) uses up a block an allocation under `evict`
+    /// could have taken.
+    pub fn is_evictable(&self, block: BlockId, evict: Evict) -> bool {
+        match (self.free.segment_of(block), evict) {
+            (None, _) => false,
+            (Some(_), Evict::Any) => true,
+            (Some(segment), Evict::SpareReused) => segment == Segment::Probation,
+        }
+    }
+
+    /// Free protected (reused) blocks per adapter id of their cache key, `None` for the base.
+    pub fn protected_free_blocks(&self) -> impl Iterator<Item = (Option<u32>, usize)> + '_ {
+        self.protected_by_adapter.iter().map(|(&a, &n)| (a, n))
     }
 
     /// Fraction of usable blocks held by requests, in `0..=1`.
@@ -117,40 +171,52 @@ impl BlockPool {
         (self.cached_key(block).as_ref() == Some(key)).then_some(block)
     }
 
-    /// Takes one more reference on each block; a free (cached) block leaves the free list.
+    /// Takes one more reference on each block (a prefix-cache hit); a free (cached) block leaves
+    /// the free list, and a cached block is marked reused.
     pub fn touch(&mut self, blocks: &[BlockId]) {
         for &block in blocks {
             if block == BlockId::NULL || block.index() >= self.blocks.len() {
                 debug_assert!(false, "touch of invalid block {block:?}");
                 continue;
             }
-            let meta = &mut self.blocks[block.index()];
-            if meta.ref_cnt == 0 {
-                self.free.remove(block);
+            if self.blocks[block.index()].ref_cnt == 0
+                && self.free.remove(block) == Some(Segment::Protected)
+            {
+                self.count_protected(block, false);
             }
+            let meta = &mut self.blocks[block.index()];
+            meta.reused |= meta.cached.is_some();
             meta.ref_cnt += 1;
         }
     }
 
     /// Appends `n` blocks from the head of the free list to `out` with one reference each,
-    /// evicting their cached hashes. Takes nothing and returns false if fewer than `n` are free.
-    pub fn try_allocate(&mut self, n: usize, out: &mut Vec<BlockId>) -> bool {
-        if n > self.free.len() {
+    /// evicting their cached hashes. Takes nothing and returns false if fewer than `n` may be
+    /// evicted under `evict`.
+    pub fn try_allocate(&mut self, n: usize, out: &mut Vec<BlockId>, evict: Evict) -> bool {
+        if n > self.num_evictable(evict) {
             return false;
         }
         for _ in 0..n {
-            let Some(block) = self.free.pop_front() else {
+            // Probation is popped first, so under `SpareReused` this never reaches protected.
+            let Some((block, segment)) = self.free.pop_front() else {
                 return false; // unreachable: length checked above
             };
+            if segment == Segment::Protected {
+                self.count_protected(block, false);
+            }
             self.evict(block);
-            self.blocks[block.index()].ref_cnt = 1;
+            let meta = &mut self.blocks[block.index()];
+            meta.ref_cnt = 1;
+            meta.reused = false;
             out.push(block);
         }
         true
     }
 
     /// Drops one reference per block, in the given order; blocks reaching zero join the tail of
-    /// the free list (callers pass a request's blocks tail-first so its last blocks go first).
+    /// their free-list segment (callers pass a request's blocks tail-first so its last blocks go
+    /// first).
     pub fn free_blocks(&mut self, blocks: impl IntoIterator<Item = BlockId>) {
         for block in blocks {
             let Some(meta) = self.blocks.get_mut(block.index()) else {
@@ -162,8 +228,20 @@ impl BlockPool {
                 continue;
             }
             meta.ref_cnt -= 1;
-            if meta.ref_cnt == 0 {
-                self.free.push_back(block);
+            if meta.ref_cnt > 0 {
+                continue;
+            }
+            if meta.reused && meta.cached.is_some() {
+                self.free.push_back(block, Segment::Protected);
+                self.count_protected(block, true);
+                while self.free.len_of(Segment::Protected) > self.protected_cap {
+                    let Some(oldest) = self.free.demote_oldest() else {
+                        break;
+                    };
+                    self.count_protected(oldest, false);
+                }
+            } else {
+                self.free.push_back(block, Segment::Probation);
             }
         }
     }
@@ -216,10 +294,34 @@ impl BlockPool {
         for meta in &mut self.blocks {
             meta.cached = None;
             meta.tokens.clear();
+            meta.reused = false;
         }
+        let order: Vec<BlockId> = self.free.iter().collect();
+        for block in order {
+            self.free.remove(block);
+            self.free.push_back(block, Segment::Probation);
+        }
+        self.protected_by_adapter.clear();
         self.cached.clear();
         self.events.cleared();
         true
+    }
+
+    /// Counts protected free `block` in (`joined`) or out of its adapter's tally.
+    fn count_protected(&mut self, block: BlockId, joined: bool) {
+        let Some(cached) = self.blocks.get(block.index()).and_then(|m| m.cached) else {
+            debug_assert!(false, "protected block {block:?} is not cached");
+            return;
+        };
+        let adapter = cached.extra.adapter.map(|a| a.id);
+        if joined {
+            *self.protected_by_adapter.entry(adapter).or_default() += 1;
+        } else if let Some(n) = self.protected_by_adapter.get_mut(&adapter) {
+            *n -= 1;
+            if *n == 0 {
+                self.protected_by_adapter.remove(&adapter);
+            }
+        }
     }
 
     fn evict(&mut self, block: BlockId) {
@@ -252,7 +354,7 @@ mod tests {
 
     fn alloc(pool: &mut BlockPool, n: usize) -> Vec<BlockId> {
         let mut out = Vec::new();
-        assert!(pool.try_allocate(n, &mut out));
+        assert!(pool.try_allocate(n, &mut out, Evict::Any));
         out
     }
 
@@ -264,7 +366,10 @@ mod tests {
         assert_eq!(blocks, [BlockId(1), BlockId(2), BlockId(3), BlockId(4)]);
         assert_eq!(pool.usage(), 1.0);
         let mut out = Vec::new();
-        assert!(!pool.try_allocate(1, &mut out), "pool is exhausted");
+        assert!(
+            !pool.try_allocate(1, &mut out, Evict::Any),
+            "pool is exhausted"
+        );
         assert!(out.is_empty(), "a failed allocation takes nothing");
         pool.touch(&blocks[..2]);
         assert_eq!(pool.ref_cnt(BlockId(1)), 2);
@@ -335,5 +440,116 @@ mod tests {
         let blocks = alloc(&mut pool, 1);
         assert!(!pool.cache_block(blocks[0], &key(&[1])));
         assert_eq!(pool.get_cached_block(&key(&[1])), None);
+    }
+
+    /// A prefix that was hit once outlives a stream of one-off blocks that plain LRU would have
+    /// evicted it for; a prefix never hit ages out as before.
+    #[test]
+    fn a_reused_prefix_outlives_a_stream_of_one_off_blocks() {
+        let mut pool = BlockPool::new(9, true); // 8 usable, at most 4 protected
+        let (hot, cold) = (key(&[1]), key(&[2]));
+        let blocks = alloc(&mut pool, 2);
+        assert!(pool.cache_block(blocks[0], &hot));
+        assert!(pool.cache_block(blocks[1], &cold));
+        pool.touch(&blocks[..1]); // a second request hits the hot prefix
+        pool.free_blocks([blocks[0], blocks[1], blocks[0]]);
+        // One-off requests take and return blocks many times the pool's size.
+        for i in 0..40u32 {
+            let held = alloc(&mut pool, 3);
+            assert!(
+                !held.contains(&blocks[0]),
+                "round {i} evicted the hot prefix"
+            );
+            pool.free_blocks(held.iter().rev().copied());
+        }
+        assert_eq!(pool.get_cached_block(&hot), Some(blocks[0]));
+        assert_eq!(
+            pool.get_cached_block(&cold),
+            None,
+            "LRU evicts the unused one"
+        );
+        // Only when every other block is needed does the hot prefix go too.
+        let all = alloc(&mut pool, 8);
+        assert_eq!(all.last(), Some(&blocks[0]));
+        assert_eq!(pool.get_cached_block(&hot), None);
+        pool.free_blocks(all.iter().rev().copied());
+        // Reallocation cleared the mark: freed again, it is an ordinary block.
+        assert_eq!(pool.free_blocks_in_eviction_order().last(), Some(all[0]));
+    }
+
+    #[test]
+    fn reset_forgets_which_blocks_were_reused() {
+        let mut pool = BlockPool::new(4, true);
+        let blocks = alloc(&mut pool, 3);
+        assert!(pool.cache_block(blocks[0], &key(&[1])));
+        pool.touch(&blocks[..1]);
+        pool.free_blocks([blocks[0], blocks[0], blocks[2], blocks[1]]);
+        let before: Vec<_> = pool.free_blocks_in_eviction_order().collect();
+        assert_eq!(before, [blocks[2], blocks[1], blocks[0]]);
+        assert!(pool.reset_prefix_cache());
+        assert_eq!(pool.get_cached_block(&key(&[1])), None);
+        // Still in the same order, all ordinary: a newly freed block goes behind them.
+        let mut one = Vec::new();
+        assert!(pool.try_allocate(1, &mut one, Evict::Any));
+        assert_eq!(one, [blocks[2]]);
+        pool.free_blocks(one.iter().copied());
+        let after: Vec<_> = pool.free_blocks_in_eviction_order().collect();
+        assert_eq!(after, [blocks[1], blocks[0], blocks[2]]);
+    }
+
+    /// Protected blocks are counted per adapter as they come and go, `SpareReused` never takes
+    /// them, and past the cap the oldest is demoted to an ordinary block.
+    #[test]
+    fn protected_blocks_are_counted_per_adapter_and_spared_on_request() {
+        use crate::ids::AdapterKey;
+        let keyed = |tokens: &'static [u32], adapter: Option<u32>| BlockKey {
+            extra: ExtraKeys {
+                adapter: adapter.map(|id| AdapterKey { id, generation: 0 }),
+                cache_salt: None,
+            },
+            hash: hash_block_tokens(u64::from(tokens[0]), None, tokens, &ExtraKeys::default()),
+            ..key(tokens)
+        };
+        let counts = |pool: &BlockPool| {
+            let mut v: Vec<_> = pool.protected_free_blocks().collect();
+            v.sort_unstable();
+            v
+        };
+        let mut pool = BlockPool::new(7, true); // 6 usable, at most 3 protected
+        let blocks = alloc(&mut pool, 4);
+        for (b, k) in blocks.iter().zip([
+            keyed(&[1], Some(7)),
+            keyed(&[2], Some(7)),
+            keyed(&[3], None),
+            keyed(&[4], Some(9)),
+        ]) {
+            assert!(pool.cache_block(*b, &k));
+        }
+        pool.touch(&blocks);
+        pool.free_blocks(blocks.iter().rev().copied()); // still held once
+        assert!(counts(&pool).is_empty(), "held blocks are not free");
+        pool.free_blocks(blocks.iter().rev().copied());
+        // Freed 4, 3, 2, 1 into a cap of 3: the first freed (block 4, adapter 9) is demoted.
+        assert_eq!(counts(&pool), [(None, 1), (Some(7), 2)]);
+        assert_eq!(pool.num_evictable(Evict::Any), 6);
+        assert_eq!(pool.num_evictable(Evict::SpareReused), 3);
+        assert!(pool.is_evictable(blocks[3], Evict::SpareReused));
+        assert!(!pool.is_evictable(blocks[0], Evict::SpareReused));
+        assert!(pool.is_evictable(blocks[0], Evict::Any));
+        let mut out = Vec::new();
+        assert!(!pool.try_allocate(4, &mut out, Evict::SpareReused));
+        assert!(out.is_empty());
+        assert!(pool.try_allocate(3, &mut out, Evict::SpareReused));
+        assert_eq!(
+            out[2], blocks[3],
+            "the demoted block goes last of the ordinary ones"
+        );
+        assert_eq!(counts(&pool), [(None, 1), (Some(7), 2)]);
+        // A hit takes a protected block out of its adapter's count; `Any` evicts the rest.
+        pool.touch(&blocks[..1]);
+        assert_eq!(counts(&pool), [(None, 1), (Some(7), 1)]);
+        assert!(pool.try_allocate(2, &mut out, Evict::Any));
+        assert!(counts(&pool).is_empty());
+        assert_eq!(pool.num_free_blocks(), 0);
     }
 }

@@ -8,6 +8,7 @@
 //! charged in full at admission, is not left to trickle in behind a flood's prefills) and the
 //! flood's requests are preempted first.
 
+use crate::block_pool::Evict;
 use crate::fair_room::FairRoom;
 use crate::fairness::Tenant;
 use crate::fx::FxHashMap;
@@ -43,13 +44,27 @@ impl Scheduler {
     /// enough: a quiet adapter is charged its whole prompt at admission, so behind a flood's
     /// ongoing prefills the rest of that prompt would trickle in over many steps, and it would
     /// be the first preempted when the pool runs dry.
-    pub(crate) fn service_order(&self) -> Vec<QueueKey> {
+    /// Each comes with the eviction its blocks may use: a surplus request's growth may not evict
+    /// other adapters' reused prefixes, as its admission could not (`admit_level`).
+    pub(crate) fn service_order(&self) -> Vec<(QueueKey, Evict)> {
         if self.vtc.is_none() {
-            return self.running.clone();
+            return self.running.iter().map(|&k| (k, Evict::Any)).collect();
         }
         let mut ranked = self.running_ranks();
         ranked.sort_unstable_by_key(|&(k, rank)| (k.priority, rank, k));
-        ranked.into_iter().map(|(k, _)| k).collect()
+        ranked
+            .into_iter()
+            .map(|(k, (surplus, _))| {
+                (
+                    k,
+                    if surplus {
+                        Evict::SpareReused
+                    } else {
+                        Evict::Any
+                    },
+                )
+            })
+            .collect()
     }
 
     /// Admits from `waiting` in VTC order until nothing more fits.
@@ -97,15 +112,29 @@ impl Scheduler {
                 return true;
             };
             let key = q.keys[q.next];
-            let wanted = self
-                .requests
-                .get(&key.id)
-                .map_or(0, |r| r.num_tokens() - r.num_computed_tokens);
+            let Some(r) = self.requests.get(&key.id) else {
+                debug_assert!(false, "waiting request {:?} has no record", key.id);
+                q.skipped = true;
+                continue;
+            };
+            let wanted = r.num_tokens() - r.num_computed_tokens;
+            // A request past its adapter's share may not evict other adapters' reused prefixes
+            // (a quiet doctor's system prompt): it waits for ordinary free blocks instead. One
+            // within its share takes room from surplus requests first (preempting them below),
+            // and evicts reused prefixes only when none can give way.
+            let fits = self.fits_share(&shares, r);
+            let surplus_running = shares.loads.keys().any(|&t| shares.is_over(t));
+            let mut evict = if fits && !surplus_running {
+                Evict::Any
+            } else {
+                Evict::SpareReused
+            };
             if wanted > *step.token_budget {
                 let short = wanted - *step.token_budget;
                 self.yield_budget(key, short, step.token_budget, step.out, step.admitted);
             }
-            let mut outcome = self.try_admit(key, step.token_budget, step.out, step.admitted);
+            let mut outcome =
+                self.try_admit(key, step.token_budget, step.out, step.admitted, evict);
             // Room made for `key` is retried for `key` at once: picking again could hand it to
             // the victim's own adapter, whose share just dropped.
             while let Admission::NoRoom(shortage) = outcome {
@@ -117,15 +146,18 @@ impl Scheduler {
                     step.admitted,
                     &mut step.preempted,
                 ) {
-                    FairRoom::Made => {
-                        outcome = self.try_admit(key, step.token_budget, step.out, step.admitted);
-                    }
+                    FairRoom::Made => {}
                     // Its adapter has its share: the next adapter may still be owed room.
                     FairRoom::OverShare => {
                         outcome = Admission::Skipped;
+                        break;
+                    }
+                    FairRoom::Unavailable if fits && evict == Evict::SpareReused => {
+                        evict = Evict::Any;
                     }
                     FairRoom::Unavailable => return false,
                 }
+                outcome = self.try_admit(key, step.token_budget, step.out, step.admitted, evict);
             }
             match outcome {
                 Admission::Admitted => q.next += 1,

@@ -1,6 +1,7 @@
 //! Each adapter's fair share of the running set under VTC: of the seats (`max_num_seqs`) and of
 //! the KV pool, each divided max-min fairly (water-filling) among the adapters' demands, that is
-//! what their running and waiting requests need. An adapter that needs less than an equal split
+//! what their running and waiting requests need, plus the adapter's reused prefixes waiting in
+//! the free list. An adapter that needs less than an equal split
 //! keeps all it needs, and the rest is split among the others; so ten quiet doctors with one
 //! request each are never "over their share" because a flood makes eleven adapters active, while
 //! the flood is over as soon as it holds more than what the quiet ones leave.
@@ -104,7 +105,7 @@ impl FairShares {
 
 impl Scheduler {
     /// The max-min fair levels from every adapter's demand (its running and waiting requests'
-    /// seats and blocks); the default (nobody over) under FCFS.
+    /// seats and blocks, and its protected free blocks); the default (nobody over) under FCFS.
     pub(crate) fn compute_fair_levels(&self) -> FairLevels {
         if self.vtc.is_none() {
             return FairLevels::default();
@@ -118,6 +119,13 @@ impl Scheduler {
                     .or_default()
                     .add(blocks.max(r.block_table.len()));
             }
+        }
+        // An adapter's reused prefixes waiting in the free list (its system prompt between two
+        // of its requests) are part of what it needs: a flood's level leaves room for them, and
+        // a request past its level may not evict them (`Evict::SpareReused`).
+        for (adapter, blocks) in self.kv.block_pool().protected_free_blocks() {
+            let d = demand.entry(adapter).or_default();
+            d.blocks = d.blocks.saturating_add(blocks);
         }
         FairLevels {
             seats: water_level(

@@ -4,7 +4,7 @@
 //! Back-pressure is a value: `allocate_slots` returns `None` when the pool cannot cover the
 //! request, and the scheduler decides whether to preempt or to wait.
 
-use crate::block_pool::{BlockKey, BlockPool};
+use crate::block_pool::{BlockKey, BlockPool, Evict};
 use crate::ids::BlockId;
 use crate::request::Request;
 
@@ -93,14 +93,15 @@ impl KvCacheManager {
 
     /// Makes room for `num_new_tokens` more tokens after the request's computed ones, first
     /// taking `computed` (a prefix hit from `get_computed_blocks`, only for a request without
-    /// blocks). Returns the newly allocated blocks, or `None` with nothing changed when the free
-    /// list cannot cover them (free cached blocks of the hit count against it, since taking them
-    /// removes them from the free list).
+    /// blocks), evicting only what `evict` allows. Returns the newly allocated blocks, or `None`
+    /// with nothing changed when the free list cannot cover them (free cached blocks of the hit
+    /// count against it, since taking them removes them from the free list).
     pub fn allocate_slots(
         &mut self,
         request: &mut Request,
         num_new_tokens: usize,
         computed: Option<&ComputedBlocks>,
+        evict: Evict,
     ) -> Option<Vec<BlockId>> {
         let (hit_blocks, hit_tokens) = computed.map_or((&[][..], 0), |c| {
             (c.block_ids.as_slice(), c.num_computed_tokens)
@@ -117,9 +118,9 @@ impl KvCacheManager {
         let num_new_blocks = self.num_blocks_for(num_tokens).saturating_sub(num_held);
         let num_free_hits = hit_blocks
             .iter()
-            .filter(|&&b| self.pool.ref_cnt(b) == 0)
+            .filter(|&&b| self.pool.is_evictable(b, evict))
             .count();
-        if num_new_blocks + num_free_hits > self.pool.num_free_blocks() {
+        if num_new_blocks + num_free_hits > self.pool.num_evictable(evict) {
             return None;
         }
         if let Some(computed) = computed {
@@ -132,7 +133,10 @@ impl KvCacheManager {
             }
         }
         let mut new_blocks = Vec::with_capacity(num_new_blocks);
-        if !self.pool.try_allocate(num_new_blocks, &mut new_blocks) {
+        if !self
+            .pool
+            .try_allocate(num_new_blocks, &mut new_blocks, evict)
+        {
             return None; // unreachable: checked above
         }
         request.block_table.extend_from_slice(&new_blocks);
@@ -199,7 +203,7 @@ mod tests {
     fn prefill(kv: &mut KvCacheManager, req: &mut Request) -> Option<ComputedBlocks> {
         let computed = kv.get_computed_blocks(req);
         let n = req.num_tokens() - computed.num_computed_tokens;
-        kv.allocate_slots(req, n, Some(&computed))?;
+        kv.allocate_slots(req, n, Some(&computed), Evict::Any)?;
         req.num_computed_tokens = req.num_tokens();
         kv.cache_full_blocks(req);
         Some(computed)
@@ -243,7 +247,10 @@ mod tests {
         let mut b = request(2, &(0..13).collect::<Vec<_>>(), None);
         let computed = kv.get_computed_blocks(&b);
         assert_eq!(computed.block_ids.len(), 2);
-        assert_eq!(kv.allocate_slots(&mut b, 5, Some(&computed)), None);
+        assert_eq!(
+            kv.allocate_slots(&mut b, 5, Some(&computed), Evict::Any),
+            None
+        );
         assert!(b.block_table.is_empty());
         assert_eq!(kv.block_pool().num_free_blocks(), 3);
         assert!(kv.block_pool().cached_key(computed.block_ids[0]).is_some());
@@ -263,11 +270,14 @@ mod tests {
     fn free_releases_tail_first() {
         let mut kv = KvCacheManager::new(8, 4, false);
         let mut a = request(1, &(0..12).collect::<Vec<_>>(), None);
-        let blocks = kv.allocate_slots(&mut a, 12, None).unwrap();
+        let blocks = kv.allocate_slots(&mut a, 12, None, Evict::Any).unwrap();
         assert_eq!(blocks.len(), 3);
         // Growing inside the last block allocates nothing; crossing into a new one does.
         a.num_computed_tokens = 12;
-        assert_eq!(kv.allocate_slots(&mut a, 1, None), Some(vec![BlockId(4)]));
+        assert_eq!(
+            kv.allocate_slots(&mut a, 1, None, Evict::Any),
+            Some(vec![BlockId(4)])
+        );
         let held = a.block_table.clone();
         kv.free(&mut a);
         let order: Vec<_> = kv.block_pool().free_blocks_in_eviction_order().collect();

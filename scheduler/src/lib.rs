@@ -30,10 +30,10 @@ pub use admission::AdmissionLimits;
 pub use block_hash::{
     extend_block_hashes, hash_block_tokens, BlockHash, ExtraKeys, BLOCK_HASH_FORMAT,
 };
-pub use block_pool::{BlockKey, BlockPool};
+pub use block_pool::{BlockKey, BlockPool, Evict};
 pub use config::{ConfigError, SchedulerConfig};
 pub use fairness::{Fairness, VTC_OUTPUT_WEIGHT, VTC_PROMPT_WEIGHT};
-pub use free_queue::FreeBlockQueue;
+pub use free_queue::{FreeBlockQueue, Segment, SegmentedFreeList};
 pub use ids::{AdapterKey, BlockId, RequestId};
 pub use kv_cache_manager::{ComputedBlocks, KvCacheManager};
 pub use kv_events::KvCacheEvent;

@@ -2,6 +2,7 @@
 //! its `num_computed_tokens` up: one token for a decode, the next chunk for a prefill), then by
 //! waiting requests in service order. Chunked prefill, prefix hits and decode all fall out of that.
 
+use crate::block_pool::Evict;
 use crate::fair_order::FairAdmission;
 use crate::fairness::VTC_PROMPT_WEIGHT;
 use crate::output::{ScheduledData, ScheduledRequest, SchedulerOutput};
@@ -42,7 +43,8 @@ impl Scheduler {
         let mut order = self.service_order();
         let mut i = 0;
         while i < order.len() && *token_budget > 0 {
-            let id = order[i].id;
+            let (key, evict) = order[i];
+            let id = key.id;
             let Some(req) = self.requests.get_mut(&id) else {
                 debug_assert!(false, "running request {id:?} has no record");
                 order.remove(i);
@@ -54,7 +56,18 @@ impl Scheduler {
                 req.num_computed_tokens = req.num_tokens() - 1;
             }
             let num_new_tokens = (req.num_tokens() - req.num_computed_tokens).min(*token_budget);
-            match self.kv.allocate_slots(req, num_new_tokens, None) {
+            // While a surplus request is left to preempt, ordinary free blocks only: a request
+            // within its share takes room from the surplus before other adapters' reused
+            // prefixes.
+            let surplus_left = order
+                .last()
+                .is_some_and(|&(k, e)| e == Evict::SpareReused && k != key);
+            let evict = if surplus_left {
+                Evict::SpareReused
+            } else {
+                evict
+            };
+            match self.kv.allocate_slots(req, num_new_tokens, None, evict) {
                 Some(new_block_ids) => {
                     out.scheduled.push(ScheduledRequest {
                         id,
@@ -67,7 +80,7 @@ impl Scheduler {
                 }
                 // The victim is at index >= i; if it was this request, the loop ends.
                 None => {
-                    if let Some(victim) = order.pop() {
+                    if let Some((victim, _)) = order.pop() {
                         self.preempt(victim, Requeue::Front, out);
                     }
                 }
@@ -119,7 +132,7 @@ impl Scheduler {
             self.admit_fair(&waiting, &mut step);
         } else {
             for key in waiting.iter() {
-                match self.try_admit(key, token_budget, out, &mut admitted) {
+                match self.try_admit(key, token_budget, out, &mut admitted, Evict::Any) {
                     Admission::Admitted | Admission::Skipped => {}
                     Admission::Stop | Admission::NoRoom(_) => break,
                 }
@@ -132,15 +145,16 @@ impl Scheduler {
         merge_sorted(&mut self.running, &mut admitted);
     }
 
-    /// Tries to admit one waiting request. A request whose adapter would exceed `max_loras` is
-    /// skipped, unless it has aged: then admission stops so running adapters drain and free a
-    /// slot for it.
+    /// Tries to admit one waiting request, evicting only the free blocks `evict` allows. A
+    /// request whose adapter would exceed `max_loras` is skipped, unless it has aged: then
+    /// admission stops so running adapters drain and free a slot for it.
     pub(crate) fn try_admit(
         &mut self,
         key: QueueKey,
         token_budget: &mut usize,
         out: &mut SchedulerOutput,
         admitted: &mut Vec<QueueKey>,
+        evict: Evict,
     ) -> Admission {
         if *token_budget == 0 {
             return Admission::NoRoom(Shortage::Budget);
@@ -168,7 +182,7 @@ impl Scheduler {
         let num_new_tokens = (req.num_tokens() - computed.num_computed_tokens).min(*token_budget);
         if self
             .kv
-            .allocate_slots(req, num_new_tokens, Some(&computed))
+            .allocate_slots(req, num_new_tokens, Some(&computed), evict)
             .is_none()
         {
             return Admission::NoRoom(Shortage::Blocks);
