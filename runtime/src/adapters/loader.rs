@@ -13,6 +13,11 @@ use super::service::AdapterService;
 /// The loader's `nice` value where `SCHED_IDLE` is refused.
 const LOADER_NICE: i32 = 19;
 
+/// An adapter version whose load killed the loader thread this many times is not loaded again
+/// (until it is registered anew, which makes a new version): one retry covers a transient
+/// fault, and a file that crashes the loader every time cannot keep it restarting.
+pub const MAX_LOADER_CRASHES: u32 = 2;
+
 /// One finished load.
 #[derive(Debug)]
 pub struct LoadDone {
@@ -31,24 +36,45 @@ pub enum LoadError {
     /// redact it before a client sees it).
     #[error("{0}")]
     Failed(String),
-    /// The loader thread died (a panic) before finishing this load; it has been restarted.
-    #[error("the adapter loader thread stopped before finishing the load")]
+    /// The loader thread died (a panic) while loading this adapter; it has been restarted.
+    #[error("the adapter loader thread stopped while loading it")]
     LoaderStopped,
+    /// Loading this adapter version killed the loader thread [`MAX_LOADER_CRASHES`] times: it is
+    /// refused without another try.
+    #[error(
+        "loading it crashed the adapter loader {crashes} times; it is not tried again until it \
+         is registered anew"
+    )]
+    Quarantined { crashes: u32 },
+}
+
+/// An adapter version: what a load is for.
+type LoadKey = (Arc<str>, u64);
+
+fn key_of(entry: &AdapterEntry) -> LoadKey {
+    (entry.name.clone(), entry.version)
 }
 
 /// Handle to the loader thread; dropping it stops the thread after its current load. The
-/// handle supervises the thread: when it dies, [`Self::poll`] fails its unfinished loads (so
-/// parked requests end at once with a clear error instead of waiting forever) and starts a new one.
+/// handle supervises the thread: when it dies, [`Self::poll`] fails the load it died on (so the
+/// requests parked on it end at once with a clear error instead of waiting forever), starts a
+/// new thread and hands it the loads that were queued behind. The thread takes its jobs in
+/// order, so the load it died on is the oldest unfinished one; a version that killed it
+/// [`MAX_LOADER_CRASHES`] times is refused from then on.
 pub struct AdapterLoader {
     service: Arc<AdapterService>,
     jobs: Option<mpsc::Sender<AdapterEntry>>,
     done: mpsc::Receiver<LoadDone>,
-    in_flight: HashMap<(Arc<str>, u64), AdapterEntry>,
+    /// Loads queued or running, each with its place in the queue.
+    in_flight: HashMap<LoadKey, (u64, AdapterEntry)>,
+    next_seq: u64,
     thread: Option<std::thread::JoinHandle<()>>,
-    /// Loads failed by a thread's death, not yet reported.
+    /// Failed loads not yet reported.
     failed: Vec<LoadDone>,
     /// Times the thread died and was started again.
     num_restarts: usize,
+    /// Times each adapter version's load killed the thread.
+    crashes: HashMap<LoadKey, u32>,
     #[cfg(feature = "fault-injection")]
     panic_on: Arc<std::sync::Mutex<Option<Arc<str>>>>,
 }
@@ -77,42 +103,49 @@ impl AdapterLoader {
             jobs: Some(jobs),
             done,
             in_flight: HashMap::new(),
+            next_seq: 0,
             thread: Some(thread),
             failed: Vec::new(),
             num_restarts: 0,
+            crashes: HashMap::new(),
             #[cfg(feature = "fault-injection")]
             panic_on,
         })
     }
 
-    /// Queues a load of `entry` unless that version is already queued; true if queued now.
+    /// Queues a load of `entry` unless that version is already queued; true if queued now. A
+    /// quarantined version is not queued: its failure is reported by the next poll (true too).
     pub fn request(&mut self, entry: &AdapterEntry) -> bool {
-        let key = (entry.name.clone(), entry.version);
+        let key = key_of(entry);
         if self.in_flight.contains_key(&key) {
             return false;
         }
-        let send = |l: &Self| {
-            l.jobs
-                .as_ref()
-                .is_some_and(|j| j.send(entry.clone()).is_ok())
-        };
-        let mut sent = send(self);
-        if !sent {
-            // The thread died: its loads fail (reported by the next poll), a new one takes this.
-            let failed = self.fail_in_flight();
-            self.failed.extend(failed);
-            sent = self.restart() && send(self);
+        if let Some(&crashes) = self.crashes.get(&key).filter(|&&n| n >= MAX_LOADER_CRASHES) {
+            if !self.failed.iter().any(|d| key_of(&d.entry) == key) {
+                self.failed.push(failed_load(
+                    entry.clone(),
+                    LoadError::Quarantined { crashes },
+                ));
+            }
+            return true;
         }
-        if sent {
-            self.in_flight.insert(key, entry.clone());
+        if !self.send(entry) {
+            // The thread died: its unfinished loads are settled (reported by the next poll),
+            // and a new thread takes this one.
+            let settled = self.on_death();
+            self.failed.extend(settled);
+            if !self.send(entry) {
+                return false;
+            }
         }
-        sent
+        self.in_flight.insert(key, (self.next_seq, entry.clone()));
+        self.next_seq += 1;
+        true
     }
 
     /// Whether `entry`'s version is being loaded.
     pub fn is_loading(&self, entry: &AdapterEntry) -> bool {
-        self.in_flight
-            .contains_key(&(entry.name.clone(), entry.version))
+        self.in_flight.contains_key(&key_of(entry))
     }
 
     /// Number of loads queued or running.
@@ -125,8 +158,8 @@ impl AdapterLoader {
         self.num_restarts
     }
 
-    /// Loads finished since the last call. If the thread died, every load it had not finished
-    /// is reported as [`LoadError::LoaderStopped`] and a new thread is started.
+    /// Loads finished since the last call. If the thread died, the load it died on is reported
+    /// as [`LoadError::LoaderStopped`] and a new thread takes the others.
     pub fn poll(&mut self) -> Vec<LoadDone> {
         let mut out = std::mem::take(&mut self.failed);
         loop {
@@ -134,8 +167,7 @@ impl AdapterLoader {
                 Ok(d) => out.push(self.landed(d)),
                 Err(mpsc::TryRecvError::Empty) => break,
                 Err(mpsc::TryRecvError::Disconnected) => {
-                    out.extend(self.fail_in_flight());
-                    self.restart();
+                    out.extend(self.on_death());
                     break;
                 }
             }
@@ -153,8 +185,7 @@ impl AdapterLoader {
             Err(mpsc::RecvTimeoutError::Timeout) => None,
             Err(mpsc::RecvTimeoutError::Disconnected) => {
                 // The rest are reported by the next `poll` or `wait`.
-                self.failed = self.fail_in_flight();
-                self.restart();
+                self.failed = self.on_death();
                 self.failed.pop()
             }
         }
@@ -166,31 +197,60 @@ impl AdapterLoader {
         *self.panic_on.lock().unwrap_or_else(|e| e.into_inner()) = Some(name);
     }
 
+    fn send(&self, entry: &AdapterEntry) -> bool {
+        self.jobs
+            .as_ref()
+            .is_some_and(|j| j.send(entry.clone()).is_ok())
+    }
+
     fn landed(&mut self, d: LoadDone) -> LoadDone {
-        self.in_flight
-            .remove(&(d.entry.name.clone(), d.entry.version));
+        self.in_flight.remove(&key_of(&d.entry));
         d
     }
 
-    /// The unfinished loads of a dead thread, each failed; logs why the thread died.
-    fn fail_in_flight(&mut self) -> Vec<LoadDone> {
+    /// Settles a dead thread's work: the loads it finished, the one it died on (failed, and
+    /// counted against that version), and the ones queued behind, handed to a new thread (or
+    /// failed, if none can be started). Returns what is to be reported.
+    fn on_death(&mut self) -> Vec<LoadDone> {
+        let mut out = Vec::new();
+        while let Ok(d) = self.done.try_recv() {
+            out.push(self.landed(d));
+        }
         let why = match self.thread.take().map(std::thread::JoinHandle::join) {
             Some(Err(panic)) => panic_message(panic.as_ref()),
             _ => "it exited".to_owned(),
         };
+        let mut queued: Vec<(u64, AdapterEntry)> = self.in_flight.drain().map(|(_, v)| v).collect();
+        queued.sort_unstable_by_key(|&(seq, _)| seq);
+        let mut queued = queued.into_iter().map(|(_, entry)| entry);
+        let culprit = queued.next();
+        let crashes = culprit.as_ref().map_or(0, |entry| {
+            let n = self.crashes.entry(key_of(entry)).or_default();
+            *n += 1;
+            *n
+        });
         tracing::error!(
             reason = %why,
-            failed_loads = self.in_flight.len(),
-            "the adapter loader thread died; failing its loads and restarting it"
+            adapter = culprit.as_ref().map_or("", |e| &*e.name),
+            crashes,
+            requeued = queued.len(),
+            "the adapter loader thread died; failing the load it died on and restarting it"
         );
-        self.in_flight
-            .drain()
-            .map(|(_, entry)| LoadDone {
-                entry,
-                result: Err(LoadError::LoaderStopped),
-                elapsed: Duration::ZERO,
-            })
-            .collect()
+        out.extend(culprit.map(|entry| failed_load(entry, LoadError::LoaderStopped)));
+        if self.restart() {
+            for entry in queued {
+                if self.send(&entry) {
+                    self.in_flight
+                        .insert(key_of(&entry), (self.next_seq, entry));
+                    self.next_seq += 1;
+                } else {
+                    out.push(failed_load(entry, LoadError::LoaderStopped));
+                }
+            }
+        } else {
+            out.extend(queued.map(|entry| failed_load(entry, LoadError::LoaderStopped)));
+        }
+        out
     }
 
     /// Starts a new loader thread in place of a dead one; false if it cannot be started (the
@@ -279,6 +339,15 @@ fn load(
         }
     }
     service.load(entry)
+}
+
+/// A load that produced no adapter, reported without having run.
+fn failed_load(entry: AdapterEntry, error: LoadError) -> LoadDone {
+    LoadDone {
+        entry,
+        result: Err(error),
+        elapsed: Duration::ZERO,
+    }
 }
 
 /// The text of a panic payload.

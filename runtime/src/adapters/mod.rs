@@ -19,7 +19,7 @@ pub mod weights;
 pub use error::AdapterError;
 pub use gate::{LoaderGate, StepGate};
 pub use host_cache::{HostCache, LoadedAdapter};
-pub use loader::{AdapterLoader, LoadDone, LoadError};
+pub use loader::{AdapterLoader, LoadDone, LoadError, MAX_LOADER_CRASHES};
 pub use peft::{load_adapter, probe, AdapterInfo, AdapterLimits};
 pub use registry::{AdapterEntry, AdapterRegistry, RegistryError};
 pub use service::{AdapterService, AdapterSettings, LoadAdapterError};

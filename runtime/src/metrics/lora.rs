@@ -56,7 +56,7 @@ pub(super) fn describe() {
     describe_counter!(
         LORA_LOADER_RESTARTS,
         Unit::Count,
-        "Times the adapter loader thread died (its loads failed) and was restarted."
+        "Times the adapter loader thread died (the load it died on failed) and was restarted."
     );
     describe_gauge!(LORA_RESIDENT, "Adapters resident, by tier.");
     describe_gauge!(

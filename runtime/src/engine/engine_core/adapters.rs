@@ -117,6 +117,10 @@ impl<B: Backend> EngineCore<B> {
             Err(LoadError::LoaderStopped) => {
                 crate::metrics::record_lora_load_failure(&d.entry.name);
             }
+            Err(e @ LoadError::Quarantined { .. }) => {
+                crate::metrics::record_lora_load_failure(&d.entry.name);
+                tracing::warn!(adapter = %d.entry.name, error = %e, "adapter refused");
+            }
         }
         for id in waiting {
             let Some((req, _)) = self.adapters.as_mut().and_then(|a| a.parked.remove(&id)) else {
@@ -132,6 +136,10 @@ impl<B: Backend> EngineCore<B> {
                     message: self.redact_adapter_paths(e),
                 }),
                 Err(LoadError::LoaderStopped) => Err(RequestFailure::LoaderStopped { adapter }),
+                Err(e @ LoadError::Quarantined { .. }) => Err(RequestFailure::AdapterLoad {
+                    adapter,
+                    message: e.to_string(),
+                }),
             };
             if let Err(failure) = admitted {
                 self.finish_failed(id, failure);
