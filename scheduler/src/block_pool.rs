@@ -4,7 +4,8 @@
 //! A block whose last holder lets go keeps its hash and tokens while it waits in the free list,
 //! so a later request with the same prefix can take it back (a "hit on a free cached block",
 //! which unlinks it from the free list in O(1)). Only when the block is handed out again is its
-//! hash evicted.
+//! hash evicted. Every hit is confirmed against the stored tokens, parent hash and extra keys, so
+//! a hash collision degrades to a miss, never to wrong KV.
 //!
 //! Eviction is segmented LRU: a freed block whose cached content was reused by a later request
 //! since it was allocated (a prefix hit) waits in the protected segment, any other in probation,
@@ -13,8 +14,7 @@
 //! it has gone unused for one pool's worth of traffic. Protected holds at most half the pool:
 //! past that its least recently freed block moves to the probation tail, so prefixes nobody asks
 //! for any more still age out. The scheduler can also keep an allocation from evicting
-//! protected blocks at all ([`Evict::SpareReused`]), and counts them per adapter. Every hit is confirmed against the stored tokens, parent hash and extra keys, so
-//! a hash collision degrades to a miss, never to wrong KV.
+//! protected blocks at all ([`Evict::SpareReused`]), and counts them per adapter.
 
 use crate::block_hash::{BlockHash, ExtraKeys};
 use crate::free_queue::{Segment, SegmentedFreeList};
@@ -22,7 +22,6 @@ use crate::fx::FxHashMap;
 use crate::ids::BlockId;
 use crate::kv_events::{KvCacheEvent, KvEventLog};
 
-/// The full identity of a cached block's content: what a hit must match.
 /// Reused (prefix-hit) free blocks may fill at most 1/`PROTECTED_DIVISOR` of the pool before the
 /// oldest of them become ordinary LRU victims again.
 const PROTECTED_DIVISOR: usize = 2;
@@ -37,6 +36,7 @@ pub enum Evict {
     SpareReused,
 }
 
+/// The full identity of a cached block's content: what a hit must match.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BlockKey<'a> {
     pub hash: BlockHash,
