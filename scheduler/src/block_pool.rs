@@ -36,6 +36,16 @@ pub enum Evict {
     SpareReused,
 }
 
+/// Whose cached blocks a prefix hit takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hit {
+    /// A request reusing what others computed: the blocks count as reused (protected once free).
+    Reuse,
+    /// A preempted request taking back its own blocks: not a reuse, so a flood's preempted
+    /// requests cannot fill the protected segment with their one-off prompts.
+    Resume,
+}
+
 /// The full identity of a cached block's content: what a hit must match.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BlockKey<'a> {
@@ -172,8 +182,8 @@ impl BlockPool {
     }
 
     /// Takes one more reference on each block (a prefix-cache hit); a free (cached) block leaves
-    /// the free list, and a cached block is marked reused.
-    pub fn touch(&mut self, blocks: &[BlockId]) {
+    /// the free list, and under [`Hit::Reuse`] a cached block is marked reused.
+    pub fn touch(&mut self, blocks: &[BlockId], hit: Hit) {
         for &block in blocks {
             if block == BlockId::NULL || block.index() >= self.blocks.len() {
                 debug_assert!(false, "touch of invalid block {block:?}");
@@ -185,7 +195,7 @@ impl BlockPool {
                 self.count_protected(block, false);
             }
             let meta = &mut self.blocks[block.index()];
-            meta.reused |= meta.cached.is_some();
+            meta.reused |= hit == Hit::Reuse && meta.cached.is_some();
             meta.ref_cnt += 1;
         }
     }
@@ -371,7 +381,7 @@ mod tests {
             "pool is exhausted"
         );
         assert!(out.is_empty(), "a failed allocation takes nothing");
-        pool.touch(&blocks[..2]);
+        pool.touch(&blocks[..2], Hit::Reuse);
         assert_eq!(pool.ref_cnt(BlockId(1)), 2);
         pool.free_blocks(blocks.iter().rev().copied());
         assert_eq!(pool.num_free_blocks(), 2);
@@ -394,7 +404,7 @@ mod tests {
         pool.free_blocks(blocks.iter().rev().copied());
         assert_eq!(pool.get_cached_block(&k), Some(blocks[1]));
         // A hit on the free cached block takes it out of the free list (from the middle).
-        pool.touch(&[blocks[1]]);
+        pool.touch(&[blocks[1]], Hit::Reuse);
         assert_eq!(pool.ref_cnt(blocks[1]), 1);
         let order: Vec<_> = pool.free_blocks_in_eviction_order().collect();
         assert_eq!(order, [blocks[2], blocks[0]]);
@@ -451,7 +461,7 @@ mod tests {
         let blocks = alloc(&mut pool, 2);
         assert!(pool.cache_block(blocks[0], &hot));
         assert!(pool.cache_block(blocks[1], &cold));
-        pool.touch(&blocks[..1]); // a second request hits the hot prefix
+        pool.touch(&blocks[..1], Hit::Reuse); // a second request hits the hot prefix
         pool.free_blocks([blocks[0], blocks[1], blocks[0]]);
         // One-off requests take and return blocks many times the pool's size.
         for i in 0..40u32 {
@@ -482,7 +492,7 @@ mod tests {
         let mut pool = BlockPool::new(4, true);
         let blocks = alloc(&mut pool, 3);
         assert!(pool.cache_block(blocks[0], &key(&[1])));
-        pool.touch(&blocks[..1]);
+        pool.touch(&blocks[..1], Hit::Reuse);
         pool.free_blocks([blocks[0], blocks[0], blocks[2], blocks[1]]);
         let before: Vec<_> = pool.free_blocks_in_eviction_order().collect();
         assert_eq!(before, [blocks[2], blocks[1], blocks[0]]);
@@ -525,7 +535,7 @@ mod tests {
         ]) {
             assert!(pool.cache_block(*b, &k));
         }
-        pool.touch(&blocks);
+        pool.touch(&blocks, Hit::Reuse);
         pool.free_blocks(blocks.iter().rev().copied()); // still held once
         assert!(counts(&pool).is_empty(), "held blocks are not free");
         pool.free_blocks(blocks.iter().rev().copied());
@@ -546,7 +556,7 @@ mod tests {
         );
         assert_eq!(counts(&pool), [(None, 1), (Some(7), 2)]);
         // A hit takes a protected block out of its adapter's count; `Any` evicts the rest.
-        pool.touch(&blocks[..1]);
+        pool.touch(&blocks[..1], Hit::Reuse);
         assert_eq!(counts(&pool), [(None, 1), (Some(7), 1)]);
         assert!(pool.try_allocate(2, &mut out, Evict::Any));
         assert!(counts(&pool).is_empty());

@@ -10,6 +10,7 @@
 
 use crate::block_pool::Evict;
 use crate::fair_room::FairRoom;
+use crate::fair_share::eviction;
 use crate::fairness::Tenant;
 use crate::fx::FxHashMap;
 use crate::output::SchedulerOutput;
@@ -54,16 +55,7 @@ impl Scheduler {
         ranked.sort_unstable_by_key(|&(k, rank)| (k.priority, rank, k));
         ranked
             .into_iter()
-            .map(|(k, (surplus, _))| {
-                (
-                    k,
-                    if surplus {
-                        Evict::SpareReused
-                    } else {
-                        Evict::Any
-                    },
-                )
-            })
+            .map(|(k, (surplus, _))| (k, eviction(!surplus)))
             .collect()
     }
 
@@ -124,11 +116,7 @@ impl Scheduler {
             // and evicts reused prefixes only when none can give way.
             let fits = self.fits_share(&shares, r);
             let surplus_running = shares.loads.keys().any(|&t| shares.is_over(t));
-            let mut evict = if fits && !surplus_running {
-                Evict::Any
-            } else {
-                Evict::SpareReused
-            };
+            let mut evict = eviction(fits && !surplus_running);
             if wanted > *step.token_budget {
                 let short = wanted - *step.token_budget;
                 self.yield_budget(key, short, step.token_budget, step.out, step.admitted);

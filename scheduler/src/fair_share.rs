@@ -10,6 +10,7 @@
 //! and waiting, not out of its adapter's demand), so the levels are computed once per step; what
 //! each adapter holds is counted when asked.
 
+use crate::block_pool::Evict;
 use crate::fairness::{Tenant, VirtualCounters};
 use crate::fx::FxHashMap;
 use crate::queue::QueueKey;
@@ -28,6 +29,17 @@ impl Load {
     fn add(&mut self, blocks: usize) {
         self.seats += 1;
         self.blocks = self.blocks.saturating_add(blocks);
+    }
+}
+
+/// The free blocks a request may evict: one past its adapter's share, or admitted while some
+/// adapter is, may not evict reused prefixes (a quiet doctor's system prompt), so the room it
+/// takes comes from ordinary free blocks or from preempting surplus requests first.
+pub(crate) fn eviction(within_share: bool) -> Evict {
+    if within_share {
+        Evict::Any
+    } else {
+        Evict::SpareReused
     }
 }
 

@@ -4,9 +4,9 @@
 //! Back-pressure is a value: `allocate_slots` returns `None` when the pool cannot cover the
 //! request, and the scheduler decides whether to preempt or to wait.
 
-use crate::block_pool::{BlockKey, BlockPool, Evict};
+use crate::block_pool::{BlockKey, BlockPool, Evict, Hit};
 use crate::ids::BlockId;
-use crate::request::Request;
+use crate::request::{Request, RequestStatus};
 
 /// Leading blocks of a request already in the prefix cache.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -124,7 +124,12 @@ impl KvCacheManager {
             return None;
         }
         if let Some(computed) = computed {
-            self.pool.touch(hit_blocks);
+            let hit = if request.status == RequestStatus::Preempted {
+                Hit::Resume
+            } else {
+                Hit::Reuse
+            };
+            self.pool.touch(hit_blocks, hit);
             request.block_table.extend_from_slice(hit_blocks);
             request.num_cached_blocks = hit_blocks.len();
             if self.pool.enable_caching() {
@@ -234,6 +239,33 @@ mod tests {
         // A different salt isolates the tenant.
         let mut d = request(4, &(0..9).collect::<Vec<_>>(), Some(7));
         assert_eq!(prefill(&mut kv, &mut d).unwrap().num_computed_tokens, 0);
+    }
+
+    /// Only a hit by another request makes blocks reused (protected once free): a preempted
+    /// request taking its own blocks back does not.
+    #[test]
+    fn a_resumed_request_does_not_mark_its_own_blocks_reused() {
+        let protected = |kv: &KvCacheManager| -> usize {
+            kv.block_pool()
+                .protected_free_blocks()
+                .map(|(_, n)| n)
+                .sum()
+        };
+        let mut kv = KvCacheManager::new(16, 4, true);
+        let prompt: Vec<u32> = (0..9).collect();
+        let mut a = request(1, &prompt, None);
+        prefill(&mut kv, &mut a).unwrap();
+        kv.free(&mut a);
+        a.num_computed_tokens = 0;
+        a.status = RequestStatus::Preempted;
+        assert_eq!(prefill(&mut kv, &mut a).unwrap().num_computed_tokens, 8);
+        kv.free(&mut a);
+        assert_eq!(protected(&kv), 0, "its own blocks came back as a reuse");
+        // Another request with the same prefix does reuse them.
+        let mut b = request(2, &prompt, None);
+        assert_eq!(prefill(&mut kv, &mut b).unwrap().num_computed_tokens, 8);
+        kv.free(&mut b);
+        assert_eq!(protected(&kv), 2);
     }
 
     #[test]

@@ -30,7 +30,7 @@ pub use admission::AdmissionLimits;
 pub use block_hash::{
     extend_block_hashes, hash_block_tokens, BlockHash, ExtraKeys, BLOCK_HASH_FORMAT,
 };
-pub use block_pool::{BlockKey, BlockPool, Evict};
+pub use block_pool::{BlockKey, BlockPool, Evict, Hit};
 pub use config::{ConfigError, SchedulerConfig};
 pub use fairness::{Fairness, VTC_OUTPUT_WEIGHT, VTC_PROMPT_WEIGHT};
 pub use free_queue::{FreeBlockQueue, Segment, SegmentedFreeList};

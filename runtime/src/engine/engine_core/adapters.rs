@@ -110,16 +110,12 @@ impl<B: Backend> EngineCore<B> {
                     "adapter loaded from disk"
                 );
             }
-            Err(LoadError::Failed(e)) => {
+            Err(e) => {
                 crate::metrics::record_lora_load_failure(&d.entry.name);
-                tracing::warn!(adapter = %d.entry.name, error = %e, "adapter could not be loaded");
-            }
-            Err(LoadError::LoaderStopped) => {
-                crate::metrics::record_lora_load_failure(&d.entry.name);
-            }
-            Err(e @ LoadError::Quarantined { .. }) => {
-                crate::metrics::record_lora_load_failure(&d.entry.name);
-                tracing::warn!(adapter = %d.entry.name, error = %e, "adapter refused");
+                // A loader death was logged, with its panic, where the handle noticed it.
+                if !matches!(e, LoadError::LoaderStopped) {
+                    tracing::warn!(adapter = %d.entry.name, error = %e, "adapter could not be loaded");
+                }
             }
         }
         for id in waiting {
