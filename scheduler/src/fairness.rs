@@ -46,6 +46,11 @@ impl VirtualCounters {
         self.counters.get(&tenant).copied().unwrap_or(0)
     }
 
+    /// Whether `tenant` has requests waiting.
+    pub fn is_backlogged(&self, tenant: Tenant) -> bool {
+        self.waiting.contains_key(&tenant)
+    }
+
     /// A new request of `tenant` joins the queue; a tenant that was not backlogged is lifted.
     pub fn on_arrival(&mut self, tenant: Tenant) {
         if !self.waiting.contains_key(&tenant) {

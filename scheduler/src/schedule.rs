@@ -29,6 +29,7 @@ impl Scheduler {
         if out.preempted_ids.is_empty() {
             self.schedule_waiting(&mut token_budget, &mut out);
         }
+        self.defer_backlogged_prefill(&mut token_budget, &mut out);
         out.total_num_scheduled_tokens = self.config.max_num_batched_tokens - token_budget;
         out
     }

@@ -35,6 +35,8 @@ pub struct Scheduler {
     pub(crate) vtc: Option<VirtualCounters>,
     /// This step's max-min fair shares of seats and blocks (VTC).
     pub(crate) fair_levels: FairLevels,
+    /// The previous step deferred backlogged adapters' prefill chunks (`defer_backlogged_prefill`).
+    pub(crate) deferred_prefill: bool,
 }
 
 impl Scheduler {
@@ -43,6 +45,7 @@ impl Scheduler {
         Ok(Scheduler {
             vtc: (config.fairness == Fairness::Vtc).then(VirtualCounters::default),
             fair_levels: FairLevels::default(),
+            deferred_prefill: false,
             kv: KvCacheManager::new(
                 config.num_blocks,
                 config.block_size,
