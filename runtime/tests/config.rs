@@ -147,7 +147,7 @@ fn bad_values_name_key_value_expectation_and_origin() {
         "{msg}"
     );
 
-    let cases: [(&str, &str, &str, &str); 11] = [
+    let cases: [(&str, &str, &str, &str); 12] = [
         (
             "[scheduler]\nblock_size = 24",
             "scheduler.block_size",
@@ -194,6 +194,12 @@ fn bad_values_name_key_value_expectation_and_origin() {
             "[adapters]\nloader_step_share_percent = 0",
             "adapters.loader_step_share_percent",
             "0",
+            "1..=100",
+        ),
+        (
+            "[scheduler]\nbacklog_prefill_percent = 101",
+            "scheduler.backlog_prefill_percent",
+            "101",
             "1..=100",
         ),
         (

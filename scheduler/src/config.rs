@@ -29,6 +29,10 @@ pub struct SchedulerConfig {
     pub hash_seed: u64,
     /// Order of waiting requests of equal priority: least-served adapter first (VTC) or FCFS.
     pub fairness: Fairness,
+    /// Under VTC, while an adapter with nothing waiting has a request running, adapters with
+    /// requests waiting may fill at most this percent of a step's budget with prefill (1..=100;
+    /// 100 = no limit). See `backlog.rs`.
+    pub backlog_prefill_percent: usize,
 }
 
 impl Default for SchedulerConfig {
@@ -44,6 +48,7 @@ impl Default for SchedulerConfig {
             adapter_aging_steps: 8,
             hash_seed: 0,
             fairness: Fairness::Vtc,
+            backlog_prefill_percent: 50,
         }
     }
 }
@@ -106,6 +111,14 @@ impl SchedulerConfig {
             // Zero would make every adapter request wait forever; use None for "unlimited".
             at_least("max_loras", max_loras, 1)?;
         }
+        at_least("backlog_prefill_percent", self.backlog_prefill_percent, 1)?;
+        if self.backlog_prefill_percent > 100 {
+            return Err(ConfigError::TooLarge {
+                field: "backlog_prefill_percent",
+                value: self.backlog_prefill_percent as u64,
+                max: 100,
+            });
+        }
         Ok(())
     }
 }
@@ -129,6 +142,7 @@ mod tests {
             (None, 8, 0)
         );
         assert_eq!(c.fairness, Fairness::Vtc);
+        assert_eq!(c.backlog_prefill_percent, 50);
     }
 
     #[test]
@@ -176,6 +190,14 @@ mod tests {
             },
             SchedulerConfig {
                 max_model_len: 1,
+                ..Default::default()
+            },
+            SchedulerConfig {
+                backlog_prefill_percent: 0,
+                ..Default::default()
+            },
+            SchedulerConfig {
+                backlog_prefill_percent: 101,
                 ..Default::default()
             },
         ] {

@@ -10,7 +10,7 @@
 
 use crate::fx::FxHashMap;
 use crate::ids::RequestId;
-use crate::output::{ScheduledRequest, SchedulerOutput};
+use crate::output::SchedulerOutput;
 use crate::queue::QueueKey;
 use crate::schedule::{Requeue, Shortage};
 use crate::scheduler::Scheduler;
@@ -105,54 +105,6 @@ impl Scheduler {
             s.num_scheduled_tokens -= give;
             *token_budget += give;
             left -= give;
-        }
-    }
-
-    /// Keeps short a step in which a request of an adapter with nothing waiting finishes its
-    /// prompt (VTC): requests of backlogged adapters keep their decodes but give back their
-    /// prefill chunks (to one token each, keeping their blocks; they resume next step). A quiet
-    /// doctor's patient then waits for that step's own tokens, not for a full step of a flood's
-    /// prompts on top; alone the step would have been as short. Never two steps in a row, so a
-    /// backlog's prefills advance at least every other step whatever the quiet traffic. The
-    /// deferred tokens are computed next step: on the CPU, where a step costs about its tokens,
-    /// the backlog loses only one step's fixed overhead.
-    pub(crate) fn defer_backlogged_prefill(
-        &mut self,
-        token_budget: &mut usize,
-        out: &mut SchedulerOutput,
-    ) {
-        let Some(vtc) = &self.vtc else {
-            return;
-        };
-        if std::mem::take(&mut self.deferred_prefill) {
-            return;
-        }
-        let backlogged = |s: &ScheduledRequest| {
-            self.requests
-                .get(&s.id)
-                .is_some_and(|r| vtc.is_backlogged(r.tenant()))
-        };
-        let finishes_prompt = |s: &ScheduledRequest| {
-            self.requests.get(&s.id).is_some_and(|r| {
-                let left = r.num_tokens().saturating_sub(s.num_computed_tokens);
-                left > 1 && s.num_scheduled_tokens == left
-            })
-        };
-        if !out
-            .scheduled
-            .iter()
-            .any(|s| !backlogged(s) && finishes_prompt(s))
-        {
-            return;
-        }
-        let chunks: Vec<usize> = (0..out.scheduled.len())
-            .filter(|&i| out.scheduled[i].num_scheduled_tokens > 1 && backlogged(&out.scheduled[i]))
-            .collect();
-        for i in chunks {
-            let s = &mut out.scheduled[i];
-            *token_budget += s.num_scheduled_tokens - 1;
-            s.num_scheduled_tokens = 1;
-            self.deferred_prefill = true;
         }
     }
 

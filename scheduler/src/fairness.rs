@@ -46,9 +46,9 @@ impl VirtualCounters {
         self.counters.get(&tenant).copied().unwrap_or(0)
     }
 
-    /// Whether `tenant` has requests waiting.
-    pub fn is_backlogged(&self, tenant: Tenant) -> bool {
-        self.waiting.contains_key(&tenant)
+    /// How many requests of `tenant` are waiting.
+    pub fn num_waiting(&self, tenant: Tenant) -> usize {
+        self.waiting.get(&tenant).copied().unwrap_or(0)
     }
 
     /// A new request of `tenant` joins the queue; a tenant that was not backlogged is lifted.

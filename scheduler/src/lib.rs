@@ -7,6 +7,7 @@
 //! that reached its end), and [`Scheduler::update`] applies it.
 
 mod admission;
+mod backlog;
 mod block_hash;
 mod block_pool;
 mod config;

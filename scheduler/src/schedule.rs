@@ -2,6 +2,7 @@
 //! its `num_computed_tokens` up: one token for a decode, the next chunk for a prefill), then by
 //! waiting requests in service order. Chunked prefill, prefix hits and decode all fall out of that.
 
+use crate::backlog::chunk_for;
 use crate::block_pool::Evict;
 use crate::fair_order::FairAdmission;
 use crate::fairness::VTC_PROMPT_WEIGHT;
@@ -23,6 +24,7 @@ impl Scheduler {
             ..SchedulerOutput::default()
         };
         self.fair_levels = self.compute_fair_levels();
+        self.backlog_prefill_left = self.backlog_prefill_allowance();
         let mut token_budget = self.config.max_num_batched_tokens;
         self.schedule_running(&mut token_budget, &mut out);
         // Admitting now would only take blocks the running requests just proved they need.
@@ -56,7 +58,20 @@ impl Scheduler {
                 // recompute its last position to sample it again.
                 req.num_computed_tokens = req.num_tokens() - 1;
             }
-            let num_new_tokens = (req.num_tokens() - req.num_computed_tokens).min(*token_budget);
+            let wanted = req.num_tokens() - req.num_computed_tokens;
+            let chunk = chunk_for(
+                self.vtc.as_ref(),
+                self.backlog_prefill_left,
+                req,
+                wanted,
+                *token_budget,
+            );
+            if chunk.len == 0 {
+                // A backlogged adapter's prefill, past its share of this step: next step.
+                i += 1;
+                continue;
+            }
+            let num_new_tokens = chunk.len;
             // While a surplus request is left to preempt, ordinary free blocks only: a request
             // within its share takes room from the surplus before other adapters' reused
             // prefixes.
@@ -77,6 +92,7 @@ impl Scheduler {
                         data: ScheduledData::Cached { new_block_ids },
                     });
                     *token_budget -= num_new_tokens;
+                    self.spend(chunk);
                     i += 1;
                 }
                 // The victim is at index >= i; if it was this request, the loop ends.
@@ -180,7 +196,18 @@ impl Scheduler {
             }
         }
         let computed = self.kv.get_computed_blocks(req);
-        let num_new_tokens = (req.num_tokens() - computed.num_computed_tokens).min(*token_budget);
+        let chunk = chunk_for(
+            self.vtc.as_ref(),
+            self.backlog_prefill_left,
+            req,
+            req.num_tokens() - computed.num_computed_tokens,
+            *token_budget,
+        );
+        if chunk.len == 0 {
+            // A backlogged adapter's prefill, past its share of this step.
+            return Admission::Skipped;
+        }
+        let num_new_tokens = chunk.len;
         if self
             .kv
             .allocate_slots(req, num_new_tokens, Some(&computed), evict)
@@ -213,6 +240,7 @@ impl Scheduler {
             },
         });
         *token_budget -= num_new_tokens;
+        self.spend(chunk);
         admitted.push(key);
         Admission::Admitted
     }

@@ -35,8 +35,10 @@ pub struct Scheduler {
     pub(crate) vtc: Option<VirtualCounters>,
     /// This step's max-min fair shares of seats and blocks (VTC).
     pub(crate) fair_levels: FairLevels,
-    /// The previous step deferred backlogged adapters' prefill chunks (`defer_backlogged_prefill`).
+    /// The previous step deferred backlogged adapters' prefill chunks (`backlog.rs`).
     pub(crate) deferred_prefill: bool,
+    /// Prefill tokens backlogged adapters may still take in this step (`backlog.rs`).
+    pub(crate) backlog_prefill_left: usize,
 }
 
 impl Scheduler {
@@ -46,6 +48,7 @@ impl Scheduler {
             vtc: (config.fairness == Fairness::Vtc).then(VirtualCounters::default),
             fair_levels: FairLevels::default(),
             deferred_prefill: false,
+            backlog_prefill_left: usize::MAX,
             kv: KvCacheManager::new(
                 config.num_blocks,
                 config.block_size,

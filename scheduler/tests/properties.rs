@@ -39,6 +39,7 @@ struct Scenario {
     max_model_len: usize,
     reverse_samples: bool,
     fairness: Fairness,
+    backlog_prefill_percent: usize,
     specs: Vec<Spec>,
     /// (step, request index, before schedule rather than between schedule and update)
     aborts: Vec<(usize, usize, bool)>,
@@ -85,6 +86,7 @@ fn scenario() -> impl Strategy<Value = Scenario> {
             prop::sample::select(vec![1usize, 2, 4, 8]),
             1..6usize,
             1..40usize,
+            prop_oneof![Just(50usize), Just(100), 1..=100usize],
         ),
         (
             prop::bool::weighted(0.8),
@@ -112,6 +114,7 @@ fn scenario() -> impl Strategy<Value = Scenario> {
             } else {
                 Fairness::Fcfs
             },
+            backlog_prefill_percent: sizes.3,
             specs,
             aborts,
         })
@@ -189,6 +192,7 @@ fn run(sc: &Scenario) -> Result<(), TestCaseError> {
         adapter_aging_steps: sc.aging,
         hash_seed: sc.hash_seed,
         fairness: sc.fairness,
+        backlog_prefill_percent: sc.backlog_prefill_percent,
     };
     let mut d = Driver::new(config);
     d.reverse_samples = sc.reverse_samples;

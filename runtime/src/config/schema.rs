@@ -116,6 +116,7 @@ pub(crate) const SCHEMA: &[KeySpec] = &[
     spec("scheduler", "enable_prefix_caching", Kind::Bool),
     spec("scheduler", "max_queued_requests", int(1, USIZE_MAX)),
     spec("scheduler", "fairness", Kind::Choice(&["vtc", "fcfs"])),
+    spec("scheduler", "backlog_prefill_percent", int(1, 100)),
     spec("logging", "level", Kind::LogFilter),
     spec("logging", "json", Kind::Bool),
     spec("logging", "log_prompts", Kind::Bool),

@@ -280,6 +280,10 @@ pub struct SchedulerSection {
     /// Order of waiting requests across adapters: least-served first (`vtc`) or `fcfs`.
     #[serde(with = "fairness_name")]
     pub fairness: Fairness,
+    /// Under `vtc`, while an adapter with nothing queued has a request running, adapters with
+    /// requests queued may fill at most this percent of a step's token budget with prompt
+    /// tokens (100 = no limit).
+    pub backlog_prefill_percent: usize,
 }
 
 /// `scheduler.fairness` as the words `vtc` and `fcfs` (the scheduler crate has no serde).
@@ -316,6 +320,7 @@ impl Default for SchedulerSection {
             enable_prefix_caching: d.enable_prefix_caching,
             max_queued_requests: 1024,
             fairness: d.fairness,
+            backlog_prefill_percent: d.backlog_prefill_percent,
         }
     }
 }
@@ -349,6 +354,7 @@ impl SchedulerSection {
             enable_prefix_caching: self.enable_prefix_caching,
             max_loras,
             fairness: self.fairness,
+            backlog_prefill_percent: self.backlog_prefill_percent,
             ..caduceus_scheduler::SchedulerConfig::default()
         }
     }

@@ -72,14 +72,16 @@ fn a_flooded_adapter_cannot_starve_ten_others() {
     assert!(ahead.iter().all(|&n| n >= 190), "{ahead:?}");
 }
 
-/// A step in which a quiet adapter's prompt finishes carries none of a backlogged adapter's
-/// prefill (its chunks are cut to one token; decodes stay), so the quiet patient's first token
-/// waits for that prompt's own tokens; the next step gives the backlog its full budget again.
+/// A flood yields step time to a quiet adapter (`backlog.rs`): while the quiet request runs, the
+/// flood's prefill takes at most half of each step's budget, and in the step where the quiet
+/// prompt finishes none at all (its chunks are cut to one token); before and after, the flood
+/// has the whole budget.
 #[test]
-fn a_step_that_finishes_a_quiet_prompt_defers_the_backlogs_prefill() {
+fn a_flood_yields_step_time_to_a_quiet_adapter() {
+    const BUDGET: usize = 64;
     let config = SchedulerConfig {
         max_num_seqs: 8,
-        max_num_batched_tokens: 64,
+        max_num_batched_tokens: BUDGET,
         block_size: 16,
         num_blocks: 512,
         max_model_len: 512,
@@ -95,36 +97,58 @@ fn a_step_that_finishes_a_quiet_prompt_defers_the_backlogs_prefill() {
         d.add(r).unwrap();
     }
     for _ in 0..4 {
-        d.step().unwrap();
+        let (out, _) = d.step().unwrap();
+        assert_eq!(
+            out.total_num_scheduled_tokens, BUDGET,
+            "the flood alone fills its steps"
+        );
     }
     // 100 tokens: more than one step's budget, so the prompt finishes in its second step.
     let mut quiet = req(1000, &prompt(1000, 100), 8);
     quiet.adapter = adapter(1);
     d.add(quiet.clone()).unwrap();
-    let steps: Vec<SchedulerOutput> = (0..12).map(|_| d.step().unwrap().0).collect();
+    let steps: Vec<SchedulerOutput> = (0..20).map(|_| d.step().unwrap().0).collect();
+    let quiet_chunk =
+        |out: &SchedulerOutput| out.scheduled.iter().find(|s| s.id == quiet.id).cloned();
     let last = steps
         .iter()
         .position(|out| {
-            out.scheduled
-                .iter()
-                .any(|s| s.id == quiet.id && s.num_computed_tokens + s.num_scheduled_tokens == 100)
+            quiet_chunk(out).is_some_and(|s| s.num_computed_tokens + s.num_scheduled_tokens == 100)
         })
         .expect("the quiet prompt never finished");
-    let backlog = |out: &SchedulerOutput| -> Vec<usize> {
-        out.scheduled
-            .iter()
-            .filter(|s| s.id != quiet.id)
-            .map(|s| s.num_scheduled_tokens)
-            .collect()
+    // (tokens the flood computed, how many of its requests were scheduled)
+    let flood = |out: &SchedulerOutput| -> (usize, usize) {
+        let chunks = out.scheduled.iter().filter(|s| s.id != quiet.id);
+        (
+            chunks.clone().map(|s| s.num_scheduled_tokens).sum(),
+            chunks.count(),
+        )
     };
-    let (finishing, next) = (backlog(&steps[last]), backlog(&steps[last + 1]));
+    let (tokens, n) = flood(&steps[last]);
     assert!(
-        !finishing.is_empty() && finishing.iter().all(|&n| n == 1),
-        "the backlog kept prefill chunks {finishing:?} in the quiet prompt's last step"
+        n > 0 && tokens == n,
+        "the flood kept prefill ({tokens} tokens over {n} requests) in the quiet prompt's last step"
     );
-    assert!(
-        next.iter().any(|&n| n > 1) && steps[last + 1].total_num_scheduled_tokens == 64,
-        "the backlog did not resume: {next:?}"
+    let decoding: Vec<usize> = (last + 1..steps.len())
+        .filter(|&i| quiet_chunk(&steps[i]).is_some())
+        .collect();
+    assert_eq!(
+        decoding.len(),
+        7,
+        "the quiet request decodes its other 7 tokens"
+    );
+    for &i in &decoding {
+        // Beyond one token per scheduled request (a decode or a cut chunk), at most half.
+        let (tokens, n) = flood(&steps[i]);
+        assert!(
+            tokens > n && tokens <= BUDGET / 2 + n,
+            "step {i}: the flood computed {tokens} tokens over {n} requests beside the quiet one"
+        );
+    }
+    let after = decoding[decoding.len() - 1] + 1;
+    assert_eq!(
+        steps[after].total_num_scheduled_tokens, BUDGET,
+        "the flood has its budget back"
     );
     d.run_until_idle(2_000).unwrap();
     assert_eq!(d.outputs[&quiet.id], solo_run(&quiet, 512).0);
