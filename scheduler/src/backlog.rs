@@ -69,8 +69,10 @@ impl Scheduler {
         }
     }
 
-    /// Records that `chunk` was scheduled.
-    pub(crate) fn spend(&mut self, chunk: Chunk) {
+    /// Records that `chunk` was scheduled: it leaves the step's token budget and, for a
+    /// backlogged adapter's prefill, the backlog's allowance.
+    pub(crate) fn spend(&mut self, chunk: Chunk, token_budget: &mut usize) {
+        *token_budget -= chunk.len;
         if chunk.backlog {
             self.backlog_prefill_left = self.backlog_prefill_left.saturating_sub(chunk.len);
         }

@@ -71,7 +71,6 @@ impl Scheduler {
                 i += 1;
                 continue;
             }
-            let num_new_tokens = chunk.len;
             // While a surplus request is left to preempt, ordinary free blocks only: a request
             // within its share takes room from the surplus before other adapters' reused
             // prefixes.
@@ -83,16 +82,15 @@ impl Scheduler {
             } else {
                 evict
             };
-            match self.kv.allocate_slots(req, num_new_tokens, None, evict) {
+            match self.kv.allocate_slots(req, chunk.len, None, evict) {
                 Some(new_block_ids) => {
                     out.scheduled.push(ScheduledRequest {
                         id,
                         num_computed_tokens: req.num_computed_tokens,
-                        num_scheduled_tokens: num_new_tokens,
+                        num_scheduled_tokens: chunk.len,
                         data: ScheduledData::Cached { new_block_ids },
                     });
-                    *token_budget -= num_new_tokens;
-                    self.spend(chunk);
+                    self.spend(chunk, token_budget);
                     i += 1;
                 }
                 // The victim is at index >= i; if it was this request, the loop ends.
@@ -207,10 +205,9 @@ impl Scheduler {
             // A backlogged adapter's prefill, past its share of this step.
             return Admission::Skipped;
         }
-        let num_new_tokens = chunk.len;
         if self
             .kv
-            .allocate_slots(req, num_new_tokens, Some(&computed), evict)
+            .allocate_slots(req, chunk.len, Some(&computed), evict)
             .is_none()
         {
             return Admission::NoRoom(Shortage::Blocks);
@@ -231,7 +228,7 @@ impl Scheduler {
         out.scheduled.push(ScheduledRequest {
             id: key.id,
             num_computed_tokens: req.num_computed_tokens,
-            num_scheduled_tokens: num_new_tokens,
+            num_scheduled_tokens: chunk.len,
             data: ScheduledData::New {
                 token_ids: req.token_ids.clone(),
                 num_prompt_tokens: req.num_prompt_tokens,
@@ -239,8 +236,7 @@ impl Scheduler {
                 adapter,
             },
         });
-        *token_budget -= num_new_tokens;
-        self.spend(chunk);
+        self.spend(chunk, token_budget);
         admitted.push(key);
         Admission::Admitted
     }
