@@ -82,7 +82,8 @@ fn run(dev: &Device, logits: &[f32], vocab: usize, cases: &[Case], threads: u32)
         (b, dev.alloc_zeroed(n * vocab * 4).unwrap())
     });
     let d_logits = dev.upload(logits).unwrap();
-    let rows_buf = dev.alloc_zeroed(n * size_of::<SampleRow>()).unwrap();
+    // The launcher copies nothing: the rows go up with the other inputs.
+    let rows_buf = dev.upload(&rows).unwrap();
     let entries = (!all_entries.is_empty()).then(|| dev.upload(&all_entries).unwrap());
     let work = entries
         .as_ref()

@@ -25,6 +25,7 @@ mod emulated;
 use emulated::{EmuOp, Emulated};
 
 use super::device::{as_bytes, Device, DeviceBuffer, DeviceElem, GpuError};
+use super::staging::HostStaging;
 
 /// Which stream an operation went on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -79,7 +80,11 @@ struct Chunk {
 
 /// Adapter copies on their own stream through a pinned staging ring (see the module docs).
 pub struct CopyStream {
+    /// Declared before `staging`, so dropping it (which waits for queued copies on a GPU)
+    /// happens before the chunks they read are freed.
     imp: Imp,
+    /// The ring's chunks, `chunk_bytes` each (rounded up to whole words).
+    staging: Vec<HostStaging>,
     chunk_bytes: usize,
     chunks: Vec<Chunk>,
     current: usize,
@@ -106,15 +111,18 @@ impl CopyStream {
         let imp = match dev {
             #[cfg(feature = "cuda-emu")]
             Device::Emulated(_) => Imp::Emulated(Emulated {
-                staging: (0..num_chunks).map(|_| vec![0; chunk_bytes]).collect(),
                 queue: std::collections::VecDeque::new(),
                 completed: 0,
             }),
             #[cfg(feature = "cuda")]
-            Device::Cuda(d) => Imp::Cuda(cuda::Copies::new(d, num_chunks, chunk_bytes)?),
+            Device::Cuda(d) => Imp::Cuda(cuda::Copies::new(d)?),
         };
+        let staging = (0..num_chunks)
+            .map(|_| dev.host_staging(chunk_bytes.div_ceil(4)))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(CopyStream {
             imp,
+            staging,
             chunk_bytes,
             chunks: (0..num_chunks)
                 .map(|_| Chunk {
@@ -174,11 +182,17 @@ impl CopyStream {
                 self.advance()?;
             }
             let (index, at) = (self.current, self.chunks[self.current].fill);
+            let staged = &mut self.staging[index].bytes_mut()?[at..at + piece.len()];
+            staged.copy_from_slice(piece);
             match &mut self.imp {
                 #[cfg(feature = "cuda-emu")]
-                Imp::Emulated(e) => e.stage(index, at, piece, dst),
+                Imp::Emulated(e) => e.queue_copy(index, at, piece.len(), dst),
+                // SAFETY: `buf` was checked to hold the copy and its owner keeps it until the
+                // copy completed (this method's contract); the staged bytes are not rewritten
+                // before the event recorded behind this copy completed (`Self::advance`), and
+                // dropping `imp` waits for the copy before the chunk is freed.
                 #[cfg(feature = "cuda")]
-                Imp::Cuda(c) => c.stage(index, at, piece, dst)?,
+                Imp::Cuda(c) => unsafe { c.copy(staged, dst) }?,
             }
             let chunk = &mut self.chunks[index];
             chunk.fill += piece.len();
@@ -228,7 +242,7 @@ impl CopyStream {
     pub fn compute_waits(&mut self, dev: &Device, event: &CopyEvent) -> Result<(), GpuError> {
         match (&mut self.imp, dev) {
             #[cfg(feature = "cuda-emu")]
-            (Imp::Emulated(e), Device::Emulated(_)) => e.run_until(event.id),
+            (Imp::Emulated(e), Device::Emulated(_)) => e.run_until(&mut self.staging, event.id)?,
             #[cfg(feature = "cuda")]
             (Imp::Cuda(_), Device::Cuda(d)) => cuda::compute_waits(d, event)?,
             #[allow(unreachable_patterns)]
@@ -273,10 +287,7 @@ impl CopyStream {
     pub fn synchronize(&mut self) -> Result<(), GpuError> {
         match &mut self.imp {
             #[cfg(feature = "cuda-emu")]
-            Imp::Emulated(e) => {
-                e.run_until(u64::MAX);
-                Ok(())
-            }
+            Imp::Emulated(e) => e.run_until(&mut self.staging, u64::MAX),
             #[cfg(feature = "cuda")]
             Imp::Cuda(c) => c.synchronize(),
         }
@@ -292,7 +303,7 @@ impl CopyStream {
         if let Some(event) = self.chunks[self.current].event.take() {
             match &mut self.imp {
                 #[cfg(feature = "cuda-emu")]
-                Imp::Emulated(e) => e.run_until(event.id),
+                Imp::Emulated(e) => e.run_until(&mut self.staging, event.id)?,
                 #[cfg(feature = "cuda")]
                 Imp::Cuda(_) => cuda::host_waits(&event)?,
             }

@@ -79,7 +79,8 @@ unsafe impl DeviceElem for half::bf16 {}
 // SAFETY: `half::f16` is a transparent u16.
 unsafe impl DeviceElem for half::f16 {}
 
-pub(crate) fn as_bytes<T: DeviceElem>(v: &[T]) -> &[u8] {
+/// The bytes of `v`, as they are copied to the device.
+pub fn as_bytes<T: DeviceElem>(v: &[T]) -> &[u8] {
     // SAFETY: DeviceElem types have no padding; the byte view covers exactly the slice.
     unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
 }
@@ -203,6 +204,29 @@ pub struct Emulation {
     pub(crate) capture: EmuCapture,
 }
 
+#[cfg(feature = "cuda-emu")]
+impl Emulation {
+    /// Copies `bytes` into `buf` at `offset` (checked by the caller) and counts the copy.
+    pub(crate) fn copy_in(
+        &self,
+        buf: &DeviceBuffer,
+        offset: usize,
+        bytes: &[u8],
+    ) -> Result<(), GpuError> {
+        self.capture.refuse("host->device copy")?;
+        self.counts.count_write();
+        // SAFETY: the caller checked the bounds; the buffer is host memory owned by `buf`.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                (buf.ptr as usize as *mut u8).add(offset),
+                bytes.len(),
+            )
+        };
+        Ok(())
+    }
+}
+
 impl Device {
     /// The host emulation.
     #[cfg(feature = "cuda-emu")]
@@ -316,17 +340,9 @@ impl Device {
         match self {
             #[cfg(feature = "cuda-emu")]
             Device::Emulated(e) => {
-                e.capture.refuse("host->device copy")?;
-                e.counts.count_write();
-                // SAFETY: bounds checked above; the buffer is host memory owned by `buf`.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        bytes.as_ptr(),
-                        (buf.ptr as usize as *mut u8).add(offset),
-                        bytes.len(),
-                    )
-                };
-                Ok(())
+                // Pageable memory: on a GPU the host waits for the copy.
+                e.counts.count_host_wait();
+                e.copy_in(buf, offset, bytes)
             }
             #[cfg(feature = "cuda")]
             Device::Cuda(d) => d.write(buf.ptr + offset as u64, bytes),
@@ -350,6 +366,7 @@ impl Device {
             #[cfg(feature = "cuda-emu")]
             Device::Emulated(e) => {
                 e.capture.refuse("device->host copy")?;
+                e.counts.count_read();
                 // SAFETY: `buf` owns `buf.bytes` bytes of host memory at `buf.ptr`.
                 unsafe {
                     std::ptr::copy_nonoverlapping(
@@ -369,7 +386,10 @@ impl Device {
     pub fn synchronize(&self) -> Result<(), GpuError> {
         match self {
             #[cfg(feature = "cuda-emu")]
-            Device::Emulated(_) => Ok(()),
+            Device::Emulated(e) => {
+                e.counts.count_host_wait();
+                Ok(())
+            }
             #[cfg(feature = "cuda")]
             Device::Cuda(d) => d.synchronize(),
         }

@@ -24,11 +24,17 @@ use super::gemm::GemmShape;
 #[cfg(feature = "cuda-emu")]
 use super::kernel::{EmuEntry, EmuLaunch, KernelFn, KernelParams};
 
-/// Allocations and host->device writes the emulated device has performed.
+/// Allocations, copies and host waits the emulated device has performed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Transfers {
     pub allocs: usize,
+    /// Host -> device copies (pageable or staged).
     pub writes: usize,
+    /// Device -> host copies.
+    pub reads: usize,
+    /// Calls that make the host wait for the device on a GPU: pageable writes, reads and
+    /// synchronisations (a staged upload does not wait).
+    pub host_waits: usize,
 }
 
 #[cfg(feature = "cuda-emu")]
@@ -36,6 +42,8 @@ pub struct Transfers {
 pub(crate) struct TransferCounts {
     allocs: AtomicUsize,
     writes: AtomicUsize,
+    reads: AtomicUsize,
+    host_waits: AtomicUsize,
 }
 
 #[cfg(feature = "cuda-emu")]
@@ -46,10 +54,20 @@ impl TransferCounts {
     pub fn count_write(&self) {
         self.writes.fetch_add(1, Ordering::Relaxed);
     }
+    /// A read also waits.
+    pub fn count_read(&self) {
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        self.count_host_wait();
+    }
+    pub fn count_host_wait(&self) {
+        self.host_waits.fetch_add(1, Ordering::Relaxed);
+    }
     fn get(&self) -> Transfers {
         Transfers {
             allocs: self.allocs.load(Ordering::Relaxed),
             writes: self.writes.load(Ordering::Relaxed),
+            reads: self.reads.load(Ordering::Relaxed),
+            host_waits: self.host_waits.load(Ordering::Relaxed),
         }
     }
 }

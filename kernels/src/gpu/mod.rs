@@ -31,7 +31,7 @@ mod staging;
 #[cfg(feature = "cuda-emu")]
 pub use device::Emulation;
 pub use device::{
-    BufferView, DType, Device, DeviceBuffer, DeviceElem, GpuError, EMULATED_MEMORY_BYTES,
+    as_bytes, BufferView, DType, Device, DeviceBuffer, DeviceElem, GpuError, EMULATED_MEMORY_BYTES,
 };
 pub use graph::{DeviceGraph, Transfers};
 pub use kernel::LaunchDims;

@@ -143,8 +143,10 @@ const SAMPLE: KernelFn = kernel_fn!(cad_sample_f32);
 pub struct SampleArgs<'a> {
     /// `[num_rows, vocab]` f32 raw logits (left unchanged).
     pub logits: &'a DeviceBuffer,
-    /// One [`SampleRow`] per row, checked here and uploaded into `rows_buf`.
+    /// One [`SampleRow`] per row, checked here against the buffers given.
     pub rows: &'a [SampleRow],
+    /// The same rows on the device, uploaded by the caller (with the penalty entries and
+    /// bitsets in one copy, say); this launch copies nothing.
     pub rows_buf: &'a DeviceBuffer,
     /// Every row's [`PenaltyEntry`]s, back to back; `None` if no row has any.
     pub penalties: Option<&'a DeviceBuffer>,
@@ -227,7 +229,6 @@ pub fn sample(dev: &Device, a: &SampleArgs<'_>) -> Result<(), GpuError> {
             )))
         }
     };
-    dev.write(a.rows_buf, 0, a.rows)?;
     let ptr = |b: Option<&DeviceBuffer>| b.map_or(0, DeviceBuffer::ptr);
     let p = SampleParams {
         logits: a.logits.ptr(),

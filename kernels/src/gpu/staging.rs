@@ -1,12 +1,21 @@
-//! [`HostStaging`]: the host buffer a step's inputs are gathered in before their one copy to
-//! the device: page-locked (`cuMemHostAlloc` through cudarc) on a GPU, so the copy is a DMA
-//! without a bounce through a driver buffer; plain memory in emulation. Never run on a GPU.
+//! [`HostStaging`]: host memory that data is gathered in before it goes to the device: page-locked
+//! (`cuMemHostAlloc` through cudarc) on a GPU, so a copy from it is a DMA the host need not wait
+//! for; plain memory in emulation. The one pinned host type: a step's inputs, the sampler's
+//! inputs and the adapter copy stream's ring chunks all live in one. Never run on a GPU.
+//!
+//! [`Device::upload_staged`] queues its copy on the compute stream without waiting and records
+//! an event behind it; [`HostStaging::words_mut`] and [`HostStaging::bytes_mut`] wait for that
+//! event before handing the memory out again, and dropping the staging waits for it too, so the
+//! DMA never reads memory that was rewritten or freed.
 
 use super::device::{Device, DeviceBuffer, GpuError};
 
-/// Host memory of u32 words, uploaded with [`Device::upload_staged`].
+/// Host memory of u32 words (16-byte aligned in emulation, page-aligned when pinned).
 pub struct HostStaging {
     inner: Inner,
+    /// The copy last queued from this memory by [`Device::upload_staged`] on a GPU.
+    #[cfg(feature = "cuda")]
+    in_flight: Option<cudarc::driver::CudaEvent>,
 }
 
 enum Inner {
@@ -16,18 +25,32 @@ enum Inner {
     Pinned(cudarc::driver::PinnedHostSlice<u32>),
 }
 
+#[cfg(feature = "cuda")]
+fn pinned_err(e: impl std::fmt::Debug) -> GpuError {
+    GpuError::Driver(format!("pinned staging: {e:?}"))
+}
+
 impl HostStaging {
-    /// The words, to fill before [`Device::upload_staged`].
+    /// The words, to fill (after any copy still reading them has finished).
     pub fn words_mut(&mut self) -> Result<&mut [u32], GpuError> {
+        self.wait_for_copy()?;
         match &mut self.inner {
             Inner::Plain(v) => Ok(v),
             #[cfg(feature = "cuda")]
-            Inner::Pinned(p) => p
-                .as_mut_slice()
-                .map_err(|e| GpuError::Driver(format!("pinned staging: {e:?}"))),
+            Inner::Pinned(p) => p.as_mut_slice().map_err(pinned_err),
         }
     }
 
+    /// The same memory as bytes.
+    pub fn bytes_mut(&mut self) -> Result<&mut [u8], GpuError> {
+        let words = self.words_mut()?;
+        let len = std::mem::size_of_val(words);
+        // SAFETY: u8 has no alignment or validity requirement; the view covers exactly `words`
+        // and borrows it mutably for its lifetime.
+        Ok(unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), len) })
+    }
+
+    /// Length in words.
     pub fn len(&self) -> usize {
         match &self.inner {
             Inner::Plain(v) => v.len(),
@@ -40,14 +63,29 @@ impl HostStaging {
         self.len() == 0
     }
 
-    fn words(&self) -> Result<&[u32], GpuError> {
+    /// The words, for a copy that reads them (see [`Device::upload_staged`]).
+    pub(crate) fn words(&self) -> Result<&[u32], GpuError> {
         match &self.inner {
             Inner::Plain(v) => Ok(v),
             #[cfg(feature = "cuda")]
-            Inner::Pinned(p) => p
-                .as_slice()
-                .map_err(|e| GpuError::Driver(format!("pinned staging: {e:?}"))),
+            Inner::Pinned(p) => p.as_slice().map_err(pinned_err),
         }
+    }
+
+    /// Waits on the host for the last queued copy from this memory.
+    fn wait_for_copy(&mut self) -> Result<(), GpuError> {
+        #[cfg(feature = "cuda")]
+        if let Some(event) = self.in_flight.take() {
+            event.synchronize().map_err(pinned_err)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for HostStaging {
+    /// A queued copy may still read this memory: let it finish before the memory is freed.
+    fn drop(&mut self) {
+        let _ = self.wait_for_copy();
     }
 }
 
@@ -60,22 +98,27 @@ impl Device {
             #[cfg(feature = "cuda")]
             Device::Cuda(d) => {
                 let mut p = d.alloc_pinned_words(words.max(1))?;
-                p.as_mut_slice()
-                    .map_err(|e| GpuError::Driver(format!("pinned staging: {e:?}")))?
-                    .fill(0);
+                p.as_mut_slice().map_err(pinned_err)?.fill(0);
                 Inner::Pinned(p)
             }
         };
-        Ok(HostStaging { inner })
+        Ok(HostStaging {
+            inner,
+            #[cfg(feature = "cuda")]
+            in_flight: None,
+        })
     }
 
-    /// Copies the first `words` words of `staging` to the start of `buf` (one copy).
+    /// Queues a copy of the first `words` words of `staging` to the start of `buf` on the
+    /// compute stream, so the kernels launched after it read them; the host does not wait
+    /// (the staging waits before its memory is handed out again).
     pub fn upload_staged(
         &self,
         buf: &DeviceBuffer,
-        staging: &HostStaging,
+        staging: &mut HostStaging,
         words: usize,
     ) -> Result<(), GpuError> {
+        staging.wait_for_copy()?;
         let src = staging.words()?;
         let src = src.get(..words).ok_or_else(|| {
             GpuError::Shape(format!(
@@ -83,6 +126,73 @@ impl Device {
                 src.len()
             ))
         })?;
-        self.write(buf, 0, src)
+        let bytes = super::device::as_bytes(src);
+        if bytes.len() > buf.len_bytes() {
+            return Err(GpuError::Shape(format!(
+                "uploading {} bytes into a buffer of {}",
+                bytes.len(),
+                buf.len_bytes()
+            )));
+        }
+        match self {
+            #[cfg(feature = "cuda-emu")]
+            Device::Emulated(e) => e.copy_in(buf, 0, bytes),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(d) => {
+                if !matches!(staging.inner, Inner::Pinned(_)) {
+                    return Err(GpuError::Shape("staging memory of another device".into()));
+                }
+                // SAFETY: `bytes` is page-locked and stays allocated and unwritten until the
+                // event completes (`wait_for_copy` before `words_mut`, `bytes_mut` and drop);
+                // `buf` is checked above to hold the copy.
+                let event = unsafe { d.write_pinned(buf.ptr(), bytes) }?;
+                staging.in_flight = Some(event);
+                Ok(())
+            }
+        }
+    }
+}
+
+#[cfg(all(test, feature = "cuda-emu"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_staged_upload_copies_the_prefix_without_a_host_wait() {
+        let dev = Device::emulated();
+        let mut st = dev.host_staging(4).unwrap();
+        st.words_mut().unwrap().copy_from_slice(&[1, 2, 3, 4]);
+        let buf = dev.upload(&[9u32; 4]).unwrap();
+        let before = dev.transfers().unwrap();
+        dev.upload_staged(&buf, &mut st, 3).unwrap();
+        let after = dev.transfers().unwrap();
+        assert_eq!(after.writes, before.writes + 1);
+        assert_eq!(
+            after.host_waits, before.host_waits,
+            "a staged copy is queued"
+        );
+        assert_eq!(dev.download::<u32>(&buf).unwrap(), [1, 2, 3, 9]);
+        // Byte access is the same memory.
+        st.bytes_mut().unwrap()[..4].copy_from_slice(&7u32.to_ne_bytes());
+        dev.upload_staged(&buf, &mut st, 1).unwrap();
+        assert_eq!(dev.download::<u32>(&buf).unwrap(), [7, 2, 3, 9]);
+    }
+
+    #[test]
+    fn a_staged_upload_past_either_end_is_refused() {
+        let dev = Device::emulated();
+        let mut st = dev.host_staging(4).unwrap();
+        let small = dev.alloc_zeroed(8).unwrap();
+        let err = dev.upload_staged(&small, &mut st, 5).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("5 words from a staging buffer of 4"),
+            "{err}"
+        );
+        let err = dev.upload_staged(&small, &mut st, 3).unwrap_err();
+        assert!(
+            err.to_string().contains("12 bytes into a buffer of 8"),
+            "{err}"
+        );
     }
 }

@@ -7,27 +7,23 @@
 //!
 //! Runs in the kernels' host emulation in CI; it has never run on a GPU (issue 17).
 
-use caduceus_kernels::gpu::ops;
-use caduceus_kernels::gpu::sampling::{
-    self, allowed_words, AllowedTokens, LogprobOutputs, SampleArgs, SampleRow,
-};
 #[cfg(feature = "fault-injection")]
 use caduceus_kernels::gpu::DType;
-use caduceus_kernels::gpu::{Device, DeviceBuffer, GpuError};
+use caduceus_kernels::gpu::{Device, GpuError};
 use caduceus_kernels::lora::Segment;
-use caduceus_kernels::sampling::{PenaltyEntry, MAX_LOGPROBS};
 
 use super::adapter_copies::AdapterCopies;
 use super::decode_graph::{graph_sizes, DecodeGraphs, GRAPH_RESERVE_BYTES};
+use super::device_sampler::{sampling_bytes, DeviceSampler};
 use super::lora::{GpuLoraBatch, GpuLoraStack};
 use super::memory_plan::{kv_bytes_per_block, plan_memory, MemoryInputs, MemoryPlan};
 use super::model::{GpuKvCache, GpuModel};
 use super::workspace::{StepLimits, Workspace};
 use crate::adapters::LoadedAdapter;
-use crate::engine::{Backend, BackendError, RequestFailure, RowOutcome, SlotSpec};
+use crate::engine::{Backend, BackendError, RowOutcome, SlotSpec};
 use crate::model::config::LlamaConfig;
 use crate::model::ForwardBatch;
-use crate::sampling::{RowSample, SampledToken};
+use crate::sampling::RowSample;
 
 const NAME: &str = "cuda";
 
@@ -58,51 +54,6 @@ pub struct GpuBackendConfig {
     pub cuda_graph_max_batch: usize,
 }
 
-/// Upper bound of the sampling buffers (f32 logits, penalty work, grammar-masked copy and
-/// bitsets, row descriptors and outputs) for `rows` rows, which grow on first use.
-fn sampling_bytes(vocab: usize, rows: usize) -> u64 {
-    let per_row = vocab * 4 * 3 + allowed_words(vocab) * 4 + 1024 + 8 * MAX_LOGPROBS;
-    (rows * per_row) as u64
-}
-
-/// Grow-only device buffers reused across steps.
-#[derive(Default)]
-struct Scratch {
-    bufs: Vec<Option<DeviceBuffer>>,
-}
-
-impl Scratch {
-    fn get(&mut self, dev: &Device, index: usize, bytes: usize) -> Result<&DeviceBuffer, GpuError> {
-        if self.bufs.len() <= index {
-            self.bufs.resize_with(index + 1, || None);
-        }
-        let slot = &mut self.bufs[index];
-        if slot.as_ref().is_none_or(|b| b.len_bytes() < bytes) {
-            *slot = Some(dev.alloc_zeroed(bytes.max(4))?);
-        }
-        slot.as_ref()
-            .ok_or_else(|| GpuError::Shape("scratch buffer missing".into()))
-    }
-}
-
-// Indices of the sampling scratch buffers.
-const LOGITS_F32: usize = 0;
-const ROWS: usize = 1;
-const PENALTIES: usize = 2;
-const WORK: usize = 3;
-const OUT_IDS: usize = 4;
-const OUT_LOGPROB: usize = 5;
-const OUT_TOP_IDS: usize = 6;
-const OUT_TOP_LOGPROBS: usize = 7;
-const ALLOWED_BITS: usize = 8;
-const MASKED: usize = 9;
-const NONFINITE: usize = 10;
-
-/// Whether a row is sampled through an allowed-token bitset (a grammar, or banned ids).
-fn masked(r: &RowSample) -> bool {
-    r.allowed.is_some() || !r.banned.is_empty()
-}
-
 /// A model on a CUDA device (or its emulation).
 pub struct GpuBackend {
     /// Dropped first: its queued copies write into `lora`'s slots.
@@ -117,7 +68,7 @@ pub struct GpuBackend {
     /// Rows of logits the last forward left in `ws` (0: none).
     logit_rows: usize,
     graphs: Option<DecodeGraphs>,
-    scratch: Scratch,
+    sampler: DeviceSampler,
 }
 
 impl GpuBackend {
@@ -224,7 +175,7 @@ impl GpuBackend {
             ws,
             logit_rows: 0,
             graphs,
-            scratch: Scratch::default(),
+            sampler: DeviceSampler::default(),
         })
     }
 
@@ -245,10 +196,7 @@ impl GpuBackend {
 
     /// Samples every row on the device; a row whose logits hold NaN or inf fails alone.
     fn sample_on_device(&mut self, rows: &[RowSample]) -> Result<Vec<RowOutcome>, GpuError> {
-        let vocab = self.model.config().vocab_size;
-        let dtype = self.model.dtype();
-        let dev = self.model.device();
-        let (logits, n) = (self.ws.logits(), self.logit_rows);
+        let n = self.logit_rows;
         if n == 0 {
             return Err(GpuError::Shape("sample before forward".into()));
         }
@@ -258,145 +206,10 @@ impl GpuBackend {
                 rows.len()
             )));
         }
-        let cells = n * vocab;
-        let f32_logits = self.scratch.get(dev, LOGITS_F32, cells * 4)?;
-        ops::to_f32(dev, dtype, logits, cells, f32_logits)?;
-        let mut entries: Vec<PenaltyEntry> = Vec::new();
-        let mut descs = Vec::with_capacity(rows.len());
-        for r in rows {
-            let start = u32::try_from(entries.len())
-                .map_err(|_| GpuError::Shape("too many penalty entries".into()))?;
-            let count = if r.sampling.penalties.is_active() {
-                entries.extend_from_slice(&r.penalties);
-                r.penalties.len() as u32
-            } else {
-                0
-            };
-            let row = SampleRow::new(&r.sampling, r.u, start, count, r.logprobs);
-            descs.push(if masked(r) {
-                row.with_allowed_tokens()
-            } else {
-                row
-            });
-        }
-        // Structured outputs and bans (EOS before min_tokens): one allowed-token bitset per
-        // masked row (the grammar's, as the CPU holds it, less the banned ids), so the kernel
-        // still sees the model's own logits when it checks them for NaN and inf.
-        let words = allowed_words(vocab);
-        let any_allowed = rows.iter().any(masked);
-        let mut bits = Vec::new();
-        if any_allowed {
-            bits = vec![u32::MAX; n * words];
-            for (i, r) in rows.iter().enumerate() {
-                let dst = &mut bits[i * words..(i + 1) * words];
-                if let Some(mask) = &r.allowed {
-                    for (d, w) in dst
-                        .iter_mut()
-                        .zip(mask.words().iter().chain(std::iter::repeat(&0)))
-                    {
-                        *d = *w;
-                    }
-                }
-                for t in r.banned.iter().map(|&t| t as usize).filter(|&t| t < vocab) {
-                    dst[t / 32] &= !(1 << (t % 32));
-                }
-            }
-        }
-        let want_logprobs = rows.iter().any(|r| r.logprobs.is_some());
-        let size = std::mem::size_of::<SampleRow>();
-        // Every buffer is fetched (and grown) before any is borrowed for the launch.
-        for (index, bytes) in [
-            (ROWS, n * size),
-            (OUT_IDS, n * 4),
-            (OUT_LOGPROB, n * 4),
-            (OUT_TOP_IDS, n * MAX_LOGPROBS * 4),
-            (OUT_TOP_LOGPROBS, n * MAX_LOGPROBS * 4),
-            (PENALTIES, entries.len() * 8),
-            (WORK, cells * 4),
-            (ALLOWED_BITS, bits.len() * 4),
-            (MASKED, if any_allowed { cells * 4 } else { 0 }),
-            (NONFINITE, n * 4),
-        ] {
-            self.scratch.get(dev, index, bytes)?;
-        }
-        if !entries.is_empty() {
-            dev.write(self.buf(PENALTIES)?, 0, &entries)?;
-        }
-        if any_allowed {
-            dev.write(self.buf(ALLOWED_BITS)?, 0, &bits)?;
-        }
-        let args = SampleArgs {
-            logits: self.buf(LOGITS_F32)?,
-            rows: &descs,
-            rows_buf: self.buf(ROWS)?,
-            penalties: (!entries.is_empty())
-                .then(|| self.buf(PENALTIES))
-                .transpose()?,
-            work: (!entries.is_empty()).then(|| self.buf(WORK)).transpose()?,
-            out_ids: self.buf(OUT_IDS)?,
-            out_logprobs: if want_logprobs {
-                Some(LogprobOutputs {
-                    logprob: self.buf(OUT_LOGPROB)?,
-                    top_ids: self.buf(OUT_TOP_IDS)?,
-                    top_logprobs: self.buf(OUT_TOP_LOGPROBS)?,
-                })
-            } else {
-                None
-            },
-            // Bans are written into the rows above; grammar masks go up as bitsets.
-            allowed: if any_allowed {
-                Some(AllowedTokens {
-                    bits: self.buf(ALLOWED_BITS)?,
-                    masked: self.buf(MASKED)?,
-                })
-            } else {
-                None
-            },
-            out_nonfinite: Some(self.buf(NONFINITE)?),
-            vocab,
-            threads: 0,
-        };
-        sampling::sample(dev, &args)?;
-        let ids: Vec<u32> = dev.download(self.buf(OUT_IDS)?)?;
-        let nonfinite: Vec<u32> = dev.download(self.buf(NONFINITE)?)?;
-        let (logprob, top_ids, top_lp) = if want_logprobs {
-            (
-                dev.download::<f32>(self.buf(OUT_LOGPROB)?)?,
-                dev.download::<u32>(self.buf(OUT_TOP_IDS)?)?,
-                dev.download::<f32>(self.buf(OUT_TOP_LOGPROBS)?)?,
-            )
-        } else {
-            Default::default()
-        };
-        Ok(rows
-            .iter()
-            .enumerate()
-            .map(|(i, r)| {
-                if nonfinite[i] != 0 {
-                    // The CPU backend's rule: NaN or inf logits fail this request alone.
-                    return Err(RequestFailure::NonFiniteLogits);
-                }
-                Ok(SampledToken {
-                    token_id: ids[i],
-                    logprob: r.logprobs.map(|_| logprob[i]),
-                    top_logprobs: r.logprobs.map_or_else(Vec::new, |k| {
-                        let k = k.min(MAX_LOGPROBS);
-                        let base = i * MAX_LOGPROBS;
-                        (0..k)
-                            .map(|j| (top_ids[base + j], top_lp[base + j]))
-                            .collect()
-                    }),
-                })
-            })
-            .collect())
-    }
-
-    fn buf(&self, index: usize) -> Result<&DeviceBuffer, GpuError> {
-        self.scratch
-            .bufs
-            .get(index)
-            .and_then(Option::as_ref)
-            .ok_or_else(|| GpuError::Shape(format!("scratch buffer {index} missing")))
+        let dev: &Device = self.model.device();
+        let vocab = self.model.config().vocab_size;
+        self.sampler
+            .sample(dev, self.model.dtype(), self.ws.logits(), vocab, rows)
     }
 }
 

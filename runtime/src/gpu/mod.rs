@@ -16,6 +16,8 @@ pub mod bench;
 pub mod bench_engine;
 #[cfg(any(feature = "cuda", feature = "gpu-emu"))]
 pub mod decode_graph;
+#[cfg(any(feature = "cuda", feature = "gpu-emu"))]
+mod device_sampler;
 pub mod graph_ladder;
 #[cfg(any(feature = "cuda", feature = "gpu-emu"))]
 pub mod lora;

@@ -5,10 +5,11 @@
 //! logits rows, LoRA units, block tables) is written into one host staging buffer and goes up in
 //! ONE host->device copy into a fixed device buffer; each kernel reads its sub-range of it at a
 //! fixed address, which is also what lets a captured decode graph ([`super::decode_graph`]) be
-//! replayed with nothing but that copy. Sampling rows still go up separately (`backend`).
+//! replayed with nothing but that copy. The sampler's inputs go up in one copy of their own
+//! (`device_sampler`), after the forward's launches.
 //!
-//! The staging buffer is page-locked on a GPU ([`HostStaging`]). None of this has run on a GPU:
-//! CI runs it in the kernels' host emulation.
+//! The staging buffer is page-locked on a GPU ([`HostStaging`]) and the copy is queued without a
+//! host wait. None of this has run on a GPU: CI runs it in the kernels' host emulation.
 
 use caduceus_kernels::gpu::attention::{AttnShape, DecodePlan, DecodeSplit};
 use caduceus_kernels::gpu::lora::TILE_TOKENS;

@@ -1,8 +1,9 @@
-//! The copy stream on a GPU: a non-blocking stream, write-combined pinned chunks, events.
+//! The copy stream on a GPU: a non-blocking stream and its events (the pinned chunks are the
+//! parent's [`crate::gpu::HostStaging`]s).
 
 use std::sync::Arc;
 
-use cudarc::driver::{result as drv, CudaEvent, CudaStream, PinnedHostSlice};
+use cudarc::driver::{result as drv, CudaEvent, CudaStream};
 
 use super::CopyEvent;
 use crate::gpu::cuda::CudaDevice;
@@ -14,42 +15,24 @@ fn driver_err(e: impl std::fmt::Debug) -> GpuError {
 
 pub(super) struct Copies {
     stream: Arc<CudaStream>,
-    staging: Vec<PinnedHostSlice<u8>>,
 }
 
 impl Copies {
-    pub(super) fn new(
-        d: &CudaDevice,
-        num_chunks: usize,
-        chunk_bytes: usize,
-    ) -> Result<Self, GpuError> {
+    pub(super) fn new(d: &CudaDevice) -> Result<Self, GpuError> {
         let (ctx, _) = d.context_and_stream();
         let stream = ctx.new_stream().map_err(driver_err)?;
-        let staging = (0..num_chunks)
-            // SAFETY: the bytes are uninitialised until `stage` writes them; nothing reads
-            // a chunk before writing it.
-            .map(|_| unsafe { ctx.alloc_pinned::<u8>(chunk_bytes) })
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(driver_err)?;
-        Ok(Copies { stream, staging })
+        Ok(Copies { stream })
     }
 
-    pub(super) fn stage(
-        &mut self,
-        chunk: usize,
-        at: usize,
-        piece: &[u8],
-        dst: u64,
-    ) -> Result<(), GpuError> {
-        let pinned = self.staging[chunk].as_mut_slice().map_err(driver_err)?;
-        let staged = &mut pinned[at..at + piece.len()];
-        staged.copy_from_slice(piece);
+    /// Queues a copy of `staged` to `dst` on the copy stream.
+    ///
+    /// # Safety
+    /// `staged` is page-locked and stays allocated and unwritten until an event recorded after
+    /// this copy completed; `dst..dst + len` lies in a buffer kept alive as long.
+    pub(super) unsafe fn copy(&mut self, staged: &[u8], dst: u64) -> Result<(), GpuError> {
         self.stream.context().bind_to_thread().map_err(driver_err)?;
-        // SAFETY: `dst..dst + len` lies in a live buffer (checked by the caller, kept alive
-        // by its owner until the copy completed); the staged bytes are not rewritten before
-        // the event recorded behind this copy completed (`CopyStream::advance`).
-        unsafe { drv::memcpy_htod_async(dst, &*staged, self.stream.cu_stream()) }
-            .map_err(driver_err)
+        // SAFETY: the caller's contract above.
+        unsafe { drv::memcpy_htod_async(dst, staged, self.stream.cu_stream()) }.map_err(driver_err)
     }
 
     pub(super) fn record(&mut self) -> Result<Arc<CudaEvent>, GpuError> {
@@ -70,7 +53,7 @@ impl Copies {
 }
 
 impl Drop for Copies {
-    /// Queued copies read the staging chunks freed after this: let them finish first.
+    /// Queued copies read the staging chunks, freed after this: let them finish first.
     fn drop(&mut self) {
         let _ = self.stream.synchronize();
     }

@@ -1,12 +1,13 @@
-//! The copy stream in the host emulation: staging chunks in ordinary host memory and a queue
-//! of copies run in order when something waits for them (see the parent module).
+//! The copy stream in the host emulation: a queue of copies out of the staging chunks, run in
+//! order when something waits for them (see the parent module).
 
 use std::collections::VecDeque;
 
-/// The emulated copy stream: staging chunks in ordinary host memory and a queue of copies run
-/// when something waits for them.
+use crate::gpu::device::GpuError;
+use crate::gpu::staging::HostStaging;
+
+/// The emulated copy stream: a queue of copies run when something waits for them.
 pub(super) struct Emulated {
-    pub(super) staging: Vec<Vec<u8>>,
     pub(super) queue: VecDeque<EmuOp>,
     /// The last event whose copies have landed.
     pub(super) completed: u64,
@@ -23,18 +24,22 @@ pub(super) enum EmuOp {
 }
 
 impl Emulated {
-    pub(super) fn stage(&mut self, chunk: usize, at: usize, piece: &[u8], dst: u64) {
-        self.staging[chunk][at..at + piece.len()].copy_from_slice(piece);
+    /// Queues a copy of `len` staged bytes of `chunk` from `at` to `dst`.
+    pub(super) fn queue_copy(&mut self, chunk: usize, at: usize, len: usize, dst: u64) {
         self.queue.push_back(EmuOp::Copy {
             chunk,
             at,
-            len: piece.len(),
+            len,
             dst,
         });
     }
 
-    /// Runs the queue in order through the record of `event`.
-    pub(super) fn run_until(&mut self, event: u64) {
+    /// Runs the queue in order through the record of `event`, copying out of `staging`.
+    pub(super) fn run_until(
+        &mut self,
+        staging: &mut [HostStaging],
+        event: u64,
+    ) -> Result<(), GpuError> {
         while self.completed < event {
             match self.queue.pop_front() {
                 Some(EmuOp::Copy {
@@ -43,7 +48,7 @@ impl Emulated {
                     len,
                     dst,
                 }) => {
-                    let src = &self.staging[chunk][at..at + len];
+                    let src = &staging[chunk].bytes_mut()?[at..at + len];
                     // SAFETY: `write` checked `dst..dst + len` against a live emulated buffer,
                     // which its owner keeps until the copy completed (the `write` contract).
                     unsafe {
@@ -54,5 +59,6 @@ impl Emulated {
                 None => break,
             }
         }
+        Ok(())
     }
 }

@@ -10,7 +10,9 @@ use caduceus_scheduler::{RequestId, SchedulerConfig};
 use tokio::sync::mpsc;
 
 use super::{GpuBackend, GpuBackendConfig, KvBlocks, StepLimits};
-use crate::engine::{Backend, EngineCore, EngineRequest, FaultPlan, RequestFailure, SlotSpec};
+use crate::engine::{
+    Backend, EngineCore, EngineRequest, FaultPlan, RequestFailure, RowOutcome, SlotSpec,
+};
 use crate::gpu::lora::{GpuLoraBatch, GpuLoraStack};
 use crate::gpu::memory_plan::{check_weights_fit, llama_weight_bytes};
 use crate::gpu::model::tests::{adapter, store, CONFIG};
@@ -272,7 +274,16 @@ fn sampling_matches(dev: Device) {
     };
     let kv = b.model.new_kv_cache(4, 16).unwrap();
     let logits = b.model.forward_with_lora(&batch, &kv, None).unwrap();
+    let before = b.model.device().transfers();
     b.forward(&batch, &[]).unwrap();
+    let after = b.model.device().transfers();
+    if let (Some(before), Some(after)) = (before, after) {
+        assert_eq!(after.writes, before.writes + 1, "a step is one upload");
+        assert_eq!(
+            after.host_waits, before.host_waits,
+            "a forward waits for nothing"
+        );
+    }
     let prompt: Vec<u32> = (0..20).map(|i| i * 7 % 300).collect();
     let output = [5u32, 9, 5];
     let params = [
@@ -344,6 +355,26 @@ fn sampling_matches(dev: Device) {
         .into_iter()
         .map(Result::unwrap)
         .collect();
+    // Once its buffers have grown, sampling is one upload of every row's inputs (descriptors,
+    // penalty entries, bitsets) and one read of every output, its only wait; the same rows
+    // (each with its drawn uniform) give the same tokens again.
+    let before = b.model.device().transfers();
+    let again = b.sample(&row_samples).unwrap();
+    if let (Some(before), Some(after)) = (before, b.model.device().transfers()) {
+        assert_eq!(after.allocs, before.allocs, "sampling allocated again");
+        assert_eq!(after.writes, before.writes + 1, "one upload");
+        assert_eq!(after.reads, before.reads + 1, "one read");
+        assert_eq!(after.host_waits, before.host_waits + 1, "one wait");
+    }
+    let ids = |v: &[RowOutcome]| {
+        v.iter()
+            .map(|r| r.as_ref().map(|t| t.token_id).ok())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        ids(&again),
+        got.iter().map(|t| Some(t.token_id)).collect::<Vec<_>>()
+    );
     let mut scratch = RowScratch::default();
     for (i, r) in row_samples.iter().enumerate() {
         let want = sample_row(&logits[i * vocab..(i + 1) * vocab], r, &mut scratch);

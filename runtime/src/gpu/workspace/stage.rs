@@ -129,7 +129,7 @@ impl Workspace {
             st[l.lora..l.lora + u.words().len()].copy_from_slice(u.words());
         }
         let words = l.tables + seqs * l.max_blocks;
-        dev.upload_staged(&self.upload, &self.staging, words)?;
+        dev.upload_staged(&self.upload, &mut self.staging, words)?;
         Ok(Step {
             tokens,
             seqs,
