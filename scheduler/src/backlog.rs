@@ -119,9 +119,7 @@ impl Scheduler {
             .filter(|&i| out.scheduled[i].num_scheduled_tokens > 1 && backlogged(&out.scheduled[i]))
             .collect();
         for i in chunks {
-            let s = &mut out.scheduled[i];
-            *token_budget += s.num_scheduled_tokens - 1;
-            s.num_scheduled_tokens = 1;
+            *token_budget += out.scheduled[i].shorten(usize::MAX);
             self.deferred_prefill = true;
         }
     }

@@ -101,8 +101,7 @@ impl Scheduler {
             {
                 continue;
             }
-            let give = left.min(s.num_scheduled_tokens - 1);
-            s.num_scheduled_tokens -= give;
+            let give = s.shorten(left);
             *token_budget += give;
             left -= give;
         }

@@ -28,6 +28,17 @@ pub struct ScheduledRequest {
     pub data: ScheduledData,
 }
 
+impl ScheduledRequest {
+    /// Shortens this step's chunk by up to `by` tokens, keeping at least one (the request keeps
+    /// its blocks, so the tokens given up are computed in a later step); returns how many it
+    /// gave up, for the step's token budget.
+    pub(crate) fn shorten(&mut self, by: usize) -> usize {
+        let give = by.min(self.num_scheduled_tokens.saturating_sub(1));
+        self.num_scheduled_tokens -= give;
+        give
+    }
+}
+
 #[derive(Clone, Debug)]
 pub enum ScheduledData {
     /// First schedule, or resumed after preemption: everything the executor needs
