@@ -98,22 +98,28 @@ impl CudaDevice {
         self.synchronize()
     }
 
-    /// Queues a copy of page-locked `bytes` to `dst` on the compute stream and returns the event
-    /// that completes with it; the host does not wait.
+    /// An event to record copies into ([`Self::write_pinned`]).
+    pub(super) fn new_event(&self) -> Result<cudarc::driver::CudaEvent, GpuError> {
+        self.ctx.new_event(None).map_err(driver_err)
+    }
+
+    /// Queues a copy of page-locked `bytes` to `dst` on the compute stream and records `done`
+    /// behind it; the host does not wait.
     ///
     /// # Safety
-    /// `bytes` must be page-locked, and stay allocated and unwritten until the event completed;
+    /// `bytes` must be page-locked, and stay allocated and unwritten until `done` completed;
     /// `dst..dst + len` must lie in one live buffer.
     pub(super) unsafe fn write_pinned(
         &self,
         dst: u64,
         bytes: &[u8],
-    ) -> Result<cudarc::driver::CudaEvent, GpuError> {
+        done: &cudarc::driver::CudaEvent,
+    ) -> Result<(), GpuError> {
         self.ctx.bind_to_thread().map_err(driver_err)?;
         // SAFETY: the caller's contract above.
         unsafe { drv::memcpy_htod_async(dst, bytes, self.stream.cu_stream()) }
             .map_err(driver_err)?;
-        self.stream.record_event(None).map_err(driver_err)
+        done.record(&self.stream).map_err(driver_err)
     }
 
     pub(super) fn read(&self, src: u64, out: &mut [u8]) -> Result<(), GpuError> {

@@ -13,9 +13,10 @@ use super::device::{Device, DeviceBuffer, GpuError};
 /// Host memory of u32 words (16-byte aligned in emulation, page-aligned when pinned).
 pub struct HostStaging {
     inner: Inner,
-    /// The copy last queued from this memory by [`Device::upload_staged`] on a GPU.
+    /// On a GPU: recorded behind each copy [`Device::upload_staged`] queues from this memory
+    /// (one event, reused), and whether that copy may still be running.
     #[cfg(feature = "cuda")]
-    in_flight: Option<cudarc::driver::CudaEvent>,
+    copy_done: Option<(cudarc::driver::CudaEvent, bool)>,
 }
 
 enum Inner {
@@ -75,8 +76,11 @@ impl HostStaging {
     /// Waits on the host for the last queued copy from this memory.
     fn wait_for_copy(&mut self) -> Result<(), GpuError> {
         #[cfg(feature = "cuda")]
-        if let Some(event) = self.in_flight.take() {
-            event.synchronize().map_err(pinned_err)?;
+        if let Some((event, pending)) = &mut self.copy_done {
+            if *pending {
+                event.synchronize().map_err(pinned_err)?;
+                *pending = false;
+            }
         }
         Ok(())
     }
@@ -92,20 +96,22 @@ impl Drop for HostStaging {
 impl Device {
     /// `words` zeroed words of staging memory (page-locked on a GPU).
     pub fn host_staging(&self, words: usize) -> Result<HostStaging, GpuError> {
-        let inner = match self {
+        Ok(match self {
             #[cfg(feature = "cuda-emu")]
-            Device::Emulated(_) => Inner::Plain(vec![0; words]),
+            Device::Emulated(_) => HostStaging {
+                inner: Inner::Plain(vec![0; words]),
+                #[cfg(feature = "cuda")]
+                copy_done: None,
+            },
             #[cfg(feature = "cuda")]
             Device::Cuda(d) => {
                 let mut p = d.alloc_pinned_words(words.max(1))?;
                 p.as_mut_slice().map_err(pinned_err)?.fill(0);
-                Inner::Pinned(p)
+                HostStaging {
+                    inner: Inner::Pinned(p),
+                    copy_done: Some((d.new_event()?, false)),
+                }
             }
-        };
-        Ok(HostStaging {
-            inner,
-            #[cfg(feature = "cuda")]
-            in_flight: None,
         })
     }
 
@@ -139,14 +145,17 @@ impl Device {
             Device::Emulated(e) => e.copy_in(buf, 0, bytes),
             #[cfg(feature = "cuda")]
             Device::Cuda(d) => {
-                if !matches!(staging.inner, Inner::Pinned(_)) {
+                let (Inner::Pinned(_), Some((done, _))) = (&staging.inner, &staging.copy_done)
+                else {
                     return Err(GpuError::Shape("staging memory of another device".into()));
+                };
+                // SAFETY: `bytes` is page-locked and stays allocated and unwritten until `done`
+                // completed (`wait_for_copy` before `words_mut`, `bytes_mut` and drop); `buf`
+                // is checked above to hold the copy.
+                unsafe { d.write_pinned(buf.ptr(), bytes, done) }?;
+                if let Some((_, pending)) = &mut staging.copy_done {
+                    *pending = true;
                 }
-                // SAFETY: `bytes` is page-locked and stays allocated and unwritten until the
-                // event completes (`wait_for_copy` before `words_mut`, `bytes_mut` and drop);
-                // `buf` is checked above to hold the copy.
-                let event = unsafe { d.write_pinned(buf.ptr(), bytes) }?;
-                staging.in_flight = Some(event);
                 Ok(())
             }
         }

@@ -13,7 +13,7 @@ mod gpu_bench;
 mod gpu_parity;
 mod make_adapters;
 mod serve;
-#[cfg(feature = "cuda")]
+#[cfg(any(feature = "cuda", feature = "gpu-emu"))]
 mod serve_gpu;
 mod step_budget;
 mod tokenize;

@@ -91,7 +91,7 @@ pub(super) struct ServedModel {
 pub fn run(config: CaduceusConfig) -> anyhow::Result<()> {
     match select_device(&config)? {
         Selected::Cpu => run_cpu(config),
-        #[cfg(feature = "cuda")]
+        #[cfg(any(feature = "cuda", feature = "gpu-emu"))]
         Selected::Cuda(dev) => super::serve_gpu::run(config, *dev),
     }
 }
@@ -99,13 +99,28 @@ pub fn run(config: CaduceusConfig) -> anyhow::Result<()> {
 /// The device `model.device` resolves to in this build on this machine.
 enum Selected {
     Cpu,
-    #[cfg(feature = "cuda")]
+    #[cfg(any(feature = "cuda", feature = "gpu-emu"))]
     Cuda(Box<caduceus_kernels::gpu::Device>),
 }
+
+/// Test builds only (feature `gpu-emu`, never in a release): with this variable set to 1, a
+/// `cuda` or `auto` device is the kernels' host emulation, so `serve` on the GPU engine runs
+/// end to end in CI (slowly). Not `CADUCEUS_*`: those are all config keys.
+#[cfg(feature = "gpu-emu")]
+pub const EMULATED_GPU_ENV: &str = "CAD_TEST_EMULATED_GPU";
 
 /// `auto` takes CUDA device 0 when this build has CUDA and a GPU answers, else the CPU (and
 /// says why); `cuda:N` must open or the server does not start.
 fn select_device(config: &CaduceusConfig) -> anyhow::Result<Selected> {
+    #[cfg(feature = "gpu-emu")]
+    if std::env::var(EMULATED_GPU_ENV).is_ok_and(|v| v == "1")
+        && matches!(config.model.device, Device::Cuda(_) | Device::Auto)
+    {
+        tracing::warn!("{EMULATED_GPU_ENV}=1: the GPU engine runs in host emulation (tests only)");
+        return Ok(Selected::Cuda(Box::new(
+            caduceus_kernels::gpu::Device::emulated(),
+        )));
+    }
     match config.model.device {
         Device::Cpu => Ok(Selected::Cpu),
         #[cfg(feature = "cuda")]

@@ -8,7 +8,7 @@ use caduceus_kernels::gpu::{DType, Device};
 
 use super::serve::{root_name, serve, served_name, ServedModel};
 use crate::config::{AdapterDtype, CaduceusConfig, Dtype};
-use crate::engine::{EngineCore, SlotSpec};
+use crate::engine::{Backend, EngineCore, SlotSpec};
 use crate::gpu::memory_plan::{check_weights_fit, llama_weight_bytes};
 use crate::gpu::model::GpuModel;
 use crate::gpu::{GpuBackend, GpuBackendConfig, KvBlocks, StepLimits};
@@ -94,9 +94,14 @@ pub(super) fn run(config: CaduceusConfig, dev: Device) -> anyhow::Result<()> {
             cuda_graph_max_batch,
         },
     )?;
+    // `num_gpu_blocks` as `/metrics` reports it (`caduceus_cache_config_info`): the blocks
+    // requests can hold, all of the pool but its null block.
+    let pool_blocks = backend.num_kv_blocks();
+    let num_gpu_blocks = pool_blocks.saturating_sub(1);
     match backend.memory_plan() {
         Some(p) => tracing::info!(
-            num_gpu_blocks = p.num_gpu_blocks,
+            num_gpu_blocks,
+            pool_blocks,
             budget_mib = p.budget_bytes >> 20,
             fixed_mib = p.fixed_bytes >> 20,
             kv_mib = p.kv_bytes >> 20,
@@ -104,7 +109,8 @@ pub(super) fn run(config: CaduceusConfig, dev: Device) -> anyhow::Result<()> {
             "KV cache pool (GPU memory plan)"
         ),
         None => tracing::info!(
-            num_gpu_blocks = config.model.num_gpu_blocks_override,
+            num_gpu_blocks,
+            pool_blocks,
             "KV cache pool (model.num_gpu_blocks_override)"
         ),
     }
