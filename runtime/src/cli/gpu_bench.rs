@@ -239,9 +239,10 @@ pub fn bench_json(args: &GpuBenchArgs) -> anyhow::Result<serde_json::Value> {
         "shape": shape,
         "weight_bytes": weight_bytes,
         "random_model_load_s": load_s,
-        // Only the engine part goes through GpuBackend, which replays decode steps from graphs.
         "cuda_graphs": format!(
-            "model parts eager; engine decode steps of up to {} sequences from CUDA graphs (0: off)",
+            "decode and multi-LoRA steps replayed from CUDA graphs (decode also eager: \
+             `eager`, `graph_speedup`); prefill eager; engine decode steps of up to {} \
+             sequences from CUDA graphs (0: off)",
             engine_opts.cuda_graph_max_batch
         ),
         "roofline": "max((weight + KV bytes read) / HBM bandwidth, FLOPs / dense bf16 peak)",

@@ -4,9 +4,11 @@
 //! is an option, so the same code runs Llama-3-8B on an H200 and a tiny shape in the emulation
 //! (the unit test below, which is how CI exercises it).
 //!
-//! The steps are timed on the host around one `forward_on_device` plus a device synchronise (the
-//! engine downloads sampled tokens every step, so it synchronises too): the time includes the
-//! per-step uploads and allocations the forward does today, and no sampling.
+//! The steps run as the engine runs them: in one preallocated [`Workspace`] (a step allocates
+//! nothing and makes one upload), decode steps replayed from captured CUDA graphs
+//! ([`DecodeGraphs`]) and, beside them, launched eagerly (what the graphs save), prefill eagerly.
+//! Each is timed on the host around the step plus a device synchronise (the engine downloads
+//! sampled tokens every step, so it synchronises too); no sampling.
 
 use std::time::Instant;
 
@@ -15,10 +17,12 @@ use caduceus_kernels::gpu::{DType, Device};
 use caduceus_kernels::lora::segments_from_token_slots;
 use serde::Serialize;
 
+use super::decode_graph::DecodeGraphs;
 use super::lora::{GpuLoraBatch, GpuLoraStack};
 use super::model::{GpuKvCache, GpuModel, GpuModelError};
 use super::random_model::random_adapter;
 use super::roofline::{decode_step, prefill, GpuSpec, ModelShape, Roofline};
+use super::workspace::{StepLimits, Workspace};
 use crate::model::ForwardBatch;
 
 /// Sizes and repetitions of the model-level parts.
@@ -73,7 +77,12 @@ impl Timed {
 pub struct DecodeFigure {
     pub batch: usize,
     pub context: usize,
+    /// Replayed from a captured CUDA graph, as the engine runs decode steps.
     pub step: Timed,
+    /// The same step launched kernel by kernel (`model.cuda_graphs = false`).
+    pub eager: Timed,
+    /// Eager over graph median step time: what the graph saves.
+    pub graph_speedup: f64,
     pub tokens_per_s: f64,
     /// The target (batch 1 <= 1.25x, batch 256 <= 1.5x the roofline), when it sets one.
     pub target_over_roofline: Option<f64>,
@@ -90,7 +99,7 @@ pub struct PrefillFigure {
     pub flops_utilization: Option<f64>,
 }
 
-/// `streams` decoding sequences spread over `distinct` adapters.
+/// `streams` decoding sequences spread over `distinct` adapters (graph replays, as the base).
 #[derive(Clone, Debug, Serialize)]
 pub struct LoraFigure {
     pub distinct: usize,
@@ -201,15 +210,40 @@ pub fn run_model_parts(
         .max(1);
     progress(&format!("allocating {blocks} KV blocks"));
     let kv = model.new_kv_cache(blocks, o.block_size)?;
+    // One workspace for every part, sized for the largest, as the engine keeps one.
+    let limits = StepLimits {
+        max_num_batched_tokens: most.max(o.prefill_len).max(1),
+        max_num_seqs: most.max(1),
+        max_model_len: o.context.max(o.prefill_len).max(1),
+    };
+    let rank = if o.lora_streams > 0 { o.lora_rank } else { 0 };
+    let dev = model.device();
+    let mut ws = Workspace::new(
+        dev,
+        model.config(),
+        model.dtype(),
+        o.block_size,
+        limits,
+        rank,
+    )?;
+    let mut sizes = o.decode_batches.clone();
+    sizes.sort_unstable();
+    sizes.dedup();
+    sizes.retain(|&b| b > 0);
+    let mut graphs = DecodeGraphs::capture(model, &kv, &mut ws, &sizes, None)?;
+    progress(&format!("decode graphs captured for batches {sizes:?}"));
     let mut decode = Vec::new();
     for &b in &o.decode_batches {
-        let step = time_decode(model, &kv, o, b, None)?;
-        let step = Timed::new(step, gpu.map(|g| decode_step(shape, g, b, o.context)));
+        let roof = gpu.map(|g| decode_step(shape, g, b, o.context));
+        let step = time_decode(model, &kv, &mut ws, Some(&mut graphs), o, b, None)?;
+        let eager = time_decode(model, &kv, &mut ws, None, o, b, None)?;
+        let (step, eager) = (Timed::new(step, roof), Timed::new(eager, roof));
         let target = decode_target(b);
         progress(&format!(
-            "decode batch {b}: {:.3} ms/step (x{:.2} roofline)",
+            "decode batch {b}: {:.3} ms/step from a graph (x{:.2} roofline), {:.3} ms eager",
             step.median_ms,
-            step.over_roofline.unwrap_or(f64::NAN)
+            step.over_roofline.unwrap_or(f64::NAN),
+            eager.median_ms,
         ));
         decode.push(DecodeFigure {
             batch: b,
@@ -217,12 +251,15 @@ pub fn run_model_parts(
             tokens_per_s: b as f64 / (step.median_ms / 1e3),
             meets_target: target.zip(step.over_roofline).map(|(t, r)| r <= t),
             target_over_roofline: target,
+            graph_speedup: eager.median_ms / step.median_ms,
             step,
+            eager,
         });
     }
+    drop(graphs);
     let prefill = match o.prefill_len {
         0 => None,
-        n => Some(time_prefill(model, &kv, shape, gpu, o, n)?),
+        n => Some(time_prefill(model, &kv, &mut ws, shape, gpu, o, n)?),
     };
     if let Some(p) = &prefill {
         progress(&format!(
@@ -232,7 +269,7 @@ pub fn run_model_parts(
     }
     let multi_lora = match o.lora_streams {
         0 => None,
-        _ => Some(time_lora(model, &kv, shape, gpu, o, progress)?),
+        _ => Some(time_lora(model, &kv, &mut ws, shape, gpu, o, progress)?),
     };
     Ok(ModelBenchReport {
         decode,
@@ -241,10 +278,13 @@ pub fn run_model_parts(
     })
 }
 
-/// Step times (ms) of `batch` sequences decoding, each token on `slots[token]` when given.
+/// Step times (ms) of `batch` sequences decoding, each token on `slots[token]` when given:
+/// replayed from `graphs` (which must hold a graph of size `batch`), else launched eagerly.
 fn time_decode(
     model: &GpuModel,
     kv: &GpuKvCache,
+    ws: &mut Workspace,
+    mut graphs: Option<&mut DecodeGraphs>,
     o: &ModelBenchOptions,
     batch: usize,
     lora: Option<(&GpuLoraStack, &[Option<u32>])>,
@@ -264,7 +304,15 @@ fn time_decode(
         .zip(segments.as_deref())
         .map(|((stack, _), segments)| GpuLoraBatch { stack, segments });
     time_steps(model.device(), o.warmup, o.steps, || {
-        model.forward_on_device(&fb, kv, lb.as_ref()).map(drop)
+        match graphs.as_deref_mut() {
+            Some(g) => match g.replay(model, &fb, lb.as_ref(), ws)? {
+                Some(_) => Ok(()),
+                None => Err(GpuModelError::Batch(format!(
+                    "no captured graph replays a decode batch of {batch}"
+                ))),
+            },
+            None => model.forward_in(&fb, kv, lb.as_ref(), ws).map(drop),
+        }
     })
 }
 
@@ -292,6 +340,7 @@ fn time_steps(
 fn time_prefill(
     model: &GpuModel,
     kv: &GpuKvCache,
+    ws: &mut Workspace,
     shape: &ModelShape,
     gpu: Option<&GpuSpec>,
     o: &ModelBenchOptions,
@@ -316,7 +365,7 @@ fn time_prefill(
         logits_indices: &[len - 1],
     };
     let ms = time_steps(model.device(), o.warmup.min(1), o.steps.div_ceil(4), || {
-        model.forward_on_device(&fb, kv, None).map(drop)
+        model.forward_in(&fb, kv, None, ws).map(drop)
     })?;
     let pass = Timed::new(ms, gpu.map(|g| prefill(shape, g, 1, len)));
     let secs = pass.median_ms / 1e3;
@@ -334,6 +383,7 @@ fn time_prefill(
 fn time_lora(
     model: &GpuModel,
     kv: &GpuKvCache,
+    ws: &mut Workspace,
     shape: &ModelShape,
     gpu: Option<&GpuSpec>,
     o: &ModelBenchOptions,
@@ -341,7 +391,10 @@ fn time_lora(
 ) -> Result<LoraPart, GpuModelError> {
     let n = o.lora_streams;
     let roof = gpu.map(|g| decode_step(shape, g, n, o.context));
-    let base = Timed::new(time_decode(model, kv, o, n, None)?, roof);
+    let mut base_graph = DecodeGraphs::capture(model, kv, ws, &[n], None)?;
+    let base = time_decode(model, kv, ws, Some(&mut base_graph), o, n, None)?;
+    drop(base_graph);
+    let base = Timed::new(base, roof);
     let base_tokens_per_s = n as f64 / (base.median_ms / 1e3);
     progress(&format!(
         "multi-LoRA base, {n} streams: {:.3} ms/step",
@@ -364,12 +417,16 @@ fn time_lora(
     progress(&format!(
         "{num_slots} adapter slots filled in {slot_fill_s:.1} s"
     ));
+    // The engine's decode graphs carry the adapter launches, sized for the slots' largest rank.
+    let mut lora_graph = DecodeGraphs::capture(model, kv, ws, &[n], Some(&stack))?;
     let mut runs = Vec::new();
     for &distinct in &o.lora_distinct {
         let distinct = distinct.clamp(1, num_slots);
         // Streams grouped by adapter, as a batch sorted by adapter (S-LoRA, Punica).
         let slots: Vec<Option<u32>> = (0..n).map(|i| Some((i * distinct / n) as u32)).collect();
-        let step = Timed::new(time_decode(model, kv, o, n, Some((&stack, &slots)))?, roof);
+        let lora = Some((&stack, &slots[..]));
+        let step = time_decode(model, kv, ws, Some(&mut lora_graph), o, n, lora)?;
+        let step = Timed::new(step, roof);
         let tokens_per_s = n as f64 / (step.median_ms / 1e3);
         progress(&format!(
             "multi-LoRA {distinct} distinct: {:.3} ms/step ({:.2}x base)",

@@ -108,8 +108,10 @@ fn model_parts_run_on_a_tiny_shape_and_report_each_configuration() {
     let batches: Vec<usize> = r.decode.iter().map(|d| d.batch).collect();
     assert_eq!(batches, [1, 3]);
     for d in &r.decode {
-        assert_eq!(d.step.reps, 1);
+        assert_eq!((d.step.reps, d.eager.reps), (1, 1));
         assert!(d.step.min_ms > 0.0 && d.step.min_ms <= d.step.median_ms);
+        assert!(d.eager.min_ms > 0.0);
+        assert!((d.graph_speedup - d.eager.median_ms / d.step.median_ms).abs() < 1e-9);
         assert!((d.tokens_per_s - d.batch as f64 / (d.step.median_ms / 1e3)).abs() < 1e-6);
         assert!(d.step.roofline.is_none() && d.meets_target.is_none());
     }
@@ -126,6 +128,9 @@ fn model_parts_run_on_a_tiny_shape_and_report_each_configuration() {
     let json = serde_json::to_value(&r).unwrap();
     assert!(json["decode"][1]["step"]["median_ms"].is_f64());
     assert!(lines.iter().any(|l| l.starts_with("decode batch 3")));
+    assert!(lines
+        .iter()
+        .any(|l| l == "decode graphs captured for batches [1, 3]"));
 }
 
 #[test]
