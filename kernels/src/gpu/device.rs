@@ -32,9 +32,10 @@ impl DType {
 /// Why a device could not be opened or a kernel not run.
 #[derive(Debug, thiserror::Error)]
 pub enum GpuError {
+    /// The caller says what to do instead (`serve`: which config key).
     #[error(
         "no NVIDIA driver found (libcuda.so.1 could not be loaded): this machine has no usable \
-         NVIDIA GPU; run on the CPU (`device = \"cpu\"`)"
+         NVIDIA GPU"
     )]
     NoDriver,
     #[error("CUDA library {0} not found: put the CUDA 13 libraries on LD_LIBRARY_PATH")]
