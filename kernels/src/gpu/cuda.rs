@@ -1,5 +1,5 @@
 //! The CUDA side of [`super::Device`]: cudarc with the driver loaded at run time, the embedded
-//! fatbins of `kernels/cuda/*.cu`, one stream.
+//! fatbins of `kernels/cuda/*.cu`, one compute stream of our own.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -46,7 +46,11 @@ impl CudaDevice {
         // buffers are only freed by their owner after the work that uses them. The one other
         // stream (`super::copy_stream`, adapter copies) orders itself with its own events.
         unsafe { ctx.disable_event_tracking() };
-        let stream = ctx.default_stream();
+        // A stream of our own, not the context's NULL stream: CUDA refuses to capture a graph on
+        // the legacy default stream (`cuStreamBeginCapture`: "capture may not be initiated if
+        // stream is CU_STREAM_LEGACY"), which every decode graph needs. Non-blocking, like the
+        // copy stream, so neither synchronises implicitly with other work in the process.
+        let stream = ctx.new_stream().map_err(driver_err)?;
         let modules = MODULES
             .iter()
             .map(|(name, bin)| {
@@ -229,6 +233,9 @@ impl CudaDevice {
         y: u64,
         s: super::gemm::GemmShape,
     ) -> Result<(), GpuError> {
+        // cuBLASLt works on the thread's current context: the engine thread may not have made
+        // ours current yet (launches and copies through cudarc do).
+        self.ctx.bind_to_thread().map_err(driver_err)?;
         let guard = self.blas()?;
         let blas = guard
             .as_ref()
