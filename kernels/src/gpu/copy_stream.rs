@@ -1,5 +1,6 @@
 //! [`CopyStream`]: host → device copies on a stream of their own, so loading an adapter into a
-//! device slot never stalls the batch running on the compute stream (issue 17).
+//! device slot never makes the batch running on the compute stream wait for it (issue 17); the
+//! host waits only while the staging ring is full.
 //!
 //! Host data is first copied into a bounded ring of pinned (page-locked) staging chunks, so the
 //! device copy is truly asynchronous and the caller's memory may be freed at once; a chunk is
@@ -160,8 +161,10 @@ impl CopyStream {
 
     /// Queues a copy of `host` into `buf` at byte `offset` on the copy stream. `host` is staged
     /// before this returns; `buf` must stay alive until the copy completed (an event recorded
-    /// after it completed, or [`Self::synchronize`]). Blocks the host only while the staging
-    /// ring is full, waiting for the copy stream (never for the compute stream).
+    /// after it completed, or [`Self::synchronize`]), and its allocation (compute-stream work)
+    /// must be ordered before the copy ([`Self::after_compute`] since it was allocated). Blocks
+    /// the host while the staging ring is full, until the copy stream frees a chunk, and so also
+    /// for compute work the copy stream was ordered after.
     pub fn write<T: DeviceElem>(
         &mut self,
         buf: &DeviceBuffer,

@@ -27,8 +27,8 @@ pub struct CudaDevice {
     stream: Arc<CudaStream>,
     modules: Vec<Arc<CudaModule>>,
     functions: Mutex<HashMap<&'static str, CudaFunction>>,
-    /// Created on first use (needs libcublasLt).
-    blas: Mutex<Option<Blas>>,
+    /// cuBLASLt (its handle is used by one thread at a time).
+    blas: Mutex<Blas>,
 }
 
 impl CudaDevice {
@@ -58,12 +58,20 @@ impl CudaDevice {
                     .map_err(|e| GpuError::Driver(format!("loading kernels {name}: {e:?}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        // cuBLASLt's handle and workspace now, not at the first GEMM: so the memory plan (made
+        // after opening) sees them as used, and no GEMM can allocate them while a graph is being
+        // captured.
+        // SAFETY: only probes whether libcublasLt can be loaded.
+        if !unsafe { cudarc::cublaslt::sys::is_culib_present() } {
+            return Err(GpuError::MissingLibrary("libcublasLt.so.13"));
+        }
+        let blas = Blas::new(&stream)?;
         Ok(CudaDevice {
             ctx,
             stream,
             modules,
             functions: Mutex::new(HashMap::new()),
-            blas: Mutex::new(None),
+            blas: Mutex::new(blas),
         })
     }
 
@@ -207,22 +215,6 @@ impl CudaDevice {
 
 impl CudaDevice {
     /// The cuBLASLt handle, created on first use (needs libcublasLt).
-    fn blas(&self) -> Result<std::sync::MutexGuard<'_, Option<Blas>>, GpuError> {
-        let mut guard = self
-            .blas
-            .lock()
-            .map_err(|_| GpuError::Blas("handle poisoned".into()))?;
-        if guard.is_none() {
-            // SAFETY: only probes whether libcublasLt can be loaded.
-            if !unsafe { cudarc::cublaslt::sys::is_culib_present() } {
-                return Err(GpuError::MissingLibrary("libcublasLt.so.13"));
-            }
-            self.ctx.bind_to_thread().map_err(driver_err)?;
-            *guard = Some(Blas::new(&self.stream)?);
-        }
-        Ok(guard)
-    }
-
     /// `y (+)= x · Wᵀ (+ bias)`; see [`Blas::gemm`].
     pub(super) fn gemm(
         &self,
@@ -236,19 +228,16 @@ impl CudaDevice {
         // cuBLASLt works on the thread's current context: the engine thread may not have made
         // ours current yet (launches and copies through cudarc do).
         self.ctx.bind_to_thread().map_err(driver_err)?;
-        let guard = self.blas()?;
-        let blas = guard
-            .as_ref()
-            .ok_or_else(|| GpuError::Blas("no handle".into()))?;
+        let blas = self
+            .blas
+            .lock()
+            .map_err(|_| GpuError::Blas("handle poisoned".into()))?;
         // SAFETY: the launcher checked every buffer against the shape; they live on this device.
         unsafe { blas.gemm(&self.stream, dtype, x, w, bias, y, s) }
     }
 
     /// Hits and misses of the cuBLASLt algorithm cache (zeros before the first GEMM).
     pub(super) fn gemm_cache_stats(&self) -> GemmCacheStats {
-        self.blas
-            .lock()
-            .map(|g| g.as_ref().map(Blas::stats).unwrap_or_default())
-            .unwrap_or_default()
+        self.blas.lock().map(|b| b.stats()).unwrap_or_default()
     }
 }

@@ -20,6 +20,8 @@ fn staged_copies_land_in_order_through_a_small_ring() {
         let buf = dev.alloc_zeroed(1000).unwrap();
         // Two 64-byte chunks for 1000 bytes: the ring turns over eight times.
         let mut copies = CopyStream::new(&dev, 2, 64).unwrap();
+        // The buffer's allocation and zeroing are compute-stream work: copies go after them.
+        copies.after_compute(&dev).unwrap();
         copies.record_ops();
         copies.write(&buf, 0, &data.clone()).unwrap(); // the host copy is gone at once
         copies.write(&buf, 996, &[0xdead_beef_u32]).unwrap(); // a later copy wins

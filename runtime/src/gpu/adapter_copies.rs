@@ -7,8 +7,12 @@
 //! request uses, and each load first orders the copy stream after all compute work launched so
 //! far (the last step that read the slot's previous adapter).
 //!
-//! The pinned staging ring ([`STAGING_CHUNKS`] x [`STAGING_CHUNK_BYTES`], 32 MiB) is host
-//! memory: the memory plan divides device memory only, so it is not in the plan.
+//! The pinned staging ring holds one slot's bytes where it can ([`staging_chunks`]: 32 to 128
+//! MiB): a load that fits it never waits on the host for its own copies. A bigger one (ranks
+//! above ~24 on all seven projections of an 8B model) waits while the ring turns over, for the
+//! copy stream, which itself runs after the compute work launched before the load; so such a
+//! load can delay the next step's launch by that much. The ring is host memory: the memory plan
+//! divides device memory only, so it is not in the plan.
 //!
 //! Tested in the host emulation only; it has never run on a GPU.
 
@@ -20,11 +24,17 @@ use caduceus_kernels::lora::Segment;
 use super::lora::{GpuLoraLoadError, GpuLoraStack};
 use crate::model::lora::LoraStack;
 
-/// Pinned staging chunks of the adapter copy stream.
-pub const STAGING_CHUNKS: usize = 8;
-/// Bytes per staging chunk: a Llama-3-8B rank-16 adapter on all seven projections (~84 MB in
-/// bf16) streams through the ring about three times; the host waits only for the copy stream.
+/// Bytes per staging chunk.
 pub const STAGING_CHUNK_BYTES: usize = 4 << 20;
+/// Fewest and most staging chunks (32 and 128 MiB).
+const MIN_CHUNKS: usize = 8;
+const MAX_CHUNKS: usize = 32;
+
+/// Staging chunks for slots of `slot_bytes` each: one slot's bytes and a chunk to spare, within
+/// 32 to 128 MiB. A Llama-3-8B rank-16 adapter on all seven projections is ~84 MB in bf16.
+pub fn staging_chunks(slot_bytes: usize) -> usize {
+    (slot_bytes.div_ceil(STAGING_CHUNK_BYTES) + 1).clamp(MIN_CHUNKS, MAX_CHUNKS)
+}
 
 /// The copy stream and, per adapter slot, the event its last load recorded that the compute
 /// stream has not waited for yet.
@@ -34,10 +44,10 @@ pub struct AdapterCopies {
 }
 
 impl AdapterCopies {
-    /// A copy stream on `dev` for `num_slots` slots.
-    pub fn new(dev: &Device, num_slots: usize) -> Result<Self, GpuError> {
+    /// A copy stream on `dev` for `num_slots` slots of `slot_bytes` device bytes each.
+    pub fn new(dev: &Device, num_slots: usize, slot_bytes: usize) -> Result<Self, GpuError> {
         Ok(AdapterCopies {
-            stream: CopyStream::new(dev, STAGING_CHUNKS, STAGING_CHUNK_BYTES)?,
+            stream: CopyStream::new(dev, staging_chunks(slot_bytes), STAGING_CHUNK_BYTES)?,
             pending: vec![None; num_slots],
         })
     }
@@ -78,5 +88,20 @@ impl AdapterCopies {
     /// The copy stream (tests read its op log).
     pub fn stream_mut(&mut self) -> &mut CopyStream {
         &mut self.stream
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ring_holds_a_slot_within_its_bounds() {
+        let mib = 1 << 20;
+        assert_eq!(staging_chunks(0), MIN_CHUNKS);
+        // 84 MB (an 8B rank-16 adapter): 21 chunks and one to spare.
+        assert_eq!(staging_chunks(84_000_000), 22);
+        assert!(staging_chunks(84_000_000) * STAGING_CHUNK_BYTES >= 84_000_000 + 4 * mib);
+        assert_eq!(staging_chunks(335_000_000), MAX_CHUNKS);
     }
 }

@@ -54,21 +54,29 @@ pub struct GpuBackendConfig {
     pub cuda_graph_max_batch: usize,
 }
 
-/// A model on a CUDA device (or its emulation).
+/// A model on a CUDA device (or its emulation). Fields drop in order, after [`Drop`] waited
+/// for the device: the copies first (they write into `lora`'s slots), the model (the device,
+/// its kernel modules and cuBLASLt) last, after every graph and buffer that uses it.
 pub struct GpuBackend {
-    /// Dropped first: its queued copies write into `lora`'s slots.
     copies: Option<AdapterCopies>,
-    model: GpuModel,
+    graphs: Option<DecodeGraphs>,
+    sampler: DeviceSampler,
+    /// Every buffer of a forward step; holds the last forward's logits.
+    ws: Workspace,
     kv: GpuKvCache,
     lora: Option<GpuLoraStack>,
     slot_spec: Option<SlotSpec>,
     plan: Option<MemoryPlan>,
-    /// Every buffer of a forward step; holds the last forward's logits.
-    ws: Workspace,
     /// Rows of logits the last forward left in `ws` (0: none).
     logit_rows: usize,
-    graphs: Option<DecodeGraphs>,
-    sampler: DeviceSampler,
+    model: GpuModel,
+}
+
+impl Drop for GpuBackend {
+    /// Work still queued (a step that failed before its read-back) may use any buffer below.
+    fn drop(&mut self) {
+        let _ = self.model.device().synchronize();
+    }
 }
 
 impl GpuBackend {
@@ -115,8 +123,9 @@ impl GpuBackend {
                 let inputs = MemoryInputs {
                     total_bytes: total as u64,
                     gpu_memory_utilization,
-                    // Our weights, slots and workspace are resident already: the rest is
-                    // someone else's.
+                    // Our weights, slots and workspace are resident already: the rest (the
+                    // CUDA context, cuBLASLt's handle and workspace, other processes) is not
+                    // ours to plan.
                     used_by_others: (total as u64)
                         .saturating_sub(free as u64)
                         .saturating_sub(weights + slots + workspace),
@@ -143,7 +152,10 @@ impl GpuBackend {
                 ))
             })?;
         let copies = match &lora {
-            Some(stack) => Some(AdapterCopies::new(dev, stack.num_slots()).map_err(err)?),
+            Some(stack) => {
+                let slot_bytes = stack.nbytes() / stack.num_slots().max(1);
+                Some(AdapterCopies::new(dev, stack.num_slots(), slot_bytes).map_err(err)?)
+            }
             None => None,
         };
         let mut ws = ws;

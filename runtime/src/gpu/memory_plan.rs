@@ -6,8 +6,8 @@
 //! whose weights exceed the device's free memory is refused before anything is uploaded
 //! ([`check_weights_fit`]), naming its size against the device's.
 //!
-//! Device memory only: the adapter copy stream's pinned staging ring (32 MiB of host memory,
-//! `super::adapter_copies`) is not part of this plan.
+//! Device memory only: the adapter copy stream's pinned staging ring (32 to 128 MiB of host
+//! memory, `super::adapter_copies`) is not part of this plan.
 
 use crate::model::config::LlamaConfig;
 
