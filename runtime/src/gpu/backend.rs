@@ -116,6 +116,9 @@ impl GpuBackend {
             KvBlocks::Plan {
                 gpu_memory_utilization,
             } => {
+                // Allocations are stream-ordered (cuMemAllocAsync): let the slots' and the
+                // workspace's take effect before asking what is free.
+                dev.synchronize().map_err(err)?;
                 let (free, total) = dev.memory_info().map_err(err)?;
                 let weights = model.weight_bytes() as u64;
                 let slots = lora.as_ref().map_or(0, GpuLoraStack::nbytes) as u64;
@@ -162,9 +165,11 @@ impl GpuBackend {
         let graphs = match sizes.is_empty() {
             true => None,
             false => {
+                dev.synchronize().map_err(err)?;
                 let free_before = dev.memory_info().map_err(err)?.0;
                 let g = DecodeGraphs::capture(&model, &kv, &mut ws, &sizes, lora.as_ref())
                     .map_err(err)?;
+                dev.synchronize().map_err(err)?;
                 let free_after = dev.memory_info().map_err(err)?.0;
                 tracing::info!(
                     graphs = g.sizes().len(),
