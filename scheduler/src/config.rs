@@ -80,6 +80,12 @@ fn at_least(field: &'static str, value: usize, min: u64) -> Result<(), ConfigErr
 }
 
 impl SchedulerConfig {
+    /// Blocks requests can hold: all of `num_blocks` but the null block (what `/metrics`
+    /// reports as `num_gpu_blocks`).
+    pub fn num_usable_blocks(&self) -> usize {
+        self.num_blocks.saturating_sub(1)
+    }
+
     /// The size limits every request is admitted under.
     pub fn admission_limits(&self) -> AdmissionLimits {
         AdmissionLimits {

@@ -214,7 +214,6 @@ impl CudaDevice {
 }
 
 impl CudaDevice {
-    /// The cuBLASLt handle, created on first use (needs libcublasLt).
     /// `y (+)= x · Wᵀ (+ bias)`; see [`Blas::gemm`].
     pub(super) fn gemm(
         &self,

@@ -8,7 +8,7 @@ use caduceus_kernels::gpu::{DType, Device};
 
 use super::serve::{root_name, serve, served_name, ServedModel};
 use crate::config::{AdapterDtype, CaduceusConfig, Dtype};
-use crate::engine::{Backend, EngineCore, SlotSpec};
+use crate::engine::{EngineCore, SlotSpec};
 use crate::gpu::memory_plan::{check_weights_fit, llama_weight_bytes};
 use crate::gpu::model::GpuModel;
 use crate::gpu::{GpuBackend, GpuBackendConfig, KvBlocks, StepLimits};
@@ -94,11 +94,13 @@ pub(super) fn run(config: CaduceusConfig, dev: Device) -> anyhow::Result<()> {
             cuda_graph_max_batch,
         },
     )?;
-    // `num_gpu_blocks` as `/metrics` reports it (`caduceus_cache_config_info`): the blocks
-    // requests can hold, all of the pool but its null block.
-    let pool_blocks = backend.num_kv_blocks();
-    let num_gpu_blocks = pool_blocks.saturating_sub(1);
-    match backend.memory_plan() {
+    let plan = backend.memory_plan();
+    let eos = served.tokenizer.eos_ids().to_vec();
+    let core = EngineCore::with_backend(backend, Some(served.tokenizer.clone()), eos, sched)?;
+    // `num_gpu_blocks` as `/metrics` reports it (`caduceus_cache_config_info`).
+    let pool = core.scheduler_config();
+    let (num_gpu_blocks, pool_blocks) = (pool.num_usable_blocks(), pool.num_blocks);
+    match plan {
         Some(p) => tracing::info!(
             num_gpu_blocks,
             pool_blocks,
@@ -114,8 +116,6 @@ pub(super) fn run(config: CaduceusConfig, dev: Device) -> anyhow::Result<()> {
             "KV cache pool (model.num_gpu_blocks_override)"
         ),
     }
-    let eos = served.tokenizer.eos_ids().to_vec();
-    let core = EngineCore::with_backend(backend, Some(served.tokenizer.clone()), eos, sched)?;
     serve(config, core, served)
 }
 

@@ -194,7 +194,7 @@ fn run_loop<B: Backend>(
     shared: &Shared,
 ) -> Result<(), EngineError> {
     let config = core.scheduler_config();
-    crate::metrics::record_cache_config(config.block_size, config.num_blocks.saturating_sub(1));
+    crate::metrics::record_cache_config(config.block_size, config.num_usable_blocks());
     loop {
         // Block while idle; otherwise take whatever arrived since the last step.
         if !core.has_unfinished() {
