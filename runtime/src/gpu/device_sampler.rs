@@ -167,8 +167,7 @@ impl DeviceSampler {
             _ => dev.host_staging(layout.total.next_power_of_two())?,
         };
         let staging = self.staging.insert(staging);
-        let st = staging.words_mut()?;
-        write_inputs(st, &layout, &descs, &entries, rows, vocab);
+        write_inputs(staging.bytes_mut()?, &layout, &descs, &entries, rows, vocab);
         let inputs = self.scratch.get(INPUTS)?;
         dev.upload_staged(inputs, staging, layout.total)?;
 
@@ -241,32 +240,27 @@ fn row_descriptors(rows: &[RowSample]) -> Result<(Vec<SampleRow>, Vec<PenaltyEnt
 }
 
 /// Writes the rows, the entries and (for masked rows) the allowed-token bitsets into `st` at
-/// `layout`. Structured outputs and bans (EOS before min_tokens): one bitset per masked row
-/// (the grammar's, as the CPU holds it, less the banned ids), so the kernel still sees the
-/// model's own logits when it checks them for NaN and inf. `st` is only written, never read
-/// (pinned staging is write-combined: reading it is slow).
+/// `layout` (word offsets). Structured outputs and bans (EOS before min_tokens): one bitset per
+/// masked row (the grammar's, as the CPU holds it, less the banned ids), so the kernel still
+/// sees the model's own logits when it checks them for NaN and inf. `st` is only written, never
+/// read (pinned staging is write-combined: reading it is slow).
 fn write_inputs(
-    st: &mut [u32],
+    st: &mut [u8],
     layout: &InputLayout,
     descs: &[SampleRow],
     entries: &[PenaltyEntry],
     rows: &[RowSample],
     vocab: usize,
 ) {
-    let put = |st: &mut [u32], at: usize, bytes: &[u8]| {
-        for (w, b) in st[at..].iter_mut().zip(bytes.chunks_exact(4)) {
-            *w = u32::from_ne_bytes([b[0], b[1], b[2], b[3]]);
-        }
-    };
-    put(st, layout.rows, as_bytes(descs));
-    put(st, layout.entries, as_bytes(entries));
+    let mut put = |at: usize, bytes: &[u8]| st[at * 4..at * 4 + bytes.len()].copy_from_slice(bytes);
+    put(layout.rows, as_bytes(descs));
+    put(layout.entries, as_bytes(entries));
     if layout.bit_words == 0 {
         return;
     }
     let words = allowed_words(vocab);
     let mut row_bits = vec![0u32; words];
-    let bits = &mut st[layout.bits..layout.bits + layout.bit_words];
-    for (dst, r) in bits.chunks_exact_mut(words).zip(rows) {
+    for (i, r) in rows.iter().enumerate() {
         match &r.allowed {
             Some(mask) => {
                 for (d, w) in row_bits
@@ -281,7 +275,7 @@ fn write_inputs(
         for t in r.banned.iter().map(|&t| t as usize).filter(|&t| t < vocab) {
             row_bits[t / 32] &= !(1 << (t % 32));
         }
-        dst.copy_from_slice(&row_bits);
+        put(layout.bits + i * words, as_bytes(&row_bits));
     }
 }
 
