@@ -172,13 +172,7 @@ impl CopyStream {
         host: &[T],
     ) -> Result<(), GpuError> {
         let bytes = as_bytes(host);
-        if offset.saturating_add(bytes.len()) > buf.len_bytes() {
-            return Err(GpuError::Shape(format!(
-                "copying {} bytes at {offset} into a buffer of {}",
-                bytes.len(),
-                buf.len_bytes()
-            )));
-        }
+        buf.check_range(offset, bytes.len())?;
         let mut dst = buf.ptr_at(offset)?;
         for piece in bytes.chunks(self.chunk_bytes) {
             if self.chunks[self.current].fill + piece.len() > self.chunk_bytes {

@@ -112,13 +112,20 @@ impl DeviceBuffer {
 
     /// The device address `offset` bytes in (checked against the length).
     pub fn ptr_at(&self, offset: usize) -> Result<u64, GpuError> {
-        if offset > self.bytes {
-            return Err(GpuError::Shape(format!(
-                "offset {offset} past a buffer of {} bytes",
-                self.bytes
-            )));
-        }
+        self.check_range(offset, 0)?;
         Ok(self.ptr + offset as u64)
+    }
+
+    /// Refuses `bytes` bytes from `offset` unless they lie inside the buffer: the one range check
+    /// behind views, writes and uploads.
+    pub fn check_range(&self, offset: usize, bytes: usize) -> Result<(), GpuError> {
+        match offset.checked_add(bytes) {
+            Some(end) if end <= self.bytes => Ok(()),
+            _ => Err(GpuError::Shape(format!(
+                "{bytes} bytes at offset {offset} do not fit a buffer of {} bytes",
+                self.bytes
+            ))),
+        }
     }
 
     pub fn len_bytes(&self) -> usize {
@@ -134,13 +141,7 @@ impl DeviceBuffer {
     /// per-step upload buffer hands each kernel its sub-range at a fixed address (what a
     /// captured graph needs).
     pub fn view(&self, offset: usize, bytes: usize) -> Result<BufferView<'_>, GpuError> {
-        let end = offset.checked_add(bytes);
-        if end.is_none_or(|e| e > self.bytes) {
-            return Err(GpuError::Shape(format!(
-                "view of {bytes} bytes at {offset} past a buffer of {}",
-                self.bytes
-            )));
-        }
+        self.check_range(offset, bytes)?;
         Ok(BufferView {
             buf: DeviceBuffer {
                 ptr: self.ptr + offset as u64,
@@ -331,13 +332,7 @@ impl Device {
         host: &[T],
     ) -> Result<(), GpuError> {
         let bytes = as_bytes(host);
-        if offset + bytes.len() > buf.bytes {
-            return Err(GpuError::Shape(format!(
-                "writing {} bytes at {offset} into a buffer of {}",
-                bytes.len(),
-                buf.bytes
-            )));
-        }
+        buf.check_range(offset, bytes.len())?;
         match self {
             #[cfg(feature = "cuda-emu")]
             Device::Emulated(e) => {
@@ -429,5 +424,30 @@ impl Device {
             #[cfg(feature = "cuda")]
             Device::Cuda(d) => d.launch(kernel.name, dims, params),
         }
+    }
+}
+
+#[cfg(all(test, feature = "cuda-emu"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn views_writes_and_addresses_stay_inside_their_buffer() {
+        let dev = Device::emulated();
+        let buf = dev.alloc_zeroed(16).unwrap();
+        assert!(buf.check_range(0, 16).is_ok() && buf.check_range(16, 0).is_ok());
+        assert!(buf.check_range(9, 8).is_err() && buf.check_range(17, 0).is_err());
+        assert!(buf.check_range(usize::MAX, 2).is_err(), "overflowing end");
+        assert_eq!(buf.ptr_at(16).unwrap(), buf.ptr() + 16);
+        assert!(buf.ptr_at(17).is_err());
+        assert_eq!(buf.view(4, 12).unwrap().len_bytes(), 12);
+        assert!(buf.view(4, 13).is_err());
+        dev.write(&buf, 8, &[1u32, 2]).unwrap();
+        let err = dev.write(&buf, 12, &[1u32, 2]).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("8 bytes at offset 12 do not fit a buffer of 16 bytes"),
+            "{err}"
+        );
     }
 }

@@ -133,13 +133,7 @@ impl Device {
             ))
         })?;
         let bytes = super::device::as_bytes(src);
-        if bytes.len() > buf.len_bytes() {
-            return Err(GpuError::Shape(format!(
-                "uploading {} bytes into a buffer of {}",
-                bytes.len(),
-                buf.len_bytes()
-            )));
-        }
+        buf.check_range(0, bytes.len())?;
         match self {
             #[cfg(feature = "cuda-emu")]
             Device::Emulated(e) => e.copy_in(buf, 0, bytes),
@@ -200,7 +194,8 @@ mod tests {
         );
         let err = dev.upload_staged(&small, &mut st, 3).unwrap_err();
         assert!(
-            err.to_string().contains("12 bytes into a buffer of 8"),
+            err.to_string()
+                .contains("12 bytes at offset 0 do not fit a buffer of 8 bytes"),
             "{err}"
         );
     }
