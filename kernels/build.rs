@@ -45,12 +45,27 @@ fn build_emulation(cuda_dir: &Path, sources: &[PathBuf]) {
         .warnings(true)
         .include(cuda_dir)
         .file(cuda_dir.join("emu/emu.cpp"));
-    if env::var_os("CAD_EMU_TSAN").is_some() {
-        // scripts/cuda-emu-tsan: the data-race detector over the emulated kernels.
-        b.flag("-fsanitize=thread").flag("-g");
-        println!("cargo:rustc-link-lib=dylib=tsan");
+    // scripts/cuda-emu-sanitize: the emulated kernels under a sanitizer.
+    match env::var("CAD_EMU_SANITIZE").as_deref() {
+        // Data races between emulated CUDA threads (a missing __syncthreads).
+        Ok("thread") => {
+            b.flag("-fsanitize=thread").flag("-g");
+            println!("cargo:rustc-link-lib=dylib=tsan");
+        }
+        // Undefined behaviour, above all vector loads and stores at addresses the GPU would
+        // fault on (the emulation's x86 loads tolerate misalignment); the first report aborts.
+        Ok("undefined") => {
+            b.flag("-fsanitize=undefined")
+                .flag("-fno-sanitize-recover=all")
+                .flag("-g");
+            println!("cargo:rustc-link-lib=dylib=ubsan");
+        }
+        Ok(other) if !other.is_empty() => {
+            panic!("CAD_EMU_SANITIZE={other}: use thread or undefined")
+        }
+        _ => {}
     }
-    println!("cargo:rerun-if-env-changed=CAD_EMU_TSAN");
+    println!("cargo:rerun-if-env-changed=CAD_EMU_SANITIZE");
     // The .cu files are C++ to g++; `-x c++` applies to the files that follow it.
     b.flag("-xc++");
     for s in sources {

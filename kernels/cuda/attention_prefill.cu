@@ -72,6 +72,7 @@ __device__ __forceinline__ V pun_load(const P* p) {
 #if defined(__CUDA_ARCH__)
   return *reinterpret_cast<const V*>(p);
 #else
+  cad_emu::require_aligned(p, alignof(V), "vector load");
   V v;
   memcpy(&v, p, sizeof(V));
   return v;
@@ -82,6 +83,7 @@ __device__ __forceinline__ void pun_store(P* p, const V& v) {
 #if defined(__CUDA_ARCH__)
   *reinterpret_cast<V*>(p) = v;
 #else
+  cad_emu::require_aligned(p, alignof(V), "vector store");
   memcpy(p, &v, sizeof(V));
 #endif
 }

@@ -18,7 +18,7 @@
 #else
 #include "emu/emu.hpp"
 #define CAD_DYNAMIC_SMEM(T, name) CAD_EMU_DYNAMIC_SMEM(T, name)
-#define CAD_KERNEL_BOUNDS(name, Params, p, threads) CAD_KERNEL(name, Params, p)
+#define CAD_KERNEL_BOUNDS(name, Params, p, threads) CAD_EMU_KERNEL(name, Params, p, threads)
 #endif
 
 /// Full unrolling of a constant-trip loop, for nvcc and g++ alike.

@@ -2,6 +2,8 @@
 #include "emu.hpp"
 
 #include <barrier>
+#include <cstdio>
+#include <cstdlib>
 #include <memory>
 #include <mutex>
 #include <thread>
@@ -36,6 +38,14 @@ struct Block {
 };
 
 void sync_block() { t.block->bar.arrive_and_wait(); }
+
+void require_aligned(const void* p, std::size_t align, const char* what) {
+  if (reinterpret_cast<std::uintptr_t>(p) % align != 0) {
+    std::fprintf(stderr, "cad_emu: misaligned %s at %p (needs %zu-byte alignment on a GPU)\n", what, p,
+                 align);
+    std::abort();
+  }
+}
 
 unsigned lane_id() { return t.linear % 32; }
 

@@ -54,6 +54,12 @@ unsigned char* dynamic_smem();
 /// process-wide (statics stand in for shared memory).
 void launch(const CadEmuLaunch& l, const std::function<void()>& body);
 
+/// Aborts, naming the access, when `p` is not `align`-byte aligned: a GPU faults on such a
+/// vector access (misaligned address) where the host's loads would quietly succeed. For accesses
+/// the emulation makes through memcpy; typed ones are checked by `scripts/cuda-emu-sanitize
+/// undefined`.
+void require_aligned(const void* p, std::size_t align, const char* what);
+
 }  // namespace cad_emu
 
 #define threadIdx (cad_emu::t.thread_idx)
@@ -210,17 +216,20 @@ inline __half __float2half(float f) {
 
 /// Kernel definition: an `extern "C"` entry point the Rust side calls with the launch geometry
 /// and a pointer to the parameter struct, and the kernel body as a static function.
-/// Returns 1 without running when the caller's struct size differs from `Params`.
-#define CAD_KERNEL(name, Params, p)                                                  \
+/// Returns without running 1 when the caller's struct size differs from `Params`, 2 when the block
+/// has more than `max_threads` threads (the kernel's `__launch_bounds__`, which a GPU enforces).
+#define CAD_EMU_KERNEL(name, Params, p, max_threads)                                 \
   static void name##_body(const Params p);                                           \
   extern "C" int name(const CadEmuLaunch* l, const void* raw, unsigned size) {       \
     if (size != sizeof(Params)) return 1;                                            \
+    if (l->block[0] * l->block[1] * l->block[2] > (max_threads)) return 2;           \
     Params copy;                                                                     \
     std::memcpy(&copy, raw, sizeof(Params));                                         \
     cad_emu::launch(*l, [&copy] { name##_body(copy); });                             \
     return 0;                                                                        \
   }                                                                                  \
   static void name##_body(const Params p)
+#define CAD_KERNEL(name, Params, p) CAD_EMU_KERNEL(name, Params, p, 1024)
 
 // ---- Added for sampling.cu (gpu-sample): IEEE round-to-nearest float operations that nvcc
 // never contracts into an FMA, so the kernel rounds exactly as its CPU twin. Plain operators

@@ -56,6 +56,8 @@ pub enum GpuError {
     Misaligned { bytes: usize, elem: usize },
     #[error("graph capture: {0}")]
     Capture(String),
+    #[error("kernel {kernel}: a GPU refuses {what}")]
+    Launch { kernel: String, what: String },
 }
 
 /// Plain element types that can be copied to and from device buffers byte for byte.
@@ -401,6 +403,7 @@ impl Device {
         if dims.grid.0 == 0 || dims.grid.1 == 0 || dims.grid.2 == 0 {
             return Ok(());
         }
+        dims.check(kernel.name)?;
         match self {
             #[cfg(feature = "cuda-emu")]
             Device::Emulated(e) => {
@@ -416,10 +419,7 @@ impl Device {
                 // SAFETY: the entry point reads `size` bytes of `params` after checking that its
                 // C struct has that size; pointers inside are emulated device addresses.
                 let rc = unsafe { (kernel.emu)(&l, (params as *const P).cast(), size) };
-                if rc != 0 {
-                    return Err(GpuError::ParamsMismatch(kernel.name));
-                }
-                Ok(())
+                super::kernel::emu_result(kernel.name, &l, rc)
             }
             #[cfg(feature = "cuda")]
             Device::Cuda(d) => d.launch(kernel.name, dims, params),

@@ -319,10 +319,7 @@ fn replay_op(op: &EmuOp) -> Result<(), GpuError> {
             // SAFETY: the parameter bytes were copied from the launch's KernelParams struct at
             // capture; the addresses in them are the (still live, fixed) buffers it named.
             let rc = unsafe { entry(launch, params.as_ptr().cast(), *size) };
-            match rc {
-                0 => Ok(()),
-                _ => Err(GpuError::ParamsMismatch(name)),
-            }
+            super::kernel::emu_result(name, launch, rc)
         }
         EmuOp::Gemm {
             dtype,

@@ -112,3 +112,37 @@ pub fn rope_cache(dev: &Device, dtype: DType, a: &RopeCacheArgs<'_>) -> Result<(
         &p,
     )
 }
+
+#[cfg(all(test, feature = "cuda-emu"))]
+mod launch_tests {
+    use super::*;
+
+    /// The emulation enforces `__launch_bounds__` as a GPU does: a bigger block is refused before
+    /// anything runs (no tokens: the kernel would write nothing either way).
+    #[test]
+    fn a_block_past_the_kernels_launch_bounds_is_refused() {
+        let dev = Device::emulated();
+        let p = RopeCacheParams {
+            qkv: 0,
+            q_out: 0,
+            positions: 0,
+            slot_mapping: 0,
+            inv_freq: 0,
+            k_cache: 0,
+            v_cache: 0,
+            num_tokens: 0,
+            num_heads: 1,
+            num_kv_heads: 1,
+            head_dim: 64,
+            num_slots: 0,
+            neox: 0,
+        };
+        let at = |threads| dev.launch(&ROPE_CACHE[0], LaunchDims::linear(1, threads), &p);
+        assert!(at(THREADS).is_ok());
+        let err = at(2 * THREADS).unwrap_err().to_string();
+        assert!(
+            err.contains("cad_rope_cache_bf16") && err.contains("__launch_bounds__"),
+            "{err}"
+        );
+    }
+}
