@@ -4,7 +4,8 @@
 //! - feature `cuda`: compiled by nvcc into one fatbin per file (an sm_90 cubin for H100/H200
 //!   plus compute_80 PTX the driver can JIT for newer GPUs), embedded in the crate. A kernel
 //!   that spills registers fails the build unless its source says why it may, with a line
-//!   `// cad-allow-spill: <kernel name>: <reason>`.
+//!   `// cad-allow-spill: <kernel name>: <reason>`; one declared without launch bounds
+//!   (`CAD_KERNEL`) fails it past 64 registers per thread (a 1024-thread block could not launch).
 
 use std::env;
 use std::fs;
@@ -125,7 +126,7 @@ fn build_fatbins(sources: &[PathBuf]) {
         if !output.status.success() {
             panic!("nvcc failed on {}:\n{log}", src.display());
         }
-        check_spills(src, &log);
+        check_ptxas_report(src, &log);
         table.push_str(&format!(
             "    ({stem:?}, include_bytes!({:?})),\n",
             fatbin.display().to_string()
@@ -135,14 +136,29 @@ fn build_fatbins(sources: &[PathBuf]) {
     fs::write(out.join("cuda_modules.rs"), table).expect("write cuda_modules.rs");
 }
 
-/// Fails on a kernel whose ptxas report shows spill stores or loads, unless allowed in its source.
-fn check_spills(src: &Path, ptxas_log: &str) {
+/// `N` of ptxas's "Used N registers, ..." line.
+fn used_registers(line: &str) -> Option<u32> {
+    line.split("Used ").nth(1)?.split(' ').next()?.parse().ok()
+}
+
+/// Fails on a kernel whose ptxas report shows spill stores or loads, unless allowed in its source,
+/// or more registers than a 1024-thread block can have when it declares no launch bounds.
+fn check_ptxas_report(src: &Path, ptxas_log: &str) {
     let source = fs::read_to_string(src).unwrap_or_default();
     let mut current = String::new();
     let mut bad = Vec::new();
     for line in ptxas_log.lines() {
         if let Some(rest) = line.split("Function properties for ").nth(1) {
             current = rest.trim().to_string();
+        } else if let Some(regs) = used_registers(line) {
+            // A kernel without launch bounds may be launched with 1024 threads, and an SM has
+            // 65536 registers: more than 64 each and such a launch fails on the GPU.
+            if regs > 64 && source.contains(&format!("CAD_KERNEL({current},")) {
+                bad.push(format!(
+                    "{current}: {regs} registers per thread without __launch_bounds__ \
+                     (declare it with CAD_KERNEL_BOUNDS)"
+                ));
+            }
         } else if line.contains("spill stores") {
             let spills = line
                 .split(',')
@@ -157,7 +173,7 @@ fn check_spills(src: &Path, ptxas_log: &str) {
     if !bad.is_empty() {
         panic!(
             "{} has kernels that spill registers (say why with `// cad-allow-spill: <kernel>: <reason>` \
-             or fix them):\n{}",
+             or fix them) or use too many:\n{}",
             src.display(),
             bad.join("\n")
         );

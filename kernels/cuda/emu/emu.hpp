@@ -1,6 +1,6 @@
 // Host emulation of the CUDA execution model, so the kernels in ../*.cu run unchanged on a CPU
 // (g++ -std=c++20, see kernels/build.rs). One OS thread per CUDA thread; the blocks of a grid run
-// one after another on the same threads. `__syncthreads` is a barrier over the block, warp
+// one after another on the same threads (every other launch last to first). `__syncthreads` is a barrier over the block, warp
 // shuffles/votes exchange values through a per-warp buffer between two warp barriers, and
 // `__shared__` variables are function statics (launches are serialised, blocks run in turn).
 //
