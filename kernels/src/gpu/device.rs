@@ -57,7 +57,7 @@ pub enum GpuError {
     #[error("graph capture: {0}")]
     Capture(String),
     #[error("kernel {kernel}: a GPU refuses {what}")]
-    Launch { kernel: String, what: String },
+    Launch { kernel: &'static str, what: String },
 }
 
 /// Plain element types that can be copied to and from device buffers byte for byte.

@@ -8,6 +8,13 @@ pub struct LaunchDims {
     pub shared_bytes: u32,
 }
 
+/// What every NVIDIA GPU since Volta accepts: threads per block, block and grid extents, and
+/// dynamic shared memory without the per-kernel opt-in (no kernel here opts in).
+const MAX_THREADS_PER_BLOCK: u32 = 1024;
+const MAX_BLOCK: (u32, u32, u32) = (1024, 1024, 64);
+const MAX_GRID: (u32, u32, u32) = (i32::MAX as u32, 65535, 65535);
+const MAX_DEFAULT_DYNAMIC_SHARED: u32 = 48 * 1024;
+
 impl LaunchDims {
     /// A one-dimensional grid of `blocks` blocks of `threads` threads.
     pub fn linear(blocks: u32, threads: u32) -> LaunchDims {
@@ -17,19 +24,10 @@ impl LaunchDims {
             shared_bytes: 0,
         }
     }
-}
 
-/// What every NVIDIA GPU since Volta accepts: threads per block, block and grid extents, and
-/// dynamic shared memory without the per-kernel opt-in (no kernel here opts in).
-const MAX_THREADS_PER_BLOCK: u32 = 1024;
-const MAX_BLOCK: (u32, u32, u32) = (1024, 1024, 64);
-const MAX_GRID: (u32, u32, u32) = (i32::MAX as u32, 65535, 65535);
-const MAX_DEFAULT_DYNAMIC_SHARED: u32 = 48 * 1024;
-
-impl LaunchDims {
     /// Refuses a geometry a GPU would refuse (`CUDA_ERROR_INVALID_VALUE` there, with no word of
     /// which limit), so the emulation refuses it too and the message names the kernel and limit.
-    pub(crate) fn check(&self, kernel: &str) -> Result<(), super::GpuError> {
+    pub(crate) fn check(&self, kernel: &'static str) -> Result<(), super::GpuError> {
         let (g, b) = (self.grid, self.block);
         let threads = u64::from(b.0) * u64::from(b.1) * u64::from(b.2);
         let fault = if threads == 0 || threads > u64::from(MAX_THREADS_PER_BLOCK) {
@@ -49,10 +47,7 @@ impl LaunchDims {
             None
         };
         match fault {
-            Some(what) => Err(super::GpuError::Launch {
-                kernel: kernel.to_string(),
-                what,
-            }),
+            Some(what) => Err(super::GpuError::Launch { kernel, what }),
             None => Ok(()),
         }
     }
@@ -85,7 +80,7 @@ pub(crate) fn emu_result(
     match rc {
         0 => Ok(()),
         2 => Err(super::GpuError::Launch {
-            kernel: kernel.to_string(),
+            kernel,
             what: format!("block {:?} exceeds its __launch_bounds__", launch.block),
         }),
         _ => Err(super::GpuError::ParamsMismatch(kernel)),
