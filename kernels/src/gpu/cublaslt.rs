@@ -6,7 +6,7 @@ use std::ffi::c_void;
 use std::mem::size_of;
 
 use cudarc::cublaslt::{result, sys};
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
+use cudarc::driver::CudaStream;
 
 use super::device::{DType, GpuError};
 use super::gemm::GemmShape;
@@ -23,7 +23,7 @@ fn blas_err(e: result::CublasError) -> GpuError {
 pub(super) struct Blas {
     handle: sys::cublasLtHandle_t,
     /// Owns the workspace memory at `workspace_ptr`.
-    _workspace: CudaSlice<u8>,
+    _workspace: super::cuda::DeviceMemory,
     workspace_ptr: u64,
     algos: AlgoCache<sys::cublasLtMatmulAlgo_t>,
 }
@@ -115,10 +115,9 @@ impl Layout {
 
 impl Blas {
     pub(super) fn new(stream: &std::sync::Arc<CudaStream>) -> Result<Blas, GpuError> {
-        let workspace = stream
-            .alloc_zeros::<u8>(WORKSPACE_BYTES)
-            .map_err(|e| GpuError::Driver(format!("cuBLASLt workspace: {e:?}")))?;
-        let workspace_ptr = workspace.device_ptr(stream).0;
+        let workspace = super::cuda::DeviceMemory::zeroed(stream, WORKSPACE_BYTES)
+            .map_err(|e| GpuError::Driver(format!("cuBLASLt workspace: {e}")))?;
+        let workspace_ptr = workspace.ptr();
         let handle = result::create_handle().map_err(blas_err)?;
         Ok(Blas {
             handle,

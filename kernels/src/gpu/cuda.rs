@@ -5,8 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{
-    result as drv, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig,
-    PushKernelArg,
+    result as drv, CudaContext, CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg,
 };
 use cudarc::nvrtc::Ptx;
 
@@ -89,16 +88,8 @@ impl CudaDevice {
         self.ctx.mem_get_info().map_err(driver_err)
     }
 
-    pub(super) fn alloc_zeroed(&self, bytes: usize) -> Result<(CudaSlice<u8>, u64), GpuError> {
-        let slice = self
-            .stream
-            .alloc_zeros::<u8>(bytes.max(1))
-            .map_err(driver_err)?;
-        let ptr = {
-            use cudarc::driver::DevicePtr;
-            slice.device_ptr(&self.stream).0
-        };
-        Ok((slice, ptr))
+    pub(super) fn alloc_zeroed(&self, bytes: usize) -> Result<DeviceMemory, GpuError> {
+        DeviceMemory::zeroed(&self.stream, bytes)
     }
 
     pub(super) fn write(&self, dst: u64, bytes: &[u8]) -> Result<(), GpuError> {
@@ -238,5 +229,51 @@ impl CudaDevice {
     /// Hits and misses of the cuBLASLt algorithm cache (zeros before the first GEMM).
     pub(super) fn gemm_cache_stats(&self) -> GemmCacheStats {
         self.blas.lock().map(|b| b.stats()).unwrap_or_default()
+    }
+}
+
+/// Device memory from `cuMemAlloc`, zeroed on the stream it belongs to and freed with `cuMemFree`
+/// once that stream has drained.
+///
+/// Not cudarc's `CudaSlice`: that allocates stream-ordered (`cuMemAllocAsync`) wherever the device
+/// reports memory pools, with no way to opt out, and pools are missing or refused on some
+/// virtualised GPUs. Every buffer here is made at start and lives for the server's life, so
+/// stream-ordered allocation would buy nothing; plain `cuMemAlloc` is what PyTorch's allocator
+/// uses too.
+pub(super) struct DeviceMemory {
+    ptr: u64,
+    stream: Arc<CudaStream>,
+}
+
+impl DeviceMemory {
+    /// `bytes` (at least 1) of zeroed device memory; the zeroing is queued on `stream`.
+    pub(super) fn zeroed(stream: &Arc<CudaStream>, bytes: usize) -> Result<DeviceMemory, GpuError> {
+        let bytes = bytes.max(1);
+        stream.context().bind_to_thread().map_err(driver_err)?;
+        // SAFETY: a plain allocation in the bound context; freed once, in `Drop`.
+        let ptr = unsafe { drv::malloc_sync(bytes) }.map_err(driver_err)?;
+        let mem = DeviceMemory {
+            ptr,
+            stream: stream.clone(),
+        };
+        // SAFETY: `ptr..ptr + bytes` was just allocated and is owned by `mem`.
+        unsafe { drv::memset_d8_async(ptr, 0, bytes, stream.cu_stream()) }.map_err(driver_err)?;
+        Ok(mem)
+    }
+
+    /// The device address of the first byte.
+    pub(super) fn ptr(&self) -> u64 {
+        self.ptr
+    }
+}
+
+impl Drop for DeviceMemory {
+    fn drop(&mut self) {
+        // Work queued on the stream may still use the memory: wait for it, then free. Errors
+        // cannot be returned from a drop, and a failed free only leaks.
+        let _ = self.stream.context().bind_to_thread();
+        let _ = self.stream.synchronize();
+        // SAFETY: allocated by `cuMemAlloc` in `zeroed`, freed only here.
+        let _ = unsafe { drv::free_sync(self.ptr) };
     }
 }

@@ -101,7 +101,7 @@ enum Store {
     #[cfg(feature = "cuda-emu")]
     Host { words: usize },
     #[cfg(feature = "cuda")]
-    Cuda(#[allow(dead_code)] cudarc::driver::CudaSlice<u8>),
+    Cuda(#[allow(dead_code)] super::cuda::DeviceMemory),
     /// A range of another buffer ([`DeviceBuffer::view`]): owns nothing.
     View,
 }
@@ -309,11 +309,11 @@ impl Device {
             }
             #[cfg(feature = "cuda")]
             Device::Cuda(d) => {
-                let (slice, ptr) = d.alloc_zeroed(bytes)?;
+                let mem = d.alloc_zeroed(bytes)?;
                 Ok(DeviceBuffer {
-                    ptr,
+                    ptr: mem.ptr(),
                     bytes,
-                    store: Store::Cuda(slice),
+                    store: Store::Cuda(mem),
                 })
             }
         }

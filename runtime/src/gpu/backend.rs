@@ -116,8 +116,8 @@ impl GpuBackend {
             KvBlocks::Plan {
                 gpu_memory_utilization,
             } => {
-                // Allocations are stream-ordered (cuMemAllocAsync): let the slots' and the
-                // workspace's take effect before asking what is free.
+                // Let the zeroing queued behind the slots' and the workspace's allocations
+                // finish before asking what is free (free memory is then settled).
                 dev.synchronize().map_err(err)?;
                 let (free, total) = dev.memory_info().map_err(err)?;
                 let weights = model.weight_bytes() as u64;
