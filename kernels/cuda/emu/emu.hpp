@@ -1,8 +1,9 @@
 // Host emulation of the CUDA execution model, so the kernels in ../*.cu run unchanged on a CPU
 // (g++ -std=c++20, see kernels/build.rs). One OS thread per CUDA thread; the blocks of a grid run
-// one after another on the same threads (every other launch last to first). `__syncthreads` is a barrier over the block, warp
-// shuffles/votes exchange values through a per-warp buffer between two warp barriers, and
-// `__shared__` variables are function statics (launches are serialised, blocks run in turn).
+// one after another on the same threads (every other launch last to first). `__syncthreads` is a
+// barrier over the block, warp shuffles/votes exchange values through a per-warp buffer between
+// two warp barriers, and `__shared__` variables are function statics (launches are serialised,
+// blocks run in turn).
 //
 // What it cannot show: timing, the GPU memory model, inline PTX / mma / wgmma / cp.async (keep a
 // plain path for those under `#ifndef __CUDA_ARCH__`). A warp-level primitive must be reached by
