@@ -5,7 +5,9 @@
 // Design (after FlashInfer's decode kernel): one CTA of 128 threads per (KV head, sequence,
 // split) handles every query head sharing that KV head, so each K/V row is read from global
 // memory once per CTA. The CTA walks its part of the context in tiles of 32 tokens: the tile's
-// K and V rows are gathered through the block table into shared memory with 16-byte loads, then
+// K and V rows are gathered through the block table with 16-byte loads into registers one tile
+// ahead (so the loads of the next tile overlap the scoring of this one) and stored to shared
+// memory, then
 // a "row" of 8 lanes (each holding head_dim / 8 dims of one query head in registers, as 8-dim
 // chunks `lane` and `lane + 8` so a row's 16-byte shared loads are contiguous) scores one token
 // at a time (partial dot products summed by 3 warp shuffles within the row) and updates its
@@ -50,7 +52,6 @@ __device__ void paged_decode(const CadDecodeParams& p) {
   using V8 = Vec<T, kVec>;
   __align__(16) __shared__ T s_k[TILE * HD];
   __align__(16) __shared__ T s_v[TILE * HD];
-  __shared__ uint32_t s_slot[TILE];
   __shared__ float s_m[ROWS];
   __shared__ float s_l[ROWS];
   __align__(16) __shared__ float s_o[ROWS * HD];
@@ -99,20 +100,46 @@ CAD_UNROLL
   const T* k_cache = static_cast<const T*>(a.k_cache);
   const T* v_cache = static_cast<const T*>(a.v_cache);
 
+  // The next tile's K and V rows travel in registers while this tile is scored: each thread
+  // issues all its loads of a tile at once (LOADS 16-byte vectors of K and of V, every address
+  // computed from the block table first), so a CTA keeps a whole tile in flight instead of one
+  // load pair per thread (a warp issues in order and stalls at the first store of a loaded
+  // value), and the loads of tile t + 1 overlap the scoring of tile t.
+  constexpr uint32_t LOADS = (TILE * VECS + kThreads - 1) / kThreads;
+  V8 rk[LOADS], rv[LOADS];
+  auto fetch = [&](uint32_t start, uint32_t n) {
+    size_t off[LOADS];
+CAD_UNROLL
+    for (uint32_t i = 0; i < LOADS; ++i) {
+      const uint32_t w = tid + i * kThreads, j = w / VECS, c = w % VECS;
+      const uint32_t pos = start + (j < n ? j : 0);
+      const uint32_t slot = table[pos / bs] * bs + pos % bs;
+      off[i] = (size_t(slot) * nkv + kvh) * HD + c * kVec;
+    }
+CAD_UNROLL
+    for (uint32_t i = 0; i < LOADS; ++i) {
+      if (tid + i * kThreads < n * VECS) {
+        rk[i] = *reinterpret_cast<const V8*>(k_cache + off[i]);
+        rv[i] = *reinterpret_cast<const V8*>(v_cache + off[i]);
+      }
+    }
+  };
+  if (begin < end) fetch(begin, min(TILE, end - begin));
+
   for (uint32_t start = begin; start < end; start += TILE) {
     const uint32_t n = min(TILE, end - start);
-    if (tid < n) {
-      const uint32_t pos = start + tid;
-      s_slot[tid] = table[pos / bs] * bs + pos % bs;
+    // Every thread is done scoring the previous tile before its rows are overwritten.
+    __syncthreads();
+CAD_UNROLL
+    for (uint32_t i = 0; i < LOADS; ++i) {
+      const uint32_t w = tid + i * kThreads;
+      if (w < n * VECS) {
+        reinterpret_cast<V8*>(s_k)[w] = rk[i];
+        reinterpret_cast<V8*>(s_v)[w] = rv[i];
+      }
     }
     __syncthreads();
-    for (uint32_t w = tid; w < n * VECS; w += kThreads) {
-      const uint32_t j = w / VECS, c = w % VECS;
-      const size_t off = (size_t(s_slot[j]) * nkv + kvh) * HD + c * kVec;
-      reinterpret_cast<V8*>(s_k)[w] = *reinterpret_cast<const V8*>(k_cache + off);
-      reinterpret_cast<V8*>(s_v)[w] = *reinterpret_cast<const V8*>(v_cache + off);
-    }
-    __syncthreads();
+    if (start + TILE < end) fetch(start + TILE, min(TILE, end - start - TILE));
     // `n` is the same for the whole CTA, so every lane runs the same iterations and reaches
     // the row's shuffles (idle rows compute on token 0 and discard the result).
     for (uint32_t j0 = 0; j0 < n; j0 += z_count) {
@@ -146,9 +173,8 @@ CAD_UNROLL
         }
       }
     }
-    // No barrier here: the next tile writes only s_slot (not read while scoring) before its
-    // first __syncthreads, which every thread reaches only after scoring this tile.
   }
+  // The merge below writes s_o, not s_k/s_v, so no barrier is needed before it beyond its own.
 
   // Merge the Z rows of each head.
   if (lane == 0) {

@@ -130,19 +130,33 @@ __device__ __forceinline__ LoraPart part_at(const LoraParams& p, int i) {
 }
 
 /// Copies columns `c0..c0 + cols` of the unit's `len` input rows into `xs` (`[TOK][CHUNK]`),
-/// zeros past `in_dim` and for the tile's missing tokens. 16-byte loads when rows allow.
+/// zeros past `in_dim` and for the tile's missing tokens. 16-byte loads when rows allow. Run by
+/// the shrink's kShrinkThreads threads.
 template <class T, int TOK, int CHUNK>
 __device__ __forceinline__ void stage_x(T* xs, const T* x, uint32_t len, uint32_t c0, uint32_t cols,
                                         uint32_t in_dim, bool vec) {
   if (vec) {
+    // Every load of the thread first, then every store: a warp issues in order and would stall
+    // at the first store of a loaded value, leaving one load in flight per thread.
+    constexpr uint32_t kPer = (TOK * CHUNK / 8 + kShrinkThreads - 1) / kShrinkThreads;
     const uint32_t per_row = cols / 8;
-    for (uint32_t i = threadIdx.x; i < TOK * per_row; i += blockDim.x) {
+    Pack<8> vals[kPer];
+    LORA_UNROLL
+    for (uint32_t it = 0; it < kPer; ++it) {
+      const uint32_t i = threadIdx.x + it * kShrinkThreads;
       const uint32_t tok = i / per_row, c = (i % per_row) * 8;
-      Pack<8> val = {};
-      if (tok < len && c0 + c < in_dim) {
-        val = load_global<8>(x + size_t(tok) * in_dim + c0 + c);
+      vals[it] = Pack<8>{};
+      if (i < TOK * per_row && tok < len && c0 + c < in_dim) {
+        vals[it] = load_global<8>(x + size_t(tok) * in_dim + c0 + c);
       }
-      *reinterpret_cast<Pack<8>*>(xs + tok * CHUNK + c) = val;
+    }
+    LORA_UNROLL
+    for (uint32_t it = 0; it < kPer; ++it) {
+      const uint32_t i = threadIdx.x + it * kShrinkThreads;
+      if (i < TOK * per_row) {
+        const uint32_t tok = i / per_row, c = (i % per_row) * 8;
+        *reinterpret_cast<Pack<8>*>(xs + tok * CHUNK + c) = vals[it];
+      }
     }
   } else {
     for (uint32_t i = threadIdx.x; i < TOK * cols; i += blockDim.x) {
@@ -180,7 +194,7 @@ __device__ __forceinline__ void dot_rows(const T* const (&rows)[ROWS], const T* 
                                          float (&acc)[ROWS][TOK]) {
   const uint32_t lane = threadIdx.x % 32;
   if constexpr (CHUNK > 256) {
-    // BGMV's long chunks: several 16-byte loads of each row in flight.
+    // Long chunks (BGMV's 2048 columns, SGMV's 1024): several 16-byte loads of each row in flight.
     LORA_UNROLL4
     for (uint32_t j = lane * 8; j < cols; j += 256) dot_cols<T, TOK, CHUNK, ROWS, R>(rows, xs, j, acc);
   } else {
@@ -206,7 +220,14 @@ __device__ __forceinline__ void dot_valid_rows(int n, const T* const (&rows)[ROW
 template <class T, int TOK, int CHUNK, int ROWS>
 __device__ void shrink(const LoraParams& p) {
   constexpr uint32_t kRowsPerBlock = kShrinkWarps * ROWS;
-  __align__(16) __shared__ T xs[TOK * CHUNK];
+  // The staged input and, after the last chunk, the lanes' partial sums share one buffer (the
+  // two together would pass the 48 KB of static shared memory at SGMV's chunk).
+  constexpr int V = ROWS * TOK, kLaneStride = V + 1, kWarpStride = 32 * kLaneStride + V;
+  constexpr size_t kXsBytes = sizeof(T) * TOK * CHUNK;
+  constexpr size_t kPartialBytes = sizeof(float) * kShrinkWarps * kWarpStride;
+  __align__(16) __shared__ unsigned char smem[kXsBytes > kPartialBytes ? kXsBytes : kPartialBytes];
+  T* xs = reinterpret_cast<T*>(smem);
+  float* partial = reinterpret_cast<float*>(smem);
   const Unit u = unit_of<TOK>(p, blockIdx.x);
   if (u.len == 0) return;
   uint32_t group = blockIdx.y;
@@ -242,8 +263,7 @@ __device__ void shrink(const LoraParams& p) {
   // Sum each (row, token) over the 32 lanes through shared memory: one barrier, where warp
   // shuffles would take 5 rounds per value. Lanes are summed in order 0..31 whatever the mapping,
   // so BGMV and SGMV give the same bits. Rows padded so writes and reads avoid bank conflicts.
-  constexpr int V = ROWS * TOK, kLaneStride = V + 1, kWarpStride = 32 * kLaneStride + V;
-  __shared__ float partial[kShrinkWarps * kWarpStride];
+  __syncthreads();  // every warp is done reading xs, which `partial` overwrites
   LORA_UNROLL
   for (int r = 0; r < ROWS; ++r) {
     LORA_UNROLL
@@ -317,8 +337,11 @@ __device__ void expand(const LoraParams& p) {
 // BGMV: grid (num_tokens, sum of parts' blocks); SGMV: grid (num_tiles, same).
 CAD_KERNEL_BOUNDS(cad_lora_shrink_bgmv_bf16, LoraParams, p, kShrinkThreads) { shrink<cad::bf16, 1, 2048, 4>(p); }
 CAD_KERNEL_BOUNDS(cad_lora_shrink_bgmv_f16, LoraParams, p, kShrinkThreads) { shrink<cad::f16, 1, 2048, 4>(p); }
-CAD_KERNEL_BOUNDS(cad_lora_shrink_sgmv_bf16, LoraParams, p, kShrinkThreads) { shrink<cad::bf16, kTileTokens, 256, 2>(p); }
-CAD_KERNEL_BOUNDS(cad_lora_shrink_sgmv_f16, LoraParams, p, kShrinkThreads) { shrink<cad::f16, kTileTokens, 256, 2>(p); }
+// SGMV stages 1024 input columns of its 16 tokens at a time (32 KB), so each lane has four
+// 16-byte loads of each of its rows in flight per chunk (256 columns gave it one, and four times
+// the barriers).
+CAD_KERNEL_BOUNDS(cad_lora_shrink_sgmv_bf16, LoraParams, p, kShrinkThreads) { shrink<cad::bf16, kTileTokens, 1024, 2>(p); }
+CAD_KERNEL_BOUNDS(cad_lora_shrink_sgmv_f16, LoraParams, p, kShrinkThreads) { shrink<cad::f16, kTileTokens, 1024, 2>(p); }
 CAD_KERNEL_BOUNDS(cad_lora_expand_bgmv_bf16, LoraParams, p, kBgmvExpandThreads) {
   expand<cad::bf16, 1, 8, kBgmvExpandThreads>(p);
 }

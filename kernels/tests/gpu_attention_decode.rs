@@ -249,7 +249,7 @@ fn every_supported_head_dim_matches_the_reference() {
 }
 
 /// The launcher's own choice for a batch that cannot fill the GPU: one long sequence on two KV
-/// heads gets six 256-token splits (the last partial), merged back to the f64 reference.
+/// heads gets 24 splits of 64 tokens (the last partial), merged back to the f64 reference.
 #[test]
 fn auto_split_of_a_long_context_matches_the_reference() {
     for dev in devices() {
@@ -261,7 +261,7 @@ fn auto_split_of_a_long_context_matches_the_reference() {
         let mut want = vec![0.0; b.q.len()];
         paged_attention_reference(&b.q, &b.cache, &seqs(&b), &params, &mut want);
         let (got, plan) = run_decode(&dev, dtype, &b, &shape, DecodeSplit::Auto);
-        assert_eq!((plan.num_splits, plan.tokens_per_split), (6, 256));
+        assert_eq!((plan.num_splits, plan.tokens_per_split), (24, 64));
         let what = format!("{} auto split, context 1500", dev.describe());
         assert_close(&what, &got, &want, 2e-5, eps(dtype) * 1.01);
     }
@@ -299,9 +299,9 @@ fn auto_splits_only_when_the_batch_leaves_sms_idle() {
     let one = DecodePlan::new(&batch(1, 32_768), &shape(32, 8, 128), DecodeSplit::Auto);
     assert_eq!(one.tokens_per_split, 512);
     assert_eq!(one.num_splits, 64);
-    // A short context is not cut below the minimum split.
+    // A short context is not cut below the minimum split (two 32-token tiles).
     let short = DecodePlan::new(&batch(1, 300), &shape(32, 8, 128), DecodeSplit::Auto);
-    assert_eq!((short.num_splits, short.tokens_per_split), (2, 256));
+    assert_eq!((short.num_splits, short.tokens_per_split), (5, 64));
     // Forced sizes round up to the 32-token tile.
     let forced = DecodePlan::new(&batch(4, 100), &shape(8, 8, 64), DecodeSplit::Tokens(40));
     assert_eq!((forced.num_splits, forced.tokens_per_split), (2, 64));

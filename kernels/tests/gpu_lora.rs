@@ -294,8 +294,8 @@ fn prefill_segments() -> Vec<Segment> {
 fn sgmv_fused_qkv_matches_the_cpu_across_tile_edges() {
     for dev in devices() {
         for dtype in DTYPES {
-            // in_dim 264: rows of whole 16-byte vectors, crossing the 256-column chunk.
-            let qkv = Qkv::new(&dev, dtype, 264, 3);
+            // in_dim 1032: rows of whole 16-byte vectors, crossing SGMV's 1024-column chunk.
+            let qkv = Qkv::new(&dev, dtype, 1032, 3);
             let segs = prefill_segments();
             let n = segs.iter().map(|s| s.len).sum::<usize>() + 1; // an uncovered last token
             let (x, y0) = qkv.inputs(4, n);
@@ -319,7 +319,9 @@ fn bgmv_and_sgmv_give_the_same_bits() {
         .collect();
     for dev in devices() {
         let dtype = DType::Bf16;
-        let qkv = Qkv::new(&dev, dtype, 300, 5);
+        // in_dim 2100: SGMV's 1024-column chunks and BGMV's 2048 both cut the rows (which are
+        // not whole 16-byte vectors), so the lanes' column order must survive either chunking.
+        let qkv = Qkv::new(&dev, dtype, 2100, 5);
         let (x, y0) = qkv.inputs(6, slots.len());
         let bgmv = qkv.gpu(&dev, &x, &LoraBatch::bgmv(&dev, &slots).unwrap(), &y0);
         let segs = segments_from_token_slots(&slots);
