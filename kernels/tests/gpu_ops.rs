@@ -1,5 +1,7 @@
 //! GPU layer ops (`cuda/ops.cu`) against their CPU twins, on every device (see gpu_support).
 
+#[path = "gpu_ops/gemv.rs"]
+mod gemv;
 mod gpu_support;
 
 use caduceus_kernels::gpu::ops::{self, RmsNormArgs};

@@ -76,6 +76,7 @@ fn no_file_no_env_no_flags_gives_the_documented_defaults() {
     );
     assert!(!cfg.logging.log_prompts);
     assert!(cfg.server.resolve_api_keys().unwrap().is_empty());
+    assert_eq!(cfg.model.gemm, caduceus_runtime::config::GemmSetting::Tuned);
 }
 
 #[test]
@@ -147,7 +148,7 @@ fn bad_values_name_key_value_expectation_and_origin() {
         "{msg}"
     );
 
-    let cases: [(&str, &str, &str, &str); 12] = [
+    let cases: [(&str, &str, &str, &str); 13] = [
         (
             "[scheduler]\nblock_size = 24",
             "scheduler.block_size",
@@ -219,6 +220,12 @@ fn bad_values_name_key_value_expectation_and_origin() {
             "model.dtype",
             "\"f8\"",
             "\"bf16\"",
+        ),
+        (
+            "[model]\ngemm = \"fastest\"",
+            "model.gemm",
+            "\"fastest\"",
+            "\"library\"",
         ),
     ];
     for (toml, key, value, expected) in cases {

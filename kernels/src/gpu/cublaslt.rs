@@ -1,6 +1,8 @@
 //! cuBLASLt behind [`super::gemm`]: our own handle and workspace, descriptors built per call
-//! (host-only work), and the algorithm taken from an [`AlgoCache`], so the heuristic query runs
-//! once per [`GemmKey`] and a CUDA graph captured after warm-up issues none.
+//! (host-only work), and the implementation taken from an [`AlgoCache`], so the heuristic query
+//! (and, under [`GemmPolicy::Tuned`], the timing of its candidates against our GEMV kernel: see
+//! [`super::gemm_tune`]) runs once per [`GemmKey`] and a CUDA graph captured after warm-up issues
+//! none.
 
 use std::ffi::c_void;
 use std::mem::size_of;
@@ -11,6 +13,25 @@ use cudarc::driver::CudaStream;
 use super::device::{DType, GpuError};
 use super::gemm::GemmShape;
 use super::gemm_cache::{AlgoCache, GemmCacheStats, GemmKey};
+use super::gemm_tune::{best_of, fastest, CandidateTime, GemmChoice, GemmPolicy, TuneRecord};
+
+type Algo = sys::cublasLtMatmulAlgo_t;
+type Choice = GemmChoice<Algo>;
+
+/// Our GEMV kernel on the call's operands, writing the output at the address it is given (the
+/// real output, or a scratch one while tuning); `None` where it does not apply.
+pub(super) type GemvRun<'a> = Option<&'a dyn Fn(u64) -> Result<(), GpuError>>;
+
+/// Heuristic candidates the tuner times.
+const TUNE_CANDIDATES: usize = 8;
+/// The largest m bucket tuned: decode batches, whose skinny shapes are where the heuristic's first
+/// choice strays furthest from the roofline and which graphs replay millions of times. Prefill's
+/// larger buckets keep the heuristic's choice: tuning them would stall the first prompts of
+/// each length for tenths of a second.
+pub(super) const TUNE_MAX_BUCKET: usize = 512;
+/// Timed rounds (every candidate once per round, interleaved) and launches per timing.
+const TUNE_ROUNDS: usize = 3;
+const TUNE_REPS: usize = 2;
 
 /// Workspace for split-K and stream-K algorithms (NVIDIA's recommendation for Hopper).
 const WORKSPACE_BYTES: usize = 32 << 20;
@@ -25,7 +46,10 @@ pub(super) struct Blas {
     /// Owns the workspace memory at `workspace_ptr`.
     _workspace: super::cuda::DeviceMemory,
     workspace_ptr: u64,
-    algos: AlgoCache<sys::cublasLtMatmulAlgo_t>,
+    algos: AlgoCache<Choice>,
+    policy: GemmPolicy,
+    /// What tuning measured, one record per key tuned.
+    records: Vec<TuneRecord>,
 }
 
 // SAFETY: a cuBLASLt handle is not tied to a thread; the device serialises its use with a mutex.
@@ -124,6 +148,8 @@ impl Blas {
             _workspace: workspace,
             workspace_ptr,
             algos: AlgoCache::new(),
+            policy: GemmPolicy::default(),
+            records: Vec::new(),
         })
     }
 
@@ -131,62 +157,77 @@ impl Blas {
         self.algos.stats()
     }
 
+    /// Switches policy, forgetting every choice made under the old one.
+    pub(super) fn set_policy(&mut self, policy: GemmPolicy) {
+        self.policy = policy;
+        self.algos.clear();
+        self.records.clear();
+    }
+
+    pub(super) fn policy(&self) -> GemmPolicy {
+        self.policy
+    }
+
+    pub(super) fn records(&self) -> Vec<TuneRecord> {
+        self.records.clone()
+    }
+
     /// `y (+)= x · Wᵀ (+ bias)` row-major, as column-major `yᵀ = W · xᵀ`: A = W (`[n, k]`
     /// row-major is `k × n` column-major, transposed), B = xᵀ (`k × m` column-major as stored),
     /// C = D = yᵀ (`n × m`); the bias (`n` elements) is broadcast over C's columns, i.e. added to
-    /// every row of y.
+    /// every row of y. Runs the key's chosen implementation: a cuBLASLt algorithm, or `gemv`.
     ///
     /// # Safety
     /// `x`, `w`, `y` (and `bias`) must be live device ranges of the `[m, k]`, `[n, k]`, `[m, n]`
     /// (and `[n]`) elements of `s` in `dtype`, on `stream`'s context.
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn gemm(
-        &self,
-        stream: &CudaStream,
+        &mut self,
+        stream: &std::sync::Arc<CudaStream>,
         dtype: DType,
         x: u64,
         w: u64,
         bias: Option<u64>,
         y: u64,
         s: GemmShape,
+        gemv: GemvRun<'_>,
     ) -> Result<(), GpuError> {
         let desc = Desc::new(bias)?;
         let a = Layout::new(dtype, s.k, s.n, s.k)?;
         let b = Layout::new(dtype, s.k, s.m, s.k)?;
         let c = Layout::new(dtype, s.n, s.m, s.n)?;
         let key = GemmKey::new(dtype, &s, bias.is_some());
-        let algo = self.algos.get_or_choose(key, || {
+        let mut record = None;
+        let choice = self.algos.get_or_choose(key, || {
             // Asked for the bucket's largest m, so the choice does not depend on which m of the
             // bucket came first.
-            let b = Layout::new(dtype, s.k, key.m_bucket, s.k)?;
-            let c = Layout::new(dtype, s.n, key.m_bucket, s.n)?;
-            self.heuristic(&desc, &a, &b, &c)
+            let bb = Layout::new(dtype, s.k, key.m_bucket, s.k)?;
+            let cb = Layout::new(dtype, s.n, key.m_bucket, s.n)?;
+            let (choice, rec) = self.choose(
+                stream,
+                key,
+                s,
+                (&desc, &a, &b, &c),
+                (&desc, &a, &bb, &cb),
+                x,
+                w,
+                y,
+                gemv,
+            )?;
+            record = rec;
+            Ok::<_, GpuError>(choice)
         })?;
-        let alpha = 1.0f32;
-        let beta = if s.accumulate { 1.0f32 } else { 0.0 };
-        let ptr = |p: u64| p as usize as *const c_void;
-        let run = |algo: &sys::cublasLtMatmulAlgo_t| {
+        self.records.extend(record);
+        let algo = match (choice, gemv) {
+            (GemmChoice::Gemv, Some(run)) => return run(y),
+            (GemmChoice::Library(algo), _) => algo,
+            // The bucket chose GEMV at an m (or alignment) where it applied; this call's does
+            // not: the library's choice for this exact shape (not cached).
+            (GemmChoice::Gemv, None) => self.heuristic(&desc, &a, &b, &c)?,
+        };
+        let run = |algo: &Algo| {
             // SAFETY: forwarded from the caller; the descriptors and the workspace are live.
-            unsafe {
-                result::matmul(
-                    self.handle,
-                    desc.0,
-                    (&alpha as *const f32).cast(),
-                    (&beta as *const f32).cast(),
-                    ptr(w),
-                    a.0,
-                    ptr(x),
-                    b.0,
-                    ptr(y),
-                    c.0,
-                    y as usize as *mut c_void,
-                    c.0,
-                    algo,
-                    self.workspace_ptr as usize as *mut c_void,
-                    WORKSPACE_BYTES,
-                    stream.cu_stream() as *mut _,
-                )
-            }
+            unsafe { self.matmul(stream, (&desc, &a, &b, &c), s.accumulate, x, w, y, algo) }
         };
         use sys::cublasStatus_t as St;
         match run(&algo) {
@@ -199,17 +240,212 @@ impl Blas {
         }
     }
 
+    /// One cuBLASLt matmul writing `y`.
+    ///
+    /// # Safety
+    /// As [`Self::gemm`], with descriptors made for these operands.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn matmul(
+        &self,
+        stream: &CudaStream,
+        (desc, a, b, c): (&Desc, &Layout, &Layout, &Layout),
+        accumulate: bool,
+        x: u64,
+        w: u64,
+        y: u64,
+        algo: &Algo,
+    ) -> Result<(), result::CublasError> {
+        let alpha = 1.0f32;
+        let beta = if accumulate { 1.0f32 } else { 0.0 };
+        let ptr = |p: u64| p as usize as *const c_void;
+        // SAFETY: forwarded from the caller; the workspace is live.
+        unsafe {
+            result::matmul(
+                self.handle,
+                desc.0,
+                (&alpha as *const f32).cast(),
+                (&beta as *const f32).cast(),
+                ptr(w),
+                a.0,
+                ptr(x),
+                b.0,
+                ptr(y),
+                c.0,
+                y as usize as *mut c_void,
+                c.0,
+                algo,
+                self.workspace_ptr as usize as *mut c_void,
+                WORKSPACE_BYTES,
+                stream.cu_stream() as *mut _,
+            )
+        }
+    }
+
+    /// The implementation for `key` under the policy, and what tuning measured (under
+    /// [`GemmPolicy::Tuned`]). `bucket` holds the descriptors at the bucket's m (what the
+    /// heuristic is asked about); the candidates run at the call's own m (`call`).
+    #[allow(clippy::too_many_arguments)]
+    fn choose(
+        &self,
+        stream: &std::sync::Arc<CudaStream>,
+        key: GemmKey,
+        s: GemmShape,
+        call: (&Desc, &Layout, &Layout, &Layout),
+        bucket: (&Desc, &Layout, &Layout, &Layout),
+        x: u64,
+        w: u64,
+        y: u64,
+        gemv: GemvRun<'_>,
+    ) -> Result<(Choice, Option<TuneRecord>), GpuError> {
+        let (desc, a, bb, cb) = bucket;
+        match (self.policy, gemv) {
+            (GemmPolicy::Gemv, Some(_)) => return Ok((GemmChoice::Gemv, None)),
+            (GemmPolicy::Gemv | GemmPolicy::Library, _) => {
+                return Ok((GemmChoice::Library(self.heuristic(desc, a, bb, cb)?), None))
+            }
+            (GemmPolicy::Tuned, _) if key.m_bucket > TUNE_MAX_BUCKET => {
+                return Ok((GemmChoice::Library(self.heuristic(desc, a, bb, cb)?), None))
+            }
+            (GemmPolicy::Tuned, _) => {}
+        }
+        let candidates = self.heuristics(desc, a, bb, cb, TUNE_CANDIDATES)?;
+        let fallback = |why: String| {
+            let record = TuneRecord {
+                key,
+                m: s.m,
+                candidates: Vec::new(),
+                chosen: "cublaslt#0".into(),
+                fallback: Some(why),
+            };
+            (GemmChoice::Library(candidates[0]), Some(record))
+        };
+        match self.time_candidates(stream, s, call, &candidates, x, w, y, gemv) {
+            Ok(samples) => {
+                let names: Vec<String> = (0..candidates.len())
+                    .map(|i| format!("cublaslt#{i}"))
+                    .chain(gemv.map(|_| "gemv".to_string()))
+                    .collect();
+                let Some(best) = fastest(&samples) else {
+                    return Ok(fallback("no candidate ran".into()));
+                };
+                let choice = match candidates.get(best) {
+                    Some(algo) => GemmChoice::Library(*algo),
+                    None => GemmChoice::Gemv,
+                };
+                let record = TuneRecord {
+                    key,
+                    m: s.m,
+                    candidates: names
+                        .iter()
+                        .zip(&samples)
+                        .map(|(name, t)| CandidateTime {
+                            name: name.clone(),
+                            us: best_of(t),
+                        })
+                        .collect(),
+                    chosen: names[best].clone(),
+                    fallback: None,
+                };
+                Ok((choice, Some(record)))
+            }
+            Err(e) => Ok(fallback(e.to_string())),
+        }
+    }
+
+    /// Best-of timings (microseconds per launch) of every heuristic candidate, then `gemv`, on
+    /// the call's operands: interleaved rounds after one untimed run each. A candidate that
+    /// fails to launch gets no sample. Output goes to `y` (every candidate overwrites it, and the
+    /// real call that follows writes it again) unless the projection accumulates into `y`: then
+    /// to a scratch buffer.
+    #[allow(clippy::too_many_arguments)]
+    fn time_candidates(
+        &self,
+        stream: &std::sync::Arc<CudaStream>,
+        s: GemmShape,
+        call: (&Desc, &Layout, &Layout, &Layout),
+        candidates: &[Algo],
+        x: u64,
+        w: u64,
+        y: u64,
+        gemv: GemvRun<'_>,
+    ) -> Result<Vec<Vec<f64>>, GpuError> {
+        use cudarc::driver::sys::{CUevent_flags, CUstreamCaptureStatus};
+        let err = |e: cudarc::driver::DriverError| GpuError::Driver(format!("{e:?}"));
+        if stream.capture_status().map_err(err)?
+            != CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE
+        {
+            return Err(GpuError::Capture("a graph is being captured".into()));
+        }
+        let scratch = match s.accumulate {
+            true => Some(super::cuda::DeviceMemory::zeroed(stream, s.m * s.n * 2)?),
+            false => None,
+        };
+        let out = scratch.as_ref().map_or(y, |m| m.ptr());
+        let n = candidates.len() + usize::from(gemv.is_some());
+        let run = |i: usize| -> bool {
+            match (candidates.get(i), gemv) {
+                // SAFETY: the operands are the caller's (checked against `s`, described by
+                // `call`); `out` is `y` or a scratch buffer of `[m, n]`.
+                (Some(algo), _) => {
+                    unsafe { self.matmul(stream, call, s.accumulate, x, w, out, algo) }.is_ok()
+                }
+                (None, Some(g)) => g(out).is_ok(),
+                (None, None) => false,
+            }
+        };
+        let ok: Vec<bool> = (0..n).map(run).collect();
+        let ctx = stream.context();
+        let mut marks = Vec::new();
+        for _ in 0..TUNE_ROUNDS {
+            for (i, _) in ok.iter().enumerate().filter(|(_, ok)| **ok) {
+                let start = ctx
+                    .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                    .map_err(err)?;
+                let end = ctx
+                    .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                    .map_err(err)?;
+                start.record(stream).map_err(err)?;
+                let mut fine = true;
+                for _ in 0..TUNE_REPS {
+                    fine &= run(i);
+                }
+                end.record(stream).map_err(err)?;
+                marks.push((i, fine, start, end));
+            }
+        }
+        let mut samples = vec![Vec::new(); n];
+        for (i, fine, start, end) in marks {
+            let ms = start.elapsed_ms(&end).map_err(err)?;
+            if fine {
+                samples[i].push(f64::from(ms) * 1e3 / TUNE_REPS as f64);
+            }
+        }
+        stream.synchronize().map_err(err)?;
+        Ok(samples)
+    }
+
     /// cuBLASLt's best algorithm for these descriptors within our workspace.
-    fn heuristic(
+    fn heuristic(&self, desc: &Desc, a: &Layout, b: &Layout, c: &Layout) -> Result<Algo, GpuError> {
+        Ok(self.heuristics(desc, a, b, c, 1)?[0])
+    }
+
+    /// cuBLASLt's `count` best algorithms (at least one, best first) within our workspace.
+    fn heuristics(
         &self,
         desc: &Desc,
         a: &Layout,
         b: &Layout,
         c: &Layout,
-    ) -> Result<sys::cublasLtMatmulAlgo_t, GpuError> {
+        count: usize,
+    ) -> Result<Vec<Algo>, GpuError> {
         let pref = Pref(result::create_matmul_pref().map_err(blas_err)?);
         let bytes = WORKSPACE_BYTES;
-        // SAFETY: live descriptors; the attribute is a usize.
+        // SAFETY: a plain-data C struct; every field is written by the heuristic before use.
+        let blank: sys::cublasLtMatmulHeuristicResult_t = unsafe { std::mem::zeroed() };
+        let mut results = vec![blank; count.max(1)];
+        let mut found: std::ffi::c_int = 0;
+        // SAFETY: live descriptors; the attribute is a usize; `results` has room for the
+        // requested count.
         unsafe {
             result::set_matmul_pref_attribute(
                 pref.0,
@@ -218,9 +454,32 @@ impl Blas {
                 size_of::<usize>(),
             )
             .map_err(blas_err)?;
-            result::get_matmul_algo_heuristic(self.handle, desc.0, a.0, b.0, c.0, c.0, pref.0)
+            sys::cublasLtMatmulAlgoGetHeuristic(
+                self.handle,
+                desc.0,
+                a.0,
+                b.0,
+                c.0,
+                c.0,
+                pref.0,
+                results.len() as std::ffi::c_int,
+                results.as_mut_ptr(),
+                &mut found,
+            )
+            .result()
+            .map_err(blas_err)?;
         }
-        .map(|h| h.algo)
-        .map_err(blas_err)
+        let algos: Vec<Algo> = results
+            .iter()
+            .take(usize::try_from(found).unwrap_or(0))
+            .filter(|r| r.state == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS)
+            .map(|r| r.algo)
+            .collect();
+        if algos.is_empty() {
+            return Err(blas_err(result::CublasError(
+                sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED,
+            )));
+        }
+        Ok(algos)
     }
 }

@@ -12,6 +12,7 @@ use cudarc::nvrtc::Ptx;
 use super::cublaslt::Blas;
 use super::device::GpuError;
 use super::gemm_cache::GemmCacheStats;
+use super::gemm_tune::{GemmPolicy, TuneRecord};
 use super::kernel::{KernelParams, LaunchDims};
 
 include!(concat!(env!("OUT_DIR"), "/cuda_modules.rs"));
@@ -99,6 +100,17 @@ impl CudaDevice {
         unsafe { drv::memcpy_htod_async(dst, bytes, self.stream.cu_stream()) }
             .map_err(driver_err)?;
         self.synchronize()
+    }
+
+    /// A timing event recorded now on the compute stream (`super::timing`).
+    pub(super) fn timing_event(&self) -> Result<cudarc::driver::CudaEvent, GpuError> {
+        use cudarc::driver::sys::CUevent_flags;
+        let e = self
+            .ctx
+            .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(driver_err)?;
+        e.record(&self.stream).map_err(driver_err)?;
+        Ok(e)
     }
 
     /// An event to record copies into ([`Self::write_pinned`]).
@@ -205,7 +217,9 @@ impl CudaDevice {
 }
 
 impl CudaDevice {
-    /// `y (+)= x · Wᵀ (+ bias)`; see [`Blas::gemm`].
+    /// `y (+)= x · Wᵀ (+ bias)`; see [`Blas::gemm`]. `gemv` runs our GEMV kernel on these
+    /// operands (`None` where it does not apply).
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn gemm(
         &self,
         dtype: super::DType,
@@ -214,21 +228,38 @@ impl CudaDevice {
         bias: Option<u64>,
         y: u64,
         s: super::gemm::GemmShape,
+        gemv: super::cublaslt::GemvRun<'_>,
     ) -> Result<(), GpuError> {
         // cuBLASLt works on the thread's current context: the engine thread may not have made
         // ours current yet (launches and copies through cudarc do).
         self.ctx.bind_to_thread().map_err(driver_err)?;
-        let blas = self
-            .blas
-            .lock()
-            .map_err(|_| GpuError::Blas("handle poisoned".into()))?;
+        let mut blas = self.blas()?;
         // SAFETY: the launcher checked every buffer against the shape; they live on this device.
-        unsafe { blas.gemm(&self.stream, dtype, x, w, bias, y, s) }
+        unsafe { blas.gemm(&self.stream, dtype, x, w, bias, y, s, gemv) }
+    }
+
+    fn blas(&self) -> Result<std::sync::MutexGuard<'_, Blas>, GpuError> {
+        self.blas
+            .lock()
+            .map_err(|_| GpuError::Blas("handle poisoned".into()))
     }
 
     /// Hits and misses of the cuBLASLt algorithm cache (zeros before the first GEMM).
     pub(super) fn gemm_cache_stats(&self) -> GemmCacheStats {
         self.blas.lock().map(|b| b.stats()).unwrap_or_default()
+    }
+
+    pub(super) fn set_gemm_policy(&self, policy: GemmPolicy) -> Result<(), GpuError> {
+        self.blas()?.set_policy(policy);
+        Ok(())
+    }
+
+    pub(super) fn gemm_policy(&self) -> GemmPolicy {
+        self.blas.lock().map(|b| b.policy()).unwrap_or_default()
+    }
+
+    pub(super) fn gemm_tuning(&self) -> Vec<TuneRecord> {
+        self.blas.lock().map(|b| b.records()).unwrap_or_default()
     }
 }
 

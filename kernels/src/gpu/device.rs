@@ -4,6 +4,9 @@
 use super::gemm_cache::AlgoCache;
 use super::gemm_cache::GemmCacheStats;
 #[cfg(feature = "cuda-emu")]
+use super::gemm_tune::GemmChoice;
+use super::gemm_tune::{GemmPolicy, TuneRecord};
+#[cfg(feature = "cuda-emu")]
 use super::graph::{EmuCapture, TransferCounts};
 use super::kernel::{KernelFn, KernelParams, LaunchDims};
 
@@ -199,9 +202,10 @@ pub enum Device {
 /// State of the emulated device.
 #[cfg(feature = "cuda-emu")]
 pub struct Emulation {
-    /// GEMM "algorithms" (nothing to choose for the host loop), cached and counted by the same
-    /// keys as cuBLASLt's on a GPU, so tests see the cache at work.
-    pub(crate) gemm_algos: AlgoCache<()>,
+    /// GEMM implementations (the host loop, or the GEMV kernel under [`GemmPolicy::Gemv`]),
+    /// cached and counted by the same keys as cuBLASLt's on a GPU, so tests see the cache at work.
+    pub(crate) gemm_algos: AlgoCache<GemmChoice<()>>,
+    gemm_policy: std::sync::Mutex<GemmPolicy>,
     /// Allocations and host->device writes so far (tests count them per step).
     pub(crate) counts: TransferCounts,
     /// The launches recorded while a graph is being captured (`super::graph`).
@@ -210,6 +214,9 @@ pub struct Emulation {
 
 #[cfg(feature = "cuda-emu")]
 impl Emulation {
+    pub(crate) fn gemm_policy(&self) -> GemmPolicy {
+        *self.gemm_policy.lock().unwrap_or_else(|e| e.into_inner())
+    }
     /// Copies `bytes` into `buf` at `offset` (checked by the caller) and counts the copy.
     pub(crate) fn copy_in(
         &self,
@@ -237,6 +244,7 @@ impl Device {
     pub fn emulated() -> Device {
         Device::Emulated(Emulation {
             gemm_algos: AlgoCache::new(),
+            gemm_policy: std::sync::Mutex::new(GemmPolicy::default()),
             counts: TransferCounts::default(),
             capture: EmuCapture::default(),
         })
@@ -251,6 +259,41 @@ impl Device {
             Device::Emulated(e) => e.gemm_algos.stats(),
             #[cfg(feature = "cuda")]
             Device::Cuda(d) => d.gemm_cache_stats(),
+        }
+    }
+
+    /// How projections choose their implementation from now on ([`GemmPolicy`]); every choice
+    /// made so far is forgotten (capture graphs again after changing it).
+    pub fn set_gemm_policy(&self, policy: GemmPolicy) -> Result<(), GpuError> {
+        match self {
+            #[cfg(feature = "cuda-emu")]
+            Device::Emulated(e) => {
+                *e.gemm_policy.lock().unwrap_or_else(|e| e.into_inner()) = policy;
+                e.gemm_algos.clear();
+                Ok(())
+            }
+            #[cfg(feature = "cuda")]
+            Device::Cuda(d) => d.set_gemm_policy(policy),
+        }
+    }
+
+    pub fn gemm_policy(&self) -> GemmPolicy {
+        match self {
+            #[cfg(feature = "cuda-emu")]
+            Device::Emulated(e) => e.gemm_policy(),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(d) => d.gemm_policy(),
+        }
+    }
+
+    /// What the GEMM tuner measured, one record per shape bucket it tuned (empty in emulation,
+    /// which does not tune).
+    pub fn gemm_tuning(&self) -> Vec<TuneRecord> {
+        match self {
+            #[cfg(feature = "cuda-emu")]
+            Device::Emulated(_) => Vec::new(),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(d) => d.gemm_tuning(),
         }
     }
 

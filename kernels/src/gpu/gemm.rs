@@ -1,11 +1,17 @@
 //! Dense projections `y = x · Wᵀ (+ bias)` (all linear layers and the LM head): cuBLASLt in
-//! bf16/f16 with f32 accumulation on a GPU, its algorithm chosen once per shape bucket
-//! ([`super::gemm_cache`]); a plain host loop with the same rounding points in emulation, so the
-//! emulated engine can run a whole forward pass.
+//! bf16/f16 with f32 accumulation on a GPU, or our GEMV kernel for decode's few rows, the
+//! implementation chosen once per shape bucket ([`super::gemm_cache`], [`super::gemm_tune`]); a
+//! plain host loop with the same rounding points in emulation, so the emulated engine can run a
+//! whole forward pass.
 
 use super::device::{DType, Device, DeviceBuffer, GpuError};
 #[cfg(feature = "cuda-emu")]
 use super::gemm_cache::GemmKey;
+#[cfg(feature = "cuda-emu")]
+use super::gemm_tune::{GemmChoice, GemmPolicy};
+use super::gemv::GemvAddrs;
+#[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+use super::gemv::{gemv_applies, launch_gemv};
 use super::ops::need;
 
 /// Shape of one projection: `x` is `[m, k]`, `w` is `[n, k]` (PyTorch's `Linear.weight`), `y` is
@@ -61,15 +67,29 @@ fn run(
     if s.m == 0 || s.n == 0 {
         return Ok(());
     }
+    let addrs = GemvAddrs {
+        x: x.ptr(),
+        w: w.ptr(),
+        bias: bias.map(|b| b.ptr()),
+        y: y.ptr(),
+    };
     match dev {
         #[cfg(feature = "cuda-emu")]
         Device::Emulated(e) => {
-            // Nothing to choose for the host loop, but the choice is cached and counted exactly
-            // as cuBLASLt's algorithm is on a GPU.
-            e.gemm_algos
-                .get_or_choose(GemmKey::new(dtype, &s, bias.is_some()), || {
-                    Ok::<_, GpuError>(())
-                })?;
+            // The host loop has nothing to tune, but the choice is cached and counted exactly as
+            // on a GPU; the GEMV kernel runs where the policy forces it.
+            let applies = gemv_applies(&s, &addrs);
+            let choice =
+                e.gemm_algos
+                    .get_or_choose(GemmKey::new(dtype, &s, bias.is_some()), || {
+                        Ok::<_, GpuError>(match e.gemm_policy() {
+                            GemmPolicy::Gemv if applies => GemmChoice::Gemv,
+                            _ => GemmChoice::Library(()),
+                        })
+                    })?;
+            if choice == GemmChoice::Gemv && applies {
+                return launch_gemv(dev, dtype, addrs, s);
+            }
             if e.capture.record_gemm(dtype, [x, w, y], bias, s)? {
                 return Ok(());
             }
@@ -77,7 +97,20 @@ fn run(
             Ok(())
         }
         #[cfg(feature = "cuda")]
-        Device::Cuda(d) => d.gemm(dtype, x.ptr(), w.ptr(), bias.map(|b| b.ptr()), y.ptr(), s),
+        Device::Cuda(d) => {
+            let gemv = |y: u64| launch_gemv(dev, dtype, GemvAddrs { y, ..addrs }, s);
+            let gemv: &dyn Fn(u64) -> Result<(), GpuError> = &gemv;
+            let applies = gemv_applies(&s, &addrs);
+            d.gemm(
+                dtype,
+                x.ptr(),
+                w.ptr(),
+                bias.map(|b| b.ptr()),
+                y.ptr(),
+                s,
+                applies.then_some(gemv),
+            )
+        }
     }
 }
 

@@ -94,6 +94,11 @@ impl<A: Copy> AlgoCache<A> {
         Ok(a)
     }
 
+    /// Forgets every choice (the counts stay).
+    pub fn clear(&self) {
+        self.algos.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
     pub fn stats(&self) -> GemmCacheStats {
         GemmCacheStats {
             hits: self.hits.load(Ordering::Relaxed),

@@ -20,6 +20,8 @@ mod cuda;
 mod device;
 pub mod gemm;
 pub mod gemm_cache;
+pub mod gemm_tune;
+pub mod gemv;
 mod graph;
 mod kernel;
 pub mod lora;
@@ -27,6 +29,7 @@ pub mod ops;
 pub mod rope_cache;
 pub mod sampling;
 mod staging;
+pub mod timing;
 
 #[cfg(feature = "cuda-emu")]
 pub use device::Emulation;

@@ -4,10 +4,11 @@
 use std::sync::Arc;
 
 use anyhow::Context;
+use caduceus_kernels::gpu::gemm_tune::GemmPolicy;
 use caduceus_kernels::gpu::{DType, Device};
 
 use super::serve::{root_name, serve, served_name, ServedModel};
-use crate::config::{AdapterDtype, CaduceusConfig, Dtype};
+use crate::config::{AdapterDtype, CaduceusConfig, Dtype, GemmSetting};
 use crate::engine::{EngineCore, SlotSpec};
 use crate::gpu::memory_plan::{check_weights_fit, llama_weight_bytes};
 use crate::gpu::model::GpuModel;
@@ -80,6 +81,10 @@ pub(super) fn run(config: CaduceusConfig, dev: Device) -> anyhow::Result<()> {
         false => 0,
     };
     let ServedModelParts { model, served } = parts(&config, loaded, adapter_dtype);
+    // Before the backend captures its graphs: tuning runs in their warm-up steps.
+    model
+        .device()
+        .set_gemm_policy(gemm_policy(config.model.gemm))?;
     let backend = GpuBackend::new(
         model,
         GpuBackendConfig {
@@ -117,6 +122,15 @@ pub(super) fn run(config: CaduceusConfig, dev: Device) -> anyhow::Result<()> {
         ),
     }
     serve(config, core, served)
+}
+
+/// The kernels' policy for a `model.gemm` setting.
+fn gemm_policy(s: GemmSetting) -> GemmPolicy {
+    match s {
+        GemmSetting::Tuned => GemmPolicy::Tuned,
+        GemmSetting::Library => GemmPolicy::Library,
+        GemmSetting::Gemv => GemmPolicy::Gemv,
+    }
 }
 
 struct ServedModelParts {

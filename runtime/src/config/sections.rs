@@ -186,6 +186,19 @@ pub enum Dtype {
     Bf16,
 }
 
+/// CUDA: how each projection shape picks its GEMM implementation (`caduceus_kernels::gpu::
+/// gemm_tune`): `tuned` times cuBLASLt's candidates and our GEMV kernel once per decode-sized
+/// shape at start and keeps the fastest; `library` takes cuBLASLt's heuristic choice untimed;
+/// `gemv` forces our GEMV kernel wherever it applies (A/B measurements).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GemmSetting {
+    #[default]
+    Tuned,
+    Library,
+    Gemv,
+}
+
 /// `[model]`: the base model served.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -213,6 +226,8 @@ pub struct ModelSection {
     /// larger batches run eagerly.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cuda_graph_max_batch: Option<usize>,
+    /// CUDA: how projections pick their GEMM ([`GemmSetting`]).
+    pub gemm: GemmSetting,
 }
 
 impl Default for ModelSection {
@@ -227,6 +242,7 @@ impl Default for ModelSection {
             num_gpu_blocks_override: None,
             cuda_graphs: true,
             cuda_graph_max_batch: None,
+            gemm: GemmSetting::Tuned,
         }
     }
 }

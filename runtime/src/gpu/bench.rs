@@ -13,15 +13,17 @@
 use std::time::Instant;
 
 use caduceus_kernels::attention::SeqAttention;
+use caduceus_kernels::gpu::gemm_tune::GemmPolicy;
 use caduceus_kernels::gpu::{DType, Device};
 use caduceus_kernels::lora::segments_from_token_slots;
 use serde::Serialize;
 
 use super::decode_graph::DecodeGraphs;
 use super::lora::{GpuLoraBatch, GpuLoraStack};
+use super::model::profile::{OpClock, OpProfile};
 use super::model::{GpuKvCache, GpuModel, GpuModelError};
 use super::random_model::random_adapter;
-use super::roofline::{decode_step, prefill, GpuSpec, ModelShape, Roofline};
+use super::roofline::{decode_step, prefill, GpuSpec, ModelShape};
 use super::workspace::{StepLimits, Workspace};
 use crate::model::ForwardBatch;
 
@@ -46,97 +48,8 @@ pub struct ModelBenchOptions {
     pub block_size: usize,
 }
 
-/// Median and best of a part's timed repetitions, and its roofline.
-#[derive(Clone, Debug, Serialize)]
-pub struct Timed {
-    pub median_ms: f64,
-    pub min_ms: f64,
-    pub reps: usize,
-    /// `None` when the GPU is not in the spec table (or emulated).
-    pub roofline: Option<Roofline>,
-    /// median / roofline bound (1.0 = at the roofline).
-    pub over_roofline: Option<f64>,
-}
-
-impl Timed {
-    fn new(mut ms: Vec<f64>, roofline: Option<Roofline>) -> Timed {
-        ms.sort_by(f64::total_cmp);
-        let median_ms = ms.get(ms.len() / 2).copied().unwrap_or(f64::NAN);
-        Timed {
-            median_ms,
-            min_ms: ms.first().copied().unwrap_or(f64::NAN),
-            reps: ms.len(),
-            over_roofline: roofline.map(|r| median_ms / 1e3 / r.bound_s),
-            roofline,
-        }
-    }
-}
-
-/// One decode batch size.
-#[derive(Clone, Debug, Serialize)]
-pub struct DecodeFigure {
-    pub batch: usize,
-    pub context: usize,
-    /// Replayed from a captured CUDA graph, as the engine runs decode steps.
-    pub step: Timed,
-    /// The same step launched kernel by kernel (`model.cuda_graphs = false`).
-    pub eager: Timed,
-    /// Eager over graph median step time: what the graph saves.
-    pub graph_speedup: f64,
-    pub tokens_per_s: f64,
-    /// The issue's target (batch 1 <= 1.25x, batch 256 <= 1.5x the roofline), when it sets one.
-    pub target_over_roofline: Option<f64>,
-    pub meets_target: Option<bool>,
-}
-
-/// Prefill of one prompt.
-#[derive(Clone, Debug, Serialize)]
-pub struct PrefillFigure {
-    pub prompt_len: usize,
-    pub pass: Timed,
-    pub tokens_per_s: f64,
-    /// Achieved FLOP/s over the GPU's dense bf16 peak.
-    pub flops_utilization: Option<f64>,
-}
-
-/// `streams` decoding sequences spread over `distinct` adapters (graph replays, as the base).
-#[derive(Clone, Debug, Serialize)]
-pub struct LoraFigure {
-    pub distinct: usize,
-    pub step: Timed,
-    pub tokens_per_s: f64,
-    /// Throughput over the base model's at the same load (target >= 0.9 at 64 distinct).
-    pub over_base: f64,
-}
-
-/// The multi-LoRA part.
-#[derive(Clone, Debug, Serialize)]
-pub struct LoraPart {
-    pub streams: usize,
-    pub rank: usize,
-    pub context: usize,
-    pub base: Timed,
-    pub base_tokens_per_s: f64,
-    pub runs: Vec<LoraFigure>,
-    pub slot_fill_s: f64,
-}
-
-/// What the model-level parts measured.
-#[derive(Clone, Debug, Serialize)]
-pub struct ModelBenchReport {
-    pub decode: Vec<DecodeFigure>,
-    pub prefill: Option<PrefillFigure>,
-    pub multi_lora: Option<LoraPart>,
-}
-
-/// The issue's roofline targets for a decode batch size.
-pub fn decode_target(batch: usize) -> Option<f64> {
-    match batch {
-        1 => Some(1.25),
-        256 => Some(1.5),
-        _ => None,
-    }
-}
+/// Forward passes each op profile averages (eager, every op's end marked).
+const PROFILE_PASSES: usize = 3;
 
 /// `batch` sequences each decoding its `context`-th token, over disjoint block ranges.
 struct DecodeBatch {
@@ -230,19 +143,40 @@ pub fn run_model_parts(
     sizes.sort_unstable();
     sizes.dedup();
     sizes.retain(|&b| b > 0);
+    // First with cuBLASLt's heuristic choices alone, then under the serving policy (tuned):
+    // graphs captured afresh for each, as a policy change forgets the choices they hold.
+    let policy = dev.gemm_policy();
+    dev.set_gemm_policy(GemmPolicy::Library)?;
     let mut graphs = DecodeGraphs::capture(model, &kv, &mut ws, &sizes, None)?;
-    progress(&format!("decode graphs captured for batches {sizes:?}"));
-    let mut decode = Vec::new();
+    let mut library = Vec::new();
     for &b in &o.decode_batches {
+        let ms = time_decode(model, &kv, &mut ws, Some(&mut graphs), o, b, None)?;
+        library.push(Timed::new(
+            ms,
+            gpu.map(|g| decode_step(shape, g, b, o.context)),
+        ));
+    }
+    drop(graphs);
+    dev.set_gemm_policy(policy)?;
+    let mut graphs = DecodeGraphs::capture(model, &kv, &mut ws, &sizes, None)?;
+    progress(&format!(
+        "decode graphs captured for batches {sizes:?} (GEMM policy {})",
+        policy.name()
+    ));
+    let mut decode = Vec::new();
+    for (&b, library_gemm) in o.decode_batches.iter().zip(library) {
         let roof = gpu.map(|g| decode_step(shape, g, b, o.context));
         let step = time_decode(model, &kv, &mut ws, Some(&mut graphs), o, b, None)?;
         let eager = time_decode(model, &kv, &mut ws, None, o, b, None)?;
+        let profile = profile_decode(model, &kv, &mut ws, o, b, None)?;
         let (step, eager) = (Timed::new(step, roof), Timed::new(eager, roof));
         let target = decode_target(b);
         progress(&format!(
-            "decode batch {b}: {:.3} ms/step from a graph (x{:.2} roofline), {:.3} ms eager",
+            "decode batch {b}: {:.3} ms/step from a graph (x{:.2} roofline; {:.3} with library \
+             GEMMs), {:.3} ms eager",
             step.median_ms,
             step.over_roofline.unwrap_or(f64::NAN),
+            library_gemm.median_ms,
             eager.median_ms,
         ));
         decode.push(DecodeFigure {
@@ -254,6 +188,8 @@ pub fn run_model_parts(
             graph_speedup: eager.median_ms / step.median_ms,
             step,
             eager,
+            library_gemm,
+            profile,
         });
     }
     drop(graphs);
@@ -275,20 +211,21 @@ pub fn run_model_parts(
         decode,
         prefill,
         multi_lora,
+        gemm_policy: dev.gemm_policy().name(),
+        gemm_tuning: dev.gemm_tuning().into_iter().map(TunedGemm::from).collect(),
     })
 }
 
-/// Step times (ms) of `batch` sequences decoding, each token on `slots[token]` when given:
-/// replayed from `graphs` (which must hold a graph of size `batch`), else launched eagerly.
-fn time_decode(
+/// Runs `f` on the forward batch of `batch` sequences decoding, each token on `slots[token]`
+/// when given.
+fn with_decode_batch<R>(
     model: &GpuModel,
     kv: &GpuKvCache,
-    ws: &mut Workspace,
-    mut graphs: Option<&mut DecodeGraphs>,
     o: &ModelBenchOptions,
     batch: usize,
     lora: Option<(&GpuLoraStack, &[Option<u32>])>,
-) -> Result<Vec<f64>, GpuModelError> {
+    f: impl FnOnce(&ForwardBatch<'_>, Option<&GpuLoraBatch<'_>>) -> R,
+) -> R {
     let vocab = model.config().vocab_size;
     let d = DecodeBatch::new(batch, o.context, kv.shape().block_size, vocab);
     let seqs = d.seqs();
@@ -303,17 +240,64 @@ fn time_decode(
     let lb = lora
         .zip(segments.as_deref())
         .map(|((stack, _), segments)| GpuLoraBatch { stack, segments });
-    time_steps(model.device(), o.warmup, o.steps, || {
-        match graphs.as_deref_mut() {
-            Some(g) => match g.replay(model, &fb, lb.as_ref(), ws)? {
-                Some(_) => Ok(()),
-                None => Err(GpuModelError::Batch(format!(
-                    "no captured graph replays a decode batch of {batch}"
-                ))),
-            },
-            None => model.forward_in(&fb, kv, lb.as_ref(), ws).map(drop),
-        }
+    f(&fb, lb.as_ref())
+}
+
+/// Step times (ms) of `batch` sequences decoding (see [`with_decode_batch`]): replayed from
+/// `graphs` (which must hold a graph of size `batch`), else launched eagerly.
+fn time_decode(
+    model: &GpuModel,
+    kv: &GpuKvCache,
+    ws: &mut Workspace,
+    mut graphs: Option<&mut DecodeGraphs>,
+    o: &ModelBenchOptions,
+    batch: usize,
+    lora: Option<(&GpuLoraStack, &[Option<u32>])>,
+) -> Result<Vec<f64>, GpuModelError> {
+    with_decode_batch(model, kv, o, batch, lora, |fb, lb| {
+        time_steps(model.device(), o.warmup, o.steps, || {
+            match graphs.as_deref_mut() {
+                Some(g) => match g.replay(model, fb, lb, ws)? {
+                    Some(_) => Ok(()),
+                    None => Err(GpuModelError::Batch(format!(
+                        "no captured graph replays a decode batch of {batch}"
+                    ))),
+                },
+                None => model.forward_in(fb, kv, lb, ws).map(drop),
+            }
+        })
     })
+}
+
+/// Device time by op of `batch` sequences decoding eagerly (after one unmarked warm-up pass).
+fn profile_decode(
+    model: &GpuModel,
+    kv: &GpuKvCache,
+    ws: &mut Workspace,
+    o: &ModelBenchOptions,
+    batch: usize,
+    lora: Option<(&GpuLoraStack, &[Option<u32>])>,
+) -> Result<OpProfile, GpuModelError> {
+    with_decode_batch(model, kv, o, batch, lora, |fb, lb| {
+        profile_passes(model, |clock| {
+            model.forward_in_timed(fb, kv, lb, ws, clock).map(drop)
+        })
+    })
+}
+
+/// Runs `pass` once unmarked, then [`PROFILE_PASSES`] times on one clock.
+fn profile_passes(
+    model: &GpuModel,
+    mut pass: impl FnMut(Option<&OpClock<'_>>) -> Result<(), GpuModelError>,
+) -> Result<OpProfile, GpuModelError> {
+    let dev = model.device();
+    pass(None)?;
+    dev.synchronize()?;
+    let clock = OpClock::start(dev)?;
+    for _ in 0..PROFILE_PASSES {
+        pass(Some(&clock))?;
+    }
+    Ok(clock.finish(PROFILE_PASSES)?)
 }
 
 /// Runs `f` `warmup` times, then `steps` times each followed by a synchronise; the timed ms.
@@ -367,9 +351,13 @@ fn time_prefill(
     let ms = time_steps(model.device(), o.warmup.min(1), o.steps.div_ceil(4), || {
         model.forward_in(&fb, kv, None, ws).map(drop)
     })?;
+    let profile = profile_passes(model, |clock| {
+        model.forward_in_timed(&fb, kv, None, ws, clock).map(drop)
+    })?;
     let pass = Timed::new(ms, gpu.map(|g| prefill(shape, g, 1, len)));
     let secs = pass.median_ms / 1e3;
     Ok(PrefillFigure {
+        profile,
         prompt_len: len,
         tokens_per_s: len as f64 / secs,
         flops_utilization: pass
@@ -426,6 +414,7 @@ fn time_lora(
         let slots: Vec<Option<u32>> = (0..n).map(|i| Some((i * distinct / n) as u32)).collect();
         let lora = Some((&stack, &slots[..]));
         let step = time_decode(model, kv, ws, Some(&mut lora_graph), o, n, lora)?;
+        let profile = profile_decode(model, kv, ws, o, n, lora)?;
         let step = Timed::new(step, roof);
         let tokens_per_s = n as f64 / (step.median_ms / 1e3);
         progress(&format!(
@@ -434,6 +423,7 @@ fn time_lora(
             tokens_per_s / base_tokens_per_s
         ));
         runs.push(LoraFigure {
+            profile,
             distinct,
             over_base: tokens_per_s / base_tokens_per_s,
             tokens_per_s,
@@ -458,6 +448,12 @@ pub fn dtype_name(d: DType) -> &'static str {
         DType::F16 => "f16",
     }
 }
+
+mod report;
+pub use report::{
+    decode_target, DecodeFigure, LoraFigure, LoraPart, ModelBenchReport, PrefillFigure, Timed,
+    TunedGemm,
+};
 
 #[cfg(all(test, feature = "gpu-emu"))]
 pub(crate) mod tests;

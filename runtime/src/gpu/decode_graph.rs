@@ -63,9 +63,9 @@ impl DecodeGraphs {
         let mut graphs = Vec::with_capacity(sizes.len());
         for &size in sizes {
             let step = ws.stage(dev, &empty, stack.map(|_| &[][..]), Some(size))?;
-            model.launch(kv, ws, &step, stack)?;
+            model.launch(kv, ws, &step, stack, None)?;
             let ws: &Workspace = ws;
-            graphs.push(dev.capture(|| model.launch(kv, ws, &step, stack))?);
+            graphs.push(dev.capture(|| model.launch(kv, ws, &step, stack, None))?);
         }
         Ok(DecodeGraphs {
             sizes: sizes.to_vec(),

@@ -333,6 +333,7 @@ impl GpuModel {
     }
 }
 
+pub mod profile;
 mod step;
 #[cfg(all(test, feature = "gpu-emu"))]
 pub(super) mod tests;

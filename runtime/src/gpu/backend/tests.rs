@@ -4,6 +4,7 @@
 //! filled from the host tier's prepared stacks; the memory plan at start.
 
 use caduceus_kernels::attention::SeqAttention;
+use caduceus_kernels::gpu::gemm_tune::GemmPolicy;
 use caduceus_kernels::gpu::{devices_under_test, DType, Device};
 use caduceus_kernels::lora::segments_from_token_slots;
 use caduceus_scheduler::{RequestId, SchedulerConfig};
@@ -140,6 +141,16 @@ fn the_engine_on_the_gpu_backend_generates_what_the_cpu_engine_does() {
     // (above the cap) run eagerly.
     for dev in devices_under_test().unwrap() {
         engine_matches(dev, &want, 2);
+    }
+    // Every projection of up to 8 rows on the GEMV kernel (each decode step, replayed graphs
+    // included; this model's k are multiples of 8), the library elsewhere. On a GPU only: the
+    // emulation runs the kernel's warp shuffles slowly (50 s for this engine run) and the
+    // kernels' own tests cover it there (`gpu_gemv`: the kernel, and each policy's dispatch).
+    for dev in devices_under_test().unwrap() {
+        if !dev.is_emulated() {
+            dev.set_gemm_policy(GemmPolicy::Gemv).unwrap();
+            engine_matches(dev, &want, 2);
+        }
     }
 }
 

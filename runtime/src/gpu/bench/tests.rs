@@ -8,6 +8,7 @@ use caduceus_kernels::gpu::{DType, Device};
 
 use super::{run_model_parts, ModelBenchOptions};
 use crate::gpu::bench_engine::power_law_mix;
+use crate::gpu::model::profile::{Op, OpProfile};
 use crate::gpu::random_model::{config_for, random_gpu_model, random_store};
 use crate::gpu::roofline::{spec_for, ModelShape};
 use crate::kv_cache::KvCache;
@@ -125,12 +126,55 @@ fn model_parts_run_on_a_tiny_shape_and_report_each_configuration() {
         .runs
         .iter()
         .all(|x| x.over_base.is_finite() && x.over_base > 0.0));
+    // Profiles: every op of the pass, each layer op once per layer, the norms twice per layer
+    // plus the final one, adapter deltas (four fused calls per layer) only where adapters ran.
+    let per_layer = [
+        Op::QkvProj,
+        Op::RopeCache,
+        Op::Attention,
+        Op::OProj,
+        Op::GateUpProj,
+        Op::SiluMul,
+        Op::DownProj,
+    ];
+    let check = |what: &str, p: &OpProfile, lora: bool| {
+        let calls = |op| p.ops.iter().find(|t| t.op == op).map(|t| t.calls);
+        for op in per_layer {
+            assert_eq!(calls(op), Some(TINY.layers), "{what}: {op:?}");
+        }
+        assert_eq!(calls(Op::Norm), Some(2 * TINY.layers + 1), "{what}");
+        assert_eq!((calls(Op::Embed), calls(Op::LmHead)), (Some(1), Some(1)));
+        assert_eq!(calls(Op::Lora), lora.then_some(4 * TINY.layers), "{what}");
+        let share: f64 = p.ops.iter().map(|t| t.share).sum();
+        let ms: f64 = p.ops.iter().map(|t| t.ms).sum();
+        assert!((share - 1.0).abs() < 1e-9, "{what}: shares sum to {share}");
+        assert!((ms - p.ms_per_pass).abs() < 1e-9 && ms > 0.0, "{what}");
+        assert!(
+            p.ops.windows(2).all(|w| w[0].ms >= w[1].ms),
+            "{what}: largest first"
+        );
+    };
+    for d in &r.decode {
+        check(&format!("decode {}", d.batch), &d.profile, false);
+        assert_eq!(d.library_gemm.reps, 1);
+    }
+    check("prefill", &p.profile, false);
+    for x in &l.runs {
+        check(&format!("lora {}", x.distinct), &x.profile, true);
+    }
+    // The emulation runs the host loop under every policy and tunes nothing.
+    assert_eq!(r.gemm_policy, "tuned");
+    assert!(r.gemm_tuning.is_empty());
     let json = serde_json::to_value(&r).unwrap();
     assert!(json["decode"][1]["step"]["median_ms"].is_f64());
+    // Ten ops without adapters, named in snake_case.
+    let ops = json["decode"][0]["profile"]["ops"].as_array().unwrap();
+    assert_eq!(ops.len(), 10);
+    assert!(ops.iter().any(|o| o["op"] == "gate_up_proj"));
     assert!(lines.iter().any(|l| l.starts_with("decode batch 3")));
     assert!(lines
         .iter()
-        .any(|l| l == "decode graphs captured for batches [1, 3]"));
+        .any(|l| l == "decode graphs captured for batches [1, 3] (GEMM policy tuned)"));
 }
 
 #[test]

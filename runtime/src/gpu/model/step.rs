@@ -11,6 +11,7 @@ use caduceus_kernels::gpu::ops::{self, RmsNormArgs};
 use caduceus_kernels::gpu::rope_cache::{rope_cache, RopeCacheArgs};
 use caduceus_kernels::gpu::DeviceBuffer;
 
+use super::profile::{Op, OpClock};
 use super::{GpuKvCache, GpuModel, GpuModelError};
 use crate::gpu::lora::{GpuLoraBatch, GpuLoraStack};
 use crate::gpu::workspace::{attn_shape, Step, Workspace};
@@ -27,24 +28,43 @@ impl GpuModel {
         lora: Option<&GpuLoraBatch<'_>>,
         ws: &mut Workspace,
     ) -> Result<usize, GpuModelError> {
+        self.forward_in_timed(batch, kv, lora, ws, None)
+    }
+
+    /// [`Self::forward_in`] with the end of every op marked on `clock` (a profile: see
+    /// [`super::profile`]).
+    pub fn forward_in_timed(
+        &self,
+        batch: &ForwardBatch<'_>,
+        kv: &GpuKvCache,
+        lora: Option<&GpuLoraBatch<'_>>,
+        ws: &mut Workspace,
+        clock: Option<&OpClock<'_>>,
+    ) -> Result<usize, GpuModelError> {
         if batch.num_tokens() == 0 {
             batch.check().map_err(GpuModelError::Batch)?;
             return Ok(0);
         }
         let step = ws.stage(&self.dev, batch, lora.map(|l| l.segments), None)?;
-        self.launch(kv, ws, &step, lora.map(|l| l.stack))?;
+        self.launch(kv, ws, &step, lora.map(|l| l.stack), clock)?;
         Ok(step.logit_rows)
     }
 
     /// Launches the kernels of a staged `step` (nothing else: no copy, no allocation, no
-    /// synchronisation), so a decode step's launches can be captured.
+    /// synchronisation), so a decode step's launches can be captured; with a `clock`, marks the
+    /// end of each op (not while capturing).
     pub(crate) fn launch(
         &self,
         kv: &GpuKvCache,
         ws: &Workspace,
         step: &Step,
         stack: Option<&GpuLoraStack>,
+        clock: Option<&OpClock<'_>>,
     ) -> Result<(), GpuModelError> {
+        let lap = |op: Op| -> Result<(), GpuModelError> {
+            clock.map_or(Ok(()), |c| c.lap(op))?;
+            Ok(())
+        };
         let (dev, dt, c) = (&self.dev, self.dtype, &self.config);
         let t = step.tokens;
         let (hidden, hd, ffn) = (c.hidden_size, c.head_dim, c.intermediate_size);
@@ -110,7 +130,8 @@ impl GpuModel {
                 y,
                 y_stride,
             };
-            add_lora_fused(dev, &args)
+            add_lora_fused(dev, &args)?;
+            lap(Op::Lora)
         };
 
         let (x, residual, h) = (&ws.x, &ws.residual, &ws.h);
@@ -124,6 +145,7 @@ impl GpuModel {
             t,
             x,
         )?;
+        lap(Op::Embed)?;
         let norm = |x: &DeviceBuffer, first: bool, w: &DeviceBuffer, out: &DeviceBuffer| {
             ops::rms_norm(
                 dev,
@@ -138,7 +160,8 @@ impl GpuModel {
                     dim: hidden,
                     eps: c.rms_norm_eps,
                 },
-            )
+            )?;
+            lap(Op::Norm)
         };
         let shape_of = |n: usize, k: usize| GemmShape {
             m: t,
@@ -155,6 +178,7 @@ impl GpuModel {
                 Some(b) => gemm_bias(dev, dt, h, &l.qkv, b, &ws.qkv, shape_of(qkv_width, hidden))?,
                 None => proj(h, &l.qkv, &ws.qkv, qkv_width, hidden)?,
             }
+            lap(Op::QkvProj)?;
             add_lora(i, 0, h, &ws.qkv)?;
             rope_cache(
                 dev,
@@ -173,6 +197,7 @@ impl GpuModel {
                     q_out: Some(&ws.q),
                 },
             )?;
+            lap(Op::RopeCache)?;
             let args = PagedAttnArgs {
                 q: &ws.q,
                 k_cache: &kv.k[i],
@@ -186,13 +211,18 @@ impl GpuModel {
             } else {
                 paged_attention_prefill(dev, dt, &args)?;
             }
+            lap(Op::Attention)?;
             proj(&ws.attn, &l.o_proj, x, hidden, q_dim)?;
+            lap(Op::OProj)?;
             add_lora(i, 1, &ws.attn, x)?;
             norm(x, false, &l.ffn_norm, h)?;
             proj(h, &l.gate_up, &ws.gate_up, 2 * ffn, hidden)?;
+            lap(Op::GateUpProj)?;
             add_lora(i, 2, h, &ws.gate_up)?;
             ops::silu_mul(dev, dt, &ws.gate_up, t, ffn, &ws.act)?;
+            lap(Op::SiluMul)?;
             proj(&ws.act, &l.down, x, hidden, ffn)?;
+            lap(Op::DownProj)?;
             add_lora(i, 3, &ws.act, x)?;
         }
         // Final norm of residual + last block's output, only for the rows that need logits.
@@ -217,6 +247,7 @@ impl GpuModel {
                 accumulate: false,
             },
         )?;
+        lap(Op::LmHead)?;
         Ok(())
     }
 }

@@ -1,0 +1,137 @@
+//! Launcher of `cuda/gemv.cu`: `y (+)= x · Wᵀ (+ bias)` for at most [`GEMV_MAX_ROWS`] rows of `x`
+//! (decode steps of small batches), reading W once at full bandwidth. It is one of the candidates
+//! the GEMM tuner times against cuBLASLt's ([`super::gemm_tune`]); it never replaces a library
+//! algorithm that was not measured slower.
+
+use super::device::{DType, Device, DeviceBuffer, GpuError};
+use super::gemm::GemmShape;
+use super::kernel::{kernel_fn, kernel_params, KernelFn, LaunchDims};
+use super::ops::{by_dtype, dim32, need};
+
+/// Most rows of `x` the kernel takes.
+pub const GEMV_MAX_ROWS: usize = 8;
+
+/// `GemvParams` in `cuda/params/gemv.h`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct GemvParams {
+    x: u64,
+    w: u64,
+    bias: u64,
+    y: u64,
+    m: u32,
+    n: u32,
+    k: u32,
+    accumulate: u32,
+}
+
+kernel_params!(GemvParams);
+
+const THREADS: u32 = 128;
+const WARPS: usize = THREADS as usize / 32;
+
+/// The kernels by the largest `m` they take, with the rows of W each warp owns (as in the .cu).
+const VARIANTS: [(usize, usize, [KernelFn; 2]); 4] = [
+    (
+        1,
+        1,
+        [kernel_fn!(cad_gemv_m1_bf16), kernel_fn!(cad_gemv_m1_f16)],
+    ),
+    (
+        2,
+        2,
+        [kernel_fn!(cad_gemv_m2_bf16), kernel_fn!(cad_gemv_m2_f16)],
+    ),
+    (
+        4,
+        4,
+        [kernel_fn!(cad_gemv_m4_bf16), kernel_fn!(cad_gemv_m4_f16)],
+    ),
+    (
+        8,
+        4,
+        [kernel_fn!(cad_gemv_m8_bf16), kernel_fn!(cad_gemv_m8_f16)],
+    ),
+];
+
+/// Whether the kernel takes this projection: 1 to [`GEMV_MAX_ROWS`] rows, `k` a multiple of 8 and
+/// every address 16-byte aligned (its loads are 16-byte vectors).
+pub fn gemv_applies(s: &GemmShape, addrs: &GemvAddrs) -> bool {
+    let aligned = [addrs.x, addrs.w, addrs.y]
+        .into_iter()
+        .chain(addrs.bias)
+        .all(|a| a.is_multiple_of(16));
+    (1..=GEMV_MAX_ROWS).contains(&s.m) && s.n > 0 && s.k > 0 && s.k.is_multiple_of(8) && aligned
+}
+
+/// `y (+)= x · Wᵀ (+ bias)` by the GEMV kernel alone (what [`super::gemm::gemm`] runs when the
+/// policy or the tuner picks it), with the buffers checked against `s`; an error where the
+/// kernel does not apply ([`gemv_applies`]).
+pub fn gemv(
+    dev: &Device,
+    dtype: DType,
+    x: &DeviceBuffer,
+    w: &DeviceBuffer,
+    bias: Option<&DeviceBuffer>,
+    y: &DeviceBuffer,
+    s: GemmShape,
+) -> Result<(), GpuError> {
+    let es = dtype.size();
+    need("gemv x", x, s.m * s.k, es)?;
+    need("gemv w", w, s.n * s.k, es)?;
+    need("gemv y", y, s.m * s.n, es)?;
+    if let Some(b) = bias {
+        need("gemv bias", b, s.n, es)?;
+    }
+    let addrs = GemvAddrs {
+        x: x.ptr(),
+        w: w.ptr(),
+        bias: bias.map(|b| b.ptr()),
+        y: y.ptr(),
+    };
+    launch_gemv(dev, dtype, addrs, s)
+}
+
+/// Launches the kernel on raw device addresses; the caller checked every buffer against `s`
+/// (as [`super::gemm::gemm`] does) and that [`gemv_applies`].
+pub(crate) fn launch_gemv(
+    dev: &Device,
+    dtype: DType,
+    addrs: GemvAddrs,
+    s: GemmShape,
+) -> Result<(), GpuError> {
+    if !gemv_applies(&s, &addrs) {
+        return Err(GpuError::Shape(format!(
+            "gemv: {s:?} (m 1 to {GEMV_MAX_ROWS}, k a multiple of 8, 16-byte aligned buffers)"
+        )));
+    }
+    let (_, rows_per_warp, family) = VARIANTS
+        .iter()
+        .find(|(max_m, _, _)| s.m <= *max_m)
+        .ok_or_else(|| GpuError::Shape(format!("gemv: m = {}", s.m)))?;
+    let blocks = s.n.div_ceil(WARPS * rows_per_warp);
+    let params = GemvParams {
+        x: addrs.x,
+        w: addrs.w,
+        bias: addrs.bias.unwrap_or(0),
+        y: addrs.y,
+        m: dim32("gemv m", s.m)?,
+        n: dim32("gemv n", s.n)?,
+        k: dim32("gemv k", s.k)?,
+        accumulate: u32::from(s.accumulate),
+    };
+    dev.launch(
+        by_dtype(family, dtype),
+        LaunchDims::linear(dim32("gemv blocks", blocks)?, THREADS),
+        &params,
+    )
+}
+
+/// Device addresses of one projection's operands.
+#[derive(Clone, Copy, Debug)]
+pub struct GemvAddrs {
+    pub x: u64,
+    pub w: u64,
+    pub bias: Option<u64>,
+    pub y: u64,
+}

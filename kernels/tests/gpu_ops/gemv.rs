@@ -1,0 +1,196 @@
+//! The GEMV kernel (`cuda/gemv.cu`) against the exact product, and the GEMM policies that decide
+//! when it runs (`gpu::gemm_tune`), on every device (see gpu_support). Part of the `gpu_ops`
+//! test binary (one binary fewer to carry to the GPU machine).
+
+use caduceus_kernels::gpu::gemm::{gemm, gemm_bias, GemmShape};
+use caduceus_kernels::gpu::gemm_tune::GemmPolicy;
+use caduceus_kernels::gpu::gemv::{gemv, GEMV_MAX_ROWS};
+use caduceus_kernels::gpu::{DType, Device, DeviceBuffer};
+use crate::gpu_support::*;
+
+/// The exact `prev + x · Wᵀ + bias` in f64, and the sum of its terms' magnitudes (what bounds
+/// the rounding of an f32-accumulated result).
+fn exact(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    prev: Option<&[f32]>,
+    s: GemmShape,
+) -> (Vec<f32>, Vec<f32>) {
+    (0..s.m * s.n)
+        .map(|i| {
+            let (row, col) = (i / s.n, i % s.n);
+            let terms: Vec<f64> = (0..s.k)
+                .map(|j| x[row * s.k + j] as f64 * w[col * s.k + j] as f64)
+                .collect();
+            let dot: f64 = terms.iter().sum();
+            let mag: f64 = terms.iter().map(|t| t.abs()).sum();
+            let p = prev.map_or(0.0, |p| p[i] as f64);
+            let b = bias.map_or(0.0, |b| b[col] as f64);
+            ((dot + p + b) as f32, (mag + p.abs() + b.abs()) as f32)
+        })
+        .unzip()
+}
+
+fn check(what: &str, dtype: DType, got: &[f32], want: &[f32], scale: &[f32]) {
+    for (i, ((&g, &w), &t)) in got.iter().zip(want).zip(scale).enumerate() {
+        // One rounding to the dtype, plus f32 accumulation error over the terms.
+        let tol = 1e-3 + eps(dtype) * w.abs() + 1e-5 * t;
+        assert!(
+            (g - w).abs() <= tol,
+            "{what}: element {i}: got {g}, want {w} (tolerance {tol})"
+        );
+    }
+}
+
+struct Case {
+    x: Vec<f32>,
+    w: Vec<f32>,
+    b: Vec<f32>,
+    y0: Vec<f32>,
+}
+
+fn case(dtype: DType, s: GemmShape, seed: u64) -> Case {
+    let mut r = rng(seed);
+    Case {
+        x: round(dtype, &random(&mut r, s.m * s.k, 1.0)),
+        w: round(dtype, &random(&mut r, s.n * s.k, 1.0)),
+        b: round(dtype, &random(&mut r, s.n, 4.0)),
+        y0: round(dtype, &random(&mut r, s.m * s.n, 1.0)),
+    }
+}
+
+/// Every row count the kernel takes (each of its four variants, full and partial), n not a
+/// multiple of a block's outputs, k crossing the unrolled loop's stride unevenly; with and
+/// without bias and accumulation.
+#[test]
+fn gemv_matches_the_exact_product_for_every_row_count() {
+    for dev in devices() {
+        for dtype in DTYPES {
+            // k = 8 * (32 * 4 + 3): one full unrolled pass of 128 vectors and 3 more.
+            let (n, k) = (37, 8 * 131);
+            for m in 1..=GEMV_MAX_ROWS {
+                for (with_bias, accumulate) in [(false, false), (true, false), (true, true)] {
+                    let s = GemmShape {
+                        m,
+                        n,
+                        k,
+                        accumulate,
+                    };
+                    let c = case(dtype, s, 100 + m as u64);
+                    let (dx, dw, db) = (
+                        upload(&dev, dtype, &c.x),
+                        upload(&dev, dtype, &c.w),
+                        upload(&dev, dtype, &c.b),
+                    );
+                    let dy = upload(&dev, dtype, &c.y0);
+                    let bias = with_bias.then_some(&db);
+                    gemv(&dev, dtype, &dx, &dw, bias, &dy, s).unwrap();
+                    let (want, scale) = exact(
+                        &c.x,
+                        &c.w,
+                        with_bias.then_some(&c.b[..]),
+                        accumulate.then_some(&c.y0[..]),
+                        s,
+                    );
+                    let what = format!(
+                        "{} {dtype:?} m {m} bias {with_bias} accumulate {accumulate}",
+                        dev.describe()
+                    );
+                    check(&what, dtype, &download(&dev, dtype, &dy), &want, &scale);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn gemv_refuses_shapes_it_does_not_take() {
+    for dev in devices() {
+        let dtype = DType::Bf16;
+        let buf = zeros(&dev, dtype, 16 * 64);
+        let shape = |m, k| GemmShape {
+            m,
+            n: 4,
+            k,
+            accumulate: false,
+        };
+        for (s, why) in [
+            (shape(GEMV_MAX_ROWS + 1, 8), "too many rows"),
+            (shape(0, 8), "no rows"),
+            (shape(1, 12), "k not a multiple of 8"),
+        ] {
+            let err = gemv(&dev, dtype, &buf, &buf, None, &buf, s);
+            assert!(err.is_err(), "{}: {why} accepted", dev.describe());
+        }
+        // A buffer too small for the shape is refused before any launch.
+        let small = zeros(&dev, dtype, 4);
+        let err = gemv(&dev, dtype, &small, &buf, None, &buf, shape(1, 8)).unwrap_err();
+        assert!(err.to_string().contains("gemv x"), "{err}");
+    }
+}
+
+fn run_policy(dev: &Device, dtype: DType, s: GemmShape, c: &Case, with_bias: bool) -> Vec<f32> {
+    let (dx, dw, db): (DeviceBuffer, DeviceBuffer, DeviceBuffer) = (
+        upload(dev, dtype, &c.x),
+        upload(dev, dtype, &c.w),
+        upload(dev, dtype, &c.b),
+    );
+    let dy = upload(dev, dtype, &c.y0);
+    match with_bias {
+        true => gemm_bias(dev, dtype, &dx, &dw, &db, &dy, s).unwrap(),
+        false => gemm(dev, dtype, &dx, &dw, &dy, s).unwrap(),
+    }
+    download(dev, dtype, &dy)
+}
+
+/// Whichever implementation a policy picks (the library, our GEMV where it applies, or the
+/// tuner's fastest), the product is right at decode's row counts and beyond the GEMV's; on a GPU
+/// the tuner leaves a record per shape bucket naming a candidate it timed.
+#[test]
+fn every_gemm_policy_computes_the_product() {
+    for dev in devices() {
+        let dtype = DType::Bf16;
+        let (n, k) = (40, 8 * 40);
+        for policy in [GemmPolicy::Library, GemmPolicy::Gemv, GemmPolicy::Tuned] {
+            dev.set_gemm_policy(policy).unwrap();
+            assert_eq!(dev.gemm_policy(), policy);
+            for m in [1, 3, 8, 9] {
+                for (with_bias, accumulate) in [(false, false), (true, true)] {
+                    let s = GemmShape {
+                        m,
+                        n,
+                        k,
+                        accumulate,
+                    };
+                    let c = case(dtype, s, 7 * m as u64);
+                    let got = run_policy(&dev, dtype, s, &c, with_bias);
+                    let (want, scale) = exact(
+                        &c.x,
+                        &c.w,
+                        with_bias.then_some(&c.b[..]),
+                        accumulate.then_some(&c.y0[..]),
+                        s,
+                    );
+                    let what = format!("{} {policy:?} m {m} bias {with_bias}", dev.describe());
+                    check(&what, dtype, &got, &want, &scale);
+                }
+            }
+            let records = dev.gemm_tuning();
+            if policy == GemmPolicy::Tuned && !dev.is_emulated() {
+                // m 1, 3 (bucket 4), 8 and 9 (bucket 16), each with and without bias+beta.
+                assert_eq!(records.len(), 8, "{records:#?}");
+                for r in &records {
+                    assert!(r.fallback.is_none(), "{r:#?}");
+                    let timed = r.candidates.iter().find(|c| c.name == r.chosen);
+                    assert!(timed.is_some_and(|c| c.us.is_some()), "{r:#?}");
+                    let gemv = r.candidates.iter().any(|c| c.name == "gemv");
+                    assert_eq!(gemv, r.m <= GEMV_MAX_ROWS, "{r:#?}");
+                }
+            } else {
+                assert!(records.is_empty(), "{policy:?}: {records:#?}");
+            }
+        }
+        dev.set_gemm_policy(GemmPolicy::default()).unwrap();
+    }
+}
