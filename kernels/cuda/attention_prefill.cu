@@ -208,21 +208,33 @@ CAD_UNROLL
   const T* v_head = static_cast<const T*>(p.v_cache) + size_t(kvh) * D;
 
   for (uint32_t k0 = 0; k0 < num_keys; k0 += kKeys) {
-    __syncthreads();  // the previous tile's K/V and P are consumed (and the Q tile is complete)
-    for (uint32_t i = tid; i < kKeys * kRowVecs; i += kThreads) {
-      const uint32_t key = i / kRowVecs, c = (i % kRowVecs) * kVec;
+    // The thread's loads of the tile all go out before any store (a warp issues in order and
+    // would stall at the first store of a loaded value, one load pair in flight per thread).
+    constexpr uint32_t kLoads = (kKeys * kRowVecs + kThreads - 1) / kThreads;
+    Vec16 kv[kLoads], vv[kLoads];
+CAD_UNROLL
+    for (uint32_t n = 0; n < kLoads; ++n) {
+      const uint32_t i = tid + n * kThreads, key = i / kRowVecs, c = (i % kRowVecs) * kVec;
       const uint32_t pos = k0 + key;
-      Vec16 kv = {0, 0, 0, 0}, vv = {0, 0, 0, 0};
-      if (pos < num_keys) {
+      kv[n] = Vec16{0, 0, 0, 0};
+      vv[n] = Vec16{0, 0, 0, 0};
+      if (i < kKeys * kRowVecs && pos < num_keys) {
         const uint32_t block = table[pos / block_size];
         if (block < p.shape.num_blocks) {
           const size_t off = (size_t(block) * block_size + pos % block_size) * slot_stride + c;
-          kv = pun_load<Vec16>(k_head + off);
-          vv = pun_load<Vec16>(v_head + off);
+          kv[n] = pun_load<Vec16>(k_head + off);
+          vv[n] = pun_load<Vec16>(v_head + off);
         }
       }
-      pun_store(&k_s[key * kStride + c], kv);
-      pun_store(&v_s[key * kStride + c], vv);
+    }
+    __syncthreads();  // the previous tile's K/V and P are consumed (and the Q tile is complete)
+CAD_UNROLL
+    for (uint32_t n = 0; n < kLoads; ++n) {
+      const uint32_t i = tid + n * kThreads, key = i / kRowVecs, c = (i % kRowVecs) * kVec;
+      if (i < kKeys * kRowVecs) {
+        pun_store(&k_s[key * kStride + c], kv[n]);
+        pun_store(&v_s[key * kStride + c], vv[n]);
+      }
     }
     __syncthreads();
 
