@@ -2,11 +2,11 @@
 //! when it runs (`gpu::gemm_tune`), on every device (see gpu_support). Part of the `gpu_ops`
 //! test binary (one binary fewer to carry to the GPU machine).
 
+use crate::gpu_support::*;
 use caduceus_kernels::gpu::gemm::{gemm, gemm_bias, GemmShape};
 use caduceus_kernels::gpu::gemm_tune::GemmPolicy;
 use caduceus_kernels::gpu::gemv::{gemv, GEMV_MAX_ROWS};
 use caduceus_kernels::gpu::{DType, Device, DeviceBuffer};
-use crate::gpu_support::*;
 
 /// The exact `prev + x · Wᵀ + bias` in f64, and the sum of its terms' magnitudes (what bounds
 /// the rounding of an f32-accumulated result).

@@ -6,12 +6,24 @@
 //! files for an 8B model are ~170 MB each, so a few distinct ones are written and the rest of the
 //! folders hard-link their files: the loader still reads and converts each one (its own host cache
 //! entry and device slot), which is what serving costs.
+//!
+//! By default the figure is **warm**: every adapter is read into the host cache and copied into
+//! its device slot before the clock starts (`warmup`; the time that takes is reported apart),
+//! so it is the steady-state serving throughput. **Cold** ([`EngineBenchOptions::cold`]) starts
+//! the clock with every adapter on disk, so it includes loading them. Either way the loop blocks
+//! on the engine's wait for an adapter load instead of spinning through empty steps, and the
+//! figure carries a profile of its steps ([`StepProfile`]).
+
+mod adapters;
+mod slot_watch;
+mod steps;
+mod warmup;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use caduceus_scheduler::{RequestId, SchedulerConfig};
+use caduceus_scheduler::{FinishReason, RequestId, SchedulerConfig};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
@@ -19,12 +31,13 @@ use tokio::sync::mpsc;
 
 use super::model::GpuModel;
 use super::{GpuBackend, GpuBackendConfig, KvBlocks, StepLimits};
-use crate::adapters::make::write_synthetic_adapters;
-use crate::adapters::{
-    AdapterLimits, AdapterRegistry, AdapterService, AdapterSettings, Projection,
-};
-use crate::engine::{EngineCore, EngineRequest, SlotSpec};
+use crate::adapters::{AdapterLimits, AdapterRegistry, AdapterService, AdapterSettings};
+use crate::engine::{EngineCore, EngineRequest, RequestOutput, SlotSpec};
 use crate::model::LoraDtype;
+pub use adapters::power_law_mix;
+use adapters::{adapter_name, write_adapters};
+pub use slot_watch::SlotWatch;
+pub use steps::{StepKind, StepProfile, StepTime};
 
 /// Why the engine part failed (each names the step).
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +77,8 @@ pub struct EngineBenchOptions {
     /// Where the adapter folders are written (removed afterwards).
     pub scratch_dir: PathBuf,
     pub seed: u64,
+    /// Start the clock with the adapters on disk (false: warm them first, untimed).
+    pub cold: bool,
 }
 
 /// What the engine part measured.
@@ -83,62 +98,24 @@ pub struct EngineFigure {
     /// Requests per adapter rank (most popular first), to show the mix.
     pub requests_per_adapter_top: Vec<usize>,
     pub adapter_files_s: f64,
-}
-
-/// Adapter index of each request: Zipf(s) over `n` adapters, seeded.
-pub fn power_law_mix(requests: usize, n: usize, s: f64, seed: u64) -> Vec<usize> {
-    if n == 0 {
-        return Vec::new();
-    }
-    let weights: Vec<f64> = (0..n).map(|k| 1.0 / ((k + 1) as f64).powf(s)).collect();
-    let total: f64 = weights.iter().sum();
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    (0..requests)
-        .map(|_| {
-            let mut u = rng.random_range(0.0..total);
-            weights
-                .iter()
-                .position(|&w| {
-                    u -= w;
-                    u < 0.0
-                })
-                .unwrap_or(n - 1)
-        })
-        .collect()
-}
-
-/// Writes `count` adapter folders (`doctor-0000`...) under `dir`, `distinct` of them generated.
-fn write_adapters(
-    config: &crate::model::config::LlamaConfig,
-    dir: &Path,
-    o: &EngineBenchOptions,
-) -> Result<(), EngineBenchError> {
-    let src = dir.join("sources");
-    let distinct = o.distinct_files.clamp(1, o.adapters);
-    let written = write_synthetic_adapters(
-        config,
-        &src,
-        distinct,
-        o.rank,
-        &Projection::ALL,
-        o.seed,
-        2.0 * o.rank as f32,
-    )
-    .map_err(|e| fail("writing adapters")(&e))?;
-    let root = dir.join("adapters");
-    for i in 0..o.adapters {
-        let from = &written[i % written.len()];
-        let to = root.join(format!("doctor-{i:04}"));
-        std::fs::create_dir_all(&to).map_err(|e| fail("adapter folder")(&e))?;
-        for entry in std::fs::read_dir(from).map_err(|e| fail("adapter folder")(&e))? {
-            let entry = entry.map_err(|e| fail("adapter folder")(&e))?;
-            let target = to.join(entry.file_name());
-            if std::fs::hard_link(entry.path(), &target).is_err() {
-                std::fs::copy(entry.path(), &target).map_err(|e| fail("adapter copy")(&e))?;
-            }
-        }
-    }
-    Ok(())
+    /// Whether the adapters were warmed before the clock started (false: `cold`; true and
+    /// vacuous without adapters).
+    pub adapters_warm: bool,
+    /// Seconds to make every adapter resident in the host cache and a device slot, untimed
+    /// (`None` when cold or without adapters).
+    pub adapter_warmup_s: Option<f64>,
+    /// Adapters in the host cache when the clock started.
+    pub adapters_in_host_cache_at_start: usize,
+    /// Adapters in device slots when the clock started.
+    pub adapters_in_device_slots_at_start: usize,
+    /// Adapter copies into device slots while the clock ran (0 when warm).
+    pub device_slot_fills: u64,
+    /// Requests that ended with an error (their missing tokens lower `output_tokens`).
+    pub failed_requests: usize,
+    /// The timed run's steps by kind, with the wall time of each kind.
+    pub step_profile: StepProfile,
+    /// The warm-up's steps (`None` when cold or without adapters).
+    pub warmup_step_profile: Option<StepProfile>,
 }
 
 /// Runs the engine part on `model` (consumed: the backend owns it).
@@ -165,13 +142,16 @@ pub fn run_engine_part(
     Ok(fig)
 }
 
-fn run_engine(
+/// The engine on the GPU backend, its adapter slots watched.
+type BenchEngine = EngineCore<SlotWatch<GpuBackend>>;
+
+/// The engine of the options, and its adapter service if it serves adapters.
+fn build_engine(
     model: GpuModel,
     o: &EngineBenchOptions,
     adapter_dir: &Path,
     max_len: usize,
-    progress: &mut dyn FnMut(&str),
-) -> Result<EngineFigure, EngineBenchError> {
+) -> Result<(BenchEngine, Option<Arc<AdapterService>>), EngineBenchError> {
     let config = model.config().clone();
     let sched = SchedulerConfig {
         max_num_seqs: o.max_num_seqs,
@@ -206,41 +186,56 @@ fn run_engine(
         },
     )
     .map_err(|e| fail("GPU backend")(&e))?;
-    let mut core = EngineCore::with_backend(backend, None, Vec::new(), sched)
+    let core = EngineCore::with_backend(SlotWatch::new(backend), None, Vec::new(), sched)
         .map_err(|e| fail("engine")(&e))?;
-    let num_gpu_blocks = core.scheduler_config().num_blocks;
-    let names: Vec<Arc<str>> = (0..o.adapters)
-        .map(|i| Arc::from(format!("doctor-{i:04}")))
-        .collect();
-    if o.adapters > 0 {
-        let registry = AdapterRegistry::scan(Some(adapter_dir), Vec::new())
-            .map_err(|e| fail("adapter registry")(&e))?;
-        let settings = AdapterSettings {
-            max_loras: o.adapters,
-            max_cpu_loras: o.adapters,
-            max_cpu_lora_bytes: usize::MAX,
-            limits: AdapterLimits {
-                max_rank: o.rank,
-                max_file_bytes: u64::MAX,
-            },
-            dtype: LoraDtype::F16,
-            loader_share_percent: 100,
-        };
-        let service = Arc::new(AdapterService::new(registry, config.clone(), settings));
-        core = core
-            .with_adapters(service)
-            .map_err(|e| fail("adapters")(&e))?;
+    if o.adapters == 0 {
+        return Ok((core, None));
     }
+    let registry = AdapterRegistry::scan(Some(adapter_dir), Vec::new())
+        .map_err(|e| fail("adapter registry")(&e))?;
+    // One host entry and one device slot per adapter: nothing is evicted once warm.
+    let settings = AdapterSettings {
+        max_loras: o.adapters,
+        max_cpu_loras: o.adapters,
+        max_cpu_lora_bytes: usize::MAX,
+        limits: AdapterLimits {
+            max_rank: o.rank,
+            max_file_bytes: u64::MAX,
+        },
+        dtype: LoraDtype::F16,
+        loader_share_percent: 100,
+    };
+    let service = Arc::new(AdapterService::new(registry, config, settings));
+    let core = core
+        .with_adapters(service.clone())
+        .map_err(|e| fail("adapters")(&e))?;
+    Ok((core, Some(service)))
+}
+
+/// How many of `names` the host cache holds now.
+fn count_host_cached(service: Option<&AdapterService>, names: &[Arc<str>]) -> usize {
+    let Some(s) = service else {
+        return 0;
+    };
+    names
+        .iter()
+        .filter_map(|n| s.registry().get(n))
+        .filter(|e| s.cached(e).is_some())
+        .count()
+}
+
+/// Queues the timed requests (ids `0..requests`); returns their streams and the requests per
+/// adapter.
+fn submit_requests(
+    core: &mut BenchEngine,
+    o: &EngineBenchOptions,
+    names: &[Arc<str>],
+    vocab: u32,
+) -> Result<(Vec<mpsc::UnboundedReceiver<RequestOutput>>, Vec<usize>), EngineBenchError> {
     let mix = power_law_mix(o.requests, o.adapters, o.zipf_s, o.seed);
     let mut per_adapter = vec![0usize; o.adapters];
     let mut rng = ChaCha8Rng::seed_from_u64(o.seed ^ 0x5eed);
-    let vocab = config.vocab_size as u32;
     let mut streams = Vec::with_capacity(o.requests);
-    progress(&format!(
-        "engine: {} requests x ({} in, {} out), {num_gpu_blocks} KV blocks",
-        o.requests, o.input_len, o.output_len
-    ));
-    let start = Instant::now();
     for i in 0..o.requests {
         let prompt = (0..o.input_len)
             .map(|_| rng.random_range(1..vocab.max(2)))
@@ -250,28 +245,96 @@ fn run_engine(
         req.detokenize = false;
         if let Some(&k) = mix.get(i) {
             per_adapter[k] += 1;
-            req.adapter = Some(names[k].clone());
+            req.adapter = names.get(k).cloned();
         }
         let (tx, rx) = mpsc::unbounded_channel();
         core.add_request(RequestId(i as u64), req, tx)
             .map_err(|e| fail("adding a request")(&e))?;
         streams.push(rx);
     }
-    let mut num_steps = 0u64;
-    while core.has_unfinished() {
-        core.step().map_err(|e| fail("engine step")(&e))?;
-        num_steps += 1;
-        if num_steps.is_multiple_of(100) {
-            progress(&format!("engine: {num_steps} steps"));
-        }
-    }
-    let elapsed_s = start.elapsed().as_secs_f64();
+    Ok((streams, per_adapter))
+}
+
+/// Output tokens streamed, and requests that ended with an error.
+fn collect_outputs(streams: Vec<mpsc::UnboundedReceiver<RequestOutput>>) -> (usize, usize) {
     let mut output_tokens = 0;
+    let mut failed = 0;
     for mut rx in streams {
         while let Ok(out) = rx.try_recv() {
             output_tokens += out.new_tokens.len();
+            if out
+                .finished
+                .is_some_and(|f| f.reason == FinishReason::Error)
+            {
+                failed += 1;
+            }
         }
     }
+    (output_tokens, failed)
+}
+
+/// Warms every adapter (untimed) unless the run is cold or has none, and checks that each is
+/// then in the host cache and a device slot.
+fn warm_unless_cold(
+    core: &mut BenchEngine,
+    service: Option<&AdapterService>,
+    o: &EngineBenchOptions,
+    names: &[Arc<str>],
+    progress: &mut dyn FnMut(&str),
+) -> Result<Option<warmup::Warmup>, EngineBenchError> {
+    if o.cold || names.is_empty() {
+        return Ok(None);
+    }
+    let w = warmup::warm_up(core, names, o.requests as u64, progress)?;
+    let (in_host, in_slots) = (
+        count_host_cached(service, names),
+        core.backend().num_resident(),
+    );
+    progress(&format!(
+        "engine: {in_slots} adapters resident in {:.1} s ({} slot fills, {} empty steps)",
+        w.seconds,
+        core.backend().fills(),
+        w.steps.empty.steps
+    ));
+    if (in_host, in_slots) != (names.len(), names.len()) {
+        return Err(fail("adapter warm-up")(&format!(
+            "{in_host} of {} adapters in the host cache, {in_slots} in device slots",
+            names.len()
+        )));
+    }
+    Ok(Some(w))
+}
+
+fn run_engine(
+    model: GpuModel,
+    o: &EngineBenchOptions,
+    adapter_dir: &Path,
+    max_len: usize,
+    progress: &mut dyn FnMut(&str),
+) -> Result<EngineFigure, EngineBenchError> {
+    let vocab = model.config().vocab_size as u32;
+    let (mut core, service) = build_engine(model, o, adapter_dir, max_len)?;
+    let num_gpu_blocks = core.scheduler_config().num_blocks;
+    let names: Vec<Arc<str>> = (0..o.adapters)
+        .map(|i| Arc::from(adapter_name(i)))
+        .collect();
+    let warm = warm_unless_cold(&mut core, service.as_deref(), o, &names, progress)?;
+    let in_host = count_host_cached(service.as_deref(), &names);
+    let in_slots = core.backend().num_resident();
+    let fills_before = core.backend().fills();
+    let preemptions_before = core.stats().num_preemptions;
+    progress(&format!(
+        "engine: {} requests x ({} in, {} out), {num_gpu_blocks} KV blocks, adapters {}",
+        o.requests,
+        o.input_len,
+        o.output_len,
+        if o.cold { "cold" } else { "warm" }
+    ));
+    let start = Instant::now();
+    let (streams, mut per_adapter) = submit_requests(&mut core, o, &names, vocab)?;
+    let step_profile = steps::drive(&mut core, "engine", progress)?;
+    let elapsed_s = start.elapsed().as_secs_f64();
+    let (output_tokens, failed_requests) = collect_outputs(streams);
     per_adapter.sort_unstable_by(|a, b| b.cmp(a));
     per_adapter.truncate(8);
     Ok(EngineFigure {
@@ -283,10 +346,21 @@ fn run_engine(
         output_tokens,
         output_tokens_per_s: output_tokens as f64 / elapsed_s,
         total_tokens_per_s: (output_tokens + o.requests * o.input_len) as f64 / elapsed_s,
-        num_steps,
-        num_preemptions: core.stats().num_preemptions,
+        num_steps: step_profile.num_steps,
+        num_preemptions: core
+            .stats()
+            .num_preemptions
+            .saturating_sub(preemptions_before),
         num_gpu_blocks,
         requests_per_adapter_top: per_adapter,
         adapter_files_s: 0.0,
+        adapters_warm: !o.cold,
+        adapter_warmup_s: warm.as_ref().map(|w| w.seconds),
+        adapters_in_host_cache_at_start: in_host,
+        adapters_in_device_slots_at_start: in_slots,
+        device_slot_fills: core.backend().fills().saturating_sub(fills_before),
+        failed_requests,
+        step_profile,
+        warmup_step_profile: warm.map(|w| w.steps),
     })
 }

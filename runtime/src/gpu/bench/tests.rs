@@ -1,13 +1,15 @@
 //! `gpu-bench` on a tiny shape in the kernels' host emulation: the random model is the model its
 //! store describes (the CPU model on the same store gives the same logits), every model-level
 //! part runs and reports what it was asked for, and the adapter mix follows its power law. The
-//! engine part runs in `cli::gpu_bench`'s test of the whole command.
+//! engine part runs warm and cold below (and in `cli::gpu_bench`'s test of the whole command).
 
 use caduceus_kernels::attention::SeqAttention;
 use caduceus_kernels::gpu::{DType, Device};
 
 use super::{run_model_parts, ModelBenchOptions};
-use crate::gpu::bench_engine::power_law_mix;
+use crate::gpu::bench_engine::{
+    power_law_mix, run_engine_part, EngineBenchOptions, EngineFigure, StepProfile,
+};
 use crate::gpu::model::profile::{Op, OpProfile};
 use crate::gpu::random_model::{config_for, random_gpu_model, random_store};
 use crate::gpu::roofline::{spec_for, ModelShape};
@@ -193,4 +195,104 @@ fn power_law_mix_favours_low_ranks_and_is_seeded() {
     assert!((ratio - 2.0).abs() < 0.25, "{ratio}");
     assert!(counts[63] > 0 && counts[63] < counts[0] / 20);
     assert!(power_law_mix(5, 0, 1.0, 1).is_empty());
+}
+
+/// The engine part on the tiny shape: `requests` x (5 in, 3 out) over `adapters` adapters,
+/// every request fitting the first step (30-odd prompt tokens of a 64-token budget).
+fn tiny_engine_run(requests: usize, adapters: usize, cold: bool) -> EngineFigure {
+    let scratch = tempfile::tempdir().unwrap();
+    let opts = EngineBenchOptions {
+        requests,
+        input_len: 5,
+        output_len: 3,
+        adapters,
+        distinct_files: 2,
+        rank: 4,
+        zipf_s: 1.0,
+        max_num_seqs: requests,
+        cuda_graph_max_batch: requests,
+        max_num_batched_tokens: 64,
+        block_size: 16,
+        num_blocks: Some(64),
+        scratch_dir: scratch.path().to_path_buf(),
+        seed: 3,
+        cold,
+    };
+    let model = random_gpu_model(&TINY, 64, Device::emulated(), DType::Bf16, 2).unwrap();
+    let fig = run_engine_part(model, &opts, &mut |_| {}).unwrap();
+    let leftovers = std::fs::read_dir(scratch.path()).unwrap().count();
+    assert_eq!(leftovers, 0, "the adapter folders are removed");
+    fig
+}
+
+/// The invariants of any run's step profile: every step has one kind, each kind that ran took
+/// time, and every request got all of its tokens.
+fn check_run(fig: &EngineFigure) {
+    let p: &StepProfile = &fig.step_profile;
+    assert_eq!(fig.num_steps, p.num_steps);
+    assert_eq!(
+        p.empty.steps + p.with_prefill.steps + p.decode_only.steps,
+        p.num_steps,
+        "{p:?}"
+    );
+    for kind in [&p.with_prefill, &p.decode_only] {
+        assert!(kind.steps > 0 && kind.wall_s > 0.0, "{p:?}");
+    }
+    assert_eq!(fig.failed_requests, 0);
+    assert_eq!(fig.output_tokens, fig.requests * fig.output_len);
+    assert!(fig.output_tokens_per_s > 0.0 && fig.elapsed_s > 0.0);
+}
+
+#[test]
+fn warm_engine_run_starts_with_every_adapter_resident_and_never_idles() {
+    let fig = tiny_engine_run(6, 3, false);
+    check_run(&fig);
+    // Warmed before the clock: in the host cache and a device slot, so no request parks on a
+    // load, no step is empty and no slot is filled while the clock runs.
+    assert!(fig.adapters_warm);
+    assert_eq!(fig.adapters_in_host_cache_at_start, 3);
+    assert_eq!(fig.adapters_in_device_slots_at_start, 3);
+    assert_eq!(fig.device_slot_fills, 0);
+    let p = fig.step_profile;
+    assert_eq!((p.empty.steps, p.waits), (0, 0), "{p:?}");
+    // All six prompts fit the first step, then two decode-only steps give tokens 2 and 3.
+    assert_eq!((p.with_prefill.steps, p.decode_only.steps), (1, 2), "{p:?}");
+    // The warm-up loaded the three adapters from disk, blocking (not spinning) on the loads.
+    let w = fig.warmup_step_profile.expect("a warm run has a warm-up");
+    assert!(fig.adapter_warmup_s.is_some_and(|s| s > 0.0));
+    assert!(w.empty.steps <= 3 + 1, "{w:?}");
+    assert_eq!(
+        w.waits, w.empty.steps,
+        "every empty step blocks once: {w:?}"
+    );
+    let json = serde_json::to_value(&fig).unwrap();
+    assert_eq!(json["step_profile"]["with_prefill"]["steps"], 1);
+    assert!(json["adapter_warmup_s"].is_f64());
+}
+
+#[test]
+fn cold_engine_run_loads_adapters_in_the_clock_without_spinning() {
+    let (requests, adapters) = (8, 4);
+    let fig = tiny_engine_run(requests, adapters, true);
+    check_run(&fig);
+    assert!(!fig.adapters_warm);
+    assert!(fig.adapter_warmup_s.is_none() && fig.warmup_step_profile.is_none());
+    assert_eq!(fig.adapters_in_host_cache_at_start, 0);
+    assert_eq!(fig.adapters_in_device_slots_at_start, 0);
+    // One slot fill per adapter the mix used, each on its first schedule (one slot each).
+    let mut used = power_law_mix(requests, adapters, 1.0, 3);
+    used.sort_unstable();
+    used.dedup();
+    assert_eq!(fig.device_slot_fills, used.len() as u64);
+    // Requests park until their adapter lands; each empty step then blocks until a load lands,
+    // so there are at most one per load and the first (the old loop spun through thousands).
+    let p = fig.step_profile;
+    assert!(p.empty.steps <= used.len() as u64 + 1, "{p:?}");
+    assert_eq!(
+        p.waits, p.empty.steps,
+        "every empty step blocks once: {p:?}"
+    );
+    let json = serde_json::to_value(&fig).unwrap();
+    assert!(json["adapter_warmup_s"].is_null());
+    assert_eq!(json["adapters_warm"], false);
 }

@@ -1,0 +1,89 @@
+//! A [`Backend`] wrapper that watches the adapter slots: which adapter each device slot holds
+//! and how many slot fills (host-to-device adapter copies) the engine asked for. The bench uses
+//! it to show that a warm run starts with every adapter device-resident and fills no slot while
+//! the clock runs; everything else is passed straight through.
+
+use caduceus_kernels::lora::Segment;
+use caduceus_scheduler::AdapterKey;
+
+use crate::adapters::LoadedAdapter;
+use crate::engine::{Backend, BackendError, RowOutcome, SlotSpec};
+use crate::model::config::LlamaConfig;
+use crate::model::ForwardBatch;
+use crate::sampling::RowSample;
+
+/// `inner` with a record of its adapter slots.
+pub struct SlotWatch<B> {
+    inner: B,
+    /// The adapter each slot holds (`None`: empty, or its last copy failed).
+    slots: Vec<Option<AdapterKey>>,
+    fills: u64,
+}
+
+impl<B: Backend> SlotWatch<B> {
+    /// Watches `inner`'s slots from now on (none are filled yet).
+    pub fn new(inner: B) -> Self {
+        SlotWatch {
+            inner,
+            slots: Vec::new(),
+            fills: 0,
+        }
+    }
+
+    /// Slot fills so far (each one an adapter copied into a device slot).
+    pub fn fills(&self) -> u64 {
+        self.fills
+    }
+
+    /// Distinct adapters resident in the device slots now.
+    pub fn num_resident(&self) -> usize {
+        let mut keys: Vec<(u32, u64)> = self
+            .slots
+            .iter()
+            .flatten()
+            .map(|k| (k.id, k.generation))
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        keys.len()
+    }
+}
+
+impl<B: Backend> Backend for SlotWatch<B> {
+    fn config(&self) -> &LlamaConfig {
+        self.inner.config()
+    }
+    fn num_kv_blocks(&self) -> usize {
+        self.inner.num_kv_blocks()
+    }
+    fn block_size(&self) -> usize {
+        self.inner.block_size()
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    fn init_adapter_slots(&mut self, spec: SlotSpec) -> Result<usize, BackendError> {
+        let bytes = self.inner.init_adapter_slots(spec)?;
+        self.slots = vec![None; spec.num_slots];
+        Ok(bytes)
+    }
+    fn load_adapter(&mut self, slot: u32, adapter: &LoadedAdapter) -> Result<(), BackendError> {
+        let entry = self.slots.get_mut(slot as usize);
+        let result = self.inner.load_adapter(slot, adapter);
+        if let Some(entry) = entry {
+            *entry = result.is_ok().then_some(adapter.key);
+        }
+        self.fills += 1;
+        result
+    }
+    fn forward(&mut self, batch: &ForwardBatch<'_>, lora: &[Segment]) -> Result<(), BackendError> {
+        self.inner.forward(batch, lora)
+    }
+    fn sample(&mut self, rows: &[RowSample]) -> Result<Vec<RowOutcome>, BackendError> {
+        self.inner.sample(rows)
+    }
+    #[cfg(feature = "fault-injection")]
+    fn poison_logits_row(&mut self, row: usize) -> Result<(), BackendError> {
+        self.inner.poison_logits_row(row)
+    }
+}
