@@ -13,7 +13,9 @@ use cudarc::driver::CudaStream;
 use super::device::{DType, GpuError};
 use super::gemm::GemmShape;
 use super::gemm_cache::{AlgoCache, GemmCacheStats, GemmKey};
-use super::gemm_tune::{best_of, fastest, CandidateTime, GemmChoice, GemmPolicy, TuneRecord};
+use super::gemm_tune::{
+    best_of, fastest, time_candidates, CandidateTime, GemmChoice, GemmPolicy, TuneClock, TuneRecord,
+};
 
 type Algo = sys::cublasLtMatmulAlgo_t;
 type Choice = GemmChoice<Algo>;
@@ -24,14 +26,37 @@ pub(super) type GemvRun<'a> = Option<&'a dyn Fn(u64) -> Result<(), GpuError>>;
 
 /// Heuristic candidates the tuner times.
 const TUNE_CANDIDATES: usize = 8;
+
+fn err(e: cudarc::driver::DriverError) -> GpuError {
+    GpuError::Driver(format!("{e:?}"))
+}
+
+/// Timing events on the compute stream.
+struct StreamClock<'a>(&'a std::sync::Arc<CudaStream>);
+
+impl TuneClock for StreamClock<'_> {
+    type Mark = cudarc::driver::CudaEvent;
+
+    fn mark(&self) -> Result<Self::Mark, GpuError> {
+        use cudarc::driver::sys::CUevent_flags;
+        let e = self
+            .0
+            .context()
+            .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(err)?;
+        e.record(self.0).map_err(err)?;
+        Ok(e)
+    }
+
+    fn ms_between(&self, start: &Self::Mark, end: &Self::Mark) -> Result<f64, GpuError> {
+        start.elapsed_ms(end).map(f64::from).map_err(err)
+    }
+}
 /// The largest m bucket tuned: decode batches, whose skinny shapes are where the heuristic's first
 /// choice strays furthest from the roofline and which graphs replay millions of times. Prefill's
 /// larger buckets keep the heuristic's choice: tuning them would stall the first prompts of
 /// each length for tenths of a second.
 pub(super) const TUNE_MAX_BUCKET: usize = 512;
-/// Timed rounds (every candidate once per round, interleaved) and launches per timing.
-const TUNE_ROUNDS: usize = 3;
-const TUNE_REPS: usize = 2;
 
 /// Workspace for split-K and stream-K algorithms (NVIDIA's recommendation for Hopper).
 const WORKSPACE_BYTES: usize = 32 << 20;
@@ -319,7 +344,7 @@ impl Blas {
             };
             (GemmChoice::Library(candidates[0]), Some(record))
         };
-        match self.time_candidates(stream, s, call, &candidates, x, w, y, gemv) {
+        match self.time_on_operands(stream, s, call, &candidates, x, w, y, gemv) {
             Ok(samples) => {
                 let names: Vec<String> = (0..candidates.len())
                     .map(|i| format!("cublaslt#{i}"))
@@ -352,13 +377,13 @@ impl Blas {
         }
     }
 
-    /// Best-of timings (microseconds per launch) of every heuristic candidate, then `gemv`, on
-    /// the call's operands: interleaved rounds after one untimed run each. A candidate that
-    /// fails to launch gets no sample. Output goes to `y` (every candidate overwrites it, and the
-    /// real call that follows writes it again) unless the projection accumulates into `y`: then
-    /// to a scratch buffer.
+    /// Timings ([`time_candidates`]: microseconds per launch) of every heuristic candidate, then
+    /// `gemv`, on the call's operands, with timing events on the compute stream. Output goes to
+    /// `y` (every candidate overwrites it, and the real call that follows writes it again) unless
+    /// the projection accumulates into `y`: then to a scratch buffer. Refused while the stream is
+    /// being captured (events would join the graph).
     #[allow(clippy::too_many_arguments)]
-    fn time_candidates(
+    fn time_on_operands(
         &self,
         stream: &std::sync::Arc<CudaStream>,
         s: GemmShape,
@@ -369,8 +394,7 @@ impl Blas {
         y: u64,
         gemv: GemvRun<'_>,
     ) -> Result<Vec<Vec<f64>>, GpuError> {
-        use cudarc::driver::sys::{CUevent_flags, CUstreamCaptureStatus};
-        let err = |e: cudarc::driver::DriverError| GpuError::Driver(format!("{e:?}"));
+        use cudarc::driver::sys::CUstreamCaptureStatus;
         if stream.capture_status().map_err(err)?
             != CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE
         {
@@ -381,45 +405,21 @@ impl Blas {
             false => None,
         };
         let out = scratch.as_ref().map_or(y, |m| m.ptr());
-        let n = candidates.len() + usize::from(gemv.is_some());
-        let run = |i: usize| -> bool {
-            match (candidates.get(i), gemv) {
+        let mut runs: Vec<Box<dyn Fn() -> bool + '_>> = candidates
+            .iter()
+            .map(|algo| -> Box<dyn Fn() -> bool + '_> {
                 // SAFETY: the operands are the caller's (checked against `s`, described by
                 // `call`); `out` is `y` or a scratch buffer of `[m, n]`.
-                (Some(algo), _) => {
+                Box::new(move || {
                     unsafe { self.matmul(stream, call, s.accumulate, x, w, out, algo) }.is_ok()
-                }
-                (None, Some(g)) => g(out).is_ok(),
-                (None, None) => false,
-            }
-        };
-        let ok: Vec<bool> = (0..n).map(run).collect();
-        let ctx = stream.context();
-        let mut marks = Vec::new();
-        for _ in 0..TUNE_ROUNDS {
-            for (i, _) in ok.iter().enumerate().filter(|(_, ok)| **ok) {
-                let start = ctx
-                    .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-                    .map_err(err)?;
-                let end = ctx
-                    .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-                    .map_err(err)?;
-                start.record(stream).map_err(err)?;
-                let mut fine = true;
-                for _ in 0..TUNE_REPS {
-                    fine &= run(i);
-                }
-                end.record(stream).map_err(err)?;
-                marks.push((i, fine, start, end));
-            }
+                })
+            })
+            .collect();
+        if let Some(g) = gemv {
+            runs.push(Box::new(move || g(out).is_ok()));
         }
-        let mut samples = vec![Vec::new(); n];
-        for (i, fine, start, end) in marks {
-            let ms = start.elapsed_ms(&end).map_err(err)?;
-            if fine {
-                samples[i].push(f64::from(ms) * 1e3 / TUNE_REPS as f64);
-            }
-        }
+        let runs: Vec<&dyn Fn() -> bool> = runs.iter().map(|r| r.as_ref()).collect();
+        let samples = time_candidates(&StreamClock(stream), &runs)?;
         stream.synchronize().map_err(err)?;
         Ok(samples)
     }

@@ -277,6 +277,7 @@ impl Device {
         }
     }
 
+    /// The policy projections choose by now.
     pub fn gemm_policy(&self) -> GemmPolicy {
         match self {
             #[cfg(feature = "cuda-emu")]

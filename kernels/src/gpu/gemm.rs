@@ -48,8 +48,29 @@ pub fn gemm_bias(
     y: &DeviceBuffer,
     s: GemmShape,
 ) -> Result<(), GpuError> {
-    need("gemm bias", bias, s.n, dtype.size())?;
     run(dev, dtype, x, w, Some(bias), y, s)
+}
+
+/// How a launcher's errors name the operands x, w, y and bias.
+pub(crate) type OperandNames = [&'static str; 4];
+
+/// Refuses buffers too small for `s` (`x` `[m, k]`, `w` `[n, k]`, `y` `[m, n]`, `bias` `[n]`),
+/// naming the operand by `names`; the one check of every projection's launcher.
+pub(crate) fn check_operands(
+    names: OperandNames,
+    dtype: DType,
+    [x, w, y]: [&DeviceBuffer; 3],
+    bias: Option<&DeviceBuffer>,
+    s: &GemmShape,
+) -> Result<(), GpuError> {
+    let es = dtype.size();
+    need(names[0], x, s.m * s.k, es)?;
+    need(names[1], w, s.n * s.k, es)?;
+    need(names[2], y, s.m * s.n, es)?;
+    match bias {
+        Some(b) => need(names[3], b, s.n, es),
+        None => Ok(()),
+    }
 }
 
 fn run(
@@ -61,9 +82,13 @@ fn run(
     y: &DeviceBuffer,
     s: GemmShape,
 ) -> Result<(), GpuError> {
-    need("gemm x", x, s.m * s.k, dtype.size())?;
-    need("gemm w", w, s.n * s.k, dtype.size())?;
-    need("gemm y", y, s.m * s.n, dtype.size())?;
+    check_operands(
+        ["gemm x", "gemm w", "gemm y", "gemm bias"],
+        dtype,
+        [x, w, y],
+        bias,
+        &s,
+    )?;
     if s.m == 0 || s.n == 0 {
         return Ok(());
     }

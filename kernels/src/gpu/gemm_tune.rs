@@ -76,6 +76,50 @@ pub struct TuneRecord {
     pub fallback: Option<String>,
 }
 
+/// Timed rounds (every candidate once per round, interleaved, so drift hits all alike) and
+/// launches per timing.
+pub const TUNE_ROUNDS: usize = 3;
+pub const TUNE_REPS: usize = 2;
+
+/// Where the tuner's timings come from: marks on the device's stream of work (timing events on a
+/// GPU; a fake clock in tests).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) trait TuneClock {
+    type Mark;
+    /// Marks the current end of the queued work.
+    fn mark(&self) -> Result<Self::Mark, super::GpuError>;
+    /// Milliseconds of device work between two marks (may wait for `end`).
+    fn ms_between(&self, start: &Self::Mark, end: &Self::Mark) -> Result<f64, super::GpuError>;
+}
+
+/// Samples (microseconds per launch) of each candidate: one untimed run each (a candidate whose
+/// run fails there is dropped and gets no sample), then [`TUNE_ROUNDS`] interleaved rounds of
+/// [`TUNE_REPS`] launches between two marks; a timing whose launches failed is not kept. Marks
+/// are read after every launch was queued, so the device never idles waiting for the host.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) fn time_candidates<C: TuneClock>(
+    clock: &C,
+    runs: &[&dyn Fn() -> bool],
+) -> Result<Vec<Vec<f64>>, super::GpuError> {
+    let ok: Vec<bool> = runs.iter().map(|run| run()).collect();
+    let mut marks = Vec::new();
+    for _ in 0..TUNE_ROUNDS {
+        for (i, run) in runs.iter().enumerate().filter(|(i, _)| ok[*i]) {
+            let start = clock.mark()?;
+            let fine = (0..TUNE_REPS).fold(true, |fine, _| run() && fine);
+            marks.push((i, fine, start, clock.mark()?));
+        }
+    }
+    let mut samples = vec![Vec::new(); runs.len()];
+    for (i, fine, start, end) in &marks {
+        let ms = clock.ms_between(start, end)?;
+        if *fine {
+            samples[*i].push(ms * 1e3 / TUNE_REPS as f64);
+        }
+    }
+    Ok(samples)
+}
+
 /// The index of the fastest candidate: the lowest best-of-samples, over candidates with at least
 /// one finite sample (`None` when none has). Ties keep the earlier candidate (the heuristic's
 /// order), so an equal GEMV never displaces the library.
@@ -119,6 +163,61 @@ mod tests {
         );
         assert_eq!(fastest(&[s(&[]), s(&[f64::NAN])]), None);
         assert_eq!(fastest(&[]), None);
+    }
+
+    /// A clock that advances by each launch's cost, as a stream would.
+    struct FakeClock(std::cell::Cell<f64>);
+    impl TuneClock for FakeClock {
+        type Mark = f64;
+        fn mark(&self) -> Result<f64, crate::gpu::GpuError> {
+            Ok(self.0.get())
+        }
+        fn ms_between(&self, a: &f64, b: &f64) -> Result<f64, crate::gpu::GpuError> {
+            Ok(b - a)
+        }
+    }
+
+    #[test]
+    fn timing_runs_each_candidate_once_untimed_then_interleaved_rounds() {
+        let clock = FakeClock(std::cell::Cell::new(0.0));
+        let calls = std::cell::RefCell::new(Vec::new());
+        // Candidate 0 costs 3 ms a launch, 1 fails outright, 2 costs 1 ms but fails its second
+        // timed launch once.
+        let failures = std::cell::Cell::new(0);
+        let c0 = || {
+            calls.borrow_mut().push(0);
+            clock.0.set(clock.0.get() + 3.0);
+            true
+        };
+        let c1 = || {
+            calls.borrow_mut().push(1);
+            false
+        };
+        let c2 = || {
+            calls.borrow_mut().push(2);
+            clock.0.set(clock.0.get() + 1.0);
+            let n = calls.borrow().iter().filter(|&&c| c == 2).count();
+            if n == 3 {
+                failures.set(failures.get() + 1);
+                return false;
+            }
+            true
+        };
+        let runs: [&dyn Fn() -> bool; 3] = [&c0, &c1, &c2];
+        let samples = time_candidates(&clock, &runs).unwrap();
+        // Untimed: 0, 1, 2 once; then rounds of 0 and 2 (1 dropped), TUNE_REPS launches each.
+        let mut want = vec![0, 1, 2];
+        for _ in 0..TUNE_ROUNDS {
+            want.extend(std::iter::repeat_n(0, TUNE_REPS));
+            want.extend(std::iter::repeat_n(2, TUNE_REPS));
+        }
+        assert_eq!(*calls.borrow(), want);
+        assert_eq!(failures.get(), 1);
+        // Microseconds per launch; the round whose launch failed left no sample.
+        assert_eq!(samples[0], vec![3000.0; TUNE_ROUNDS]);
+        assert!(samples[1].is_empty());
+        assert_eq!(samples[2], vec![1000.0; TUNE_ROUNDS - 1]);
+        assert_eq!(fastest(&samples), Some(2));
     }
 
     #[test]

@@ -1,12 +1,12 @@
 //! Launcher of `cuda/gemv.cu`: `y (+)= x · Wᵀ (+ bias)` for at most [`GEMV_MAX_ROWS`] rows of `x`
-//! (decode steps of small batches), reading W once at full bandwidth. It is one of the candidates
-//! the GEMM tuner times against cuBLASLt's ([`super::gemm_tune`]); it never replaces a library
-//! algorithm that was not measured slower.
+//! (decode steps of small batches), streaming W once with 16-byte loads. It is one of the
+//! candidates the GEMM tuner times against cuBLASLt's ([`super::gemm_tune`]): under the tuned
+//! policy it replaces a library algorithm only where it measured faster.
 
 use super::device::{DType, Device, DeviceBuffer, GpuError};
-use super::gemm::GemmShape;
+use super::gemm::{check_operands, GemmShape};
 use super::kernel::{kernel_fn, kernel_params, KernelFn, LaunchDims};
-use super::ops::{by_dtype, dim32, need};
+use super::ops::{by_dtype, dim32};
 
 /// Most rows of `x` the kernel takes.
 pub const GEMV_MAX_ROWS: usize = 8;
@@ -76,13 +76,13 @@ pub fn gemv(
     y: &DeviceBuffer,
     s: GemmShape,
 ) -> Result<(), GpuError> {
-    let es = dtype.size();
-    need("gemv x", x, s.m * s.k, es)?;
-    need("gemv w", w, s.n * s.k, es)?;
-    need("gemv y", y, s.m * s.n, es)?;
-    if let Some(b) = bias {
-        need("gemv bias", b, s.n, es)?;
-    }
+    check_operands(
+        ["gemv x", "gemv w", "gemv y", "gemv bias"],
+        dtype,
+        [x, w, y],
+        bias,
+        &s,
+    )?;
     let addrs = GemvAddrs {
         x: x.ptr(),
         w: w.ptr(),
@@ -127,7 +127,7 @@ pub(crate) fn launch_gemv(
     )
 }
 
-/// Device addresses of one projection's operands.
+/// Device addresses of one projection's operands (`bias`: `None` without one).
 #[derive(Clone, Copy, Debug)]
 pub struct GemvAddrs {
     pub x: u64,
