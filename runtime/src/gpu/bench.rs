@@ -193,6 +193,17 @@ pub fn run_model_parts(
         });
     }
     drop(graphs);
+    let attention = sweep_attention(model, &kv, gpu, o)?;
+    if let Some(best) = attention
+        .iter()
+        .filter(|a| a.batch == o.decode_batches.iter().copied().max().unwrap_or(0))
+        .min_by(|a, b| a.us_per_layer.total_cmp(&b.us_per_layer))
+    {
+        progress(&format!(
+            "decode attention, batch {}: {:.1} us per layer at best ({}), {:.0} GB/s of K/V",
+            best.batch, best.us_per_layer, best.split, best.kv_gb_per_s
+        ));
+    }
     let prefill = match o.prefill_len {
         0 => None,
         n => Some(time_prefill(model, &kv, &mut ws, shape, gpu, o, n)?),
@@ -209,6 +220,7 @@ pub fn run_model_parts(
     };
     Ok(ModelBenchReport {
         decode,
+        attention,
         prefill,
         multi_lora,
         gemm_policy: dev.gemm_policy().name(),
@@ -449,6 +461,9 @@ pub fn dtype_name(d: DType) -> &'static str {
     }
 }
 
+mod attention;
+use attention::sweep_attention;
+pub use attention::AttentionFigure;
 mod report;
 pub use report::{
     decode_target, DecodeFigure, LoraFigure, LoraPart, ModelBenchReport, PrefillFigure, Timed,

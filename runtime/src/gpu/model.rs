@@ -78,6 +78,11 @@ impl GpuKvCache {
     pub fn shape(&self) -> KvCacheShape {
         self.shape
     }
+
+    /// Layer `i`'s K and V pools (`None` past the last layer).
+    pub fn layer(&self, i: usize) -> Option<(&DeviceBuffer, &DeviceBuffer)> {
+        self.k.get(i).zip(self.v.get(i))
+    }
 }
 
 /// A Llama-family model resident on a device.

@@ -93,6 +93,8 @@ pub struct LoraPart {
 #[derive(Clone, Debug, Serialize)]
 pub struct ModelBenchReport {
     pub decode: Vec<DecodeFigure>,
+    /// The decode attention kernel alone, per batch and split ([`super::AttentionFigure`]).
+    pub attention: Vec<super::AttentionFigure>,
     pub prefill: Option<PrefillFigure>,
     pub multi_lora: Option<LoraPart>,
     /// The projections' policy the figures ran under ([`GemmPolicy::name`](caduceus_kernels::gpu::gemm_tune::GemmPolicy::name)).

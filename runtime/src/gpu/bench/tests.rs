@@ -164,6 +164,28 @@ fn model_parts_run_on_a_tiny_shape_and_report_each_configuration() {
     for x in &l.runs {
         check(&format!("lora {}", x.distinct), &x.profile, true);
     }
+    // The attention sweep: every batch, Auto first, each distinct plan once (context 20: Off and
+    // every forced size give the one-split plan, Auto splits a batch this small).
+    for b in [1, 3] {
+        let runs: Vec<_> = r.attention.iter().filter(|a| a.batch == b).collect();
+        assert_eq!(runs[0].split, "auto", "batch {b}");
+        let mut plans: Vec<_> = runs
+            .iter()
+            .map(|a| (a.num_splits, a.tokens_per_split))
+            .collect();
+        let n = plans.len();
+        plans.sort_unstable();
+        plans.dedup();
+        assert_eq!(plans.len(), n, "batch {b}: a plan timed twice");
+        assert!(
+            plans.contains(&(1, 32)),
+            "batch {b}: the unsplit plan: {plans:?}"
+        );
+        for a in &runs {
+            assert!(a.us_per_layer > 0.0 && a.kv_gb_per_s > 0.0 && a.of_hbm.is_none());
+            assert!(a.num_splits * a.tokens_per_split >= a.context);
+        }
+    }
     // The emulation runs the host loop under every policy and tunes nothing.
     assert_eq!(r.gemm_policy, "tuned");
     assert!(r.gemm_tuning.is_empty());
