@@ -257,8 +257,11 @@ pub fn bench_json(args: &GpuBenchArgs) -> anyhow::Result<serde_json::Value> {
         "model_options": model_opts,
         "engine_options": engine_opts,
         "decode": parts.decode,
+        "attention": parts.attention,
         "prefill": parts.prefill,
         "multi_lora": parts.multi_lora,
+        "gemm_policy": parts.gemm_policy,
+        "gemm_tuning": parts.gemm_tuning,
         "engine": engine,
         "total_s": started.elapsed().as_secs_f64(),
     }))
@@ -324,6 +327,12 @@ mod tests {
         assert_eq!(v["dtype"], "bf16");
         assert_eq!(v["shape"]["hidden"], 64);
         assert_eq!(v["decode"].as_array().unwrap().len(), 2);
+        // Every part of the model report reaches the JSON (the attention sweep and the GEMM
+        // policy were once dropped here).
+        assert!(v["attention"].as_array().is_some_and(|a| !a.is_empty()));
+        assert_eq!(v["gemm_policy"], "tuned");
+        assert!(v["gemm_tuning"].is_array());
+        assert!(v["decode"][0]["profile"]["ops"].is_array());
         assert_eq!(v["multi_lora"]["runs"][0]["distinct"], 2);
         // Every requested token, the scratch adapter folders gone.
         assert_eq!(v["engine"]["output_tokens"], 4);
