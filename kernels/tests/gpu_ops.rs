@@ -45,10 +45,8 @@ fn embedding_gathers_rows_and_zeroes_out_of_vocab_ids() {
     }
 }
 
-/// Shapes crossing the block size: a single warp, a partial warp, many threads per element; rows
-/// of whole 16-byte vectors (64, 576, 4096: the register-resident kernel, 4096 with several
-/// vectors per thread) and not (7, 1100), and one too long for the registers (40000).
-const NORM_DIMS: [usize; 6] = [7, 64, 576, 1100, 4096, 40_000];
+/// Shapes crossing the block size: a single warp, a partial warp, many threads per element.
+const NORM_DIMS: [usize; 4] = [7, 64, 576, 1100];
 
 #[test]
 fn rms_norm_matches_the_cpu_kernel() {
@@ -91,9 +89,8 @@ fn rms_norm_matches_the_cpu_kernel() {
 #[test]
 fn rms_norm_fuses_the_residual_add_in_place() {
     for dev in devices() {
-        // 576: the register-resident kernel; 1100 (not whole vectors): the general one.
-        for (dtype, dim) in DTYPES.into_iter().flat_map(|d| [(d, 576), (d, 1100)]) {
-            let rows = 4;
+        for dtype in DTYPES {
+            let (rows, dim) = (4, 576);
             let mut r = rng(3);
             let x = round(dtype, &random(&mut r, rows * dim, 2.0));
             let res = round(dtype, &random(&mut r, rows * dim, 2.0));

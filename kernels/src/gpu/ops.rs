@@ -70,10 +70,6 @@ const EMBEDDING: [KernelFn; 2] = [
     kernel_fn!(cad_embedding_f16),
 ];
 const RMS_NORM: [KernelFn; 2] = [kernel_fn!(cad_rms_norm_bf16), kernel_fn!(cad_rms_norm_f16)];
-const RMS_NORM_VEC: [KernelFn; 2] = [
-    kernel_fn!(cad_rms_norm_vec_bf16),
-    kernel_fn!(cad_rms_norm_vec_f16),
-];
 const COPY_ROWS: [KernelFn; 2] = [
     kernel_fn!(cad_copy_rows_bf16),
     kernel_fn!(cad_copy_rows_f16),
@@ -189,23 +185,9 @@ pub fn rms_norm(dev: &Device, dtype: DType, a: &RmsNormArgs<'_>) -> Result<(), G
         eps: a.eps,
         _pad: 0,
     };
-    // Rows of whole 16-byte vectors, aligned, of at most RMS_VECS vectors per thread of a
-    // 1024-thread block: the register-resident kernel; anything else the general one.
-    let vectors = a.dim / 8;
-    let aligned = [p.x, p.residual, p.residual_out, p.weight, p.out]
-        .iter()
-        .all(|&ptr| ptr.is_multiple_of(16));
-    if a.dim.is_multiple_of(8) && aligned && vectors <= RMS_VECS * 1024 {
-        let threads = row_threads(vectors.div_ceil(RMS_VECS), 1024);
-        let dims = LaunchDims::linear(p.rows, threads);
-        return dev.launch(by_dtype(&RMS_NORM_VEC, dtype), dims, &p);
-    }
     let dims = LaunchDims::linear(p.rows, row_threads(a.dim, 512));
     dev.launch(by_dtype(&RMS_NORM, dtype), dims, &p)
 }
-
-/// Vectors per thread of `cad_rms_norm_vec_*` (`kRmsVecs` in ops.cu).
-const RMS_VECS: usize = 2;
 
 /// `out[r, i] = silu(gate_up[r, i]) * gate_up[r, ffn + i]` over `rows` rows of `[gate | up]`.
 pub fn silu_mul(
