@@ -10,6 +10,7 @@ use std::mem::size_of;
 use cudarc::cublaslt::{result, sys};
 use cudarc::driver::CudaStream;
 
+use super::cuda::driver_err;
 use super::device::{DType, GpuError};
 use super::gemm::GemmShape;
 use super::gemm_cache::{AlgoCache, GemmCacheStats, GemmKey};
@@ -27,10 +28,6 @@ pub(super) type GemvRun<'a> = Option<&'a dyn Fn(u64) -> Result<(), GpuError>>;
 /// Heuristic candidates the tuner times.
 const TUNE_CANDIDATES: usize = 8;
 
-fn err(e: cudarc::driver::DriverError) -> GpuError {
-    GpuError::Driver(format!("{e:?}"))
-}
-
 /// Timing events on the compute stream.
 struct StreamClock<'a>(&'a std::sync::Arc<CudaStream>);
 
@@ -38,20 +35,14 @@ impl TuneClock for StreamClock<'_> {
     type Mark = cudarc::driver::CudaEvent;
 
     fn mark(&self) -> Result<Self::Mark, GpuError> {
-        use cudarc::driver::sys::CUevent_flags;
-        let e = self
-            .0
-            .context()
-            .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-            .map_err(err)?;
-        e.record(self.0).map_err(err)?;
-        Ok(e)
+        super::cuda::record_timing_event(self.0)
     }
 
     fn ms_between(&self, start: &Self::Mark, end: &Self::Mark) -> Result<f64, GpuError> {
-        start.elapsed_ms(end).map(f64::from).map_err(err)
+        super::cuda::event_ms(start, end)
     }
 }
+
 /// The largest m bucket tuned: decode batches, whose skinny shapes are where the heuristic's first
 /// choice strays furthest from the roofline and which graphs replay millions of times. Prefill's
 /// larger buckets keep the heuristic's choice: tuning them would stall the first prompts of
@@ -323,15 +314,11 @@ impl Blas {
         gemv: GemvRun<'_>,
     ) -> Result<(Choice, Option<TuneRecord>), GpuError> {
         let (desc, a, bb, cb) = bucket;
-        match (self.policy, gemv) {
-            (GemmPolicy::Gemv, Some(_)) => return Ok((GemmChoice::Gemv, None)),
-            (GemmPolicy::Gemv | GemmPolicy::Library, _) => {
-                return Ok((GemmChoice::Library(self.heuristic(desc, a, bb, cb)?), None))
-            }
-            (GemmPolicy::Tuned, _) if key.m_bucket > TUNE_MAX_BUCKET => {
-                return Ok((GemmChoice::Library(self.heuristic(desc, a, bb, cb)?), None))
-            }
-            (GemmPolicy::Tuned, _) => {}
+        if self.policy == GemmPolicy::Gemv && gemv.is_some() {
+            return Ok((GemmChoice::Gemv, None));
+        }
+        if self.policy != GemmPolicy::Tuned || key.m_bucket > TUNE_MAX_BUCKET {
+            return Ok((GemmChoice::Library(self.heuristic(desc, a, bb, cb)?), None));
         }
         let candidates = self.heuristics(desc, a, bb, cb, TUNE_CANDIDATES)?;
         let fallback = |why: String| {
@@ -344,7 +331,7 @@ impl Blas {
             };
             (GemmChoice::Library(candidates[0]), Some(record))
         };
-        match self.time_on_operands(stream, s, call, &candidates, x, w, y, gemv) {
+        match self.time_on_operands(stream, key.dtype, s, call, &candidates, x, w, y, gemv) {
             Ok(samples) => {
                 let names: Vec<String> = (0..candidates.len())
                     .map(|i| format!("cublaslt#{i}"))
@@ -386,6 +373,7 @@ impl Blas {
     fn time_on_operands(
         &self,
         stream: &std::sync::Arc<CudaStream>,
+        dtype: DType,
         s: GemmShape,
         call: (&Desc, &Layout, &Layout, &Layout),
         candidates: &[Algo],
@@ -395,13 +383,16 @@ impl Blas {
         gemv: GemvRun<'_>,
     ) -> Result<Vec<Vec<f64>>, GpuError> {
         use cudarc::driver::sys::CUstreamCaptureStatus;
-        if stream.capture_status().map_err(err)?
+        if stream.capture_status().map_err(driver_err)?
             != CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE
         {
             return Err(GpuError::Capture("a graph is being captured".into()));
         }
         let scratch = match s.accumulate {
-            true => Some(super::cuda::DeviceMemory::zeroed(stream, s.m * s.n * 2)?),
+            true => Some(super::cuda::DeviceMemory::zeroed(
+                stream,
+                s.m * s.n * dtype.size(),
+            )?),
             false => None,
         };
         let out = scratch.as_ref().map_or(y, |m| m.ptr());
@@ -420,7 +411,7 @@ impl Blas {
         }
         let runs: Vec<&dyn Fn() -> bool> = runs.iter().map(|r| r.as_ref()).collect();
         let samples = time_candidates(&StreamClock(stream), &runs)?;
-        stream.synchronize().map_err(err)?;
+        stream.synchronize().map_err(driver_err)?;
         Ok(samples)
     }
 

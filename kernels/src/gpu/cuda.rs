@@ -17,8 +17,32 @@ use super::kernel::{KernelParams, LaunchDims};
 
 include!(concat!(env!("OUT_DIR"), "/cuda_modules.rs"));
 
-fn driver_err(e: impl std::fmt::Debug) -> GpuError {
+pub(super) fn driver_err(e: impl std::fmt::Debug) -> GpuError {
     GpuError::Driver(format!("{e:?}"))
+}
+
+/// A timing event recorded now on `stream` (timing marks and the GEMM tuner's clock).
+pub(super) fn record_timing_event(
+    stream: &Arc<CudaStream>,
+) -> Result<cudarc::driver::CudaEvent, GpuError> {
+    use cudarc::driver::sys::CUevent_flags;
+    let e = stream
+        .context()
+        .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+        .map_err(driver_err)?;
+    e.record(stream).map_err(driver_err)?;
+    Ok(e)
+}
+
+/// Milliseconds of device work between two timing events (waits for `end`).
+pub(super) fn event_ms(
+    start: &cudarc::driver::CudaEvent,
+    end: &cudarc::driver::CudaEvent,
+) -> Result<f64, GpuError> {
+    start
+        .elapsed_ms(end)
+        .map(f64::from)
+        .map_err(|e| GpuError::Driver(format!("timing event: {e:?}")))
 }
 
 /// An opened GPU: context, the stream every launch and copy goes on, the loaded modules.
@@ -104,13 +128,7 @@ impl CudaDevice {
 
     /// A timing event recorded now on the compute stream (`super::timing`).
     pub(super) fn timing_event(&self) -> Result<cudarc::driver::CudaEvent, GpuError> {
-        use cudarc::driver::sys::CUevent_flags;
-        let e = self
-            .ctx
-            .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-            .map_err(driver_err)?;
-        e.record(&self.stream).map_err(driver_err)?;
-        Ok(e)
+        record_timing_event(&self.stream)
     }
 
     /// An event to record copies into ([`Self::write_pinned`]).

@@ -24,10 +24,7 @@ impl DeviceMark {
             #[cfg(feature = "cuda-emu")]
             (Imp::Host(a), Imp::Host(b)) => Ok(b.saturating_duration_since(*a).as_secs_f64() * 1e3),
             #[cfg(feature = "cuda")]
-            (Imp::Cuda(a), Imp::Cuda(b)) => a
-                .elapsed_ms(b)
-                .map(f64::from)
-                .map_err(|e| GpuError::Driver(format!("timing event: {e:?}"))),
+            (Imp::Cuda(a), Imp::Cuda(b)) => super::cuda::event_ms(a, b),
             #[cfg(all(feature = "cuda", feature = "cuda-emu"))]
             _ => Err(GpuError::Shape(
                 "timing marks of two different devices".into(),

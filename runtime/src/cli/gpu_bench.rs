@@ -11,7 +11,7 @@ use anyhow::Context;
 use caduceus_kernels::gpu::{DType, Device};
 use serde_json::json;
 
-use crate::gpu::bench::{dtype_name, run_model_parts, ModelBenchOptions};
+use crate::gpu::bench::{run_model_parts, ModelBenchOptions};
 use crate::gpu::bench_engine::{run_engine_part, EngineBenchOptions};
 use crate::gpu::random_model::random_gpu_model;
 use crate::gpu::roofline::{spec_for, ModelShape, GPU_SPECS};
@@ -243,7 +243,7 @@ pub fn bench_json(args: &GpuBenchArgs) -> anyhow::Result<serde_json::Value> {
             "spec_source": "datasheet figures, runtime/src/gpu/roofline.rs GPU_SPECS",
             "known_gpus": GPU_SPECS.iter().map(|(k, _)| *k).collect::<Vec<_>>(),
         },
-        "dtype": dtype_name(dtype),
+        "dtype": dtype.suffix(),
         "shape": shape,
         "weight_bytes": weight_bytes,
         "random_model_load_s": load_s,

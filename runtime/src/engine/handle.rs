@@ -17,7 +17,7 @@ use super::request::{EngineRequest, RequestError, RequestLimits};
 use super::watchdog::{Progress, Stall};
 
 /// How long an engine with work but nothing runnable waits before trying again.
-const IDLE_POLL: std::time::Duration = std::time::Duration::from_millis(2);
+pub(crate) const IDLE_POLL: std::time::Duration = std::time::Duration::from_millis(2);
 
 enum Command {
     Add {

@@ -32,6 +32,7 @@ pub use failure::RequestFailure;
 #[cfg(feature = "fault-injection")]
 pub use fault::{FaultPlan, RequestMatcher, StepLatch};
 pub use handle::EngineHandle;
+pub(crate) use handle::IDLE_POLL;
 pub use output::{Finished, OutputSender, RequestOutput, RequestStream, RequestTimes};
 pub use request::{
     EngineRequest, RequestError, RequestLimits, MAX_STOP_STRINGS, MAX_STOP_STRING_BYTES,

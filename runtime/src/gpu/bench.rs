@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use caduceus_kernels::attention::SeqAttention;
 use caduceus_kernels::gpu::gemm_tune::GemmPolicy;
-use caduceus_kernels::gpu::{DType, Device};
+use caduceus_kernels::gpu::Device;
 use caduceus_kernels::lora::segments_from_token_slots;
 use serde::Serialize;
 
@@ -193,7 +193,7 @@ pub fn run_model_parts(
         });
     }
     drop(graphs);
-    let attention = sweep_attention(model, &kv, gpu, o)?;
+    let attention = sweep_attention(model, &kv, shape, gpu, o)?;
     if let Some(best) = attention
         .iter()
         .filter(|a| a.batch == o.decode_batches.iter().copied().max().unwrap_or(0))
@@ -451,14 +451,6 @@ fn time_lora(
         runs,
         slot_fill_s,
     })
-}
-
-/// The dtype name the JSON reports.
-pub fn dtype_name(d: DType) -> &'static str {
-    match d {
-        DType::Bf16 => "bf16",
-        DType::F16 => "f16",
-    }
 }
 
 mod attention;

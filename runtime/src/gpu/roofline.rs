@@ -103,9 +103,14 @@ impl ModelShape {
         (self.matmul_params() + norms) * self.dtype_bytes as u64
     }
 
+    /// K and V of one token in one layer.
+    pub fn kv_bytes_per_token_layer(&self) -> u64 {
+        (2 * self.kv_heads * self.head_dim * self.dtype_bytes) as u64
+    }
+
     /// K and V of one token across all layers.
     pub fn kv_bytes_per_token(&self) -> u64 {
-        (self.layers * 2 * self.kv_heads * self.head_dim * self.dtype_bytes) as u64
+        self.layers as u64 * self.kv_bytes_per_token_layer()
     }
 
     /// Attention FLOPs of one query token against `context` keys, all layers (QK^T and PV).

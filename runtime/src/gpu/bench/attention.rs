@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use super::{DecodeBatch, ModelBenchOptions};
 use crate::gpu::model::{GpuKvCache, GpuModel, GpuModelError};
-use crate::gpu::roofline::GpuSpec;
+use crate::gpu::roofline::{GpuSpec, ModelShape};
 use crate::gpu::workspace::attn_shape;
 
 /// Launches timed per configuration on a GPU (after two untimed ones); one in the emulation,
@@ -56,6 +56,7 @@ fn split_name(s: DecodeSplit) -> String {
 pub(super) fn sweep_attention(
     model: &GpuModel,
     kv: &GpuKvCache,
+    model_shape: &ModelShape,
     gpu: Option<&GpuSpec>,
     o: &ModelBenchOptions,
 ) -> Result<Vec<AttentionFigure>, GpuModelError> {
@@ -104,7 +105,7 @@ pub(super) fn sweep_attention(
             }
             let ms = dev.mark()?.ms_since(&start)?;
             let us = ms * 1e3 / timed as f64;
-            let bytes = (b * o.context * c.num_kv_heads * c.head_dim * 2 * dt.size()) as f64;
+            let bytes = (b * o.context) as f64 * model_shape.kv_bytes_per_token_layer() as f64;
             let per_s = bytes / (us / 1e6);
             figures.push(AttentionFigure {
                 batch: b,

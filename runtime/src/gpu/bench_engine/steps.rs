@@ -9,14 +9,11 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::{fail, EngineBenchError};
-use crate::engine::{Backend, EngineCore, StepStats};
+use crate::engine::{Backend, EngineCore, StepStats, IDLE_POLL};
 
 /// Longest single wait for an adapter load; it returns as soon as one lands, so this only sets
 /// how often an idle loop re-checks (one empty step per expiry).
 const LOAD_WAIT: Duration = Duration::from_secs(1);
-/// How long an engine with unfinished requests but none parked and none runnable sleeps
-/// before it steps again (what the server's engine thread waits, `handle::IDLE_POLL`).
-const IDLE_POLL: Duration = Duration::from_millis(2);
 /// No step scheduling anything for this long is a stall: the bench fails instead of hanging.
 const STALL: Duration = Duration::from_secs(300);
 
@@ -123,6 +120,7 @@ pub(super) fn drive<B: Backend>(
         if core.num_parked() > 0 {
             core.wait_for_adapter_load(LOAD_WAIT);
         } else {
+            // Nothing parked and nothing runnable: wait as the server's engine thread does.
             std::thread::sleep(IDLE_POLL);
         }
         profile.record_wait(waited.elapsed());
