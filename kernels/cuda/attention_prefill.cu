@@ -23,6 +23,7 @@
 // as it needs; a CTA finds its sequence by binary search and exits when its tile is past the end
 // of that sequence's chunk (at most one such CTA per sequence and KV head).
 #include "common.cuh"
+#include "paged.cuh"
 #include "params/attention.h"
 
 #if defined(__CUDACC__)
@@ -32,6 +33,14 @@
 #endif
 
 namespace {
+
+using cad::F2;
+using cad::find_seq;
+using cad::load2;
+using cad::pun_load;
+using cad::pun_store;
+using cad::store2;
+using cad::Vec16;
 
 constexpr int kThreads = 128;
 constexpr int kLanes = 8;     // lanes sharing one row group
@@ -53,66 +62,6 @@ struct Tile {
 };
 constexpr float kLog2e = 1.4426950408889634f;
 
-#if defined(__CUDACC__)
-using Vec16 = uint4;
-#else
-struct alignas(16) Vec16 {
-  unsigned x, y, z, w;
-};
-#endif
-
-struct F2 {
-  float x, y;
-};
-
-/// Reads/writes a `V` through a pointer to another type: the usual cast on the GPU, memcpy on
-/// the host (where g++ -O2 would otherwise apply strict aliasing to the type pun).
-template <class V, class P>
-__device__ __forceinline__ V pun_load(const P* p) {
-#if defined(__CUDA_ARCH__)
-  return *reinterpret_cast<const V*>(p);
-#else
-  cad_emu::require_aligned(p, alignof(V), "vector load");
-  V v;
-  memcpy(&v, p, sizeof(V));
-  return v;
-#endif
-}
-template <class V, class P>
-__device__ __forceinline__ void pun_store(P* p, const V& v) {
-#if defined(__CUDA_ARCH__)
-  *reinterpret_cast<V*>(p) = v;
-#else
-  cad_emu::require_aligned(p, alignof(V), "vector store");
-  memcpy(p, &v, sizeof(V));
-#endif
-}
-
-/// Two adjacent elements (4-byte aligned) as floats.
-__device__ __forceinline__ F2 load2(const cad::bf16* p) {
-  const uint32_t w = pun_load<uint32_t>(p);
-  return F2{__uint_as_float(w << 16), __uint_as_float(w & 0xffff0000u)};
-}
-__device__ __forceinline__ F2 load2(const cad::f16* p) {
-  // One code path for the GPU and the emulation: a 32-bit load split into its two halves.
-  const uint32_t w = pun_load<uint32_t>(p);
-  const uint16_t lo = uint16_t(w & 0xffffu), hi = uint16_t(w >> 16);
-  cad::f16 a, b;
-  memcpy(&a, &lo, 2);
-  memcpy(&b, &hi, 2);
-  return F2{cad::to_f32(a), cad::to_f32(b)};
-}
-
-/// Stores two floats rounded to T at `p` (4-byte aligned) with one 32-bit store.
-template <class T>
-__device__ __forceinline__ void store2(T* p, float a, float b) {
-  const T lo = cad::from_f32<T>(a), hi = cad::from_f32<T>(b);
-  uint16_t l, h;
-  memcpy(&l, &lo, 2);
-  memcpy(&h, &hi, 2);
-  pun_store(p, uint32_t(l) | (uint32_t(h) << 16));
-}
-
 /// Reduces two floats at once over the 8 lanes of a row group (`max` or sum). The 64-bit shuffle
 /// is two 32-bit ones on the GPU but one exchange in the emulation, which halves its barriers.
 template <bool kMax>
@@ -124,22 +73,6 @@ __device__ __forceinline__ void group_reduce2(float& a, float& b) {
     a = kMax ? fmaxf(a, oa) : a + oa;
     b = kMax ? fmaxf(b, ob) : b + ob;
   }
-}
-
-/// The sequence whose tiles include `tile`: the last s with query_start[s] / tile_tokens + s <=
-/// tile (that start is increasing in s).
-__device__ __forceinline__ uint32_t find_seq(const CadPagedBatch& b, uint32_t tile,
-                                             uint32_t tile_tokens) {
-  uint32_t lo = 0, hi = b.num_seqs - 1;
-  while (lo < hi) {
-    const uint32_t mid = (lo + hi + 1) / 2;
-    if (b.query_start[mid] / tile_tokens + mid <= tile) {
-      lo = mid;
-    } else {
-      hi = mid - 1;
-    }
-  }
-  return lo;
 }
 
 template <class T, int D>

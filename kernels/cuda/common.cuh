@@ -52,6 +52,16 @@ __device__ __forceinline__ f16 from_f32<f16>(float v) {
   return __float2half(v);
 }
 
+/// Two values rounded to T, packed as one 32-bit register (`lo` in the low half).
+template <class T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  const T a = from_f32<T>(lo), b = from_f32<T>(hi);
+  uint16_t l, h;
+  memcpy(&l, &a, 2);
+  memcpy(&h, &b, 2);
+  return uint32_t(l) | (uint32_t(h) << 16);
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;

@@ -5,8 +5,8 @@ mod gpu_support;
 
 use caduceus_kernels::attention::{KvCacheShape, LayerKvCache, SeqAttention};
 use caduceus_kernels::gpu::attention::{
-    paged_attention_decode, AttnShape, DecodePlan, DecodeSplit, PagedAttnArgs, PagedBatchBuffers,
-    SUPPORTED_HEAD_DIMS,
+    paged_attention_decode, paged_attention_decode_only, AttentionKernel, AttnShape, DecodePlan,
+    DecodeSplit, PagedAttnArgs, PagedBatchBuffers, SUPPORTED_HEAD_DIMS,
 };
 use caduceus_kernels::gpu::{DType, Device};
 use caduceus_kernels::{paged_attention_reference, AttentionParams};
@@ -102,6 +102,18 @@ fn run_decode(
     shape: &AttnShape,
     split: DecodeSplit,
 ) -> (Vec<f32>, DecodePlan) {
+    run_decode_on(dev, dtype, b, shape, split, None)
+}
+
+/// [`run_decode`], through [`paged_attention_decode_only`] on `kernel`'s cores when given.
+fn run_decode_on(
+    dev: &Device,
+    dtype: DType,
+    b: &Batch,
+    shape: &AttnShape,
+    split: DecodeSplit,
+    kernel: Option<AttentionKernel>,
+) -> (Vec<f32>, DecodePlan) {
     let batch = PagedBatchBuffers::upload(dev, &seqs(b)).unwrap();
     let (q, k, v) = (
         upload(dev, dtype, &b.q),
@@ -121,7 +133,11 @@ fn run_decode(
     let ws = dev
         .alloc_zeroed(plan.workspace_bytes(b.num_tokens, shape))
         .unwrap();
-    paged_attention_decode(dev, dtype, &args, &plan, Some(&ws)).unwrap();
+    match kernel {
+        Some(k) => paged_attention_decode_only(dev, dtype, &args, &plan, Some(&ws), k),
+        None => paged_attention_decode(dev, dtype, &args, &plan, Some(&ws)),
+    }
+    .unwrap();
     (download(dev, dtype, &out), plan)
 }
 
@@ -174,6 +190,46 @@ fn decode_matches_the_f64_reference_with_and_without_splits() {
                     &runs[0].1,
                     2e-5,
                     2.0 * eps(dtype) * 1.01,
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn decode_only_batches_on_tensor_cores_match_the_reference() {
+    // All sequences decode. With one split the tensor-core tile kernel runs them (one token's
+    // GQA heads per query tile, up to 32 here, and warps of padding rows skipping their compute);
+    // a split plan stays on the decode kernel, bit for bit.
+    let spec: Vec<(usize, usize)> = SEQS.iter().copied().filter(|s| s.0 == 1).collect();
+    for dev in devices() {
+        for (i, &(nh, nkv, hd, emu_dtype)) in HEADS.iter().enumerate() {
+            if dev.is_emulated() && i % 2 == 1 {
+                continue;
+            }
+            let dtypes = match dev.is_emulated() {
+                true => vec![emu_dtype],
+                false => DTYPES.to_vec(),
+            };
+            for dtype in dtypes {
+                let what = format!("{} {dtype:?} heads {nh}/{nkv} hd {hd}", dev.describe());
+                let b = make_batch(dtype, &spec, (nh, nkv, hd), 300 + i as u64);
+                let scale = 1.0 / (hd as f32).sqrt();
+                let (shape, params) = shapes((nh, nkv, hd), b.cache.shape.num_blocks, scale);
+                let mut want = vec![0.0; b.q.len()];
+                paged_attention_reference(&b.q, &b.cache, &seqs(&b), &params, &mut want);
+                let tc = Some(AttentionKernel::TensorCores);
+                let (got, plan) = run_decode_on(&dev, dtype, &b, &shape, DecodeSplit::Off, tc);
+                assert_eq!(plan.num_splits, 1);
+                // The tensor-core kernel's bound: P rounded to the dtype before P V moves an
+                // output by at most the unit roundoff times max |v| (1 here).
+                assert_close(&what, &got, &want, 2e-5 + eps(dtype), eps(dtype) * 1.01);
+                let split = DecodeSplit::Tokens(64);
+                let on_cuda_cores = run_decode(&dev, dtype, &b, &shape, split).0;
+                let routed = run_decode_on(&dev, dtype, &b, &shape, split, tc).0;
+                assert_eq!(
+                    routed, on_cuda_cores,
+                    "{what}: a split plan left the decode kernel"
                 );
             }
         }

@@ -1,12 +1,14 @@
-//! GPU paged prefill attention (`cuda/attention_prefill.cu`) against the CPU reference
+//! GPU paged prefill attention, both kernels (`cuda/attention_prefill.cu` on CUDA cores,
+//! `cuda/attention_prefill_tc.cu` on tensor cores), against the CPU reference
 //! (`paged_attention_reference`, f64), on every device (see gpu_support).
 //!
-//! The kernel's tiles: 64 (token, head) rows per CTA, so 64 / group query tokens (64, 21, 16, 8
+//! The kernels' tiles: 64 (token, head) rows per CTA, so 64 / group query tokens (64, 21, 16, 8
 //! for GQA 1, 3, 4, 8), and 32 keys per K/V tile. The cases put chunk lengths and contexts on
 //! both sides of those edges, in ragged batches with shuffled block tables.
 
 mod gpu_support;
 
+use caduceus_kernels::gpu::attention::AttentionKernel;
 use caduceus_kernels::gpu::attention::{
     AttnShape, PagedAttnArgs, PagedBatchBuffers, SUPPORTED_HEAD_DIMS,
 };
@@ -99,17 +101,26 @@ fn check_on(name: &str, case: &Case, seed: u64, emu_dtype: DType, devices: Vec<D
             DTYPES.to_vec()
         };
         for dtype in dtypes {
-            let what = format!("{name}: {} {dtype:?}", dev.describe());
             let mut cache = LayerKvCache::new(shape);
             cache.k = round(dtype, &k_raw);
             cache.v = round(dtype, &v_raw);
             let q = round(dtype, &q_raw);
             let mut want = vec![0.0; q.len()];
             paged_attention_reference(&q, &cache, &seqs, &params, &mut want);
-            let got = run_gpu(&dev, dtype, &q, &cache, &seqs, &gpu_shape);
-            // f32 scores, softmax and accumulation over at most a few hundred keys (vs f64) on
-            // outputs of magnitude <= 1, then one rounding of the output to the dtype.
-            assert_close(&what, &got, &want, 2e-5, eps(dtype));
+            for kernel in AttentionKernel::ALL {
+                let what = format!("{name}: {} {dtype:?} {}", dev.describe(), kernel.name());
+                let got = run_gpu(&dev, dtype, kernel, &q, &cache, &seqs, &gpu_shape);
+                // f32 scores, softmax and accumulation over at most a few hundred keys (vs f64)
+                // on outputs of magnitude <= 1, then one rounding of the output to the dtype.
+                // The tensor-core kernel also rounds each softmax weight p to the dtype before
+                // p v: sum |p~ - p| |v| / sum p <= u max |v|, with u the unit roundoff (`eps`)
+                // and max |v| = 1 here.
+                let atol = match kernel {
+                    AttentionKernel::CudaCores => 2e-5,
+                    AttentionKernel::TensorCores => 2e-5 + eps(dtype),
+                };
+                assert_close(&what, &got, &want, atol, eps(dtype));
+            }
         }
     }
 }
@@ -117,6 +128,7 @@ fn check_on(name: &str, case: &Case, seed: u64, emu_dtype: DType, devices: Vec<D
 fn run_gpu(
     dev: &Device,
     dtype: DType,
+    kernel: AttentionKernel,
     q: &[f32],
     cache: &LayerKvCache,
     seqs: &[SeqAttention<'_>],
@@ -137,7 +149,7 @@ fn run_gpu(
         batch: batch.batch(),
         shape: *shape,
     };
-    paged_attention_prefill(dev, dtype, &args).unwrap();
+    paged_attention_prefill(dev, dtype, &args, kernel).unwrap();
     download(dev, dtype, &out)
 }
 
@@ -272,7 +284,7 @@ fn launcher_refuses_unsupported_shapes_and_small_buffers() {
             batch: batch.batch(),
             shape,
         };
-        paged_attention_prefill(dev, dtype, &args)
+        paged_attention_prefill(dev, dtype, &args, AttentionKernel::TensorCores)
             .unwrap_err()
             .to_string()
     };

@@ -77,6 +77,10 @@ fn no_file_no_env_no_flags_gives_the_documented_defaults() {
     assert!(!cfg.logging.log_prompts);
     assert!(cfg.server.resolve_api_keys().unwrap().is_empty());
     assert_eq!(cfg.model.gemm, caduceus_runtime::config::GemmSetting::Tuned);
+    assert_eq!(
+        cfg.model.attention_kernel,
+        caduceus_runtime::config::AttentionKernelSetting::CudaCores
+    );
 }
 
 #[test]
@@ -148,7 +152,7 @@ fn bad_values_name_key_value_expectation_and_origin() {
         "{msg}"
     );
 
-    let cases: [(&str, &str, &str, &str); 13] = [
+    let cases: [(&str, &str, &str, &str); 14] = [
         (
             "[scheduler]\nblock_size = 24",
             "scheduler.block_size",
@@ -226,6 +230,12 @@ fn bad_values_name_key_value_expectation_and_origin() {
             "model.gemm",
             "\"fastest\"",
             "\"library\"",
+        ),
+        (
+            "[model]\nattention_kernel = \"tensor\"",
+            "model.attention_kernel",
+            "\"tensor\"",
+            "\"tensor_cores\"",
         ),
     ];
     for (toml, key, value, expected) in cases {

@@ -18,6 +18,7 @@ struct Warp {
   explicit Warp(unsigned lanes) : bar(lanes) {}
   std::barrier<> bar;
   uint64_t slot[32] = {};
+  unsigned char gather[32][32] = {};
   bool exited[32] = {};
 };
 
@@ -60,6 +61,19 @@ uint64_t warp_exchange(uint64_t mine, unsigned src) {
   uint64_t got = w.slot[src % 32];
   w.bar.arrive_and_wait();
   return got;
+}
+
+void warp_all_gather(const void* mine, unsigned bytes, void* all) {
+  if (bytes > 32) {
+    std::fprintf(stderr, "cad_emu: warp_all_gather of %u bytes per lane (at most 32)\n", bytes);
+    std::abort();
+  }
+  Warp& w = my_warp();
+  std::memcpy(w.gather[lane_id()], mine, bytes);
+  w.bar.arrive_and_wait();
+  auto* out = static_cast<unsigned char*>(all);
+  for (unsigned i = 0; i < 32; ++i) std::memcpy(out + i * bytes, w.gather[i], bytes);
+  w.bar.arrive_and_wait();
 }
 
 unsigned warp_ballot(bool pred) {

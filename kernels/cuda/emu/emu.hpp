@@ -5,8 +5,11 @@
 // two warp barriers, and `__shared__` variables are function statics (launches are serialised,
 // blocks run in turn).
 //
-// What it cannot show: timing, the GPU memory model, inline PTX / mma / wgmma / cp.async (keep a
-// plain path for those under `#ifndef __CUDA_ARCH__`). A warp-level primitive must be reached by
+// What it cannot show: timing, the GPU memory model, inline PTX / wgmma (keep a plain path for
+// those under `#ifndef __CUDA_ARCH__`). The warp-level matrix instructions the kernels use
+// (mma.sync, ldmatrix, cp.async) have host twins in ../mma.cuh built on `warp_all_gather`: they
+// run the PTX ISA's fragment layouts as written down there, so they check a kernel's use of those
+// layouts, not the layouts themselves. A warp-level primitive must be reached by
 // every lane of the warp that has not returned (true of full-mask code); partial masks deadlock.
 #pragma once
 
@@ -48,6 +51,9 @@ void sync_warp();
 uint64_t warp_exchange(uint64_t mine, unsigned src);
 /// Gathers one bit per lane (bit i = lane i's `pred`); exited lanes count as 0.
 unsigned warp_ballot(bool pred);
+/// Every lane contributes `bytes` (at most 32) at `mine`; `all` receives the 32 lanes'
+/// contributions in lane order (32 * `bytes`; exited lanes' slots are unspecified).
+void warp_all_gather(const void* mine, unsigned bytes, void* all);
 unsigned lane_id();
 unsigned char* dynamic_smem();
 

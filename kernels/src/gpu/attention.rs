@@ -66,6 +66,40 @@ impl AttnShape {
     }
 }
 
+/// Which cores run attention. On tensor cores, prefill runs `cuda/attention_prefill_tc.cu`
+/// (same grid and query tiles as the CUDA-core kernel) and so do decode batches whose plan needs
+/// no context split ([`paged_attention_decode_only`]); it rounds the softmax weights to the dtype
+/// before their product with V (as FlashAttention does), which moves an output by at most the
+/// dtype's unit roundoff times max |v|.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AttentionKernel {
+    /// f32 FMAs on CUDA cores, every supported head dim.
+    #[default]
+    CudaCores,
+    /// mma.sync on tensor cores for head dims up to 128; larger ones, and split decode plans,
+    /// run on CUDA cores.
+    TensorCores,
+}
+
+impl AttentionKernel {
+    /// Every kernel, in the order of their names.
+    pub const ALL: [AttentionKernel; 2] =
+        [AttentionKernel::CudaCores, AttentionKernel::TensorCores];
+
+    /// The name configs and reports use.
+    pub fn name(self) -> &'static str {
+        match self {
+            AttentionKernel::CudaCores => "cuda_cores",
+            AttentionKernel::TensorCores => "tensor_cores",
+        }
+    }
+
+    /// The kernel a [`AttentionKernel::name`] names.
+    pub fn from_name(s: &str) -> Option<AttentionKernel> {
+        Self::ALL.into_iter().find(|k| k.name() == s)
+    }
+}
+
 /// Device buffers of a [`PagedBatch`] built from the CPU description of a batch.
 pub struct PagedBatchBuffers {
     pub query_start: DeviceBuffer,
@@ -234,7 +268,7 @@ impl PagedAttnArgs<'_> {
 
 // ---- decode (cuda/attention_decode.cu) ----
 mod decode;
-pub use decode::{paged_attention_decode, DecodePlan, DecodeSplit};
+pub use decode::{paged_attention_decode, paged_attention_decode_only, DecodePlan, DecodeSplit};
 
 pub(crate) mod head_dims;
 pub use head_dims::SUPPORTED_HEAD_DIMS;

@@ -1,4 +1,5 @@
-//! Launcher of `cuda/attention_prefill.cu`: paged attention for prefill chunks, flash style.
+//! Launcher of the prefill attention kernels: paged attention for prefill chunks, flash style,
+//! on CUDA cores (`cuda/attention_prefill.cu`) or tensor cores (`cuda/attention_prefill_tc.cu`).
 //!
 //! One launch attends every query token of a flattened batch (prefill chunks, prefix-cache hits
 //! and decode rows alike) causally over its sequence's paged KV cache, which already holds this
@@ -10,28 +11,33 @@
 //! prefix gives few CTAs that each walk the whole context; decode-only batches belong to the
 //! decode kernel (split-K), and this kernel has no split over the context yet.
 
-use super::attention::{head_dims, PagedAttnArgs};
+use super::attention::head_dims::PREFILL_TC_ROWS;
+use super::attention::{head_dims, AttentionKernel, PagedAttnArgs};
 use super::device::{DType, Device, GpuError};
 use super::kernel::LaunchDims;
 use super::ops::{by_dtype, dim32};
 
-/// Threads per CTA; `kThreads` in the kernel.
+/// Threads per CTA; `kThreads` in both kernels.
 const THREADS: u32 = 128;
 
 /// Causal paged attention of every query token in `args.batch` (any query_len >= 1, any number
-/// of cached tokens before it); see the module doc. Checks every buffer against the shape; the
+/// of cached tokens before it) with `kernel`; see the module doc. Checks every buffer against the shape; the
 /// batch's contents (block ids, lengths) are the runtime's to validate, and a sequence whose
 /// context exceeds its block table is skipped rather than read out of bounds.
 pub fn paged_attention_prefill(
     dev: &Device,
     dtype: DType,
     args: &PagedAttnArgs<'_>,
+    kernel: AttentionKernel,
 ) -> Result<(), GpuError> {
     let p = args.params(dtype)?;
     let shape = &args.shape;
     let kernels = head_dims::kernels_for(shape.head_dim)?;
     // (token, query head) rows per CTA: tokens x the heads of their GQA group.
-    let tile_rows = kernels.prefill_rows;
+    let (family, tile_rows) = match (kernel, &kernels.prefill_tc) {
+        (AttentionKernel::TensorCores, Some(tc)) => (tc, PREFILL_TC_ROWS),
+        _ => (&kernels.prefill, kernels.prefill_rows),
+    };
     let group = shape.group();
     if group > tile_rows {
         return Err(GpuError::Shape(format!(
@@ -58,7 +64,6 @@ pub fn paged_attention_prefill(
         "max_blocks_per_seq * block_size",
         args.batch.max_blocks_per_seq * shape.block_size,
     )?;
-    let family = &kernels.prefill;
     let batch = &args.batch;
     if batch.num_seqs == 0 {
         return Ok(());

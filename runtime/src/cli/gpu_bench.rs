@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
+use caduceus_kernels::gpu::attention::AttentionKernel;
 use caduceus_kernels::gpu::{DType, Device};
 use serde_json::json;
 
@@ -88,6 +89,10 @@ pub struct GpuBenchArgs {
     engine_cold: bool,
     #[arg(long, default_value_t = 16)]
     block_size: usize,
+    /// The prefill attention kernel of the prefill and engine figures (`model.attention_kernel`:
+    /// cuda_cores or tensor_cores); the `prefill_kernels` sweep times both either way.
+    #[arg(long, default_value = "cuda_cores")]
+    attention_kernel: String,
     /// The driver version to report (default: asked of nvidia-smi).
     #[arg(long)]
     driver: Option<String>,
@@ -162,6 +167,13 @@ pub fn bench_json(args: &GpuBenchArgs) -> anyhow::Result<serde_json::Value> {
         "f16" => DType::F16,
         other => anyhow::bail!("--dtype {other}: expected bf16 or f16"),
     };
+    let attention_kernel =
+        AttentionKernel::from_name(&args.attention_kernel).with_context(|| {
+            format!(
+                "--prefill-attention {}: expected cuda_cores or tensor_cores",
+                args.attention_kernel
+            )
+        })?;
     let dev = open_device(&args.device)?;
     let device = dev.describe();
     let gpu = spec_for(&device);
@@ -172,8 +184,9 @@ pub fn bench_json(args: &GpuBenchArgs) -> anyhow::Result<serde_json::Value> {
     let say = |s: &str| eprintln!("gpu-bench [{:>6.1} s] {s}", started.elapsed().as_secs_f64());
     say(&format!("{device}: building a random {shape:?} model"));
     let load = Instant::now();
-    let model = random_gpu_model(&shape, max_len, dev, dtype, args.seed)
+    let mut model = random_gpu_model(&shape, max_len, dev, dtype, args.seed)
         .context("building the random model on the device")?;
+    model.set_attention_kernel(attention_kernel);
     model.device().synchronize()?;
     let load_s = load.elapsed().as_secs_f64();
     let weight_bytes = model.weight_bytes();
@@ -259,6 +272,8 @@ pub fn bench_json(args: &GpuBenchArgs) -> anyhow::Result<serde_json::Value> {
         "decode": parts.decode,
         "attention": parts.attention,
         "prefill": parts.prefill,
+        "attention_kernel": parts.attention_kernel,
+        "prefill_kernels": parts.prefill_kernels,
         "multi_lora": parts.multi_lora,
         "gemm_policy": parts.gemm_policy,
         "gemm_tuning": parts.gemm_tuning,
@@ -332,6 +347,14 @@ mod tests {
         assert!(v["attention"].as_array().is_some_and(|a| !a.is_empty()));
         assert_eq!(v["gemm_policy"], "tuned");
         assert!(v["gemm_tuning"].is_array());
+        assert_eq!(v["attention_kernel"], "cuda_cores");
+        let kernels: Vec<&str> = v["prefill_kernels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k["kernel"].as_str().unwrap())
+            .collect();
+        assert_eq!(kernels, ["cuda_cores", "tensor_cores"]);
         assert!(v["decode"][0]["profile"]["ops"].is_array());
         assert_eq!(v["multi_lora"]["runs"][0]["distinct"], 2);
         // Every requested token, the scratch adapter folders gone.

@@ -4,11 +4,12 @@
 use std::sync::Arc;
 
 use anyhow::Context;
+use caduceus_kernels::gpu::attention::AttentionKernel;
 use caduceus_kernels::gpu::gemm_tune::GemmPolicy;
 use caduceus_kernels::gpu::{DType, Device};
 
 use super::serve::{root_name, serve, served_name, ServedModel};
-use crate::config::{AdapterDtype, CaduceusConfig, Dtype, GemmSetting};
+use crate::config::{AdapterDtype, AttentionKernelSetting, CaduceusConfig, Dtype, GemmSetting};
 use crate::engine::{EngineCore, SlotSpec};
 use crate::gpu::memory_plan::{check_weights_fit, llama_weight_bytes};
 use crate::gpu::model::GpuModel;
@@ -80,7 +81,8 @@ pub(super) fn run(config: CaduceusConfig, dev: Device) -> anyhow::Result<()> {
             .unwrap_or(sched.max_num_seqs),
         false => 0,
     };
-    let ServedModelParts { model, served } = parts(&config, loaded, adapter_dtype);
+    let ServedModelParts { mut model, served } = parts(&config, loaded, adapter_dtype);
+    model.set_attention_kernel(attention_kernel_of(config.model.attention_kernel));
     // Before the backend captures its graphs: tuning runs in their warm-up steps.
     model
         .device()
@@ -122,6 +124,14 @@ pub(super) fn run(config: CaduceusConfig, dev: Device) -> anyhow::Result<()> {
         ),
     }
     serve(config, core, served)
+}
+
+/// The kernel a `model.attention_kernel` setting names.
+fn attention_kernel_of(s: AttentionKernelSetting) -> AttentionKernel {
+    match s {
+        AttentionKernelSetting::CudaCores => AttentionKernel::CudaCores,
+        AttentionKernelSetting::TensorCores => AttentionKernel::TensorCores,
+    }
 }
 
 /// The kernels' policy for a `model.gemm` setting.

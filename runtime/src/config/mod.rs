@@ -17,8 +17,8 @@ pub use error::{ConfigError, Origin};
 pub use load::{env_var_name, ConfigOverrides, ENV_PREFIX};
 pub use secrets::ApiKey;
 pub use sections::{
-    AdapterDtype, AdaptersSection, CaduceusConfig, Device, Dtype, GemmSetting, KvCacheSize,
-    KvEventsSection, LoggingSection, ModelSection, PrefixCacheIsolation, SchedulerSection,
-    ServerSection, DEFAULT_KV_CACHE_BYTES,
+    AdapterDtype, AdaptersSection, AttentionKernelSetting, CaduceusConfig, Device, Dtype,
+    GemmSetting, KvCacheSize, KvEventsSection, LoggingSection, ModelSection, PrefixCacheIsolation,
+    SchedulerSection, ServerSection, DEFAULT_KV_CACHE_BYTES,
 };
 pub use units::{ByteSize, HumanDuration};

@@ -105,6 +105,11 @@ pub(crate) const SCHEMA: &[KeySpec] = &[
     spec("model", "gemm", Kind::Choice(&["tuned", "library", "gemv"])),
     spec(
         "model",
+        "attention_kernel",
+        Kind::Choice(&["cuda_cores", "tensor_cores"]),
+    ),
+    spec(
+        "model",
         "dtype",
         Kind::Choice(&["auto", "f32", "f16", "bf16"]),
     ),

@@ -199,6 +199,18 @@ pub enum GemmSetting {
     Gemv,
 }
 
+/// CUDA: which cores run attention (`caduceus_kernels::gpu::attention::AttentionKernel`):
+/// `cuda_cores` (f32 FMAs, every head dim) or `tensor_cores` (mma.sync for prefill, and for decode
+/// batches large enough to need no context split; head dims up to 128; softmax weights rounded
+/// to the dtype before P V, as FlashAttention does).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttentionKernelSetting {
+    #[default]
+    CudaCores,
+    TensorCores,
+}
+
 /// `[model]`: the base model served.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -228,6 +240,8 @@ pub struct ModelSection {
     pub cuda_graph_max_batch: Option<usize>,
     /// CUDA: how projections pick their GEMM ([`GemmSetting`]).
     pub gemm: GemmSetting,
+    /// CUDA: the cores attention runs on ([`AttentionKernelSetting`]).
+    pub attention_kernel: AttentionKernelSetting,
 }
 
 impl Default for ModelSection {
@@ -243,6 +257,7 @@ impl Default for ModelSection {
             cuda_graphs: true,
             cuda_graph_max_batch: None,
             gemm: GemmSetting::Tuned,
+            attention_kernel: AttentionKernelSetting::CudaCores,
         }
     }
 }

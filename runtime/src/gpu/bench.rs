@@ -200,8 +200,15 @@ pub fn run_model_parts(
         .min_by(|a, b| a.us_per_layer.total_cmp(&b.us_per_layer))
     {
         progress(&format!(
-            "decode attention, batch {}: {:.1} us per layer at best ({}), {:.0} GB/s of K/V",
-            best.batch, best.us_per_layer, best.split, best.kv_gb_per_s
+            "decode attention, batch {}: {:.1} us per layer at best ({}, {}), {:.0} GB/s of K/V",
+            best.batch, best.us_per_layer, best.kernel, best.split, best.kv_gb_per_s
+        ));
+    }
+    let prefill_kernels = sweep_prefill_kernels(model, &kv, shape, gpu, o)?;
+    for k in &prefill_kernels {
+        progress(&format!(
+            "prefill attention {} ({} tokens): {:.1} us per layer, {:.0} TFLOP/s",
+            k.kernel, k.prompt_len, k.us_per_layer, k.tflops
         ));
     }
     let prefill = match o.prefill_len {
@@ -222,6 +229,8 @@ pub fn run_model_parts(
         decode,
         attention,
         prefill,
+        attention_kernel: model.attention_kernel().name(),
+        prefill_kernels,
         multi_lora,
         gemm_policy: dev.gemm_policy().name(),
         gemm_tuning: dev.gemm_tuning().into_iter().map(TunedGemm::from).collect(),
@@ -454,8 +463,8 @@ fn time_lora(
 }
 
 mod attention;
-use attention::sweep_attention;
-pub use attention::AttentionFigure;
+use attention::{sweep_attention, sweep_prefill_kernels};
+pub use attention::{AttentionFigure, PrefillKernelFigure};
 mod report;
 pub use report::{
     decode_target, DecodeFigure, LoraFigure, LoraPart, ModelBenchReport, PrefillFigure, Timed,

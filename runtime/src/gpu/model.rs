@@ -4,9 +4,10 @@
 //! [`ForwardBatch`] mixing prefill chunks and decode tokens, logits for `logits_indices`.
 //!
 //! A step runs in a preallocated [`Workspace`] with one upload (`step`); decode steps can be
-//! captured as graphs (`super::decode_graph`). None of it has ever run on a GPU.
+//! captured as graphs (`super::decode_graph`).
 
 use caduceus_kernels::attention::KvCacheShape;
+use caduceus_kernels::gpu::attention::AttentionKernel;
 use caduceus_kernels::gpu::lora::LoraGpuError;
 use caduceus_kernels::gpu::ops;
 use caduceus_kernels::gpu::{DType, Device, DeviceBuffer, GpuError};
@@ -97,6 +98,8 @@ pub struct GpuModel {
     layers: Vec<GpuLayer>,
     inv_freq: DeviceBuffer,
     rope_style: RopeStyle,
+    /// The cores attention runs on (`model.attention_kernel`).
+    attention_kernel: AttentionKernel,
 }
 
 /// Uploads f32 values converted to the dtype.
@@ -219,10 +222,21 @@ impl GpuModel {
             layers,
             inv_freq,
             rope_style: rope.style(),
+            attention_kernel: AttentionKernel::default(),
             dev,
             dtype,
             config,
         })
+    }
+
+    /// Runs attention on `kernel`'s cores from now on (graphs captured before keep theirs).
+    pub fn set_attention_kernel(&mut self, kernel: AttentionKernel) {
+        self.attention_kernel = kernel;
+    }
+
+    /// The cores attention runs on.
+    pub fn attention_kernel(&self) -> AttentionKernel {
+        self.attention_kernel
     }
 
     pub fn config(&self) -> &LlamaConfig {

@@ -114,7 +114,7 @@ impl ModelShape {
     }
 
     /// Attention FLOPs of one query token against `context` keys, all layers (QK^T and PV).
-    fn attention_flops(&self, context: u64) -> u64 {
+    pub(crate) fn attention_flops(&self, context: u64) -> u64 {
         4 * (self.layers * self.heads * self.head_dim) as u64 * context
     }
 }

@@ -1,7 +1,8 @@
 //! Launcher of `cuda/attention_decode.cu`: paged attention for decode tokens, GQA-aware, with
 //! split-K over the context and a log-sum-exp merge when the batch alone cannot fill the GPU.
 
-use super::{AttnShape, PagedAttnArgs, PagedAttnParams, PagedBatch};
+use super::{AttentionKernel, AttnShape, PagedAttnArgs, PagedAttnParams, PagedBatch};
+use crate::gpu::attention_prefill::paged_attention_prefill;
 use crate::gpu::device::{DType, Device, DeviceBuffer, GpuError};
 use crate::gpu::kernel::{kernel_fn, kernel_params, KernelFn, LaunchDims};
 use crate::gpu::ops::{by_dtype, dim32, need};
@@ -187,4 +188,28 @@ pub fn paged_attention_decode(
         dev.launch(by_dtype(&MERGE, dtype), merge, &p)?;
     }
     Ok(())
+}
+
+/// Attention of a batch whose sequences all decode (query_len 1 each: the caller's guarantee,
+/// the kernels do not read the batch back to check it) on `kernel`'s cores: with
+/// [`AttentionKernel::TensorCores`], a head dim that has the tensor-core kernel and a plan of one
+/// split, the tensor-core prefill kernel runs it (a query tile is then one token's GQA heads, and
+/// the causal mask lets it see its whole context); otherwise [`paged_attention_decode`].
+pub fn paged_attention_decode_only(
+    dev: &Device,
+    dtype: DType,
+    a: &PagedAttnArgs<'_>,
+    plan: &DecodePlan,
+    workspace: Option<&DeviceBuffer>,
+    kernel: AttentionKernel,
+) -> Result<(), GpuError> {
+    let tensor_cores = kernel == AttentionKernel::TensorCores
+        && plan.num_splits == 1
+        && super::head_dims::kernels_for(a.shape.head_dim)?
+            .prefill_tc
+            .is_some();
+    match tensor_cores {
+        true => paged_attention_prefill(dev, dtype, a, AttentionKernel::TensorCores),
+        false => paged_attention_decode(dev, dtype, a, plan, workspace),
+    }
 }

@@ -1,8 +1,8 @@
 //! The head dims the attention kernels are instantiated for: one table that both launchers
 //! (decode and prefill) pick their kernels from, and the one error naming the supported set.
 //!
-//! Each `.cu` instantiates its template per head dim (`CAD_DECODE(HD)`, `CAD_PREFILL(D)`); adding
-//! a head dim means one line in each file and one row here.
+//! Each `.cu` instantiates its template per head dim (`CAD_DECODE(HD)`, `CAD_PREFILL(D)`,
+//! `CAD_PREFILL_TC(D)` up to 128); adding a head dim means one line in each file and one row here.
 
 use crate::gpu::device::GpuError;
 use crate::gpu::kernel::{kernel_fn, KernelFn};
@@ -18,7 +18,13 @@ pub(crate) struct HeadDimKernels {
     pub prefill: [KernelFn; 2],
     /// (token, query head) rows per prefill CTA: `Tile<D>::kRows` in `attention_prefill.cu`.
     pub prefill_rows: usize,
+    /// The tensor-core prefill kernels (`attention_prefill_tc.cu`, 64 rows per CTA like the
+    /// CUDA-core ones at these head dims); `None` past head_dim 128.
+    pub prefill_tc: Option<[KernelFn; 2]>,
 }
+
+/// Rows per CTA of the tensor-core prefill kernel: `kRows` in `attention_prefill_tc.cu`.
+pub(crate) const PREFILL_TC_ROWS: usize = 64;
 
 macro_rules! head_dim {
     ($hd:expr, $rows:expr, $d_bf16:ident, $d_f16:ident, $p_bf16:ident, $p_f16:ident) => {
@@ -27,6 +33,14 @@ macro_rules! head_dim {
             decode: [kernel_fn!($d_bf16), kernel_fn!($d_f16)],
             prefill: [kernel_fn!($p_bf16), kernel_fn!($p_f16)],
             prefill_rows: $rows,
+            prefill_tc: None,
+        }
+    };
+    ($hd:expr, $rows:expr, $d_bf16:ident, $d_f16:ident, $p_bf16:ident, $p_f16:ident,
+     $t_bf16:ident, $t_f16:ident) => {
+        HeadDimKernels {
+            prefill_tc: Some([kernel_fn!($t_bf16), kernel_fn!($t_f16)]),
+            ..head_dim!($hd, $rows, $d_bf16, $d_f16, $p_bf16, $p_f16)
         }
     };
 }
@@ -34,17 +48,23 @@ macro_rules! head_dim {
 #[rustfmt::skip]
 const TABLE: [HeadDimKernels; 7] = [
     head_dim!(16, 64, cad_paged_decode_hd16_bf16, cad_paged_decode_hd16_f16,
-        cad_paged_attention_prefill_d16_bf16, cad_paged_attention_prefill_d16_f16),
+        cad_paged_attention_prefill_d16_bf16, cad_paged_attention_prefill_d16_f16,
+        cad_paged_attention_prefill_tc_d16_bf16, cad_paged_attention_prefill_tc_d16_f16),
     head_dim!(32, 64, cad_paged_decode_hd32_bf16, cad_paged_decode_hd32_f16,
-        cad_paged_attention_prefill_d32_bf16, cad_paged_attention_prefill_d32_f16),
+        cad_paged_attention_prefill_d32_bf16, cad_paged_attention_prefill_d32_f16,
+        cad_paged_attention_prefill_tc_d32_bf16, cad_paged_attention_prefill_tc_d32_f16),
     head_dim!(64, 64, cad_paged_decode_hd64_bf16, cad_paged_decode_hd64_f16,
-        cad_paged_attention_prefill_d64_bf16, cad_paged_attention_prefill_d64_f16),
+        cad_paged_attention_prefill_d64_bf16, cad_paged_attention_prefill_d64_f16,
+        cad_paged_attention_prefill_tc_d64_bf16, cad_paged_attention_prefill_tc_d64_f16),
     head_dim!(80, 64, cad_paged_decode_hd80_bf16, cad_paged_decode_hd80_f16,
-        cad_paged_attention_prefill_d80_bf16, cad_paged_attention_prefill_d80_f16),
+        cad_paged_attention_prefill_d80_bf16, cad_paged_attention_prefill_d80_f16,
+        cad_paged_attention_prefill_tc_d80_bf16, cad_paged_attention_prefill_tc_d80_f16),
     head_dim!(96, 64, cad_paged_decode_hd96_bf16, cad_paged_decode_hd96_f16,
-        cad_paged_attention_prefill_d96_bf16, cad_paged_attention_prefill_d96_f16),
+        cad_paged_attention_prefill_d96_bf16, cad_paged_attention_prefill_d96_f16,
+        cad_paged_attention_prefill_tc_d96_bf16, cad_paged_attention_prefill_tc_d96_f16),
     head_dim!(128, 64, cad_paged_decode_hd128_bf16, cad_paged_decode_hd128_f16,
-        cad_paged_attention_prefill_d128_bf16, cad_paged_attention_prefill_d128_f16),
+        cad_paged_attention_prefill_d128_bf16, cad_paged_attention_prefill_d128_f16,
+        cad_paged_attention_prefill_tc_d128_bf16, cad_paged_attention_prefill_tc_d128_f16),
     head_dim!(256, 32, cad_paged_decode_hd256_bf16, cad_paged_decode_hd256_f16,
         cad_paged_attention_prefill_d256_bf16, cad_paged_attention_prefill_d256_f16),
 ];
@@ -72,7 +92,10 @@ mod tests {
         assert_eq!(dims, SUPPORTED_HEAD_DIMS);
         for k in &TABLE {
             let hd = k.head_dim.to_string();
-            for f in k.decode.iter().chain(&k.prefill) {
+            // Tensor-core prefill kernels exactly up to head_dim 128.
+            assert_eq!(k.prefill_tc.is_some(), k.head_dim <= 128, "row {hd}");
+            let tc = k.prefill_tc.iter().flatten();
+            for f in k.decode.iter().chain(&k.prefill).chain(tc) {
                 assert!(
                     f.name.contains(&format!("d{hd}_")),
                     "{} in row {hd}",

@@ -1,12 +1,20 @@
-//! `gpu-bench`'s decode-attention sweep: the paged decode kernel alone on one layer's cache, for
-//! each decode batch of the model part and each way of splitting the context, against the time
-//! its K/V bytes take at the HBM bandwidth. What it is for: the decode step's attention share
-//! (the op profile) says how much attention costs; this says whether the kernel streams the
-//! cache at the bandwidth and which split does best, without rebuilding anything.
+//! `gpu-bench`'s attention sweeps, each kernel alone on one layer's cache:
+//! - decode: the paged decode kernel for each decode batch of the model part and each way of
+//!   splitting the context, against the time its K/V bytes take at the HBM bandwidth;
+//! - prefill: both prefill kernels (CUDA cores, tensor cores) on the prefill part's prompt,
+//!   against the dense bf16 peak.
+//!
+//! What they are for: the op profiles say how much attention costs in a step; these say how
+//! close each kernel runs to the hardware and which configuration does best, without
+//! rebuilding anything.
 
+use caduceus_kernels::attention::SeqAttention;
 use caduceus_kernels::gpu::attention::{
-    paged_attention_decode, DecodePlan, DecodeSplit, PagedAttnArgs, PagedBatchBuffers,
+    paged_attention_decode_only, AttentionKernel, DecodePlan, DecodeSplit, PagedAttnArgs,
+    PagedBatchBuffers,
 };
+use caduceus_kernels::gpu::attention_prefill::paged_attention_prefill;
+use caduceus_kernels::gpu::Device;
 use serde::Serialize;
 
 use super::{DecodeBatch, ModelBenchOptions};
@@ -27,10 +35,13 @@ const SPLITS: [DecodeSplit; 5] = [
     DecodeSplit::Tokens(1024),
 ];
 
-/// One (batch, split) configuration.
+/// One (batch, kernel, split) configuration.
 #[derive(Clone, Debug, Serialize)]
 pub struct AttentionFigure {
     pub batch: usize,
+    /// [`AttentionKernel::name`]: `tensor_cores` runs the tensor-core tile kernel unsplit
+    /// (`paged_attention_decode_only`).
+    pub kernel: &'static str,
     pub context: usize,
     /// `auto`, `off` or `tokens:N` as asked; the plan it gave follows.
     pub split: String,
@@ -50,6 +61,95 @@ fn split_name(s: DecodeSplit) -> String {
         DecodeSplit::Off => "off".into(),
         DecodeSplit::Tokens(n) => format!("tokens:{n}"),
     }
+}
+
+/// Microseconds per call of `launch` on `dev`: two untimed calls, then [`LAUNCHES`] timed (one
+/// timed call in the emulation).
+fn us_per_launch(
+    dev: &Device,
+    mut launch: impl FnMut() -> Result<(), GpuModelError>,
+) -> Result<f64, GpuModelError> {
+    let (untimed, timed) = match dev.is_emulated() {
+        true => (0, 1),
+        false => (2, LAUNCHES),
+    };
+    for _ in 0..untimed {
+        launch()?;
+    }
+    let start = dev.mark()?;
+    for _ in 0..timed {
+        launch()?;
+    }
+    let ms = dev.mark()?.ms_since(&start)?;
+    Ok(ms * 1e3 / timed as f64)
+}
+
+/// One prefill kernel on one fresh prompt.
+#[derive(Clone, Debug, Serialize)]
+pub struct PrefillKernelFigure {
+    /// [`AttentionKernel::name`].
+    pub kernel: &'static str,
+    pub prompt_len: usize,
+    /// One layer's causal attention over the prompt, microseconds per launch.
+    pub us_per_layer: f64,
+    /// QK^T and PV FLOPs (causal: token i against i + 1 keys) over the time.
+    pub tflops: f64,
+    /// That over the GPU's dense bf16 peak (`None` off the spec table).
+    pub of_peak: Option<f64>,
+}
+
+/// Times each prefill kernel on layer 0's pools of `kv`: one sequence prefilling `o.prefill_len`
+/// tokens from an empty cache (what the prefill part's forward pass does per layer).
+pub(super) fn sweep_prefill_kernels(
+    model: &GpuModel,
+    kv: &GpuKvCache,
+    model_shape: &ModelShape,
+    gpu: Option<&GpuSpec>,
+    o: &ModelBenchOptions,
+) -> Result<Vec<PrefillKernelFigure>, GpuModelError> {
+    let (dev, dt, c) = (model.device(), model.dtype(), model.config());
+    let len = o.prefill_len;
+    let Some((k_cache, v_cache)) = kv.layer(0).filter(|_| len > 0) else {
+        return Ok(Vec::new());
+    };
+    let cache = kv.shape();
+    let shape = attn_shape(c, cache.block_size, cache.num_blocks);
+    let table: Vec<u32> = (0..len.div_ceil(cache.block_size) as u32).collect();
+    let seqs = [SeqAttention {
+        query_start: 0,
+        query_len: len,
+        context_len: len,
+        block_table: &table,
+    }];
+    let batch = PagedBatchBuffers::upload(dev, &seqs)?;
+    let elems = len * c.num_heads * c.head_dim;
+    let (q, out) = (
+        dev.alloc_zeroed(elems * dt.size())?,
+        dev.alloc_zeroed(elems * dt.size())?,
+    );
+    let args = PagedAttnArgs {
+        q: &q,
+        k_cache,
+        v_cache,
+        out: &out,
+        batch: batch.batch(),
+        shape,
+    };
+    let flops = model_shape.attention_flops((len * (len + 1) / 2) as u64) as f64
+        / model_shape.layers.max(1) as f64;
+    let mut figures = Vec::new();
+    for kernel in AttentionKernel::ALL {
+        let us = us_per_launch(dev, || Ok(paged_attention_prefill(dev, dt, &args, kernel)?))?;
+        let per_s = flops / (us / 1e6);
+        figures.push(PrefillKernelFigure {
+            kernel: kernel.name(),
+            prompt_len: len,
+            us_per_layer: us,
+            tflops: per_s / 1e12,
+            of_peak: gpu.map(|g| per_s / g.bf16_flops_per_s),
+        });
+    }
+    Ok(figures)
 }
 
 /// Times the decode kernel on layer 0's pools of `kv` for every batch of `o.decode_batches`.
@@ -84,31 +184,28 @@ pub(super) fn sweep_attention(
             shape,
         };
         let mut seen = Vec::new();
-        for split in SPLITS {
+        let configs = SPLITS
+            .map(|s| (AttentionKernel::CudaCores, s))
+            .into_iter()
+            .chain([(AttentionKernel::TensorCores, DecodeSplit::Off)]);
+        for (kernel, split) in configs {
             let plan = DecodePlan::new(&args.batch, &shape, split);
-            if seen.contains(&plan) {
+            if seen.contains(&(kernel, plan)) {
                 continue;
             }
-            seen.push(plan);
+            seen.push((kernel, plan));
             let ws = dev.alloc_zeroed(plan.workspace_bytes(b, &shape).max(4))?;
-            let launch = || paged_attention_decode(dev, dt, &args, &plan, Some(&ws));
-            let (untimed, timed) = match dev.is_emulated() {
-                true => (0, 1),
-                false => (2, LAUNCHES),
-            };
-            for _ in 0..untimed {
-                launch()?;
-            }
-            let start = dev.mark()?;
-            for _ in 0..timed {
-                launch()?;
-            }
-            let ms = dev.mark()?.ms_since(&start)?;
-            let us = ms * 1e3 / timed as f64;
+            let us = us_per_launch(dev, || {
+                let ws = Some(&ws);
+                Ok(paged_attention_decode_only(
+                    dev, dt, &args, &plan, ws, kernel,
+                )?)
+            })?;
             let bytes = (b * o.context) as f64 * model_shape.kv_bytes_per_token_layer() as f64;
             let per_s = bytes / (us / 1e6);
             figures.push(AttentionFigure {
                 batch: b,
+                kernel: kernel.name(),
                 context: o.context,
                 split: split_name(split),
                 num_splits: plan.num_splits,

@@ -96,6 +96,11 @@ pub struct ModelBenchReport {
     /// The decode attention kernel alone, per batch and split ([`super::AttentionFigure`]).
     pub attention: Vec<super::AttentionFigure>,
     pub prefill: Option<PrefillFigure>,
+    /// The prefill attention kernel the prefill and engine figures ran with
+    /// ([`AttentionKernel::name`](caduceus_kernels::gpu::attention_prefill::AttentionKernel::name)).
+    pub attention_kernel: &'static str,
+    /// Each prefill attention kernel alone on the prefill prompt ([`super::PrefillKernelFigure`]).
+    pub prefill_kernels: Vec<super::PrefillKernelFigure>,
     pub multi_lora: Option<LoraPart>,
     /// The projections' policy the figures ran under ([`GemmPolicy::name`](caduceus_kernels::gpu::gemm_tune::GemmPolicy::name)).
     pub gemm_policy: &'static str,

@@ -164,21 +164,24 @@ fn model_parts_run_on_a_tiny_shape_and_report_each_configuration() {
     for x in &l.runs {
         check(&format!("lora {}", x.distinct), &x.profile, true);
     }
-    // The attention sweep: every batch, Auto first, each distinct plan once (context 20: Off and
-    // every forced size give the one-split plan, Auto splits a batch this small).
+    // The attention sweep: every batch, Auto first, each distinct (kernel, plan) once (context
+    // 20: Off and every forced size give the one-split plan, Auto splits a batch this small),
+    // then the tensor-core kernel unsplit.
     for b in [1, 3] {
         let runs: Vec<_> = r.attention.iter().filter(|a| a.batch == b).collect();
         assert_eq!(runs[0].split, "auto", "batch {b}");
+        let last = runs.last().unwrap();
+        assert_eq!((last.kernel, last.num_splits), ("tensor_cores", 1));
         let mut plans: Vec<_> = runs
             .iter()
-            .map(|a| (a.num_splits, a.tokens_per_split))
+            .map(|a| (a.kernel, a.num_splits, a.tokens_per_split))
             .collect();
         let n = plans.len();
         plans.sort_unstable();
         plans.dedup();
         assert_eq!(plans.len(), n, "batch {b}: a plan timed twice");
         assert!(
-            plans.contains(&(1, 32)),
+            plans.contains(&("cuda_cores", 1, 32)),
             "batch {b}: the unsplit plan: {plans:?}"
         );
         for a in &runs {
@@ -186,6 +189,14 @@ fn model_parts_run_on_a_tiny_shape_and_report_each_configuration() {
             assert!(a.num_splits * a.tokens_per_split >= a.context);
         }
     }
+    // Both prefill kernels alone on the prefill prompt; the figures ran on the default's.
+    let kernels: Vec<_> = r.prefill_kernels.iter().map(|k| k.kernel).collect();
+    assert_eq!(kernels, ["cuda_cores", "tensor_cores"]);
+    assert!(r
+        .prefill_kernels
+        .iter()
+        .all(|k| k.prompt_len == 17 && k.us_per_layer > 0.0 && k.of_peak.is_none()));
+    assert_eq!(r.attention_kernel, "cuda_cores");
     // The emulation runs the host loop under every policy and tunes nothing.
     assert_eq!(r.gemm_policy, "tuned");
     assert!(r.gemm_tuning.is_empty());

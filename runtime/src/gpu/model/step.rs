@@ -3,7 +3,7 @@
 //! weight and cache addresses, so the same launches can be captured as a graph
 //! ([`crate::gpu::decode_graph`]) and replayed after the next step's upload.
 
-use caduceus_kernels::gpu::attention::{paged_attention_decode, PagedAttnArgs, PagedBatch};
+use caduceus_kernels::gpu::attention::{paged_attention_decode_only, PagedAttnArgs, PagedBatch};
 use caduceus_kernels::gpu::attention_prefill::paged_attention_prefill;
 use caduceus_kernels::gpu::gemm::{gemm, gemm_bias, GemmShape};
 use caduceus_kernels::gpu::lora::{add_lora_fused, DeviceFusedPart, FusedLoraArgs};
@@ -207,9 +207,10 @@ impl GpuModel {
                 shape,
             };
             if step.decode_only {
-                paged_attention_decode(dev, dt, &args, &plan, Some(&ws.decode))?;
+                let (decode_ws, kernel) = (Some(&ws.decode), self.attention_kernel);
+                paged_attention_decode_only(dev, dt, &args, &plan, decode_ws, kernel)?;
             } else {
-                paged_attention_prefill(dev, dt, &args)?;
+                paged_attention_prefill(dev, dt, &args, self.attention_kernel)?;
             }
             lap(Op::Attention)?;
             proj(&ws.attn, &l.o_proj, x, hidden, q_dim)?;

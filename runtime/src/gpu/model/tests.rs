@@ -3,6 +3,7 @@
 //! (split-K and not), over shuffled block tables.
 
 use caduceus_kernels::attention::SeqAttention;
+use caduceus_kernels::gpu::attention::AttentionKernel;
 use caduceus_kernels::gpu::{DType, Device};
 use caduceus_kernels::lora::segments_from_token_slots;
 use caduceus_kernels::quant::Matrix;
@@ -139,7 +140,7 @@ fn steps() -> Vec<Vec<Piece>> {
 /// Runs [`steps`] on the CPU model and the emulated GPU model, feeding both the CPU's greedy
 /// tokens, and checks every logits row. `adapters[s]` is sequence s's slot (None: base model).
 fn compare(dtype: DType, adapters: [Option<u32>; 3]) {
-    compare_with(dtype, adapters, false)
+    compare_with(dtype, adapters, false, AttentionKernel::CudaCores)
 }
 
 /// `store` plus Qwen2-style q/k/v biases in every layer (k's missing in layer 0: zeros).
@@ -163,7 +164,12 @@ fn biased_store(c: &LlamaConfig, dtype: DType) -> TensorStore {
     s
 }
 
-fn compare_with(dtype: DType, adapters: [Option<u32>; 3], bias: bool) {
+fn compare_with(
+    dtype: DType,
+    adapters: [Option<u32>; 3],
+    bias: bool,
+    attention_kernel: AttentionKernel,
+) {
     let store = |c: &LlamaConfig, d: DType| {
         if bias {
             biased_store(c, d)
@@ -181,13 +187,14 @@ fn compare_with(dtype: DType, adapters: [Option<u32>; 3], bias: bool) {
         (0..3).map(|i| (i * 91 + 2) % 300).collect(),
     ];
     let cpu = LlamaModel::from_tensors(config.clone(), &mut store(&config, dtype)).unwrap();
-    let gpu = GpuModel::from_tensors(
+    let mut gpu = GpuModel::from_tensors(
         config.clone(),
         &mut store(&config, dtype),
         Device::emulated(),
         dtype,
     )
     .unwrap();
+    gpu.set_attention_kernel(attention_kernel);
     let mut cpu_kv = KvCache::new(
         config.num_layers,
         cpu.kv_cache_shape(num_blocks, block_size),
@@ -306,7 +313,24 @@ fn emulated_gpu_forward_with_mixed_adapters_matches_the_cpu_model() {
 
 #[test]
 fn emulated_gpu_forward_with_attention_bias_matches_the_cpu_model() {
-    compare_with(DType::Bf16, [None, Some(1), None], true);
+    compare_with(
+        DType::Bf16,
+        [None, Some(1), None],
+        true,
+        AttentionKernel::CudaCores,
+    );
+}
+
+#[test]
+fn emulated_gpu_forward_with_tensor_core_prefill_matches_the_cpu_model() {
+    // The kernel's own bound (softmax weights rounded to the dtype) is checked in the kernels'
+    // tests; through the model it stays inside the dtype's bound, adapters mixed.
+    compare_with(
+        DType::Bf16,
+        [Some(0), None, Some(1)],
+        false,
+        AttentionKernel::TensorCores,
+    );
 }
 
 #[test]

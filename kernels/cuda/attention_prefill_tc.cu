@@ -1,0 +1,267 @@
+// Paged attention for prefill chunks on tensor cores (mma.sync m16n8k16, f32 accumulators),
+// flash-attention-2 style: the twin of attention_prefill.cu (CUDA cores) with the same grid, the
+// same query tiles and the same results up to the rounding of P (below). CPU twin:
+// kernels::paged_attention (reference: kernels::paged_attention_reference).
+//
+// A CTA owns one tile of 64 (token, query head) rows of one sequence: 64 / group consecutive
+// query tokens times the `group` query heads of one KV head (GQA), so each K/V row gathered from
+// the paged cache serves all of them. Warp w owns rows 16w..16w+15: their Q fragments stay in
+// registers for the whole kernel, and so do the warp's scores S (16 rows x 32 keys) and output
+// O (16 rows x head_dim) in the mma accumulator layout (mma.cuh): lane (g, t) holds rows g and
+// g + 8. The CTA walks keys 0..=the tile's last position in tiles of 32, double-buffered in
+// shared memory through cp.async (the next tile's copies are in flight while this one is
+// computed): S = Q K^T (K fragments by ldmatrix), causal mask and online softmax in base 2
+// (row max over the 4 lanes of a quad; the row sum stays per lane until the end), then
+// O += P V with P rounded to the dtype in registers as the A fragment and V fragments by
+// ldmatrix.trans. A warp skips the compute of a key tile past all its rows' positions (whole
+// warps of padding rows when the tile is a single token's heads: the decode batches this kernel
+// also serves, see attention/decode.rs).
+//
+// Rounding: P is rounded to bf16/f16 before the product with V (as in FlashAttention), while
+// the softmax sum adds the unrounded values, so an output differs from the exact one by at most
+// the dtype's unit roundoff times max |v| beyond the CUDA-core kernel's error.
+//
+// Head dims: any multiple of 16 up to 128, instantiated for 16, 32, 64, 80, 96 and 128 (the
+// launcher's table); head_dim 256 has only the CUDA-core kernel (its accumulators would not fit
+// in registers with 16 rows per warp).
+#include "common.cuh"
+#include "mma.cuh"
+#include "paged.cuh"
+#include "params/attention.h"
+
+namespace {
+
+using cad::find_seq;
+using cad::pun_load;
+using cad::store2;
+
+constexpr int kThreads = 128;
+constexpr int kRows = 64;  // (token, head) rows per CTA: 16 per warp
+constexpr int kKeys = 32;  // keys per K/V tile
+constexpr int kVec = 8;    // 16-bit elements per 16-byte vector
+// Shared rows are padded by 8 elements: the 8 rows an ldmatrix phase reads start 4 banks apart.
+constexpr int kPad = 8;
+constexpr float kLog2e = 1.4426950408889634f;
+
+template <class T, int D>
+__device__ void paged_prefill_tc(const CadPagedAttnParams& p) {
+  static_assert(D % 16 == 0 && D <= 128, "head_dim must be a multiple of 16, at most 128");
+  constexpr int kStride = D + kPad;
+  constexpr int kKSteps = D / 16;        // k-steps of S = Q K^T
+  constexpr int kDimTiles = D / 8;       // n-tiles of O
+  constexpr int kKeyTiles = kKeys / 8;   // n-tiles of S
+  constexpr int kRowVecs = D / kVec;     // 16-byte vectors per K/V row
+  constexpr int kTileVecs = kKeys * kRowVecs;
+  constexpr int kCopies = (kTileVecs + kThreads - 1) / kThreads;  // per thread, of K and of V
+  __align__(16) __shared__ T k_s[2][kKeys * kStride];
+  __align__(16) __shared__ T v_s[2][kKeys * kStride];
+
+  const CadPagedBatch& b = p.batch;
+  const uint32_t num_heads = p.shape.num_heads, block_size = p.shape.block_size;
+  const uint32_t group = num_heads / p.shape.num_kv_heads;
+  const uint32_t tile_tokens = kRows / group;
+  // Highest tiles first: the last tile of a sequence walks the most keys.
+  const uint32_t tile = gridDim.x - 1 - blockIdx.x;
+  const uint32_t kvh = blockIdx.y;
+  const uint32_t s = find_seq(b, tile, tile_tokens);
+  const uint32_t q_first = b.query_start[s];
+  const uint32_t q_len = b.query_start[s + 1] - q_first;
+  const uint32_t tok0 = (tile - (q_first / tile_tokens + s)) * tile_tokens;
+  const uint32_t ctx = b.context_len[s];
+  // Past this sequence's chunk, or an inconsistent entry (the runtime validates these; the
+  // kernel only refuses to read outside the block table).
+  if (tok0 >= q_len || ctx < q_len || ctx > b.max_blocks_per_seq * block_size) return;
+  const uint32_t ntok = min(tile_tokens, q_len - tok0);
+  const uint32_t nrows = ntok * group;
+  const uint32_t first_pos = ctx - q_len + tok0;  // absolute position of the tile's first token
+  const uint32_t num_keys = first_pos + ntok;     // keys 0..=the tile's last position
+  const uint32_t tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const uint32_t g = lane / 4, t4 = lane % 4;
+
+  // This lane's rows: 16 warp + g (h = 0) and 16 warp + g + 8 (h = 1); -1 marks a padding row,
+  // masked everywhere and never written.
+  int row_pos[2];
+  uint32_t qa[kKSteps][4];  // A fragments of Q: qa[ks][h + 2 half] = row h, dims 16 ks + 2 t4 + 8 half
+CAD_UNROLL
+  for (int h = 0; h < 2; ++h) {
+    const uint32_t r = 16 * warp + g + 8 * h;
+    const bool ok = r < nrows;
+    row_pos[h] = ok ? int(first_pos + r / group) : -1;
+    const size_t head = size_t(kvh) * group + r % group;
+    const size_t tok = q_first + tok0 + r / group;
+    const T* q_row = static_cast<const T*>(p.q) + (ok ? (tok * num_heads + head) * D : 0);
+CAD_UNROLL
+    for (int ks = 0; ks < kKSteps; ++ks)
+CAD_UNROLL
+      for (int half = 0; half < 2; ++half)
+        qa[ks][h + 2 * half] = ok ? pun_load<uint32_t>(q_row + 16 * ks + 2 * t4 + 8 * half) : 0u;
+  }
+
+  const float scale_log2 = p.shape.scale * kLog2e;
+  const uint32_t* table = b.block_tables + size_t(s) * b.max_blocks_per_seq;
+  const size_t slot_stride = size_t(p.shape.num_kv_heads) * D;
+  const T* k_head = static_cast<const T*>(p.k_cache) + size_t(kvh) * D;
+  const T* v_head = static_cast<const T*>(p.v_cache) + size_t(kvh) * D;
+  // Starts the copies of keys k0..k0 + kKeys into buffer `buf`; keys past the tile's last
+  // position (or in a block outside the cache) are zero-filled.
+  auto issue = [&](uint32_t k0, int buf) {
+CAD_UNROLL
+    for (int n = 0; n < kCopies; ++n) {
+      const uint32_t i = tid + n * kThreads;
+      if (kTileVecs % kThreads != 0 && i >= kTileVecs) break;
+      const uint32_t key = i / kRowVecs, c = (i % kRowVecs) * kVec;
+      const uint32_t pos = k0 + key;
+      bool valid = pos < num_keys;
+      size_t off = 0;
+      if (valid) {
+        const uint32_t block = table[pos / block_size];
+        valid = block < p.shape.num_blocks;
+        off = (size_t(block) * block_size + pos % block_size) * slot_stride + c;
+      }
+      cad::cp_async16(&k_s[buf][key * kStride + c], k_head + (valid ? off : 0), valid);
+      cad::cp_async16(&v_s[buf][key * kStride + c], v_head + (valid ? off : 0), valid);
+    }
+    cad::cp_async_commit();
+  };
+
+  float o[kDimTiles][4];
+CAD_UNROLL
+  for (int dt = 0; dt < kDimTiles; ++dt)
+CAD_UNROLL
+    for (int e = 0; e < 4; ++e) o[dt][e] = 0.0f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+  // The last position of this warp's rows (-1: only padding rows, as for 3 of 4 warps when a
+  // tile is one decode token's heads). A key tile past it would be masked whole, which leaves
+  // the warp's state as it is, so the warp skips its compute (not the CTA's copies and barriers).
+  const uint32_t warp_rows_end = min(16 * (warp + 1), nrows);
+  const int warp_last = 16 * warp < nrows ? int(first_pos + (warp_rows_end - 1) / group) : -1;
+
+  const uint32_t tiles = (num_keys + kKeys - 1) / kKeys;
+  issue(0, 0);
+  for (uint32_t it = 0; it < tiles; ++it) {
+    const int buf = it & 1;
+    const uint32_t k0 = it * kKeys;
+    if (it + 1 < tiles) {
+      issue(k0 + kKeys, buf ^ 1);
+      cad::cp_async_wait<1>();
+    } else {
+      cad::cp_async_wait<0>();
+    }
+    __syncthreads();  // every thread's copies of this tile have landed
+    if (int(k0) <= warp_last) {
+      const T* ks_tile = k_s[buf];
+      const T* vs_tile = v_s[buf];
+
+      // S = Q K^T. One ldmatrix.x4 gives the B fragments of two key n-tiles for one k-step:
+      // matrix i = lane / 8 holds keys 8 (2 ntp + i / 2) .. + 7 at dims 16 ks + 8 (i % 2) .. + 7.
+      float sc[kKeyTiles][4];
+CAD_UNROLL
+      for (int nt = 0; nt < kKeyTiles; ++nt)
+CAD_UNROLL
+        for (int e = 0; e < 4; ++e) sc[nt][e] = 0.0f;
+CAD_UNROLL
+      for (int ks = 0; ks < kKSteps; ++ks) {
+CAD_UNROLL
+        for (int ntp = 0; ntp < kKeyTiles / 2; ++ntp) {
+          const uint32_t i = lane / 8;
+          const uint32_t key = 8 * (2 * ntp + i / 2) + lane % 8, dim = 16 * ks + 8 * (i % 2);
+          uint32_t kb[4];
+          cad::ldmatrix_x4<false>(kb, &ks_tile[key * kStride + dim]);
+          cad::mma_16816<T>(sc[2 * ntp], qa[ks], kb);
+          cad::mma_16816<T>(sc[2 * ntp + 1], qa[ks], kb + 2);
+        }
+      }
+
+      // Online softmax in base 2; element e of n-tile nt is row h = e / 2, key
+      // 8 nt + 2 t4 + e % 2.
+      float mx[2] = {-INFINITY, -INFINITY};
+CAD_UNROLL
+      for (int nt = 0; nt < kKeyTiles; ++nt)
+CAD_UNROLL
+        for (int e = 0; e < 4; ++e) {
+          const int pos = int(k0 + 8 * nt + 2 * t4 + e % 2);
+          sc[nt][e] = pos <= row_pos[e / 2] ? sc[nt][e] * scale_log2 : -INFINITY;
+          mx[e / 2] = fmaxf(mx[e / 2], sc[nt][e]);
+        }
+      float base[2], alpha[2];
+CAD_UNROLL
+      for (int h = 0; h < 2; ++h) {
+        mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
+        mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
+        const float m_new = fmaxf(m[h], mx[h]);
+        base[h] = m_new == -INFINITY ? 0.0f : m_new;  // a row with nothing visible yet
+        alpha[h] = exp2f(m[h] - base[h]);
+        m[h] = m_new;
+        l[h] *= alpha[h];
+      }
+CAD_UNROLL
+      for (int nt = 0; nt < kKeyTiles; ++nt)
+CAD_UNROLL
+        for (int e = 0; e < 4; ++e) {
+          sc[nt][e] = exp2f(sc[nt][e] - base[e / 2]);
+          l[e / 2] += sc[nt][e];
+        }
+CAD_UNROLL
+      for (int dt = 0; dt < kDimTiles; ++dt)
+CAD_UNROLL
+        for (int e = 0; e < 4; ++e) o[dt][e] *= alpha[e / 2];
+
+      // O += P V. P's accumulator fragments of key n-tiles 2 kk and 2 kk + 1 are exactly the A
+      // fragment of k-step kk; one ldmatrix.x4.trans gives the B fragments of two dim n-tiles:
+      // matrix i holds keys 16 kk + 8 (i % 2) .. + 7 at dims 8 (2 dtp + i / 2) .. + 7.
+CAD_UNROLL
+      for (int kk = 0; kk < kKeys / 16; ++kk) {
+        const uint32_t pa[4] = {cad::pack2<T>(sc[2 * kk][0], sc[2 * kk][1]),
+                                cad::pack2<T>(sc[2 * kk][2], sc[2 * kk][3]),
+                                cad::pack2<T>(sc[2 * kk + 1][0], sc[2 * kk + 1][1]),
+                                cad::pack2<T>(sc[2 * kk + 1][2], sc[2 * kk + 1][3])};
+CAD_UNROLL
+        for (int dtp = 0; dtp < kDimTiles / 2; ++dtp) {
+          const uint32_t i = lane / 8;
+          const uint32_t key = 16 * kk + 8 * (i % 2) + lane % 8, dim = 8 * (2 * dtp + i / 2);
+          uint32_t vb[4];
+          cad::ldmatrix_x4<true>(vb, &vs_tile[key * kStride + dim]);
+          cad::mma_16816<T>(o[2 * dtp], pa, vb);
+          cad::mma_16816<T>(o[2 * dtp + 1], pa, vb + 2);
+        }
+      }
+    }
+    __syncthreads();  // this buffer is consumed before the next iteration refills it
+  }
+
+CAD_UNROLL
+  for (int h = 0; h < 2; ++h) {
+    l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
+    l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
+  }
+CAD_UNROLL
+  for (int h = 0; h < 2; ++h) {
+    const uint32_t r = 16 * warp + g + 8 * h;
+    if (r >= nrows) continue;
+    const float inv = 1.0f / l[h];
+    const size_t head = size_t(kvh) * group + r % group;
+    const size_t tok = q_first + tok0 + r / group;
+    T* out = static_cast<T*>(p.out) + (tok * num_heads + head) * D;
+CAD_UNROLL
+    for (int dt = 0; dt < kDimTiles; ++dt) {
+      store2(out + 8 * dt + 2 * t4, o[dt][2 * h] * inv, o[dt][2 * h + 1] * inv);
+    }
+  }
+}
+
+}  // namespace
+
+// One kernel per (head_dim, dtype); the launcher's table (attention/head_dims.rs) names them.
+#define CAD_PREFILL_TC(D)                                                                          \
+  CAD_KERNEL_BOUNDS(cad_paged_attention_prefill_tc_d##D##_bf16, CadPagedAttnParams, p, kThreads) { \
+    paged_prefill_tc<cad::bf16, D>(p);                                                             \
+  }                                                                                                \
+  CAD_KERNEL_BOUNDS(cad_paged_attention_prefill_tc_d##D##_f16, CadPagedAttnParams, p, kThreads) {  \
+    paged_prefill_tc<cad::f16, D>(p);                                                              \
+  }
+CAD_PREFILL_TC(16)
+CAD_PREFILL_TC(32)
+CAD_PREFILL_TC(64)
+CAD_PREFILL_TC(80)
+CAD_PREFILL_TC(96)
+CAD_PREFILL_TC(128)
