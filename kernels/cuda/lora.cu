@@ -168,15 +168,16 @@ __device__ __forceinline__ void stage_x(T* xs, const T* x, uint32_t len, uint32_
 }
 
 /// Columns `j..j + 8` of one warp's first `R` rank rows (`rows[r]`, pointing at this chunk)
-/// against every staged token.
-template <class T, int TOK, int CHUNK, int ROWS, int R>
+/// against the first `USED` staged tokens.
+template <class T, int TOK, int CHUNK, int ROWS, int R, int USED>
 __device__ __forceinline__ void dot_cols(const T* const (&rows)[ROWS], const T* xs, uint32_t j,
                                          float (&acc)[ROWS][TOK]) {
+  static_assert(USED <= TOK, "at most the staged tokens");
   float w[R][8];
   LORA_UNROLL
   for (int r = 0; r < R; ++r) load_vec<T, 8>(rows[r] + j, w[r]);
   LORA_UNROLL
-  for (int tok = 0; tok < TOK; ++tok) {
+  for (int tok = 0; tok < USED; ++tok) {
     float xv[8];
     load_shared_vec<T, 8>(xs + tok * CHUNK + j, xv);
     LORA_UNROLL
@@ -187,32 +188,52 @@ __device__ __forceinline__ void dot_cols(const T* const (&rows)[ROWS], const T* 
   }
 }
 
-/// One warp's first `R` rank rows against the staged tokens: lane l takes columns l*8.. of every
-/// 256, in increasing order.
-template <class T, int TOK, int CHUNK, int ROWS, int R>
+/// One warp's first `R` rank rows against the first `USED` staged tokens: lane l takes columns
+/// l*8.. of every 256, in increasing order.
+template <class T, int TOK, int CHUNK, int ROWS, int R, int USED>
 __device__ __forceinline__ void dot_rows(const T* const (&rows)[ROWS], const T* xs, uint32_t cols,
                                          float (&acc)[ROWS][TOK]) {
   const uint32_t lane = threadIdx.x % 32;
   if constexpr (CHUNK > 256) {
     // Long chunks (BGMV's 2048 columns, SGMV's 1024): several 16-byte loads of each row in flight.
     LORA_UNROLL4
-    for (uint32_t j = lane * 8; j < cols; j += 256) dot_cols<T, TOK, CHUNK, ROWS, R>(rows, xs, j, acc);
+    for (uint32_t j = lane * 8; j < cols; j += 256) {
+      dot_cols<T, TOK, CHUNK, ROWS, R, USED>(rows, xs, j, acc);
+    }
   } else {
-    for (uint32_t j = lane * 8; j < cols; j += 256) dot_cols<T, TOK, CHUNK, ROWS, R>(rows, xs, j, acc);
+    for (uint32_t j = lane * 8; j < cols; j += 256) {
+      dot_cols<T, TOK, CHUNK, ROWS, R, USED>(rows, xs, j, acc);
+    }
   }
 }
 
 /// `dot_rows` for the warp's `n` valid rows (warp-uniform), with `R` fixed at compile time.
-template <class T, int TOK, int CHUNK, int ROWS, int R = ROWS>
+template <class T, int TOK, int CHUNK, int ROWS, int USED, int R = ROWS>
 __device__ __forceinline__ void dot_valid_rows(int n, const T* const (&rows)[ROWS], const T* xs,
                                                uint32_t cols, float (&acc)[ROWS][TOK]) {
   if constexpr (R >= 1) {
     if (n == R) {
-      dot_rows<T, TOK, CHUNK, ROWS, R>(rows, xs, cols, acc);
+      dot_rows<T, TOK, CHUNK, ROWS, R, USED>(rows, xs, cols, acc);
     } else {
-      dot_valid_rows<T, TOK, CHUNK, ROWS, R - 1>(n, rows, xs, cols, acc);
+      dot_valid_rows<T, TOK, CHUNK, ROWS, USED, R - 1>(n, rows, xs, cols, acc);
     }
   }
+}
+
+/// `dot_valid_rows` over the unit's `len` tokens only, rounded up to a power of two (block-
+/// uniform): a decode batch over many adapters has tiles of a few tokens, and multiplying the
+/// staged zero rows of the other ones made the shrink compute-bound (16 tokens' FMAs per A value
+/// for a tile of 4). Each computed value is the same sequence of FMAs whatever `USED` is.
+template <class T, int TOK, int CHUNK, int ROWS, int USED = TOK>
+__device__ __forceinline__ void dot_tokens(uint32_t len, int n, const T* const (&rows)[ROWS],
+                                           const T* xs, uint32_t cols, float (&acc)[ROWS][TOK]) {
+  if constexpr (USED > 1) {
+    if (len <= uint32_t(USED / 2)) {
+      dot_tokens<T, TOK, CHUNK, ROWS, USED / 2>(len, n, rows, xs, cols, acc);
+      return;
+    }
+  }
+  dot_valid_rows<T, TOK, CHUNK, ROWS, USED>(n, rows, xs, cols, acc);
 }
 
 /// Shrink: block (unit, part x group of 8 * ROWS rank rows). Input columns are staged in shared
@@ -258,7 +279,7 @@ __device__ void shrink(const LoraParams& p) {
     const T* rows[ROWS];
     LORA_UNROLL
     for (int r = 0; r < ROWS; ++r) rows[r] = a + size_t(min(k[r], rank - 1)) * p.in_stride + c0;
-    dot_valid_rows<T, TOK, CHUNK, ROWS>(num_rows, rows, xs, cols, acc);
+    dot_tokens<T, TOK, CHUNK, ROWS>(u.len, num_rows, rows, xs, cols, acc);
   }
   // Sum each (row, token) over the 32 lanes through shared memory: one barrier, where warp
   // shuffles would take 5 rounds per value. Lanes are summed in order 0..31 whatever the mapping,
@@ -280,6 +301,32 @@ __device__ void shrink(const LoraParams& p) {
     float s = 0.0f;
     for (int l = 0; l < 32; ++l) s += in[l * kLaneStride];
     p.v[size_t(u.start + tok) * p.v_stride + part.v_offset + kr] = s;
+  }
+}
+
+/// acc[tok][j] += sum over the rank rows k of vs[tok][k] B[k][j], for the unit's `len` tokens
+/// rounded up to a power of two (as `dot_tokens`, and for the same reason: B's FMAs per value
+/// follow the tokens computed).
+template <class T, int TOK, int VEC, int USED = TOK>
+__device__ __forceinline__ void expand_tokens(uint32_t len, const T* b, uint32_t out_stride,
+                                              const float* vs, uint32_t rank,
+                                              float (&acc)[TOK][VEC]) {
+  if constexpr (USED > 1) {
+    if (len <= uint32_t(USED / 2)) {
+      expand_tokens<T, TOK, VEC, USED / 2>(len, b, out_stride, vs, rank, acc);
+      return;
+    }
+  }
+  LORA_UNROLL4
+  for (uint32_t k = 0; k < rank; ++k) {
+    float w[VEC];
+    load_vec<T, VEC>(b + size_t(k) * out_stride, w);
+    LORA_UNROLL
+    for (int tok = 0; tok < USED; ++tok) {
+      const float vk = vs[tok * rank + k];
+      LORA_UNROLL
+      for (int j = 0; j < VEC; ++j) acc[tok][j] = fmaf(vk, w[j], acc[tok][j]);
+    }
   }
 }
 
@@ -308,17 +355,7 @@ __device__ void expand(const LoraParams& p) {
   // out_stride is a multiple of 8 >= out_dim, so all VEC columns from o0 lie in the row.
   const T* b = static_cast<const T*>(part.b) + size_t(u.slot) * part.max_rank * part.out_stride + o0;
   float acc[TOK][VEC] = {};
-  LORA_UNROLL4
-  for (uint32_t k = 0; k < rank; ++k) {
-    float w[VEC];
-    load_vec<T, VEC>(b + size_t(k) * part.out_stride, w);
-    LORA_UNROLL
-    for (int tok = 0; tok < TOK; ++tok) {
-      const float vk = vs[tok * rank + k];
-      LORA_UNROLL
-      for (int j = 0; j < VEC; ++j) acc[tok][j] = fmaf(vk, w[j], acc[tok][j]);
-    }
-  }
+  expand_tokens<T, TOK, VEC>(u.len, b, part.out_stride, vs, rank, acc);
   const float scale = __ldg(part.scales + u.slot);
   T* y = static_cast<T*>(p.y) + size_t(u.start) * p.y_stride + part.y_offset + o0;
   LORA_UNROLL

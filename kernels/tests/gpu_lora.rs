@@ -312,8 +312,20 @@ fn sgmv_fused_qkv_matches_the_cpu_across_tile_edges() {
 #[test]
 fn bgmv_and_sgmv_give_the_same_bits() {
     // A token's delta is the same f32 operations under either mapping (lora.cu), so runs of a
-    // shared adapter computed as SGMV tiles equal the same tokens computed one by one.
-    let slots: Vec<Option<u32>> = [(2, Some(2)), (1, None), (9, Some(3)), (2, Some(1))]
+    // shared adapter computed as SGMV tiles equal the same tokens computed one by one. Tiles of
+    // 1, 2, 3, 4, 5, 9 and 16 tokens: every token count the kernels round a tile up to.
+    let runs = [
+        (2, Some(2)),
+        (1, None),
+        (9, Some(3)),
+        (2, Some(1)),
+        (4, Some(0)),
+        (5, Some(2)),
+        (1, Some(4)),
+        (3, Some(5)),
+        (16, Some(3)),
+    ];
+    let slots: Vec<Option<u32>> = runs
         .iter()
         .flat_map(|&(len, s)| std::iter::repeat_n(s, len))
         .collect();
