@@ -17,6 +17,11 @@
 // warps of padding rows when the tile is a single token's heads: the decode batches this kernel
 // also serves, see attention/decode.rs).
 //
+// Parameters are the decode kernel's (CadDecodeParams): grid z splits the keys into partitions
+// of tokens_per_split (a multiple of the 32-key tile) and, with more than one, each CTA writes
+// its rows' (output, log-sum-exp) to the workspace for cad_paged_decode_merge_*, as
+// attention_decode.cu does (decode-only batches; prefill runs unsplit).
+//
 // Rounding: P is rounded to bf16/f16 before the product with V (as in FlashAttention), while
 // the softmax sum adds the unrounded values, so an output differs from the exact one by at most
 // the dtype's unit roundoff times max |v| beyond the CUDA-core kernel's error.
@@ -42,9 +47,11 @@ constexpr int kVec = 8;    // 16-bit elements per 16-byte vector
 // Shared rows are padded by 8 elements: the 8 rows an ldmatrix phase reads start 4 banks apart.
 constexpr int kPad = 8;
 constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
 
 template <class T, int D>
-__device__ void paged_prefill_tc(const CadPagedAttnParams& p) {
+__device__ void paged_prefill_tc(const CadDecodeParams& dp) {
+  const CadPagedAttnParams& p = dp.attn;
   static_assert(D % 16 == 0 && D <= 128, "head_dim must be a multiple of 16, at most 128");
   constexpr int kStride = D + kPad;
   constexpr int kKSteps = D / 16;        // k-steps of S = Q K^T
@@ -75,6 +82,11 @@ __device__ void paged_prefill_tc(const CadPagedAttnParams& p) {
   const uint32_t nrows = ntok * group;
   const uint32_t first_pos = ctx - q_len + tok0;  // absolute position of the tile's first token
   const uint32_t num_keys = first_pos + ntok;     // keys 0..=the tile's last position
+  // This CTA's part of them: split blockIdx.z of tokens_per_split keys (one split: all). An
+  // empty split has nothing to write (the merge skips it); split 0 always writes.
+  const uint32_t split = blockIdx.z, begin = split * dp.tokens_per_split;
+  if (begin >= num_keys && split > 0) return;
+  const uint32_t end = dp.tokens_per_split >= num_keys - begin ? num_keys : begin + dp.tokens_per_split;
   const uint32_t tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const uint32_t g = lane / 4, t4 = lane % 4;
 
@@ -102,8 +114,8 @@ CAD_UNROLL
   const size_t slot_stride = size_t(p.shape.num_kv_heads) * D;
   const T* k_head = static_cast<const T*>(p.k_cache) + size_t(kvh) * D;
   const T* v_head = static_cast<const T*>(p.v_cache) + size_t(kvh) * D;
-  // Starts the copies of keys k0..k0 + kKeys into buffer `buf`; keys past the tile's last
-  // position (or in a block outside the cache) are zero-filled.
+  // Starts the copies of keys k0..k0 + kKeys into buffer `buf`; keys past the split's end (or in
+  // a block outside the cache) are zero-filled.
   auto issue = [&](uint32_t k0, int buf) {
 CAD_UNROLL
     for (int n = 0; n < kCopies; ++n) {
@@ -111,7 +123,7 @@ CAD_UNROLL
       if (kTileVecs % kThreads != 0 && i >= kTileVecs) break;
       const uint32_t key = i / kRowVecs, c = (i % kRowVecs) * kVec;
       const uint32_t pos = k0 + key;
-      bool valid = pos < num_keys;
+      bool valid = pos < end;
       size_t off = 0;
       if (valid) {
         const uint32_t block = table[pos / block_size];
@@ -136,11 +148,11 @@ CAD_UNROLL
   const uint32_t warp_rows_end = min(16 * (warp + 1), nrows);
   const int warp_last = 16 * warp < nrows ? int(first_pos + (warp_rows_end - 1) / group) : -1;
 
-  const uint32_t tiles = (num_keys + kKeys - 1) / kKeys;
-  issue(0, 0);
+  const uint32_t tiles = (end - begin + kKeys - 1) / kKeys;
+  issue(begin, 0);
   for (uint32_t it = 0; it < tiles; ++it) {
     const int buf = it & 1;
-    const uint32_t k0 = it * kKeys;
+    const uint32_t k0 = begin + it * kKeys;
     if (it + 1 < tiles) {
       issue(k0 + kKeys, buf ^ 1);
       cad::cp_async_wait<1>();
@@ -238,13 +250,26 @@ CAD_UNROLL
   for (int h = 0; h < 2; ++h) {
     const uint32_t r = 16 * warp + g + 8 * h;
     if (r >= nrows) continue;
-    const float inv = 1.0f / l[h];
+    const float inv = l[h] > 0.0f ? 1.0f / l[h] : 0.0f;
     const size_t head = size_t(kvh) * group + r % group;
-    const size_t tok = q_first + tok0 + r / group;
-    T* out = static_cast<T*>(p.out) + (tok * num_heads + head) * D;
+    const size_t th = (q_first + tok0 + r / group) * num_heads + head;  // (token, head)
+    if (dp.num_splits > 1) {
+      // The split's output normalised by its own sum, and its log-sum-exp in natural units
+      // (m is in base 2), as the decode kernel writes them for cad_paged_decode_merge_*.
+      const size_t ps = th * dp.num_splits + split;
+      float* out = dp.partial_out + ps * D;
 CAD_UNROLL
-    for (int dt = 0; dt < kDimTiles; ++dt) {
-      store2(out + 8 * dt + 2 * t4, o[dt][2 * h] * inv, o[dt][2 * h + 1] * inv);
+      for (int dt = 0; dt < kDimTiles; ++dt) {
+        out[8 * dt + 2 * t4] = o[dt][2 * h] * inv;
+        out[8 * dt + 2 * t4 + 1] = o[dt][2 * h + 1] * inv;
+      }
+      if (t4 == 0) dp.partial_lse[ps] = l[h] > 0.0f ? (m[h] + log2f(l[h])) * kLn2 : -INFINITY;
+    } else {
+      T* out = static_cast<T*>(p.out) + th * D;
+CAD_UNROLL
+      for (int dt = 0; dt < kDimTiles; ++dt) {
+        store2(out + 8 * dt + 2 * t4, o[dt][2 * h] * inv, o[dt][2 * h + 1] * inv);
+      }
     }
   }
 }
@@ -253,10 +278,10 @@ CAD_UNROLL
 
 // One kernel per (head_dim, dtype); the launcher's table (attention/head_dims.rs) names them.
 #define CAD_PREFILL_TC(D)                                                                          \
-  CAD_KERNEL_BOUNDS(cad_paged_attention_prefill_tc_d##D##_bf16, CadPagedAttnParams, p, kThreads) { \
+  CAD_KERNEL_BOUNDS(cad_paged_attention_prefill_tc_d##D##_bf16, CadDecodeParams, p, kThreads) {    \
     paged_prefill_tc<cad::bf16, D>(p);                                                             \
   }                                                                                                \
-  CAD_KERNEL_BOUNDS(cad_paged_attention_prefill_tc_d##D##_f16, CadPagedAttnParams, p, kThreads) {  \
+  CAD_KERNEL_BOUNDS(cad_paged_attention_prefill_tc_d##D##_f16, CadDecodeParams, p, kThreads) {     \
     paged_prefill_tc<cad::f16, D>(p);                                                              \
   }
 CAD_PREFILL_TC(16)

@@ -198,9 +198,9 @@ fn decode_matches_the_f64_reference_with_and_without_splits() {
 
 #[test]
 fn decode_only_batches_on_tensor_cores_match_the_reference() {
-    // All sequences decode. With one split the tensor-core tile kernel runs them (one token's
-    // GQA heads per query tile, up to 32 here, and warps of padding rows skipping their compute);
-    // a split plan stays on the decode kernel, bit for bit.
+    // All sequences decode, on the tensor-core tile kernel: a query tile is one token's GQA heads
+    // (up to 32 here), warps of padding rows skip their compute, and split plans (every tile its
+    // own split; two tiles, the last partial) go through the decode kernel's merge.
     let spec: Vec<(usize, usize)> = SEQS.iter().copied().filter(|s| s.0 == 1).collect();
     for dev in devices() {
         for (i, &(nh, nkv, hd, emu_dtype)) in HEADS.iter().enumerate() {
@@ -212,25 +212,29 @@ fn decode_only_batches_on_tensor_cores_match_the_reference() {
                 false => DTYPES.to_vec(),
             };
             for dtype in dtypes {
-                let what = format!("{} {dtype:?} heads {nh}/{nkv} hd {hd}", dev.describe());
                 let b = make_batch(dtype, &spec, (nh, nkv, hd), 300 + i as u64);
                 let scale = 1.0 / (hd as f32).sqrt();
                 let (shape, params) = shapes((nh, nkv, hd), b.cache.shape.num_blocks, scale);
                 let mut want = vec![0.0; b.q.len()];
                 paged_attention_reference(&b.q, &b.cache, &seqs(&b), &params, &mut want);
                 let tc = Some(AttentionKernel::TensorCores);
-                let (got, plan) = run_decode_on(&dev, dtype, &b, &shape, DecodeSplit::Off, tc);
-                assert_eq!(plan.num_splits, 1);
-                // The tensor-core kernel's bound: P rounded to the dtype before P V moves an
-                // output by at most the unit roundoff times max |v| (1 here).
-                assert_close(&what, &got, &want, 2e-5 + eps(dtype), eps(dtype) * 1.01);
-                let split = DecodeSplit::Tokens(64);
-                let on_cuda_cores = run_decode(&dev, dtype, &b, &shape, split).0;
-                let routed = run_decode_on(&dev, dtype, &b, &shape, split, tc).0;
-                assert_eq!(
-                    routed, on_cuda_cores,
-                    "{what}: a split plan left the decode kernel"
-                );
+                let splits = [
+                    (DecodeSplit::Off, 1),
+                    (DecodeSplit::Tokens(32), 5),
+                    (DecodeSplit::Tokens(64), 3),
+                ];
+                for (split, num_splits) in splits {
+                    let what = format!(
+                        "{} {dtype:?} heads {nh}/{nkv} hd {hd} {split:?}",
+                        dev.describe()
+                    );
+                    let (got, plan) = run_decode_on(&dev, dtype, &b, &shape, split, tc);
+                    assert_eq!(plan.num_splits, num_splits, "{what}");
+                    // The tensor-core kernel's bound: P rounded to the dtype before P V moves an
+                    // output by at most the unit roundoff times max |v| (1 here), in every split
+                    // and so in their convex combination.
+                    assert_close(&what, &got, &want, 2e-5 + eps(dtype), eps(dtype) * 1.01);
+                }
             }
         }
     }

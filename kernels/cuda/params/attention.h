@@ -41,7 +41,7 @@ struct CadPagedAttnParams {
   CadAttnShape shape;
 };
 
-// ---- decode only (attention_decode.cu) ----
+// ---- decode (attention_decode.cu), and splits of the tensor-core kernel ----
 
 /// Decode (sequences with exactly one query token; others are left alone) with each context cut
 /// into partitions of `tokens_per_split` tokens (a multiple of the kernel's 32-token tile),
@@ -49,7 +49,8 @@ struct CadPagedAttnParams {
 /// (normalised by its own softmax sum) to partial_out [num_tokens, num_heads, num_splits,
 /// head_dim] f32 and its log-sum-exp to partial_lse [num_tokens, num_heads, num_splits] f32,
 /// and the merge kernel combines a sequence's non-empty splits into out. With num_splits == 1
-/// the decode kernel writes out directly and the workspace pointers are unused.
+/// the decode kernel writes out directly and the workspace pointers are unused. The tensor-core
+/// kernel (attention_prefill_tc.cu) takes the same parameters, with the same meaning per row.
 struct CadDecodeParams {
   CadPagedAttnParams attn;
   float* partial_out;

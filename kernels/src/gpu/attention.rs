@@ -67,8 +67,8 @@ impl AttnShape {
 }
 
 /// Which cores run attention. On tensor cores, prefill runs `cuda/attention_prefill_tc.cu`
-/// (same grid and query tiles as the CUDA-core kernel) and so do decode batches whose plan needs
-/// no context split ([`paged_attention_decode_only`]); it rounds the softmax weights to the dtype
+/// (same grid and query tiles as the CUDA-core kernel) and so do decode-only batches, split as
+/// their plan says ([`paged_attention_decode_only`]); it rounds the softmax weights to the dtype
 /// before their product with V (as FlashAttention does), which moves an output by at most the
 /// dtype's unit roundoff times max |v|.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -76,8 +76,7 @@ pub enum AttentionKernel {
     /// f32 FMAs on CUDA cores, every supported head dim.
     #[default]
     CudaCores,
-    /// mma.sync on tensor cores for head dims up to 128; larger ones, and split decode plans,
-    /// run on CUDA cores.
+    /// mma.sync on tensor cores for head dims up to 128; larger ones run on CUDA cores.
     TensorCores,
 }
 
@@ -267,7 +266,7 @@ impl PagedAttnArgs<'_> {
 }
 
 // ---- decode (cuda/attention_decode.cu) ----
-mod decode;
+pub(crate) mod decode;
 pub use decode::{paged_attention_decode, paged_attention_decode_only, DecodePlan, DecodeSplit};
 
 pub(crate) mod head_dims;

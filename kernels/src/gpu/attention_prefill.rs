@@ -8,22 +8,24 @@
 //! The grid is (query tiles, KV heads): a tile is 64 (token, query head) rows of one sequence
 //! (32 for head_dim 256), i.e. `rows / group` tokens with all heads of their GQA group, so it
 //! fills the GPU when the batch has a few hundred query tokens. A short chunk over a long cached
-//! prefix gives few CTAs that each walk the whole context; decode-only batches belong to the
-//! decode kernel (split-K), and this kernel has no split over the context yet.
+//! prefix gives few CTAs that each walk the whole context: prefill has no split over the context
+//! yet. The tensor-core kernel also runs decode-only batches, split over the context by the
+//! decode plan (grid z, [`super::attention::paged_attention_decode_only`]).
 
+use super::attention::decode::DecodeParams;
 use super::attention::head_dims::PREFILL_TC_ROWS;
 use super::attention::{head_dims, AttentionKernel, PagedAttnArgs};
 use super::device::{DType, Device, GpuError};
-use super::kernel::LaunchDims;
+use super::kernel::{KernelFn, LaunchDims};
 use super::ops::{by_dtype, dim32};
 
 /// Threads per CTA; `kThreads` in both kernels.
 const THREADS: u32 = 128;
 
 /// Causal paged attention of every query token in `args.batch` (any query_len >= 1, any number
-/// of cached tokens before it) with `kernel`; see the module doc. Checks every buffer against the shape; the
-/// batch's contents (block ids, lengths) are the runtime's to validate, and a sequence whose
-/// context exceeds its block table is skipped rather than read out of bounds.
+/// of cached tokens before it) with `kernel`; see the module doc. Checks every buffer against the
+/// shape; the batch's contents (block ids, lengths) are the runtime's to validate, and a sequence
+/// whose context exceeds its block table is skipped rather than read out of bounds.
 pub fn paged_attention_prefill(
     dev: &Device,
     dtype: DType,
@@ -31,13 +33,42 @@ pub fn paged_attention_prefill(
     kernel: AttentionKernel,
 ) -> Result<(), GpuError> {
     let p = args.params(dtype)?;
-    let shape = &args.shape;
-    let kernels = head_dims::kernels_for(shape.head_dim)?;
-    // (token, query head) rows per CTA: tokens x the heads of their GQA group.
-    let (family, tile_rows) = match (kernel, &kernels.prefill_tc) {
-        (AttentionKernel::TensorCores, Some(tc)) => (tc, PREFILL_TC_ROWS),
-        _ => (&kernels.prefill, kernels.prefill_rows),
+    let kernels = head_dims::kernels_for(args.shape.head_dim)?;
+    match (kernel, &kernels.prefill_tc) {
+        (AttentionKernel::TensorCores, Some(tc)) => {
+            launch_tensor_cores(dev, dtype, args, tc, &DecodeParams::unsplit(p))
+        }
+        _ => {
+            let Some(grid) = query_grid(args, kernels.prefill_rows, 1)? else {
+                return Ok(());
+            };
+            dev.launch(by_dtype(&kernels.prefill, dtype), grid, &p)
+        }
+    }
+}
+
+/// Launches the tensor-core kernel `family` with `p` (its grid z = `p.num_splits`).
+pub(crate) fn launch_tensor_cores(
+    dev: &Device,
+    dtype: DType,
+    args: &PagedAttnArgs<'_>,
+    family: &[KernelFn; 2],
+    p: &DecodeParams,
+) -> Result<(), GpuError> {
+    let Some(grid) = query_grid(args, PREFILL_TC_ROWS, p.num_splits)? else {
+        return Ok(());
     };
+    dev.launch(by_dtype(family, dtype), grid, p)
+}
+
+/// The grid of a kernel with `tile_rows` (token, query head) rows per CTA: (query tiles, KV
+/// heads, `splits`), after the checks both kernels need; `None` for an empty batch.
+fn query_grid(
+    args: &PagedAttnArgs<'_>,
+    tile_rows: usize,
+    splits: u32,
+) -> Result<Option<LaunchDims>, GpuError> {
+    let shape = &args.shape;
     let group = shape.group();
     if group > tile_rows {
         return Err(GpuError::Shape(format!(
@@ -66,7 +97,7 @@ pub fn paged_attention_prefill(
     )?;
     let batch = &args.batch;
     if batch.num_seqs == 0 {
-        return Ok(());
+        return Ok(None);
     }
     // Sequence s owns tiles query_start[s] / (tile_rows / group) + s up to the next sequence's first.
     let tiles = batch.num_tokens / (tile_rows / group) + batch.num_seqs;
@@ -80,10 +111,9 @@ pub fn paged_attention_prefill(
             shape.num_kv_heads
         )));
     }
-    let dims = LaunchDims {
-        grid: (tiles, p.shape.num_kv_heads, 1),
+    Ok(Some(LaunchDims {
+        grid: (tiles, dim32("num_kv_heads", shape.num_kv_heads)?, splits),
         block: (THREADS, 1, 1),
         shared_bytes: 0,
-    };
-    dev.launch(by_dtype(family, dtype), dims, &p)
+    }))
 }

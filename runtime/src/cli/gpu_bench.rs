@@ -89,8 +89,8 @@ pub struct GpuBenchArgs {
     engine_cold: bool,
     #[arg(long, default_value_t = 16)]
     block_size: usize,
-    /// The prefill attention kernel of the prefill and engine figures (`model.attention_kernel`:
-    /// cuda_cores or tensor_cores); the `prefill_kernels` sweep times both either way.
+    /// The cores attention runs on in every figure (`model.attention_kernel`: cuda_cores or
+    /// tensor_cores); the `attention` and `prefill_kernels` sweeps time both either way.
     #[arg(long, default_value = "cuda_cores")]
     attention_kernel: String,
     /// The driver version to report (default: asked of nvidia-smi).

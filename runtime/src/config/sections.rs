@@ -200,9 +200,9 @@ pub enum GemmSetting {
 }
 
 /// CUDA: which cores run attention (`caduceus_kernels::gpu::attention::AttentionKernel`):
-/// `cuda_cores` (f32 FMAs, every head dim) or `tensor_cores` (mma.sync for prefill, and for decode
-/// batches large enough to need no context split; head dims up to 128; softmax weights rounded
-/// to the dtype before P V, as FlashAttention does).
+/// `cuda_cores` (f32 FMAs, every head dim) or `tensor_cores` (mma.sync for prefill and decode,
+/// head dims up to 128; softmax weights rounded to the dtype before P V, as FlashAttention
+/// does).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AttentionKernelSetting {

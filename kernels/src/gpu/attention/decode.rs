@@ -2,20 +2,87 @@
 //! split-K over the context and a log-sum-exp merge when the batch alone cannot fill the GPU.
 
 use super::{AttentionKernel, AttnShape, PagedAttnArgs, PagedAttnParams, PagedBatch};
-use crate::gpu::attention_prefill::paged_attention_prefill;
+use crate::gpu::attention_prefill::launch_tensor_cores;
 use crate::gpu::device::{DType, Device, DeviceBuffer, GpuError};
 use crate::gpu::kernel::{kernel_fn, kernel_params, KernelFn, LaunchDims};
 use crate::gpu::ops::{by_dtype, dim32, need};
 
-/// `CadDecodeParams` in `cuda/params/attention.h`.
+/// `CadDecodeParams` in `cuda/params/attention.h`: the decode kernel's, and the tensor-core
+/// kernel's (`attention_prefill_tc.cu`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
-struct DecodeParams {
-    attn: PagedAttnParams,
+pub(crate) struct DecodeParams {
+    pub attn: PagedAttnParams,
     partial_out: u64,
     partial_lse: u64,
-    num_splits: u32,
+    pub num_splits: u32,
     tokens_per_split: u32,
+}
+
+impl DecodeParams {
+    /// One partition covering every context: no workspace, no merge.
+    pub(crate) fn unsplit(attn: PagedAttnParams) -> DecodeParams {
+        DecodeParams {
+            attn,
+            partial_out: 0,
+            partial_lse: 0,
+            num_splits: 1,
+            tokens_per_split: u32::MAX,
+        }
+    }
+
+    /// The parameters of a launch under `plan`, checked against the batch (the plan covers its
+    /// longest context, and fits the grid) and the workspace (present and large enough when the
+    /// plan splits).
+    fn new(
+        a: &PagedAttnArgs<'_>,
+        dtype: DType,
+        plan: &DecodePlan,
+        workspace: Option<&DeviceBuffer>,
+    ) -> Result<DecodeParams, GpuError> {
+        let attn = a.params(dtype)?;
+        let s = &a.shape;
+        if plan.tokens_per_split == 0 || !plan.tokens_per_split.is_multiple_of(TILE) {
+            return Err(GpuError::Shape(format!(
+                "decode: tokens_per_split {} must be a positive multiple of {TILE}",
+                plan.tokens_per_split
+            )));
+        }
+        if plan.num_splits == 0 || plan.num_splits * plan.tokens_per_split < a.batch.max_context_len
+        {
+            return Err(GpuError::Shape(format!(
+                "decode: {} splits of {} tokens do not cover a context of {}",
+                plan.num_splits, plan.tokens_per_split, a.batch.max_context_len
+            )));
+        }
+        if a.batch.num_seqs > MAX_GRID_YZ || plan.num_splits > MAX_GRID_YZ {
+            return Err(GpuError::Shape(format!(
+                "decode: {} sequences x {} splits exceed the grid",
+                a.batch.num_seqs, plan.num_splits
+            )));
+        }
+        let (partial_out, partial_lse) = match (plan.num_splits > 1, workspace) {
+            (false, _) => (0, 0),
+            (true, None) => {
+                return Err(GpuError::Shape(
+                    "decode: a split plan needs a workspace".into(),
+                ))
+            }
+            (true, Some(ws)) => {
+                let bytes = plan.workspace_bytes(a.batch.num_tokens, s);
+                need("decode workspace", ws, bytes, 1)?;
+                let out_bytes = a.batch.num_tokens * s.num_heads * plan.num_splits * s.head_dim * 4;
+                (ws.ptr(), ws.ptr_at(out_bytes)?)
+            }
+        };
+        Ok(DecodeParams {
+            attn,
+            partial_out,
+            partial_lse,
+            num_splits: dim32("num_splits", plan.num_splits)?,
+            tokens_per_split: dim32("tokens_per_split", plan.tokens_per_split)?,
+        })
+    }
 }
 
 kernel_params!(DecodeParams);
@@ -125,48 +192,8 @@ pub fn paged_attention_decode(
     plan: &DecodePlan,
     workspace: Option<&DeviceBuffer>,
 ) -> Result<(), GpuError> {
-    let attn = a.params(dtype)?;
+    let p = DecodeParams::new(a, dtype, plan, workspace)?;
     let s = &a.shape;
-    if plan.tokens_per_split == 0 || !plan.tokens_per_split.is_multiple_of(TILE) {
-        return Err(GpuError::Shape(format!(
-            "decode: tokens_per_split {} must be a positive multiple of {TILE}",
-            plan.tokens_per_split
-        )));
-    }
-    if plan.num_splits == 0 || plan.num_splits * plan.tokens_per_split < a.batch.max_context_len {
-        return Err(GpuError::Shape(format!(
-            "decode: {} splits of {} tokens do not cover a context of {}",
-            plan.num_splits, plan.tokens_per_split, a.batch.max_context_len
-        )));
-    }
-    if a.batch.num_seqs > MAX_GRID_YZ || plan.num_splits > MAX_GRID_YZ {
-        return Err(GpuError::Shape(format!(
-            "decode: {} sequences x {} splits exceed the grid",
-            a.batch.num_seqs, plan.num_splits
-        )));
-    }
-    let split = plan.num_splits > 1;
-    let (partial_out, partial_lse) = match (split, workspace) {
-        (false, _) => (0, 0),
-        (true, None) => {
-            return Err(GpuError::Shape(
-                "decode: a split plan needs a workspace".into(),
-            ))
-        }
-        (true, Some(ws)) => {
-            let bytes = plan.workspace_bytes(a.batch.num_tokens, s);
-            need("decode workspace", ws, bytes, 1)?;
-            let out_bytes = a.batch.num_tokens * s.num_heads * plan.num_splits * s.head_dim * 4;
-            (ws.ptr(), ws.ptr_at(out_bytes)?)
-        }
-    };
-    let p = DecodeParams {
-        attn,
-        partial_out,
-        partial_lse,
-        num_splits: dim32("num_splits", plan.num_splits)?,
-        tokens_per_split: dim32("tokens_per_split", plan.tokens_per_split)?,
-    };
     let family = &super::head_dims::kernels_for(s.head_dim)?.decode;
     let seqs = a.batch.num_seqs as u32;
     let decode = LaunchDims {
@@ -179,22 +206,37 @@ pub fn paged_attention_decode(
         shared_bytes: 0,
     };
     dev.launch(by_dtype(family, dtype), decode, &p)?;
-    if split {
-        let merge = LaunchDims {
-            grid: (seqs, dim32("num_heads", s.num_heads)?, 1),
-            block: (s.head_dim.min(THREADS) as u32, 1, 1),
-            shared_bytes: 0,
-        };
-        dev.launch(by_dtype(&MERGE, dtype), merge, &p)?;
+    merge_splits(dev, dtype, a, &p)
+}
+
+/// Combines the partitions of a split launch into `a.out` (nothing to do unsplit).
+fn merge_splits(
+    dev: &Device,
+    dtype: DType,
+    a: &PagedAttnArgs<'_>,
+    p: &DecodeParams,
+) -> Result<(), GpuError> {
+    if p.num_splits <= 1 {
+        return Ok(());
     }
-    Ok(())
+    let merge = LaunchDims {
+        grid: (
+            p.attn.batch.num_seqs,
+            dim32("num_heads", a.shape.num_heads)?,
+            1,
+        ),
+        block: (a.shape.head_dim.min(THREADS) as u32, 1, 1),
+        shared_bytes: 0,
+    };
+    dev.launch(by_dtype(&MERGE, dtype), merge, p)
 }
 
 /// Attention of a batch whose sequences all decode (query_len 1 each: the caller's guarantee,
 /// the kernels do not read the batch back to check it) on `kernel`'s cores: with
-/// [`AttentionKernel::TensorCores`], a head dim that has the tensor-core kernel and a plan of one
-/// split, the tensor-core prefill kernel runs it (a query tile is then one token's GQA heads, and
-/// the causal mask lets it see its whole context); otherwise [`paged_attention_decode`].
+/// [`AttentionKernel::TensorCores`] and a head dim that has the tensor-core kernel, that kernel
+/// runs it under `plan` (a query tile is then one token's GQA heads, the causal mask lets it see
+/// its whole context, and split partitions go through the decode kernel's merge); otherwise
+/// [`paged_attention_decode`].
 pub fn paged_attention_decode_only(
     dev: &Device,
     dtype: DType,
@@ -203,13 +245,16 @@ pub fn paged_attention_decode_only(
     workspace: Option<&DeviceBuffer>,
     kernel: AttentionKernel,
 ) -> Result<(), GpuError> {
-    let tensor_cores = kernel == AttentionKernel::TensorCores
-        && plan.num_splits == 1
-        && super::head_dims::kernels_for(a.shape.head_dim)?
+    let tensor_cores = match kernel {
+        AttentionKernel::TensorCores => super::head_dims::kernels_for(a.shape.head_dim)?
             .prefill_tc
-            .is_some();
-    match tensor_cores {
-        true => paged_attention_prefill(dev, dtype, a, AttentionKernel::TensorCores),
-        false => paged_attention_decode(dev, dtype, a, plan, workspace),
-    }
+            .as_ref(),
+        AttentionKernel::CudaCores => None,
+    };
+    let Some(family) = tensor_cores else {
+        return paged_attention_decode(dev, dtype, a, plan, workspace);
+    };
+    let p = DecodeParams::new(a, dtype, plan, workspace)?;
+    launch_tensor_cores(dev, dtype, a, family, &p)?;
+    merge_splits(dev, dtype, a, &p)
 }

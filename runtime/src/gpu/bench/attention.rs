@@ -1,6 +1,7 @@
 //! `gpu-bench`'s attention sweeps, each kernel alone on one layer's cache:
-//! - decode: the paged decode kernel for each decode batch of the model part and each way of
-//!   splitting the context, against the time its K/V bytes take at the HBM bandwidth;
+//! - decode: the decode kernel and the tensor-core one for each decode batch of the model part
+//!   and each way of splitting the context, against the time its K/V bytes take at the HBM
+//!   bandwidth;
 //! - prefill: both prefill kernels (CUDA cores, tensor cores) on the prefill part's prompt,
 //!   against the dense bf16 peak.
 //!
@@ -39,8 +40,7 @@ const SPLITS: [DecodeSplit; 5] = [
 #[derive(Clone, Debug, Serialize)]
 pub struct AttentionFigure {
     pub batch: usize,
-    /// [`AttentionKernel::name`]: `tensor_cores` runs the tensor-core tile kernel unsplit
-    /// (`paged_attention_decode_only`).
+    /// [`AttentionKernel::name`] (`paged_attention_decode_only` on its cores).
     pub kernel: &'static str,
     pub context: usize,
     /// `auto`, `off` or `tokens:N` as asked; the plan it gave follows.
@@ -184,10 +184,9 @@ pub(super) fn sweep_attention(
             shape,
         };
         let mut seen = Vec::new();
-        let configs = SPLITS
-            .map(|s| (AttentionKernel::CudaCores, s))
+        let configs = AttentionKernel::ALL
             .into_iter()
-            .chain([(AttentionKernel::TensorCores, DecodeSplit::Off)]);
+            .flat_map(|k| SPLITS.map(|s| (k, s)));
         for (kernel, split) in configs {
             let plan = DecodePlan::new(&args.batch, &shape, split);
             if seen.contains(&(kernel, plan)) {

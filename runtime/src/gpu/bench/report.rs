@@ -96,8 +96,8 @@ pub struct ModelBenchReport {
     /// The decode attention kernel alone, per batch and split ([`super::AttentionFigure`]).
     pub attention: Vec<super::AttentionFigure>,
     pub prefill: Option<PrefillFigure>,
-    /// The prefill attention kernel the prefill and engine figures ran with
-    /// ([`AttentionKernel::name`](caduceus_kernels::gpu::attention_prefill::AttentionKernel::name)).
+    /// The cores attention ran on in every figure
+    /// ([`AttentionKernel::name`](caduceus_kernels::gpu::attention::AttentionKernel::name)).
     pub attention_kernel: &'static str,
     /// Each prefill attention kernel alone on the prefill prompt ([`super::PrefillKernelFigure`]).
     pub prefill_kernels: Vec<super::PrefillKernelFigure>,

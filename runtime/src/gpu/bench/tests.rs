@@ -164,14 +164,21 @@ fn model_parts_run_on_a_tiny_shape_and_report_each_configuration() {
     for x in &l.runs {
         check(&format!("lora {}", x.distinct), &x.profile, true);
     }
-    // The attention sweep: every batch, Auto first, each distinct (kernel, plan) once (context
-    // 20: Off and every forced size give the one-split plan, Auto splits a batch this small),
-    // then the tensor-core kernel unsplit.
+    // The attention sweep: every batch, each kernel (CUDA cores first), Auto first, each
+    // distinct (kernel, plan) once (context 20: Off and every forced size give the one-split
+    // plan, Auto splits a batch this small).
     for b in [1, 3] {
         let runs: Vec<_> = r.attention.iter().filter(|a| a.batch == b).collect();
-        assert_eq!(runs[0].split, "auto", "batch {b}");
-        let last = runs.last().unwrap();
-        assert_eq!((last.kernel, last.num_splits), ("tensor_cores", 1));
+        assert_eq!(
+            (runs[0].kernel, runs[0].split.as_str()),
+            ("cuda_cores", "auto")
+        );
+        let tc: Vec<_> = runs.iter().filter(|a| a.kernel == "tensor_cores").collect();
+        assert_eq!(
+            tc.len() * 2,
+            runs.len(),
+            "batch {b}: each plan on both kernels"
+        );
         let mut plans: Vec<_> = runs
             .iter()
             .map(|a| (a.kernel, a.num_splits, a.tokens_per_split))
@@ -180,10 +187,12 @@ fn model_parts_run_on_a_tiny_shape_and_report_each_configuration() {
         plans.sort_unstable();
         plans.dedup();
         assert_eq!(plans.len(), n, "batch {b}: a plan timed twice");
-        assert!(
-            plans.contains(&("cuda_cores", 1, 32)),
-            "batch {b}: the unsplit plan: {plans:?}"
-        );
+        for kernel in ["cuda_cores", "tensor_cores"] {
+            assert!(
+                plans.contains(&(kernel, 1, 32)),
+                "batch {b}: the unsplit plan: {plans:?}"
+            );
+        }
         for a in &runs {
             assert!(a.us_per_layer > 0.0 && a.kv_gb_per_s > 0.0 && a.of_hbm.is_none());
             assert!(a.num_splits * a.tokens_per_split >= a.context);

@@ -322,9 +322,10 @@ fn emulated_gpu_forward_with_attention_bias_matches_the_cpu_model() {
 }
 
 #[test]
-fn emulated_gpu_forward_with_tensor_core_prefill_matches_the_cpu_model() {
-    // The kernel's own bound (softmax weights rounded to the dtype) is checked in the kernels'
-    // tests; through the model it stays inside the dtype's bound, adapters mixed.
+fn emulated_gpu_forward_on_tensor_cores_matches_the_cpu_model() {
+    // Prefill, mixed and split decode steps on the tensor-core attention kernel: its own bound
+    // (softmax weights rounded to the dtype) is checked in the kernels' tests; through the model
+    // it stays inside the dtype's bound, adapters mixed.
     compare_with(
         DType::Bf16,
         [Some(0), None, Some(1)],
