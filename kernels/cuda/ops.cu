@@ -18,8 +18,15 @@ __device__ void embedding(const EmbeddingParams& p) {
   }
 }
 
+/// Elements each thread of `rms_norm` has in flight per round.
+constexpr uint32_t kNormBatch = 8;
+
 /// One block per row. Pass 1 forms h (written to residual_out) and its sum of squares; pass 2
-/// re-reads h (from residual_out, or recomputes it) to scale.
+/// re-reads h (from residual_out, or recomputes it) to scale. Each thread takes elements
+/// i, i + blockDim.x, ... in rounds of kNormBatch: all of a round's loads first, then its math
+/// and stores. (Element by element, a load could not pass the previous element's store, which
+/// may alias it, so a batch-1 row of 4096 on 512 threads waited for 16 loads one after another.)
+/// The sum adds the same terms in the same order as element by element, so the bits are too.
 template <class T>
 __device__ void rms_norm(const RmsNormParams& p) {
   __shared__ float scratch[32];
@@ -29,26 +36,55 @@ __device__ void rms_norm(const RmsNormParams& p) {
   const T* x = static_cast<const T*>(p.x) + base;
   const T* res = p.residual ? static_cast<const T*>(p.residual) + base : nullptr;
   T* res_out = p.residual_out ? static_cast<T*>(p.residual_out) + base : nullptr;
+  const uint32_t step = blockDim.x;
   float ss = 0.0f;
-  for (uint32_t i = threadIdx.x; i < p.dim; i += blockDim.x) {
-    float h = cad::to_f32(x[i]);
-    if (res) h += cad::to_f32(res[i]);
-    if (res_out) {
-      // The stored residual is rounded to T; normalise what was stored, as the next layer sees it.
-      T hs = cad::from_f32<T>(h);
-      res_out[i] = hs;
-      h = cad::to_f32(hs);
+  for (uint32_t i0 = threadIdx.x; i0 < p.dim; i0 += kNormBatch * step) {
+    float h[kNormBatch], add[kNormBatch];
+CAD_UNROLL
+    for (uint32_t k = 0; k < kNormBatch; ++k) {
+      const uint32_t i = i0 + k * step;
+      h[k] = i < p.dim ? cad::to_f32(x[i]) : 0.0f;
+      add[k] = res && i < p.dim ? cad::to_f32(res[i]) : 0.0f;
     }
-    ss += h * h;
+CAD_UNROLL
+    for (uint32_t k = 0; k < kNormBatch; ++k) {
+      const uint32_t i = i0 + k * step;
+      if (i >= p.dim) break;
+      float v = h[k];
+      if (res) v += add[k];
+      if (res_out) {
+        // The stored residual is rounded to T; normalise what was stored, as the next layer
+        // sees it.
+        const T vs = cad::from_f32<T>(v);
+        res_out[i] = vs;
+        v = cad::to_f32(vs);
+      }
+      ss += v * v;
+    }
   }
   const float total = cad::block_sum(ss, scratch);
   const float inv = rsqrtf(total / float(p.dim) + p.eps);
   const T* w = static_cast<const T*>(p.weight);
   T* out = static_cast<T*>(p.out) + base;
-  for (uint32_t i = threadIdx.x; i < p.dim; i += blockDim.x) {
-    // Each thread re-reads only the elements it wrote itself, so no barrier is needed here.
-    float h = res_out ? cad::to_f32(res_out[i]) : cad::to_f32(x[i]) + (res ? cad::to_f32(res[i]) : 0.0f);
-    out[i] = cad::from_f32<T>(h * inv * cad::to_f32(w[i]));
+  // Each thread re-reads only the elements it wrote itself, so no barrier is needed here.
+  for (uint32_t i0 = threadIdx.x; i0 < p.dim; i0 += kNormBatch * step) {
+    float h[kNormBatch], wk[kNormBatch];
+CAD_UNROLL
+    for (uint32_t k = 0; k < kNormBatch; ++k) {
+      const uint32_t i = i0 + k * step;
+      if (i < p.dim) {
+        h[k] = res_out ? cad::to_f32(res_out[i])
+                       : cad::to_f32(x[i]) + (res ? cad::to_f32(res[i]) : 0.0f);
+        wk[k] = cad::to_f32(w[i]);
+      } else {
+        h[k] = wk[k] = 0.0f;
+      }
+    }
+CAD_UNROLL
+    for (uint32_t k = 0; k < kNormBatch; ++k) {
+      const uint32_t i = i0 + k * step;
+      if (i < p.dim) out[i] = cad::from_f32<T>(h[k] * inv * wk[k]);
+    }
   }
 }
 

@@ -46,7 +46,9 @@ fn embedding_gathers_rows_and_zeroes_out_of_vocab_ids() {
 }
 
 /// Shapes crossing the block size: a single warp, a partial warp, many threads per element.
-const NORM_DIMS: [usize; 4] = [7, 64, 576, 1100];
+/// Row lengths: below a warp, a warp, partial rounds, and 4100 past the 4096 elements one round
+/// of the kernel's 512 threads x 8 covers.
+const NORM_DIMS: [usize; 5] = [7, 64, 576, 1100, 4100];
 
 #[test]
 fn rms_norm_matches_the_cpu_kernel() {
@@ -89,8 +91,9 @@ fn rms_norm_matches_the_cpu_kernel() {
 #[test]
 fn rms_norm_fuses_the_residual_add_in_place() {
     for dev in devices() {
-        for dtype in DTYPES {
-            let (rows, dim) = (4, 576);
+        // One round of the kernel's loads per thread, and two (the second partial).
+        for (dtype, dim) in DTYPES.into_iter().flat_map(|d| [(d, 576), (d, 4100)]) {
+            let rows = 4;
             let mut r = rng(3);
             let x = round(dtype, &random(&mut r, rows * dim, 2.0));
             let res = round(dtype, &random(&mut r, rows * dim, 2.0));
