@@ -88,15 +88,18 @@ CAD_UNROLL
   }
 }
 
+/// Grid (column blocks, rows), each striding over its dimension: no per-element division (a
+/// 64-bit one per element when the index was flat).
 template <class T>
 __device__ void silu_mul(const SiluMulParams& p) {
-  const size_t n = size_t(p.rows) * p.ffn;
-  for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
-    const size_t r = i / p.ffn, c = i % p.ffn;
-    const T* row = static_cast<const T*>(p.gate_up) + r * 2 * p.ffn;
-    const float g = cad::to_f32(row[c]);
-    const float u = cad::to_f32(row[p.ffn + c]);
-    static_cast<T*>(p.out)[i] = cad::from_f32<T>(g / (1.0f + __expf(-g)) * u);
+  for (uint32_t r = blockIdx.y; r < p.rows; r += gridDim.y) {
+    const T* row = static_cast<const T*>(p.gate_up) + size_t(r) * 2 * p.ffn;
+    T* out = static_cast<T*>(p.out) + size_t(r) * p.ffn;
+    for (uint32_t c = blockIdx.x * blockDim.x + threadIdx.x; c < p.ffn; c += gridDim.x * blockDim.x) {
+      const float g = cad::to_f32(row[c]);
+      const float u = cad::to_f32(row[p.ffn + c]);
+      out[c] = cad::from_f32<T>(g / (1.0f + __expf(-g)) * u);
+    }
   }
 }
 

@@ -206,12 +206,17 @@ pub fn silu_mul(
         rows: dim32("rows", rows)?,
         ffn: dim32("ffn", ffn)?,
     };
-    let blocks = (rows * ffn).div_ceil(256).clamp(1, 65_535) as u32;
-    dev.launch(
-        by_dtype(&SILU_MUL, dtype),
-        LaunchDims::linear(blocks, 256),
-        &p,
-    )
+    // (column blocks, rows); the kernel strides over both past the grid's limits.
+    let dims = LaunchDims {
+        grid: (
+            ffn.div_ceil(256).clamp(1, 65_535) as u32,
+            rows.clamp(1, 65_535) as u32,
+            1,
+        ),
+        block: (256, 1, 1),
+        shared_bytes: 0,
+    };
+    dev.launch(by_dtype(&SILU_MUL, dtype), dims, &p)
 }
 
 /// `out[i] = x[i]` widened to f32 for `n` elements (logits in the model dtype to the f32 the
