@@ -36,7 +36,6 @@
 
 namespace {
 
-using cad::find_seq;
 using cad::pun_load;
 using cad::store2;
 
@@ -66,23 +65,12 @@ __device__ void paged_prefill_tc(const CadDecodeParams& dp) {
   const CadPagedBatch& b = p.batch;
   const uint32_t num_heads = p.shape.num_heads, block_size = p.shape.block_size;
   const uint32_t group = num_heads / p.shape.num_kv_heads;
-  const uint32_t tile_tokens = kRows / group;
-  // Highest tiles first: the last tile of a sequence walks the most keys.
-  const uint32_t tile = gridDim.x - 1 - blockIdx.x;
   const uint32_t kvh = blockIdx.y;
-  const uint32_t s = find_seq(b, tile, tile_tokens);
-  const uint32_t q_first = b.query_start[s];
-  const uint32_t q_len = b.query_start[s + 1] - q_first;
-  const uint32_t tok0 = (tile - (q_first / tile_tokens + s)) * tile_tokens;
-  const uint32_t ctx = b.context_len[s];
-  // Past this sequence's chunk, or an inconsistent entry (the runtime validates these; the
-  // kernel only refuses to read outside the block table).
-  if (tok0 >= q_len || ctx < q_len || ctx > b.max_blocks_per_seq * block_size) return;
-  const uint32_t ntok = min(tile_tokens, q_len - tok0);
-  const uint32_t nrows = ntok * group;
-  const uint32_t first_pos = ctx - q_len + tok0;  // absolute position of the tile's first token
-  const uint32_t num_keys = first_pos + ntok;     // keys 0..=the tile's last position
-  // This CTA's part of them: split blockIdx.z of tokens_per_split keys (one split: all). An
+  cad::QueryTile qt;
+  if (!cad::query_tile(b, block_size, kRows / group, qt)) return;
+  const uint32_t s = qt.seq, q_first = qt.q_first, tok0 = qt.tok0;
+  const uint32_t nrows = qt.ntok * group, first_pos = qt.first_pos, num_keys = qt.num_keys;
+  // This CTA's part of keys 0..=the tile's last position: split blockIdx.z of tokens_per_split keys (one split: all). An
   // empty split has nothing to write (the merge skips it); split 0 always writes.
   const uint32_t split = blockIdx.z, begin = split * dp.tokens_per_split;
   if (begin >= num_keys && split > 0) return;

@@ -16,28 +16,28 @@
 #pragma once
 #include "common.cuh"
 
+#include <type_traits>
+
 namespace cad {
 
 #if defined(__CUDACC__)
 
+/// The PTX of mma.m16n8k16 with f32 accumulators for 16-bit inputs of type `TYPE` ("bf16", "f16").
+#define CAD_MMA_16816(TYPE)                                                                     \
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." TYPE "." TYPE                           \
+               ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"                    \
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                 \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]))
+
 /// c += A B for one m16n8k16 tile (layout above); T = bf16 or f16.
 template <class T>
-__device__ __forceinline__ void mma_16816(float c[4], const uint32_t a[4], const uint32_t b[2]);
-template <>
-__device__ __forceinline__ void mma_16816<bf16>(float c[4], const uint32_t a[4], const uint32_t b[2]) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-template <>
-__device__ __forceinline__ void mma_16816<f16>(float c[4], const uint32_t a[4], const uint32_t b[2]) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+__device__ __forceinline__ void mma_16816(float c[4], const uint32_t a[4], const uint32_t b[2]) {
+  static_assert(sizeof(T) == 2, "16-bit inputs");
+  if constexpr (std::is_same_v<T, bf16>) {
+    CAD_MMA_16816("bf16");
+  } else {
+    CAD_MMA_16816("f16");
+  }
 }
 
 /// Four 8x8 matrices of 16-bit elements from shared memory (layout above); `row` is this lane's

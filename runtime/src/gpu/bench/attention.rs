@@ -11,11 +11,11 @@
 
 use caduceus_kernels::attention::SeqAttention;
 use caduceus_kernels::gpu::attention::{
-    paged_attention_decode_only, AttentionKernel, DecodePlan, DecodeSplit, PagedAttnArgs,
-    PagedBatchBuffers,
+    paged_attention_decode_only, AttentionKernel, AttnShape, DecodePlan, DecodeSplit,
+    PagedAttnArgs, PagedBatchBuffers,
 };
 use caduceus_kernels::gpu::attention_prefill::paged_attention_prefill;
-use caduceus_kernels::gpu::Device;
+use caduceus_kernels::gpu::{Device, DeviceBuffer};
 use serde::Serialize;
 
 use super::{DecodeBatch, ModelBenchOptions};
@@ -84,6 +84,41 @@ fn us_per_launch(
     Ok(ms * 1e3 / timed as f64)
 }
 
+/// Zeroed q and output rows of `tokens` query tokens for one of `model`'s attention layers.
+struct QueryRows {
+    q: DeviceBuffer,
+    out: DeviceBuffer,
+}
+
+impl QueryRows {
+    fn new(model: &GpuModel, tokens: usize) -> Result<QueryRows, GpuModelError> {
+        let (dev, c) = (model.device(), model.config());
+        let bytes = tokens * c.num_heads * c.head_dim * model.dtype().size();
+        Ok(QueryRows {
+            q: dev.alloc_zeroed(bytes)?,
+            out: dev.alloc_zeroed(bytes)?,
+        })
+    }
+
+    /// The kernels' arguments over a layer's pools and `batch`.
+    fn args<'a>(
+        &'a self,
+        k_cache: &'a DeviceBuffer,
+        v_cache: &'a DeviceBuffer,
+        batch: &'a PagedBatchBuffers,
+        shape: AttnShape,
+    ) -> PagedAttnArgs<'a> {
+        PagedAttnArgs {
+            q: &self.q,
+            k_cache,
+            v_cache,
+            out: &self.out,
+            batch: batch.batch(),
+            shape,
+        }
+    }
+}
+
 /// One prefill kernel on one fresh prompt.
 #[derive(Clone, Debug, Serialize)]
 pub struct PrefillKernelFigure {
@@ -122,19 +157,8 @@ pub(super) fn sweep_prefill_kernels(
         block_table: &table,
     }];
     let batch = PagedBatchBuffers::upload(dev, &seqs)?;
-    let elems = len * c.num_heads * c.head_dim;
-    let (q, out) = (
-        dev.alloc_zeroed(elems * dt.size())?,
-        dev.alloc_zeroed(elems * dt.size())?,
-    );
-    let args = PagedAttnArgs {
-        q: &q,
-        k_cache,
-        v_cache,
-        out: &out,
-        batch: batch.batch(),
-        shape,
-    };
+    let rows = QueryRows::new(model, len)?;
+    let args = rows.args(k_cache, v_cache, &batch, shape);
     let flops = model_shape.attention_flops((len * (len + 1) / 2) as u64) as f64
         / model_shape.layers.max(1) as f64;
     let mut figures = Vec::new();
@@ -170,19 +194,8 @@ pub(super) fn sweep_attention(
     for &b in &o.decode_batches {
         let d = DecodeBatch::new(b, o.context, cache.block_size, c.vocab_size);
         let batch = PagedBatchBuffers::upload(dev, &d.seqs())?;
-        let elems = b * c.num_heads * c.head_dim;
-        let (q, out) = (
-            dev.alloc_zeroed(elems * dt.size())?,
-            dev.alloc_zeroed(elems * dt.size())?,
-        );
-        let args = PagedAttnArgs {
-            q: &q,
-            k_cache,
-            v_cache,
-            out: &out,
-            batch: batch.batch(),
-            shape,
-        };
+        let rows = QueryRows::new(model, b)?;
+        let args = rows.args(k_cache, v_cache, &batch, shape);
         let mut seen = Vec::new();
         let configs = AttentionKernel::ALL
             .into_iter()
