@@ -38,6 +38,7 @@ MAX_TOKENS = 16
 MODELS = ["model", "doctor-a", "doctor-b"]
 START_LINES = [
     "weights converted and resident on the GPU",
+    "GPU kernels",
     "decode graphs captured",
     "KV cache pool (GPU memory plan)",
     "adapter slots allocated",

@@ -82,11 +82,18 @@ pub(super) fn run(config: CaduceusConfig, dev: Device) -> anyhow::Result<()> {
         false => 0,
     };
     let ServedModelParts { mut model, served } = parts(&config, loaded, adapter_dtype);
-    model.set_attention_kernel(attention_kernel_of(config.model.attention_kernel));
+    let (attention, gemm) = (
+        attention_kernel_of(config.model.attention_kernel),
+        gemm_policy(config.model.gemm),
+    );
+    model.set_attention_kernel(attention);
     // Before the backend captures its graphs: tuning runs in their warm-up steps.
-    model
-        .device()
-        .set_gemm_policy(gemm_policy(config.model.gemm))?;
+    model.device().set_gemm_policy(gemm)?;
+    tracing::info!(
+        attention = attention.name(),
+        gemm = gemm.name(),
+        "GPU kernels (model.attention_kernel, model.gemm)"
+    );
     let backend = GpuBackend::new(
         model,
         GpuBackendConfig {
