@@ -70,18 +70,21 @@ __device__ void paged_prefill_tc(const CadDecodeParams& dp) {
   if (!cad::query_tile(b, block_size, kRows / group, qt)) return;
   const uint32_t s = qt.seq, q_first = qt.q_first, tok0 = qt.tok0;
   const uint32_t nrows = qt.ntok * group, first_pos = qt.first_pos, num_keys = qt.num_keys;
-  // This CTA's part of keys 0..=the tile's last position: split blockIdx.z of tokens_per_split keys (one split: all). An
-  // empty split has nothing to write (the merge skips it); split 0 always writes.
+  // This CTA's part of keys 0..=the tile's last position: split blockIdx.z of tokens_per_split
+  // keys (one split: all). An empty split has nothing to write (the merge skips it); split 0
+  // always writes.
   const uint32_t split = blockIdx.z, begin = split * dp.tokens_per_split;
   if (begin >= num_keys && split > 0) return;
-  const uint32_t end = dp.tokens_per_split >= num_keys - begin ? num_keys : begin + dp.tokens_per_split;
+  const uint32_t end =
+      dp.tokens_per_split >= num_keys - begin ? num_keys : begin + dp.tokens_per_split;
   const uint32_t tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const uint32_t g = lane / 4, t4 = lane % 4;
 
   // This lane's rows: 16 warp + g (h = 0) and 16 warp + g + 8 (h = 1); -1 marks a padding row,
   // masked everywhere and never written.
   int row_pos[2];
-  uint32_t qa[kKSteps][4];  // A fragments of Q: qa[ks][h + 2 half] = row h, dims 16 ks + 2 t4 + 8 half
+  // A fragments of Q: qa[ks][h + 2 half] = row h, dims 16 ks + 2 t4 + 8 half.
+  uint32_t qa[kKSteps][4];
 CAD_UNROLL
   for (int h = 0; h < 2; ++h) {
     const uint32_t r = 16 * warp + g + 8 * h;

@@ -13,6 +13,8 @@
 #include "common.cuh"
 #include "params/lora.h"
 
+#include <type_traits>
+
 #if defined(__CUDACC__)
 #define LORA_UNROLL _Pragma("unroll")
 #define LORA_UNROLL4 _Pragma("unroll 4")
@@ -220,20 +222,20 @@ __device__ __forceinline__ void dot_valid_rows(int n, const T* const (&rows)[ROW
   }
 }
 
-/// `dot_valid_rows` over the unit's `len` tokens only, rounded up to a power of two (block-
-/// uniform): a decode batch over many adapters has tiles of a few tokens, and multiplying the
-/// staged zero rows of the other ones made the shrink compute-bound (16 tokens' FMAs per A value
-/// for a tile of 4). Each computed value is the same sequence of FMAs whatever `USED` is.
-template <class T, int TOK, int CHUNK, int ROWS, int USED = TOK>
-__device__ __forceinline__ void dot_tokens(uint32_t len, int n, const T* const (&rows)[ROWS],
-                                           const T* xs, uint32_t cols, float (&acc)[ROWS][TOK]) {
-  if constexpr (USED > 1) {
-    if (len <= uint32_t(USED / 2)) {
-      dot_tokens<T, TOK, CHUNK, ROWS, USED / 2>(len, n, rows, xs, cols, acc);
+/// Calls `f(std::integral_constant<int, USED>{})` with USED the unit's `len` tokens rounded up
+/// to a power of two, at most TOK (block-uniform), so shrink and expand multiply only those: a
+/// decode batch over many adapters has tiles of a few tokens, and multiplying the staged zero
+/// rows of the others made the shrink compute-bound (16 tokens' FMAs per A value for a tile of
+/// 4). Each computed value is the same sequence of FMAs whatever USED is.
+template <int TOK, class F>
+__device__ __forceinline__ void with_used_tokens(uint32_t len, F&& f) {
+  if constexpr (TOK > 1) {
+    if (len <= uint32_t(TOK / 2)) {
+      with_used_tokens<TOK / 2>(len, f);
       return;
     }
   }
-  dot_valid_rows<T, TOK, CHUNK, ROWS, USED>(n, rows, xs, cols, acc);
+  f(std::integral_constant<int, TOK>{});
 }
 
 /// Shrink: block (unit, part x group of 8 * ROWS rank rows). Input columns are staged in shared
@@ -279,7 +281,9 @@ __device__ void shrink(const LoraParams& p) {
     const T* rows[ROWS];
     LORA_UNROLL
     for (int r = 0; r < ROWS; ++r) rows[r] = a + size_t(min(k[r], rank - 1)) * p.in_stride + c0;
-    dot_tokens<T, TOK, CHUNK, ROWS>(u.len, num_rows, rows, xs, cols, acc);
+    with_used_tokens<TOK>(u.len, [&](auto used) {
+      dot_valid_rows<T, TOK, CHUNK, ROWS, decltype(used)::value>(num_rows, rows, xs, cols, acc);
+    });
   }
   // Sum each (row, token) over the 32 lanes through shared memory: one barrier, where warp
   // shuffles would take 5 rounds per value. Lanes are summed in order 0..31 whatever the mapping,
@@ -304,19 +308,11 @@ __device__ void shrink(const LoraParams& p) {
   }
 }
 
-/// acc[tok][j] += sum over the rank rows k of vs[tok][k] B[k][j], for the unit's `len` tokens
-/// rounded up to a power of two (as `dot_tokens`, and for the same reason: B's FMAs per value
-/// follow the tokens computed).
-template <class T, int TOK, int VEC, int USED = TOK>
-__device__ __forceinline__ void expand_tokens(uint32_t len, const T* b, uint32_t out_stride,
-                                              const float* vs, uint32_t rank,
-                                              float (&acc)[TOK][VEC]) {
-  if constexpr (USED > 1) {
-    if (len <= uint32_t(USED / 2)) {
-      expand_tokens<T, TOK, VEC, USED / 2>(len, b, out_stride, vs, rank, acc);
-      return;
-    }
-  }
+/// acc[tok][j] += sum over the rank rows k of vs[tok][k] B[k][j], for the first `USED` tokens.
+template <class T, int TOK, int VEC, int USED>
+__device__ __forceinline__ void expand_tokens(const T* b, uint32_t out_stride, const float* vs,
+                                              uint32_t rank, float (&acc)[TOK][VEC]) {
+  static_assert(USED <= TOK, "at most the unit's tokens");
   LORA_UNROLL4
   for (uint32_t k = 0; k < rank; ++k) {
     float w[VEC];
@@ -355,7 +351,9 @@ __device__ void expand(const LoraParams& p) {
   // out_stride is a multiple of 8 >= out_dim, so all VEC columns from o0 lie in the row.
   const T* b = static_cast<const T*>(part.b) + size_t(u.slot) * part.max_rank * part.out_stride + o0;
   float acc[TOK][VEC] = {};
-  expand_tokens<T, TOK, VEC>(u.len, b, part.out_stride, vs, rank, acc);
+  with_used_tokens<TOK>(u.len, [&](auto used) {
+    expand_tokens<T, TOK, VEC, decltype(used)::value>(b, part.out_stride, vs, rank, acc);
+  });
   const float scale = __ldg(part.scales + u.slot);
   T* y = static_cast<T*>(p.y) + size_t(u.start) * p.y_stride + part.y_offset + o0;
   LORA_UNROLL

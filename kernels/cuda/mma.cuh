@@ -1,8 +1,9 @@
 // Warp-level tensor-core building blocks (sm_80+): the m16n8k16 MMA with f32 accumulators,
-// ldmatrix, cp.async, and bf16/f16 pair packing. On the GPU each is one PTX instruction; in the
-// emulation (emu/emu.hpp) each has a host twin that gathers the warp's operands and applies the
-// PTX ISA's fragment layout as written below, so a kernel's index arithmetic runs in the tests
-// while the layouts themselves are only checked on a GPU (scripts/gpu-check).
+// ldmatrix and cp.async (cad::pack2 in common.cuh packs a register's two values). On the GPU
+// each is one PTX instruction; in the emulation (emu/emu.hpp) each has a host twin that gathers
+// the warp's operands and applies the PTX ISA's fragment layout as written below, so a kernel's
+// index arithmetic runs in the tests while the layouts themselves are only checked on a GPU
+// (scripts/gpu-check).
 //
 // Fragment layout of mma.m16n8k16 (.row.col, 16-bit inputs), with g = lane / 4, t = lane % 4
 // and each 32-bit register holding two consecutive elements, the lower index in the low half:
