@@ -8,9 +8,10 @@
 // the paged cache serves all of them. Warp w owns rows 16w..16w+15: their Q fragments stay in
 // registers for the whole kernel, and so do the warp's scores S (16 rows x 32 keys) and output
 // O (16 rows x head_dim) in the mma accumulator layout (mma.cuh): lane (g, t) holds rows g and
-// g + 8. The CTA walks keys 0..=the tile's last position in tiles of 32, double-buffered in
-// shared memory through cp.async (the next tile's copies are in flight while this one is
-// computed): S = Q K^T (K fragments by ldmatrix), causal mask and online softmax in base 2
+// g + 8. The CTA walks keys 0..=the tile's last position in tiles of 32, in a ring of kStages
+// buffers in (dynamic) shared memory filled by cp.async: the next kStages - 1 tiles' copies are
+// in flight while one is computed, so a decode tile (one warp computing, the CTA copying) keeps
+// enough bytes in flight to stream the cache near the memory's bandwidth: S = Q K^T (K fragments by ldmatrix), causal mask and online softmax in base 2
 // (row max over the 4 lanes of a quad; the row sum stays per lane until the end), then
 // O += P V with P rounded to the dtype in registers as the A fragment and V fragments by
 // ldmatrix.trans. A warp skips the compute of a key tile past all its rows' positions (whole
@@ -45,6 +46,9 @@ constexpr int kKeys = 32;  // keys per K/V tile
 constexpr int kVec = 8;    // 16-bit elements per 16-byte vector
 // Shared rows are padded by 8 elements: the 8 rows an ldmatrix phase reads start 4 banks apart.
 constexpr int kPad = 8;
+// K/V tiles in the ring: 4 x 17 KB at head_dim 128, 3 CTAs per SM as the registers allow.
+// Launchers size the dynamic shared memory as tc_shared_bytes (attention_prefill.rs).
+constexpr int kStages = 4;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
@@ -59,8 +63,9 @@ __device__ void paged_prefill_tc(const CadDecodeParams& dp) {
   constexpr int kRowVecs = D / kVec;     // 16-byte vectors per K/V row
   constexpr int kTileVecs = kKeys * kRowVecs;
   constexpr int kCopies = (kTileVecs + kThreads - 1) / kThreads;  // per thread, of K and of V
-  __align__(16) __shared__ T k_s[2][kKeys * kStride];
-  __align__(16) __shared__ T v_s[2][kKeys * kStride];
+  // Stage i: K at ring + 2i * kTileElems, V after it.
+  constexpr int kTileElems = kKeys * kStride;
+  CAD_DYNAMIC_SMEM_AT_LEAST(T, ring, sizeof(T) * kStages * 2 * kTileElems);
 
   const CadPagedBatch& b = p.batch;
   const uint32_t num_heads = p.shape.num_heads, block_size = p.shape.block_size;
@@ -121,8 +126,9 @@ CAD_UNROLL
         valid = block < p.shape.num_blocks;
         off = (size_t(block) * block_size + pos % block_size) * slot_stride + c;
       }
-      cad::cp_async16(&k_s[buf][key * kStride + c], k_head + (valid ? off : 0), valid);
-      cad::cp_async16(&v_s[buf][key * kStride + c], v_head + (valid ? off : 0), valid);
+      T* k_s = ring + 2 * buf * kTileElems;
+      cad::cp_async16(&k_s[key * kStride + c], k_head + (valid ? off : 0), valid);
+      cad::cp_async16(&k_s[kTileElems + key * kStride + c], v_head + (valid ? off : 0), valid);
     }
     cad::cp_async_commit();
   };
@@ -139,21 +145,32 @@ CAD_UNROLL
   const uint32_t warp_rows_end = min(16 * (warp + 1), nrows);
   const int warp_last = 16 * warp < nrows ? int(first_pos + (warp_rows_end - 1) / group) : -1;
 
+  // Tile i goes to stage i % kStages in commit group i (empty groups past the last tile keep
+  // the count, so waiting for all but kStages - 2 groups always means tile `it` has landed).
   const uint32_t tiles = (end - begin + kKeys - 1) / kKeys;
-  issue(begin, 0);
-  for (uint32_t it = 0; it < tiles; ++it) {
-    const int buf = it & 1;
-    const uint32_t k0 = begin + it * kKeys;
-    if (it + 1 < tiles) {
-      issue(k0 + kKeys, buf ^ 1);
-      cad::cp_async_wait<1>();
+CAD_UNROLL
+  for (int st = 0; st < kStages - 1; ++st) {
+    if (uint32_t(st) < tiles) {
+      issue(begin + st * kKeys, st);
     } else {
-      cad::cp_async_wait<0>();
+      cad::cp_async_commit();
     }
-    __syncthreads();  // every thread's copies of this tile have landed
+  }
+  for (uint32_t it = 0; it < tiles; ++it) {
+    const uint32_t k0 = begin + it * kKeys;
+    cad::cp_async_wait<kStages - 2>();
+    // Every thread's copies of tile `it` have landed, and every warp is done with tile it - 1,
+    // whose stage the copies of tile it + kStages - 1 reuse.
+    __syncthreads();
+    const uint32_t ahead = it + kStages - 1;
+    if (ahead < tiles) {
+      issue(begin + ahead * kKeys, ahead % kStages);
+    } else {
+      cad::cp_async_commit();
+    }
     if (int(k0) <= warp_last) {
-      const T* ks_tile = k_s[buf];
-      const T* vs_tile = v_s[buf];
+      const T* ks_tile = ring + 2 * (it % kStages) * kTileElems;
+      const T* vs_tile = ks_tile + kTileElems;
 
       // S = Q K^T. One ldmatrix.x4 gives the B fragments of two key n-tiles for one k-step:
       // matrix i = lane / 8 holds keys 8 (2 ntp + i / 2) .. + 7 at dims 16 ks + 8 (i % 2) .. + 7.
@@ -229,7 +246,6 @@ CAD_UNROLL
         }
       }
     }
-    __syncthreads();  // this buffer is consumed before the next iteration refills it
   }
 
 CAD_UNROLL

@@ -10,6 +10,15 @@
 #define CAD_DYNAMIC_SMEM(T, name)                                  \
   extern __shared__ __align__(16) unsigned char cad_dyn_smem_[];   \
   T* name = reinterpret_cast<T*>(cad_dyn_smem_)
+/// CAD_DYNAMIC_SMEM for a kernel that needs `bytes` of it: a launch that gave fewer (the Rust
+/// launcher's size out of step with the kernel's) traps here, and aborts in the emulation.
+#define CAD_DYNAMIC_SMEM_AT_LEAST(T, name, bytes)                          \
+  CAD_DYNAMIC_SMEM(T, name);                                               \
+  do {                                                                     \
+    uint32_t cad_dyn_bytes_;                                               \
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(cad_dyn_bytes_));        \
+    if (cad_dyn_bytes_ < (bytes)) __trap();                                \
+  } while (0)
 /// An `extern "C"` kernel taking its parameter struct by value (one argument, so the Rust side
 /// launches every kernel the same way).
 #define CAD_KERNEL(name, Params, p) extern "C" __global__ void name(const Params p)
@@ -18,6 +27,8 @@
 #else
 #include "emu/emu.hpp"
 #define CAD_DYNAMIC_SMEM(T, name) CAD_EMU_DYNAMIC_SMEM(T, name)
+#define CAD_DYNAMIC_SMEM_AT_LEAST(T, name, bytes) \
+  T* name = reinterpret_cast<T*>(cad_emu::dynamic_smem_at_least(bytes))
 #define CAD_KERNEL_BOUNDS(name, Params, p, threads) CAD_EMU_KERNEL(name, Params, p, threads)
 #endif
 

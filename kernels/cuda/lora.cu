@@ -1,11 +1,18 @@
 // Multi-LoRA deltas for a batch mixing adapters (CPU twin: kernels::lora::add_lora_fused), in two
 // launches per fused call, each covering every projection that reads the same input (q/k/v, gate/up):
-//   shrink  v[t, part, k] = x_t . A_part,slot[k]            (f32, into a workspace)
-//   expand  y[t, off_part + o] += scale * sum_k v[t, part, k] B_part,slot[o, k]
+//   shrink  v[z, t, part, k] = x_t[cols of z] . A_part,slot[k][cols of z]   (f32, a workspace)
+//   expand  y[t, off_part + o] += scale * sum_k (sum_z v[z, t, part, k]) B_part,slot[o, k]
+// The shrink splits the input columns into kSplitCols-wide splits z (grid.z), each block
+// reducing one: a decode tile is a few tokens against rank rows of up to 14k columns, and one
+// block walking a whole row left a few dozen blocks on the GPU, each a chain of dependent loads.
+// The expand adds the splits' partial sums in order.
 // Two ways to map tokens to blocks, sharing the bodies below:
-//   BGMV (decode): one block per token, its slot from a per-token list (0xffffffff: base only);
-//   SGMV (prefill runs): one block per tile of up to kTileTokens consecutive tokens on one slot
-//   (built on the host from the batch's segments), so each A and B value read serves the whole tile.
+//   BGMV (one token per adapter): one block per token, its slot from a per-token list
+//   (0xffffffff: base only);
+//   SGMV: one block per tile of up to kTileTokens tokens on one slot, so each A and B value read
+//   serves the whole tile: a prefill run's consecutive tokens, or a decode batch's tokens grouped
+//   by adapter (built on the host, kernels/src/gpu/lora/batch.rs; the tokens need not be
+//   adjacent, a tile names its rows).
 // Every output value is the same sequence of f32 operations whichever way it is mapped (each
 // lane's fused multiply-adds over its columns in order, the 32 lanes summed in order through
 // shared memory, the rank terms in order), so a token's delta is bit-identical alone, in a BGMV
@@ -29,8 +36,10 @@ constexpr uint32_t kNoSlot = 0xffffffffu;
 /// Tokens per SGMV tile (kernels/src/gpu/lora.rs cuts segments into tiles of this many).
 constexpr int kTileTokens = 16;
 /// Shrink: 8 warps, each owning up to ROWS rank rows (BGMV 4, SGMV 2 next to its 16 tokens), so
-/// a block covers 32 or 16 rows of A (`shrink_rows` in kernels/src/gpu/lora.rs).
+/// a block covers 32 or 16 rows of A (`shrink_rows` in kernels/src/gpu/lora.rs), over one split
+/// of kSplitCols input columns (`SPLIT_COLS` there), staged in shared memory.
 constexpr int kShrinkThreads = 256;
+constexpr uint32_t kSplitCols = 1024;
 constexpr int kShrinkWarps = kShrinkThreads / 32;
 /// Expand: each block covers 512 consecutive outputs of one part.
 constexpr uint32_t kOutTile = 512;
@@ -86,19 +95,27 @@ __device__ __forceinline__ void load_shared_vec(const T* p, float (&out)[N]) {
   unpack<T, N>(raw, out);
 }
 
-/// The tokens one block works on: `len` tokens from `start`, all on adapter `slot` (len 0: none).
+/// The tokens one block works on, all on adapter `slot` (len 0: none): BGMV's token `first`;
+/// an SGMV tile's `len` tokens rows[first], rows[first + 1], ... (consecutive tokens for a
+/// prefill run, any tokens on the slot for a decode batch grouped by adapter).
 struct Unit {
-  uint32_t start, len, slot;
+  uint32_t first, len, slot;
+  const uint32_t* rows;  // null for BGMV
+
+  /// The batch row (token) of the unit's token `i`.
+  __device__ __forceinline__ uint32_t row(uint32_t i) const {
+    return rows != nullptr ? __ldg(rows + first + i) : first + i;
+  }
 };
 
 template <int TOK>
 __device__ __forceinline__ Unit unit_of(const LoraParams& p, uint32_t u) {
   Unit r;
   if (TOK == 1) {
-    r = Unit{u, 1, __ldg(p.token_slots + u)};
+    r = Unit{u, 1, __ldg(p.token_slots + u), nullptr};
   } else {
     const uint32_t* t = p.tiles + 3 * size_t(u);
-    r = Unit{__ldg(t), __ldg(t + 1), __ldg(t + 2)};
+    r = Unit{__ldg(t), __ldg(t + 1), __ldg(t + 2), p.tile_rows};
   }
   if (r.slot == kNoSlot || r.slot >= p.num_slots) r.len = 0;
   return r;
@@ -131,12 +148,14 @@ __device__ __forceinline__ LoraPart part_at(const LoraParams& p, int i) {
   return r;
 }
 
-/// Copies columns `c0..c0 + cols` of the unit's `len` input rows into `xs` (`[TOK][CHUNK]`),
-/// zeros past `in_dim` and for the tile's missing tokens. 16-byte loads when rows allow. Run by
-/// the shrink's kShrinkThreads threads.
+/// Copies columns `c0..c0 + cols` of the unit's input rows into `xs` (`[TOK][CHUNK]`), zeros
+/// past `in_dim` and for the tile's missing tokens. 16-byte loads when rows allow. Run by the
+/// shrink's kShrinkThreads threads.
 template <class T, int TOK, int CHUNK>
-__device__ __forceinline__ void stage_x(T* xs, const T* x, uint32_t len, uint32_t c0, uint32_t cols,
-                                        uint32_t in_dim, bool vec) {
+__device__ __forceinline__ void stage_x(T* xs, const T* x_all, const Unit& u, uint32_t c0,
+                                        uint32_t cols, uint32_t in_dim, bool vec) {
+  const uint32_t len = u.len;
+  auto x_row = [&](uint32_t tok) { return x_all + size_t(u.row(tok)) * in_dim; };
   if (vec) {
     // Every load of the thread first, then every store: a warp issues in order and would stall
     // at the first store of a loaded value, leaving one load in flight per thread.
@@ -149,7 +168,7 @@ __device__ __forceinline__ void stage_x(T* xs, const T* x, uint32_t len, uint32_
       const uint32_t tok = i / per_row, c = (i % per_row) * 8;
       vals[it] = Pack<8>{};
       if (i < TOK * per_row && tok < len && c0 + c < in_dim) {
-        vals[it] = load_global<8>(x + size_t(tok) * in_dim + c0 + c);
+        vals[it] = load_global<8>(x_row(tok) + c0 + c);
       }
     }
     LORA_UNROLL
@@ -164,7 +183,7 @@ __device__ __forceinline__ void stage_x(T* xs, const T* x, uint32_t len, uint32_
     for (uint32_t i = threadIdx.x; i < TOK * cols; i += blockDim.x) {
       const uint32_t tok = i / cols, c = i % cols;
       const bool in = tok < len && c0 + c < in_dim;
-      xs[tok * CHUNK + c] = in ? x[size_t(tok) * in_dim + c0 + c] : cad::from_f32<T>(0.0f);
+      xs[tok * CHUNK + c] = in ? x_row(tok)[c0 + c] : cad::from_f32<T>(0.0f);
     }
   }
 }
@@ -197,7 +216,7 @@ __device__ __forceinline__ void dot_rows(const T* const (&rows)[ROWS], const T* 
                                          float (&acc)[ROWS][TOK]) {
   const uint32_t lane = threadIdx.x % 32;
   if constexpr (CHUNK > 256) {
-    // Long chunks (BGMV's 2048 columns, SGMV's 1024): several 16-byte loads of each row in flight.
+    // A whole split (1024 columns): several 16-byte loads of each row in flight.
     LORA_UNROLL4
     for (uint32_t j = lane * 8; j < cols; j += 256) {
       dot_cols<T, TOK, CHUNK, ROWS, R, USED>(rows, xs, j, acc);
@@ -238,10 +257,11 @@ __device__ __forceinline__ void with_used_tokens(uint32_t len, F&& f) {
   f(std::integral_constant<int, TOK>{});
 }
 
-/// Shrink: block (unit, part x group of 8 * ROWS rank rows). Input columns are staged in shared
-/// memory CHUNK at a time; each warp streams its rows of A with 16-byte loads.
+/// Shrink: block (unit, part x group of 8 * ROWS rank rows, split). The split's CHUNK input
+/// columns are staged in shared memory; each warp streams its rows of A with 16-byte loads.
 template <class T, int TOK, int CHUNK, int ROWS>
 __device__ void shrink(const LoraParams& p) {
+  static_assert(CHUNK == int(kSplitCols), "a block reduces one split");
   constexpr uint32_t kRowsPerBlock = kShrinkWarps * ROWS;
   // The staged input and, after the last chunk, the lanes' partial sums share one buffer (the
   // two together would pass the 48 KB of static shared memory at SGMV's chunk).
@@ -263,7 +283,6 @@ __device__ void shrink(const LoraParams& p) {
 
   const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const T* a = static_cast<const T*>(part.a) + size_t(u.slot) * part.max_rank * p.in_stride;
-  const T* x = static_cast<const T*>(p.x) + size_t(u.start) * p.in_dim;
   const bool x_vec = p.in_dim % 8 == 0 && reinterpret_cast<uintptr_t>(p.x) % 16 == 0;
   uint32_t k[ROWS];
   int num_rows = 0;  // warp-uniform; the valid rows come first
@@ -273,21 +292,21 @@ __device__ void shrink(const LoraParams& p) {
     if (k[r] < rank) ++num_rows;
   }
   float acc[ROWS][TOK] = {};
-  for (uint32_t c0 = 0; c0 < p.in_stride; c0 += CHUNK) {
-    const uint32_t cols = min(uint32_t(CHUNK), p.in_stride - c0);
-    if (c0 > 0) __syncthreads();  // every warp is done with the previous chunk
-    stage_x<T, TOK, CHUNK>(xs, x, u.len, c0, cols, p.in_dim, x_vec);
-    __syncthreads();
-    const T* rows[ROWS];
-    LORA_UNROLL
-    for (int r = 0; r < ROWS; ++r) rows[r] = a + size_t(min(k[r], rank - 1)) * p.in_stride + c0;
-    with_used_tokens<TOK>(u.len, [&](auto used) {
-      dot_valid_rows<T, TOK, CHUNK, ROWS, decltype(used)::value>(num_rows, rows, xs, cols, acc);
-    });
-  }
+  const uint32_t split = blockIdx.z, c0 = split * CHUNK;
+  if (c0 >= p.in_stride) return;  // the whole block: before any barrier
+  const uint32_t cols = min(uint32_t(CHUNK), p.in_stride - c0);
+  stage_x<T, TOK, CHUNK>(xs, static_cast<const T*>(p.x), u, c0, cols, p.in_dim, x_vec);
+  __syncthreads();
+  const T* rows[ROWS];
+  LORA_UNROLL
+  for (int r = 0; r < ROWS; ++r) rows[r] = a + size_t(min(k[r], rank - 1)) * p.in_stride + c0;
+  with_used_tokens<TOK>(u.len, [&](auto used) {
+    dot_valid_rows<T, TOK, CHUNK, ROWS, decltype(used)::value>(num_rows, rows, xs, cols, acc);
+  });
   // Sum each (row, token) over the 32 lanes through shared memory: one barrier, where warp
   // shuffles would take 5 rounds per value. Lanes are summed in order 0..31 whatever the mapping,
-  // so BGMV and SGMV give the same bits. Rows padded so writes and reads avoid bank conflicts.
+  // and the splits are the same columns under both, so BGMV and SGMV give the same bits. Rows
+  // padded so writes and reads avoid bank conflicts.
   __syncthreads();  // every warp is done reading xs, which `partial` overwrites
   LORA_UNROLL
   for (int r = 0; r < ROWS; ++r) {
@@ -304,7 +323,7 @@ __device__ void shrink(const LoraParams& p) {
     const float* in = partial + w * kWarpStride + (i % V);
     float s = 0.0f;
     for (int l = 0; l < 32; ++l) s += in[l * kLaneStride];
-    p.v[size_t(u.start + tok) * p.v_stride + part.v_offset + kr] = s;
+    p.v[size_t(split) * p.v_split_stride + size_t(u.row(tok)) * p.v_stride + part.v_offset + kr] = s;
   }
 }
 
@@ -341,9 +360,15 @@ __device__ void expand(const LoraParams& p) {
   const uint32_t rank = __ldg(part.ranks + u.slot);
   if (rank == 0) return;  // this projection has no adapter in the slot
 
+  // The shrink's splits summed in order (the same bits under either mapping).
   for (uint32_t i = threadIdx.x; i < TOK * rank; i += THREADS) {
     const uint32_t tok = i / rank, k = i % rank;
-    vs[i] = tok < u.len ? p.v[size_t(u.start + tok) * p.v_stride + part.v_offset + k] : 0.0f;
+    float s = 0.0f;
+    if (tok < u.len) {
+      const float* v = p.v + size_t(u.row(tok)) * p.v_stride + part.v_offset + k;
+      for (uint32_t z = 0; z < p.num_splits; ++z) s += v[size_t(z) * p.v_split_stride];
+    }
+    vs[i] = s;
   }
   __syncthreads();
   const uint32_t o0 = tile * kOutTile + threadIdx.x * VEC;
@@ -355,28 +380,44 @@ __device__ void expand(const LoraParams& p) {
     expand_tokens<T, TOK, VEC, decltype(used)::value>(b, part.out_stride, vs, rank, acc);
   });
   const float scale = __ldg(part.scales + u.slot);
-  T* y = static_cast<T*>(p.y) + size_t(u.start) * p.y_stride + part.y_offset + o0;
+  T* y = static_cast<T*>(p.y) + part.y_offset + o0;
+  // One vector load and store per token where the VEC outputs are whole and aligned (o0 is a
+  // multiple of VEC), else element by element; the same arithmetic either way.
+  const bool y_vec = o0 + VEC <= part.out_dim && p.y_stride % VEC == 0 &&
+                     part.y_offset % VEC == 0 && reinterpret_cast<uintptr_t>(p.y) % (2 * VEC) == 0;
   LORA_UNROLL
   for (int tok = 0; tok < TOK; ++tok) {
     if (uint32_t(tok) >= u.len) break;
-    T* yt = y + size_t(tok) * p.y_stride;
-    LORA_UNROLL
-    for (int j = 0; j < VEC; ++j) {
-      if (o0 + j < part.out_dim) yt[j] = cad::from_f32<T>(fmaf(scale, acc[tok][j], cad::to_f32(yt[j])));
+    T* yt = y + size_t(u.row(tok)) * p.y_stride;
+    if (y_vec) {
+      Pack<VEC> raw = *reinterpret_cast<const Pack<VEC>*>(yt);
+      float cur[VEC];
+      unpack<T, VEC>(raw, cur);
+      LORA_UNROLL
+      for (int j = 0; j < VEC; ++j) {
+        const T e = cad::from_f32<T>(fmaf(scale, acc[tok][j], cur[j]));
+        memcpy(&raw.h[j], &e, sizeof(T));
+      }
+      *reinterpret_cast<Pack<VEC>*>(yt) = raw;
+    } else {
+      LORA_UNROLL
+      for (int j = 0; j < VEC; ++j) {
+        if (o0 + j < part.out_dim) yt[j] = cad::from_f32<T>(fmaf(scale, acc[tok][j], cad::to_f32(yt[j])));
+      }
     }
   }
 }
 
 }  // namespace
 
-// BGMV: grid (num_tokens, sum of parts' blocks); SGMV: grid (num_tiles, same).
-CAD_KERNEL_BOUNDS(cad_lora_shrink_bgmv_bf16, LoraParams, p, kShrinkThreads) { shrink<cad::bf16, 1, 2048, 4>(p); }
-CAD_KERNEL_BOUNDS(cad_lora_shrink_bgmv_f16, LoraParams, p, kShrinkThreads) { shrink<cad::f16, 1, 2048, 4>(p); }
-// SGMV stages 1024 input columns of its 16 tokens at a time (32 KB), so each lane has four
-// 16-byte loads of each of its rows in flight per chunk (256 columns gave it one, and four times
-// the barriers).
-CAD_KERNEL_BOUNDS(cad_lora_shrink_sgmv_bf16, LoraParams, p, kShrinkThreads) { shrink<cad::bf16, kTileTokens, 1024, 2>(p); }
-CAD_KERNEL_BOUNDS(cad_lora_shrink_sgmv_f16, LoraParams, p, kShrinkThreads) { shrink<cad::f16, kTileTokens, 1024, 2>(p); }
+// BGMV: grid (num_tokens, sum of parts' blocks, splits); SGMV: grid (num_tiles, same, splits). A
+// split's 1024 input columns give each lane four 16-byte loads of each of its rows in flight
+// (SGMV stages them for its 16 tokens: 32 KB).
+CAD_KERNEL_BOUNDS(cad_lora_shrink_bgmv_bf16, LoraParams, p, kShrinkThreads) { shrink<cad::bf16, 1, kSplitCols, 4>(p); }
+CAD_KERNEL_BOUNDS(cad_lora_shrink_bgmv_f16, LoraParams, p, kShrinkThreads) { shrink<cad::f16, 1, kSplitCols, 4>(p); }
+CAD_KERNEL_BOUNDS(cad_lora_shrink_sgmv_bf16, LoraParams, p, kShrinkThreads) { shrink<cad::bf16, kTileTokens, kSplitCols, 2>(p); }
+CAD_KERNEL_BOUNDS(cad_lora_shrink_sgmv_f16, LoraParams, p, kShrinkThreads) { shrink<cad::f16, kTileTokens, kSplitCols, 2>(p); }
+// Expand: grid (units, sum of parts' blocks).
 CAD_KERNEL_BOUNDS(cad_lora_expand_bgmv_bf16, LoraParams, p, kBgmvExpandThreads) {
   expand<cad::bf16, 1, 8, kBgmvExpandThreads>(p);
 }

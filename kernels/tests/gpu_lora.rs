@@ -11,7 +11,7 @@ mod gpu_support;
 
 use caduceus_kernels::gpu::lora::{
     add_lora_fused, workspace_bytes, DeviceFusedPart, DeviceLoraSlots, FusedLoraArgs, LoraBatch,
-    LoraGpuError,
+    LoraGpuError, LoraUnits,
 };
 use caduceus_kernels::gpu::{DType, Device, DeviceBuffer};
 use caduceus_kernels::lora::{
@@ -52,7 +52,8 @@ const CLEARED_SLOT: usize = 4;
 const MAX_RANK: usize = 128;
 
 /// A fused q/k/v projection set: out_dims crossing the 512-output tile, an odd row stride with
-/// columns no part owns.
+/// columns no part owns (the expand's element-by-element path); [`Qkv::aligned`] has whole,
+/// aligned output vectors (its vector path) and a tail of part 0 past the last whole one.
 struct Qkv {
     dtype: DType,
     in_dim: usize,
@@ -65,8 +66,33 @@ struct Qkv {
 
 impl Qkv {
     fn new(dev: &Device, dtype: DType, in_dim: usize, seed: u64) -> Qkv {
-        let out_dims = [530, 72, 72];
-        let offsets = [0, 530, 602];
+        Qkv::with_layout(
+            dev,
+            dtype,
+            in_dim,
+            seed,
+            ([530, 72, 72], [0, 530, 602], 677),
+        )
+    }
+
+    fn aligned(dev: &Device, dtype: DType, in_dim: usize, seed: u64) -> Qkv {
+        Qkv::with_layout(
+            dev,
+            dtype,
+            in_dim,
+            seed,
+            ([530, 72, 72], [0, 536, 608], 688),
+        )
+    }
+
+    /// Parts of `out_dims` at `offsets` in rows of `stride`.
+    fn with_layout(
+        dev: &Device,
+        dtype: DType,
+        in_dim: usize,
+        seed: u64,
+        (out_dims, offsets, stride): ([usize; 3], [usize; 3], usize),
+    ) -> Qkv {
         let mut r = rng(seed);
         let (mut cpu, mut gpu) = (Vec::new(), Vec::new());
         for (p, &out_dim) in out_dims.iter().enumerate() {
@@ -99,7 +125,7 @@ impl Qkv {
             in_dim,
             out_dims,
             offsets,
-            stride: 677,
+            stride,
             cpu,
             gpu,
         }
@@ -313,7 +339,10 @@ fn sgmv_fused_qkv_matches_the_cpu_across_tile_edges() {
 fn bgmv_and_sgmv_give_the_same_bits() {
     // A token's delta is the same f32 operations under either mapping (lora.cu), so runs of a
     // shared adapter computed as SGMV tiles equal the same tokens computed one by one. Tiles of
-    // 1, 2, 3, 4, 5, 9 and 16 tokens: every token count the kernels round a tile up to.
+    // 1, 2, 3, 4, 5, 9 and 16 tokens: every token count the kernels round a tile up to. Grouped
+    // by adapter (as a decode batch is), slots 2 and 3 gather tokens of runs apart, and slot 3's
+    // 25 tokens make a full tile and a partial one; the fixed form (a graph's) has a unit per
+    // token, the ones past the tiles empty.
     let runs = [
         (2, Some(2)),
         (1, None),
@@ -331,16 +360,28 @@ fn bgmv_and_sgmv_give_the_same_bits() {
         .collect();
     for dev in devices() {
         let dtype = DType::Bf16;
-        // in_dim 2100: SGMV's 1024-column chunks and BGMV's 2048 both cut the rows (which are
-        // not whole 16-byte vectors), so the lanes' column order must survive either chunking.
-        let qkv = Qkv::new(&dev, dtype, 2100, 5);
-        let (x, y0) = qkv.inputs(6, slots.len());
-        let bgmv = qkv.gpu(&dev, &x, &LoraBatch::bgmv(&dev, &slots).unwrap(), &y0);
-        let segs = segments_from_token_slots(&slots);
-        let sgmv_batch = LoraBatch::sgmv(&dev, &segs, slots.len()).unwrap();
-        let sgmv = qkv.gpu(&dev, &x, &sgmv_batch, &y0);
-        assert!(bgmv == sgmv, "{}: BGMV and SGMV differ", dev.describe());
-        qkv.check(&dev.describe(), &sgmv, &x, &segs, &y0);
+        // in_dim 2100: three splits of 1024 columns cut the rows (which are not whole 16-byte
+        // vectors), so the lanes' column order must survive the splits under either mapping;
+        // outputs element by element, then as aligned vectors (both expands' paths).
+        for qkv in [
+            Qkv::new(&dev, dtype, 2100, 5),
+            Qkv::aligned(&dev, dtype, 2100, 5),
+        ] {
+            let (x, y0) = qkv.inputs(6, slots.len());
+            let bgmv = qkv.gpu(&dev, &x, &LoraBatch::bgmv(&dev, &slots).unwrap(), &y0);
+            let segs = segments_from_token_slots(&slots);
+            let sgmv_batch = LoraBatch::sgmv(&dev, &segs, slots.len()).unwrap();
+            let sgmv = qkv.gpu(&dev, &x, &sgmv_batch, &y0);
+            let what = format!("{} stride {}", dev.describe(), qkv.stride);
+            assert!(bgmv == sgmv, "{what}: BGMV and SGMV differ");
+            let grouped = qkv.gpu(&dev, &x, &LoraBatch::grouped(&dev, &slots).unwrap(), &y0);
+            assert!(bgmv == grouped, "{what}: BGMV and grouped SGMV differ");
+            let fixed = LoraUnits::grouped(&slots, true).unwrap();
+            let words = dev.upload(fixed.words()).unwrap();
+            let fixed = qkv.gpu(&dev, &x, &fixed.placed_fixed(&words).unwrap(), &y0);
+            assert!(bgmv == fixed, "{what}: BGMV and fixed grouped SGMV differ");
+            qkv.check(&what, &sgmv, &x, &segs, &y0);
+        }
     }
 }
 

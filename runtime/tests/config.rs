@@ -79,7 +79,7 @@ fn no_file_no_env_no_flags_gives_the_documented_defaults() {
     assert_eq!(cfg.model.gemm, caduceus_runtime::config::GemmSetting::Tuned);
     assert_eq!(
         cfg.model.attention_kernel,
-        caduceus_runtime::config::AttentionKernelSetting::CudaCores
+        caduceus_runtime::config::AttentionKernelSetting::TensorCores
     );
 }
 

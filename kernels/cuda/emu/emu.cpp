@@ -24,7 +24,8 @@ struct Warp {
 
 /// What the threads of the block being run share.
 struct Block {
-  Block(unsigned threads, unsigned shared_bytes) : bar(threads), smem(shared_bytes + 16) {
+  Block(unsigned threads, unsigned shared_bytes)
+      : bar(threads), smem(shared_bytes + 16), shared_bytes(shared_bytes) {
     for (unsigned w = 0; w < (threads + 31) / 32; ++w) {
       unsigned lanes = std::min(32u, threads - w * 32);
       warps.push_back(std::make_unique<Warp>(lanes));
@@ -36,6 +37,7 @@ struct Block {
   std::barrier<> bar;
   std::vector<std::unique_ptr<Warp>> warps;
   std::vector<unsigned char> smem;
+  unsigned shared_bytes;
 };
 
 void sync_block() { t.block->bar.arrive_and_wait(); }
@@ -94,6 +96,15 @@ unsigned char* dynamic_smem() {
   // 16-byte aligned start, as CUDA guarantees for dynamic shared memory.
   auto addr = reinterpret_cast<uintptr_t>(t.block->smem.data());
   return reinterpret_cast<unsigned char*>((addr + 15) & ~uintptr_t(15));
+}
+
+unsigned char* dynamic_smem_at_least(std::size_t bytes) {
+  if (t.block->shared_bytes < bytes) {
+    std::fprintf(stderr, "cad_emu: the kernel needs %zu bytes of dynamic shared memory, the launch gave %u\n",
+                 bytes, t.block->shared_bytes);
+    std::abort();
+  }
+  return dynamic_smem();
 }
 
 static std::mutex launch_mutex;

@@ -56,6 +56,9 @@ unsigned warp_ballot(bool pred);
 void warp_all_gather(const void* mine, unsigned bytes, void* all);
 unsigned lane_id();
 unsigned char* dynamic_smem();
+/// dynamic_smem() for a kernel that needs `bytes` of it; aborts, naming both sizes, when the
+/// launch gave fewer.
+unsigned char* dynamic_smem_at_least(std::size_t bytes);
 
 /// Runs `body` for every thread of every block of the launch; blocks in turn. Serialised
 /// process-wide (statics stand in for shared memory).

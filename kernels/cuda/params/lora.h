@@ -38,14 +38,17 @@ struct LoraParams {
   LoraPart parts[CAD_LORA_MAX_PARTS];
   /// `[num_tokens][in_dim]` of the dtype.
   const void* x;
-  /// `[num_tokens][v_stride]` f32 workspace.
+  /// `[num_splits][num_tokens][v_stride]` f32 workspace: each split's partial sums.
   float* v;
   /// Rows of `y_stride` dtype values.
   void* y;
   /// BGMV: `[num_tokens]` slot per token, 0xffffffff for base-only tokens.
   const uint32_t* token_slots;
-  /// SGMV: `[num_tiles][3]` (first token, tokens <= the tile size, slot).
+  /// SGMV: `[num_tiles][3]` (first index into `tile_rows`, tokens <= the tile size, slot).
   const uint32_t* tiles;
+  /// SGMV: the tiles' tokens, tile by tile (a prefill run's consecutive tokens; a decode
+  /// batch's tokens grouped by slot).
+  const uint32_t* tile_rows;
   uint32_t num_parts;
   uint32_t num_slots;
   /// BGMV: tokens (grid.x); SGMV: tiles (grid.x).
@@ -55,5 +58,9 @@ struct LoraParams {
   uint32_t in_stride;
   uint32_t v_stride;
   uint32_t y_stride;
+  /// Splits of the input columns the shrink reduces separately (grid.z), and the workspace
+  /// values between one split's and the next's.
+  uint32_t num_splits;
+  uint32_t v_split_stride;
   uint32_t _pad;
 };

@@ -74,9 +74,11 @@ impl AttnShape {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum AttentionKernel {
     /// f32 FMAs on CUDA cores, every supported head dim.
-    #[default]
     CudaCores,
-    /// mma.sync on tensor cores for head dims up to 128; larger ones run on CUDA cores.
+    /// mma.sync on tensor cores for head dims up to 128; larger ones run on CUDA cores. The
+    /// default: on the H200 it ran prefill attention 5.7x and batch-256 decode attention 1.5x
+    /// faster than the CUDA-core kernels (docs/benchmarking.md).
+    #[default]
     TensorCores,
 }
 

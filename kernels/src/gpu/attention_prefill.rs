@@ -13,7 +13,7 @@
 //! decode plan (grid z, [`super::attention::paged_attention_decode_only`]).
 
 use super::attention::decode::DecodeParams;
-use super::attention::head_dims::PREFILL_TC_ROWS;
+use super::attention::head_dims::{prefill_tc_shared_bytes, PREFILL_TC_ROWS};
 use super::attention::{head_dims, AttentionKernel, PagedAttnArgs};
 use super::device::{DType, Device, GpuError};
 use super::kernel::{KernelFn, LaunchDims};
@@ -55,10 +55,11 @@ pub(crate) fn launch_tensor_cores(
     family: &[KernelFn; 2],
     p: &DecodeParams,
 ) -> Result<(), GpuError> {
-    let Some(grid) = query_grid(args, PREFILL_TC_ROWS, p.num_splits)? else {
+    let Some(mut dims) = query_grid(args, PREFILL_TC_ROWS, p.num_splits)? else {
         return Ok(());
     };
-    dev.launch(by_dtype(family, dtype), grid, p)
+    dims.shared_bytes = prefill_tc_shared_bytes(args.shape.head_dim, dtype);
+    dev.launch(by_dtype(family, dtype), dims, p)
 }
 
 /// The grid of a kernel with `tile_rows` (token, query head) rows per CTA: (query tiles, KV

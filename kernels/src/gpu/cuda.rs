@@ -45,12 +45,18 @@ pub(super) fn event_ms(
         .map_err(|e| GpuError::Driver(format!("timing event: {e:?}")))
 }
 
+/// Dynamic shared memory a kernel gets without opting in; a launch asking for more opts its
+/// kernel in (`CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`, up to the limit
+/// `LaunchDims::check` applies).
+const MAX_DEFAULT_DYNAMIC_SHARED: u32 = 48 * 1024;
+
 /// An opened GPU: context, the stream every launch and copy goes on, the loaded modules.
 pub struct CudaDevice {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     modules: Vec<Arc<CudaModule>>,
-    functions: Mutex<HashMap<&'static str, CudaFunction>>,
+    /// Loaded kernels and the dynamic shared memory each has been opted into (0: the default).
+    functions: Mutex<HashMap<&'static str, (CudaFunction, u32)>>,
     /// cuBLASLt (its handle is used by one thread at a time).
     blas: Mutex<Blas>,
 }
@@ -196,20 +202,36 @@ impl CudaDevice {
             .map_err(driver_err)
     }
 
-    fn function(&self, name: &'static str) -> Result<CudaFunction, GpuError> {
+    /// Kernel `name`, opted into `shared_bytes` of dynamic shared memory where that passes the
+    /// default (once per kernel and size; a launch asking for no more reuses it).
+    fn function(&self, name: &'static str, shared_bytes: u32) -> Result<CudaFunction, GpuError> {
+        use cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES as MAX_DYN;
         let mut cache = self
             .functions
             .lock()
             .map_err(|_| GpuError::Driver("kernel cache poisoned".into()))?;
-        if let Some(f) = cache.get(name) {
-            return Ok(f.clone());
-        }
-        let f = self
-            .modules
-            .iter()
-            .find_map(|m| m.load_function(name).ok())
-            .ok_or(GpuError::UnknownKernel(name))?;
-        cache.insert(name, f.clone());
+        let (f, opted) = match cache.get(name) {
+            Some(entry) => entry.clone(),
+            None => {
+                let f = self
+                    .modules
+                    .iter()
+                    .find_map(|m| m.load_function(name).ok())
+                    .ok_or(GpuError::UnknownKernel(name))?;
+                (f, 0)
+            }
+        };
+        let opted = if shared_bytes > MAX_DEFAULT_DYNAMIC_SHARED && shared_bytes > opted {
+            f.set_attribute(MAX_DYN, shared_bytes as i32).map_err(|e| {
+                GpuError::Driver(format!(
+                    "{name}: opting into {shared_bytes} bytes of dynamic shared memory: {e:?}"
+                ))
+            })?;
+            shared_bytes
+        } else {
+            opted
+        };
+        cache.insert(name, (f.clone(), opted));
         Ok(f)
     }
 
@@ -219,7 +241,7 @@ impl CudaDevice {
         dims: LaunchDims,
         params: &P,
     ) -> Result<(), GpuError> {
-        let f = self.function(name)?;
+        let f = self.function(name, dims.shared_bytes)?;
         let cfg = LaunchConfig {
             grid_dim: dims.grid,
             block_dim: dims.block,

@@ -8,12 +8,13 @@ pub struct LaunchDims {
     pub shared_bytes: u32,
 }
 
-/// What every NVIDIA GPU since Volta accepts: threads per block, block and grid extents, and
-/// dynamic shared memory without the per-kernel opt-in (no kernel here opts in).
+/// What every NVIDIA GPU since Volta accepts: threads per block, block and grid extents.
 const MAX_THREADS_PER_BLOCK: u32 = 1024;
 const MAX_BLOCK: (u32, u32, u32) = (1024, 1024, 64);
 const MAX_GRID: (u32, u32, u32) = (i32::MAX as u32, 65535, 65535);
-const MAX_DEFAULT_DYNAMIC_SHARED: u32 = 48 * 1024;
+/// The most dynamic shared memory one block may opt into on every GPU the kernels are built for
+/// (sm_80 and later: 99 KB on sm_86/sm_89, more on sm_80 and sm_90).
+const MAX_OPT_IN_DYNAMIC_SHARED: u32 = 99 * 1024;
 
 impl LaunchDims {
     /// A one-dimensional grid of `blocks` blocks of `threads` threads.
@@ -38,9 +39,9 @@ impl LaunchDims {
             Some(format!("block {b:?} (at most {MAX_BLOCK:?})"))
         } else if g.0 > MAX_GRID.0 || g.1 > MAX_GRID.1 || g.2 > MAX_GRID.2 {
             Some(format!("grid {g:?} (at most {MAX_GRID:?})"))
-        } else if self.shared_bytes > MAX_DEFAULT_DYNAMIC_SHARED {
+        } else if self.shared_bytes > MAX_OPT_IN_DYNAMIC_SHARED {
             Some(format!(
-                "{} bytes of dynamic shared memory (at most {MAX_DEFAULT_DYNAMIC_SHARED})",
+                "{} bytes of dynamic shared memory (at most {MAX_OPT_IN_DYNAMIC_SHARED})",
                 self.shared_bytes
             ))
         } else {

@@ -2,11 +2,12 @@
 //! shrink/expand launches, the GPU twin of [`crate::lora::add_lora_fused`].
 //!
 //! A batch is described once per step as a [`LoraBatch`] (uploaded once, read by every layer and
-//! projection): per-token slots for decode (BGMV: one block per token) or segment tiles for
-//! prefill runs (SGMV: one block per tile of up to [`TILE_TOKENS`] tokens on one adapter, so A
-//! and B are read once per tile). [`add_lora_fused`] then makes two launches for all the
-//! projections that read one input (q/k/v, gate/up; o and down as one-part calls): a shrink into
-//! an f32 workspace and an expand into the fused output. Both mappings perform the same f32
+//! projection): SGMV tiles (one block per tile of up to [`TILE_TOKENS`] tokens on one adapter,
+//! so A and B are read once per tile) of prefill runs or of decode tokens grouped by adapter, or
+//! per-token slots (BGMV: one block per token) for decode batches where no adapter has two
+//! tokens. [`add_lora_fused`] then makes two launches for all the projections that read one input
+//! (q/k/v, gate/up; o and down as one-part calls): a shrink into an f32 workspace, split over the
+//! input's columns, and an expand into the fused output. Both mappings perform the same f32
 //! operations per output, so a token's delta is bit-identical under either and in any batch.
 
 mod batch;
@@ -30,6 +31,9 @@ pub const TILE_TOKENS: usize = 16;
 const BGMV_SHRINK_ROWS: usize = 32;
 const SGMV_SHRINK_ROWS: usize = 16;
 const SHRINK_THREADS: u32 = 256;
+/// Input columns per shrink split (`kSplitCols` in lora.cu): each split is reduced by its own
+/// blocks (grid z) into its own workspace rows, which the expand sums in order.
+const SPLIT_COLS: usize = 1024;
 const OUT_TILE: usize = 512;
 const BGMV_EXPAND_THREADS: u32 = 64;
 const SGMV_EXPAND_THREADS: u32 = 128;
@@ -74,6 +78,7 @@ struct LoraParams {
     y: u64,
     token_slots: u64,
     tiles: u64,
+    tile_rows: u64,
     num_parts: u32,
     num_slots: u32,
     num_units: u32,
@@ -81,6 +86,8 @@ struct LoraParams {
     in_stride: u32,
     v_stride: u32,
     y_stride: u32,
+    num_splits: u32,
+    v_split_stride: u32,
     _pad: u32,
 }
 
@@ -125,10 +132,18 @@ pub struct FusedLoraArgs<'a> {
     pub y_stride: usize,
 }
 
-/// Bytes of f32 workspace a fused call over `parts` needs for `num_tokens` tokens.
+/// Bytes of f32 workspace a fused call over `parts` needs for `num_tokens` tokens: every split's
+/// partial sums ([`shrink_splits`]).
 pub fn workspace_bytes(parts: &[DeviceFusedPart<'_>], num_tokens: usize) -> usize {
     let v_stride: usize = parts.iter().map(|p| p.slots.shape.max_rank).sum();
-    num_tokens * v_stride * 4
+    let in_dim = parts.first().map_or(0, |p| p.slots.shape.in_dim);
+    num_tokens * v_stride * shrink_splits(in_dim) * 4
+}
+
+/// Splits of an `in_dim`-wide input the shrink reduces separately (at least 1), each adding a
+/// set of partial sums to the workspace.
+pub fn shrink_splits(in_dim: usize) -> usize {
+    in_dim.div_ceil(SPLIT_COLS).max(1)
 }
 
 /// Adds every part's LoRA delta for the tokens `batch` gives an adapter to their columns of `y`
@@ -190,10 +205,16 @@ pub fn add_lora_fused(dev: &Device, args: &FusedLoraArgs<'_>) -> Result<(), Lora
     let (es, num_tokens) = (dtype.size(), batch.num_tokens);
     need("lora x", args.x, num_tokens * in_dim, es)?;
     need("lora y", args.y, num_tokens * args.y_stride, es)?;
-    need("lora workspace", args.workspace, num_tokens * v_stride, 4)?;
-    let (token_slots, tiles) = match batch.mapping {
-        Mapping::Bgmv => (batch.units_ptr(), 0),
-        Mapping::Sgmv => (0, batch.units_ptr()),
+    let splits = shrink_splits(in_dim);
+    need(
+        "lora workspace",
+        args.workspace,
+        splits * num_tokens * v_stride,
+        4,
+    )?;
+    let (token_slots, tiles, tile_rows) = match batch.mapping {
+        Mapping::Bgmv => (batch.units_ptr(), 0, 0),
+        Mapping::Sgmv => (0, batch.units_ptr(), batch.rows_ptr()),
     };
     let num_slots = args.parts.iter().map(|p| p.slots.shape.num_slots).min();
     let p = LoraParams {
@@ -203,6 +224,7 @@ pub fn add_lora_fused(dev: &Device, args: &FusedLoraArgs<'_>) -> Result<(), Lora
         y: args.y.ptr(),
         token_slots,
         tiles,
+        tile_rows,
         num_parts: args.parts.len() as u32,
         num_slots: dim32("num_slots", num_slots.unwrap_or(0))?,
         num_units: dim32("units", batch.num_units)?,
@@ -210,23 +232,25 @@ pub fn add_lora_fused(dev: &Device, args: &FusedLoraArgs<'_>) -> Result<(), Lora
         in_stride: dim32("in_dim", first.slots.in_stride)?,
         v_stride: dim32("v_stride", v_stride)?,
         y_stride: dim32("y_stride", args.y_stride)?,
+        num_splits: dim32("lora splits", splits)?,
+        v_split_stride: dim32("lora workspace", num_tokens * v_stride)?,
         _pad: 0,
     };
     let (shrink, expand, expand_threads) = match batch.mapping {
         Mapping::Bgmv => (&SHRINK_BGMV, &EXPAND_BGMV, BGMV_EXPAND_THREADS),
         Mapping::Sgmv => (&SHRINK_SGMV, &EXPAND_SGMV, SGMV_EXPAND_THREADS),
     };
-    let grid = |blocks: usize| -> Result<(u32, u32, u32), GpuError> {
-        Ok((p.num_units, dim32("lora grid.y", blocks)?, 1))
+    let grid = |blocks: usize, z: u32| -> Result<(u32, u32, u32), GpuError> {
+        Ok((p.num_units, dim32("lora grid.y", blocks)?, z))
     };
     let shrink_dims = LaunchDims {
-        grid: grid(shrink_blocks)?,
+        grid: grid(shrink_blocks, p.num_splits)?,
         block: (SHRINK_THREADS, 1, 1),
         shared_bytes: 0,
     };
     dev.launch(by_dtype(shrink, dtype), shrink_dims, &p)?;
     let expand_dims = LaunchDims {
-        grid: grid(expand_blocks)?,
+        grid: grid(expand_blocks, 1)?,
         block: (expand_threads, 1, 1),
         // The unit's v values: tile tokens x the largest rank in use.
         shared_bytes: dim32("lora shared memory", tile * widest_rank * 4)?,

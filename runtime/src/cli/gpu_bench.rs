@@ -91,7 +91,7 @@ pub struct GpuBenchArgs {
     block_size: usize,
     /// The cores attention runs on in every figure (`model.attention_kernel`: cuda_cores or
     /// tensor_cores); the `attention` and `prefill_kernels` sweeps time both either way.
-    #[arg(long, default_value = "cuda_cores")]
+    #[arg(long, default_value = "tensor_cores")]
     attention_kernel: String,
     /// The driver version to report (default: asked of nvidia-smi).
     #[arg(long)]
@@ -347,7 +347,7 @@ mod tests {
         assert!(v["attention"].as_array().is_some_and(|a| !a.is_empty()));
         assert_eq!(v["gemm_policy"], "tuned");
         assert!(v["gemm_tuning"].is_array());
-        assert_eq!(v["attention_kernel"], "cuda_cores");
+        assert_eq!(v["attention_kernel"], "tensor_cores");
         let kernels: Vec<&str> = v["prefill_kernels"]
             .as_array()
             .unwrap()

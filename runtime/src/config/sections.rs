@@ -206,8 +206,8 @@ pub enum GemmSetting {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AttentionKernelSetting {
-    #[default]
     CudaCores,
+    #[default]
     TensorCores,
 }
 
@@ -257,7 +257,7 @@ impl Default for ModelSection {
             cuda_graphs: true,
             cuda_graph_max_batch: None,
             gemm: GemmSetting::Tuned,
-            attention_kernel: AttentionKernelSetting::CudaCores,
+            attention_kernel: AttentionKernelSetting::TensorCores,
         }
     }
 }

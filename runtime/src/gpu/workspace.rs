@@ -12,7 +12,7 @@
 //! host wait. None of this has run on a GPU: CI runs it in the kernels' host emulation.
 
 use caduceus_kernels::gpu::attention::{AttnShape, DecodePlan, DecodeSplit};
-use caduceus_kernels::gpu::lora::TILE_TOKENS;
+use caduceus_kernels::gpu::lora::{shrink_splits, TILE_TOKENS};
 use caduceus_kernels::gpu::{DType, Device, DeviceBuffer, GpuError, HostStaging};
 
 use crate::model::config::LlamaConfig;
@@ -59,8 +59,10 @@ impl Layout {
             limits.max_num_seqs.max(1),
         );
         let max_blocks = limits.max_model_len.div_ceil(block_size.max(1)).max(1);
-        // BGMV: a slot per token; SGMV: (start, len, slot) per tile of a sequence's run.
-        let lora_words = t.max(3 * (t.div_ceil(TILE_TOKENS) + s));
+        // BGMV: a slot per token. SGMV: (first, len, slot) per tile, then a row per token: tiles
+        // of the sequences' runs (at most one partial tile each), or of a decode batch grouped
+        // by adapter (at most one per token).
+        let lora_words = t + 3 * t.max(t.div_ceil(TILE_TOKENS) + s);
         let mut at = 0;
         let mut section = |words: usize| {
             let start = at;
@@ -143,6 +145,18 @@ fn buffer_bytes(
     let (t, s, es) = (l.tokens, l.seqs, dtype.size());
     let shape = attn_shape(c, block_size, 1);
     let max_ctx = l.max_blocks * block_size;
+    // The LoRA shrink's partial sums, per token and rank: the widest of the fused calls (q/k/v
+    // and gate/up read the hidden state, o the attention output, down the activation), each
+    // split of its input keeping its own.
+    let lora_per_rank = [
+        3 * shrink_splits(d.hidden),
+        2 * shrink_splits(d.hidden),
+        shrink_splits(d.q_dim),
+        shrink_splits(d.ffn),
+    ]
+    .into_iter()
+    .max()
+    .unwrap_or(0);
     // The largest split workspace any decode step of up to `s` sequences can ask for.
     let decode = (1..=s)
         .map(|n| {
@@ -151,19 +165,19 @@ fn buffer_bytes(
         .max()
         .unwrap_or(0);
     [
-        t * d.hidden * es,         // x
-        t * d.hidden * es,         // residual
-        t * d.hidden * es,         // h
-        t * d.qkv * es,            // qkv
-        t * d.q_dim * es,          // q
-        t * d.q_dim * es,          // attn
-        t * 2 * d.ffn * es,        // gate_up
-        t * d.ffn * es,            // act
-        s * d.hidden * es,         // picked rows
-        s * d.vocab * es,          // logits
-        decode,                    // decode attention splits
-        t * 3 * max_lora_rank * 4, // LoRA shrink output (q, k and v fused)
-        l.total_words * 4,         // the step upload
+        t * d.hidden * es,                     // x
+        t * d.hidden * es,                     // residual
+        t * d.hidden * es,                     // h
+        t * d.qkv * es,                        // qkv
+        t * d.q_dim * es,                      // q
+        t * d.q_dim * es,                      // attn
+        t * 2 * d.ffn * es,                    // gate_up
+        t * d.ffn * es,                        // act
+        s * d.hidden * es,                     // picked rows
+        s * d.vocab * es,                      // logits
+        decode,                                // decode attention splits
+        t * lora_per_rank * max_lora_rank * 4, // LoRA shrink partial sums
+        l.total_words * 4,                     // the step upload
     ]
 }
 

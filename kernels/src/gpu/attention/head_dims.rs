@@ -4,7 +4,7 @@
 //! Each `.cu` instantiates its template per head dim (`CAD_DECODE(HD)`, `CAD_PREFILL(D)`,
 //! `CAD_PREFILL_TC(D)` up to 128); adding a head dim means one line in each file and one row here.
 
-use crate::gpu::device::GpuError;
+use crate::gpu::device::{DType, GpuError};
 use crate::gpu::kernel::{kernel_fn, KernelFn};
 
 /// Head dims with attention kernels: the shared tiny Llama (16), Llama 3.2 and SmolLM2 (64),
@@ -25,6 +25,16 @@ pub(crate) struct HeadDimKernels {
 
 /// Rows per CTA of the tensor-core prefill kernel: `kRows` in `attention_prefill_tc.cu`.
 pub(crate) const PREFILL_TC_ROWS: usize = 64;
+/// The tensor-core kernel's K/V ring: `kStages` tiles of `kKeys` keys, rows padded by `kPad`
+/// elements (`attention_prefill_tc.cu`, which traps when launched with less).
+const PREFILL_TC_STAGES: usize = 4;
+const PREFILL_TC_KEYS: usize = 32;
+const PREFILL_TC_PAD: usize = 8;
+
+/// Dynamic shared memory of the tensor-core kernel at `head_dim`: its K/V ring.
+pub(crate) fn prefill_tc_shared_bytes(head_dim: usize, dtype: DType) -> u32 {
+    (PREFILL_TC_STAGES * 2 * PREFILL_TC_KEYS * (head_dim + PREFILL_TC_PAD) * dtype.size()) as u32
+}
 
 macro_rules! head_dim {
     ($hd:expr, $rows:expr, $d_bf16:ident, $d_f16:ident, $p_bf16:ident, $p_f16:ident) => {

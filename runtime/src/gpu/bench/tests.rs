@@ -205,7 +205,7 @@ fn model_parts_run_on_a_tiny_shape_and_report_each_configuration() {
         .prefill_kernels
         .iter()
         .all(|k| k.prompt_len == 17 && k.us_per_layer > 0.0 && k.of_peak.is_none()));
-    assert_eq!(r.attention_kernel, "cuda_cores");
+    assert_eq!(r.attention_kernel, "tensor_cores");
     // The emulation runs the host loop under every policy and tunes nothing.
     assert_eq!(r.gemm_policy, "tuned");
     assert!(r.gemm_tuning.is_empty());

@@ -12,9 +12,15 @@ use crate::gpu::workspace::tests::{logits_of, model, HostBatch};
 use crate::gpu::workspace::{StepLimits, Workspace};
 
 /// Sequence s's adapter slot when adapters are on.
-const ADAPTERS: [Option<u32>; 3] = [Some(0), None, Some(1)];
+/// Each sequence's adapter: a base-only token among adapter tokens, then two sequences on one
+/// adapter (the graph's grouped units then hold a tile of two tokens).
+const MIXED: [Option<u32>; 3] = [Some(0), None, Some(1)];
+const SHARED: [Option<u32>; 3] = [Some(1), Some(1), Some(0)];
 
-fn graphs_replay_the_eager_steps(with_adapters: bool) {
+/// Decode steps of 1 to 3 sequences replayed from graphs match the eager steps bit for bit;
+/// with `adapters`, sequence s decodes on adapter `adapters[s]`.
+fn graphs_replay_the_eager_steps(adapters: Option<[Option<u32>; 3]>) {
+    let with_adapters = adapters.is_some();
     let gpu = model();
     let (dev, c) = (gpu.device(), gpu.config().clone());
     let limits = StepLimits {
@@ -48,7 +54,11 @@ fn graphs_replay_the_eager_steps(with_adapters: bool) {
     let run = |pieces: &[(usize, usize, usize)],
                f: &mut dyn FnMut(&HostBatch, Option<&GpuLoraBatch<'_>>)| {
         let host = HostBatch::new(pieces, &tables);
-        let slots: Vec<Option<u32>> = host.token_seq.iter().map(|&s| ADAPTERS[s]).collect();
+        let slots: Vec<Option<u32>> = host
+            .token_seq
+            .iter()
+            .map(|&s| adapters.and_then(|a| a[s]))
+            .collect();
         let segments = segments_from_token_slots(&slots);
         let lora = stack.as_ref().map(|stack| GpuLoraBatch {
             stack,
@@ -102,12 +112,13 @@ fn graphs_replay_the_eager_steps(with_adapters: bool) {
 
 #[test]
 fn every_ladder_size_replays_the_eager_decode_step_bit_exactly() {
-    graphs_replay_the_eager_steps(false);
+    graphs_replay_the_eager_steps(None);
 }
 
 #[test]
 fn decode_steps_mixing_adapters_replay_bit_exactly() {
-    graphs_replay_the_eager_steps(true);
+    graphs_replay_the_eager_steps(Some(MIXED));
+    graphs_replay_the_eager_steps(Some(SHARED));
 }
 
 #[test]
