@@ -2,12 +2,11 @@
 //! shrink/expand launches, the GPU twin of [`crate::lora::add_lora_fused`].
 //!
 //! A batch is described once per step as a [`LoraBatch`] (uploaded once, read by every layer and
-//! projection): SGMV tiles (one block per tile of up to [`TILE_TOKENS`] tokens on one adapter,
-//! so A and B are read once per tile) of prefill runs or of decode tokens grouped by adapter, or
-//! per-token slots (BGMV: one block per token) for decode batches where no adapter has two
-//! tokens. [`add_lora_fused`] then makes two launches for all the projections that read one input
-//! (q/k/v, gate/up; o and down as one-part calls): a shrink into an f32 workspace, split over the
-//! input's columns, and an expand into the fused output. Both mappings perform the same f32
+//! projection): per-token slots for decode (BGMV: one block per token) or segment tiles for
+//! prefill runs (SGMV: one block per tile of up to [`TILE_TOKENS`] tokens on one adapter, so A
+//! and B are read once per tile). [`add_lora_fused`] then makes two launches for all the
+//! projections that read one input (q/k/v, gate/up; o and down as one-part calls): a shrink into
+//! an f32 workspace, split over the input's columns, and an expand into the fused output. Both mappings perform the same f32
 //! operations per output, so a token's delta is bit-identical under either and in any batch.
 
 mod batch;
@@ -78,7 +77,6 @@ struct LoraParams {
     y: u64,
     token_slots: u64,
     tiles: u64,
-    tile_rows: u64,
     num_parts: u32,
     num_slots: u32,
     num_units: u32,
@@ -212,9 +210,9 @@ pub fn add_lora_fused(dev: &Device, args: &FusedLoraArgs<'_>) -> Result<(), Lora
         splits * num_tokens * v_stride,
         4,
     )?;
-    let (token_slots, tiles, tile_rows) = match batch.mapping {
-        Mapping::Bgmv => (batch.units_ptr(), 0, 0),
-        Mapping::Sgmv => (0, batch.units_ptr(), batch.rows_ptr()),
+    let (token_slots, tiles) = match batch.mapping {
+        Mapping::Bgmv => (batch.units_ptr(), 0),
+        Mapping::Sgmv => (0, batch.units_ptr()),
     };
     let num_slots = args.parts.iter().map(|p| p.slots.shape.num_slots).min();
     let p = LoraParams {
@@ -224,7 +222,6 @@ pub fn add_lora_fused(dev: &Device, args: &FusedLoraArgs<'_>) -> Result<(), Lora
         y: args.y.ptr(),
         token_slots,
         tiles,
-        tile_rows,
         num_parts: args.parts.len() as u32,
         num_slots: dim32("num_slots", num_slots.unwrap_or(0))?,
         num_units: dim32("units", batch.num_units)?,

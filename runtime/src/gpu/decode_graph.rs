@@ -4,10 +4,8 @@
 //! A pure-decode step is staged padded to the next captured size (its one upload fills the
 //! fixed addresses the graph reads) and the graph is replayed; mixed prefill/decode steps and
 //! batches above the largest size run eagerly. With adapter slots, every graph carries the
-//! LoRA launches with grids sized for the slots' largest rank and a unit per token: SGMV tiles
-//! of the step's tokens grouped by adapter (`LoraUnits::grouped`, fixed; the units past the
-//! step's tiles and tokens without adapter add nothing), so decode steps mixing adapters replay
-//! too, reading each adapter once per tile of up to 16 of its tokens. Each graph is captured after one
+//! BGMV LoRA launches with grids sized for the slots' largest rank (a token without adapter
+//! adds nothing), so decode steps mixing adapters replay too. Each graph is captured after one
 //! eager run of its size, so the GEMM algorithm cache is warm (no cuBLASLt heuristic query
 //! while capturing).
 //!

@@ -13,7 +13,7 @@ use crate::gpu::workspace::{StepLimits, Workspace};
 
 /// Sequence s's adapter slot when adapters are on.
 /// Each sequence's adapter: a base-only token among adapter tokens, then two sequences on one
-/// adapter (the graph's grouped units then hold a tile of two tokens).
+/// adapter.
 const MIXED: [Option<u32>; 3] = [Some(0), None, Some(1)];
 const SHARED: [Option<u32>; 3] = [Some(1), Some(1), Some(0)];
 
