@@ -348,13 +348,15 @@ __device__ void expand(const LoraParams& p) {
   const uint32_t rank = __ldg(part.ranks + u.slot);
   if (rank == 0) return;  // this projection has no adapter in the slot
 
-  // The shrink's splits summed in order (the same bits under either mapping).
+  // The shrink's splits summed in order (the same bits under either mapping); the shrink wrote
+  // them before this launch, so they are read through the read-only path, several in flight.
   for (uint32_t i = threadIdx.x; i < TOK * rank; i += THREADS) {
     const uint32_t tok = i / rank, k = i % rank;
     float s = 0.0f;
     if (tok < u.len) {
       const float* v = p.v + size_t(u.start + tok) * p.v_stride + part.v_offset + k;
-      for (uint32_t z = 0; z < p.num_splits; ++z) s += v[size_t(z) * p.v_split_stride];
+      LORA_UNROLL4
+      for (uint32_t z = 0; z < p.num_splits; ++z) s += __ldg(v + size_t(z) * p.v_split_stride);
     }
     vs[i] = s;
   }
@@ -363,22 +365,32 @@ __device__ void expand(const LoraParams& p) {
   if (o0 >= part.out_dim) return;  // after the block's only barrier
   // out_stride is a multiple of 8 >= out_dim, so all VEC columns from o0 lie in the row.
   const T* b = static_cast<const T*>(part.b) + size_t(u.slot) * part.max_rank * part.out_stride + o0;
+  T* y = static_cast<T*>(p.y) + size_t(u.start) * p.y_stride + part.y_offset + o0;
   float acc[TOK][VEC] = {};
   with_used_tokens<TOK>(u.len, [&](auto used) {
     expand_tokens<T, TOK, VEC, decltype(used)::value>(b, part.out_stride, vs, rank, acc);
   });
   const float scale = __ldg(part.scales + u.slot);
-  T* y = static_cast<T*>(p.y) + size_t(u.start) * p.y_stride + part.y_offset + o0;
   // One vector load and store per token where the VEC outputs are whole and aligned (o0 is a
-  // multiple of VEC), else element by element; the same arithmetic either way.
+  // multiple of VEC), else element by element; the same arithmetic either way. Every token's
+  // vector is loaded before any is stored: token by token, each read waited for the previous
+  // token's write (the compiler cannot tell the rows apart), a tile's 16 latencies in a row.
   const bool y_vec = o0 + VEC <= part.out_dim && p.y_stride % VEC == 0 &&
                      part.y_offset % VEC == 0 && reinterpret_cast<uintptr_t>(p.y) % (2 * VEC) == 0;
+  Pack<VEC> y_old[TOK];
+  if (y_vec) {
+    LORA_UNROLL
+    for (int tok = 0; tok < TOK; ++tok) {
+      y_old[tok] = Pack<VEC>{};
+      if (uint32_t(tok) < u.len) y_old[tok] = *reinterpret_cast<const Pack<VEC>*>(y + size_t(tok) * p.y_stride);
+    }
+  }
   LORA_UNROLL
   for (int tok = 0; tok < TOK; ++tok) {
     if (uint32_t(tok) >= u.len) break;
     T* yt = y + size_t(tok) * p.y_stride;
     if (y_vec) {
-      Pack<VEC> raw = *reinterpret_cast<const Pack<VEC>*>(yt);
+      Pack<VEC> raw = y_old[tok];
       float cur[VEC];
       unpack<T, VEC>(raw, cur);
       LORA_UNROLL
