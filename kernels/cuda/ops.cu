@@ -91,14 +91,41 @@ CAD_UNROLL
 /// Grid (column blocks, rows), each striding over its dimension: no per-element division (a
 /// 64-bit one per element when the index was flat).
 template <class T>
+__device__ __forceinline__ T silu_times(T gate, T up) {
+  const float g = cad::to_f32(gate), u = cad::to_f32(up);
+  return cad::from_f32<T>(g / (1.0f + __expf(-g)) * u);
+}
+
+/// Grid (column blocks, rows), both strided past the grid. Each thread takes kSiluVec columns
+/// at a time with 16-byte loads and stores when the rows allow it (`ffn` a multiple of 8,
+/// 16-byte aligned buffers), one column at a time otherwise; the same arithmetic either way.
+/// (One 2-byte access per thread left prefill's 2k x 14k at ~1.9 TB/s on the H200.)
+constexpr uint32_t kSiluVec = 8;
+
+template <class T>
 __device__ void silu_mul(const SiluMulParams& p) {
+  const bool vec = p.ffn % kSiluVec == 0 && reinterpret_cast<uintptr_t>(p.gate_up) % 16 == 0 &&
+                   reinterpret_cast<uintptr_t>(p.out) % 16 == 0;
+  const uint32_t per = vec ? kSiluVec : 1;
   for (uint32_t r = blockIdx.y; r < p.rows; r += gridDim.y) {
     const T* row = static_cast<const T*>(p.gate_up) + size_t(r) * 2 * p.ffn;
     T* out = static_cast<T*>(p.out) + size_t(r) * p.ffn;
-    for (uint32_t c = blockIdx.x * blockDim.x + threadIdx.x; c < p.ffn; c += gridDim.x * blockDim.x) {
-      const float g = cad::to_f32(row[c]);
-      const float u = cad::to_f32(row[p.ffn + c]);
-      out[c] = cad::from_f32<T>(g / (1.0f + __expf(-g)) * u);
+    for (uint32_t c = (blockIdx.x * blockDim.x + threadIdx.x) * per; c < p.ffn;
+         c += gridDim.x * blockDim.x * per) {
+      if (vec) {
+        const cad::Vec16 gv = cad::pun_load<cad::Vec16>(row + c);
+        const cad::Vec16 uv = cad::pun_load<cad::Vec16>(row + p.ffn + c);
+        T g[kSiluVec], u[kSiluVec], o[kSiluVec];
+        memcpy(g, &gv, sizeof(g));
+        memcpy(u, &uv, sizeof(u));
+        CAD_UNROLL
+        for (uint32_t j = 0; j < kSiluVec; ++j) o[j] = silu_times(g[j], u[j]);
+        cad::Vec16 ov;
+        memcpy(&ov, o, sizeof(o));
+        cad::pun_store(out + c, ov);
+      } else {
+        out[c] = silu_times(row[c], row[p.ffn + c]);
+      }
     }
   }
 }

@@ -140,8 +140,12 @@ fn rms_norm_fuses_the_residual_add_in_place() {
 #[test]
 fn silu_mul_matches_the_cpu_kernel() {
     for dev in devices() {
-        for dtype in DTYPES {
-            let (rows, ffn) = (5, 1536 + 7);
+        // Rows of whole 16-byte vectors (8 columns per thread) and not (one at a time).
+        for (dtype, ffn) in DTYPES
+            .into_iter()
+            .flat_map(|d| [(d, 1536 + 7), (d, 1536 + 8)])
+        {
+            let rows = 5;
             let gu = round(dtype, &random(&mut rng(4), rows * 2 * ffn, 6.0));
             let dgu = upload(&dev, dtype, &gu);
             let out = zeros(&dev, dtype, rows * ffn);

@@ -206,10 +206,12 @@ pub fn silu_mul(
         rows: dim32("rows", rows)?,
         ffn: dim32("ffn", ffn)?,
     };
-    // (column blocks, rows); the kernel strides over both past the grid's limits.
+    // (column blocks, rows); the kernel strides over both past the grid's limits, 8 columns per
+    // thread where rows are whole 16-byte vectors (`kSiluVec`), 1 otherwise.
+    let per_thread = if ffn.is_multiple_of(8) { 8 } else { 1 };
     let dims = LaunchDims {
         grid: (
-            ffn.div_ceil(256).clamp(1, 65_535) as u32,
+            ffn.div_ceil(256 * per_thread).clamp(1, 65_535) as u32,
             rows.clamp(1, 65_535) as u32,
             1,
         ),
