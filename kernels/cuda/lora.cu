@@ -8,8 +8,10 @@
 // The expand adds the splits' partial sums in order.
 // Two ways to map tokens to blocks, sharing the bodies below:
 //   BGMV (decode): one block per token, its slot from a per-token list (0xffffffff: base only);
-//   SGMV (prefill runs): one block per tile of up to kTileTokens consecutive tokens on one slot
-//   (built on the host from the batch's segments), so each A and B value read serves the whole tile.
+//   SGMV: one block per tile of up to kTileTokens tokens on one slot, so each A and B value read
+//   serves the whole tile: a prefill run's consecutive tokens, or a decode batch's tokens grouped
+//   by adapter (built on the host, kernels/src/gpu/lora/batch.rs; a tile names its rows, which
+//   need not be adjacent).
 // Every output value is the same sequence of f32 operations whichever way it is mapped (each
 // lane's fused multiply-adds over its columns in order, the 32 lanes summed in order through
 // shared memory, the rank terms in order), so a token's delta is bit-identical alone, in a BGMV
@@ -92,19 +94,26 @@ __device__ __forceinline__ void load_shared_vec(const T* p, float (&out)[N]) {
   unpack<T, N>(raw, out);
 }
 
-/// The tokens one block works on: `len` tokens from `start`, all on adapter `slot` (len 0: none).
+/// The tokens one block works on, all on adapter `slot` (len 0: none): BGMV's token `first`;
+/// an SGMV tile's `len` tokens rows[first], rows[first + 1], ...
 struct Unit {
-  uint32_t start, len, slot;
+  uint32_t first, len, slot;
+  const uint32_t* rows;  // null for BGMV
+
+  /// The batch row (token) of the unit's token `i`.
+  __device__ __forceinline__ uint32_t row(uint32_t i) const {
+    return rows != nullptr ? __ldg(rows + first + i) : first + i;
+  }
 };
 
 template <int TOK>
 __device__ __forceinline__ Unit unit_of(const LoraParams& p, uint32_t u) {
   Unit r;
   if (TOK == 1) {
-    r = Unit{u, 1, __ldg(p.token_slots + u)};
+    r = Unit{u, 1, __ldg(p.token_slots + u), nullptr};
   } else {
     const uint32_t* t = p.tiles + 3 * size_t(u);
-    r = Unit{__ldg(t), __ldg(t + 1), __ldg(t + 2)};
+    r = Unit{__ldg(t), __ldg(t + 1), __ldg(t + 2), p.tile_rows};
   }
   if (r.slot == kNoSlot || r.slot >= p.num_slots) r.len = 0;
   return r;
@@ -137,12 +146,14 @@ __device__ __forceinline__ LoraPart part_at(const LoraParams& p, int i) {
   return r;
 }
 
-/// Copies columns `c0..c0 + cols` of the unit's `len` input rows into `xs` (`[TOK][CHUNK]`),
-/// zeros past `in_dim` and for the tile's missing tokens. 16-byte loads when rows allow. Run by
-/// the shrink's kShrinkThreads threads.
+/// Copies columns `c0..c0 + cols` of the unit's input rows into `xs` (`[TOK][CHUNK]`), zeros
+/// past `in_dim` and for the tile's missing tokens. 16-byte loads when rows allow. Run by the
+/// shrink's kShrinkThreads threads.
 template <class T, int TOK, int CHUNK>
-__device__ __forceinline__ void stage_x(T* xs, const T* x, uint32_t len, uint32_t c0, uint32_t cols,
-                                        uint32_t in_dim, bool vec) {
+__device__ __forceinline__ void stage_x(T* xs, const T* x_all, const Unit& u, uint32_t c0,
+                                        uint32_t cols, uint32_t in_dim, bool vec) {
+  const uint32_t len = u.len;
+  auto x_row = [&](uint32_t tok) { return x_all + size_t(u.row(tok)) * in_dim; };
   if (vec) {
     // Every load of the thread first, then every store: a warp issues in order and would stall
     // at the first store of a loaded value, leaving one load in flight per thread.
@@ -155,7 +166,7 @@ __device__ __forceinline__ void stage_x(T* xs, const T* x, uint32_t len, uint32_
       const uint32_t tok = i / per_row, c = (i % per_row) * 8;
       vals[it] = Pack<8>{};
       if (i < TOK * per_row && tok < len && c0 + c < in_dim) {
-        vals[it] = load_global<8>(x + size_t(tok) * in_dim + c0 + c);
+        vals[it] = load_global<8>(x_row(tok) + c0 + c);
       }
     }
     LORA_UNROLL
@@ -170,7 +181,7 @@ __device__ __forceinline__ void stage_x(T* xs, const T* x, uint32_t len, uint32_
     for (uint32_t i = threadIdx.x; i < TOK * cols; i += blockDim.x) {
       const uint32_t tok = i / cols, c = i % cols;
       const bool in = tok < len && c0 + c < in_dim;
-      xs[tok * CHUNK + c] = in ? x[size_t(tok) * in_dim + c0 + c] : cad::from_f32<T>(0.0f);
+      xs[tok * CHUNK + c] = in ? x_row(tok)[c0 + c] : cad::from_f32<T>(0.0f);
     }
   }
 }
@@ -270,7 +281,6 @@ __device__ void shrink(const LoraParams& p) {
 
   const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const T* a = static_cast<const T*>(part.a) + size_t(u.slot) * part.max_rank * p.in_stride;
-  const T* x = static_cast<const T*>(p.x) + size_t(u.start) * p.in_dim;
   const bool x_vec = p.in_dim % 8 == 0 && reinterpret_cast<uintptr_t>(p.x) % 16 == 0;
   uint32_t k[ROWS];
   int num_rows = 0;  // warp-uniform; the valid rows come first
@@ -283,7 +293,7 @@ __device__ void shrink(const LoraParams& p) {
   const uint32_t split = blockIdx.z, c0 = split * CHUNK;
   if (c0 >= p.in_stride) return;  // the whole block: before any barrier
   const uint32_t cols = min(uint32_t(CHUNK), p.in_stride - c0);
-  stage_x<T, TOK, CHUNK>(xs, x, u.len, c0, cols, p.in_dim, x_vec);
+  stage_x<T, TOK, CHUNK>(xs, static_cast<const T*>(p.x), u, c0, cols, p.in_dim, x_vec);
   __syncthreads();
   const T* rows[ROWS];
   LORA_UNROLL
@@ -311,7 +321,7 @@ __device__ void shrink(const LoraParams& p) {
     const float* in = partial + w * kWarpStride + (i % V);
     float s = 0.0f;
     for (int l = 0; l < 32; ++l) s += in[l * kLaneStride];
-    p.v[size_t(split) * p.v_split_stride + size_t(u.start + tok) * p.v_stride + part.v_offset + kr] = s;
+    p.v[size_t(split) * p.v_split_stride + size_t(u.row(tok)) * p.v_stride + part.v_offset + kr] = s;
   }
 }
 
@@ -354,7 +364,7 @@ __device__ void expand(const LoraParams& p) {
     const uint32_t tok = i / rank, k = i % rank;
     float s = 0.0f;
     if (tok < u.len) {
-      const float* v = p.v + size_t(u.start + tok) * p.v_stride + part.v_offset + k;
+      const float* v = p.v + size_t(u.row(tok)) * p.v_stride + part.v_offset + k;
       LORA_UNROLL4
       for (uint32_t z = 0; z < p.num_splits; ++z) s += __ldg(v + size_t(z) * p.v_split_stride);
     }
@@ -365,7 +375,7 @@ __device__ void expand(const LoraParams& p) {
   if (o0 >= part.out_dim) return;  // after the block's only barrier
   // out_stride is a multiple of 8 >= out_dim, so all VEC columns from o0 lie in the row.
   const T* b = static_cast<const T*>(part.b) + size_t(u.slot) * part.max_rank * part.out_stride + o0;
-  T* y = static_cast<T*>(p.y) + size_t(u.start) * p.y_stride + part.y_offset + o0;
+  T* y = static_cast<T*>(p.y) + part.y_offset + o0;  // plus each token's row
   float acc[TOK][VEC] = {};
   with_used_tokens<TOK>(u.len, [&](auto used) {
     expand_tokens<T, TOK, VEC, decltype(used)::value>(b, part.out_stride, vs, rank, acc);
@@ -382,13 +392,13 @@ __device__ void expand(const LoraParams& p) {
     LORA_UNROLL
     for (int tok = 0; tok < TOK; ++tok) {
       y_old[tok] = Pack<VEC>{};
-      if (uint32_t(tok) < u.len) y_old[tok] = *reinterpret_cast<const Pack<VEC>*>(y + size_t(tok) * p.y_stride);
+      if (uint32_t(tok) < u.len) y_old[tok] = *reinterpret_cast<const Pack<VEC>*>(y + size_t(u.row(tok)) * p.y_stride);
     }
   }
   LORA_UNROLL
   for (int tok = 0; tok < TOK; ++tok) {
     if (uint32_t(tok) >= u.len) break;
-    T* yt = y + size_t(tok) * p.y_stride;
+    T* yt = y + size_t(u.row(tok)) * p.y_stride;
     if (y_vec) {
       Pack<VEC> raw = y_old[tok];
       float cur[VEC];

@@ -11,7 +11,7 @@ mod gpu_support;
 
 use caduceus_kernels::gpu::lora::{
     add_lora_fused, workspace_bytes, DeviceFusedPart, DeviceLoraSlots, FusedLoraArgs, LoraBatch,
-    LoraGpuError,
+    LoraGpuError, LoraUnits,
 };
 use caduceus_kernels::gpu::{DType, Device, DeviceBuffer};
 use caduceus_kernels::lora::{
@@ -339,7 +339,10 @@ fn sgmv_fused_qkv_matches_the_cpu_across_tile_edges() {
 fn bgmv_and_sgmv_give_the_same_bits() {
     // A token's delta is the same f32 operations under either mapping (lora.cu), so runs of a
     // shared adapter computed as SGMV tiles equal the same tokens computed one by one. Tiles of
-    // 1, 2, 3, 4, 5, 9 and 16 tokens: every token count the kernels round a tile up to.
+    // 1, 2, 3, 4, 5, 9 and 16 tokens: every token count the kernels round a tile up to. Grouped
+    // by adapter (as a decode graph may map them), slots 2 and 3 gather tokens of runs apart,
+    // and slot 3's 25 tokens make a full tile and a partial one; the fixed form (a graph's) has
+    // a unit per token, the ones past the tiles empty.
     let runs = [
         (2, Some(2)),
         (1, None),
@@ -371,6 +374,12 @@ fn bgmv_and_sgmv_give_the_same_bits() {
             let sgmv = qkv.gpu(&dev, &x, &sgmv_batch, &y0);
             let what = format!("{} stride {}", dev.describe(), qkv.stride);
             assert!(bgmv == sgmv, "{what}: BGMV and SGMV differ");
+            let grouped = qkv.gpu(&dev, &x, &LoraBatch::grouped(&dev, &slots).unwrap(), &y0);
+            assert!(bgmv == grouped, "{what}: BGMV and grouped SGMV differ");
+            let fixed = LoraUnits::grouped(&slots, true).unwrap();
+            let words = dev.upload(fixed.words()).unwrap();
+            let fixed = qkv.gpu(&dev, &x, &fixed.placed_fixed(&words).unwrap(), &y0);
+            assert!(bgmv == fixed, "{what}: BGMV and fixed grouped SGMV differ");
             qkv.check(&what, &sgmv, &x, &segs, &y0);
         }
     }

@@ -2,9 +2,10 @@
 //! shrink/expand launches, the GPU twin of [`crate::lora::add_lora_fused`].
 //!
 //! A batch is described once per step as a [`LoraBatch`] (uploaded once, read by every layer and
-//! projection): per-token slots for decode (BGMV: one block per token) or segment tiles for
-//! prefill runs (SGMV: one block per tile of up to [`TILE_TOKENS`] tokens on one adapter, so A
-//! and B are read once per tile). [`add_lora_fused`] then makes two launches for all the
+//! projection): per-token slots for decode (BGMV: one block per token) or SGMV tiles (one block
+//! per tile of up to [`TILE_TOKENS`] tokens on one adapter, so A and B are read once per tile) of
+//! prefill runs or of decode tokens grouped by adapter ([`LoraUnits::grouped`]; a decode graph
+//! takes either, [`DecodeLoraMapping`]). [`add_lora_fused`] then makes two launches for all the
 //! projections that read one input (q/k/v, gate/up; o and down as one-part calls): a shrink into
 //! an f32 workspace, split over the input's columns, and an expand into the fused output. Both mappings perform the same f32
 //! operations per output, so a token's delta is bit-identical under either and in any batch.
@@ -36,6 +37,33 @@ const SPLIT_COLS: usize = 1024;
 const OUT_TILE: usize = 512;
 const BGMV_EXPAND_THREADS: u32 = 64;
 const SGMV_EXPAND_THREADS: u32 = 128;
+
+/// How a captured decode graph maps its tokens to LoRA blocks. The engine's graphs take BGMV;
+/// `gpu-bench` times both (the grouped tiles read each adapter once per tile of up to
+/// [`TILE_TOKENS`] of its tokens, where BGMV reads it once per token, through L2 when tokens
+/// share it; measured slower than BGMV on the H200 before the expand's loads were batched).
+/// Both give the same bits.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DecodeLoraMapping {
+    /// One block per token ([`LoraUnits::bgmv`]).
+    #[default]
+    Bgmv,
+    /// SGMV tiles of the tokens grouped by adapter, a unit per token ([`LoraUnits::grouped`]).
+    Grouped,
+}
+
+impl DecodeLoraMapping {
+    /// Every mapping, in the order of their names.
+    pub const ALL: [DecodeLoraMapping; 2] = [DecodeLoraMapping::Bgmv, DecodeLoraMapping::Grouped];
+
+    /// The name reports use.
+    pub fn name(self) -> &'static str {
+        match self {
+            DecodeLoraMapping::Bgmv => "bgmv",
+            DecodeLoraMapping::Grouped => "grouped",
+        }
+    }
+}
 
 /// Why a device slot could not be loaded or a fused call not run.
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +105,7 @@ struct LoraParams {
     y: u64,
     token_slots: u64,
     tiles: u64,
+    tile_rows: u64,
     num_parts: u32,
     num_slots: u32,
     num_units: u32,
@@ -210,9 +239,9 @@ pub fn add_lora_fused(dev: &Device, args: &FusedLoraArgs<'_>) -> Result<(), Lora
         splits * num_tokens * v_stride,
         4,
     )?;
-    let (token_slots, tiles) = match batch.mapping {
-        Mapping::Bgmv => (batch.units_ptr(), 0),
-        Mapping::Sgmv => (0, batch.units_ptr()),
+    let (token_slots, tiles, tile_rows) = match batch.mapping {
+        Mapping::Bgmv => (batch.units_ptr(), 0, 0),
+        Mapping::Sgmv => (0, batch.units_ptr(), batch.rows_ptr()),
     };
     let num_slots = args.parts.iter().map(|p| p.slots.shape.num_slots).min();
     let p = LoraParams {
@@ -222,6 +251,7 @@ pub fn add_lora_fused(dev: &Device, args: &FusedLoraArgs<'_>) -> Result<(), Lora
         y: args.y.ptr(),
         token_slots,
         tiles,
+        tile_rows,
         num_parts: args.parts.len() as u32,
         num_slots: dim32("num_slots", num_slots.unwrap_or(0))?,
         num_units: dim32("units", batch.num_units)?,

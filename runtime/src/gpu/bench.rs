@@ -14,6 +14,7 @@ use std::time::Instant;
 
 use caduceus_kernels::attention::SeqAttention;
 use caduceus_kernels::gpu::gemm_tune::GemmPolicy;
+use caduceus_kernels::gpu::lora::DecodeLoraMapping;
 use caduceus_kernels::gpu::Device;
 use caduceus_kernels::lora::segments_from_token_slots;
 use serde::Serialize;
@@ -426,30 +427,46 @@ fn time_lora(
     progress(&format!(
         "{num_slots} adapter slots filled in {slot_fill_s:.1} s"
     ));
-    // The engine's decode graphs carry the adapter launches, sized for the slots' largest rank.
-    let mut lora_graph = DecodeGraphs::capture(model, kv, ws, &[n], Some(&stack))?;
+    // The decode graphs carry the adapter launches, sized for the slots' largest rank: BGMV as
+    // the engine's, and the tokens grouped by adapter beside them.
+    let mut graphs = DecodeLoraMapping::ALL
+        .into_iter()
+        .map(|m| {
+            Ok((
+                m,
+                DecodeGraphs::capture(model, kv, ws, &[n], Some((&stack, m)))?,
+            ))
+        })
+        .collect::<Result<Vec<_>, GpuModelError>>()?;
     let mut runs = Vec::new();
     for &distinct in &o.lora_distinct {
         let distinct = distinct.clamp(1, num_slots);
         // Streams grouped by adapter, as a batch sorted by adapter (S-LoRA, Punica).
         let slots: Vec<Option<u32>> = (0..n).map(|i| Some((i * distinct / n) as u32)).collect();
         let lora = Some((&stack, &slots[..]));
-        let step = time_decode(model, kv, ws, Some(&mut lora_graph), o, n, lora)?;
-        let profile = profile_decode(model, kv, ws, o, n, lora)?;
-        let step = Timed::new(step, roof);
-        let tokens_per_s = n as f64 / (step.median_ms / 1e3);
-        progress(&format!(
-            "multi-LoRA {distinct} distinct: {:.3} ms/step ({:.2}x base)",
-            step.median_ms,
-            tokens_per_s / base_tokens_per_s
-        ));
-        runs.push(LoraFigure {
-            profile,
-            distinct,
-            over_base: tokens_per_s / base_tokens_per_s,
-            tokens_per_s,
-            step,
-        });
+        for (mapping, graph) in &mut graphs {
+            let step = time_decode(model, kv, ws, Some(graph), o, n, lora)?;
+            let profile = match mapping {
+                DecodeLoraMapping::Bgmv => Some(profile_decode(model, kv, ws, o, n, lora)?),
+                DecodeLoraMapping::Grouped => None,
+            };
+            let step = Timed::new(step, roof);
+            let tokens_per_s = n as f64 / (step.median_ms / 1e3);
+            progress(&format!(
+                "multi-LoRA {distinct} distinct ({}): {:.3} ms/step ({:.2}x base)",
+                mapping.name(),
+                step.median_ms,
+                tokens_per_s / base_tokens_per_s
+            ));
+            runs.push(LoraFigure {
+                profile,
+                distinct,
+                mapping: mapping.name(),
+                over_base: tokens_per_s / base_tokens_per_s,
+                tokens_per_s,
+                step,
+            });
+        }
     }
     Ok(LoraPart {
         streams: n,

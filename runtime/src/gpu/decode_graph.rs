@@ -4,8 +4,10 @@
 //! A pure-decode step is staged padded to the next captured size (its one upload fills the
 //! fixed addresses the graph reads) and the graph is replayed; mixed prefill/decode steps and
 //! batches above the largest size run eagerly. With adapter slots, every graph carries the
-//! BGMV LoRA launches with grids sized for the slots' largest rank (a token without adapter
-//! adds nothing), so decode steps mixing adapters replay too. Each graph is captured after one
+//! LoRA launches with grids sized for the slots' largest rank and a unit per token (a token
+//! without adapter adds nothing), so decode steps mixing adapters replay too: BGMV in the
+//! engine; `gpu-bench` also times graphs on the tokens grouped by adapter
+//! ([`DecodeLoraMapping`]). Each graph is captured after one
 //! eager run of its size, so the GEMM algorithm cache is warm (no cuBLASLt heuristic query
 //! while capturing).
 //!
@@ -20,6 +22,7 @@ use super::lora::{GpuLoraBatch, GpuLoraStack};
 use super::model::{GpuKvCache, GpuModel, GpuModelError};
 use super::workspace::Workspace;
 use crate::model::ForwardBatch;
+use caduceus_kernels::gpu::lora::DecodeLoraMapping;
 
 /// Device memory reserved in the memory plan per captured graph: a stated bound, not a
 /// measurement (a decode graph of a 32-layer model has ~400 nodes; the driver keeps their
@@ -36,22 +39,25 @@ pub fn graph_sizes(max_num_seqs: usize, max_tokens: usize, max_batch: usize) -> 
 /// The captured decode graphs.
 pub struct DecodeGraphs {
     sizes: Vec<usize>,
-    /// The graphs carry the LoRA launches.
-    with_lora: bool,
+    /// The graphs carry the LoRA launches, mapping tokens to blocks this way.
+    lora: Option<DecodeLoraMapping>,
     graphs: Vec<DeviceGraph>,
     replays: u64,
 }
 
 impl DecodeGraphs {
     /// Captures one graph per size in `sizes` (ascending), each on an all-padding batch of
-    /// that size, after one eager run of it; with `stack`, including its LoRA launches.
+    /// that size, after one eager run of it; with a stack, including its LoRA launches under the
+    /// given mapping (the engine's: [`DecodeLoraMapping::Bgmv`]).
     pub fn capture(
         model: &GpuModel,
         kv: &GpuKvCache,
         ws: &mut Workspace,
         sizes: &[usize],
-        stack: Option<&GpuLoraStack>,
+        lora: Option<(&GpuLoraStack, DecodeLoraMapping)>,
     ) -> Result<DecodeGraphs, GpuModelError> {
+        let stack = lora.map(|(s, _)| s);
+        let mapping = lora.map_or(DecodeLoraMapping::Bgmv, |(_, m)| m);
         let dev = model.device();
         let empty = ForwardBatch {
             token_ids: &[],
@@ -62,14 +68,14 @@ impl DecodeGraphs {
         };
         let mut graphs = Vec::with_capacity(sizes.len());
         for &size in sizes {
-            let step = ws.stage(dev, &empty, stack.map(|_| &[][..]), Some(size))?;
+            let step = ws.stage(dev, &empty, stack.map(|_| &[][..]), Some((size, mapping)))?;
             model.launch(kv, ws, &step, stack, None)?;
             let ws: &Workspace = ws;
             graphs.push(dev.capture(|| model.launch(kv, ws, &step, stack, None))?);
         }
         Ok(DecodeGraphs {
             sizes: sizes.to_vec(),
-            with_lora: stack.is_some(),
+            lora: lora.map(|(_, m)| m),
             graphs,
             replays: 0,
         })
@@ -103,7 +109,7 @@ impl DecodeGraphs {
         let segments = lora.map_or(&[][..], |l| l.segments);
         // The launches were captured for slots below the stack's count; the eager path
         // reports a bad one.
-        let slots_ok = match (self.with_lora, lora) {
+        let slots_ok = match (self.lora.is_some(), lora) {
             (_, None) => true,
             (true, Some(l)) => segments
                 .iter()
@@ -125,8 +131,9 @@ impl DecodeGraphs {
             .position(|&s| s == size)
             .ok_or_else(|| GpuError::Capture(format!("no graph of size {size}")))?;
         let dev = model.device();
-        let segments = self.with_lora.then_some(segments);
-        ws.stage(dev, batch, segments, Some(size))?;
+        let segments = self.lora.is_some().then_some(segments);
+        let mapping = self.lora.unwrap_or_default();
+        ws.stage(dev, batch, segments, Some((size, mapping)))?;
         dev.replay(&self.graphs[index])?;
         self.replays += 1;
         Ok(Some(n))

@@ -1,6 +1,6 @@
 //! [`LoraBatch`]: which tokens of a step use which adapter slot, as the kernels read it.
 
-use super::{LoraGpuError, TILE_TOKENS};
+use super::{DecodeLoraMapping, LoraGpuError, TILE_TOKENS};
 use crate::gpu::ops::{dim32, need};
 use crate::gpu::{Device, DeviceBuffer};
 use crate::lora::{LoraError, Segment};
@@ -19,12 +19,15 @@ pub(super) enum Mapping {
 
 /// Which tokens of a step use which adapter slot, on the host: the words the kernels read and
 /// what sizes their grids. [`LoraUnits::placed`] names where on the device those words are (a
-/// range of a step's one upload); [`LoraBatch::bgmv`] / [`LoraBatch::sgmv`] upload them alone.
+/// range of a step's one upload); [`LoraBatch::bgmv`] / [`LoraBatch::sgmv`] /
+/// [`LoraBatch::grouped`] upload them alone.
 #[derive(Clone, Debug)]
 pub struct LoraUnits {
     mapping: Mapping,
-    /// BGMV: `[num_tokens]` u32 slots; SGMV: `[num_units][3]` u32 (start, len, slot).
+    /// BGMV: `[num_tokens]` u32 slots. SGMV: `[num_units][3]` u32 (first, len, slot), then from
+    /// `rows_at` the tiles' tokens: tile (first, len, _) holds tokens rows[first..first + len].
     words: Vec<u32>,
+    rows_at: usize,
     num_units: usize,
     num_tokens: usize,
     slots_used: Vec<u32>,
@@ -39,8 +42,62 @@ impl LoraUnits {
             mapping: Mapping::Bgmv,
             num_units: slots.len(),
             num_tokens: slots.len(),
+            rows_at: 0,
             words: slots,
             slots_used: distinct(token_slots.iter().flatten().copied()),
+        })
+    }
+
+    /// The units of a captured decode graph's `token_slots` (one per padded token) under
+    /// `mapping`: the same layout and grid for any slots of that length.
+    pub fn for_graph(
+        token_slots: &[Option<u32>],
+        mapping: DecodeLoraMapping,
+    ) -> Result<LoraUnits, LoraGpuError> {
+        match mapping {
+            DecodeLoraMapping::Bgmv => LoraUnits::bgmv(token_slots),
+            DecodeLoraMapping::Grouped => LoraUnits::grouped(token_slots, true),
+        }
+    }
+
+    /// Decode tokens grouped by adapter: `token_slots[t]` is token t's slot (`None`: base model
+    /// only); the tokens of each slot, in batch order, are cut into SGMV tiles, so each adapter's
+    /// weights are read once per tile rather than once per token (S-LoRA and Punica sort a batch
+    /// by adapter for the same reason). With `fixed`, there are always as many units as tokens
+    /// (tiles past the real ones are empty), so the words' layout and the grid depend on the
+    /// token count alone, as a captured graph needs.
+    pub fn grouped(token_slots: &[Option<u32>], fixed: bool) -> Result<LoraUnits, LoraGpuError> {
+        let t = token_slots.len();
+        dim32("num_tokens", t)?;
+        // The named tokens by slot, each slot's in batch order (a stable sort).
+        let mut rows: Vec<(u32, u32)> = (0..t as u32)
+            .filter_map(|i| token_slots[i as usize].map(|s| (s, i)))
+            .collect();
+        rows.sort_by_key(|&(slot, _)| slot);
+        let mut tiles: Vec<u32> = Vec::new();
+        let mut first = 0;
+        for group in rows.chunk_by(|a, b| a.0 == b.0) {
+            for tile in group.chunks(TILE_TOKENS) {
+                tiles.extend([first as u32, tile.len() as u32, tile[0].0]);
+                first += tile.len();
+            }
+        }
+        let slots_used = distinct(rows.iter().map(|&(slot, _)| slot));
+        let mut rows: Vec<u32> = rows.into_iter().map(|(_, i)| i).collect();
+        let num_units = if fixed { t } else { tiles.len() / 3 };
+        while tiles.len() < 3 * num_units {
+            tiles.extend([0, 0, NO_SLOT]);
+        }
+        rows.resize(t, 0);
+        let rows_at = tiles.len();
+        tiles.extend(rows);
+        Ok(LoraUnits {
+            mapping: Mapping::Sgmv,
+            num_units,
+            words: tiles,
+            rows_at,
+            num_tokens: t,
+            slots_used,
         })
     }
 
@@ -69,10 +126,14 @@ impl LoraUnits {
                 tiles.extend([start as u32, len as u32, slot]);
             }
         }
+        // The runs' tokens are consecutive: rows is the identity.
+        let (num_units, rows_at) = (tiles.len() / 3, tiles.len());
+        tiles.extend(0..num_tokens as u32);
         Ok(LoraUnits {
             mapping: Mapping::Sgmv,
-            num_units: tiles.len() / 3,
+            num_units,
             words: tiles,
+            rows_at,
             num_tokens,
             slots_used: distinct(segments.iter().filter_map(|s| s.slot)),
         })
@@ -91,8 +152,8 @@ impl LoraUnits {
     }
 
     /// [`Self::placed`] with grids sized for every slot's largest rank rather than the ranks
-    /// these units use, so the launches stay valid for any BGMV units of the same length written
-    /// to `buf` later (a captured graph). Those slots are then not checked at launch: the caller
+    /// these units use, so the launches stay valid for any units of the same kind and token
+    /// count written to `buf` later (BGMV, or [`Self::grouped`] with `fixed`: a captured graph). Those slots are then not checked at launch: the caller
     /// checks them against the stores' slot count before each upload.
     pub fn placed_fixed(self, buf: &DeviceBuffer) -> Result<LoraBatch<'_>, LoraGpuError> {
         need("lora units", buf, self.words.len(), 4)?;
@@ -102,6 +163,7 @@ impl LoraUnits {
     fn into_batch(self, units: Units<'_>, fixed_grid: bool) -> LoraBatch<'_> {
         LoraBatch {
             mapping: self.mapping,
+            rows_at: self.rows_at,
             units,
             num_units: self.num_units,
             num_tokens: self.num_tokens,
@@ -121,6 +183,8 @@ enum Units<'a> {
 /// of the step (all layers and projections).
 pub struct LoraBatch<'a> {
     pub(super) mapping: Mapping,
+    /// SGMV: the word where the tiles' rows start.
+    rows_at: usize,
     units: Units<'a>,
     pub(super) num_units: usize,
     pub(super) num_tokens: usize,
@@ -135,6 +199,11 @@ impl LoraBatch<'static> {
     /// [`LoraUnits::bgmv`], uploaded into a buffer of its own.
     pub fn bgmv(dev: &Device, token_slots: &[Option<u32>]) -> Result<Self, LoraGpuError> {
         Self::upload(dev, LoraUnits::bgmv(token_slots)?)
+    }
+
+    /// [`LoraUnits::grouped`] (not fixed), uploaded into a buffer of its own.
+    pub fn grouped(dev: &Device, token_slots: &[Option<u32>]) -> Result<Self, LoraGpuError> {
+        Self::upload(dev, LoraUnits::grouped(token_slots, false)?)
     }
 
     /// [`LoraUnits::sgmv`], uploaded into a buffer of its own.
@@ -164,6 +233,11 @@ impl LoraBatch<'_> {
             Units::At(b) => b.ptr(),
         }
     }
+
+    /// SGMV: the device address of the tiles' rows.
+    pub(super) fn rows_ptr(&self) -> u64 {
+        self.units_ptr() + 4 * self.rows_at as u64
+    }
 }
 
 fn distinct(slots: impl Iterator<Item = u32>) -> Vec<u32> {
@@ -171,4 +245,37 @@ fn distinct(slots: impl Iterator<Item = u32>) -> Vec<u32> {
     v.sort_unstable();
     v.dedup();
     v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grouped_units_gather_each_slots_tokens_in_batch_order() {
+        // Slot 1's token 2, then slot 2's tokens 0 and 3; token 1 uses no adapter.
+        let slots = [Some(2), None, Some(1), Some(2)];
+        let u = LoraUnits::grouped(&slots, false).unwrap();
+        assert_eq!((u.num_units, u.rows_at), (2, 6));
+        assert_eq!(u.words(), [0, 1, 1, 1, 2, 2, 2, 0, 3, 0]);
+        assert_eq!(u.slots_used, [1, 2]);
+        // A graph's form: a unit per token, the extra ones empty, the rows after all of them.
+        let f = LoraUnits::grouped(&slots, true).unwrap();
+        assert_eq!((f.num_units, f.rows_at), (4, 12));
+        assert_eq!(&f.words()[6..12], [0, 0, NO_SLOT, 0, 0, NO_SLOT]);
+        assert_eq!(&f.words()[12..], [2, 0, 3, 0]);
+    }
+
+    #[test]
+    fn grouped_units_cut_a_slots_tokens_into_tiles() {
+        let slots = vec![Some(7); TILE_TOKENS + 3];
+        let u = LoraUnits::grouped(&slots, false).unwrap();
+        assert_eq!(u.num_units, 2);
+        assert_eq!(
+            &u.words()[..6],
+            [0, TILE_TOKENS as u32, 7, TILE_TOKENS as u32, 3, 7]
+        );
+        let rows: Vec<u32> = (0..slots.len() as u32).collect();
+        assert_eq!(&u.words()[6..], rows);
+    }
 }

@@ -69,12 +69,19 @@ pub struct PrefillFigure {
 #[derive(Clone, Debug, Serialize)]
 pub struct LoraFigure {
     pub distinct: usize,
+    /// How the decode graph mapped tokens to LoRA blocks
+    /// ([`DecodeLoraMapping::name`](caduceus_kernels::gpu::lora::DecodeLoraMapping::name):
+    /// `bgmv`, the engine's, or `grouped`).
+    pub mapping: &'static str,
     pub step: Timed,
     pub tokens_per_s: f64,
-    /// Throughput over the base model's at the same load (target >= 0.9 at 64 distinct).
+    /// Throughput over the base model's at the same load (target >= 0.9 at 64 distinct, for
+    /// the engine's mapping).
     pub over_base: f64,
-    /// Device time by op of the eager step (adapter deltas under `lora`).
-    pub profile: OpProfile,
+    /// Device time by op of the eager step (adapter deltas under `lora`), which is the same
+    /// for both mappings: given with the `bgmv` row only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profile: Option<OpProfile>,
 }
 
 /// The multi-LoRA part.

@@ -3,6 +3,7 @@
 //! adapters mixed in the batch; steps a graph cannot serve (above the cap, prefill, adapters
 //! when the graphs were captured without slots) are left to the eager path.
 
+use caduceus_kernels::gpu::lora::DecodeLoraMapping;
 use caduceus_kernels::lora::segments_from_token_slots;
 
 use super::{graph_sizes, DecodeGraphs};
@@ -18,8 +19,9 @@ const MIXED: [Option<u32>; 3] = [Some(0), None, Some(1)];
 const SHARED: [Option<u32>; 3] = [Some(1), Some(1), Some(0)];
 
 /// Decode steps of 1 to 3 sequences replayed from graphs match the eager steps bit for bit;
-/// with `adapters`, sequence s decodes on adapter `adapters[s]`.
-fn graphs_replay_the_eager_steps(adapters: Option<[Option<u32>; 3]>) {
+/// with `adapters`, sequence s decodes on adapter `adapters[s]`, the graphs mapping tokens to
+/// LoRA blocks by `mapping`.
+fn graphs_replay_the_eager_steps(adapters: Option<[Option<u32>; 3]>, mapping: DecodeLoraMapping) {
     let with_adapters = adapters.is_some();
     let gpu = model();
     let (dev, c) = (gpu.device(), gpu.config().clone());
@@ -46,7 +48,8 @@ fn graphs_replay_the_eager_steps(adapters: Option<[Option<u32>; 3]>) {
     // Graphs up to 2 of the 3 sequences: sizes 1, 2.
     let sizes = graph_sizes(limits.max_num_seqs, limits.max_num_batched_tokens, 2);
     assert_eq!(sizes, [1, 2]);
-    let mut graphs = DecodeGraphs::capture(&gpu, &kv, &mut ws, &sizes, stack.as_ref()).unwrap();
+    let graph_lora = stack.as_ref().map(|s| (s, mapping));
+    let mut graphs = DecodeGraphs::capture(&gpu, &kv, &mut ws, &sizes, graph_lora).unwrap();
     assert!(graphs.nodes().iter().all(|&n| n > 0));
     // Prompts of 3, 5 and 7 tokens over interleaved block tables, prefilled eagerly.
     let tables: Vec<Vec<u32>> = (0..3u32).map(|s| vec![s + 5, 10 - s, s]).collect();
@@ -112,13 +115,17 @@ fn graphs_replay_the_eager_steps(adapters: Option<[Option<u32>; 3]>) {
 
 #[test]
 fn every_ladder_size_replays_the_eager_decode_step_bit_exactly() {
-    graphs_replay_the_eager_steps(None);
+    graphs_replay_the_eager_steps(None, DecodeLoraMapping::Bgmv);
 }
 
 #[test]
 fn decode_steps_mixing_adapters_replay_bit_exactly() {
-    graphs_replay_the_eager_steps(Some(MIXED));
-    graphs_replay_the_eager_steps(Some(SHARED));
+    // Eager decode steps run BGMV; a graph's tiles of tokens grouped by adapter give the same
+    // bits (SHARED puts two tokens in one tile).
+    for mapping in DecodeLoraMapping::ALL {
+        graphs_replay_the_eager_steps(Some(MIXED), mapping);
+        graphs_replay_the_eager_steps(Some(SHARED), mapping);
+    }
 }
 
 #[test]

@@ -2,7 +2,7 @@
 //! upload buffer each kernel reads.
 
 use caduceus_kernels::attention::PAD_SLOT;
-use caduceus_kernels::gpu::lora::LoraUnits;
+use caduceus_kernels::gpu::lora::{DecodeLoraMapping, LoraUnits};
 use caduceus_kernels::gpu::{BufferView, Device, GpuError};
 use caduceus_kernels::lora::Segment;
 
@@ -37,16 +37,17 @@ pub(crate) struct StepInputs<'a> {
 
 impl Workspace {
     /// Writes `batch` (and its LoRA segments) into the staging buffer and copies it to the
-    /// device in one write. With `pad_to`, a decode-only batch whose logits rows are its
-    /// tokens in order is padded to that many sequences: padding tokens write to
-    /// [`PAD_SLOT`], attend to one token of block 0, use no adapter and their logits are
-    /// ignored; `segments` then means "adapters on" even when empty (a slot per token).
+    /// device in one write. With `pad_to` (a graph's size and LoRA mapping), a decode-only batch
+    /// whose logits rows are its tokens in order is padded to that many sequences: padding
+    /// tokens write to [`PAD_SLOT`], attend to one token of block 0, use no adapter and their
+    /// logits are ignored; `segments` then means "adapters on" even when empty (units laid out
+    /// for the padded size whatever the slots).
     pub(crate) fn stage(
         &mut self,
         dev: &Device,
         batch: &ForwardBatch<'_>,
         segments: Option<&[Segment]>,
-        pad_to: Option<usize>,
+        pad_to: Option<(usize, DecodeLoraMapping)>,
     ) -> Result<Step, GpuModelError> {
         batch.check().map_err(GpuModelError::Batch)?;
         let bad = |m: String| Err(GpuModelError::Batch(m));
@@ -54,7 +55,7 @@ impl Workspace {
         let decode_only = batch.seqs.iter().all(|s| s.query_len == 1);
         let (tokens, seqs, rows) = match pad_to {
             None => (t, n, batch.logits_indices.len()),
-            Some(p) => {
+            Some((p, _)) => {
                 let in_order = batch.logits_indices.iter().copied().eq(0..t);
                 if !decode_only || !in_order || p < n {
                     return bad(format!(
@@ -73,15 +74,15 @@ impl Workspace {
             ));
         }
         let lora = match (pad_to, segments) {
-            // A graph's units: a slot per (padded) token, whether or not any is named.
-            (Some(p), Some(segs)) => {
+            // A graph's units: laid out for every (padded) token, whether or not any is named.
+            (Some((p, mapping)), Some(segs)) => {
                 let mut slots = vec![None; p];
                 for s in segs {
                     for x in slots.iter_mut().skip(s.start).take(s.len) {
                         *x = s.slot;
                     }
                 }
-                Some(LoraUnits::bgmv(&slots)?)
+                Some(LoraUnits::for_graph(&slots, mapping)?)
             }
             (Some(_), None) => None,
             (None, segs) => lora_units(segs, t)?,
