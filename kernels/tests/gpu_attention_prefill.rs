@@ -237,7 +237,7 @@ fn every_supported_head_dim_matches_the_cpu() {
 #[test]
 fn long_prefills_over_long_prefixes_match_the_cpu_on_a_gpu() {
     // Many query tiles per sequence and up to 63 K/V tiles per CTA: too slow for the emulation,
-    // so this runs only on a GPU (CADUCEUS_GPU_TESTS=1, scripts/gpu-check) and is a no-op here.
+    // so this runs only on a GPU (CAD_GPU_TESTS=1, scripts/gpu-check) and is a no-op here.
     let gpus: Vec<Device> = devices().into_iter().filter(|d| !d.is_emulated()).collect();
     if gpus.is_empty() {
         eprintln!("long prefills: no GPU in this run, only the emulated cases ran");

@@ -316,12 +316,12 @@ fn gemm_chooses_its_algorithm_once_per_shape_bucket() {
 
 /// A `cuda` build opened on a machine without a GPU or driver reports it (cudarc would panic
 /// on a missing library if the driver were not probed first). Skipped where a GPU run is asked
-/// for (`CADUCEUS_GPU_TESTS=1`): there the device opens for real in every other test.
+/// for (`CAD_GPU_TESTS=1`): there the device opens for real in every other test.
 #[cfg(feature = "cuda")]
 #[test]
 fn opening_cuda_without_a_gpu_is_a_clean_error() {
     use caduceus_kernels::gpu::{Device, GpuError};
-    if std::env::var("CADUCEUS_GPU_TESTS").is_ok_and(|s| s == "1") {
+    if std::env::var("CAD_GPU_TESTS").is_ok_and(|s| s == "1") {
         return;
     }
     let present = std::path::Path::new("/dev/nvidiactl").exists();

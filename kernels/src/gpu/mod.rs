@@ -40,21 +40,21 @@ pub use graph::{DeviceGraph, Transfers};
 pub use kernel::LaunchDims;
 pub use staging::HostStaging;
 
-/// The devices GPU tests run on: the host emulation (unless `CADUCEUS_GPU_ONLY=1`), plus CUDA
-/// device 0 when built with `cuda` and `CADUCEUS_GPU_TESTS=1` or `CADUCEUS_GPU_ONLY=1` (set by
+/// The devices GPU tests run on: the host emulation (unless `CAD_GPU_ONLY=1`), plus CUDA
+/// device 0 when built with `cuda` and `CAD_GPU_TESTS=1` or `CAD_GPU_ONLY=1` (set by
 /// `scripts/gpu-check`), where a missing GPU is then an error, not a skip.
 #[cfg(feature = "cuda-emu")]
 #[allow(unused_mut)]
 pub fn devices_under_test() -> Result<Vec<Device>, GpuError> {
     let flag = |name: &str| std::env::var(name).is_ok_and(|s| s == "1");
-    let gpu_only = flag("CADUCEUS_GPU_ONLY");
+    let gpu_only = flag("CAD_GPU_ONLY");
     let mut v = if gpu_only {
         Vec::new()
     } else {
         vec![Device::emulated()]
     };
     #[cfg(feature = "cuda")]
-    if gpu_only || flag("CADUCEUS_GPU_TESTS") {
+    if gpu_only || flag("CAD_GPU_TESTS") {
         v.push(Device::cuda(0)?);
     }
     Ok(v)

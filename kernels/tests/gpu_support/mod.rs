@@ -1,7 +1,7 @@
 //! Shared by the GPU kernel tests: the devices to run on, inputs, and tolerance checks.
 //!
 //! Every test body runs on each device [`devices`] returns: the host emulation always, and
-//! CUDA device 0 when built with `--features cuda` and `CADUCEUS_GPU_TESTS=1` (set by
+//! CUDA device 0 when built with `--features cuda` and `CAD_GPU_TESTS=1` (set by
 //! `scripts/gpu-check kernels`), where a missing GPU is then an error, not a skip.
 #![allow(dead_code)]
 
@@ -14,7 +14,7 @@ use rand_chacha::ChaCha8Rng;
 pub fn devices() -> Vec<Device> {
     match caduceus_kernels::gpu::devices_under_test() {
         Ok(v) => v,
-        Err(e) => panic!("CADUCEUS_GPU_TESTS=1 but no GPU: {e}"),
+        Err(e) => panic!("CAD_GPU_TESTS=1 but no GPU: {e}"),
     }
 }
 

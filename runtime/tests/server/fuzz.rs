@@ -12,8 +12,8 @@ use tower::ServiceExt;
 
 use crate::support::server_app::{copy_adapter, TestServer, MODEL};
 
-/// Requests in the CI run (under a second on the tiny model); `CADUCEUS_FUZZ_REQUESTS` and
-/// `CADUCEUS_FUZZ_SEED` run longer or other seeds in-process.
+/// Requests in the CI run (under a second on the tiny model); `CAD_FUZZ_REQUESTS` and
+/// `CAD_FUZZ_SEED` run longer or other seeds in-process.
 const NUM_REQUESTS: u64 = 1000;
 
 fn env_u64(name: &str, default: u64) -> u64 {
@@ -38,8 +38,8 @@ async fn a_seeded_fuzz_run_gets_no_5xx_and_leaves_the_server_healthy() {
     let models = vec![MODEL.to_owned(), "doctor-b".to_owned()];
     let mut bad = Vec::new();
     let mut by_status = std::collections::BTreeMap::<u16, usize>::new();
-    let seed = env_u64("CADUCEUS_FUZZ_SEED", 1);
-    for index in 0..env_u64("CADUCEUS_FUZZ_REQUESTS", NUM_REQUESTS) {
+    let seed = env_u64("CAD_FUZZ_SEED", 1);
+    for index in 0..env_u64("CAD_FUZZ_REQUESTS", NUM_REQUESTS) {
         let fuzz = request(seed, index, &models);
         let mut req = Request::builder().method(fuzz.method).uri(&fuzz.path);
         for (k, v) in &fuzz.headers {

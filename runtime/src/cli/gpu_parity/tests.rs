@@ -7,7 +7,7 @@ use super::*;
 /// The shared tiny Llama (`../shared/reference/tiny-llama`), as the other reference tests
 /// find it.
 fn tiny() -> PathBuf {
-    let shared = std::env::var_os("CADUCEUS_SHARED_DIR")
+    let shared = std::env::var_os("CAD_SHARED_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared"));
     shared.join("reference/tiny-llama")

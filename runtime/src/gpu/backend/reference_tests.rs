@@ -39,10 +39,10 @@ const LIMITS: AdapterLimits = AdapterLimits {
 /// must agree, per dtype.
 const TOLERANCES: [(DType, f32, bool); 2] = [(DType::F16, 0.03, true), (DType::Bf16, 0.25, false)];
 
-/// `$CADUCEUS_SHARED_DIR/reference/tiny-llama` (set by `scripts/gpu-check`, which carries the
+/// `$CAD_SHARED_DIR/reference/tiny-llama` (set by `scripts/gpu-check`, which carries the
 /// files), else the checkout's `../shared`.
 fn dir() -> PathBuf {
-    let shared = std::env::var_os("CADUCEUS_SHARED_DIR")
+    let shared = std::env::var_os("CAD_SHARED_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared"));
     shared.join("reference/tiny-llama")
