@@ -14,8 +14,8 @@
 //! runs. So a missing wait leaves stale data that a test sees, as a race would on a GPU; and an
 //! optional [`StreamOp`] log records every copy, record and wait in order.
 //!
-//! The CUDA path (`cudarc` 0.19: a non-blocking `CudaStream`, `CudaEvent`, `cuMemHostAlloc`) has
-//! never run on a GPU; only the emulation is tested.
+//! The CUDA path (`cudarc` 0.19: a non-blocking `CudaStream`, `CudaEvent`, `cuMemHostAlloc`) runs
+//! under `scripts/gpu-check` on a GPU; CI tests the emulation.
 
 #[cfg(feature = "cuda")]
 mod cuda;

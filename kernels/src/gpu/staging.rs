@@ -1,7 +1,7 @@
 //! [`HostStaging`]: host memory that data is gathered in before it goes to the device: page-locked
 //! (`cuMemHostAlloc` through cudarc) on a GPU, so a copy from it is a DMA the host need not wait
 //! for; plain memory in emulation. The one pinned host type: a step's inputs, the sampler's
-//! inputs and the adapter copy stream's ring chunks all live in one. Never run on a GPU.
+//! inputs and the adapter copy stream's ring chunks all live in one.
 //!
 //! [`Device::upload_staged`] queues its copy on the compute stream without waiting and records
 //! an event behind it; [`HostStaging::words_mut`] and [`HostStaging::bytes_mut`] wait for that

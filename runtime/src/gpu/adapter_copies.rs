@@ -14,7 +14,7 @@
 //! load can delay the next step's launch by that much. The ring is host memory: the memory plan
 //! divides device memory only, so it is not in the plan.
 //!
-//! Tested in the host emulation only; it has never run on a GPU.
+//! Tested in the host emulation in CI, and on a GPU under `scripts/gpu-check`.
 
 use caduceus_kernels::gpu::copy_stream::{CopyEvent, CopyStream};
 use caduceus_kernels::gpu::lora::LoraGpuError;

@@ -5,10 +5,11 @@
 //! tests). Steps run in one preallocated [`Workspace`] with one upload each; pure-decode steps
 //! replay a captured graph ([`DecodeGraphs`]).
 //!
-//! Runs in the kernels' host emulation in CI; it has never run on a GPU (issue 17).
+//! Runs in the kernels' host emulation in CI, and on a GPU under `scripts/gpu-check` (the H200
+//! runs are in docs/benchmarking.md).
 
-#[cfg(feature = "fault-injection")]
 use caduceus_kernels::gpu::lora::DecodeLoraMapping;
+#[cfg(feature = "fault-injection")]
 use caduceus_kernels::gpu::DType;
 use caduceus_kernels::gpu::{Device, GpuError};
 use caduceus_kernels::lora::Segment;

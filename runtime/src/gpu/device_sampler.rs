@@ -4,7 +4,7 @@
 //! gathered in one pinned [`HostStaging`] and go up in one queued copy; the outputs sit in one
 //! device buffer and come back in one read, the step's only host wait.
 //!
-//! Runs in the kernels' host emulation in CI; it has never run on a GPU (issue 17).
+//! Runs in the kernels' host emulation in CI, and on a GPU under `scripts/gpu-check`.
 
 use caduceus_kernels::gpu::ops;
 use caduceus_kernels::gpu::sampling::{
