@@ -11,8 +11,9 @@
 // g + 8. The CTA walks keys 0..=the tile's last position in tiles of 32, in a ring of kStages
 // buffers in (dynamic) shared memory filled by cp.async: the next kStages - 1 tiles' copies are
 // in flight while one is computed, so a decode tile (one warp computing, the CTA copying) keeps
-// enough bytes in flight to stream the cache near the memory's bandwidth: S = Q K^T (K fragments by ldmatrix), causal mask and online softmax in base 2
-// (row max over the 4 lanes of a quad; the row sum stays per lane until the end), then
+// enough bytes in flight to stream the cache near the memory's bandwidth. Per tile: S = Q K^T
+// (K fragments by ldmatrix), causal mask and online softmax in base 2 (row max over the 4
+// lanes of a quad; the row sum stays per lane until the end), then
 // O += P V with P rounded to the dtype in registers as the A fragment and V fragments by
 // ldmatrix.trans. A warp skips the compute of a key tile past all its rows' positions (whole
 // warps of padding rows when the tile is a single token's heads: the decode batches this kernel
@@ -47,7 +48,7 @@ constexpr int kVec = 8;    // 16-bit elements per 16-byte vector
 // Shared rows are padded by 8 elements: the 8 rows an ldmatrix phase reads start 4 banks apart.
 constexpr int kPad = 8;
 // K/V tiles in the ring: 4 x 17 KB at head_dim 128, 3 CTAs per SM as the registers allow.
-// Launchers size the dynamic shared memory as tc_shared_bytes (attention_prefill.rs).
+// Launchers size the dynamic shared memory as prefill_tc_shared_bytes (attention/head_dims.rs).
 constexpr int kStages = 4;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;

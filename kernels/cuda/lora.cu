@@ -95,10 +95,11 @@ __device__ __forceinline__ void load_shared_vec(const T* p, float (&out)[N]) {
 }
 
 /// The tokens one block works on, all on adapter `slot` (len 0: none): BGMV's token `first`;
-/// an SGMV tile's `len` tokens rows[first], rows[first + 1], ...
+/// an SGMV tile's `len` tokens rows[first], rows[first + 1], ... (consecutive tokens from
+/// `first` when `rows` is null: BGMV, and a prefill run's tiles).
 struct Unit {
   uint32_t first, len, slot;
-  const uint32_t* rows;  // null for BGMV
+  const uint32_t* rows;
 
   /// The batch row (token) of the unit's token `i`.
   __device__ __forceinline__ uint32_t row(uint32_t i) const {
@@ -321,7 +322,8 @@ __device__ void shrink(const LoraParams& p) {
     const float* in = partial + w * kWarpStride + (i % V);
     float s = 0.0f;
     for (int l = 0; l < 32; ++l) s += in[l * kLaneStride];
-    p.v[size_t(split) * p.v_split_stride + size_t(u.row(tok)) * p.v_stride + part.v_offset + kr] = s;
+    const size_t at = size_t(split) * p.v_split_stride + size_t(u.row(tok)) * p.v_stride;
+    p.v[at + part.v_offset + kr] = s;
   }
 }
 
@@ -385,13 +387,14 @@ __device__ void expand(const LoraParams& p) {
   // blocks per SM, and made 4-token tiles slower on the H200: 5.57 -> 6.65 ms of LoRA per step
   // at 64 adapters; reverted.)
   const bool y_vec = o0 + VEC <= part.out_dim && p.y_stride % VEC == 0 &&
-                     part.y_offset % VEC == 0 && reinterpret_cast<uintptr_t>(p.y) % (2 * VEC) == 0;
+                     part.y_offset % VEC == 0 &&
+                     reinterpret_cast<uintptr_t>(p.y) % (2 * VEC) == 0;
   LORA_UNROLL
   for (int tok = 0; tok < TOK; ++tok) {
     if (uint32_t(tok) >= u.len) break;
     T* yt = y + size_t(u.row(tok)) * p.y_stride;
     if (y_vec) {
-      Pack<VEC> raw = *reinterpret_cast<const Pack<VEC>*>(yt);
+      Pack<VEC> raw = cad::pun_load<Pack<VEC>>(yt);
       float cur[VEC];
       unpack<T, VEC>(raw, cur);
       LORA_UNROLL
@@ -399,7 +402,7 @@ __device__ void expand(const LoraParams& p) {
         const T e = cad::from_f32<T>(fmaf(scale, acc[tok][j], cur[j]));
         memcpy(&raw.h[j], &e, sizeof(T));
       }
-      *reinterpret_cast<Pack<VEC>*>(yt) = raw;
+      cad::pun_store(yt, raw);
     } else {
       LORA_UNROLL
       for (int j = 0; j < VEC; ++j) {

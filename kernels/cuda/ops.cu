@@ -88,15 +88,15 @@ CAD_UNROLL
   }
 }
 
-/// Grid (column blocks, rows), each striding over its dimension: no per-element division (a
-/// 64-bit one per element when the index was flat).
+/// silu(gate) * up, rounded to T.
 template <class T>
 __device__ __forceinline__ T silu_times(T gate, T up) {
   const float g = cad::to_f32(gate), u = cad::to_f32(up);
   return cad::from_f32<T>(g / (1.0f + __expf(-g)) * u);
 }
 
-/// Grid (column blocks, rows), both strided past the grid. Each thread takes kSiluVec columns
+/// Grid (column blocks, rows), both strided past the grid: no per-element division (a 64-bit
+/// one per element when the index was flat). Each thread takes kSiluVec columns
 /// at a time with 16-byte loads and stores when the rows allow it (`ffn` a multiple of 8,
 /// 16-byte aligned buffers), one column at a time otherwise; the same arithmetic either way.
 /// (One 2-byte access per thread left prefill's 2k x 14k at ~1.9 TB/s on the H200.)

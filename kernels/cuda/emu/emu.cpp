@@ -100,7 +100,8 @@ unsigned char* dynamic_smem() {
 
 unsigned char* dynamic_smem_at_least(std::size_t bytes) {
   if (t.block->shared_bytes < bytes) {
-    std::fprintf(stderr, "cad_emu: the kernel needs %zu bytes of dynamic shared memory, the launch gave %u\n",
+    std::fprintf(stderr,
+                 "cad_emu: the kernel needs %zu bytes of dynamic shared memory, the launch gave %u\n",
                  bytes, t.block->shared_bytes);
     std::abort();
   }

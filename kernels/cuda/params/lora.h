@@ -44,10 +44,11 @@ struct LoraParams {
   void* y;
   /// BGMV: `[num_tokens]` slot per token, 0xffffffff for base-only tokens.
   const uint32_t* token_slots;
-  /// SGMV: `[num_tiles][3]` (first index into `tile_rows`, tokens <= the tile size, slot).
+  /// SGMV: `[num_tiles][3]` (first token, or first index into `tile_rows`; tokens <= the tile
+  /// size; slot).
   const uint32_t* tiles;
-  /// SGMV: the tiles' tokens, tile by tile (a prefill run's consecutive tokens; a decode
-  /// batch's tokens grouped by slot).
+  /// SGMV: the tiles' tokens, tile by tile (a decode batch's tokens grouped by slot); null when
+  /// each tile's tokens are consecutive from its first (a prefill run's).
   const uint32_t* tile_rows;
   uint32_t num_parts;
   uint32_t num_slots;

@@ -5,7 +5,8 @@
 //! nothing may allocate, copy or synchronise while it is captured.
 //!
 //! On a GPU (`cuda`): `cuStreamBeginCapture` / `cuStreamEndCapture` + `cuGraphInstantiate` /
-//! `cuGraphLaunch` through cudarc, on the device's one stream (run on the H200 by `scripts/gpu-check`).
+//! `cuGraphLaunch` through cudarc, on the device's one stream (run on the H200 by
+//! `scripts/gpu-check`).
 //! In emulation (`cuda-emu`): capture records each launch (entry point, parameter bytes, grid)
 //! and each GEMM (addresses and shape) instead of running it, and refuses allocations and copies
 //! (as capture does on a GPU); replay re-runs the record. That tests the index arithmetic and

@@ -57,7 +57,7 @@ impl DecodeGraphs {
         lora: Option<(&GpuLoraStack, DecodeLoraMapping)>,
     ) -> Result<DecodeGraphs, GpuModelError> {
         let stack = lora.map(|(s, _)| s);
-        let mapping = lora.map_or(DecodeLoraMapping::Bgmv, |(_, m)| m);
+        let mapping = lora.map(|(_, m)| m).unwrap_or_default();
         let dev = model.device();
         let empty = ForwardBatch {
             token_ids: &[],

@@ -59,9 +59,9 @@ impl Layout {
             limits.max_num_seqs.max(1),
         );
         let max_blocks = limits.max_model_len.div_ceil(block_size.max(1)).max(1);
-        // BGMV: a slot per token. SGMV: (first, len, slot) per tile, then a row per token: tiles
-        // of the sequences' runs (at most one partial tile each), or of a decode batch grouped
-        // by adapter (a unit per token in a graph).
+        // BGMV: a slot per token. SGMV: (first, len, slot) per tile of the sequences' runs (at
+        // most one partial tile each), or, for a decode batch grouped by adapter, per tile (a
+        // unit per token in a graph) followed by a row per token.
         let lora_words = t + 3 * t.max(t.div_ceil(TILE_TOKENS) + s);
         let mut at = 0;
         let mut section = |words: usize| {

@@ -24,10 +24,11 @@ pub(super) enum Mapping {
 #[derive(Clone, Debug)]
 pub struct LoraUnits {
     mapping: Mapping,
-    /// BGMV: `[num_tokens]` u32 slots. SGMV: `[num_units][3]` u32 (first, len, slot), then from
-    /// `rows_at` the tiles' tokens: tile (first, len, _) holds tokens rows[first..first + len].
+    /// BGMV: `[num_tokens]` u32 slots. SGMV: `[num_units][3]` u32 (first, len, slot); a tile
+    /// holds tokens first..first + len, or, when the tokens are gathered (`rows_at`), the
+    /// tokens rows[first..first + len] of the rows that follow the tiles from word `rows_at`.
     words: Vec<u32>,
-    rows_at: usize,
+    rows_at: Option<usize>,
     num_units: usize,
     num_tokens: usize,
     slots_used: Vec<u32>,
@@ -42,7 +43,7 @@ impl LoraUnits {
             mapping: Mapping::Bgmv,
             num_units: slots.len(),
             num_tokens: slots.len(),
-            rows_at: 0,
+            rows_at: None,
             words: slots,
             slots_used: distinct(token_slots.iter().flatten().copied()),
         })
@@ -70,8 +71,10 @@ impl LoraUnits {
         let t = token_slots.len();
         dim32("num_tokens", t)?;
         // The named tokens by slot, each slot's in batch order (a stable sort).
-        let mut rows: Vec<(u32, u32)> = (0..t as u32)
-            .filter_map(|i| token_slots[i as usize].map(|s| (s, i)))
+        let mut rows: Vec<(u32, u32)> = token_slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.map(|s| (s, i as u32)))
             .collect();
         rows.sort_by_key(|&(slot, _)| slot);
         let mut tiles: Vec<u32> = Vec::new();
@@ -89,7 +92,7 @@ impl LoraUnits {
             tiles.extend([0, 0, NO_SLOT]);
         }
         rows.resize(t, 0);
-        let rows_at = tiles.len();
+        let rows_at = Some(tiles.len());
         tiles.extend(rows);
         Ok(LoraUnits {
             mapping: Mapping::Sgmv,
@@ -126,14 +129,12 @@ impl LoraUnits {
                 tiles.extend([start as u32, len as u32, slot]);
             }
         }
-        // The runs' tokens are consecutive: rows is the identity.
-        let (num_units, rows_at) = (tiles.len() / 3, tiles.len());
-        tiles.extend(0..num_tokens as u32);
+        // The runs' tokens are consecutive: no rows.
         Ok(LoraUnits {
             mapping: Mapping::Sgmv,
-            num_units,
+            num_units: tiles.len() / 3,
             words: tiles,
-            rows_at,
+            rows_at: None,
             num_tokens,
             slots_used: distinct(segments.iter().filter_map(|s| s.slot)),
         })
@@ -153,8 +154,9 @@ impl LoraUnits {
 
     /// [`Self::placed`] with grids sized for every slot's largest rank rather than the ranks
     /// these units use, so the launches stay valid for any units of the same kind and token
-    /// count written to `buf` later (BGMV, or [`Self::grouped`] with `fixed`: a captured graph). Those slots are then not checked at launch: the caller
-    /// checks them against the stores' slot count before each upload.
+    /// count written to `buf` later (BGMV, or [`Self::grouped`] with `fixed`: a captured graph).
+    /// Those slots are then not checked at launch: the caller checks them against the stores'
+    /// slot count before each upload.
     pub fn placed_fixed(self, buf: &DeviceBuffer) -> Result<LoraBatch<'_>, LoraGpuError> {
         need("lora units", buf, self.words.len(), 4)?;
         Ok(self.into_batch(Units::At(buf), true))
@@ -183,8 +185,8 @@ enum Units<'a> {
 /// of the step (all layers and projections).
 pub struct LoraBatch<'a> {
     pub(super) mapping: Mapping,
-    /// SGMV: the word where the tiles' rows start.
-    rows_at: usize,
+    /// SGMV with gathered tokens: the word where the tiles' rows start.
+    rows_at: Option<usize>,
     units: Units<'a>,
     pub(super) num_units: usize,
     pub(super) num_tokens: usize,
@@ -234,9 +236,10 @@ impl LoraBatch<'_> {
         }
     }
 
-    /// SGMV: the device address of the tiles' rows.
+    /// The device address of the tiles' rows; 0 (null) when each tile's tokens are consecutive.
     pub(super) fn rows_ptr(&self) -> u64 {
-        self.units_ptr() + 4 * self.rows_at as u64
+        self.rows_at
+            .map_or(0, |at| self.units_ptr() + 4 * at as u64)
     }
 }
 
@@ -256,12 +259,12 @@ mod tests {
         // Slot 1's token 2, then slot 2's tokens 0 and 3; token 1 uses no adapter.
         let slots = [Some(2), None, Some(1), Some(2)];
         let u = LoraUnits::grouped(&slots, false).unwrap();
-        assert_eq!((u.num_units, u.rows_at), (2, 6));
+        assert_eq!((u.num_units, u.rows_at), (2, Some(6)));
         assert_eq!(u.words(), [0, 1, 1, 1, 2, 2, 2, 0, 3, 0]);
         assert_eq!(u.slots_used, [1, 2]);
         // A graph's form: a unit per token, the extra ones empty, the rows after all of them.
         let f = LoraUnits::grouped(&slots, true).unwrap();
-        assert_eq!((f.num_units, f.rows_at), (4, 12));
+        assert_eq!((f.num_units, f.rows_at), (4, Some(12)));
         assert_eq!(&f.words()[6..12], [0, 0, NO_SLOT, 0, 0, NO_SLOT]);
         assert_eq!(&f.words()[12..], [2, 0, 3, 0]);
     }
