@@ -5,8 +5,9 @@ mod gpu_support;
 
 use caduceus_kernels::attention::{KvCacheShape, LayerKvCache, SeqAttention};
 use caduceus_kernels::gpu::attention::{
-    paged_attention_decode, paged_attention_decode_only, AttentionKernel, AttnShape, DecodePlan,
-    DecodeSplit, PagedAttnArgs, PagedBatchBuffers, SUPPORTED_HEAD_DIMS,
+    paged_attention_decode, paged_attention_decode_only, paged_attention_decode_tc,
+    AttentionKernel, AttnShape, DecodePlan, DecodeSplit, PagedAttnArgs, PagedBatchBuffers,
+    TensorCoreDecode, SUPPORTED_HEAD_DIMS,
 };
 use caduceus_kernels::gpu::{DType, Device};
 use caduceus_kernels::{paged_attention_reference, AttentionParams};
@@ -102,17 +103,28 @@ fn run_decode(
     shape: &AttnShape,
     split: DecodeSplit,
 ) -> (Vec<f32>, DecodePlan) {
-    run_decode_on(dev, dtype, b, shape, split, None)
+    run_decode_on(dev, dtype, b, shape, split, Launcher::Decode)
 }
 
-/// [`run_decode`], through [`paged_attention_decode_only`] on `kernel`'s cores when given.
+/// Which launcher [`run_decode_on`] calls.
+#[derive(Clone, Copy, Debug)]
+enum Launcher {
+    /// [`paged_attention_decode`].
+    Decode,
+    /// [`paged_attention_decode_only`] on these cores.
+    DecodeOnly(AttentionKernel),
+    /// [`paged_attention_decode_tc`] in this layout.
+    TensorCores(TensorCoreDecode),
+}
+
+/// [`run_decode`] through `launcher`.
 fn run_decode_on(
     dev: &Device,
     dtype: DType,
     b: &Batch,
     shape: &AttnShape,
     split: DecodeSplit,
-    kernel: Option<AttentionKernel>,
+    launcher: Launcher,
 ) -> (Vec<f32>, DecodePlan) {
     let batch = PagedBatchBuffers::upload(dev, &seqs(b)).unwrap();
     let (q, k, v) = (
@@ -133,9 +145,14 @@ fn run_decode_on(
     let ws = dev
         .alloc_zeroed(plan.workspace_bytes(b.num_tokens, shape))
         .unwrap();
-    match kernel {
-        Some(k) => paged_attention_decode_only(dev, dtype, &args, &plan, Some(&ws), k),
-        None => paged_attention_decode(dev, dtype, &args, &plan, Some(&ws)),
+    match launcher {
+        Launcher::Decode => paged_attention_decode(dev, dtype, &args, &plan, Some(&ws)),
+        Launcher::DecodeOnly(k) => {
+            paged_attention_decode_only(dev, dtype, &args, &plan, Some(&ws), k)
+        }
+        Launcher::TensorCores(l) => {
+            paged_attention_decode_tc(dev, dtype, &args, &plan, Some(&ws), l)
+        }
     }
     .unwrap();
     (download(dev, dtype, &out), plan)
@@ -198,9 +215,12 @@ fn decode_matches_the_f64_reference_with_and_without_splits() {
 
 #[test]
 fn decode_only_batches_on_tensor_cores_match_the_reference() {
-    // All sequences decode, on the tensor-core tile kernel: a query tile is one token's GQA heads
-    // (up to 32 here), warps of padding rows skip their compute, and split plans (every tile its
-    // own split; two tiles, the last partial) go through the decode kernel's merge.
+    // All sequences decode, on tensor cores in both layouts: the prefill kernel with a query tile
+    // of one token's GQA heads (up to 32 here; warps of padding rows skip their compute), and
+    // the decode kernel with the keys of each tile across warps (groups up to 16). Split plans
+    // (every 32-token tile its own split, so half a 64-key tile; two tiles, the last partial) go
+    // through the decode kernel's merge. `paged_attention_decode_only` takes the layout
+    // `TensorCoreDecode::for_shape` names.
     let spec: Vec<(usize, usize)> = SEQS.iter().copied().filter(|s| s.0 == 1).collect();
     for dev in devices() {
         for (i, &(nh, nkv, hd, emu_dtype)) in HEADS.iter().enumerate() {
@@ -217,26 +237,131 @@ fn decode_only_batches_on_tensor_cores_match_the_reference() {
                 let (shape, params) = shapes((nh, nkv, hd), b.cache.shape.num_blocks, scale);
                 let mut want = vec![0.0; b.q.len()];
                 paged_attention_reference(&b.q, &b.cache, &seqs(&b), &params, &mut want);
-                let tc = Some(AttentionKernel::TensorCores);
+                let chosen = TensorCoreDecode::for_shape(&shape);
+                assert_eq!(
+                    chosen == TensorCoreDecode::KeysAcrossWarps,
+                    nh / nkv <= 16,
+                    "heads {nh}/{nkv}"
+                );
+                let mut launchers = vec![
+                    Launcher::DecodeOnly(AttentionKernel::TensorCores),
+                    Launcher::TensorCores(TensorCoreDecode::QueryTile),
+                ];
+                if chosen == TensorCoreDecode::KeysAcrossWarps {
+                    launchers.push(Launcher::TensorCores(TensorCoreDecode::KeysAcrossWarps));
+                }
                 let splits = [
                     (DecodeSplit::Off, 1),
                     (DecodeSplit::Tokens(32), 5),
                     (DecodeSplit::Tokens(64), 3),
+                ];
+                for launcher in launchers {
+                    for (split, num_splits) in splits {
+                        let what = format!(
+                            "{} {dtype:?} heads {nh}/{nkv} hd {hd} {split:?} {launcher:?}",
+                            dev.describe()
+                        );
+                        let (got, plan) = run_decode_on(&dev, dtype, &b, &shape, split, launcher);
+                        assert_eq!(plan.num_splits, num_splits, "{what}");
+                        // The tensor-core kernels' bound: P rounded to the dtype before P V moves
+                        // an output by at most the unit roundoff times max |v| (1 here), in every
+                        // split and so in their convex combination.
+                        assert_close(&what, &got, &want, 2e-5 + eps(dtype), eps(dtype) * 1.01);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The keys-across-warps kernel over contexts of many 64-key tiles (the 3-tile ring wraps
+/// around twice at 513), at the head dims whose rows it swizzles (64, 128) and pads (80), for
+/// GQA groups up to its 16 rows, unsplit and split into partitions that end mid-tile (32, 96)
+/// or on a tile (192).
+#[test]
+fn keys_across_warps_over_long_contexts_match_the_reference() {
+    let spec: [(usize, usize); 6] = [(1, 1), (1, 63), (1, 64), (1, 65), (1, 200), (1, 513)];
+    let shapes_to_run: [(usize, usize, usize, DType); 3] = [
+        (16, 1, 128, DType::Bf16),
+        (8, 2, 80, DType::F16),
+        (4, 4, 64, DType::Bf16),
+    ];
+    for dev in devices() {
+        for (i, &(nh, nkv, hd, emu_dtype)) in shapes_to_run.iter().enumerate() {
+            let dtypes = match dev.is_emulated() {
+                true => vec![emu_dtype],
+                false => DTYPES.to_vec(),
+            };
+            for dtype in dtypes {
+                let b = make_batch(dtype, &spec, (nh, nkv, hd), 500 + i as u64);
+                let scale = 1.0 / (hd as f32).sqrt();
+                let (shape, params) = shapes((nh, nkv, hd), b.cache.shape.num_blocks, scale);
+                let mut want = vec![0.0; b.q.len()];
+                paged_attention_reference(&b.q, &b.cache, &seqs(&b), &params, &mut want);
+                let layout = Launcher::TensorCores(TensorCoreDecode::KeysAcrossWarps);
+                let splits = [
+                    (DecodeSplit::Off, 1),
+                    (DecodeSplit::Tokens(32), 17),
+                    (DecodeSplit::Tokens(96), 6),
+                    (DecodeSplit::Tokens(192), 3),
                 ];
                 for (split, num_splits) in splits {
                     let what = format!(
                         "{} {dtype:?} heads {nh}/{nkv} hd {hd} {split:?}",
                         dev.describe()
                     );
-                    let (got, plan) = run_decode_on(&dev, dtype, &b, &shape, split, tc);
+                    let (got, plan) = run_decode_on(&dev, dtype, &b, &shape, split, layout);
                     assert_eq!(plan.num_splits, num_splits, "{what}");
-                    // The tensor-core kernel's bound: P rounded to the dtype before P V moves an
-                    // output by at most the unit roundoff times max |v| (1 here), in every split
-                    // and so in their convex combination.
                     assert_close(&what, &got, &want, 2e-5 + eps(dtype), eps(dtype) * 1.01);
                 }
             }
         }
+    }
+}
+
+/// Keys across warps refuses a GQA group wider than its 16 rows and a head dim without
+/// tensor-core kernels, naming the limit; `paged_attention_decode_only` runs both anyway (on the
+/// query tile and on CUDA cores).
+#[test]
+fn keys_across_warps_refuses_what_it_cannot_run() {
+    let dev = Device::emulated();
+    let dtype = DType::Bf16;
+    for (nh, hd, want) in [(32, 64, "at most 16"), (2, 256, "head_dim 256")] {
+        let b = make_batch(dtype, &[(1, 20)], (nh, 1, hd), 600);
+        let (shape, params) = shapes((nh, 1, hd), b.cache.shape.num_blocks, 0.1);
+        let batch = PagedBatchBuffers::upload(&dev, &seqs(&b)).unwrap();
+        let (q, k, v) = (
+            upload(&dev, dtype, &b.q),
+            upload(&dev, dtype, &b.cache.k),
+            upload(&dev, dtype, &b.cache.v),
+        );
+        let out = zeros(&dev, dtype, b.q.len());
+        let args = PagedAttnArgs {
+            q: &q,
+            k_cache: &k,
+            v_cache: &v,
+            out: &out,
+            batch: batch.batch(),
+            shape,
+        };
+        let plan = DecodePlan::new(&args.batch, &shape, DecodeSplit::Off);
+        let layout = TensorCoreDecode::KeysAcrossWarps;
+        let err = paged_attention_decode_tc(&dev, dtype, &args, &plan, None, layout)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(want), "{err}");
+        let tc = AttentionKernel::TensorCores;
+        paged_attention_decode_only(&dev, dtype, &args, &plan, None, tc).unwrap();
+        let mut reference = vec![0.0; b.q.len()];
+        paged_attention_reference(&b.q, &b.cache, &seqs(&b), &params, &mut reference);
+        let got = download(&dev, dtype, &out);
+        assert_close(
+            &format!("heads {nh} hd {hd}"),
+            &got,
+            &reference,
+            2e-5 + eps(dtype),
+            eps(dtype) * 1.01,
+        );
     }
 }
 

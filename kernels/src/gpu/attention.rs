@@ -217,6 +217,25 @@ pub struct PagedAttnArgs<'a> {
 }
 
 impl PagedAttnArgs<'_> {
+    /// Refuses a q, out or cache buffer that is not 16-byte aligned: `kernel` reads and writes
+    /// them as 16-byte vectors.
+    pub(crate) fn check_aligned(&self, kernel: &str) -> Result<(), GpuError> {
+        for (what, b) in [
+            ("q", self.q),
+            ("out", self.out),
+            ("k_cache", self.k_cache),
+            ("v_cache", self.v_cache),
+        ] {
+            if b.ptr() % 16 != 0 {
+                return Err(GpuError::Shape(format!(
+                    "{kernel} {what}: the kernel reads 16-byte vectors, address is not 16-byte \
+                     aligned"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Checks every buffer against the shapes and packs the kernel parameters.
     pub(crate) fn params(&self, dtype: DType) -> Result<PagedAttnParams, GpuError> {
         let (s, b) = (&self.shape, &self.batch);
@@ -267,9 +286,12 @@ impl PagedAttnArgs<'_> {
     }
 }
 
-// ---- decode (cuda/attention_decode.cu) ----
+// ---- decode (cuda/attention_decode.cu, cuda/attention_decode_tc.cu) ----
 pub(crate) mod decode;
-pub use decode::{paged_attention_decode, paged_attention_decode_only, DecodePlan, DecodeSplit};
+pub use decode::{
+    paged_attention_decode, paged_attention_decode_only, paged_attention_decode_tc, DecodePlan,
+    DecodeSplit, TensorCoreDecode,
+};
 
 pub(crate) mod head_dims;
 pub use head_dims::SUPPORTED_HEAD_DIMS;

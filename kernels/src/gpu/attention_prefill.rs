@@ -78,19 +78,7 @@ fn query_grid(
             shape.head_dim
         )));
     }
-    for (what, b) in [
-        ("q", args.q),
-        ("out", args.out),
-        ("k_cache", args.k_cache),
-        ("v_cache", args.v_cache),
-    ] {
-        if b.ptr() % 16 != 0 {
-            return Err(GpuError::Shape(format!(
-                "paged_attention_prefill {what}: the kernel reads 16-byte vectors, address is not \
-                 16-byte aligned"
-            )));
-        }
-    }
+    args.check_aligned("paged_attention_prefill")?;
     // The kernel bounds each context by the block table in u32.
     dim32(
         "max_blocks_per_seq * block_size",

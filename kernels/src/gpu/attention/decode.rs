@@ -1,6 +1,7 @@
 //! Launcher of `cuda/attention_decode.cu`: paged attention for decode tokens, GQA-aware, with
 //! split-K over the context and a log-sum-exp merge when the batch alone cannot fill the GPU.
 
+use super::head_dims::{decode_tc_shared_bytes, DECODE_TC_MAX_GROUP};
 use super::{AttentionKernel, AttnShape, PagedAttnArgs, PagedAttnParams, PagedBatch};
 use crate::gpu::attention_prefill::launch_tensor_cores;
 use crate::gpu::device::{DType, Device, DeviceBuffer, GpuError};
@@ -231,11 +232,54 @@ fn merge_splits(
     dev.launch(by_dtype(&MERGE, dtype), merge, p)
 }
 
+/// How a decode-only batch runs on tensor cores.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TensorCoreDecode {
+    /// `attention_decode_tc.cu`: one CTA per (KV head, sequence, split) whose four warps share
+    /// the token's query heads (at most 16) and split each 64-key tile between them.
+    KeysAcrossWarps,
+    /// `attention_prefill_tc.cu`: the prefill kernel with one token's query heads as its tile,
+    /// one warp computing per 16 heads; wider GQA groups need it.
+    QueryTile,
+}
+
+impl TensorCoreDecode {
+    /// Both, in the order of their names.
+    pub const ALL: [TensorCoreDecode; 2] = [
+        TensorCoreDecode::KeysAcrossWarps,
+        TensorCoreDecode::QueryTile,
+    ];
+
+    /// The name reports use.
+    pub fn name(self) -> &'static str {
+        match self {
+            TensorCoreDecode::KeysAcrossWarps => "keys_across_warps",
+            TensorCoreDecode::QueryTile => "query_tile",
+        }
+    }
+
+    /// Whether this layout has a kernel for `shape`: a head dim with tensor-core kernels (up to
+    /// 128) and, across warps, a GQA group of at most 16.
+    pub fn takes(self, shape: &AttnShape) -> bool {
+        let has_tc = super::head_dims::kernels_for(shape.head_dim)
+            .is_ok_and(|k| k.decode_tc.is_some() && k.prefill_tc.is_some());
+        has_tc && (self == TensorCoreDecode::QueryTile || shape.group() <= DECODE_TC_MAX_GROUP)
+    }
+
+    /// What [`paged_attention_decode_only`] runs for `shape`: keys across warps where the GQA
+    /// group fits its 16 rows, the query tile otherwise.
+    pub fn for_shape(shape: &AttnShape) -> TensorCoreDecode {
+        match shape.group() <= DECODE_TC_MAX_GROUP {
+            true => TensorCoreDecode::KeysAcrossWarps,
+            false => TensorCoreDecode::QueryTile,
+        }
+    }
+}
+
 /// Attention of a batch whose sequences all decode (query_len 1 each: the caller's guarantee,
 /// the kernels do not read the batch back to check it) on `kernel`'s cores: with
-/// [`AttentionKernel::TensorCores`] and a head dim that has the tensor-core kernel, that kernel
-/// runs it under `plan` (a query tile is then one token's GQA heads, the causal mask lets it see
-/// its whole context, and split partitions go through the decode kernel's merge); otherwise
+/// [`AttentionKernel::TensorCores`] and a head dim that has the tensor-core kernels,
+/// [`paged_attention_decode_tc`] in the layout [`TensorCoreDecode::for_shape`] picks; otherwise
 /// [`paged_attention_decode`].
 pub fn paged_attention_decode_only(
     dev: &Device,
@@ -245,16 +289,62 @@ pub fn paged_attention_decode_only(
     workspace: Option<&DeviceBuffer>,
     kernel: AttentionKernel,
 ) -> Result<(), GpuError> {
-    let tensor_cores = match kernel {
-        AttentionKernel::TensorCores => super::head_dims::kernels_for(a.shape.head_dim)?
-            .prefill_tc
-            .as_ref(),
-        AttentionKernel::CudaCores => None,
-    };
-    let Some(family) = tensor_cores else {
-        return paged_attention_decode(dev, dtype, a, plan, workspace);
+    let layout = TensorCoreDecode::for_shape(&a.shape);
+    match kernel {
+        AttentionKernel::TensorCores if layout.takes(&a.shape) => {
+            paged_attention_decode_tc(dev, dtype, a, plan, workspace, layout)
+        }
+        _ => paged_attention_decode(dev, dtype, a, plan, workspace),
+    }
+}
+
+/// A decode-only batch (as [`paged_attention_decode_only`]) on tensor cores in `layout`, under
+/// `plan` (split partitions go through the decode kernel's merge); an error where the head dim
+/// has no tensor-core kernel or, for [`TensorCoreDecode::KeysAcrossWarps`], the GQA group is
+/// wider than 16.
+pub fn paged_attention_decode_tc(
+    dev: &Device,
+    dtype: DType,
+    a: &PagedAttnArgs<'_>,
+    plan: &DecodePlan,
+    workspace: Option<&DeviceBuffer>,
+    layout: TensorCoreDecode,
+) -> Result<(), GpuError> {
+    let s = &a.shape;
+    let kernels = super::head_dims::kernels_for(s.head_dim)?;
+    let (Some(query_tile), Some(keys_across_warps)) = (&kernels.prefill_tc, &kernels.decode_tc)
+    else {
+        return Err(GpuError::Shape(format!(
+            "decode on tensor cores: no kernel for head_dim {} (at most 128)",
+            s.head_dim
+        )));
     };
     let p = DecodeParams::new(a, dtype, plan, workspace)?;
-    launch_tensor_cores(dev, dtype, a, family, &p)?;
+    match layout {
+        TensorCoreDecode::QueryTile => launch_tensor_cores(dev, dtype, a, query_tile, &p)?,
+        TensorCoreDecode::KeysAcrossWarps => {
+            if s.group() > DECODE_TC_MAX_GROUP {
+                return Err(GpuError::Shape(format!(
+                    "decode on tensor cores, keys across warps: {} query heads per KV head, at \
+                     most {DECODE_TC_MAX_GROUP}",
+                    s.group()
+                )));
+            }
+            a.check_aligned("decode on tensor cores")?;
+            if a.batch.num_seqs == 0 {
+                return Ok(());
+            }
+            let dims = LaunchDims {
+                grid: (
+                    dim32("num_kv_heads", s.num_kv_heads)?,
+                    dim32("num_seqs", a.batch.num_seqs)?,
+                    p.num_splits,
+                ),
+                block: (THREADS as u32, 1, 1),
+                shared_bytes: decode_tc_shared_bytes(s.head_dim, dtype),
+            };
+            dev.launch(by_dtype(keys_across_warps, dtype), dims, &p)?;
+        }
+    }
     merge_splits(dev, dtype, a, &p)
 }

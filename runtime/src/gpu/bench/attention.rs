@@ -1,7 +1,7 @@
 //! `gpu-bench`'s attention sweeps, each kernel alone on one layer's cache:
-//! - decode: the decode kernel and the tensor-core one for each decode batch of the model part
-//!   and each way of splitting the context, against the time its K/V bytes take at the HBM
-//!   bandwidth;
+//! - decode: the CUDA-core decode kernel and the tensor-core ones (both layouts,
+//!   [`TensorCoreDecode`]) for each decode batch of the model part and each way of splitting the
+//!   context, against the time its K/V bytes take at the HBM bandwidth;
 //! - prefill: both prefill kernels (CUDA cores, tensor cores) on the prefill part's prompt,
 //!   against the dense bf16 peak.
 //!
@@ -11,8 +11,8 @@
 
 use caduceus_kernels::attention::SeqAttention;
 use caduceus_kernels::gpu::attention::{
-    paged_attention_decode_only, AttentionKernel, AttnShape, DecodePlan, DecodeSplit,
-    PagedAttnArgs, PagedBatchBuffers,
+    paged_attention_decode, paged_attention_decode_tc, AttentionKernel, AttnShape, DecodePlan,
+    DecodeSplit, PagedAttnArgs, PagedBatchBuffers, TensorCoreDecode,
 };
 use caduceus_kernels::gpu::attention_prefill::paged_attention_prefill;
 use caduceus_kernels::gpu::{Device, DeviceBuffer};
@@ -40,8 +40,11 @@ const SPLITS: [DecodeSplit; 5] = [
 #[derive(Clone, Debug, Serialize)]
 pub struct AttentionFigure {
     pub batch: usize,
-    /// [`AttentionKernel::name`] (`paged_attention_decode_only` on its cores).
+    /// [`AttentionKernel::name`]: the cores it ran on.
     pub kernel: &'static str,
+    /// On tensor cores, [`TensorCoreDecode::name`]: the kernel's layout (`None` on CUDA cores).
+    /// The engine runs the one [`TensorCoreDecode::for_shape`] picks.
+    pub layout: Option<&'static str>,
     pub context: usize,
     /// `auto`, `off` or `tokens:N` as asked; the plan it gave follows.
     pub split: String,
@@ -176,7 +179,7 @@ pub(super) fn sweep_prefill_kernels(
     Ok(figures)
 }
 
-/// Times the decode kernel on layer 0's pools of `kv` for every batch of `o.decode_batches`.
+/// Times the decode kernels on layer 0's pools of `kv` for every batch of `o.decode_batches`.
 pub(super) fn sweep_attention(
     model: &GpuModel,
     kv: &GpuKvCache,
@@ -197,27 +200,35 @@ pub(super) fn sweep_attention(
         let rows = QueryRows::new(model, b)?;
         let args = rows.args(k_cache, v_cache, &batch, shape);
         let mut seen = Vec::new();
-        let configs = AttentionKernel::ALL
+        let kernels = [None]
             .into_iter()
-            .flat_map(|k| SPLITS.map(|s| (k, s)));
-        for (kernel, split) in configs {
+            .chain(TensorCoreDecode::ALL.map(Some))
+            .filter(|l| l.is_none_or(|l| l.takes(&shape)));
+        let configs = kernels.flat_map(|k| SPLITS.map(|s| (k, s)));
+        for (layout, split) in configs {
             let plan = DecodePlan::new(&args.batch, &shape, split);
-            if seen.contains(&(kernel, plan)) {
+            if seen.contains(&(layout, plan)) {
                 continue;
             }
-            seen.push((kernel, plan));
+            seen.push((layout, plan));
             let ws = dev.alloc_zeroed(plan.workspace_bytes(b, &shape).max(4))?;
             let us = us_per_launch(dev, || {
                 let ws = Some(&ws);
-                Ok(paged_attention_decode_only(
-                    dev, dt, &args, &plan, ws, kernel,
-                )?)
+                match layout {
+                    None => paged_attention_decode(dev, dt, &args, &plan, ws)?,
+                    Some(l) => paged_attention_decode_tc(dev, dt, &args, &plan, ws, l)?,
+                }
+                Ok(())
             })?;
             let bytes = (b * o.context) as f64 * model_shape.kv_bytes_per_token_layer() as f64;
             let per_s = bytes / (us / 1e6);
             figures.push(AttentionFigure {
                 batch: b,
-                kernel: kernel.name(),
+                kernel: match layout {
+                    None => AttentionKernel::CudaCores.name(),
+                    Some(_) => AttentionKernel::TensorCores.name(),
+                },
+                layout: layout.map(TensorCoreDecode::name),
                 context: o.context,
                 split: split_name(split),
                 num_splits: plan.num_splits,

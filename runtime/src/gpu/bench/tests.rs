@@ -176,24 +176,24 @@ fn model_parts_run_on_a_tiny_shape_and_report_each_configuration() {
             (m, p) => panic!("lora {} {m}: profile {}", x.distinct, p.is_some()),
         }
     }
-    // The attention sweep: every batch, each kernel (CUDA cores first), Auto first, each
-    // distinct (kernel, plan) once (context 20: Off and every forced size give the one-split
-    // plan, Auto splits a batch this small).
+    // The attention sweep: every batch, each kernel (CUDA cores first, then tensor cores in
+    // both layouts), Auto first, each distinct (kernel, layout, plan) once (context 20: Off and
+    // every forced size give the one-split plan, Auto splits a batch this small).
     for b in [1, 3] {
         let runs: Vec<_> = r.attention.iter().filter(|a| a.batch == b).collect();
         assert_eq!(
-            (runs[0].kernel, runs[0].split.as_str()),
-            ("cuda_cores", "auto")
+            (runs[0].kernel, runs[0].layout, runs[0].split.as_str()),
+            ("cuda_cores", None, "auto")
         );
-        let tc: Vec<_> = runs.iter().filter(|a| a.kernel == "tensor_cores").collect();
-        assert_eq!(
-            tc.len() * 2,
-            runs.len(),
-            "batch {b}: each plan on both kernels"
-        );
+        let cuda = runs.iter().filter(|a| a.kernel == "cuda_cores").count();
+        for layout in ["keys_across_warps", "query_tile"] {
+            let tc = runs.iter().filter(|a| a.layout == Some(layout));
+            assert!(tc.clone().all(|a| a.kernel == "tensor_cores"));
+            assert_eq!(tc.count(), cuda, "batch {b}: each plan in {layout}");
+        }
         let mut plans: Vec<_> = runs
             .iter()
-            .map(|a| (a.kernel, a.num_splits, a.tokens_per_split))
+            .map(|a| (a.kernel, a.layout, a.num_splits, a.tokens_per_split))
             .collect();
         let n = plans.len();
         plans.sort_unstable();
@@ -201,7 +201,7 @@ fn model_parts_run_on_a_tiny_shape_and_report_each_configuration() {
         assert_eq!(plans.len(), n, "batch {b}: a plan timed twice");
         for kernel in ["cuda_cores", "tensor_cores"] {
             assert!(
-                plans.contains(&(kernel, 1, 32)),
+                plans.iter().any(|p| (p.0, p.2, p.3) == (kernel, 1, 32)),
                 "batch {b}: the unsplit plan: {plans:?}"
             );
         }
