@@ -19,11 +19,34 @@
     asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(cad_dyn_bytes_));        \
     if (cad_dyn_bytes_ < (bytes)) __trap();                                \
   } while (0)
+/// Waits until the kernel launched before this one on the stream has completed and its writes
+/// are visible. A no-op unless this kernel was launched as a programmatic dependent (sm_90+,
+/// `Device::set_programmatic_launch`), whose launch may then overlap the previous kernel's end.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define CAD_WAIT_FOR_PREVIOUS_GRID() asm volatile("griddepcontrol.wait;\n" ::: "memory")
+#else
+#define CAD_WAIT_FOR_PREVIOUS_GRID() \
+  do {                                \
+  } while (0)
+#endif
 /// An `extern "C"` kernel taking its parameter struct by value (one argument, so the Rust side
-/// launches every kernel the same way).
-#define CAD_KERNEL(name, Params, p) extern "C" __global__ void name(const Params p)
-#define CAD_KERNEL_BOUNDS(name, Params, p, threads) \
-  extern "C" __global__ void __launch_bounds__(threads) name(const Params p)
+/// launches every kernel the same way). The body (the braces after the macro) runs once the
+/// previous kernel has completed (CAD_WAIT_FOR_PREVIOUS_GRID at entry), so every kernel may be
+/// launched as a programmatic dependent: none reads or writes memory before that wait.
+#define CAD_KERNEL(name, Params, p)                                    \
+  __device__ __forceinline__ void name##_body(const Params& p);        \
+  extern "C" __global__ void name(const Params p) {                    \
+    CAD_WAIT_FOR_PREVIOUS_GRID();                                      \
+    name##_body(p);                                                    \
+  }                                                                    \
+  __device__ __forceinline__ void name##_body(const Params& p)
+#define CAD_KERNEL_BOUNDS(name, Params, p, threads)                            \
+  __device__ __forceinline__ void name##_body(const Params& p);                \
+  extern "C" __global__ void __launch_bounds__(threads) name(const Params p) { \
+    CAD_WAIT_FOR_PREVIOUS_GRID();                                              \
+    name##_body(p);                                                            \
+  }                                                                            \
+  __device__ __forceinline__ void name##_body(const Params& p)
 #else
 #include "emu/emu.hpp"
 #define CAD_DYNAMIC_SMEM(T, name) CAD_EMU_DYNAMIC_SMEM(T, name)

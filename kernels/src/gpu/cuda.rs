@@ -59,6 +59,9 @@ pub struct CudaDevice {
     functions: Mutex<HashMap<&'static str, (CudaFunction, u32)>>,
     /// cuBLASLt (its handle is used by one thread at a time).
     blas: Mutex<Blas>,
+    /// Launch kernels as programmatic dependents of the previous one (sm_90+; see
+    /// [`super::Device::set_programmatic_launch`]).
+    programmatic: std::sync::atomic::AtomicBool,
 }
 
 impl CudaDevice {
@@ -102,6 +105,7 @@ impl CudaDevice {
             modules,
             functions: Mutex::new(HashMap::new()),
             blas: Mutex::new(blas),
+            programmatic: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -242,6 +246,9 @@ impl CudaDevice {
         params: &P,
     ) -> Result<(), GpuError> {
         let f = self.function(name, dims.shared_bytes)?;
+        if self.programmatic_launch() {
+            return self.launch_programmatic(&f, dims, params);
+        }
         let cfg = LaunchConfig {
             grid_dim: dims.grid,
             block_dim: dims.block,
@@ -257,6 +264,67 @@ impl CudaDevice {
 }
 
 impl CudaDevice {
+    /// Launches kernels as programmatic dependents from now on (`on`), where the GPU has them
+    /// (sm_90 and later); returns whether they are on.
+    pub(super) fn set_programmatic_launch(&self, on: bool) -> bool {
+        let supported = self
+            .ctx
+            .compute_capability()
+            .is_ok_and(|(major, _)| major >= 9);
+        let on = on && supported;
+        self.programmatic
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+        on
+    }
+
+    pub(super) fn programmatic_launch(&self) -> bool {
+        self.programmatic.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// [`Self::launch`] through `cuLaunchKernelEx` with programmatic stream serialization: the
+    /// kernel's launch may overlap the previous kernel's end, and its body waits for that
+    /// kernel's completion (`CAD_WAIT_FOR_PREVIOUS_GRID` at every kernel's entry). Captured into
+    /// a graph, it becomes a programmatic edge.
+    fn launch_programmatic<P: KernelParams>(
+        &self,
+        f: &CudaFunction,
+        dims: LaunchDims,
+        params: &P,
+    ) -> Result<(), GpuError> {
+        use cudarc::driver::sys;
+        self.ctx.bind_to_thread().map_err(driver_err)?;
+        // SAFETY: a plain C struct for which all-zero bytes are a valid value.
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let cfg = sys::CUlaunchConfig {
+            gridDimX: dims.grid.0,
+            gridDimY: dims.grid.1,
+            gridDimZ: dims.grid.2,
+            blockDimX: dims.block.0,
+            blockDimY: dims.block.1,
+            blockDimZ: dims.block.2,
+            sharedMemBytes: dims.shared_bytes,
+            hStream: self.stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        let mut args = [(params as *const P).cast_mut().cast::<core::ffi::c_void>()];
+        // SAFETY: `params` has its C twin's layout (KernelParams), holds live device addresses
+        // checked by the launcher that built it, and outlives the call (the driver copies the
+        // arguments before returning); `cfg` and `attr` live across the call.
+        unsafe {
+            sys::cuLaunchKernelEx(
+                &cfg,
+                f.cu_function(),
+                args.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        }
+        .result()
+        .map_err(driver_err)
+    }
+
     /// `y (+)= x · Wᵀ (+ bias)`; see [`Blas::gemm`]. `gemv` runs our GEMV kernel on these
     /// operands (`None` where it does not apply).
     #[allow(clippy::too_many_arguments)]

@@ -206,6 +206,8 @@ pub struct Emulation {
     /// cached and counted by the same keys as cuBLASLt's on a GPU, so tests see the cache at work.
     pub(crate) gemm_algos: AlgoCache<GemmChoice<()>>,
     gemm_policy: std::sync::Mutex<GemmPolicy>,
+    /// What [`Device::set_programmatic_launch`] asked (launches are synchronous here: no effect).
+    programmatic: std::sync::atomic::AtomicBool,
     /// Allocations and host->device writes so far (tests count them per step).
     pub(crate) counts: TransferCounts,
     /// The launches recorded while a graph is being captured (`super::graph`).
@@ -245,6 +247,7 @@ impl Device {
         Device::Emulated(Emulation {
             gemm_algos: AlgoCache::new(),
             gemm_policy: std::sync::Mutex::new(GemmPolicy::default()),
+            programmatic: std::sync::atomic::AtomicBool::new(false),
             counts: TransferCounts::default(),
             capture: EmuCapture::default(),
         })
@@ -274,6 +277,35 @@ impl Device {
             }
             #[cfg(feature = "cuda")]
             Device::Cuda(d) => d.set_gemm_policy(policy),
+        }
+    }
+
+    /// Launches every kernel as a programmatic dependent of the kernel before it from now on
+    /// (`on`) or as a plain launch: its launch then overlaps the previous kernel's end, and its
+    /// body waits for that kernel at entry (every kernel does, see `CAD_KERNEL`), which saves
+    /// part of the gap between the hundreds of small dependent kernels of a decode step. Needs
+    /// sm_90 (H100/H200); returns whether it is on. Graphs keep what they were captured with.
+    /// The emulation, whose launches are synchronous, records the setting and runs as before.
+    pub fn set_programmatic_launch(&self, on: bool) -> bool {
+        match self {
+            #[cfg(feature = "cuda-emu")]
+            Device::Emulated(e) => {
+                e.programmatic
+                    .store(on, std::sync::atomic::Ordering::Relaxed);
+                on
+            }
+            #[cfg(feature = "cuda")]
+            Device::Cuda(d) => d.set_programmatic_launch(on),
+        }
+    }
+
+    /// Whether kernels launch as programmatic dependents ([`Self::set_programmatic_launch`]).
+    pub fn programmatic_launch(&self) -> bool {
+        match self {
+            #[cfg(feature = "cuda-emu")]
+            Device::Emulated(e) => e.programmatic.load(std::sync::atomic::Ordering::Relaxed),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(d) => d.programmatic_launch(),
         }
     }
 

@@ -190,10 +190,24 @@ pub fn run_model_parts(
             step,
             eager,
             library_gemm,
+            programmatic_launch: None,
             profile,
         });
     }
     drop(graphs);
+    if let Some(_on) = ProgrammaticLaunch::on(dev) {
+        let mut graphs = DecodeGraphs::capture(model, &kv, &mut ws, &sizes, None)?;
+        for d in &mut decode {
+            let ms = time_decode(model, &kv, &mut ws, Some(&mut graphs), o, d.batch, None)?;
+            let roof = gpu.map(|g| decode_step(shape, g, d.batch, o.context));
+            let timed = Timed::new(ms, roof);
+            progress(&format!(
+                "decode batch {}: {:.3} ms/step with programmatic dependent launches",
+                d.batch, timed.median_ms
+            ));
+            d.programmatic_launch = Some(timed);
+        }
+    }
     let attention = sweep_attention(model, &kv, shape, gpu, o)?;
     if let Some(best) = attention
         .iter()
@@ -465,8 +479,42 @@ fn time_lora(
                 over_base: tokens_per_s / base_tokens_per_s,
                 tokens_per_s,
                 step,
+                programmatic_launch: None,
+                programmatic_over_base: None,
             });
         }
+    }
+    drop(graphs);
+    // The base and the engine's mapping again, every kernel a programmatic dependent.
+    let mut base_programmatic_launch = None;
+    if let Some(_on) = ProgrammaticLaunch::on(dev) {
+        let mut base_graph = DecodeGraphs::capture(model, kv, ws, &[n], None)?;
+        let base = Timed::new(
+            time_decode(model, kv, ws, Some(&mut base_graph), o, n, None)?,
+            roof,
+        );
+        drop(base_graph);
+        let bgmv = Some((&stack, DecodeLoraMapping::Bgmv));
+        let mut graph = DecodeGraphs::capture(model, kv, ws, &[n], bgmv)?;
+        for run in runs.iter_mut().filter(|r| r.mapping == "bgmv") {
+            let slots: Vec<Option<u32>> = (0..n)
+                .map(|i| Some((i * run.distinct / n) as u32))
+                .collect();
+            let lora = Some((&stack, &slots[..]));
+            let step = Timed::new(
+                time_decode(model, kv, ws, Some(&mut graph), o, n, lora)?,
+                roof,
+            );
+            let over_base = base.median_ms / step.median_ms;
+            progress(&format!(
+                "multi-LoRA {} distinct (bgmv, programmatic dependent launches): {:.3} ms/step \
+                 ({over_base:.2}x base {:.3} ms)",
+                run.distinct, step.median_ms, base.median_ms
+            ));
+            run.programmatic_over_base = Some(over_base);
+            run.programmatic_launch = Some(step);
+        }
+        base_programmatic_launch = Some(base);
     }
     Ok(LoraPart {
         streams: n,
@@ -474,9 +522,27 @@ fn time_lora(
         context: o.context,
         base,
         base_tokens_per_s,
+        base_programmatic_launch,
         runs,
         slot_fill_s,
     })
+}
+
+/// Programmatic dependent launches on a device for as long as this lives.
+struct ProgrammaticLaunch<'a>(&'a Device);
+
+impl<'a> ProgrammaticLaunch<'a> {
+    /// Turns them on; `None` where the device has none.
+    fn on(dev: &'a Device) -> Option<ProgrammaticLaunch<'a>> {
+        dev.set_programmatic_launch(true)
+            .then_some(ProgrammaticLaunch(dev))
+    }
+}
+
+impl Drop for ProgrammaticLaunch<'_> {
+    fn drop(&mut self) {
+        self.0.set_programmatic_launch(false);
+    }
 }
 
 mod attention;

@@ -151,7 +151,10 @@ mod tests {
     #[test]
     fn the_decode_ring_fits_the_portable_opt_in_limit() {
         // 3 tiles x (K, V) x 64 keys: swizzled rows (64, 128 dims) unpadded, others padded by 8.
-        assert_eq!(decode_tc_shared_bytes(128, DType::Bf16), 3 * 2 * 64 * 128 * 2);
+        assert_eq!(
+            decode_tc_shared_bytes(128, DType::Bf16),
+            3 * 2 * 64 * 128 * 2
+        );
         assert_eq!(decode_tc_shared_bytes(64, DType::F16), 3 * 2 * 64 * 64 * 2);
         assert_eq!(decode_tc_shared_bytes(80, DType::Bf16), 3 * 2 * 64 * 88 * 2);
         for k in TABLE.iter().filter(|k| k.decode_tc.is_some()) {

@@ -50,6 +50,10 @@ pub struct DecodeFigure {
     /// The same graph replays with cuBLASLt's heuristic choices only ([`GemmPolicy::Library`](caduceus_kernels::gpu::gemm_tune::GemmPolicy::Library)):
     /// what tuning the projections saved.
     pub library_gemm: Timed,
+    /// The same graph replays with every kernel launched as a programmatic dependent of the one
+    /// before ([`Device::set_programmatic_launch`](caduceus_kernels::gpu::Device::set_programmatic_launch));
+    /// `None` where the GPU has no such launches (before sm_90).
+    pub programmatic_launch: Option<Timed>,
     /// Device time by op of the eager step.
     pub profile: OpProfile,
 }
@@ -82,6 +86,12 @@ pub struct LoraFigure {
     /// for both mappings: given with the `bgmv` row only.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub profile: Option<OpProfile>,
+    /// The `bgmv` row's step with programmatic dependent launches, and its throughput over the
+    /// base model's under them too ([`LoraPart::base_programmatic_launch`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub programmatic_launch: Option<Timed>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub programmatic_over_base: Option<f64>,
 }
 
 /// The multi-LoRA part.
@@ -92,6 +102,8 @@ pub struct LoraPart {
     pub context: usize,
     pub base: Timed,
     pub base_tokens_per_s: f64,
+    /// The base step with programmatic dependent launches (`None` where the GPU has none).
+    pub base_programmatic_launch: Option<Timed>,
     pub runs: Vec<LoraFigure>,
     pub slot_fill_s: f64,
 }

@@ -117,7 +117,14 @@ fn model_parts_run_on_a_tiny_shape_and_report_each_configuration() {
         assert!((d.graph_speedup - d.eager.median_ms / d.step.median_ms).abs() < 1e-9);
         assert!((d.tokens_per_s - d.batch as f64 / (d.step.median_ms / 1e3)).abs() < 1e-6);
         assert!(d.step.roofline.is_none() && d.meets_target.is_none());
+        // The graphs again with programmatic dependent launches, which the emulation accepts
+        // (and runs as plain launches).
+        assert!(d.programmatic_launch.as_ref().is_some_and(|t| t.reps == 1));
     }
+    assert!(
+        !model.device().programmatic_launch(),
+        "left on after the bench"
+    );
     let p = r.prefill.as_ref().unwrap();
     assert_eq!(p.prompt_len, 17);
     assert!(p.tokens_per_s > 0.0 && p.flops_utilization.is_none());
@@ -135,6 +142,17 @@ fn model_parts_run_on_a_tiny_shape_and_report_each_configuration() {
         .runs
         .iter()
         .all(|x| x.over_base.is_finite() && x.over_base > 0.0));
+    // The engine's mapping and the base again with programmatic dependent launches.
+    assert!(l.base_programmatic_launch.is_some());
+    for x in &l.runs {
+        let bgmv = x.mapping == "bgmv";
+        assert_eq!(x.programmatic_launch.is_some(), bgmv, "{}", x.mapping);
+        assert_eq!(
+            x.programmatic_over_base
+                .is_some_and(|r| r > 0.0 && r.is_finite()),
+            bgmv
+        );
+    }
     // Profiles: every op of the pass, each layer op once per layer, the norms twice per layer
     // plus the final one, adapter deltas (four fused calls per layer) only where adapters ran.
     let per_layer = [
