@@ -342,7 +342,7 @@ fn bgmv_and_sgmv_give_the_same_bits() {
     // 1, 2, 3, 4, 5, 9 and 16 tokens: every token count the kernels round a tile up to. Grouped
     // by adapter (as a decode graph may map them), slots 2 and 3 gather tokens of runs apart,
     // and slot 3's 25 tokens make a full tile and a partial one; the fixed form (a graph's) has
-    // a unit per token, the ones past the tiles empty.
+    // as many units as its slots allow tiles, the ones past the real tiles empty.
     let runs = [
         (2, Some(2)),
         (1, None),
@@ -376,7 +376,9 @@ fn bgmv_and_sgmv_give_the_same_bits() {
             assert!(bgmv == sgmv, "{what}: BGMV and SGMV differ");
             let grouped = qkv.gpu(&dev, &x, &LoraBatch::grouped(&dev, &slots).unwrap(), &y0);
             assert!(bgmv == grouped, "{what}: BGMV and grouped SGMV differ");
-            let fixed = LoraUnits::grouped(&slots, true).unwrap();
+            // A graph's form for the stack's slots: more units than tiles, the last empty.
+            let fixed = LoraUnits::grouped(&slots, Some(SLOT_RANKS.len())).unwrap();
+            assert_eq!(fixed.num_units(), 8, "7 tiles and one empty unit");
             let words = dev.upload(fixed.words()).unwrap();
             let fixed = qkv.gpu(&dev, &x, &fixed.placed_fixed(&words).unwrap(), &y0);
             assert!(bgmv == fixed, "{what}: BGMV and fixed grouped SGMV differ");

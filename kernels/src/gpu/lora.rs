@@ -43,13 +43,16 @@ const SGMV_EXPAND_THREADS: u32 = 128;
 /// `gpu-bench` times both. The grouped tiles read each adapter once per tile of up to
 /// [`TILE_TOKENS`] of its tokens, where BGMV reads it once per token (through L2 when tokens
 /// share it), yet measured slower on the H200 (0.73x of base against BGMV's 0.82x at 64
-/// adapters). Both give the same bits.
+/// adapters) while their graphs had a unit per token, most of them empty blocks (192 of 256 at
+/// 64 adapters, each holding 35 KB of shared memory while it is scheduled); they now have
+/// [`LoraUnits::max_grouped_tiles`] (76 there), not yet measured. Both give the same bits.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum DecodeLoraMapping {
     /// One block per token ([`LoraUnits::bgmv`]).
     #[default]
     Bgmv,
-    /// SGMV tiles of the tokens grouped by adapter, a unit per token ([`LoraUnits::grouped`]).
+    /// SGMV tiles of the tokens grouped by adapter, as many units as the stack's slots can make
+    /// tiles ([`LoraUnits::grouped`]).
     Grouped,
 }
 

@@ -20,7 +20,7 @@ use caduceus_kernels::gpu::{DeviceGraph, GpuError};
 use super::graph_ladder::{graph_batch_sizes, padded_batch_size};
 use super::lora::{GpuLoraBatch, GpuLoraStack};
 use super::model::{GpuKvCache, GpuModel, GpuModelError};
-use super::workspace::Workspace;
+use super::workspace::{GraphLayout, Workspace};
 use crate::model::ForwardBatch;
 use caduceus_kernels::gpu::lora::DecodeLoraMapping;
 
@@ -39,8 +39,9 @@ pub fn graph_sizes(max_num_seqs: usize, max_tokens: usize, max_batch: usize) -> 
 /// The captured decode graphs.
 pub struct DecodeGraphs {
     sizes: Vec<usize>,
-    /// The graphs carry the LoRA launches, mapping tokens to blocks this way.
-    lora: Option<DecodeLoraMapping>,
+    /// The graphs carry the LoRA launches, mapping tokens to blocks this way, for slots below
+    /// the count they were captured with.
+    lora: Option<(DecodeLoraMapping, usize)>,
     graphs: Vec<DeviceGraph>,
     replays: u64,
 }
@@ -58,6 +59,7 @@ impl DecodeGraphs {
     ) -> Result<DecodeGraphs, GpuModelError> {
         let stack = lora.map(|(s, _)| s);
         let mapping = lora.map(|(_, m)| m).unwrap_or_default();
+        let lora_slots = stack.map_or(0, GpuLoraStack::num_slots);
         let dev = model.device();
         let empty = ForwardBatch {
             token_ids: &[],
@@ -68,14 +70,19 @@ impl DecodeGraphs {
         };
         let mut graphs = Vec::with_capacity(sizes.len());
         for &size in sizes {
-            let step = ws.stage(dev, &empty, stack.map(|_| &[][..]), Some((size, mapping)))?;
+            let layout = GraphLayout {
+                size,
+                mapping,
+                lora_slots,
+            };
+            let step = ws.stage(dev, &empty, stack.map(|_| &[][..]), Some(layout))?;
             model.launch(kv, ws, &step, stack, None)?;
             let ws: &Workspace = ws;
             graphs.push(dev.capture(|| model.launch(kv, ws, &step, stack, None))?);
         }
         Ok(DecodeGraphs {
             sizes: sizes.to_vec(),
-            lora: lora.map(|(_, m)| m),
+            lora: lora.map(|(_, m)| (m, lora_slots)),
             graphs,
             replays: 0,
         })
@@ -107,15 +114,15 @@ impl DecodeGraphs {
     ) -> Result<Option<usize>, GpuModelError> {
         let n = batch.seqs.len();
         let segments = lora.map_or(&[][..], |l| l.segments);
-        // The launches were captured for slots below the stack's count; the eager path
+        // The launches were captured for slots below the stack's count then; the eager path
         // reports a bad one.
-        let slots_ok = match (self.lora.is_some(), lora) {
+        let slots_ok = match (self.lora, lora) {
             (_, None) => true,
-            (true, Some(l)) => segments
+            (Some((_, captured)), Some(l)) => segments
                 .iter()
                 .filter_map(|s| s.slot)
-                .all(|s| (s as usize) < l.stack.num_slots()),
-            (false, Some(_)) => segments.iter().all(|s| s.slot.is_none()),
+                .all(|s| (s as usize) < l.stack.num_slots().min(captured)),
+            (None, Some(_)) => segments.iter().all(|s| s.slot.is_none()),
         };
         let eligible = slots_ok
             && n > 0
@@ -132,8 +139,13 @@ impl DecodeGraphs {
             .ok_or_else(|| GpuError::Capture(format!("no graph of size {size}")))?;
         let dev = model.device();
         let segments = self.lora.is_some().then_some(segments);
-        let mapping = self.lora.unwrap_or_default();
-        ws.stage(dev, batch, segments, Some((size, mapping)))?;
+        let (mapping, lora_slots) = self.lora.unwrap_or_default();
+        let layout = GraphLayout {
+            size,
+            mapping,
+            lora_slots,
+        };
+        ws.stage(dev, batch, segments, Some(layout))?;
         dev.replay(&self.graphs[index])?;
         self.replays += 1;
         Ok(Some(n))

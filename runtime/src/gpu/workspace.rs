@@ -325,7 +325,7 @@ impl Workspace {
 }
 
 mod stage;
-pub(crate) use stage::Step;
+pub(crate) use stage::{GraphLayout, Step};
 
 #[cfg(all(test, feature = "gpu-emu"))]
 pub(crate) mod tests;

@@ -49,27 +49,54 @@ impl LoraUnits {
         })
     }
 
-    /// The units of a captured decode graph's `token_slots` (one per padded token) under
-    /// `mapping`: the same layout and grid for any slots of that length.
+    /// The units of a captured decode graph's `token_slots` (one per padded token, each below
+    /// `num_slots`) under `mapping`: the same layout and grid for any slots of that length.
     pub fn for_graph(
         token_slots: &[Option<u32>],
         mapping: DecodeLoraMapping,
+        num_slots: usize,
     ) -> Result<LoraUnits, LoraGpuError> {
         match mapping {
             DecodeLoraMapping::Bgmv => LoraUnits::bgmv(token_slots),
-            DecodeLoraMapping::Grouped => LoraUnits::grouped(token_slots, true),
+            DecodeLoraMapping::Grouped => LoraUnits::grouped(token_slots, Some(num_slots)),
         }
+    }
+
+    /// The most SGMV tiles `tokens` tokens over at most `num_slots` adapters can make: each
+    /// adapter's n tokens make ceil(n / [`TILE_TOKENS`]) <= (n + TILE_TOKENS - 1) / TILE_TOKENS
+    /// tiles, so all of them at most (tokens + (TILE_TOKENS - 1) num_slots) / TILE_TOKENS, and
+    /// never more than one per token.
+    pub fn max_grouped_tiles(tokens: usize, num_slots: usize) -> usize {
+        let bound =
+            tokens.saturating_add((TILE_TOKENS - 1).saturating_mul(num_slots)) / TILE_TOKENS;
+        bound.min(tokens)
     }
 
     /// Decode tokens grouped by adapter: `token_slots[t]` is token t's slot (`None`: base model
     /// only); the tokens of each slot, in batch order, are cut into SGMV tiles, so each adapter's
     /// weights are read once per tile rather than once per token (S-LoRA and Punica sort a batch
-    /// by adapter for the same reason). With `fixed`, there are always as many units as tokens
-    /// (tiles past the real ones are empty), so the words' layout and the grid depend on the
-    /// token count alone, as a captured graph needs.
-    pub fn grouped(token_slots: &[Option<u32>], fixed: bool) -> Result<LoraUnits, LoraGpuError> {
+    /// by adapter for the same reason). With `fixed_for_slots` (a captured graph's stack of that
+    /// many slots, which every slot must be below), there are always
+    /// [`Self::max_grouped_tiles`] units (tiles past the real ones are empty), so the words'
+    /// layout and the grid depend on the token and slot counts alone, as a captured graph needs:
+    /// a unit per token would leave most of a large batch's blocks empty, and each still takes
+    /// its place on an SM.
+    pub fn grouped(
+        token_slots: &[Option<u32>],
+        fixed_for_slots: Option<usize>,
+    ) -> Result<LoraUnits, LoraGpuError> {
         let t = token_slots.len();
         dim32("num_tokens", t)?;
+        if let Some(num_slots) = fixed_for_slots {
+            if let Some(&slot) = token_slots
+                .iter()
+                .flatten()
+                .find(|&&s| s as usize >= num_slots)
+            {
+                let slot = slot as usize;
+                return Err(LoraError::SlotOutOfRange { slot, num_slots }.into());
+            }
+        }
         // The named tokens by slot, each slot's in batch order (a stable sort).
         let mut rows: Vec<(u32, u32)> = token_slots
             .iter()
@@ -87,7 +114,17 @@ impl LoraUnits {
         }
         let slots_used = distinct(rows.iter().map(|&(slot, _)| slot));
         let mut rows: Vec<u32> = rows.into_iter().map(|(_, i)| i).collect();
-        let num_units = if fixed { t } else { tiles.len() / 3 };
+        let num_units = match fixed_for_slots {
+            Some(num_slots) => LoraUnits::max_grouped_tiles(t, num_slots),
+            None => tiles.len() / 3,
+        };
+        if tiles.len() / 3 > num_units {
+            return Err(crate::gpu::GpuError::Shape(format!(
+                "grouped LoRA: {} tiles exceed the graph's {num_units}",
+                tiles.len() / 3
+            ))
+            .into());
+        }
         while tiles.len() < 3 * num_units {
             tiles.extend([0, 0, NO_SLOT]);
         }
@@ -102,6 +139,11 @@ impl LoraUnits {
             num_tokens: t,
             slots_used,
         })
+    }
+
+    /// Blocks per part of the grid: tokens (BGMV) or tiles (SGMV), empty ones included.
+    pub fn num_units(&self) -> usize {
+        self.num_units
     }
 
     /// Runs of tokens sharing an adapter (prefill chunks, or decode tokens of requests on one
@@ -205,7 +247,7 @@ impl LoraBatch<'static> {
 
     /// [`LoraUnits::grouped`] (not fixed), uploaded into a buffer of its own.
     pub fn grouped(dev: &Device, token_slots: &[Option<u32>]) -> Result<Self, LoraGpuError> {
-        Self::upload(dev, LoraUnits::grouped(token_slots, false)?)
+        Self::upload(dev, LoraUnits::grouped(token_slots, None)?)
     }
 
     /// [`LoraUnits::sgmv`], uploaded into a buffer of its own.
@@ -258,21 +300,69 @@ mod tests {
     fn grouped_units_gather_each_slots_tokens_in_batch_order() {
         // Slot 1's token 2, then slot 2's tokens 0 and 3; token 1 uses no adapter.
         let slots = [Some(2), None, Some(1), Some(2)];
-        let u = LoraUnits::grouped(&slots, false).unwrap();
+        let u = LoraUnits::grouped(&slots, None).unwrap();
         assert_eq!((u.num_units, u.rows_at), (2, Some(6)));
         assert_eq!(u.words(), [0, 1, 1, 1, 2, 2, 2, 0, 3, 0]);
         assert_eq!(u.slots_used, [1, 2]);
-        // A graph's form: a unit per token, the extra ones empty, the rows after all of them.
-        let f = LoraUnits::grouped(&slots, true).unwrap();
-        assert_eq!((f.num_units, f.rows_at), (4, Some(12)));
-        assert_eq!(&f.words()[6..12], [0, 0, NO_SLOT, 0, 0, NO_SLOT]);
-        assert_eq!(&f.words()[12..], [2, 0, 3, 0]);
+        // A graph's form for 3 slots: min(4 tokens, (4 + 15 x 3) / 16 = 3) units, the extra one
+        // empty, the rows after all of them.
+        let f = LoraUnits::grouped(&slots, Some(3)).unwrap();
+        assert_eq!((f.num_units, f.rows_at), (3, Some(9)));
+        assert_eq!(&f.words()[6..9], [0, 0, NO_SLOT]);
+        assert_eq!(&f.words()[9..], [2, 0, 3, 0]);
+        // With more slots than tokens, a unit per token; a slot past the stack is refused.
+        let f = LoraUnits::grouped(&slots, Some(64)).unwrap();
+        assert_eq!(f.num_units, 4);
+        let err = LoraUnits::grouped(&slots, Some(2)).unwrap_err().to_string();
+        assert!(err.contains("slot 2 out of range (2 slots)"), "{err}");
+    }
+
+    #[test]
+    fn the_graph_bound_covers_every_assignment_of_tokens_to_slots() {
+        // 256 tokens over 64 slots: 76 units, not 256.
+        assert_eq!(LoraUnits::max_grouped_tiles(256, 64), 76);
+        assert_eq!(LoraUnits::max_grouped_tiles(256, 1), 16);
+        assert_eq!(LoraUnits::max_grouped_tiles(5, 1000), 5);
+        // Exhaustive over small batches: the tiles of any assignment fit the bound, and some
+        // assignment reaches it (the bound is tight).
+        for tokens in 1..=40usize {
+            for num_slots in 1..=3usize {
+                let bound = LoraUnits::max_grouped_tiles(tokens, num_slots);
+                let mut most = 0;
+                // Every split of the tokens into num_slots counts (compositions).
+                let mut counts = vec![0usize; num_slots];
+                loop {
+                    if counts.iter().sum::<usize>() == tokens {
+                        let tiles: usize = counts.iter().map(|n| n.div_ceil(TILE_TOKENS)).sum();
+                        most = most.max(tiles);
+                        let slots: Vec<Option<u32>> = counts
+                            .iter()
+                            .enumerate()
+                            .flat_map(|(s, &n)| std::iter::repeat_n(Some(s as u32), n))
+                            .collect();
+                        let u = LoraUnits::grouped(&slots, Some(num_slots)).unwrap();
+                        assert_eq!(u.num_units, bound);
+                    }
+                    // Next composition (odometer over 0..=tokens).
+                    let mut i = 0;
+                    while i < num_slots && counts[i] == tokens {
+                        counts[i] = 0;
+                        i += 1;
+                    }
+                    if i == num_slots {
+                        break;
+                    }
+                    counts[i] += 1;
+                }
+                assert_eq!(most, bound, "{tokens} tokens over {num_slots} slots");
+            }
+        }
     }
 
     #[test]
     fn grouped_units_cut_a_slots_tokens_into_tiles() {
         let slots = vec![Some(7); TILE_TOKENS + 3];
-        let u = LoraUnits::grouped(&slots, false).unwrap();
+        let u = LoraUnits::grouped(&slots, None).unwrap();
         assert_eq!(u.num_units, 2);
         assert_eq!(
             &u.words()[..6],

@@ -10,6 +10,15 @@ use super::Workspace;
 use crate::gpu::model::GpuModelError;
 use crate::model::ForwardBatch;
 
+/// How a captured graph lays out its steps: the padded batch size, and how its LoRA launches
+/// map tokens to blocks for a stack of `lora_slots` slots.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct GraphLayout {
+    pub size: usize,
+    pub mapping: DecodeLoraMapping,
+    pub lora_slots: usize,
+}
+
 /// What [`Workspace::stage`] put into the upload: the shape of the step the kernels run.
 #[derive(Clone, Debug)]
 pub(crate) struct Step {
@@ -37,7 +46,7 @@ pub(crate) struct StepInputs<'a> {
 
 impl Workspace {
     /// Writes `batch` (and its LoRA segments) into the staging buffer and copies it to the
-    /// device in one write. With `pad_to` (a graph's size and LoRA mapping), a decode-only batch
+    /// device in one write. With `pad_to` (a graph's layout), a decode-only batch
     /// whose logits rows are its tokens in order is padded to that many sequences: padding
     /// tokens write to [`PAD_SLOT`], attend to one token of block 0, use no adapter and their
     /// logits are ignored; `segments` then means "adapters on" even when empty (units laid out
@@ -47,7 +56,7 @@ impl Workspace {
         dev: &Device,
         batch: &ForwardBatch<'_>,
         segments: Option<&[Segment]>,
-        pad_to: Option<(usize, DecodeLoraMapping)>,
+        pad_to: Option<GraphLayout>,
     ) -> Result<Step, GpuModelError> {
         batch.check().map_err(GpuModelError::Batch)?;
         let bad = |m: String| Err(GpuModelError::Batch(m));
@@ -55,7 +64,7 @@ impl Workspace {
         let decode_only = batch.seqs.iter().all(|s| s.query_len == 1);
         let (tokens, seqs, rows) = match pad_to {
             None => (t, n, batch.logits_indices.len()),
-            Some((p, _)) => {
+            Some(GraphLayout { size: p, .. }) => {
                 let in_order = batch.logits_indices.iter().copied().eq(0..t);
                 if !decode_only || !in_order || p < n {
                     return bad(format!(
@@ -75,14 +84,14 @@ impl Workspace {
         }
         let lora = match (pad_to, segments) {
             // A graph's units: laid out for every (padded) token, whether or not any is named.
-            (Some((p, mapping)), Some(segs)) => {
-                let mut slots = vec![None; p];
+            (Some(g), Some(segs)) => {
+                let mut slots = vec![None; g.size];
                 for s in segs {
                     for x in slots.iter_mut().skip(s.start).take(s.len) {
                         *x = s.slot;
                     }
                 }
-                Some(LoraUnits::for_graph(&slots, mapping)?)
+                Some(LoraUnits::for_graph(&slots, g.mapping, g.lora_slots)?)
             }
             (Some(_), None) => None,
             (None, segs) => lora_units(segs, t)?,
