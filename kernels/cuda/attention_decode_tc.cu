@@ -22,13 +22,13 @@
 //
 // Sequences whose query length is not 1 are left alone (the batch is decode-only: the caller's
 // guarantee), as are contexts longer than their block table.
+#include "attention_tc.cuh"
 #include "common.cuh"
 #include "mma.cuh"
 #include "params/attention.h"
 
 namespace {
 
-using cad::pun_load;
 using cad::store2;
 
 constexpr int kThreads = 128;
@@ -90,21 +90,18 @@ __device__ void paged_decode_tc(const CadDecodeParams& dp) {
   const uint32_t tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const uint32_t g = lane / 4, t4 = lane % 4;
 
-  // A fragments of Q, the same in every warp: qa[ks][h + 2 half] = head g + 8h (zero past the
-  // group), dims 16 ks + 2 t4 + 8 half.
-  uint32_t qa[kKSteps][4];
+  // A fragments of Q, the same in every warp: rows g and g + 8 are those heads of the group
+  // (zeros past it).
+  const T* q_rows[2];
 CAD_UNROLL
   for (int h = 0; h < 2; ++h) {
     const uint32_t r = g + 8 * h;
-    const bool ok = r < group;
     const size_t head = size_t(kvh) * group + r;
-    const T* q_row = static_cast<const T*>(p.q) + (ok ? (size_t(tok) * num_heads + head) * D : 0);
-CAD_UNROLL
-    for (int ks = 0; ks < kKSteps; ++ks)
-CAD_UNROLL
-      for (int half = 0; half < 2; ++half)
-        qa[ks][h + 2 * half] = ok ? pun_load<uint32_t>(q_row + 16 * ks + 2 * t4 + 8 * half) : 0u;
+    q_rows[h] = r < group ? static_cast<const T*>(p.q) + (size_t(tok) * num_heads + head) * D
+                          : nullptr;
   }
+  uint32_t qa[kKSteps][4];
+  cad::load_q_fragments<T, D>(qa, q_rows, t4);
 
   const float scale_log2 = p.shape.scale * kLog2e;
   const uint32_t* table = b.block_tables + size_t(seq) * b.max_blocks_per_seq;
@@ -188,39 +185,16 @@ CAD_UNROLL
       cad::mma_16816<T>(sc[1], qa[ks], kb + 2);
     }
 
-    // Online softmax in base 2; element e of n-tile nt is row g + 8 (e / 2), key
-    // k0 + 8 nt + 2 t4 + e % 2. Every key before `end` is visible to the decode token.
-    float mx[2] = {-INFINITY, -INFINITY};
+    // Every key before `end` is visible to the decode token; then the online softmax in base 2
+    // (element e of n-tile nt is row g + 8 (e / 2), key k0 + 8 nt + 2 t4 + e % 2).
 CAD_UNROLL
     for (int nt = 0; nt < 2; ++nt)
 CAD_UNROLL
       for (int e = 0; e < 4; ++e) {
         const uint32_t pos = k0 + 8 * nt + 2 * t4 + e % 2;
         sc[nt][e] = pos < end ? sc[nt][e] * scale_log2 : -INFINITY;
-        mx[e / 2] = fmaxf(mx[e / 2], sc[nt][e]);
       }
-    float base[2], alpha[2];
-CAD_UNROLL
-    for (int h = 0; h < 2; ++h) {
-      mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
-      mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
-      const float m_new = fmaxf(m[h], mx[h]);
-      base[h] = m_new == -INFINITY ? 0.0f : m_new;
-      alpha[h] = exp2f(m[h] - base[h]);
-      m[h] = m_new;
-      l[h] *= alpha[h];
-    }
-CAD_UNROLL
-    for (int nt = 0; nt < 2; ++nt)
-CAD_UNROLL
-      for (int e = 0; e < 4; ++e) {
-        sc[nt][e] = exp2f(sc[nt][e] - base[e / 2]);
-        l[e / 2] += sc[nt][e];
-      }
-CAD_UNROLL
-    for (int dt = 0; dt < kDimTiles; ++dt)
-CAD_UNROLL
-      for (int e = 0; e < 4; ++e) o[dt][e] *= alpha[e / 2];
+    cad::online_softmax(sc, m, l, o);
 
     // O += P V: P's accumulators of the two key n-tiles are exactly the A fragment of one
     // k-step; one ldmatrix.x4.trans gives the B fragments of two dim n-tiles: matrix i holds
@@ -246,8 +220,7 @@ CAD_UNROLL
   float* s_o = s_l + kWarps * kRows;            // [warp][row][D]
 CAD_UNROLL
   for (int h = 0; h < 2; ++h) {
-    l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
-    l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
+    l[h] = cad::quad_sum(l[h]);
     const uint32_t r = g + 8 * h;
     if (t4 == 0) {
       s_m[warp * kRows + r] = m[h];

@@ -31,6 +31,7 @@
 // Head dims: any multiple of 16 up to 128, instantiated for 16, 32, 64, 80, 96 and 128 (the
 // launcher's table); head_dim 256 has only the CUDA-core kernel (its accumulators would not fit
 // in registers with 16 rows per warp).
+#include "attention_tc.cuh"
 #include "common.cuh"
 #include "mma.cuh"
 #include "paged.cuh"
@@ -38,7 +39,6 @@
 
 namespace {
 
-using cad::pun_load;
 using cad::store2;
 
 constexpr int kThreads = 128;
@@ -89,8 +89,7 @@ __device__ void paged_prefill_tc(const CadDecodeParams& dp) {
   // This lane's rows: 16 warp + g (h = 0) and 16 warp + g + 8 (h = 1); -1 marks a padding row,
   // masked everywhere and never written.
   int row_pos[2];
-  // A fragments of Q: qa[ks][h + 2 half] = row h, dims 16 ks + 2 t4 + 8 half.
-  uint32_t qa[kKSteps][4];
+  const T* q_rows[2];
 CAD_UNROLL
   for (int h = 0; h < 2; ++h) {
     const uint32_t r = 16 * warp + g + 8 * h;
@@ -98,13 +97,10 @@ CAD_UNROLL
     row_pos[h] = ok ? int(first_pos + r / group) : -1;
     const size_t head = size_t(kvh) * group + r % group;
     const size_t tok = q_first + tok0 + r / group;
-    const T* q_row = static_cast<const T*>(p.q) + (ok ? (tok * num_heads + head) * D : 0);
-CAD_UNROLL
-    for (int ks = 0; ks < kKSteps; ++ks)
-CAD_UNROLL
-      for (int half = 0; half < 2; ++half)
-        qa[ks][h + 2 * half] = ok ? pun_load<uint32_t>(q_row + 16 * ks + 2 * t4 + 8 * half) : 0u;
+    q_rows[h] = ok ? static_cast<const T*>(p.q) + (tok * num_heads + head) * D : nullptr;
   }
+  uint32_t qa[kKSteps][4];
+  cad::load_q_fragments<T, D>(qa, q_rows, t4);
 
   const float scale_log2 = p.shape.scale * kLog2e;
   const uint32_t* table = b.block_tables + size_t(s) * b.max_blocks_per_seq;
@@ -193,39 +189,16 @@ CAD_UNROLL
         }
       }
 
-      // Online softmax in base 2; element e of n-tile nt is row h = e / 2, key
-      // 8 nt + 2 t4 + e % 2.
-      float mx[2] = {-INFINITY, -INFINITY};
+      // Causal mask, then the online softmax in base 2; element e of n-tile nt is row h = e / 2,
+      // key 8 nt + 2 t4 + e % 2.
 CAD_UNROLL
       for (int nt = 0; nt < kKeyTiles; ++nt)
 CAD_UNROLL
         for (int e = 0; e < 4; ++e) {
           const int pos = int(k0 + 8 * nt + 2 * t4 + e % 2);
           sc[nt][e] = pos <= row_pos[e / 2] ? sc[nt][e] * scale_log2 : -INFINITY;
-          mx[e / 2] = fmaxf(mx[e / 2], sc[nt][e]);
         }
-      float base[2], alpha[2];
-CAD_UNROLL
-      for (int h = 0; h < 2; ++h) {
-        mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
-        mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
-        const float m_new = fmaxf(m[h], mx[h]);
-        base[h] = m_new == -INFINITY ? 0.0f : m_new;  // a row with nothing visible yet
-        alpha[h] = exp2f(m[h] - base[h]);
-        m[h] = m_new;
-        l[h] *= alpha[h];
-      }
-CAD_UNROLL
-      for (int nt = 0; nt < kKeyTiles; ++nt)
-CAD_UNROLL
-        for (int e = 0; e < 4; ++e) {
-          sc[nt][e] = exp2f(sc[nt][e] - base[e / 2]);
-          l[e / 2] += sc[nt][e];
-        }
-CAD_UNROLL
-      for (int dt = 0; dt < kDimTiles; ++dt)
-CAD_UNROLL
-        for (int e = 0; e < 4; ++e) o[dt][e] *= alpha[e / 2];
+      cad::online_softmax(sc, m, l, o);
 
       // O += P V. P's accumulator fragments of key n-tiles 2 kk and 2 kk + 1 are exactly the A
       // fragment of k-step kk; one ldmatrix.x4.trans gives the B fragments of two dim n-tiles:
@@ -250,10 +223,7 @@ CAD_UNROLL
   }
 
 CAD_UNROLL
-  for (int h = 0; h < 2; ++h) {
-    l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
-    l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
-  }
+  for (int h = 0; h < 2; ++h) l[h] = cad::quad_sum(l[h]);
 CAD_UNROLL
   for (int h = 0; h < 2; ++h) {
     const uint32_t r = 16 * warp + g + 8 * h;

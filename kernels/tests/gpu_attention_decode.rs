@@ -9,7 +9,7 @@ use caduceus_kernels::gpu::attention::{
     AttentionKernel, AttnShape, DecodePlan, DecodeSplit, PagedAttnArgs, PagedBatchBuffers,
     TensorCoreDecode, SUPPORTED_HEAD_DIMS,
 };
-use caduceus_kernels::gpu::{DType, Device};
+use caduceus_kernels::gpu::{DType, Device, GpuError};
 use caduceus_kernels::{paged_attention_reference, AttentionParams};
 use gpu_support::*;
 use rand::seq::SliceRandom;
@@ -126,6 +126,18 @@ fn run_decode_on(
     split: DecodeSplit,
     launcher: Launcher,
 ) -> (Vec<f32>, DecodePlan) {
+    try_decode_on(dev, dtype, b, shape, split, launcher).unwrap()
+}
+
+/// [`run_decode_on`], with the launcher's error.
+fn try_decode_on(
+    dev: &Device,
+    dtype: DType,
+    b: &Batch,
+    shape: &AttnShape,
+    split: DecodeSplit,
+    launcher: Launcher,
+) -> Result<(Vec<f32>, DecodePlan), GpuError> {
     let batch = PagedBatchBuffers::upload(dev, &seqs(b)).unwrap();
     let (q, k, v) = (
         upload(dev, dtype, &b.q),
@@ -153,9 +165,8 @@ fn run_decode_on(
         Launcher::TensorCores(l) => {
             paged_attention_decode_tc(dev, dtype, &args, &plan, Some(&ws), l)
         }
-    }
-    .unwrap();
-    (download(dev, dtype, &out), plan)
+    }?;
+    Ok((download(dev, dtype, &out), plan))
 }
 
 /// (num_heads, num_kv_heads, head_dim, dtype in emulation): GQA groups 1, 3, 4, 8, and 32
@@ -227,16 +238,8 @@ fn decode_only_batches_on_tensor_cores_match_the_reference() {
             if dev.is_emulated() && i % 2 == 1 {
                 continue;
             }
-            let dtypes = match dev.is_emulated() {
-                true => vec![emu_dtype],
-                false => DTYPES.to_vec(),
-            };
-            for dtype in dtypes {
-                let b = make_batch(dtype, &spec, (nh, nkv, hd), 300 + i as u64);
-                let scale = 1.0 / (hd as f32).sqrt();
-                let (shape, params) = shapes((nh, nkv, hd), b.cache.shape.num_blocks, scale);
-                let mut want = vec![0.0; b.q.len()];
-                paged_attention_reference(&b.q, &b.cache, &seqs(&b), &params, &mut want);
+            for dtype in dtypes_on(&dev, emu_dtype) {
+                let (b, shape, want) = decode_case(dtype, &spec, (nh, nkv, hd), 300 + i as u64);
                 let chosen = TensorCoreDecode::for_shape(&shape);
                 assert_eq!(
                     chosen == TensorCoreDecode::KeysAcrossWarps,
@@ -255,19 +258,10 @@ fn decode_only_batches_on_tensor_cores_match_the_reference() {
                     (DecodeSplit::Tokens(32), 5),
                     (DecodeSplit::Tokens(64), 3),
                 ];
+                let case = (&b, &shape, &want[..]);
+                let what = format!("{} {dtype:?} heads {nh}/{nkv} hd {hd}", dev.describe());
                 for launcher in launchers {
-                    for (split, num_splits) in splits {
-                        let what = format!(
-                            "{} {dtype:?} heads {nh}/{nkv} hd {hd} {split:?} {launcher:?}",
-                            dev.describe()
-                        );
-                        let (got, plan) = run_decode_on(&dev, dtype, &b, &shape, split, launcher);
-                        assert_eq!(plan.num_splits, num_splits, "{what}");
-                        // The tensor-core kernels' bound: P rounded to the dtype before P V moves
-                        // an output by at most the unit roundoff times max |v| (1 here), in every
-                        // split and so in their convex combination.
-                        assert_close(&what, &got, &want, 2e-5 + eps(dtype), eps(dtype) * 1.01);
-                    }
+                    check_tc_splits(&dev, dtype, case, launcher, &splits, &what);
                 }
             }
         }
@@ -288,16 +282,8 @@ fn keys_across_warps_over_long_contexts_match_the_reference() {
     ];
     for dev in devices() {
         for (i, &(nh, nkv, hd, emu_dtype)) in shapes_to_run.iter().enumerate() {
-            let dtypes = match dev.is_emulated() {
-                true => vec![emu_dtype],
-                false => DTYPES.to_vec(),
-            };
-            for dtype in dtypes {
-                let b = make_batch(dtype, &spec, (nh, nkv, hd), 500 + i as u64);
-                let scale = 1.0 / (hd as f32).sqrt();
-                let (shape, params) = shapes((nh, nkv, hd), b.cache.shape.num_blocks, scale);
-                let mut want = vec![0.0; b.q.len()];
-                paged_attention_reference(&b.q, &b.cache, &seqs(&b), &params, &mut want);
+            for dtype in dtypes_on(&dev, emu_dtype) {
+                let (b, shape, want) = decode_case(dtype, &spec, (nh, nkv, hd), 500 + i as u64);
                 let layout = Launcher::TensorCores(TensorCoreDecode::KeysAcrossWarps);
                 let splits = [
                     (DecodeSplit::Off, 1),
@@ -305,15 +291,9 @@ fn keys_across_warps_over_long_contexts_match_the_reference() {
                     (DecodeSplit::Tokens(96), 6),
                     (DecodeSplit::Tokens(192), 3),
                 ];
-                for (split, num_splits) in splits {
-                    let what = format!(
-                        "{} {dtype:?} heads {nh}/{nkv} hd {hd} {split:?}",
-                        dev.describe()
-                    );
-                    let (got, plan) = run_decode_on(&dev, dtype, &b, &shape, split, layout);
-                    assert_eq!(plan.num_splits, num_splits, "{what}");
-                    assert_close(&what, &got, &want, 2e-5 + eps(dtype), eps(dtype) * 1.01);
-                }
+                let case = (&b, &shape, &want[..]);
+                let what = format!("{} {dtype:?} heads {nh}/{nkv} hd {hd}", dev.describe());
+                check_tc_splits(&dev, dtype, case, layout, &splits, &what);
             }
         }
     }
@@ -327,41 +307,66 @@ fn keys_across_warps_refuses_what_it_cannot_run() {
     let dev = Device::emulated();
     let dtype = DType::Bf16;
     for (nh, hd, want) in [(32, 64, "at most 16"), (2, 256, "head_dim 256")] {
-        let b = make_batch(dtype, &[(1, 20)], (nh, 1, hd), 600);
-        let (shape, params) = shapes((nh, 1, hd), b.cache.shape.num_blocks, 0.1);
-        let batch = PagedBatchBuffers::upload(&dev, &seqs(&b)).unwrap();
-        let (q, k, v) = (
-            upload(&dev, dtype, &b.q),
-            upload(&dev, dtype, &b.cache.k),
-            upload(&dev, dtype, &b.cache.v),
-        );
-        let out = zeros(&dev, dtype, b.q.len());
-        let args = PagedAttnArgs {
-            q: &q,
-            k_cache: &k,
-            v_cache: &v,
-            out: &out,
-            batch: batch.batch(),
-            shape,
-        };
-        let plan = DecodePlan::new(&args.batch, &shape, DecodeSplit::Off);
-        let layout = TensorCoreDecode::KeysAcrossWarps;
-        let err = paged_attention_decode_tc(&dev, dtype, &args, &plan, None, layout)
+        let (b, shape, reference) = decode_case(dtype, &[(1, 20)], (nh, 1, hd), 600);
+        let layout = Launcher::TensorCores(TensorCoreDecode::KeysAcrossWarps);
+        let err = try_decode_on(&dev, dtype, &b, &shape, DecodeSplit::Off, layout)
             .unwrap_err()
             .to_string();
         assert!(err.contains(want), "{err}");
-        let tc = AttentionKernel::TensorCores;
-        paged_attention_decode_only(&dev, dtype, &args, &plan, None, tc).unwrap();
-        let mut reference = vec![0.0; b.q.len()];
-        paged_attention_reference(&b.q, &b.cache, &seqs(&b), &params, &mut reference);
-        let got = download(&dev, dtype, &out);
+        let tc = Launcher::DecodeOnly(AttentionKernel::TensorCores);
+        let (got, _) = run_decode_on(&dev, dtype, &b, &shape, DecodeSplit::Off, tc);
+        let what = format!("heads {nh} hd {hd}");
         assert_close(
-            &format!("heads {nh} hd {hd}"),
+            &what,
             &got,
             &reference,
             2e-5 + eps(dtype),
             eps(dtype) * 1.01,
         );
+    }
+}
+
+/// Runs `case` (a batch, its shape, the reference output) through `launcher` under each
+/// (split, the split count it must give) and checks the output within the tensor-core kernels'
+/// bound: P rounded to the dtype before P V moves an output by at most the unit roundoff times
+/// max |v| (1 here), in every split and so in their convex combination.
+fn check_tc_splits(
+    dev: &Device,
+    dtype: DType,
+    (b, shape, want): (&Batch, &AttnShape, &[f32]),
+    launcher: Launcher,
+    splits: &[(DecodeSplit, usize)],
+    what: &str,
+) {
+    for &(split, num_splits) in splits {
+        let what = format!("{what} {split:?} {launcher:?}");
+        let (got, plan) = run_decode_on(dev, dtype, b, shape, split, launcher);
+        assert_eq!(plan.num_splits, num_splits, "{what}");
+        assert_close(&what, &got, want, 2e-5 + eps(dtype), eps(dtype) * 1.01);
+    }
+}
+
+/// A random decode-only batch of `spec` for `heads` (scale 1 / sqrt(head_dim)), its shape and
+/// the f64 reference's output.
+fn decode_case(
+    dtype: DType,
+    spec: &[(usize, usize)],
+    (nh, nkv, hd): (usize, usize, usize),
+    seed: u64,
+) -> (Batch, AttnShape, Vec<f32>) {
+    let b = make_batch(dtype, spec, (nh, nkv, hd), seed);
+    let scale = 1.0 / (hd as f32).sqrt();
+    let (shape, params) = shapes((nh, nkv, hd), b.cache.shape.num_blocks, scale);
+    let mut want = vec![0.0; b.q.len()];
+    paged_attention_reference(&b.q, &b.cache, &seqs(&b), &params, &mut want);
+    (b, shape, want)
+}
+
+/// The dtypes a test runs on `dev`: both on a GPU, `emu_dtype` alone in the emulation.
+fn dtypes_on(dev: &Device, emu_dtype: DType) -> Vec<DType> {
+    match dev.is_emulated() {
+        true => vec![emu_dtype],
+        false => DTYPES.to_vec(),
     }
 }
 
