@@ -87,6 +87,10 @@ pub struct GpuBenchArgs {
     /// into the host cache and a device slot first, untimed, and report that time apart).
     #[arg(long)]
     engine_cold: bool,
+    /// Run the engine part with every kernel launched as a programmatic dependent
+    /// (`model.programmatic_launch`; the decode and multi-LoRA parts time both either way).
+    #[arg(long)]
+    engine_programmatic_launch: bool,
     #[arg(long, default_value_t = 16)]
     block_size: usize,
     /// The cores attention runs on in every figure (`model.attention_kernel`: cuda_cores or
@@ -225,6 +229,7 @@ pub fn bench_json(args: &GpuBenchArgs) -> anyhow::Result<serde_json::Value> {
         scratch_dir: std::env::temp_dir(),
         seed: args.seed,
         cold: args.engine_cold,
+        programmatic_launch: args.engine_programmatic_launch,
     };
     let engine = match args.engine_requests {
         0 => json!({"skipped": "--engine-requests 0"}),
@@ -321,7 +326,7 @@ mod tests {
             args.engine_adapters,
         );
         assert_eq!(shape, (256, 1024, 300, 64));
-        assert!(!args.engine_cold);
+        assert!(!args.engine_cold && !args.engine_programmatic_launch);
         assert!(Wrap::parse_from(["x", "--engine-cold"]).args.engine_cold);
     }
 
@@ -332,7 +337,8 @@ mod tests {
         let line = "x --device emu --hidden 64 --layers 1 --heads 2 --kv-heads 1 --head-dim 32 \
             --ffn 64 --vocab 128 --batches 1,2 --context 17 --warmup 0 --steps 1 --prefill-len 8 \
             --lora-streams 2 --lora-distinct 2 --lora-rank 4 --engine-requests 2 --engine-input 5 \
-            --engine-output 2 --engine-adapters 2 --engine-distinct-files 1 --driver test";
+            --engine-output 2 --engine-adapters 2 --engine-distinct-files 1 --driver test \
+            --engine-programmatic-launch";
         let mut args = Wrap::parse_from(line.split_whitespace()).args;
         args.out = Some(out.clone());
         run(args).unwrap();
@@ -359,6 +365,8 @@ mod tests {
         assert_eq!(v["multi_lora"]["runs"][0]["distinct"], 2);
         // Every requested token, the scratch adapter folders gone.
         assert_eq!(v["engine"]["output_tokens"], 4);
+        assert_eq!(v["engine"]["programmatic_launch"], true);
+        assert_eq!(v["engine_options"]["programmatic_launch"], true);
         assert_eq!(
             v["engine"]["requests_per_adapter_top"]
                 .as_array()

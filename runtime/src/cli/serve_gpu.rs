@@ -87,12 +87,22 @@ pub(super) fn run(config: CaduceusConfig, dev: Device) -> anyhow::Result<()> {
         gemm_policy(config.model.gemm),
     );
     model.set_attention_kernel(attention);
-    // Before the backend captures its graphs: tuning runs in their warm-up steps.
+    // Before the backend captures its graphs: tuning runs in their warm-up steps, and the
+    // graphs keep the launches they were captured with.
     model.device().set_gemm_policy(gemm)?;
+    let asked = config.model.programmatic_launch;
+    let programmatic = model.device().set_programmatic_launch(asked);
+    if asked && !programmatic {
+        tracing::warn!(
+            "model.programmatic_launch: this GPU has no programmatic dependent launches (they \
+             need sm_90 or later); kernels launch plainly"
+        );
+    }
     tracing::info!(
         attention = attention.name(),
         gemm = gemm.name(),
-        "GPU kernels (model.attention_kernel, model.gemm)"
+        programmatic_launch = programmatic,
+        "GPU kernels (model.attention_kernel, model.gemm, model.programmatic_launch)"
     );
     let backend = GpuBackend::new(
         model,

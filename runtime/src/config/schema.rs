@@ -102,6 +102,7 @@ pub(crate) const SCHEMA: &[KeySpec] = &[
     spec("model", "num_gpu_blocks_override", int(2, u32::MAX as i64)),
     spec("model", "cuda_graphs", Kind::Bool),
     spec("model", "cuda_graph_max_batch", int(1, 65536)),
+    spec("model", "programmatic_launch", Kind::Bool),
     spec("model", "gemm", Kind::Choice(&["tuned", "library", "gemv"])),
     spec(
         "model",

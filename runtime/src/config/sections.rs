@@ -242,6 +242,9 @@ pub struct ModelSection {
     pub gemm: GemmSetting,
     /// CUDA: the cores attention runs on ([`AttentionKernelSetting`]).
     pub attention_kernel: AttentionKernelSetting,
+    /// CUDA (sm_90+): launch every kernel as a programmatic dependent of the one before, so its
+    /// launch overlaps the previous kernel's end (off until `gpu-bench` shows it pays).
+    pub programmatic_launch: bool,
 }
 
 impl Default for ModelSection {
@@ -258,6 +261,7 @@ impl Default for ModelSection {
             cuda_graph_max_batch: None,
             gemm: GemmSetting::Tuned,
             attention_kernel: AttentionKernelSetting::TensorCores,
+            programmatic_launch: false,
         }
     }
 }

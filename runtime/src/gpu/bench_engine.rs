@@ -79,6 +79,8 @@ pub struct EngineBenchOptions {
     pub seed: u64,
     /// Start the clock with the adapters on disk (false: warm them first, untimed).
     pub cold: bool,
+    /// Launch kernels as programmatic dependents (`model.programmatic_launch`).
+    pub programmatic_launch: bool,
 }
 
 /// What the engine part measured.
@@ -116,6 +118,8 @@ pub struct EngineFigure {
     pub step_profile: StepProfile,
     /// The warm-up's steps (`None` when cold or without adapters).
     pub warmup_step_profile: Option<StepProfile>,
+    /// Whether kernels launched as programmatic dependents (asked and available).
+    pub programmatic_launch: bool,
 }
 
 /// Runs the engine part on `model` (consumed: the backend owns it).
@@ -135,10 +139,15 @@ pub fn run_engine_part(
         write_adapters(&config, &dir, o)?;
     }
     let adapter_files_s = files_start.elapsed().as_secs_f64();
+    // Before the backend captures its graphs, which keep the launches they were captured with.
+    let programmatic_launch = model
+        .device()
+        .set_programmatic_launch(o.programmatic_launch);
     let result = run_engine(model, o, &dir.join("adapters"), max_len, progress);
     let _ = std::fs::remove_dir_all(&dir);
     let mut fig = result?;
     fig.adapter_files_s = adapter_files_s;
+    fig.programmatic_launch = programmatic_launch;
     Ok(fig)
 }
 
@@ -362,5 +371,6 @@ fn run_engine(
         failed_requests,
         step_profile,
         warmup_step_profile: warm.map(|w| w.steps),
+        programmatic_launch: false,
     })
 }

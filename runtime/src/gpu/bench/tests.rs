@@ -289,9 +289,12 @@ fn tiny_engine_run(requests: usize, adapters: usize, cold: bool) -> EngineFigure
         scratch_dir: scratch.path().to_path_buf(),
         seed: 3,
         cold,
+        // The warm runs with programmatic dependent launches (which the emulation accepts).
+        programmatic_launch: !cold,
     };
     let model = random_gpu_model(&TINY, 64, Device::emulated(), DType::Bf16, 2).unwrap();
     let fig = run_engine_part(model, &opts, &mut |_| {}).unwrap();
+    assert_eq!(fig.programmatic_launch, !cold);
     let leftovers = std::fs::read_dir(scratch.path()).unwrap().count();
     assert_eq!(leftovers, 0, "the adapter folders are removed");
     fig
