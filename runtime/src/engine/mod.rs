@@ -32,6 +32,8 @@ pub use failure::RequestFailure;
 #[cfg(feature = "fault-injection")]
 pub use fault::{FaultPlan, RequestMatcher, StepLatch};
 pub use handle::EngineHandle;
+// The GPU bench's engine loop idles as the handle does.
+#[cfg(any(feature = "cuda", feature = "gpu-emu"))]
 pub(crate) use handle::IDLE_POLL;
 pub use output::{Finished, OutputSender, RequestOutput, RequestStream, RequestTimes};
 pub use request::{
