@@ -36,36 +36,19 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kWarpKeys = 16;                // keys per warp per tile
 constexpr int kKeys = kWarps * kWarpKeys;    // keys per tile
 constexpr int kRows = 16;                    // query heads per CTA (one m16 tile)
-constexpr int kVec = 8;                      // 16-bit elements per 16-byte vector
 // Tiles in the ring; launchers size the dynamic shared memory as decode_tc_shared_bytes
 // (kernels/src/gpu/attention/head_dims.rs).
 constexpr int kStages = 3;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
-/// The shared-memory layout of one K or V tile at head dim D.
-template <int D>
-struct TileLayout {
-  static constexpr int kRowVecs = D / kVec;
-  static constexpr bool kSwizzle = kRowVecs % 8 == 0;
-  static constexpr int kStride = kSwizzle ? D : D + 8;
-  static constexpr int kElems = kKeys * kStride;
-  /// Element offset of dims `dim`..`dim + 7` (dim a multiple of 8) of key `key`.
-  __device__ __forceinline__ static int at(uint32_t key, uint32_t dim) {
-    const uint32_t chunk = dim / kVec;
-    return int(key * kStride + (kSwizzle ? (chunk ^ (key % 8)) : chunk) * kVec);
-  }
-};
-
 template <class T, int D>
 __device__ void paged_decode_tc(const CadDecodeParams& dp) {
-  using L = TileLayout<D>;
+  // Rows of a multiple of 64 dims swizzle, others pad (the header's comment).
+  using L = cad::KvTile<D, kKeys, (D / 8) % 8 == 0>;
   static_assert(D % 16 == 0 && D <= 128, "head_dim must be a multiple of 16, at most 128");
   constexpr int kKSteps = D / 16;   // k-steps of S = Q K^T
   constexpr int kDimTiles = D / 8;  // n-tiles of O
-  constexpr int kTileVecs = kKeys * L::kRowVecs;
-  static_assert(kTileVecs % kThreads == 0, "every thread copies the same number of vectors");
-  constexpr int kCopies = kTileVecs / kThreads;  // per thread, of K and of V
   // The warps' states after the loop, in the ring: max and sum per row, then the rows' outputs.
   constexpr int kRingBytes = int(sizeof(T)) * kStages * 2 * L::kElems;
   static_assert(kWarps * kRows * (D + 2) * 4 <= kRingBytes, "the states fit in the ring");
@@ -104,33 +87,7 @@ CAD_UNROLL
   cad::load_q_fragments<T, D>(qa, q_rows, t4);
 
   const float scale_log2 = p.shape.scale * kLog2e;
-  const uint32_t* table = b.block_tables + size_t(seq) * b.max_blocks_per_seq;
-  const size_t slot_stride = size_t(num_kv) * D;
-  const T* k_head = static_cast<const T*>(p.k_cache) + size_t(kvh) * D;
-  const T* v_head = static_cast<const T*>(p.v_cache) + size_t(kvh) * D;
-  // Starts the copies of keys k0..k0 + kKeys into stage `buf`; keys past the split's end (or in
-  // a block outside the cache) are zero-filled.
-  auto issue = [&](uint32_t k0, int buf) {
-    T* k_s = ring + 2 * buf * L::kElems;
-CAD_UNROLL
-    for (int n = 0; n < kCopies; ++n) {
-      const uint32_t i = tid + n * kThreads;
-      const uint32_t key = i / L::kRowVecs, dim = (i % L::kRowVecs) * kVec;
-      const uint32_t pos = k0 + key;
-      bool valid = pos < end;
-      size_t off = 0;
-      if (valid) {
-        const uint32_t block = table[pos / block_size];
-        valid = block < p.shape.num_blocks;
-        off = (size_t(block) * block_size + pos % block_size) * slot_stride + dim;
-      }
-      const int at = L::at(key, dim);
-      cad::cp_async16(&k_s[at], k_head + (valid ? off : 0), valid);
-      cad::cp_async16(&k_s[L::kElems + at], v_head + (valid ? off : 0), valid);
-    }
-    cad::cp_async_commit();
-  };
-
+  const auto src = cad::KvGather<T>::template of<D>(p, kvh, seq, end);
   float o[kDimTiles][4];
 CAD_UNROLL
   for (int dt = 0; dt < kDimTiles; ++dt)
@@ -139,33 +96,15 @@ CAD_UNROLL
   // Rows g and g + 8 of this lane (base 2, scaled); the sum stays per lane until the end.
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
 
-  // Tile i goes to stage i % kStages in commit group i (empty groups past the last tile keep
-  // the count, so waiting for all but kStages - 2 groups always means tile `it` has landed).
   const uint32_t tiles = (end - begin + kKeys - 1) / kKeys;
-CAD_UNROLL
-  for (int st = 0; st < kStages - 1; ++st) {
-    if (uint32_t(st) < tiles) {
-      issue(begin + st * kKeys, st);
-    } else {
-      cad::cp_async_commit();
-    }
-  }
+  const cad::KvRing<L, kStages, kThreads, T> kv{ring, src, begin, tiles};
+  kv.start();
   for (uint32_t it = 0; it < tiles; ++it) {
-    cad::cp_async_wait<kStages - 2>();
-    // Every thread's copies of tile `it` have landed, and every warp is done with tile it - 1,
-    // whose stage the copies of tile it + kStages - 1 reuse.
-    __syncthreads();
-    const uint32_t ahead = it + kStages - 1;
-    if (ahead < tiles) {
-      issue(begin + ahead * kKeys, ahead % kStages);
-    } else {
-      cad::cp_async_commit();
-    }
+    const T* ks_tile = kv.wait(it);
+    const T* vs_tile = ks_tile + L::kElems;
     // This warp's keys of the tile: k0..k0 + 15 (none left: the warp's state stays as it is).
     const uint32_t key0 = kWarpKeys * warp, k0 = begin + it * kKeys + key0;
     if (k0 >= end) continue;
-    const T* ks_tile = ring + 2 * (it % kStages) * L::kElems;
-    const T* vs_tile = ks_tile + L::kElems;
 
     // S = Q K^T over the warp's 16 keys. One ldmatrix.x4 gives the B fragments of both key
     // n-tiles for one k-step: matrix i = lane / 8 holds keys 8 (i / 2) .. + 7 at dims

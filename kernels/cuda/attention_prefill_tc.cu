@@ -44,9 +44,6 @@ using cad::store2;
 constexpr int kThreads = 128;
 constexpr int kRows = 64;  // (token, head) rows per CTA: 16 per warp
 constexpr int kKeys = 32;  // keys per K/V tile
-constexpr int kVec = 8;    // 16-bit elements per 16-byte vector
-// Shared rows are padded by 8 elements: the 8 rows an ldmatrix phase reads start 4 banks apart.
-constexpr int kPad = 8;
 // K/V tiles in the ring: 4 x 17 KB at head_dim 128, 3 CTAs per SM as the registers allow.
 // Launchers size the dynamic shared memory as prefill_tc_shared_bytes (attention/head_dims.rs).
 constexpr int kStages = 4;
@@ -57,16 +54,13 @@ template <class T, int D>
 __device__ void paged_prefill_tc(const CadDecodeParams& dp) {
   const CadPagedAttnParams& p = dp.attn;
   static_assert(D % 16 == 0 && D <= 128, "head_dim must be a multiple of 16, at most 128");
-  constexpr int kStride = D + kPad;
+  // Shared rows padded by 8 elements: the 8 rows an ldmatrix phase reads start 4 banks apart.
+  using L = cad::KvTile<D, kKeys, false>;
   constexpr int kKSteps = D / 16;        // k-steps of S = Q K^T
   constexpr int kDimTiles = D / 8;       // n-tiles of O
   constexpr int kKeyTiles = kKeys / 8;   // n-tiles of S
-  constexpr int kRowVecs = D / kVec;     // 16-byte vectors per K/V row
-  constexpr int kTileVecs = kKeys * kRowVecs;
-  constexpr int kCopies = (kTileVecs + kThreads - 1) / kThreads;  // per thread, of K and of V
-  // Stage i: K at ring + 2i * kTileElems, V after it.
-  constexpr int kTileElems = kKeys * kStride;
-  CAD_DYNAMIC_SMEM_AT_LEAST(T, ring, sizeof(T) * kStages * 2 * kTileElems);
+  // Stage i: K at ring + 2i * L::kElems, V after it.
+  CAD_DYNAMIC_SMEM_AT_LEAST(T, ring, sizeof(T) * kStages * 2 * L::kElems);
 
   const CadPagedBatch& b = p.batch;
   const uint32_t num_heads = p.shape.num_heads, block_size = p.shape.block_size;
@@ -103,33 +97,7 @@ CAD_UNROLL
   cad::load_q_fragments<T, D>(qa, q_rows, t4);
 
   const float scale_log2 = p.shape.scale * kLog2e;
-  const uint32_t* table = b.block_tables + size_t(s) * b.max_blocks_per_seq;
-  const size_t slot_stride = size_t(p.shape.num_kv_heads) * D;
-  const T* k_head = static_cast<const T*>(p.k_cache) + size_t(kvh) * D;
-  const T* v_head = static_cast<const T*>(p.v_cache) + size_t(kvh) * D;
-  // Starts the copies of keys k0..k0 + kKeys into buffer `buf`; keys past the split's end (or in
-  // a block outside the cache) are zero-filled.
-  auto issue = [&](uint32_t k0, int buf) {
-CAD_UNROLL
-    for (int n = 0; n < kCopies; ++n) {
-      const uint32_t i = tid + n * kThreads;
-      if (kTileVecs % kThreads != 0 && i >= kTileVecs) break;
-      const uint32_t key = i / kRowVecs, c = (i % kRowVecs) * kVec;
-      const uint32_t pos = k0 + key;
-      bool valid = pos < end;
-      size_t off = 0;
-      if (valid) {
-        const uint32_t block = table[pos / block_size];
-        valid = block < p.shape.num_blocks;
-        off = (size_t(block) * block_size + pos % block_size) * slot_stride + c;
-      }
-      T* k_s = ring + 2 * buf * kTileElems;
-      cad::cp_async16(&k_s[key * kStride + c], k_head + (valid ? off : 0), valid);
-      cad::cp_async16(&k_s[kTileElems + key * kStride + c], v_head + (valid ? off : 0), valid);
-    }
-    cad::cp_async_commit();
-  };
-
+  const auto src = cad::KvGather<T>::template of<D>(p, kvh, s, end);
   float o[kDimTiles][4];
 CAD_UNROLL
   for (int dt = 0; dt < kDimTiles; ++dt)
@@ -142,32 +110,14 @@ CAD_UNROLL
   const uint32_t warp_rows_end = min(16 * (warp + 1), nrows);
   const int warp_last = 16 * warp < nrows ? int(first_pos + (warp_rows_end - 1) / group) : -1;
 
-  // Tile i goes to stage i % kStages in commit group i (empty groups past the last tile keep
-  // the count, so waiting for all but kStages - 2 groups always means tile `it` has landed).
   const uint32_t tiles = (end - begin + kKeys - 1) / kKeys;
-CAD_UNROLL
-  for (int st = 0; st < kStages - 1; ++st) {
-    if (uint32_t(st) < tiles) {
-      issue(begin + st * kKeys, st);
-    } else {
-      cad::cp_async_commit();
-    }
-  }
+  const cad::KvRing<L, kStages, kThreads, T> kv{ring, src, begin, tiles};
+  kv.start();
   for (uint32_t it = 0; it < tiles; ++it) {
     const uint32_t k0 = begin + it * kKeys;
-    cad::cp_async_wait<kStages - 2>();
-    // Every thread's copies of tile `it` have landed, and every warp is done with tile it - 1,
-    // whose stage the copies of tile it + kStages - 1 reuse.
-    __syncthreads();
-    const uint32_t ahead = it + kStages - 1;
-    if (ahead < tiles) {
-      issue(begin + ahead * kKeys, ahead % kStages);
-    } else {
-      cad::cp_async_commit();
-    }
+    const T* ks_tile = kv.wait(it);
     if (int(k0) <= warp_last) {
-      const T* ks_tile = ring + 2 * (it % kStages) * kTileElems;
-      const T* vs_tile = ks_tile + kTileElems;
+      const T* vs_tile = ks_tile + L::kElems;
 
       // S = Q K^T. One ldmatrix.x4 gives the B fragments of two key n-tiles for one k-step:
       // matrix i = lane / 8 holds keys 8 (2 ntp + i / 2) .. + 7 at dims 16 ks + 8 (i % 2) .. + 7.
@@ -183,7 +133,7 @@ CAD_UNROLL
           const uint32_t i = lane / 8;
           const uint32_t key = 8 * (2 * ntp + i / 2) + lane % 8, dim = 16 * ks + 8 * (i % 2);
           uint32_t kb[4];
-          cad::ldmatrix_x4<false>(kb, &ks_tile[key * kStride + dim]);
+          cad::ldmatrix_x4<false>(kb, &ks_tile[L::at(key, dim)]);
           cad::mma_16816<T>(sc[2 * ntp], qa[ks], kb);
           cad::mma_16816<T>(sc[2 * ntp + 1], qa[ks], kb + 2);
         }
@@ -214,7 +164,7 @@ CAD_UNROLL
           const uint32_t i = lane / 8;
           const uint32_t key = 16 * kk + 8 * (i % 2) + lane % 8, dim = 8 * (2 * dtp + i / 2);
           uint32_t vb[4];
-          cad::ldmatrix_x4<true>(vb, &vs_tile[key * kStride + dim]);
+          cad::ldmatrix_x4<true>(vb, &vs_tile[L::at(key, dim)]);
           cad::mma_16816<T>(o[2 * dtp], pa, vb);
           cad::mma_16816<T>(o[2 * dtp + 1], pa, vb + 2);
         }

@@ -455,8 +455,7 @@ fn time_lora(
     let mut runs = Vec::new();
     for &distinct in &o.lora_distinct {
         let distinct = distinct.clamp(1, num_slots);
-        // Streams grouped by adapter, as a batch sorted by adapter (S-LoRA, Punica).
-        let slots: Vec<Option<u32>> = (0..n).map(|i| Some((i * distinct / n) as u32)).collect();
+        let slots = streams_by_adapter(n, distinct);
         let lora = Some((&stack, &slots[..]));
         for (mapping, graph) in &mut graphs {
             let step = time_decode(model, kv, ws, Some(graph), o, n, lora)?;
@@ -497,9 +496,7 @@ fn time_lora(
         let bgmv = Some((&stack, DecodeLoraMapping::Bgmv));
         let mut graph = DecodeGraphs::capture(model, kv, ws, &[n], bgmv)?;
         for run in runs.iter_mut().filter(|r| r.mapping == "bgmv") {
-            let slots: Vec<Option<u32>> = (0..n)
-                .map(|i| Some((i * run.distinct / n) as u32))
-                .collect();
+            let slots = streams_by_adapter(n, run.distinct);
             let lora = Some((&stack, &slots[..]));
             let step = Timed::new(
                 time_decode(model, kv, ws, Some(&mut graph), o, n, lora)?,
@@ -526,6 +523,12 @@ fn time_lora(
         runs,
         slot_fill_s,
     })
+}
+
+/// The slots of `n` decoding streams spread evenly over `distinct` adapters, grouped by adapter
+/// as a batch sorted by adapter is (S-LoRA, Punica).
+fn streams_by_adapter(n: usize, distinct: usize) -> Vec<Option<u32>> {
+    (0..n).map(|i| Some((i * distinct / n) as u32)).collect()
 }
 
 /// Programmatic dependent launches on a device for as long as this lives.

@@ -29,30 +29,29 @@ pub(crate) struct HeadDimKernels {
 
 /// Rows per CTA of the tensor-core prefill kernel: `kRows` in `attention_prefill_tc.cu`.
 pub(crate) const PREFILL_TC_ROWS: usize = 64;
-/// The tensor-core kernel's K/V ring: `kStages` tiles of `kKeys` keys, rows padded by `kPad`
-/// elements (`attention_prefill_tc.cu`, which traps when launched with less).
-const PREFILL_TC_STAGES: usize = 4;
-const PREFILL_TC_KEYS: usize = 32;
-const PREFILL_TC_PAD: usize = 8;
+/// Bytes of a ring of `stages` K/V tile pairs of `keys` rows each (`cad::KvTile` in
+/// `attention_tc.cuh`): rows padded by 8 elements, or with `swizzle` unpadded.
+fn kv_ring_bytes(stages: usize, keys: usize, head_dim: usize, swizzle: bool, dtype: DType) -> u32 {
+    let stride = if swizzle { head_dim } else { head_dim + 8 };
+    (stages * 2 * keys * stride * dtype.size()) as u32
+}
 
-/// Dynamic shared memory of the tensor-core kernel at `head_dim`: its K/V ring.
+/// Dynamic shared memory of the tensor-core prefill kernel at `head_dim`: its K/V ring of 4
+/// padded tiles of 32 keys (`kStages`, `kKeys` in `attention_prefill_tc.cu`, which traps when
+/// launched with less).
 pub(crate) fn prefill_tc_shared_bytes(head_dim: usize, dtype: DType) -> u32 {
-    (PREFILL_TC_STAGES * 2 * PREFILL_TC_KEYS * (head_dim + PREFILL_TC_PAD) * dtype.size()) as u32
+    kv_ring_bytes(4, 32, head_dim, false, dtype)
 }
 
 /// Query heads per KV head the tensor-core decode kernel takes (`kRows`, one m16 tile).
 pub(crate) const DECODE_TC_MAX_GROUP: usize = 16;
-/// The tensor-core decode kernel's K/V ring (`attention_decode_tc.cu`): `kStages` tiles of
-/// `kKeys` keys; rows of a multiple of 64 dims are swizzled, others padded by 8 elements.
-const DECODE_TC_STAGES: usize = 3;
-const DECODE_TC_KEYS: usize = 64;
 
-/// Dynamic shared memory of the tensor-core decode kernel at `head_dim`: its K/V ring (96 KB at
-/// head_dim 128 in 16-bit types, two CTAs per SM).
+/// Dynamic shared memory of the tensor-core decode kernel at `head_dim`: its K/V ring of 3 tiles
+/// of 64 keys (`kStages`, `kKeys` in `attention_decode_tc.cu`), rows of a multiple of 64 dims
+/// swizzled, others padded: 96 KB at head_dim 128 in 16-bit types, two CTAs per SM.
 pub(crate) fn decode_tc_shared_bytes(head_dim: usize, dtype: DType) -> u32 {
-    let swizzled = (head_dim / 8).is_multiple_of(8);
-    let stride = if swizzled { head_dim } else { head_dim + 8 };
-    (DECODE_TC_STAGES * 2 * DECODE_TC_KEYS * stride * dtype.size()) as u32
+    let swizzle = (head_dim / 8).is_multiple_of(8);
+    kv_ring_bytes(3, 64, head_dim, swizzle, dtype)
 }
 
 macro_rules! head_dim {
