@@ -29,14 +29,28 @@
   do {                                \
   } while (0)
 #endif
+/// Lets the kernel launched after this one on the stream, when it is a programmatic dependent,
+/// start its blocks as soon as every block of this grid has passed here (they then wait at their
+/// own CAD_WAIT_FOR_PREVIOUS_GRID, which still waits for this grid's completion and its writes).
+/// A no-op without programmatic dependents.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define CAD_LAUNCH_DEPENDENTS() asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory")
+#else
+#define CAD_LAUNCH_DEPENDENTS() \
+  do {                           \
+  } while (0)
+#endif
 /// An `extern "C"` kernel taking its parameter struct by value (one argument, so the Rust side
 /// launches every kernel the same way). The body (the braces after the macro) runs once the
 /// previous kernel has completed (CAD_WAIT_FOR_PREVIOUS_GRID at entry), so every kernel may be
-/// launched as a programmatic dependent: none reads or writes memory before that wait.
+/// launched as a programmatic dependent: none reads or writes memory before that wait. It then
+/// lets its own dependent launch early (CAD_LAUNCH_DEPENDENTS), whose blocks take the SMs this
+/// grid's last blocks leave and wait there.
 #define CAD_KERNEL(name, Params, p)                                    \
   __device__ __forceinline__ void name##_body(const Params& p);        \
   extern "C" __global__ void name(const Params p) {                    \
     CAD_WAIT_FOR_PREVIOUS_GRID();                                      \
+    CAD_LAUNCH_DEPENDENTS();                                           \
     name##_body(p);                                                    \
   }                                                                    \
   __device__ __forceinline__ void name##_body(const Params& p)
@@ -44,6 +58,19 @@
   __device__ __forceinline__ void name##_body(const Params& p);                \
   extern "C" __global__ void __launch_bounds__(threads) name(const Params p) { \
     CAD_WAIT_FOR_PREVIOUS_GRID();                                              \
+    CAD_LAUNCH_DEPENDENTS();                                                   \
+    name##_body(p);                                                            \
+  }                                                                            \
+  __device__ __forceinline__ void name##_body(const Params& p)
+/// CAD_KERNEL_BOUNDS with a `prelude(p)` that runs before the wait, while the previous kernel
+/// may still be running: it may only hint the caches (cad::prefetch_l2) or read memory that no
+/// kernel writes (the model's weights).
+#define CAD_KERNEL_BOUNDS_PRELUDE(name, Params, p, threads, prelude)           \
+  __device__ __forceinline__ void name##_body(const Params& p);                \
+  extern "C" __global__ void __launch_bounds__(threads) name(const Params p) { \
+    prelude(p);                                                                \
+    CAD_WAIT_FOR_PREVIOUS_GRID();                                              \
+    CAD_LAUNCH_DEPENDENTS();                                                   \
     name##_body(p);                                                            \
   }                                                                            \
   __device__ __forceinline__ void name##_body(const Params& p)
@@ -53,6 +80,13 @@
 #define CAD_DYNAMIC_SMEM_AT_LEAST(T, name, bytes) \
   T* name = reinterpret_cast<T*>(cad_emu::dynamic_smem_at_least(bytes))
 #define CAD_KERNEL_BOUNDS(name, Params, p, threads) CAD_EMU_KERNEL(name, Params, p, threads)
+#define CAD_KERNEL_BOUNDS_PRELUDE(name, Params, p, threads, prelude) \
+  static void name##_main(const Params& p);                          \
+  CAD_EMU_KERNEL(name, Params, p, threads) {                         \
+    prelude(p);                                                      \
+    name##_main(p);                                                  \
+  }                                                                  \
+  static void name##_main(const Params& p)
 #endif
 
 /// Full unrolling of a constant-trip loop, for nvcc and g++ alike.
@@ -94,6 +128,26 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
   memcpy(&l, &a, 2);
   memcpy(&h, &b, 2);
   return uint32_t(l) | (uint32_t(h) << 16);
+}
+
+/// Asks L2 for `bytes` (a multiple of 16) at `p` (16-byte aligned), without waiting: a hint
+/// that is always safe, L2 being where every SM's writes meet. The emulation checks the
+/// alignment and reads the range (so a range outside any buffer faults there too).
+__device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const size_t g = __cvta_generic_to_global(p);
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(g), "r"(bytes) : "memory");
+#elif defined(__CUDA_ARCH__)
+  const size_t g = __cvta_generic_to_global(p);
+  for (uint32_t at = 0; at < bytes; at += 128) asm volatile("prefetch.global.L2 [%0];\n" ::"l"(g + at));
+#else
+  cad_emu::require_aligned(p, 16, "L2 prefetch");
+  cad_emu::require(bytes % 16 == 0, "L2 prefetch of a size not a multiple of 16 bytes");
+  const unsigned char* b = static_cast<const unsigned char*>(p);
+  unsigned char sum = 0;
+  for (uint32_t i = 0; i < bytes; ++i) sum ^= reinterpret_cast<const volatile unsigned char*>(b)[i];
+  (void)sum;
+#endif
 }
 
 __device__ __forceinline__ float warp_sum(float v) {

@@ -50,6 +50,13 @@ void require_aligned(const void* p, std::size_t align, const char* what) {
   }
 }
 
+void require(bool ok, const char* what) {
+  if (!ok) {
+    std::fprintf(stderr, "cad_emu: %s\n", what);
+    std::abort();
+  }
+}
+
 unsigned lane_id() { return t.linear % 32; }
 
 static Warp& my_warp() { return *t.block->warps[t.linear / 32]; }

@@ -69,6 +69,8 @@ void launch(const CadEmuLaunch& l, const std::function<void()>& body);
 /// the emulation makes through memcpy; typed ones are checked by `scripts/cuda-emu-sanitize
 /// undefined`.
 void require_aligned(const void* p, std::size_t align, const char* what);
+/// Aborts, naming `what`, unless `ok`: a condition the GPU's instruction would fault on.
+void require(bool ok, const char* what);
 
 }  // namespace cad_emu
 

@@ -17,13 +17,14 @@ use super::gemm_cache::{AlgoCache, GemmCacheStats, GemmKey};
 use super::gemm_tune::{
     best_of, fastest, time_candidates, CandidateTime, GemmChoice, GemmPolicy, TuneClock, TuneRecord,
 };
+use super::gemv::GemvKernel;
 
 type Algo = sys::cublasLtMatmulAlgo_t;
 type Choice = GemmChoice<Algo>;
 
-/// Our GEMV kernel on the call's operands, writing the output at the address it is given (the
-/// real output, or a scratch one while tuning); `None` where it does not apply.
-pub(super) type GemvRun<'a> = Option<&'a dyn Fn(u64) -> Result<(), GpuError>>;
+/// One of our GEMV kernels on the call's operands, writing the output at the address it is given
+/// (the real output, or a scratch one while tuning); `None` where they do not apply.
+pub(super) type GemvRun<'a> = Option<&'a dyn Fn(GemvKernel, u64) -> Result<(), GpuError>>;
 
 /// Heuristic candidates the tuner times.
 const TUNE_CANDIDATES: usize = 8;
@@ -235,11 +236,11 @@ impl Blas {
         })?;
         self.records.extend(record);
         let algo = match (choice, gemv) {
-            (GemmChoice::Gemv, Some(run)) => return run(y),
+            (GemmChoice::Gemv(kernel), Some(run)) => return run(kernel, y),
             (GemmChoice::Library(algo), _) => algo,
             // The bucket chose GEMV at an m (or alignment) where it applied; this call's does
             // not: the library's choice for this exact shape (not cached).
-            (GemmChoice::Gemv, None) => self.heuristic(&desc, &a, &b, &c)?,
+            (GemmChoice::Gemv(_), None) => self.heuristic(&desc, &a, &b, &c)?,
         };
         let run = |algo: &Algo| {
             // SAFETY: forwarded from the caller; the descriptors and the workspace are live.
@@ -315,7 +316,7 @@ impl Blas {
     ) -> Result<(Choice, Option<TuneRecord>), GpuError> {
         let (desc, a, bb, cb) = bucket;
         if self.policy == GemmPolicy::Gemv && gemv.is_some() {
-            return Ok((GemmChoice::Gemv, None));
+            return Ok((GemmChoice::Gemv(GemvKernel::Ring), None));
         }
         if self.policy != GemmPolicy::Tuned || key.m_bucket > TUNE_MAX_BUCKET {
             return Ok((GemmChoice::Library(self.heuristic(desc, a, bb, cb)?), None));
@@ -333,16 +334,21 @@ impl Blas {
         };
         match self.time_on_operands(stream, key.dtype, s, call, &candidates, x, w, y, gemv) {
             Ok(samples) => {
-                let names: Vec<String> = (0..candidates.len())
-                    .map(|i| format!("cublaslt#{i}"))
-                    .chain(gemv.map(|_| "gemv".to_string()))
-                    .collect();
-                let Some(best) = fastest(&samples) else {
+                // In the order time_on_operands ran them.
+                let gemvs = gemv.map_or(&[][..], |_| &GemvKernel::ALL[..]);
+                let (names, choices): (Vec<String>, Vec<Choice>) = candidates
+                    .iter()
+                    .enumerate()
+                    .map(|(i, algo)| (format!("cublaslt#{i}"), GemmChoice::Library(*algo)))
+                    .chain(
+                        gemvs
+                            .iter()
+                            .map(|g| (g.name().to_string(), GemmChoice::Gemv(*g))),
+                    )
+                    .unzip();
+                let picked = fastest(&samples).and_then(|b| choices.get(b).map(|c| (b, *c)));
+                let Some((best, choice)) = picked else {
                     return Ok(fallback("no candidate ran".into()));
-                };
-                let choice = match candidates.get(best) {
-                    Some(algo) => GemmChoice::Library(*algo),
-                    None => GemmChoice::Gemv,
                 };
                 let record = TuneRecord {
                     key,
@@ -365,7 +371,7 @@ impl Blas {
     }
 
     /// Timings ([`time_candidates`]: microseconds per launch) of every heuristic candidate, then
-    /// `gemv`, on the call's operands, with timing events on the compute stream. Output goes to
+    /// each GEMV kernel ([`GemvKernel::ALL`]), on the call's operands, with timing events on the compute stream. Output goes to
     /// `y` (every candidate overwrites it, and the real call that follows writes it again) unless
     /// the projection accumulates into `y`: then to a scratch buffer. Refused while the stream is
     /// being captured (events would join the graph).
@@ -407,7 +413,9 @@ impl Blas {
             })
             .collect();
         if let Some(g) = gemv {
-            runs.push(Box::new(move || g(out).is_ok()));
+            for kernel in GemvKernel::ALL {
+                runs.push(Box::new(move || g(kernel, out).is_ok()));
+            }
         }
         let runs: Vec<&dyn Fn() -> bool> = runs.iter().map(|r| r.as_ref()).collect();
         let samples = time_candidates(&StreamClock(stream), &runs)?;

@@ -11,7 +11,7 @@ use super::gemm_cache::GemmKey;
 use super::gemm_tune::{GemmChoice, GemmPolicy};
 use super::gemv::GemvAddrs;
 #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
-use super::gemv::{gemv_applies, launch_gemv};
+use super::gemv::{gemv_applies, launch_gemv, GemvKernel};
 use super::ops::need;
 
 /// Shape of one projection: `x` is `[m, k]`, `w` is `[n, k]` (PyTorch's `Linear.weight`), `y` is
@@ -102,18 +102,18 @@ fn run(
         #[cfg(feature = "cuda-emu")]
         Device::Emulated(e) => {
             // The host loop has nothing to tune, but the choice is cached and counted exactly as
-            // on a GPU; the GEMV kernel runs where the policy forces it.
+            // on a GPU; the ring GEMV kernel runs where the policy forces it.
             let applies = gemv_applies(&s, &addrs);
             let choice =
                 e.gemm_algos
                     .get_or_choose(GemmKey::new(dtype, &s, bias.is_some()), || {
                         Ok::<_, GpuError>(match e.gemm_policy() {
-                            GemmPolicy::Gemv if applies => GemmChoice::Gemv,
+                            GemmPolicy::Gemv if applies => GemmChoice::Gemv(GemvKernel::Ring),
                             _ => GemmChoice::Library(()),
                         })
                     })?;
-            if choice == GemmChoice::Gemv && applies {
-                return launch_gemv(dev, dtype, addrs, s);
+            if let (GemmChoice::Gemv(kernel), true) = (choice, applies) {
+                return launch_gemv(dev, dtype, kernel, addrs, s);
             }
             if e.capture.record_gemm(dtype, [x, w, y], bias, s)? {
                 return Ok(());
@@ -123,8 +123,10 @@ fn run(
         }
         #[cfg(feature = "cuda")]
         Device::Cuda(d) => {
-            let gemv = |y: u64| launch_gemv(dev, dtype, GemvAddrs { y, ..addrs }, s);
-            let gemv: &dyn Fn(u64) -> Result<(), GpuError> = &gemv;
+            let gemv = |kernel: GemvKernel, y: u64| {
+                launch_gemv(dev, dtype, kernel, GemvAddrs { y, ..addrs }, s)
+            };
+            let gemv: &dyn Fn(GemvKernel, u64) -> Result<(), GpuError> = &gemv;
             let applies = gemv_applies(&s, &addrs);
             d.gemm(
                 dtype,

@@ -13,6 +13,7 @@
 //! record.
 
 use super::gemm_cache::GemmKey;
+use super::gemv::GemvKernel;
 
 /// Which implementation a projection runs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -23,8 +24,8 @@ pub enum GemmPolicy {
     Tuned,
     /// cuBLASLt's heuristic first choice (the host loop in emulation), never timed.
     Library,
-    /// Our GEMV kernel wherever it applies ([`super::gemv::gemv_applies`]), the library
-    /// elsewhere: for tests and A/B measurements.
+    /// Our ring GEMV kernel ([`GemvKernel::Ring`]) wherever it applies
+    /// ([`super::gemv::gemv_applies`]), the library elsewhere: for tests and A/B measurements.
     Gemv,
 }
 
@@ -47,17 +48,18 @@ impl GemmPolicy {
 }
 
 /// What a key's calls run: a library algorithm (`A`: cuBLASLt's, `()` for the emulated host loop)
-/// or our GEMV kernel.
+/// or one of our GEMV kernels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GemmChoice<A> {
     Library(A),
-    Gemv,
+    Gemv(GemvKernel),
 }
 
 /// One candidate's measurement.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CandidateTime {
-    /// `cublaslt#i` (the heuristic's i-th choice) or `gemv`.
+    /// `cublaslt#i` (the heuristic's i-th choice) or a GEMV kernel's name
+    /// ([`GemvKernel::name`]).
     pub name: String,
     /// Best of the timed repetitions, microseconds (`None`: it could not run this shape).
     pub us: Option<f64>,

@@ -1,7 +1,8 @@
 //! Launcher of `cuda/gemv.cu`: `y (+)= x · Wᵀ (+ bias)` for at most [`GEMV_MAX_ROWS`] rows of `x`
-//! (decode steps of small batches), streaming W once with 16-byte loads. It is one of the
-//! candidates the GEMM tuner times against cuBLASLt's ([`super::gemm_tune`]): under the tuned
-//! policy it replaces a library algorithm only where it measured faster.
+//! (decode steps of small batches), streaming W once with 16-byte loads, by one of two kernels
+//! ([`GemvKernel`]) that give the same bits. Both are candidates the GEMM tuner times against
+//! cuBLASLt's ([`super::gemm_tune`]): under the tuned policy one replaces a library algorithm
+//! only where it measured faster.
 
 use super::device::{DType, Device, DeviceBuffer, GpuError};
 use super::gemm::{check_operands, GemmShape};
@@ -30,27 +31,74 @@ kernel_params!(GemvParams);
 const THREADS: u32 = 128;
 const WARPS: usize = THREADS as usize / 32;
 
-/// The kernels by the largest `m` they take, with the rows of W each warp owns (as in the .cu).
-const VARIANTS: [(usize, usize, [KernelFn; 2]); 4] = [
+/// Which GEMV kernel runs (`cuda/gemv.cu`); both compute each output in the same order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum GemvKernel {
+    /// Loads a few vectors of each row into registers, then multiplies them.
+    Direct,
+    /// Streams each row through a per-lane cp.async ring in shared memory, several stages ahead.
+    Ring,
+}
+
+impl GemvKernel {
+    /// Every kernel, in the order the tuner times them.
+    pub const ALL: [GemvKernel; 2] = [GemvKernel::Direct, GemvKernel::Ring];
+
+    /// The name in tuning records (`gemv`, `gemv_ring`).
+    pub fn name(self) -> &'static str {
+        match self {
+            GemvKernel::Direct => "gemv",
+            GemvKernel::Ring => "gemv_ring",
+        }
+    }
+}
+
+/// The kernels by the largest `m` they take, with the rows of W each warp owns (as in the .cu,
+/// the same for both kernels): `[direct bf16, direct f16]`, `[ring bf16, ring f16]`.
+const VARIANTS: [(usize, usize, [[KernelFn; 2]; 2]); 4] = [
     (
         1,
         1,
-        [kernel_fn!(cad_gemv_m1_bf16), kernel_fn!(cad_gemv_m1_f16)],
+        [
+            [kernel_fn!(cad_gemv_m1_bf16), kernel_fn!(cad_gemv_m1_f16)],
+            [
+                kernel_fn!(cad_gemv_ring_m1_bf16),
+                kernel_fn!(cad_gemv_ring_m1_f16),
+            ],
+        ],
     ),
     (
         2,
         2,
-        [kernel_fn!(cad_gemv_m2_bf16), kernel_fn!(cad_gemv_m2_f16)],
+        [
+            [kernel_fn!(cad_gemv_m2_bf16), kernel_fn!(cad_gemv_m2_f16)],
+            [
+                kernel_fn!(cad_gemv_ring_m2_bf16),
+                kernel_fn!(cad_gemv_ring_m2_f16),
+            ],
+        ],
     ),
     (
         4,
         4,
-        [kernel_fn!(cad_gemv_m4_bf16), kernel_fn!(cad_gemv_m4_f16)],
+        [
+            [kernel_fn!(cad_gemv_m4_bf16), kernel_fn!(cad_gemv_m4_f16)],
+            [
+                kernel_fn!(cad_gemv_ring_m4_bf16),
+                kernel_fn!(cad_gemv_ring_m4_f16),
+            ],
+        ],
     ),
     (
         8,
         4,
-        [kernel_fn!(cad_gemv_m8_bf16), kernel_fn!(cad_gemv_m8_f16)],
+        [
+            [kernel_fn!(cad_gemv_m8_bf16), kernel_fn!(cad_gemv_m8_f16)],
+            [
+                kernel_fn!(cad_gemv_ring_m8_bf16),
+                kernel_fn!(cad_gemv_ring_m8_f16),
+            ],
+        ],
     ),
 ];
 
@@ -64,12 +112,14 @@ pub fn gemv_applies(s: &GemmShape, addrs: &GemvAddrs) -> bool {
     (1..=GEMV_MAX_ROWS).contains(&s.m) && s.n > 0 && s.k > 0 && s.k.is_multiple_of(8) && aligned
 }
 
-/// `y (+)= x · Wᵀ (+ bias)` by the GEMV kernel alone (what [`super::gemm::gemm`] runs when the
+/// `y (+)= x · Wᵀ (+ bias)` by one GEMV kernel alone (what [`super::gemm::gemm`] runs when the
 /// policy or the tuner picks it), with the buffers checked against `s`; an error where the
-/// kernel does not apply ([`gemv_applies`]).
+/// kernels do not apply ([`gemv_applies`]).
+#[allow(clippy::too_many_arguments)]
 pub fn gemv(
     dev: &Device,
     dtype: DType,
+    kernel: GemvKernel,
     x: &DeviceBuffer,
     w: &DeviceBuffer,
     bias: Option<&DeviceBuffer>,
@@ -89,7 +139,7 @@ pub fn gemv(
         bias: bias.map(|b| b.ptr()),
         y: y.ptr(),
     };
-    launch_gemv(dev, dtype, addrs, s)
+    launch_gemv(dev, dtype, kernel, addrs, s)
 }
 
 /// Launches the kernel on raw device addresses; the caller checked every buffer against `s`
@@ -97,6 +147,7 @@ pub fn gemv(
 pub(crate) fn launch_gemv(
     dev: &Device,
     dtype: DType,
+    kernel: GemvKernel,
     addrs: GemvAddrs,
     s: GemmShape,
 ) -> Result<(), GpuError> {
@@ -105,10 +156,14 @@ pub(crate) fn launch_gemv(
             "gemv: {s:?} (m 1 to {GEMV_MAX_ROWS}, k a multiple of 8, 16-byte aligned buffers)"
         )));
     }
-    let (_, rows_per_warp, family) = VARIANTS
+    let (_, rows_per_warp, families) = VARIANTS
         .iter()
         .find(|(max_m, _, _)| s.m <= *max_m)
         .ok_or_else(|| GpuError::Shape(format!("gemv: m = {}", s.m)))?;
+    let family = match kernel {
+        GemvKernel::Direct => &families[0],
+        GemvKernel::Ring => &families[1],
+    };
     let blocks = s.n.div_ceil(WARPS * rows_per_warp);
     let params = GemvParams {
         x: addrs.x,

@@ -1,11 +1,11 @@
-//! The GEMV kernel (`cuda/gemv.cu`) against the exact product, and the GEMM policies that decide
-//! when it runs (`gpu::gemm_tune`), on every device (see gpu_support). Part of the `gpu_ops`
+//! The GEMV kernels (`cuda/gemv.cu`) against the exact product and each other, and the GEMM
+//! policies that decide when they run (`gpu::gemm_tune`), on every device (see gpu_support). Part of the `gpu_ops`
 //! test binary (one binary fewer to carry to the GPU machine).
 
 use crate::gpu_support::*;
 use caduceus_kernels::gpu::gemm::{gemm, gemm_bias, GemmShape};
 use caduceus_kernels::gpu::gemm_tune::GemmPolicy;
-use caduceus_kernels::gpu::gemv::{gemv, GEMV_MAX_ROWS};
+use caduceus_kernels::gpu::gemv::{gemv, GemvKernel, GEMV_MAX_ROWS};
 use caduceus_kernels::gpu::{DType, Device, DeviceBuffer};
 
 /// What bounds one output's error: the magnitudes of the dot product, previous y and bias (each
@@ -83,48 +83,79 @@ fn case(dtype: DType, s: GemmShape, seed: u64) -> Case {
     }
 }
 
-/// Every row count the kernel takes (each of its four variants, full and partial), n not a
-/// multiple of a block's outputs, k crossing the unrolled loop's stride unevenly; with and
-/// without bias and accumulation.
+/// Every row count the kernels take (each of their four variants, full and partial), n not a
+/// multiple of a block's outputs, k crossing the direct kernel's unrolled loop and the ring
+/// kernel's stages unevenly (and wrapping its ring at every variant); with and without bias and
+/// accumulation. Both kernels sum each output in the same order: their bits must agree.
 #[test]
 fn gemv_matches_the_exact_product_for_every_row_count() {
     for dev in devices() {
         for dtype in DTYPES {
-            // k = 8 * (32 * 4 + 3): one full unrolled pass of 128 vectors and 3 more.
-            let (n, k) = (37, 8 * 131);
-            for m in 1..=GEMV_MAX_ROWS {
-                for (with_bias, accumulate) in [(false, false), (true, false), (true, true)] {
-                    let s = GemmShape {
-                        m,
-                        n,
-                        k,
-                        accumulate,
-                    };
-                    let c = case(dtype, s, 100 + m as u64);
-                    let (dx, dw, db) = (
-                        upload(&dev, dtype, &c.x),
-                        upload(&dev, dtype, &c.w),
-                        upload(&dev, dtype, &c.b),
-                    );
-                    let dy = upload(&dev, dtype, &c.y0);
-                    let bias = with_bias.then_some(&db);
-                    gemv(&dev, dtype, &dx, &dw, bias, &dy, s).unwrap();
-                    let (want, scale) = exact(
-                        &c.x,
-                        &c.w,
-                        with_bias.then_some(&c.b[..]),
-                        accumulate.then_some(&c.y0[..]),
-                        s,
-                    );
-                    let what = format!(
-                        "{} {dtype:?} m {m} bias {with_bias} accumulate {accumulate}",
-                        dev.describe()
-                    );
-                    let got = download(&dev, dtype, &dy);
-                    check(&what, dtype, &got, &want, &scale, Rounding::Once);
+            // k = 8 * 131: one full unrolled pass of 128 vectors and 3 more (ring: 3 stages at
+            // m 1, 5 at m 4, less than a ring at m 1); 8 * 453: 8 stages of 64 vectors at m 1,
+            // past its 6-stage ring.
+            for (n, k) in [(37, 8 * 131), (9, 8 * 453)] {
+                for m in 1..=GEMV_MAX_ROWS {
+                    for (with_bias, accumulate) in [(false, false), (true, false), (true, true)] {
+                        let s = GemmShape {
+                            m,
+                            n,
+                            k,
+                            accumulate,
+                        };
+                        check_kernels(&dev, dtype, s, with_bias);
+                    }
                 }
             }
         }
+    }
+}
+
+fn check_kernels(dev: &Device, dtype: DType, s: GemmShape, with_bias: bool) {
+    let c = case(dtype, s, 100 + (s.m * s.k) as u64);
+    let (dx, dw, db) = (
+        upload(dev, dtype, &c.x),
+        upload(dev, dtype, &c.w),
+        upload(dev, dtype, &c.b),
+    );
+    let bias = with_bias.then_some(&db);
+    let (want, scale) = exact(
+        &c.x,
+        &c.w,
+        with_bias.then_some(&c.b[..]),
+        s.accumulate.then_some(&c.y0[..]),
+        s,
+    );
+    let outputs: Vec<Vec<f32>> = GemvKernel::ALL
+        .iter()
+        .map(|&kernel| {
+            let dy = upload(dev, dtype, &c.y0);
+            gemv(dev, dtype, kernel, &dx, &dw, bias, &dy, s).unwrap();
+            let what = format!(
+                "{} {} {dtype:?} m {} k {} bias {with_bias} accumulate {}",
+                dev.describe(),
+                kernel.name(),
+                s.m,
+                s.k,
+                s.accumulate
+            );
+            let got = download(dev, dtype, &dy);
+            check(&what, dtype, &got, &want, &scale, Rounding::Once);
+            got
+        })
+        .collect();
+    for (kernel, got) in GemvKernel::ALL.iter().zip(&outputs).skip(1) {
+        let same = got
+            .iter()
+            .zip(&outputs[0])
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(
+            same,
+            "{} {dtype:?} {s:?}: {} differs from {}",
+            dev.describe(),
+            kernel.name(),
+            GemvKernel::ALL[0].name()
+        );
     }
 }
 
@@ -144,12 +175,24 @@ fn gemv_refuses_shapes_it_does_not_take() {
             (shape(0, 8), "no rows"),
             (shape(1, 12), "k not a multiple of 8"),
         ] {
-            let err = gemv(&dev, dtype, &buf, &buf, None, &buf, s);
-            assert!(err.is_err(), "{}: {why} accepted", dev.describe());
+            for kernel in GemvKernel::ALL {
+                let err = gemv(&dev, dtype, kernel, &buf, &buf, None, &buf, s);
+                assert!(err.is_err(), "{}: {why} accepted", dev.describe());
+            }
         }
         // A buffer too small for the shape is refused before any launch.
         let small = zeros(&dev, dtype, 4);
-        let err = gemv(&dev, dtype, &small, &buf, None, &buf, shape(1, 8)).unwrap_err();
+        let err = gemv(
+            &dev,
+            dtype,
+            GemvKernel::Ring,
+            &small,
+            &buf,
+            None,
+            &buf,
+            shape(1, 8),
+        );
+        let err = err.unwrap_err();
         assert!(err.to_string().contains("gemv x"), "{err}");
     }
 }
@@ -209,8 +252,10 @@ fn every_gemm_policy_computes_the_product() {
                     assert!(r.fallback.is_none(), "{r:#?}");
                     let timed = r.candidates.iter().find(|c| c.name == r.chosen);
                     assert!(timed.is_some_and(|c| c.us.is_some()), "{r:#?}");
-                    let gemv = r.candidates.iter().any(|c| c.name == "gemv");
-                    assert_eq!(gemv, r.m <= GEMV_MAX_ROWS, "{r:#?}");
+                    for g in GemvKernel::ALL {
+                        let timed = r.candidates.iter().any(|c| c.name == g.name());
+                        assert_eq!(timed, r.m <= GEMV_MAX_ROWS, "{r:#?}");
+                    }
                 }
             } else {
                 assert!(records.is_empty(), "{policy:?}: {records:#?}");

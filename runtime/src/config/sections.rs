@@ -187,9 +187,9 @@ pub enum Dtype {
 }
 
 /// CUDA: how each projection shape picks its GEMM implementation (`caduceus_kernels::gpu::
-/// gemm_tune`): `tuned` times cuBLASLt's candidates and our GEMV kernel once per decode-sized
+/// gemm_tune`): `tuned` times cuBLASLt's candidates and our GEMV kernels once per decode-sized
 /// shape at start and keeps the fastest; `library` takes cuBLASLt's heuristic choice untimed;
-/// `gemv` forces our GEMV kernel wherever it applies (A/B measurements).
+/// `gemv` forces our ring GEMV kernel wherever it applies (A/B measurements).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum GemmSetting {

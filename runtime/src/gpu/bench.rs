@@ -195,7 +195,13 @@ pub fn run_model_parts(
         });
     }
     drop(graphs);
-    if let Some(_on) = ProgrammaticLaunch::on(dev) {
+    let gemm_tuning: Vec<TunedGemm> = dev.gemm_tuning().into_iter().map(TunedGemm::from).collect();
+    let mut gemm_tuning_programmatic = Vec::new();
+    if let Some(on) = ProgrammaticLaunch::on(dev) {
+        // Tuned afresh under them, as serve tunes with model.programmatic_launch on (set before
+        // its warm-up): a GEMV kernel that prefetches its weights while the kernel before it
+        // ends may win there and not in plain launches.
+        dev.set_gemm_policy(policy)?;
         let mut graphs = DecodeGraphs::capture(model, &kv, &mut ws, &sizes, None)?;
         for d in &mut decode {
             let ms = time_decode(model, &kv, &mut ws, Some(&mut graphs), o, d.batch, None)?;
@@ -207,6 +213,10 @@ pub fn run_model_parts(
             ));
             d.programmatic_launch = Some(timed);
         }
+        gemm_tuning_programmatic = dev.gemm_tuning().into_iter().map(TunedGemm::from).collect();
+        drop((graphs, on));
+        // The parts below run plain launches on the plain launches' choices.
+        dev.set_gemm_policy(policy)?;
     }
     let attention = sweep_attention(model, &kv, shape, gpu, o)?;
     if let Some(best) = attention
@@ -248,7 +258,8 @@ pub fn run_model_parts(
         prefill_kernels,
         multi_lora,
         gemm_policy: dev.gemm_policy().name(),
-        gemm_tuning: dev.gemm_tuning().into_iter().map(TunedGemm::from).collect(),
+        gemm_tuning,
+        gemm_tuning_programmatic,
     })
 }
 

@@ -123,8 +123,13 @@ pub struct ModelBenchReport {
     pub multi_lora: Option<LoraPart>,
     /// The projections' policy the figures ran under ([`GemmPolicy::name`](caduceus_kernels::gpu::gemm_tune::GemmPolicy::name)).
     pub gemm_policy: &'static str,
-    /// What the GEMM tuner measured, one row per shape bucket (empty in emulation).
+    /// What the GEMM tuner measured for the decode figures, one row per shape bucket (empty in
+    /// emulation).
     pub gemm_tuning: Vec<TunedGemm>,
+    /// The same, tuned afresh with programmatic dependent launches for the decode figures'
+    /// `programmatic_launch` (as serve tunes under `model.programmatic_launch`); empty where the
+    /// GPU has none.
+    pub gemm_tuning_programmatic: Vec<TunedGemm>,
 }
 
 /// One shape bucket's tuning ([`TuneRecord`]) as the JSON reports it.

@@ -238,7 +238,7 @@ fn model_parts_run_on_a_tiny_shape_and_report_each_configuration() {
     assert_eq!(r.attention_kernel, "tensor_cores");
     // The emulation runs the host loop under every policy and tunes nothing.
     assert_eq!(r.gemm_policy, "tuned");
-    assert!(r.gemm_tuning.is_empty());
+    assert!(r.gemm_tuning.is_empty() && r.gemm_tuning_programmatic.is_empty());
     let json = serde_json::to_value(&r).unwrap();
     assert!(json["decode"][1]["step"]["median_ms"].is_f64());
     // Ten ops without adapters, named in snake_case.
