@@ -11,7 +11,11 @@ to batch 4, the KV pool from the memory plan). Nine greedy completions (the base
 doctors, three prompts each, 16 tokens, logprobs) go in at once, so the device's batches mix
 adapters. Required (exit status 1 otherwise):
   * each completion's text and tokens equal the CPU server's, its logprobs within 0.05 (f16/bf16
-    against f32);
+    against f32), except after a near-tie: where the CPU server's two best tokens are within
+    0.05 of each other and the device picked the other one (f16 rounding, which depends on how
+    the requests happened to be batched, decides such a tie: the tiny Llama's base model has one
+    of 0.0003 on its third prompt), the continuations part and are compared up to there; the
+    row says where (`tie_at`, `cpu_margin`);
   * the GPU server's start log shows the memory plan, the decode graphs and the adapter slots;
     `/metrics` carries the logged `num_gpu_blocks` in `caduceus_cache_config_info` and 48
     generated tokens for each doctor;
@@ -145,6 +149,20 @@ port = {self.port}
             return "timeout"
 
 
+def tie_margin(got_tokens, want_logprobs, at):
+    """How far apart the CPU server put its own token and the device's at the first position where
+    they differ (`at`), when that is a near-tie (at most LOGPROB_TOL, the device's token among
+    the CPU's top logprobs); None when they never differ or it is no tie."""
+    if at >= min(len(got_tokens), len(want_logprobs["tokens"])):
+        return None
+    top = want_logprobs["top_logprobs"][at] or {}
+    theirs = top.get(got_tokens[at])
+    if theirs is None:
+        return None
+    margin = want_logprobs["token_logprobs"][at] - theirs
+    return margin if 0.0 <= margin <= LOGPROB_TOL else None
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", required=True)
@@ -198,23 +216,29 @@ def main():
     for (model, i), g, w in zip(jobs, got, want):
         gc, wc = g["choices"][0], w["choices"][0]
         gl, wl = gc["logprobs"]["token_logprobs"], wc["logprobs"]["token_logprobs"]
-        diff = max((abs(a - b) for a, b in zip(gl, wl)), default=float("inf"))
         agree = 0
         for a, b in zip(gc["logprobs"]["tokens"], wc["logprobs"]["tokens"]):
             if a != b:
                 break
             agree += 1
+        margin = tie_margin(gc["logprobs"]["tokens"], wc["logprobs"], agree)
+        # Logprobs compared where both picked the same tokens (after a tie the contexts differ).
+        diff = max((abs(a - b) for a, b in zip(gl[:agree], wl[:agree])), default=0.0)
         row = {
             "model": model,
             "prompt": i,
             "text_equal": gc["text"] == wc["text"],
             "tokens_agree": agree,
+            "tie_at": agree if margin is not None else None,
+            "cpu_margin": None if margin is None else round(margin, 5),
             "max_logprob_diff": round(diff, 5),
             "completion_tokens": g["usage"]["completion_tokens"],
         }
         rows.append(row)
-        if not row["text_equal"] or agree != MAX_TOKENS:
+        if agree != MAX_TOKENS and margin is None:
             failures.append(f"{model} prompt {i}: {agree}/{MAX_TOKENS} tokens as the CPU server's")
+        if agree == MAX_TOKENS and not row["text_equal"]:
+            failures.append(f"{model} prompt {i}: the same tokens but not the same text")
         if diff > LOGPROB_TOL or len(gl) != MAX_TOKENS:
             failures.append(f"{model} prompt {i}: logprobs differ by {diff:.4f} (> {LOGPROB_TOL})")
         if g["usage"]["completion_tokens"] != MAX_TOKENS:
