@@ -65,9 +65,15 @@ pub trait Backend: Send {
     fn forward(&mut self, batch: &ForwardBatch<'_>, lora: &[Segment]) -> Result<(), BackendError>;
     /// Samples one token per row of the last forward's logits (`rows[i]` for logits row `i`).
     fn sample(&mut self, rows: &[RowSample]) -> Result<Vec<RowOutcome>, BackendError>;
-    /// Writes NaN into logits row `row` of the last forward (fault-injection tests).
+    /// Writes NaN into logits row `row` of the last forward (fault-injection tests). Backends
+    /// outside this crate (benchmarks' stand-ins) need not have it: by default it fails.
     #[cfg(feature = "fault-injection")]
-    fn poison_logits_row(&mut self, row: usize) -> Result<(), BackendError>;
+    fn poison_logits_row(&mut self, row: usize) -> Result<(), BackendError> {
+        Err(BackendError::new(
+            "test",
+            format!("{} cannot poison logits row {row}", self.describe()),
+        ))
+    }
 }
 
 impl<B: Backend + ?Sized> Backend for Box<B> {
