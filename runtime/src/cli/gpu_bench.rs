@@ -243,6 +243,21 @@ pub fn bench_json(args: &GpuBenchArgs) -> anyhow::Result<serde_json::Value> {
                     fig.step_profile.empty.steps,
                     fig.num_steps
                 ));
+                for (kind, t) in [
+                    ("with prefill", fig.step_profile.with_prefill),
+                    ("decode-only", fig.step_profile.decode_only),
+                ] {
+                    let per = |s: f64| s * 1e3 / t.steps.max(1) as f64;
+                    say(&format!(
+                        "engine: {} steps {kind}, {:.2} ms each: {:.2} in forward, {:.2} in \
+                         sample, {:.2} on the host",
+                        t.steps,
+                        per(t.wall_s),
+                        per(t.forward_s),
+                        per(t.sample_s),
+                        per(t.wall_s - t.forward_s - t.sample_s)
+                    ));
+                }
                 serde_json::to_value(fig)?
             }
             Err(e) => {
@@ -282,6 +297,7 @@ pub fn bench_json(args: &GpuBenchArgs) -> anyhow::Result<serde_json::Value> {
         "multi_lora": parts.multi_lora,
         "gemm_policy": parts.gemm_policy,
         "gemm_tuning": parts.gemm_tuning,
+        "gemm_tuning_programmatic": parts.gemm_tuning_programmatic,
         "engine": engine,
         "total_s": started.elapsed().as_secs_f64(),
     }))
@@ -352,7 +368,7 @@ mod tests {
         // policy were once dropped here).
         assert!(v["attention"].as_array().is_some_and(|a| !a.is_empty()));
         assert_eq!(v["gemm_policy"], "tuned");
-        assert!(v["gemm_tuning"].is_array());
+        assert!(v["gemm_tuning"].is_array() && v["gemm_tuning_programmatic"].is_array());
         assert_eq!(v["attention_kernel"], "tensor_cores");
         let kernels: Vec<&str> = v["prefill_kernels"]
             .as_array()

@@ -312,7 +312,12 @@ fn check_run(fig: &EngineFigure) {
     );
     for kind in [&p.with_prefill, &p.decode_only] {
         assert!(kind.steps > 0 && kind.wall_s > 0.0, "{p:?}");
+        // Each step that ran something called the backend's forward and sample, inside it.
+        assert!(kind.forward_s > 0.0 && kind.sample_s > 0.0, "{p:?}");
+        assert!(kind.forward_s + kind.sample_s <= kind.wall_s, "{p:?}");
     }
+    // An empty step runs no forward.
+    assert_eq!(p.empty.forward_s, 0.0, "{p:?}");
     assert_eq!(fig.failed_requests, 0);
     assert_eq!(fig.output_tokens, fig.requests * fig.output_len);
     assert!(fig.output_tokens_per_s > 0.0 && fig.elapsed_s > 0.0);

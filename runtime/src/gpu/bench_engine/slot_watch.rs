@@ -1,7 +1,10 @@
 //! A [`Backend`] wrapper that watches the adapter slots: which adapter each device slot holds
 //! and how many slot fills (host-to-device adapter copies) the engine asked for. The bench uses
 //! it to show that a warm run starts with every adapter device-resident and fills no slot while
-//! the clock runs; everything else is passed straight through.
+//! the clock runs. It also times the `forward` and `sample` calls, so the step profile can tell
+//! the device's share of a step from the host's; everything else is passed straight through.
+
+use std::time::{Duration, Instant};
 
 use caduceus_kernels::lora::Segment;
 use caduceus_scheduler::AdapterKey;
@@ -18,6 +21,16 @@ pub struct SlotWatch<B> {
     /// The adapter each slot holds (`None`: empty, or its last copy failed).
     slots: Vec<Option<AdapterKey>>,
     fills: u64,
+    calls: BackendCalls,
+}
+
+/// Time spent inside the wrapped backend's calls so far.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct BackendCalls {
+    /// In `forward`: queueing the step's work (a graph replay, or every kernel of an eager step).
+    pub forward: Duration,
+    /// In `sample`: waiting for the device to finish the step, sampling there, reading back.
+    pub sample: Duration,
 }
 
 impl<B: Backend> SlotWatch<B> {
@@ -27,7 +40,13 @@ impl<B: Backend> SlotWatch<B> {
             inner,
             slots: Vec::new(),
             fills: 0,
+            calls: BackendCalls::default(),
         }
+    }
+
+    /// Time spent in `forward` and `sample` so far.
+    pub fn calls(&self) -> BackendCalls {
+        self.calls
     }
 
     /// Slot fills so far (each one an adapter copied into a device slot).
@@ -77,10 +96,16 @@ impl<B: Backend> Backend for SlotWatch<B> {
         result
     }
     fn forward(&mut self, batch: &ForwardBatch<'_>, lora: &[Segment]) -> Result<(), BackendError> {
-        self.inner.forward(batch, lora)
+        let start = Instant::now();
+        let result = self.inner.forward(batch, lora);
+        self.calls.forward += start.elapsed();
+        result
     }
     fn sample(&mut self, rows: &[RowSample]) -> Result<Vec<RowOutcome>, BackendError> {
-        self.inner.sample(rows)
+        let start = Instant::now();
+        let result = self.inner.sample(rows);
+        self.calls.sample += start.elapsed();
+        result
     }
     #[cfg(feature = "fault-injection")]
     fn poison_logits_row(&mut self, row: usize) -> Result<(), BackendError> {

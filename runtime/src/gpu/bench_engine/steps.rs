@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use super::slot_watch::{BackendCalls, SlotWatch};
 use super::{fail, EngineBenchError};
 use crate::engine::{Backend, EngineCore, StepStats, IDLE_POLL};
 
@@ -44,17 +45,25 @@ impl StepKind {
 }
 
 /// Steps of one kind: how many, and the host wall time spent in [`EngineCore::step`] on them
-/// (the step reads its sampled tokens back, so this includes the device time).
+/// (the step reads its sampled tokens back, so this includes the device time), with the part
+/// of it inside the backend's `forward` (queueing the step's work: a graph replay, or every
+/// kernel of an eager step) and `sample` (waiting for the device to finish the step, sampling
+/// there, reading the tokens back). `wall_s - forward_s - sample_s` is the host's own share:
+/// scheduling, batch preparation, outputs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
 pub struct StepTime {
     pub steps: u64,
     pub wall_s: f64,
+    pub forward_s: f64,
+    pub sample_s: f64,
 }
 
 impl StepTime {
-    fn add(&mut self, wall: Duration) {
+    fn add(&mut self, wall: Duration, calls: BackendCalls) {
         self.steps += 1;
         self.wall_s += wall.as_secs_f64();
+        self.forward_s += calls.forward.as_secs_f64();
+        self.sample_s += calls.sample.as_secs_f64();
     }
 }
 
@@ -72,13 +81,13 @@ pub struct StepProfile {
 }
 
 impl StepProfile {
-    /// Adds one step of `kind` that took `wall`.
-    pub fn record(&mut self, kind: StepKind, wall: Duration) {
+    /// Adds one step of `kind` that took `wall`, `calls` of it inside the backend.
+    pub fn record(&mut self, kind: StepKind, wall: Duration, calls: BackendCalls) {
         self.num_steps += 1;
         match kind {
-            StepKind::Empty => self.empty.add(wall),
-            StepKind::Prefill => self.with_prefill.add(wall),
-            StepKind::DecodeOnly => self.decode_only.add(wall),
+            StepKind::Empty => self.empty.add(wall, calls),
+            StepKind::Prefill => self.with_prefill.add(wall, calls),
+            StepKind::DecodeOnly => self.decode_only.add(wall, calls),
         }
     }
 
@@ -91,17 +100,22 @@ impl StepProfile {
 /// Steps `core` until every request has finished, blocking after each empty step until a
 /// parked request's adapter load lands; `label` names the run in progress lines.
 pub(super) fn drive<B: Backend>(
-    core: &mut EngineCore<B>,
+    core: &mut EngineCore<SlotWatch<B>>,
     label: &str,
     progress: &mut dyn FnMut(&str),
 ) -> Result<StepProfile, EngineBenchError> {
     let mut profile = StepProfile::default();
     let mut last_scheduled = Instant::now();
     while core.has_unfinished() {
-        let started = Instant::now();
+        let (started, before) = (Instant::now(), core.backend().calls());
         let stats = core.step().map_err(|e| fail("engine step")(&e))?;
         let kind = StepKind::of(&stats);
-        profile.record(kind, started.elapsed());
+        let after = core.backend().calls();
+        let calls = BackendCalls {
+            forward: after.forward.saturating_sub(before.forward),
+            sample: after.sample.saturating_sub(before.sample),
+        };
+        profile.record(kind, started.elapsed(), calls);
         if profile.num_steps.is_multiple_of(100) {
             progress(&format!("{label}: {} steps", profile.num_steps));
         }

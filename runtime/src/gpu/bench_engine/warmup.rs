@@ -11,6 +11,7 @@ use std::time::Instant;
 use caduceus_scheduler::{FinishReason, RequestId};
 use tokio::sync::mpsc;
 
+use super::slot_watch::SlotWatch;
 use super::steps::{drive, StepProfile};
 use super::{fail, EngineBenchError};
 use crate::engine::{Backend, EngineCore, EngineRequest, RequestOutput};
@@ -25,7 +26,7 @@ pub(super) struct Warmup {
 /// Runs one one-token request (a one-token prompt) on each of `names`, with request ids from
 /// `first_id`, until all have finished; fails if any did not end normally.
 pub(super) fn warm_up<B: Backend>(
-    core: &mut EngineCore<B>,
+    core: &mut EngineCore<SlotWatch<B>>,
     names: &[Arc<str>],
     first_id: u64,
     progress: &mut dyn FnMut(&str),
