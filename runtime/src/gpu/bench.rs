@@ -14,16 +14,14 @@ use std::time::Instant;
 
 use caduceus_kernels::attention::SeqAttention;
 use caduceus_kernels::gpu::gemm_tune::GemmPolicy;
-use caduceus_kernels::gpu::lora::DecodeLoraMapping;
 use caduceus_kernels::gpu::Device;
-use caduceus_kernels::lora::segments_from_token_slots;
+use caduceus_kernels::lora::{segments_from_token_slots, Segment};
 use serde::Serialize;
 
 use super::decode_graph::DecodeGraphs;
 use super::lora::{GpuLoraBatch, GpuLoraStack};
 use super::model::profile::{OpClock, OpProfile};
 use super::model::{GpuKvCache, GpuModel, GpuModelError};
-use super::random_model::random_adapter;
 use super::roofline::{decode_step, prefill, GpuSpec, ModelShape};
 use super::workspace::{StepLimits, Workspace};
 use crate::model::ForwardBatch;
@@ -238,7 +236,7 @@ pub fn run_model_parts(
     }
     let prefill = match o.prefill_len {
         0 => None,
-        n => Some(time_prefill(model, &kv, &mut ws, shape, gpu, o, n)?),
+        n => Some(time_prefill(model, &kv, &mut ws, shape, gpu, o, n, None)?),
     };
     if let Some(p) = &prefill {
         progress(&format!(
@@ -248,7 +246,16 @@ pub fn run_model_parts(
     }
     let multi_lora = match o.lora_streams {
         0 => None,
-        _ => Some(time_lora(model, &kv, &mut ws, shape, gpu, o, progress)?),
+        _ => Some(time_lora(
+            model,
+            &kv,
+            &mut ws,
+            shape,
+            gpu,
+            o,
+            prefill.as_ref(),
+            progress,
+        )?),
     };
     Ok(ModelBenchReport {
         decode,
@@ -368,6 +375,9 @@ fn time_steps(
     Ok(ms)
 }
 
+/// One sequence's prefill of `len` tokens, eager; `lora`: the adapter slots and the runs of
+/// tokens on each.
+#[allow(clippy::too_many_arguments)]
 fn time_prefill(
     model: &GpuModel,
     kv: &GpuKvCache,
@@ -376,6 +386,7 @@ fn time_prefill(
     gpu: Option<&GpuSpec>,
     o: &ModelBenchOptions,
     len: usize,
+    lora: Option<(&GpuLoraStack, &[Segment])>,
 ) -> Result<PrefillFigure, GpuModelError> {
     let bs = kv.shape().block_size;
     let vocab = model.config().vocab_size as u32;
@@ -395,11 +406,14 @@ fn time_prefill(
         seqs: &seqs,
         logits_indices: &[len - 1],
     };
+    let lb = lora.map(|(stack, segments)| GpuLoraBatch { stack, segments });
     let ms = time_steps(model.device(), o.warmup.min(1), o.steps.div_ceil(4), || {
-        model.forward_in(&fb, kv, None, ws).map(drop)
+        model.forward_in(&fb, kv, lb.as_ref(), ws).map(drop)
     })?;
     let profile = profile_passes(model, |clock| {
-        model.forward_in_timed(&fb, kv, None, ws, clock).map(drop)
+        model
+            .forward_in_timed(&fb, kv, lb.as_ref(), ws, clock)
+            .map(drop)
     })?;
     let pass = Timed::new(ms, gpu.map(|g| prefill(shape, g, 1, len)));
     let secs = pass.median_ms / 1e3;
@@ -413,133 +427,6 @@ fn time_prefill(
             .map(|(r, g)| r.flops as f64 / secs / g.bf16_flops_per_s),
         pass,
     })
-}
-
-fn time_lora(
-    model: &GpuModel,
-    kv: &GpuKvCache,
-    ws: &mut Workspace,
-    shape: &ModelShape,
-    gpu: Option<&GpuSpec>,
-    o: &ModelBenchOptions,
-    progress: &mut dyn FnMut(&str),
-) -> Result<LoraPart, GpuModelError> {
-    let n = o.lora_streams;
-    let roof = gpu.map(|g| decode_step(shape, g, n, o.context));
-    let mut base_graph = DecodeGraphs::capture(model, kv, ws, &[n], None)?;
-    let base = time_decode(model, kv, ws, Some(&mut base_graph), o, n, None)?;
-    drop(base_graph);
-    let base = Timed::new(base, roof);
-    let base_tokens_per_s = n as f64 / (base.median_ms / 1e3);
-    progress(&format!(
-        "multi-LoRA base, {n} streams: {:.3} ms/step",
-        base.median_ms
-    ));
-    let num_slots = o.lora_distinct.iter().copied().max().unwrap_or(1).max(1);
-    let (dev, c) = (model.device(), model.config());
-    let mut stack = GpuLoraStack::new(dev, model.dtype(), c, num_slots, o.lora_rank)?;
-    let start = Instant::now();
-    // Distinct slots hold distinct memory, which is what the kernels' cost depends on; a few
-    // distinct random adapters cycled over the slots keep generation out of the budget.
-    let adapters: Vec<_> = (0..num_slots.min(4))
-        .map(|s| random_adapter(c, o.lora_rank, 100 + s as u64))
-        .collect();
-    for slot in 0..num_slots {
-        stack.load(dev, slot, &adapters[slot % adapters.len()])?;
-    }
-    dev.synchronize()?;
-    let slot_fill_s = start.elapsed().as_secs_f64();
-    progress(&format!(
-        "{num_slots} adapter slots filled in {slot_fill_s:.1} s"
-    ));
-    // The decode graphs carry the adapter launches, sized for the slots' largest rank: BGMV as
-    // the engine's, and the tokens grouped by adapter beside them.
-    let mut graphs = DecodeLoraMapping::ALL
-        .into_iter()
-        .map(|m| {
-            Ok((
-                m,
-                DecodeGraphs::capture(model, kv, ws, &[n], Some((&stack, m)))?,
-            ))
-        })
-        .collect::<Result<Vec<_>, GpuModelError>>()?;
-    let mut runs = Vec::new();
-    for &distinct in &o.lora_distinct {
-        let distinct = distinct.clamp(1, num_slots);
-        let slots = streams_by_adapter(n, distinct);
-        let lora = Some((&stack, &slots[..]));
-        for (mapping, graph) in &mut graphs {
-            let step = time_decode(model, kv, ws, Some(graph), o, n, lora)?;
-            let profile = match mapping {
-                DecodeLoraMapping::Bgmv => Some(profile_decode(model, kv, ws, o, n, lora)?),
-                DecodeLoraMapping::Grouped => None,
-            };
-            let step = Timed::new(step, roof);
-            let tokens_per_s = n as f64 / (step.median_ms / 1e3);
-            progress(&format!(
-                "multi-LoRA {distinct} distinct ({}): {:.3} ms/step ({:.2}x base)",
-                mapping.name(),
-                step.median_ms,
-                tokens_per_s / base_tokens_per_s
-            ));
-            runs.push(LoraFigure {
-                profile,
-                distinct,
-                mapping: mapping.name(),
-                over_base: tokens_per_s / base_tokens_per_s,
-                tokens_per_s,
-                step,
-                programmatic_launch: None,
-                programmatic_over_base: None,
-            });
-        }
-    }
-    drop(graphs);
-    // The base and the engine's mapping again, every kernel a programmatic dependent.
-    let mut base_programmatic_launch = None;
-    if let Some(_on) = ProgrammaticLaunch::on(dev) {
-        let mut base_graph = DecodeGraphs::capture(model, kv, ws, &[n], None)?;
-        let base = Timed::new(
-            time_decode(model, kv, ws, Some(&mut base_graph), o, n, None)?,
-            roof,
-        );
-        drop(base_graph);
-        let bgmv = Some((&stack, DecodeLoraMapping::Bgmv));
-        let mut graph = DecodeGraphs::capture(model, kv, ws, &[n], bgmv)?;
-        for run in runs.iter_mut().filter(|r| r.mapping == "bgmv") {
-            let slots = streams_by_adapter(n, run.distinct);
-            let lora = Some((&stack, &slots[..]));
-            let step = Timed::new(
-                time_decode(model, kv, ws, Some(&mut graph), o, n, lora)?,
-                roof,
-            );
-            let over_base = base.median_ms / step.median_ms;
-            progress(&format!(
-                "multi-LoRA {} distinct (bgmv, programmatic dependent launches): {:.3} ms/step \
-                 ({over_base:.2}x base {:.3} ms)",
-                run.distinct, step.median_ms, base.median_ms
-            ));
-            run.programmatic_over_base = Some(over_base);
-            run.programmatic_launch = Some(step);
-        }
-        base_programmatic_launch = Some(base);
-    }
-    Ok(LoraPart {
-        streams: n,
-        rank: o.lora_rank,
-        context: o.context,
-        base,
-        base_tokens_per_s,
-        base_programmatic_launch,
-        runs,
-        slot_fill_s,
-    })
-}
-
-/// The slots of `n` decoding streams spread evenly over `distinct` adapters, grouped by adapter
-/// as a batch sorted by adapter is (S-LoRA, Punica).
-fn streams_by_adapter(n: usize, distinct: usize) -> Vec<Option<u32>> {
-    (0..n).map(|i| Some((i * distinct / n) as u32)).collect()
 }
 
 /// Programmatic dependent launches on a device for as long as this lives.
@@ -561,11 +448,13 @@ impl Drop for ProgrammaticLaunch<'_> {
 
 mod attention;
 use attention::{sweep_attention, sweep_prefill_kernels};
+mod lora;
 pub use attention::{AttentionFigure, PrefillKernelFigure};
+use lora::time_lora;
 mod report;
 pub use report::{
-    decode_target, DecodeFigure, LoraFigure, LoraPart, ModelBenchReport, PrefillFigure, Timed,
-    TunedGemm,
+    decode_target, DecodeFigure, LoraFigure, LoraPart, LoraPrefillFigure, ModelBenchReport,
+    PrefillFigure, Timed, TunedGemm,
 };
 
 #[cfg(all(test, feature = "gpu-emu"))]

@@ -105,7 +105,20 @@ pub struct LoraPart {
     /// The base step with programmatic dependent launches (`None` where the GPU has none).
     pub base_programmatic_launch: Option<Timed>,
     pub runs: Vec<LoraFigure>,
+    /// The model part's prefill again with its tokens spread over the adapters, per distinct
+    /// count (empty without a prefill part).
+    pub prefill: Vec<LoraPrefillFigure>,
     pub slot_fill_s: f64,
+}
+
+/// A prefill whose tokens run on `distinct` adapters in equal runs (the SGMV segments of a
+/// prefill step whose prompts name different adapters), eager as the engine runs prefill steps.
+#[derive(Clone, Debug, Serialize)]
+pub struct LoraPrefillFigure {
+    pub distinct: usize,
+    /// Its tokens/s over the base prefill's (the report's `prefill`).
+    pub over_base: f64,
+    pub prefill: PrefillFigure,
 }
 
 /// What the model-level parts measured.

@@ -142,6 +142,19 @@ fn model_parts_run_on_a_tiny_shape_and_report_each_configuration() {
         .runs
         .iter()
         .all(|x| x.over_base.is_finite() && x.over_base > 0.0));
+    // The prefill again over each adapter count, its adapter deltas in the profile.
+    let counts: Vec<usize> = l.prefill.iter().map(|x| x.distinct).collect();
+    assert_eq!(counts, [1, 2]);
+    for x in &l.prefill {
+        assert_eq!(x.prefill.prompt_len, 17);
+        assert!(x.over_base.is_finite() && x.over_base > 0.0);
+        let lora = x.prefill.profile.ops.iter().find(|o| o.op == Op::Lora);
+        assert!(
+            lora.is_some_and(|o| o.calls == 4 * TINY.layers),
+            "{:?}",
+            x.prefill.profile
+        );
+    }
     // The engine's mapping and the base again with programmatic dependent launches.
     assert!(l.base_programmatic_launch.is_some());
     for x in &l.runs {
