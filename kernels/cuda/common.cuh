@@ -139,7 +139,9 @@ __device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
   asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(g), "r"(bytes) : "memory");
 #elif defined(__CUDA_ARCH__)
   const size_t g = __cvta_generic_to_global(p);
-  for (uint32_t at = 0; at < bytes; at += 128) asm volatile("prefetch.global.L2 [%0];\n" ::"l"(g + at));
+  for (uint32_t at = 0; at < bytes; at += 128) {
+    asm volatile("prefetch.global.L2 [%0];\n" ::"l"(g + at));
+  }
 #else
   cad_emu::require_aligned(p, 16, "L2 prefetch");
   cad_emu::require(bytes % 16 == 0, "L2 prefetch of a size not a multiple of 16 bytes");

@@ -216,7 +216,9 @@ CAD_UNROLL
         const uint32_t v = s * G::kStride + u * 32 + lane;
         if (v >= vecs) break;
 CAD_UNROLL
-        for (uint32_t r = 0; r < R; ++r) cad::cp_async16(at(s % S, r, u), wrow[r] + size_t(v) * kVec, true);
+        for (uint32_t r = 0; r < R; ++r) {
+          cad::cp_async16(at(s % S, r, u), wrow[r] + size_t(v) * kVec, true);
+        }
       }
     }
     cad::cp_async_commit();  // every stage commits a group, empty or not: the wait counts them
