@@ -3,7 +3,10 @@
 //! nothing, so what is timed is what the GPU engine's device waits for between steps:
 //! scheduling, batch preparation (positions, slot mapping, block tables), per-row sampling
 //! settings, output processing and streaming. A decode step of the 8B model at batch 256 takes
-//! ~17 ms on an H200; this must stay a small fraction of it.
+//! ~17 ms on an H200; this must stay a small fraction of it. `decode_256x1k` streams token ids
+//! (what the GPU bench's engine does); `decode_256x1k_text` also detokenizes every new token
+//! incrementally, as the server's requests do, with the default model's tokenizer (skipped, with a
+//! message, when `models/` lacks it: `scripts/fetch-default-model`).
 //!
 //! `cargo bench -p caduceus-benches --bench engine_step`
 
@@ -14,9 +17,14 @@ use caduceus_runtime::engine::{
     SlotSpec,
 };
 use caduceus_runtime::model::config::{LlamaConfig, WeightSource};
+use caduceus_runtime::model::gguf::GgufFile;
 use caduceus_runtime::model::ForwardBatch;
+use caduceus_runtime::model::DEFAULT_MODEL_PATH;
 use caduceus_runtime::sampling::{RowSample, SampledToken};
+use caduceus_runtime::tokenizer::{GgufTokenizerSpec, Tokenizer};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const STREAMS: usize = 256;
@@ -61,7 +69,7 @@ impl Backend for NullBackend {
         Ok((0..rows.len())
             .map(|i| {
                 Ok(SampledToken {
-                    token_id: 1000 + (self.step + i as u32) % 20_000,
+                    token_id: 1000 + (self.step * 7 + i as u32 * 13) % 20_000,
                     logprob: None,
                     top_logprobs: Vec::new(),
                 })
@@ -91,8 +99,19 @@ fn config() -> LlamaConfig {
     }
 }
 
-/// An engine with `STREAMS` requests past their prefill, all decoding.
-fn decoding_engine() -> EngineCore<NullBackend> {
+/// The default model's tokenizer, if its file is here.
+fn default_tokenizer() -> Option<Arc<Tokenizer>> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(DEFAULT_MODEL_PATH);
+    let file = GgufFile::open(&path).ok()?;
+    let spec = GgufTokenizerSpec::from_gguf(&file).ok()?;
+    Tokenizer::from_gguf_spec(&spec).ok().map(Arc::new)
+}
+
+/// An engine with `STREAMS` requests past their prefill, all decoding; with a tokenizer every
+/// request detokenizes its output.
+fn decoding_engine(tokenizer: Option<Arc<Tokenizer>>) -> EngineCore<NullBackend> {
     let max_tokens = 1 << 20;
     let blocks_per_seq = (PROMPT + 4096).div_ceil(BLOCK);
     let backend = NullBackend {
@@ -106,13 +125,15 @@ fn decoding_engine() -> EngineCore<NullBackend> {
         max_model_len: PROMPT + max_tokens,
         ..SchedulerConfig::default()
     };
-    let mut engine = EngineCore::with_backend(backend, None, vec![2], sched).unwrap();
+    let detokenize = tokenizer.is_some();
+    let mut engine = EngineCore::with_backend(backend, tokenizer, vec![2], sched).unwrap();
     for i in 0..STREAMS {
+        // Ids inside the smallest vocabulary the bench may detokenize with (SmolLM2's 49,152).
         let prompt = (0..PROMPT as u32)
-            .map(|t| 3 + (i as u32 * 7919 + t) % 100_000)
+            .map(|t| 3 + (i as u32 * 7919 + t) % 40_000)
             .collect();
         let mut req = EngineRequest::new(prompt, max_tokens);
-        req.detokenize = false;
+        req.detokenize = detokenize;
         let (out, rx) = tokio::sync::mpsc::unbounded_channel();
         std::mem::forget(rx); // the stream stays open, unread (outputs queue)
         engine.add_request(RequestId(i as u64), req, out).unwrap();
@@ -126,17 +147,26 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("engine_step");
     g.throughput(Throughput::Elements(STREAMS as u64));
     g.measurement_time(Duration::from_secs(5));
-    g.bench_function("decode_256x1k", |b| {
-        let mut engine = decoding_engine();
-        b.iter_custom(|iters| {
-            let start = Instant::now();
-            for _ in 0..iters {
-                let s = engine.step().unwrap();
-                assert_eq!(s.num_scheduled_reqs, STREAMS);
-            }
-            start.elapsed()
-        })
-    });
+    let tokenizer = default_tokenizer();
+    if tokenizer.is_none() {
+        eprintln!("engine_step: no {DEFAULT_MODEL_PATH}: decode_256x1k_text skipped");
+    }
+    let runs = [("decode_256x1k", None)]
+        .into_iter()
+        .chain(tokenizer.map(|t| ("decode_256x1k_text", Some(t))));
+    for (name, tokenizer) in runs {
+        g.bench_function(name, |b| {
+            let mut engine = decoding_engine(tokenizer.clone());
+            b.iter_custom(|iters| {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    let s = engine.step().unwrap();
+                    assert_eq!(s.num_scheduled_reqs, STREAMS);
+                }
+                start.elapsed()
+            })
+        });
+    }
     g.finish();
 }
 
