@@ -13,8 +13,8 @@
 use caduceus_kernels::lora::Segment;
 use caduceus_runtime::adapters::LoadedAdapter;
 use caduceus_runtime::engine::{
-    Backend, BackendError, EngineCore, EngineRequest, RequestId, RowOutcome, SchedulerConfig,
-    SlotSpec,
+    Backend, BackendError, EngineCore, EngineRequest, RequestId, RequestOutput, RowOutcome,
+    SchedulerConfig, SlotSpec,
 };
 use caduceus_runtime::model::config::{LlamaConfig, WeightSource};
 use caduceus_runtime::model::gguf::GgufFile;
@@ -30,6 +30,10 @@ use std::time::{Duration, Instant};
 const STREAMS: usize = 256;
 const PROMPT: usize = 1024;
 const BLOCK: usize = 16;
+/// Decode steps an engine runs before the bench builds a fresh one (untimed): its KV pool holds
+/// `PROMPT + GROWTH` tokens a request, so no request is ever preempted, and the contexts stay
+/// within 1k to 3k tokens.
+const GROWTH: usize = 2048;
 
 /// A device that computes nothing: every row samples a token that never stops a request.
 struct NullBackend {
@@ -109,11 +113,17 @@ fn default_tokenizer() -> Option<Arc<Tokenizer>> {
     Tokenizer::from_gguf_spec(&spec).ok().map(Arc::new)
 }
 
-/// An engine with `STREAMS` requests past their prefill, all decoding; with a tokenizer every
-/// request detokenizes its output.
-fn decoding_engine(tokenizer: Option<Arc<Tokenizer>>) -> EngineCore<NullBackend> {
-    let max_tokens = 1 << 20;
-    let blocks_per_seq = (PROMPT + 4096).div_ceil(BLOCK);
+/// Each request's output stream, which the bench empties between steps (untimed), as the
+/// server's connections do on other threads.
+type Streams = Vec<tokio::sync::mpsc::UnboundedReceiver<RequestOutput>>;
+
+/// An engine with `STREAMS` requests past their prefill, all decoding, and their streams; with a
+/// tokenizer every request detokenizes its output.
+fn decoding_engine(tokenizer: Option<Arc<Tokenizer>>) -> (EngineCore<NullBackend>, Streams) {
+    // Never reached: the bench replaces the engine after GROWTH steps, and the requests first
+    // decode while the last prompts prefill (32 steps of 8,192 tokens).
+    let max_tokens = GROWTH + PROMPT;
+    let blocks_per_seq = (PROMPT + max_tokens).div_ceil(BLOCK);
     let backend = NullBackend {
         config: config(),
         num_blocks: STREAMS * blocks_per_seq + 1,
@@ -127,6 +137,7 @@ fn decoding_engine(tokenizer: Option<Arc<Tokenizer>>) -> EngineCore<NullBackend>
     };
     let detokenize = tokenizer.is_some();
     let mut engine = EngineCore::with_backend(backend, tokenizer, vec![2], sched).unwrap();
+    let mut streams = Vec::with_capacity(STREAMS);
     for i in 0..STREAMS {
         // Ids inside the smallest vocabulary the bench may detokenize with (SmolLM2's 49,152).
         let prompt = (0..PROMPT as u32)
@@ -135,12 +146,12 @@ fn decoding_engine(tokenizer: Option<Arc<Tokenizer>>) -> EngineCore<NullBackend>
         let mut req = EngineRequest::new(prompt, max_tokens);
         req.detokenize = detokenize;
         let (out, rx) = tokio::sync::mpsc::unbounded_channel();
-        std::mem::forget(rx); // the stream stays open, unread (outputs queue)
         engine.add_request(RequestId(i as u64), req, out).unwrap();
+        streams.push(rx);
     }
     // Prefill (free here) until every request decodes.
     while engine.step().unwrap().num_scheduled_tokens > STREAMS {}
-    engine
+    (engine, streams)
 }
 
 fn bench(c: &mut Criterion) {
@@ -156,14 +167,25 @@ fn bench(c: &mut Criterion) {
         .chain(tokenizer.map(|t| ("decode_256x1k_text", Some(t))));
     for (name, tokenizer) in runs {
         g.bench_function(name, |b| {
-            let mut engine = decoding_engine(tokenizer.clone());
+            let (mut engine, mut streams) = decoding_engine(tokenizer.clone());
+            let mut steps = 0;
             b.iter_custom(|iters| {
-                let start = Instant::now();
+                let mut took = Duration::ZERO;
                 for _ in 0..iters {
+                    if steps == GROWTH {
+                        (engine, streams) = decoding_engine(tokenizer.clone());
+                        steps = 0;
+                    }
+                    let start = Instant::now();
                     let s = engine.step().unwrap();
+                    took += start.elapsed();
+                    steps += 1;
                     assert_eq!(s.num_scheduled_reqs, STREAMS);
+                    for rx in &mut streams {
+                        while rx.try_recv().is_ok() {}
+                    }
                 }
-                start.elapsed()
+                took
             })
         });
     }

@@ -207,6 +207,77 @@ fn a_stop_string_ends_generation_and_is_never_emitted() {
     assert_eq!(core.stats().num_running, 0);
 }
 
+/// Forty requests in one batch, a third of them with a stop string: each streams exactly its
+/// solo run's text, and one with a stop string stops where its solo text first holds it.
+#[test]
+fn many_requests_in_one_step_stream_their_solo_texts_and_stops() {
+    let m = tiny();
+    let base = prompts(&m.tokenizer);
+    let p: Vec<Vec<u32>> = (0..40)
+        .map(|i| {
+            let mut v = base[i % base.len()].clone();
+            v.extend(m.tokenizer.encode(&format!(" Case {i}.")).unwrap());
+            v
+        })
+        .collect();
+    let cfg = SchedulerConfig {
+        max_num_seqs: 48,
+        max_num_batched_tokens: 4096,
+        num_blocks: 2000,
+        ..config(2000, true)
+    };
+    let tok = Some(&m.tokenizer);
+    let solo: Vec<Collected> = p
+        .iter()
+        .map(|q| {
+            run_all(
+                &m.model,
+                tok,
+                cfg.clone(),
+                greedy_reqs(std::slice::from_ref(q), 12),
+            )
+            .0
+            .remove(0)
+        })
+        .collect();
+    let mut reqs = greedy_reqs(&p, 12);
+    let mut stops = vec![None; reqs.len()];
+    for (i, r) in reqs.iter_mut().enumerate().filter(|(i, _)| i % 3 == 0) {
+        let chars: Vec<char> = solo[i].text.chars().collect();
+        let clean =
+            (4..chars.len().saturating_sub(2)).find(|&at| !chars[at..at + 2].contains(&'\u{FFFD}'));
+        if let Some(at) = clean {
+            let stop: String = chars[at..at + 2].iter().collect();
+            r.stop = vec![stop.clone()];
+            stops[i] = Some(stop);
+        }
+    }
+    assert!(
+        stops.iter().flatten().count() >= 5,
+        "too few stop strings: {stops:?}"
+    );
+    let (all, core) = run_all(&m.model, tok, cfg, reqs);
+    for (i, (got, want)) in all.iter().zip(&solo).enumerate() {
+        let reason = got.finished.as_ref().map(|f| f.reason);
+        match &stops[i] {
+            Some(stop) => {
+                let end = want.text.find(stop.as_str()).unwrap();
+                assert_eq!(got.text, want.text[..end], "request {i}, stop {stop:?}");
+                assert_eq!(reason, Some(FinishReason::Stop), "request {i}");
+            }
+            None => {
+                assert_eq!(
+                    (&got.text, &got.tokens),
+                    (&want.text, &want.tokens),
+                    "request {i}"
+                );
+                assert_eq!(reason, Some(FinishReason::Length), "request {i}");
+            }
+        }
+    }
+    assert_eq!(core.stats().num_running, 0);
+}
+
 #[test]
 fn min_tokens_keeps_stop_tokens_from_ending_the_request_early() {
     let m = tiny();

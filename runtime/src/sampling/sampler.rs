@@ -63,11 +63,7 @@ impl Sampler {
     pub fn row_sampling(&self) -> RowSampling {
         let p = &self.params;
         RowSampling {
-            penalties: Penalties {
-                repetition: p.repetition_penalty,
-                frequency: p.frequency_penalty,
-                presence: p.presence_penalty,
-            },
+            penalties: self.penalties(),
             truncation: (!p.is_greedy()).then(|| Truncation {
                 temperature: p.temperature,
                 top_k: p.top_k.map_or(0, |k| u32::try_from(k).unwrap_or(u32::MAX)),
@@ -87,14 +83,30 @@ impl Sampler {
         }
     }
 
+    /// The request's penalties.
+    fn penalties(&self) -> Penalties {
+        let p = &self.params;
+        Penalties {
+            repetition: p.repetition_penalty,
+            frequency: p.frequency_penalty,
+            presence: p.presence_penalty,
+        }
+    }
+
     /// This step's penalty entries (what the GPU kernel reads): the distinct prompt and output
-    /// tokens below `vocab`, prompt-only ones only when the repetition penalty is on.
+    /// tokens below `vocab`, prompt-only ones only when the repetition penalty is on; none when
+    /// no penalty is on (they would change no logit, and sorting every output so far for each
+    /// row of each step was a quarter of a 256-request step's host time: `benches/engine_step`).
     pub fn penalty_entries(
         &mut self,
         prompt_ids: &[u32],
         output_ids: &[u32],
         vocab: usize,
     ) -> &[PenaltyEntry] {
+        if !self.penalties().is_active() {
+            self.entries.clear();
+            return &self.entries;
+        }
         let with_prompt = self.params.repetition_penalty != 1.0;
         penalty_entries(
             prompt_ids,
