@@ -54,17 +54,9 @@
     name##_body(p);                                                    \
   }                                                                    \
   __device__ __forceinline__ void name##_body(const Params& p)
-#define CAD_KERNEL_BOUNDS(name, Params, p, threads)                            \
-  __device__ __forceinline__ void name##_body(const Params& p);                \
-  extern "C" __global__ void __launch_bounds__(threads) name(const Params p) { \
-    CAD_WAIT_FOR_PREVIOUS_GRID();                                              \
-    CAD_LAUNCH_DEPENDENTS();                                                   \
-    name##_body(p);                                                            \
-  }                                                                            \
-  __device__ __forceinline__ void name##_body(const Params& p)
-/// CAD_KERNEL_BOUNDS with a `prelude(p)` that runs before the wait, while the previous kernel
-/// may still be running: it may only hint the caches (cad::prefetch_l2) or read memory that no
-/// kernel writes (the model's weights).
+/// CAD_KERNEL with `__launch_bounds__(threads)` and a `prelude(p)` that runs before the wait,
+/// while the previous kernel may still be running: it may only hint the caches
+/// (cad::prefetch_l2) or read memory that no kernel writes (the model's weights).
 #define CAD_KERNEL_BOUNDS_PRELUDE(name, Params, p, threads, prelude)           \
   __device__ __forceinline__ void name##_body(const Params& p);                \
   extern "C" __global__ void __launch_bounds__(threads) name(const Params p) { \
@@ -74,6 +66,8 @@
     name##_body(p);                                                            \
   }                                                                            \
   __device__ __forceinline__ void name##_body(const Params& p)
+#define CAD_KERNEL_BOUNDS(name, Params, p, threads) \
+  CAD_KERNEL_BOUNDS_PRELUDE(name, Params, p, threads, cad::no_prelude)
 #else
 #include "emu/emu.hpp"
 #define CAD_DYNAMIC_SMEM(T, name) CAD_EMU_DYNAMIC_SMEM(T, name)
@@ -88,6 +82,12 @@
   }                                                                  \
   static void name##_main(const Params& p)
 #endif
+
+namespace cad {
+/// The prelude of a kernel that has none (CAD_KERNEL_BOUNDS).
+template <class Params>
+__device__ __forceinline__ void no_prelude(const Params&) {}
+}  // namespace cad
 
 /// Full unrolling of a constant-trip loop, for nvcc and g++ alike.
 #if defined(__CUDACC__)

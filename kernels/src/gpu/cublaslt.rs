@@ -192,7 +192,8 @@ impl Blas {
     /// `y (+)= x · Wᵀ (+ bias)` row-major, as column-major `yᵀ = W · xᵀ`: A = W (`[n, k]`
     /// row-major is `k × n` column-major, transposed), B = xᵀ (`k × m` column-major as stored),
     /// C = D = yᵀ (`n × m`); the bias (`n` elements) is broadcast over C's columns, i.e. added to
-    /// every row of y. Runs the key's chosen implementation: a cuBLASLt algorithm, or `gemv`.
+    /// every row of y. Runs the key's chosen implementation: a cuBLASLt algorithm, or one of our
+    /// GEMV kernels.
     ///
     /// # Safety
     /// `x`, `w`, `y` (and `bias`) must be live device ranges of the `[m, k]`, `[n, k]`, `[m, n]`
@@ -371,9 +372,10 @@ impl Blas {
     }
 
     /// Timings ([`time_candidates`]: microseconds per launch) of every heuristic candidate, then
-    /// each GEMV kernel ([`GemvKernel::ALL`]), on the call's operands, with timing events on the compute stream. Output goes to
-    /// `y` (every candidate overwrites it, and the real call that follows writes it again) unless
-    /// the projection accumulates into `y`: then to a scratch buffer. Refused while the stream is
+    /// each GEMV kernel ([`GemvKernel::ALL`]), on the call's operands, with timing events on the
+    /// compute stream. Output goes to `y` (every candidate overwrites it, and the real call that
+    /// follows writes it again) unless the projection accumulates into `y`: then to a scratch
+    /// buffer. Refused while the stream is
     /// being captured (events would join the graph).
     #[allow(clippy::too_many_arguments)]
     fn time_on_operands(

@@ -1,6 +1,6 @@
 //! The GEMV kernels (`cuda/gemv.cu`) against the exact product and each other, and the GEMM
-//! policies that decide when they run (`gpu::gemm_tune`), on every device (see gpu_support). Part of the `gpu_ops`
-//! test binary (one binary fewer to carry to the GPU machine).
+//! policies that decide when they run (`gpu::gemm_tune`), on every device (see gpu_support).
+//! Part of the `gpu_ops` test binary (one binary fewer to carry to the GPU machine).
 
 use crate::gpu_support::*;
 use caduceus_kernels::gpu::gemm::{gemm, gemm_bias, GemmShape};

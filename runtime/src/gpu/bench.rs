@@ -193,7 +193,9 @@ pub fn run_model_parts(
         });
     }
     drop(graphs);
-    let gemm_tuning: Vec<TunedGemm> = dev.gemm_tuning().into_iter().map(TunedGemm::from).collect();
+    let tuning =
+        || -> Vec<TunedGemm> { dev.gemm_tuning().into_iter().map(TunedGemm::from).collect() };
+    let gemm_tuning = tuning();
     let mut gemm_tuning_programmatic = Vec::new();
     if let Some(on) = ProgrammaticLaunch::on(dev) {
         // Tuned afresh under them, as serve tunes with model.programmatic_launch on (set before
@@ -211,7 +213,7 @@ pub fn run_model_parts(
             ));
             d.programmatic_launch = Some(timed);
         }
-        gemm_tuning_programmatic = dev.gemm_tuning().into_iter().map(TunedGemm::from).collect();
+        gemm_tuning_programmatic = tuning();
         drop((graphs, on));
         // The parts below run plain launches on the plain launches' choices.
         dev.set_gemm_policy(policy)?;
