@@ -22,7 +22,7 @@ use super::decode_graph::DecodeGraphs;
 use super::lora::{GpuLoraBatch, GpuLoraStack};
 use super::model::profile::{OpClock, OpProfile};
 use super::model::{GpuKvCache, GpuModel, GpuModelError};
-use super::roofline::{decode_step, prefill, GpuSpec, ModelShape};
+use super::roofline::{decode_step, prefill, GpuSpec, ModelShape, Roofline};
 use super::workspace::{StepLimits, Workspace};
 use crate::model::ForwardBatch;
 
@@ -49,6 +49,17 @@ pub struct ModelBenchOptions {
 
 /// Forward passes each op profile averages (eager, every op's end marked).
 const PROFILE_PASSES: usize = 3;
+
+/// What every measurement of the model part reads: the model, its KV pool, the shape the
+/// rooflines are of, the GPU's spec (`None` off the spec table) and the options.
+#[derive(Clone, Copy)]
+struct Bench<'a> {
+    model: &'a GpuModel,
+    kv: &'a GpuKvCache,
+    shape: &'a ModelShape,
+    gpu: Option<&'a GpuSpec>,
+    o: &'a ModelBenchOptions,
+}
 
 /// `batch` sequences each decoding its `context`-th token, over disjoint block ranges.
 struct DecodeBatch {
@@ -138,6 +149,13 @@ pub fn run_model_parts(
         limits,
         rank,
     )?;
+    let bench = Bench {
+        model,
+        kv: &kv,
+        shape,
+        gpu,
+        o,
+    };
     let mut sizes = o.decode_batches.clone();
     sizes.sort_unstable();
     sizes.dedup();
@@ -149,11 +167,8 @@ pub fn run_model_parts(
     let mut graphs = DecodeGraphs::capture(model, &kv, &mut ws, &sizes, None)?;
     let mut library = Vec::new();
     for &b in &o.decode_batches {
-        let ms = time_decode(model, &kv, &mut ws, Some(&mut graphs), o, b, None)?;
-        library.push(Timed::new(
-            ms,
-            gpu.map(|g| decode_step(shape, g, b, o.context)),
-        ));
+        let ms = bench.time_decode(&mut ws, Some(&mut graphs), b, None)?;
+        library.push(Timed::new(ms, bench.decode_roofline(b)));
     }
     drop(graphs);
     dev.set_gemm_policy(policy)?;
@@ -164,10 +179,10 @@ pub fn run_model_parts(
     ));
     let mut decode = Vec::new();
     for (&b, library_gemm) in o.decode_batches.iter().zip(library) {
-        let roof = gpu.map(|g| decode_step(shape, g, b, o.context));
-        let step = time_decode(model, &kv, &mut ws, Some(&mut graphs), o, b, None)?;
-        let eager = time_decode(model, &kv, &mut ws, None, o, b, None)?;
-        let profile = profile_decode(model, &kv, &mut ws, o, b, None)?;
+        let roof = bench.decode_roofline(b);
+        let step = bench.time_decode(&mut ws, Some(&mut graphs), b, None)?;
+        let eager = bench.time_decode(&mut ws, None, b, None)?;
+        let profile = bench.profile_decode(&mut ws, b, None)?;
         let (step, eager) = (Timed::new(step, roof), Timed::new(eager, roof));
         let target = decode_target(b);
         progress(&format!(
@@ -204,9 +219,8 @@ pub fn run_model_parts(
         dev.set_gemm_policy(policy)?;
         let mut graphs = DecodeGraphs::capture(model, &kv, &mut ws, &sizes, None)?;
         for d in &mut decode {
-            let ms = time_decode(model, &kv, &mut ws, Some(&mut graphs), o, d.batch, None)?;
-            let roof = gpu.map(|g| decode_step(shape, g, d.batch, o.context));
-            let timed = Timed::new(ms, roof);
+            let ms = bench.time_decode(&mut ws, Some(&mut graphs), d.batch, None)?;
+            let timed = Timed::new(ms, bench.decode_roofline(d.batch));
             progress(&format!(
                 "decode batch {}: {:.3} ms/step with programmatic dependent launches",
                 d.batch, timed.median_ms
@@ -218,7 +232,7 @@ pub fn run_model_parts(
         // The parts below run plain launches on the plain launches' choices.
         dev.set_gemm_policy(policy)?;
     }
-    let attention = sweep_attention(model, &kv, shape, gpu, o)?;
+    let attention = bench.sweep_attention()?;
     if let Some(best) = attention
         .iter()
         .filter(|a| a.batch == o.decode_batches.iter().copied().max().unwrap_or(0))
@@ -229,7 +243,7 @@ pub fn run_model_parts(
             best.batch, best.us_per_layer, best.kernel, best.split, best.kv_gb_per_s
         ));
     }
-    let prefill_kernels = sweep_prefill_kernels(model, &kv, shape, gpu, o)?;
+    let prefill_kernels = bench.sweep_prefill_kernels()?;
     for k in &prefill_kernels {
         progress(&format!(
             "prefill attention {} ({} tokens): {:.1} us per layer, {:.0} TFLOP/s",
@@ -238,7 +252,7 @@ pub fn run_model_parts(
     }
     let prefill = match o.prefill_len {
         0 => None,
-        n => Some(time_prefill(model, &kv, &mut ws, shape, gpu, o, n, None)?),
+        n => Some(bench.time_prefill(&mut ws, n, None)?),
     };
     if let Some(p) = &prefill {
         progress(&format!(
@@ -248,16 +262,7 @@ pub fn run_model_parts(
     }
     let multi_lora = match o.lora_streams {
         0 => None,
-        _ => Some(time_lora(
-            model,
-            &kv,
-            &mut ws,
-            shape,
-            gpu,
-            o,
-            prefill.as_ref(),
-            progress,
-        )?),
+        _ => Some(bench.time_lora(&mut ws, prefill.as_ref(), progress)?),
     };
     Ok(ModelBenchReport {
         decode,
@@ -272,73 +277,131 @@ pub fn run_model_parts(
     })
 }
 
-/// Runs `f` on the forward batch of `batch` sequences decoding, each token on `slots[token]`
-/// when given.
-fn with_decode_batch<R>(
-    model: &GpuModel,
-    kv: &GpuKvCache,
-    o: &ModelBenchOptions,
-    batch: usize,
-    lora: Option<(&GpuLoraStack, &[Option<u32>])>,
-    f: impl FnOnce(&ForwardBatch<'_>, Option<&GpuLoraBatch<'_>>) -> R,
-) -> R {
-    let vocab = model.config().vocab_size;
-    let d = DecodeBatch::new(batch, o.context, kv.shape().block_size, vocab);
-    let seqs = d.seqs();
-    let fb = ForwardBatch {
-        token_ids: &d.ids,
-        positions: &d.positions,
-        slot_mapping: &d.slots,
-        seqs: &seqs,
-        logits_indices: &d.rows,
-    };
-    let segments = lora.map(|(_, s)| segments_from_token_slots(s));
-    let lb = lora
-        .zip(segments.as_deref())
-        .map(|((stack, _), segments)| GpuLoraBatch { stack, segments });
-    f(&fb, lb.as_ref())
-}
+impl Bench<'_> {
+    /// The roofline of a decode step of `batch` sequences at the options' context.
+    fn decode_roofline(&self, batch: usize) -> Option<Roofline> {
+        self.gpu
+            .map(|g| decode_step(self.shape, g, batch, self.o.context))
+    }
 
-/// Step times (ms) of `batch` sequences decoding (see [`with_decode_batch`]): replayed from
-/// `graphs` (which must hold a graph of size `batch`), else launched eagerly.
-fn time_decode(
-    model: &GpuModel,
-    kv: &GpuKvCache,
-    ws: &mut Workspace,
-    mut graphs: Option<&mut DecodeGraphs>,
-    o: &ModelBenchOptions,
-    batch: usize,
-    lora: Option<(&GpuLoraStack, &[Option<u32>])>,
-) -> Result<Vec<f64>, GpuModelError> {
-    with_decode_batch(model, kv, o, batch, lora, |fb, lb| {
-        time_steps(model.device(), o.warmup, o.steps, || {
-            match graphs.as_deref_mut() {
-                Some(g) => match g.replay(model, fb, lb, ws)? {
-                    Some(_) => Ok(()),
-                    None => Err(GpuModelError::Batch(format!(
-                        "no captured graph replays a decode batch of {batch}"
-                    ))),
-                },
-                None => model.forward_in(fb, kv, lb, ws).map(drop),
-            }
-        })
-    })
-}
+    /// Runs `f` on the forward batch of `batch` sequences decoding, each token on
+    /// `slots[token]` when given.
+    fn with_decode_batch<R>(
+        &self,
+        batch: usize,
+        lora: Option<(&GpuLoraStack, &[Option<u32>])>,
+        f: impl FnOnce(&ForwardBatch<'_>, Option<&GpuLoraBatch<'_>>) -> R,
+    ) -> R {
+        let vocab = self.model.config().vocab_size;
+        let block_size = self.kv.shape().block_size;
+        let d = DecodeBatch::new(batch, self.o.context, block_size, vocab);
+        let seqs = d.seqs();
+        let fb = ForwardBatch {
+            token_ids: &d.ids,
+            positions: &d.positions,
+            slot_mapping: &d.slots,
+            seqs: &seqs,
+            logits_indices: &d.rows,
+        };
+        let segments = lora.map(|(_, s)| segments_from_token_slots(s));
+        let lb = lora
+            .zip(segments.as_deref())
+            .map(|((stack, _), segments)| GpuLoraBatch { stack, segments });
+        f(&fb, lb.as_ref())
+    }
 
-/// Device time by op of `batch` sequences decoding eagerly (after one unmarked warm-up pass).
-fn profile_decode(
-    model: &GpuModel,
-    kv: &GpuKvCache,
-    ws: &mut Workspace,
-    o: &ModelBenchOptions,
-    batch: usize,
-    lora: Option<(&GpuLoraStack, &[Option<u32>])>,
-) -> Result<OpProfile, GpuModelError> {
-    with_decode_batch(model, kv, o, batch, lora, |fb, lb| {
-        profile_passes(model, |clock| {
-            model.forward_in_timed(fb, kv, lb, ws, clock).map(drop)
+    /// Step times (ms) of `batch` sequences decoding (see [`Self::with_decode_batch`]):
+    /// replayed from `graphs` (which must hold a graph of size `batch`), else launched eagerly.
+    fn time_decode(
+        &self,
+        ws: &mut Workspace,
+        mut graphs: Option<&mut DecodeGraphs>,
+        batch: usize,
+        lora: Option<(&GpuLoraStack, &[Option<u32>])>,
+    ) -> Result<Vec<f64>, GpuModelError> {
+        let (model, o) = (self.model, self.o);
+        self.with_decode_batch(batch, lora, |fb, lb| {
+            time_steps(model.device(), o.warmup, o.steps, || {
+                match graphs.as_deref_mut() {
+                    Some(g) => match g.replay(model, fb, lb, ws)? {
+                        Some(_) => Ok(()),
+                        None => Err(GpuModelError::Batch(format!(
+                            "no captured graph replays a decode batch of {batch}"
+                        ))),
+                    },
+                    None => model.forward_in(fb, self.kv, lb, ws).map(drop),
+                }
+            })
         })
-    })
+    }
+
+    /// Device time by op of `batch` sequences decoding eagerly (after one unmarked warm-up
+    /// pass).
+    fn profile_decode(
+        &self,
+        ws: &mut Workspace,
+        batch: usize,
+        lora: Option<(&GpuLoraStack, &[Option<u32>])>,
+    ) -> Result<OpProfile, GpuModelError> {
+        self.with_decode_batch(batch, lora, |fb, lb| {
+            profile_passes(self.model, |clock| {
+                self.model
+                    .forward_in_timed(fb, self.kv, lb, ws, clock)
+                    .map(drop)
+            })
+        })
+    }
+
+    /// One sequence's prefill of `len` tokens, eager; `lora`: the adapter slots and the runs
+    /// of tokens on each.
+    fn time_prefill(
+        &self,
+        ws: &mut Workspace,
+        len: usize,
+        lora: Option<(&GpuLoraStack, &[Segment])>,
+    ) -> Result<PrefillFigure, GpuModelError> {
+        let (model, kv, o) = (self.model, self.kv, self.o);
+        let bs = kv.shape().block_size;
+        let vocab = model.config().vocab_size as u32;
+        let ids: Vec<u32> = (0..len as u32).map(|i| (i * 31 + 7) % vocab).collect();
+        let positions: Vec<u32> = (0..len as u32).collect();
+        let table: Vec<u32> = (0..len.div_ceil(bs) as u32).collect();
+        let seqs = [SeqAttention {
+            query_start: 0,
+            query_len: len,
+            context_len: len,
+            block_table: &table,
+        }];
+        let fb = ForwardBatch {
+            token_ids: &ids,
+            positions: &positions,
+            slot_mapping: &positions,
+            seqs: &seqs,
+            logits_indices: &[len - 1],
+        };
+        let lb = lora.map(|(stack, segments)| GpuLoraBatch { stack, segments });
+        let ms = time_steps(model.device(), o.warmup.min(1), o.steps.div_ceil(4), || {
+            model.forward_in(&fb, kv, lb.as_ref(), ws).map(drop)
+        })?;
+        let profile = profile_passes(model, |clock| {
+            model
+                .forward_in_timed(&fb, kv, lb.as_ref(), ws, clock)
+                .map(drop)
+        })?;
+        let gpu = self.gpu;
+        let pass = Timed::new(ms, gpu.map(|g| prefill(self.shape, g, 1, len)));
+        let secs = pass.median_ms / 1e3;
+        Ok(PrefillFigure {
+            profile,
+            prompt_len: len,
+            tokens_per_s: len as f64 / secs,
+            flops_utilization: pass
+                .roofline
+                .zip(gpu)
+                .map(|(r, g)| r.flops as f64 / secs / g.bf16_flops_per_s),
+            pass,
+        })
+    }
 }
 
 /// Runs `pass` once unmarked, then [`PROFILE_PASSES`] times on one clock.
@@ -377,60 +440,6 @@ fn time_steps(
     Ok(ms)
 }
 
-/// One sequence's prefill of `len` tokens, eager; `lora`: the adapter slots and the runs of
-/// tokens on each.
-#[allow(clippy::too_many_arguments)]
-fn time_prefill(
-    model: &GpuModel,
-    kv: &GpuKvCache,
-    ws: &mut Workspace,
-    shape: &ModelShape,
-    gpu: Option<&GpuSpec>,
-    o: &ModelBenchOptions,
-    len: usize,
-    lora: Option<(&GpuLoraStack, &[Segment])>,
-) -> Result<PrefillFigure, GpuModelError> {
-    let bs = kv.shape().block_size;
-    let vocab = model.config().vocab_size as u32;
-    let ids: Vec<u32> = (0..len as u32).map(|i| (i * 31 + 7) % vocab).collect();
-    let positions: Vec<u32> = (0..len as u32).collect();
-    let table: Vec<u32> = (0..len.div_ceil(bs) as u32).collect();
-    let seqs = [SeqAttention {
-        query_start: 0,
-        query_len: len,
-        context_len: len,
-        block_table: &table,
-    }];
-    let fb = ForwardBatch {
-        token_ids: &ids,
-        positions: &positions,
-        slot_mapping: &positions,
-        seqs: &seqs,
-        logits_indices: &[len - 1],
-    };
-    let lb = lora.map(|(stack, segments)| GpuLoraBatch { stack, segments });
-    let ms = time_steps(model.device(), o.warmup.min(1), o.steps.div_ceil(4), || {
-        model.forward_in(&fb, kv, lb.as_ref(), ws).map(drop)
-    })?;
-    let profile = profile_passes(model, |clock| {
-        model
-            .forward_in_timed(&fb, kv, lb.as_ref(), ws, clock)
-            .map(drop)
-    })?;
-    let pass = Timed::new(ms, gpu.map(|g| prefill(shape, g, 1, len)));
-    let secs = pass.median_ms / 1e3;
-    Ok(PrefillFigure {
-        profile,
-        prompt_len: len,
-        tokens_per_s: len as f64 / secs,
-        flops_utilization: pass
-            .roofline
-            .zip(gpu)
-            .map(|(r, g)| r.flops as f64 / secs / g.bf16_flops_per_s),
-        pass,
-    })
-}
-
 /// Programmatic dependent launches on a device for as long as this lives.
 struct ProgrammaticLaunch<'a>(&'a Device);
 
@@ -449,10 +458,8 @@ impl Drop for ProgrammaticLaunch<'_> {
 }
 
 mod attention;
-use attention::{sweep_attention, sweep_prefill_kernels};
 mod lora;
 pub use attention::{AttentionFigure, PrefillKernelFigure};
-use lora::time_lora;
 mod report;
 pub use report::{
     decode_target, DecodeFigure, LoraFigure, LoraPart, LoraPrefillFigure, ModelBenchReport,

@@ -18,9 +18,8 @@ use caduceus_kernels::gpu::attention_prefill::paged_attention_prefill;
 use caduceus_kernels::gpu::{Device, DeviceBuffer};
 use serde::Serialize;
 
-use super::{DecodeBatch, ModelBenchOptions};
-use crate::gpu::model::{GpuKvCache, GpuModel, GpuModelError};
-use crate::gpu::roofline::{GpuSpec, ModelShape};
+use super::{Bench, DecodeBatch};
+use crate::gpu::model::{GpuModel, GpuModelError};
 use crate::gpu::workspace::attn_shape;
 
 /// Launches timed per configuration on a GPU (after two untimed ones); one in the emulation,
@@ -136,108 +135,114 @@ pub struct PrefillKernelFigure {
     pub of_peak: Option<f64>,
 }
 
-/// Times each prefill kernel on layer 0's pools of `kv`: one sequence prefilling `o.prefill_len`
-/// tokens from an empty cache (what the prefill part's forward pass does per layer).
-pub(super) fn sweep_prefill_kernels(
-    model: &GpuModel,
-    kv: &GpuKvCache,
-    model_shape: &ModelShape,
-    gpu: Option<&GpuSpec>,
-    o: &ModelBenchOptions,
-) -> Result<Vec<PrefillKernelFigure>, GpuModelError> {
-    let (dev, dt, c) = (model.device(), model.dtype(), model.config());
-    let len = o.prefill_len;
-    let Some((k_cache, v_cache)) = kv.layer(0).filter(|_| len > 0) else {
-        return Ok(Vec::new());
-    };
-    let cache = kv.shape();
-    let shape = attn_shape(c, cache.block_size, cache.num_blocks);
-    let table: Vec<u32> = (0..len.div_ceil(cache.block_size) as u32).collect();
-    let seqs = [SeqAttention {
-        query_start: 0,
-        query_len: len,
-        context_len: len,
-        block_table: &table,
-    }];
-    let batch = PagedBatchBuffers::upload(dev, &seqs)?;
-    let rows = QueryRows::new(model, len)?;
-    let args = rows.args(k_cache, v_cache, &batch, shape);
-    let flops = model_shape.attention_flops((len * (len + 1) / 2) as u64) as f64
-        / model_shape.layers.max(1) as f64;
-    let mut figures = Vec::new();
-    for kernel in AttentionKernel::ALL {
-        let us = us_per_launch(dev, || Ok(paged_attention_prefill(dev, dt, &args, kernel)?))?;
-        let per_s = flops / (us / 1e6);
-        figures.push(PrefillKernelFigure {
-            kernel: kernel.name(),
-            prompt_len: len,
-            us_per_layer: us,
-            tflops: per_s / 1e12,
-            of_peak: gpu.map(|g| per_s / g.bf16_flops_per_s),
-        });
-    }
-    Ok(figures)
-}
-
-/// Times the decode kernels on layer 0's pools of `kv` for every batch of `o.decode_batches`.
-pub(super) fn sweep_attention(
-    model: &GpuModel,
-    kv: &GpuKvCache,
-    model_shape: &ModelShape,
-    gpu: Option<&GpuSpec>,
-    o: &ModelBenchOptions,
-) -> Result<Vec<AttentionFigure>, GpuModelError> {
-    let (dev, dt, c) = (model.device(), model.dtype(), model.config());
-    let Some((k_cache, v_cache)) = kv.layer(0) else {
-        return Ok(Vec::new());
-    };
-    let cache = kv.shape();
-    let shape = attn_shape(c, cache.block_size, cache.num_blocks);
-    let mut figures = Vec::new();
-    for &b in &o.decode_batches {
-        let d = DecodeBatch::new(b, o.context, cache.block_size, c.vocab_size);
-        let batch = PagedBatchBuffers::upload(dev, &d.seqs())?;
-        let rows = QueryRows::new(model, b)?;
+impl Bench<'_> {
+    /// Times each prefill kernel on layer 0's pools of the KV pool: one sequence prefilling
+    /// `o.prefill_len` tokens from an empty cache (what the prefill part's forward pass does per
+    /// layer).
+    pub(super) fn sweep_prefill_kernels(&self) -> Result<Vec<PrefillKernelFigure>, GpuModelError> {
+        let Bench {
+            model,
+            kv,
+            shape: model_shape,
+            gpu,
+            o,
+        } = *self;
+        let (dev, dt, c) = (model.device(), model.dtype(), model.config());
+        let len = o.prefill_len;
+        let Some((k_cache, v_cache)) = kv.layer(0).filter(|_| len > 0) else {
+            return Ok(Vec::new());
+        };
+        let cache = kv.shape();
+        let shape = attn_shape(c, cache.block_size, cache.num_blocks);
+        let table: Vec<u32> = (0..len.div_ceil(cache.block_size) as u32).collect();
+        let seqs = [SeqAttention {
+            query_start: 0,
+            query_len: len,
+            context_len: len,
+            block_table: &table,
+        }];
+        let batch = PagedBatchBuffers::upload(dev, &seqs)?;
+        let rows = QueryRows::new(model, len)?;
         let args = rows.args(k_cache, v_cache, &batch, shape);
-        let mut seen = Vec::new();
-        let kernels = [None]
-            .into_iter()
-            .chain(TensorCoreDecode::ALL.map(Some))
-            .filter(|l| l.is_none_or(|l| l.takes(&shape)));
-        let configs = kernels.flat_map(|k| SPLITS.map(|s| (k, s)));
-        for (layout, split) in configs {
-            let plan = DecodePlan::new(&args.batch, &shape, split);
-            if seen.contains(&(layout, plan)) {
-                continue;
-            }
-            seen.push((layout, plan));
-            let ws = dev.alloc_zeroed(plan.workspace_bytes(b, &shape).max(4))?;
-            let us = us_per_launch(dev, || {
-                let ws = Some(&ws);
-                match layout {
-                    None => paged_attention_decode(dev, dt, &args, &plan, ws)?,
-                    Some(l) => paged_attention_decode_tc(dev, dt, &args, &plan, ws, l)?,
-                }
-                Ok(())
-            })?;
-            let bytes = (b * o.context) as f64 * model_shape.kv_bytes_per_token_layer() as f64;
-            let per_s = bytes / (us / 1e6);
-            figures.push(AttentionFigure {
-                batch: b,
-                kernel: match layout {
-                    None => AttentionKernel::CudaCores.name(),
-                    Some(_) => AttentionKernel::TensorCores.name(),
-                },
-                layout: layout.map(TensorCoreDecode::name),
-                context: o.context,
-                split: split_name(split),
-                num_splits: plan.num_splits,
-                tokens_per_split: plan.tokens_per_split,
+        let flops = model_shape.attention_flops((len * (len + 1) / 2) as u64) as f64
+            / model_shape.layers.max(1) as f64;
+        let mut figures = Vec::new();
+        for kernel in AttentionKernel::ALL {
+            let us = us_per_launch(dev, || Ok(paged_attention_prefill(dev, dt, &args, kernel)?))?;
+            let per_s = flops / (us / 1e6);
+            figures.push(PrefillKernelFigure {
+                kernel: kernel.name(),
+                prompt_len: len,
                 us_per_layer: us,
-                kv_gb_per_s: per_s / 1e9,
-                of_hbm: gpu.map(|g| per_s / g.hbm_bytes_per_s),
+                tflops: per_s / 1e12,
+                of_peak: gpu.map(|g| per_s / g.bf16_flops_per_s),
             });
         }
+        Ok(figures)
     }
-    Ok(figures)
+
+    /// Times the decode kernels on layer 0's pools of the KV pool for every batch of
+    /// `o.decode_batches`.
+    pub(super) fn sweep_attention(&self) -> Result<Vec<AttentionFigure>, GpuModelError> {
+        let Bench {
+            model,
+            kv,
+            shape: model_shape,
+            gpu,
+            o,
+        } = *self;
+        let (dev, dt, c) = (model.device(), model.dtype(), model.config());
+        let Some((k_cache, v_cache)) = kv.layer(0) else {
+            return Ok(Vec::new());
+        };
+        let cache = kv.shape();
+        let shape = attn_shape(c, cache.block_size, cache.num_blocks);
+        let mut figures = Vec::new();
+        for &b in &o.decode_batches {
+            let d = DecodeBatch::new(b, o.context, cache.block_size, c.vocab_size);
+            let batch = PagedBatchBuffers::upload(dev, &d.seqs())?;
+            let rows = QueryRows::new(model, b)?;
+            let args = rows.args(k_cache, v_cache, &batch, shape);
+            let mut seen = Vec::new();
+            let kernels = [None]
+                .into_iter()
+                .chain(TensorCoreDecode::ALL.map(Some))
+                .filter(|l| l.is_none_or(|l| l.takes(&shape)));
+            let configs = kernels.flat_map(|k| SPLITS.map(|s| (k, s)));
+            for (layout, split) in configs {
+                let plan = DecodePlan::new(&args.batch, &shape, split);
+                if seen.contains(&(layout, plan)) {
+                    continue;
+                }
+                seen.push((layout, plan));
+                let ws = dev.alloc_zeroed(plan.workspace_bytes(b, &shape).max(4))?;
+                let us = us_per_launch(dev, || {
+                    let ws = Some(&ws);
+                    match layout {
+                        None => paged_attention_decode(dev, dt, &args, &plan, ws)?,
+                        Some(l) => paged_attention_decode_tc(dev, dt, &args, &plan, ws, l)?,
+                    }
+                    Ok(())
+                })?;
+                let bytes = (b * o.context) as f64 * model_shape.kv_bytes_per_token_layer() as f64;
+                let per_s = bytes / (us / 1e6);
+                figures.push(AttentionFigure {
+                    batch: b,
+                    kernel: match layout {
+                        None => AttentionKernel::CudaCores.name(),
+                        Some(_) => AttentionKernel::TensorCores.name(),
+                    },
+                    layout: layout.map(TensorCoreDecode::name),
+                    context: o.context,
+                    split: split_name(split),
+                    num_splits: plan.num_splits,
+                    tokens_per_split: plan.tokens_per_split,
+                    us_per_layer: us,
+                    kv_gb_per_s: per_s / 1e9,
+                    of_hbm: gpu.map(|g| per_s / g.hbm_bytes_per_s),
+                });
+            }
+        }
+        Ok(figures)
+    }
 }
