@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use caduceus_kernels::lora::Segment;
 use caduceus_runtime::adapters::peft::{load_adapter, AdapterLimits};
-use caduceus_runtime::adapters::{AdapterRegistry, AdapterService, AdapterSettings};
+use caduceus_runtime::adapters::{AdapterRegistry, AdapterService, AdapterSettings, SlotFormat};
 use caduceus_runtime::generate::{
     generate_with_adapters, scheduler_config_for, GenerateOutput, GenerateRequest,
 };
@@ -59,7 +59,7 @@ pub fn service(
         max_cpu_loras: 64,
         max_cpu_lora_bytes: 1 << 30,
         limits: LIMITS,
-        dtype,
+        format: SlotFormat::Host(dtype),
         loader_share_percent: 5,
     };
     Arc::new(AdapterService::new(

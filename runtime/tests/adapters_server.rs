@@ -13,7 +13,7 @@ use std::time::Duration;
 use axum::http::StatusCode;
 use axum::Router;
 use caduceus_runtime::adapters::make::write_synthetic_adapters;
-use caduceus_runtime::adapters::Projection;
+use caduceus_runtime::adapters::{Projection, SlotFormat};
 use caduceus_runtime::model::loader::LoadedModel;
 use caduceus_runtime::server::app;
 use serde_json::{json, Value};
@@ -425,7 +425,7 @@ fn requests_parked_on_a_cold_adapter_count_as_waiting() {
             max_rank: 16,
             max_file_bytes: 1 << 30,
         },
-        dtype: LoraDtype::F32,
+        format: SlotFormat::Host(LoraDtype::F32),
         loader_share_percent: 100,
     };
     let service = Arc::new(AdapterService::new(registry, base, settings));

@@ -15,7 +15,7 @@ mod batch;
 mod slots;
 
 pub use batch::{LoraBatch, LoraUnits};
-pub use slots::DeviceLoraSlots;
+pub use slots::{DeviceLoraSlots, SlotImage};
 
 use super::device::{DType, Device, DeviceBuffer, GpuError};
 use super::kernel::{kernel_fn, kernel_params, KernelFn, LaunchDims};

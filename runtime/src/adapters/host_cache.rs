@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use caduceus_scheduler::AdapterKey;
 
-use crate::model::lora::LoraStack;
+use super::prepared::PreparedAdapter;
 
 /// An adapter ready for the device slots: validated and already converted to the slots' storage
 /// type and layout, so filling a slot is a plain copy.
@@ -19,8 +19,8 @@ pub struct LoadedAdapter {
     pub key: AdapterKey,
     /// LoRA rank.
     pub rank: usize,
-    /// The weights as a one-slot stack in the slots' storage type.
-    pub prepared: LoraStack,
+    /// The weights in the form the engine's slots copy ([`super::SlotFormat`]).
+    pub prepared: PreparedAdapter,
 }
 
 impl std::fmt::Debug for LoadedAdapter {

@@ -9,10 +9,10 @@ use caduceus_scheduler::AdapterKey;
 use super::gate::LoaderGate;
 use super::host_cache::{HostCache, LoadedAdapter};
 use super::peft::{load_adapter, AdapterError, AdapterLimits};
+use super::prepared::{PrepareError, PreparedAdapter, SlotFormat};
 use super::registry::{AdapterEntry, AdapterRegistry, RegistryError};
 use super::weights::AdapterWeights;
 use crate::model::config::LlamaConfig;
-use crate::model::lora::{LoraDtype, LoraStack, LoraStackError};
 
 /// Settings of the adapter tiers (the `[adapters]` config section, resolved).
 #[derive(Clone, Debug)]
@@ -25,8 +25,9 @@ pub struct AdapterSettings {
     pub max_cpu_lora_bytes: usize,
     /// Validation limits (rank, file size).
     pub limits: AdapterLimits,
-    /// Storage type of the device slots (adapters are converted to it when loaded).
-    pub dtype: LoraDtype,
+    /// What the engine's slots are filled from (adapters are converted to it when loaded, on
+    /// the loader's thread).
+    pub format: SlotFormat,
     /// Where the compute threads take every core: the share of each step's time lent to the
     /// loader thread after the step, in percent (100 = no slicing; see [`super::gate`]).
     pub loader_share_percent: u32,
@@ -40,7 +41,7 @@ pub enum LoadAdapterError {
     #[error(transparent)]
     Adapter(#[from] AdapterError),
     #[error("adapter could not be converted for the slots: {0}")]
-    Prepare(#[from] LoraStackError),
+    Prepare(#[from] PrepareError),
 }
 
 /// The shared adapter state.
@@ -93,7 +94,7 @@ impl AdapterService {
     ) -> Result<(Arc<LoadedAdapter>, Duration), LoadAdapterError> {
         let start = Instant::now();
         let weights = load_adapter(&entry.path, &self.base, &self.settings.limits)?;
-        let prepared = LoraStack::prepare(&self.base, &weights, self.settings.dtype)?;
+        let prepared = PreparedAdapter::prepare(&self.base, &weights, self.settings.format)?;
         Ok((loaded(entry, &weights, prepared), start.elapsed()))
     }
 
@@ -139,7 +140,7 @@ impl AdapterService {
         let path = self.registry.resolve_path(lora_path)?;
         let weights = load_adapter(&path, &self.base, &self.settings.limits)?;
         // Converted before it is registered: nothing is registered that cannot be served.
-        let prepared = LoraStack::prepare(&self.base, &weights, self.settings.dtype)?;
+        let prepared = PreparedAdapter::prepare(&self.base, &weights, self.settings.format)?;
         let entry = self.registry.register(name, path, replace)?;
         let adapter = loaded(&entry, &weights, prepared);
         self.cache(adapter.clone());
@@ -170,7 +171,7 @@ impl AdapterService {
 fn loaded(
     entry: &AdapterEntry,
     weights: &AdapterWeights,
-    prepared: LoraStack,
+    prepared: PreparedAdapter,
 ) -> Arc<LoadedAdapter> {
     Arc::new(LoadedAdapter {
         name: entry.name.clone(),

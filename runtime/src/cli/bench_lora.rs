@@ -22,7 +22,9 @@ use super::bench_throughput::random_prompts;
 use super::ModelArg;
 use crate::adapters::make::write_synthetic_adapters;
 use crate::adapters::peft::AdapterLimits;
-use crate::adapters::{AdapterRegistry, AdapterService, AdapterSettings, Projection};
+use crate::adapters::{
+    AdapterRegistry, AdapterService, AdapterSettings, PreparedAdapter, Projection, SlotFormat,
+};
 use crate::engine::{CpuBackend, EngineCore, EngineRequest, RequestOutput};
 use crate::model::loader::LoadedModel;
 use crate::model::{LlamaModel, LoraDtype, LoraStack};
@@ -329,7 +331,7 @@ fn run_in(
             max_rank: args.rank,
             max_file_bytes: u64::MAX,
         },
-        dtype,
+        format: SlotFormat::Host(dtype),
         loader_share_percent: 5,
     };
     let service = Arc::new(AdapterService::new(
@@ -363,10 +365,13 @@ fn run_in(
         .get(&b.names[0])
         .context("registered adapter")?;
     let (adapter, _) = service.load(&entry)?;
+    let PreparedAdapter::Host(prepared) = &adapter.prepared else {
+        anyhow::bail!("the adapter was not prepared for the CPU slots");
+    };
     let mut stack = LoraStack::new(model.config(), 4, args.rank, dtype)?;
     let fill = Instant::now();
     for slot in 0..4 {
-        stack.copy_from(slot, &adapter.prepared)?;
+        stack.copy_from(slot, prepared)?;
     }
     let slot_fill_ms = fill.elapsed().as_secs_f64() * 1e3 / 4.0;
     // Step times of running adapter streams while `burst` cold adapters load.

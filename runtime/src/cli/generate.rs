@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::adapters::peft::AdapterLimits;
-use crate::adapters::{AdapterRegistry, AdapterService, AdapterSettings};
+use crate::adapters::{AdapterRegistry, AdapterService, AdapterSettings, SlotFormat};
 use crate::generate::scheduler_config_for;
 use crate::generate::{generate_with_adapters, FinishReason, GenerateRequest};
 use crate::model::loader::LoadedModel;
@@ -108,7 +108,7 @@ fn adapters_for(args: &GenerateArgs, loaded: &LoadedModel) -> anyhow::Result<Pro
             max_rank,
             max_file_bytes: u64::MAX,
         },
-        dtype,
+        format: SlotFormat::Host(dtype),
         loader_share_percent: 5,
     };
     let base = loaded.model.config().clone();

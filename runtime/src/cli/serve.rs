@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::Context;
 
 use crate::adapters::peft::AdapterLimits;
-use crate::adapters::{AdapterRegistry, AdapterService, AdapterSettings};
+use crate::adapters::{AdapterRegistry, AdapterService, AdapterSettings, SlotFormat};
 use crate::config::{
     CaduceusConfig, ConfigOverrides, Device, Dtype, KvCacheSize, PrefixCacheIsolation,
 };
@@ -24,7 +24,7 @@ fn adapter_service(
     config: &CaduceusConfig,
     base: crate::model::config::LlamaConfig,
     served_model_name: &str,
-    dtype: crate::model::LoraDtype,
+    format: SlotFormat,
 ) -> anyhow::Result<Option<Arc<AdapterService>>> {
     let a = &config.adapters;
     let Some(dir) = &a.dir else {
@@ -53,7 +53,7 @@ fn adapter_service(
             max_rank: a.max_lora_rank,
             max_file_bytes: a.max_cpu_lora_bytes.bytes(),
         },
-        dtype,
+        format,
         loader_share_percent: a.loader_step_share_percent,
     };
     Ok(Some(Arc::new(AdapterService::new(
@@ -83,8 +83,8 @@ pub(super) struct ServedModel {
     pub base_config: crate::model::config::LlamaConfig,
     /// Where the KV blocks live, for KV events (`"CPU"`, `"GPU"`).
     pub medium: &'static str,
-    /// How the host tier prepares adapters for this engine's slots.
-    pub adapter_dtype: crate::model::LoraDtype,
+    /// What the host tier prepares adapters as, for this engine's slots.
+    pub adapter_format: SlotFormat,
 }
 
 /// Runs the server with `config` on the device `model.device` selects.
@@ -185,7 +185,7 @@ fn run_cpu(config: CaduceusConfig) -> anyhow::Result<()> {
         model_root: root_name(&loaded.path, &loaded.name),
         base_config: loaded.model.config().clone(),
         medium: "CPU",
-        adapter_dtype: config.adapters.dtype.resolve(),
+        adapter_format: SlotFormat::Host(config.adapters.dtype.resolve()),
     };
     let eos = served.tokenizer.eos_ids().to_vec();
     let mut core = EngineCore::new(
@@ -229,11 +229,11 @@ pub(super) fn serve<B: Backend + Send + 'static>(
         model_root,
         base_config,
         medium,
-        adapter_dtype,
+        adapter_format,
     } = model;
     let s = &config.scheduler;
     let vocab_size = base_config.vocab_size;
-    let adapters = adapter_service(&config, base_config, &served_model_name, adapter_dtype)?;
+    let adapters = adapter_service(&config, base_config, &served_model_name, adapter_format)?;
     if let Some(service) = &adapters {
         core = core.with_adapters(service.clone())?;
     }

@@ -9,13 +9,13 @@ use caduceus_kernels::gpu::gemm_tune::GemmPolicy;
 use caduceus_kernels::gpu::{DType, Device};
 
 use super::serve::{root_name, serve, served_name, ServedModel};
+use crate::adapters::SlotFormat;
 use crate::config::{AdapterDtype, AttentionKernelSetting, CaduceusConfig, Dtype, GemmSetting};
 use crate::engine::{EngineCore, SlotSpec};
 use crate::gpu::memory_plan::{check_weights_fit, llama_weight_bytes};
 use crate::gpu::model::GpuModel;
 use crate::gpu::{GpuBackend, GpuBackendConfig, KvBlocks, StepLimits};
 use crate::model::loader::{LoadError, LoadedModel};
-use crate::model::LoraDtype;
 
 /// Loads the model onto `dev` and serves it.
 pub(super) fn run(config: CaduceusConfig, dev: Device) -> anyhow::Result<()> {
@@ -27,14 +27,22 @@ pub(super) fn run(config: CaduceusConfig, dev: Device) -> anyhow::Result<()> {
              \"auto\", \"bf16\" or \"f16\" (or model.device to \"cpu\")"
         ),
     };
-    let adapter_dtype = match config.adapters.dtype {
-        AdapterDtype::Auto | AdapterDtype::F16 => LoraDtype::F16,
-        AdapterDtype::F32 => LoraDtype::F32,
-        AdapterDtype::Q8 => anyhow::bail!(
-            "adapters.dtype = \"q8\" is a CPU format; on a GPU set adapters.dtype to \"auto\", \
-             \"f16\" or \"f32\" (adapters are converted to the model dtype in the device slots)"
-        ),
-    };
+    // The host tier keeps adapters as the device slots hold them (in the model's dtype); the
+    // CPU slots' storage types do not apply.
+    if config.adapters.dtype == AdapterDtype::Q8 {
+        anyhow::bail!(
+            "adapters.dtype = \"q8\" is a CPU format; on a GPU set adapters.dtype to \"auto\" \
+             (adapters are kept in the model dtype, as the device slots hold them)"
+        );
+    }
+    if matches!(config.adapters.dtype, AdapterDtype::F16 | AdapterDtype::F32) {
+        tracing::warn!(
+            adapters_dtype = ?config.adapters.dtype,
+            "adapters.dtype sets the CPU engine's adapter slots; on a GPU adapters are kept in \
+             the model dtype, as the device slots hold them (leave it \"auto\")"
+        );
+    }
+    let adapter_format = SlotFormat::Device(dtype);
     let device_name = dev.describe();
     let loaded = LoadedModel::load_into(&config.model.path, |c, store| {
         let on_device = |message: String| LoadError::Device {
@@ -66,7 +74,7 @@ pub(super) fn run(config: CaduceusConfig, dev: Device) -> anyhow::Result<()> {
     let adapter_slots = config.adapters.dir.is_some().then_some(SlotSpec {
         num_slots: config.adapters.max_loras,
         max_rank: config.adapters.max_lora_rank,
-        dtype: adapter_dtype,
+        format: adapter_format,
     });
     let kv_blocks = match config.model.num_gpu_blocks_override {
         Some(n) => KvBlocks::Fixed(n),
@@ -81,7 +89,7 @@ pub(super) fn run(config: CaduceusConfig, dev: Device) -> anyhow::Result<()> {
             .unwrap_or(sched.max_num_seqs),
         false => 0,
     };
-    let ServedModelParts { mut model, served } = parts(&config, loaded, adapter_dtype);
+    let ServedModelParts { mut model, served } = parts(&config, loaded, adapter_format);
     let (attention, gemm) = (
         attention_kernel_of(config.model.attention_kernel),
         gemm_policy(config.model.gemm),
@@ -168,7 +176,7 @@ struct ServedModelParts {
 fn parts(
     config: &CaduceusConfig,
     loaded: LoadedModel<GpuModel>,
-    adapter_dtype: LoraDtype,
+    adapter_format: SlotFormat,
 ) -> ServedModelParts {
     let served = ServedModel {
         tokenizer: Arc::new(loaded.tokenizer),
@@ -177,7 +185,7 @@ fn parts(
         model_root: root_name(&loaded.path, &loaded.name),
         base_config: loaded.model.config().clone(),
         medium: "GPU",
-        adapter_dtype,
+        adapter_format,
     };
     ServedModelParts {
         model: loaded.model,

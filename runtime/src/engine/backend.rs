@@ -7,9 +7,9 @@
 use caduceus_kernels::lora::Segment;
 
 use super::failure::RequestFailure;
-use crate::adapters::LoadedAdapter;
+use crate::adapters::{LoadedAdapter, SlotFormat};
 use crate::model::config::LlamaConfig;
-use crate::model::{ForwardBatch, LoraDtype};
+use crate::model::ForwardBatch;
 use crate::sampling::{RowSample, SampledToken};
 
 /// A failure inside the backend (a kernel, a copy, an adapter that does not fit its slots).
@@ -38,9 +38,8 @@ pub struct SlotSpec {
     pub num_slots: usize,
     /// Largest adapter rank a slot holds.
     pub max_rank: usize,
-    /// How the host tier prepares adapters (`adapters.dtype`): the CPU slots' storage type; a
-    /// device backend converts from it to its own.
-    pub dtype: LoraDtype,
+    /// What the host tier prepares adapters as, for these slots to copy.
+    pub format: SlotFormat,
 }
 
 /// Hardware for the engine (see the module docs). Calls come from the engine thread, in order:
@@ -55,6 +54,14 @@ pub trait Backend: Send {
     fn block_size(&self) -> usize;
     /// What runs the model, for logs.
     fn describe(&self) -> String;
+    /// Threads of this process that compute a step on the host's cores: the compute pool where
+    /// the model runs on the CPU (the default), the engine thread alone where a device runs it.
+    /// When they take every core, the adapter loader is time-sliced between steps
+    /// ([`crate::adapters::StepGate`]); where a device computes, the idle cores load adapters
+    /// while it runs.
+    fn host_compute_threads(&self) -> usize {
+        rayon::current_num_threads()
+    }
     /// Allocates the adapter slots; returns their bytes.
     fn init_adapter_slots(&mut self, spec: SlotSpec) -> Result<usize, BackendError>;
     /// Copies `adapter` (from the host tier) into `slot`; projections it does not target are
@@ -88,6 +95,9 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
     }
     fn describe(&self) -> String {
         (**self).describe()
+    }
+    fn host_compute_threads(&self) -> usize {
+        (**self).host_compute_threads()
     }
     fn init_adapter_slots(&mut self, spec: SlotSpec) -> Result<usize, BackendError> {
         (**self).init_adapter_slots(spec)

@@ -106,7 +106,7 @@ mod tests {
             version: 1,
             key: AdapterKey { id, generation: 1 },
             rank: 2,
-            prepared: LoraStack::new(&c, 1, 2, LoraDtype::F32).unwrap(),
+            prepared: LoraStack::new(&c, 1, 2, LoraDtype::F32).unwrap().into(),
         }
     }
 

@@ -21,8 +21,7 @@ use caduceus_kernels::gpu::lora::LoraGpuError;
 use caduceus_kernels::gpu::{Device, GpuError};
 use caduceus_kernels::lora::Segment;
 
-use super::lora::{GpuLoraLoadError, GpuLoraStack};
-use crate::model::lora::LoraStack;
+use super::lora::{GpuAdapterImage, GpuLoraStack};
 
 /// Bytes per staging chunk.
 pub const STAGING_CHUNK_BYTES: usize = 4 << 20;
@@ -52,16 +51,17 @@ impl AdapterCopies {
         })
     }
 
-    /// Queues `prepared` into `slot` of `stack` on the copy stream, after every compute launch
-    /// so far; returns without waiting for the copy.
+    /// Queues `image` into `slot` of `stack` on the copy stream, after every compute launch so
+    /// far; returns without waiting for the copy (the host's work: copying its bits into the
+    /// pinned staging ring).
     pub fn load(
         &mut self,
         dev: &Device,
         stack: &mut GpuLoraStack,
         slot: usize,
-        prepared: &LoraStack,
-    ) -> Result<(), GpuLoraLoadError> {
-        let gpu = |e: GpuError| GpuLoraLoadError::from(LoraGpuError::from(e));
+        image: &GpuAdapterImage,
+    ) -> Result<(), LoraGpuError> {
+        let gpu = LoraGpuError::from;
         let pending = self
             .pending
             .get_mut(slot)
@@ -69,7 +69,7 @@ impl AdapterCopies {
         // A failed load leaves its slot unnamed by the executor, so no forward reads it.
         *pending = None;
         self.stream.after_compute(dev).map_err(gpu)?;
-        stack.load_prepared_with(&mut self.stream, slot, prepared)?;
+        stack.load_image_with(&mut self.stream, slot, image)?;
         self.pending[slot] = Some(self.stream.record().map_err(gpu)?);
         Ok(())
     }

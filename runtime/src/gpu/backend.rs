@@ -21,7 +21,7 @@ use super::lora::{GpuLoraBatch, GpuLoraStack};
 use super::memory_plan::{kv_bytes_per_block, plan_memory, MemoryInputs, MemoryPlan};
 use super::model::{GpuKvCache, GpuModel};
 use super::workspace::{StepLimits, Workspace};
-use crate::adapters::LoadedAdapter;
+use crate::adapters::{LoadedAdapter, PreparedAdapter};
 use crate::engine::{Backend, BackendError, RowOutcome, SlotSpec};
 use crate::model::config::LlamaConfig;
 use crate::model::ForwardBatch;
@@ -255,6 +255,11 @@ impl Backend for GpuBackend {
         )
     }
 
+    /// The engine thread, which launches the device's work and waits for it.
+    fn host_compute_threads(&self) -> usize {
+        1
+    }
+
     fn init_adapter_slots(&mut self, spec: SlotSpec) -> Result<usize, BackendError> {
         match (&self.lora, self.slot_spec) {
             (Some(stack), Some(planned))
@@ -275,10 +280,17 @@ impl Backend for GpuBackend {
         let (Some(stack), Some(copies)) = (self.lora.as_mut(), self.copies.as_mut()) else {
             return Err(err("no adapter slots were allocated"));
         };
+        let converted;
+        let image = match &adapter.prepared {
+            PreparedAdapter::Device(image) => image,
+            // Prepared for the CPU's slots (tools and tests): converted here, on this thread.
+            PreparedAdapter::Host(host) => {
+                converted = stack.image_of_prepared(host).map_err(err)?;
+                &converted
+            }
+        };
         // On the copy stream: the running batch is not stalled (see `adapter_copies`).
-        copies
-            .load(dev, stack, slot as usize, &adapter.prepared)
-            .map_err(err)
+        copies.load(dev, stack, slot as usize, image).map_err(err)
     }
 
     fn forward(&mut self, batch: &ForwardBatch<'_>, lora: &[Segment]) -> Result<(), BackendError> {

@@ -31,9 +31,10 @@ use tokio::sync::mpsc;
 
 use super::model::GpuModel;
 use super::{GpuBackend, GpuBackendConfig, KvBlocks, StepLimits};
-use crate::adapters::{AdapterLimits, AdapterRegistry, AdapterService, AdapterSettings};
+use crate::adapters::{
+    AdapterLimits, AdapterRegistry, AdapterService, AdapterSettings, SlotFormat,
+};
 use crate::engine::{EngineCore, EngineRequest, RequestOutput, SlotSpec};
-use crate::model::LoraDtype;
 pub use adapters::power_law_mix;
 use adapters::{adapter_name, write_adapters};
 pub use slot_watch::SlotWatch;
@@ -112,6 +113,10 @@ pub struct EngineFigure {
     pub adapters_in_device_slots_at_start: usize,
     /// Adapter copies into device slots while the clock ran (0 when warm).
     pub device_slot_fills: u64,
+    /// Mean milliseconds the engine thread spent in one slot fill, warm-up included (`None`:
+    /// no fill): the stall of every running stream per adapter load. With the host tier
+    /// holding the device slots' image this is a copy into pinned staging.
+    pub slot_fill_ms: Option<f64>,
     /// Requests that ended with an error (their missing tokens lower `output_tokens`).
     pub failed_requests: usize,
     /// The timed run's steps by kind, with the wall time of each kind.
@@ -169,10 +174,12 @@ fn build_engine(
         max_model_len: max_len,
         ..SchedulerConfig::default()
     };
+    // As `caduceus serve` on a GPU: the host tier keeps the device slots' image.
+    let format = SlotFormat::Device(model.dtype());
     let slots = (o.adapters > 0).then_some(SlotSpec {
         num_slots: o.adapters,
         max_rank: o.rank,
-        dtype: LoraDtype::F16,
+        format,
     });
     let kv_blocks = match o.num_blocks {
         Some(n) => KvBlocks::Fixed(n),
@@ -211,7 +218,7 @@ fn build_engine(
             max_rank: o.rank,
             max_file_bytes: u64::MAX,
         },
-        dtype: LoraDtype::F16,
+        format,
         loader_share_percent: 100,
     };
     let service = Arc::new(AdapterService::new(registry, config, settings));
@@ -368,6 +375,9 @@ fn run_engine(
         adapters_in_host_cache_at_start: in_host,
         adapters_in_device_slots_at_start: in_slots,
         device_slot_fills: core.backend().fills().saturating_sub(fills_before),
+        slot_fill_ms: (core.backend().fills() > 0).then(|| {
+            core.backend().fill_time().as_secs_f64() * 1e3 / core.backend().fills() as f64
+        }),
         failed_requests,
         step_profile,
         warmup_step_profile: warm.map(|w| w.steps),

@@ -11,7 +11,7 @@ use std::time::Duration;
 use tower::ServiceExt;
 
 use caduceus_runtime::adapters::peft::AdapterLimits;
-use caduceus_runtime::adapters::{AdapterRegistry, AdapterService, AdapterSettings};
+use caduceus_runtime::adapters::{AdapterRegistry, AdapterService, AdapterSettings, SlotFormat};
 use caduceus_runtime::config::PrefixCacheIsolation;
 use caduceus_runtime::engine::{EngineCore, EngineHandle, FaultPlan, SchedulerConfig};
 use caduceus_runtime::model::loader::LoadedModel;
@@ -117,7 +117,7 @@ impl TestServer {
                     max_rank: 16,
                     max_file_bytes: 1 << 30,
                 },
-                dtype: LoraDtype::F32,
+                format: SlotFormat::Host(LoraDtype::F32),
                 loader_share_percent: 5,
             };
             Arc::new(AdapterService::new(registry, base, settings))

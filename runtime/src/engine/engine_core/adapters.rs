@@ -30,20 +30,20 @@ pub(super) struct EngineAdapters {
 
 impl<B: Backend> EngineCore<B> {
     /// Serves the adapters of `service`: allocates its `max_loras` slots (ranks up to its
-    /// `max_lora_rank`, stored as its `dtype`), sets the scheduler's distinct-adapter limit to the
+    /// `max_lora_rank`, filled from its `format`), sets the scheduler's distinct-adapter limit to the
     /// slot count and starts the loader thread. Call before adding requests.
     pub fn with_adapters(mut self, service: Arc<AdapterService>) -> Result<Self, EngineError> {
         let settings = service.settings().clone();
-        let dtype = settings.dtype;
+        let format = settings.format;
         let bytes = self.executor.set_lora(SlotSpec {
             num_slots: settings.max_loras,
             max_rank: settings.limits.max_rank,
-            dtype,
+            format,
         })?;
         tracing::info!(
             slots = settings.max_loras,
             max_rank = settings.limits.max_rank,
-            dtype = ?dtype,
+            format = ?format,
             mib = bytes / (1 << 20),
             "adapter slots allocated"
         );
@@ -57,7 +57,7 @@ impl<B: Backend> EngineCore<B> {
         let step_gate = StepGate::new(
             service.loader_gate(),
             settings.loader_share_percent,
-            rayon::current_num_threads(),
+            self.executor.backend().host_compute_threads(),
             cores,
         );
         if step_gate.is_some() {

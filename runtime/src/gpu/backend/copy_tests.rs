@@ -10,11 +10,10 @@ use caduceus_scheduler::AdapterKey;
 
 use super::tests::{backend, DTYPE};
 use super::GpuBackend;
-use crate::adapters::LoadedAdapter;
+use crate::adapters::{LoadedAdapter, PreparedAdapter, SlotFormat};
 use crate::engine::{Backend, SlotSpec};
-use crate::gpu::lora::{GpuLoraBatch, GpuLoraStack};
+use crate::gpu::lora::{GpuAdapterImage, GpuLoraBatch, GpuLoraStack};
 use crate::gpu::model::tests::adapter;
-use crate::model::lora::{LoraDtype, LoraStack};
 use crate::model::ForwardBatch;
 
 /// The backend's kept logits of the last forward, widened to f32.
@@ -50,7 +49,7 @@ fn copies_are_ordered(dev: Device) {
     let spec = SlotSpec {
         num_slots: 2,
         max_rank: 8,
-        dtype: LoraDtype::F16,
+        format: SlotFormat::Device(DTYPE),
     };
     let mut b = backend(dev, 4, Some(spec));
     let c = b.config().clone();
@@ -63,7 +62,8 @@ fn copies_are_ordered(dev: Device) {
             generation: 1,
         },
         rank: 8,
-        prepared: LoraStack::prepare(&c, &w, LoraDtype::F16).unwrap(),
+        // As the loader thread prepares it for a GPU engine: the slots' bits.
+        prepared: PreparedAdapter::Device(GpuAdapterImage::new(&c, &w, DTYPE).unwrap()),
     };
     b.adapter_copies().unwrap().stream_mut().record_ops();
     b.load_adapter(1, &loaded).unwrap();
@@ -120,7 +120,7 @@ fn copies_are_ordered(dev: Device) {
         .forward(&batch, &b.model.new_kv_cache(1, 16).unwrap())
         .unwrap();
     let mut direct = GpuLoraStack::new(dev, DTYPE, &c, 2, 8).unwrap();
-    direct.load_prepared(dev, 1, &loaded.prepared).unwrap();
+    direct.load(dev, 1, &w).unwrap();
     let on_slot_1 = segments_from_token_slots(&[Some(1); 4]);
     let want = b
         .model

@@ -21,13 +21,13 @@ use tokio::sync::mpsc;
 
 use super::{GpuBackend, GpuBackendConfig, KvBlocks, StepLimits};
 use crate::adapters::{
-    load_adapter, AdapterLimits, AdapterRegistry, AdapterService, AdapterSettings,
+    load_adapter, AdapterLimits, AdapterRegistry, AdapterService, AdapterSettings, SlotFormat,
 };
 use crate::engine::{EngineCore, EngineRequest, SlotSpec};
 use crate::gpu::lora::{GpuLoraBatch, GpuLoraStack};
 use crate::gpu::model::GpuModel;
 use crate::model::loader::{LoadError, LoadedModel};
-use crate::model::{ForwardBatch, LoraDtype};
+use crate::model::ForwardBatch;
 
 /// The dtype of the token-exact checks.
 const EXACT: DType = DType::F16;
@@ -178,7 +178,7 @@ fn tiny_llama_mixed_adapter_batch_on_the_f16_gpu_engine_generates_peft_greedy_to
                 adapter_slots: Some(SlotSpec {
                     num_slots: 2,
                     max_rank: LIMITS.max_rank,
-                    dtype: LoraDtype::F16,
+                    format: SlotFormat::Device(EXACT),
                 }),
                 step: StepLimits {
                     max_num_batched_tokens: 40,
@@ -205,14 +205,20 @@ fn tiny_llama_mixed_adapter_batch_on_the_f16_gpu_engine_generates_peft_greedy_to
             max_cpu_loras: 8,
             max_cpu_lora_bytes: 1 << 30,
             limits: LIMITS,
-            dtype: LoraDtype::F16,
-            loader_share_percent: 100,
+            format: SlotFormat::Device(EXACT),
+            // `adapters.loader_step_share_percent`'s default, as `caduceus serve` runs it.
+            loader_share_percent: 5,
         };
         let service = Arc::new(AdapterService::new(registry, c, settings));
         let mut core = EngineCore::with_backend(backend, None, Vec::new(), sched)
             .unwrap()
             .with_adapters(service)
             .unwrap();
+        // The device computes: the host's idle cores load adapters while it runs, unsliced
+        // (slicing them with the CPU's rule, the compute pool against the cores, held a cold
+        // load to 5% of the step time).
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(core.slices_loader(), cores <= 1, "{what}");
         let mut rxs = Vec::new();
         let mut wants = Vec::new();
         for key in ["base", "doctor-a", "doctor-b"] {

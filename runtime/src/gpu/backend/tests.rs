@@ -11,10 +11,11 @@ use caduceus_scheduler::{RequestId, SchedulerConfig};
 use tokio::sync::mpsc;
 
 use super::{GpuBackend, GpuBackendConfig, KvBlocks, StepLimits};
+use crate::adapters::SlotFormat;
 use crate::engine::{
     Backend, EngineCore, EngineRequest, FaultPlan, RequestFailure, RowOutcome, SlotSpec,
 };
-use crate::gpu::lora::{GpuLoraBatch, GpuLoraStack};
+use crate::gpu::lora::{GpuAdapterImage, GpuLoraBatch, GpuLoraStack};
 use crate::gpu::memory_plan::{check_weights_fit, llama_weight_bytes};
 use crate::gpu::model::tests::{adapter, store, CONFIG};
 use crate::gpu::model::GpuModel;
@@ -417,13 +418,21 @@ fn sampling_matches(dev: Device) {
 fn adapters_from_the_host_tier_fill_device_slots_like_direct_loads() {
     let c = config();
     let dev_model = gpu_model();
+    let dev = dev_model.device();
     let w = adapter(&c, 8, &[0, 2, 3, 6], 11, DTYPE);
     let prepared = LoraStack::prepare(&c, &w, LoraDtype::F16).unwrap();
-    let mut direct = GpuLoraStack::new(dev_model.device(), DTYPE, &c, 2, 8).unwrap();
-    let mut host = GpuLoraStack::new(dev_model.device(), DTYPE, &c, 2, 8).unwrap();
-    direct.load(dev_model.device(), 1, &w).unwrap();
-    host.load_prepared(dev_model.device(), 1, &prepared)
-        .unwrap();
+    let mut direct = GpuLoraStack::new(dev, DTYPE, &c, 2, 8).unwrap();
+    let mut host = GpuLoraStack::new(dev, DTYPE, &c, 2, 8).unwrap();
+    let mut imaged = GpuLoraStack::new(dev, DTYPE, &c, 2, 8).unwrap();
+    direct.load(dev, 1, &w).unwrap();
+    host.load_prepared(dev, 1, &prepared).unwrap();
+    // What the loader thread keeps for a GPU engine, filled as a copy of its bits; slot 0 first
+    // holds another adapter, which the image's untargeted projections must clear.
+    let image = GpuAdapterImage::new(&c, &w, DTYPE).unwrap();
+    assert_eq!(image, direct.image_of(&w).unwrap());
+    let other = adapter(&c, 8, &[0, 1, 2, 3, 4, 5, 6], 12, DTYPE);
+    imaged.load(dev, 1, &other).unwrap();
+    imaged.load_image_with(&mut &*dev, 1, &image).unwrap();
     let ids: Vec<u32> = (0..4).collect();
     let table = [0u32];
     let seqs = [SeqAttention {
@@ -456,6 +465,24 @@ fn adapters_from_the_host_tier_fill_device_slots_like_direct_loads() {
     let (a, b) = (run(&direct), run(&host));
     assert_eq!(a, b, "f16-prepared weights are the f16-rounded originals");
     assert_ne!(a, base, "the adapter changed the logits");
+    assert_eq!(
+        run(&imaged),
+        a,
+        "the image fills the slot as a direct load does"
+    );
+    // An image of another dtype or model is refused, naming what differs.
+    let other_dtype = match DTYPE {
+        DType::F16 => DType::Bf16,
+        DType::Bf16 => DType::F16,
+    };
+    let e = imaged
+        .load_image_with(
+            &mut &*dev,
+            0,
+            &GpuAdapterImage::new(&c, &w, other_dtype).unwrap(),
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("dtype"), "{e}");
     let q8 = LoraStack::prepare(&c, &w, LoraDtype::Q8).unwrap();
     let e = host.load_prepared(dev_model.device(), 0, &q8).unwrap_err();
     assert!(e.to_string().contains("adapters.dtype"), "{e}");
@@ -476,7 +503,7 @@ fn the_kv_pool_is_what_the_memory_plan_leaves() {
         adapter_slots: Some(SlotSpec {
             num_slots: 2,
             max_rank: 8,
-            dtype: LoraDtype::F16,
+            format: SlotFormat::Host(LoraDtype::F16),
         }),
         step,
         cuda_graph_max_batch: 0,

@@ -353,6 +353,8 @@ fn warm_engine_run_starts_with_every_adapter_resident_and_never_idles() {
     // The warm-up loaded the three adapters from disk, blocking (not spinning) on the loads.
     let w = fig.warmup_step_profile.expect("a warm run has a warm-up");
     assert!(fig.adapter_warmup_s.is_some_and(|s| s > 0.0));
+    // The warm-up filled the slots, each a timed copy on the engine thread.
+    assert!(fig.slot_fill_ms.is_some_and(|ms| ms > 0.0), "{fig:?}");
     assert!(w.empty.steps <= 3 + 1, "{w:?}");
     assert_eq!(
         w.waits, w.empty.steps,

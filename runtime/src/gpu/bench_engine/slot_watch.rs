@@ -2,7 +2,8 @@
 //! and how many slot fills (host-to-device adapter copies) the engine asked for. The bench uses
 //! it to show that a warm run starts with every adapter device-resident and fills no slot while
 //! the clock runs. It also times the `forward` and `sample` calls, so the step profile can tell
-//! the device's share of a step from the host's; everything else is passed straight through.
+//! the device's share of a step from the host's, and the slot fills, which stall the engine
+//! thread; everything else is passed straight through.
 
 use std::time::{Duration, Instant};
 
@@ -21,6 +22,8 @@ pub struct SlotWatch<B> {
     /// The adapter each slot holds (`None`: empty, or its last copy failed).
     slots: Vec<Option<AdapterKey>>,
     fills: u64,
+    /// Time the engine thread spent in slot fills.
+    fill_time: Duration,
     calls: BackendCalls,
 }
 
@@ -40,6 +43,7 @@ impl<B: Backend> SlotWatch<B> {
             inner,
             slots: Vec::new(),
             fills: 0,
+            fill_time: Duration::ZERO,
             calls: BackendCalls::default(),
         }
     }
@@ -52,6 +56,11 @@ impl<B: Backend> SlotWatch<B> {
     /// Slot fills so far (each one an adapter copied into a device slot).
     pub fn fills(&self) -> u64 {
         self.fills
+    }
+
+    /// Time spent in the slot fills so far (on the engine thread, which steps nothing meanwhile).
+    pub fn fill_time(&self) -> Duration {
+        self.fill_time
     }
 
     /// Distinct adapters resident in the device slots now.
@@ -81,6 +90,9 @@ impl<B: Backend> Backend for SlotWatch<B> {
     fn describe(&self) -> String {
         self.inner.describe()
     }
+    fn host_compute_threads(&self) -> usize {
+        self.inner.host_compute_threads()
+    }
     fn init_adapter_slots(&mut self, spec: SlotSpec) -> Result<usize, BackendError> {
         let bytes = self.inner.init_adapter_slots(spec)?;
         self.slots = vec![None; spec.num_slots];
@@ -88,7 +100,9 @@ impl<B: Backend> Backend for SlotWatch<B> {
     }
     fn load_adapter(&mut self, slot: u32, adapter: &LoadedAdapter) -> Result<(), BackendError> {
         let entry = self.slots.get_mut(slot as usize);
+        let start = Instant::now();
         let result = self.inner.load_adapter(slot, adapter);
+        self.fill_time += start.elapsed();
         if let Some(entry) = entry {
             *entry = result.is_ok().then_some(adapter.key);
         }
