@@ -61,6 +61,7 @@ pub fn service(
         limits: LIMITS,
         format: SlotFormat::Host(dtype),
         loader_share_percent: 5,
+        loader_threads: None,
     };
     Arc::new(AdapterService::new(
         registry,

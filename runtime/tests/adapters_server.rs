@@ -427,6 +427,7 @@ fn requests_parked_on_a_cold_adapter_count_as_waiting() {
         },
         format: SlotFormat::Host(LoraDtype::F32),
         loader_share_percent: 100,
+        loader_threads: None,
     };
     let service = Arc::new(AdapterService::new(registry, base, settings));
     let config = SchedulerConfig {

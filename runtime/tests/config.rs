@@ -152,7 +152,7 @@ fn bad_values_name_key_value_expectation_and_origin() {
         "{msg}"
     );
 
-    let cases: [(&str, &str, &str, &str); 14] = [
+    let cases: [(&str, &str, &str, &str); 15] = [
         (
             "[scheduler]\nblock_size = 24",
             "scheduler.block_size",
@@ -200,6 +200,12 @@ fn bad_values_name_key_value_expectation_and_origin() {
             "adapters.loader_step_share_percent",
             "0",
             "1..=100",
+        ),
+        (
+            "[adapters]\nloader_threads = 0",
+            "adapters.loader_threads",
+            "0",
+            "1..=64",
         ),
         (
             "[scheduler]\nbacklog_prefill_percent = 101",
@@ -342,12 +348,14 @@ fn adapter_settings_come_from_file_env_and_flags() {
     let path = write(&dir, "c.toml", toml);
     let file = CaduceusConfig::load(&with_file(&path), Vec::new()).unwrap();
     assert_eq!(file.adapters.loader_step_share_percent, 5);
+    assert_eq!(file.adapters.loader_threads, None);
     assert_eq!(file.adapters.dtype, AdapterDtype::F32);
     assert_eq!(file.adapters.dtype.resolve(), LoraDtype::F32);
     assert_eq!(file.adapters.max_loras, 4);
     let vars = [
         ("CADUCEUS_ADAPTERS__DTYPE", "q8"),
         ("CADUCEUS_ADAPTERS__LOADER_STEP_SHARE_PERCENT", "20"),
+        ("CADUCEUS_ADAPTERS__LOADER_THREADS", "3"),
     ];
     let flags = ConfigOverrides {
         adapter_dir: Some(adapters.clone()),
@@ -359,6 +367,7 @@ fn adapter_settings_come_from_file_env_and_flags() {
     assert_eq!(all.adapters.dir.as_deref(), Some(adapters.as_path()));
     assert_eq!(all.adapters.max_loras, 16);
     assert_eq!(all.adapters.loader_step_share_percent, 20);
+    assert_eq!(all.adapters.loader_threads, Some(3));
     // The default picks q8 exactly where the VNNI kernels exist.
     assert_eq!(AdapterDtype::Auto.resolve(), LoraDtype::fastest());
     let (msg, _, _) = load_err("[adapters]\ndtype = \"int4\"\n", &[]);

@@ -31,6 +31,9 @@ pub struct AdapterSettings {
     /// Where the compute threads take every core: the share of each step's time lent to the
     /// loader thread after the step, in percent (100 = no slicing; see [`super::gate`]).
     pub loader_share_percent: u32,
+    /// Loader threads (`None`: the cores the compute leaves idle; see
+    /// [`super::loader_pool::loader_threads`]).
+    pub loader_threads: Option<usize>,
 }
 
 /// Why `POST /v1/load_lora_adapter` failed.

@@ -333,6 +333,7 @@ fn run_in(
         },
         format: SlotFormat::Host(dtype),
         loader_share_percent: 5,
+        loader_threads: None,
     };
     let service = Arc::new(AdapterService::new(
         registry,

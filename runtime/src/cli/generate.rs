@@ -110,6 +110,7 @@ fn adapters_for(args: &GenerateArgs, loaded: &LoadedModel) -> anyhow::Result<Pro
         },
         format: SlotFormat::Host(dtype),
         loader_share_percent: 5,
+        loader_threads: None,
     };
     let base = loaded.model.config().clone();
     let service = Arc::new(AdapterService::new(registry, base, settings));

@@ -55,6 +55,7 @@ fn adapter_service(
         },
         format,
         loader_share_percent: a.loader_step_share_percent,
+        loader_threads: a.loader_threads,
     };
     Ok(Some(Arc::new(AdapterService::new(
         registry, base, settings,

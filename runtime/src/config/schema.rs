@@ -133,6 +133,7 @@ pub(crate) const SCHEMA: &[KeySpec] = &[
     spec("adapters", "max_cpu_lora_bytes", Kind::Size { min: 1 }),
     spec("adapters", "max_lora_rank", int(1, 512)),
     spec("adapters", "loader_step_share_percent", int(1, 100)),
+    spec("adapters", "loader_threads", int(1, 64)),
     spec(
         "adapters",
         "dtype",

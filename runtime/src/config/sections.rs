@@ -437,6 +437,9 @@ pub struct AdaptersSection {
     /// Where the compute threads take every core: the share of each step's time lent to the
     /// adapter loader between steps, in percent (100 = no slicing).
     pub loader_step_share_percent: u32,
+    /// Adapter loader threads (unset: the cores the compute leaves idle, 1 to 4).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loader_threads: Option<usize>,
 }
 
 /// Storage type of the adapter slots (`adapters.dtype`).
@@ -477,6 +480,7 @@ impl Default for AdaptersSection {
             max_lora_rank: 64,
             dtype: AdapterDtype::Auto,
             loader_step_share_percent: 5,
+            loader_threads: None,
         }
     }
 }

@@ -220,6 +220,7 @@ fn build_engine(
         },
         format,
         loader_share_percent: 100,
+        loader_threads: None,
     };
     let service = Arc::new(AdapterService::new(registry, config, settings));
     let core = core

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use caduceus_runtime::adapters::make::write_synthetic_adapters;
 use caduceus_runtime::adapters::{
-    AdapterLoader, AdapterService, LoadDone, LoadError, Projection, MAX_LOADER_CRASHES,
+    AdapterLoader, AdapterService, LoadDone, LoadError, LoaderPool, Projection, MAX_LOADER_CRASHES,
 };
 use caduceus_runtime::model::loader::LoadedModel;
 use caduceus_runtime::model::LoraDtype;
@@ -104,4 +104,40 @@ fn a_version_that_keeps_killing_the_loader_is_refused_without_restarting_it() {
     // Other adapters load as before.
     assert!(loader.request(&good));
     assert!(next_loads(&mut loader, 1)[0].result.is_ok());
+}
+
+#[test]
+fn a_pool_loads_every_adapter_once_and_a_dead_thread_fails_only_its_own_load() {
+    let (_tmp, service) = adapters(8);
+    let entries: Vec<_> = (0..8)
+        .map(|i| service.registry().get(&format!("doctor-{i:04}")).unwrap())
+        .collect();
+    let mut pool = LoaderPool::spawn(service.clone(), 3).unwrap();
+    assert_eq!(pool.threads(), 3);
+    pool.panic_on_load_of("doctor-0003".into());
+    assert!(entries.iter().all(|e| pool.request(e)));
+    let mut done = Vec::new();
+    while done.len() < entries.len() {
+        let d = pool
+            .wait(Duration::from_secs(30))
+            .expect("the pool never answered");
+        done.push(d);
+        done.extend(pool.poll());
+    }
+    assert_eq!(done.len(), entries.len(), "a load was reported twice");
+    for e in &entries {
+        let d = done.iter().find(|d| d.entry.name == e.name).unwrap();
+        match &*e.name {
+            "doctor-0003" => assert_eq!(d.result.as_ref().err(), Some(&LoadError::LoaderStopped)),
+            name => {
+                assert!(d.result.is_ok(), "{name}: {:?}", d.result.as_ref().err());
+                assert!(service.cached(e).is_some(), "{name} not in the host cache");
+            }
+        }
+    }
+    assert_eq!((pool.num_restarts(), pool.num_in_flight()), (1, 0));
+    assert!(!service.loader_gate().is_busy());
+    // Its thread was restarted: the version that crashed loads on retry.
+    assert!(pool.request(&entries[3]));
+    assert!(pool.wait(Duration::from_secs(30)).unwrap().result.is_ok());
 }

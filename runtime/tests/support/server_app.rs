@@ -119,6 +119,7 @@ impl TestServer {
                 },
                 format: SlotFormat::Host(LoraDtype::F32),
                 loader_share_percent: 5,
+                loader_threads: None,
             };
             Arc::new(AdapterService::new(registry, base, settings))
         });

@@ -9,7 +9,9 @@ use caduceus_scheduler::RequestId;
 use caduceus_scheduler::Scheduler;
 
 use super::{EngineCore, EngineError};
-use crate::adapters::{AdapterEntry, AdapterLoader, AdapterService, LoadDone, LoadError, StepGate};
+use crate::adapters::{
+    loader_threads, AdapterEntry, AdapterService, LoadDone, LoadError, LoaderPool, StepGate,
+};
 use crate::engine::backend::{Backend, SlotSpec};
 use crate::engine::device_slots::SlotFill;
 use crate::engine::failure::RequestFailure;
@@ -19,7 +21,7 @@ use crate::engine::request::EngineRequest;
 /// requests parked until their adapter is in host memory.
 pub(super) struct EngineAdapters {
     pub(super) service: Arc<AdapterService>,
-    pub(super) loader: AdapterLoader,
+    pub(super) loader: LoaderPool,
     /// Holds the loader during steps when the compute threads take every core.
     pub(super) step_gate: Option<StepGate>,
     /// Requests waiting for a disk load, with the registry entry they named.
@@ -54,11 +56,21 @@ impl<B: Backend> EngineCore<B> {
             self.scheduler.enable_kv_cache_events();
         }
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let compute_threads = self.executor.backend().host_compute_threads();
         let step_gate = StepGate::new(
             service.loader_gate(),
             settings.loader_share_percent,
-            self.executor.backend().host_compute_threads(),
+            compute_threads,
             cores,
+        );
+        let loaders = settings
+            .loader_threads
+            .unwrap_or_else(|| loader_threads(compute_threads, cores));
+        tracing::info!(
+            threads = loaders,
+            cores,
+            compute_threads,
+            "adapter loader threads"
         );
         if step_gate.is_some() {
             tracing::info!(
@@ -68,7 +80,7 @@ impl<B: Backend> EngineCore<B> {
             );
         }
         self.adapters = Some(EngineAdapters {
-            loader: AdapterLoader::spawn(service.clone())?,
+            loader: LoaderPool::spawn(service.clone(), loaders)?,
             step_gate,
             service,
             parked: HashMap::new(),
@@ -79,7 +91,7 @@ impl<B: Backend> EngineCore<B> {
     }
 
     /// Admits the requests parked on loads that finished; fails those whose load failed (or
-    /// whose loader thread died: it is restarted, see [`AdapterLoader::poll`]).
+    /// whose loader thread died: it is restarted, see [`crate::adapters::AdapterLoader::poll`]).
     pub(super) fn poll_adapter_loads(&mut self) {
         let Some(a) = self.adapters.as_mut() else {
             return;
@@ -158,6 +170,12 @@ impl<B: Backend> EngineCore<B> {
         if let Some(g) = self.adapters.as_mut().and_then(|a| a.step_gate.as_mut()) {
             g.set_share_percent(percent);
         }
+    }
+
+    /// Adapter loader threads (0 without adapters): several where the backend leaves cores idle
+    /// (see [`crate::adapters::loader_pool`]).
+    pub fn adapter_loader_threads(&self) -> usize {
+        self.adapters.as_ref().map_or(0, |a| a.loader.threads())
     }
 
     /// Whether the adapter loader runs between this engine's steps (see [`crate::adapters::gate`]).

@@ -208,6 +208,9 @@ fn tiny_llama_mixed_adapter_batch_on_the_f16_gpu_engine_generates_peft_greedy_to
             format: SlotFormat::Device(EXACT),
             // `adapters.loader_step_share_percent`'s default, as `caduceus serve` runs it.
             loader_share_percent: 5,
+            // Three threads, which a 2-core machine would not start on its own: the engine's
+            // parked requests and slot fills through loads landing in any order.
+            loader_threads: Some(3),
         };
         let service = Arc::new(AdapterService::new(registry, c, settings));
         let mut core = EngineCore::with_backend(backend, None, Vec::new(), sched)
@@ -219,6 +222,7 @@ fn tiny_llama_mixed_adapter_batch_on_the_f16_gpu_engine_generates_peft_greedy_to
         // load to 5% of the step time).
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         assert_eq!(core.slices_loader(), cores <= 1, "{what}");
+        assert_eq!(core.adapter_loader_threads(), 3);
         let mut rxs = Vec::new();
         let mut wants = Vec::new();
         for key in ["base", "doctor-a", "doctor-b"] {
