@@ -136,25 +136,29 @@ pub struct PrefillKernelFigure {
 }
 
 impl Bench<'_> {
+    /// Layer 0's K and V pools and the attention shape over the pool (`None`: no layers).
+    fn layer0(&self) -> Option<(&DeviceBuffer, &DeviceBuffer, AttnShape)> {
+        let (k_cache, v_cache) = self.kv.layer(0)?;
+        let cache = self.kv.shape();
+        let c = self.model.config();
+        Some((
+            k_cache,
+            v_cache,
+            attn_shape(c, cache.block_size, cache.num_blocks),
+        ))
+    }
+
     /// Times each prefill kernel on layer 0's pools of the KV pool: one sequence prefilling
     /// `o.prefill_len` tokens from an empty cache (what the prefill part's forward pass does per
     /// layer).
     pub(super) fn sweep_prefill_kernels(&self) -> Result<Vec<PrefillKernelFigure>, GpuModelError> {
-        let Bench {
-            model,
-            kv,
-            shape: model_shape,
-            gpu,
-            o,
-        } = *self;
-        let (dev, dt, c) = (model.device(), model.dtype(), model.config());
-        let len = o.prefill_len;
-        let Some((k_cache, v_cache)) = kv.layer(0).filter(|_| len > 0) else {
+        let (model, model_shape, len) = (self.model, self.shape, self.o.prefill_len);
+        let (dev, dt) = (model.device(), model.dtype());
+        let Some((k_cache, v_cache, shape)) = self.layer0().filter(|_| len > 0) else {
             return Ok(Vec::new());
         };
-        let cache = kv.shape();
-        let shape = attn_shape(c, cache.block_size, cache.num_blocks);
-        let table: Vec<u32> = (0..len.div_ceil(cache.block_size) as u32).collect();
+        let block_size = self.kv.shape().block_size;
+        let table: Vec<u32> = (0..len.div_ceil(block_size) as u32).collect();
         let seqs = [SeqAttention {
             query_start: 0,
             query_len: len,
@@ -175,7 +179,7 @@ impl Bench<'_> {
                 prompt_len: len,
                 us_per_layer: us,
                 tflops: per_s / 1e12,
-                of_peak: gpu.map(|g| per_s / g.bf16_flops_per_s),
+                of_peak: self.gpu.map(|g| per_s / g.bf16_flops_per_s),
             });
         }
         Ok(figures)
@@ -184,19 +188,12 @@ impl Bench<'_> {
     /// Times the decode kernels on layer 0's pools of the KV pool for every batch of
     /// `o.decode_batches`.
     pub(super) fn sweep_attention(&self) -> Result<Vec<AttentionFigure>, GpuModelError> {
-        let Bench {
-            model,
-            kv,
-            shape: model_shape,
-            gpu,
-            o,
-        } = *self;
+        let (model, model_shape, o, gpu) = (self.model, self.shape, self.o, self.gpu);
         let (dev, dt, c) = (model.device(), model.dtype(), model.config());
-        let Some((k_cache, v_cache)) = kv.layer(0) else {
+        let Some((k_cache, v_cache, shape)) = self.layer0() else {
             return Ok(Vec::new());
         };
-        let cache = kv.shape();
-        let shape = attn_shape(c, cache.block_size, cache.num_blocks);
+        let cache = self.kv.shape();
         let mut figures = Vec::new();
         for &b in &o.decode_batches {
             let d = DecodeBatch::new(b, o.context, cache.block_size, c.vocab_size);
