@@ -26,6 +26,17 @@ pub enum SlotFormat {
     Device(DType),
 }
 
+impl SlotFormat {
+    /// The CPU slots' storage type (`None`: a device's slots).
+    pub fn host(self) -> Option<LoraDtype> {
+        match self {
+            SlotFormat::Host(dtype) => Some(dtype),
+            #[cfg(any(feature = "cuda", feature = "gpu-emu"))]
+            SlotFormat::Device(_) => None,
+        }
+    }
+}
+
 /// An adapter converted to a [`SlotFormat`].
 pub enum PreparedAdapter {
     /// A one-slot stack of the CPU slots' storage type.
@@ -61,6 +72,15 @@ impl PreparedAdapter {
                 PreparedAdapter::Device(GpuAdapterImage::new(base, weights, dtype)?)
             }
         })
+    }
+
+    /// The CPU slots' stack (`None`: prepared for a device).
+    pub fn host(&self) -> Option<&LoraStack> {
+        match self {
+            PreparedAdapter::Host(stack) => Some(stack),
+            #[cfg(any(feature = "cuda", feature = "gpu-emu"))]
+            PreparedAdapter::Device(_) => None,
+        }
     }
 
     /// Host bytes held.

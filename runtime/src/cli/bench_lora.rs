@@ -22,9 +22,7 @@ use super::bench_throughput::random_prompts;
 use super::ModelArg;
 use crate::adapters::make::write_synthetic_adapters;
 use crate::adapters::peft::AdapterLimits;
-use crate::adapters::{
-    AdapterRegistry, AdapterService, AdapterSettings, PreparedAdapter, Projection, SlotFormat,
-};
+use crate::adapters::{AdapterRegistry, AdapterService, AdapterSettings, Projection, SlotFormat};
 use crate::engine::{CpuBackend, EngineCore, EngineRequest, RequestOutput};
 use crate::model::loader::LoadedModel;
 use crate::model::{LlamaModel, LoraDtype, LoraStack};
@@ -366,9 +364,8 @@ fn run_in(
         .get(&b.names[0])
         .context("registered adapter")?;
     let (adapter, _) = service.load(&entry)?;
-    let PreparedAdapter::Host(prepared) = &adapter.prepared else {
-        anyhow::bail!("the adapter was not prepared for the CPU slots");
-    };
+    let prepared =
+        (adapter.prepared.host()).context("the adapter was not prepared for the CPU slots")?;
     let mut stack = LoraStack::new(model.config(), 4, args.rank, dtype)?;
     let fill = Instant::now();
     for slot in 0..4 {

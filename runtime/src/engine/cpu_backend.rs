@@ -7,7 +7,7 @@ use caduceus_kernels::lora::Segment;
 
 use super::backend::{Backend, BackendError, RowOutcome, SlotSpec};
 use super::failure::RequestFailure;
-use crate::adapters::{LoadedAdapter, PreparedAdapter, SlotFormat};
+use crate::adapters::LoadedAdapter;
 use crate::kv_cache::KvCache;
 use crate::model::config::LlamaConfig;
 use crate::model::{ForwardBatch, LlamaModel, LoraBatch, LoraStack};
@@ -64,16 +64,12 @@ impl<M: Deref<Target = LlamaModel> + Send> Backend for CpuBackend<M> {
     }
 
     fn init_adapter_slots(&mut self, spec: SlotSpec) -> Result<usize, BackendError> {
-        let dtype = match spec.format {
-            SlotFormat::Host(dtype) => dtype,
-            #[cfg(any(feature = "cuda", feature = "gpu-emu"))]
-            SlotFormat::Device(_) => {
-                return Err(BackendError::new(
-                    NAME,
-                    "adapters prepared for a device cannot fill the CPU engine's slots",
-                ))
-            }
-        };
+        let dtype = spec.format.host().ok_or_else(|| {
+            BackendError::new(
+                NAME,
+                "adapters prepared for a device cannot fill the CPU engine's slots",
+            )
+        })?;
         let stack = LoraStack::new(self.model.config(), spec.num_slots, spec.max_rank, dtype)
             .map_err(|e| BackendError::new(NAME, e))?;
         let bytes = stack.nbytes();
@@ -86,16 +82,15 @@ impl<M: Deref<Target = LlamaModel> + Send> Backend for CpuBackend<M> {
             .lora
             .as_mut()
             .ok_or_else(|| BackendError::new(NAME, "no adapter slots were allocated"))?;
-        match &adapter.prepared {
-            PreparedAdapter::Host(prepared) => stack
-                .copy_from(slot as usize, prepared)
-                .map_err(|e| BackendError::new(NAME, e)),
-            #[cfg(any(feature = "cuda", feature = "gpu-emu"))]
-            PreparedAdapter::Device(_) => Err(BackendError::new(
+        let prepared = adapter.prepared.host().ok_or_else(|| {
+            BackendError::new(
                 NAME,
                 "adapter prepared for a device, not the CPU engine's slots",
-            )),
-        }
+            )
+        })?;
+        stack
+            .copy_from(slot as usize, prepared)
+            .map_err(|e| BackendError::new(NAME, e))
     }
 
     fn forward(&mut self, batch: &ForwardBatch<'_>, lora: &[Segment]) -> Result<(), BackendError> {
