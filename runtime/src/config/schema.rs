@@ -344,6 +344,7 @@ mod tests {
         cfg.scheduler.max_num_batched_tokens = Some(512);
         cfg.scheduler.kv_cache_bytes = Some(ByteSize(1));
         cfg.adapters.dir = Some("adapters".into());
+        cfg.adapters.loader_threads = Some(2);
         cfg.kv_events.replay_endpoint = Some("tcp://*:5558".into());
         cfg.kv_events.topic = Some("kv@pod@model".into());
         let table = toml::Table::try_from(&cfg).unwrap();
