@@ -98,12 +98,10 @@ impl LoaderPool {
     }
 
     /// Waits up to `timeout` for a load to finish (for callers with nothing else to do); the
-    /// others that finished meanwhile come with the next call or [`Self::poll`].
+    /// others that finished meanwhile come with the next call or [`Self::poll`]. One loader is
+    /// waited on directly (`ready` fills only with several).
     pub fn wait(&mut self, timeout: Duration) -> Option<LoadDone> {
         if let [only] = &mut self.loaders[..] {
-            if let Some(d) = self.ready.pop() {
-                return Some(d);
-            }
             return only.wait(timeout);
         }
         let deadline = Instant::now() + timeout;

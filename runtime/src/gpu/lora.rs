@@ -25,7 +25,6 @@ pub enum GpuLoraLoadError {
 /// targeted) the [`SlotImage`] of its A and B.
 #[derive(Clone, Debug, PartialEq)]
 pub struct GpuAdapterImage {
-    dtype: DType,
     /// `[layer][Projection::index]`.
     layers: Vec<[Option<SlotImage>; 7]>,
 }
@@ -59,12 +58,7 @@ impl GpuAdapterImage {
                 Ok(images)
             })
             .collect::<Result<Vec<_>, LoraGpuError>>()?;
-        Ok(GpuAdapterImage { dtype, layers })
-    }
-
-    /// The slots' dtype it was rounded to.
-    pub fn dtype(&self) -> DType {
-        self.dtype
+        Ok(GpuAdapterImage { layers })
     }
 
     /// Host bytes held.

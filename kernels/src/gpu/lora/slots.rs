@@ -108,10 +108,6 @@ impl SlotImage {
         })
     }
 
-    pub fn rank(&self) -> usize {
-        self.rank
-    }
-
     /// Host bytes held.
     pub fn nbytes(&self) -> usize {
         (self.a.len() + self.b.len()) * 2
@@ -357,7 +353,7 @@ mod tests {
             i.b,
             bits(&[&[0.5, 0.25][..], &z, &[-0.5, -0.25], &z].concat())
         );
-        assert_eq!((i.rank(), i.nbytes()), (2, 64));
+        assert_eq!((i.rank, i.nbytes()), (2, 64));
         let e = SlotImage::new(DType::F16, 3, 2, &a[..5], &b, 2, 0.5).unwrap_err();
         assert!(e.to_string().contains("lora_A"), "{e}");
         assert!(SlotImage::new(DType::F16, 0, 2, &[], &b, 2, 0.5).is_err());
