@@ -25,7 +25,10 @@ mod emulated;
 #[cfg(feature = "cuda-emu")]
 use emulated::{EmuOp, Emulated};
 
+use std::sync::Arc;
+
 use super::device::{as_bytes, Device, DeviceBuffer, DeviceElem, GpuError};
+use super::pinned_pool::{PinnedBytes, Span};
 use super::staging::HostStaging;
 
 /// Which stream an operation went on.
@@ -63,6 +66,8 @@ impl std::fmt::Debug for CopyEvent {
 pub enum StreamOp {
     /// `bytes` copied host → device through the staging ring.
     Copy { stream: StreamKind, bytes: usize },
+    /// `bytes` copied host → device straight from a pinned lease ([`CopyStream::write_pinned`]).
+    CopyPinned { stream: StreamKind, bytes: usize },
     /// `event` recorded on `stream`.
     Record { stream: StreamKind, event: u64 },
     /// `stream` waits (on the device) for the copy-stream `event`.
@@ -79,11 +84,20 @@ struct Chunk {
     event: Option<CopyEvent>,
 }
 
+/// A pinned lease that queued copies read, and the event recorded behind them (`None`: not
+/// recorded yet).
+struct Held {
+    bytes: Arc<PinnedBytes>,
+    event: Option<CopyEvent>,
+}
+
 /// Adapter copies on their own stream through a pinned staging ring (see the module docs).
 pub struct CopyStream {
-    /// Declared before `staging`, so dropping it (which waits for queued copies on a GPU)
-    /// happens before the chunks they read are freed.
+    /// Declared before `staging` and `held`, so dropping it (which waits for queued copies on a
+    /// GPU) happens before the memory they read is freed or handed out again.
     imp: Imp,
+    /// Leases [`Self::write_pinned`] copies out of, kept until their copies have completed.
+    held: Vec<Held>,
     /// The ring's chunks, `chunk_bytes` each (rounded up to whole words).
     staging: Vec<HostStaging>,
     chunk_bytes: usize,
@@ -123,6 +137,7 @@ impl CopyStream {
             .collect::<Result<Vec<_>, _>>()?;
         Ok(CopyStream {
             imp,
+            held: Vec::new(),
             staging,
             chunk_bytes,
             chunks: (0..num_chunks)
@@ -203,6 +218,70 @@ impl CopyStream {
         Ok(())
     }
 
+    /// Queues a copy of `span` of the pinned lease `src` into `buf` at byte `offset`, straight
+    /// from where it lies (one DMA per page it touches; no staging, so the host copies nothing
+    /// and never waits). The stream keeps `src` until an event recorded after the copy has
+    /// completed, so its pages are not handed out again under the DMA; `buf` must stay alive as
+    /// long, and its allocation be ordered before the copy (as for [`Self::write`]).
+    pub fn write_pinned(
+        &mut self,
+        buf: &DeviceBuffer,
+        offset: usize,
+        src: &Arc<PinnedBytes>,
+        span: Span,
+    ) -> Result<(), GpuError> {
+        check_span(src, span)?;
+        buf.check_range(offset, span.len)?;
+        self.release_completed()?;
+        let mut dst = buf.ptr_at(offset)?;
+        for piece in src.pieces(span) {
+            match &mut self.imp {
+                #[cfg(feature = "cuda-emu")]
+                Imp::Emulated(e) => e.queue_copy_from(piece.as_ptr() as usize, piece.len(), dst),
+                // SAFETY: `piece` is page-locked (a pool page) and `self.held` keeps its lease,
+                // so the page stays allocated and unleased (unwritten), until an event recorded
+                // after this copy has completed; `buf` holds the copy (checked above) and its
+                // owner keeps it that long (this method's contract).
+                #[cfg(feature = "cuda")]
+                Imp::Cuda(c) => unsafe { c.copy(piece, dst) }?,
+            }
+            dst += piece.len() as u64;
+        }
+        let same =
+            matches!(self.held.last(), Some(h) if h.event.is_none() && Arc::ptr_eq(&h.bytes, src));
+        if !same {
+            self.held.push(Held {
+                bytes: src.clone(),
+                event: None,
+            });
+        }
+        self.note(StreamOp::CopyPinned {
+            stream: StreamKind::Copy,
+            bytes: span.len,
+        });
+        Ok(())
+    }
+
+    /// Pinned leases the stream still holds for copies not known to have completed.
+    pub fn held_leases(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Lets go of the leases whose copies have completed (their pages go back to their pool
+    /// unless someone else still holds them).
+    pub fn release_completed(&mut self) -> Result<(), GpuError> {
+        let mut done = Vec::with_capacity(self.held.len());
+        for h in &self.held {
+            done.push(match &h.event {
+                Some(e) => self.is_complete(e)?,
+                None => false,
+            });
+        }
+        let mut done = done.into_iter();
+        self.held.retain(|_| !done.next().unwrap_or(false));
+        Ok(())
+    }
+
     /// Records an event after every copy queued so far.
     pub fn record(&mut self) -> Result<CopyEvent, GpuError> {
         let id = self.next_event;
@@ -226,6 +305,9 @@ impl CopyStream {
         for chunk in self.chunks.iter_mut().filter(|c| c.dirty) {
             chunk.dirty = false;
             chunk.event = Some(event.clone());
+        }
+        for h in self.held.iter_mut().filter(|h| h.event.is_none()) {
+            h.event = Some(event.clone());
         }
         self.note(StreamOp::Record {
             stream: StreamKind::Copy,
@@ -284,10 +366,11 @@ impl CopyStream {
     pub fn synchronize(&mut self) -> Result<(), GpuError> {
         match &mut self.imp {
             #[cfg(feature = "cuda-emu")]
-            Imp::Emulated(e) => e.run_until(&mut self.staging, u64::MAX),
+            Imp::Emulated(e) => e.run_until(&mut self.staging, u64::MAX)?,
             #[cfg(feature = "cuda")]
-            Imp::Cuda(c) => c.synchronize(),
+            Imp::Cuda(c) => c.synchronize()?,
         }
+        self.release_completed()
     }
 
     /// Closes the current chunk (an event behind its copies) and moves to the next, waiting on
@@ -310,6 +393,17 @@ impl CopyStream {
     }
 }
 
+/// `span` must lie in what `src` holds.
+fn check_span(src: &PinnedBytes, span: Span) -> Result<(), GpuError> {
+    if span.start + span.len > src.len() {
+        return Err(GpuError::Shape(format!(
+            "{span:?} of a pinned lease holding {} bytes",
+            src.len()
+        )));
+    }
+    Ok(())
+}
+
 fn other_device() -> GpuError {
     GpuError::Shape("copy stream used with another device".into())
 }
@@ -323,6 +417,15 @@ pub trait Upload {
         offset: usize,
         host: &[T],
     ) -> Result<(), GpuError>;
+
+    /// The same for `span` of a pinned lease (see [`CopyStream::write_pinned`]).
+    fn upload_pinned(
+        &mut self,
+        buf: &DeviceBuffer,
+        offset: usize,
+        src: &Arc<PinnedBytes>,
+        span: Span,
+    ) -> Result<(), GpuError>;
 }
 
 impl Upload for &Device {
@@ -334,6 +437,19 @@ impl Upload for &Device {
     ) -> Result<(), GpuError> {
         self.write(buf, offset, host)
     }
+
+    /// Gathers the span and writes it (a plain, synchronous upload: tools and tests; the
+    /// engine's slot fills go through the copy stream).
+    fn upload_pinned(
+        &mut self,
+        buf: &DeviceBuffer,
+        offset: usize,
+        src: &Arc<PinnedBytes>,
+        span: Span,
+    ) -> Result<(), GpuError> {
+        check_span(src, span)?;
+        self.write(buf, offset, &src.read(span))
+    }
 }
 
 impl Upload for CopyStream {
@@ -344,5 +460,15 @@ impl Upload for CopyStream {
         host: &[T],
     ) -> Result<(), GpuError> {
         self.write(buf, offset, host)
+    }
+
+    fn upload_pinned(
+        &mut self,
+        buf: &DeviceBuffer,
+        offset: usize,
+        src: &Arc<PinnedBytes>,
+        span: Span,
+    ) -> Result<(), GpuError> {
+        self.write_pinned(buf, offset, src, span)
     }
 }

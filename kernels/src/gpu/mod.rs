@@ -26,6 +26,7 @@ mod graph;
 mod kernel;
 pub mod lora;
 pub mod ops;
+pub mod pinned_pool;
 pub mod rope_cache;
 pub mod sampling;
 mod staging;

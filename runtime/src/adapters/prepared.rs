@@ -14,25 +14,38 @@ use crate::gpu::lora::GpuAdapterImage;
 use crate::model::config::LlamaConfig;
 use crate::model::lora::{LoraDtype, LoraStack, LoraStackError};
 #[cfg(any(feature = "cuda", feature = "gpu-emu"))]
-use caduceus_kernels::gpu::{lora::LoraGpuError, DType};
+use caduceus_kernels::gpu::{lora::LoraGpuError, pinned_pool::PinnedPool, DType};
 
 /// The form one engine's adapter slots are filled from (its backend decides).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SlotFormat {
     /// The CPU engine's slots, of this storage type (`adapters.dtype`).
     Host(LoraDtype),
-    /// A GPU engine's device slots, in the model's dtype.
+    /// A GPU engine's device slots, in the model's dtype; images go into `pinned` pages where
+    /// it has room (so a slot fill is a DMA from them), else into ordinary memory.
     #[cfg(any(feature = "cuda", feature = "gpu-emu"))]
-    Device(DType),
+    Device {
+        dtype: DType,
+        pinned: Option<PinnedPool>,
+    },
 }
 
 impl SlotFormat {
+    /// A device's slots of `dtype`, images in ordinary memory.
+    #[cfg(any(feature = "cuda", feature = "gpu-emu"))]
+    pub fn device(dtype: DType) -> Self {
+        SlotFormat::Device {
+            dtype,
+            pinned: None,
+        }
+    }
+
     /// The CPU slots' storage type (`None`: a device's slots).
-    pub fn host(self) -> Option<LoraDtype> {
+    pub fn host(&self) -> Option<LoraDtype> {
         match self {
-            SlotFormat::Host(dtype) => Some(dtype),
+            SlotFormat::Host(dtype) => Some(*dtype),
             #[cfg(any(feature = "cuda", feature = "gpu-emu"))]
-            SlotFormat::Device(_) => None,
+            SlotFormat::Device { .. } => None,
         }
     }
 }
@@ -61,15 +74,19 @@ impl PreparedAdapter {
     pub fn prepare(
         base: &LlamaConfig,
         weights: &AdapterWeights,
-        format: SlotFormat,
+        format: &SlotFormat,
     ) -> Result<PreparedAdapter, PrepareError> {
         Ok(match format {
             SlotFormat::Host(dtype) => {
-                PreparedAdapter::Host(LoraStack::prepare(base, weights, dtype)?)
+                PreparedAdapter::Host(LoraStack::prepare(base, weights, *dtype)?)
             }
             #[cfg(any(feature = "cuda", feature = "gpu-emu"))]
-            SlotFormat::Device(dtype) => {
-                PreparedAdapter::Device(GpuAdapterImage::new(base, weights, dtype)?)
+            SlotFormat::Device { dtype, pinned } => {
+                let mut image = GpuAdapterImage::new(base, weights, *dtype)?;
+                if let Some(pool) = pinned {
+                    image.pin(pool);
+                }
+                PreparedAdapter::Device(image)
             }
         })
     }

@@ -97,7 +97,7 @@ impl AdapterService {
     ) -> Result<(Arc<LoadedAdapter>, Duration), LoadAdapterError> {
         let start = Instant::now();
         let weights = load_adapter(&entry.path, &self.base, &self.settings.limits)?;
-        let prepared = PreparedAdapter::prepare(&self.base, &weights, self.settings.format)?;
+        let prepared = PreparedAdapter::prepare(&self.base, &weights, &self.settings.format)?;
         Ok((loaded(entry, &weights, prepared), start.elapsed()))
     }
 
@@ -143,7 +143,7 @@ impl AdapterService {
         let path = self.registry.resolve_path(lora_path)?;
         let weights = load_adapter(&path, &self.base, &self.settings.limits)?;
         // Converted before it is registered: nothing is registered that cannot be served.
-        let prepared = PreparedAdapter::prepare(&self.base, &weights, self.settings.format)?;
+        let prepared = PreparedAdapter::prepare(&self.base, &weights, &self.settings.format)?;
         let entry = self.registry.register(name, path, replace)?;
         let adapter = loaded(&entry, &weights, prepared);
         self.cache(adapter.clone());

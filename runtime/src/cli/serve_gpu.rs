@@ -12,6 +12,7 @@ use super::serve::{root_name, serve, served_name, ServedModel};
 use crate::adapters::SlotFormat;
 use crate::config::{AdapterDtype, AttentionKernelSetting, CaduceusConfig, Dtype, GemmSetting};
 use crate::engine::{EngineCore, SlotSpec};
+use crate::gpu::lora::adapter_pool;
 use crate::gpu::memory_plan::{check_weights_fit, llama_weight_bytes};
 use crate::gpu::model::GpuModel;
 use crate::gpu::{GpuBackend, GpuBackendConfig, KvBlocks, StepLimits};
@@ -42,7 +43,27 @@ pub(super) fn run(config: CaduceusConfig, dev: Device) -> anyhow::Result<()> {
              the model dtype, as the device slots hold them (leave it \"auto\")"
         );
     }
-    let adapter_format = SlotFormat::Device(dtype);
+    // The host tier's adapter images live in pinned pages, so a slot fill is a DMA from them.
+    let pinned = match config.adapters.dir {
+        Some(_) => {
+            let cache_bytes = config.adapters.max_cpu_lora_bytes.bytes() as usize;
+            let pool = adapter_pool(&dev, cache_bytes).with_context(|| {
+                format!(
+                    "pinning {} MiB of host memory for adapter images (adapters.max_cpu_lora_bytes \
+                     and a quarter more): lower adapters.max_cpu_lora_bytes",
+                    cache_bytes.saturating_add(cache_bytes / 4) >> 20
+                )
+            })?;
+            tracing::info!(
+                mib = pool.nbytes() >> 20,
+                "pinned host memory for adapter images (adapters.max_cpu_lora_bytes and a \
+                 quarter more)"
+            );
+            Some(pool)
+        }
+        None => None,
+    };
+    let adapter_format = SlotFormat::Device { dtype, pinned };
     let device_name = dev.describe();
     let loaded = LoadedModel::load_into(&config.model.path, |c, store| {
         let on_device = |message: String| LoadError::Device {
@@ -74,7 +95,7 @@ pub(super) fn run(config: CaduceusConfig, dev: Device) -> anyhow::Result<()> {
     let adapter_slots = config.adapters.dir.is_some().then_some(SlotSpec {
         num_slots: config.adapters.max_loras,
         max_rank: config.adapters.max_lora_rank,
-        format: adapter_format,
+        format: adapter_format.clone(),
     });
     let kv_blocks = match config.model.num_gpu_blocks_override {
         Some(n) => KvBlocks::Fixed(n),

@@ -33,7 +33,7 @@ impl BackendError {
 pub type RowOutcome = Result<SampledToken, RequestFailure>;
 
 /// The adapter slots a backend allocates (`adapters.max_loras` of them).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SlotSpec {
     pub num_slots: usize,
     /// Largest adapter rank a slot holds.

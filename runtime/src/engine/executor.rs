@@ -99,8 +99,9 @@ impl<B: Backend> Executor<B> {
     /// Gives the executor adapter slots (requests with adapters are refused without them);
     /// returns their bytes on the backend's device.
     pub fn set_lora(&mut self, spec: SlotSpec) -> Result<usize, BackendError> {
+        let num_slots = spec.num_slots;
         let bytes = self.backend.init_adapter_slots(spec)?;
-        self.lora = Some(DeviceSlots::new(spec.num_slots));
+        self.lora = Some(DeviceSlots::new(num_slots));
         Ok(bytes)
     }
 

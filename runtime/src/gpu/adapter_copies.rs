@@ -82,7 +82,8 @@ impl AdapterCopies {
                 self.stream.compute_waits(dev, &event)?;
             }
         }
-        Ok(())
+        // Pinned images the host cache let go of return their pages once their copies ran.
+        self.stream.release_completed()
     }
 
     /// The copy stream (tests read its op log).

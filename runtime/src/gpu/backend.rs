@@ -43,7 +43,7 @@ pub enum KvBlocks {
 }
 
 /// Settings of a [`GpuBackend`].
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct GpuBackendConfig {
     pub block_size: usize,
     pub kv_blocks: KvBlocks,
@@ -87,7 +87,7 @@ impl GpuBackend {
     pub fn new(model: GpuModel, cfg: GpuBackendConfig) -> Result<Self, BackendError> {
         let c = model.config().clone();
         let (dev, dtype) = (model.device(), model.dtype());
-        let lora = match cfg.adapter_slots {
+        let lora = match &cfg.adapter_slots {
             Some(s) => Some(
                 GpuLoraStack::new(dev, dtype, &c, s.num_slots, s.max_rank).map_err(|e| {
                     err(format!(
@@ -99,7 +99,7 @@ impl GpuBackend {
             ),
             None => None,
         };
-        let rank = cfg.adapter_slots.map_or(0, |s| s.max_rank);
+        let rank = cfg.adapter_slots.as_ref().map_or(0, |s| s.max_rank);
         let ws = Workspace::new(dev, &c, dtype, cfg.block_size, cfg.step, rank).map_err(err)?;
         let sizes = graph_sizes(
             cfg.step.max_num_seqs,
@@ -261,7 +261,7 @@ impl Backend for GpuBackend {
     }
 
     fn init_adapter_slots(&mut self, spec: SlotSpec) -> Result<usize, BackendError> {
-        match (&self.lora, self.slot_spec) {
+        match (&self.lora, &self.slot_spec) {
             (Some(stack), Some(planned))
                 if planned.num_slots == spec.num_slots && planned.max_rank == spec.max_rank =>
             {

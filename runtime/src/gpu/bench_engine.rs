@@ -23,12 +23,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+use caduceus_kernels::gpu::pinned_pool::PinnedPool;
 use caduceus_scheduler::{FinishReason, RequestId, SchedulerConfig};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use tokio::sync::mpsc;
 
+use super::lora::{adapter_pool, image_bytes, ADAPTER_PAGE_BYTES};
 use super::model::GpuModel;
 use super::{GpuBackend, GpuBackendConfig, KvBlocks, StepLimits};
 use crate::adapters::{
@@ -115,8 +117,14 @@ pub struct EngineFigure {
     pub device_slot_fills: u64,
     /// Mean milliseconds the engine thread spent in one slot fill, warm-up included (`None`:
     /// no fill): the stall of every running stream per adapter load. With the host tier
-    /// holding the device slots' image this is a copy into pinned staging.
+    /// holding the device slots' image in pinned pages this is queueing its DMAs (in ordinary
+    /// memory: a copy into the pinned staging ring first).
     pub slot_fill_ms: Option<f64>,
+    /// MiB of pinned host memory for adapter images (`None`: no adapters).
+    pub adapter_pinned_pool_mib: Option<usize>,
+    /// Images kept in ordinary memory because the pinned pool was full (0: every fill was a
+    /// DMA from pinned pages).
+    pub adapter_images_not_pinned: u64,
     /// Requests that ended with an error (their missing tokens lower `output_tokens`).
     pub failed_requests: usize,
     /// The timed run's steps by kind, with the wall time of each kind.
@@ -175,11 +183,23 @@ fn build_engine(
         ..SchedulerConfig::default()
     };
     // As `caduceus serve` on a GPU: the host tier keeps the device slots' image.
-    let format = SlotFormat::Device(model.dtype());
-    let slots = (o.adapters > 0).then_some(SlotSpec {
+    // Pinned pages for every adapter's image (and a quarter more), as serve pins its cache's.
+    let pinned = match o.adapters {
+        0 => None,
+        n => {
+            let image = image_bytes(&config, o.rank, model.dtype());
+            let bytes = n * image.next_multiple_of(ADAPTER_PAGE_BYTES);
+            Some(adapter_pool(model.device(), bytes).map_err(|e| fail("pinned adapter pool")(&e))?)
+        }
+    };
+    let format = SlotFormat::Device {
+        dtype: model.dtype(),
+        pinned,
+    };
+    let slots = (o.adapters > 0).then(|| SlotSpec {
         num_slots: o.adapters,
         max_rank: o.rank,
-        format,
+        format: format.clone(),
     });
     let kv_blocks = match o.num_blocks {
         Some(n) => KvBlocks::Fixed(n),
@@ -331,6 +351,10 @@ fn run_engine(
 ) -> Result<EngineFigure, EngineBenchError> {
     let vocab = model.config().vocab_size as u32;
     let (mut core, service) = build_engine(model, o, adapter_dir, max_len)?;
+    let pool = match service.as_deref().map(|s| &s.settings().format) {
+        Some(SlotFormat::Device { pinned, .. }) => pinned.clone(),
+        _ => None,
+    };
     let num_gpu_blocks = core.scheduler_config().num_blocks;
     let names: Vec<Arc<str>> = (0..o.adapters)
         .map(|i| Arc::from(adapter_name(i)))
@@ -379,6 +403,8 @@ fn run_engine(
         slot_fill_ms: (core.backend().fills() > 0).then(|| {
             core.backend().fill_time().as_secs_f64() * 1e3 / core.backend().fills() as f64
         }),
+        adapter_pinned_pool_mib: pool.as_ref().map(|p| p.nbytes() >> 20),
+        adapter_images_not_pinned: pool.as_ref().map_or(0, PinnedPool::refused),
         failed_requests,
         step_profile,
         warmup_step_profile: warm.map(|w| w.steps),

@@ -3,9 +3,13 @@
 //! the CPU stack takes. The image is what the host tier keeps for a GPU engine: the adapter
 //! loader's thread builds it, so filling a slot on the engine's thread is a copy of its bits.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
 use caduceus_kernels::gpu::copy_stream::Upload;
 use caduceus_kernels::gpu::lora::{DeviceLoraSlots, LoraGpuError, SlotImage};
-use caduceus_kernels::gpu::{DType, Device};
+use caduceus_kernels::gpu::pinned_pool::{PinnedBytes, PinnedPool};
+use caduceus_kernels::gpu::{DType, Device, GpuError};
 use caduceus_kernels::lora::{LoraError, LoraShape, PeftSlot, Segment};
 
 use crate::adapters::AdapterWeights;
@@ -21,12 +25,44 @@ pub enum GpuLoraLoadError {
     Device(#[from] LoraGpuError),
 }
 
+/// Pages of the pinned adapter pool: an image leases whole pages, so smaller pages waste less
+/// on small adapters, larger ones split an 8B adapter's ~450 regions into fewer DMAs.
+pub const ADAPTER_PAGE_BYTES: usize = 1 << 20;
+
+/// The pinned pool a GPU engine's host tier keeps adapter images in, for a host cache of
+/// `cache_bytes`: a quarter more, for the pages' rounding and for images that are built, or
+/// still being copied, while the cache evicts others. Pinned once, here, before serving:
+/// pinning memory later would synchronise the device (see [`PinnedPool`]).
+pub fn adapter_pool(dev: &Device, cache_bytes: usize) -> Result<PinnedPool, GpuError> {
+    let bytes = cache_bytes.saturating_add(cache_bytes / 4);
+    PinnedPool::new(dev, bytes, ADAPTER_PAGE_BYTES)
+}
+
+/// Host bytes of the image of a rank-`rank` adapter on all seven projections of `config`'s
+/// model in `dtype` (A's and B's padded rows; what a pool is sized by).
+pub fn image_bytes(config: &LlamaConfig, rank: usize, dtype: DType) -> usize {
+    let per_layer: usize = projection_dims(config)
+        .iter()
+        .map(|&(i, o)| rank * (i.div_ceil(8) * 8 + o.div_ceil(8) * 8))
+        .sum();
+    per_layer * config.num_layers * dtype.size()
+}
+
 /// An adapter as the device slots of one dtype hold it: per layer and projection (`None`: not
-/// targeted) the [`SlotImage`] of its A and B.
-#[derive(Clone, Debug, PartialEq)]
+/// targeted) the [`SlotImage`] of its A and B. Images are equal when their values are, pinned
+/// or not.
+#[derive(Clone, Debug)]
 pub struct GpuAdapterImage {
     /// `[layer][Projection::index]`.
     layers: Vec<[Option<SlotImage>; 7]>,
+    /// The pinned pages the values lie in, after [`Self::pin`].
+    lease: Option<Arc<PinnedBytes>>,
+}
+
+impl PartialEq for GpuAdapterImage {
+    fn eq(&self, other: &Self) -> bool {
+        self.layers == other.layers
+    }
 }
 
 impl GpuAdapterImage {
@@ -58,17 +94,61 @@ impl GpuAdapterImage {
                 Ok(images)
             })
             .collect::<Result<Vec<_>, LoraGpuError>>()?;
-        Ok(GpuAdapterImage { layers })
+        Ok(GpuAdapterImage {
+            layers,
+            lease: None,
+        })
     }
 
-    /// Host bytes held.
+    /// Host bytes held: the whole pages leased once pinned.
     pub fn nbytes(&self) -> usize {
+        match &self.lease {
+            Some(lease) => lease.capacity(),
+            None => self
+                .layers
+                .iter()
+                .flatten()
+                .flatten()
+                .map(SlotImage::nbytes)
+                .sum(),
+        }
+    }
+
+    /// Moves the image into pages of `pool`, so a slot fill is a DMA from them (no copy by the
+    /// engine's thread); returns whether it did. A pool without room leaves the image in
+    /// ordinary memory (filled through the copy stream's staging, as before), counted in
+    /// [`PinnedPool::refused`] and `caduceus_lora_unpinned_images_total`, and logged once per
+    /// process.
+    pub fn pin(&mut self, pool: &PinnedPool) -> bool {
+        if self.lease.is_some() {
+            return true;
+        }
+        let mut images: Vec<&mut SlotImage> = self.layers.iter_mut().flatten().flatten().collect();
+        if let Some(lease) = SlotImage::pin_all(&mut images, pool) {
+            self.lease = Some(lease);
+            return true;
+        }
+        crate::metrics::record_lora_unpinned();
+        static WARNED: AtomicBool = AtomicBool::new(false);
+        if !WARNED.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                pool_mib = pool.nbytes() >> 20,
+                free_mib = (pool.free_pages() * pool.page_bytes()) >> 20,
+                "the pinned adapter pool is full: this image (and others while it stays full) \
+                 is kept in ordinary memory, and its slot fills copy it through the staging ring \
+                 on the engine thread"
+            );
+        }
+        false
+    }
+
+    /// Whether every projection's values lie in pinned pages.
+    pub fn is_pinned(&self) -> bool {
         self.layers
             .iter()
             .flatten()
             .flatten()
-            .map(SlotImage::nbytes)
-            .sum()
+            .all(SlotImage::is_pinned)
     }
 }
 
@@ -233,4 +313,38 @@ pub struct GpuLoraBatch<'a> {
     pub stack: &'a GpuLoraStack,
     /// Sorted, non-overlapping runs of tokens on one slot.
     pub segments: &'a [Segment],
+}
+
+#[cfg(test)]
+mod tests {
+    use caduceus_kernels::gpu::pinned_pool::PinnedPool;
+    use caduceus_kernels::gpu::{DType, Device};
+
+    use super::{image_bytes, GpuAdapterImage};
+    use crate::gpu::model::tests::{adapter, CONFIG};
+    use crate::model::config::LlamaConfig;
+
+    #[test]
+    fn a_pinned_image_counts_its_whole_pages_and_pins_once() {
+        let c = LlamaConfig::from_hf_json(CONFIG).unwrap();
+        let w = adapter(&c, 8, &[0, 1, 2, 3, 4, 5, 6], 5, DType::Bf16);
+        let heap = GpuAdapterImage::new(&c, &w, DType::Bf16).unwrap();
+        // Every projection targeted: the sizing formula is exact.
+        assert_eq!(heap.nbytes(), image_bytes(&c, 8, DType::Bf16));
+        let pool = PinnedPool::new(&Device::emulated(), 3 << 20, 1 << 20).unwrap();
+        let mut pinned = heap.clone();
+        assert!(pinned.pin(&pool) && pinned.is_pinned() && !heap.is_pinned());
+        assert_eq!(pinned, heap);
+        let pages = heap.nbytes().div_ceil(1 << 20);
+        assert_eq!(pinned.nbytes(), pages << 20, "whole pages");
+        assert!(pinned.pin(&pool), "pinning again is a no-op");
+        assert_eq!(pool.free_pages(), 3 - pages);
+        // A pool without room leaves the image where it was, and says so.
+        let small = PinnedPool::new(&Device::emulated(), 1 << 10, 1 << 10).unwrap();
+        let mut other = heap.clone();
+        assert!(!other.pin(&small) && !other.is_pinned());
+        assert_eq!((other.nbytes(), small.refused()), (heap.nbytes(), 1));
+        drop(pinned);
+        assert_eq!(pool.free_pages(), 3);
+    }
 }

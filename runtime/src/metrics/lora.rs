@@ -28,6 +28,9 @@ pub const LORA_RESIDENT_BYTES: &str = "caduceus_lora_host_cache_bytes";
 pub const LORA_LOADER_LENT: &str = "caduceus_lora_loader_lent_microseconds_total";
 /// Times the adapter loader thread died and was restarted.
 pub const LORA_LOADER_RESTARTS: &str = "caduceus_lora_loader_restarts_total";
+/// Adapter images a GPU engine's host tier kept in ordinary memory because its pinned pool was
+/// full (their slot fills copy through the staging ring on the engine thread).
+pub const LORA_UNPINNED: &str = "caduceus_lora_unpinned_images_total";
 /// vLLM's `vllm:lora_requests_info` under our prefix: labels `max_lora`,
 /// `running_lora_adapters`, `waiting_lora_adapters` (comma-separated names); value = Unix time of
 /// the update, so readers take the newest series.
@@ -57,6 +60,11 @@ pub(super) fn describe() {
         LORA_LOADER_RESTARTS,
         Unit::Count,
         "Times the adapter loader thread died (the load it died on failed) and was restarted."
+    );
+    describe_counter!(
+        LORA_UNPINNED,
+        Unit::Count,
+        "Adapter images kept in ordinary memory because the pinned pool was full (GPU)."
     );
     describe_gauge!(LORA_RESIDENT, "Adapters resident, by tier.");
     describe_gauge!(
@@ -92,6 +100,11 @@ pub fn record_lora_load_failure(adapter: &str) {
 /// The adapter loader thread died and was restarted.
 pub fn record_lora_loader_restart() {
     metrics::counter!(LORA_LOADER_RESTARTS).increment(1);
+}
+
+/// An adapter image stayed in ordinary memory: the pinned pool had no room.
+pub fn record_lora_unpinned() {
+    metrics::counter!(LORA_UNPINNED).increment(1);
 }
 
 /// The engine paused `lent` between steps for the adapter loader.

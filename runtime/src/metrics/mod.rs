@@ -10,9 +10,9 @@ mod lora;
 pub use lora::{
     record_lora_disk_load, record_lora_host, record_lora_info, record_lora_load_failure,
     record_lora_loader_lent, record_lora_loader_restart, record_lora_request,
-    record_lora_slot_fill, record_lora_slots, LORA_EVICTIONS, LORA_INFO, LORA_LOADER_LENT,
-    LORA_LOADS, LORA_LOAD_FAILURES, LORA_LOAD_LATENCY, LORA_REQUESTS, LORA_RESIDENT,
-    LORA_RESIDENT_BYTES, LORA_TOKENS,
+    record_lora_slot_fill, record_lora_slots, record_lora_unpinned, LORA_EVICTIONS, LORA_INFO,
+    LORA_LOADER_LENT, LORA_LOADS, LORA_LOAD_FAILURES, LORA_LOAD_LATENCY, LORA_REQUESTS,
+    LORA_RESIDENT, LORA_RESIDENT_BYTES, LORA_TOKENS, LORA_UNPINNED,
 };
 
 use std::sync::OnceLock;

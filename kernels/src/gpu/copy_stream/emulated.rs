@@ -20,6 +20,12 @@ pub(super) enum EmuOp {
         len: usize,
         dst: u64,
     },
+    /// `len` bytes from host address `src` (a pinned lease the stream holds until this has run).
+    CopyFrom {
+        src: usize,
+        len: usize,
+        dst: u64,
+    },
     Record(u64),
 }
 
@@ -32,6 +38,11 @@ impl Emulated {
             len,
             dst,
         });
+    }
+
+    /// Queues a copy of `len` bytes at host address `src` to `dst`.
+    pub(super) fn queue_copy_from(&mut self, src: usize, len: usize, dst: u64) {
+        self.queue.push_back(EmuOp::CopyFrom { src, len, dst });
     }
 
     /// Runs the queue in order through the record of `event`, copying out of `staging`.
@@ -53,6 +64,18 @@ impl Emulated {
                     // which its owner keeps until the copy completed (the `write` contract).
                     unsafe {
                         std::ptr::copy_nonoverlapping(src.as_ptr(), dst as usize as *mut u8, len)
+                    };
+                }
+                Some(EmuOp::CopyFrom { src, len, dst }) => {
+                    // SAFETY: `src..src + len` lies in a pinned lease the stream holds until an
+                    // event after this copy completed (`CopyStream::write_pinned`), and `dst` in
+                    // a live buffer, as above.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            src as *const u8,
+                            dst as usize as *mut u8,
+                            len,
+                        )
                     };
                 }
                 Some(EmuOp::Record(id)) => self.completed = id,

@@ -1,9 +1,13 @@
 //! [`DeviceLoraSlots`]: one projection's adapter slots in device memory, loaded from PEFT layouts.
 
+use std::borrow::Cow;
+use std::sync::Arc;
+
 use super::LoraGpuError;
 use crate::gpu::copy_stream::Upload;
 use crate::gpu::ops::dim32;
-use crate::gpu::{DType, Device, DeviceBuffer};
+use crate::gpu::pinned_pool::{PinnedBytes, PinnedPool, Span};
+use crate::gpu::{as_bytes, DType, Device, DeviceBuffer, GpuError};
 use crate::lora::{LoraError, LoraShape, MAX_LORA_RANK};
 
 /// Rows padded to 8 values (16 bytes), so every row starts aligned for vector loads.
@@ -52,9 +56,62 @@ fn slot_rows(
     (a_rows, b_rows)
 }
 
+/// Where an image's values lie: in ordinary memory, or in a pinned lease the device can copy
+/// them from directly.
+#[derive(Clone, Debug)]
+enum Values {
+    Heap(Vec<u16>),
+    Pinned(Arc<PinnedBytes>, Span),
+}
+
+impl Values {
+    fn len(&self) -> usize {
+        match self {
+            Values::Heap(v) => v.len(),
+            Values::Pinned(_, span) => span.len / 2,
+        }
+    }
+
+    /// The values (read back from the lease when pinned: slow on write-combined memory, for
+    /// tests and comparisons).
+    fn bits(&self) -> Cow<'_, [u16]> {
+        match self {
+            Values::Heap(v) => Cow::Borrowed(v),
+            Values::Pinned(bytes, span) => Cow::Owned(
+                bytes
+                    .read(*span)
+                    .chunks_exact(2)
+                    .map(|b| u16::from_ne_bytes([b[0], b[1]]))
+                    .collect(),
+            ),
+        }
+    }
+
+    /// Copies the values into `buf` at byte `offset` through `up`.
+    fn upload_to(
+        &self,
+        up: &mut impl Upload,
+        buf: &DeviceBuffer,
+        offset: usize,
+    ) -> Result<(), GpuError> {
+        match self {
+            Values::Heap(v) => up.upload(buf, offset, v),
+            Values::Pinned(bytes, span) => up.upload_pinned(buf, offset, bytes, *span),
+        }
+    }
+}
+
+/// Equal when they hold the same values, wherever those lie.
+impl PartialEq for Values {
+    fn eq(&self, other: &Self) -> bool {
+        self.bits() == other.bits()
+    }
+}
+
 /// One projection of one adapter as a [`DeviceLoraSlots`] slot holds it: A's rows and B
 /// transposed, zero-padded and rounded to the store's dtype, so filling a slot is a plain copy of
-/// these bits. Built on the host (the adapter loader's thread), away from the engine's.
+/// these bits. Built on the host (the adapter loader's thread), away from the engine's; pinned
+/// ([`Self::pin_all`]), the copy is a DMA from where the bits lie.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SlotImage {
     dtype: DType,
@@ -63,9 +120,9 @@ pub struct SlotImage {
     rank: usize,
     scale: f32,
     /// `[rank][padded(in_dim)]`.
-    a: Vec<u16>,
+    a: Values,
     /// `[rank][padded(out_dim)]`.
-    b: Vec<u16>,
+    b: Values,
 }
 
 impl SlotImage {
@@ -103,14 +160,39 @@ impl SlotImage {
             out_dim,
             rank,
             scale,
-            a: a_rows,
-            b: b_rows,
+            a: Values::Heap(a_rows),
+            b: Values::Heap(b_rows),
         })
     }
 
     /// Host bytes held.
     pub fn nbytes(&self) -> usize {
         (self.a.len() + self.b.len()) * 2
+    }
+
+    /// Whether the values lie in a pinned lease.
+    pub fn is_pinned(&self) -> bool {
+        matches!(self.a, Values::Pinned(..))
+    }
+
+    /// Moves the values of `images` not yet pinned into one lease of `pool`, which they then
+    /// share (and free together, with the last of them); `None`, leaving them as they were,
+    /// when the pool has too few free pages.
+    pub fn pin_all(images: &mut [&mut SlotImage], pool: &PinnedPool) -> Option<Arc<PinnedBytes>> {
+        let heap = |i: &SlotImage| !i.is_pinned();
+        let bytes = images.iter().filter(|i| heap(i)).map(|i| i.nbytes()).sum();
+        let mut lease = pool.lease(bytes)?;
+        let mut spans = Vec::with_capacity(images.len());
+        for image in images.iter().filter(|i| heap(i)) {
+            let mut append = |v: &Values| lease.append(as_bytes(&v.bits()));
+            spans.push((append(&image.a)?, append(&image.b)?));
+        }
+        let lease = Arc::new(lease);
+        for (image, (a, b)) in images.iter_mut().filter(|i| heap(i)).zip(spans) {
+            image.a = Values::Pinned(lease.clone(), a);
+            image.b = Values::Pinned(lease.clone(), b);
+        }
+        Some(lease)
     }
 }
 
@@ -271,8 +353,9 @@ impl DeviceLoraSlots {
         self.shape
             .check_load(slot, rank, rank * in_dim, out_dim * rank)?;
         let es = self.dtype.size();
-        up.upload(&self.a, slot * max_rank * self.in_stride * es, &image.a)?;
-        up.upload(&self.b, slot * max_rank * self.out_stride * es, &image.b)?;
+        let at = |stride: usize| slot * max_rank * stride * es;
+        image.a.upload_to(up, &self.a, at(self.in_stride))?;
+        image.b.upload_to(up, &self.b, at(self.out_stride))?;
         self.set_slot(up, slot, rank as u32, image.scale)
     }
 
@@ -347,10 +430,10 @@ mod tests {
         let i = SlotImage::new(DType::Bf16, 3, 2, &a, &b, 2, 0.5).unwrap();
         let bits = |v: &[f32]| v.iter().map(|&x| bf16_bits(x)).collect::<Vec<u16>>();
         let z = [0.0; 5];
-        assert_eq!(i.a, bits(&[&a[..3], &z, &a[3..], &z].concat()));
+        assert_eq!(*i.a.bits(), bits(&[&a[..3], &z, &a[3..], &z].concat()));
         let z = [0.0; 6];
         assert_eq!(
-            i.b,
+            *i.b.bits(),
             bits(&[&[0.5, 0.25][..], &z, &[-0.5, -0.25], &z].concat())
         );
         assert_eq!((i.rank, i.nbytes()), (2, 64));

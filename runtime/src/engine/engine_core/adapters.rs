@@ -36,11 +36,11 @@ impl<B: Backend> EngineCore<B> {
     /// slot count and starts the loader thread. Call before adding requests.
     pub fn with_adapters(mut self, service: Arc<AdapterService>) -> Result<Self, EngineError> {
         let settings = service.settings().clone();
-        let format = settings.format;
+        let format = &settings.format;
         let bytes = self.executor.set_lora(SlotSpec {
             num_slots: settings.max_loras,
             max_rank: settings.limits.max_rank,
-            format,
+            format: format.clone(),
         })?;
         tracing::info!(
             slots = settings.max_loras,

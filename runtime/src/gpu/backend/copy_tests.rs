@@ -1,9 +1,11 @@
 //! Adapter loads on the copy stream: the copies go on the copy stream behind an event, the
 //! compute stream waits for that event before the first forward reading the slot and never for
-//! a batch that does not, and the forward then sees exactly the adapter a synchronous load gives.
+//! a batch that does not, and the forward then sees exactly the adapter a synchronous load gives;
+//! an image in pinned pages is copied straight from them, its pages held until the copies ran.
 
 use caduceus_kernels::attention::SeqAttention;
 use caduceus_kernels::gpu::copy_stream::{StreamKind, StreamOp};
+use caduceus_kernels::gpu::pinned_pool::PinnedPool;
 use caduceus_kernels::gpu::{devices_under_test, Device};
 use caduceus_kernels::lora::segments_from_token_slots;
 use caduceus_scheduler::AdapterKey;
@@ -40,20 +42,34 @@ fn num_ops(b: &mut GpuBackend) -> usize {
 #[test]
 fn adapter_copies_go_on_the_copy_stream_and_only_batches_using_the_slot_wait() {
     for dev in devices_under_test().unwrap() {
-        copies_are_ordered(dev);
+        copies_are_ordered(dev, false);
     }
 }
 
-fn copies_are_ordered(dev: Device) {
+#[test]
+fn a_pinned_image_is_copied_from_its_pages_which_stay_leased_until_the_copies_ran() {
+    for dev in devices_under_test().unwrap() {
+        copies_are_ordered(dev, true);
+    }
+}
+
+fn copies_are_ordered(dev: Device, pinned: bool) {
     let emulated = dev.is_emulated();
     let spec = SlotSpec {
         num_slots: 2,
         max_rank: 8,
-        format: SlotFormat::Device(DTYPE),
+        format: SlotFormat::device(DTYPE),
     };
     let mut b = backend(dev, 4, Some(spec));
     let c = b.config().clone();
     let w = adapter(&c, 8, &[0, 2, 3, 6], 11, DTYPE);
+    // As the loader thread prepares it for a GPU engine: the slots' bits (in pinned pages when
+    // the host tier has a pool, as `caduceus serve` on a GPU does).
+    let mut image = GpuAdapterImage::new(&c, &w, DTYPE).unwrap();
+    let pool = PinnedPool::new(b.model.device(), 2 * image.nbytes(), 4096).unwrap();
+    if pinned {
+        assert!(image.pin(&pool) && image.is_pinned());
+    }
     let loaded = LoadedAdapter {
         name: "doctor-a".into(),
         version: 1,
@@ -62,11 +78,14 @@ fn copies_are_ordered(dev: Device) {
             generation: 1,
         },
         rank: 8,
-        // As the loader thread prepares it for a GPU engine: the slots' bits.
-        prepared: PreparedAdapter::Device(GpuAdapterImage::new(&c, &w, DTYPE).unwrap()),
+        prepared: PreparedAdapter::Device(image),
     };
     b.adapter_copies().unwrap().stream_mut().record_ops();
     b.load_adapter(1, &loaded).unwrap();
+    // The host cache may evict the image at once: the copy stream keeps its pages.
+    drop(loaded);
+    let leased = pool.num_pages() - pool.free_pages();
+    assert_eq!(leased > 0, pinned, "{leased} pages leased");
 
     // The load: ordered after compute so far, every byte on the copy stream, then one event.
     let load = new_ops(&mut b, 0);
@@ -91,6 +110,9 @@ fn copies_are_ordered(dev: Device) {
                 StreamOp::Copy {
                     stream: StreamKind::Copy,
                     ..
+                } | StreamOp::CopyPinned {
+                    stream: StreamKind::Copy,
+                    ..
                 } | StreamOp::Record {
                     stream: StreamKind::Copy,
                     ..
@@ -98,6 +120,16 @@ fn copies_are_ordered(dev: Device) {
             )),
         "{copies:?}"
     );
+    // Pinned, the weights go straight from the pages: only ranks and scales are staged.
+    let staged: usize = copies
+        .iter()
+        .map(|op| match op {
+            StreamOp::Copy { bytes, .. } => *bytes,
+            _ => 0,
+        })
+        .sum();
+    let layers = c.num_layers;
+    assert_eq!(staged == 7 * layers * 8, pinned, "{staged} bytes staged");
 
     let ids: Vec<u32> = (0..4).map(|i| i * 17 % 300).collect();
     let table = [0u32];
@@ -189,4 +221,9 @@ fn copies_are_ordered(dev: Device) {
         "a second wait for one load"
     );
     assert_eq!(kept_logits(&b), want);
+    assert_eq!(
+        pool.free_pages(),
+        pool.num_pages(),
+        "the copies ran: pages back"
+    );
 }

@@ -24,7 +24,7 @@ use crate::adapters::{
     load_adapter, AdapterLimits, AdapterRegistry, AdapterService, AdapterSettings, SlotFormat,
 };
 use crate::engine::{EngineCore, EngineRequest, SlotSpec};
-use crate::gpu::lora::{GpuLoraBatch, GpuLoraStack};
+use crate::gpu::lora::{adapter_pool, GpuLoraBatch, GpuLoraStack};
 use crate::gpu::model::GpuModel;
 use crate::model::loader::{LoadError, LoadedModel};
 use crate::model::ForwardBatch;
@@ -170,6 +170,12 @@ fn tiny_llama_mixed_adapter_batch_on_the_f16_gpu_engine_generates_peft_greedy_to
         let what = format!("{} {EXACT:?}", dev.describe());
         let loaded = load(dev, EXACT);
         let c = loaded.model.config().clone();
+        // As `caduceus serve` on a GPU: adapter images in pinned pages.
+        let pool = adapter_pool(loaded.model.device(), 8 << 20).unwrap();
+        let format = SlotFormat::Device {
+            dtype: EXACT,
+            pinned: Some(pool.clone()),
+        };
         let backend = GpuBackend::new(
             loaded.model,
             GpuBackendConfig {
@@ -178,7 +184,7 @@ fn tiny_llama_mixed_adapter_batch_on_the_f16_gpu_engine_generates_peft_greedy_to
                 adapter_slots: Some(SlotSpec {
                     num_slots: 2,
                     max_rank: LIMITS.max_rank,
-                    format: SlotFormat::Device(EXACT),
+                    format: format.clone(),
                 }),
                 step: StepLimits {
                     max_num_batched_tokens: 40,
@@ -205,7 +211,7 @@ fn tiny_llama_mixed_adapter_batch_on_the_f16_gpu_engine_generates_peft_greedy_to
             max_cpu_loras: 8,
             max_cpu_lora_bytes: 1 << 30,
             limits: LIMITS,
-            format: SlotFormat::Device(EXACT),
+            format,
             // `adapters.loader_step_share_percent`'s default, as `caduceus serve` runs it.
             loader_share_percent: 5,
             // Three threads, which a 2-core machine would not start on its own: the engine's
@@ -253,5 +259,8 @@ fn tiny_llama_mixed_adapter_batch_on_the_f16_gpu_engine_generates_peft_greedy_to
             }
             assert_eq!(&got, want, "{what} {key}: greedy tokens vs peft");
         }
+        // Both doctors' images were pinned, and the host cache holds their pages.
+        assert_eq!(pool.refused(), 0, "{what}");
+        assert!(pool.free_pages() < pool.num_pages(), "{what}");
     }
 }

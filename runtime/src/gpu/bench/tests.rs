@@ -355,6 +355,12 @@ fn warm_engine_run_starts_with_every_adapter_resident_and_never_idles() {
     assert!(fig.adapter_warmup_s.is_some_and(|s| s > 0.0));
     // The warm-up filled the slots, each a timed copy on the engine thread.
     assert!(fig.slot_fill_ms.is_some_and(|ms| ms > 0.0), "{fig:?}");
+    // From images in pinned pages, as serve fills them: the pool held all three.
+    assert!(
+        fig.adapter_pinned_pool_mib.is_some_and(|m| m > 0),
+        "{fig:?}"
+    );
+    assert_eq!(fig.adapter_images_not_pinned, 0, "{fig:?}");
     assert!(w.empty.steps <= 3 + 1, "{w:?}");
     assert_eq!(
         w.waits, w.empty.steps,

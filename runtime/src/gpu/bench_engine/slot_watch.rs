@@ -94,8 +94,9 @@ impl<B: Backend> Backend for SlotWatch<B> {
         self.inner.host_compute_threads()
     }
     fn init_adapter_slots(&mut self, spec: SlotSpec) -> Result<usize, BackendError> {
+        let num_slots = spec.num_slots;
         let bytes = self.inner.init_adapter_slots(spec)?;
-        self.slots = vec![None; spec.num_slots];
+        self.slots = vec![None; num_slots];
         Ok(bytes)
     }
     fn load_adapter(&mut self, slot: u32, adapter: &LoadedAdapter) -> Result<(), BackendError> {
