@@ -183,3 +183,47 @@ fn the_make_adapters_command_writes_loadable_adapters() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("lm_head"));
 }
+
+#[test]
+fn one_thread_loading_files_of_every_size_in_turn_reads_each_file_alone() {
+    // The loader keeps its file buffer between loads: a big file, a failed read, then a small
+    // file must give the small file's weights and generation exactly, as a fresh thread does.
+    let base = tiny_llama();
+    let tmp = tempfile::tempdir().unwrap();
+    let big = write_synthetic_adapters(
+        &base,
+        &tmp.path().join("big"),
+        1,
+        8,
+        &Projection::ALL,
+        1,
+        8.0,
+    )
+    .unwrap();
+    let small = write_synthetic_adapters(
+        &base,
+        &tmp.path().join("small"),
+        1,
+        2,
+        &[Projection::Q],
+        2,
+        8.0,
+    )
+    .unwrap();
+    let fresh = std::thread::spawn({
+        let (dir, base) = (small[0].clone(), base.clone());
+        move || load_adapter(&dir, &base, &LIMITS).unwrap()
+    })
+    .join()
+    .unwrap();
+    let big_weights = load_adapter(&big[0], &base, &LIMITS).unwrap();
+    let tight = caduceus_runtime::adapters::AdapterLimits {
+        max_file_bytes: 16,
+        ..LIMITS
+    };
+    assert!(load_adapter(&big[0], &base, &tight).is_err());
+    let again = load_adapter(&small[0], &base, &LIMITS).unwrap();
+    assert_eq!(again.generation, fresh.generation);
+    assert_eq!(again.layers, fresh.layers);
+    assert_ne!(again.generation, big_weights.generation);
+}

@@ -1,0 +1,65 @@
+//! The adapter loader's work for one cold Llama-3-8B rank-16 adapter on all seven projections
+//! (PEFT f32 safetensors, ~168 MB, read from the page cache), phase by phase, as one loader
+//! thread does it for a GPU engine:
+//! - `read_validate`: `load_adapter` (read the file, hash it for the generation, parse and check
+//!   every tensor, widen to f32);
+//! - `image`: the device slots' image from those weights (rounded to bf16, B transposed);
+//! - `pin`: the image moved into pinned pool pages;
+//! - `all`: the three, as `PreparedAdapter::prepare` after `load_adapter`.
+//!
+//! `cargo bench -p caduceus-benches --features gpu-emu --bench adapter_load`
+
+use caduceus_kernels::gpu::{DType, Device};
+use caduceus_runtime::adapters::make::write_synthetic_adapters;
+use caduceus_runtime::adapters::{load_adapter, AdapterLimits, Projection};
+use caduceus_runtime::gpu::lora::{adapter_pool, image_bytes, GpuAdapterImage};
+use caduceus_runtime::gpu::random_model::config_for;
+use caduceus_runtime::gpu::roofline::ModelShape;
+use criterion::{criterion_group, criterion_main, Criterion};
+
+fn adapter_load(c: &mut Criterion) {
+    let config = config_for(&ModelShape::LLAMA3_8B, 8192).expect("the 8B shape is valid");
+    let scratch = tempfile::tempdir().expect("a scratch directory");
+    let dirs = write_synthetic_adapters(&config, scratch.path(), 1, 16, &Projection::ALL, 3, 32.0)
+        .expect("the adapter is written");
+    let dir = &dirs[0];
+    let limits = AdapterLimits {
+        max_rank: 16,
+        max_file_bytes: u64::MAX,
+    };
+    let dtype = DType::Bf16;
+    let pool = adapter_pool(&Device::emulated(), 2 * image_bytes(&config, 16, dtype))
+        .expect("a pinned pool");
+    let weights = load_adapter(dir, &config, &limits).expect("a valid adapter");
+    let image = GpuAdapterImage::new(&config, &weights, dtype).expect("a valid adapter");
+    let mut g = c.benchmark_group("adapter_load_8b_r16");
+    g.sample_size(10);
+    g.bench_function("read_validate", |b| {
+        b.iter(|| load_adapter(dir, &config, &limits).expect("a valid adapter"))
+    });
+    g.bench_function("image", |b| {
+        b.iter(|| GpuAdapterImage::new(&config, &weights, dtype).expect("a valid adapter"))
+    });
+    g.bench_function("pin", |b| {
+        b.iter_batched(
+            || image.clone(),
+            |mut i| {
+                assert!(i.pin(&pool), "the pool has room");
+                i
+            },
+            criterion::BatchSize::PerIteration,
+        )
+    });
+    g.bench_function("all", |b| {
+        b.iter(|| {
+            let w = load_adapter(dir, &config, &limits).expect("a valid adapter");
+            let mut i = GpuAdapterImage::new(&config, &w, dtype).expect("a valid adapter");
+            assert!(i.pin(&pool), "the pool has room");
+            i
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, adapter_load);
+criterion_main!(benches);
