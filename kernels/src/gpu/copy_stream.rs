@@ -232,7 +232,6 @@ impl CopyStream {
     ) -> Result<(), GpuError> {
         check_span(src, span)?;
         buf.check_range(offset, span.len)?;
-        self.release_completed()?;
         let mut dst = buf.ptr_at(offset)?;
         for piece in src.pieces(span) {
             match &mut self.imp {
@@ -268,7 +267,8 @@ impl CopyStream {
     }
 
     /// Lets go of the leases whose copies have completed (their pages go back to their pool
-    /// unless someone else still holds them).
+    /// unless someone else still holds them): one event query per lease held, so call it once
+    /// per fill or step, not per copy.
     pub fn release_completed(&mut self) -> Result<(), GpuError> {
         let mut done = Vec::with_capacity(self.held.len());
         for h in &self.held {

@@ -68,6 +68,7 @@ impl AdapterCopies {
             .ok_or_else(|| gpu(GpuError::Shape(format!("adapter slot {slot} out of range"))))?;
         // A failed load leaves its slot unnamed by the executor, so no forward reads it.
         *pending = None;
+        self.stream.release_completed().map_err(gpu)?;
         self.stream.after_compute(dev).map_err(gpu)?;
         stack.load_image_with(&mut self.stream, slot, image)?;
         self.pending[slot] = Some(self.stream.record().map_err(gpu)?);
