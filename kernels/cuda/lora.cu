@@ -276,7 +276,7 @@ __device__ void shrink(const LoraParams& p) {
   const int pi = find_part<true>(p, group);
   if (pi < 0) return;
   const LoraPart part = part_at(p, pi);
-  const uint32_t rank = __ldg(part.ranks + u.slot);
+  const uint32_t rank = __ldg(part.ranks + size_t(u.slot) * part.table_stride);
   const uint32_t row0 = group * kRowsPerBlock;
   if (row0 >= rank) return;  // the whole block: before any barrier
 
@@ -357,7 +357,7 @@ __device__ void expand(const LoraParams& p) {
   const int pi = find_part<false>(p, tile);
   if (pi < 0) return;
   const LoraPart part = part_at(p, pi);
-  const uint32_t rank = __ldg(part.ranks + u.slot);
+  const uint32_t rank = __ldg(part.ranks + size_t(u.slot) * part.table_stride);
   if (rank == 0) return;  // this projection has no adapter in the slot
 
   // The shrink's splits summed in order (the same bits under either mapping).
@@ -380,7 +380,7 @@ __device__ void expand(const LoraParams& p) {
   with_used_tokens<TOK>(u.len, [&](auto used) {
     expand_tokens<T, TOK, VEC, decltype(used)::value>(b, part.out_stride, vs, rank, acc);
   });
-  const float scale = __ldg(part.scales + u.slot);
+  const float scale = __ldg(part.scales + size_t(u.slot) * part.table_stride);
   // One vector load and store per token where the VEC outputs are whole and aligned (o0 is a
   // multiple of VEC), else element by element; the same arithmetic either way. (Loading every
   // token's vector before storing any took the SGMV expand from 95 to 143 registers and 5 to 3

@@ -8,10 +8,12 @@
 /// Slot loads on the adapter copy stream.
 mod copy_stream;
 mod gpu_support;
+/// Ranks and scales of many stores in one shared table.
+mod slot_table;
 
 use caduceus_kernels::gpu::lora::{
     add_lora_fused, workspace_bytes, DeviceFusedPart, DeviceLoraSlots, FusedLoraArgs, LoraBatch,
-    LoraGpuError, LoraUnits,
+    LoraGpuError, LoraUnits, SlotTable,
 };
 use caduceus_kernels::gpu::{DType, Device, DeviceBuffer};
 use caduceus_kernels::lora::{
@@ -62,6 +64,8 @@ struct Qkv {
     stride: usize,
     cpu: Vec<LoraSlots<f32>>,
     gpu: Vec<DeviceLoraSlots>,
+    /// The ranks and scales of `gpu`, when they are its columns (`Qkv::in_table`).
+    table: Option<SlotTable>,
 }
 
 impl Qkv {
@@ -91,8 +95,27 @@ impl Qkv {
         dtype: DType,
         in_dim: usize,
         seed: u64,
-        (out_dims, offsets, stride): ([usize; 3], [usize; 3], usize),
+        layout: ([usize; 3], [usize; 3], usize),
     ) -> Qkv {
+        Qkv::build(dev, dtype, in_dim, seed, layout, false)
+    }
+
+    /// [`Qkv::new`] with the stores' ranks and scales in one [`SlotTable`] (columns q, k, v),
+    /// as the GPU engine keeps them.
+    fn in_table(dev: &Device, dtype: DType, in_dim: usize, seed: u64) -> Qkv {
+        let layout = ([530, 72, 72], [0, 530, 602], 677);
+        Qkv::build(dev, dtype, in_dim, seed, layout, true)
+    }
+
+    fn build(
+        dev: &Device,
+        dtype: DType,
+        in_dim: usize,
+        seed: u64,
+        (out_dims, offsets, stride): ([usize; 3], [usize; 3], usize),
+        shared: bool,
+    ) -> Qkv {
+        let table = shared.then(|| SlotTable::new(dev, SLOT_RANKS.len(), 3).unwrap());
         let mut r = rng(seed);
         let (mut cpu, mut gpu) = (Vec::new(), Vec::new());
         for (p, &out_dim) in out_dims.iter().enumerate() {
@@ -103,7 +126,10 @@ impl Qkv {
                 max_rank: MAX_RANK,
             };
             let mut c = LoraSlots::<f32>::new(shape).unwrap();
-            let mut g = DeviceLoraSlots::new(dev, dtype, shape).unwrap();
+            let mut g = match &table {
+                Some(t) => DeviceLoraSlots::new_in_table(dev, dtype, shape, t, p).unwrap(),
+                None => DeviceLoraSlots::new(dev, dtype, shape).unwrap(),
+            };
             for (slot, ranks) in SLOT_RANKS.iter().enumerate() {
                 if ranks[p] == 0 {
                     continue;
@@ -120,6 +146,11 @@ impl Qkv {
             cpu.push(c);
             gpu.push(g);
         }
+        if let Some(t) = &table {
+            for slot in 0..SLOT_RANKS.len() {
+                t.upload_row(&mut &*dev, slot, &gpu).unwrap();
+            }
+        }
         Qkv {
             dtype,
             in_dim,
@@ -128,6 +159,7 @@ impl Qkv {
             stride,
             cpu,
             gpu,
+            table,
         }
     }
 

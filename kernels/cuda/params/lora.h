@@ -12,9 +12,9 @@ struct LoraPart {
   const void* a;
   /// `[num_slots][max_rank][out_stride]`: B transposed (row k holds B[o, k] for every o), padded.
   const void* b;
-  /// `[num_slots]`: the slot's rank, 0 when it holds nothing for this projection.
+  /// Per slot, `table_stride` apart: the slot's rank, 0 when it holds nothing for this projection.
   const uint32_t* ranks;
-  /// `[num_slots]`: alpha / rank (or rsLoRA's alpha / sqrt(rank)).
+  /// Per slot, `table_stride` apart: alpha / rank (or rsLoRA's alpha / sqrt(rank)).
   const float* scales;
   uint32_t max_rank;
   uint32_t out_dim;
@@ -28,7 +28,9 @@ struct LoraPart {
   /// has an adapter for it). Sized by the host for the largest rank the batch uses.
   uint32_t shrink_blocks;
   uint32_t expand_blocks;
-  uint32_t _pad;
+  /// Entries between one slot's rank (and scale) and the next's: 1 for a store's own arrays,
+  /// the number of stores for a stack's shared table (`[slot][store]`).
+  uint32_t table_stride;
 };
 
 /// A fused LoRA call: shrink `v[t, part, k] = x_t . A[k]`, expand `y[t, off + o] += scale *

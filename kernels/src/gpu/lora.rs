@@ -12,10 +12,14 @@
 //! under either and in any batch.
 
 mod batch;
+mod image;
 mod slots;
+mod table;
 
 pub use batch::{LoraBatch, LoraUnits};
-pub use slots::{DeviceLoraSlots, SlotImage};
+pub use image::SlotImage;
+pub use slots::DeviceLoraSlots;
+pub use table::SlotTable;
 
 use super::device::{DType, Device, DeviceBuffer, GpuError};
 use super::kernel::{kernel_fn, kernel_params, KernelFn, LaunchDims};
@@ -97,7 +101,7 @@ struct LoraPartParams {
     v_offset: u32,
     shrink_blocks: u32,
     expand_blocks: u32,
-    _pad: u32,
+    table_stride: u32,
 }
 
 #[repr(C)]
@@ -217,8 +221,8 @@ pub fn add_lora_fused(dev: &Device, args: &FusedLoraArgs<'_>) -> Result<(), Lora
         *pp = LoraPartParams {
             a: s.a.ptr(),
             b: s.b.ptr(),
-            ranks: s.ranks.ptr(),
-            scales: s.scales.ptr(),
+            ranks: s.table.ranks_ptr(),
+            scales: s.table.scales_ptr(),
             max_rank: dim32("max_rank", shape.max_rank)?,
             out_dim: dim32("out_dim", shape.out_dim)?,
             out_stride: dim32("out_dim", s.out_stride)?,
@@ -226,7 +230,7 @@ pub fn add_lora_fused(dev: &Device, args: &FusedLoraArgs<'_>) -> Result<(), Lora
             v_offset: dim32("v_stride", v_stride)?,
             shrink_blocks: dim32("lora grid.y", blocks.0)?,
             expand_blocks: dim32("lora grid.y", blocks.1)?,
-            _pad: 0,
+            table_stride: dim32("lora table stride", s.table.stride())?,
         };
         v_stride += shape.max_rank;
         shrink_blocks += blocks.0;

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use caduceus_kernels::gpu::copy_stream::Upload;
-use caduceus_kernels::gpu::lora::{DeviceLoraSlots, LoraGpuError, SlotImage};
+use caduceus_kernels::gpu::lora::{DeviceLoraSlots, LoraGpuError, SlotImage, SlotTable};
 use caduceus_kernels::gpu::pinned_pool::{PinnedBytes, PinnedPool};
 use caduceus_kernels::gpu::{DType, Device, GpuError};
 use caduceus_kernels::lora::{LoraError, LoraShape, PeftSlot, Segment};
@@ -174,6 +174,9 @@ fn peft_slots(layer: &[Option<PeftSlot>; 7]) -> [Option<PeftPair<'_>>; 7] {
 
 /// `max_loras` device slots for every projection of every layer.
 pub struct GpuLoraStack {
+    /// Every store's ranks and scales (column `layer * 7 + projection`), so a fill uploads them
+    /// as two rows. Declared first: the stores hold its addresses.
+    table: SlotTable,
     /// `[layer][Projection::index]`.
     layers: Vec<Vec<DeviceLoraSlots>>,
     num_slots: usize,
@@ -192,22 +195,26 @@ impl GpuLoraStack {
         max_rank: usize,
     ) -> Result<Self, LoraGpuError> {
         let dims = projection_dims(config);
+        let table = SlotTable::new(dev, num_slots, config.num_layers * dims.len())?;
         let layers = (0..config.num_layers)
-            .map(|_| {
+            .map(|layer| {
                 dims.iter()
-                    .map(|&(in_dim, out_dim)| {
+                    .enumerate()
+                    .map(|(p, &(in_dim, out_dim))| {
                         let shape = LoraShape {
                             num_slots,
                             in_dim,
                             out_dim,
                             max_rank,
                         };
-                        DeviceLoraSlots::new(dev, dtype, shape)
+                        let column = layer * dims.len() + p;
+                        DeviceLoraSlots::new_in_table(dev, dtype, shape, &table, column)
                     })
                     .collect::<Result<Vec<_>, _>>()
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(GpuLoraStack {
+            table,
             layers,
             num_slots,
             dtype,
@@ -221,11 +228,13 @@ impl GpuLoraStack {
 
     /// Device bytes of all slots.
     pub fn nbytes(&self) -> usize {
-        self.layers
+        let stores: usize = self
+            .layers
             .iter()
             .flatten()
             .map(DeviceLoraSlots::nbytes)
-            .sum()
+            .sum();
+        stores + self.table.nbytes()
     }
 
     /// Puts `adapter` into `slot` (projections it does not target are cleared there).
@@ -265,7 +274,8 @@ impl GpuLoraStack {
     }
 
     /// Puts `image` into `slot` through `up` (the adapter copy stream: see
-    /// [`super::adapter_copies`]): a copy of its bits, projections it does not target cleared.
+    /// [`super::adapter_copies`]): a copy of its bits, projections it does not target cleared,
+    /// then the slot's row of ranks and scales.
     pub fn load_image_with(
         &mut self,
         up: &mut impl Upload,
@@ -288,7 +298,8 @@ impl GpuLoraStack {
                 }
             }
         }
-        Ok(())
+        self.table
+            .upload_row(up, slot, self.layers.iter().flatten())
     }
 
     /// The image of `adapter` for these slots.
