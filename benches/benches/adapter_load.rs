@@ -3,9 +3,11 @@
 //! thread does it for a GPU engine:
 //! - `read_validate`: `load_adapter` (read the file, hash it for the generation, parse and check
 //!   every tensor, widen to f32);
-//! - `image`: the device slots' image from those weights (rounded to bf16, B transposed);
-//! - `pin`: the image moved into pinned pool pages;
-//! - `all`: the three, as `PreparedAdapter::prepare` after `load_adapter`.
+//! - `image`: the device slots' image from those weights (rounded to bf16, B transposed), in
+//!   ordinary memory;
+//! - `pin`: that image moved into pinned pool pages;
+//! - `image_pinned`: the image written straight into pool pages (what the loader does);
+//! - `all`: `load_adapter` then the image as `PreparedAdapter::prepare` keeps it (pinned).
 //!
 //! `cargo bench -p caduceus-benches --features gpu-emu --bench adapter_load`
 
@@ -28,8 +30,8 @@ fn adapter_load(c: &mut Criterion) {
         max_file_bytes: u64::MAX,
     };
     let dtype = DType::Bf16;
-    let pool = adapter_pool(&Device::emulated(), 2 * image_bytes(&config, 16, dtype))
-        .expect("a pinned pool");
+    let pool =
+        adapter_pool(&Device::emulated(), 2 * image_bytes(&config, 16)).expect("a pinned pool");
     let weights = load_adapter(dir, &config, &limits).expect("a valid adapter");
     let image = GpuAdapterImage::new(&config, &weights, dtype).expect("a valid adapter");
     let mut g = c.benchmark_group("adapter_load_8b_r16");
@@ -50,11 +52,19 @@ fn adapter_load(c: &mut Criterion) {
             criterion::BatchSize::PerIteration,
         )
     });
+    g.bench_function("image_pinned", |b| {
+        b.iter(|| {
+            GpuAdapterImage::new_pinned(&config, &weights, dtype, &pool)
+                .expect("a valid adapter")
+                .expect("the pool has room")
+        })
+    });
     g.bench_function("all", |b| {
         b.iter(|| {
             let w = load_adapter(dir, &config, &limits).expect("a valid adapter");
-            let mut i = GpuAdapterImage::new(&config, &w, dtype).expect("a valid adapter");
-            assert!(i.pin(&pool), "the pool has room");
+            let i = GpuAdapterImage::prepare(&config, &w, dtype, Some(&pool));
+            let i = i.expect("a valid adapter");
+            assert!(i.is_pinned(), "the pool has room");
             i
         })
     });

@@ -36,7 +36,7 @@ fn slot_fill(c: &mut Criterion) {
     let mut copies = AdapterCopies::new(&dev, 1, slot_bytes).expect("a copy stream");
     let image = GpuAdapterImage::new(&config, &weights, dtype).expect("valid adapter");
     // Room for two images: the one pinned for `fill_pinned` and one `pin` fills and drops.
-    let pool = adapter_pool(&dev, 2 * image_bytes(&config, 16, dtype)).expect("a pinned pool");
+    let pool = adapter_pool(&dev, 2 * image_bytes(&config, 16)).expect("a pinned pool");
     let mut pinned = image.clone();
     assert!(pinned.pin(&pool), "the pool holds the image");
     let host = LoraStack::prepare(&config, &weights, LoraDtype::F16).expect("valid adapter");

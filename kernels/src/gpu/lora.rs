@@ -17,7 +17,7 @@ mod slots;
 mod table;
 
 pub use batch::{LoraBatch, LoraUnits};
-pub use image::SlotImage;
+pub use image::{PeftProjection, PinnedParts, SlotImage};
 pub use slots::DeviceLoraSlots;
 pub use table::SlotTable;
 

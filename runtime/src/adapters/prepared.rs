@@ -81,13 +81,9 @@ impl PreparedAdapter {
                 PreparedAdapter::Host(LoraStack::prepare(base, weights, *dtype)?)
             }
             #[cfg(any(feature = "cuda", feature = "gpu-emu"))]
-            SlotFormat::Device { dtype, pinned } => {
-                let mut image = GpuAdapterImage::new(base, weights, *dtype)?;
-                if let Some(pool) = pinned {
-                    image.pin(pool);
-                }
-                PreparedAdapter::Device(image)
-            }
+            SlotFormat::Device { dtype, pinned } => PreparedAdapter::Device(
+                GpuAdapterImage::prepare(base, weights, *dtype, pinned.as_ref())?,
+            ),
         })
     }
 

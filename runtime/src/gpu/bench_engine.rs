@@ -187,7 +187,7 @@ fn build_engine(
     let pinned = match o.adapters {
         0 => None,
         n => {
-            let image = image_bytes(&config, o.rank, model.dtype());
+            let image = image_bytes(&config, o.rank);
             let bytes = n * image.next_multiple_of(ADAPTER_PAGE_BYTES);
             Some(adapter_pool(model.device(), bytes).map_err(|e| fail("pinned adapter pool")(&e))?)
         }

@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use caduceus_kernels::gpu::copy_stream::Upload;
-use caduceus_kernels::gpu::lora::{DeviceLoraSlots, LoraGpuError, SlotImage, SlotTable};
+use caduceus_kernels::gpu::lora::{
+    DeviceLoraSlots, LoraGpuError, PeftProjection, PinnedParts, SlotImage, SlotTable,
+};
 use caduceus_kernels::gpu::pinned_pool::{PinnedBytes, PinnedPool};
 use caduceus_kernels::gpu::{DType, Device, GpuError};
 use caduceus_kernels::lora::{LoraError, LoraShape, PeftSlot, Segment};
@@ -39,13 +41,13 @@ pub fn adapter_pool(dev: &Device, cache_bytes: usize) -> Result<PinnedPool, GpuE
 }
 
 /// Host bytes of the image of a rank-`rank` adapter on all seven projections of `config`'s
-/// model in `dtype` (A's and B's padded rows; what a pool is sized by).
-pub fn image_bytes(config: &LlamaConfig, rank: usize, dtype: DType) -> usize {
+/// model (A's and B's padded rows of 2-byte values; what a pool is sized by).
+pub fn image_bytes(config: &LlamaConfig, rank: usize) -> usize {
     let per_layer: usize = projection_dims(config)
         .iter()
-        .map(|&(i, o)| rank * (i.div_ceil(8) * 8 + o.div_ceil(8) * 8))
+        .map(|&(i, o)| SlotImage::bytes_for(i, o, rank))
         .sum();
-    per_layer * config.num_layers * dtype.size()
+    per_layer * config.num_layers
 }
 
 /// An adapter as the device slots of one dtype hold it: per layer and projection (`None`: not
@@ -76,6 +78,48 @@ impl GpuAdapterImage {
         Self::build(&projection_dims(config), dtype, adapter_pairs(adapter))
     }
 
+    /// [`Self::new`] written straight into pages of `pool` (what [`Self::pin`] gives, without
+    /// an image in ordinary memory first); `Ok(None)` when the pool has too few free pages.
+    pub fn new_pinned(
+        config: &LlamaConfig,
+        adapter: &AdapterWeights,
+        dtype: DType,
+        pool: &PinnedPool,
+    ) -> Result<Option<Self>, LoraGpuError> {
+        let dims = projection_dims(config);
+        let layers = projections(&dims, dtype, adapter_pairs(adapter));
+        let bytes = layers
+            .iter()
+            .flatten()
+            .flatten()
+            .map(PeftProjection::image_bytes)
+            .sum();
+        let Some(mut lease) = pool.lease(bytes) else {
+            return Ok(None);
+        };
+        let mut parts = Vec::with_capacity(layers.len());
+        for layer in &layers {
+            let mut written: [Option<PinnedParts>; 7] = Default::default();
+            for (slot, p) in written.iter_mut().zip(layer) {
+                if let Some(p) = p {
+                    // The lease was sized for every projection's image.
+                    let w = SlotImage::write_pinned(p, &mut lease)?;
+                    *slot = Some(w.ok_or(GpuError::Shape("pinned image overflow".into()))?);
+                }
+            }
+            parts.push(written);
+        }
+        let lease = Arc::new(lease);
+        let layers = parts
+            .into_iter()
+            .map(|layer| layer.map(|p| p.map(|p| p.into_image(&lease))))
+            .collect();
+        Ok(Some(GpuAdapterImage {
+            layers,
+            lease: Some(lease),
+        }))
+    }
+
     /// The images of each layer's (a, b, rank, scale) per projection, whose (in, out) dims are
     /// `dims`.
     fn build<'a>(
@@ -83,12 +127,15 @@ impl GpuAdapterImage {
         dtype: DType,
         layers: impl Iterator<Item = [Option<PeftPair<'a>>; 7]>,
     ) -> Result<Self, LoraGpuError> {
-        let layers = layers
-            .map(|pairs| {
+        let layers = projections(dims, dtype, layers)
+            .into_iter()
+            .map(|layer| {
                 let mut images: [Option<SlotImage>; 7] = Default::default();
-                for ((image, pair), &(in_dim, out_dim)) in images.iter_mut().zip(pairs).zip(dims) {
-                    if let Some((a, b, rank, scale)) = pair {
-                        *image = Some(SlotImage::new(dtype, in_dim, out_dim, a, b, rank, scale)?);
+                for (image, p) in images.iter_mut().zip(layer) {
+                    if let Some(p) = p {
+                        *image = Some(SlotImage::new(
+                            p.dtype, p.in_dim, p.out_dim, p.a, p.b, p.rank, p.scale,
+                        )?);
                     }
                 }
                 Ok(images)
@@ -128,18 +175,26 @@ impl GpuAdapterImage {
             self.lease = Some(lease);
             return true;
         }
-        crate::metrics::record_lora_unpinned();
-        static WARNED: AtomicBool = AtomicBool::new(false);
-        if !WARNED.swap(true, Ordering::Relaxed) {
-            tracing::warn!(
-                pool_mib = pool.nbytes() >> 20,
-                free_mib = (pool.free_pages() * pool.page_bytes()) >> 20,
-                "the pinned adapter pool is full: this image (and others while it stays full) \
-                 is kept in ordinary memory, and its slot fills copy it through the staging ring \
-                 on the engine thread"
-            );
-        }
+        unpinned(pool);
         false
+    }
+
+    /// The image `PreparedAdapter::prepare` keeps for a GPU engine: written straight into
+    /// pages of `pool` where it has room, else (counted and logged as [`Self::pin`] does) in
+    /// ordinary memory; in ordinary memory without a pool.
+    pub fn prepare(
+        config: &LlamaConfig,
+        adapter: &AdapterWeights,
+        dtype: DType,
+        pool: Option<&PinnedPool>,
+    ) -> Result<Self, LoraGpuError> {
+        if let Some(pool) = pool {
+            if let Some(image) = Self::new_pinned(config, adapter, dtype, pool)? {
+                return Ok(image);
+            }
+            unpinned(pool);
+        }
+        Self::new(config, adapter, dtype)
     }
 
     /// Whether every projection's values lie in pinned pages.
@@ -152,8 +207,49 @@ impl GpuAdapterImage {
     }
 }
 
+/// An image stays in ordinary memory because `pool` had no room: counted, and logged once per
+/// process.
+fn unpinned(pool: &PinnedPool) {
+    crate::metrics::record_lora_unpinned();
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    if !WARNED.swap(true, Ordering::Relaxed) {
+        tracing::warn!(
+            pool_mib = pool.nbytes() >> 20,
+            free_mib = (pool.free_pages() * pool.page_bytes()) >> 20,
+            "the pinned adapter pool is full: this image (and others while it stays full) is \
+             kept in ordinary memory, and its slot fills copy it through the staging ring on \
+             the engine thread"
+        );
+    }
+}
+
 /// One projection's (a, b, rank, scale) in PEFT's layouts.
 type PeftPair<'a> = (&'a [f32], &'a [f32], usize, f32);
+
+/// Each layer's pairs as the projections their images are made from.
+fn projections<'a>(
+    dims: &[(usize, usize); 7],
+    dtype: DType,
+    layers: impl Iterator<Item = [Option<PeftPair<'a>>; 7]>,
+) -> Vec<[Option<PeftProjection<'a>>; 7]> {
+    layers
+        .map(|pairs| {
+            let mut out: [Option<PeftProjection<'a>>; 7] = Default::default();
+            for ((o, pair), &(in_dim, out_dim)) in out.iter_mut().zip(pairs).zip(dims) {
+                *o = pair.map(|(a, b, rank, scale)| PeftProjection {
+                    dtype,
+                    in_dim,
+                    out_dim,
+                    a,
+                    b,
+                    rank,
+                    scale,
+                });
+            }
+            out
+        })
+        .collect()
+}
 
 /// Each layer's projections of `adapter`.
 fn adapter_pairs(adapter: &AdapterWeights) -> impl Iterator<Item = [Option<PeftPair<'_>>; 7]> {
@@ -341,7 +437,7 @@ mod tests {
         let w = adapter(&c, 8, &[0, 1, 2, 3, 4, 5, 6], 5, DType::Bf16);
         let heap = GpuAdapterImage::new(&c, &w, DType::Bf16).unwrap();
         // Every projection targeted: the sizing formula is exact.
-        assert_eq!(heap.nbytes(), image_bytes(&c, 8, DType::Bf16));
+        assert_eq!(heap.nbytes(), image_bytes(&c, 8));
         let pool = PinnedPool::new(&Device::emulated(), 3 << 20, 1 << 20).unwrap();
         let mut pinned = heap.clone();
         assert!(pinned.pin(&pool) && pinned.is_pinned() && !heap.is_pinned());
@@ -357,5 +453,16 @@ mod tests {
         assert_eq!((other.nbytes(), small.refused()), (heap.nbytes(), 1));
         drop(pinned);
         assert_eq!(pool.free_pages(), 3);
+        // Written straight into the pages: the same values, the same pages.
+        let direct = GpuAdapterImage::new_pinned(&c, &w, DType::Bf16, &pool).unwrap();
+        let direct = direct.expect("the pool has room");
+        assert!(direct.is_pinned() && direct == heap);
+        assert_eq!(direct.nbytes(), pages << 20);
+        // What `prepare` keeps: pinned where the pool has room, else on the heap (counted).
+        let kept = GpuAdapterImage::prepare(&c, &w, DType::Bf16, Some(&small)).unwrap();
+        assert!(!kept.is_pinned() && kept == heap && small.refused() == 2);
+        let kept = GpuAdapterImage::prepare(&c, &w, DType::Bf16, Some(&pool)).unwrap();
+        assert!(kept.is_pinned() && kept == heap);
+        assert!(!GpuAdapterImage::prepare(&c, &w, DType::Bf16, None).unwrap().is_pinned());
     }
 }

@@ -28,30 +28,62 @@ fn bf16_bits(x: f32) -> u16 {
     }
 }
 
-/// A's rows and B transposed (PEFT's `a` `[rank, in_dim]`, `b` `[out_dim, rank]`) as `[rank][is]`
-/// and `[rank][os]` rows of `bits` values, zero-padded.
-fn slot_rows(
+/// A's rows then B's transposed (PEFT's `a` `[rank, in_dim]`, `b` `[out_dim, rank]`) as `rank`
+/// rows of `is` then `rank` rows of `os` `bits` values, zero-padded, handed to `emit` one at a
+/// time (in one reused buffer); stops at the first `false` from `emit`, and returns it.
+fn each_row(
     (a, b): (&[f32], &[f32]),
     rank: usize,
     in_dim: usize,
     (is, os): (usize, usize),
     bits: impl Fn(f32) -> u16,
-) -> (Vec<u16>, Vec<u16>) {
-    let mut a_rows = vec![0u16; rank * is];
-    for (row, src) in a_rows.chunks_exact_mut(is).zip(a.chunks_exact(in_dim)) {
-        for (d, &x) in row.iter_mut().zip(src) {
+    mut emit: impl FnMut(&[u16]) -> bool,
+) -> bool {
+    let mut row = vec![0u16; is.max(os)];
+    for src in a.chunks_exact(in_dim).take(rank) {
+        let r = &mut row[..is];
+        r.fill(0);
+        for (d, &x) in r.iter_mut().zip(src) {
             *d = bits(x);
         }
-    }
-    // Rank row k gathers column k of B's rows (one output's `rank` values each), written in
-    // order.
-    let mut b_rows = vec![0u16; rank * os];
-    for (k, row) in b_rows.chunks_exact_mut(os).enumerate() {
-        for (d, src) in row.iter_mut().zip(b.chunks_exact(rank)) {
-            *d = bits(src[k]);
+        if !emit(r) {
+            return false;
         }
     }
-    (a_rows, b_rows)
+    // Rank row k gathers column k of B's rows (one output's `rank` values each), in order.
+    for k in 0..rank {
+        let r = &mut row[..os];
+        r.fill(0);
+        for (d, src) in r.iter_mut().zip(b.chunks_exact(rank)) {
+            *d = bits(src[k]);
+        }
+        if !emit(r) {
+            return false;
+        }
+    }
+    true
+}
+
+/// [`each_row`] for `dtype`.
+fn each_row_of(
+    dtype: DType,
+    pair: (&[f32], &[f32]),
+    rank: usize,
+    in_dim: usize,
+    strides: (usize, usize),
+    emit: impl FnMut(&[u16]) -> bool,
+) -> bool {
+    match dtype {
+        DType::Bf16 => each_row(pair, rank, in_dim, strides, bf16_bits, emit),
+        DType::F16 => each_row(
+            pair,
+            rank,
+            in_dim,
+            strides,
+            |x| half::f16::from_f32(x).to_bits(),
+            emit,
+        ),
+    }
 }
 
 /// Where an image's values lie: in ordinary memory, or in a pinned lease the device can copy
@@ -123,6 +155,74 @@ pub struct SlotImage {
     pub(super) b: Values,
 }
 
+/// PEFT's layouts of one projection of one adapter, `a` `[rank, in_dim]` and `b` `[out_dim,
+/// rank]`, for slots of `dtype` over `in_dim` inputs and `out_dim` outputs: what a
+/// [`SlotImage`] is made from.
+#[derive(Clone, Copy, Debug)]
+pub struct PeftProjection<'a> {
+    pub dtype: DType,
+    pub in_dim: usize,
+    pub out_dim: usize,
+    pub a: &'a [f32],
+    pub b: &'a [f32],
+    pub rank: usize,
+    pub scale: f32,
+}
+
+impl PeftProjection<'_> {
+    /// The row strides, once the shapes are checked.
+    fn strides(&self) -> Result<(usize, usize), LoraError> {
+        let shape = LoraShape {
+            num_slots: 1,
+            in_dim: self.in_dim,
+            out_dim: self.out_dim,
+            max_rank: MAX_LORA_RANK,
+        };
+        if self.in_dim == 0 || self.out_dim == 0 {
+            return Err(LoraError::BadShape(shape));
+        }
+        shape.check_load(0, self.rank, self.a.len(), self.b.len())?;
+        Ok((padded(self.in_dim), padded(self.out_dim)))
+    }
+
+    /// Host bytes of its image.
+    pub fn image_bytes(&self) -> usize {
+        SlotImage::bytes_for(self.in_dim, self.out_dim, self.rank)
+    }
+
+    fn image(&self, a: Values, b: Values) -> SlotImage {
+        SlotImage {
+            dtype: self.dtype,
+            in_dim: self.in_dim,
+            out_dim: self.out_dim,
+            rank: self.rank,
+            scale: self.scale,
+            a,
+            b,
+        }
+    }
+}
+
+/// A [`SlotImage`] written into a pinned lease that is not shared yet
+/// ([`SlotImage::write_pinned`]).
+pub struct PinnedParts {
+    image: SlotImage,
+    spans: (Span, Span),
+}
+
+impl PinnedParts {
+    /// The image, its values in `lease` (the one it was written into, now shared).
+    pub fn into_image(self, lease: &Arc<PinnedBytes>) -> SlotImage {
+        let PinnedParts {
+            mut image,
+            spans: (a, b),
+        } = self;
+        image.a = Values::Pinned(lease.clone(), a);
+        image.b = Values::Pinned(lease.clone(), b);
+        image
+    }
+}
+
 impl SlotImage {
     /// The image of PEFT's layouts, `a` `[rank, in_dim]` and `b` `[out_dim, rank]`, for slots of
     /// `dtype` over `in_dim` inputs and `out_dim` outputs.
@@ -135,32 +235,63 @@ impl SlotImage {
         rank: usize,
         scale: f32,
     ) -> Result<SlotImage, LoraError> {
-        let shape = LoraShape {
-            num_slots: 1,
-            in_dim,
-            out_dim,
-            max_rank: MAX_LORA_RANK,
-        };
-        if in_dim == 0 || out_dim == 0 {
-            return Err(LoraError::BadShape(shape));
-        }
-        shape.check_load(0, rank, a.len(), b.len())?;
-        let strides = (padded(in_dim), padded(out_dim));
-        let (a_rows, b_rows) = match dtype {
-            DType::Bf16 => slot_rows((a, b), rank, in_dim, strides, bf16_bits),
-            DType::F16 => slot_rows((a, b), rank, in_dim, strides, |x| {
-                half::f16::from_f32(x).to_bits()
-            }),
-        };
-        Ok(SlotImage {
+        let p = PeftProjection {
             dtype,
             in_dim,
             out_dim,
+            a,
+            b,
             rank,
             scale,
-            a: Values::Heap(a_rows),
-            b: Values::Heap(b_rows),
-        })
+        };
+        let (is, os) = p.strides()?;
+        let (mut a_rows, mut b_rows) =
+            (Vec::with_capacity(rank * is), Vec::with_capacity(rank * os));
+        each_row_of(dtype, (a, b), rank, in_dim, (is, os), |row| {
+            match a_rows.len() < rank * is {
+                true => a_rows.extend_from_slice(row),
+                false => b_rows.extend_from_slice(row),
+            }
+            true
+        });
+        Ok(p.image(Values::Heap(a_rows), Values::Heap(b_rows)))
+    }
+
+    /// The image of `p` written straight into `lease` (no copy in ordinary memory first);
+    /// `Ok(None)` when the lease has no room left for it. Share the lease (`Arc`) once every
+    /// image is in, then [`PinnedParts::into_image`].
+    pub fn write_pinned(
+        p: &PeftProjection<'_>,
+        lease: &mut PinnedBytes,
+    ) -> Result<Option<PinnedParts>, LoraError> {
+        let (is, os) = p.strides()?;
+        if lease.len() + p.image_bytes() > lease.capacity() {
+            return Ok(None);
+        }
+        let (start, a_bytes) = (lease.len(), p.rank * is * 2);
+        let fits = each_row_of(p.dtype, (p.a, p.b), p.rank, p.in_dim, (is, os), |row| {
+            lease.append(as_bytes(row)).is_some()
+        });
+        let (a, b) = (
+            Span {
+                start,
+                len: a_bytes,
+            },
+            Span {
+                start: start + a_bytes,
+                len: p.rank * os * 2,
+            },
+        );
+        Ok(fits.then(|| PinnedParts {
+            image: p.image(Values::Heap(Vec::new()), Values::Heap(Vec::new())),
+            spans: (a, b),
+        }))
+    }
+
+    /// Host bytes of the image of a rank-`rank` projection from `in_dim` to `out_dim` (2-byte
+    /// values, padded rows).
+    pub fn bytes_for(in_dim: usize, out_dim: usize, rank: usize) -> usize {
+        rank * (padded(in_dim) + padded(out_dim)) * 2
     }
 
     /// Host bytes held.
@@ -241,5 +372,37 @@ mod tests {
         let e = SlotImage::new(DType::F16, 3, 2, &a[..5], &b, 2, 0.5).unwrap_err();
         assert!(e.to_string().contains("lora_A"), "{e}");
         assert!(SlotImage::new(DType::F16, 0, 2, &[], &b, 2, 0.5).is_err());
+    }
+
+    #[test]
+    fn an_image_written_into_a_lease_holds_the_heap_images_bits() {
+        use crate::gpu::Device;
+        let (a, b) = ([0.5, -1.25, 3.0, 7.0, -0.0, 1e-3], [0.5, -0.5, 0.25, -0.25]);
+        let p = PeftProjection {
+            dtype: DType::F16,
+            in_dim: 3,
+            out_dim: 2,
+            a: &a,
+            b: &b,
+            rank: 2,
+            scale: 0.5,
+        };
+        let heap = SlotImage::new(p.dtype, 3, 2, &a, &b, 2, 0.5).unwrap();
+        assert_eq!((p.image_bytes(), heap.nbytes()), (64, 64));
+        // Pages of 24 bytes: rows cross page edges.
+        let pool = PinnedPool::new(&Device::emulated(), 96, 24).unwrap();
+        let mut lease = pool.lease(96).unwrap();
+        lease.append(&[9; 8]).unwrap(); // something before it
+        let parts = SlotImage::write_pinned(&p, &mut lease).unwrap().unwrap();
+        assert!(
+            SlotImage::write_pinned(&p, &mut lease).unwrap().is_none(),
+            "no room for a second"
+        );
+        let image = parts.into_image(&Arc::new(lease));
+        assert!(image.is_pinned());
+        assert_eq!(image, heap);
+        let bad = PeftProjection { rank: 3, ..p };
+        let mut lease = pool.lease(0).unwrap();
+        assert!(SlotImage::write_pinned(&bad, &mut lease).is_err());
     }
 }
