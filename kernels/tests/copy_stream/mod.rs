@@ -10,9 +10,10 @@ use std::sync::Arc;
 use caduceus_kernels::gpu::copy_stream::{CopyStream, StreamKind, StreamOp};
 use caduceus_kernels::gpu::lora::{DeviceFusedPart, DeviceLoraSlots, LoraBatch, SlotImage};
 use caduceus_kernels::gpu::pinned_pool::PinnedPool;
-use caduceus_kernels::gpu::DType;
+use caduceus_kernels::gpu::{DType, Device};
 use caduceus_kernels::lora::LoraShape;
 use rand::Rng;
+use rand_chacha::ChaCha8Rng;
 
 use super::gpu_support::*;
 
@@ -103,20 +104,29 @@ fn a_slot_loaded_on_the_copy_stream_feeds_the_kernels_like_a_direct_load() {
             .unwrap();
         let event = copies.record().unwrap();
         copies.compute_waits(&dev, &event).unwrap();
-        let tokens = [Some(1), None, Some(1)];
-        let batch = LoraBatch::bgmv(&dev, &tokens).unwrap();
-        let x = random(&mut r, 3 * shape.in_dim, 1.0);
-        let y0 = random(&mut r, 3 * shape.out_dim, 1.0);
-        let run = |slots: &DeviceLoraSlots| {
-            let part = [DeviceFusedPart { slots, offset: 0 }];
-            super::run_fused(&dev, &part, (&x, &batch), &y0, shape.out_dim)
-        };
+        let run = slot_1_runner(&dev, &mut r, shape);
         let (want, got) = (run(&direct), run(&queued));
         assert_eq!(got, want, "{}", dev.describe());
         assert_ne!(
             want,
             run(&DeviceLoraSlots::new(&dev, DType::Bf16, shape).unwrap())
         );
+    }
+}
+
+/// The fused kernel over three tokens (two on slot 1, one base-only) on random inputs, for
+/// whatever stores it is given: equal outputs mean equal slot 1 contents.
+fn slot_1_runner<'a>(
+    dev: &'a Device,
+    r: &mut ChaCha8Rng,
+    shape: LoraShape,
+) -> impl Fn(&DeviceLoraSlots) -> Vec<u16> + 'a {
+    let batch = LoraBatch::bgmv(dev, &[Some(1), None, Some(1)]).unwrap();
+    let x = random(r, 3 * shape.in_dim, 1.0);
+    let y0 = random(r, 3 * shape.out_dim, 1.0);
+    move |slots: &DeviceLoraSlots| {
+        let part = [DeviceFusedPart { slots, offset: 0 }];
+        super::run_fused(dev, &part, (&x, &batch), &y0, shape.out_dim)
     }
 }
 
@@ -227,14 +237,7 @@ fn a_pinned_image_fills_a_slot_like_its_heap_twin_and_a_full_pool_leaves_it_on_t
         drop(pinned);
         let event = copies.record().unwrap();
         copies.compute_waits(&dev, &event).unwrap();
-        let tokens = [Some(1), None, Some(1)];
-        let batch = LoraBatch::bgmv(&dev, &tokens).unwrap();
-        let x = random(&mut r, 3 * shape.in_dim, 1.0);
-        let y0 = random(&mut r, 3 * shape.out_dim, 1.0);
-        let run = |slots: &DeviceLoraSlots| {
-            let part = [DeviceFusedPart { slots, offset: 0 }];
-            super::run_fused(&dev, &part, (&x, &batch), &y0, shape.out_dim)
-        };
+        let run = slot_1_runner(&dev, &mut r, shape);
         assert_eq!(run(&queued), run(&direct), "{}", dev.describe());
         copies.synchronize().unwrap();
         assert_eq!(pool.free_pages(), pool.num_pages());

@@ -463,6 +463,8 @@ mod tests {
         assert!(!kept.is_pinned() && kept == heap && small.refused() == 2);
         let kept = GpuAdapterImage::prepare(&c, &w, DType::Bf16, Some(&pool)).unwrap();
         assert!(kept.is_pinned() && kept == heap);
-        assert!(!GpuAdapterImage::prepare(&c, &w, DType::Bf16, None).unwrap().is_pinned());
+        assert!(!GpuAdapterImage::prepare(&c, &w, DType::Bf16, None)
+            .unwrap()
+            .is_pinned());
     }
 }
