@@ -1,7 +1,8 @@
 //! The adapter slots on the device: for every layer and each of the seven projections a
 //! [`DeviceLoraSlots`] store, filled from a [`GpuAdapterImage`] of the same [`AdapterWeights`]
 //! the CPU stack takes. The image is what the host tier keeps for a GPU engine: the adapter
-//! loader's thread builds it, so filling a slot on the engine's thread is a copy of its bits.
+//! loader's thread builds it, in pinned pages where the pool has room, so filling a slot on the
+//! engine's thread is queueing DMAs of its bits (a copy into staging first otherwise).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -57,7 +58,7 @@ pub fn image_bytes(config: &LlamaConfig, rank: usize) -> usize {
 pub struct GpuAdapterImage {
     /// `[layer][Projection::index]`.
     layers: Vec<[Option<SlotImage>; 7]>,
-    /// The pinned pages the values lie in, after [`Self::pin`].
+    /// The pinned pages the values lie in ([`Self::new_pinned`], [`Self::pin`]).
     lease: Option<Arc<PinnedBytes>>,
 }
 
