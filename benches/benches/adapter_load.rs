@@ -4,8 +4,7 @@
 //! - `read_validate`: `load_adapter` (read the file, hash it for the generation, parse and check
 //!   every tensor, widen to f32);
 //! - `image`: the device slots' image from those weights (rounded to bf16, B transposed), in
-//!   ordinary memory;
-//! - `pin`: that image moved into pinned pool pages;
+//!   ordinary memory (what the loader keeps when the pinned pool is full);
 //! - `image_pinned`: the image written straight into pool pages (what the loader does);
 //! - `all`: `load_adapter` then the image as `PreparedAdapter::prepare` keeps it (pinned).
 //!
@@ -33,7 +32,6 @@ fn adapter_load(c: &mut Criterion) {
     let pool =
         adapter_pool(&Device::emulated(), 2 * image_bytes(&config, 16)).expect("a pinned pool");
     let weights = load_adapter(dir, &config, &limits).expect("a valid adapter");
-    let image = GpuAdapterImage::new(&config, &weights, dtype).expect("a valid adapter");
     let mut g = c.benchmark_group("adapter_load_8b_r16");
     g.sample_size(10);
     g.bench_function("read_validate", |b| {
@@ -41,16 +39,6 @@ fn adapter_load(c: &mut Criterion) {
     });
     g.bench_function("image", |b| {
         b.iter(|| GpuAdapterImage::new(&config, &weights, dtype).expect("a valid adapter"))
-    });
-    g.bench_function("pin", |b| {
-        b.iter_batched(
-            || image.clone(),
-            |mut i| {
-                assert!(i.pin(&pool), "the pool has room");
-                i
-            },
-            criterion::BatchSize::PerIteration,
-        )
     });
     g.bench_function("image_pinned", |b| {
         b.iter(|| {

@@ -1,8 +1,7 @@
 //! Filling one GPU adapter slot with a Llama-3-8B rank-16 adapter on all seven projections
 //! (bf16, ~84 MB), on the emulated device (a fill is then host work only, the part that stalls
-//! the engine thread; the device copy itself runs on the copy stream, untimed here):
-//! - `image`: building the slot image from the PEFT weights (the adapter loader's thread);
-//! - `pin`: moving an image into pages of the pinned pool (the loader's thread, after `image`);
+//! the engine thread; the device copy itself runs on the copy stream, untimed here). What the
+//! loader's thread does before, building the image, is the `adapter_load` bench.
 //! - `fill_pinned`: the engine thread's share when the host tier holds the image in pinned
 //!   pages, what `caduceus serve` on a GPU does: queueing a DMA per piece, no copy of its own;
 //! - `fill_staged`: the same for an image in ordinary memory (a full pool): its bits are copied
@@ -15,12 +14,9 @@
 
 use std::time::{Duration, Instant};
 
-use caduceus_kernels::gpu::pinned_pool::PinnedPool;
 use caduceus_kernels::gpu::{DType, Device};
 use caduceus_runtime::gpu::adapter_copies::AdapterCopies;
-use caduceus_runtime::gpu::lora::{
-    adapter_pool, image_bytes, GpuAdapterImage, GpuLoraStack, ADAPTER_PAGE_BYTES,
-};
+use caduceus_runtime::gpu::lora::{adapter_pool, image_bytes, GpuAdapterImage, GpuLoraStack};
 use caduceus_runtime::gpu::random_model::{config_for, random_adapter};
 use caduceus_runtime::gpu::roofline::ModelShape;
 use caduceus_runtime::model::lora::{LoraDtype, LoraStack};
@@ -35,19 +31,13 @@ fn slot_fill(c: &mut Criterion) {
     let slot_bytes = stack.nbytes();
     let mut copies = AdapterCopies::new(&dev, 1, slot_bytes).expect("a copy stream");
     let image = GpuAdapterImage::new(&config, &weights, dtype).expect("valid adapter");
-    // Room for two images: the one pinned for `fill_pinned` and one `pin` fills and drops.
-    let pool = adapter_pool(&dev, 2 * image_bytes(&config, 16)).expect("a pinned pool");
-    let mut pinned = image.clone();
-    assert!(pinned.pin(&pool), "the pool holds the image");
+    let pool = adapter_pool(&dev, image_bytes(&config, 16)).expect("a pinned pool");
+    let pinned = GpuAdapterImage::new_pinned(&config, &weights, dtype, &pool)
+        .expect("valid adapter")
+        .expect("the pool holds the image");
     let host = LoraStack::prepare(&config, &weights, LoraDtype::F16).expect("valid adapter");
     let mut g = c.benchmark_group("adapter_slot_fill_8b_r16");
     g.sample_size(10);
-    g.bench_function("image", |b| {
-        b.iter(|| GpuAdapterImage::new(&config, &weights, dtype).expect("valid adapter"))
-    });
-    g.bench_function("pin", |b| {
-        b.iter_custom(|iters| timed(iters, || image.clone(), |i| pin(i, &pool)))
-    });
     // Each fill is timed up to its return (what the engine thread spends); the copy stream then
     // runs its queue, untimed, as the device would meanwhile.
     let mut fill = |b: &mut criterion::Bencher, image: &GpuAdapterImage| {
@@ -70,23 +60,6 @@ fn slot_fill(c: &mut Criterion) {
         b.iter(|| stack.load_prepared(&dev, 0, &host).expect("fits the slot"))
     });
     g.finish();
-    assert_eq!(pool.page_bytes(), ADAPTER_PAGE_BYTES);
-}
-
-/// Times `run` on a fresh `setup()` `iters` times, setup and drop untimed.
-fn timed<T>(iters: u64, setup: impl Fn() -> T, run: impl Fn(&mut T)) -> Duration {
-    let mut total = Duration::ZERO;
-    for _ in 0..iters {
-        let mut x = setup();
-        let start = Instant::now();
-        run(&mut x);
-        total += start.elapsed();
-    }
-    total
-}
-
-fn pin(image: &mut GpuAdapterImage, pool: &PinnedPool) {
-    assert!(image.pin(pool), "the pool has room");
 }
 
 criterion_group!(benches, slot_fill);

@@ -200,14 +200,12 @@ impl PinnedBytes {
             start: self.len,
             len: data.len(),
         };
-        if span.start + span.len > self.capacity() {
+        let end = span.start + span.len;
+        if end > self.capacity() {
             return None;
         }
         let mut rest = data;
-        let mut at = span.start;
-        while !rest.is_empty() {
-            let (page, off) = (at / self.pool.page_bytes, at % self.pool.page_bytes);
-            let n = rest.len().min(self.pool.page_bytes - off);
+        for (page, off, n) in page_runs(self.pool.page_bytes, span.start, end) {
             let (head, tail) = rest.split_at(n);
             // SAFETY: this lease owns page `page` exclusively (taken off the free list, given
             // back only on drop), and `off + n` stays within it; `&mut self` rules out a
@@ -215,29 +213,21 @@ impl PinnedBytes {
             let dst = unsafe { self.page_ptr(page).add(off) };
             unsafe { std::ptr::copy_nonoverlapping(head.as_ptr(), dst, n) };
             rest = tail;
-            at += n;
         }
-        self.len = at;
+        self.len = end;
         Some(span)
     }
 
     /// The pieces of `span`, one per page it touches, in order (what a copy reads: one DMA
     /// each). Spans past what was appended give no pieces past it.
     pub fn pieces(&self, span: Span) -> impl Iterator<Item = &[u8]> + '_ {
-        let page_bytes = self.pool.page_bytes;
         let end = (span.start + span.len).min(self.len);
-        let mut at = span.start.min(end);
-        std::iter::from_fn(move || {
-            if at >= end {
-                return None;
-            }
-            let (page, off) = (at / page_bytes, at % page_bytes);
-            let n = (end - at).min(page_bytes - off);
-            at += n;
+        let start = span.start.min(end);
+        page_runs(self.pool.page_bytes, start, end).map(move |(page, off, n)| {
             // SAFETY: inside this lease's page `page`, appended (initialised) bytes only; the
             // borrow of `self` keeps the lease, so the page, alive and unwritten (`append`
             // needs `&mut self`).
-            Some(unsafe { std::slice::from_raw_parts(self.page_ptr(page).add(off), n) })
+            unsafe { std::slice::from_raw_parts(self.page_ptr(page).add(off), n) }
         })
     }
 
@@ -249,6 +239,23 @@ impl PinnedBytes {
     fn page_ptr(&self, page: usize) -> *mut u8 {
         self.pool.pages[self.pages[page] as usize].as_ptr()
     }
+}
+
+/// The bytes `start..end` of a lease as (page, offset in it, length) runs, one per page.
+fn page_runs(
+    page_bytes: usize,
+    start: usize,
+    end: usize,
+) -> impl Iterator<Item = (usize, usize, usize)> {
+    let mut at = start;
+    std::iter::from_fn(move || {
+        (at < end).then(|| {
+            let (page, off) = (at / page_bytes, at % page_bytes);
+            let n = (end - at).min(page_bytes - off);
+            at += n;
+            (page, off, n)
+        })
+    })
 }
 
 impl Drop for PinnedBytes {

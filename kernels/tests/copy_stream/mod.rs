@@ -8,7 +8,9 @@
 use std::sync::Arc;
 
 use caduceus_kernels::gpu::copy_stream::{CopyStream, StreamKind, StreamOp};
-use caduceus_kernels::gpu::lora::{DeviceFusedPart, DeviceLoraSlots, LoraBatch, SlotImage};
+use caduceus_kernels::gpu::lora::{
+    DeviceFusedPart, DeviceLoraSlots, LoraBatch, PeftProjection, SlotImage,
+};
 use caduceus_kernels::gpu::pinned_pool::PinnedPool;
 use caduceus_kernels::gpu::{DType, Device};
 use caduceus_kernels::lora::LoraShape;
@@ -192,7 +194,7 @@ fn pinned_copies_land_from_the_lease_and_keep_its_pages_until_they_complete() {
 }
 
 #[test]
-fn a_pinned_image_fills_a_slot_like_its_heap_twin_and_a_full_pool_leaves_it_on_the_heap() {
+fn a_pinned_image_fills_a_slot_like_its_heap_twin_and_a_full_pool_refuses_the_next() {
     for dev in devices() {
         let shape = LoraShape {
             num_slots: 2,
@@ -202,29 +204,29 @@ fn a_pinned_image_fills_a_slot_like_its_heap_twin_and_a_full_pool_leaves_it_on_t
         };
         let mut r = rng(13);
         let ad = super::adapter(&mut r, shape.in_dim, shape.out_dim, 6);
-        let image = |dtype| {
-            SlotImage::new(
-                dtype,
-                shape.in_dim,
-                shape.out_dim,
-                &ad.a,
-                &ad.b,
-                ad.rank,
-                ad.scale,
-            )
-            .unwrap()
+        let p = PeftProjection {
+            dtype: DType::Bf16,
+            in_dim: shape.in_dim,
+            out_dim: shape.out_dim,
+            a: &ad.a,
+            b: &ad.b,
+            rank: ad.rank,
+            scale: ad.scale,
         };
-        let heap = image(DType::Bf16);
-        let mut pinned = heap.clone();
-        let mut other = image(DType::F16);
+        let heap = SlotImage::of(&p).unwrap();
         // 6 x 40 + 6 x 24 values: 768 bytes; pages of 100 bytes, a pool too small for two.
         let pool = PinnedPool::new(&dev, 1200, 100).unwrap();
-        let lease = SlotImage::pin_all(&mut [&mut pinned], &pool).unwrap();
+        let mut lease = pool.lease(p.image_bytes()).unwrap();
+        let parts = SlotImage::write_pinned(&p, &mut lease).unwrap().unwrap();
+        assert_eq!(lease.len(), heap.nbytes());
+        let lease = Arc::new(lease);
+        let pinned = parts.into_image(&lease);
         assert!(pinned.is_pinned() && !heap.is_pinned());
         assert_eq!(pinned, heap, "the same values, wherever they lie");
-        assert_eq!(lease.len(), heap.nbytes());
-        assert!(SlotImage::pin_all(&mut [&mut other], &pool).is_none());
-        assert!(!other.is_pinned());
+        assert!(
+            pool.lease(p.image_bytes()).is_none(),
+            "no room for a second"
+        );
         assert_eq!(pool.refused(), 1);
         drop(lease);
 

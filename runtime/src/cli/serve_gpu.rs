@@ -12,7 +12,7 @@ use super::serve::{root_name, serve, served_name, ServedModel};
 use crate::adapters::SlotFormat;
 use crate::config::{AdapterDtype, AttentionKernelSetting, CaduceusConfig, Dtype, GemmSetting};
 use crate::engine::{EngineCore, SlotSpec};
-use crate::gpu::lora::adapter_pool;
+use crate::gpu::lora::{adapter_pool, adapter_pool_bytes};
 use crate::gpu::memory_plan::{check_weights_fit, llama_weight_bytes};
 use crate::gpu::model::GpuModel;
 use crate::gpu::{GpuBackend, GpuBackendConfig, KvBlocks, StepLimits};
@@ -51,7 +51,7 @@ pub(super) fn run(config: CaduceusConfig, dev: Device) -> anyhow::Result<()> {
                 format!(
                     "pinning {} MiB of host memory for adapter images (adapters.max_cpu_lora_bytes \
                      and a quarter more): lower adapters.max_cpu_lora_bytes",
-                    cache_bytes.saturating_add(cache_bytes / 4) >> 20
+                    adapter_pool_bytes(cache_bytes) >> 20
                 )
             })?;
             tracing::info!(

@@ -33,12 +33,16 @@ pub enum GpuLoraLoadError {
 pub const ADAPTER_PAGE_BYTES: usize = 1 << 20;
 
 /// The pinned pool a GPU engine's host tier keeps adapter images in, for a host cache of
-/// `cache_bytes`: a quarter more, for the pages' rounding and for images that are built, or
-/// still being copied, while the cache evicts others. Pinned once, here, before serving:
-/// pinning memory later would synchronise the device (see [`PinnedPool`]).
+/// `cache_bytes` ([`adapter_pool_bytes`]). Pinned once, here, before serving: pinning memory
+/// later would synchronise the device (see [`PinnedPool`]).
 pub fn adapter_pool(dev: &Device, cache_bytes: usize) -> Result<PinnedPool, GpuError> {
-    let bytes = cache_bytes.saturating_add(cache_bytes / 4);
-    PinnedPool::new(dev, bytes, ADAPTER_PAGE_BYTES)
+    PinnedPool::new(dev, adapter_pool_bytes(cache_bytes), ADAPTER_PAGE_BYTES)
+}
+
+/// The pinned bytes for a host cache of `cache_bytes`: a quarter more, for the pages' rounding
+/// and for images that are built, or still being copied, while the cache evicts others.
+pub fn adapter_pool_bytes(cache_bytes: usize) -> usize {
+    cache_bytes.saturating_add(cache_bytes / 4)
 }
 
 /// Host bytes of the image of a rank-`rank` adapter on all seven projections of `config`'s
@@ -58,7 +62,7 @@ pub fn image_bytes(config: &LlamaConfig, rank: usize) -> usize {
 pub struct GpuAdapterImage {
     /// `[layer][Projection::index]`.
     layers: Vec<[Option<SlotImage>; 7]>,
-    /// The pinned pages the values lie in ([`Self::new_pinned`], [`Self::pin`]).
+    /// The pinned pages the values lie in ([`Self::new_pinned`]).
     lease: Option<Arc<PinnedBytes>>,
 }
 
@@ -79,8 +83,8 @@ impl GpuAdapterImage {
         Self::build(&projection_dims(config), dtype, adapter_pairs(adapter))
     }
 
-    /// [`Self::new`] written straight into pages of `pool` (what [`Self::pin`] gives, without
-    /// an image in ordinary memory first); `Ok(None)` when the pool has too few free pages.
+    /// [`Self::new`] written straight into pages of `pool` (no image in ordinary memory
+    /// first); `Ok(None)` when the pool has too few free pages.
     pub fn new_pinned(
         config: &LlamaConfig,
         adapter: &AdapterWeights,
@@ -134,9 +138,7 @@ impl GpuAdapterImage {
                 let mut images: [Option<SlotImage>; 7] = Default::default();
                 for (image, p) in images.iter_mut().zip(layer) {
                     if let Some(p) = p {
-                        *image = Some(SlotImage::new(
-                            p.dtype, p.in_dim, p.out_dim, p.a, p.b, p.rank, p.scale,
-                        )?);
+                        *image = Some(SlotImage::of(&p)?);
                     }
                 }
                 Ok(images)
@@ -162,27 +164,11 @@ impl GpuAdapterImage {
         }
     }
 
-    /// Moves the image into pages of `pool`, so a slot fill is a DMA from them (no copy by the
-    /// engine's thread); returns whether it did. A pool without room leaves the image in
-    /// ordinary memory (filled through the copy stream's staging, as before), counted in
-    /// [`PinnedPool::refused`] and `caduceus_lora_unpinned_images_total`, and logged once per
-    /// process.
-    pub fn pin(&mut self, pool: &PinnedPool) -> bool {
-        if self.lease.is_some() {
-            return true;
-        }
-        let mut images: Vec<&mut SlotImage> = self.layers.iter_mut().flatten().flatten().collect();
-        if let Some(lease) = SlotImage::pin_all(&mut images, pool) {
-            self.lease = Some(lease);
-            return true;
-        }
-        unpinned(pool);
-        false
-    }
-
     /// The image `PreparedAdapter::prepare` keeps for a GPU engine: written straight into
-    /// pages of `pool` where it has room, else (counted and logged as [`Self::pin`] does) in
-    /// ordinary memory; in ordinary memory without a pool.
+    /// pages of `pool` where it has room, so a slot fill is a DMA from them (no copy by the
+    /// engine's thread); else in ordinary memory (filled through the copy stream's staging),
+    /// counted in [`PinnedPool::refused`] and `caduceus_lora_unpinned_images_total` and logged
+    /// once per process; in ordinary memory without a pool.
     pub fn prepare(
         config: &LlamaConfig,
         adapter: &AdapterWeights,
@@ -433,35 +419,31 @@ mod tests {
     use crate::model::config::LlamaConfig;
 
     #[test]
-    fn a_pinned_image_counts_its_whole_pages_and_pins_once() {
+    fn a_pinned_image_counts_its_whole_pages_and_a_full_pool_keeps_it_on_the_heap() {
         let c = LlamaConfig::from_hf_json(CONFIG).unwrap();
         let w = adapter(&c, 8, &[0, 1, 2, 3, 4, 5, 6], 5, DType::Bf16);
         let heap = GpuAdapterImage::new(&c, &w, DType::Bf16).unwrap();
         // Every projection targeted: the sizing formula is exact.
         assert_eq!(heap.nbytes(), image_bytes(&c, 8));
         let pool = PinnedPool::new(&Device::emulated(), 3 << 20, 1 << 20).unwrap();
-        let mut pinned = heap.clone();
-        assert!(pinned.pin(&pool) && pinned.is_pinned() && !heap.is_pinned());
+        // Written straight into the pages: the same values, in whole pages.
+        let pinned = GpuAdapterImage::new_pinned(&c, &w, DType::Bf16, &pool).unwrap();
+        let pinned = pinned.expect("the pool has room");
+        assert!(pinned.is_pinned() && !heap.is_pinned());
         assert_eq!(pinned, heap);
         let pages = heap.nbytes().div_ceil(1 << 20);
         assert_eq!(pinned.nbytes(), pages << 20, "whole pages");
-        assert!(pinned.pin(&pool), "pinning again is a no-op");
         assert_eq!(pool.free_pages(), 3 - pages);
-        // A pool without room leaves the image where it was, and says so.
-        let small = PinnedPool::new(&Device::emulated(), 1 << 10, 1 << 10).unwrap();
-        let mut other = heap.clone();
-        assert!(!other.pin(&small) && !other.is_pinned());
-        assert_eq!((other.nbytes(), small.refused()), (heap.nbytes(), 1));
         drop(pinned);
         assert_eq!(pool.free_pages(), 3);
-        // Written straight into the pages: the same values, the same pages.
-        let direct = GpuAdapterImage::new_pinned(&c, &w, DType::Bf16, &pool).unwrap();
-        let direct = direct.expect("the pool has room");
-        assert!(direct.is_pinned() && direct == heap);
-        assert_eq!(direct.nbytes(), pages << 20);
+        // A pool without room gives no pinned image, and says so.
+        let small = PinnedPool::new(&Device::emulated(), 1 << 10, 1 << 10).unwrap();
+        let none = GpuAdapterImage::new_pinned(&c, &w, DType::Bf16, &small).unwrap();
+        assert!(none.is_none() && small.refused() == 1);
         // What `prepare` keeps: pinned where the pool has room, else on the heap (counted).
         let kept = GpuAdapterImage::prepare(&c, &w, DType::Bf16, Some(&small)).unwrap();
         assert!(!kept.is_pinned() && kept == heap && small.refused() == 2);
+        assert_eq!(kept.nbytes(), heap.nbytes());
         let kept = GpuAdapterImage::prepare(&c, &w, DType::Bf16, Some(&pool)).unwrap();
         assert!(kept.is_pinned() && kept == heap);
         assert!(!GpuAdapterImage::prepare(&c, &w, DType::Bf16, None)

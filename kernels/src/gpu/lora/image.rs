@@ -4,7 +4,7 @@ use std::borrow::Cow;
 use std::sync::Arc;
 
 use crate::gpu::copy_stream::Upload;
-use crate::gpu::pinned_pool::{PinnedBytes, PinnedPool, Span};
+use crate::gpu::pinned_pool::{PinnedBytes, Span};
 use crate::gpu::{as_bytes, DType, DeviceBuffer, GpuError};
 use crate::lora::{LoraError, LoraShape, MAX_LORA_RANK};
 
@@ -64,28 +64,6 @@ fn each_row(
     true
 }
 
-/// [`each_row`] for `dtype`.
-fn each_row_of(
-    dtype: DType,
-    pair: (&[f32], &[f32]),
-    rank: usize,
-    in_dim: usize,
-    strides: (usize, usize),
-    emit: impl FnMut(&[u16]) -> bool,
-) -> bool {
-    match dtype {
-        DType::Bf16 => each_row(pair, rank, in_dim, strides, bf16_bits, emit),
-        DType::F16 => each_row(
-            pair,
-            rank,
-            in_dim,
-            strides,
-            |x| half::f16::from_f32(x).to_bits(),
-            emit,
-        ),
-    }
-}
-
 /// Where an image's values lie: in ordinary memory, or in a pinned lease the device can copy
 /// them from directly.
 #[derive(Clone, Debug)]
@@ -103,7 +81,7 @@ impl Values {
     }
 
     /// The values (read back from the lease when pinned: slow on write-combined memory, for
-    /// tests and comparisons).
+    /// comparisons).
     fn bits(&self) -> Cow<'_, [u16]> {
         match self {
             Values::Heap(v) => Cow::Borrowed(v),
@@ -140,8 +118,8 @@ impl PartialEq for Values {
 
 /// One projection of one adapter as a [`DeviceLoraSlots`] slot holds it: A's rows and B
 /// transposed, zero-padded and rounded to the store's dtype, so filling a slot is a plain copy of
-/// these bits. Built on the host (the adapter loader's thread), away from the engine's; pinned
-/// ([`Self::pin_all`]), the copy is a DMA from where the bits lie.
+/// these bits. Built on the host (the adapter loader's thread), away from the engine's; written
+/// into a pinned lease ([`Self::write_pinned`]), the copy is a DMA from where the bits lie.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SlotImage {
     pub(super) dtype: DType,
@@ -183,6 +161,22 @@ impl PeftProjection<'_> {
         }
         shape.check_load(0, self.rank, self.a.len(), self.b.len())?;
         Ok((padded(self.in_dim), padded(self.out_dim)))
+    }
+
+    /// [`each_row`] of this projection in its dtype, rows `strides` long.
+    fn rows(&self, strides: (usize, usize), emit: impl FnMut(&[u16]) -> bool) -> bool {
+        let (pair, rank, in_dim) = ((self.a, self.b), self.rank, self.in_dim);
+        match self.dtype {
+            DType::Bf16 => each_row(pair, rank, in_dim, strides, bf16_bits, emit),
+            DType::F16 => each_row(
+                pair,
+                rank,
+                in_dim,
+                strides,
+                |x| half::f16::from_f32(x).to_bits(),
+                emit,
+            ),
+        }
     }
 
     /// Host bytes of its image.
@@ -235,7 +229,7 @@ impl SlotImage {
         rank: usize,
         scale: f32,
     ) -> Result<SlotImage, LoraError> {
-        let p = PeftProjection {
+        SlotImage::of(&PeftProjection {
             dtype,
             in_dim,
             out_dim,
@@ -243,12 +237,18 @@ impl SlotImage {
             b,
             rank,
             scale,
-        };
+        })
+    }
+
+    /// The image of `p` in ordinary memory.
+    pub fn of(p: &PeftProjection<'_>) -> Result<SlotImage, LoraError> {
         let (is, os) = p.strides()?;
-        let (mut a_rows, mut b_rows) =
-            (Vec::with_capacity(rank * is), Vec::with_capacity(rank * os));
-        each_row_of(dtype, (a, b), rank, in_dim, (is, os), |row| {
-            match a_rows.len() < rank * is {
+        let (mut a_rows, mut b_rows) = (
+            Vec::with_capacity(p.rank * is),
+            Vec::with_capacity(p.rank * os),
+        );
+        p.rows((is, os), |row| {
+            match a_rows.len() < p.rank * is {
                 true => a_rows.extend_from_slice(row),
                 false => b_rows.extend_from_slice(row),
             }
@@ -269,9 +269,7 @@ impl SlotImage {
             return Ok(None);
         }
         let (start, a_bytes) = (lease.len(), p.rank * is * 2);
-        let fits = each_row_of(p.dtype, (p.a, p.b), p.rank, p.in_dim, (is, os), |row| {
-            lease.append(as_bytes(row)).is_some()
-        });
+        let fits = p.rows((is, os), |row| lease.append(as_bytes(row)).is_some());
         let (a, b) = (
             Span {
                 start,
@@ -302,26 +300,6 @@ impl SlotImage {
     /// Whether the values lie in a pinned lease.
     pub fn is_pinned(&self) -> bool {
         matches!(self.a, Values::Pinned(..))
-    }
-
-    /// Moves the values of `images` not yet pinned into one lease of `pool`, which they then
-    /// share (and free together, with the last of them); `None`, leaving them as they were,
-    /// when the pool has too few free pages.
-    pub fn pin_all(images: &mut [&mut SlotImage], pool: &PinnedPool) -> Option<Arc<PinnedBytes>> {
-        let heap = |i: &SlotImage| !i.is_pinned();
-        let bytes = images.iter().filter(|i| heap(i)).map(|i| i.nbytes()).sum();
-        let mut lease = pool.lease(bytes)?;
-        let mut spans = Vec::with_capacity(images.len());
-        for image in images.iter().filter(|i| heap(i)) {
-            let mut append = |v: &Values| lease.append(as_bytes(&v.bits()));
-            spans.push((append(&image.a)?, append(&image.b)?));
-        }
-        let lease = Arc::new(lease);
-        for (image, (a, b)) in images.iter_mut().filter(|i| heap(i)).zip(spans) {
-            image.a = Values::Pinned(lease.clone(), a);
-            image.b = Values::Pinned(lease.clone(), b);
-        }
-        Some(lease)
     }
 }
 
@@ -376,6 +354,7 @@ mod tests {
 
     #[test]
     fn an_image_written_into_a_lease_holds_the_heap_images_bits() {
+        use crate::gpu::pinned_pool::PinnedPool;
         use crate::gpu::Device;
         let (a, b) = ([0.5, -1.25, 3.0, 7.0, -0.0, 1e-3], [0.5, -0.5, 0.25, -0.25]);
         let p = PeftProjection {
