@@ -30,9 +30,9 @@ fn slot_fill(c: &mut Criterion) {
     let mut stack = GpuLoraStack::new(&dev, dtype, &config, 1, 16).expect("one 8B slot fits");
     let slot_bytes = stack.nbytes();
     let mut copies = AdapterCopies::new(&dev, 1, slot_bytes).expect("a copy stream");
-    let image = GpuAdapterImage::new(&config, &weights, dtype).expect("valid adapter");
+    let image = GpuAdapterImage::new(&config, &weights.tensors(), dtype).expect("valid adapter");
     let pool = adapter_pool(&dev, image_bytes(&config, 16)).expect("a pinned pool");
-    let pinned = GpuAdapterImage::new_pinned(&config, &weights, dtype, &pool)
+    let pinned = GpuAdapterImage::new_pinned(&config, &weights.tensors(), dtype, &pool)
         .expect("valid adapter")
         .expect("the pool holds the image");
     let host = LoraStack::prepare(&config, &weights, LoraDtype::F16).expect("valid adapter");

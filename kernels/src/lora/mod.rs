@@ -31,6 +31,7 @@ mod apply;
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+mod peft_matrix;
 mod q8;
 mod scalar;
 mod slots;
@@ -42,6 +43,7 @@ pub use apply::{
 };
 /// The half-precision storage types, re-exported so callers need not depend on `half`.
 pub use half::{bf16, f16};
+pub use peft_matrix::PeftMatrix;
 pub use slots::{LoraShape, LoraSlots, PeftSlot};
 pub use weight::{LoraWeight, WeightKind, Q8};
 

@@ -208,8 +208,8 @@ fn a_pinned_image_fills_a_slot_like_its_heap_twin_and_a_full_pool_refuses_the_ne
             dtype: DType::Bf16,
             in_dim: shape.in_dim,
             out_dim: shape.out_dim,
-            a: &ad.a,
-            b: &ad.b,
+            a: (&ad.a).into(),
+            b: (&ad.b).into(),
             rank: ad.rank,
             scale: ad.scale,
         };

@@ -1,5 +1,6 @@
 //! Reads a PEFT LoRA adapter directory (`adapter_config.json` + `adapter_model.safetensors`) into
-//! validated f32 [`AdapterWeights`] for a given base model.
+//! validated f32 [`AdapterWeights`] for a given base model, or hands its validated tensors, still
+//! in the file's bytes, to what builds a slot form from them ([`with_adapter`]).
 //!
 //! Every check happens here, once, at load time, so the engine never sees a malformed adapter:
 //! unsupported PEFT features, ranks over the limit, targets outside the seven decoder-layer
@@ -16,7 +17,9 @@ use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
 
 use super::peft_config::{read_config, PeftConfig};
-use super::weights::{AdapterWeights, LoraPair, Projection};
+use super::weights::{AdapterTensors, AdapterWeights, PairTensors, Projection};
+use caduceus_kernels::lora::PeftMatrix;
+
 use crate::model::config::LlamaConfig;
 use crate::model::lora::projection_dims;
 
@@ -47,6 +50,18 @@ pub fn load_adapter(
     base: &LlamaConfig,
     limits: &AdapterLimits,
 ) -> Result<AdapterWeights, AdapterError> {
+    with_adapter(dir, base, limits, |t| Ok(t.to_weights()))
+}
+
+/// Reads and validates the adapter in `dir` for `base` as [`load_adapter`] does, and hands its
+/// tensors to `f` where they lie, in this thread's file buffer: what `f` builds from them skips
+/// a widened f32 copy of every value. `f` must not load an adapter itself (the buffer is busy).
+pub fn with_adapter<T, E: From<AdapterError>>(
+    dir: &Path,
+    base: &LlamaConfig,
+    limits: &AdapterLimits,
+    f: impl FnOnce(&AdapterTensors<'_>) -> Result<T, E>,
+) -> Result<T, E> {
     let config_bytes = read_config(dir)?;
     let config = PeftConfig::parse(dir, &config_bytes)?;
     if config.rank > limits.max_rank {
@@ -54,27 +69,29 @@ pub fn load_adapter(
             dir: dir.to_path_buf(),
             rank: config.rank,
             max_rank: limits.max_rank,
-        });
+        }
+        .into());
     }
     let wanted = config.resolve(dir, base.num_layers)?;
     FILE_BUFFER.with_borrow_mut(|buf| {
-        let read = read_limited_into(dir, WEIGHTS_FILE, limits.max_file_bytes, buf);
-        let weights = read.and_then(|()| {
-            let layers = read_tensors(dir, buf, base, config.rank, &wanted)?;
-            Ok(AdapterWeights {
-                rank: config.rank,
-                scale: config.scale(),
-                layers,
-                generation: generation(&config_bytes, buf),
-                source: dir.to_path_buf(),
-            })
-        });
+        let result = read_limited_into(dir, WEIGHTS_FILE, limits.max_file_bytes, buf)
+            .and_then(|()| read_tensors(dir, buf, base, config.rank, &wanted))
+            .map_err(E::from)
+            .and_then(|layers| {
+                f(&AdapterTensors {
+                    rank: config.rank,
+                    scale: config.scale(),
+                    layers,
+                    generation: generation(&config_bytes, buf),
+                    source: dir,
+                })
+            });
         if buf.capacity() > KEEP_FILE_BUFFER_BYTES {
             *buf = Vec::new();
         } else {
             buf.clear();
         }
-        weights
+        result
     })
 }
 
@@ -240,39 +257,30 @@ fn parse_name(name: &str) -> Result<(usize, Projection, Half), String> {
     Ok((layer, proj, half))
 }
 
-/// Little-endian f32/f16/bf16 bytes as f32 (safetensors data is not necessarily aligned); the
-/// dtype was checked by the caller.
-fn to_f32(view: &TensorView<'_>) -> Vec<f32> {
+/// A tensor's little-endian f32/f16/bf16 bytes (safetensors data is not necessarily aligned);
+/// `None` for another dtype.
+fn matrix<'a>(view: &TensorView<'a>) -> Option<PeftMatrix<'a>> {
     let data = view.data();
     match view.dtype() {
-        Dtype::F32 => data
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        Dtype::F16 => data
-            .chunks_exact(2)
-            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        Dtype::BF16 => data
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        _ => Vec::new(),
+        Dtype::F32 => Some(PeftMatrix::LeF32(data)),
+        Dtype::F16 => Some(PeftMatrix::LeF16(data)),
+        Dtype::BF16 => Some(PeftMatrix::LeBf16(data)),
+        _ => None,
     }
 }
 
 /// Per layer and projection: the A and B halves read so far.
-type Halves = [(Option<Vec<f32>>, Option<Vec<f32>>); 7];
+type Halves<'a> = [(Option<PeftMatrix<'a>>, Option<PeftMatrix<'a>>); 7];
 
 /// Reads every tensor, checking it against the base and the wanted (layer, projection) set, then
 /// checks that every wanted pair is complete.
-fn read_tensors(
+fn read_tensors<'a>(
     dir: &Path,
-    bytes: &[u8],
+    bytes: &'a [u8],
     base: &LlamaConfig,
     rank: usize,
     wanted: &[[bool; 7]],
-) -> Result<Vec<[Option<LoraPair>; 7]>, AdapterError> {
+) -> Result<Vec<[Option<PairTensors<'a>>; 7]>, AdapterError> {
     let file = SafeTensors::deserialize(bytes).map_err(|e| AdapterError::Safetensors {
         dir: dir.to_path_buf(),
         message: e.to_string(),
@@ -301,10 +309,10 @@ fn read_tensors(
         if !wanted[layer][proj.index()] {
             return Err(tensor_err(name, TensorProblem::NotTargeted));
         }
-        if !matches!(view.dtype(), Dtype::F32 | Dtype::F16 | Dtype::BF16) {
+        let Some(values) = matrix(&view) else {
             let problem = TensorProblem::Dtype(format!("{:?}", view.dtype()));
             return Err(tensor_err(name, problem));
-        }
+        };
         let (in_dim, out_dim) = dims[proj.index()];
         let expected = match half {
             Half::A => [rank, in_dim],
@@ -314,7 +322,6 @@ fn read_tensors(
             let got = view.shape().to_vec();
             return Err(tensor_err(name, TensorProblem::Shape { expected, got }));
         }
-        let values = to_f32(&view);
         let slot = &mut halves[layer][proj.index()];
         let dest = match half {
             Half::A => &mut slot.0,
@@ -327,15 +334,15 @@ fn read_tensors(
     assemble(dir, base, rank, wanted, halves)
 }
 
-/// Turns complete pairs into [`LoraPair`]s (q/k rows permuted for GGUF llama bases), or names
+/// Turns complete pairs into [`PairTensors`] (q/k rows permuted for GGUF llama bases), or names
 /// the first missing tensor.
-fn assemble(
+fn assemble<'a>(
     dir: &Path,
     base: &LlamaConfig,
     rank: usize,
     wanted: &[[bool; 7]],
-    halves: Vec<Halves>,
-) -> Result<Vec<[Option<LoraPair>; 7]>, AdapterError> {
+    halves: Vec<Halves<'a>>,
+) -> Result<Vec<[Option<PairTensors<'a>>; 7]>, AdapterError> {
     for p in Projection::ALL {
         let targeted = wanted.iter().any(|w| w[p.index()]);
         let present = halves
@@ -350,7 +357,7 @@ fn assemble(
     }
     let mut layers = Vec::with_capacity(halves.len());
     for (layer, layer_halves) in halves.into_iter().enumerate() {
-        let mut pairs: [Option<LoraPair>; 7] = Default::default();
+        let mut pairs: [Option<PairTensors<'a>>; 7] = Default::default();
         for (p, (a, b)) in Projection::ALL.into_iter().zip(layer_halves) {
             if !wanted[layer][p.index()] {
                 continue;
@@ -364,19 +371,20 @@ fn assemble(
                 problem: TensorProblem::Missing,
             };
             let a = a.ok_or_else(|| missing("A"))?;
-            let mut b = b.ok_or_else(|| missing("B"))?;
-            if !base.rope_neox {
-                let n_head = match p {
-                    Projection::Q => Some(base.num_heads),
-                    Projection::K => Some(base.num_kv_heads),
-                    _ => None,
-                };
-                if let Some(n_head) = n_head {
-                    // The shape was checked against the same config, so this always fits.
-                    b = permute_qk_rows(&b, n_head, rank).unwrap_or(b);
-                }
-            }
-            pairs[p.index()] = Some(LoraPair { a, b });
+            let b = b.ok_or_else(|| missing("B"))?;
+            let n_head = match p {
+                Projection::Q if !base.rope_neox => Some(base.num_heads),
+                Projection::K if !base.rope_neox => Some(base.num_kv_heads),
+                _ => None,
+            };
+            pairs[p.index()] = Some(match n_head {
+                // The shape was checked against the same config, so this always fits.
+                Some(n_head) => match permute_qk_rows(&b.to_vec(), n_head, rank) {
+                    Some(permuted) => PairTensors::with_owned_b(a, permuted),
+                    None => PairTensors::new(a, b),
+                },
+                None => PairTensors::new(a, b),
+            });
         }
         layers.push(pairs);
     }

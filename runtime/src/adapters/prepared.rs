@@ -8,7 +8,7 @@
 //! ~0.43 s for a Llama-3-8B rank-16 adapter on this machine's core, a stall of every running
 //! stream per cold load.
 
-use super::weights::AdapterWeights;
+use super::weights::AdapterTensors;
 #[cfg(any(feature = "cuda", feature = "gpu-emu"))]
 use crate::gpu::lora::GpuAdapterImage;
 use crate::model::config::LlamaConfig;
@@ -70,19 +70,20 @@ pub enum PrepareError {
 }
 
 impl PreparedAdapter {
-    /// `weights` (validated for the model `base`) in `format`.
+    /// `tensors` (validated for the model `base`) in `format`: a device image is built from the
+    /// values where they lie; the CPU slots' stack from f32 weights.
     pub fn prepare(
         base: &LlamaConfig,
-        weights: &AdapterWeights,
+        tensors: &AdapterTensors<'_>,
         format: &SlotFormat,
     ) -> Result<PreparedAdapter, PrepareError> {
         Ok(match format {
             SlotFormat::Host(dtype) => {
-                PreparedAdapter::Host(LoraStack::prepare(base, weights, *dtype)?)
+                PreparedAdapter::Host(LoraStack::prepare(base, &tensors.to_weights(), *dtype)?)
             }
             #[cfg(any(feature = "cuda", feature = "gpu-emu"))]
             SlotFormat::Device { dtype, pinned } => PreparedAdapter::Device(
-                GpuAdapterImage::prepare(base, weights, *dtype, pinned.as_ref())?,
+                GpuAdapterImage::prepare(base, tensors, *dtype, pinned.as_ref())?,
             ),
         })
     }

@@ -1,6 +1,7 @@
 //! [`AdapterService`]: the registry, the host cache and the loading rules, shared by the HTTP layer
 //! (listing, load and unload endpoints) and the engine (which loads adapters off its thread).
 
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -8,10 +9,9 @@ use caduceus_scheduler::AdapterKey;
 
 use super::gate::LoaderGate;
 use super::host_cache::{HostCache, LoadedAdapter};
-use super::peft::{load_adapter, AdapterError, AdapterLimits};
+use super::peft::{with_adapter, AdapterError, AdapterLimits};
 use super::prepared::{PrepareError, PreparedAdapter, SlotFormat};
 use super::registry::{AdapterEntry, AdapterRegistry, RegistryError};
-use super::weights::AdapterWeights;
 use crate::model::config::LlamaConfig;
 
 /// Settings of the adapter tiers (the `[adapters]` config section, resolved).
@@ -96,9 +96,20 @@ impl AdapterService {
         entry: &AdapterEntry,
     ) -> Result<(Arc<LoadedAdapter>, Duration), LoadAdapterError> {
         let start = Instant::now();
-        let weights = load_adapter(&entry.path, &self.base, &self.settings.limits)?;
-        let prepared = PreparedAdapter::prepare(&self.base, &weights, &self.settings.format)?;
-        Ok((loaded(entry, &weights, prepared), start.elapsed()))
+        let converted = self.convert(&entry.path)?;
+        Ok((loaded(entry, converted), start.elapsed()))
+    }
+
+    /// Reads and validates the adapter in `dir` and converts it for the slots, straight from
+    /// the file's bytes.
+    fn convert(&self, dir: &Path) -> Result<Converted, LoadAdapterError> {
+        with_adapter(dir, &self.base, &self.settings.limits, |t| {
+            Ok(Converted {
+                generation: t.generation,
+                rank: t.rank,
+                prepared: PreparedAdapter::prepare(&self.base, t, &self.settings.format)?,
+            })
+        })
     }
 
     /// Puts a loaded adapter in the host cache (unless its registry entry changed meanwhile),
@@ -141,11 +152,10 @@ impl AdapterService {
             return Err(RegistryError::AlreadyLoaded(name.into()).into());
         }
         let path = self.registry.resolve_path(lora_path)?;
-        let weights = load_adapter(&path, &self.base, &self.settings.limits)?;
         // Converted before it is registered: nothing is registered that cannot be served.
-        let prepared = PreparedAdapter::prepare(&self.base, &weights, &self.settings.format)?;
+        let converted = self.convert(&path)?;
         let entry = self.registry.register(name, path, replace)?;
-        let adapter = loaded(&entry, &weights, prepared);
+        let adapter = loaded(&entry, converted);
         self.cache(adapter.clone());
         Ok(adapter)
     }
@@ -170,20 +180,23 @@ impl AdapterService {
     }
 }
 
-/// The loaded adapter of `entry`.
-fn loaded(
-    entry: &AdapterEntry,
-    weights: &AdapterWeights,
+/// An adapter file converted for the slots, with what identifies it.
+struct Converted {
+    generation: u64,
+    rank: usize,
     prepared: PreparedAdapter,
-) -> Arc<LoadedAdapter> {
+}
+
+/// The loaded adapter of `entry`.
+fn loaded(entry: &AdapterEntry, converted: Converted) -> Arc<LoadedAdapter> {
     Arc::new(LoadedAdapter {
         name: entry.name.clone(),
         version: entry.version,
         key: AdapterKey {
             id: entry.id,
-            generation: weights.generation,
+            generation: converted.generation,
         },
-        rank: weights.rank,
-        prepared,
+        rank: converted.rank,
+        prepared: converted.prepared,
     })
 }

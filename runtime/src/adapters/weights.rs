@@ -1,6 +1,9 @@
-//! An adapter's weights in memory, as the loader produces them and the device slots consume them.
+//! An adapter's weights in memory, as the loader produces them and the slots consume them: owned
+//! f32 ([`AdapterWeights`]) or still in the weights file's bytes ([`AdapterTensors`]).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+use caduceus_kernels::lora::PeftMatrix;
 
 /// The seven projections a Llama-family LoRA adapter may target, by PEFT module name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -79,6 +82,28 @@ pub struct AdapterWeights {
 }
 
 impl AdapterWeights {
+    /// Its pairs as [`AdapterTensors`] (borrowed, nothing copied).
+    pub fn tensors(&self) -> AdapterTensors<'_> {
+        AdapterTensors {
+            rank: self.rank,
+            scale: self.scale,
+            generation: self.generation,
+            source: &self.source,
+            layers: self
+                .layers
+                .iter()
+                .map(|layer| {
+                    layer.each_ref().map(|p| {
+                        p.as_ref().map(|p| PairTensors {
+                            a: PeftMatrix::F32(&p.a),
+                            b: Values::Matrix(PeftMatrix::F32(&p.b)),
+                        })
+                    })
+                })
+                .collect(),
+        }
+    }
+
     /// Bytes of f32 weights held.
     pub fn nbytes(&self) -> usize {
         self.layers
@@ -96,4 +121,88 @@ impl AdapterWeights {
             .filter(|p| self.layers.iter().any(|l| l[p.index()].is_some()))
             .collect()
     }
+}
+
+/// A validated adapter whose values may still lie in its weights file's bytes (the loader
+/// thread's buffer, borrowed: see [`super::peft::with_adapter`]): a slot form is built from it
+/// without a widened f32 copy of the whole adapter first.
+#[derive(Debug)]
+pub struct AdapterTensors<'a> {
+    /// As [`AdapterWeights::rank`].
+    pub rank: usize,
+    /// As [`AdapterWeights::scale`].
+    pub scale: f32,
+    /// As [`AdapterWeights::generation`].
+    pub generation: u64,
+    /// Where it was read from.
+    pub source: &'a Path,
+    /// Per layer, per [`Projection::index`]: the pair, or `None` when not targeted.
+    pub layers: Vec<[Option<PairTensors<'a>>; 7]>,
+}
+
+impl AdapterTensors<'_> {
+    /// The pairs as owned f32 [`AdapterWeights`] (what the CPU slots are loaded from).
+    pub fn to_weights(&self) -> AdapterWeights {
+        AdapterWeights {
+            rank: self.rank,
+            scale: self.scale,
+            layers: self
+                .layers
+                .iter()
+                .map(|layer| {
+                    layer.each_ref().map(|p| {
+                        p.as_ref().map(|p| LoraPair {
+                            a: p.a.to_vec(),
+                            b: p.b().to_vec(),
+                        })
+                    })
+                })
+                .collect(),
+            generation: self.generation,
+            source: self.source.to_path_buf(),
+        }
+    }
+}
+
+/// One projection's low-rank pair as [`LoraPair`] lays it out, its values where the loader
+/// holds them.
+#[derive(Debug)]
+pub struct PairTensors<'a> {
+    /// PEFT `lora_A.weight`: `[rank, in_dim]`.
+    pub a: PeftMatrix<'a>,
+    /// PEFT `lora_B.weight`: `[out_dim, rank]`, in the base's row order.
+    b: Values<'a>,
+}
+
+impl<'a> PairTensors<'a> {
+    /// A pair whose values both lie where the matrices point.
+    pub fn new(a: PeftMatrix<'a>, b: PeftMatrix<'a>) -> Self {
+        PairTensors {
+            a,
+            b: Values::Matrix(b),
+        }
+    }
+
+    /// A pair whose B was converted (its rows permuted for a GGUF base).
+    pub fn with_owned_b(a: PeftMatrix<'a>, b: Vec<f32>) -> Self {
+        PairTensors {
+            a,
+            b: Values::Owned(b),
+        }
+    }
+
+    /// PEFT `lora_B.weight`: `[out_dim, rank]`, in the base's row order.
+    pub fn b(&self) -> PeftMatrix<'_> {
+        match &self.b {
+            Values::Matrix(m) => *m,
+            Values::Owned(v) => PeftMatrix::F32(v),
+        }
+    }
+}
+
+/// A matrix's values: borrowed, or converted and owned.
+#[derive(Debug)]
+enum Values<'a> {
+    Matrix(PeftMatrix<'a>),
+    Owned(Vec<f32>),
 }

@@ -13,9 +13,9 @@ use caduceus_kernels::gpu::lora::{
 };
 use caduceus_kernels::gpu::pinned_pool::{PinnedBytes, PinnedPool};
 use caduceus_kernels::gpu::{DType, Device, GpuError};
-use caduceus_kernels::lora::{LoraError, LoraShape, PeftSlot, Segment};
+use caduceus_kernels::lora::{LoraError, LoraShape, PeftMatrix, PeftSlot, Segment};
 
-use crate::adapters::AdapterWeights;
+use crate::adapters::{AdapterTensors, AdapterWeights};
 use crate::model::config::LlamaConfig;
 use crate::model::lora::{projection_dims, LoraStack, LoraStackError};
 
@@ -74,10 +74,10 @@ impl PartialEq for GpuAdapterImage {
 
 impl GpuAdapterImage {
     /// The image of `adapter` (validated for `config`'s model) for slots of `dtype`: rounded
-    /// once, from the f32 PEFT weights.
+    /// once, from the PEFT values where they lie.
     pub fn new(
         config: &LlamaConfig,
-        adapter: &AdapterWeights,
+        adapter: &AdapterTensors<'_>,
         dtype: DType,
     ) -> Result<Self, LoraGpuError> {
         Self::build(&projection_dims(config), dtype, adapter_pairs(adapter))
@@ -87,7 +87,7 @@ impl GpuAdapterImage {
     /// first); `Ok(None)` when the pool has too few free pages.
     pub fn new_pinned(
         config: &LlamaConfig,
-        adapter: &AdapterWeights,
+        adapter: &AdapterTensors<'_>,
         dtype: DType,
         pool: &PinnedPool,
     ) -> Result<Option<Self>, LoraGpuError> {
@@ -107,6 +107,7 @@ impl GpuAdapterImage {
             let mut written: [Option<PinnedParts>; 7] = Default::default();
             for (slot, p) in written.iter_mut().zip(layer) {
                 if let Some(p) = p {
+                    crate::adapters::gate::checkpoint();
                     // The lease was sized for every projection's image.
                     let w = SlotImage::write_pinned(p, &mut lease)?;
                     *slot = Some(w.ok_or(GpuError::Shape("pinned image overflow".into()))?);
@@ -138,6 +139,7 @@ impl GpuAdapterImage {
                 let mut images: [Option<SlotImage>; 7] = Default::default();
                 for (image, p) in images.iter_mut().zip(layer) {
                     if let Some(p) = p {
+                        crate::adapters::gate::checkpoint();
                         *image = Some(SlotImage::of(&p)?);
                     }
                 }
@@ -171,7 +173,7 @@ impl GpuAdapterImage {
     /// once per process; in ordinary memory without a pool.
     pub fn prepare(
         config: &LlamaConfig,
-        adapter: &AdapterWeights,
+        adapter: &AdapterTensors<'_>,
         dtype: DType,
         pool: Option<&PinnedPool>,
     ) -> Result<Self, LoraGpuError> {
@@ -211,7 +213,7 @@ fn unpinned(pool: &PinnedPool) {
 }
 
 /// One projection's (a, b, rank, scale) in PEFT's layouts.
-type PeftPair<'a> = (&'a [f32], &'a [f32], usize, f32);
+type PeftPair<'a> = (PeftMatrix<'a>, PeftMatrix<'a>, usize, f32);
 
 /// Each layer's pairs as the projections their images are made from.
 fn projections<'a>(
@@ -239,20 +241,23 @@ fn projections<'a>(
 }
 
 /// Each layer's projections of `adapter`.
-fn adapter_pairs(adapter: &AdapterWeights) -> impl Iterator<Item = [Option<PeftPair<'_>>; 7]> {
+fn adapter_pairs<'a>(
+    adapter: &'a AdapterTensors<'_>,
+) -> impl Iterator<Item = [Option<PeftPair<'a>>; 7]> {
     let (rank, scale) = (adapter.rank, adapter.scale);
     adapter.layers.iter().map(move |layer| {
         layer
             .each_ref()
-            .map(|p| p.as_ref().map(|p| (&p.a[..], &p.b[..], rank, scale)))
+            .map(|p| p.as_ref().map(|p| (p.a, p.b(), rank, scale)))
     })
 }
 
 /// A layer's projections read back from a host stack.
 fn peft_slots(layer: &[Option<PeftSlot>; 7]) -> [Option<PeftPair<'_>>; 7] {
-    layer
-        .each_ref()
-        .map(|p| p.as_ref().map(|p| (&p.a[..], &p.b[..], p.rank, p.scale)))
+    layer.each_ref().map(|p| {
+        p.as_ref()
+            .map(|p| ((&p.a).into(), (&p.b).into(), p.rank, p.scale))
+    })
 }
 
 /// `max_loras` device slots for every projection of every layer.
@@ -387,7 +392,8 @@ impl GpuLoraStack {
 
     /// The image of `adapter` for these slots.
     pub fn image_of(&self, adapter: &AdapterWeights) -> Result<GpuAdapterImage, LoraGpuError> {
-        GpuAdapterImage::build(&self.dims, self.dtype, adapter_pairs(adapter))
+        let tensors = adapter.tensors();
+        GpuAdapterImage::build(&self.dims, self.dtype, adapter_pairs(&tensors))
     }
 
     /// The slots' dtype.
@@ -415,19 +421,57 @@ mod tests {
     use caduceus_kernels::gpu::{DType, Device};
 
     use super::{image_bytes, GpuAdapterImage};
+    use crate::adapters::make::write_synthetic_adapters;
+    use crate::adapters::{load_adapter, with_adapter, AdapterError, AdapterLimits, Projection};
     use crate::gpu::model::tests::{adapter, CONFIG};
     use crate::model::config::LlamaConfig;
+
+    #[test]
+    fn an_image_built_from_the_files_bytes_is_the_image_of_its_f32_weights() {
+        let scratch = tempfile::tempdir().unwrap();
+        let limits = AdapterLimits {
+            max_rank: 8,
+            max_file_bytes: 1 << 30,
+        };
+        for rope_neox in [true, false] {
+            // A GGUF llama base (`!rope_neox`) permutes q's and k's B rows as they are read.
+            let c = LlamaConfig {
+                rope_neox,
+                ..LlamaConfig::from_hf_json(CONFIG).unwrap()
+            };
+            let targets = [
+                Projection::Q,
+                Projection::K,
+                Projection::Up,
+                Projection::Down,
+            ];
+            let dir =
+                &write_synthetic_adapters(&c, scratch.path(), 1, 8, &targets, 9, 16.0).unwrap()[0];
+            let weights = load_adapter(dir, &c, &limits).unwrap();
+            let via_f32 = GpuAdapterImage::new(&c, &weights.tensors(), DType::Bf16).unwrap();
+            let pool = PinnedPool::new(&Device::emulated(), 1 << 20, 1 << 16).unwrap();
+            let (from_bytes, pinned) = with_adapter(dir, &c, &limits, |t| {
+                assert_eq!((t.rank, t.generation), (weights.rank, weights.generation));
+                let heap = GpuAdapterImage::new(&c, t, DType::Bf16).unwrap();
+                let pinned = GpuAdapterImage::new_pinned(&c, t, DType::Bf16, &pool).unwrap();
+                Ok::<_, AdapterError>((heap, pinned.expect("the pool has room")))
+            })
+            .unwrap();
+            assert_eq!(from_bytes, via_f32, "rope_neox {rope_neox}");
+            assert_eq!(pinned, via_f32, "rope_neox {rope_neox}");
+        }
+    }
 
     #[test]
     fn a_pinned_image_counts_its_whole_pages_and_a_full_pool_keeps_it_on_the_heap() {
         let c = LlamaConfig::from_hf_json(CONFIG).unwrap();
         let w = adapter(&c, 8, &[0, 1, 2, 3, 4, 5, 6], 5, DType::Bf16);
-        let heap = GpuAdapterImage::new(&c, &w, DType::Bf16).unwrap();
+        let heap = GpuAdapterImage::new(&c, &w.tensors(), DType::Bf16).unwrap();
         // Every projection targeted: the sizing formula is exact.
         assert_eq!(heap.nbytes(), image_bytes(&c, 8));
         let pool = PinnedPool::new(&Device::emulated(), 3 << 20, 1 << 20).unwrap();
         // Written straight into the pages: the same values, in whole pages.
-        let pinned = GpuAdapterImage::new_pinned(&c, &w, DType::Bf16, &pool).unwrap();
+        let pinned = GpuAdapterImage::new_pinned(&c, &w.tensors(), DType::Bf16, &pool).unwrap();
         let pinned = pinned.expect("the pool has room");
         assert!(pinned.is_pinned() && !heap.is_pinned());
         assert_eq!(pinned, heap);
@@ -438,16 +482,18 @@ mod tests {
         assert_eq!(pool.free_pages(), 3);
         // A pool without room gives no pinned image, and says so.
         let small = PinnedPool::new(&Device::emulated(), 1 << 10, 1 << 10).unwrap();
-        let none = GpuAdapterImage::new_pinned(&c, &w, DType::Bf16, &small).unwrap();
+        let none = GpuAdapterImage::new_pinned(&c, &w.tensors(), DType::Bf16, &small).unwrap();
         assert!(none.is_none() && small.refused() == 1);
         // What `prepare` keeps: pinned where the pool has room, else on the heap (counted).
-        let kept = GpuAdapterImage::prepare(&c, &w, DType::Bf16, Some(&small)).unwrap();
+        let kept = GpuAdapterImage::prepare(&c, &w.tensors(), DType::Bf16, Some(&small)).unwrap();
         assert!(!kept.is_pinned() && kept == heap && small.refused() == 2);
         assert_eq!(kept.nbytes(), heap.nbytes());
-        let kept = GpuAdapterImage::prepare(&c, &w, DType::Bf16, Some(&pool)).unwrap();
+        let kept = GpuAdapterImage::prepare(&c, &w.tensors(), DType::Bf16, Some(&pool)).unwrap();
         assert!(kept.is_pinned() && kept == heap);
-        assert!(!GpuAdapterImage::prepare(&c, &w, DType::Bf16, None)
-            .unwrap()
-            .is_pinned());
+        assert!(
+            !GpuAdapterImage::prepare(&c, &w.tensors(), DType::Bf16, None)
+                .unwrap()
+                .is_pinned()
+        );
     }
 }

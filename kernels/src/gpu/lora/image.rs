@@ -6,7 +6,7 @@ use std::sync::Arc;
 use crate::gpu::copy_stream::Upload;
 use crate::gpu::pinned_pool::{PinnedBytes, Span};
 use crate::gpu::{as_bytes, DType, DeviceBuffer, GpuError};
-use crate::lora::{LoraError, LoraShape, MAX_LORA_RANK};
+use crate::lora::{LoraError, LoraShape, PeftMatrix, MAX_LORA_RANK};
 
 /// Rows padded to 8 values (16 bytes), so every row starts aligned for vector loads.
 pub(super) fn padded(dim: usize) -> usize {
@@ -30,39 +30,50 @@ fn bf16_bits(x: f32) -> u16 {
 
 /// A's rows then B's transposed (PEFT's `a` `[rank, in_dim]`, `b` `[out_dim, rank]`) as `rank`
 /// rows of `is` then `rank` rows of `os` `bits` values, zero-padded, handed to `emit` one at a
-/// time (in one reused buffer); stops at the first `false` from `emit`, and returns it.
+/// time; stops at the first `false` from `emit`, and returns it.
 fn each_row(
-    (a, b): (&[f32], &[f32]),
+    (a, b): (PeftMatrix<'_>, PeftMatrix<'_>),
     rank: usize,
     in_dim: usize,
     (is, os): (usize, usize),
-    bits: impl Fn(f32) -> u16,
+    bits: impl Fn(f32) -> u16 + Copy,
     mut emit: impl FnMut(&[u16]) -> bool,
 ) -> bool {
-    let mut row = vec![0u16; is.max(os)];
-    for src in a.chunks_exact(in_dim).take(rank) {
-        let r = &mut row[..is];
-        r.fill(0);
-        for (d, &x) in r.iter_mut().zip(src) {
-            *d = bits(x);
-        }
-        if !emit(r) {
-            return false;
-        }
-    }
-    // Rank row k gathers column k of B's rows (one output's `rank` values each), in order.
+    let mut row = vec![0u16; is];
     for k in 0..rank {
-        let r = &mut row[..os];
-        r.fill(0);
-        for (d, src) in r.iter_mut().zip(b.chunks_exact(rank)) {
-            *d = bits(src[k]);
-        }
+        let r = &mut row[..is];
+        r[in_dim..].fill(0);
+        a.map_into(k * in_dim, &mut r[..in_dim], bits);
         if !emit(r) {
             return false;
         }
     }
-    true
+    // Rank row k gathers column k of B's rows (one output's `rank` values each), in order: B
+    // is converted front to back, a block of rows at a time, and each block's columns copied
+    // out.
+    let out_dim = b.len() / rank;
+    let mut bt = vec![0u16; rank * os];
+    let mut block = vec![0u16; B_BLOCK_ROWS * rank];
+    for first in (0..out_dim).step_by(B_BLOCK_ROWS) {
+        let rows = B_BLOCK_ROWS.min(out_dim - first);
+        let block = &mut block[..rows * rank];
+        b.map_into(first * rank, block, bits);
+        // Row by row of the result: its writes run on, its reads stay in the small block (a
+        // scatter to all rank rows at once thrashed the cache: the rows lie 8 KiB apart and up).
+        for (k, out) in bt.chunks_exact_mut(os).enumerate() {
+            for (d, values) in out[first..first + rows]
+                .iter_mut()
+                .zip(block.chunks_exact(rank))
+            {
+                *d = values[k];
+            }
+        }
+    }
+    bt.chunks_exact(os).all(emit)
 }
+
+/// Rows of B converted at a time while transposing it.
+const B_BLOCK_ROWS: usize = 256;
 
 /// Where an image's values lie: in ordinary memory, or in a pinned lease the device can copy
 /// them from directly.
@@ -141,8 +152,8 @@ pub struct PeftProjection<'a> {
     pub dtype: DType,
     pub in_dim: usize,
     pub out_dim: usize,
-    pub a: &'a [f32],
-    pub b: &'a [f32],
+    pub a: PeftMatrix<'a>,
+    pub b: PeftMatrix<'a>,
     pub rank: usize,
     pub scale: f32,
 }
@@ -233,8 +244,8 @@ impl SlotImage {
             dtype,
             in_dim,
             out_dim,
-            a,
-            b,
+            a: a.into(),
+            b: b.into(),
             rank,
             scale,
         })
@@ -353,6 +364,71 @@ mod tests {
     }
 
     #[test]
+    fn b_is_transposed_across_blocks_of_its_rows() {
+        // out 600 (several blocks of rows, the last partial; stride 600), in 9 (stride 16).
+        let (in_dim, out_dim, rank) = (9, 600, 3);
+        let a: Vec<f32> = (0..rank * in_dim).map(|i| i as f32 * 0.25 - 3.0).collect();
+        let b: Vec<f32> = (0..out_dim * rank).map(|i| (i as f32).sin()).collect();
+        let i = SlotImage::new(DType::Bf16, in_dim, out_dim, &a, &b, rank, 1.0).unwrap();
+        let mut expected = Vec::new();
+        for k in 0..rank {
+            expected.extend((0..out_dim).map(|o| bf16_bits(b[o * rank + k])));
+        }
+        assert_eq!(*i.b.bits(), expected);
+        let mut expected = Vec::new();
+        for row in a.chunks_exact(in_dim) {
+            expected.extend(row.iter().map(|&x| bf16_bits(x)));
+            expected.extend([0; 7]);
+        }
+        assert_eq!(*i.a.bits(), expected);
+    }
+
+    #[test]
+    fn an_image_of_a_files_bytes_is_the_image_of_their_values() {
+        // in 5 (stride 8), out 3 (stride 8), rank 2; values exact in f16 and bf16, so every
+        // storage holds the same numbers.
+        let a = [1.0f32, -2.0, 0.5, 0.25, 3.0, -0.125, 8.0, -1.0, 0.0, 1.5];
+        let b = [0.5f32, -4.0, 2.0, 0.75, -0.0, 6.0]; // [out][rank]
+        let le = |v: &[f32], to: fn(f32) -> Vec<u8>| v.iter().flat_map(|&x| to(x)).collect();
+        let f32_le = |x: f32| x.to_le_bytes().to_vec();
+        let f16_le = |x: f32| half::f16::from_f32(x).to_le_bytes().to_vec();
+        let bf16_le = |x: f32| half::bf16::from_f32(x).to_le_bytes().to_vec();
+        let (a32, b32): (Vec<u8>, Vec<u8>) = (le(&a, f32_le), le(&b, f32_le));
+        let (a16, b16): (Vec<u8>, Vec<u8>) = (le(&a, f16_le), le(&b, f16_le));
+        let (abf, bbf): (Vec<u8>, Vec<u8>) = (le(&a, bf16_le), le(&b, bf16_le));
+        for dtype in [DType::Bf16, DType::F16] {
+            let expected = SlotImage::new(dtype, 5, 3, &a, &b, 2, 0.5).unwrap();
+            for (a, b) in [
+                (PeftMatrix::LeF32(&a32), PeftMatrix::LeF32(&b32)),
+                (PeftMatrix::LeF16(&a16), PeftMatrix::LeF16(&b16)),
+                (PeftMatrix::LeBf16(&abf), PeftMatrix::LeBf16(&bbf)),
+            ] {
+                let p = PeftProjection {
+                    dtype,
+                    in_dim: 5,
+                    out_dim: 3,
+                    a,
+                    b,
+                    rank: 2,
+                    scale: 0.5,
+                };
+                assert_eq!(SlotImage::of(&p).unwrap(), expected, "{dtype:?} {a:?}");
+            }
+        }
+        // A matrix a value short is refused, whatever its storage.
+        let short = PeftProjection {
+            dtype: DType::Bf16,
+            in_dim: 5,
+            out_dim: 3,
+            a: PeftMatrix::LeF32(&a32[..a32.len() - 1]),
+            b: PeftMatrix::LeF32(&b32),
+            rank: 2,
+            scale: 0.5,
+        };
+        assert!(SlotImage::of(&short).is_err());
+    }
+
+    #[test]
     fn an_image_written_into_a_lease_holds_the_heap_images_bits() {
         use crate::gpu::pinned_pool::PinnedPool;
         use crate::gpu::Device;
@@ -361,8 +437,8 @@ mod tests {
             dtype: DType::F16,
             in_dim: 3,
             out_dim: 2,
-            a: &a,
-            b: &b,
+            a: PeftMatrix::F32(&a),
+            b: PeftMatrix::F32(&b),
             rank: 2,
             scale: 0.5,
         };

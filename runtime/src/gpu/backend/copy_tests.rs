@@ -65,10 +65,10 @@ fn copies_are_ordered(dev: Device, pinned: bool) {
     let w = adapter(&c, 8, &[0, 2, 3, 6], 11, DTYPE);
     // As the loader thread prepares it for a GPU engine: the slots' bits (in pinned pages when
     // the host tier has a pool, as `caduceus serve` on a GPU does).
-    let heap = GpuAdapterImage::new(&c, &w, DTYPE).unwrap();
+    let heap = GpuAdapterImage::new(&c, &w.tensors(), DTYPE).unwrap();
     let pool = PinnedPool::new(b.model.device(), 2 * heap.nbytes(), 4096).unwrap();
     let image = match pinned {
-        true => GpuAdapterImage::new_pinned(&c, &w, DTYPE, &pool)
+        true => GpuAdapterImage::new_pinned(&c, &w.tensors(), DTYPE, &pool)
             .unwrap()
             .expect("the pool has room"),
         false => heap,

@@ -428,7 +428,7 @@ fn adapters_from_the_host_tier_fill_device_slots_like_direct_loads() {
     host.load_prepared(dev, 1, &prepared).unwrap();
     // What the loader thread keeps for a GPU engine, filled as a copy of its bits; slot 0 first
     // holds another adapter, which the image's untargeted projections must clear.
-    let image = GpuAdapterImage::new(&c, &w, DTYPE).unwrap();
+    let image = GpuAdapterImage::new(&c, &w.tensors(), DTYPE).unwrap();
     assert_eq!(image, direct.image_of(&w).unwrap());
     let other = adapter(&c, 8, &[0, 1, 2, 3, 4, 5, 6], 12, DTYPE);
     imaged.load(dev, 1, &other).unwrap();
@@ -479,7 +479,7 @@ fn adapters_from_the_host_tier_fill_device_slots_like_direct_loads() {
         .load_image_with(
             &mut &*dev,
             0,
-            &GpuAdapterImage::new(&c, &w, other_dtype).unwrap(),
+            &GpuAdapterImage::new(&c, &w.tensors(), other_dtype).unwrap(),
         )
         .unwrap_err();
     assert!(e.to_string().contains("dtype"), "{e}");
