@@ -13,13 +13,12 @@
 use std::io::Read;
 use std::path::Path;
 
+use caduceus_kernels::lora::PeftMatrix;
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
 
 use super::peft_config::{read_config, PeftConfig};
 use super::weights::{AdapterTensors, AdapterWeights, PairTensors, Projection};
-use caduceus_kernels::lora::PeftMatrix;
-
 use crate::model::config::LlamaConfig;
 use crate::model::lora::projection_dims;
 
