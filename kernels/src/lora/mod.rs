@@ -31,7 +31,6 @@ mod apply;
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
-mod peft_matrix;
 mod q8;
 mod scalar;
 mod slots;
@@ -43,7 +42,6 @@ pub use apply::{
 };
 /// The half-precision storage types, re-exported so callers need not depend on `half`.
 pub use half::{bf16, f16};
-pub use peft_matrix::PeftMatrix;
 pub use slots::{LoraShape, LoraSlots, PeftSlot};
 pub use weight::{LoraWeight, WeightKind, Q8};
 

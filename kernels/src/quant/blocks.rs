@@ -4,8 +4,9 @@
 //! has to be copied into Rust structs. Every formula follows ggml's reference code so the values
 //! are bit-identical to ggml's and gguf-py's dequantization.
 
+use super::floats::Floats;
 use super::types::{GgmlType, QK, QK_K};
-use half::{bf16, f16};
+use half::f16;
 
 /// Reads the little-endian f16 at `b[at..at + 2]` as f32.
 #[inline(always)]
@@ -219,24 +220,9 @@ pub fn dequantize_row(ty: GgmlType, bytes: &[u8], out: &mut [f32]) {
         "{ty}: row bytes do not match element count"
     );
     let block_fn: fn(&[u8], &mut [f32]) = match ty {
-        GgmlType::F32 => {
-            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
-                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-            }
-            return;
-        }
-        GgmlType::F16 => {
-            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                *o = f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
-            }
-            return;
-        }
-        GgmlType::BF16 => {
-            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                *o = bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
-            }
-            return;
-        }
+        GgmlType::F32 => return Floats::LeF32(bytes).read_into(0, out),
+        GgmlType::F16 => return Floats::LeF16(bytes).read_into(0, out),
+        GgmlType::BF16 => return Floats::LeBf16(bytes).read_into(0, out),
         GgmlType::Q4_0 => dequant_q4_0,
         GgmlType::Q4_1 => dequant_q4_1,
         GgmlType::Q5_0 => dequant_q5_0,

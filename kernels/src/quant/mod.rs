@@ -15,6 +15,7 @@ mod dot_avx2;
 #[cfg(target_arch = "x86_64")]
 mod dot_packed;
 pub mod dot_scalar;
+mod floats;
 mod matmul;
 mod matmul_packed;
 mod matrix;
@@ -23,6 +24,7 @@ mod packed;
 mod quantize_x86;
 mod types;
 
+pub use floats::Floats;
 pub use matmul::{matmul, matmul_reference, matmul_with_path, KernelPath};
 pub use matrix::Matrix;
 pub use types::{GgmlType, QuantError, QK, QK_K};

@@ -13,14 +13,14 @@
 use std::io::Read;
 use std::path::Path;
 
-use caduceus_kernels::lora::PeftMatrix;
-use safetensors::tensor::{Dtype, TensorView};
+use caduceus_kernels::quant::Floats;
 use safetensors::SafeTensors;
 
 use super::peft_config::{read_config, PeftConfig};
 use super::weights::{AdapterTensors, AdapterWeights, PairTensors, Projection};
 use crate::model::config::LlamaConfig;
 use crate::model::lora::projection_dims;
+use crate::model::safetensors_dir::floats;
 
 pub use super::error::{AdapterError, TensorProblem};
 pub use super::peft_config::{module_path, probe, AdapterInfo, TargetModules};
@@ -256,20 +256,8 @@ fn parse_name(name: &str) -> Result<(usize, Projection, Half), String> {
     Ok((layer, proj, half))
 }
 
-/// A tensor's little-endian f32/f16/bf16 bytes (safetensors data is not necessarily aligned);
-/// `None` for another dtype.
-fn matrix<'a>(view: &TensorView<'a>) -> Option<PeftMatrix<'a>> {
-    let data = view.data();
-    match view.dtype() {
-        Dtype::F32 => Some(PeftMatrix::LeF32(data)),
-        Dtype::F16 => Some(PeftMatrix::LeF16(data)),
-        Dtype::BF16 => Some(PeftMatrix::LeBf16(data)),
-        _ => None,
-    }
-}
-
 /// Per layer and projection: the A and B halves read so far.
-type Halves<'a> = [(Option<PeftMatrix<'a>>, Option<PeftMatrix<'a>>); 7];
+type Halves<'a> = [(Option<Floats<'a>>, Option<Floats<'a>>); 7];
 
 /// Reads every tensor, checking it against the base and the wanted (layer, projection) set, then
 /// checks that every wanted pair is complete.
@@ -308,7 +296,7 @@ fn read_tensors<'a>(
         if !wanted[layer][proj.index()] {
             return Err(tensor_err(name, TensorProblem::NotTargeted));
         }
-        let Some(values) = matrix(&view) else {
+        let Some((_, values)) = floats(&view) else {
             let problem = TensorProblem::Dtype(format!("{:?}", view.dtype()));
             return Err(tensor_err(name, problem));
         };

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use caduceus_kernels::lora::PeftMatrix;
+use caduceus_kernels::quant::Floats;
 
 /// The seven projections a Llama-family LoRA adapter may target, by PEFT module name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -95,8 +95,8 @@ impl AdapterWeights {
                 .map(|layer| {
                     layer.each_ref().map(|p| {
                         p.as_ref().map(|p| PairTensors {
-                            a: PeftMatrix::F32(&p.a),
-                            b: Values::Matrix(PeftMatrix::F32(&p.b)),
+                            a: Floats::F32(&p.a),
+                            b: Values::Matrix(Floats::F32(&p.b)),
                         })
                     })
                 })
@@ -169,14 +169,14 @@ impl AdapterTensors<'_> {
 #[derive(Debug)]
 pub struct PairTensors<'a> {
     /// PEFT `lora_A.weight`: `[rank, in_dim]`.
-    pub a: PeftMatrix<'a>,
+    pub a: Floats<'a>,
     /// PEFT `lora_B.weight`: `[out_dim, rank]`, in the base's row order.
     b: Values<'a>,
 }
 
 impl<'a> PairTensors<'a> {
     /// A pair whose values both lie where the matrices point.
-    pub fn new(a: PeftMatrix<'a>, b: PeftMatrix<'a>) -> Self {
+    pub fn new(a: Floats<'a>, b: Floats<'a>) -> Self {
         PairTensors {
             a,
             b: Values::Matrix(b),
@@ -184,7 +184,7 @@ impl<'a> PairTensors<'a> {
     }
 
     /// A pair whose B was converted (its rows permuted for a GGUF base).
-    pub fn with_owned_b(a: PeftMatrix<'a>, b: Vec<f32>) -> Self {
+    pub fn with_owned_b(a: Floats<'a>, b: Vec<f32>) -> Self {
         PairTensors {
             a,
             b: Values::Owned(b),
@@ -192,10 +192,10 @@ impl<'a> PairTensors<'a> {
     }
 
     /// PEFT `lora_B.weight`: `[out_dim, rank]`, in the base's row order.
-    pub fn b(&self) -> PeftMatrix<'_> {
+    pub fn b(&self) -> Floats<'_> {
         match &self.b {
             Values::Matrix(m) => *m,
-            Values::Owned(v) => PeftMatrix::F32(v),
+            Values::Owned(v) => Floats::F32(v),
         }
     }
 }
@@ -203,6 +203,6 @@ impl<'a> PairTensors<'a> {
 /// A matrix's values: borrowed, or converted and owned.
 #[derive(Debug)]
 enum Values<'a> {
-    Matrix(PeftMatrix<'a>),
+    Matrix(Floats<'a>),
     Owned(Vec<f32>),
 }

@@ -13,7 +13,8 @@ use caduceus_kernels::gpu::lora::{
 };
 use caduceus_kernels::gpu::pinned_pool::{PinnedBytes, PinnedPool};
 use caduceus_kernels::gpu::{DType, Device, GpuError};
-use caduceus_kernels::lora::{LoraError, LoraShape, PeftMatrix, PeftSlot, Segment};
+use caduceus_kernels::lora::{LoraError, LoraShape, PeftSlot, Segment};
+use caduceus_kernels::quant::Floats;
 
 use crate::adapters::{AdapterTensors, AdapterWeights};
 use crate::model::config::LlamaConfig;
@@ -213,7 +214,7 @@ fn unpinned(pool: &PinnedPool) {
 }
 
 /// One projection's (a, b, rank, scale) in PEFT's layouts.
-type PeftPair<'a> = (PeftMatrix<'a>, PeftMatrix<'a>, usize, f32);
+type PeftPair<'a> = (Floats<'a>, Floats<'a>, usize, f32);
 
 /// Each layer's pairs as the projections their images are made from.
 fn projections<'a>(

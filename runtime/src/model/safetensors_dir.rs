@@ -4,6 +4,8 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
+use caduceus_kernels::quant::Floats;
+use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 
 use super::error::ModelError;
@@ -85,16 +87,15 @@ pub fn read_shard(
             tracing::debug!(tensor = hf_name, file = %path.display(), "skipping unused tensor");
             continue;
         };
-        let (source_type, values) =
-            decode(view.dtype(), view.data()).ok_or_else(|| ModelError::UnsupportedType {
-                tensor: hf_name.to_owned(),
-                ty: format!("{:?} (only F32, F16 and BF16 are supported)", view.dtype()),
-            })?;
+        let (source_type, values) = floats(&view).ok_or_else(|| ModelError::UnsupportedType {
+            tensor: hf_name.to_owned(),
+            ty: format!("{:?} (only F32, F16 and BF16 are supported)", view.dtype()),
+        })?;
         visit(HfTensor {
             name,
             shape: view.shape().to_vec(),
             source_type,
-            values,
+            values: values.to_vec(),
         })?;
     }
     Ok(())
@@ -133,30 +134,14 @@ pub fn canonical_name(hf: &str) -> Option<String> {
     Some(format!("blk.{layer}.{gguf}.{suffix}"))
 }
 
-/// Little-endian float bytes to f32; `None` for other dtypes.
-fn decode(dtype: Dtype, bytes: &[u8]) -> Option<(&'static str, Vec<f32>)> {
-    Some(match dtype {
-        Dtype::F32 => (
-            "F32",
-            bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-        ),
-        Dtype::F16 => (
-            "F16",
-            bytes
-                .chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-        ),
-        Dtype::BF16 => (
-            "BF16",
-            bytes
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-        ),
+/// A safetensors tensor's values and its dtype's name, as stored; `None` for a dtype other than
+/// F32, F16 and BF16.
+pub fn floats<'a>(view: &TensorView<'a>) -> Option<(&'static str, Floats<'a>)> {
+    let data = view.data();
+    Some(match view.dtype() {
+        Dtype::F32 => ("F32", Floats::LeF32(data)),
+        Dtype::F16 => ("F16", Floats::LeF16(data)),
+        Dtype::BF16 => ("BF16", Floats::LeBf16(data)),
         _ => return None,
     })
 }
@@ -205,11 +190,17 @@ mod tests {
     }
 
     #[test]
-    fn decodes_half_precision() {
+    fn reads_every_float_dtype_and_refuses_others() {
+        let f32 = (-0.75f32).to_le_bytes();
         let f16 = half::f16::from_f32(-1.5).to_le_bytes();
         let bf16 = half::bf16::from_f32(3.0).to_le_bytes();
-        assert_eq!(decode(Dtype::F16, &f16), Some(("F16", vec![-1.5])));
-        assert_eq!(decode(Dtype::BF16, &bf16), Some(("BF16", vec![3.0])));
-        assert_eq!(decode(Dtype::I64, &[0; 8]), None);
+        let read = |dtype, bytes: &[u8]| {
+            let view = TensorView::new(dtype, vec![1], bytes).expect("a one-value view");
+            floats(&view).map(|(name, values)| (name, values.to_vec()))
+        };
+        assert_eq!(read(Dtype::F32, &f32), Some(("F32", vec![-0.75])));
+        assert_eq!(read(Dtype::F16, &f16), Some(("F16", vec![-1.5])));
+        assert_eq!(read(Dtype::BF16, &bf16), Some(("BF16", vec![3.0])));
+        assert_eq!(read(Dtype::I64, &[0; 8]), None);
     }
 }

@@ -202,23 +202,9 @@ fn gguf_tensor(
     let cols = to_usize(info.dims.first().copied().unwrap_or(1))?;
     let rows = to_usize(info.dims.iter().skip(1).product())?;
     if info.dims.len() == 1 {
-        let values = match ty {
-            GgmlType::F32 => bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            GgmlType::F16 => bytes
-                .chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            GgmlType::BF16 => bytes
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            _ => Matrix::new(ty, 1, cols, bytes.to_vec())
-                .map_err(|e| corrupt(e.to_string()))?
-                .to_f32(),
-        };
+        let values = Matrix::new(ty, 1, cols, bytes.to_vec())
+            .map_err(|e| corrupt(e.to_string()))?
+            .to_f32();
         return Ok(Tensor::Vector(values));
     }
     let m = Matrix::new(ty, rows, cols, bytes.to_vec()).map_err(|e| corrupt(e.to_string()))?;

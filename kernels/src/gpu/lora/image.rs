@@ -6,7 +6,8 @@ use std::sync::Arc;
 use crate::gpu::copy_stream::Upload;
 use crate::gpu::pinned_pool::{PinnedBytes, Span};
 use crate::gpu::{as_bytes, DType, DeviceBuffer, GpuError};
-use crate::lora::{LoraError, LoraShape, PeftMatrix, MAX_LORA_RANK};
+use crate::lora::{LoraError, LoraShape, MAX_LORA_RANK};
+use crate::quant::Floats;
 
 /// Rows padded to 8 values (16 bytes), so every row starts aligned for vector loads.
 pub(super) fn padded(dim: usize) -> usize {
@@ -32,7 +33,7 @@ fn bf16_bits(x: f32) -> u16 {
 /// rows of `is` then `rank` rows of `os` `bits` values, zero-padded, handed to `emit` one at a
 /// time; stops at the first `false` from `emit`, and returns it.
 fn each_row(
-    (a, b): (PeftMatrix<'_>, PeftMatrix<'_>),
+    (a, b): (Floats<'_>, Floats<'_>),
     rank: usize,
     in_dim: usize,
     (is, os): (usize, usize),
@@ -152,8 +153,8 @@ pub struct PeftProjection<'a> {
     pub dtype: DType,
     pub in_dim: usize,
     pub out_dim: usize,
-    pub a: PeftMatrix<'a>,
-    pub b: PeftMatrix<'a>,
+    pub a: Floats<'a>,
+    pub b: Floats<'a>,
     pub rank: usize,
     pub scale: f32,
 }
@@ -399,9 +400,9 @@ mod tests {
         for dtype in [DType::Bf16, DType::F16] {
             let expected = SlotImage::new(dtype, 5, 3, &a, &b, 2, 0.5).unwrap();
             for (a, b) in [
-                (PeftMatrix::LeF32(&a32), PeftMatrix::LeF32(&b32)),
-                (PeftMatrix::LeF16(&a16), PeftMatrix::LeF16(&b16)),
-                (PeftMatrix::LeBf16(&abf), PeftMatrix::LeBf16(&bbf)),
+                (Floats::LeF32(&a32), Floats::LeF32(&b32)),
+                (Floats::LeF16(&a16), Floats::LeF16(&b16)),
+                (Floats::LeBf16(&abf), Floats::LeBf16(&bbf)),
             ] {
                 let p = PeftProjection {
                     dtype,
@@ -420,8 +421,8 @@ mod tests {
             dtype: DType::Bf16,
             in_dim: 5,
             out_dim: 3,
-            a: PeftMatrix::LeF32(&a32[..a32.len() - 1]),
-            b: PeftMatrix::LeF32(&b32),
+            a: Floats::LeF32(&a32[..a32.len() - 1]),
+            b: Floats::LeF32(&b32),
             rank: 2,
             scale: 0.5,
         };
@@ -437,8 +438,8 @@ mod tests {
             dtype: DType::F16,
             in_dim: 3,
             out_dim: 2,
-            a: PeftMatrix::F32(&a),
-            b: PeftMatrix::F32(&b),
+            a: Floats::F32(&a),
+            b: Floats::F32(&b),
             rank: 2,
             scale: 0.5,
         };

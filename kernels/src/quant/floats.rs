@@ -1,11 +1,12 @@
-//! [`PeftMatrix`]: the values of one PEFT `lora_A` or `lora_B` tensor where the loader holds
-//! them, f32 in memory or still in the weights file's little-endian bytes.
+//! [`Floats`]: float values where a loader holds them, f32 in memory or still in a weights
+//! file's little-endian f32, f16 or bf16 bytes. The one place those bytes are decoded: GGUF rows
+//! ([`super::blocks::dequantize_row`]), safetensors model tensors and PEFT adapter matrices.
 
-/// One PEFT LoRA matrix, row-major, as f32 values or as the little-endian bytes of a
-/// safetensors file (not necessarily aligned), read element by element as f32. Building a slot
-/// form straight from the file's bytes skips a widened f32 copy of the whole adapter.
+/// Float values as f32 or as the little-endian bytes of a weights file (not necessarily
+/// aligned), read as f32. Building a device form straight from the file's bytes (a GPU adapter
+/// image) skips a widened f32 copy of the whole tensor.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub enum PeftMatrix<'a> {
+pub enum Floats<'a> {
     F32(&'a [f32]),
     /// Little-endian f32 bytes.
     LeF32(&'a [u8]),
@@ -15,25 +16,25 @@ pub enum PeftMatrix<'a> {
     LeBf16(&'a [u8]),
 }
 
-impl<'a> From<&'a [f32]> for PeftMatrix<'a> {
+impl<'a> From<&'a [f32]> for Floats<'a> {
     fn from(values: &'a [f32]) -> Self {
-        PeftMatrix::F32(values)
+        Floats::F32(values)
     }
 }
 
-impl<'a> From<&'a Vec<f32>> for PeftMatrix<'a> {
+impl<'a> From<&'a Vec<f32>> for Floats<'a> {
     fn from(values: &'a Vec<f32>) -> Self {
-        PeftMatrix::F32(values)
+        Floats::F32(values)
     }
 }
 
-impl PeftMatrix<'_> {
+impl Floats<'_> {
     /// Whole values held (a trailing partial value of the bytes is not one).
     pub fn len(&self) -> usize {
         match self {
-            PeftMatrix::F32(v) => v.len(),
-            PeftMatrix::LeF32(b) => b.len() / 4,
-            PeftMatrix::LeF16(b) | PeftMatrix::LeBf16(b) => b.len() / 2,
+            Floats::F32(v) => v.len(),
+            Floats::LeF32(b) => b.len() / 4,
+            Floats::LeF16(b) | Floats::LeBf16(b) => b.len() / 2,
         }
     }
 
@@ -61,12 +62,21 @@ impl PeftMatrix<'_> {
         }
     }
 
+    /// The values `start..start + out.len()` into `out` (copied where they lie as f32, decoded
+    /// where not); the range must lie within [`Self::len`].
+    pub fn read_into(&self, start: usize, out: &mut [f32]) {
+        match self.as_f32() {
+            Some(v) => out.copy_from_slice(&v[start..start + out.len()]),
+            None => self.decode(start, out),
+        }
+    }
+
     /// The values as f32 in place: f32 ones, and little-endian f32 bytes that lie aligned on a
     /// little-endian machine (a safetensors file's usually do).
     fn as_f32(&self) -> Option<&[f32]> {
         match self {
-            PeftMatrix::F32(v) => Some(v),
-            PeftMatrix::LeF32(b) if cfg!(target_endian = "little") => {
+            Floats::F32(v) => Some(v),
+            Floats::LeF32(b) if cfg!(target_endian = "little") => {
                 let whole = &b[..b.len() / 4 * 4];
                 bytemuck::try_cast_slice(whole).ok()
             }
@@ -74,22 +84,22 @@ impl PeftMatrix<'_> {
         }
     }
 
-    /// The values `start..start + out.len()` into `out`.
+    /// The values `start..start + out.len()` into `out`, decoded from the bytes.
     fn decode(&self, start: usize, out: &mut [f32]) {
         let end = start + out.len();
         match self {
-            PeftMatrix::F32(v) => out.copy_from_slice(&v[start..end]),
-            PeftMatrix::LeF32(b) => {
+            Floats::F32(v) => out.copy_from_slice(&v[start..end]),
+            Floats::LeF32(b) => {
                 for (o, c) in out.iter_mut().zip(b[4 * start..4 * end].chunks_exact(4)) {
                     *o = le_f32(c);
                 }
             }
-            PeftMatrix::LeF16(b) => {
+            Floats::LeF16(b) => {
                 for (o, c) in out.iter_mut().zip(b[2 * start..2 * end].chunks_exact(2)) {
                     *o = le_f16(c);
                 }
             }
-            PeftMatrix::LeBf16(b) => {
+            Floats::LeBf16(b) => {
                 for (o, c) in out.iter_mut().zip(b[2 * start..2 * end].chunks_exact(2)) {
                     *o = le_bf16(c);
                 }
@@ -100,12 +110,12 @@ impl PeftMatrix<'_> {
     /// Every value as f32.
     pub fn to_vec(&self) -> Vec<f32> {
         let mut out = vec![0.0; self.len()];
-        self.map_into(0, &mut out, |x| x);
+        self.read_into(0, &mut out);
         out
     }
 }
 
-/// Values decoded at a time by [`PeftMatrix::map_into`] (4 KiB of f32, on the stack).
+/// Values decoded at a time by [`Floats::map_into`] (4 KiB of f32, on the stack).
 const DECODE_BLOCK: usize = 1024;
 
 /// The value of 4 little-endian f32 bytes.
@@ -164,19 +174,22 @@ mod tests {
         // In place where aligned (offset 0), decoded where not (offset 1).
         let (aligned, unaligned) = (placed(&f32_bytes, 0), placed(&f32_bytes, 1));
         for m in [
-            PeftMatrix::F32(&values),
-            PeftMatrix::LeF32(at(&aligned, 0, f32_bytes.len())),
-            PeftMatrix::LeF32(at(&unaligned, 1, f32_bytes.len())),
-            PeftMatrix::LeF16(&f16_bytes),
-            PeftMatrix::LeBf16(&bf16_bytes),
+            Floats::F32(&values),
+            Floats::LeF32(at(&aligned, 0, f32_bytes.len())),
+            Floats::LeF32(at(&unaligned, 1, f32_bytes.len())),
+            Floats::LeF16(&f16_bytes),
+            Floats::LeBf16(&bf16_bytes),
         ] {
             assert_eq!(m.len(), values.len(), "{m:?}");
             assert_eq!(m.to_vec(), values, "{m:?}");
             let mut mid = [0u32; 3];
             m.map_into(2, &mut mid, f32::to_bits);
             assert_eq!(mid, [2.0f32, 0.25, -0.0].map(f32::to_bits), "{m:?}");
+            let mut tail = [0.0f32; 2];
+            m.read_into(5, &mut tail);
+            assert_eq!(tail, [96.0, 1.0 / 64.0], "{m:?}");
         }
-        assert_eq!(PeftMatrix::LeF32(&f32_bytes[..9]).len(), 2);
+        assert_eq!(Floats::LeF32(&f32_bytes[..9]).len(), 2);
         // Ranges over several decode blocks, starting and ending inside one.
         let long: Vec<f32> = (0..2 * DECODE_BLOCK + 300)
             .map(|i| i as f32 - 7.5)
@@ -184,12 +197,15 @@ mod tests {
         let bytes: Vec<u8> = long.iter().flat_map(|x| x.to_le_bytes()).collect();
         for offset in [0, 1] {
             let backing = placed(&bytes, offset);
-            let m = PeftMatrix::LeF32(at(&backing, offset, bytes.len()));
+            let m = Floats::LeF32(at(&backing, offset, bytes.len()));
             assert_eq!(m.as_f32().is_some(), offset == 0);
             let mut got = vec![0.0; DECODE_BLOCK + 300];
             m.map_into(DECODE_BLOCK - 200, &mut got, |x| x);
             assert_eq!(got, long[DECODE_BLOCK - 200..2 * DECODE_BLOCK + 100]);
+            let mut read = vec![0.0; DECODE_BLOCK + 300];
+            m.read_into(DECODE_BLOCK - 200, &mut read);
+            assert_eq!(read, got);
         }
-        assert!(PeftMatrix::LeBf16(&[1]).is_empty());
+        assert!(Floats::LeBf16(&[1]).is_empty());
     }
 }
