@@ -6,11 +6,17 @@
 //!   that spills registers fails the build unless its source says why it may, with a line
 //!   `// cad-allow-spill: <kernel name>: <reason>`; one declared without launch bounds
 //!   (`CAD_KERNEL`) fails it past 64 registers per thread (a 1024-thread block could not launch).
+//!
+//! Either way the files compile side by side on the jobs cargo gives this script (cc's
+//! `parallel` feature; nvcc processes through `run_parallel`): one after another, nvcc alone
+//! took ~100 s of a 2-core CI run, twice (once for clippy's profile, once for the tests').
 
 use std::env;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::thread;
 
 fn main() {
     let dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
@@ -108,13 +114,18 @@ fn nvcc() -> PathBuf {
 fn build_fatbins(sources: &[PathBuf]) {
     let nvcc = nvcc();
     let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
-    let mut table = String::from("/// (module name, fatbin) for every kernel file.\npub(crate) const MODULES: &[(&str, &[u8])] = &[\n");
-    for src in sources {
-        let stem = src
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .expect("utf-8 file name");
-        let fatbin = out.join(format!("{stem}.fatbin"));
+    let fatbins: Vec<(String, PathBuf)> = sources
+        .iter()
+        .map(|src| {
+            let stem = src
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .expect("utf-8 file name");
+            (stem.to_owned(), out.join(format!("{stem}.fatbin")))
+        })
+        .collect();
+    let logs = run_parallel(sources.len(), |i| {
+        let src = &sources[i];
         let output = Command::new(&nvcc)
             .args(["-fatbin", "-O3", "-std=c++17", "-lineinfo", "-Xptxas", "-v"])
             .args(["-gencode", "arch=compute_90,code=sm_90"])
@@ -122,15 +133,19 @@ fn build_fatbins(sources: &[PathBuf]) {
             .arg("-I")
             .arg(src.parent().expect("source has a folder"))
             .arg("-o")
-            .arg(&fatbin)
+            .arg(&fatbins[i].1)
             .arg(src)
             .output()
             .unwrap_or_else(|e| panic!("running {}: {e}", nvcc.display()));
-        let log = String::from_utf8_lossy(&output.stderr);
+        let log = String::from_utf8_lossy(&output.stderr).into_owned();
         if !output.status.success() {
             panic!("nvcc failed on {}:\n{log}", src.display());
         }
-        check_ptxas_report(src, &log);
+        log
+    });
+    let mut table = String::from("/// (module name, fatbin) for every kernel file.\npub(crate) const MODULES: &[(&str, &[u8])] = &[\n");
+    for ((src, log), (stem, fatbin)) in sources.iter().zip(&logs).zip(&fatbins) {
+        check_ptxas_report(src, log);
         table.push_str(&format!(
             "    ({stem:?}, include_bytes!({:?})),\n",
             fatbin.display().to_string()
@@ -138,6 +153,39 @@ fn build_fatbins(sources: &[PathBuf]) {
     }
     table.push_str("];\n");
     fs::write(out.join("cuda_modules.rs"), table).expect("write cuda_modules.rs");
+}
+
+/// `job(i)` for every `i < n`, in results ordered by `i`, on as many threads as cargo gives this
+/// build (`NUM_JOBS`): nvcc compiles one file on one core, and the kernel files are independent.
+fn run_parallel<T: Send>(n: usize, job: impl Fn(usize) -> T + Sync) -> Vec<T> {
+    let threads = env::var("NUM_JOBS")
+        .ok()
+        .and_then(|j| j.parse::<usize>().ok())
+        .unwrap_or(1)
+        .clamp(1, n.max(1));
+    let next = AtomicUsize::new(0);
+    let mut done: Vec<(usize, T)> = thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut mine = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= n {
+                            return mine;
+                        }
+                        mine.push((i, job(i)));
+                    }
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+            .collect()
+    });
+    done.sort_by_key(|(i, _)| *i);
+    done.into_iter().map(|(_, t)| t).collect()
 }
 
 /// `N` of ptxas's "Used N registers, ..." line.
