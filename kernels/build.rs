@@ -60,7 +60,11 @@ fn build_emulation(cuda_dir: &Path, sources: &[PathBuf]) {
     match env::var("CAD_EMU_SANITIZE").as_deref() {
         // Data races between emulated CUDA threads (a missing __syncthreads).
         Ok("thread") => {
-            b.flag("-fsanitize=thread").flag("-g");
+            // ThreadSanitizer sees races between OS threads only: one per CUDA thread here
+            // (the default runs a block's threads as fibers on one, see emu.cpp).
+            b.flag("-fsanitize=thread")
+                .flag("-g")
+                .define("CAD_EMU_OS_THREADS", None);
             println!("cargo:rustc-link-lib=dylib=tsan");
         }
         // Undefined behaviour, above all vector loads and stores at addresses the GPU would

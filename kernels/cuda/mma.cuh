@@ -89,23 +89,30 @@ inline void mma_16816(float c[4], const uint32_t a[4], const uint32_t b[2]) {
   };
   Frag mine{{a[0], a[1], a[2], a[3]}, {b[0], b[1]}}, all[32];
   cad_emu::warp_all_gather(&mine, sizeof(Frag), all);
-  float A[16][16], B[16][8];
-  for (unsigned l = 0; l < 32; ++l) {
-    const unsigned g = l / 4, t = l % 4;
+  // This lane's rows of A (g and g + 8) and columns of B (2t and 2t + 1), unpacked from the
+  // lanes that hold them: lane 4g + q holds A[g][2q + h] in a[0] (a[2]: 8 columns on; a[1],
+  // a[3]: row g + 8), lane 4n + q holds B[2q + h][n] in b[0] (b[1]: 8 rows on).
+  const unsigned lane = cad_emu::lane_id(), g = lane / 4, t = lane % 4;
+  float A[2][16], B[2][16];
+  for (unsigned q = 0; q < 4; ++q) {
+    const Frag& fa = all[4 * g + q];
     for (int h = 0; h < 2; ++h) {
-      A[g][2 * t + h] = half_of<T>(all[l].a[0], h);
-      A[g + 8][2 * t + h] = half_of<T>(all[l].a[1], h);
-      A[g][2 * t + 8 + h] = half_of<T>(all[l].a[2], h);
-      A[g + 8][2 * t + 8 + h] = half_of<T>(all[l].a[3], h);
-      B[2 * t + h][g] = half_of<T>(all[l].b[0], h);
-      B[2 * t + 8 + h][g] = half_of<T>(all[l].b[1], h);
+      A[0][2 * q + h] = half_of<T>(fa.a[0], h);
+      A[1][2 * q + h] = half_of<T>(fa.a[1], h);
+      A[0][2 * q + 8 + h] = half_of<T>(fa.a[2], h);
+      A[1][2 * q + 8 + h] = half_of<T>(fa.a[3], h);
+      for (unsigned j = 0; j < 2; ++j) {
+        const Frag& fb = all[4 * (2 * t + j) + q];
+        B[j][2 * q + h] = half_of<T>(fb.b[0], h);
+        B[j][2 * q + 8 + h] = half_of<T>(fb.b[1], h);
+      }
     }
   }
-  const unsigned lane = cad_emu::lane_id(), g = lane / 4, t = lane % 4;
   for (int i = 0; i < 4; ++i) {
-    const unsigned row = g + (i >= 2 ? 8 : 0), col = 2 * t + (i & 1);
+    const float* row = A[i >= 2 ? 1 : 0];
+    const float* col = B[i & 1];
     float acc = c[i];
-    for (int k = 0; k < 16; ++k) acc += A[row][k] * B[k][col];
+    for (int k = 0; k < 16; ++k) acc += row[k] * col[k];
     c[i] = acc;
   }
 }

@@ -169,28 +169,21 @@ fn try_decode_on(
     Ok((download(dev, dtype, &out), plan))
 }
 
-/// (num_heads, num_kv_heads, head_dim, dtype in emulation): GQA groups 1, 3, 4, 8, and 32
-/// (wider than one CTA's 16 rows, so two CTAs share a KV head). The emulation
-/// runs each shape in one dtype (every head_dim x dtype kernel at least once) to stay fast; a
-/// GPU runs both.
-const HEADS: [(usize, usize, usize, DType); 5] = [
-    (2, 2, 64, DType::Bf16),
-    (6, 2, 128, DType::F16),
-    (4, 1, 64, DType::F16),
-    (8, 1, 128, DType::Bf16),
-    (32, 1, 64, DType::Bf16),
+/// (num_heads, num_kv_heads, head_dim): GQA groups 1, 3, 4, 8, and 32 (wider than one CTA's 16
+/// rows, so two CTAs share a KV head).
+const HEADS: [(usize, usize, usize); 5] = [
+    (2, 2, 64),
+    (6, 2, 128),
+    (4, 1, 64),
+    (8, 1, 128),
+    (32, 1, 64),
 ];
 
 #[test]
 fn decode_matches_the_f64_reference_with_and_without_splits() {
     for dev in devices() {
-        for (i, &(nh, nkv, hd, emu_dtype)) in HEADS.iter().enumerate() {
-            let dtypes = if dev.is_emulated() {
-                vec![emu_dtype]
-            } else {
-                DTYPES.to_vec()
-            };
-            for dtype in dtypes {
+        for (i, &(nh, nkv, hd)) in HEADS.iter().enumerate() {
+            for dtype in DTYPES {
                 let what = format!("{} {dtype:?} heads {nh}/{nkv} hd {hd}", dev.describe());
                 let b = make_batch(dtype, &SEQS, (nh, nkv, hd), 200 + i as u64);
                 let scale = 1.0 / (hd as f32).sqrt();
@@ -199,11 +192,12 @@ fn decode_matches_the_f64_reference_with_and_without_splits() {
                 paged_attention_reference(&b.q, &b.cache, &seqs(&b), &params, &mut want);
                 let row = nh * hd;
                 // Off: one CTA per context; 32: every tile its own split (5 for 130 tokens, the
-                // last partial); 64: splits of two tiles (in emulation for the cheap shapes).
-                let mut splits = vec![DecodeSplit::Off, DecodeSplit::Tokens(32)];
-                if i < 2 || !dev.is_emulated() {
-                    splits.push(DecodeSplit::Tokens(64));
-                }
+                // last partial); 64: splits of two tiles.
+                let splits = [
+                    DecodeSplit::Off,
+                    DecodeSplit::Tokens(32),
+                    DecodeSplit::Tokens(64),
+                ];
                 let runs: Vec<_> = splits
                     .into_iter()
                     .map(|split| (split, run_decode(&dev, dtype, &b, &shape, split).0))
@@ -234,11 +228,8 @@ fn decode_only_batches_on_tensor_cores_match_the_reference() {
     // `TensorCoreDecode::for_shape` names.
     let spec: Vec<(usize, usize)> = SEQS.iter().copied().filter(|s| s.0 == 1).collect();
     for dev in devices() {
-        for (i, &(nh, nkv, hd, emu_dtype)) in HEADS.iter().enumerate() {
-            if dev.is_emulated() && i % 2 == 1 {
-                continue;
-            }
-            for dtype in dtypes_on(&dev, emu_dtype) {
+        for (i, &(nh, nkv, hd)) in HEADS.iter().enumerate() {
+            for dtype in DTYPES {
                 let (b, shape, want) = decode_case(dtype, &spec, (nh, nkv, hd), 300 + i as u64);
                 let chosen = TensorCoreDecode::for_shape(&shape);
                 assert_eq!(
@@ -275,14 +266,10 @@ fn decode_only_batches_on_tensor_cores_match_the_reference() {
 #[test]
 fn keys_across_warps_over_long_contexts_match_the_reference() {
     let spec: [(usize, usize); 6] = [(1, 1), (1, 63), (1, 64), (1, 65), (1, 200), (1, 513)];
-    let shapes_to_run: [(usize, usize, usize, DType); 3] = [
-        (16, 1, 128, DType::Bf16),
-        (8, 2, 80, DType::F16),
-        (4, 4, 64, DType::Bf16),
-    ];
+    let shapes_to_run: [(usize, usize, usize); 3] = [(16, 1, 128), (8, 2, 80), (4, 4, 64)];
     for dev in devices() {
-        for (i, &(nh, nkv, hd, emu_dtype)) in shapes_to_run.iter().enumerate() {
-            for dtype in dtypes_on(&dev, emu_dtype) {
+        for (i, &(nh, nkv, hd)) in shapes_to_run.iter().enumerate() {
+            for dtype in DTYPES {
                 let (b, shape, want) = decode_case(dtype, &spec, (nh, nkv, hd), 500 + i as u64);
                 let layout = Launcher::TensorCores(TensorCoreDecode::KeysAcrossWarps);
                 let splits = [
@@ -362,14 +349,6 @@ fn decode_case(
     (b, shape, want)
 }
 
-/// The dtypes a test runs on `dev`: both on a GPU, `emu_dtype` alone in the emulation.
-fn dtypes_on(dev: &Device, emu_dtype: DType) -> Vec<DType> {
-    match dev.is_emulated() {
-        true => vec![emu_dtype],
-        false => DTYPES.to_vec(),
-    }
-}
-
 /// Decode rows of `got` within one rounding of `want`; rows of other sequences untouched.
 fn assert_decode_rows(
     what: &str,
@@ -405,18 +384,13 @@ fn assert_decode_rows(
 /// Every head dim the kernels are built for (16 for the shared tiny Llama, 80/96 with lanes
 /// holding a chunk fewer, 256 with 16-token tiles), GQA 2, unsplit and split into 32-token
 /// partitions (which for a 40-token context exercises the merge at every head dim, including
-/// its strided loop over 256 dims). One dtype per head dim in emulation, alternating.
+/// its strided loop over 256 dims).
 #[test]
 fn every_supported_head_dim_matches_the_reference() {
     const SPEC: [(usize, usize); 3] = [(1, 1), (2, 5), (1, 40)];
     for dev in devices() {
         for (i, &hd) in SUPPORTED_HEAD_DIMS.iter().enumerate() {
-            let dtypes = if dev.is_emulated() {
-                vec![DTYPES[i % 2]]
-            } else {
-                DTYPES.to_vec()
-            };
-            for dtype in dtypes {
+            for dtype in DTYPES {
                 let (nh, nkv) = (4, 2);
                 let what = format!("{} {dtype:?} hd {hd}", dev.describe());
                 let b = make_batch(dtype, &SPEC, (nh, nkv, hd), 400 + i as u64);

@@ -29,15 +29,9 @@ struct Case {
     seqs: &'static [(usize, usize)],
 }
 
-/// Runs `case` on every device and compares every output element with the reference: in both
-/// dtypes on a GPU, in `emu_dtype` only in the emulation (the cases together still run all four
-/// kernels there: head_dim 64 and 128, each in bf16 and f16).
-fn check(name: &str, case: &Case, seed: u64, emu_dtype: DType) {
-    check_on(name, case, seed, emu_dtype, devices());
-}
-
-/// [`check`] on the given devices.
-fn check_on(name: &str, case: &Case, seed: u64, emu_dtype: DType, devices: Vec<Device>) {
+/// Runs `case` on every device in both dtypes and compares every output element with the
+/// reference.
+fn check(name: &str, case: &Case, seed: u64) {
     let num_heads = case.group * case.num_kv_heads;
     let hd = case.head_dim;
     let bs = case.block_size;
@@ -94,13 +88,8 @@ fn check_on(name: &str, case: &Case, seed: u64, emu_dtype: DType, devices: Vec<D
     let q_raw = random(&mut r, num_tokens * num_heads * hd, 2.0);
     let k_raw = random(&mut r, shape.elems(), 2.0);
     let v_raw = random(&mut r, shape.elems(), 1.0);
-    for dev in devices {
-        let dtypes = if dev.is_emulated() {
-            vec![emu_dtype]
-        } else {
-            DTYPES.to_vec()
-        };
-        for dtype in dtypes {
+    for dev in devices() {
+        for dtype in DTYPES {
             let mut cache = LayerKvCache::new(shape);
             cache.k = round(dtype, &k_raw);
             cache.v = round(dtype, &v_raw);
@@ -163,7 +152,7 @@ fn fresh_chunks_crossing_the_query_tile_match_the_cpu() {
         block_size: 16,
         seqs: &[(0, 1), (0, 63), (0, 64), (0, 65)],
     };
-    check("mha fresh chunks", &case, 1, DType::Bf16);
+    check("mha fresh chunks", &case, 1);
 }
 
 #[test]
@@ -177,7 +166,7 @@ fn prefix_hits_with_gqa4_and_head_dim_128_match_the_cpu() {
         block_size: 16,
         seqs: &[(100, 17), (48, 16), (0, 15), (17, 15), (31, 1)],
     };
-    check("gqa4 prefix hits", &case, 2, DType::F16);
+    check("gqa4 prefix hits", &case, 2);
 }
 
 #[test]
@@ -190,7 +179,7 @@ fn gqa3_and_gqa8_chunks_match_the_cpu() {
         block_size: 8,
         seqs: &[(11, 20), (0, 21), (40, 22)],
     };
-    check("gqa3", &gqa3, 3, DType::F16);
+    check("gqa3", &gqa3, 3);
     // GQA 8: 8 tokens per tile.
     let gqa8 = Case {
         group: 8,
@@ -199,7 +188,7 @@ fn gqa3_and_gqa8_chunks_match_the_cpu() {
         block_size: 32,
         seqs: &[(40, 7), (3, 8), (64, 9)],
     };
-    check("gqa8", &gqa8, 4, DType::Bf16);
+    check("gqa8", &gqa8, 4);
 }
 
 #[test]
@@ -213,14 +202,14 @@ fn decode_rows_in_a_mixed_batch_match_the_cpu() {
         block_size: 8,
         seqs: &[(0, 1), (30, 1), (31, 1), (7, 0), (32, 1), (12, 30), (89, 1)],
     };
-    check("decode rows", &case, 5, DType::F16);
+    check("decode rows", &case, 5);
 }
 
 #[test]
 fn every_supported_head_dim_matches_the_cpu() {
     // A prefix hit crossing a key tile (32 keys, 16 for head_dim 256) and a query tile (16
     // tokens at GQA 4, 8 for head_dim 256's 32-row tiles), next to a fresh chunk and a decode
-    // row. One dtype per head dim in emulation, alternating.
+    // row.
     for (i, &head_dim) in SUPPORTED_HEAD_DIMS.iter().enumerate() {
         let case = Case {
             group: 4,
@@ -230,19 +219,13 @@ fn every_supported_head_dim_matches_the_cpu() {
             seqs: &[(20, 17), (0, 3), (33, 1)],
         };
         let name = format!("head_dim {head_dim}");
-        check(&name, &case, 10 + i as u64, DTYPES[i % 2]);
+        check(&name, &case, 10 + i as u64);
     }
 }
 
 #[test]
-fn long_prefills_over_long_prefixes_match_the_cpu_on_a_gpu() {
-    // Many query tiles per sequence and up to 63 K/V tiles per CTA: too slow for the emulation,
-    // so this runs only on a GPU (CAD_GPU_TESTS=1, scripts/gpu-check) and is a no-op here.
-    let gpus: Vec<Device> = devices().into_iter().filter(|d| !d.is_emulated()).collect();
-    if gpus.is_empty() {
-        eprintln!("long prefills: no GPU in this run, only the emulated cases ran");
-        return;
-    }
+fn long_prefills_over_long_prefixes_match_the_cpu() {
+    // Many query tiles per sequence and up to 63 K/V tiles per CTA.
     let case = Case {
         group: 4,
         num_kv_heads: 2,
@@ -250,7 +233,7 @@ fn long_prefills_over_long_prefixes_match_the_cpu_on_a_gpu() {
         block_size: 16,
         seqs: &[(700, 300), (0, 257), (1999, 1), (33, 190)],
     };
-    check_on("long prefills", &case, 6, DType::Bf16, gpus);
+    check("long prefills", &case, 6);
 }
 
 #[test]

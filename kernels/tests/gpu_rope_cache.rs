@@ -202,12 +202,7 @@ fn rope_cache_matches_rope_apply_then_write_kv() {
 fn rope_cache_writes_q_out_and_leaves_qkv_alone() {
     for dev in devices() {
         for (i, c) in [&CASES[0], &CASES[3]].into_iter().enumerate() {
-            let dtypes = if dev.is_emulated() {
-                vec![DTYPES[i % 2]]
-            } else {
-                DTYPES.to_vec()
-            };
-            for dtype in dtypes {
+            for dtype in DTYPES {
                 run_case_to(&dev, dtype, c, 300 + i as u64, QDest::Out);
             }
         }
@@ -216,7 +211,6 @@ fn rope_cache_writes_q_out_and_leaves_qkv_alone() {
 
 /// Every head dim the attention kernels take besides 64/128 (and the kernel's 256 maximum),
 /// both pair layouts: the (cos, sin) table and the 4-pair units at their smallest and largest.
-/// One dtype per case in emulation, alternating; both on a GPU.
 #[test]
 fn rope_cache_covers_head_dims_16_to_256() {
     for dev in devices() {
@@ -228,12 +222,7 @@ fn rope_cache_covers_head_dims_16_to_256() {
                 num_kv_heads: 2,
                 llama3: i == 4,
             };
-            let dtypes = if dev.is_emulated() {
-                vec![DTYPES[i % 2]]
-            } else {
-                DTYPES.to_vec()
-            };
-            for dtype in dtypes {
+            for dtype in DTYPES {
                 run_case(&dev, dtype, &c, 200 + i as u64);
             }
         }

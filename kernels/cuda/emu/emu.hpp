@@ -1,16 +1,18 @@
 // Host emulation of the CUDA execution model, so the kernels in ../*.cu run unchanged on a CPU
-// (g++ -std=c++20, see kernels/build.rs). One OS thread per CUDA thread; the blocks of a grid run
-// one after another on the same threads (every other launch last to first). `__syncthreads` is a
-// barrier over the block, warp shuffles/votes exchange values through a per-warp buffer between
-// two warp barriers, and `__shared__` variables are function statics (launches are serialised,
-// blocks run in turn).
+// (g++ -std=c++20, see kernels/build.rs). A block's CUDA threads run as fibers on the launching
+// OS thread (one OS thread each under ThreadSanitizer, see emu.cpp); the blocks of a grid run one
+// after another (every other launch last to first, threads too). `__syncthreads` is a barrier over
+// the block, warp shuffles/votes exchange values through a per-warp buffer between two warp
+// barriers, and `__shared__` variables are function statics (launches are serialised, blocks run
+// in turn).
 //
 // What it cannot show: timing, the GPU memory model, inline PTX / wgmma (keep a plain path for
 // those under `#ifndef __CUDA_ARCH__`). The warp-level matrix instructions the kernels use
 // (mma.sync, ldmatrix, cp.async) have host twins in ../mma.cuh built on `warp_all_gather`: they
 // run the PTX ISA's fragment layouts as written down there, so they check a kernel's use of those
-// layouts, not the layouts themselves. A warp-level primitive must be reached by
-// every lane of the warp that has not returned (true of full-mask code); partial masks deadlock.
+// layouts, not the layouts themselves. A warp-level primitive must be reached by every lane of
+// the warp that has not returned (true of full-mask code); with partial masks the launch aborts
+// (fibers: a deadlock, reported) or hangs (OS threads).
 #pragma once
 
 #include <algorithm>
@@ -211,11 +213,12 @@ inline __nv_bfloat16 __float2bfloat16(float f) {
   u += 0x7fffu + ((u >> 16) & 1u);
   return __nv_bfloat16{uint16_t(u >> 16)};
 }
-inline float __half2float(__half h) {
-  _Float16 v;
-  std::memcpy(&v, &h.x, 2);
-  return float(v);
-}
+namespace cad_emu {
+/// Every f16 value widened to f32 (filled at load from the compiler's conversion): without F16C
+/// each widening is a libgcc call, 35% of the emulated f16 attention tests' time.
+extern float half_to_float[65536];
+}  // namespace cad_emu
+inline float __half2float(__half h) { return cad_emu::half_to_float[h.x]; }
 inline __half __float2half(float f) {
   _Float16 v = _Float16(f);
   __half h;

@@ -346,7 +346,8 @@ impl Device {
         }
     }
 
-    /// Whether this is the host emulation (slow: tests size their shapes down).
+    /// Whether this is the host emulation: no timing or tuning, and copies land when its copy
+    /// queue runs them.
     pub fn is_emulated(&self) -> bool {
         match self {
             #[cfg(feature = "cuda-emu")]

@@ -18,10 +18,8 @@ const GREEDY: u32 = 1;
 const LOGPROBS: u32 = 2;
 /// Row flag: the row has an allowed-token bitset ([`AllowedTokens`]).
 const ALLOWED: u32 = 4;
-/// Threads per row on a GPU: 16 warps stream the row; the kernel is bounded to this.
+/// Threads per row: 16 warps stream the row; the kernel is bounded to this.
 pub const GPU_THREADS: u32 = 512;
-/// Threads per row in the host emulation, which runs an OS thread per CUDA thread.
-pub const EMU_THREADS: u32 = 128;
 /// Largest vocabulary: fixed-point weights (2^40 each) must sum below 2^63.
 pub const MAX_VOCAB: usize = 1 << 23;
 
@@ -162,7 +160,7 @@ pub struct SampleArgs<'a> {
     /// any mask), else 0, so the caller can fail that request as the CPU backend does.
     pub out_nonfinite: Option<&'a DeviceBuffer>,
     pub vocab: usize,
-    /// Threads per row; 0 picks [`GPU_THREADS`] (or [`EMU_THREADS`] in emulation).
+    /// Threads per row; 0 picks [`GPU_THREADS`].
     pub threads: u32,
 }
 
@@ -220,7 +218,6 @@ pub fn sample(dev: &Device, a: &SampleArgs<'_>) -> Result<(), GpuError> {
         )?;
     }
     let threads = match a.threads {
-        0 if dev.is_emulated() => EMU_THREADS,
         0 => GPU_THREADS,
         t if t % 32 == 0 && t <= GPU_THREADS => t,
         t => {

@@ -144,14 +144,10 @@ fn the_engine_on_the_gpu_backend_generates_what_the_cpu_engine_does() {
         engine_matches(dev, &want, 2);
     }
     // Every projection of up to 8 rows on the GEMV kernel (each decode step, replayed graphs
-    // included; this model's k are multiples of 8), the library elsewhere. On a GPU only: the
-    // emulation runs the kernel's warp shuffles slowly (50 s for this engine run) and the
-    // kernels' own tests cover it there (`gpu_gemv`: the kernel, and each policy's dispatch).
+    // included; this model's k are multiples of 8), the library elsewhere.
     for dev in devices_under_test().unwrap() {
-        if !dev.is_emulated() {
-            dev.set_gemm_policy(GemmPolicy::Gemv).unwrap();
-            engine_matches(dev, &want, 2);
-        }
+        dev.set_gemm_policy(GemmPolicy::Gemv).unwrap();
+        engine_matches(dev, &want, 2);
     }
 }
 
