@@ -212,23 +212,26 @@ static std::mutex launch_mutex;
 /// first, so a kernel whose result depends on that order fails its tests here.
 static unsigned long launch_count = 0;
 
+/// One launch's shape, and whether it runs last to first.
+struct Geometry {
+  dim3 grid, bdim;
+  unsigned threads, blocks, shared_bytes;
+  bool reverse;
+};
+
 #if CAD_EMU_THREADS
 
-void launch(const CadEmuLaunch& l, const std::function<void()>& body) {
-  std::lock_guard<std::mutex> guard(launch_mutex);
-  dim3 grid(l.grid[0], l.grid[1], l.grid[2]);
-  dim3 bdim(l.block[0], l.block[1], l.block[2]);
-  unsigned threads = bdim.x * bdim.y * bdim.z;
-  unsigned blocks = grid.x * grid.y * grid.z;
-  if (threads == 0 || blocks == 0) return;
-  const bool reverse = (launch_count++ % 2) == 1;
+static void run_grid(const Geometry& geo, const std::function<void()>& body) {
+  const dim3 grid = geo.grid, bdim = geo.bdim;
+  const unsigned threads = geo.threads, blocks = geo.blocks;
+  const bool reverse = geo.reverse;
   std::unique_ptr<Block> block;
   std::barrier<> between(threads);
   auto run = [&](unsigned linear) {
     t = thread_state(linear, bdim, grid);
     for (unsigned step = 0; step < blocks; ++step) {
       const unsigned b = reverse ? blocks - 1 - step : step;
-      if (linear == 0) block = std::make_unique<Block>(threads, l.shared_bytes);
+      if (linear == 0) block = std::make_unique<Block>(threads, geo.shared_bytes);
       between.arrive_and_wait();
       t.block = block.get();
       t.block_idx = block_index(b, grid);
@@ -372,33 +375,39 @@ static void run_block(unsigned threads, bool reverse, const dim3& idx) {
   current = nullptr;
 }
 
-void launch(const CadEmuLaunch& l, const std::function<void()>& body) {
-  std::lock_guard<std::mutex> guard(launch_mutex);
-  dim3 grid(l.grid[0], l.grid[1], l.grid[2]);
-  dim3 bdim(l.block[0], l.block[1], l.block[2]);
-  unsigned threads = bdim.x * bdim.y * bdim.z;
-  unsigned blocks = grid.x * grid.y * grid.z;
-  if (threads == 0 || blocks == 0) return;
-  const bool reverse = (launch_count++ % 2) == 1;
-  ensure_fibers(threads);
+static void run_grid(const Geometry& geo, const std::function<void()>& body) {
+  ensure_fibers(geo.threads);
   fiber_body = &body;
   const ThreadState outside = t;
-  for (unsigned step = 0; step < blocks; ++step) {
-    const unsigned b = reverse ? blocks - 1 - step : step;
-    Block block(threads, l.shared_bytes);
-    for (unsigned i = 0; i < threads; ++i) {
+  for (unsigned step = 0; step < geo.blocks; ++step) {
+    const unsigned b = geo.reverse ? geo.blocks - 1 - step : step;
+    Block block(geo.threads, geo.shared_bytes);
+    for (unsigned i = 0; i < geo.threads; ++i) {
       Fiber& f = fibers[i];
       prepare(f);
-      f.state = thread_state(i, bdim, grid);
+      f.state = thread_state(i, geo.bdim, geo.grid);
       f.state.block = &block;
-      f.state.block_idx = block_index(b, grid);
+      f.state.block_idx = block_index(b, geo.grid);
     }
-    run_block(threads, reverse, block_index(b, grid));
+    run_block(geo.threads, geo.reverse, block_index(b, geo.grid));
   }
   fiber_body = nullptr;
   t = outside;
 }
 
 #endif
+
+void launch(const CadEmuLaunch& l, const std::function<void()>& body) {
+  std::lock_guard<std::mutex> guard(launch_mutex);
+  Geometry geo;
+  geo.grid = dim3(l.grid[0], l.grid[1], l.grid[2]);
+  geo.bdim = dim3(l.block[0], l.block[1], l.block[2]);
+  geo.threads = geo.bdim.x * geo.bdim.y * geo.bdim.z;
+  geo.blocks = geo.grid.x * geo.grid.y * geo.grid.z;
+  geo.shared_bytes = l.shared_bytes;
+  if (geo.threads == 0 || geo.blocks == 0) return;
+  geo.reverse = (launch_count++ % 2) == 1;
+  run_grid(geo, body);
+}
 
 }  // namespace cad_emu
