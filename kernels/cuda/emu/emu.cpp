@@ -32,7 +32,7 @@ static const bool half_table_filled = [] {
 //
 // Two ways to run a block's threads, chosen at build time:
 // - fibers (the default on x86-64 Linux): every CUDA thread of the block is a fiber with its own
-//   stack on the launching OS thread, switched by a dozen instructions at each barrier. A thread
+//   stack on the launching OS thread, switched by ~20 instructions at each barrier. A thread
 //   runs from one barrier to the next, then the next waiting thread runs. With one OS thread per
 //   CUDA thread the emulated engine tests spent ~75% of their time in the kernel's scheduler
 //   (futex waits, sched_yield); threads that all wait at barriers none can pass, a warp
@@ -381,15 +381,16 @@ static void run_grid(const Geometry& geo, const std::function<void()>& body) {
   const ThreadState outside = t;
   for (unsigned step = 0; step < geo.blocks; ++step) {
     const unsigned b = geo.reverse ? geo.blocks - 1 - step : step;
+    const dim3 idx = block_index(b, geo.grid);
     Block block(geo.threads, geo.shared_bytes);
     for (unsigned i = 0; i < geo.threads; ++i) {
       Fiber& f = fibers[i];
       prepare(f);
       f.state = thread_state(i, geo.bdim, geo.grid);
       f.state.block = &block;
-      f.state.block_idx = block_index(b, geo.grid);
+      f.state.block_idx = idx;
     }
-    run_block(geo.threads, geo.reverse, block_index(b, geo.grid));
+    run_block(geo.threads, geo.reverse, idx);
   }
   fiber_body = nullptr;
   t = outside;
