@@ -40,42 +40,73 @@ impl FaultPlan {
     }
 }
 
-/// Holds steps until released: an engine stuck mid-step, on demand.
+/// Holds steps until released: an engine stuck mid-step, on demand, or stepped one step at a
+/// time while armed ([`StepLatch::pass_one`]).
 #[derive(Debug, Default)]
 pub struct StepLatch {
-    released: Mutex<bool>,
+    gate: Mutex<Gate>,
     changed: Condvar,
     num_held: AtomicUsize,
 }
 
+/// The latch's state under its lock.
+#[derive(Debug, Default)]
+struct Gate {
+    released: bool,
+    /// Steps that may pass while armed (one each), granted by [`StepLatch::pass_one`].
+    passes: usize,
+    /// A step waits on the latch now.
+    waiting: bool,
+}
+
 impl StepLatch {
+    fn gate(&self) -> std::sync::MutexGuard<'_, Gate> {
+        self.gate.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Lets every held and future step through.
     pub fn release(&self) {
-        *self.released.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.gate().released = true;
         self.changed.notify_all();
     }
 
-    /// Holds steps again from the next one on (a step already past the latch runs on).
+    /// Holds steps again from the next one on (a step already past the latch runs on); passes
+    /// not yet used are void.
     pub fn arm(&self) {
-        *self.released.lock().unwrap_or_else(|e| e.into_inner()) = false;
+        let mut gate = self.gate();
+        gate.released = false;
+        gate.passes = 0;
     }
 
-    /// Steps that have waited on the latch so far.
+    /// While armed, lets one step through: the one waiting now, or else the next to arrive.
+    pub fn pass_one(&self) {
+        self.gate().passes += 1;
+        self.changed.notify_all();
+    }
+
+    /// Whether a step waits on the latch now (the steps before it are done).
+    pub fn is_waiting(&self) -> bool {
+        self.gate().waiting
+    }
+
+    /// Steps that have found the latch armed so far (waited, or used a pass).
     pub fn num_held(&self) -> usize {
         self.num_held.load(Ordering::Acquire)
     }
 
     fn wait(&self) {
-        let mut released = self.released.lock().unwrap_or_else(|e| e.into_inner());
-        if *released {
+        let mut gate = self.gate();
+        if gate.released {
             return;
         }
         self.num_held.fetch_add(1, Ordering::AcqRel);
-        while !*released {
-            released = self
-                .changed
-                .wait(released)
-                .unwrap_or_else(|e| e.into_inner());
+        gate.waiting = true;
+        while !gate.released && gate.passes == 0 {
+            gate = self.changed.wait(gate).unwrap_or_else(|e| e.into_inner());
+        }
+        gate.waiting = false;
+        if !gate.released {
+            gate.passes -= 1;
         }
     }
 }
@@ -148,5 +179,70 @@ impl Faults {
             .filter(|(_, id)| self.marks(id).nan_logits)
             .map(|(row, _)| row)
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    /// Waits up to 10 s for `done`.
+    fn eventually(done: impl Fn() -> bool) -> bool {
+        let start = Instant::now();
+        while !done() {
+            if start.elapsed() > Duration::from_secs(10) {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        true
+    }
+
+    #[test]
+    fn an_armed_latch_lets_one_step_through_per_pass_and_all_once_released() {
+        let latch = Arc::new(StepLatch::default());
+        let passed = Arc::new(AtomicUsize::new(0));
+        let steps = {
+            let (latch, passed) = (latch.clone(), passed.clone());
+            std::thread::spawn(move || {
+                for _ in 0..5 {
+                    latch.wait();
+                    passed.fetch_add(1, Ordering::AcqRel);
+                }
+            })
+        };
+        assert!(eventually(|| latch.is_waiting()));
+        assert_eq!(passed.load(Ordering::Acquire), 0);
+        for n in 1..=2 {
+            latch.pass_one();
+            // The step passes, and the next one waits again.
+            assert!(eventually(|| passed.load(Ordering::Acquire) == n));
+            assert!(eventually(
+                || latch.is_waiting() && latch.num_held() == n + 1
+            ));
+        }
+        latch.pass_one();
+        assert!(eventually(|| passed.load(Ordering::Acquire) == 3));
+        latch.release();
+        steps.join().unwrap();
+        assert_eq!(passed.load(Ordering::Acquire), 5);
+        assert!(!latch.is_waiting());
+    }
+
+    #[test]
+    fn passes_not_used_when_the_latch_is_armed_again_are_void() {
+        let latch = Arc::new(StepLatch::default());
+        latch.pass_one();
+        latch.arm();
+        let step = {
+            let latch = latch.clone();
+            std::thread::spawn(move || latch.wait())
+        };
+        assert!(eventually(|| latch.is_waiting()));
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(!step.is_finished(), "a void pass let the step through");
+        latch.release();
+        step.join().unwrap();
     }
 }

@@ -2,11 +2,13 @@
 //! `caduceus_requests_total`), the engine generates only a sliver of what finishing them would
 //! take, and KV blocks and adapter slots return to idle.
 //!
-//! The tiny model would finish a request in a second or two, so each round's steps are held
-//! (a fault-injection latch) from the moment every streaming request has its first token until
-//! the clients have left: the model is as slow as it must be for no request to finish on its
-//! own, however late the server gets to a connection (on a loaded machine the kernel has been
-//! seen to hand one over about 3 s after the client's connect returned).
+//! The tiny model would finish a request in a second or two, so the engine's steps are held (a
+//! fault-injection latch) from before each round's requests are sent: every request reaches its
+//! handler with nothing generated, however late the server gets to a connection (on a loaded
+//! machine the kernel has been seen to hand one over seconds after the client's connect
+//! returned). The test then lets the engine through one step at a time until every streaming
+//! request has its first token, so no request can come near its `max_tokens` before the
+//! clients leave, whatever the machine's load.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -53,6 +55,29 @@ async fn first_data(s: &mut TcpStream) {
         .expect("no token within 20 s");
 }
 
+/// Lets the held engine through one step at a time, each once the step before it is done and
+/// its tokens have had 50 ms to reach the clients, until every one of `streams` has its first
+/// token; returns how many steps that took. The other requests were scheduled with them (the
+/// batch holds all of them) and are decoding too.
+async fn step_until_first_tokens<'a>(
+    latch: &StepLatch,
+    streams: impl Iterator<Item = &'a mut TcpStream>,
+) -> usize {
+    let firsts = futures_util::future::join_all(streams.map(first_data));
+    tokio::pin!(firsts);
+    let mut steps = 0;
+    loop {
+        tokio::select! {
+            _ = &mut firsts => return steps,
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+        if latch.is_waiting() {
+            latch.pass_one();
+            steps += 1;
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_clients_leaving_mid_generation_are_all_aborted() {
     // The only other test that leaves early waits, so the 499 count below is exact.
@@ -75,10 +100,11 @@ async fn a_thousand_clients_leaving_mid_generation_are_all_aborted() {
     .await;
     let page = || async { http(srv.addr, "GET", "/metrics", None).await.1 };
     let before = page().await;
+    let mut steps_in_all = 0;
     for _ in 0..ROUNDS {
         // The previous round is cleaned up (KV blocks, handlers) before the next one starts.
         wait_idle(&srv.state).await;
-        latch.release();
+        latch.arm();
         let mut conns = Vec::with_capacity(PER_ROUND);
         for i in 0..PER_ROUND {
             // Half completions, half chat; half of each streaming.
@@ -95,14 +121,8 @@ async fn a_thousand_clients_leaving_mid_generation_are_all_aborted() {
             body["stream"] = json!(i % 2 == 0);
             conns.push((i % 2 == 0, send(srv.addr, "POST", path, Some(&body)).await));
         }
-        // Every streaming request has generated; the others were scheduled with them (the
-        // batch holds all of them) and are decoding too.
-        for (_, s) in conns.iter_mut().filter(|(streaming, _)| *streaming) {
-            first_data(s).await;
-        }
-        // From here no request can finish: every one reaches its handler however long that
-        // takes, and all are still running when their clients leave.
-        latch.arm();
+        // No step runs, so no request can finish: every one reaches its handler however long
+        // that takes.
         for _ in 0..3000 {
             if srv.state.lifecycle.in_flight() == PER_ROUND {
                 break;
@@ -114,6 +134,13 @@ async fn a_thousand_clients_leaving_mid_generation_are_all_aborted() {
             PER_ROUND,
             "requests still not in a handler after 30 s"
         );
+        let streams = conns.iter_mut().filter(|(streaming, _)| *streaming);
+        let steps = step_until_first_tokens(&latch, streams.map(|(_, s)| s)).await;
+        assert!(
+            steps < MAX_TOKENS / 4,
+            "{steps} steps before every stream had its first token"
+        );
+        steps_in_all += steps;
         drop(conns);
         // A streaming handler learns that its client left when its next token fails to send.
         latch.release();
@@ -164,5 +191,8 @@ async fn a_thousand_clients_leaving_mid_generation_are_all_aborted() {
     );
     let stats = srv.state.engine.stats();
     assert_eq!(stats.kv_usage, 0.0, "{stats:?}");
-    eprintln!("{total} requests left early after {generated} generated tokens in all");
+    eprintln!(
+        "{total} requests left early after {generated} generated tokens in all; \
+         {steps_in_all} steps let through before their clients left"
+    );
 }
