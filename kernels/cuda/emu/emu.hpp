@@ -253,3 +253,21 @@ inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fsub_rn(float a, float b) { return a - b; }
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fdiv_rn(float a, float b) { return a / b; }
+
+// fmaf rounds once, as the GPU's FFMA does. x86-64 g++ without -mfma emits a call to fmaf(),
+// which a Rust test binary resolves to compiler-builtins' software version (a quarter of the
+// emulated long prefill's time); the CPU's FMA instruction gives the same bits where it has one.
+namespace cad_emu {
+#if defined(__x86_64__)
+__attribute__((target("fma"))) inline float fma_instruction(float a, float b, float c) {
+  return __builtin_fmaf(a, b, c);
+}
+inline float fma_rn(float a, float b, float c) {
+  static const bool has_fma = (__builtin_cpu_init(), __builtin_cpu_supports("fma"));
+  return has_fma ? fma_instruction(a, b, c) : std::fma(a, b, c);
+}
+#else
+inline float fma_rn(float a, float b, float c) { return std::fma(a, b, c); }
+#endif
+}  // namespace cad_emu
+#define fmaf(a, b, c) ::cad_emu::fma_rn(a, b, c)
