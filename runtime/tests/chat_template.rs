@@ -3,15 +3,12 @@
 //! (shared/reference/smollm2-greedy.json) and Python Jinja2 3.1 configured as transformers does
 //! (sandboxed, trim_blocks, lstrip_blocks, loopcontrols, `json.dumps` as `tojson`).
 
-use std::path::Path;
+#[path = "support/fetched.rs"]
+mod fetched;
 
 use caduceus_runtime::chat_template::{ChatMessage, ChatTemplate, ChatTemplateError};
 use caduceus_runtime::model::gguf::GgufFile;
 
-const DEFAULT_MODEL: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../models/SmolLM2-135M-Instruct.Q4_1.gguf"
-);
 const SMOLLM2_REFERENCE: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/../../shared/reference/smollm2-greedy.json"
@@ -61,21 +58,10 @@ fn conversation() -> Vec<ChatMessage> {
 
 #[test]
 fn default_model_template_reproduces_reference_prompts() {
-    let path = Path::new(DEFAULT_MODEL);
-    if !path.exists() {
-        // Under CI the model is fetched first: a missing file must fail, not skip.
-        assert!(
-            !std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1"),
-            "{} is absent and CI=true: run scripts/fetch-default-model",
-            path.display()
-        );
-        eprintln!(
-            "SKIPPED: default model {} is absent (run scripts/fetch-default-model)",
-            path.display()
-        );
+    let Some(path) = fetched::default_model() else {
         return;
-    }
-    let gguf = GgufFile::open(path).unwrap();
+    };
+    let gguf = GgufFile::open(&path).unwrap();
     let source = gguf
         .get_str("tokenizer.chat_template")
         .expect("the default model has a chat template");

@@ -1,6 +1,8 @@
 //! Model-file loading: GGUF round trips and corruption, the default SmolLM2 GGUF, the tiny HF
 //! reference model and config.json variants.
 
+#[path = "support/fetched.rs"]
+mod fetched;
 #[path = "model_loading/gguf_format.rs"]
 mod gguf_format;
 #[path = "model_loading/hf.rs"]
@@ -15,10 +17,6 @@ use caduceus_runtime::model::gguf::{GgufFile, GgufValue};
 use caduceus_runtime::model::gguf_writer::GgufWriter;
 use caduceus_runtime::model::weights::TensorStore;
 
-const DEFAULT_MODEL: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../models/SmolLM2-135M-Instruct.Q4_1.gguf"
-);
 const TINY_LLAMA: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/../../shared/reference/tiny-llama/model"
@@ -162,17 +160,10 @@ fn take_checks_shapes_and_presence() {
 
 #[test]
 fn default_smollm2_gguf_matches_its_published_facts() {
-    let path = Path::new(DEFAULT_MODEL);
-    if !path.exists() {
-        // Under CI the model is fetched first: a missing file must fail, not skip.
-        assert!(
-            !std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1"),
-            "{DEFAULT_MODEL} is absent and CI=true: run scripts/fetch-default-model"
-        );
-        eprintln!("SKIPPED: {DEFAULT_MODEL} is absent (run scripts/fetch-default-model)");
+    let Some(path) = fetched::default_model() else {
         return;
-    }
-    let f = GgufFile::open(path).unwrap();
+    };
+    let f = GgufFile::open(&path).unwrap();
     let cfg = LlamaConfig::from_gguf(&f).unwrap();
     let expected = LlamaConfig {
         architecture: "llama".into(),

@@ -2,7 +2,10 @@
 //! - the default model's GGUF tokenizer vs. llama.cpp's ids and text (shared/reference/smollm2-greedy.json);
 //! - a Hugging Face tokenizer directory vs. transformers' ids (shared/reference/tiny-llama).
 
-use std::path::{Path, PathBuf};
+#[path = "support/fetched.rs"]
+mod fetched;
+
+use std::path::Path;
 use std::sync::OnceLock;
 use std::time::Instant;
 
@@ -11,10 +14,6 @@ use caduceus_runtime::tokenizer::detokenizer::IncrementalDetokenizer;
 use caduceus_runtime::tokenizer::{GgufTokenizerSpec, Tokenizer};
 use serde_json::Value;
 
-const DEFAULT_MODEL: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../models/SmolLM2-135M-Instruct.Q4_1.gguf"
-);
 const SMOLLM2_REFERENCE: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/../../shared/reference/smollm2-greedy.json"
@@ -46,33 +45,21 @@ fn ids(v: &Value) -> Vec<u32> {
 /// model file is absent.
 fn smollm2() -> Option<&'static Tokenizer> {
     static TOKENIZER: OnceLock<Option<Tokenizer>> = OnceLock::new();
-    let tok = TOKENIZER.get_or_init(|| {
-        let path = PathBuf::from(DEFAULT_MODEL);
-        if !path.exists() {
-            return None;
-        }
-        let started = Instant::now();
-        let gguf = GgufFile::open(&path).unwrap();
-        let spec = GgufTokenizerSpec::from_gguf(&gguf).unwrap();
-        let read = started.elapsed();
-        let tok = Tokenizer::from_gguf_spec(&spec).unwrap();
-        eprintln!(
-            "SmolLM2 tokenizer: metadata read in {read:?}, built in {:?}",
-            started.elapsed() - read
-        );
-        Some(tok)
-    });
-    if tok.is_none() {
-        // Under CI the model is fetched first: a missing file must fail, not skip.
-        assert!(
-            !std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1"),
-            "{DEFAULT_MODEL} is absent and CI=true: run scripts/fetch-default-model"
-        );
-        eprintln!(
-            "SKIPPED: default model {DEFAULT_MODEL} is absent (run scripts/fetch-default-model)"
-        );
-    }
-    tok.as_ref()
+    TOKENIZER
+        .get_or_init(|| {
+            let path = fetched::default_model()?;
+            let started = Instant::now();
+            let gguf = GgufFile::open(&path).unwrap();
+            let spec = GgufTokenizerSpec::from_gguf(&gguf).unwrap();
+            let read = started.elapsed();
+            let tok = Tokenizer::from_gguf_spec(&spec).unwrap();
+            eprintln!(
+                "SmolLM2 tokenizer: metadata read in {read:?}, built in {:?}",
+                started.elapsed() - read
+            );
+            Some(tok)
+        })
+        .as_ref()
 }
 
 fn tiny_llama() -> Tokenizer {
@@ -264,9 +251,10 @@ fn bad_token_id_is_reported() {
     assert!(detok.push(&tok, 9999).is_err());
 }
 
-/// The default model's chat template, read from its GGUF file.
+/// The default model's chat template, read from its GGUF file (present: [`smollm2`] said so).
 fn smollm2_template() -> caduceus_runtime::chat_template::ChatTemplate {
-    let gguf = GgufFile::open(Path::new(DEFAULT_MODEL)).unwrap();
+    let path = fetched::default_model().expect("the default model");
+    let gguf = GgufFile::open(&path).unwrap();
     let source = gguf.get_str("tokenizer.chat_template").unwrap();
     caduceus_runtime::chat_template::ChatTemplate::new(
         source,

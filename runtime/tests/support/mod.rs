@@ -1,6 +1,7 @@
 //! Shared test support: an independent dense reference Llama and tiny random HF models.
 #![allow(dead_code)]
 
+pub mod fetched;
 pub mod random_model;
 pub mod reference_llama;
 pub mod server_app;
@@ -9,6 +10,10 @@ use caduceus_kernels::attention::SeqAttention;
 use caduceus_runtime::kv_cache::KvCache;
 use caduceus_runtime::model::{ForwardBatch, LlamaModel, LoraBatch};
 use std::path::PathBuf;
+
+// Not every test binary that includes `support` uses both.
+#[allow(unused_imports)]
+pub use fetched::{default_model, in_ci};
 
 /// `../shared/<rel>` next to the workspace, with a clear panic when the reference material is missing.
 pub fn shared(rel: &str) -> PathBuf {
@@ -19,34 +24,6 @@ pub fn shared(rel: &str) -> PathBuf {
         p.display()
     );
     p
-}
-
-/// The default model, or `None` (with a notice) when it has not been fetched.
-pub fn default_model() -> Option<PathBuf> {
-    let p = PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../models/SmolLM2-135M-Instruct.Q4_1.gguf"
-    ));
-    if p.exists() {
-        return Some(p);
-    }
-    // CI must not pass by skipping: there the model is fetched first.
-    assert!(
-        !in_ci(),
-        "{} is absent and CI=true: run scripts/fetch-default-model before the tests",
-        p.display()
-    );
-    eprintln!(
-        "SKIPPED: {} is absent; run scripts/fetch-default-model",
-        p.display()
-    );
-    None
-}
-
-/// Whether the tests run under CI (`CI=true`, as GitHub Actions and most CI systems set), where
-/// a missing input must fail the test instead of skipping it.
-pub fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
 }
 
 /// Index of the largest value (the first of equal ones is not guaranteed; logits rarely tie).
