@@ -152,7 +152,7 @@ fn bad_values_name_key_value_expectation_and_origin() {
         "{msg}"
     );
 
-    let cases: [(&str, &str, &str, &str); 15] = [
+    let cases: [(&str, &str, &str, &str); 17] = [
         (
             "[scheduler]\nblock_size = 24",
             "scheduler.block_size",
@@ -236,6 +236,18 @@ fn bad_values_name_key_value_expectation_and_origin() {
             "model.gemm",
             "\"fastest\"",
             "\"library\"",
+        ),
+        (
+            "[structured_outputs]\ncompile_timeout = \"0ms\"",
+            "structured_outputs.compile_timeout",
+            "\"0ms\"",
+            "above zero",
+        ),
+        (
+            "[structured_outputs]\ngrammar_cache_entries = 0",
+            "structured_outputs.grammar_cache_entries",
+            "0",
+            "1..=1048576",
         ),
         (
             "[model]\nattention_kernel = \"tensor\"",
@@ -375,4 +387,38 @@ fn adapter_settings_come_from_file_env_and_flags() {
         msg.contains("adapters.dtype") && msg.contains("q8"),
         "{msg}"
     );
+}
+
+#[test]
+fn structured_output_limits_come_from_file_and_env() {
+    use caduceus_runtime::structured::CompileLimits;
+    use std::time::Duration;
+    // The defaults are the compiler's own.
+    let d = CaduceusConfig::default().structured_outputs.limits();
+    let c = CompileLimits::default();
+    assert_eq!(
+        (
+            d.max_text_bytes,
+            d.timeout,
+            d.max_grammar_size,
+            d.cache_entries
+        ),
+        (
+            c.max_text_bytes,
+            c.timeout,
+            c.max_grammar_size,
+            c.cache_entries
+        )
+    );
+    let toml = "[structured_outputs]\nmax_grammar_bytes = \"16KiB\"\ncompile_timeout = \"750ms\"\n";
+    let vars = [
+        ("CADUCEUS_STRUCTURED_OUTPUTS__MAX_GRAMMAR_SYMBOLS", "5000"),
+        ("CADUCEUS_STRUCTURED_OUTPUTS__GRAMMAR_CACHE_ENTRIES", "32"),
+    ];
+    let (cfg, _) = load(toml, &vars);
+    let limits = cfg.unwrap().structured_outputs.limits();
+    assert_eq!(limits.max_text_bytes, 16 * 1024);
+    assert_eq!(limits.timeout, Duration::from_millis(750));
+    assert_eq!(limits.max_grammar_size, 5000);
+    assert_eq!(limits.cache_entries, 32);
 }

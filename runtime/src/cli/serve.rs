@@ -251,7 +251,7 @@ pub(super) fn serve<B: Backend + Send + 'static>(
     engine.set_max_queued(s.max_queued_requests);
     let api_keys = expose(&config.server.resolve_api_keys()?);
     log_cache_isolation(&config, api_keys.is_empty());
-    let structured = structured_compiler(&tokenizer, vocab_size);
+    let structured = structured_compiler(&tokenizer, vocab_size, &config.structured_outputs);
     let state = AppState {
         engine,
         structured,
@@ -383,8 +383,9 @@ fn check_cpu_dtype(config: &CaduceusConfig) -> anyhow::Result<()> {
 fn structured_compiler(
     tokenizer: &Arc<crate::tokenizer::Tokenizer>,
     vocab_size: usize,
+    section: &crate::config::StructuredOutputsSection,
 ) -> Option<Arc<crate::structured::ConstraintCompiler>> {
-    match crate::structured::compiler_for(tokenizer.clone(), vocab_size) {
+    match crate::structured::compiler_for(tokenizer.clone(), vocab_size, section.limits()) {
         Ok(c) => Some(Arc::new(c)),
         Err(e) => {
             tracing::warn!(error = %e, "structured outputs disabled");

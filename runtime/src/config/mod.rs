@@ -19,6 +19,6 @@ pub use secrets::ApiKey;
 pub use sections::{
     AdapterDtype, AdaptersSection, AttentionKernelSetting, CaduceusConfig, Device, Dtype,
     GemmSetting, KvCacheSize, KvEventsSection, LoggingSection, ModelSection, PrefixCacheIsolation,
-    SchedulerSection, ServerSection, DEFAULT_KV_CACHE_BYTES,
+    SchedulerSection, ServerSection, StructuredOutputsSection, DEFAULT_KV_CACHE_BYTES,
 };
 pub use units::{ByteSize, HumanDuration};

@@ -139,6 +139,26 @@ pub(crate) const SCHEMA: &[KeySpec] = &[
         "dtype",
         Kind::Choice(&["auto", "f16", "f32", "q8"]),
     ),
+    spec(
+        "structured_outputs",
+        "max_grammar_bytes",
+        Kind::Size { min: 1 },
+    ),
+    spec(
+        "structured_outputs",
+        "compile_timeout",
+        Kind::Duration { min_ms: 1 },
+    ),
+    spec(
+        "structured_outputs",
+        "max_grammar_symbols",
+        int(1, USIZE_MAX),
+    ),
+    spec(
+        "structured_outputs",
+        "grammar_cache_entries",
+        int(1, 1 << 20),
+    ),
     spec("kv_events", "enabled", Kind::Bool),
     spec("kv_events", "endpoint", Kind::TcpEndpoint),
     spec("kv_events", "replay_endpoint", Kind::TcpEndpoint),
@@ -146,12 +166,13 @@ pub(crate) const SCHEMA: &[KeySpec] = &[
 ];
 
 /// The sections, in file order.
-pub(crate) const SECTIONS: [&str; 6] = [
+pub(crate) const SECTIONS: [&str; 7] = [
     "server",
     "model",
     "scheduler",
     "logging",
     "adapters",
+    "structured_outputs",
     "kv_events",
 ];
 

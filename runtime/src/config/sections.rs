@@ -11,6 +11,7 @@ use caduceus_scheduler::Fairness;
 use super::secrets::ApiKey;
 use super::units::{ByteSize, HumanDuration};
 use crate::model::loader::DEFAULT_MODEL_PATH;
+use crate::structured::CompileLimits;
 
 /// The whole server configuration, after defaults, file, environment and flags are merged.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -21,6 +22,7 @@ pub struct CaduceusConfig {
     pub scheduler: SchedulerSection,
     pub logging: LoggingSection,
     pub adapters: AdaptersSection,
+    pub structured_outputs: StructuredOutputsSection,
     pub kv_events: KvEventsSection,
 }
 
@@ -481,6 +483,46 @@ impl Default for AdaptersSection {
             dtype: AdapterDtype::Auto,
             loader_step_share_percent: 5,
             loader_threads: None,
+        }
+    }
+}
+
+/// `[structured_outputs]`: bounds on the grammars requests ask for (`response_format`,
+/// `structured_outputs`, `tools`); a request past one gets a 400 before it is queued.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StructuredOutputsSection {
+    /// Longest grammar text one request may send (a serialized JSON schema, regex, choice list
+    /// or Lark grammar).
+    pub max_grammar_bytes: ByteSize,
+    /// Wall-clock time one compile may take.
+    pub compile_timeout: HumanDuration,
+    /// llguidance's grammar size limit (symbols in productions).
+    pub max_grammar_symbols: usize,
+    /// Compiled grammars kept, keyed by their text (oldest dropped first).
+    pub grammar_cache_entries: usize,
+}
+
+impl StructuredOutputsSection {
+    /// The limits the constraint compiler enforces.
+    pub fn limits(&self) -> CompileLimits {
+        CompileLimits {
+            max_text_bytes: usize::try_from(self.max_grammar_bytes.0).unwrap_or(usize::MAX),
+            timeout: self.compile_timeout.get(),
+            max_grammar_size: self.max_grammar_symbols,
+            cache_entries: self.grammar_cache_entries,
+        }
+    }
+}
+
+impl Default for StructuredOutputsSection {
+    fn default() -> Self {
+        let d = CompileLimits::default();
+        StructuredOutputsSection {
+            max_grammar_bytes: ByteSize(d.max_text_bytes as u64),
+            compile_timeout: HumanDuration(d.timeout),
+            max_grammar_symbols: d.max_grammar_size,
+            grammar_cache_entries: d.cache_entries,
         }
     }
 }

@@ -45,12 +45,12 @@ pub enum StructuredError {
     Unavailable(String),
 }
 
-/// The structured-outputs compiler for a model's vocabulary (default limits), or why its
+/// The structured-outputs compiler for a model's vocabulary under `limits`, or why its
 /// vocabulary cannot be described to llguidance.
 pub fn compiler_for(
     tokenizer: std::sync::Arc<crate::tokenizer::Tokenizer>,
     vocab_size: usize,
+    limits: CompileLimits,
 ) -> Result<ConstraintCompiler, StructuredError> {
-    tok_env::build(tokenizer, vocab_size)
-        .and_then(|env| ConstraintCompiler::new(env, CompileLimits::default()))
+    tok_env::build(tokenizer, vocab_size).and_then(|env| ConstraintCompiler::new(env, limits))
 }

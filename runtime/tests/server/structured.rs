@@ -250,6 +250,57 @@ async fn regex_choice_and_lark_constrain_the_text() {
 }
 
 #[tokio::test]
+async fn the_configured_compile_limits_bound_each_request() {
+    use caduceus_runtime::structured::CompileLimits;
+    use std::time::Duration;
+    let body = |so: Value| json!({"model": MODEL, "max_tokens": 8, "prompt": "Answer:", "structured_outputs": so});
+    let choice = json!({"choice": ["urgent", "routine"]});
+    // Text past `max_grammar_bytes` is refused before compiling; text within it is served
+    // (the limit counts the list's JSON and a 7-byte kind tag: 27 bytes here, 39 below).
+    let limits = CompileLimits {
+        max_text_bytes: 32,
+        ..CompileLimits::default()
+    };
+    let r = app(TestServer {
+        compile_limits: limits,
+        ..TestServer::default()
+    }
+    .state());
+    let (s, b) = post(&r, "/v1/completions", body(choice.clone())).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let longer = json!({"choice": ["urgent", "routine", "self-care"]});
+    let (s, b) = post(&r, "/v1/completions", body(longer)).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
+    assert_error(&b, "invalid_request_error", Some("structured_outputs"));
+    let max = limits.max_text_bytes;
+    let message = b["error"]["message"].as_str().unwrap();
+    assert!(message.contains(&format!("at most {max} bytes")), "{b}");
+    // A compile past `compile_timeout` is a 400 naming the limit (no compile takes 0 ms).
+    let r = app(TestServer {
+        compile_limits: CompileLimits {
+            timeout: Duration::ZERO,
+            ..CompileLimits::default()
+        },
+        ..TestServer::default()
+    }
+    .state());
+    let (s, b) = post(&r, "/v1/completions", body(choice)).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
+    assert_error(&b, "invalid_request_error", Some("structured_outputs"));
+    let message = b["error"]["message"].as_str().unwrap();
+    assert!(message.contains("took longer than 0 ms"), "{b}");
+    // The server keeps serving unconstrained requests.
+    let (s, b) = post(
+        &r,
+        "/v1/completions",
+        json!({"model": MODEL, "max_tokens": 4,
+        "prompt": "Hi"}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+}
+
+#[tokio::test]
 async fn bad_grammars_are_400s_naming_the_field_and_the_server_keeps_serving() {
     let r = server();
     let recursive = json!({"$ref": "#/$defs/a", "$defs": {"a": {"$ref": "#/$defs/a"}}});

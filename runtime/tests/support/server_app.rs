@@ -19,7 +19,7 @@ use caduceus_runtime::model::LoraDtype;
 use caduceus_runtime::server::{
     AdapterLoadLimit, AppState, Lifecycle, RateLimit, RateLimiter, ServerSettings,
 };
-use caduceus_runtime::structured::compiler_for;
+use caduceus_runtime::structured::{compiler_for, CompileLimits};
 
 /// Knobs of a test server.
 #[derive(Clone)]
@@ -56,6 +56,8 @@ pub struct TestServer {
     pub max_model_len: Option<usize>,
     /// `server.max_concurrent_adapter_loads`.
     pub max_concurrent_adapter_loads: usize,
+    /// `[structured_outputs]`.
+    pub compile_limits: CompileLimits,
 }
 
 impl Default for TestServer {
@@ -80,6 +82,7 @@ impl Default for TestServer {
             rate_limit: None,
             max_model_len: None,
             max_concurrent_adapter_loads: 2,
+            compile_limits: CompileLimits::default(),
         }
     }
 }
@@ -127,7 +130,7 @@ impl TestServer {
             core = core.with_adapters(service.clone()).unwrap();
         }
         let core = core.with_faults(self.faults.clone());
-        let structured = compiler_for(tokenizer.clone(), vocab_size)
+        let structured = compiler_for(tokenizer.clone(), vocab_size, self.compile_limits)
             .ok()
             .map(Arc::new);
         let (engine, _thread) = EngineHandle::spawn(core).unwrap();
