@@ -103,10 +103,14 @@ impl ConstraintCompiler {
     ) -> Result<Arc<CompiledConstraint>, StructuredError> {
         let key = spec.cache_key();
         let what = spec.what();
-        if key.len() > self.limits.max_text_bytes {
+        // The text the request sent: the key less its kind tag.
+        let len = key
+            .split_once('\0')
+            .map_or(key.len(), |(_, text)| text.len());
+        if len > self.limits.max_text_bytes {
             return Err(StructuredError::TooLarge {
                 what,
-                len: key.len(),
+                len,
                 max: self.limits.max_text_bytes,
             });
         }

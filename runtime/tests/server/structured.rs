@@ -256,9 +256,9 @@ async fn the_configured_compile_limits_bound_each_request() {
     let body = |so: Value| json!({"model": MODEL, "max_tokens": 8, "prompt": "Answer:", "structured_outputs": so});
     let choice = json!({"choice": ["urgent", "routine"]});
     // Text past `max_grammar_bytes` is refused before compiling; text within it is served
-    // (the limit counts the list's JSON and a 7-byte kind tag: 27 bytes here, 39 below).
+    // (the list's JSON: 20 bytes here, 32 below).
     let limits = CompileLimits {
-        max_text_bytes: 32,
+        max_text_bytes: 24,
         ..CompileLimits::default()
     };
     let r = app(TestServer {
@@ -272,9 +272,11 @@ async fn the_configured_compile_limits_bound_each_request() {
     let (s, b) = post(&r, "/v1/completions", body(longer)).await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
     assert_error(&b, "invalid_request_error", Some("structured_outputs"));
-    let max = limits.max_text_bytes;
     let message = b["error"]["message"].as_str().unwrap();
-    assert!(message.contains(&format!("at most {max} bytes")), "{b}");
+    assert!(
+        message.contains("the choice list is 32 bytes; at most 24 bytes"),
+        "{b}"
+    );
     // A compile past `compile_timeout` is a 400 naming the limit (no compile takes 0 ms).
     let r = app(TestServer {
         compile_limits: CompileLimits {
