@@ -103,10 +103,7 @@ impl ConstraintCompiler {
     ) -> Result<Arc<CompiledConstraint>, StructuredError> {
         let key = spec.cache_key();
         let what = spec.what();
-        // The text the request sent: the key less its kind tag.
-        let len = key
-            .split_once('\0')
-            .map_or(key.len(), |(_, text)| text.len());
+        let len = super::spec::text_len(&key);
         if len > self.limits.max_text_bytes {
             return Err(StructuredError::TooLarge {
                 what,

@@ -36,7 +36,8 @@ impl ConstraintSpec {
         }
     }
 
-    /// The text compiled grammars are cached by: a kind tag and the grammar text.
+    /// The text compiled grammars are cached by: a kind tag, `\0`, and the grammar text
+    /// (see [`text_len`]).
     pub fn cache_key(&self) -> String {
         match self {
             ConstraintSpec::JsonObject => "json_object".to_owned(),
@@ -91,4 +92,11 @@ pub fn with_json_layout(mut schema: Value) -> Value {
         obj.insert("x-guidance".to_owned(), layout);
     }
     schema
+}
+
+/// Bytes of the grammar text in a [`ConstraintSpec::cache_key`]: what the request sent, without
+/// the kind tag.
+pub(super) fn text_len(key: &str) -> usize {
+    key.split_once('\0')
+        .map_or(key.len(), |(_, text)| text.len())
 }

@@ -2,14 +2,14 @@
 //! skips with a notice on a developer's machine and fails under CI. Test binaries that need
 //! nothing else from `support` include this file alone (`#[path]`), to stay quick to compile.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-/// The default model, or `None` (with a notice) when it has not been fetched.
+use caduceus_runtime::model::DEFAULT_MODEL_PATH;
+
+/// The default model (where `caduceus serve` looks for it, from the workspace root), or `None`
+/// (with a notice) when it has not been fetched.
 pub fn default_model() -> Option<PathBuf> {
-    let p = PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../models/SmolLM2-135M-Instruct.Q4_1.gguf"
-    ));
+    let p = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/..")).join(DEFAULT_MODEL_PATH);
     if p.exists() {
         return Some(p);
     }
