@@ -25,6 +25,8 @@ mod rate_limit;
 mod special_tokens;
 #[path = "server/structured.rs"]
 mod structured;
+#[path = "server/structured_compile.rs"]
+mod structured_compile;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};

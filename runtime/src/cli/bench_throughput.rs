@@ -3,7 +3,7 @@
 //! M output tokens each (EOS ignored), all submitted at once.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use caduceus_scheduler::{RequestId, SchedulerConfig};
@@ -202,9 +202,8 @@ pub fn run(args: BenchThroughputArgs) -> anyhow::Result<()> {
         let env = tok_env::build(tokenizer, model.config().vocab_size)?;
         let compiler = ConstraintCompiler::new(env, CompileLimits::default())?;
         let start = Instant::now();
-        let g = compiler.compile(&ConstraintSpec::JsonSchema(serde_json::from_str(
-            BENCH_SCHEMA,
-        )?))?;
+        let schema = ConstraintSpec::JsonSchema(serde_json::from_str(BENCH_SCHEMA)?);
+        let g = compiler.compile(&schema, Duration::from_secs(60))?;
         if !args.json {
             println!(
                 "schema compiled in {:.1} ms",

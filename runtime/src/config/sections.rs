@@ -495,11 +495,11 @@ pub struct StructuredOutputsSection {
     /// Longest grammar text one request may send (a serialized JSON schema, regex, choice list
     /// or Lark grammar).
     pub max_grammar_bytes: ByteSize,
-    /// Wall-clock time one compile may take.
+    /// CPU time one compile may take (not counting waits for a core).
     pub compile_timeout: HumanDuration,
     /// llguidance's grammar size limit (symbols in productions).
     pub max_grammar_symbols: usize,
-    /// Compiled grammars kept, keyed by their text (oldest dropped first).
+    /// Compiled grammars kept, keyed by their text (least recently used dropped first).
     pub grammar_cache_entries: usize,
 }
 

@@ -6,6 +6,7 @@
 //! step, the server records per-request counters and latency histograms.
 
 mod lora;
+mod structured;
 
 pub use lora::{
     record_lora_disk_load, record_lora_host, record_lora_info, record_lora_load_failure,
@@ -13,6 +14,11 @@ pub use lora::{
     record_lora_slot_fill, record_lora_slots, record_lora_unpinned, LORA_EVICTIONS, LORA_INFO,
     LORA_LOADER_LENT, LORA_LOADS, LORA_LOAD_FAILURES, LORA_LOAD_LATENCY, LORA_REQUESTS,
     LORA_RESIDENT, LORA_RESIDENT_BYTES, LORA_TOKENS, LORA_UNPINNED,
+};
+
+pub use structured::{
+    record_grammar_cache_hit, record_grammar_compile, CompileResult, GRAMMAR_CACHE_HITS,
+    GRAMMAR_COMPILES, GRAMMAR_COMPILE_TIME,
 };
 
 use std::sync::OnceLock;
@@ -144,6 +150,7 @@ fn describe() {
         "KV-cache geometry: labels block_size and num_gpu_blocks; value 1."
     );
     lora::describe();
+    structured::describe();
 }
 
 /// The `/metrics` page: the recorder's metrics plus the current LoRA info series.

@@ -13,7 +13,7 @@ use super::tenant::{cache_salt, Tenant};
 use crate::engine::{EngineRequest, RequestOutput, RequestStream};
 use crate::metrics::record_inter_token;
 use crate::sampling::SampledToken;
-use crate::structured::{CompiledConstraint, ConstraintSpec};
+use crate::structured::{CompiledConstraint, ConstraintSpec, StructuredError};
 
 /// Everything one choice produced.
 #[derive(Clone, Debug)]
@@ -27,7 +27,8 @@ pub struct ChoiceOutput {
 }
 
 /// Compiles the request's output grammar (cached by its text) off the async workers; a grammar
-/// that cannot be compiled is a 400 naming `field` and the problem, before anything is queued.
+/// that cannot be compiled is a 400 naming `field` and the problem, before anything is queued;
+/// a compile still running when the request's timeout passes is a 504.
 pub async fn compile_constraint(
     state: &AppState,
     constraint: Option<(ConstraintSpec, &'static str)>,
@@ -41,10 +42,18 @@ pub async fn compile_constraint(
             Some(field),
         ));
     };
-    let compiled = off_the_workers(move || compiler.compile(&spec)).await?;
-    compiled
-        .map(Some)
-        .map_err(|e| ApiError::invalid_request(format!("`{field}`: {e}"), Some(field)))
+    // The request's own timeout bounds its wait for the compile (a busy server is a timeout,
+    // not a bad grammar).
+    let wait = state.settings.request_timeout;
+    let compiled = off_the_workers(move || compiler.compile(&spec, wait)).await?;
+    compiled.map(Some).map_err(|e| match e {
+        StructuredError::Deadline { .. } => timeout_error(wait),
+        StructuredError::Unavailable(_) => {
+            tracing::error!(error = %e, "grammar compile could not start");
+            ApiError::unavailable(format!("`{field}` cannot be compiled now; retry"))
+        }
+        e => ApiError::invalid_request(format!("`{field}`: {e}"), Some(field)),
+    })
 }
 
 /// Queues one engine request per (prompt, choice), in choice-index order. On any refusal the

@@ -1,25 +1,31 @@
-//! Compiling constraints: size and time limits, and a cache keyed by the grammar text so a
+//! Compiling constraints: size and CPU-time limits, and a cache keyed by the grammar text so a
 //! schema sent with every request is compiled once.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::{mpsc, Arc, Mutex};
-use std::time::Duration;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
+use llguidance::api::TopLevelGrammar;
 use llguidance::{Matcher, ParserFactory};
 use toktrie::{SimpleVob, TokEnv};
 
+use super::compile_cache::{Flight, GrammarCache, Lookup, WaitEnd};
+use super::thread_clock::ThreadClock;
 use super::{ConstraintSpec, RequestMatcher, StructuredError};
+use crate::metrics::{record_grammar_cache_hit, record_grammar_compile, CompileResult};
 
 /// Bounds on what a request may ask to compile.
 #[derive(Clone, Copy, Debug)]
 pub struct CompileLimits {
     /// Longest grammar text (a JSON schema's serialized form) in bytes.
     pub max_text_bytes: usize,
-    /// Wall-clock time one compile may take.
+    /// CPU time one compile may take (its thread's time on a core, not time spent waiting for
+    /// one).
     pub timeout: Duration,
     /// llguidance's grammar size limit (symbols in productions).
     pub max_grammar_size: usize,
-    /// Compiled grammars kept (oldest dropped first).
+    /// Compiled grammars kept (least recently used dropped first).
     pub cache_entries: usize,
 }
 
@@ -36,8 +42,8 @@ impl Default for CompileLimits {
 
 /// A compiled constraint: a matcher in its start state that each request clones.
 pub struct CompiledConstraint {
-    template: Mutex<Matcher>,
-    eos: Arc<SimpleVob>,
+    pub(super) template: Mutex<Matcher>,
+    pub(super) eos: Arc<SimpleVob>,
 }
 
 impl CompiledConstraint {
@@ -57,18 +63,18 @@ impl std::fmt::Debug for CompiledConstraint {
     }
 }
 
-#[derive(Default)]
-struct Cache {
-    map: HashMap<String, Arc<CompiledConstraint>>,
-    order: VecDeque<String>,
-}
-
 /// Compiles [`ConstraintSpec`]s for one model's vocabulary; shared by every request handler.
 pub struct ConstraintCompiler {
     factory: Arc<ParserFactory>,
     limits: CompileLimits,
-    cache: Mutex<Cache>,
+    cache: Arc<GrammarCache>,
     eos: Arc<SimpleVob>,
+    /// Compiles started (not cache hits, not requests that joined another's compile).
+    compiles: AtomicU64,
+    /// Fault injection: each compile thread sleeps this long (ms) first, as a thread waiting for
+    /// a core would (no CPU time spent).
+    #[cfg(feature = "fault-injection")]
+    delay_ms: AtomicU64,
 }
 
 impl ConstraintCompiler {
@@ -85,8 +91,11 @@ impl ConstraintCompiler {
         Ok(ConstraintCompiler {
             factory: Arc::new(factory),
             limits,
-            cache: Mutex::new(Cache::default()),
+            cache: Arc::new(GrammarCache::new(limits.cache_entries)),
             eos,
+            compiles: AtomicU64::new(0),
+            #[cfg(feature = "fault-injection")]
+            delay_ms: AtomicU64::new(0),
         })
     }
 
@@ -95,12 +104,21 @@ impl ConstraintCompiler {
         self.limits
     }
 
-    /// The compiled form of `spec`, from the cache or compiled now. Blocks for up to the time
-    /// limit: call it off the async runtime (`spawn_blocking`).
+    /// The compiled form of `spec`: from the cache, from the compile another request started,
+    /// or compiled now on a thread of its own. The time limit counts that thread's CPU time, so
+    /// a busy server does not refuse a grammar for the time it waited for a core; `wait` bounds
+    /// the caller's wall-clock wait ([`StructuredError::Deadline`] past it, while the compile
+    /// goes on for the cache). Blocks: call it off the async runtime (`spawn_blocking`).
     pub fn compile(
         &self,
         spec: &ConstraintSpec,
+        wait: Duration,
     ) -> Result<Arc<CompiledConstraint>, StructuredError> {
+        // A wait too long to add to the clock is no bound at all (a year stands in for it).
+        let now = Instant::now();
+        let deadline = now
+            .checked_add(wait)
+            .unwrap_or(now + Duration::from_secs(365 * 24 * 3600));
         let key = spec.cache_key();
         let what = spec.what();
         let len = super::spec::text_len(&key);
@@ -111,68 +129,145 @@ impl ConstraintCompiler {
                 max: self.limits.max_text_bytes,
             });
         }
-        if let Some(hit) = self.lock_cache().map.get(&key) {
-            return Ok(hit.clone());
-        }
-        let grammar = spec.to_grammar()?;
-        let factory = self.factory.clone();
-        let (tx, rx) = mpsc::channel();
-        // A thread per compile: the time limit can abandon it (its fuel limits still end it),
-        // and a panic inside the compiler ends only that thread.
-        let spawned = std::thread::Builder::new()
-            .name("grammar-compile".into())
-            .spawn(move || {
-                let compiled = factory.create_parser(grammar).and_then(|parser| {
-                    let mut m = Matcher::new(Ok(parser));
-                    // The first mask warms the lexer caches every clone shares, and shows a
-                    // grammar that cannot produce anything.
-                    m.compute_mask()?;
-                    Ok(m)
-                });
-                let _ = tx.send(compiled.map_err(|e| e.to_string()));
-            });
-        if let Err(e) = spawned {
-            return Err(StructuredError::Unavailable(e.to_string()));
-        }
-        let matcher = match rx.recv_timeout(self.limits.timeout) {
-            Ok(Ok(m)) => m,
-            Ok(Err(message)) => return Err(invalid(what, message)),
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                return Err(StructuredError::Timeout {
-                    what,
-                    ms: self.limits.timeout.as_millis(),
-                })
+        let flight = match self.cache.lookup(&key) {
+            Lookup::Hit(compiled) => {
+                record_grammar_cache_hit();
+                return Ok(compiled);
             }
-            Err(mpsc::RecvTimeoutError::Disconnected) => {
-                return Err(invalid(what, "the grammar compiler failed".into()))
+            Lookup::Compiling(flight) => {
+                record_grammar_cache_hit();
+                flight
+            }
+            Lookup::Start(flight) => {
+                self.start(spec, key.clone(), flight.clone());
+                flight
             }
         };
-        let compiled = Arc::new(CompiledConstraint {
-            template: Mutex::new(matcher),
-            eos: self.eos.clone(),
-        });
-        let mut cache = self.lock_cache();
-        if !cache.map.contains_key(&key) {
-            while cache.order.len() >= self.limits.cache_entries.max(1) {
-                if let Some(old) = cache.order.pop_front() {
-                    cache.map.remove(&old);
+        let limit = self.limits.timeout;
+        match flight.wait(deadline, limit) {
+            Ok(outcome) => outcome,
+            Err(WaitEnd::OverLimit) => {
+                let timeout = StructuredError::Timeout {
+                    what,
+                    ms: limit.as_millis(),
+                };
+                if self.cache.finish(&key, &flight, Err(timeout.clone())) {
+                    record_grammar_compile(CompileResult::Timeout, None);
                 }
+                Err(timeout)
             }
-            cache.order.push_back(key.clone());
-            cache.map.insert(key, compiled.clone());
+            Err(WaitEnd::Deadline) => Err(StructuredError::Deadline {
+                what,
+                ms: wait.as_millis(),
+            }),
         }
-        Ok(compiled)
+    }
+
+    /// Compiles `spec` on a new thread, which ends `flight` (the abandoned thread of a compile
+    /// over its limit still ends, by llguidance's fuel limits, and its result is dropped).
+    fn start(&self, spec: &ConstraintSpec, key: String, flight: Arc<Flight>) {
+        self.compiles.fetch_add(1, Ordering::Relaxed);
+        let what = spec.what();
+        let grammar = match spec.to_grammar() {
+            Ok(g) => g,
+            Err(e) => {
+                record_grammar_compile(CompileResult::Invalid, None);
+                self.cache.finish(&key, &flight, Err(e));
+                return;
+            }
+        };
+        let job = CompileJob {
+            factory: self.factory.clone(),
+            cache: self.cache.clone(),
+            eos: self.eos.clone(),
+            limit: self.limits.timeout,
+            what,
+            #[cfg(feature = "fault-injection")]
+            delay: Duration::from_millis(self.delay_ms.load(Ordering::Relaxed)),
+        };
+        let (thread_key, thread_flight) = (key.clone(), flight.clone());
+        let spawned = std::thread::Builder::new()
+            .name("grammar-compile".into())
+            .spawn(move || job.run(grammar, &thread_key, &thread_flight));
+        if let Err(e) = spawned {
+            let unavailable = StructuredError::Unavailable(e.to_string());
+            self.cache.finish(&key, &flight, Err(unavailable));
+        }
     }
 
     /// Compiled grammars in the cache.
     pub fn num_cached(&self) -> usize {
-        self.lock_cache().map.len()
+        self.cache.num_cached()
     }
 
-    fn lock_cache(&self) -> std::sync::MutexGuard<'_, Cache> {
-        self.cache
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    /// Compiles started since this compiler was made (cache hits and requests that waited on
+    /// another request's compile start none).
+    pub fn num_compiles(&self) -> u64 {
+        self.compiles.load(Ordering::Relaxed)
+    }
+
+    /// Fault injection: every compile thread started from now on sleeps `delay` before it
+    /// compiles, as a thread kept off the CPU by a busy server would.
+    #[cfg(feature = "fault-injection")]
+    pub fn delay_compiles(&self, delay: Duration) {
+        let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        self.delay_ms.store(ms, Ordering::Relaxed);
+    }
+}
+
+/// What a compile thread needs.
+struct CompileJob {
+    factory: Arc<ParserFactory>,
+    cache: Arc<GrammarCache>,
+    eos: Arc<SimpleVob>,
+    limit: Duration,
+    what: &'static str,
+    #[cfg(feature = "fault-injection")]
+    delay: Duration,
+}
+
+impl CompileJob {
+    fn run(self, grammar: TopLevelGrammar, key: &str, flight: &Arc<Flight>) {
+        let clock = ThreadClock::current();
+        flight.set_clock(clock);
+        #[cfg(feature = "fault-injection")]
+        std::thread::sleep(self.delay);
+        // A panic inside the compiler ends the flight like any refusal (its waiters would
+        // otherwise wait for an outcome that never comes).
+        let compiled = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            self.factory.create_parser(grammar).and_then(|parser| {
+                let mut m = Matcher::new(Ok(parser));
+                // The first mask warms the lexer caches every clone shares, and shows a grammar
+                // that cannot produce anything.
+                m.compute_mask()?;
+                Ok(m)
+            })
+        }))
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("the grammar compiler failed")));
+        let cpu = clock.elapsed();
+        let (result, outcome) = match compiled {
+            Ok(_) if cpu.is_some_and(|t| t > self.limit) => (
+                CompileResult::Timeout,
+                Err(StructuredError::Timeout {
+                    what: self.what,
+                    ms: self.limit.as_millis(),
+                }),
+            ),
+            Ok(matcher) => (
+                CompileResult::Ok,
+                Ok(Arc::new(CompiledConstraint {
+                    template: Mutex::new(matcher),
+                    eos: self.eos.clone(),
+                })),
+            ),
+            Err(e) => (
+                CompileResult::Invalid,
+                Err(invalid(self.what, e.to_string())),
+            ),
+        };
+        if self.cache.finish(key, flight, outcome) {
+            record_grammar_compile(result, cpu);
+        }
     }
 }
 

@@ -13,10 +13,12 @@
 //!
 //! [llguidance]: https://github.com/guidance-ai/llguidance
 
+mod compile_cache;
 mod compiler;
 mod mask;
 mod matcher;
 mod spec;
+mod thread_clock;
 pub mod tok_env;
 
 pub use compiler::{CompileLimits, CompiledConstraint, ConstraintCompiler};
@@ -24,7 +26,8 @@ pub use mask::{compute_masks, mask_stats, MaskStats, TokenMask};
 pub use matcher::RequestMatcher;
 pub use spec::{with_json_layout, ConstraintSpec};
 
-/// Why a constraint cannot be used; the HTTP layer reports each as a 400.
+/// Why a constraint cannot be used; the HTTP layer reports each as a 400, except
+/// [`StructuredError::Deadline`] (a timeout) and [`StructuredError::Unavailable`].
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum StructuredError {
     /// The grammar text is over the size limit.
@@ -37,9 +40,14 @@ pub enum StructuredError {
     /// llguidance refused the grammar (syntax, unsupported keyword, unsatisfiable, too complex).
     #[error("{what} cannot be used for constrained decoding: {message}")]
     Invalid { what: &'static str, message: String },
-    /// Compiling took longer than the limit.
-    #[error("{what} took longer than {ms} ms to compile; simplify it")]
+    /// Compiling took more CPU time than the limit.
+    #[error("{what} took more than {ms} ms of CPU time to compile; simplify it")]
     Timeout { what: &'static str, ms: u128 },
+    /// The caller stopped waiting for the compile (the server was too busy to finish it in
+    /// time); the grammar itself may be fine. Not the client's fault: the HTTP layer answers it
+    /// as a timeout, not a 400.
+    #[error("{what} was still compiling after {ms} ms")]
+    Deadline { what: &'static str, ms: u128 },
     /// The served model's tokenizer cannot be described to llguidance.
     #[error("structured outputs are not available for this model: {0}")]
     Unavailable(String),

@@ -277,7 +277,7 @@ async fn the_configured_compile_limits_bound_each_request() {
         message.contains("the choice list is 32 bytes; at most 24 bytes"),
         "{b}"
     );
-    // A compile past `compile_timeout` is a 400 naming the limit (no compile takes 0 ms).
+    // A compile past `compile_timeout` is a 400 naming the limit (no compile takes 0 ms of CPU).
     let r = app(TestServer {
         compile_limits: CompileLimits {
             timeout: Duration::ZERO,
@@ -290,7 +290,7 @@ async fn the_configured_compile_limits_bound_each_request() {
     assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
     assert_error(&b, "invalid_request_error", Some("structured_outputs"));
     let message = b["error"]["message"].as_str().unwrap();
-    assert!(message.contains("took longer than 0 ms"), "{b}");
+    assert!(message.contains("took more than 0 ms of CPU time"), "{b}");
     // The server keeps serving unconstrained requests.
     let (s, b) = post(
         &r,
