@@ -279,6 +279,16 @@ fn models(cfg: &MockConfig) -> Response<Body> {
     full(StatusCode::OK, json!({"object": "list", "data": data}))
 }
 
+/// Waits until hyper has taken every frame sent so far, and then a little longer. Hyper writes a
+/// frame to the socket only when the body has nothing more for it, so a frame it finds together
+/// with the abort (its task ran late, on a busy machine) is dropped unsent.
+async fn drained(tx: &mut http_body_util::channel::Sender<Bytes, InjectedDisconnect>) {
+    while tx.capacity() < tx.max_capacity() {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(10)).await;
+}
+
 /// One streamed answer, paced against absolute deadlines so timer slack does not accumulate.
 struct Stream {
     state: Arc<State>,
@@ -304,9 +314,10 @@ impl Stream {
         }
         for i in 0..self.tokens {
             tokio::time::sleep_until(self.start + cfg.ttft + cfg.itl * i).await;
-            // Cut where this token would have gone, so the earlier ones have left the socket.
+            // Cut where this token would have gone, once the earlier ones have left the socket.
             if self.disconnect && i == self.tokens / 2 {
                 self.state.stats.disconnects.fetch_add(1, Ordering::Relaxed);
+                drained(&mut tx).await;
                 tx.abort(InjectedDisconnect);
                 return;
             }

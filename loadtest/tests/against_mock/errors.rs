@@ -45,13 +45,18 @@ async fn injected_statuses_and_disconnects_are_counted_by_kind() {
     );
     // Failed requests never count as good.
     assert_eq!(m.slo_attainment, Some(m.completed as f64 / 300.0));
-    // Cut-off streams still recorded the tokens they got before the cut.
-    let cut = result
+    // Cut-off streams still recorded the tokens they got before the cut (the mock sends 4 of 8
+    // first; one left in a busy server's buffer at the cut may never arrive, so not every
+    // stream need have all 4, but none has more and they are not all lost).
+    let cut: Vec<u64> = result
         .outcomes
         .iter()
-        .find(|o| o.error.map(|e| e.to_string()) == Some("disconnect".into()))
-        .unwrap();
-    assert_eq!(cut.output_tokens, 4);
+        .filter(|o| o.error.map(|e| e.to_string()) == Some("disconnect".into()))
+        .map(|o| o.output_tokens)
+        .collect();
+    assert_eq!(cut.len(), injected_disconnects);
+    assert!(cut.iter().all(|&n| n <= 4), "{cut:?}");
+    assert_eq!(cut.iter().max(), Some(&4), "{cut:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

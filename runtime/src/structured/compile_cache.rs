@@ -13,7 +13,7 @@ use super::StructuredError;
 /// What a compile produced.
 pub type Outcome = Result<Arc<CompiledConstraint>, StructuredError>;
 
-/// How often a waiter checks the compile's CPU time against the limit.
+/// How often a blocked waiter checks the compile's CPU time against the limit.
 const POLL: Duration = Duration::from_millis(20);
 
 /// One compile in progress, shared by the requests waiting for it.
@@ -60,15 +60,27 @@ impl Flight {
         true
     }
 
+    /// The outcome if the compile has ended, [`WaitEnd::OverLimit`] if it has spent more than
+    /// `limit` of CPU time, `None` while it runs within it.
+    fn check(s: &FlightState, limit: Duration) -> Option<Result<Outcome, WaitEnd>> {
+        if let Some(outcome) = &s.outcome {
+            return Some(Ok(outcome.clone()));
+        }
+        let over = s.clock.and_then(|c| c.elapsed()).is_some_and(|t| t > limit);
+        over.then_some(Err(WaitEnd::OverLimit))
+    }
+
+    /// [`Self::wait`] without waiting: `None` while the compile runs within `limit`.
+    pub fn poll(&self, limit: Duration) -> Option<Result<Outcome, WaitEnd>> {
+        Self::check(&self.lock(), limit)
+    }
+
     /// Waits for the outcome until `deadline`, checking the compile's CPU time against `limit`.
     pub fn wait(&self, deadline: Instant, limit: Duration) -> Result<Outcome, WaitEnd> {
         let mut s = self.lock();
         loop {
-            if let Some(outcome) = &s.outcome {
-                return Ok(outcome.clone());
-            }
-            if s.clock.and_then(|c| c.elapsed()).is_some_and(|t| t > limit) {
-                return Err(WaitEnd::OverLimit);
+            if let Some(end) = Self::check(&s, limit) {
+                return end;
             }
             let now = Instant::now();
             if now >= deadline {

@@ -10,7 +10,7 @@ use llguidance::api::TopLevelGrammar;
 use llguidance::{Matcher, ParserFactory};
 use toktrie::{SimpleVob, TokEnv};
 
-use super::compile_cache::{Flight, GrammarCache, Lookup, WaitEnd};
+use super::compile_cache::{Flight, GrammarCache, Lookup, Outcome, WaitEnd};
 use super::thread_clock::ThreadClock;
 use super::{ConstraintSpec, RequestMatcher, StructuredError};
 use crate::metrics::{record_grammar_cache_hit, record_grammar_compile, CompileResult};
@@ -108,7 +108,7 @@ impl ConstraintCompiler {
     /// or compiled now on a thread of its own. The time limit counts that thread's CPU time, so
     /// a busy server does not refuse a grammar for the time it waited for a core; `wait` bounds
     /// the caller's wall-clock wait ([`StructuredError::Deadline`] past it, while the compile
-    /// goes on for the cache). Blocks: call it off the async runtime (`spawn_blocking`).
+    /// goes on for the cache). Blocks: async callers use [`Self::begin`] and poll.
     pub fn compile(
         &self,
         spec: &ConstraintSpec,
@@ -119,20 +119,29 @@ impl ConstraintCompiler {
         let deadline = now
             .checked_add(wait)
             .unwrap_or(now + Duration::from_secs(365 * 24 * 3600));
+        match self.begin(spec) {
+            Compiling::Done(outcome) => outcome,
+            Compiling::Pending(pending) => pending.wait(deadline),
+        }
+    }
+
+    /// Starts getting the compiled form of `spec` without blocking: the size check and a cache
+    /// hit end here; otherwise the request joins the compile in progress or starts one.
+    pub fn begin(&self, spec: &ConstraintSpec) -> Compiling {
         let key = spec.cache_key();
         let what = spec.what();
         let len = super::spec::text_len(&key);
         if len > self.limits.max_text_bytes {
-            return Err(StructuredError::TooLarge {
+            return Compiling::Done(Err(StructuredError::TooLarge {
                 what,
                 len,
                 max: self.limits.max_text_bytes,
-            });
+            }));
         }
         let flight = match self.cache.lookup(&key) {
             Lookup::Hit(compiled) => {
                 record_grammar_cache_hit();
-                return Ok(compiled);
+                return Compiling::Done(Ok(compiled));
             }
             Lookup::Compiling(flight) => {
                 record_grammar_cache_hit();
@@ -143,24 +152,13 @@ impl ConstraintCompiler {
                 flight
             }
         };
-        let limit = self.limits.timeout;
-        match flight.wait(deadline, limit) {
-            Ok(outcome) => outcome,
-            Err(WaitEnd::OverLimit) => {
-                let timeout = StructuredError::Timeout {
-                    what,
-                    ms: limit.as_millis(),
-                };
-                if self.cache.finish(&key, &flight, Err(timeout.clone())) {
-                    record_grammar_compile(CompileResult::Timeout, None);
-                }
-                Err(timeout)
-            }
-            Err(WaitEnd::Deadline) => Err(StructuredError::Deadline {
-                what,
-                ms: wait.as_millis(),
-            }),
-        }
+        Compiling::Pending(PendingCompile {
+            flight,
+            key,
+            what,
+            limit: self.limits.timeout,
+            cache: self.cache.clone(),
+        })
     }
 
     /// Compiles `spec` on a new thread, which ends `flight` (the abandoned thread of a compile
@@ -212,6 +210,57 @@ impl ConstraintCompiler {
     pub fn delay_compiles(&self, delay: Duration) {
         let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
         self.delay_ms.store(ms, Ordering::Relaxed);
+    }
+}
+
+/// Where [`ConstraintCompiler::begin`] left a request.
+pub enum Compiling {
+    /// Refused, or found compiled.
+    Done(Result<Arc<CompiledConstraint>, StructuredError>),
+    /// Compiling (for this request or another one asking for the same grammar).
+    Pending(PendingCompile),
+}
+
+/// A request's wait for a compile in progress.
+pub struct PendingCompile {
+    flight: Arc<Flight>,
+    key: String,
+    what: &'static str,
+    limit: Duration,
+    cache: Arc<GrammarCache>,
+}
+
+impl PendingCompile {
+    /// The outcome once the compile has ended or spent its CPU-time limit; `None` meanwhile.
+    pub fn poll(&self) -> Option<Result<Arc<CompiledConstraint>, StructuredError>> {
+        self.flight.poll(self.limit).map(|end| self.settle(end))
+    }
+
+    /// Blocks for the outcome until `deadline` ([`StructuredError::Deadline`] past it).
+    pub fn wait(&self, deadline: Instant) -> Result<Arc<CompiledConstraint>, StructuredError> {
+        self.settle(self.flight.wait(deadline, self.limit))
+    }
+
+    /// The request's result: a compile over its limit is ended here (the first waiter to see it
+    /// ends it for all), and the abandoned thread's later result is dropped.
+    fn settle(&self, end: Result<Outcome, WaitEnd>) -> Outcome {
+        match end {
+            Ok(outcome) => outcome,
+            Err(WaitEnd::OverLimit) => {
+                let timeout = StructuredError::Timeout {
+                    what: self.what,
+                    ms: self.limit.as_millis(),
+                };
+                if self
+                    .cache
+                    .finish(&self.key, &self.flight, Err(timeout.clone()))
+                {
+                    record_grammar_compile(CompileResult::Timeout, None);
+                }
+                Err(timeout)
+            }
+            Err(WaitEnd::Deadline) => Err(StructuredError::Deadline { what: self.what }),
+        }
     }
 }
 

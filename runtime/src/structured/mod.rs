@@ -21,7 +21,9 @@ mod spec;
 mod thread_clock;
 pub mod tok_env;
 
-pub use compiler::{CompileLimits, CompiledConstraint, ConstraintCompiler};
+pub use compiler::{
+    CompileLimits, CompiledConstraint, Compiling, ConstraintCompiler, PendingCompile,
+};
 pub use mask::{compute_masks, mask_stats, MaskStats, TokenMask};
 pub use matcher::RequestMatcher;
 pub use spec::{with_json_layout, ConstraintSpec};
@@ -46,8 +48,8 @@ pub enum StructuredError {
     /// The caller stopped waiting for the compile (the server was too busy to finish it in
     /// time); the grammar itself may be fine. Not the client's fault: the HTTP layer answers it
     /// as a timeout, not a 400.
-    #[error("{what} was still compiling after {ms} ms")]
-    Deadline { what: &'static str, ms: u128 },
+    #[error("{what} was still compiling when the request's time ran out")]
+    Deadline { what: &'static str },
     /// The served model's tokenizer cannot be described to llguidance.
     #[error("structured outputs are not available for this model: {0}")]
     Unavailable(String),

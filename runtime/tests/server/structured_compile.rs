@@ -2,7 +2,8 @@
 //! the time its thread waited for a core (a delay injected before the compile stands in for
 //! that wait); requests asking for the same new grammar at once share one compile; a compile
 //! outlasting the request's timeout is a 504, not a 400, and still fills the cache; the cache
-//! drops the least recently used grammar; and all of it shows in `/metrics`.
+//! drops the least recently used grammar; a request waiting for a compile holds no thread; and
+//! all of it shows in `/metrics`.
 
 use std::time::{Duration, Instant};
 
@@ -166,4 +167,38 @@ async fn compiles_and_cache_hits_show_in_the_metrics() {
     assert!(value("caduceus_grammar_compiles_total{result=\"timeout\"}") >= 1.0);
     assert!(value("caduceus_grammar_cache_hits_total") >= 1.0);
     assert!(value("caduceus_grammar_compile_cpu_seconds_count") >= 1.0);
+}
+
+#[test]
+fn a_request_waiting_for_a_compile_holds_no_thread_of_the_blocking_pool() {
+    // One blocking thread: prompts are tokenized there, so a wait parked on it would hold every
+    // other request up until the compile ends.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let (r, state) = serve(CompileLimits::default(), Duration::from_secs(60));
+        let c = state.structured.clone().unwrap();
+        c.delay_compiles(Duration::from_secs(4));
+        let waiting = tokio::spawn({
+            let r = r.clone();
+            async move { post(&r, "/v1/completions", constrained(&["x1", "x2"])).await }
+        });
+        while c.num_compiles() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let plain = json!({"model": MODEL, "max_tokens": 4, "prompt": "Hi"});
+        let (s, b) = post(&r, "/v1/completions", plain).await;
+        assert_eq!(s, StatusCode::OK, "{b}");
+        assert_eq!(
+            c.num_cached(),
+            0,
+            "the plain request waited for the compile"
+        );
+        let (s, b) = waiting.await.unwrap();
+        assert_eq!(s, StatusCode::OK, "{b}");
+    });
 }
