@@ -247,10 +247,7 @@ impl PendingCompile {
         match end {
             Ok(outcome) => outcome,
             Err(WaitEnd::OverLimit) => {
-                let timeout = StructuredError::Timeout {
-                    what: self.what,
-                    ms: self.limit.as_millis(),
-                };
+                let timeout = over_limit(self.what, self.limit);
                 if self
                     .cache
                     .finish(&self.key, &self.flight, Err(timeout.clone()))
@@ -297,10 +294,7 @@ impl CompileJob {
         let (result, outcome) = match compiled {
             Ok(_) if cpu.is_some_and(|t| t > self.limit) => (
                 CompileResult::Timeout,
-                Err(StructuredError::Timeout {
-                    what: self.what,
-                    ms: self.limit.as_millis(),
-                }),
+                Err(over_limit(self.what, self.limit)),
             ),
             Ok(matcher) => (
                 CompileResult::Ok,
@@ -317,6 +311,14 @@ impl CompileJob {
         if self.cache.finish(key, flight, outcome) {
             record_grammar_compile(result, cpu);
         }
+    }
+}
+
+/// A compile of `what` spent more than `limit` of CPU time.
+fn over_limit(what: &'static str, limit: Duration) -> StructuredError {
+    StructuredError::Timeout {
+        what,
+        ms: limit.as_millis(),
     }
 }
 
