@@ -13,10 +13,9 @@ use super::tenant::{cache_salt, Tenant};
 use crate::engine::{EngineRequest, RequestOutput, RequestStream};
 use crate::metrics::record_inter_token;
 use crate::sampling::SampledToken;
-use crate::structured::{CompiledConstraint, Compiling, ConstraintSpec, StructuredError};
-
-/// How often a request waiting for its grammar's compile looks at it.
-const COMPILE_POLL: Duration = Duration::from_millis(5);
+use crate::structured::{
+    CompiledConstraint, Compiling, ConstraintSpec, PendingCompile, StructuredError,
+};
 
 /// Everything one choice produced.
 #[derive(Clone, Debug)]
@@ -48,18 +47,13 @@ pub async fn compile_constraint(
     // The request's own timeout bounds its wait for the compile (a busy server is a timeout,
     // not a bad grammar). The compile runs on its own thread; the wait holds no thread.
     let wait = state.settings.request_timeout;
-    let deadline = tokio::time::Instant::now() + wait;
-    let compiled = match compiler.begin(&spec) {
+    let compiled = match compiler.begin(&spec, wait) {
         Compiling::Done(outcome) => outcome,
         Compiling::Pending(pending) => loop {
             if let Some(outcome) = pending.poll() {
                 break outcome;
             }
-            if tokio::time::Instant::now() >= deadline {
-                break Err(StructuredError::Deadline { what: spec.what() });
-            }
-            tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + COMPILE_POLL))
-                .await;
+            tokio::time::sleep(PendingCompile::POLL_INTERVAL).await;
         },
     };
     compiled.map(Some).map_err(|e| match e {

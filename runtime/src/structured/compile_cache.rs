@@ -1,10 +1,10 @@
 //! The compiled-grammar cache: least recently used entries leave first, and a grammar being
-//! compiled is compiled once however many requests ask for it meanwhile (they wait on its
+//! compiled is compiled once however many requests ask for it meanwhile (they poll its
 //! [`Flight`]).
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use super::compiler::CompiledConstraint;
 use super::thread_clock::ThreadClock;
@@ -13,14 +13,10 @@ use super::StructuredError;
 /// What a compile produced.
 pub type Outcome = Result<Arc<CompiledConstraint>, StructuredError>;
 
-/// How often a blocked waiter checks the compile's CPU time against the limit.
-const POLL: Duration = Duration::from_millis(20);
-
 /// One compile in progress, shared by the requests waiting for it.
 #[derive(Debug, Default)]
 pub struct Flight {
     state: Mutex<FlightState>,
-    done: Condvar,
 }
 
 #[derive(Debug, Default)]
@@ -30,14 +26,9 @@ struct FlightState {
     clock: Option<ThreadClock>,
 }
 
-/// Why a waiter stopped waiting without an outcome.
+/// The compile has spent more than its CPU-time limit (the waiter that sees it ends the flight).
 #[derive(Debug, PartialEq, Eq)]
-pub enum WaitEnd {
-    /// The compile spent more than its CPU-time limit (the caller ends the flight).
-    OverLimit,
-    /// The caller's deadline passed first (the compile goes on for the others and the cache).
-    Deadline,
-}
+pub struct OverLimit;
 
 impl Flight {
     fn lock(&self) -> MutexGuard<'_, FlightState> {
@@ -56,43 +47,18 @@ impl Flight {
             return false;
         }
         s.outcome = Some(outcome);
-        self.done.notify_all();
         true
     }
 
-    /// The outcome if the compile has ended, [`WaitEnd::OverLimit`] if it has spent more than
-    /// `limit` of CPU time, `None` while it runs within it.
-    fn check(s: &FlightState, limit: Duration) -> Option<Result<Outcome, WaitEnd>> {
+    /// The outcome if the compile has ended, [`OverLimit`] if it has spent more than `limit` of
+    /// CPU time, `None` while it runs within it.
+    pub fn poll(&self, limit: Duration) -> Option<Result<Outcome, OverLimit>> {
+        let s = self.lock();
         if let Some(outcome) = &s.outcome {
             return Some(Ok(outcome.clone()));
         }
         let over = s.clock.and_then(|c| c.elapsed()).is_some_and(|t| t > limit);
-        over.then_some(Err(WaitEnd::OverLimit))
-    }
-
-    /// [`Self::wait`] without waiting: `None` while the compile runs within `limit`.
-    pub fn poll(&self, limit: Duration) -> Option<Result<Outcome, WaitEnd>> {
-        Self::check(&self.lock(), limit)
-    }
-
-    /// Waits for the outcome until `deadline`, checking the compile's CPU time against `limit`.
-    pub fn wait(&self, deadline: Instant, limit: Duration) -> Result<Outcome, WaitEnd> {
-        let mut s = self.lock();
-        loop {
-            if let Some(end) = Self::check(&s, limit) {
-                return end;
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(WaitEnd::Deadline);
-            }
-            let slice = POLL.min(deadline - now);
-            s = self
-                .done
-                .wait_timeout(s, slice)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
-        }
+        over.then_some(Err(OverLimit))
     }
 }
 

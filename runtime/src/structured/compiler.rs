@@ -10,7 +10,7 @@ use llguidance::api::TopLevelGrammar;
 use llguidance::{Matcher, ParserFactory};
 use toktrie::{SimpleVob, TokEnv};
 
-use super::compile_cache::{Flight, GrammarCache, Lookup, Outcome, WaitEnd};
+use super::compile_cache::{Flight, GrammarCache, Lookup, Outcome, OverLimit};
 use super::thread_clock::ThreadClock;
 use super::{ConstraintSpec, RequestMatcher, StructuredError};
 use crate::metrics::{record_grammar_cache_hit, record_grammar_compile, CompileResult};
@@ -114,20 +114,21 @@ impl ConstraintCompiler {
         spec: &ConstraintSpec,
         wait: Duration,
     ) -> Result<Arc<CompiledConstraint>, StructuredError> {
+        match self.begin(spec, wait) {
+            Compiling::Done(outcome) => outcome,
+            Compiling::Pending(pending) => pending.wait(),
+        }
+    }
+
+    /// Starts getting the compiled form of `spec` without blocking: the size check and a cache
+    /// hit end here; otherwise the request joins the compile in progress or starts one, and
+    /// waits for it at most `wait` (see [`Self::compile`]).
+    pub fn begin(&self, spec: &ConstraintSpec, wait: Duration) -> Compiling {
         // A wait too long to add to the clock is no bound at all (a year stands in for it).
         let now = Instant::now();
         let deadline = now
             .checked_add(wait)
             .unwrap_or(now + Duration::from_secs(365 * 24 * 3600));
-        match self.begin(spec) {
-            Compiling::Done(outcome) => outcome,
-            Compiling::Pending(pending) => pending.wait(deadline),
-        }
-    }
-
-    /// Starts getting the compiled form of `spec` without blocking: the size check and a cache
-    /// hit end here; otherwise the request joins the compile in progress or starts one.
-    pub fn begin(&self, spec: &ConstraintSpec) -> Compiling {
         let key = spec.cache_key();
         let what = spec.what();
         let len = super::spec::text_len(&key);
@@ -157,6 +158,7 @@ impl ConstraintCompiler {
             key,
             what,
             limit: self.limits.timeout,
+            deadline,
             cache: self.cache.clone(),
         })
     }
@@ -227,26 +229,24 @@ pub struct PendingCompile {
     key: String,
     what: &'static str,
     limit: Duration,
+    /// When the request stops waiting.
+    deadline: Instant,
     cache: Arc<GrammarCache>,
 }
 
 impl PendingCompile {
-    /// The outcome once the compile has ended or spent its CPU-time limit; `None` meanwhile.
-    pub fn poll(&self) -> Option<Result<Arc<CompiledConstraint>, StructuredError>> {
-        self.flight.poll(self.limit).map(|end| self.settle(end))
-    }
+    /// How often a waiter should look at the compile again.
+    pub const POLL_INTERVAL: Duration = Duration::from_millis(5);
 
-    /// Blocks for the outcome until `deadline` ([`StructuredError::Deadline`] past it).
-    pub fn wait(&self, deadline: Instant) -> Result<Arc<CompiledConstraint>, StructuredError> {
-        self.settle(self.flight.wait(deadline, self.limit))
-    }
-
-    /// The request's result: a compile over its limit is ended here (the first waiter to see it
-    /// ends it for all), and the abandoned thread's later result is dropped.
-    fn settle(&self, end: Result<Outcome, WaitEnd>) -> Outcome {
-        match end {
-            Ok(outcome) => outcome,
-            Err(WaitEnd::OverLimit) => {
+    /// The request's result once there is one: the compile's outcome, its CPU-time limit spent
+    /// (the first waiter to see it ends the compile for all, and the abandoned thread's later
+    /// result is dropped), or [`StructuredError::Deadline`] once the request's wait is over (the
+    /// compile goes on for the cache). `None` meanwhile: look again after
+    /// [`Self::POLL_INTERVAL`].
+    pub fn poll(&self) -> Option<Outcome> {
+        match self.flight.poll(self.limit) {
+            Some(Ok(outcome)) => Some(outcome),
+            Some(Err(OverLimit)) => {
                 let timeout = over_limit(self.what, self.limit);
                 if self
                     .cache
@@ -254,9 +254,20 @@ impl PendingCompile {
                 {
                     record_grammar_compile(CompileResult::Timeout, None);
                 }
-                Err(timeout)
+                Some(Err(timeout))
             }
-            Err(WaitEnd::Deadline) => Err(StructuredError::Deadline { what: self.what }),
+            None => (Instant::now() >= self.deadline)
+                .then_some(Err(StructuredError::Deadline { what: self.what })),
+        }
+    }
+
+    /// Blocks for [`Self::poll`]'s result.
+    pub fn wait(&self) -> Outcome {
+        loop {
+            if let Some(outcome) = self.poll() {
+                return outcome;
+            }
+            std::thread::sleep(Self::POLL_INTERVAL);
         }
     }
 }
