@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use axum::http::StatusCode;
 use axum::Router;
 use caduceus_runtime::server::{app, AppState};
-use caduceus_runtime::structured::CompileLimits;
+use caduceus_runtime::structured::{CompileLimits, ConstraintCompiler};
 use serde_json::{json, Value};
 
 use super::support::server_app::{call, TestServer, MODEL};
@@ -33,12 +33,17 @@ fn serve(limits: CompileLimits, request_timeout: Duration) -> (Router, AppState)
     (app(state.clone()), state)
 }
 
+/// The server's grammar compiler.
+fn compiler(state: &AppState) -> &ConstraintCompiler {
+    state
+        .structured
+        .as_deref()
+        .expect("the tiny model has a compiler")
+}
+
 /// What the compiler has done so far: (compiles started, grammars cached).
 fn compiler_counts(state: &AppState) -> (u64, usize) {
-    let c = state
-        .structured
-        .as_ref()
-        .expect("the tiny model has a compiler");
+    let c = compiler(state);
     (c.num_compiles(), c.num_cached())
 }
 
@@ -53,7 +58,7 @@ async fn time_a_compile_waits_off_the_cpu_does_not_count_against_its_limit() {
         Duration::from_secs(60),
     );
     let delay = limit * 3;
-    state.structured.as_ref().unwrap().delay_compiles(delay);
+    compiler(&state).delay_compiles(delay);
     let start = Instant::now();
     let (s, b) = post(&r, "/v1/completions", constrained(&["urgent", "routine"])).await;
     // A wall-clock limit would have refused this grammar with a 400 after 500 ms.
@@ -67,11 +72,7 @@ async fn time_a_compile_waits_off_the_cpu_does_not_count_against_its_limit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_for_one_new_grammar_at_once_share_one_compile() {
     let (r, state) = serve(CompileLimits::default(), Duration::from_secs(60));
-    state
-        .structured
-        .as_ref()
-        .unwrap()
-        .delay_compiles(Duration::from_millis(400));
+    compiler(&state).delay_compiles(Duration::from_millis(400));
     let body = constrained(&["yes", "no"]);
     let requests: Vec<_> = (0..8)
         .map(|_| {
@@ -94,11 +95,7 @@ async fn requests_for_one_new_grammar_at_once_share_one_compile() {
 async fn a_compile_outlasting_the_request_timeout_is_a_504_and_still_fills_the_cache() {
     let timeout = Duration::from_secs(1);
     let (r, state) = serve(CompileLimits::default(), timeout);
-    state
-        .structured
-        .as_ref()
-        .unwrap()
-        .delay_compiles(Duration::from_secs(3));
+    compiler(&state).delay_compiles(Duration::from_secs(3));
     let body = constrained(&["urgent", "routine"]);
     let start = Instant::now();
     let (s, b) = post(&r, "/v1/completions", body.clone()).await;
@@ -181,7 +178,7 @@ fn a_request_waiting_for_a_compile_holds_no_thread_of_the_blocking_pool() {
         .unwrap();
     runtime.block_on(async {
         let (r, state) = serve(CompileLimits::default(), Duration::from_secs(60));
-        let c = state.structured.clone().unwrap();
+        let c = compiler(&state);
         c.delay_compiles(Duration::from_secs(4));
         let waiting = tokio::spawn({
             let r = r.clone();
