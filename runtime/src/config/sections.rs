@@ -499,7 +499,8 @@ pub struct StructuredOutputsSection {
     pub compile_timeout: HumanDuration,
     /// llguidance's grammar size limit (symbols in productions).
     pub max_grammar_symbols: usize,
-    /// Compiled grammars kept, keyed by their text (least recently used dropped first).
+    /// Compiled grammars kept, keyed by their text (least recently used dropped first), and as
+    /// many refused ones.
     pub grammar_cache_entries: usize,
 }
 

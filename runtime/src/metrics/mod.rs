@@ -17,8 +17,8 @@ pub use lora::{
 };
 
 pub use structured::{
-    record_grammar_cache_hit, record_grammar_compile, CompileResult, GRAMMAR_CACHE_HITS,
-    GRAMMAR_COMPILES, GRAMMAR_COMPILE_TIME,
+    record_grammar_cache_hit, record_grammar_compile, record_grammar_refused_again, CompileResult,
+    GRAMMAR_CACHE_HITS, GRAMMAR_COMPILES, GRAMMAR_COMPILE_TIME, GRAMMAR_REFUSED_AGAIN,
 };
 
 use std::sync::OnceLock;

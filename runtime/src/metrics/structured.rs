@@ -1,5 +1,5 @@
 //! Structured-outputs metrics: grammar compiles by result, their CPU time, and requests served
-//! from the compiled-grammar cache.
+//! (or refused) from the grammar cache.
 
 use std::time::Duration;
 
@@ -11,6 +11,9 @@ pub const GRAMMAR_COMPILE_TIME: &str = "caduceus_grammar_compile_cpu_seconds";
 /// Constrained requests whose grammar was already compiled: found in the cache, or compiled
 /// once for several requests that asked for it at the same time.
 pub const GRAMMAR_CACHE_HITS: &str = "caduceus_grammar_cache_hits_total";
+/// Constrained requests refused from the cache: their grammar was refused before (invalid, or
+/// over the CPU-time limit) and was not compiled again.
+pub const GRAMMAR_REFUSED_AGAIN: &str = "caduceus_grammar_cached_refusals_total";
 
 /// How a grammar compile ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,6 +49,11 @@ pub fn record_grammar_cache_hit() {
     metrics::counter!(GRAMMAR_CACHE_HITS).increment(1);
 }
 
+/// Records a request refused by a refusal kept in the cache.
+pub fn record_grammar_refused_again() {
+    metrics::counter!(GRAMMAR_REFUSED_AGAIN).increment(1);
+}
+
 pub(super) fn describe() {
     use metrics::{describe_counter, describe_histogram, Unit};
     describe_counter!(
@@ -62,5 +70,10 @@ pub(super) fn describe() {
         GRAMMAR_CACHE_HITS,
         Unit::Count,
         "Constrained requests served by a grammar compiled before or for another request."
+    );
+    describe_counter!(
+        GRAMMAR_REFUSED_AGAIN,
+        Unit::Count,
+        "Constrained requests refused by a grammar refusal kept in the cache (not compiled again)."
     );
 }

@@ -1,6 +1,6 @@
-//! The compiled-grammar cache: least recently used entries leave first, and a grammar being
+//! The compiled-grammar cache: least recently used entries leave first, a grammar being
 //! compiled is compiled once however many requests ask for it meanwhile (they poll its
-//! [`Flight`]).
+//! [`Flight`]), and a grammar the compiler refused is refused again without another compile.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -40,6 +40,12 @@ impl Flight {
         self.lock().clock = Some(clock);
     }
 
+    /// Whether the compile's time was measured as CPU time (so a timeout is the grammar's own
+    /// doing, not the server's load, and will recur).
+    fn timed_on_cpu(&self) -> bool {
+        self.lock().clock.is_some_and(|c| c.counts_cpu())
+    }
+
     /// Ends the flight with `outcome` unless it has ended already; true if this call ended it.
     fn end(&self, outcome: Outcome) -> bool {
         let mut s = self.lock();
@@ -66,33 +72,88 @@ impl Flight {
 pub enum Lookup {
     /// Compiled before.
     Hit(Arc<CompiledConstraint>),
+    /// Refused before (invalid, or over the CPU-time limit): refused again, not compiled again.
+    Refused(StructuredError),
     /// Being compiled for another request: wait on it.
     Compiling(Arc<Flight>),
     /// Not there: the caller compiles it and ends this new flight with [`GrammarCache::finish`].
     Start(Arc<Flight>),
 }
 
-#[derive(Default)]
-struct Entries {
-    map: HashMap<String, (Arc<CompiledConstraint>, u64)>,
+/// Values by key, at most `capacity` of them, the least recently used dropped first.
+struct Lru<V> {
+    map: HashMap<String, (V, u64)>,
     /// Last use -> key, oldest first.
     by_use: BTreeMap<u64, String>,
+    capacity: usize,
+}
+
+impl<V: Clone> Lru<V> {
+    fn new(capacity: usize) -> Self {
+        Lru {
+            map: HashMap::new(),
+            by_use: BTreeMap::new(),
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// The value under `key`, now its most recent use.
+    fn get(&mut self, key: &str, now: u64) -> Option<V> {
+        let (value, used) = self.map.get_mut(key)?;
+        let (value, before) = (value.clone(), std::mem::replace(used, now));
+        self.by_use.remove(&before);
+        self.by_use.insert(now, key.to_owned());
+        Some(value)
+    }
+
+    /// Keeps `value` under `key` (unless there is one), dropping the least recently used when
+    /// full.
+    fn insert(&mut self, key: &str, value: V, now: u64) {
+        if self.map.contains_key(key) {
+            return;
+        }
+        while self.map.len() >= self.capacity {
+            let Some((_, old)) = self.by_use.pop_first() else {
+                break;
+            };
+            self.map.remove(&old);
+        }
+        self.by_use.insert(now, key.to_owned());
+        self.map.insert(key.to_owned(), (value, now));
+    }
+}
+
+struct Entries {
+    compiled: Lru<Arc<CompiledConstraint>>,
+    refused: Lru<StructuredError>,
+    /// Uses so far: the clock of both LRUs.
     uses: u64,
     flights: HashMap<String, Arc<Flight>>,
 }
 
-/// Compiled grammars by key, at most `capacity` of them.
+impl Entries {
+    fn tick(&mut self) -> u64 {
+        self.uses += 1;
+        self.uses
+    }
+}
+
+/// Compiled grammars by key, at most `capacity` of them, and as many refused ones.
 pub struct GrammarCache {
     entries: Mutex<Entries>,
-    capacity: usize,
 }
 
 impl GrammarCache {
-    /// An empty cache keeping at most `capacity` (at least 1) grammars.
+    /// An empty cache keeping at most `capacity` (at least 1) compiled grammars, and as many
+    /// refusals.
     pub fn new(capacity: usize) -> Self {
         GrammarCache {
-            entries: Mutex::new(Entries::default()),
-            capacity: capacity.max(1),
+            entries: Mutex::new(Entries {
+                compiled: Lru::new(capacity),
+                refused: Lru::new(capacity),
+                uses: 0,
+                flights: HashMap::new(),
+            }),
         }
     }
 
@@ -100,16 +161,16 @@ impl GrammarCache {
         self.entries.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The grammar under `key`, the compile of it in progress, or a new flight to compile it.
+    /// The grammar under `key`, its refusal, the compile of it in progress, or a new flight to
+    /// compile it.
     pub fn lookup(&self, key: &str) -> Lookup {
         let mut e = self.lock();
-        e.uses += 1;
-        let now = e.uses;
-        if let Some((compiled, used)) = e.map.get_mut(key) {
-            let (compiled, before) = (compiled.clone(), std::mem::replace(used, now));
-            e.by_use.remove(&before);
-            e.by_use.insert(now, key.to_owned());
+        let now = e.tick();
+        if let Some(compiled) = e.compiled.get(key, now) {
             return Lookup::Hit(compiled);
+        }
+        if let Some(refusal) = e.refused.get(key, now) {
+            return Lookup::Refused(refusal);
         }
         if let Some(flight) = e.flights.get(key) {
             return Lookup::Compiling(flight.clone());
@@ -120,34 +181,39 @@ impl GrammarCache {
     }
 
     /// Ends `flight` (the compile of `key`) with `outcome` unless a waiter ended it first, and
-    /// keeps a compiled grammar, dropping the least recently used one when full. True if this
-    /// call ended the flight.
+    /// keeps a compiled grammar, or a refusal that will recur: an invalid grammar, or a timeout
+    /// measured in CPU time. A failure to start the compile (and a timeout that may have been
+    /// the server's load) is not kept. True if this call ended the flight.
     pub fn finish(&self, key: &str, flight: &Arc<Flight>, outcome: Outcome) -> bool {
         let mut e = self.lock();
         if e.flights.get(key).is_some_and(|f| Arc::ptr_eq(f, flight)) {
             e.flights.remove(key);
         }
-        if let Ok(compiled) = &outcome {
-            if flight.lock().outcome.is_none() && !e.map.contains_key(key) {
-                while e.map.len() >= self.capacity {
-                    let Some((_, old)) = e.by_use.pop_first() else {
-                        break;
-                    };
-                    e.map.remove(&old);
+        if flight.lock().outcome.is_none() {
+            let now = e.tick();
+            match &outcome {
+                Ok(compiled) => e.compiled.insert(key, compiled.clone(), now),
+                Err(refusal @ StructuredError::Invalid { .. }) => {
+                    e.refused.insert(key, refusal.clone(), now)
                 }
-                e.uses += 1;
-                let now = e.uses;
-                e.by_use.insert(now, key.to_owned());
-                e.map.insert(key.to_owned(), (compiled.clone(), now));
+                Err(refusal @ StructuredError::Timeout { .. }) if flight.timed_on_cpu() => {
+                    e.refused.insert(key, refusal.clone(), now)
+                }
+                Err(_) => {}
             }
         }
-        // Ended under the cache's lock, so a lookup never finds neither the entry nor the flight
-        // of a grammar that compiled.
+        // Ended under the cache's lock, so a lookup never finds neither an entry nor the flight
+        // of a grammar whose compile ended.
         flight.end(outcome)
     }
 
-    /// Grammars held.
+    /// Grammars held compiled.
     pub fn num_cached(&self) -> usize {
-        self.lock().map.len()
+        self.lock().compiled.map.len()
+    }
+
+    /// Refusals held.
+    pub fn num_refused(&self) -> usize {
+        self.lock().refused.map.len()
     }
 }

@@ -1,5 +1,5 @@
 //! Compiling constraints: size and CPU-time limits, and a cache keyed by the grammar text so a
-//! schema sent with every request is compiled once.
+//! schema sent with every request is compiled once (and a refused one is not compiled again).
 
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,7 +13,9 @@ use toktrie::{SimpleVob, TokEnv};
 use super::compile_cache::{Flight, GrammarCache, Lookup, Outcome, OverLimit};
 use super::thread_clock::ThreadClock;
 use super::{ConstraintSpec, RequestMatcher, StructuredError};
-use crate::metrics::{record_grammar_cache_hit, record_grammar_compile, CompileResult};
+use crate::metrics::{
+    record_grammar_cache_hit, record_grammar_compile, record_grammar_refused_again, CompileResult,
+};
 
 /// Bounds on what a request may ask to compile.
 #[derive(Clone, Copy, Debug)]
@@ -104,8 +106,8 @@ impl ConstraintCompiler {
         self.limits
     }
 
-    /// The compiled form of `spec`: from the cache, from the compile another request started,
-    /// or compiled now on a thread of its own. The time limit counts that thread's CPU time, so
+    /// The compiled form of `spec` (or its refusal): from the cache, from the compile another
+    /// request started, or compiled now on a thread of its own. The time limit counts that thread's CPU time, so
     /// a busy server does not refuse a grammar for the time it waited for a core; `wait` bounds
     /// the caller's wall-clock wait ([`StructuredError::Deadline`] past it, while the compile
     /// goes on for the cache). Blocks: async callers use [`Self::begin`] and poll.
@@ -143,6 +145,10 @@ impl ConstraintCompiler {
             Lookup::Hit(compiled) => {
                 record_grammar_cache_hit();
                 return Compiling::Done(Ok(compiled));
+            }
+            Lookup::Refused(refusal) => {
+                record_grammar_refused_again();
+                return Compiling::Done(Err(refusal));
             }
             Lookup::Compiling(flight) => {
                 record_grammar_cache_hit();
@@ -198,6 +204,11 @@ impl ConstraintCompiler {
     /// Compiled grammars in the cache.
     pub fn num_cached(&self) -> usize {
         self.cache.num_cached()
+    }
+
+    /// Refused grammars in the cache (refused again without a compile).
+    pub fn num_refused(&self) -> usize {
+        self.cache.num_refused()
     }
 
     /// Compiles started since this compiler was made (cache hits and requests that waited on

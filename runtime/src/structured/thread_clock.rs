@@ -22,6 +22,14 @@ impl ThreadClock {
         }
     }
 
+    /// Whether [`Self::elapsed`] is CPU time (false: wall time, which counts waits for a core).
+    pub fn counts_cpu(&self) -> bool {
+        #[cfg(target_os = "linux")]
+        return self.cpu.is_some();
+        #[cfg(not(target_os = "linux"))]
+        return false;
+    }
+
     /// Time the thread has spent on a CPU since it started (wall time since [`Self::current`]
     /// without a CPU clock). `None` once the thread has ended: read it only while the thread is
     /// known to run.
@@ -73,7 +81,8 @@ mod tests {
             spins = std::hint::black_box(spins + 1);
         }
         let busy = clock.elapsed().unwrap() - before - slept;
-        if cfg!(target_os = "linux") {
+        assert_eq!(clock.counts_cpu(), cfg!(target_os = "linux"));
+        if clock.counts_cpu() {
             assert!(slept < Duration::from_millis(50), "sleeping cost {slept:?}");
         }
         assert!(busy > Duration::ZERO, "{spins} spins took no time");

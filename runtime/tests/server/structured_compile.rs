@@ -2,8 +2,8 @@
 //! the time its thread waited for a core (a delay injected before the compile stands in for
 //! that wait); requests asking for the same new grammar at once share one compile; a compile
 //! outlasting the request's timeout is a 504, not a 400, and still fills the cache; the cache
-//! drops the least recently used grammar; a request waiting for a compile holds no thread; and
-//! all of it shows in `/metrics`.
+//! drops the least recently used grammar; a refused grammar is refused again without another
+//! compile; a request waiting for a compile holds no thread; and all of it shows in `/metrics`.
 
 use std::time::{Duration, Instant};
 
@@ -137,6 +137,66 @@ async fn the_cache_drops_the_least_recently_used_grammar() {
     assert_eq!(compiler_counts(&state).1, 2);
 }
 
+/// A completion constrained by `structured_outputs` (any kind).
+fn constrained_by(spec: Value) -> Value {
+    json!({"model": MODEL, "max_tokens": 8, "prompt": "Answer:", "structured_outputs": spec})
+}
+
+#[tokio::test]
+async fn a_refused_grammar_is_refused_again_without_another_compile() {
+    let (r, state) = serve(
+        CompileLimits {
+            cache_entries: 1,
+            ..CompileLimits::default()
+        },
+        Duration::from_secs(60),
+    );
+    let c = compiler(&state);
+    let good = constrained(&["g1", "g2"]);
+    let (s, b) = post(&r, "/v1/completions", good.clone()).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    // Refused: a bad regex, a Lark syntax error, a schema of an unknown type.
+    let refused = [
+        json!({"regex": "(unclosed"}),
+        json!({"grammar": "start: ("}),
+        json!({"json": {"type": "no-such-type"}}),
+    ];
+    for (i, spec) in refused.iter().enumerate() {
+        let (s, first) = post(&r, "/v1/completions", constrained_by(spec.clone())).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{first}");
+        assert_error(&first, "invalid_request_error", Some("structured_outputs"));
+        for _ in 0..3 {
+            let (s, again) = post(&r, "/v1/completions", constrained_by(spec.clone())).await;
+            assert_eq!((s, &again), (StatusCode::BAD_REQUEST, &first), "{spec}");
+        }
+        assert_eq!(c.num_compiles(), 2 + i as u64, "{spec} was compiled again");
+    }
+    // Refusals are kept beside the compiled grammars, not in their place.
+    assert_eq!((c.num_cached(), c.num_refused()), (1, 1));
+    let (s, b) = post(&r, "/v1/completions", good).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(
+        c.num_compiles(),
+        4,
+        "the refusals evicted the compiled grammar"
+    );
+
+    // A compile over its CPU-time limit would be over it again.
+    let zero = CompileLimits {
+        timeout: Duration::ZERO,
+        ..CompileLimits::default()
+    };
+    let (r, state) = serve(zero, Duration::from_secs(60));
+    let mut answers = Vec::new();
+    for _ in 0..3 {
+        let (s, b) = post(&r, "/v1/completions", constrained(&["t1", "t2"])).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
+        answers.push(b);
+    }
+    assert!(answers.iter().all(|b| b == &answers[0]), "{answers:?}");
+    assert_eq!(compiler_counts(&state), (1, 0), "(compiles, cached)");
+}
+
 #[tokio::test]
 async fn compiles_and_cache_hits_show_in_the_metrics() {
     let (r, _) = serve(CompileLimits::default(), Duration::from_secs(60));
@@ -149,8 +209,10 @@ async fn compiles_and_cache_hits_show_in_the_metrics() {
         ..CompileLimits::default()
     };
     let (r, _) = serve(zero, Duration::from_secs(60));
-    let (s, b) = post(&r, "/v1/completions", constrained(&["t1", "t2"])).await;
-    assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
+    for _ in 0..2 {
+        let (s, b) = post(&r, "/v1/completions", constrained(&["t1", "t2"])).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
+    }
     let (s, _, metrics) = call(&r, "GET", "/metrics", None, None).await;
     assert_eq!(s, StatusCode::OK);
     let value = |series: &str| -> f64 {
@@ -163,6 +225,7 @@ async fn compiles_and_cache_hits_show_in_the_metrics() {
     assert!(value("caduceus_grammar_compiles_total{result=\"ok\"}") >= 1.0);
     assert!(value("caduceus_grammar_compiles_total{result=\"timeout\"}") >= 1.0);
     assert!(value("caduceus_grammar_cache_hits_total") >= 1.0);
+    assert!(value("caduceus_grammar_cached_refusals_total") >= 1.0);
     assert!(value("caduceus_grammar_compile_cpu_seconds_count") >= 1.0);
 }
 
