@@ -203,7 +203,7 @@ pub fn run(args: BenchThroughputArgs) -> anyhow::Result<()> {
         let compiler = ConstraintCompiler::new(env, CompileLimits::default())?;
         let start = Instant::now();
         let schema = ConstraintSpec::JsonSchema(serde_json::from_str(BENCH_SCHEMA)?);
-        let g = compiler.compile(&schema, Duration::from_secs(60))?;
+        let g = compiler.compile(&schema, None, Duration::from_secs(60))?;
         if !args.json {
             println!(
                 "schema compiled in {:.1} ms",

@@ -49,7 +49,8 @@ pub struct ServerSection {
     /// (a stuck engine is alive but serves nobody); `0s` turns the watchdog off.
     pub engine_stall_timeout: HumanDuration,
     // Health-data hardening (issue 18): tenant isolation, special tokens, admin auth.
-    /// Who may reuse whose prefix-cache blocks (a cache hit is visible to the caller).
+    /// Who may reuse whose prefix-cache blocks and compiled grammars (a cache hit is visible to
+    /// the caller).
     pub prefix_cache_isolation: PrefixCacheIsolation,
     /// Let `/v1/completions` text spell special tokens (off: a client cannot forge control tokens).
     pub allow_special_tokens_in_prompt: bool,

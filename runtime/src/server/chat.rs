@@ -46,7 +46,8 @@ pub async fn chat_completions(
         Some(plan) => Some((tool_constraint(plan), "tools")),
         None => v.params.constraint.clone(),
     };
-    let constraint = compile_constraint(&state, constraint).await?;
+    let tenant = tenant.map(|Extension(t)| t);
+    let constraint = compile_constraint(&state, constraint, tenant).await?;
     let ChatPrompt {
         text,
         token_ids: prompt,
@@ -77,7 +78,6 @@ pub async fn chat_completions(
     let id = random_id(CHAT_ID_PREFIX);
     let mut log = RequestLog::new(id.clone(), "chat", model.clone(), in_flight);
     log.prompt_tokens = prompt.len();
-    let tenant = tenant.map(|Extension(t)| t);
     let streams = submit(
         &state,
         std::slice::from_ref(&prompt),

@@ -82,19 +82,13 @@ pub async fn completions(
         let inputs = v.prompts;
         off_the_workers(move || tokenize_prompts(&state, inputs)).await??
     };
-    let constraint = compile_constraint(&state, v.params.constraint.clone()).await?;
+    let tenant = tenant.map(|Extension(t)| t);
+    let constraint = compile_constraint(&state, v.params.constraint.clone(), tenant).await?;
     let id = random_id(COMPLETION_ID_PREFIX);
     let mut log = RequestLog::new(id.clone(), "completions", model.clone(), in_flight);
     log.prompt_tokens = prompts.iter().map(Vec::len).sum();
-    let streams = submit(
-        &state,
-        &prompts,
-        &v.params,
-        "prompt",
-        tenant.map(|Extension(t)| t),
-        constraint,
-    )
-    .inspect_err(|e| log.status = e.status)?;
+    let streams = submit(&state, &prompts, &v.params, "prompt", tenant, constraint)
+        .inspect_err(|e| log.status = e.status)?;
     let created = unix_timestamp();
     let timeout = state.settings.request_timeout;
     if state.settings.log_prompts {

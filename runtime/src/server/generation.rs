@@ -30,10 +30,13 @@ pub struct ChoiceOutput {
 
 /// Compiles the request's output grammar (cached by its text) off the async workers; a grammar
 /// that cannot be compiled is a 400 naming `field` and the problem, before anything is queued;
-/// a compile still running when the request's timeout passes is a 504.
+/// a compile still running when the request's timeout passes is a 504. Under `per_key`
+/// isolation a tenant shares compiled grammars only with itself: a cache hit shows in the
+/// response time, as a prefix-cache hit does.
 pub async fn compile_constraint(
     state: &AppState,
     constraint: Option<(ConstraintSpec, &'static str)>,
+    tenant: Option<Tenant>,
 ) -> Result<Option<std::sync::Arc<CompiledConstraint>>, ApiError> {
     let Some((spec, field)) = constraint else {
         return Ok(None);
@@ -47,7 +50,10 @@ pub async fn compile_constraint(
     // The request's own timeout bounds its wait for the compile (a busy server is a timeout,
     // not a bad grammar). The compile runs on its own thread; the wait holds no thread.
     let wait = state.settings.request_timeout;
-    let compiled = match compiler.begin(&spec, wait) {
+    // The tenant's part of the prefix-cache salt: grammars are the calling service's, not
+    // the patient's, so a request's own `cache_salt` does not split them further.
+    let partition = cache_salt(state.settings.prefix_cache_isolation, tenant, None);
+    let compiled = match compiler.begin(&spec, partition, wait) {
         Compiling::Done(outcome) => outcome,
         Compiling::Pending(pending) => loop {
             if let Some(outcome) = pending.poll() {

@@ -1,7 +1,8 @@
-//! Who a request comes from, as far as the prefix cache is concerned. A cache hit is visible to
-//! the caller (`cached_tokens`, time to first token), so blocks are shared only between requests
+//! Who a request comes from, as far as the caches are concerned. A cache hit is visible to the
+//! caller (`cached_tokens`, time to first token), so blocks are shared only between requests
 //! that may learn about each other: the same API key under `per_key` isolation, and the same
-//! `cache_salt` request field (vLLM's) in either mode.
+//! `cache_salt` request field (vLLM's) in either mode. Compiled grammars are shared by API key
+//! alone (the salt with no `cache_salt`).
 
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 

@@ -114,9 +114,10 @@ impl ConstraintCompiler {
     pub fn compile(
         &self,
         spec: &ConstraintSpec,
+        partition: Option<u64>,
         wait: Duration,
     ) -> Result<Arc<CompiledConstraint>, StructuredError> {
-        match self.begin(spec, wait) {
+        match self.begin(spec, partition, wait) {
             Compiling::Done(outcome) => outcome,
             Compiling::Pending(pending) => pending.wait(),
         }
@@ -124,8 +125,15 @@ impl ConstraintCompiler {
 
     /// Starts getting the compiled form of `spec` without blocking: the size check and a cache
     /// hit end here; otherwise the request joins the compile in progress or starts one, and
-    /// waits for it at most `wait` (see [`Self::compile`]).
-    pub fn begin(&self, spec: &ConstraintSpec, wait: Duration) -> Compiling {
+    /// waits for it at most `wait` (see [`Self::compile`]). Requests share compiles and cache
+    /// entries only within one `partition` (a cache hit shows in the response time, so callers
+    /// that must not learn about each other's grammars pass different ones).
+    pub fn begin(
+        &self,
+        spec: &ConstraintSpec,
+        partition: Option<u64>,
+        wait: Duration,
+    ) -> Compiling {
         // A wait too long to add to the clock is no bound at all (a year stands in for it).
         let now = Instant::now();
         let deadline = now
@@ -141,6 +149,10 @@ impl ConstraintCompiler {
                 max: self.limits.max_text_bytes,
             }));
         }
+        let key = match partition {
+            Some(p) => format!("{p:016x}\0{key}"),
+            None => key,
+        };
         let flight = match self.cache.lookup(&key) {
             Lookup::Hit(compiled) => {
                 record_grammar_cache_hit();
