@@ -145,8 +145,16 @@ __device__ void to_f32(const ToF32Params& p) {
   }
 }
 
+__device__ void add_at(const AddAtParams& p) {
+  for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < p.n; i += gridDim.x * blockDim.x) {
+    const AddAtEntry e = p.entries[i];
+    if (e.index < p.len) p.x[e.index] += e.value;
+  }
+}
+
 }  // namespace
 
+CAD_KERNEL(cad_add_at_f32, AddAtParams, p) { add_at(p); }
 CAD_KERNEL(cad_copy_rows_bf16, CopyRowsParams, p) { copy_rows<cad::bf16>(p); }
 CAD_KERNEL(cad_copy_rows_f16, CopyRowsParams, p) { copy_rows<cad::f16>(p); }
 CAD_KERNEL(cad_embedding_bf16, EmbeddingParams, p) { embedding<cad::bf16>(p); }

@@ -181,6 +181,45 @@ fn to_f32_widens_every_element_exactly() {
 }
 
 #[test]
+fn add_at_adds_each_entry_once_and_skips_indices_past_the_end() {
+    use caduceus_kernels::gpu::ops::AddAtEntry;
+    for dev in devices() {
+        // More entries than one block's threads, scattered over a buffer two rows long.
+        let len = 2 * 1000;
+        let x = random(&mut rng(4), len, 10.0);
+        let mut entries: Vec<AddAtEntry> = (0..300u32)
+            .map(|i| AddAtEntry {
+                index: (i * 7 + 3) % len as u32,
+                value: i as f32 - 150.0,
+            })
+            .collect();
+        entries.dedup_by_key(|e| e.index);
+        entries.push(AddAtEntry {
+            index: len as u32,
+            value: 1.0,
+        });
+        let mut want = x.clone();
+        for e in entries.iter().filter(|e| (e.index as usize) < len) {
+            want[e.index as usize] += e.value;
+        }
+        let dx = dev.upload(&x).unwrap();
+        let de = dev.upload(&entries).unwrap();
+        ops::add_at(&dev, &dx, len, &de, entries.len()).unwrap();
+        assert_eq!(
+            dev.download::<f32>(&dx).unwrap(),
+            want,
+            "{}",
+            dev.describe()
+        );
+        // No entries: nothing launched, nothing changed.
+        ops::add_at(&dev, &dx, len, &de, 0).unwrap();
+        assert_eq!(dev.download::<f32>(&dx).unwrap(), want);
+        let err = ops::add_at(&dev, &dx, len + 1, &de, entries.len()).unwrap_err();
+        assert!(err.to_string().contains("add_at x"), "{err}");
+    }
+}
+
+#[test]
 fn launchers_refuse_buffers_too_small_for_the_shape() {
     let dev = &devices()[0];
     let dtype = DTYPES[0];

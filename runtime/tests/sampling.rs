@@ -369,6 +369,45 @@ fn logprobs_are_raw_log_softmax_even_when_sampling_is_modified() {
 }
 
 #[test]
+fn logit_bias_shifts_the_draw_the_argmax_and_the_logprobs_alike() {
+    let logits = random_logits(33, 40);
+    let argmax = |row: &[f32]| {
+        (0..row.len())
+            .max_by(|&a, &b| row[a].total_cmp(&row[b]))
+            .unwrap()
+    };
+    let top = argmax(&logits) as u32;
+    // The favourite banned, a mid token lifted, one nudged down.
+    let bias = vec![(top, -100.0), (7, 2.5), (11, -1.0)];
+    let mut biased = logits.clone();
+    for &(t, b) in &bias {
+        biased[t as usize] += b;
+    }
+    let with_bias = |p: SamplingParams| SamplingParams {
+        logit_bias: bias.clone(),
+        ..p
+    };
+    let probs = softmax_f64(&biased.iter().map(|&l| l as f64).collect::<Vec<_>>());
+    let n = 20_000;
+    let counts = histogram(with_bias(seeded(5)), &logits, n);
+    assert_eq!(counts[top as usize], 0, "a -100 bias was drawn");
+    let chi = chi_square(&counts, &probs);
+    assert!(chi < chi_bound(logits.len() - 1), "chi-square {chi}");
+    let mut greedy = Sampler::new(with_bias(SamplingParams {
+        logprobs: Some(3),
+        ..SamplingParams::greedy()
+    }));
+    let t = greedy.sample(&logits, &[], &[]);
+    assert_eq!(t.token_id as usize, argmax(&biased));
+    let reference = log_softmax_f64(&biased);
+    let lp = t.logprob.unwrap() as f64;
+    assert!((lp - reference[t.token_id as usize]).abs() < 1e-5, "{lp}");
+    // Without the bias the same sampler settings pick the raw favourite.
+    let mut plain = Sampler::new(SamplingParams::greedy());
+    assert_eq!(plain.sample(&logits, &[], &[]).token_id, top);
+}
+
+#[test]
 fn validate_names_each_out_of_range_field() {
     let base = SamplingParams::default();
     let cases: Vec<(&str, SamplingParams)> = vec![
@@ -492,6 +531,7 @@ fn validate_names_each_out_of_range_field() {
         repetition_penalty: 2.0,
         seed: Some(0),
         logprobs: Some(20),
+        logit_bias: vec![(0, -100.0), (1, 100.0)],
     };
     assert_eq!(ok.validate(), Ok(()));
     let err = SamplingParams { top_p: 1.5, ..base }

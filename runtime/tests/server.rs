@@ -17,6 +17,8 @@ mod fuzz;
 mod isolation;
 #[path = "server/limits.rs"]
 mod limits;
+#[path = "server/logit_bias.rs"]
+mod logit_bias;
 #[path = "server/models_page.rs"]
 mod models_page;
 #[path = "server/rate_limit.rs"]

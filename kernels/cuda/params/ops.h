@@ -54,3 +54,18 @@ struct ToF32Params {
   float* out;
   uint64_t n;
 };
+
+/// One addend of AddAtParams: x[index] += value.
+struct AddAtEntry {
+  uint32_t index;
+  float value;
+};
+
+/// x[e.index] += e.value for each of the `n` entries whose index is below `len` (indices
+/// distinct): requests' logit_bias on a step's f32 logits.
+struct AddAtParams {
+  float* x;
+  const AddAtEntry* entries;
+  uint32_t n;
+  uint32_t len;
+};

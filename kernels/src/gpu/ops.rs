@@ -1,6 +1,7 @@
-//! Launchers of `cuda/ops.cu`: embedding gather, RMSNorm (with fused residual add), SiLU-and-mul.
+//! Launchers of `cuda/ops.cu`: embedding gather, RMSNorm (with fused residual add), SiLU-and-mul,
+//! row copies, widening to f32 and scattered adds.
 
-use super::device::{DType, Device, DeviceBuffer, GpuError};
+use super::device::{DType, Device, DeviceBuffer, DeviceElem, GpuError};
 use super::kernel::{kernel_fn, kernel_params, KernelFn, LaunchDims};
 
 #[repr(C)]
@@ -57,12 +58,33 @@ struct ToF32Params {
     n: u64,
 }
 
+/// One addend of [`add_at`]: `x[index] += value` (the C twin is `AddAtEntry`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct AddAtEntry {
+    pub index: u32,
+    pub value: f32,
+}
+
+// SAFETY: two 4-byte fields, `#[repr(C)]`: no padding.
+unsafe impl DeviceElem for AddAtEntry {}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct AddAtParams {
+    x: u64,
+    entries: u64,
+    n: u32,
+    len: u32,
+}
+
 kernel_params!(
     EmbeddingParams,
     RmsNormParams,
     SiluMulParams,
     CopyRowsParams,
-    ToF32Params
+    ToF32Params,
+    AddAtParams
 );
 
 const EMBEDDING: [KernelFn; 2] = [
@@ -76,6 +98,7 @@ const COPY_ROWS: [KernelFn; 2] = [
 ];
 const SILU_MUL: [KernelFn; 2] = [kernel_fn!(cad_silu_mul_bf16), kernel_fn!(cad_silu_mul_f16)];
 const TO_F32: [KernelFn; 2] = [kernel_fn!(cad_to_f32_bf16), kernel_fn!(cad_to_f32_f16)];
+const ADD_AT: KernelFn = kernel_fn!(cad_add_at_f32);
 
 /// The variant of a kernel family for `dtype` (arrays are ordered bf16, f16).
 pub(crate) fn by_dtype(family: &[KernelFn; 2], dtype: DType) -> &KernelFn {
@@ -243,6 +266,38 @@ pub fn to_f32(
         LaunchDims::linear(blocks, 256),
         &p,
     )
+}
+
+/// `x[e.index] += e.value` for the first `n` of `entries` (f32 `x` of `len` values; indices
+/// distinct, an index past `len` skipped): requests' `logit_bias` on a step's logits.
+pub fn add_at(
+    dev: &Device,
+    x: &DeviceBuffer,
+    len: usize,
+    entries: &DeviceBuffer,
+    n: usize,
+) -> Result<(), GpuError> {
+    if n == 0 {
+        return Ok(());
+    }
+    need("add_at x", x, len, 4)?;
+    need(
+        "add_at entries",
+        entries,
+        n,
+        std::mem::size_of::<AddAtEntry>(),
+    )?;
+    let narrow = |v: usize, what: &str| {
+        u32::try_from(v).map_err(|_| GpuError::Shape(format!("add_at: {v} {what} overflow u32")))
+    };
+    let p = AddAtParams {
+        x: x.ptr(),
+        entries: entries.ptr(),
+        n: narrow(n, "entries")?,
+        len: narrow(len, "values")?,
+    };
+    let blocks = n.div_ceil(256).clamp(1, 65_535) as u32;
+    dev.launch(&ADD_AT, LaunchDims::linear(blocks, 256), &p)
 }
 
 /// Where [`copy_rows`] reads or writes: `rows` rows of `cols` elements, row `r` starting at

@@ -1,12 +1,13 @@
 //! [`DeviceSampler`]: sampling a step's logits on the device with the kernel of
 //! `caduceus_kernels::gpu::sampling`, so only ids, logprobs and a per-row non-finite flag come
-//! back. A step's sampling inputs (row descriptors, penalty entries, allowed-token bitsets) are
-//! gathered in one pinned [`HostStaging`] and go up in one queued copy; the outputs sit in one
-//! device buffer and come back in one read, the step's only host wait.
+//! back. A step's sampling inputs (row descriptors, penalty entries, allowed-token bitsets,
+//! `logit_bias` addends) are gathered in one pinned [`HostStaging`] and go up in one queued
+//! copy; the outputs sit in one device buffer and come back in one read, the step's only host
+//! wait.
 //!
 //! Runs in the kernels' host emulation in CI, and on a GPU under `scripts/gpu-check`.
 
-use caduceus_kernels::gpu::ops;
+use caduceus_kernels::gpu::ops::{self, AddAtEntry};
 use caduceus_kernels::gpu::sampling::{
     self, allowed_words, AllowedTokens, LogprobOutputs, SampleArgs, SampleRow,
 };
@@ -35,6 +36,8 @@ const ENTRY_WORDS: usize = std::mem::size_of::<PenaltyEntry>() / 4;
 // Rows hold an f64: the entries after them start 8-byte aligned.
 const _: () = assert!(std::mem::size_of::<SampleRow>().is_multiple_of(8));
 
+const BIAS_WORDS: usize = std::mem::size_of::<AddAtEntry>() / 4;
+
 /// Where one step's inputs lie in the input upload, in words.
 #[derive(Clone, Copy, Debug, PartialEq)]
 struct InputLayout {
@@ -43,20 +46,25 @@ struct InputLayout {
     num_entries: usize,
     bits: usize,
     bit_words: usize,
+    bias: usize,
+    num_bias: usize,
     total: usize,
 }
 
 impl InputLayout {
-    fn new(num_rows: usize, num_entries: usize, bit_words: usize) -> InputLayout {
+    fn new(num_rows: usize, num_entries: usize, bit_words: usize, num_bias: usize) -> InputLayout {
         let entries = num_rows * ROW_WORDS;
         let bits = entries + num_entries * ENTRY_WORDS;
+        let bias = bits + bit_words;
         InputLayout {
             rows: 0,
             entries,
             num_entries,
             bits,
             bit_words,
-            total: bits + bit_words,
+            bias,
+            num_bias,
+            total: bias + num_bias * BIAS_WORDS,
         }
     }
 }
@@ -146,9 +154,11 @@ impl DeviceSampler {
         let n = rows.len();
         let cells = n * vocab;
         let (descs, entries) = row_descriptors(rows)?;
+        let bias = bias_entries(rows, vocab)?;
         let any_masked = rows.iter().any(masked);
         let words = allowed_words(vocab);
-        let layout = InputLayout::new(n, entries.len(), if any_masked { n * words } else { 0 });
+        let bit_words = if any_masked { n * words } else { 0 };
+        let layout = InputLayout::new(n, entries.len(), bit_words, bias.len());
         let out = OutputLayout { n };
         let want_logprobs = rows.iter().any(|r| r.logprobs.is_some());
         // Every buffer is grown before any is borrowed for the launch.
@@ -167,12 +177,17 @@ impl DeviceSampler {
             _ => dev.host_staging(layout.total.next_power_of_two())?,
         };
         let staging = self.staging.insert(staging);
-        write_inputs(staging.bytes_mut()?, &layout, &descs, &entries, rows, vocab);
+        let st = staging.bytes_mut()?;
+        write_inputs(st, &layout, &descs, &entries, rows, vocab);
+        put_words(st, layout.bias, as_bytes(&bias));
         let inputs = self.scratch.get(INPUTS)?;
         dev.upload_staged(inputs, staging, layout.total)?;
 
         let f32_logits = self.scratch.get(LOGITS_F32)?;
         ops::to_f32(dev, dtype, logits, cells, f32_logits)?;
+        // `logit_bias` first, as on the CPU: the kernel draws from and reports the biased rows.
+        let bias_buf = view(inputs, layout.bias, layout.num_bias * BIAS_WORDS)?;
+        ops::add_at(dev, f32_logits, cells, &bias_buf, bias.len())?;
         let outputs = self.scratch.get(OUTPUTS)?;
         let rows_buf = view(inputs, layout.rows, n * ROW_WORDS)?;
         let penalties = view(inputs, layout.entries, layout.num_entries * ENTRY_WORDS)?;
@@ -239,6 +254,26 @@ fn row_descriptors(rows: &[RowSample]) -> Result<(Vec<SampleRow>, Vec<PenaltyEnt
     Ok((descs, entries))
 }
 
+/// Every row's `logit_bias` as addends of the step's `[rows, vocab]` f32 logits (ids past the
+/// vocabulary dropped).
+fn bias_entries(rows: &[RowSample], vocab: usize) -> Result<Vec<AddAtEntry>, GpuError> {
+    let mut out = Vec::new();
+    for (i, r) in rows.iter().enumerate() {
+        for &(t, value) in r.bias.iter().filter(|&&(t, _)| (t as usize) < vocab) {
+            let index = u32::try_from(i * vocab + t as usize)
+                .map_err(|_| GpuError::Shape("logits too large for logit_bias indices".into()))?;
+            out.push(AddAtEntry { index, value });
+        }
+    }
+    Ok(out)
+}
+
+/// Copies `bytes` into the staging `st` at word `at` (only written: pinned staging is
+/// write-combined, and reading it is slow).
+fn put_words(st: &mut [u8], at: usize, bytes: &[u8]) {
+    st[at * 4..at * 4 + bytes.len()].copy_from_slice(bytes);
+}
+
 /// Writes the rows, the entries and (for masked rows) the allowed-token bitsets into `st` at
 /// `layout` (word offsets). Structured outputs and bans (EOS before min_tokens): one bitset per
 /// masked row (the grammar's, as the CPU holds it, less the banned ids), so the kernel still
@@ -252,7 +287,7 @@ fn write_inputs(
     rows: &[RowSample],
     vocab: usize,
 ) {
-    let mut put = |at: usize, bytes: &[u8]| st[at * 4..at * 4 + bytes.len()].copy_from_slice(bytes);
+    let mut put = |at: usize, bytes: &[u8]| put_words(st, at, bytes);
     put(layout.rows, as_bytes(descs));
     put(layout.entries, as_bytes(entries));
     if layout.bit_words == 0 {
@@ -319,11 +354,12 @@ mod tests {
 
     #[test]
     fn the_input_regions_follow_each_other_without_overlap() {
-        let l = InputLayout::new(3, 5, 3 * 2);
+        let l = InputLayout::new(3, 5, 3 * 2, 4);
         assert_eq!(l.rows, 0);
         assert_eq!(l.entries, 3 * 14);
         assert_eq!(l.bits, 3 * 14 + 5 * 2);
-        assert_eq!(l.total, l.bits + 6);
+        assert_eq!(l.bias, l.bits + 6);
+        assert_eq!(l.total, l.bias + 4 * 2);
         // Entries start 8-byte aligned after the rows (their f64 needs it on the device).
         assert_eq!((l.entries * 4) % 8, 0);
     }

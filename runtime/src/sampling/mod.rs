@@ -8,6 +8,8 @@ pub mod penalties;
 pub mod row;
 pub mod sampler;
 
-pub use params::{SamplingError, SamplingParams, GREEDY_TEMPERATURE_EPS, MAX_LOGPROBS};
+pub use params::{
+    SamplingError, SamplingParams, GREEDY_TEMPERATURE_EPS, MAX_LOGIT_BIAS, MAX_LOGPROBS,
+};
 pub use row::{sample_row, RowSample, RowScratch};
 pub use sampler::{SampledToken, Sampler};

@@ -9,6 +9,11 @@ pub const GREEDY_TEMPERATURE_EPS: f32 = 1e-5;
 /// Most `top_logprobs` a request may ask for (OpenAI's limit; the GPU kernel's output stride).
 pub use caduceus_kernels::sampling::MAX_LOGPROBS;
 
+/// Most token ids one request's `logit_bias` may name (bounds per-step work).
+pub const MAX_LOGIT_BIAS: usize = 1024;
+/// Largest bias magnitude (OpenAI's range: -100 bans a token, 100 all but forces it).
+pub const MAX_BIAS: f32 = 100.0;
+
 /// How one request wants its tokens chosen. Values come straight from the HTTP request, so
 /// [`SamplingParams::validate`] must be called before sampling; the sampler itself never panics on
 /// invalid values, it only gives unspecified (but deterministic) choices.
@@ -34,6 +39,9 @@ pub struct SamplingParams {
     pub seed: Option<u64>,
     /// `Some(n)`: return the sampled token's logprob and the `n` (at most 20) most likely tokens.
     pub logprobs: Option<usize>,
+    /// OpenAI `logit_bias`: (token id, bias in [-100, 100]) pairs, each id once and at most
+    /// [`MAX_LOGIT_BIAS`] of them; a bias is added to its token's logit before everything else.
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -48,6 +56,7 @@ impl Default for SamplingParams {
             repetition_penalty: 1.0,
             seed: None,
             logprobs: None,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -132,6 +141,28 @@ impl SamplingParams {
                 });
             }
         }
+        self.validate_logit_bias()
+    }
+
+    fn validate_logit_bias(&self) -> Result<(), SamplingError> {
+        let out_of_range = |value: String, allowed| SamplingError::OutOfRange {
+            field: "logit_bias",
+            value,
+            allowed,
+        };
+        if self.logit_bias.len() > MAX_LOGIT_BIAS {
+            let value = format!("{} token ids", self.logit_bias.len());
+            return Err(out_of_range(value, "at most 1024 token ids"));
+        }
+        for &(_, bias) in &self.logit_bias {
+            check_f32("logit_bias", bias, |v| v.abs() <= MAX_BIAS, "[-100, 100]")?;
+        }
+        let mut ids: Vec<u32> = self.logit_bias.iter().map(|&(t, _)| t).collect();
+        ids.sort_unstable();
+        if let Some(w) = ids.windows(2).find(|w| w[0] == w[1]) {
+            let value = format!("token id {} twice", w[0]);
+            return Err(out_of_range(value, "each token id once"));
+        }
         Ok(())
     }
 }
@@ -159,6 +190,27 @@ mod tests {
             p.validate(),
             Err(SamplingError::OutOfRange { field: "top_p", .. })
         ));
+    }
+
+    #[test]
+    fn logit_bias_is_bounded_in_range_count_and_repeats() {
+        let with = |logit_bias: Vec<(u32, f32)>| SamplingParams {
+            logit_bias,
+            ..Default::default()
+        };
+        assert_eq!(with(vec![(3, -100.0), (7, 100.0)]).validate(), Ok(()));
+        let field = |p: SamplingParams| match p.validate() {
+            Err(SamplingError::OutOfRange { field, value, .. }) => (field, value),
+            Ok(()) => panic!("accepted"),
+        };
+        assert_eq!(field(with(vec![(3, 100.5)])).0, "logit_bias");
+        assert_eq!(field(with(vec![(3, f32::NAN)])).0, "logit_bias");
+        assert_eq!(
+            field(with(vec![(3, 1.0), (5, 2.0), (3, 1.0)])),
+            ("logit_bias", "token id 3 twice".into())
+        );
+        let many = (0..=MAX_LOGIT_BIAS as u32).map(|t| (t, 1.0)).collect();
+        assert_eq!(field(with(many)).1, "1025 token ids");
     }
 
     #[test]

@@ -27,6 +27,9 @@ pub struct RowSample {
     /// Structured outputs: only these tokens may be sampled (others count as -inf, for the
     /// draw and the logprobs alike).
     pub allowed: Option<TokenMask>,
+    /// `logit_bias`: added to these tokens' logits first (for the draw and the logprobs alike);
+    /// each id once, ids past the vocabulary ignored.
+    pub bias: Vec<(u32, f32)>,
 }
 
 /// Reused storage of [`sample_row`].
@@ -37,13 +40,18 @@ pub struct RowScratch {
 }
 
 /// Samples `r` from `logits` (one row, len = vocab). Logprobs are those of the raw distribution
-/// after the bans (log_softmax of the row), as vLLM returns by default.
+/// after the bias and the bans (log_softmax of the row), as vLLM returns by default.
 pub fn sample_row(logits: &[f32], r: &RowSample, scratch: &mut RowScratch) -> SampledToken {
-    let row = if r.banned.is_empty() && r.allowed.is_none() {
+    let row = if r.banned.is_empty() && r.allowed.is_none() && r.bias.is_empty() {
         logits
     } else {
         scratch.masked.clear();
         scratch.masked.extend_from_slice(logits);
+        for &(t, bias) in &r.bias {
+            if let Some(l) = scratch.masked.get_mut(t as usize) {
+                *l += bias;
+            }
+        }
         if let Some(mask) = &r.allowed {
             mask.apply(&mut scratch.masked);
         }

@@ -137,6 +137,7 @@ impl Sampler {
             banned: banned.to_vec(),
             logprobs: self.params.logprobs,
             allowed: None,
+            bias: self.params.logit_bias.clone(),
         }
     }
 

@@ -83,6 +83,14 @@ pub fn submit(
     tenant: Option<Tenant>,
     constraint: Option<std::sync::Arc<CompiledConstraint>>,
 ) -> Result<Vec<RequestStream>, ApiError> {
+    let vocab = state.tokenizer.vocab_size();
+    let biased = &params.sampling.logit_bias;
+    if let Some((bad, _)) = biased.iter().find(|&&(t, _)| t as usize >= vocab) {
+        return Err(ApiError::invalid_request(
+            format!("`logit_bias` names token id {bad}, outside the vocabulary of {vocab}"),
+            Some("logit_bias"),
+        ));
+    }
     let cache_salt = cache_salt(
         state.settings.prefix_cache_isolation,
         tenant,

@@ -21,7 +21,7 @@ async fn unimplemented_fields_and_oversized_stops_get_a_400_naming_the_field() {
     let cases = [
         (json!({"functions": [{"name": "f"}]}), "functions"),
         (json!({"guided_json": {"type": "object"}}), "guided_json"),
-        (json!({"logit_bias": {"5": 100}}), "logit_bias"),
+        (json!({"best_of": 2}), "best_of"),
         (
             json!({"stop": ["x".repeat(MAX_STOP_STRING_BYTES + 1)]}),
             "stop",

@@ -354,6 +354,15 @@ fn sampling_matches(dev: Device) {
             let ban: &[u32] = if i == 0 { &banned } else { &[] };
             let mut r = s.row_sample(&prompt, &output, vocab, ban);
             r.allowed = allowed;
+            // logit_bias: row 1's likeliest token pushed out, row 2 pushed to one token of its
+            // grammar (the +100 outside it must not count), row 3 nudged (its top logprobs show
+            // it).
+            r.bias = match i {
+                1 => vec![(cpu_argmax(1), -100.0), (5, 3.0)],
+                2 => vec![(250, 40.0), (5, 100.0)],
+                3 => vec![(17, 4.0)],
+                _ => Vec::new(),
+            };
             r
         })
         .collect();
@@ -399,9 +408,10 @@ fn sampling_matches(dev: Device) {
         );
     }
     assert_ne!(got[0].token_id, banned[0], "a banned id was sampled");
-    assert!(
-        [3, 17, 250, 299].contains(&got[2].token_id),
-        "row 2 left its grammar"
+    assert_ne!(got[1].token_id, cpu_argmax(1), "a -100 bias was sampled");
+    assert_eq!(
+        got[2].token_id, 250,
+        "row 2's bias toward 250 in its grammar"
     );
     assert_ne!(
         got[3].token_id,

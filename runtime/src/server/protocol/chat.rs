@@ -34,6 +34,8 @@ pub struct ChatCompletionRequest {
     pub presence_penalty: Option<f64>,
     pub frequency_penalty: Option<f64>,
     pub repetition_penalty: Option<f64>,
+    /// Token id (as a string) -> bias in [-100, 100] added to its logit.
+    pub logit_bias: Option<std::collections::BTreeMap<String, f64>>,
     pub logprobs: Option<bool>,
     pub top_logprobs: Option<i64>,
     pub stream: Option<bool>,

@@ -26,6 +26,8 @@ pub struct CompletionRequest {
     pub presence_penalty: Option<f64>,
     pub frequency_penalty: Option<f64>,
     pub repetition_penalty: Option<f64>,
+    /// As in chat: token id (as a string) -> bias in [-100, 100] added to its logit.
+    pub logit_bias: Option<std::collections::BTreeMap<String, f64>>,
     /// Number of alternatives per token (an integer here, unlike chat's boolean).
     pub logprobs: Option<i64>,
     pub stream: Option<bool>,

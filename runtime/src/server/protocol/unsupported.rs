@@ -17,7 +17,6 @@ pub const UNSUPPORTED_FIELDS: &[&str] = &[
     "guided_regex",
     "guided_choice",
     "guided_grammar",
-    "logit_bias",
     "best_of",
     "echo",
     "suffix",
@@ -120,17 +119,19 @@ mod tests {
             check(r#"{"functions": [{"name": "f"}]}"#),
             Some("functions")
         );
-        assert_eq!(
-            check(r#"{"logit_bias": {"50256": -100}}"#),
-            Some("logit_bias")
-        );
+        assert_eq!(check(r#"{"best_of": 3}"#), Some("best_of"));
         assert_eq!(
             check(r#"{"response_format": {"type": "json_object"}, "tools": [{}]}"#),
             None,
             "structured outputs and tools are implemented"
         );
         assert_eq!(
-            check(r#"{"functions": [], "logit_bias": {}, "echo": false, "suffix": null}"#),
+            check(r#"{"logit_bias": {"50256": -100}}"#),
+            None,
+            "logit_bias is implemented"
+        );
+        assert_eq!(
+            check(r#"{"functions": [], "best_of": null, "echo": false, "suffix": null}"#),
             None
         );
         assert_eq!(check(r#"{"model": "m", "prompt": "hi"}"#), None);

@@ -2,6 +2,8 @@
 //! settings the engine understands. Converting to `EngineRequest` (templating, tokenizing,
 //! context-length checks) happens in the server, which knows the model.
 
+use std::collections::BTreeMap;
+
 use crate::chat_template::ChatMessage;
 use crate::engine::{MAX_STOP_STRINGS, MAX_STOP_STRING_BYTES, MAX_STOP_TOKEN_IDS};
 use crate::sampling::{SamplingError, SamplingParams, MAX_LOGPROBS};
@@ -135,6 +137,7 @@ struct Common {
     presence_penalty: Option<f64>,
     frequency_penalty: Option<f64>,
     repetition_penalty: Option<f64>,
+    logit_bias: Option<BTreeMap<String, f64>>,
     stream: Option<bool>,
     stream_options: Option<StreamOptions>,
     ignore_eos: Option<bool>,
@@ -182,6 +185,7 @@ pub fn validate_chat(req: ChatCompletionRequest) -> Result<ValidatedChatRequest,
         presence_penalty: req.presence_penalty,
         frequency_penalty: req.frequency_penalty,
         repetition_penalty: req.repetition_penalty,
+        logit_bias: req.logit_bias,
         stream: req.stream,
         stream_options: req.stream_options,
         ignore_eos: req.ignore_eos,
@@ -225,6 +229,7 @@ pub fn validate_completion(
         presence_penalty: req.presence_penalty,
         frequency_penalty: req.frequency_penalty,
         repetition_penalty: req.repetition_penalty,
+        logit_bias: req.logit_bias,
         stream: req.stream,
         stream_options: req.stream_options,
         ignore_eos: req.ignore_eos,
@@ -345,6 +350,23 @@ fn generation_params(
     })
 }
 
+/// `logit_bias`'s token ids (JSON keys are strings) with their biases; the ranges are
+/// [`SamplingParams::validate`]'s, the vocabulary's the handler's.
+fn logit_bias(map: Option<&BTreeMap<String, f64>>) -> Result<Vec<(u32, f32)>, ValidationError> {
+    let Some(map) = map else {
+        return Ok(Vec::new());
+    };
+    map.iter()
+        .map(|(key, &bias)| match key.parse::<u32>() {
+            Ok(id) => Ok((id, bias as f32)),
+            Err(_) => Err(invalid(
+                "logit_bias",
+                format!("keys must be token ids (integers as strings); got {key:?}"),
+            )),
+        })
+        .collect()
+}
+
 /// A float field: its default when absent, else checked against `ok`.
 fn float(
     param: &str,
@@ -415,6 +437,7 @@ fn sampling_params(c: &Common, logprobs: Option<usize>) -> Result<SamplingParams
         // Negative seeds are accepted (vLLM does) and reinterpreted as their bit pattern.
         seed: c.seed.map(|s| s as u64),
         logprobs,
+        logit_bias: logit_bias(c.logit_bias.as_ref())?,
     };
     // The engine's own check, so the two can never disagree about a value passed on.
     sampling.validate().map_err(
