@@ -29,6 +29,8 @@ mod special_tokens;
 mod structured;
 #[path = "server/structured_compile.rs"]
 mod structured_compile;
+#[path = "server/tokenize.rs"]
+mod tokenize;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};

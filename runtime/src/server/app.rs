@@ -14,7 +14,7 @@ use super::protocol::ApiError;
 use super::rate_limit::limit_rate;
 use super::request_log::count_early_responses;
 use super::state::AppState;
-use super::{adapters, chat, completions, models_page, routes};
+use super::{adapters, chat, completions, models_page, routes, tokenize};
 
 /// The whole HTTP API over `state`.
 pub fn app(state: AppState) -> Router {
@@ -32,6 +32,8 @@ pub fn app(state: AppState) -> Router {
         .route_layer(middleware::from_fn(count_early_responses));
     let v1 = Router::new()
         .route("/v1/models", get(models_page::list_models))
+        .route("/tokenize", post(tokenize::tokenize))
+        .route("/detokenize", post(tokenize::detokenize))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_api_key,

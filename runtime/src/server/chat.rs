@@ -21,10 +21,43 @@ use super::state::AppState;
 use super::tenant::Tenant;
 use super::token_text::chat_logprobs;
 use super::tool_calls::{add_tools_prompt, parse_tool_calls, tool_constraint, ToolCallStream};
-use crate::chat_template::ChatTemplateError;
+use crate::chat_template::{ChatMessage, ChatTemplateError};
 use crate::sampling::SampledToken;
 use crate::tokenizer::chat_prompt::{encode_chat, ChatPrompt, ChatPromptError};
 use crate::tokenizer::Tokenizer;
+
+/// The conversation rendered by the model's chat template and tokenized (template markup as
+/// control tokens, message text as plain text), as the model will read it.
+pub(super) async fn render_chat(
+    state: &AppState,
+    messages: Vec<ChatMessage>,
+    add_generation_prompt: bool,
+) -> Result<ChatPrompt, ApiError> {
+    // Rendering and tokenizing a long conversation takes milliseconds of CPU: off the async
+    // workers, so `/health` and other connections keep answering.
+    let (template, tokenizer) = (state.chat_template.clone(), state.tokenizer.clone());
+    off_the_workers(move || encode_chat(&template, &tokenizer, &messages, add_generation_prompt))
+        .await?
+        .map_err(|e| match e {
+            ChatPromptError::Template(ChatTemplateError::Raised(msg)) => {
+                ApiError::invalid_request(msg, Some("messages"))
+            }
+            ChatPromptError::Template(other) => {
+                tracing::error!(error = %other, "chat template failed");
+                ApiError::invalid_request(
+                    "the model's chat template could not render these messages",
+                    Some("messages"),
+                )
+            }
+            ChatPromptError::Unseparable => {
+                ApiError::invalid_request(e.to_string(), Some("messages"))
+            }
+            ChatPromptError::Tokenizer(e) => {
+                tracing::error!(error = %e, "tokenizer failed");
+                ApiError::internal()
+            }
+        })
+}
 
 /// Creates a chat completion (OpenAI's `POST /v1/chat/completions`).
 #[utoipa::path(post, path = "/v1/chat/completions", request_body = ChatCompletionRequest,
@@ -51,30 +84,7 @@ pub async fn chat_completions(
     let ChatPrompt {
         text,
         token_ids: prompt,
-    } = {
-        // Rendering and tokenizing a long conversation takes milliseconds of CPU: off the async
-        // workers, so `/health` and other connections keep answering.
-        let (template, tokenizer) = (state.chat_template.clone(), state.tokenizer.clone());
-        let messages = v.messages;
-        off_the_workers(move || encode_chat(&template, &tokenizer, &messages, true)).await?
-    }
-    .map_err(|e| match e {
-        ChatPromptError::Template(ChatTemplateError::Raised(msg)) => {
-            ApiError::invalid_request(msg, Some("messages"))
-        }
-        ChatPromptError::Template(other) => {
-            tracing::error!(error = %other, "chat template failed");
-            ApiError::invalid_request(
-                "the model's chat template could not render these messages",
-                Some("messages"),
-            )
-        }
-        ChatPromptError::Unseparable => ApiError::invalid_request(e.to_string(), Some("messages")),
-        ChatPromptError::Tokenizer(e) => {
-            tracing::error!(error = %e, "tokenizer failed");
-            ApiError::internal()
-        }
-    })?;
+    } = render_chat(&state, v.messages, true).await?;
     let id = random_id(CHAT_ID_PREFIX);
     let mut log = RequestLog::new(id.clone(), "chat", model.clone(), in_flight);
     log.prompt_tokens = prompt.len();

@@ -24,7 +24,7 @@ use crate::tokenizer::{Tokenizer, TokenizerError};
 
 /// A text prompt's ids: special-token strings stay plain text (a client cannot forge control
 /// tokens) unless `server.allow_special_tokens_in_prompt` is on.
-fn prompt_ids(state: &AppState, text: &str) -> Result<Vec<u32>, TokenizerError> {
+pub(super) fn prompt_ids(state: &AppState, text: &str) -> Result<Vec<u32>, TokenizerError> {
     let tokenizer = &state.tokenizer;
     if state.settings.allow_special_tokens_in_prompt || !tokenizer.spells_special_token(text) {
         tokenizer.encode(text)

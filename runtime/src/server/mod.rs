@@ -20,6 +20,7 @@ mod sse;
 mod state;
 mod tenant;
 mod token_text;
+mod tokenize;
 mod tool_calls;
 
 pub use admin_loads::{AdapterLoadLimit, LoadPermit};

@@ -91,6 +91,8 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
         super::chat::chat_completions,
         super::completions::completions,
         super::models_page::list_models,
+        super::tokenize::tokenize,
+        super::tokenize::detokenize,
         super::adapters::load_lora_adapter,
         super::adapters::unload_lora_adapter
     )

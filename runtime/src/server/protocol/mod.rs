@@ -1,6 +1,7 @@
-//! OpenAI-compatible wire types for `/v1/chat/completions`, `/v1/completions` and `/v1/models`,
-//! their validation into engine settings, and OpenAI's error body. Every type derives utoipa's
-//! `ToSchema` so `/openapi.json` is generated from the same definitions serde uses.
+//! OpenAI-compatible wire types for `/v1/chat/completions`, `/v1/completions`, `/v1/models` and
+//! vLLM's `/tokenize` and `/detokenize`, their validation into engine settings, and OpenAI's
+//! error body. Every type derives utoipa's `ToSchema` so `/openapi.json` is generated from the
+//! same definitions serde uses.
 
 mod chat;
 mod common;
@@ -10,6 +11,7 @@ mod error;
 mod logprobs;
 mod models;
 mod structured;
+mod tokenize;
 mod unsupported;
 mod validate;
 
@@ -34,6 +36,10 @@ pub use structured::{
     JsonSchemaFormat, NamedFunction, NamedToolChoice, ResponseFormat, StructuredOutputs, ToolCall,
     ToolCallDelta, ToolChoiceParam, ToolMode, ToolParam, ToolPlan, MAX_TOOLS, TOOL_CALL_CLOSE,
     TOOL_CALL_OPEN,
+};
+pub use tokenize::{
+    validate_tokenize, DetokenizeRequest, DetokenizeResponse, TokenizeInput, TokenizeRequest,
+    TokenizeResponse,
 };
 pub use unsupported::{unsupported_error, unsupported_field, UNSUPPORTED_FIELDS};
 pub use validate::{

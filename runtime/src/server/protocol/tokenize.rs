@@ -1,0 +1,91 @@
+//! vLLM's `POST /tokenize` and `POST /detokenize`: the ids the server would feed the model for a
+//! prompt or a conversation (so a client can fit a conversation into `max_model_len` before it
+//! asks), and the text of ids.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::chat_template::ChatMessage;
+
+use super::chat::ChatMessageParam;
+use super::convert::convert_messages;
+use super::validate::{invalid, ValidationError};
+
+/// Exactly one of `prompt` (as `/v1/completions` tokenizes it) or `messages` (as
+/// `/v1/chat/completions` renders and tokenizes them). Fields the server would not honour are
+/// refused, not ignored.
+#[derive(Clone, Debug, PartialEq, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TokenizeRequest {
+    #[serde(default)]
+    pub model: Option<String>,
+    #[serde(default)]
+    pub prompt: Option<String>,
+    #[serde(default)]
+    pub messages: Option<Vec<ChatMessageParam>>,
+    /// With `messages`: end with the template's assistant header (the chat endpoint always
+    /// does). Default true.
+    #[serde(default)]
+    pub add_generation_prompt: Option<bool>,
+    /// Also return each id's vocabulary entry (`token_strs`).
+    #[serde(default)]
+    pub return_token_strs: Option<bool>,
+}
+
+/// The ids of a tokenized prompt or conversation.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct TokenizeResponse {
+    pub count: usize,
+    pub max_model_len: usize,
+    pub tokens: Vec<u32>,
+    /// Each id's vocabulary entry, when `return_token_strs` was true.
+    pub token_strs: Option<Vec<String>>,
+}
+
+/// Ids to turn back into text.
+#[derive(Clone, Debug, PartialEq, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DetokenizeRequest {
+    #[serde(default)]
+    pub model: Option<String>,
+    pub tokens: Vec<u32>,
+}
+
+/// The text of the ids (special tokens included).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct DetokenizeResponse {
+    pub prompt: String,
+}
+
+/// What a tokenize request asks to tokenize.
+#[derive(Clone, Debug, PartialEq)]
+pub enum TokenizeInput {
+    Prompt(String),
+    Chat {
+        messages: Vec<ChatMessage>,
+        add_generation_prompt: bool,
+    },
+}
+
+/// Checks a tokenize request: one input, and `add_generation_prompt` only with `messages`.
+pub fn validate_tokenize(req: TokenizeRequest) -> Result<TokenizeInput, ValidationError> {
+    match (req.prompt, req.messages) {
+        (Some(prompt), None) => {
+            if req.add_generation_prompt.is_some() {
+                return Err(invalid(
+                    "add_generation_prompt",
+                    "applies to `messages` only",
+                ));
+            }
+            Ok(TokenizeInput::Prompt(prompt))
+        }
+        (None, Some(messages)) => Ok(TokenizeInput::Chat {
+            messages: convert_messages(messages)?,
+            add_generation_prompt: req.add_generation_prompt.unwrap_or(true),
+        }),
+        _ => Err(invalid(
+            "prompt",
+            "send exactly one of `prompt` or `messages`",
+        )),
+    }
+}
