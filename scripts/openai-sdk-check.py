@@ -6,6 +6,7 @@ Usage: python openai-sdk-check.py BASE_URL MODEL
 import json
 import sys
 
+import httpx
 from openai import OpenAI
 from pydantic import BaseModel, Field
 
@@ -63,6 +64,23 @@ def structured_and_tools(client: OpenAI, model: str) -> None:
     answer = client.chat.completions.create(model=model, messages=messages, tools=[BOOK_VISIT],
                                             max_tokens=8, temperature=0, tool_choice="none")
     assert answer.choices[0].message.content is not None, answer
+
+
+def tokenize_and_logit_bias(client: OpenAI, base_url: str, model: str) -> None:
+    """vLLM's `/tokenize` (outside `/v1`) finds a token's id; the SDK's `logit_bias` (a dict of
+    id strings) then makes greedy decoding repeat that token."""
+    root = base_url.rstrip("/").removesuffix("/v1")
+    reply = httpx.post(f"{root}/tokenize", json={"model": model, "prompt": "Z"},
+                       headers={"Authorization": "Bearer sk-sdk-check"}, timeout=30)
+    assert reply.status_code == 200, reply.text
+    forced = reply.json()["tokens"][-1]
+    comp = client.completions.create(model=model, prompt="The patient", max_tokens=3, temperature=0,
+                                     logprobs=1, logit_bias={str(forced): 100})
+    tokens = comp.choices[0].logprobs.tokens
+    assert len(tokens) == 3 and len(set(tokens)) == 1, tokens
+    plain = client.completions.create(model=model, prompt="The patient", max_tokens=3,
+                                      temperature=0, logprobs=1)
+    assert plain.choices[0].logprobs.tokens != tokens, (plain.choices[0].logprobs.tokens, tokens)
 
 
 def main() -> None:
@@ -126,8 +144,10 @@ def main() -> None:
     except Exception as e:  # openai.NotFoundError
         assert getattr(e, "status_code", None) == 404, e
     structured_and_tools(client, model)
-    print("openai SDK check: 10 calls passed (models, chat, chat stream, completions, completions stream, "
-          "404, parse with a Pydantic model, tool call, tool call stream, tool result round trip)")
+    tokenize_and_logit_bias(client, base_url, model)
+    print("openai SDK check: 13 calls passed (models, chat, chat stream, completions, completions stream, "
+          "404, parse with a Pydantic model, tool call, tool call stream, tool result round trip, "
+          "tokenize, logit_bias and its unbiased twin)")
 
 
 if __name__ == "__main__":
