@@ -21,6 +21,8 @@ mod limits;
 mod logit_bias;
 #[path = "server/models_page.rs"]
 mod models_page;
+#[path = "server/priority.rs"]
+mod priority;
 #[path = "server/rate_limit.rs"]
 mod rate_limit;
 #[path = "server/special_tokens.rs"]

@@ -54,6 +54,9 @@ pub struct ServerSection {
     pub prefix_cache_isolation: PrefixCacheIsolation,
     /// Let `/v1/completions` text spell special tokens (off: a client cannot forge control tokens).
     pub allow_special_tokens_in_prompt: bool,
+    /// Honour a request's `priority` (vLLM's: lower is served first); off, a non-zero one is a
+    /// 400.
+    pub allow_request_priority: bool,
     /// Keys for `/v1/load_lora_adapter` and `/v1/unload_lora_adapter`; inference keys do not
     /// grant them.
     pub admin_api_keys: Vec<ApiKey>,
@@ -120,6 +123,7 @@ impl Default for ServerSection {
             engine_stall_timeout: HumanDuration::secs(60),
             prefix_cache_isolation: PrefixCacheIsolation::PerKey,
             allow_special_tokens_in_prompt: false,
+            allow_request_priority: true,
             admin_api_keys: Vec::new(),
             allow_runtime_lora_updating: false,
             metrics_api_key: None,

@@ -83,6 +83,13 @@ pub fn submit(
     tenant: Option<Tenant>,
     constraint: Option<std::sync::Arc<CompiledConstraint>>,
 ) -> Result<Vec<RequestStream>, ApiError> {
+    if params.priority != 0 && !state.settings.allow_request_priority {
+        return Err(ApiError::invalid_request(
+            "`priority` is turned off on this server (`server.allow_request_priority`); \
+             send 0 or leave it out",
+            Some("priority"),
+        ));
+    }
     let vocab = state.tokenizer.vocab_size();
     let biased = &params.sampling.logit_bias;
     if let Some((bad, _)) = biased.iter().find(|&&(t, _)| t as usize >= vocab) {
@@ -120,7 +127,7 @@ pub fn submit(
                 ignore_eos: params.ignore_eos,
                 stop: params.stop.clone(),
                 stop_token_ids: params.stop_token_ids.clone(),
-                priority: 0,
+                priority: params.priority,
                 adapter: adapter.clone(),
                 cache_salt,
                 detokenize: true,

@@ -40,6 +40,8 @@ pub struct TestServer {
     pub prefix_cache_isolation: PrefixCacheIsolation,
     /// `server.allow_special_tokens_in_prompt`.
     pub allow_special_tokens_in_prompt: bool,
+    /// `server.allow_request_priority`.
+    pub allow_request_priority: bool,
     /// `server.admin_api_keys`.
     pub admin_api_keys: Vec<String>,
     /// Adapter routes open without admin keys (loopback + allow_runtime_lora_updating).
@@ -74,6 +76,7 @@ impl Default for TestServer {
             max_cpu_loras: 8,
             prefix_cache_isolation: PrefixCacheIsolation::PerKey,
             allow_special_tokens_in_prompt: false,
+            allow_request_priority: true,
             admin_api_keys: Vec::new(),
             allow_keyless_admin: true,
             metrics_api_key: None,
@@ -149,6 +152,7 @@ impl TestServer {
                 log_prompts: false,
                 prefix_cache_isolation: self.prefix_cache_isolation,
                 allow_special_tokens_in_prompt: self.allow_special_tokens_in_prompt,
+                allow_request_priority: self.allow_request_priority,
                 admin_api_keys: self.admin_api_keys.clone(),
                 allow_keyless_admin: self.allow_keyless_admin,
                 metrics_api_key: self.metrics_api_key.clone(),

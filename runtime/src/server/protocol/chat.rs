@@ -30,6 +30,8 @@ pub struct ChatCompletionRequest {
     pub stop: Option<StopSpec>,
     /// vLLM extension: extra token ids that end generation.
     pub stop_token_ids: Option<Vec<u32>>,
+    /// vLLM extension: lower is served first (and preempted last); default 0.
+    pub priority: Option<i64>,
     pub n: Option<i64>,
     pub presence_penalty: Option<f64>,
     pub frequency_penalty: Option<f64>,

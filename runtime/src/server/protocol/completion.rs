@@ -22,6 +22,8 @@ pub struct CompletionRequest {
     pub seed: Option<i64>,
     pub stop: Option<StopSpec>,
     pub stop_token_ids: Option<Vec<u32>>,
+    /// As in chat: lower is served first (and preempted last); default 0.
+    pub priority: Option<i64>,
     pub n: Option<i64>,
     pub presence_penalty: Option<f64>,
     pub frequency_penalty: Option<f64>,

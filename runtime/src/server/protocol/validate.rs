@@ -87,6 +87,8 @@ pub struct GenerationParams {
     pub ignore_eos: bool,
     pub stop: Vec<String>,
     pub stop_token_ids: Vec<u32>,
+    /// Queue order: lower is served first (vLLM's convention); 0 by default.
+    pub priority: i32,
     /// Choices per prompt.
     pub n: usize,
     pub stream: bool,
@@ -133,6 +135,7 @@ struct Common {
     seed: Option<i64>,
     stop: Option<StopSpec>,
     stop_token_ids: Option<Vec<u32>>,
+    priority: Option<i64>,
     n: Option<i64>,
     presence_penalty: Option<f64>,
     frequency_penalty: Option<f64>,
@@ -181,6 +184,7 @@ pub fn validate_chat(req: ChatCompletionRequest) -> Result<ValidatedChatRequest,
         seed: req.seed,
         stop: req.stop,
         stop_token_ids: req.stop_token_ids,
+        priority: req.priority,
         n: req.n,
         presence_penalty: req.presence_penalty,
         frequency_penalty: req.frequency_penalty,
@@ -225,6 +229,7 @@ pub fn validate_completion(
         seed: req.seed,
         stop: req.stop,
         stop_token_ids: req.stop_token_ids,
+        priority: req.priority,
         n: req.n,
         presence_penalty: req.presence_penalty,
         frequency_penalty: req.frequency_penalty,
@@ -312,6 +317,9 @@ fn generation_params(
             &allowed,
         ));
     }
+    let priority = c.priority.unwrap_or(0);
+    let priority = i32::try_from(priority)
+        .map_err(|_| out_of_range("priority", priority, "a 32-bit integer"))?;
     let stream = c.stream.unwrap_or(false);
     if c.stream_options.is_some() && !stream {
         return Err(invalid(
@@ -341,6 +349,7 @@ fn generation_params(
         ignore_eos: c.ignore_eos.unwrap_or(false),
         stop,
         stop_token_ids,
+        priority,
         n,
         stream,
         include_usage,
