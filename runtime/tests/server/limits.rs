@@ -22,6 +22,8 @@ async fn unimplemented_fields_and_oversized_stops_get_a_400_naming_the_field() {
         (json!({"functions": [{"name": "f"}]}), "functions"),
         (json!({"guided_json": {"type": "object"}}), "guided_json"),
         (json!({"best_of": 2}), "best_of"),
+        (json!({"allowed_token_ids": [1, 2]}), "allowed_token_ids"),
+        (json!({"skip_special_tokens": false}), "skip_special_tokens"),
         (
             json!({"stop": ["x".repeat(MAX_STOP_STRING_BYTES + 1)]}),
             "stop",
@@ -49,7 +51,7 @@ async fn unimplemented_fields_and_oversized_stops_get_a_400_naming_the_field() {
     assert_eq!(s, 400, "{b}");
     // Explicit defaults ask for nothing and pass, as do the limits themselves.
     let fine = chat(
-        json!({"tools": [], "logit_bias": {}, "response_format": null,
+        json!({"tools": [], "logit_bias": {}, "response_format": null, "skip_special_tokens": true,
                            "stop": ["y".repeat(MAX_STOP_STRING_BYTES)],
                            "stop_token_ids": vec![3; MAX_STOP_TOKEN_IDS]}),
     );

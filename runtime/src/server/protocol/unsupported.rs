@@ -24,13 +24,35 @@ pub const UNSUPPORTED_FIELDS: &[&str] = &[
     "audio",
     "modalities",
     "web_search_options",
+    // vLLM's extensions that change the answer.
+    "chat_template",
+    "chat_template_kwargs",
+    "continue_final_message",
+    "include_stop_str_in_output",
+    "prompt_logprobs",
+    "truncate_prompt_tokens",
+    "bad_words",
+    "allowed_token_ids",
+    "use_beam_search",
+    "return_tokens_as_token_ids",
+    "documents",
 ];
 
+/// Fields whose default is `true`, refused only when sent as something else (`false`): the
+/// server always skips special tokens in the text it returns and spaces them as the tokenizer
+/// does.
+pub const UNSUPPORTED_UNLESS_TRUE: &[&str] =
+    &["skip_special_tokens", "spaces_between_special_tokens"];
+
 /// Whether a field's value asks for anything: `null`, `false`, `""`, `[]` and `{}` do not (SDKs
-/// send some of these as explicit defaults).
+/// send some of these as explicit defaults). `true` and `false` are told apart for the fields
+/// whose default is `true`.
+#[derive(Clone, Copy, PartialEq)]
 enum Presence {
     Off,
     On,
+    True,
+    False,
 }
 
 impl<'de> Deserialize<'de> for Presence {
@@ -54,7 +76,7 @@ impl<'de> Visitor<'de> for PresenceVisitor {
         Ok(Presence::Off)
     }
     fn visit_bool<E>(self, v: bool) -> Result<Presence, E> {
-        Ok(if v { Presence::On } else { Presence::Off })
+        Ok(if v { Presence::True } else { Presence::False })
     }
     fn visit_i64<E>(self, _: i64) -> Result<Presence, E> {
         Ok(Presence::On)
@@ -94,9 +116,20 @@ impl<'de> Visitor<'de> for PresenceVisitor {
 pub fn unsupported_field(body: &[u8]) -> Option<&'static str> {
     // Only the top-level keys are kept; every value is skipped without being stored.
     let fields: BTreeMap<String, Presence> = serde_json::from_slice(body).ok()?;
+    let asks = |name: &str| matches!(fields.get(name), Some(Presence::On | Presence::True));
+    let refused_unless_true = |name: &str| {
+        fields
+            .get(name)
+            .is_some_and(|p| !matches!(p, Presence::Off | Presence::True))
+    };
     UNSUPPORTED_FIELDS
         .iter()
-        .find(|name| matches!(fields.get(**name), Some(Presence::On)))
+        .find(|name| asks(name))
+        .or_else(|| {
+            UNSUPPORTED_UNLESS_TRUE
+                .iter()
+                .find(|name| refused_unless_true(name))
+        })
         .copied()
 }
 
@@ -135,6 +168,27 @@ mod tests {
             None
         );
         assert_eq!(check(r#"{"model": "m", "prompt": "hi"}"#), None);
+        assert_eq!(
+            check(r#"{"allowed_token_ids": [1, 2]}"#),
+            Some("allowed_token_ids")
+        );
+        assert_eq!(
+            check(r#"{"include_stop_str_in_output": true}"#),
+            Some("include_stop_str_in_output")
+        );
+        // Default-true fields pass as true (and absent, or null) and are refused as false.
+        assert_eq!(
+            check(r#"{"skip_special_tokens": true, "spaces_between_special_tokens": null}"#),
+            None
+        );
+        assert_eq!(
+            check(r#"{"skip_special_tokens": false}"#),
+            Some("skip_special_tokens")
+        );
+        assert_eq!(
+            check(r#"{"spaces_between_special_tokens": 0}"#),
+            Some("spaces_between_special_tokens")
+        );
         assert_eq!(check("[1, 2]"), None);
         assert_eq!(check("not json"), None);
     }
