@@ -147,49 +147,47 @@ mod tests {
 
     #[test]
     fn only_fields_that_ask_for_something_are_refused() {
-        let check = |s: &str| unsupported_field(s.as_bytes());
-        assert_eq!(
-            check(r#"{"functions": [{"name": "f"}]}"#),
-            Some("functions")
-        );
-        assert_eq!(check(r#"{"best_of": 3}"#), Some("best_of"));
-        assert_eq!(
-            check(r#"{"response_format": {"type": "json_object"}, "tools": [{}]}"#),
-            None,
-            "structured outputs and tools are implemented"
-        );
-        assert_eq!(
-            check(r#"{"logit_bias": {"50256": -100}}"#),
-            None,
-            "logit_bias is implemented"
-        );
-        assert_eq!(
-            check(r#"{"functions": [], "best_of": null, "echo": false, "suffix": null}"#),
-            None
-        );
-        assert_eq!(check(r#"{"model": "m", "prompt": "hi"}"#), None);
-        assert_eq!(
-            check(r#"{"allowed_token_ids": [1, 2]}"#),
-            Some("allowed_token_ids")
-        );
-        assert_eq!(
-            check(r#"{"include_stop_str_in_output": true}"#),
-            Some("include_stop_str_in_output")
-        );
-        // Default-true fields pass as true (and absent, or null) and are refused as false.
-        assert_eq!(
-            check(r#"{"skip_special_tokens": true, "spaces_between_special_tokens": null}"#),
-            None
-        );
-        assert_eq!(
-            check(r#"{"skip_special_tokens": false}"#),
-            Some("skip_special_tokens")
-        );
-        assert_eq!(
-            check(r#"{"spaces_between_special_tokens": 0}"#),
-            Some("spaces_between_special_tokens")
-        );
-        assert_eq!(check("[1, 2]"), None);
-        assert_eq!(check("not json"), None);
+        let cases = [
+            (r#"{"functions": [{"name": "f"}]}"#, Some("functions")),
+            (r#"{"best_of": 3}"#, Some("best_of")),
+            // Implemented: structured outputs, tools, logit_bias.
+            (
+                r#"{"response_format": {"type": "json_object"}, "tools": [{}]}"#,
+                None,
+            ),
+            (r#"{"logit_bias": {"50256": -100}}"#, None),
+            // Explicit empty values ask for nothing.
+            (
+                r#"{"functions": [], "best_of": null, "echo": false, "suffix": null}"#,
+                None,
+            ),
+            (r#"{"model": "m", "prompt": "hi"}"#, None),
+            (
+                r#"{"allowed_token_ids": [1, 2]}"#,
+                Some("allowed_token_ids"),
+            ),
+            (
+                r#"{"include_stop_str_in_output": true}"#,
+                Some("include_stop_str_in_output"),
+            ),
+            // Default-true fields pass as true (and absent, or null) and are refused otherwise.
+            (
+                r#"{"skip_special_tokens": true, "spaces_between_special_tokens": null}"#,
+                None,
+            ),
+            (
+                r#"{"skip_special_tokens": false}"#,
+                Some("skip_special_tokens"),
+            ),
+            (
+                r#"{"spaces_between_special_tokens": 0}"#,
+                Some("spaces_between_special_tokens"),
+            ),
+            ("[1, 2]", None),
+            ("not json", None),
+        ];
+        for (body, refused) in cases {
+            assert_eq!(unsupported_field(body.as_bytes()), refused, "{body}");
+        }
     }
 }
