@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use caduceus_runtime::engine::{FaultPlan, StepLatch};
+use caduceus_runtime::engine::FaultPlan;
 use caduceus_runtime::server::{app, run_server, AppState, Phase, ServeOutcome};
 use serde_json::{json, Value};
 use support::server_app::{call, sse_data, TestServer};
@@ -217,12 +217,9 @@ async fn past_the_queue_limit_requests_get_429_at_once() {
 async fn shutdown_drains_in_flight_requests_and_refuses_new_ones() {
     // The in-flight request's steps are held until the drain has been observed, so it is
     // still running however fast the machine is.
-    let latch = Arc::new(StepLatch::default());
+    let (faults, latch) = FaultPlan::hold_steps_of(21);
     let cfg = TestServer {
-        faults: FaultPlan {
-            hold_step: Some((FaultPlan::seed(21), latch.clone())),
-            ..FaultPlan::default()
-        },
+        faults,
         ..TestServer::default()
     };
     let mut srv = start(cfg, Duration::from_secs(30)).await;

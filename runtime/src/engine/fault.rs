@@ -38,6 +38,17 @@ impl FaultPlan {
     pub fn seed(seed: u64) -> RequestMatcher {
         Arc::new(move |r: &EngineRequest| r.sampling.seed == Some(seed))
     }
+
+    /// A plan that holds every step scheduling a request sampled with `seed` on the returned
+    /// latch, until it is released (nothing else injected).
+    pub fn hold_steps_of(seed: u64) -> (FaultPlan, Arc<StepLatch>) {
+        let latch = Arc::new(StepLatch::default());
+        let plan = FaultPlan {
+            hold_step: Some((Self::seed(seed), latch.clone())),
+            ..FaultPlan::default()
+        };
+        (plan, latch)
+    }
 }
 
 /// Holds steps until released: an engine stuck mid-step, on demand, or stepped one step at a

@@ -7,6 +7,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use axum::Json;
 
+use super::error::check_token_ids;
 use super::generation::{collect_all, compile_constraint, finish_label, off_the_workers, submit};
 use super::json::ApiJson;
 use super::protocol::{
@@ -20,17 +21,21 @@ use super::state::AppState;
 use super::tenant::Tenant;
 use super::token_text::completion_logprobs;
 use crate::sampling::SampledToken;
-use crate::tokenizer::{Tokenizer, TokenizerError};
+use crate::tokenizer::Tokenizer;
 
 /// A text prompt's ids: special-token strings stay plain text (a client cannot forge control
 /// tokens) unless `server.allow_special_tokens_in_prompt` is on.
-pub(super) fn prompt_ids(state: &AppState, text: &str) -> Result<Vec<u32>, TokenizerError> {
+pub(super) fn prompt_ids(state: &AppState, text: &str) -> Result<Vec<u32>, ApiError> {
     let tokenizer = &state.tokenizer;
     if state.settings.allow_special_tokens_in_prompt || !tokenizer.spells_special_token(text) {
         tokenizer.encode(text)
     } else {
         tokenizer.encode_literal(text)
     }
+    .map_err(|e| {
+        tracing::error!(error = %e, "tokenizer failed");
+        ApiError::internal()
+    })
 }
 
 /// Every prompt's ids (text tokenized, id lists checked against the vocabulary), returned with
@@ -43,17 +48,14 @@ fn tokenize_prompts(
     let mut prompts = Vec::with_capacity(inputs.len());
     for (i, p) in inputs.iter().enumerate() {
         let ids = match p {
-            PromptInput::Text(text) => prompt_ids(state, text).map_err(|e| {
-                tracing::error!(error = %e, "tokenizer failed");
-                ApiError::internal()
-            })?,
+            PromptInput::Text(text) => prompt_ids(state, text)?,
             PromptInput::Tokens(ids) => {
-                if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
-                    return Err(ApiError::invalid_request(
-                        format!("`prompt[{i}]` contains token id {bad}, outside the vocabulary of {vocab}"),
-                        Some("prompt"),
-                    ));
-                }
+                check_token_ids(
+                    ids.iter().copied(),
+                    vocab,
+                    &format!("prompt[{i}]"),
+                    "prompt",
+                )?;
                 ids.clone()
             }
         };

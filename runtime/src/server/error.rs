@@ -23,6 +23,23 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// A 400 naming `param` when any of `ids` lies outside a vocabulary of `vocab` ids; `what` is
+/// the field as the message names it (`prompt[2]`, `tokens`, `logit_bias`).
+pub fn check_token_ids(
+    ids: impl IntoIterator<Item = u32>,
+    vocab: usize,
+    what: &str,
+    param: &str,
+) -> Result<(), ApiError> {
+    match ids.into_iter().find(|&t| t as usize >= vocab) {
+        None => Ok(()),
+        Some(bad) => Err(ApiError::invalid_request(
+            format!("`{what}` contains token id {bad}, outside the vocabulary of {vocab}"),
+            Some(param),
+        )),
+    }
+}
+
 /// Maps an engine refusal to its HTTP error; `prompt_field` is `messages` or `prompt`.
 pub fn request_error(err: RequestError, prompt_field: &str) -> ApiError {
     let message = err.to_string();

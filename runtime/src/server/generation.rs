@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::stream::{self, BoxStream, StreamExt};
 
-use super::error::{failure_error, request_error, timeout_error};
+use super::error::{check_token_ids, failure_error, request_error, timeout_error};
 use super::protocol::{ApiError, FinishReason, GenerationParams};
 use super::request_log::RequestLog;
 use super::state::AppState;
@@ -90,14 +90,9 @@ pub fn submit(
             Some("priority"),
         ));
     }
+    let biased = params.sampling.logit_bias.iter().map(|&(t, _)| t);
     let vocab = state.tokenizer.vocab_size();
-    let biased = &params.sampling.logit_bias;
-    if let Some((bad, _)) = biased.iter().find(|&&(t, _)| t as usize >= vocab) {
-        return Err(ApiError::invalid_request(
-            format!("`logit_bias` names token id {bad}, outside the vocabulary of {vocab}"),
-            Some("logit_bias"),
-        ));
-    }
+    check_token_ids(biased, vocab, "logit_bias", "logit_bias")?;
     let cache_salt = cache_salt(
         state.settings.prefix_cache_isolation,
         tenant,

@@ -7,6 +7,7 @@ use axum::Json;
 
 use super::chat::render_chat;
 use super::completions::prompt_ids;
+use super::error::check_token_ids;
 use super::generation::off_the_workers;
 use super::json::ApiJson;
 use super::protocol::{
@@ -30,12 +31,7 @@ pub async fn tokenize(
     let tokens = match validate_tokenize(req)? {
         TokenizeInput::Prompt(text) => {
             let s = state.clone();
-            off_the_workers(move || prompt_ids(&s, &text))
-                .await?
-                .map_err(|e| {
-                    tracing::error!(error = %e, "tokenizer failed");
-                    ApiError::internal()
-                })?
+            off_the_workers(move || prompt_ids(&s, &text)).await??
         }
         TokenizeInput::Chat {
             messages,
@@ -71,12 +67,7 @@ pub async fn detokenize(
 ) -> Result<Json<DetokenizeResponse>, ApiError> {
     check_model(&state, req.model.as_deref())?;
     let vocab = state.tokenizer.vocab_size();
-    if let Some(bad) = req.tokens.iter().find(|&&t| t as usize >= vocab) {
-        return Err(ApiError::invalid_request(
-            format!("`tokens` contains token id {bad}, outside the vocabulary of {vocab}"),
-            Some("tokens"),
-        ));
-    }
+    check_token_ids(req.tokens.iter().copied(), vocab, "tokens", "tokens")?;
     let tokenizer = state.tokenizer.clone();
     let prompt = off_the_workers(move || tokenizer.decode(&req.tokens, false))
         .await?

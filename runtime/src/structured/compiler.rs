@@ -107,8 +107,9 @@ impl ConstraintCompiler {
     }
 
     /// The compiled form of `spec` (or its refusal): from the cache, from the compile another
-    /// request started, or compiled now on a thread of its own. The time limit counts that thread's CPU time, so
-    /// a busy server does not refuse a grammar for the time it waited for a core; `wait` bounds
+    /// request started, or compiled now on a thread of its own. The time limit counts that
+    /// thread's CPU time, so a busy server does not refuse a grammar for the time it waited for
+    /// a core; `wait` bounds
     /// the caller's wall-clock wait ([`StructuredError::Deadline`] past it, while the compile
     /// goes on for the cache). Blocks: async callers use [`Self::begin`] and poll.
     pub fn compile(

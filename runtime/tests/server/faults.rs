@@ -5,14 +5,13 @@
 //! fault-injection seam, aimed at requests by their sampling seed.
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::StatusCode;
 use axum::Router;
 use caduceus_runtime::adapters::make::write_synthetic_adapters;
 use caduceus_runtime::adapters::Projection;
-use caduceus_runtime::engine::{FaultPlan, StepLatch};
+use caduceus_runtime::engine::FaultPlan;
 use caduceus_runtime::model::loader::LoadedModel;
 use caduceus_runtime::server::{app, AppState};
 use serde_json::{json, Value};
@@ -159,13 +158,10 @@ async fn a_failed_adapter_slot_fails_that_request_alone() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stuck_step_turns_health_503_until_steps_resume() {
-    let latch = Arc::new(StepLatch::default());
+    let (faults, latch) = FaultPlan::hold_steps_of(99);
     let state = TestServer {
         engine_stall_timeout: Duration::from_millis(20),
-        faults: FaultPlan {
-            hold_step: Some((FaultPlan::seed(99), latch.clone())),
-            ..FaultPlan::default()
-        },
+        faults,
         ..TestServer::default()
     }
     .state();

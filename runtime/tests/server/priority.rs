@@ -1,12 +1,11 @@
 //! A request's `priority` (vLLM's: lower is served first): with one running slot, an urgent
 //! request queued after a routine one is served first; SREs can turn the field off.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
 use axum::Router;
-use caduceus_runtime::engine::{FaultPlan, StepLatch};
+use caduceus_runtime::engine::FaultPlan;
 use caduceus_runtime::server::app;
 use serde_json::{json, Value};
 
@@ -39,13 +38,10 @@ async fn until(what: &str, ready: impl Fn() -> bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_urgent_request_is_served_before_routine_ones_queued_earlier() {
-    let latch = Arc::new(StepLatch::default());
+    let (faults, latch) = FaultPlan::hold_steps_of(99);
     let state = TestServer {
         max_num_seqs: 1,
-        faults: FaultPlan {
-            hold_step: Some((FaultPlan::seed(99), latch.clone())),
-            ..FaultPlan::default()
-        },
+        faults,
         ..TestServer::default()
     }
     .state();

@@ -10,7 +10,6 @@
 //! request has its first token, so no request can come near its `max_tokens` before the
 //! clients leave, whatever the machine's load.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use caduceus_runtime::engine::{FaultPlan, StepLatch};
@@ -84,15 +83,12 @@ async fn a_thousand_clients_leaving_mid_generation_are_all_aborted() {
     let _alone = SOCKET_ABORTS.lock().await;
     let root = tempfile::tempdir().unwrap();
     copy_adapter(root.path(), ADAPTER);
-    let latch = Arc::new(StepLatch::default());
+    let (faults, latch) = FaultPlan::hold_steps_of(SEED);
     let srv = start(
         TestServer {
             adapter_dir: Some(root.path().to_path_buf()),
             max_num_seqs: 64,
-            faults: FaultPlan {
-                hold_step: Some((FaultPlan::seed(SEED), latch.clone())),
-                ..FaultPlan::default()
-            },
+            faults,
             ..TestServer::default()
         },
         Duration::from_secs(5),
