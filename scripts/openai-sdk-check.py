@@ -83,6 +83,25 @@ def tokenize_and_logit_bias(client: OpenAI, base_url: str, model: str) -> None:
     assert plain.choices[0].logprobs.tokens != tokens, (plain.choices[0].logprobs.tokens, tokens)
 
 
+def echo_and_prompt_logprobs(client: OpenAI, model: str) -> None:
+    """lm-evaluation-harness's loglikelihood call: `echo` with `logprobs` returns the prompt's
+    tokens first (the very first without a logprob), then the completion's; vLLM's
+    `prompt_logprobs` (through `extra_body`) lists the same numbers by token id."""
+    comp = client.completions.create(model=model, prompt="The patient has a fever", max_tokens=1,
+                                     temperature=0, logprobs=1, echo=True,
+                                     extra_body={"prompt_logprobs": 1})
+    choice = comp.choices[0]
+    lp = choice.logprobs
+    n = comp.usage.prompt_tokens
+    assert choice.text.startswith("The patient has a fever"), choice.text
+    assert len(lp.tokens) == n + 1 and lp.token_logprobs[0] is None, lp
+    assert all(x is not None and x <= 0 for x in lp.token_logprobs[1:]), lp.token_logprobs
+    listed = choice.model_extra["prompt_logprobs"]
+    assert len(listed) == n and listed[0] is None, listed
+    for j in range(1, n):
+        assert any(abs(e["logprob"] - lp.token_logprobs[j]) < 1e-6 for e in listed[j].values())
+
+
 def main() -> None:
     base_url, model = sys.argv[1], sys.argv[2]
     client = OpenAI(base_url=base_url, api_key="sk-sdk-check", max_retries=0)
@@ -145,9 +164,10 @@ def main() -> None:
         assert getattr(e, "status_code", None) == 404, e
     structured_and_tools(client, model)
     tokenize_and_logit_bias(client, base_url, model)
-    print("openai SDK check: 13 calls passed (models, chat, chat stream, completions, completions stream, "
+    echo_and_prompt_logprobs(client, model)
+    print("openai SDK check: 14 calls passed (models, chat, chat stream, completions, completions stream, "
           "404, parse with a Pydantic model, tool call, tool call stream, tool result round trip, "
-          "tokenize, logit_bias and its unbiased twin)")
+          "tokenize, logit_bias and its unbiased twin, echo with prompt logprobs)")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ fn request(i: usize) -> NewRequest {
         arrival_seq: i as u64,
         adapter: None,
         cache_salt: None,
+        scores_prompt: false,
     }
 }
 

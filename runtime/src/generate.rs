@@ -3,13 +3,11 @@
 //! the server does (continuous batching, chunked prefill, prefix caching).
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use caduceus_scheduler::{FinishReason as EngineFinish, RequestId, SchedulerConfig};
-use tokio::sync::mpsc;
+use caduceus_scheduler::{FinishReason as EngineFinish, SchedulerConfig};
 
 use crate::adapters::AdapterService;
-use crate::engine::{EngineCore, EngineRequest, RequestError, RequestOutput};
+use crate::engine::{EngineCore, EngineRequest, RequestError, RequestOutput, RunError};
 use crate::model::LlamaModel;
 use crate::sampling::{SampledToken, SamplingError, SamplingParams};
 
@@ -165,41 +163,48 @@ pub fn generate_with_adapters(
     if let Some(service) = adapters {
         core = core.with_adapters(service).map_err(engine_err)?;
     }
-    let mut streams = Vec::with_capacity(requests.len());
-    for (index, r) in requests.into_iter().enumerate() {
-        let (tx, rx) = mpsc::unbounded_channel();
-        if r.max_tokens > 0 {
+    // Requests for no tokens are answered without the engine.
+    let run: Vec<usize> = (0..requests.len())
+        .filter(|&i| requests[i].max_tokens > 0)
+        .collect();
+    let mut outputs: Vec<Vec<RequestOutput>> = vec![Vec::new(); requests.len()];
+    let reqs = requests
+        .into_iter()
+        .filter(|r| r.max_tokens > 0)
+        .map(|r| {
             let mut req = EngineRequest::new(r.prompt_ids, r.max_tokens);
             req.sampling = r.params;
             req.ignore_eos = r.ignore_eos;
             req.detokenize = false;
             req.adapter = r.adapter;
-            core.add_request(RequestId(index as u64), req, tx)
-                .map_err(|source| GenerateError::Request { index, source })?;
-        }
-        streams.push(rx);
+            req
+        })
+        .collect();
+    let ran = core.run_to_end(reqs).map_err(|e| match e {
+        RunError::Request { index, source } => GenerateError::Request {
+            index: run[index],
+            source,
+        },
+        e => GenerateError::Engine(e.to_string()),
+    })?;
+    for (&index, out) in run.iter().zip(ran) {
+        outputs[index] = out;
     }
-    while core.has_unfinished() {
-        let step = core.step().map_err(engine_err)?;
-        if step.num_scheduled_reqs == 0 && core.num_parked() > 0 {
-            core.wait_for_adapter_load(Duration::from_millis(50));
-        }
-    }
-    streams
+    outputs
         .into_iter()
         .enumerate()
-        .map(|(index, rx)| collect(rx).map_err(|message| GenerateError::Failed { index, message }))
+        .map(|(index, o)| collect(o).map_err(|message| GenerateError::Failed { index, message }))
         .collect()
 }
 
-/// Gathers one request's streamed outputs.
-fn collect(mut rx: mpsc::UnboundedReceiver<RequestOutput>) -> Result<GenerateOutput, String> {
+/// Gathers one request's outputs.
+fn collect(outputs: Vec<RequestOutput>) -> Result<GenerateOutput, String> {
     let mut out = GenerateOutput {
         token_ids: Vec::new(),
         samples: Vec::new(),
         finish_reason: FinishReason::Length,
     };
-    while let Ok(o) = rx.try_recv() {
+    for o in outputs {
         out.token_ids
             .extend(o.new_tokens.iter().map(|t| t.token_id));
         out.samples.extend(o.new_tokens);

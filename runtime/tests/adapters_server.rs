@@ -204,6 +204,59 @@ async fn prefix_cache_is_never_shared_across_adapters_or_generations() {
     );
 }
 
+/// Prompt logprobs (`echo` with `logprobs`) are each model's own: every doctor scores the same
+/// prompt differently from the base model and from each other, and gets the same numbers in one
+/// mixed batch as alone, with the prompt cached by a previous request on the same adapter.
+#[tokio::test]
+async fn each_doctor_scores_a_prompt_with_its_own_adapter_alone_or_mixed() {
+    let tmp = tempfile::tempdir().unwrap();
+    synthetic(tmp.path(), 2, 6);
+    let router = server(tmp.path(), 2, 4);
+    let prompt = "Question: should I see a doctor about a cough that lasts three weeks?";
+    let models = [MODEL, "doctor-0000", "doctor-0001"];
+    let echo = |model: &str| {
+        let body = json!({"model": model, "prompt": prompt, "max_tokens": 2, "temperature": 0,
+            "ignore_eos": true, "logprobs": 1, "echo": true});
+        let router = router.clone();
+        async move {
+            let (s, b) = post(&router, "/v1/completions", body).await;
+            assert_eq!(s, StatusCode::OK, "{b}");
+            let lps: Vec<Option<f64>> = b["choices"][0]["logprobs"]["token_logprobs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(Value::as_f64)
+                .collect();
+            lps
+        }
+    };
+    let mut alone = Vec::new();
+    for m in models {
+        // The first request caches the prompt for the adapter; the echo must still score it all.
+        assert_eq!(complete(&router, m, prompt, 1).await.0, StatusCode::OK);
+        alone.push(echo(m).await);
+    }
+    let mixed = futures_util::future::join_all(models.map(echo)).await;
+    for (i, (a, b)) in alone.iter().zip(&mixed).enumerate() {
+        assert_eq!(a[0], None);
+        assert!(a[1..].iter().all(Option::is_some), "{}: {a:?}", models[i]);
+        for (x, y) in a.iter().zip(b).skip(1) {
+            let (x, y) = (x.unwrap(), y.unwrap());
+            assert!((x - y).abs() < 1e-4, "{}: {x} alone, {y} mixed", models[i]);
+        }
+    }
+    for i in 0..models.len() {
+        for j in i + 1..models.len() {
+            let differ = alone[i]
+                .iter()
+                .zip(&alone[j])
+                .filter(|(x, y)| x.zip(**y).is_some_and(|(x, y)| (x - y).abs() > 1e-3))
+                .count();
+            assert!(differ > 10, "{} and {} score alike", models[i], models[j]);
+        }
+    }
+}
+
 /// Rewrites adapter `name` under `root` with weights from `seed`.
 fn synthetic_one(root: &Path, name: &str, seed: u64) {
     let tmp = tempfile::tempdir().unwrap();

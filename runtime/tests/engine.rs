@@ -40,12 +40,18 @@ struct Collected {
 }
 
 fn drain(rx: &mut mpsc::UnboundedReceiver<caduceus_runtime::engine::RequestOutput>) -> Collected {
+    collected(std::iter::from_fn(|| rx.try_recv().ok()))
+}
+
+fn collected(
+    outputs: impl IntoIterator<Item = caduceus_runtime::engine::RequestOutput>,
+) -> Collected {
     let mut c = Collected {
         tokens: Vec::new(),
         text: String::new(),
         finished: None,
     };
-    while let Ok(o) = rx.try_recv() {
+    for o in outputs {
         assert!(c.finished.is_none(), "output after the final one");
         c.tokens.extend(o.new_tokens.iter().map(|t| t.token_id));
         c.text.push_str(&o.text);
@@ -64,19 +70,8 @@ fn run_all<'m>(
     let eos = tok.map(|t| t.eos_ids().to_vec()).unwrap_or_default();
     let mut core =
         EngineCore::new(model, tok.map(|t| Arc::new((*t).clone())), eos, config).unwrap();
-    let mut rxs = Vec::new();
-    for (i, r) in reqs.into_iter().enumerate() {
-        let (tx, rx) = mpsc::unbounded_channel();
-        core.add_request(RequestId(i as u64), r, tx).unwrap();
-        rxs.push(rx);
-    }
-    let mut steps = 0;
-    while core.has_unfinished() {
-        core.step().unwrap();
-        steps += 1;
-        assert!(steps < 10_000, "the engine does not finish");
-    }
-    (rxs.iter_mut().map(drain).collect(), core)
+    let outs = core.run_to_end(reqs).unwrap();
+    (outs.into_iter().map(collected).collect(), core)
 }
 
 fn prompts(tok: &Tokenizer) -> Vec<Vec<u32>> {

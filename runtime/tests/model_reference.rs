@@ -1,6 +1,7 @@
 //! The model engine against independent implementations: Hugging Face transformers' numbers for the
 //! tiny reference Llama, llama.cpp's and transformers' greedy continuations of the default model,
-//! and a naive f64 reference forward for tiny random models (bias, GQA ratios, tied embeddings).
+//! and a naive f64 reference forward for tiny random models (bias, GQA ratios, tied embeddings),
+//! which also checks the prompt logprobs the engine computes.
 
 mod support;
 
@@ -10,6 +11,7 @@ use caduceus_runtime::model::{LlamaModel, WeightFormat};
 use caduceus_runtime::sampling::SamplingParams;
 use serde_json::Value;
 use support::random_model::{write_random_model, RandomSpec};
+use support::reference_llama::RefModel;
 
 fn opts(max_batch_tokens: usize) -> GenerateOptions {
     GenerateOptions {
@@ -80,7 +82,8 @@ fn tiny_llama_matches_transformers() {
     }
 }
 
-fn check_random_model(spec: RandomSpec) {
+/// A random model as Caduceus loads it from its files, and the same weights as the f64 reference.
+fn random_model(spec: RandomSpec) -> (LlamaModel, RefModel) {
     let tmp = tempfile::tempdir().unwrap();
     let reference = write_random_model(tmp.path(), spec);
     let config = caduceus_runtime::model::config::LlamaConfig::from_hf_json(
@@ -88,7 +91,14 @@ fn check_random_model(spec: RandomSpec) {
     )
     .unwrap();
     let mut store = caduceus_runtime::model::weights::TensorStore::from_hf_dir(tmp.path()).unwrap();
-    let model = LlamaModel::from_tensors(config, &mut store).unwrap();
+    (
+        LlamaModel::from_tensors(config, &mut store).unwrap(),
+        reference,
+    )
+}
+
+fn check_random_model(spec: RandomSpec) {
+    let (model, reference) = random_model(spec);
     let prompt: Vec<u32> = (0..13).map(|i| (i * 37 + 5) % spec.vocab as u32).collect();
     let ours = all_logits(&model, &prompt);
     let theirs = reference.forward(&prompt);
@@ -117,19 +127,22 @@ fn check_random_model(spec: RandomSpec) {
     assert_eq!(outs[0].token_ids, seq[prompt.len()..]);
 }
 
+/// Attention bias and 4 query heads per KV head.
+const BIAS_GQA_4: RandomSpec = RandomSpec {
+    hidden: 64,
+    ffn: 96,
+    layers: 2,
+    heads: 8,
+    kv_heads: 2,
+    vocab: 61,
+    bias: true,
+    tied: false,
+    seed: 1,
+};
+
 #[test]
 fn random_model_with_attention_bias_and_gqa_4_matches_reference() {
-    check_random_model(RandomSpec {
-        hidden: 64,
-        ffn: 96,
-        layers: 2,
-        heads: 8,
-        kv_heads: 2,
-        vocab: 61,
-        bias: true,
-        tied: false,
-        seed: 1,
-    });
+    check_random_model(BIAS_GQA_4);
 }
 
 #[test]
@@ -333,8 +346,7 @@ fn default_model_sequences_are_independent_of_their_batch() {
 
 #[test]
 fn random_model_sequences_are_independent_of_their_batch() {
-    let tmp = tempfile::tempdir().unwrap();
-    let spec = RandomSpec {
+    let (model, _) = random_model(RandomSpec {
         hidden: 64,
         ffn: 96,
         layers: 2,
@@ -344,14 +356,7 @@ fn random_model_sequences_are_independent_of_their_batch() {
         bias: true,
         tied: true,
         seed: 9,
-    };
-    write_random_model(tmp.path(), spec);
-    let config = caduceus_runtime::model::config::LlamaConfig::from_hf_json(
-        &std::fs::read_to_string(tmp.path().join("config.json")).unwrap(),
-    )
-    .unwrap();
-    let mut store = caduceus_runtime::model::weights::TensorStore::from_hf_dir(tmp.path()).unwrap();
-    let model = LlamaModel::from_tensors(config, &mut store).unwrap();
+    });
     let prompts: Vec<Vec<u32>> = (0..5)
         .map(|s| {
             (0..(3 + 5 * s))
@@ -360,4 +365,124 @@ fn random_model_sequences_are_independent_of_their_batch() {
         })
         .collect();
     check_batch_independence(&model, &prompts, 10);
+}
+
+/// Runs `reqs` on one CPU engine over `model` to the end; returns each request's outputs and how
+/// many preemptions it took.
+fn run_engine(
+    model: &LlamaModel,
+    config: caduceus_runtime::engine::SchedulerConfig,
+    reqs: Vec<caduceus_runtime::engine::EngineRequest>,
+) -> (Vec<Vec<caduceus_runtime::engine::RequestOutput>>, u64) {
+    let mut core =
+        caduceus_runtime::engine::EngineCore::new(model, None, Vec::new(), config).unwrap();
+    let outs = core.run_to_end(reqs).unwrap();
+    (outs, core.stats().num_preemptions)
+}
+
+/// Prompt logprobs through the engine, with the prompt computed in chunks beside other requests,
+/// preempted and recomputed, after a twin filled the prefix cache: every prompt token's logprob,
+/// rank and top alternatives equal the f64 reference's log-softmax, they arrive once (on the
+/// first output), and asking for them changes no output token.
+#[test]
+fn prompt_logprobs_match_the_reference_however_the_prompt_is_computed() {
+    use caduceus_runtime::engine::{EngineRequest, SchedulerConfig};
+    let (model, reference) = random_model(RandomSpec {
+        seed: 4,
+        ..BIAS_GQA_4
+    });
+    let prompts: Vec<Vec<u32>> = (0..4)
+        .map(|s| {
+            (0..(9 + 4 * s))
+                .map(|i| ((i * 17 + s * 5 + 3) % 61) as u32)
+                .collect()
+        })
+        .collect();
+    let top = 4;
+    let request = |p: &Vec<u32>, scored: bool| {
+        let mut r = EngineRequest::new(p.clone(), 6);
+        r.detokenize = false;
+        r.prompt_logprobs = scored.then_some(top);
+        r
+    };
+    // Every prompt twice: unscored first (it fills the prefix cache), then scored.
+    let reqs: Vec<EngineRequest> = [false, true]
+        .iter()
+        .flat_map(|&scored| prompts.iter().map(move |p| request(p, scored)))
+        .collect();
+    for (budget, num_blocks, preempts) in [(64, 200, false), (5, 200, false), (7, 12, true)] {
+        let config = SchedulerConfig {
+            max_num_seqs: 8,
+            max_num_batched_tokens: budget,
+            block_size: 4,
+            num_blocks,
+            max_model_len: 64,
+            enable_prefix_caching: true,
+            ..SchedulerConfig::default()
+        };
+        let (outs, preemptions) = run_engine(&model, config, reqs.clone());
+        assert_eq!(
+            preemptions > 0,
+            preempts,
+            "budget {budget}, {num_blocks} blocks"
+        );
+        let n = prompts.len();
+        for (i, prompt) in prompts.iter().enumerate() {
+            let tokens = |o: &Vec<caduceus_runtime::engine::RequestOutput>| -> Vec<u32> {
+                o.iter()
+                    .flat_map(|o| o.new_tokens.iter().map(|t| t.token_id))
+                    .collect()
+            };
+            assert_eq!(
+                tokens(&outs[i]),
+                tokens(&outs[n + i]),
+                "prompt {i}: outputs differ"
+            );
+            assert!(outs[i].iter().all(|o| o.prompt_logprobs.is_none()));
+            let with: Vec<_> = outs[n + i]
+                .iter()
+                .filter_map(|o| o.prompt_logprobs.as_ref())
+                .collect();
+            assert_eq!(
+                with.len(),
+                1,
+                "prompt {i}: prompt logprobs sent {} times",
+                with.len()
+            );
+            assert!(
+                !outs[n + i][0].new_tokens.is_empty(),
+                "sent without the first token"
+            );
+            let scored = with[0];
+            assert_eq!(scored.len(), prompt.len() - 1, "prompt {i}");
+            let logits = reference.forward(prompt);
+            for (pos, s) in scored.iter().enumerate() {
+                let row = &logits[pos];
+                let max = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let log_z = max + row.iter().map(|l| (l - max).exp()).sum::<f64>().ln();
+                let target = prompt[pos + 1];
+                let want = row[target as usize] - log_z;
+                let at = format!("budget {budget}, prompt {i}, token {}", pos + 1);
+                assert_eq!(s.token_id, target, "{at}");
+                assert!(
+                    (s.logprob as f64 - want).abs() < 1e-3,
+                    "{at}: {} vs {want}",
+                    s.logprob
+                );
+                let ahead = row.iter().filter(|&&l| l > row[target as usize]).count();
+                assert_eq!(s.rank as usize, ahead + 1, "{at}: rank");
+                let mut order: Vec<usize> = (0..row.len()).collect();
+                order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+                let ids: Vec<u32> = s.top_logprobs.iter().map(|t| t.0).collect();
+                let want_ids: Vec<u32> = order[..top].iter().map(|&t| t as u32).collect();
+                assert_eq!(ids, want_ids, "{at}: top alternatives");
+                for &(id, lp) in &s.top_logprobs {
+                    assert!(
+                        (lp as f64 - (row[id as usize] - log_z)).abs() < 1e-3,
+                        "{at}"
+                    );
+                }
+            }
+        }
+    }
 }

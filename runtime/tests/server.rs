@@ -9,6 +9,8 @@ mod admin;
 mod admin_loads;
 #[path = "server/admission.rs"]
 mod admission;
+#[path = "server/echo.rs"]
+mod echo;
 #[path = "server/faults.rs"]
 mod faults;
 #[path = "server/fuzz.rs"]

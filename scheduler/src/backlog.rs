@@ -23,32 +23,6 @@ pub(crate) fn backlog_besides(vtc: &VirtualCounters, r: &Request) -> bool {
     vtc.num_waiting(r.tenant()) > own
 }
 
-/// A chunk a request may compute this step.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Chunk {
-    /// Tokens, 0 when none may be computed this step.
-    pub len: usize,
-    /// It is a backlogged adapter's prefill: it spends the backlog's allowance.
-    pub backlog: bool,
-}
-
-/// The chunk of `wanted` tokens `r` may compute within `token_budget` and, for a backlogged
-/// adapter's prefill, within `backlog_left` (see the module doc).
-pub(crate) fn chunk_for(
-    vtc: Option<&VirtualCounters>,
-    backlog_left: usize,
-    r: &Request,
-    wanted: usize,
-    token_budget: usize,
-) -> Chunk {
-    let len = wanted.min(token_budget);
-    let backlog = wanted > 1 && vtc.is_some_and(|v| backlog_besides(v, r));
-    Chunk {
-        len: if backlog { len.min(backlog_left) } else { len },
-        backlog,
-    }
-}
-
 impl Scheduler {
     /// This step's allowance for backlogged adapters' prefill tokens: unlimited under FCFS, at
     /// 100%, or when no adapter with nothing waiting has a request running.
@@ -66,15 +40,6 @@ impl Scheduler {
             (self.config.max_num_batched_tokens.saturating_mul(percent) / 100).max(1)
         } else {
             usize::MAX
-        }
-    }
-
-    /// Records that `chunk` was scheduled: it leaves the step's token budget and, for a
-    /// backlogged adapter's prefill, the backlog's allowance.
-    pub(crate) fn spend(&mut self, chunk: Chunk, token_budget: &mut usize) {
-        *token_budget -= chunk.len;
-        if chunk.backlog {
-            self.backlog_prefill_left = self.backlog_prefill_left.saturating_sub(chunk.len);
         }
     }
 

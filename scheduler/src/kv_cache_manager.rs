@@ -66,7 +66,9 @@ impl KvCacheManager {
     /// Takes no references; `allocate_slots` commits the hit.
     pub fn get_computed_blocks(&self, request: &Request) -> ComputedBlocks {
         let mut computed = ComputedBlocks::default();
+        // A request scoring its prompt needs every position's logits, so computes them all.
         if !self.pool.enable_caching()
+            || request.scores_prompt
             || !request.block_table.is_empty()
             || request.num_computed_tokens > 0
         {
@@ -200,6 +202,7 @@ mod tests {
             arrival_seq: id,
             adapter: None,
             cache_salt: salt,
+            scores_prompt: false,
         };
         Request::new(new, 4, Some(0))
     }

@@ -10,6 +10,7 @@ mod admission;
 mod backlog;
 mod block_hash;
 mod block_pool;
+mod chunk;
 mod config;
 mod fair_order;
 mod fair_room;

@@ -22,6 +22,10 @@ pub struct NewRequest {
     pub adapter: Option<AdapterKey>,
     /// Extra prefix-cache key: requests with different salts never share KV (tenant isolation).
     pub cache_salt: Option<u64>,
+    /// The backend keeps the logits of every prompt position (prompt logprobs): the prompt is
+    /// computed in full, never taken from the prefix cache, in chunks within
+    /// [`Scheduler::set_max_scored_tokens`](crate::Scheduler::set_max_scored_tokens).
+    pub scores_prompt: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -71,6 +75,8 @@ pub enum AddRequestError {
         needed_blocks: usize,
         usable_blocks: usize,
     },
+    #[error("this backend does not keep the logits of prompt positions (prompt logprobs)")]
+    ScoringUnavailable,
 }
 
 /// The scheduler's record of one live request. Read-only outside the crate: the scheduler and
@@ -100,6 +106,8 @@ pub struct Request {
     hash_seed: Option<u64>,
     /// Steps this request was passed over because of `max_loras`.
     pub(crate) num_adapter_skips: u32,
+    /// Its prompt positions' logits are kept (see `NewRequest::scores_prompt`).
+    pub(crate) scores_prompt: bool,
 }
 
 impl Request {
@@ -126,6 +134,7 @@ impl Request {
             block_size: block_size.max(1),
             hash_seed,
             num_adapter_skips: 0,
+            scores_prompt: req.scores_prompt,
         };
         request.update_block_hashes();
         request
@@ -217,6 +226,10 @@ impl Request {
     }
     pub fn max_tokens(&self) -> usize {
         self.max_tokens
+    }
+    /// Whether the backend keeps its prompt positions' logits.
+    pub fn scores_prompt(&self) -> bool {
+        self.scores_prompt
     }
     pub fn stop_token_ids(&self) -> &[u32] {
         self.stop_token_ids.as_slice()

@@ -2,8 +2,8 @@
 //! its `num_computed_tokens` up: one token for a decode, the next chunk for a prefill), then by
 //! waiting requests in service order. Chunked prefill, prefix hits and decode all fall out of that.
 
-use crate::backlog::chunk_for;
 use crate::block_pool::Evict;
+use crate::chunk::{chunk_for, Allowances};
 use crate::fair_order::FairAdmission;
 use crate::fairness::VTC_PROMPT_WEIGHT;
 use crate::output::{ScheduledData, ScheduledRequest, SchedulerOutput};
@@ -24,7 +24,10 @@ impl Scheduler {
             ..SchedulerOutput::default()
         };
         self.fair_levels = self.compute_fair_levels();
-        self.backlog_prefill_left = self.backlog_prefill_allowance();
+        self.allowances = Allowances {
+            backlog_prefill: self.backlog_prefill_allowance(),
+            scored_prompt: self.max_scored_tokens,
+        };
         let mut token_budget = self.config.max_num_batched_tokens;
         self.schedule_running(&mut token_budget, &mut out);
         // Admitting now would only take blocks the running requests just proved they need.
@@ -61,13 +64,14 @@ impl Scheduler {
             let wanted = req.num_tokens() - req.num_computed_tokens;
             let chunk = chunk_for(
                 self.vtc.as_ref(),
-                self.backlog_prefill_left,
+                self.allowances,
                 req,
                 wanted,
                 *token_budget,
             );
             if chunk.len == 0 {
-                // A backlogged adapter's prefill, past its share of this step: next step.
+                // Past an allowance of this step (a backlogged adapter's prefill, or prompt
+                // positions to score): next step.
                 i += 1;
                 continue;
             }
@@ -196,13 +200,13 @@ impl Scheduler {
         let computed = self.kv.get_computed_blocks(req);
         let chunk = chunk_for(
             self.vtc.as_ref(),
-            self.backlog_prefill_left,
+            self.allowances,
             req,
             req.num_tokens() - computed.num_computed_tokens,
             *token_budget,
         );
         if chunk.len == 0 {
-            // A backlogged adapter's prefill, past its share of this step.
+            // Past an allowance of this step (see `chunk.rs`).
             return Admission::Skipped;
         }
         if self

@@ -6,6 +6,7 @@
 //! their id and reason are kept until the next `schedule()` reports them in `finished_ids`. Until
 //! then `status()` answers `Finished(reason)` and the id cannot be reused; afterwards `None`.
 
+use crate::chunk::Allowances;
 use crate::config::{ConfigError, SchedulerConfig};
 use crate::fair_share::FairLevels;
 use crate::fairness::{Fairness, Tenant, VirtualCounters};
@@ -37,8 +38,11 @@ pub struct Scheduler {
     pub(crate) fair_levels: FairLevels,
     /// The previous step deferred backlogged adapters' prefill chunks (`backlog.rs`).
     pub(crate) deferred_prefill: bool,
-    /// Prefill tokens backlogged adapters may still take in this step (`backlog.rs`).
-    pub(crate) backlog_prefill_left: usize,
+    /// What is left of this step's allowances (`chunk.rs`).
+    pub(crate) allowances: Allowances,
+    /// Prompt positions per step whose logits the backend can keep (0: none, and requests that
+    /// score their prompt are refused).
+    pub(crate) max_scored_tokens: usize,
 }
 
 impl Scheduler {
@@ -48,7 +52,8 @@ impl Scheduler {
             vtc: (config.fairness == Fairness::Vtc).then(VirtualCounters::default),
             fair_levels: FairLevels::default(),
             deferred_prefill: false,
-            backlog_prefill_left: usize::MAX,
+            allowances: Allowances::UNLIMITED,
+            max_scored_tokens: 0,
             kv: KvCacheManager::new(
                 config.num_blocks,
                 config.block_size,
@@ -75,6 +80,17 @@ impl Scheduler {
         self.config.max_num_batched_tokens = budget.max(1);
     }
 
+    /// Lets requests score their prompt (`NewRequest::scores_prompt`): the backend keeps the
+    /// logits of at most `tokens` such prompt positions per step (0 refuses those requests).
+    pub fn set_max_scored_tokens(&mut self, tokens: usize) {
+        self.max_scored_tokens = tokens;
+    }
+
+    /// Prompt positions per step whose logits the backend keeps (see [`Self::set_max_scored_tokens`]).
+    pub fn max_scored_tokens(&self) -> usize {
+        self.max_scored_tokens
+    }
+
     /// Queues a request. Refuses requests that could never finish, by the one admission rule
     /// ([`AdmissionLimits::check`](crate::AdmissionLimits::check)).
     pub fn add_request(&mut self, req: NewRequest) -> Result<(), AddRequestError> {
@@ -85,6 +101,9 @@ impl Scheduler {
         self.config
             .admission_limits()
             .check(req.prompt_token_ids.len(), req.max_tokens)?;
+        if req.scores_prompt && self.max_scored_tokens == 0 {
+            return Err(AddRequestError::ScoringUnavailable);
+        }
         let seed = self
             .config
             .enable_prefix_caching

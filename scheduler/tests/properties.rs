@@ -1,5 +1,5 @@
-//! Property tests: random arrivals, shared prefixes, priorities, adapters, salts, aborts and tiny
-//! pools, driven through `schedule()` / `update()` with the fake executor. After every step the
+//! Property tests: random arrivals, shared prefixes, priorities, adapters, salts, requests
+//! scoring their prompt, aborts and tiny pools, driven through `schedule()` / `update()` with the fake executor. After every step the
 //! invariants in `common::invariants` hold and the simulated KV reads are exact; at the end every
 //! request finished within the step bound, no block leaked, and every request that was not
 //! aborted produced exactly what it produces running alone.
@@ -24,6 +24,8 @@ struct Spec {
     priority: i32,
     adapter: Option<(u32, u64)>,
     salt: Option<u64>,
+    /// Asks for its prompt's logprobs (`NewRequest::scores_prompt`).
+    scores: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -40,6 +42,8 @@ struct Scenario {
     reverse_samples: bool,
     fairness: Fairness,
     backlog_prefill_percent: usize,
+    /// `Scheduler::set_max_scored_tokens` (0 refuses requests that score their prompt).
+    max_scored: usize,
     specs: Vec<Spec>,
     /// (step, request index, before schedule rather than between schedule and update)
     aborts: Vec<(usize, usize, bool)>,
@@ -59,10 +63,14 @@ fn spec() -> impl Strategy<Value = Spec> {
         (1..10usize, 0..4usize, prop::collection::vec(0..VOCAB, 0..3)),
         -1..=1i32,
         prop::option::weighted(0.4, (0..3u32, 0..2u64)),
-        prop::option::weighted(0.2, 0..2u64),
+        (
+            prop::option::weighted(0.2, 0..2u64),
+            prop::bool::weighted(0.2),
+        ),
     )
         .prop_map(
-            |((arrival_step, base, prefix_len), suffix, limits, priority, adapter, salt)| {
+            |((arrival_step, base, prefix_len), suffix, limits, priority, adapter, extra)| {
+                let (salt, scores) = extra;
                 let (max_tokens, min_tokens, stop) = limits;
                 Spec {
                     arrival_step,
@@ -75,6 +83,7 @@ fn spec() -> impl Strategy<Value = Spec> {
                     priority,
                     adapter,
                     salt,
+                    scores,
                 }
             },
         )
@@ -94,7 +103,13 @@ fn scenario() -> impl Strategy<Value = Scenario> {
             0..4u32,
             any::<u64>(),
         ),
-        (0..6usize, 16..48usize, any::<bool>(), any::<bool>()),
+        (
+            0..6usize,
+            16..48usize,
+            any::<bool>(),
+            any::<bool>(),
+            0..6usize,
+        ),
         prop::collection::vec(spec(), 1..12),
         prop::collection::vec((0..30usize, 0..12usize, any::<bool>()), 0..4),
     )
@@ -115,6 +130,7 @@ fn scenario() -> impl Strategy<Value = Scenario> {
                 Fairness::Fcfs
             },
             backlog_prefill_percent: sizes.3,
+            max_scored: pool.4,
             specs,
             aborts,
         })
@@ -142,6 +158,7 @@ fn new_request(index: usize, s: &Spec) -> NewRequest {
             .adapter
             .map(|(id, generation)| AdapterKey { id, generation }),
         cache_salt: s.salt,
+        scores_prompt: s.scores,
     }
 }
 
@@ -151,6 +168,7 @@ fn expected_admission(
     bs: usize,
     num_blocks: usize,
     max_model_len: usize,
+    max_scored: usize,
 ) -> Result<(), &'static str> {
     let n = r.prompt_token_ids.len();
     if n == 0 {
@@ -161,6 +179,9 @@ fn expected_admission(
     }
     if (n + r.max_tokens - 1).div_ceil(bs) > num_blocks - 1 {
         return Err("pool");
+    }
+    if r.scores_prompt && max_scored == 0 {
+        return Err("scoring");
     }
     Ok(())
 }
@@ -195,6 +216,7 @@ fn run(sc: &Scenario) -> Result<(), TestCaseError> {
         backlog_prefill_percent: sc.backlog_prefill_percent,
     };
     let mut d = Driver::new(config);
+    d.sched.set_max_scored_tokens(sc.max_scored);
     d.reverse_samples = sc.reverse_samples;
     let mut accepted = Vec::new();
     let last_arrival = sc.specs.iter().map(|s| s.arrival_step).max().unwrap_or(0);
@@ -205,12 +227,13 @@ fn run(sc: &Scenario) -> Result<(), TestCaseError> {
                 continue;
             }
             let got = d.add(r.clone());
-            let expected = expected_admission(r, bs, num_blocks, sc.max_model_len);
+            let expected = expected_admission(r, bs, num_blocks, sc.max_model_len, sc.max_scored);
             match (&got, expected) {
                 (Ok(()), Ok(())) => accepted.push(r.clone()),
                 (Err(AddRequestError::EmptyPrompt), Err("empty"))
                 | (Err(AddRequestError::TooLong { .. }), Err("too long"))
-                | (Err(AddRequestError::ExceedsKvPool { .. }), Err("pool")) => {}
+                | (Err(AddRequestError::ExceedsKvPool { .. }), Err("pool"))
+                | (Err(AddRequestError::ScoringUnavailable), Err("scoring")) => {}
                 _ => prop_assert!(
                     false,
                     "{:?}: add_request {got:?}, expected {expected:?}",

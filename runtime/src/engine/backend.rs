@@ -10,7 +10,7 @@ use super::failure::RequestFailure;
 use crate::adapters::{LoadedAdapter, SlotFormat};
 use crate::model::config::LlamaConfig;
 use crate::model::ForwardBatch;
-use crate::sampling::{RowSample, SampledToken};
+use crate::sampling::{PromptLogprob, RowSample, SampledToken};
 
 /// A failure inside the backend (a kernel, a copy, an adapter that does not fit its slots).
 #[derive(Debug, thiserror::Error)]
@@ -70,8 +70,27 @@ pub trait Backend: Send {
     /// Runs the model over `batch` (writing its K/V into the pool); `lora`: runs of tokens on
     /// one slot (empty: base model only). Keeps the logits of `batch.logits_indices`.
     fn forward(&mut self, batch: &ForwardBatch<'_>, lora: &[Segment]) -> Result<(), BackendError>;
-    /// Samples one token per row of the last forward's logits (`rows[i]` for logits row `i`).
+    /// Samples one token per row of the last forward's logits (`rows[i]` for logits row `i`);
+    /// scored rows may follow them.
     fn sample(&mut self, rows: &[RowSample]) -> Result<Vec<RowOutcome>, BackendError>;
+    /// Prompt positions per step whose logits `forward` can keep after the sampled rows (prompt
+    /// logprobs); 0, the default, where it cannot, and such requests are refused.
+    fn max_scored_rows(&self) -> usize {
+        0
+    }
+    /// Scores logits rows `first..first + targets.len()` of the last forward: row `first + i`
+    /// against `targets[i]`, a `(token, number of top logprobs)`.
+    fn score(
+        &mut self,
+        first: usize,
+        targets: &[(u32, usize)],
+    ) -> Result<Vec<PromptLogprob>, BackendError> {
+        let _ = (first, targets);
+        Err(BackendError::new(
+            "engine",
+            format!("{} does not score prompt positions", self.describe()),
+        ))
+    }
     /// Writes NaN into logits row `row` of the last forward (fault-injection tests). Backends
     /// outside this crate (benchmarks' stand-ins) need not have it: by default it fails.
     #[cfg(feature = "fault-injection")]
@@ -110,6 +129,16 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
     }
     fn sample(&mut self, rows: &[RowSample]) -> Result<Vec<RowOutcome>, BackendError> {
         (**self).sample(rows)
+    }
+    fn max_scored_rows(&self) -> usize {
+        (**self).max_scored_rows()
+    }
+    fn score(
+        &mut self,
+        first: usize,
+        targets: &[(u32, usize)],
+    ) -> Result<Vec<PromptLogprob>, BackendError> {
+        (**self).score(first, targets)
     }
     #[cfg(feature = "fault-injection")]
     fn poison_logits_row(&mut self, row: usize) -> Result<(), BackendError> {

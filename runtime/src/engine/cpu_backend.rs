@@ -11,9 +11,13 @@ use crate::adapters::LoadedAdapter;
 use crate::kv_cache::KvCache;
 use crate::model::config::LlamaConfig;
 use crate::model::{ForwardBatch, LlamaModel, LoraBatch, LoraStack};
-use crate::sampling::{sample_row, RowSample, RowScratch};
+use crate::sampling::{sample_row, score_token, PromptLogprob, RowSample, RowScratch};
 
 const NAME: &str = "cpu";
+
+/// Bytes of kept logits for scored prompt positions per step (a vocabulary-sized f32 row
+/// each): 64 MiB is 341 rows of a 49k vocabulary, 130 of a 128k one.
+const SCORED_LOGITS_BYTES: usize = 64 << 20;
 
 /// The model `M` (owned, `Arc` or borrowed) on the CPU.
 pub struct CpuBackend<M> {
@@ -110,7 +114,7 @@ impl<M: Deref<Target = LlamaModel> + Send> Backend for CpuBackend<M> {
 
     fn sample(&mut self, rows: &[RowSample]) -> Result<Vec<RowOutcome>, BackendError> {
         let vocab = self.model.config().vocab_size;
-        if rows.len() * vocab != self.logits.len() {
+        if rows.len() * vocab > self.logits.len() {
             return Err(BackendError::new(
                 NAME,
                 format!(
@@ -131,6 +135,37 @@ impl<M: Deref<Target = LlamaModel> + Send> Backend for CpuBackend<M> {
                 }
                 Ok(sample_row(row, r, &mut self.scratch))
             })
+            .collect())
+    }
+
+    fn max_scored_rows(&self) -> usize {
+        let row = self.model.config().vocab_size.max(1) * std::mem::size_of::<f32>();
+        (SCORED_LOGITS_BYTES / row).max(1)
+    }
+
+    fn score(
+        &mut self,
+        first: usize,
+        targets: &[(u32, usize)],
+    ) -> Result<Vec<PromptLogprob>, BackendError> {
+        let vocab = self.model.config().vocab_size;
+        let rows = self
+            .logits
+            .get(first * vocab..(first + targets.len()) * vocab);
+        let rows = rows.ok_or_else(|| {
+            BackendError::new(
+                NAME,
+                format!(
+                    "{} rows to score after row {first}, {} logits of vocab {vocab} kept",
+                    targets.len(),
+                    self.logits.len()
+                ),
+            )
+        })?;
+        Ok(rows
+            .chunks_exact(vocab)
+            .zip(targets)
+            .map(|(row, &(token, n))| score_token(row, token, n))
             .collect())
     }
 

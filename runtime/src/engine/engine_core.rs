@@ -3,6 +3,9 @@
 //! failure). The adapter side (loader, parked requests, slot metrics) is in [`adapters`].
 
 mod adapters;
+mod run;
+
+pub use run::RunError;
 
 use std::collections::HashMap;
 use std::ops::Deref;
@@ -110,13 +113,14 @@ impl<B: Backend> EngineCore<B> {
     ) -> Result<Self, EngineError> {
         config.num_blocks = backend.num_kv_blocks();
         config.block_size = backend.block_size();
-        let scheduler = Scheduler::new(config.clone())?;
+        let scheduler = Self::scheduler_for(config.clone(), &backend)?;
         let limits = RequestLimits {
             max_model_len: config.max_model_len,
             vocab_size: backend.config().vocab_size,
             block_size: config.block_size,
             usable_blocks: config.num_blocks.saturating_sub(1),
             has_tokenizer: tokenizer.is_some(),
+            scores_prompts: backend.max_scored_rows() > 0,
         };
         Ok(EngineCore {
             scheduler,
@@ -130,6 +134,14 @@ impl<B: Backend> EngineCore<B> {
             kv_events: None,
             step_timer: None,
         })
+    }
+
+    /// A scheduler over `backend`'s KV pool, scoring as many prompt positions per step as the
+    /// backend keeps logits for.
+    fn scheduler_for(config: SchedulerConfig, backend: &B) -> Result<Scheduler, EngineError> {
+        let mut scheduler = Scheduler::new(config)?;
+        scheduler.set_max_scored_tokens(backend.max_scored_rows());
+        Ok(scheduler)
     }
 
     /// Lets `timer` move the step token budget after each step, from the time steps take.
@@ -271,6 +283,7 @@ impl<B: Backend> EngineCore<B> {
                 arrival_seq: self.next_arrival,
                 adapter: adapter.as_ref().map(|a| a.key),
                 cache_salt: req.cache_salt,
+                scores_prompt: req.prompt_logprobs.is_some(),
             })
             .map_err(RequestError::from)?;
         self.next_arrival += 1;
@@ -285,6 +298,7 @@ impl<B: Backend> EngineCore<B> {
                 masked_ids,
                 adapter,
                 constraint: req.constraint.as_ref().map(|c| c.matcher()),
+                prompt_logprobs: req.prompt_logprobs,
             },
         );
         Ok(())
@@ -310,6 +324,7 @@ impl<B: Backend> EngineCore<B> {
         let _ = t.out.send(RequestOutput {
             new_tokens: Vec::new(),
             text: String::new(),
+            prompt_logprobs: None,
             finished: Some(Finished {
                 reason: FinishReason::Error,
                 num_prompt_tokens: t.num_prompt_tokens,
@@ -413,6 +428,7 @@ impl<B: Backend> EngineCore<B> {
             let Some(t) = self.requests.get_mut(&u.id) else {
                 continue;
             };
+            let prompt_logprobs = result.prompt_logprobs.remove(&u.id);
             let sampled = result.samples.remove(&u.id).unwrap_or(SampledToken {
                 token_id: u.new_token_id,
                 logprob: None,
@@ -435,12 +451,19 @@ impl<B: Backend> EngineCore<B> {
             match reason {
                 Some(reason) => {
                     num_finished += 1;
-                    self.finish_with(u.id, reason, vec![sampled], text);
+                    let out = RequestOutput {
+                        new_tokens: vec![sampled],
+                        text,
+                        prompt_logprobs,
+                        finished: None,
+                    };
+                    self.finish_with(u.id, reason, out);
                 }
                 None => {
                     let _ = t.out.send(RequestOutput {
                         new_tokens: vec![sampled],
                         text,
+                        prompt_logprobs,
                         finished: None,
                     });
                 }
@@ -450,17 +473,18 @@ impl<B: Backend> EngineCore<B> {
     }
 
     fn finish(&mut self, id: RequestId, reason: FinishReason, text: String) {
-        self.finish_with(id, reason, Vec::new(), text);
+        let out = RequestOutput {
+            new_tokens: Vec::new(),
+            text,
+            prompt_logprobs: None,
+            finished: None,
+        };
+        self.finish_with(id, reason, out);
     }
 
-    /// Sends the final output of a request and forgets it.
-    fn finish_with(
-        &mut self,
-        id: RequestId,
-        reason: FinishReason,
-        new_tokens: Vec<SampledToken>,
-        text: String,
-    ) {
+    /// Sends `out`, completed with how the request finished, as its final output, and forgets
+    /// the request.
+    fn finish_with(&mut self, id: RequestId, reason: FinishReason, mut out: RequestOutput) {
         let Some(mut t) = self.requests.remove(&id) else {
             return;
         };
@@ -476,11 +500,8 @@ impl<B: Backend> EngineCore<B> {
         if let Some(name) = &t.adapter {
             crate::metrics::record_lora_request(name, t.num_output_tokens);
         }
-        let _ = t.out.send(RequestOutput {
-            new_tokens,
-            text,
-            finished: Some(finished),
-        });
+        out.finished = Some(finished);
+        let _ = t.out.send(out);
     }
 }
 

@@ -15,7 +15,7 @@ use super::device_slots::{DeviceSlots, SlotFill};
 use super::failure::RequestFailure;
 use crate::adapters::LoadedAdapter;
 use crate::model::ForwardBatch;
-use crate::sampling::{SampledToken, Sampler, SamplingParams};
+use crate::sampling::{PromptLogprob, SampledToken, Sampler, SamplingParams};
 use crate::structured::{compute_masks, RequestMatcher, TokenMask};
 
 /// What the executor keeps for a request from admission to finish.
@@ -30,6 +30,18 @@ struct SeqState {
     kv: Option<SeqKv>,
     /// The grammar matcher of a constrained request (survives preemption, like the sampler).
     constraint: Option<RequestMatcher>,
+    /// Prompt logprobs still being computed (survives preemption: positions already scored
+    /// are not scored again when the prompt is recomputed).
+    scoring: Option<PromptScoring>,
+}
+
+/// A request's prompt logprobs while its prompt is computed.
+struct PromptScoring {
+    /// Top logprobs per position.
+    top: usize,
+    /// The next prompt position to score (the first token has nothing before it).
+    next: usize,
+    scored: Vec<PromptLogprob>,
 }
 
 struct SeqKv {
@@ -50,6 +62,9 @@ pub struct SeqSampling {
     pub adapter: Option<Arc<LoadedAdapter>>,
     /// The grammar matcher of a constrained request.
     pub constraint: Option<RequestMatcher>,
+    /// `Some(n)`: score every prompt token after the first, with its `n` most likely
+    /// alternatives (the scheduler must know: `NewRequest::scores_prompt`).
+    pub prompt_logprobs: Option<usize>,
 }
 
 /// One executed step: the scheduler's part and the sampled details the engine streams.
@@ -64,6 +79,8 @@ pub struct ExecuteResult {
     /// Requests that failed this step (left out of the batch, or their sample dropped); the
     /// engine finishes each with its error and the others go on.
     pub failed: Vec<(RequestId, RequestFailure)>,
+    /// The prompt logprobs of requests that sampled their first token this step.
+    pub prompt_logprobs: HashMap<RequestId, Vec<PromptLogprob>>,
 }
 
 /// The scheduler and executor disagree: a programming error, which stops the engine (one
@@ -125,6 +142,11 @@ impl<B: Backend> Executor<B> {
             adapter: s.adapter,
             kv: None,
             constraint: s.constraint,
+            scoring: s.prompt_logprobs.map(|top| PromptScoring {
+                top,
+                next: 1,
+                scored: Vec::new(),
+            }),
         };
         self.seqs.insert(id, state);
     }
@@ -211,7 +233,9 @@ impl<B: Backend> Executor<B> {
                 .poison_logits_row(row)
                 .map_err(|e| ExecutorError(e.to_string()))?;
         }
+        self.score(&batch)?;
         let mut result = self.sample(&batch.samplers, masks)?;
+        self.hand_over_prompt_logprobs(&mut result);
         result.slot_fills = slot_fills;
         failed.append(&mut result.failed);
         result.failed = failed;
@@ -347,8 +371,60 @@ impl<B: Backend> Executor<B> {
                 plan.logits_indices.push(plan.token_ids.len() - 1);
                 plan.samplers.push(r.id);
             }
+            if let Some(sc) = &self.seqs[&r.id].scoring {
+                // Position `pos`'s logits predict token `pos + 1`.
+                let first = (start + 1).max(sc.next);
+                let query_start = plan.token_ids.len() - n;
+                for target in first..(start + n + 1).min(kv.num_prompt_tokens) {
+                    plan.scored.push(ScoredRow {
+                        id: r.id,
+                        flat: query_start + target - 1 - start,
+                        target,
+                        token: kv.token_ids[target],
+                    });
+                }
+            }
         }
+        // Scored rows follow the sampled ones.
+        plan.logits_indices
+            .extend(plan.scored.iter().map(|row| row.flat));
         Ok(plan)
+    }
+
+    /// Scores this step's prompt positions (the logits rows after the sampled ones).
+    fn score(&mut self, batch: &BatchPlan) -> Result<(), ExecutorError> {
+        if batch.scored.is_empty() {
+            return Ok(());
+        }
+        let targets: Vec<(u32, usize)> = batch
+            .scored
+            .iter()
+            .map(|row| {
+                let top = self.seqs[&row.id].scoring.as_ref().map_or(0, |sc| sc.top);
+                (row.token, top)
+            })
+            .collect();
+        let scores = self
+            .backend
+            .score(batch.samplers.len(), &targets)
+            .map_err(|e| ExecutorError(e.to_string()))?;
+        for (row, score) in batch.scored.iter().zip(scores) {
+            if let Some(sc) = self.seqs.get_mut(&row.id).and_then(|s| s.scoring.as_mut()) {
+                sc.scored.push(score);
+                sc.next = row.target + 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves the prompt logprobs of the requests that sampled this step (their prompt is
+    /// complete) into `result`.
+    fn hand_over_prompt_logprobs(&mut self, result: &mut ExecuteResult) {
+        for id in result.samples.keys() {
+            if let Some(sc) = self.seqs.get_mut(id).and_then(|s| s.scoring.take()) {
+                result.prompt_logprobs.insert(*id, sc.scored);
+            }
+        }
     }
 
     /// Samples the rows of `ids` (in logits-row order) on the backend and appends the tokens.
@@ -447,6 +523,17 @@ struct BatchPlan {
     seqs: Vec<PlannedSeq>,
     logits_indices: Vec<usize>,
     samplers: Vec<RequestId>,
+    /// Prompt positions whose logits are scored, in logits-row order after `samplers`.
+    scored: Vec<ScoredRow>,
+}
+
+/// One scored prompt position: the logits of flattened row `flat` against prompt token
+/// `target` (`token`).
+struct ScoredRow {
+    id: RequestId,
+    flat: usize,
+    target: usize,
+    token: u32,
 }
 
 struct PlannedSeq {
@@ -466,6 +553,7 @@ impl BatchPlan {
             seqs: Vec::new(),
             logits_indices: Vec::new(),
             samplers: Vec::new(),
+            scored: Vec::new(),
         }
     }
 }

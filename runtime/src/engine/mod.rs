@@ -26,7 +26,7 @@ mod watchdog;
 pub use backend::{Backend, BackendError, RowOutcome, SlotSpec};
 pub use cpu_backend::CpuBackend;
 pub use device_slots::SlotFill;
-pub use engine_core::{EngineCore, EngineError, StepStats};
+pub use engine_core::{EngineCore, EngineError, RunError, StepStats};
 pub use executor::{ExecuteResult, Executor, ExecutorError, SeqSampling};
 pub use failure::RequestFailure;
 #[cfg(feature = "fault-injection")]

@@ -6,7 +6,7 @@ use caduceus_scheduler::{FinishReason, RequestId};
 use tokio::sync::mpsc;
 
 use super::failure::RequestFailure;
-use crate::sampling::SampledToken;
+use crate::sampling::{PromptLogprob, SampledToken};
 
 /// One step's worth of output for one request.
 #[derive(Clone, Debug)]
@@ -15,6 +15,9 @@ pub struct RequestOutput {
     pub new_tokens: Vec<SampledToken>,
     /// Text released this step (after stop-string hold-back; empty when not detokenizing).
     pub text: String,
+    /// The prompt tokens' logprobs (`EngineRequest::prompt_logprobs`), on the first output
+    /// that carries a token: `[i]` scores prompt token `i + 1`.
+    pub prompt_logprobs: Option<Vec<PromptLogprob>>,
     /// Set on the last output of a request.
     pub finished: Option<Finished>,
 }
@@ -32,6 +35,7 @@ impl RequestOutput {
         RequestOutput {
             new_tokens: Vec::new(),
             text: String::new(),
+            prompt_logprobs: None,
             finished: Some(Finished {
                 reason,
                 num_prompt_tokens: 0,

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use caduceus_scheduler::{AddRequestError, AdmissionLimits};
 
-use crate::sampling::{SamplingError, SamplingParams};
+use crate::sampling::{SamplingError, SamplingParams, MAX_LOGPROBS};
 use crate::structured::CompiledConstraint;
 
 /// Most stop strings one request may carry (OpenAI allows 4; vLLM more).
@@ -42,6 +42,10 @@ pub struct EngineRequest {
     pub detokenize: bool,
     /// The grammar the output must match (structured outputs), compiled before queueing.
     pub constraint: Option<Arc<CompiledConstraint>>,
+    /// `Some(n)`: the logprob of every prompt token after the first, with its `n` most likely
+    /// alternatives, sent with the first output. The prompt is then computed in full (no
+    /// prefix-cache hit).
+    pub prompt_logprobs: Option<usize>,
 }
 
 impl EngineRequest {
@@ -60,6 +64,7 @@ impl EngineRequest {
             cache_salt: None,
             detokenize: true,
             constraint: None,
+            prompt_logprobs: None,
         }
     }
 }
@@ -126,6 +131,12 @@ pub enum RequestError {
     /// The request names an adapter this engine does not serve (HTTP 404).
     #[error("the model `{0}` does not exist")]
     UnknownAdapter(String),
+    /// Prompt logprobs asked of a backend that does not compute them.
+    #[error("this server's backend does not compute prompt logprobs yet (the CPU engine does)")]
+    PromptLogprobsUnavailable,
+    /// More top prompt logprobs than the sampler returns for outputs.
+    #[error("prompt logprobs take at most {MAX_LOGPROBS} alternatives per token, {0} were asked")]
+    TooManyPromptLogprobs(usize),
 }
 
 impl From<AddRequestError> for RequestError {
@@ -150,6 +161,7 @@ impl From<AddRequestError> for RequestError {
                 usable_blocks,
             },
             AddRequestError::DuplicateId(id) => RequestError::DuplicateId(id.0),
+            AddRequestError::ScoringUnavailable => RequestError::PromptLogprobsUnavailable,
         }
     }
 }
@@ -168,6 +180,8 @@ pub struct RequestLimits {
     pub usable_blocks: usize,
     /// Whether the engine can detokenize.
     pub has_tokenizer: bool,
+    /// Whether the backend computes prompt logprobs.
+    pub scores_prompts: bool,
 }
 
 impl RequestLimits {
@@ -212,6 +226,14 @@ impl RequestLimits {
         }
         if !self.has_tokenizer && (req.detokenize || !req.stop.is_empty()) {
             return Err(RequestError::NoTokenizer);
+        }
+        if let Some(n) = req.prompt_logprobs {
+            if !self.scores_prompts {
+                return Err(RequestError::PromptLogprobsUnavailable);
+            }
+            if n > MAX_LOGPROBS {
+                return Err(RequestError::TooManyPromptLogprobs(n));
+            }
         }
         req.sampling.validate()?;
         Ok(())

@@ -19,7 +19,7 @@ use super::routes::{admit, check_model};
 use super::sse::{self, ChunkFormat};
 use super::state::AppState;
 use super::tenant::Tenant;
-use super::token_text::chat_logprobs;
+use super::token_text::{chat_logprobs, listed_prompt_logprobs};
 use super::tool_calls::{add_tools_prompt, parse_tool_calls, tool_constraint, ToolCallStream};
 use crate::chat_template::{ChatMessage, ChatTemplateError};
 use crate::sampling::SampledToken;
@@ -123,6 +123,11 @@ pub async fn chat_completions(
     let outs = collect_all(streams, &mut log, timeout)
         .await
         .inspect_err(|e| log.status = e.status)?;
+    // Every choice scored the same prompt: the first one's are returned.
+    let prompt_logprobs = v.params.prompt_scoring.listed.map(|k| {
+        let scored = outs.first().and_then(|o| o.prompt_logprobs.as_deref());
+        listed_prompt_logprobs(&state.tokenizer, &prompt, scored.unwrap_or_default(), k)
+    });
     let choices = outs
         .into_iter()
         .enumerate()
@@ -149,10 +154,9 @@ pub async fn chat_completions(
     log.finish_reason = choices
         .first()
         .map_or("none", |c| finish_label(c.finish_reason));
-    Ok(Json(ChatCompletionResponse::new(
-        id, created, model, choices, usage,
-    ))
-    .into_response())
+    let mut response = ChatCompletionResponse::new(id, created, model, choices, usage);
+    response.prompt_logprobs = prompt_logprobs;
+    Ok(Json(response).into_response())
 }
 
 /// Chat chunks: the role first, then content deltas.

@@ -12,15 +12,16 @@ use super::generation::{collect_all, compile_constraint, finish_label, off_the_w
 use super::json::ApiJson;
 use super::protocol::{
     random_id, unix_timestamp, validate_completion, ApiError, CompletionChoice, CompletionChunk,
-    CompletionRequest, CompletionResponse, FinishReason, PromptInput, Usage, COMPLETION_ID_PREFIX,
+    CompletionLogprobs, CompletionRequest, CompletionResponse, FinishReason, PromptInput, Usage,
+    COMPLETION_ID_PREFIX,
 };
 use super::request_log::RequestLog;
 use super::routes::{admit, check_model};
 use super::sse::{self, ChunkFormat};
 use super::state::AppState;
 use super::tenant::Tenant;
-use super::token_text::completion_logprobs;
-use crate::sampling::SampledToken;
+use super::token_text::{completion_logprobs, echo_logprobs, listed_prompt_logprobs};
+use crate::sampling::{PromptLogprob, SampledToken};
 use crate::tokenizer::Tokenizer;
 
 /// A text prompt's ids: special-token strings stay plain text (a client cannot forge control
@@ -100,6 +101,17 @@ pub async fn completions(
         });
         log.texts = Some((text.collect::<Vec<_>>().join("\n"), String::new()));
     }
+    let n = v.params.n;
+    // Each choice's echoed prompt: its text as sent (token ids decoded) and its ids.
+    let echoes: Vec<Option<Echo>> = (0..streams.len())
+        .map(|i| {
+            let p = i / n;
+            v.echo.then(|| Echo {
+                text: echo_text(&state.tokenizer, &inputs[p], &prompts[p]),
+                ids: prompts[p].clone(),
+            })
+        })
+        .collect();
     if v.params.stream {
         let format = CompletionFormat {
             id,
@@ -109,6 +121,9 @@ pub async fn completions(
             logprobs: v.params.sampling.logprobs.is_some(),
             tokenizer: state.tokenizer.clone(),
             offsets: vec![0; streams.len()],
+            scored: vec![Vec::new(); streams.len()],
+            echo_top: v.params.prompt_scoring.echo,
+            echoes,
         };
         return Ok(
             sse::respond(streams, format, log, v.params.include_usage, timeout).into_response(),
@@ -117,14 +132,33 @@ pub async fn completions(
     let outs = collect_all(streams, &mut log, timeout)
         .await
         .inspect_err(|e| log.status = e.status)?;
+    let tok = &state.tokenizer;
+    let scoring = v.params.prompt_scoring;
     let choices = outs
         .into_iter()
+        .zip(echoes)
         .enumerate()
-        .map(|(i, o)| CompletionChoice {
-            logprobs: completion_logprobs(&state.tokenizer, &o.tokens, 0),
-            text: o.text,
-            index: i as u32,
-            finish_reason: Some(o.finish_reason),
+        .map(|(i, (o, echo))| {
+            let scored = o.prompt_logprobs.unwrap_or_default();
+            let ids = &prompts[i / n];
+            let listed = scoring
+                .listed
+                .map(|k| listed_prompt_logprobs(tok, ids, &scored, k));
+            let (text, logprobs) = match echo {
+                None => (o.text, completion_logprobs(tok, &o.tokens, 0)),
+                Some(e) => {
+                    let generated = completion_logprobs(tok, &o.tokens, e.text.len());
+                    let prompt = scoring.echo.map(|k| echo_logprobs(tok, &e.ids, &scored, k));
+                    (e.text + &o.text, joined(prompt, generated))
+                }
+            };
+            CompletionChoice {
+                logprobs,
+                text,
+                index: i as u32,
+                finish_reason: Some(o.finish_reason),
+                prompt_logprobs: listed,
+            }
         })
         .collect::<Vec<_>>();
     if let (Some(t), Some(c)) = (log.texts.as_mut(), choices.first()) {
@@ -140,7 +174,37 @@ pub async fn completions(
     Ok(Json(CompletionResponse::new(id, created, model, choices, usage)).into_response())
 }
 
-/// Completion chunks: `choices[].text` deltas.
+/// A choice's prompt, returned before its completion (`echo`).
+struct Echo {
+    text: String,
+    ids: Vec<u32>,
+}
+
+/// The text `echo` returns for a prompt: as sent, or its token ids decoded (special tokens
+/// included, as they are in the prompt).
+fn echo_text(tok: &Tokenizer, input: &PromptInput, ids: &[u32]) -> String {
+    match input {
+        PromptInput::Text(text) => text.clone(),
+        PromptInput::Tokens(_) => tok.decode(ids, false).unwrap_or_default(),
+    }
+}
+
+/// The logprobs of an echoed prompt followed by the completion's.
+fn joined(
+    prompt: Option<CompletionLogprobs>,
+    generated: Option<CompletionLogprobs>,
+) -> Option<CompletionLogprobs> {
+    match (prompt, generated) {
+        (Some(mut p), Some(g)) => {
+            p.extend(g);
+            Some(p)
+        }
+        (p, g) => p.or(g),
+    }
+}
+
+/// Completion chunks: `choices[].text` deltas; with `echo`, a choice's first chunk starts with
+/// its prompt.
 struct CompletionFormat {
     id: String,
     created: u64,
@@ -150,6 +214,12 @@ struct CompletionFormat {
     tokenizer: Arc<Tokenizer>,
     /// Bytes of text sent so far per choice (logprobs' `text_offset`).
     offsets: Vec<usize>,
+    /// Prompts still to echo, per choice.
+    echoes: Vec<Option<Echo>>,
+    /// `echo` with `logprobs`: the alternatives per prompt token.
+    echo_top: Option<usize>,
+    /// Prompt logprobs received per choice, until its prompt is echoed.
+    scored: Vec<Vec<PromptLogprob>>,
 }
 
 impl ChunkFormat for CompletionFormat {
@@ -164,16 +234,34 @@ impl ChunkFormat for CompletionFormat {
         tokens: &[SampledToken],
         finish: Option<FinishReason>,
     ) -> serde_json::Value {
-        let offset = self.offsets.get(index as usize).copied().unwrap_or(0);
-        let logprobs = completion_logprobs(&self.tokenizer, tokens, offset);
-        if let Some(o) = self.offsets.get_mut(index as usize) {
-            *o += text.len();
+        let i = index as usize;
+        let tok = &self.tokenizer;
+        let start = self.offsets.get(i).copied().unwrap_or(0);
+        let mut offset = start;
+        let mut text = text;
+        let mut echoed = None;
+        if let Some(echo) = self.echoes.get_mut(i).and_then(Option::take) {
+            let scored = self
+                .scored
+                .get_mut(i)
+                .map(std::mem::take)
+                .unwrap_or_default();
+            echoed = self
+                .echo_top
+                .map(|k| echo_logprobs(tok, &echo.ids, &scored, k));
+            offset += echo.text.len();
+            text = echo.text + &text;
+        }
+        let logprobs = joined(echoed, completion_logprobs(tok, tokens, offset));
+        if let Some(o) = self.offsets.get_mut(i) {
+            *o = start + text.len();
         }
         let choice = CompletionChoice {
             text,
             index,
             logprobs,
             finish_reason: finish,
+            prompt_logprobs: None,
         };
         let chunk = CompletionChunk::new(
             &self.id,
@@ -183,6 +271,12 @@ impl ChunkFormat for CompletionFormat {
             self.include_usage,
         );
         serde_json::to_value(chunk).unwrap_or_default()
+    }
+
+    fn prompt_scored(&mut self, index: u32, scored: Vec<PromptLogprob>) {
+        if let Some(s) = self.scored.get_mut(index as usize) {
+            *s = scored;
+        }
     }
 
     fn usage(&self, usage: Usage) -> serde_json::Value {

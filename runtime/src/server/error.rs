@@ -60,6 +60,9 @@ pub fn request_error(err: RequestError, prompt_field: &str) -> ApiError {
         RequestError::BadStop => "stop",
         RequestError::TooManyStopTokenIds => "stop_token_ids",
         RequestError::Sampling(SamplingError::OutOfRange { field, .. }) => field,
+        RequestError::PromptLogprobsUnavailable | RequestError::TooManyPromptLogprobs(_) => {
+            "prompt_logprobs"
+        }
     };
     ApiError::invalid_request(message, Some(param))
 }

@@ -10,9 +10,9 @@ use super::protocol::{ApiError, FinishReason, GenerationParams};
 use super::request_log::RequestLog;
 use super::state::AppState;
 use super::tenant::{cache_salt, Tenant};
-use crate::engine::{EngineRequest, RequestOutput, RequestStream};
+use crate::engine::{EngineRequest, RequestError, RequestOutput, RequestStream};
 use crate::metrics::record_inter_token;
-use crate::sampling::SampledToken;
+use crate::sampling::{PromptLogprob, SampledToken};
 use crate::structured::{
     CompiledConstraint, Compiling, ConstraintSpec, PendingCompile, StructuredError,
 };
@@ -24,6 +24,8 @@ pub struct ChoiceOutput {
     pub text: String,
     /// Generated tokens with their logprobs.
     pub tokens: Vec<SampledToken>,
+    /// The prompt tokens' logprobs, when asked for (`[i]` scores prompt token `i + 1`).
+    pub prompt_logprobs: Option<Vec<PromptLogprob>>,
     /// Why it ended.
     pub finish_reason: FinishReason,
 }
@@ -99,6 +101,14 @@ pub fn submit(
         params.cache_salt.as_deref(),
     );
     let limits = state.engine.limits();
+    let prompt_logprobs = params.prompt_scoring.top();
+    if prompt_logprobs.is_some() && !limits.scores_prompts {
+        let e = RequestError::PromptLogprobsUnavailable;
+        return Err(ApiError::invalid_request(
+            e.to_string(),
+            Some(params.prompt_scoring.field()),
+        ));
+    }
     let adapter = params
         .model
         .as_deref()
@@ -127,6 +137,7 @@ pub fn submit(
                 cache_salt,
                 detokenize: true,
                 constraint: constraint.clone(),
+                prompt_logprobs,
             };
             let stream = state
                 .engine
@@ -191,6 +202,7 @@ pub async fn collect_all(
         .map(|_| ChoiceOutput {
             text: String::new(),
             tokens: Vec::new(),
+            prompt_logprobs: None,
             finish_reason: FinishReason::Error,
         })
         .collect();
@@ -219,6 +231,9 @@ pub async fn collect_all(
         let o = &mut outs[i];
         o.text.push_str(&out.text);
         o.tokens.extend(out.new_tokens);
+        if out.prompt_logprobs.is_some() {
+            o.prompt_logprobs = out.prompt_logprobs;
+        }
         if let Some(f) = out.finished {
             o.finish_reason = f.reason.into();
             remaining -= 1;

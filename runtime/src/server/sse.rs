@@ -16,7 +16,7 @@ use super::generation::{engine_gone, merge, note_stream_output};
 use super::protocol::{ApiError, FinishReason, Usage, SSE_DONE};
 use super::request_log::RequestLog;
 use crate::engine::RequestStream;
-use crate::sampling::SampledToken;
+use crate::sampling::{PromptLogprob, SampledToken};
 
 /// How one endpoint shapes its chunks.
 pub trait ChunkFormat: Send + 'static {
@@ -30,6 +30,11 @@ pub trait ChunkFormat: Send + 'static {
         tokens: &[SampledToken],
         finish: Option<FinishReason>,
     ) -> serde_json::Value;
+    /// Choice `index`'s prompt logprobs arrived (before its first `content`); formats that do
+    /// not echo the prompt ignore them.
+    fn prompt_scored(&mut self, index: u32, scored: Vec<PromptLogprob>) {
+        let _ = (index, scored);
+    }
     /// The final usage chunk.
     fn usage(&self, usage: Usage) -> serde_json::Value;
     /// Whether logprobs were asked for (tokens then travel even with empty text).
@@ -92,7 +97,7 @@ async fn pump<F: ChunkFormat>(
             }
             next = merged.next() => next,
         };
-        let Some((i, out)) = next else {
+        let Some((i, mut out)) = next else {
             let err = engine_gone(&mut log);
             let _ = tx.send(error_event(&err)).await;
             return;
@@ -106,6 +111,9 @@ async fn pump<F: ChunkFormat>(
         }
         if let Some((_, completion)) = log.texts.as_mut() {
             completion.push_str(&out.text);
+        }
+        if let Some(scored) = out.prompt_logprobs.take() {
+            format.prompt_scored(i as u32, scored);
         }
         pending[i].extend(out.new_tokens);
         let finish = out.finished.map(|f| FinishReason::from(f.reason));

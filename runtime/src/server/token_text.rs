@@ -1,7 +1,12 @@
 //! Token ids to the strings and bytes OpenAI's logprobs carry.
 
-use super::protocol::{ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, TopLogprob};
-use crate::sampling::SampledToken;
+use std::collections::BTreeMap;
+
+use super::protocol::{
+    ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, PromptLogprobs, PromptTokenLogprob,
+    TopLogprob,
+};
+use crate::sampling::{PromptLogprob, SampledToken};
 use crate::tokenizer::Tokenizer;
 
 /// The text of one token alone (special tokens included), as bytes.
@@ -34,6 +39,18 @@ pub fn chat_logprobs(tok: &Tokenizer, tokens: &[SampledToken]) -> Option<ChatLog
     })
 }
 
+/// The text of one token alone, lossily as UTF-8 (logprobs' `token` strings).
+fn token_text(tok: &Tokenizer, id: u32) -> String {
+    String::from_utf8_lossy(&token_bytes(tok, id)).into_owned()
+}
+
+/// `(text, logprob)` of each alternative.
+fn alternatives(tok: &Tokenizer, top: &[(u32, f32)]) -> Vec<(String, f32)> {
+    top.iter()
+        .map(|&(id, l)| (token_text(tok, id), l))
+        .collect()
+}
+
 /// Legacy-completion logprobs of `tokens`, whose text starts at byte `offset` of the choice.
 pub fn completion_logprobs(
     tok: &Tokenizer,
@@ -45,20 +62,63 @@ pub fn completion_logprobs(
     }
     let mut lp = CompletionLogprobs::default();
     for t in tokens {
-        let text = String::from_utf8_lossy(&token_bytes(tok, t.token_id)).into_owned();
-        let top: Vec<(String, f32)> = t
-            .top_logprobs
-            .iter()
-            .map(|&(id, l)| {
-                (
-                    String::from_utf8_lossy(&token_bytes(tok, id)).into_owned(),
-                    l,
-                )
-            })
-            .collect();
+        let text = token_text(tok, t.token_id);
+        let top = alternatives(tok, &t.top_logprobs);
         let len = text.len();
-        lp.push(text, t.logprob.unwrap_or(f32::NEG_INFINITY), &top, offset);
+        let logprob = t.logprob.unwrap_or(f32::NEG_INFINITY);
+        lp.push(text, Some((logprob, &top)), offset);
         offset += len;
     }
     Some(lp)
+}
+
+/// Legacy-completion logprobs of an echoed prompt (`echo` with `logprobs`): the first token
+/// has none (nothing precedes it), `scored[i]` is token `i + 1`'s, with its first `top`
+/// alternatives.
+pub fn echo_logprobs(
+    tok: &Tokenizer,
+    prompt: &[u32],
+    scored: &[PromptLogprob],
+    top: usize,
+) -> CompletionLogprobs {
+    let mut lp = CompletionLogprobs::default();
+    let mut offset = 0;
+    for (i, &id) in prompt.iter().enumerate() {
+        let text = token_text(tok, id);
+        let len = text.len();
+        match i.checked_sub(1).and_then(|j| scored.get(j)) {
+            Some(s) => {
+                let alts = alternatives(tok, &s.top_logprobs[..top.min(s.top_logprobs.len())]);
+                lp.push(text, Some((s.logprob, &alts)), offset);
+            }
+            None => lp.push(text, None, offset),
+        }
+        offset += len;
+    }
+    lp
+}
+
+/// vLLM's `prompt_logprobs` of `prompt`: `null` first, then per token the token itself and
+/// its first `top` alternatives, each with its logprob, rank and text.
+pub fn listed_prompt_logprobs(
+    tok: &Tokenizer,
+    prompt: &[u32],
+    scored: &[PromptLogprob],
+    top: usize,
+) -> PromptLogprobs {
+    let mut out: PromptLogprobs = Vec::with_capacity(prompt.len());
+    if !prompt.is_empty() {
+        out.push(None);
+    }
+    for s in scored {
+        let mut position = BTreeMap::new();
+        for (rank, &(id, logprob)) in s.top_logprobs.iter().take(top).enumerate() {
+            let entry = PromptTokenLogprob::new(logprob, rank as u32 + 1, token_text(tok, id));
+            position.insert(id.to_string(), entry);
+        }
+        let own = PromptTokenLogprob::new(s.logprob, s.rank, token_text(tok, s.token_id));
+        position.insert(s.token_id.to_string(), own);
+        out.push(Some(position));
+    }
+    out
 }

@@ -3,7 +3,7 @@
 use caduceus_runtime::server::protocol::{
     random_id, ApiError, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse,
     ChatLogprobs, ChatTokenLogprob, CompletionChoice, CompletionChunk, CompletionLogprobs,
-    CompletionResponse, FinishReason, ModelCard, ModelList, TopLogprob, Usage,
+    CompletionResponse, FinishReason, ModelCard, ModelList, PromptTokenLogprob, TopLogprob, Usage,
 };
 use serde_json::{json, Value};
 
@@ -94,19 +94,28 @@ fn chat_stream_chunks_role_first_then_content_then_usage() {
 
 #[test]
 fn completions_and_their_chunks_are_text_completion_objects() {
+    // An echoed prompt token first: nothing came before it, so it has no logprobs.
     let mut lp = CompletionLogprobs::default();
+    lp.push("Hi".into(), None, 0);
     lp.push(
         " a".into(),
-        -0.5,
-        &[(" a".into(), -0.5), (" b".into(), -1.5)],
-        0,
+        Some((-0.5, &[(" a".into(), -0.5), (" b".into(), -1.5)])),
+        2,
     );
-    lp.push("!".into(), f32::NEG_INFINITY, &[], 2);
+    lp.push("!".into(), Some((f32::NEG_INFINITY, &[])), 4);
+    let listed = vec![
+        None,
+        Some(std::collections::BTreeMap::from([(
+            "7".to_string(),
+            PromptTokenLogprob::new(-2.5, 3, " a".into()),
+        )])),
+    ];
     let choice = CompletionChoice {
-        text: " a!".into(),
+        text: "Hi a!".into(),
         index: 0,
         logprobs: Some(lp),
         finish_reason: Some(FinishReason::Stop),
+        prompt_logprobs: Some(listed),
     };
     let resp = CompletionResponse::new(
         "cmpl-1".into(),
@@ -118,9 +127,10 @@ fn completions_and_their_chunks_are_text_completion_objects() {
     assert_eq!(
         to_json(&resp),
         json!({"id": "cmpl-1", "object": "text_completion", "created": 5, "model": "m",
-               "choices": [{"text": " a!", "index": 0, "finish_reason": "stop", "logprobs": {
-                   "tokens": [" a", "!"], "token_logprobs": [-0.5, -9999.0],
-                   "top_logprobs": [{" a": -0.5, " b": -1.5}, {}], "text_offset": [0, 2]}}],
+               "choices": [{"text": "Hi a!", "index": 0, "finish_reason": "stop", "logprobs": {
+                   "tokens": ["Hi", " a", "!"], "token_logprobs": [null, -0.5, -9999.0],
+                   "top_logprobs": [null, {" a": -0.5, " b": -1.5}, {}], "text_offset": [0, 2, 4]},
+                   "prompt_logprobs": [null, {"7": {"logprob": -2.5, "rank": 3, "decoded_token": " a"}}]}],
                "usage": {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4}})
     );
     let delta = CompletionChoice {
@@ -128,6 +138,7 @@ fn completions_and_their_chunks_are_text_completion_objects() {
         index: 3,
         logprobs: None,
         finish_reason: None,
+        prompt_logprobs: None,
     };
     let chunk = CompletionChunk::new("cmpl-1", 5, "m", vec![delta], false);
     assert_eq!(

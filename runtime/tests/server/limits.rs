@@ -39,12 +39,12 @@ async fn unimplemented_fields_and_oversized_stops_get_a_400_naming_the_field() {
         let v: Value = serde_json::from_str(&b).unwrap();
         assert_eq!(v["error"]["param"], field, "{b}");
     }
-    assert!(UNSUPPORTED_FIELDS.contains(&"echo"));
+    assert!(UNSUPPORTED_FIELDS.contains(&"best_of"));
     let (s, _, b) = call(
         &r,
         "POST",
         "/v1/completions",
-        Some(json!({"prompt": "Hi", "max_tokens": 1, "echo": true})),
+        Some(json!({"prompt": "Hi", "max_tokens": 1, "best_of": 2})),
         None,
     )
     .await;

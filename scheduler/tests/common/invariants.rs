@@ -23,6 +23,7 @@ pub fn check_output(s: &Scheduler, out: &SchedulerOutput) -> Result<(), String> 
     }
     let mut adapters = HashSet::new();
     let mut seen_new = false;
+    let mut scored = 0;
     for r in &out.scheduled {
         let req = s
             .request(r.id)
@@ -39,6 +40,9 @@ pub fn check_output(s: &Scheduler, out: &SchedulerOutput) -> Result<(), String> 
         }
         if let Some(a) = req.adapter() {
             adapters.insert(a);
+        }
+        if req.scores_prompt() && r.num_computed_tokens + 1 < req.num_prompt_tokens() {
+            scored += r.num_scheduled_tokens;
         }
         match &r.data {
             ScheduledData::New {
@@ -58,12 +62,24 @@ pub fn check_output(s: &Scheduler, out: &SchedulerOutput) -> Result<(), String> 
                 if r.num_computed_tokens % c.block_size != 0 {
                     return Err(format!("{:?}: prefix hit is not whole blocks", r.id));
                 }
+                if req.scores_prompt() && r.num_computed_tokens != 0 {
+                    return Err(format!(
+                        "{:?} scores its prompt but took a prefix hit",
+                        r.id
+                    ));
+                }
             }
             ScheduledData::Cached { .. } if seen_new => {
                 return Err("a running request after a new one".into());
             }
             ScheduledData::Cached { .. } => {}
         }
+    }
+    if scored > s.max_scored_tokens() {
+        return Err(format!(
+            "{scored} prompt positions scored > {}",
+            s.max_scored_tokens()
+        ));
     }
     if let Some(max) = c.max_loras {
         if adapters.len() > max {

@@ -27,6 +27,7 @@ pub fn req(id: u64, prompt: &[u32], max_tokens: usize) -> NewRequest {
         arrival_seq: id,
         adapter: None,
         cache_salt: None,
+        scores_prompt: false,
     }
 }
 

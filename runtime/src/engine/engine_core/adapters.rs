@@ -6,8 +6,6 @@ use std::sync::Arc;
 
 use caduceus_scheduler::RequestId;
 
-use caduceus_scheduler::Scheduler;
-
 use super::{EngineCore, EngineError};
 use crate::adapters::{
     loader_threads, AdapterEntry, AdapterService, LoadDone, LoadError, LoaderPool, StepGate,
@@ -51,7 +49,7 @@ impl<B: Backend> EngineCore<B> {
         );
         let mut config = self.scheduler.config().clone();
         config.max_loras = Some(settings.max_loras);
-        self.scheduler = Scheduler::new(config)?;
+        self.scheduler = Self::scheduler_for(config, self.executor.backend())?;
         if self.kv_events.is_some() {
             self.scheduler.enable_kv_cache_events();
         }

@@ -73,25 +73,13 @@ fn backend_with_graphs(
 
 /// Runs `reqs` to completion; each request's tokens.
 fn run<B: Backend>(core: &mut EngineCore<B>, reqs: Vec<EngineRequest>) -> Vec<Vec<u32>> {
-    let mut rxs = Vec::new();
-    for (i, r) in reqs.into_iter().enumerate() {
-        let (tx, rx) = mpsc::unbounded_channel();
-        core.add_request(RequestId(i as u64), r, tx).unwrap();
-        rxs.push(rx);
-    }
-    let mut steps = 0;
-    while core.has_unfinished() {
-        core.step().unwrap();
-        steps += 1;
-        assert!(steps < 1000, "the engine does not finish");
-    }
-    rxs.iter_mut()
-        .map(|rx| {
-            let mut t = Vec::new();
-            while let Ok(o) = rx.try_recv() {
-                t.extend(o.new_tokens.iter().map(|s| s.token_id));
-            }
-            t
+    core.run_to_end(reqs)
+        .unwrap()
+        .iter()
+        .map(|outs| {
+            outs.iter()
+                .flat_map(|o| o.new_tokens.iter().map(|s| s.token_id))
+                .collect()
         })
         .collect()
 }

@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::common::{FinishReason, StopSpec, StreamOptions, Usage};
-use super::logprobs::ChatLogprobs;
+use super::logprobs::{ChatLogprobs, PromptLogprobs};
 use super::structured::{
     ResponseFormat, StructuredOutputs, ToolCall, ToolCallDelta, ToolChoiceParam, ToolParam,
 };
@@ -58,6 +58,11 @@ pub struct ChatCompletionRequest {
     pub tool_choice: Option<ToolChoiceParam>,
     /// More than one call per answer (default true).
     pub parallel_tool_calls: Option<bool>,
+    /// vLLM extension: each prompt token's logprob (the rendered conversation's) with this many
+    /// alternatives (0 to 20), returned as `prompt_logprobs`. Not with `stream`.
+    pub prompt_logprobs: Option<i64>,
+    /// vLLM's chat `echo` (prepend the last message) is not implemented: refused when true.
+    pub echo: Option<bool>,
 }
 
 /// One input message.
@@ -114,6 +119,9 @@ pub struct ChatCompletionResponse {
     pub model: String,
     pub choices: Vec<ChatChoice>,
     pub usage: Usage,
+    /// vLLM extension: the prompt tokens' logprobs, when `prompt_logprobs` was sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_logprobs: Option<PromptLogprobs>,
 }
 
 impl ChatCompletionResponse {
@@ -131,6 +139,7 @@ impl ChatCompletionResponse {
             model,
             choices,
             usage,
+            prompt_logprobs: None,
         }
     }
 }

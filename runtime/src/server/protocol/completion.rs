@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::common::{FinishReason, StopSpec, StreamOptions, Usage};
-use super::logprobs::CompletionLogprobs;
+use super::logprobs::{CompletionLogprobs, PromptLogprobs};
 use super::structured::{ResponseFormat, StructuredOutputs};
 
 /// A legacy completion request; the same reading rules as the chat request.
@@ -43,6 +43,12 @@ pub struct CompletionRequest {
     pub response_format: Option<ResponseFormat>,
     /// vLLM extension, as in chat.
     pub structured_outputs: Option<StructuredOutputs>,
+    /// Returns the prompt before the completion in `text` (and, with `logprobs`, the prompt
+    /// tokens' logprobs first).
+    pub echo: Option<bool>,
+    /// vLLM extension: each prompt token's logprob with this many alternatives (0 to 20),
+    /// returned as `choices[].prompt_logprobs`. Not with `stream`.
+    pub prompt_logprobs: Option<i64>,
 }
 
 /// `prompt`: text, several texts, token ids, or several token-id lists.
@@ -100,6 +106,9 @@ pub struct CompletionChoice {
     pub index: u32,
     pub logprobs: Option<CompletionLogprobs>,
     pub finish_reason: Option<FinishReason>,
+    /// vLLM extension: the prompt tokens' logprobs, when `prompt_logprobs` was sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_logprobs: Option<PromptLogprobs>,
 }
 
 /// One server-sent event of a streamed completion (OpenAI uses `text_completion` here too).

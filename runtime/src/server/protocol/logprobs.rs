@@ -67,24 +67,65 @@ impl ChatTokenLogprob {
     }
 }
 
-/// Legacy completions `choices[].logprobs`: parallel arrays, one entry per generated token.
+/// Legacy completions `choices[].logprobs`: parallel arrays, one entry per token of the choice's
+/// text (with `echo`, the prompt's tokens first: the very first has `null` logprobs, nothing
+/// came before it).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct CompletionLogprobs {
     pub tokens: Vec<String>,
-    pub token_logprobs: Vec<f32>,
+    pub token_logprobs: Vec<Option<f32>>,
     /// Alternatives per position as `{token: logprob}`.
-    pub top_logprobs: Vec<BTreeMap<String, f32>>,
-    /// Character offset of each token in the choice's text.
+    pub top_logprobs: Vec<Option<BTreeMap<String, f32>>>,
+    /// Byte offset of each token in the choice's text.
     pub text_offset: Vec<usize>,
 }
 
 impl CompletionLogprobs {
-    /// Appends one token: its text, logprob, alternatives and its offset in the text.
-    pub fn push(&mut self, token: String, logprob: f32, top: &[(String, f32)], text_offset: usize) {
+    /// Appends one token: its text, logprob and alternatives (`None`: not scored) and its
+    /// offset in the text.
+    pub fn push(
+        &mut self,
+        token: String,
+        scored: Option<(f32, &[(String, f32)])>,
+        text_offset: usize,
+    ) {
         self.tokens.push(token);
-        self.token_logprobs.push(finite(logprob));
-        let top = top.iter().map(|(t, lp)| (t.clone(), finite(*lp))).collect();
+        self.token_logprobs.push(scored.map(|(lp, _)| finite(lp)));
+        let top =
+            scored.map(|(_, top)| top.iter().map(|(t, lp)| (t.clone(), finite(*lp))).collect());
         self.top_logprobs.push(top);
         self.text_offset.push(text_offset);
+    }
+
+    /// Appends `other`, whose offsets were counted from the same text.
+    pub fn extend(&mut self, other: CompletionLogprobs) {
+        self.tokens.extend(other.tokens);
+        self.token_logprobs.extend(other.token_logprobs);
+        self.top_logprobs.extend(other.top_logprobs);
+        self.text_offset.extend(other.text_offset);
+    }
+}
+
+/// vLLM's `prompt_logprobs`: per prompt position, `null` for the first (nothing precedes it),
+/// then the prompt's token and its most likely alternatives, keyed by token id.
+pub type PromptLogprobs = Vec<Option<BTreeMap<String, PromptTokenLogprob>>>;
+
+/// One token of a `prompt_logprobs` position.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct PromptTokenLogprob {
+    pub logprob: f32,
+    /// 1-based place in the vocabulary's ranking at that position.
+    pub rank: u32,
+    /// The token's text.
+    pub decoded_token: String,
+}
+
+impl PromptTokenLogprob {
+    pub fn new(logprob: f32, rank: u32, decoded_token: String) -> Self {
+        PromptTokenLogprob {
+            logprob: finite(logprob),
+            rank,
+            decoded_token,
+        }
     }
 }

@@ -29,7 +29,10 @@ pub use completion::{
     TEXT_COMPLETION_OBJECT,
 };
 pub use error::{ApiError, ErrorBody, ErrorResponse};
-pub use logprobs::{ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, TopLogprob, MIN_LOGPROB};
+pub use logprobs::{
+    ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, PromptLogprobs, PromptTokenLogprob,
+    TopLogprob, MIN_LOGPROB,
+};
 pub use models::{ModelCard, ModelList, OWNED_BY};
 pub use structured::{
     output_constraint, tool_calls_text, tool_plan, FunctionCall, FunctionCallDelta, FunctionDef,
@@ -43,7 +46,7 @@ pub use tokenize::{
 };
 pub use unsupported::{unsupported_error, unsupported_field, UNSUPPORTED_FIELDS};
 pub use validate::{
-    validate_chat, validate_completion, GenerationParams, PromptInput, ValidatedChatRequest,
-    ValidatedCompletionRequest, ValidationError, DEFAULT_COMPLETION_MAX_TOKENS,
-    MAX_CACHE_SALT_BYTES, MAX_N, MAX_PROMPTS,
+    validate_chat, validate_completion, GenerationParams, PromptInput, PromptScoring,
+    ValidatedChatRequest, ValidatedCompletionRequest, ValidationError,
+    DEFAULT_COMPLETION_MAX_TOKENS, MAX_CACHE_SALT_BYTES, MAX_N, MAX_PROMPTS,
 };

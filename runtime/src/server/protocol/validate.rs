@@ -99,6 +99,33 @@ pub struct GenerationParams {
     pub cache_salt: Option<String>,
     /// The grammar the output must match, and the field that asked for it.
     pub constraint: Option<(ConstraintSpec, &'static str)>,
+    /// What the request asks of its prompt tokens' logprobs.
+    pub prompt_scoring: PromptScoring,
+}
+
+/// The prompt-token logprobs a request asks for, each as its number of alternatives.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PromptScoring {
+    /// Legacy completions' `echo` with `logprobs`: the prompt's tokens lead `logprobs`.
+    pub echo: Option<usize>,
+    /// vLLM's `prompt_logprobs`.
+    pub listed: Option<usize>,
+}
+
+impl PromptScoring {
+    /// The alternatives the engine computes per prompt token (`None`: no scoring).
+    pub fn top(&self) -> Option<usize> {
+        self.echo.max(self.listed)
+    }
+
+    /// The field that asked, for errors.
+    pub fn field(&self) -> &'static str {
+        if self.listed.is_some() {
+            "prompt_logprobs"
+        } else {
+            "echo"
+        }
+    }
 }
 
 /// A checked chat request.
@@ -122,6 +149,8 @@ pub enum PromptInput {
 pub struct ValidatedCompletionRequest {
     pub prompts: Vec<PromptInput>,
     pub params: GenerationParams,
+    /// Return each prompt before its completion.
+    pub echo: bool,
 }
 
 /// The fields both request kinds share, borrowed from either.
@@ -148,6 +177,9 @@ struct Common {
     user: Option<String>,
     cache_salt: Option<String>,
     constraint: Option<(ConstraintSpec, &'static str)>,
+    prompt_logprobs: Option<i64>,
+    /// Legacy completions' `echo` (chat refuses it before).
+    echo: bool,
 }
 
 /// Checks a chat request and converts its messages for the chat template.
@@ -159,6 +191,12 @@ pub fn validate_chat(req: ChatCompletionRequest) -> Result<ValidatedChatRequest,
         (Some(true), k) => Some(logprob_count("top_logprobs", k.unwrap_or(0))?),
         _ => None,
     };
+    if req.echo == Some(true) {
+        return Err(invalid(
+            "echo",
+            "is not supported on /v1/chat/completions (it is on /v1/completions)",
+        ));
+    }
     let messages = convert_messages(req.messages)?;
     let constraint = output_constraint(req.response_format, req.structured_outputs)?;
     let tools = tool_plan(req.tools, req.tool_choice, req.parallel_tool_calls)?;
@@ -197,6 +235,8 @@ pub fn validate_chat(req: ChatCompletionRequest) -> Result<ValidatedChatRequest,
         user: req.user,
         cache_salt: req.cache_salt,
         constraint,
+        prompt_logprobs: req.prompt_logprobs,
+        echo: false,
     };
     let params = generation_params(common, logprobs)?;
     Ok(ValidatedChatRequest {
@@ -242,9 +282,16 @@ pub fn validate_completion(
         user: req.user,
         cache_salt: req.cache_salt,
         constraint: output_constraint(req.response_format, req.structured_outputs)?,
+        prompt_logprobs: req.prompt_logprobs,
+        echo: req.echo == Some(true),
     };
+    let echo = common.echo;
     let params = generation_params(common, logprobs)?;
-    Ok(ValidatedCompletionRequest { prompts, params })
+    Ok(ValidatedCompletionRequest {
+        prompts,
+        params,
+        echo,
+    })
 }
 
 fn logprob_count(param: &str, k: i64) -> Result<usize, ValidationError> {
@@ -337,6 +384,19 @@ fn generation_params(
             ));
         }
     }
+    let prompt_scoring = PromptScoring {
+        echo: if c.echo { logprobs } else { None },
+        listed: c
+            .prompt_logprobs
+            .map(|k| logprob_count("prompt_logprobs", k))
+            .transpose()?,
+    };
+    if prompt_scoring.listed.is_some() && stream {
+        return Err(invalid(
+            "prompt_logprobs",
+            "cannot be combined with `stream` (they are returned with the whole response)",
+        ));
+    }
     let include_usage = c
         .stream_options
         .and_then(|o| o.include_usage)
@@ -356,6 +416,7 @@ fn generation_params(
         user: c.user,
         cache_salt: c.cache_salt,
         constraint: c.constraint,
+        prompt_scoring,
     })
 }
 
