@@ -84,17 +84,17 @@ def tokenize_and_logit_bias(client: OpenAI, base_url: str, model: str) -> None:
 
 
 def echo_and_prompt_logprobs(client: OpenAI, model: str) -> None:
-    """lm-evaluation-harness's loglikelihood call: `echo` with `logprobs` returns the prompt's
-    tokens first (the very first without a logprob), then the completion's; vLLM's
-    `prompt_logprobs` (through `extra_body`) lists the same numbers by token id."""
-    comp = client.completions.create(model=model, prompt="The patient has a fever", max_tokens=1,
+    """The legacy scoring call (lm-evaluation-harness's loglikelihood): `echo` with `logprobs` and
+    `max_tokens=0` returns the prompt alone with its tokens' logprobs (the very first without
+    one); vLLM's `prompt_logprobs` (through `extra_body`) lists the same numbers by token id."""
+    comp = client.completions.create(model=model, prompt="The patient has a fever", max_tokens=0,
                                      temperature=0, logprobs=1, echo=True,
                                      extra_body={"prompt_logprobs": 1})
     choice = comp.choices[0]
     lp = choice.logprobs
     n = comp.usage.prompt_tokens
-    assert choice.text.startswith("The patient has a fever"), choice.text
-    assert len(lp.tokens) == n + 1 and lp.token_logprobs[0] is None, lp
+    assert choice.text == "The patient has a fever" and comp.usage.completion_tokens == 0, comp
+    assert len(lp.tokens) == n and lp.token_logprobs[0] is None, lp
     assert all(x is not None and x <= 0 for x in lp.token_logprobs[1:]), lp.token_logprobs
     listed = choice.model_extra["prompt_logprobs"]
     assert len(listed) == n and listed[0] is None, listed

@@ -124,6 +124,7 @@ pub async fn completions(
             scored: vec![Vec::new(); streams.len()],
             echo_top: v.params.prompt_scoring.echo,
             echoes,
+            prompt_only: v.prompt_only,
         };
         return Ok(
             sse::respond(streams, format, log, v.params.include_usage, timeout).into_response(),
@@ -146,23 +147,36 @@ pub async fn completions(
                 .map(|k| listed_prompt_logprobs(tok, ids, &scored, k));
             let (text, logprobs) = match echo {
                 None => (o.text, completion_logprobs(tok, &o.tokens, 0)),
+                Some(e) if v.prompt_only => {
+                    let prompt = scoring.echo.map(|k| echo_logprobs(tok, &e.ids, &scored, k));
+                    (e.text, prompt)
+                }
                 Some(e) => {
                     let generated = completion_logprobs(tok, &o.tokens, e.text.len());
                     let prompt = scoring.echo.map(|k| echo_logprobs(tok, &e.ids, &scored, k));
                     (e.text + &o.text, joined(prompt, generated))
                 }
             };
+            // Nothing generated: the answer ends at its (zero) length.
+            let finish_reason = if v.prompt_only {
+                FinishReason::Length
+            } else {
+                o.finish_reason
+            };
             CompletionChoice {
                 logprobs,
                 text,
                 index: i as u32,
-                finish_reason: Some(o.finish_reason),
+                finish_reason: Some(finish_reason),
                 prompt_logprobs: listed,
             }
         })
         .collect::<Vec<_>>();
     if let (Some(t), Some(c)) = (log.texts.as_mut(), choices.first()) {
         t.1 = c.text.clone();
+    }
+    if v.prompt_only {
+        log.completion_tokens = 0;
     }
     let usage =
         Usage::new(log.prompt_tokens, log.completion_tokens).with_cached_tokens(log.cached_tokens);
@@ -220,6 +234,8 @@ struct CompletionFormat {
     echo_top: Option<usize>,
     /// Prompt logprobs received per choice, until its prompt is echoed.
     scored: Vec<Vec<PromptLogprob>>,
+    /// `echo` with `max_tokens: 0`: the computed token is left out.
+    prompt_only: bool,
 }
 
 impl ChunkFormat for CompletionFormat {
@@ -238,7 +254,11 @@ impl ChunkFormat for CompletionFormat {
         let tok = &self.tokenizer;
         let start = self.offsets.get(i).copied().unwrap_or(0);
         let mut offset = start;
-        let mut text = text;
+        let (mut text, tokens, finish) = if self.prompt_only {
+            (String::new(), &[][..], finish.map(|_| FinishReason::Length))
+        } else {
+            (text, tokens, finish)
+        };
         let mut echoed = None;
         if let Some(echo) = self.echoes.get_mut(i).and_then(Option::take) {
             let scored = self
@@ -279,7 +299,11 @@ impl ChunkFormat for CompletionFormat {
         }
     }
 
-    fn usage(&self, usage: Usage) -> serde_json::Value {
+    fn usage(&self, mut usage: Usage) -> serde_json::Value {
+        if self.prompt_only {
+            usage.total_tokens -= usage.completion_tokens;
+            usage.completion_tokens = 0;
+        }
         serde_json::to_value(CompletionChunk::usage(
             &self.id,
             self.created,

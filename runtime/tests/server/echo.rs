@@ -231,6 +231,53 @@ async fn a_streamed_echo_starts_with_the_prompt_and_adds_up_to_the_whole_respons
     assert_eq!(lps.len(), tokens.len());
 }
 
+/// OpenAI's legacy scoring call: `echo` with `max_tokens: 0` returns the prompt alone, with its
+/// logprobs, no completion tokens in `usage`, streamed or not; without `echo` 0 stays a 400.
+#[tokio::test]
+async fn echo_with_max_tokens_0_scores_the_prompt_alone() {
+    let r = serve();
+    let longer = complete(&r, json!({"logprobs": 1, "echo": true})).await;
+    let only = complete(&r, json!({"logprobs": 1, "echo": true, "max_tokens": 0})).await;
+    let n = only["usage"]["prompt_tokens"].as_u64().unwrap() as usize;
+    let c = &only["choices"][0];
+    assert_eq!(c["text"], PROMPT);
+    assert_eq!(c["finish_reason"], "length");
+    assert_eq!(only["usage"]["completion_tokens"], 0);
+    assert_eq!(only["usage"]["total_tokens"].as_u64(), Some(n as u64));
+    for field in ["tokens", "token_logprobs", "top_logprobs", "text_offset"] {
+        let want = &longer["choices"][0]["logprobs"][field].as_array().unwrap()[..n];
+        assert_eq!(
+            c["logprobs"][field].as_array().unwrap()[..],
+            *want,
+            "{field}"
+        );
+    }
+    let body = json!({"model": MODEL, "prompt": PROMPT, "max_tokens": 0, "echo": true,
+        "logprobs": 1, "stream": true, "stream_options": {"include_usage": true}});
+    let (s, _, text) = call(&r, "POST", "/v1/completions", Some(body), None).await;
+    assert_eq!(s, StatusCode::OK, "{text}");
+    let chunks: Vec<Value> = sse_data(&text)
+        .iter()
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let streamed: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"].get(0)?["text"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(streamed, PROMPT);
+    let usage = &chunks.last().unwrap()["usage"];
+    assert_eq!(usage["completion_tokens"], 0, "{usage}");
+    let (s, b) = post(
+        &r,
+        "/v1/completions",
+        json!({"model": MODEL, "prompt": PROMPT, "max_tokens": 0}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
+    assert_eq!(b["error"]["param"], "max_tokens");
+}
+
 #[tokio::test]
 async fn misused_prompt_logprobs_and_echo_are_400s_naming_the_field() {
     let r = serve();

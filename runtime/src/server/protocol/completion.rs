@@ -13,7 +13,8 @@ pub struct CompletionRequest {
     #[serde(default)]
     pub model: Option<String>,
     pub prompt: Prompt,
-    /// OpenAI's default for this endpoint is 16.
+    /// OpenAI's default for this endpoint is 16; 0 only with `echo` (the prompt alone, scored
+    /// with `logprobs`).
     pub max_tokens: Option<i64>,
     pub temperature: Option<f64>,
     pub top_p: Option<f64>,

@@ -151,6 +151,9 @@ pub struct ValidatedCompletionRequest {
     pub params: GenerationParams,
     /// Return each prompt before its completion.
     pub echo: bool,
+    /// `echo` with `max_tokens: 0` (scoring a prompt, as OpenAI's legacy API allowed): the engine
+    /// still computes one token, which is left out of the choice and of `usage`.
+    pub prompt_only: bool,
 }
 
 /// The fields both request kinds share, borrowed from either.
@@ -256,9 +259,12 @@ pub fn validate_completion(
         .map(|k| logprob_count("logprobs", k))
         .transpose()?;
     let prompts = convert_prompt(req.prompt)?;
-    let max_tokens = req
-        .max_tokens
-        .unwrap_or(DEFAULT_COMPLETION_MAX_TOKENS as i64);
+    let echo = req.echo == Some(true);
+    let prompt_only = echo && req.max_tokens == Some(0);
+    let max_tokens = match req.max_tokens {
+        Some(0) if prompt_only => 1,
+        v => v.unwrap_or(DEFAULT_COMPLETION_MAX_TOKENS as i64),
+    };
     let common = Common {
         model: req.model,
         max_tokens: Some(("max_tokens", max_tokens)),
@@ -283,14 +289,14 @@ pub fn validate_completion(
         cache_salt: req.cache_salt,
         constraint: output_constraint(req.response_format, req.structured_outputs)?,
         prompt_logprobs: req.prompt_logprobs,
-        echo: req.echo == Some(true),
+        echo,
     };
-    let echo = common.echo;
     let params = generation_params(common, logprobs)?;
     Ok(ValidatedCompletionRequest {
         prompts,
         params,
         echo,
+        prompt_only,
     })
 }
 
