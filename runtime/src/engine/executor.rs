@@ -235,7 +235,6 @@ impl<B: Backend> Executor<B> {
         }
         self.score(&batch)?;
         let mut result = self.sample(&batch.samplers, masks)?;
-        self.hand_over_prompt_logprobs(&mut result);
         result.slot_fills = slot_fills;
         failed.append(&mut result.failed);
         result.failed = failed;
@@ -339,7 +338,8 @@ impl<B: Backend> Executor<B> {
         order.sort_by_key(|r| token_slots.get(&r.id).copied());
         for r in order {
             let slot = token_slots.get(&r.id).copied();
-            let kv = self.seqs[&r.id].kv.as_ref().ok_or_else(|| {
+            let state = &self.seqs[&r.id];
+            let kv = state.kv.as_ref().ok_or_else(|| {
                 ExecutorError(format!("request {:?} scheduled without data", r.id))
             })?;
             let (start, n) = (r.num_computed_tokens, r.num_scheduled_tokens);
@@ -371,7 +371,7 @@ impl<B: Backend> Executor<B> {
                 plan.logits_indices.push(plan.token_ids.len() - 1);
                 plan.samplers.push(r.id);
             }
-            if let Some(sc) = &self.seqs[&r.id].scoring {
+            if let Some(sc) = &state.scoring {
                 // Position `pos`'s logits predict token `pos + 1`.
                 let first = (start + 1).max(sc.next);
                 let query_start = plan.token_ids.len() - n;
@@ -381,6 +381,7 @@ impl<B: Backend> Executor<B> {
                         flat: query_start + target - 1 - start,
                         target,
                         token: kv.token_ids[target],
+                        top: sc.top,
                     });
                 }
             }
@@ -396,14 +397,7 @@ impl<B: Backend> Executor<B> {
         if batch.scored.is_empty() {
             return Ok(());
         }
-        let targets: Vec<(u32, usize)> = batch
-            .scored
-            .iter()
-            .map(|row| {
-                let top = self.seqs[&row.id].scoring.as_ref().map_or(0, |sc| sc.top);
-                (row.token, top)
-            })
-            .collect();
+        let targets: Vec<(u32, usize)> = batch.scored.iter().map(|r| (r.token, r.top)).collect();
         let scores = self
             .backend
             .score(batch.samplers.len(), &targets)
@@ -415,16 +409,6 @@ impl<B: Backend> Executor<B> {
             }
         }
         Ok(())
-    }
-
-    /// Moves the prompt logprobs of the requests that sampled this step (their prompt is
-    /// complete) into `result`.
-    fn hand_over_prompt_logprobs(&mut self, result: &mut ExecuteResult) {
-        for id in result.samples.keys() {
-            if let Some(sc) = self.seqs.get_mut(id).and_then(|s| s.scoring.take()) {
-                result.prompt_logprobs.insert(*id, sc.scored);
-            }
-        }
     }
 
     /// Samples the rows of `ids` (in logits-row order) on the backend and appends the tokens.
@@ -474,6 +458,10 @@ impl<B: Backend> Executor<B> {
                 }
                 if let Some(kv) = state.kv.as_mut() {
                     kv.token_ids.push(sampled.token_id);
+                }
+                // A request samples once its prompt is complete: its prompt logprobs go out.
+                if let Some(sc) = state.scoring.take() {
+                    result.prompt_logprobs.insert(*id, sc.scored);
                 }
             }
             result.step.sampled.push((*id, sampled.token_id));
@@ -528,12 +516,13 @@ struct BatchPlan {
 }
 
 /// One scored prompt position: the logits of flattened row `flat` against prompt token
-/// `target` (`token`).
+/// `target` (`token`), with `top` alternatives.
 struct ScoredRow {
     id: RequestId,
     flat: usize,
     target: usize,
     token: u32,
+    top: usize,
 }
 
 struct PlannedSeq {

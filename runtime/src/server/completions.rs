@@ -102,13 +102,15 @@ pub async fn completions(
         log.texts = Some((text.collect::<Vec<_>>().join("\n"), String::new()));
     }
     let n = v.params.n;
-    // Each choice's echoed prompt: its text as sent (token ids decoded) and its ids.
-    let echoes: Vec<Option<Echo>> = (0..streams.len())
-        .map(|i| {
-            let p = i / n;
+    // Each prompt as `echo` returns it: its text as sent (token ids decoded) and its ids.
+    let echoes: Vec<Option<Echo>> = inputs
+        .iter()
+        .zip(&prompts)
+        .map(|(input, ids)| {
             v.echo.then(|| Echo {
-                text: echo_text(&state.tokenizer, &inputs[p], &prompts[p]),
-                ids: prompts[p].clone(),
+                text: echo_text(&state.tokenizer, input, ids),
+                ids: ids.clone(),
+                scored: Vec::new(),
             })
         })
         .collect();
@@ -121,9 +123,8 @@ pub async fn completions(
             logprobs: v.params.sampling.logprobs.is_some(),
             tokenizer: state.tokenizer.clone(),
             offsets: vec![0; streams.len()],
-            scored: vec![Vec::new(); streams.len()],
             echo_top: v.params.prompt_scoring.echo,
-            echoes,
+            echoes: (0..streams.len()).map(|i| echoes[i / n].clone()).collect(),
             prompt_only: v.prompt_only,
         };
         return Ok(
@@ -137,26 +138,19 @@ pub async fn completions(
     let scoring = v.params.prompt_scoring;
     let choices = outs
         .into_iter()
-        .zip(echoes)
         .enumerate()
-        .map(|(i, (o, echo))| {
+        .map(|(i, o)| {
             let scored = o.prompt_logprobs.unwrap_or_default();
-            let ids = &prompts[i / n];
             let listed = scoring
                 .listed
-                .map(|k| listed_prompt_logprobs(tok, ids, &scored, k));
-            let (text, logprobs) = match echo {
-                None => (o.text, completion_logprobs(tok, &o.tokens, 0)),
-                Some(e) if v.prompt_only => {
-                    let prompt = scoring.echo.map(|k| echo_logprobs(tok, &e.ids, &scored, k));
-                    (e.text, prompt)
-                }
-                Some(e) => {
-                    let generated = completion_logprobs(tok, &o.tokens, e.text.len());
-                    let prompt = scoring.echo.map(|k| echo_logprobs(tok, &e.ids, &scored, k));
-                    (e.text + &o.text, joined(prompt, generated))
-                }
+                .map(|k| listed_prompt_logprobs(tok, &prompts[i / n], &scored, k));
+            let echo = echoes[i / n].clone().map(|e| Echo { scored, ..e });
+            let (text, tokens) = if v.prompt_only {
+                (String::new(), &[][..])
+            } else {
+                (o.text, &o.tokens[..])
             };
+            let (text, logprobs) = with_echo(tok, echo, scoring.echo, text, tokens, 0);
             // Nothing generated: the answer ends at its (zero) length.
             let finish_reason = if v.prompt_only {
                 FinishReason::Length
@@ -189,9 +183,12 @@ pub async fn completions(
 }
 
 /// A choice's prompt, returned before its completion (`echo`).
+#[derive(Clone)]
 struct Echo {
     text: String,
     ids: Vec<u32>,
+    /// Its tokens' logprobs (`[i]` scores token `i + 1`), when asked for.
+    scored: Vec<PromptLogprob>,
 }
 
 /// The text `echo` returns for a prompt: as sent, or its token ids decoded (special tokens
@@ -203,18 +200,29 @@ fn echo_text(tok: &Tokenizer, input: &PromptInput, ids: &[u32]) -> String {
     }
 }
 
-/// The logprobs of an echoed prompt followed by the completion's.
-fn joined(
-    prompt: Option<CompletionLogprobs>,
-    generated: Option<CompletionLogprobs>,
-) -> Option<CompletionLogprobs> {
-    match (prompt, generated) {
-        (Some(mut p), Some(g)) => {
-            p.extend(g);
-            Some(p)
+/// A choice's text and `logprobs`: `text` and `tokens` (whose text starts at byte `offset` of
+/// the choice), after `echo`'s prompt when there is one, whose tokens lead `logprobs` with
+/// `top` alternatives when `echo` came with `logprobs`.
+fn with_echo(
+    tok: &Tokenizer,
+    echo: Option<Echo>,
+    top: Option<usize>,
+    text: String,
+    tokens: &[SampledToken],
+    offset: usize,
+) -> (String, Option<CompletionLogprobs>) {
+    let Some(echo) = echo else {
+        return (text, completion_logprobs(tok, tokens, offset));
+    };
+    let generated = completion_logprobs(tok, tokens, offset + echo.text.len());
+    let logprobs = match top.map(|k| echo_logprobs(tok, &echo.ids, &echo.scored, k)) {
+        Some(mut prompt) => {
+            prompt.extend(generated.unwrap_or_default());
+            Some(prompt)
         }
-        (p, g) => p.or(g),
-    }
+        None => generated,
+    };
+    (echo.text + &text, logprobs)
 }
 
 /// Completion chunks: `choices[].text` deltas; with `echo`, a choice's first chunk starts with
@@ -228,12 +236,10 @@ struct CompletionFormat {
     tokenizer: Arc<Tokenizer>,
     /// Bytes of text sent so far per choice (logprobs' `text_offset`).
     offsets: Vec<usize>,
-    /// Prompts still to echo, per choice.
+    /// Prompts still to echo, per choice (with their logprobs once they arrive).
     echoes: Vec<Option<Echo>>,
     /// `echo` with `logprobs`: the alternatives per prompt token.
     echo_top: Option<usize>,
-    /// Prompt logprobs received per choice, until its prompt is echoed.
-    scored: Vec<Vec<PromptLogprob>>,
     /// `echo` with `max_tokens: 0`: the computed token is left out.
     prompt_only: bool,
 }
@@ -251,28 +257,14 @@ impl ChunkFormat for CompletionFormat {
         finish: Option<FinishReason>,
     ) -> serde_json::Value {
         let i = index as usize;
-        let tok = &self.tokenizer;
         let start = self.offsets.get(i).copied().unwrap_or(0);
-        let mut offset = start;
-        let (mut text, tokens, finish) = if self.prompt_only {
+        let (text, tokens, finish) = if self.prompt_only {
             (String::new(), &[][..], finish.map(|_| FinishReason::Length))
         } else {
             (text, tokens, finish)
         };
-        let mut echoed = None;
-        if let Some(echo) = self.echoes.get_mut(i).and_then(Option::take) {
-            let scored = self
-                .scored
-                .get_mut(i)
-                .map(std::mem::take)
-                .unwrap_or_default();
-            echoed = self
-                .echo_top
-                .map(|k| echo_logprobs(tok, &echo.ids, &scored, k));
-            offset += echo.text.len();
-            text = echo.text + &text;
-        }
-        let logprobs = joined(echoed, completion_logprobs(tok, tokens, offset));
+        let echo = self.echoes.get_mut(i).and_then(Option::take);
+        let (text, logprobs) = with_echo(&self.tokenizer, echo, self.echo_top, text, tokens, start);
         if let Some(o) = self.offsets.get_mut(i) {
             *o = start + text.len();
         }
@@ -294,8 +286,8 @@ impl ChunkFormat for CompletionFormat {
     }
 
     fn prompt_scored(&mut self, index: u32, scored: Vec<PromptLogprob>) {
-        if let Some(s) = self.scored.get_mut(index as usize) {
-            *s = scored;
+        if let Some(Some(echo)) = self.echoes.get_mut(index as usize) {
+            echo.scored = scored;
         }
     }
 

@@ -7,7 +7,7 @@ use axum::http::StatusCode;
 use caduceus_runtime::server::app;
 use serde_json::{json, Value};
 
-use super::support::server_app::{call, sse_data, TestServer};
+use super::support::server_app::{call, sse_chunks, with_fields, TestServer};
 use super::{post, MODEL};
 
 fn serve() -> axum::Router {
@@ -17,12 +17,9 @@ fn serve() -> axum::Router {
 const PROMPT: &str = "The heart pumps blood";
 
 async fn complete(r: &axum::Router, extra: Value) -> Value {
-    let mut body = json!({"model": MODEL, "prompt": PROMPT, "max_tokens": 4, "temperature": 0,
+    let body = json!({"model": MODEL, "prompt": PROMPT, "max_tokens": 4, "temperature": 0,
         "ignore_eos": true});
-    body.as_object_mut()
-        .unwrap()
-        .extend(extra.as_object().unwrap().clone());
-    let (s, b) = post(r, "/v1/completions", body).await;
+    let (s, b) = post(r, "/v1/completions", with_fields(body, extra)).await;
     assert_eq!(s, StatusCode::OK, "{b}");
     b
 }
@@ -202,11 +199,7 @@ async fn a_streamed_echo_starts_with_the_prompt_and_adds_up_to_the_whole_respons
         "ignore_eos": true, "logprobs": 1, "echo": true, "stream": true});
     let (s, _, text) = call(&r, "POST", "/v1/completions", Some(body), None).await;
     assert_eq!(s, StatusCode::OK, "{text}");
-    let chunks: Vec<Value> = sse_data(&text)
-        .iter()
-        .filter(|d| *d != "[DONE]")
-        .map(|d| serde_json::from_str(d).unwrap())
-        .collect();
+    let chunks = sse_chunks(&text);
     let first = chunks[0]["choices"][0]["text"].as_str().unwrap();
     assert!(first.starts_with(PROMPT), "{first:?}");
     let mut joined = String::new();
@@ -256,11 +249,7 @@ async fn echo_with_max_tokens_0_scores_the_prompt_alone() {
         "logprobs": 1, "stream": true, "stream_options": {"include_usage": true}});
     let (s, _, text) = call(&r, "POST", "/v1/completions", Some(body), None).await;
     assert_eq!(s, StatusCode::OK, "{text}");
-    let chunks: Vec<Value> = sse_data(&text)
-        .iter()
-        .filter(|d| *d != "[DONE]")
-        .map(|d| serde_json::from_str(d).unwrap())
-        .collect();
+    let chunks = sse_chunks(&text);
     let streamed: String = chunks
         .iter()
         .filter_map(|c| c["choices"].get(0)?["text"].as_str().map(str::to_owned))
@@ -282,19 +271,15 @@ async fn echo_with_max_tokens_0_scores_the_prompt_alone() {
 async fn misused_prompt_logprobs_and_echo_are_400s_naming_the_field() {
     let r = serve();
     let completion = |extra: Value| {
-        let mut body = json!({"model": MODEL, "prompt": PROMPT, "max_tokens": 1});
-        body.as_object_mut()
-            .unwrap()
-            .extend(extra.as_object().unwrap().clone());
-        body
+        with_fields(
+            json!({"model": MODEL, "prompt": PROMPT, "max_tokens": 1}),
+            extra,
+        )
     };
     let chat = |extra: Value| {
-        let mut body = json!({"model": MODEL, "max_tokens": 1,
+        let body = json!({"model": MODEL, "max_tokens": 1,
             "messages": [{"role": "user", "content": "Hi"}]});
-        body.as_object_mut()
-            .unwrap()
-            .extend(extra.as_object().unwrap().clone());
-        body
+        with_fields(body, extra)
     };
     let cases = [
         (

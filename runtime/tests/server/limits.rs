@@ -6,17 +6,14 @@ use caduceus_runtime::server::app;
 use caduceus_runtime::server::protocol::UNSUPPORTED_FIELDS;
 use serde_json::{json, Value};
 
-use crate::support::server_app::{call, TestServer};
+use crate::support::server_app::{call, with_fields, TestServer};
 
 #[tokio::test]
 async fn unimplemented_fields_and_oversized_stops_get_a_400_naming_the_field() {
     let r = app(TestServer::default().state());
     let chat = |extra: Value| {
-        let mut body = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1});
-        for (k, v) in extra.as_object().unwrap() {
-            body[k] = v.clone();
-        }
-        body
+        let body = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1});
+        with_fields(body, extra)
     };
     let cases = [
         (json!({"functions": [{"name": "f"}]}), "functions"),

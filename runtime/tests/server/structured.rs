@@ -9,7 +9,7 @@ use axum::Router;
 use caduceus_runtime::server::app;
 use serde_json::{json, Value};
 
-use super::support::server_app::{sse_data, TestServer, MODEL};
+use super::support::server_app::{sse_chunks, with_fields, TestServer, MODEL};
 use super::{assert_error, post};
 
 /// The tiny model with room for tool lists and whole documents (its random weights spell
@@ -137,14 +137,11 @@ fn schemas() -> Vec<Value> {
 }
 
 fn chat(schema: &Value, extra: Value) -> Value {
-    let mut body = json!({"model": MODEL, "max_tokens": 300, "temperature": 1.0, "seed": 3,
+    let body = json!({"model": MODEL, "max_tokens": 300, "temperature": 1.0, "seed": 3,
         "messages": [{"role": "user", "content": "I have chest pain, what should I do?"}],
         "response_format": {"type": "json_schema",
                             "json_schema": {"name": "triage", "schema": schema, "strict": true}}});
-    for (k, v) in extra.as_object().unwrap() {
-        body[k] = v.clone();
-    }
-    body
+    with_fields(body, extra)
 }
 
 fn check_json(text: &str, schema: &Value) {
@@ -176,8 +173,7 @@ async fn json_schema_answers_always_parse_and_validate() {
             super::support::server_app::call(&r, "POST", "/v1/completions", Some(body), None).await;
         assert_eq!(s, StatusCode::OK, "{raw}");
         let mut text = String::new();
-        for d in sse_data(&raw).iter().filter(|d| *d != "[DONE]") {
-            let c: Value = serde_json::from_str(d).unwrap();
+        for c in sse_chunks(&raw) {
             text.push_str(c["choices"][0]["text"].as_str().unwrap_or_default());
         }
         check_json(&text, schema);
@@ -362,12 +358,9 @@ async fn bad_grammars_are_400s_naming_the_field_and_the_server_keeps_serving() {
         ),
     ];
     for (extra, param) in bad {
-        let mut body = json!({"model": MODEL, "max_tokens": 5,
+        let body = json!({"model": MODEL, "max_tokens": 5,
             "messages": [{"role": "user", "content": "hi"}]});
-        for (k, v) in extra.as_object().unwrap() {
-            body[k] = v.clone();
-        }
-        let (s, b) = post(&r, "/v1/chat/completions", body).await;
+        let (s, b) = post(&r, "/v1/chat/completions", with_fields(body, extra.clone())).await;
         let shown: String = extra.to_string().chars().take(200).collect();
         assert_eq!(s, StatusCode::BAD_REQUEST, "{shown}: {b}");
         assert_error(&b, "invalid_request_error", Some(param));
@@ -439,8 +432,7 @@ async fn tool_calls_come_back_whole_and_streamed() {
         .await;
         assert_eq!(s, StatusCode::OK);
         let (mut id, mut name, mut args, mut finish) = (None, String::new(), String::new(), None);
-        for d in sse_data(&raw).iter().filter(|d| *d != "[DONE]") {
-            let chunk: Value = serde_json::from_str(d).unwrap();
+        for chunk in sse_chunks(&raw) {
             let ch = &chunk["choices"][0];
             if let Some(f) = ch["finish_reason"].as_str() {
                 finish = Some(f.to_owned());

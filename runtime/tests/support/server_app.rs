@@ -186,6 +186,23 @@ pub fn sse_data(body: &str) -> Vec<String> {
         .collect()
 }
 
+/// The JSON chunks of an SSE body, `[DONE]` left out.
+pub fn sse_chunks(body: &str) -> Vec<Value> {
+    sse_data(body)
+        .iter()
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect()
+}
+
+/// `body` with each field of `extra` set on it (a request with a few fields changed).
+pub fn with_fields(mut body: Value, extra: Value) -> Value {
+    for (k, v) in extra.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    body
+}
+
 /// Sends one request to `router` in-process; returns status, headers and body text.
 pub async fn call(
     router: &Router,
