@@ -19,8 +19,8 @@ adapters. Required (exit status 1 otherwise):
   * the GPU server's start log shows the memory plan, the decode graphs and the adapter slots;
     `/metrics` carries the logged `num_gpu_blocks` in `caduceus_cache_config_info` and 48
     generated tokens for each doctor;
-  * `echo` with `logprobs` (prompt logprobs) answers on the CPU server, and on the GPU server,
-    which does not compute prompt logprobs yet, is a 400 naming `echo`;
+  * `echo` with `logprobs` (prompt logprobs, an evaluation's scoring call) for each model and
+    prompt, sent at once: the prompt tokens' logprobs equal the CPU server's within 0.05;
   * both servers drain and exit 0 on SIGTERM.
 `--emulated` sets CAD_TEST_EMULATED_GPU=1: a test build (feature gpu-emu) then runs DEVICE in the
 kernels' host emulation (runtime/tests/serve_gpu_emulated.rs, in CI); without it DEVICE is the
@@ -142,14 +142,25 @@ port = {self.port}
         with concurrent.futures.ThreadPoolExecutor(len(jobs)) as ex:
             return list(ex.map(one, jobs))
 
-    def echo_status(self, prompt):
-        """`echo` with `logprobs` (prompt logprobs): the status, and the logprobs' token count."""
-        body = {"model": "model", "prompt": prompt, "max_tokens": 1, "logprobs": 1, "echo": True}
-        status, text = http(self.port, "/v1/completions", body)
-        reply = json.loads(text)
-        if status == 200:
-            return status, len(reply["choices"][0]["logprobs"]["tokens"])
-        return status, reply.get("error", {}).get("param")
+    def echo_all(self, prompts):
+        """`echo` with `logprobs` (prompt logprobs) for every model and prompt at once: each
+        prompt's (tokens, token_logprobs), or the HTTP status and error when refused."""
+
+        def one(job):
+            model, prompt = job
+            body = {"model": model, "prompt": prompt, "max_tokens": 1, "logprobs": 1,
+                    "echo": True, "temperature": 0}
+            status, text = http(self.port, "/v1/completions", body)
+            reply = json.loads(text)
+            if status != 200:
+                return status, reply.get("error", {}).get("param")
+            lp = reply["choices"][0]["logprobs"]
+            n = len(prompt)
+            return lp["tokens"][:n], lp["token_logprobs"][:n]
+
+        jobs = [(m, p) for m in MODELS for p in prompts]
+        with concurrent.futures.ThreadPoolExecutor(len(jobs)) as ex:
+            return list(ex.map(one, jobs))
 
     def stop(self):
         self.proc.send_signal(signal.SIGTERM)
@@ -189,7 +200,7 @@ def main():
     with tempfile.TemporaryDirectory() as work:
         cpu = Server(args, work, "cpu", "cpu", "auto", "f32", False)
         want = cpu.complete_all(prompts)
-        cpu_echo = cpu.echo_status(prompts[0])
+        cpu_echo = cpu.echo_all(prompts)
         cpu_exit = cpu.stop()
         if cpu_exit != 0:
             failures.append(f"the CPU server exited {cpu_exit} on SIGTERM")
@@ -198,19 +209,27 @@ def main():
         t0 = time.time()
         got = gpu.complete_all(prompts)
         seconds = time.time() - t0
-        gpu_echo = gpu.echo_status(prompts[0])
         status, metrics = http(gpu.port, "/metrics")
+        gpu_echo = gpu.echo_all(prompts)
         gpu_exit = gpu.stop()
         if gpu_exit != 0:
             failures.append(f"the GPU server exited {gpu_exit} on SIGTERM")
         log = gpu.log_text()
 
-    # Prompt logprobs: the CPU engine computes them; the CUDA engine does not yet, and says so
-    # with a 400 naming the field rather than answering without them.
-    if cpu_echo != (200, len(prompts[0]) + 1):
-        failures.append(f"the CPU server's echo with logprobs: {cpu_echo}")
-    if gpu_echo != (400, "echo"):
-        failures.append(f"the GPU server's echo with logprobs: {gpu_echo}, not a 400 naming echo")
+    # Prompt logprobs: each position (the first has none) within the logprob tolerance.
+    echo_rows = []
+    jobs = [(m, i) for m in MODELS for i in range(len(prompts))]
+    for (model, i), g, w in zip(jobs, gpu_echo, cpu_echo):
+        if not isinstance(g[0], list) or not isinstance(w[0], list):
+            failures.append(f"echo {model} prompt {i}: GPU {g}, CPU {w}")
+            continue
+        if g[0] != w[0] or g[1][0] is not None or len(g[1]) != len(prompts[i]):
+            failures.append(f"echo {model} prompt {i}: tokens {g[0]} vs the CPU's {w[0]}")
+            continue
+        diff = max(abs(a - b) for a, b in zip(g[1][1:], w[1][1:]))
+        echo_rows.append({"model": model, "prompt": i, "max_logprob_diff": round(diff, 5)})
+        if diff > LOGPROB_TOL:
+            failures.append(f"echo {model} prompt {i}: prompt logprobs differ by {diff:.4f}")
     for line in START_LINES:
         if line not in log:
             failures.append(f"no `{line}` in the GPU server's log")
@@ -269,7 +288,7 @@ def main():
         "emulated": args.emulated,
         "num_gpu_blocks": blocks,
         "completions_seconds": round(seconds, 2),
-        "echo_with_logprobs": {"cpu": cpu_echo, "gpu": gpu_echo},
+        "echo_with_logprobs": echo_rows,
         "rows": rows,
         "failures": failures,
         "pass": not failures,

@@ -4,8 +4,9 @@
 //! on the shared tiny Llama in f16 with both PEFT doctors in two device slots, and the same binary
 //! on the CPU (f32) as the reference. Nine greedy completions over the base model and the two
 //! doctors go in at once, so batches mix adapters on the device; each must come back with the
-//! CPU server's text, tokens and (within f16 rounding) logprobs. The GPU server's start (memory
-//! plan, graphs, adapter slots), `/metrics` and drain on SIGTERM are checked too.
+//! CPU server's text, tokens and (within f16 rounding) logprobs; then each scores each prompt
+//! (`echo` with `logprobs`) as the CPU server does. The GPU server's start (memory plan, graphs,
+//! adapter slots), `/metrics` and drain on SIGTERM are checked too.
 //!
 //! The script is the one definition of this check: `scripts/gpu-check serve` runs it against the
 //! carried release binary on a real GPU.
@@ -43,4 +44,9 @@ fn serve_on_the_gpu_engine_answers_as_the_cpu_server_with_mixed_adapters() {
     let summary: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(summary["pass"], true);
     assert_eq!(summary["rows"].as_array().map(Vec::len), Some(9));
+    // Each model scored each prompt (`echo` with `logprobs`) as the CPU server does.
+    assert_eq!(
+        summary["echo_with_logprobs"].as_array().map(Vec::len),
+        Some(9)
+    );
 }

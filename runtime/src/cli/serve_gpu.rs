@@ -11,7 +11,7 @@ use caduceus_kernels::gpu::{DType, Device};
 use super::serve::{root_name, serve, served_name, ServedModel};
 use crate::adapters::SlotFormat;
 use crate::config::{AdapterDtype, AttentionKernelSetting, CaduceusConfig, Dtype, GemmSetting};
-use crate::engine::{EngineCore, SlotSpec};
+use crate::engine::{scored_rows_per_step, EngineCore, SlotSpec};
 use crate::gpu::lora::{adapter_pool, adapter_pool_bytes};
 use crate::gpu::memory_plan::{check_weights_fit, llama_weight_bytes};
 use crate::gpu::model::GpuModel;
@@ -133,6 +133,9 @@ pub(super) fn run(config: CaduceusConfig, dev: Device) -> anyhow::Result<()> {
         programmatic_launch = programmatic,
         "GPU kernels (model.attention_kernel, model.gemm, model.programmatic_launch)"
     );
+    // Prompt logprobs: as many rows per step as the CPU engine scores.
+    let max_scored_rows =
+        scored_rows_per_step(model.config().vocab_size).min(sched.max_num_batched_tokens);
     let backend = GpuBackend::new(
         model,
         GpuBackendConfig {
@@ -142,6 +145,7 @@ pub(super) fn run(config: CaduceusConfig, dev: Device) -> anyhow::Result<()> {
             step: StepLimits {
                 max_num_batched_tokens: sched.max_num_batched_tokens,
                 max_num_seqs: sched.max_num_seqs,
+                max_scored_rows,
                 max_model_len,
             },
             cuda_graph_max_batch,

@@ -42,6 +42,16 @@ pub struct SlotSpec {
     pub format: SlotFormat,
 }
 
+/// Bytes of kept logits for scored prompt positions per step, as the f32 rows they are scored
+/// from: 64 MiB is 341 rows of a 49k vocabulary, 130 of a 128k one.
+const SCORED_LOGITS_BYTES: usize = 64 << 20;
+
+/// Prompt positions a backend scores per step ([`Backend::max_scored_rows`]) for a vocabulary
+/// of `vocab`: what [`SCORED_LOGITS_BYTES`] holds, at least one.
+pub fn scored_rows_per_step(vocab: usize) -> usize {
+    (SCORED_LOGITS_BYTES / (vocab.max(1) * std::mem::size_of::<f32>())).max(1)
+}
+
 /// Hardware for the engine (see the module docs). Calls come from the engine thread, in order:
 /// `forward` then `sample` for each step; the executor computes grammar masks on other threads
 /// while `forward` runs (so a backend is `Send`).

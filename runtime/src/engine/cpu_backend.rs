@@ -5,19 +5,15 @@ use std::ops::Deref;
 
 use caduceus_kernels::lora::Segment;
 
-use super::backend::{Backend, BackendError, RowOutcome, SlotSpec};
+use super::backend::{scored_rows_per_step, Backend, BackendError, RowOutcome, SlotSpec};
 use super::failure::RequestFailure;
 use crate::adapters::LoadedAdapter;
 use crate::kv_cache::KvCache;
 use crate::model::config::LlamaConfig;
 use crate::model::{ForwardBatch, LlamaModel, LoraBatch, LoraStack};
-use crate::sampling::{sample_row, score_token, PromptLogprob, RowSample, RowScratch};
+use crate::sampling::{sample_row, score_rows, PromptLogprob, RowSample, RowScratch};
 
 const NAME: &str = "cpu";
-
-/// Bytes of kept logits for scored prompt positions per step (a vocabulary-sized f32 row
-/// each): 64 MiB is 341 rows of a 49k vocabulary, 130 of a 128k one.
-const SCORED_LOGITS_BYTES: usize = 64 << 20;
 
 /// The model `M` (owned, `Arc` or borrowed) on the CPU.
 pub struct CpuBackend<M> {
@@ -139,8 +135,7 @@ impl<M: Deref<Target = LlamaModel> + Send> Backend for CpuBackend<M> {
     }
 
     fn max_scored_rows(&self) -> usize {
-        let row = self.model.config().vocab_size.max(1) * std::mem::size_of::<f32>();
-        (SCORED_LOGITS_BYTES / row).max(1)
+        scored_rows_per_step(self.model.config().vocab_size)
     }
 
     fn score(
@@ -151,8 +146,9 @@ impl<M: Deref<Target = LlamaModel> + Send> Backend for CpuBackend<M> {
         let vocab = self.model.config().vocab_size;
         let rows = self
             .logits
-            .get(first * vocab..(first + targets.len()) * vocab);
-        let rows = rows.ok_or_else(|| {
+            .get(first * vocab..(first + targets.len()) * vocab)
+            .and_then(|rows| score_rows(rows, vocab, targets));
+        rows.ok_or_else(|| {
             BackendError::new(
                 NAME,
                 format!(
@@ -161,12 +157,7 @@ impl<M: Deref<Target = LlamaModel> + Send> Backend for CpuBackend<M> {
                     self.logits.len()
                 ),
             )
-        })?;
-        Ok(rows
-            .chunks_exact(vocab)
-            .zip(targets)
-            .map(|(row, &(token, n))| score_token(row, token, n))
-            .collect())
+        })
     }
 
     #[cfg(feature = "fault-injection")]

@@ -23,7 +23,7 @@ mod step_time;
 mod stop;
 mod watchdog;
 
-pub use backend::{Backend, BackendError, RowOutcome, SlotSpec};
+pub use backend::{scored_rows_per_step, Backend, BackendError, RowOutcome, SlotSpec};
 pub use cpu_backend::CpuBackend;
 pub use device_slots::SlotFill;
 pub use engine_core::{EngineCore, EngineError, RunError, StepStats};

@@ -9,9 +9,7 @@
 //! runs are in docs/benchmarking.md).
 
 use caduceus_kernels::gpu::lora::DecodeLoraMapping;
-#[cfg(feature = "fault-injection")]
-use caduceus_kernels::gpu::DType;
-use caduceus_kernels::gpu::{Device, GpuError};
+use caduceus_kernels::gpu::{DType, Device, GpuError};
 use caduceus_kernels::lora::Segment;
 
 use super::adapter_copies::AdapterCopies;
@@ -25,7 +23,7 @@ use crate::adapters::{LoadedAdapter, PreparedAdapter};
 use crate::engine::{Backend, BackendError, RowOutcome, SlotSpec};
 use crate::model::config::LlamaConfig;
 use crate::model::ForwardBatch;
-use crate::sampling::RowSample;
+use crate::sampling::{score_rows, PromptLogprob, RowSample};
 
 const NAME: &str = "cuda";
 
@@ -215,13 +213,43 @@ impl GpuBackend {
         self.plan
     }
 
+    /// Rows `first..first + targets.len()` of the last forward's logits, scored on the host:
+    /// they come back in the model dtype and are widened to f32, then scored with the CPU
+    /// engine's arithmetic ([`score_rows`]). Prompt logprobs are rare (evaluations), so one
+    /// copy of at most `max_scored_rows` rows per step is cheaper than a kernel of their own.
+    fn score_on_host(
+        &self,
+        first: usize,
+        targets: &[(u32, usize)],
+    ) -> Result<Vec<PromptLogprob>, GpuError> {
+        let vocab = self.model.config().vocab_size;
+        let kept = self.logit_rows;
+        let end = first + targets.len();
+        if end > kept {
+            return Err(GpuError::Shape(format!(
+                "rows {first}..{end} to score, the forward kept {kept}"
+            )));
+        }
+        let dt = self.model.dtype();
+        let cell = vocab * dt.size();
+        let view = self.ws.logits().view(first * cell, targets.len() * cell)?;
+        let bits: Vec<u16> = self.model.device().download(&view)?;
+        let widen = |b: u16| match dt {
+            DType::Bf16 => half::bf16::from_bits(b).to_f32(),
+            DType::F16 => half::f16::from_bits(b).to_f32(),
+        };
+        let rows: Vec<f32> = bits.into_iter().map(widen).collect();
+        score_rows(&rows, vocab, targets)
+            .ok_or_else(|| GpuError::Shape(format!("{} logits to score", rows.len())))
+    }
+
     /// Samples every row on the device; a row whose logits hold NaN or inf fails alone.
     fn sample_on_device(&mut self, rows: &[RowSample]) -> Result<Vec<RowOutcome>, GpuError> {
         let n = self.logit_rows;
         if n == 0 {
             return Err(GpuError::Shape("sample before forward".into()));
         }
-        if n != rows.len() {
+        if rows.len() > n {
             return Err(GpuError::Shape(format!(
                 "{} rows to sample, the forward kept {n}",
                 rows.len()
@@ -332,6 +360,18 @@ impl Backend for GpuBackend {
         self.sample_on_device(rows).map_err(err)
     }
 
+    fn max_scored_rows(&self) -> usize {
+        self.ws.limits().max_scored_rows
+    }
+
+    fn score(
+        &mut self,
+        first: usize,
+        targets: &[(u32, usize)],
+    ) -> Result<Vec<PromptLogprob>, BackendError> {
+        self.score_on_host(first, targets).map_err(err)
+    }
+
     #[cfg(feature = "fault-injection")]
     fn poison_logits_row(&mut self, row: usize) -> Result<(), BackendError> {
         let vocab = self.model.config().vocab_size;
@@ -355,5 +395,7 @@ impl Backend for GpuBackend {
 mod copy_tests;
 #[cfg(all(test, feature = "gpu-emu"))]
 mod reference_tests;
+#[cfg(all(test, feature = "gpu-emu"))]
+mod scoring_tests;
 #[cfg(all(test, feature = "gpu-emu"))]
 mod tests;

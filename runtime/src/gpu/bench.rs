@@ -137,6 +137,7 @@ pub fn run_model_parts(
     let limits = StepLimits {
         max_num_batched_tokens: most.max(o.prefill_len).max(1),
         max_num_seqs: most.max(1),
+        max_scored_rows: 0,
         max_model_len: o.context.max(o.prefill_len).max(1),
     };
     let rank = if o.lora_streams > 0 { o.lora_rank } else { 0 };

@@ -216,6 +216,7 @@ fn build_engine(
             step: StepLimits {
                 max_num_batched_tokens: o.max_num_batched_tokens,
                 max_num_seqs: o.max_num_seqs,
+                max_scored_rows: 0,
                 max_model_len: max_len,
             },
             cuda_graph_max_batch: o.cuda_graph_max_batch,

@@ -341,6 +341,7 @@ impl GpuModel {
         let limits = StepLimits {
             max_num_batched_tokens: batch.num_tokens(),
             max_num_seqs: batch.seqs.len().max(batch.logits_indices.len()),
+            max_scored_rows: 0,
             max_model_len: longest.unwrap_or(1).max(1) * bs,
         };
         let rank = lora

@@ -22,8 +22,11 @@ use crate::model::config::LlamaConfig;
 pub struct StepLimits {
     /// Tokens per step (`scheduler.max_num_batched_tokens`).
     pub max_num_batched_tokens: usize,
-    /// Sequences per step, and rows of logits (`scheduler.max_num_seqs`).
+    /// Sequences per step, and rows of sampled logits (`scheduler.max_num_seqs`).
     pub max_num_seqs: usize,
+    /// Rows of logits a step keeps after the sampled ones, for prompt positions it scores
+    /// (prompt logprobs; 0: none, and such requests are refused).
+    pub max_scored_rows: usize,
     /// Longest sequence (`model.max_model_len`): the block-table row length and the decode
     /// attention splits.
     pub max_model_len: usize,
@@ -34,6 +37,8 @@ pub struct StepLimits {
 struct Layout {
     tokens: usize,
     seqs: usize,
+    /// Rows of logits: the sampled ones and the scored ones after them.
+    rows: usize,
     max_blocks: usize,
     ids: usize,
     positions: usize,
@@ -58,6 +63,7 @@ impl Layout {
             limits.max_num_batched_tokens.max(1),
             limits.max_num_seqs.max(1),
         );
+        let rows = s + limits.max_scored_rows;
         let max_blocks = limits.max_model_len.div_ceil(block_size.max(1)).max(1);
         // BGMV: a slot per token. SGMV: (first, len, slot) per tile of the sequences' runs (at
         // most one partial tile each), or, for a decode batch grouped by adapter, per tile (a
@@ -74,13 +80,14 @@ impl Layout {
         let slots = section(t);
         let query_start = section(s + 1);
         let context_len = section(s);
-        let logit_rows = section(s);
+        let logit_rows = section(rows);
         let lora = section(lora_words);
         // Last, so a step uploads only the rows of the sequences it has.
         let tables = section(s * max_blocks);
         Layout {
             tokens: t,
             seqs: s,
+            rows,
             max_blocks,
             ids,
             positions,
@@ -173,8 +180,8 @@ fn buffer_bytes(
         t * d.q_dim * es,                      // attn
         t * 2 * d.ffn * es,                    // gate_up
         t * d.ffn * es,                        // act
-        s * d.hidden * es,                     // picked rows
-        s * d.vocab * es,                      // logits
+        l.rows * d.hidden * es,                // picked rows
+        l.rows * d.vocab * es,                 // logits
         decode,                                // decode attention splits
         t * lora_per_rank * max_lora_rank * 4, // LoRA shrink partial sums
         l.total_words * 4,                     // the step upload

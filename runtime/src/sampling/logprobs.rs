@@ -44,6 +44,27 @@ pub fn score_token(logits: &[f32], token_id: u32, n: usize) -> PromptLogprob {
     }
 }
 
+/// Scores each vocabulary-sized row of `rows` against its target: row `i` against
+/// `targets[i]`, a `(token, number of top logprobs)`. Rows are scored in parallel on the
+/// compute pool (each is a pass over the vocabulary); `None` when `rows` does not hold exactly
+/// one row per target.
+pub fn score_rows(
+    rows: &[f32],
+    vocab: usize,
+    targets: &[(u32, usize)],
+) -> Option<Vec<PromptLogprob>> {
+    use rayon::prelude::*;
+    if vocab == 0 || rows.len() != vocab * targets.len() {
+        return None;
+    }
+    Some(
+        rows.par_chunks_exact(vocab)
+            .zip(targets.par_iter())
+            .map(|(row, &(token, n))| score_token(row, token, n))
+            .collect(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -73,5 +94,27 @@ mod tests {
         // Past the vocabulary: -inf, after every id (a NaN one's -inf too, being the lower id).
         let past = score_token(&logits, 9, 0);
         assert_eq!((past.rank, past.logprob), (6, f32::NEG_INFINITY));
+    }
+
+    #[test]
+    fn rows_scored_together_score_as_each_alone_in_order() {
+        let vocab = 7;
+        let targets: Vec<(u32, usize)> = (0..40).map(|i| ((i * 3 % 7) as u32, i % 4)).collect();
+        let rows: Vec<f32> = (0..vocab * targets.len())
+            .map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.7)
+            .collect();
+        let together = score_rows(&rows, vocab, &targets).expect("one row per target");
+        let alone: Vec<_> = rows
+            .chunks_exact(vocab)
+            .zip(&targets)
+            .map(|(row, &(t, n))| score_token(row, t, n))
+            .collect();
+        assert_eq!(together, alone);
+        assert_eq!(
+            score_rows(&rows[1..], vocab, &targets[..targets.len() - 1]),
+            None
+        );
+        assert_eq!(score_rows(&rows, vocab, &targets[1..]), None);
+        assert_eq!(score_rows(&[], 0, &[]), None);
     }
 }

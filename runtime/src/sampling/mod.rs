@@ -8,7 +8,7 @@ pub mod penalties;
 pub mod row;
 pub mod sampler;
 
-pub use logprobs::{score_token, PromptLogprob};
+pub use logprobs::{score_rows, score_token, PromptLogprob};
 pub use params::{
     SamplingError, SamplingParams, GREEDY_TEMPERATURE_EPS, MAX_LOGIT_BIAS, MAX_LOGPROBS,
 };

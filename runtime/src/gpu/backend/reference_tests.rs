@@ -189,6 +189,7 @@ fn tiny_llama_mixed_adapter_batch_on_the_f16_gpu_engine_generates_peft_greedy_to
                 step: StepLimits {
                     max_num_batched_tokens: 40,
                     max_num_seqs: 16,
+                    max_scored_rows: 0,
                     max_model_len: 256,
                 },
                 // Adapter steps run eagerly; the engine test covers graphs.

@@ -27,7 +27,7 @@ use crate::structured::TokenMask;
 
 pub(super) const DTYPE: DType = DType::F16;
 
-fn config() -> LlamaConfig {
+pub(super) fn config() -> LlamaConfig {
     LlamaConfig::from_hf_json(CONFIG).unwrap()
 }
 
@@ -35,15 +35,16 @@ fn gpu_model() -> GpuModel {
     model_on(Device::emulated())
 }
 
-fn model_on(dev: Device) -> GpuModel {
+pub(super) fn model_on(dev: Device) -> GpuModel {
     let c = config();
     GpuModel::from_tensors(c.clone(), &mut store(&c, DTYPE), dev, DTYPE).unwrap()
 }
 
 /// The step limits of [`sched`].
-const STEP: StepLimits = StepLimits {
+pub(super) const STEP: StepLimits = StepLimits {
     max_num_batched_tokens: 24,
     max_num_seqs: 4,
+    max_scored_rows: 0,
     max_model_len: 128,
 };
 
@@ -84,7 +85,7 @@ fn run<B: Backend>(core: &mut EngineCore<B>, reqs: Vec<EngineRequest>) -> Vec<Ve
         .collect()
 }
 
-fn requests() -> Vec<EngineRequest> {
+pub(super) fn requests() -> Vec<EngineRequest> {
     // Two prompts share a 32-token (two-block) prefix, so the second hits the prefix cache.
     let shared: Vec<u32> = (0..32).map(|i| (i * 29 + 3) % 300).collect();
     let prompts: Vec<Vec<u32>> = vec![
@@ -104,7 +105,7 @@ fn requests() -> Vec<EngineRequest> {
         .collect()
 }
 
-fn sched(num_blocks: usize) -> SchedulerConfig {
+pub(super) fn sched(num_blocks: usize) -> SchedulerConfig {
     SchedulerConfig {
         max_num_seqs: STEP.max_num_seqs,
         // Chunked prefill: the 41-token prompt takes several steps next to decodes.
@@ -487,6 +488,7 @@ fn the_kv_pool_is_what_the_memory_plan_leaves() {
     let step = StepLimits {
         max_num_batched_tokens: 64,
         max_num_seqs: 8,
+        max_scored_rows: 0,
         max_model_len: 128,
     };
     let cfg_with = |gpu_memory_utilization, step| GpuBackendConfig {

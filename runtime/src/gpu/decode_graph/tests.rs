@@ -28,6 +28,7 @@ fn graphs_replay_the_eager_steps(adapters: Option<[Option<u32>; 3]>, mapping: De
     let limits = StepLimits {
         max_num_batched_tokens: 16,
         max_num_seqs: 3,
+        max_scored_rows: 0,
         max_model_len: 64,
     };
     let stack = with_adapters.then(|| {
@@ -135,6 +136,7 @@ fn graphs_without_adapter_slots_leave_adapter_steps_eager() {
     let limits = StepLimits {
         max_num_batched_tokens: 8,
         max_num_seqs: 2,
+        max_scored_rows: 0,
         max_model_len: 32,
     };
     let mut ws = Workspace::new(dev, &c, gpu.dtype(), 16, limits, 16).unwrap();

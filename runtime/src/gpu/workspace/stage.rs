@@ -75,11 +75,11 @@ impl Workspace {
             }
         };
         let l = self.layout;
-        if tokens > l.tokens || seqs > l.seqs || rows > l.seqs {
+        if tokens > l.tokens || seqs > l.seqs || rows > l.rows {
             return bad(format!(
                 "a step of {tokens} tokens, {seqs} sequences and {rows} logits rows exceeds the \
-                 workspace ({} tokens, {} sequences)",
-                l.tokens, l.seqs
+                 workspace ({} tokens, {} sequences, {} logits rows)",
+                l.tokens, l.seqs, l.rows
             ));
         }
         let lora = match (pad_to, segments) {

@@ -19,6 +19,7 @@ const BLOCK: usize = 16;
 const LIMITS: StepLimits = StepLimits {
     max_num_batched_tokens: 32,
     max_num_seqs: 4,
+    max_scored_rows: 0,
     max_model_len: 64,
 };
 
