@@ -16,6 +16,7 @@ use super::ModelArg;
 use crate::engine::{EngineCore, EngineRequest};
 use crate::model::loader::LoadedModel;
 use crate::model::LlamaModel;
+use crate::sampling::SamplingParams;
 use crate::structured::{
     mask_stats, tok_env, CompileLimits, CompiledConstraint, ConstraintCompiler, ConstraintSpec,
 };
@@ -49,6 +50,15 @@ pub struct BenchThroughputArgs {
     /// end within `--output-len`), to measure the cost of grammar masks.
     #[arg(long, default_value_t = 0)]
     constrained: usize,
+    /// Sampling temperature of every request (0, the default: greedy).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Nucleus of every request (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Logprobs (the sampled token's and this many alternatives) for every token.
+    #[arg(long)]
+    logprobs: Option<usize>,
 }
 
 /// The schema `--constrained` requests follow: triage objects, at least 10 000 of them.
@@ -123,6 +133,7 @@ pub fn run_throughput(
     config: SchedulerConfig,
     prompts: &[Vec<u32>],
     output_len: usize,
+    sampling: &SamplingParams,
     constrained: Option<(&Arc<CompiledConstraint>, usize)>,
 ) -> anyhow::Result<ThroughputReport> {
     let mut core = EngineCore::new(model, None, Vec::new(), config)?;
@@ -134,6 +145,7 @@ pub fn run_throughput(
         let mut req = EngineRequest::new(p.clone(), output_len);
         req.ignore_eos = true;
         req.detokenize = false;
+        req.sampling = sampling.clone();
         if let Some((grammar, _)) = constrained.filter(|&(_, n)| i < n) {
             req.constraint = Some(grammar.clone());
         }
@@ -185,6 +197,13 @@ pub fn random_prompts(n: usize, len: usize, vocab: usize, seed: u64) -> Vec<Vec<
 
 /// Runs `caduceus bench-throughput`.
 pub fn run(args: BenchThroughputArgs) -> anyhow::Result<()> {
+    let sampling = SamplingParams {
+        temperature: args.temperature,
+        top_p: args.top_p,
+        logprobs: args.logprobs,
+        ..SamplingParams::default()
+    };
+    sampling.validate()?;
     let loaded = LoadedModel::load(&args.model.model)
         .with_context(|| format!("loading {}", args.model.model.display()))?;
     let model = &loaded.model;
@@ -220,6 +239,7 @@ pub fn run(args: BenchThroughputArgs) -> anyhow::Result<()> {
         config.clone(),
         &prompts,
         args.output_len,
+        &sampling,
         constrained,
     )?;
     let sequential = if args.compare_sequential {
@@ -232,6 +252,7 @@ pub fn run(args: BenchThroughputArgs) -> anyhow::Result<()> {
             seq_config,
             &prompts,
             args.output_len,
+            &sampling,
             constrained,
         )?)
     } else {
@@ -247,10 +268,13 @@ pub fn run(args: BenchThroughputArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{} prompts x ({} in, {} out), threads {}",
+        "{} prompts x ({} in, {} out), temperature {}, top_p {}, logprobs {:?}, threads {}",
         args.num_prompts,
         args.input_len,
         args.output_len,
+        args.temperature,
+        args.top_p,
+        args.logprobs,
         rayon::current_num_threads()
     );
     print_report("batched", &batched);

@@ -1,9 +1,12 @@
 //! The CPU [`Backend`]: the reference model on the host, its f32 paged KV pool and the CPU
-//! adapter slots; samples each row with the shared sampling math.
+//! adapter slots; samples (and scores) rows with the shared sampling math, in parallel on the
+//! compute pool.
 
+use std::cell::RefCell;
 use std::ops::Deref;
 
 use caduceus_kernels::lora::Segment;
+use rayon::prelude::*;
 
 use super::backend::{scored_rows_per_step, Backend, BackendError, RowOutcome, SlotSpec};
 use super::failure::RequestFailure;
@@ -15,13 +18,17 @@ use crate::sampling::{sample_row, score_rows, PromptLogprob, RowSample, RowScrat
 
 const NAME: &str = "cpu";
 
+thread_local! {
+    /// Each compute thread's sampling scratch (vocabulary-sized, reused across steps).
+    static SCRATCH: RefCell<RowScratch> = RefCell::new(RowScratch::default());
+}
+
 /// The model `M` (owned, `Arc` or borrowed) on the CPU.
 pub struct CpuBackend<M> {
     model: M,
     kv: KvCache,
     lora: Option<LoraStack>,
     logits: Vec<f32>,
-    scratch: RowScratch,
 }
 
 impl<M: Deref<Target = LlamaModel>> CpuBackend<M> {
@@ -36,7 +43,6 @@ impl<M: Deref<Target = LlamaModel>> CpuBackend<M> {
             kv,
             lora: None,
             logits: Vec::new(),
-            scratch: RowScratch::default(),
         }
     }
 
@@ -120,16 +126,17 @@ impl<M: Deref<Target = LlamaModel> + Send> Backend for CpuBackend<M> {
                 ),
             ));
         }
-        Ok(self
-            .logits
-            .chunks_exact(vocab)
-            .zip(rows)
+        // Rows are independent (each draws with its own request's number): they are sampled in
+        // parallel on the compute pool, idle between forwards.
+        Ok(self.logits[..rows.len() * vocab]
+            .par_chunks_exact(vocab)
+            .zip(rows.par_iter())
             .map(|(row, r)| {
                 // NaN or inf would sample garbage (or nothing): this request fails alone.
                 if row.iter().any(|l| !l.is_finite()) {
                     return Err(RequestFailure::NonFiniteLogits);
                 }
-                Ok(sample_row(row, r, &mut self.scratch))
+                Ok(SCRATCH.with_borrow_mut(|scratch| sample_row(row, r, scratch)))
             })
             .collect())
     }
