@@ -9,12 +9,12 @@ mod big_prompts;
 mod disconnects;
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use caduceus_runtime::engine::FaultPlan;
 use caduceus_runtime::server::{app, run_server, AppState, Phase, ServeOutcome};
 use serde_json::{json, Value};
+use support::log_capture::{capture_global, text as log_text};
 use support::server_app::{call, sse_data, TestServer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -286,7 +286,7 @@ async fn a_request_past_its_timeout_gets_504_and_is_aborted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_the_engine_dies_health_is_503_and_the_server_stops_with_a_failure() {
-    let log = capture_logs();
+    let log = capture_global();
     // A real fault: the engine thread panics inside the step that schedules this request.
     let cfg = TestServer {
         faults: FaultPlan {
@@ -309,7 +309,7 @@ async fn when_the_engine_dies_health_is_503_and_the_server_stops_with_a_failure(
     assert_eq!(status.as_u16(), 503, "{text}");
     assert!(text.contains("engine_failed"), "{text}");
     // ...and the cause was logged before the server gave up.
-    let log = String::from_utf8_lossy(&log.lock().unwrap()).into_owned();
+    let log = log_text(&log);
     let died = log
         .find("the engine thread panicked")
         .unwrap_or_else(|| panic!("engine death not logged:\n{log}"));
@@ -318,36 +318,6 @@ async fn when_the_engine_dies_health_is_503_and_the_server_stops_with_a_failure(
         .find("the engine thread stopped; refusing requests")
         .unwrap_or_else(|| panic!("server stop not logged:\n{log}"));
     assert!(died < stopped, "{log}");
-}
-
-/// Sends this test binary's log (every thread) to a buffer; the first call installs it.
-fn capture_logs() -> Arc<Mutex<Vec<u8>>> {
-    static BUFFER: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
-    BUFFER
-        .get_or_init(|| {
-            let buffer = Arc::new(Mutex::new(Vec::new()));
-            let writer = buffer.clone();
-            let subscriber = tracing_subscriber::fmt()
-                .with_ansi(false)
-                .with_writer(move || LogWriter(writer.clone()))
-                .finish();
-            tracing::subscriber::set_global_default(subscriber).unwrap();
-            buffer
-        })
-        .clone()
-}
-
-struct LogWriter(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for LogWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
 }
 
 #[tokio::test]

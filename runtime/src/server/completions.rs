@@ -134,6 +134,15 @@ pub async fn completions(
     let outs = collect_all(streams, &mut log, timeout)
         .await
         .inspect_err(|e| log.status = e.status)?;
+    // With `log_prompts`, the first choice's completion (without the prompt `echo` puts
+    // before it).
+    if let (Some(t), Some(o)) = (log.texts.as_mut(), outs.first()) {
+        t.1 = if v.prompt_only {
+            String::new()
+        } else {
+            o.text.clone()
+        };
+    }
     let tok = &state.tokenizer;
     let scoring = v.params.prompt_scoring;
     let choices = outs
@@ -166,9 +175,6 @@ pub async fn completions(
             }
         })
         .collect::<Vec<_>>();
-    if let (Some(t), Some(c)) = (log.texts.as_mut(), choices.first()) {
-        t.1 = c.text.clone();
-    }
     if v.prompt_only {
         log.completion_tokens = 0;
     }
@@ -291,11 +297,7 @@ impl ChunkFormat for CompletionFormat {
         }
     }
 
-    fn usage(&self, mut usage: Usage) -> serde_json::Value {
-        if self.prompt_only {
-            usage.total_tokens -= usage.completion_tokens;
-            usage.completion_tokens = 0;
-        }
+    fn usage(&self, usage: Usage) -> serde_json::Value {
         serde_json::to_value(CompletionChunk::usage(
             &self.id,
             self.created,
@@ -307,5 +309,8 @@ impl ChunkFormat for CompletionFormat {
 
     fn wants_logprobs(&self) -> bool {
         self.logprobs
+    }
+    fn counts_completion(&self) -> bool {
+        !self.prompt_only
     }
 }

@@ -37,6 +37,12 @@ pub trait ChunkFormat: Send + 'static {
     }
     /// The final usage chunk.
     fn usage(&self, usage: Usage) -> serde_json::Value;
+    /// Whether the generated tokens are the answer's (false for `echo` with `max_tokens: 0`,
+    /// whose one computed token is left out of the chunks, `usage`, the request log and its
+    /// metrics).
+    fn counts_completion(&self) -> bool {
+        true
+    }
     /// Whether logprobs were asked for (tokens then travel even with empty text).
     fn wants_logprobs(&self) -> bool;
 }
@@ -109,7 +115,7 @@ async fn pump<F: ChunkFormat>(
             let _ = tx.send(error_event(&err)).await;
             return;
         }
-        if let Some((_, completion)) = log.texts.as_mut() {
+        if let Some((_, completion)) = log.texts.as_mut().filter(|_| format.counts_completion()) {
             completion.push_str(&out.text);
         }
         if let Some(scored) = out.prompt_logprobs.take() {
@@ -133,6 +139,9 @@ async fn pump<F: ChunkFormat>(
         if tx.send(event(&chunk)).await.is_err() {
             return;
         }
+    }
+    if !format.counts_completion() {
+        log.completion_tokens = 0;
     }
     if include_usage {
         let usage = Usage::new(log.prompt_tokens, log.completion_tokens)

@@ -7,6 +7,7 @@ use axum::http::StatusCode;
 use caduceus_runtime::server::app;
 use serde_json::{json, Value};
 
+use super::support::log_capture::{capture_global, text as log_text};
 use super::support::server_app::{call, sse_chunks, with_fields, TestServer};
 use super::{post, MODEL};
 
@@ -257,6 +258,7 @@ async fn echo_with_max_tokens_0_scores_the_prompt_alone() {
     assert_eq!(streamed, PROMPT);
     let usage = &chunks.last().unwrap()["usage"];
     assert_eq!(usage["completion_tokens"], 0, "{usage}");
+    assert_eq!(usage["total_tokens"].as_u64(), Some(n as u64), "{usage}");
     let (s, b) = post(
         &r,
         "/v1/completions",
@@ -316,4 +318,87 @@ async fn misused_prompt_logprobs_and_echo_are_400s_naming_the_field() {
     }
     let (s, b) = post(&r, "/v1/chat/completions", chat(json!({"echo": false}))).await;
     assert_eq!(s, StatusCode::OK, "{b}");
+}
+
+/// The request log line of each of `bodies`, sent to a server with `log_prompts` on or off (a
+/// streamed request logs when its stream ends). The log is the test binary's (tests run in
+/// parallel): a request's line is the one with its response id.
+async fn logged(log_prompts: bool, bodies: &[Value]) -> Vec<String> {
+    let log = capture_global();
+    let r = app(TestServer {
+        log_prompts,
+        ..TestServer::default()
+    }
+    .state());
+    let mut lines = Vec::new();
+    for body in bodies {
+        let (s, _, text) = call(&r, "POST", "/v1/completions", Some(body.clone()), None).await;
+        assert_eq!(s, StatusCode::OK, "{text}");
+        let reply = match body["stream"].as_bool() {
+            Some(true) => sse_chunks(&text).swap_remove(0),
+            _ => serde_json::from_str::<Value>(&text).unwrap(),
+        };
+        let id = format!("id={}", reply["id"].as_str().unwrap());
+        let mut line = None;
+        for _ in 0..500 {
+            line = log_text(&log)
+                .lines()
+                .find(|l| l.contains("caduceus::request") && l.contains(&id))
+                .map(str::to_owned);
+            if line.is_some() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        lines.push(line.unwrap_or_else(|| panic!("no request log line with {id}")));
+    }
+    lines
+}
+
+/// The request log (and the metrics it feeds) of `echo` with `max_tokens: 0` counts no
+/// completion token, streamed or not: the one the engine computed is not the answer's. With
+/// `log_prompts` on, an echoing request logs its completion without the prompt before it, as
+/// a plain one does; off (the default), no text at all.
+#[tokio::test]
+async fn echo_is_logged_as_the_completion_it_answers() {
+    let body = |extra: Value| {
+        with_fields(
+            json!({"model": MODEL, "prompt": PROMPT, "temperature": 0, "max_tokens": 3}),
+            extra,
+        )
+    };
+    let only = [
+        body(json!({"max_tokens": 0, "echo": true})),
+        body(json!({"max_tokens": 0, "echo": true, "stream": true})),
+    ];
+    for line in logged(false, &only).await {
+        assert!(line.contains("status=200"), "{line}");
+        assert!(line.contains("completion_tokens=0"), "{line}");
+        assert!(
+            !line.contains("prompt=") && !line.contains("completion="),
+            "{line}"
+        );
+    }
+    let echoed = [
+        body(json!({})),
+        body(json!({"echo": true})),
+        body(json!({"echo": true, "stream": true})),
+        body(json!({"max_tokens": 0, "echo": true})),
+    ];
+    let lines = logged(true, &echoed).await;
+    let completion = |l: &str| l.split("completion=").nth(1).map(str::to_owned);
+    let plain = completion(&lines[0]).expect("the completion is logged");
+    assert!(
+        lines[0].contains(&format!("prompt={PROMPT}")),
+        "{}",
+        lines[0]
+    );
+    for line in &lines[1..3] {
+        assert_eq!(completion(line).as_deref(), Some(plain.as_str()), "{line}");
+    }
+    assert!(
+        !lines[3].contains(&format!("completion={PROMPT}")),
+        "{}",
+        lines[3]
+    );
 }

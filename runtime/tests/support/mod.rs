@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod fetched;
+pub mod log_capture;
 pub mod random_model;
 pub mod reference_llama;
 pub mod server_app;

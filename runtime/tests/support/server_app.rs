@@ -42,6 +42,8 @@ pub struct TestServer {
     pub allow_special_tokens_in_prompt: bool,
     /// `server.allow_request_priority`.
     pub allow_request_priority: bool,
+    /// `logging.log_prompts`.
+    pub log_prompts: bool,
     /// `server.admin_api_keys`.
     pub admin_api_keys: Vec<String>,
     /// Adapter routes open without admin keys (loopback + allow_runtime_lora_updating).
@@ -77,6 +79,7 @@ impl Default for TestServer {
             prefix_cache_isolation: PrefixCacheIsolation::PerKey,
             allow_special_tokens_in_prompt: false,
             allow_request_priority: true,
+            log_prompts: false,
             admin_api_keys: Vec::new(),
             allow_keyless_admin: true,
             metrics_api_key: None,
@@ -149,7 +152,7 @@ impl TestServer {
                 api_keys: self.api_keys.clone(),
                 request_timeout: self.request_timeout,
                 body_limit_bytes: self.body_limit_bytes,
-                log_prompts: false,
+                log_prompts: self.log_prompts,
                 prefix_cache_isolation: self.prefix_cache_isolation,
                 allow_special_tokens_in_prompt: self.allow_special_tokens_in_prompt,
                 allow_request_priority: self.allow_request_priority,
