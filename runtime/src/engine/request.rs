@@ -132,7 +132,7 @@ pub enum RequestError {
     #[error("the model `{0}` does not exist")]
     UnknownAdapter(String),
     /// Prompt logprobs asked of a backend that does not compute them.
-    #[error("this server's backend does not compute prompt logprobs yet (the CPU engine does)")]
+    #[error("this server's backend does not compute prompt logprobs")]
     PromptLogprobsUnavailable,
     /// More top prompt logprobs than the sampler returns for outputs.
     #[error("prompt logprobs take at most {MAX_LOGPROBS} alternatives per token, {0} were asked")]

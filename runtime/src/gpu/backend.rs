@@ -11,6 +11,7 @@
 use caduceus_kernels::gpu::lora::DecodeLoraMapping;
 use caduceus_kernels::gpu::{DType, Device, GpuError};
 use caduceus_kernels::lora::Segment;
+use caduceus_kernels::quant::Floats;
 
 use super::adapter_copies::AdapterCopies;
 use super::decode_graph::{graph_sizes, DecodeGraphs, GRAPH_RESERVE_BYTES};
@@ -233,12 +234,13 @@ impl GpuBackend {
         let dt = self.model.dtype();
         let cell = vocab * dt.size();
         let view = self.ws.logits().view(first * cell, targets.len() * cell)?;
-        let bits: Vec<u16> = self.model.device().download(&view)?;
-        let widen = |b: u16| match dt {
-            DType::Bf16 => half::bf16::from_bits(b).to_f32(),
-            DType::F16 => half::f16::from_bits(b).to_f32(),
-        };
-        let rows: Vec<f32> = bits.into_iter().map(widen).collect();
+        // Little-endian on the host as on the device: decoded as a weights file's values are.
+        let bytes: Vec<u8> = self.model.device().download(&view)?;
+        let rows = match dt {
+            DType::Bf16 => Floats::LeBf16(&bytes),
+            DType::F16 => Floats::LeF16(&bytes),
+        }
+        .to_vec();
         score_rows(&rows, vocab, targets)
             .ok_or_else(|| GpuError::Shape(format!("{} logits to score", rows.len())))
     }

@@ -40,8 +40,9 @@ pub fn check_token_ids(
     }
 }
 
-/// Maps an engine refusal to its HTTP error; `prompt_field` is `messages` or `prompt`.
-pub fn request_error(err: RequestError, prompt_field: &str) -> ApiError {
+/// Maps an engine refusal to its HTTP error; `prompt_field` is `messages` or `prompt`,
+/// `scoring_field` the one that asked for prompt logprobs (`echo` or `prompt_logprobs`).
+pub fn request_error(err: RequestError, prompt_field: &str, scoring_field: &str) -> ApiError {
     let message = err.to_string();
     let param = match &err {
         RequestError::QueueFull { .. } => return ApiError::rate_limited(1),
@@ -61,7 +62,7 @@ pub fn request_error(err: RequestError, prompt_field: &str) -> ApiError {
         RequestError::TooManyStopTokenIds => "stop_token_ids",
         RequestError::Sampling(SamplingError::OutOfRange { field, .. }) => field,
         RequestError::PromptLogprobsUnavailable | RequestError::TooManyPromptLogprobs(_) => {
-            "prompt_logprobs"
+            scoring_field
         }
     };
     ApiError::invalid_request(message, Some(param))
@@ -73,7 +74,9 @@ pub fn request_error(err: RequestError, prompt_field: &str) -> ApiError {
 /// refusal's own status (400 for a limit, ...), as if refused at the door.
 pub fn failure_error(failure: &RequestFailure) -> ApiError {
     let param = match failure {
-        RequestFailure::Rejected(e) => return request_error(e.clone(), "prompt"),
+        RequestFailure::Rejected(e) => {
+            return request_error(e.clone(), "prompt", "prompt_logprobs")
+        }
         RequestFailure::AdapterLoad { .. }
         | RequestFailure::LoaderStopped { .. }
         | RequestFailure::AdapterSlot(_) => Some("model".into()),
@@ -110,5 +113,27 @@ pub fn timeout_error(limit: Duration) -> ApiError {
             },
         },
         retry_after_secs: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_engine_refusal_names_the_field_of_the_request_that_asked() {
+        let refused = [
+            RequestError::PromptLogprobsUnavailable,
+            RequestError::TooManyPromptLogprobs(21),
+        ];
+        for field in ["echo", "prompt_logprobs"] {
+            for e in refused.clone() {
+                let api = request_error(e, "prompt", field);
+                assert_eq!(api.status, 400);
+                assert_eq!(api.body.error.param.as_deref(), Some(field));
+            }
+        }
+        let api = request_error(RequestError::EmptyPrompt, "messages", "echo");
+        assert_eq!(api.body.error.param.as_deref(), Some("messages"));
     }
 }

@@ -10,7 +10,7 @@ use super::protocol::{ApiError, FinishReason, GenerationParams};
 use super::request_log::RequestLog;
 use super::state::AppState;
 use super::tenant::{cache_salt, Tenant};
-use crate::engine::{EngineRequest, RequestError, RequestOutput, RequestStream};
+use crate::engine::{EngineRequest, RequestOutput, RequestStream};
 use crate::metrics::record_inter_token;
 use crate::sampling::{PromptLogprob, SampledToken};
 use crate::structured::{
@@ -102,13 +102,6 @@ pub fn submit(
     );
     let limits = state.engine.limits();
     let prompt_logprobs = params.prompt_scoring.top();
-    if prompt_logprobs.is_some() && !limits.scores_prompts {
-        let e = RequestError::PromptLogprobsUnavailable;
-        return Err(ApiError::invalid_request(
-            e.to_string(),
-            Some(params.prompt_scoring.field()),
-        ));
-    }
     let adapter = params
         .model
         .as_deref()
@@ -142,7 +135,7 @@ pub fn submit(
             let stream = state
                 .engine
                 .submit(req)
-                .map_err(|e| request_error(e, prompt_field))?;
+                .map_err(|e| request_error(e, prompt_field, params.prompt_scoring.field()))?;
             streams.push(stream);
         }
     }
