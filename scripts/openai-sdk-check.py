@@ -102,6 +102,39 @@ def echo_and_prompt_logprobs(client: OpenAI, model: str) -> None:
         assert any(abs(e["logprob"] - lp.token_logprobs[j]) < 1e-6 for e in listed[j].values())
 
 
+def vllm_options(client: OpenAI, base_url: str, model: str) -> None:
+    """vLLM's request options through `extra_body`, and its `stop_reason` through the SDK's
+    `model_extra`: an answer of letters only (`allowed_token_ids`, the ids `/tokenize` gives
+    them), a stop string kept at the end of its text and named, then a chat answer that
+    continues the assistant message the caller wrote."""
+    root = base_url.rstrip("/").removesuffix("/v1")
+    reply = httpx.post(f"{root}/tokenize", json={"model": model, "prompt": "abcdefgh"},
+                       headers={"Authorization": "Bearer sk-sdk-check"}, timeout=30)
+    assert reply.status_code == 200, reply.text
+    letters = {"ignore_eos": True, "allowed_token_ids": reply.json()["tokens"][-8:]}
+    plain = client.completions.create(model=model, prompt="The patient", max_tokens=12,
+                                      temperature=0, extra_body=letters)
+    text = plain.choices[0].text
+    assert len(text) == 12 and set(text) <= set("abcdefgh"), text
+    stop = text[4:6]
+    at = text.find(stop)
+    kept = client.completions.create(model=model, prompt="The patient", max_tokens=12,
+                                     temperature=0, stop=[stop],
+                                     extra_body={**letters, "include_stop_str_in_output": True})
+    choice = kept.choices[0]
+    assert choice.text == text[:at + 2] and choice.finish_reason == "stop", (choice, text)
+    assert choice.model_extra["stop_reason"] == stop, choice
+    messages = [{"role": "user", "content": "What should I do about a mild fever?"},
+                {"role": "assistant", "content": "Dr. Lin here. First,"}]
+    cont = client.chat.completions.create(model=model, messages=messages, max_tokens=4,
+                                          temperature=0,
+                                          extra_body={"continue_final_message": True,
+                                                      "add_generation_prompt": False})
+    closed = client.chat.completions.create(model=model, messages=messages, max_tokens=4,
+                                            temperature=0)
+    assert cont.usage.prompt_tokens < closed.usage.prompt_tokens, (cont.usage, closed.usage)
+
+
 def main() -> None:
     base_url, model = sys.argv[1], sys.argv[2]
     client = OpenAI(base_url=base_url, api_key="sk-sdk-check", max_retries=0)
@@ -165,9 +198,11 @@ def main() -> None:
     structured_and_tools(client, model)
     tokenize_and_logit_bias(client, base_url, model)
     echo_and_prompt_logprobs(client, model)
-    print("openai SDK check: 14 calls passed (models, chat, chat stream, completions, completions stream, "
+    vllm_options(client, base_url, model)
+    print("openai SDK check: 18 calls passed (models, chat, chat stream, completions, completions stream, "
           "404, parse with a Pydantic model, tool call, tool call stream, tool result round trip, "
-          "tokenize, logit_bias and its unbiased twin, echo with prompt logprobs)")
+          "tokenize, logit_bias and its unbiased twin, echo with prompt logprobs, a kept and named "
+          "stop string and its plain twin, a continued assistant message and its closed twin)")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,55 @@ impl ChatMessage {
     }
 }
 
+/// How a conversation is rendered: Hugging Face `apply_chat_template`'s arguments.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RenderOptions {
+    /// End with the header that opens the assistant's turn.
+    pub add_generation_prompt: bool,
+    /// End right after the last message's content, so the model continues it (HF's and
+    /// vLLM's `continue_final_message`).
+    pub continue_final_message: bool,
+    /// Extra variables for the template (vLLM's `chat_template_kwargs`); never one of the
+    /// names the renderer sets itself ([`RESERVED_TEMPLATE_NAMES`]).
+    pub kwargs: serde_json::Map<String, serde_json::Value>,
+}
+
+impl RenderOptions {
+    /// What a chat completion renders by default: the conversation and the assistant's header.
+    pub fn generation() -> Self {
+        RenderOptions {
+            add_generation_prompt: true,
+            ..RenderOptions::default()
+        }
+    }
+}
+
+/// The template variables the renderer sets, which `kwargs` may not replace.
+pub const RESERVED_TEMPLATE_NAMES: &[&str] = &[
+    "messages",
+    "add_generation_prompt",
+    "bos_token",
+    "eos_token",
+];
+
+/// Where `continue_final_message` ends `rendered`: right after the last occurrence of `content`
+/// (the final message's), as Hugging Face cuts it: its stripped text is found from the end,
+/// and its trailing whitespace is kept only where the template kept it. `None` when the
+/// template did not render that text.
+pub fn final_message_end(rendered: &str, content: &str) -> Option<usize> {
+    let stripped = content.trim();
+    if stripped.is_empty() {
+        return None;
+    }
+    let at = rendered.rfind(stripped)?;
+    let leading_trimmed = content.trim_start();
+    Some(if rendered[at..].starts_with(leading_trimmed) {
+        at + leading_trimmed.len()
+    } else {
+        at + stripped.len()
+    })
+}
+
 /// Why a template could not be compiled or rendered.
 #[derive(Debug, thiserror::Error)]
 pub enum ChatTemplateError {
@@ -98,7 +147,20 @@ impl ChatTemplate {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String, ChatTemplateError> {
-        let mut ctx: BTreeMap<&str, Value> = BTreeMap::new();
+        self.render_with(messages, add_generation_prompt, &serde_json::Map::new())
+    }
+
+    /// [`Self::render`] with extra template variables (`kwargs`; names the renderer sets win).
+    pub fn render_with(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        kwargs: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<String, ChatTemplateError> {
+        let mut ctx: BTreeMap<&str, Value> = kwargs
+            .iter()
+            .map(|(k, v)| (k.as_str(), Value::from_serialize(v)))
+            .collect();
         ctx.insert("messages", Value::from_serialize(messages));
         ctx.insert("add_generation_prompt", Value::from(add_generation_prompt));
         if let Some(bos) = &self.bos_token {

@@ -197,3 +197,29 @@ fn render_errors_are_reported() {
         .unwrap_err();
     assert!(matches!(err, ChatTemplateError::Render(_)), "{err}");
 }
+
+#[test]
+fn continue_final_message_cuts_where_hugging_face_does() {
+    use caduceus_runtime::chat_template::final_message_end;
+    let end = |rendered: &str, content: &str| final_message_end(rendered, content);
+    // The template kept the message's trailing space: so does the cut.
+    let kept = "<u>Hi</u><a>Dr. Lin, </a>";
+    assert_eq!(end(kept, "Dr. Lin, "), Some("<u>Hi</u><a>Dr. Lin, ".len()));
+    // The template trimmed it: the cut ends at the text it rendered.
+    assert_eq!(
+        end("<a>Dr. Lin,</a>", "Dr. Lin, "),
+        Some("<a>Dr. Lin,".len())
+    );
+    assert_eq!(
+        end("<a>Dr. Lin,</a>", "  Dr. Lin,"),
+        Some("<a>Dr. Lin,".len())
+    );
+    // The last occurrence is the final message's.
+    assert_eq!(
+        end("<u>ok</u><a>ok</a>", "ok"),
+        Some("<u>ok</u><a>ok".len())
+    );
+    // Nothing to continue, or not rendered.
+    assert_eq!(end("<a></a>", "  "), None);
+    assert_eq!(end("<a>x</a>", "y"), None);
+}

@@ -9,6 +9,8 @@ mod admin;
 mod admin_loads;
 #[path = "server/admission.rs"]
 mod admission;
+#[path = "server/chat_options.rs"]
+mod chat_options;
 #[path = "server/echo.rs"]
 mod echo;
 #[path = "server/faults.rs"]
@@ -23,6 +25,8 @@ mod limits;
 mod logit_bias;
 #[path = "server/models_page.rs"]
 mod models_page;
+#[path = "server/output_options.rs"]
+mod output_options;
 #[path = "server/priority.rs"]
 mod priority;
 #[path = "server/rate_limit.rs"]

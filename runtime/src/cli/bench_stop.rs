@@ -138,7 +138,7 @@ fn stop_cost_per_token(text: &str, stops: &[String]) -> Duration {
     let reps = 200u32;
     let begin = Instant::now();
     for _ in 0..reps {
-        let mut m = StopStrings::new(stops.to_vec());
+        let mut m = StopStrings::new(stops.to_vec(), false);
         for p in &pieces {
             std::hint::black_box(m.push(p));
         }

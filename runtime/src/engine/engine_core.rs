@@ -22,7 +22,7 @@ use super::backend::{Backend, BackendError};
 use super::cpu_backend::CpuBackend;
 use super::executor::{ExecuteResult, Executor, ExecutorError, SeqSampling};
 use super::failure::RequestFailure;
-use super::output::{Finished, OutputSender, RequestOutput, RequestTimes};
+use super::output::{Finished, OutputSender, RequestOutput, RequestTimes, StopReason};
 use super::request::{EngineRequest, RequestError, RequestLimits};
 use super::stop::{StopCheck, StopStrings};
 use crate::adapters::LoadedAdapter;
@@ -54,6 +54,10 @@ struct Tracked {
     out: OutputSender,
     detok: Option<IncrementalDetokenizer>,
     stop: StopStrings,
+    /// The request's own `stop_token_ids` (not the model's EOS ids), for `stop_reason`.
+    stop_token_ids: Vec<u32>,
+    /// A stop token's text is emitted (`include_stop_str_in_output`).
+    keep_stop: bool,
     num_prompt_tokens: usize,
     num_output_tokens: usize,
     num_cached_tokens: usize,
@@ -224,10 +228,12 @@ impl<B: Backend> EngineCore<B> {
         }
         let tracked = Tracked {
             out,
-            detok: req
-                .detokenize
-                .then(|| IncrementalDetokenizer::new(&req.prompt_token_ids, true)),
-            stop: StopStrings::new(req.stop.clone()),
+            detok: req.detokenize.then(|| {
+                IncrementalDetokenizer::new(&req.prompt_token_ids, req.skip_special_tokens)
+            }),
+            stop: StopStrings::new(req.stop.clone(), req.include_stop_str_in_output),
+            stop_token_ids: req.stop_token_ids.clone(),
+            keep_stop: req.include_stop_str_in_output,
             num_prompt_tokens: req.prompt_token_ids.len(),
             num_output_tokens: 0,
             num_cached_tokens: 0,
@@ -332,6 +338,7 @@ impl<B: Backend> EngineCore<B> {
                 num_cached_tokens: t.num_cached_tokens,
                 times: t.times,
                 error: Some(failure),
+                stop_reason: None,
             }),
         });
     }
@@ -436,13 +443,25 @@ impl<B: Backend> EngineCore<B> {
             });
             t.num_output_tokens += 1;
             t.times.first_token.get_or_insert(now);
-            let (text, stopped) = self
-                .tokenizer
-                .as_deref()
-                .map_or((String::new(), false), |tok| {
-                    next_text(t, tok, u.new_token_id, u.finish_reason.is_some())
-                });
-            let reason = if stopped {
+            let stop_token = u.finish_reason == Some(FinishReason::Stop);
+            let (text, stop_string) =
+                self.tokenizer
+                    .as_deref()
+                    .map_or((String::new(), None), |tok| {
+                        next_text(
+                            t,
+                            tok,
+                            u.new_token_id,
+                            u.finish_reason.is_some(),
+                            stop_token,
+                        )
+                    });
+            let stop_reason = match stop_string {
+                Some(s) => Some(StopReason::Text(s)),
+                None => (stop_token && t.stop_token_ids.contains(&u.new_token_id))
+                    .then_some(StopReason::TokenId(u.new_token_id)),
+            };
+            let reason = if matches!(stop_reason, Some(StopReason::Text(_))) {
                 self.scheduler.finish_request(u.id, FinishReason::Stop);
                 Some(FinishReason::Stop)
             } else {
@@ -457,7 +476,7 @@ impl<B: Backend> EngineCore<B> {
                         prompt_logprobs,
                         finished: None,
                     };
-                    self.finish_with(u.id, reason, out);
+                    self.finish_with(u.id, reason, out, stop_reason);
                 }
                 None => {
                     let _ = t.out.send(RequestOutput {
@@ -479,12 +498,18 @@ impl<B: Backend> EngineCore<B> {
             prompt_logprobs: None,
             finished: None,
         };
-        self.finish_with(id, reason, out);
+        self.finish_with(id, reason, out, None);
     }
 
     /// Sends `out`, completed with how the request finished, as its final output, and forgets
     /// the request.
-    fn finish_with(&mut self, id: RequestId, reason: FinishReason, mut out: RequestOutput) {
+    fn finish_with(
+        &mut self,
+        id: RequestId,
+        reason: FinishReason,
+        mut out: RequestOutput,
+        stop_reason: Option<StopReason>,
+    ) {
         let Some(mut t) = self.requests.remove(&id) else {
             return;
         };
@@ -496,6 +521,7 @@ impl<B: Backend> EngineCore<B> {
             num_cached_tokens: t.num_cached_tokens,
             times: t.times,
             error: None,
+            stop_reason,
         };
         if let Some(name) = &t.adapter {
             crate::metrics::record_lora_request(name, t.num_output_tokens);
@@ -505,24 +531,36 @@ impl<B: Backend> EngineCore<B> {
     }
 }
 
-/// Detokenizes one new token and runs the stop strings; returns (text to emit, stop matched).
-/// On the last token (`last`), held-back text is released.
-fn next_text(t: &mut Tracked, tok: &Tokenizer, token_id: u32, last: bool) -> (String, bool) {
+/// Detokenizes one new token and runs the stop strings; returns (text to emit, the stop string
+/// that matched). On the last token (`last`), held-back text is released. The text of a stop
+/// token (`stop_token`: it ends the request) is left out unless the request keeps stops, as in
+/// vLLM.
+fn next_text(
+    t: &mut Tracked,
+    tok: &Tokenizer,
+    token_id: u32,
+    last: bool,
+    stop_token: bool,
+) -> (String, Option<String>) {
     let Some(detok) = t.detok.as_mut() else {
-        return (String::new(), false);
+        return (String::new(), None);
     };
     // A token the tokenizer cannot decode yields no text rather than failing the request.
-    let mut piece = detok.push(tok, token_id).unwrap_or_default();
+    let mut piece = if stop_token && !t.keep_stop {
+        String::new()
+    } else {
+        detok.push(tok, token_id).unwrap_or_default()
+    };
     if last {
         piece.push_str(&detok.flush(tok).unwrap_or_default());
     }
     match t.stop.push(&piece) {
-        StopCheck::Stopped(text) => (text, true),
+        StopCheck::Stopped { text, stop } => (text, Some(stop)),
         StopCheck::Continue(mut text) => {
             if last {
                 text.push_str(&t.stop.flush());
             }
-            (text, false)
+            (text, None)
         }
     }
 }

@@ -435,7 +435,10 @@ impl<B: Backend> Executor<B> {
                 &[]
             };
             let mut row = state.sampler.row_sample(prompt, output, vocab, banned);
-            row.allowed = grammar_masks.remove(id);
+            // A grammar's mask replaces `allowed_token_ids`' (the server refuses both at once).
+            if let Some(mask) = grammar_masks.remove(id) {
+                row.allowed = Some(mask);
+            }
             rows.push(row);
         }
         let sampled = self

@@ -35,7 +35,7 @@ pub use handle::EngineHandle;
 // The GPU bench's engine loop idles as the handle does.
 #[cfg(any(feature = "cuda", feature = "gpu-emu"))]
 pub(crate) use handle::IDLE_POLL;
-pub use output::{Finished, OutputSender, RequestOutput, RequestStream, RequestTimes};
+pub use output::{Finished, OutputSender, RequestOutput, RequestStream, RequestTimes, StopReason};
 pub use request::{
     EngineRequest, RequestError, RequestLimits, MAX_STOP_STRINGS, MAX_STOP_STRING_BYTES,
     MAX_STOP_TOKEN_IDS,

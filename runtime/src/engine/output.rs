@@ -43,6 +43,7 @@ impl RequestOutput {
                 num_cached_tokens: 0,
                 times,
                 error,
+                stop_reason: None,
             }),
         }
     }
@@ -63,6 +64,17 @@ pub struct Finished {
     pub times: RequestTimes,
     /// Why the request failed, when `reason` is an error the caller should see.
     pub error: Option<RequestFailure>,
+    /// What ended a [`FinishReason::Stop`] other than an EOS token (vLLM's `stop_reason`).
+    pub stop_reason: Option<StopReason>,
+}
+
+/// The request's own stop condition that ended it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// One of its `stop` strings.
+    Text(String),
+    /// One of its `stop_token_ids`.
+    TokenId(u32),
 }
 
 /// Timestamps for latency metrics (queue time, time to first token, end to end).

@@ -32,6 +32,11 @@ pub struct EngineRequest {
     pub stop: Vec<String>,
     /// Extra token ids that end generation (besides the model's EOS ids).
     pub stop_token_ids: Vec<u32>,
+    /// The stop string or stop token that ended generation ends the text too (vLLM's
+    /// `include_stop_str_in_output`); by default neither is emitted.
+    pub include_stop_str_in_output: bool,
+    /// Leave special tokens (e.g. `<|im_end|>`) out of the text (the default).
+    pub skip_special_tokens: bool,
     /// Lower values are scheduled first.
     pub priority: i32,
     /// The LoRA adapter (registry name) this request runs with, if any.
@@ -59,6 +64,8 @@ impl EngineRequest {
             ignore_eos: false,
             stop: Vec::new(),
             stop_token_ids: Vec::new(),
+            include_stop_str_in_output: false,
+            skip_special_tokens: true,
             priority: 0,
             adapter: None,
             cache_salt: None,
@@ -200,7 +207,9 @@ impl RequestLimits {
         self.admission()
             .check(req.prompt_token_ids.len(), req.max_tokens)?;
         let vocab_size = self.vocab_size;
-        let ids = req.prompt_token_ids.iter().chain(&req.stop_token_ids);
+        let ids = (req.prompt_token_ids.iter())
+            .chain(&req.stop_token_ids)
+            .chain(&req.sampling.allowed_token_ids);
         if let Some(&token_id) = ids.into_iter().find(|&&t| t as usize >= vocab_size) {
             return Err(RequestError::BadToken {
                 token_id,

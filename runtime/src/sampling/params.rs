@@ -42,6 +42,9 @@ pub struct SamplingParams {
     /// OpenAI `logit_bias`: (token id, bias in [-100, 100]) pairs, each id once and at most
     /// [`MAX_LOGIT_BIAS`] of them; a bias is added to its token's logit before everything else.
     pub logit_bias: Vec<(u32, f32)>,
+    /// vLLM's `allowed_token_ids`: only these ids may be sampled (the others count as -inf, for
+    /// the draw and the logprobs alike); empty allows all.
+    pub allowed_token_ids: Vec<u32>,
 }
 
 impl Default for SamplingParams {
@@ -57,6 +60,7 @@ impl Default for SamplingParams {
             seed: None,
             logprobs: None,
             logit_bias: Vec::new(),
+            allowed_token_ids: Vec::new(),
         }
     }
 }

@@ -15,6 +15,7 @@ use rand_chacha::ChaCha8Rng;
 
 use super::params::SamplingParams;
 use super::row::{sample_row, RowSample, RowScratch};
+use crate::structured::TokenMask;
 
 /// One sampled token, with logprobs when the request asked for them.
 #[derive(Clone, Debug, PartialEq)]
@@ -36,6 +37,8 @@ pub struct Sampler {
     /// The penalty entries of the current step, and scratch for building them.
     entries: Vec<PenaltyEntry>,
     ids: Vec<u32>,
+    /// `allowed_token_ids` as a mask, with the vocabulary size it was built for.
+    allowed: Option<(usize, TokenMask)>,
 }
 
 impl Sampler {
@@ -52,7 +55,21 @@ impl Sampler {
             scratch: RowScratch::default(),
             entries: Vec::new(),
             ids: Vec::new(),
+            allowed: None,
         }
+    }
+
+    /// The mask of `allowed_token_ids` over `vocab` tokens (`None`: every token allowed).
+    fn allowed_mask(&mut self, vocab: usize) -> Option<TokenMask> {
+        let ids = &self.params.allowed_token_ids;
+        if ids.is_empty() {
+            return None;
+        }
+        let (_, mask) = match &mut self.allowed {
+            Some(built) if built.0 == vocab => built,
+            slot => slot.insert((vocab, TokenMask::from_ids(vocab, ids))),
+        };
+        Some(mask.clone())
     }
 
     pub fn params(&self) -> &SamplingParams {
@@ -136,7 +153,7 @@ impl Sampler {
             penalties,
             banned: banned.to_vec(),
             logprobs: self.params.logprobs,
-            allowed: None,
+            allowed: self.allowed_mask(vocab),
             bias: self.params.logit_bias.clone(),
         }
     }

@@ -10,33 +10,45 @@ use axum::Json;
 use super::generation::{collect_all, compile_constraint, finish_label, off_the_workers, submit};
 use super::json::ApiJson;
 use super::protocol::{
-    random_id, unix_timestamp, validate_chat, ApiError, ChatChoice, ChatChunkChoice,
-    ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatDelta, FinishReason,
-    Usage, CHAT_ID_PREFIX,
+    random_id, template_strings, unix_timestamp, validate_chat, ApiError, ChatChoice,
+    ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatDelta,
+    FinishReason, StopReason, Usage, CHAT_ID_PREFIX,
 };
 use super::request_log::RequestLog;
 use super::routes::{admit, check_model};
 use super::sse::{self, ChunkFormat};
 use super::state::AppState;
 use super::tenant::Tenant;
-use super::token_text::{chat_logprobs, listed_prompt_logprobs};
+use super::token_text::{chat_logprobs, listed_prompt_logprobs, TokenNames};
 use super::tool_calls::{add_tools_prompt, parse_tool_calls, tool_constraint, ToolCallStream};
-use crate::chat_template::{ChatMessage, ChatTemplateError};
+use crate::chat_template::{ChatMessage, ChatTemplateError, RenderOptions};
 use crate::sampling::SampledToken;
 use crate::tokenizer::chat_prompt::{encode_chat, ChatPrompt, ChatPromptError};
 use crate::tokenizer::Tokenizer;
 
 /// The conversation rendered by the model's chat template and tokenized (template markup as
-/// control tokens, message text as plain text), as the model will read it.
+/// control tokens, message text as plain text), as the model will read it. Template variables
+/// become markup, so a string among them that spells a special token is refused unless the
+/// server lets prompts carry special tokens.
 pub(super) async fn render_chat(
     state: &AppState,
     messages: Vec<ChatMessage>,
-    add_generation_prompt: bool,
+    how: RenderOptions,
 ) -> Result<ChatPrompt, ApiError> {
+    let tokenizer = &state.tokenizer;
+    if !state.settings.allow_special_tokens_in_prompt
+        && (template_strings(&how.kwargs).iter()).any(|s| tokenizer.spells_special_token(s))
+    {
+        return Err(ApiError::invalid_request(
+            "`chat_template_kwargs` spells one of the model's special tokens, which only the \
+             chat template itself may write",
+            Some("chat_template_kwargs"),
+        ));
+    }
     // Rendering and tokenizing a long conversation takes milliseconds of CPU: off the async
     // workers, so `/health` and other connections keep answering.
     let (template, tokenizer) = (state.chat_template.clone(), state.tokenizer.clone());
-    off_the_workers(move || encode_chat(&template, &tokenizer, &messages, add_generation_prompt))
+    off_the_workers(move || encode_chat(&template, &tokenizer, &messages, &how))
         .await?
         .map_err(|e| match e {
             ChatPromptError::Template(ChatTemplateError::Raised(msg)) => {
@@ -51,6 +63,9 @@ pub(super) async fn render_chat(
             }
             ChatPromptError::Unseparable => {
                 ApiError::invalid_request(e.to_string(), Some("messages"))
+            }
+            ChatPromptError::FinalMessageNotRendered => {
+                ApiError::invalid_request(e.to_string(), Some("continue_final_message"))
             }
             ChatPromptError::Tokenizer(e) => {
                 tracing::error!(error = %e, "tokenizer failed");
@@ -83,8 +98,11 @@ pub async fn chat_completions(
     let constraint = compile_constraint(&state, constraint, tenant).await?;
     let ChatPrompt {
         text,
-        token_ids: prompt,
-    } = render_chat(&state, v.messages, true).await?;
+        token_ids: mut prompt,
+    } = render_chat(&state, v.messages, v.rendering).await?;
+    if let Some(t) = v.params.output.truncate_prompt {
+        t.apply(&mut prompt, state.engine.limits().max_model_len);
+    }
     let id = random_id(CHAT_ID_PREFIX);
     let mut log = RequestLog::new(id.clone(), "chat", model.clone(), in_flight);
     log.prompt_tokens = prompt.len();
@@ -110,6 +128,7 @@ pub async fn chat_completions(
             include_usage: v.params.include_usage,
             logprobs: v.params.sampling.logprobs.is_some(),
             tokenizer: state.tokenizer.clone(),
+            tokens_as_ids: v.params.output.tokens_as_ids,
             tools: v.tools.as_ref().map(|_| {
                 (0..streams.len())
                     .map(|_| ToolCallStream::default())
@@ -128,13 +147,18 @@ pub async fn chat_completions(
         let scored = outs.first().and_then(|o| o.prompt_logprobs.as_deref());
         listed_prompt_logprobs(&state.tokenizer, &prompt, scored.unwrap_or_default(), k)
     });
+    let names = TokenNames {
+        tok: &state.tokenizer,
+        as_ids: v.params.output.tokens_as_ids,
+    };
     let choices = outs
         .into_iter()
         .enumerate()
         .map(|(i, o)| {
-            let lp = chat_logprobs(&state.tokenizer, &o.tokens);
+            let lp = chat_logprobs(names, &o.tokens);
             let calls = v.tools.as_ref().and_then(|_| parse_tool_calls(&o.text));
             let mut choice = ChatChoice::new(i as u32, o.text, lp, o.finish_reason);
+            choice.stop_reason = o.stop_reason;
             if let Some(calls) = calls {
                 choice.message.content = None;
                 choice.message.tool_calls = Some(calls);
@@ -167,6 +191,8 @@ struct ChatFormat {
     include_usage: bool,
     logprobs: bool,
     tokenizer: Arc<Tokenizer>,
+    /// Logprobs name tokens `token_id:{id}`.
+    tokens_as_ids: bool,
     /// Per choice, with tools: the parser turning its text into `delta.tool_calls`.
     tools: Option<Vec<ToolCallStream>>,
 }
@@ -188,10 +214,16 @@ impl ChunkFormat for ChatFormat {
         index: u32,
         text: String,
         tokens: &[SampledToken],
-        finish: Option<FinishReason>,
+        finish: Option<(FinishReason, Option<StopReason>)>,
     ) -> serde_json::Value {
-        let lp = chat_logprobs(&self.tokenizer, tokens);
+        let names = TokenNames {
+            tok: &self.tokenizer,
+            as_ids: self.tokens_as_ids,
+        };
+        let lp = chat_logprobs(names, tokens);
+        let (finish, stop_reason) = finish.unzip();
         let mut choice = ChatChunkChoice::content(index, text, lp, finish);
+        choice.stop_reason = stop_reason.flatten();
         let stream = self.tools.as_mut().and_then(|t| t.get_mut(index as usize));
         if let Some(stream) = stream {
             let piece = stream.push(choice.delta.content.as_deref().unwrap_or(""));

@@ -12,15 +12,15 @@ use super::generation::{collect_all, compile_constraint, finish_label, off_the_w
 use super::json::ApiJson;
 use super::protocol::{
     random_id, unix_timestamp, validate_completion, ApiError, CompletionChoice, CompletionChunk,
-    CompletionLogprobs, CompletionRequest, CompletionResponse, FinishReason, PromptInput, Usage,
-    COMPLETION_ID_PREFIX,
+    CompletionLogprobs, CompletionRequest, CompletionResponse, FinishReason, PromptInput,
+    StopReason, Usage, COMPLETION_ID_PREFIX,
 };
 use super::request_log::RequestLog;
 use super::routes::{admit, check_model};
 use super::sse::{self, ChunkFormat};
 use super::state::AppState;
 use super::tenant::Tenant;
-use super::token_text::{completion_logprobs, echo_logprobs, listed_prompt_logprobs};
+use super::token_text::{completion_logprobs, echo_logprobs, listed_prompt_logprobs, TokenNames};
 use crate::sampling::{PromptLogprob, SampledToken};
 use crate::tokenizer::Tokenizer;
 
@@ -80,11 +80,15 @@ pub async fn completions(
     let v = validate_completion(req)?;
     let model = check_model(&state, v.params.model.as_deref())?;
     // Tokenizing up to a body limit's worth of text is CPU work: off the async workers.
-    let (prompts, inputs) = {
+    let (mut prompts, inputs) = {
         let state = state.clone();
         let inputs = v.prompts;
         off_the_workers(move || tokenize_prompts(&state, inputs)).await??
     };
+    let max_model_len = state.engine.limits().max_model_len;
+    let truncated: Vec<bool> = (prompts.iter_mut())
+        .map(|ids| (v.params.output.truncate_prompt).is_some_and(|t| t.apply(ids, max_model_len)))
+        .collect();
     let tenant = tenant.map(|Extension(t)| t);
     let constraint = compile_constraint(&state, v.params.constraint.clone(), tenant).await?;
     let id = random_id(COMPLETION_ID_PREFIX);
@@ -102,13 +106,12 @@ pub async fn completions(
         log.texts = Some((text.collect::<Vec<_>>().join("\n"), String::new()));
     }
     let n = v.params.n;
-    // Each prompt as `echo` returns it: its text as sent (token ids decoded) and its ids.
-    let echoes: Vec<Option<Echo>> = inputs
-        .iter()
-        .zip(&prompts)
-        .map(|(input, ids)| {
+    // Each prompt as `echo` returns it: its text as sent (token ids, or what truncation kept,
+    // decoded) and its ids.
+    let echoes: Vec<Option<Echo>> = (inputs.iter().zip(&prompts).zip(&truncated))
+        .map(|((input, ids), &truncated)| {
             v.echo.then(|| Echo {
-                text: echo_text(&state.tokenizer, input, ids),
+                text: echo_text(&state.tokenizer, input, ids, truncated),
                 ids: ids.clone(),
                 scored: Vec::new(),
             })
@@ -122,6 +125,7 @@ pub async fn completions(
             include_usage: v.params.include_usage,
             logprobs: v.params.sampling.logprobs.is_some(),
             tokenizer: state.tokenizer.clone(),
+            tokens_as_ids: v.params.output.tokens_as_ids,
             offsets: vec![0; streams.len()],
             echo_top: v.params.prompt_scoring.echo,
             echoes: (0..streams.len()).map(|i| echoes[i / n].clone()).collect(),
@@ -144,6 +148,10 @@ pub async fn completions(
         };
     }
     let tok = &state.tokenizer;
+    let names = TokenNames {
+        tok,
+        as_ids: v.params.output.tokens_as_ids,
+    };
     let scoring = v.params.prompt_scoring;
     let choices = outs
         .into_iter()
@@ -159,18 +167,19 @@ pub async fn completions(
             } else {
                 (o.text, &o.tokens[..])
             };
-            let (text, logprobs) = with_echo(tok, echo, scoring.echo, text, tokens, 0);
+            let (text, logprobs) = with_echo(names, echo, scoring.echo, text, tokens, 0);
             // Nothing generated: the answer ends at its (zero) length.
-            let finish_reason = if v.prompt_only {
-                FinishReason::Length
+            let (finish_reason, stop_reason) = if v.prompt_only {
+                (FinishReason::Length, None)
             } else {
-                o.finish_reason
+                (o.finish_reason, o.stop_reason)
             };
             CompletionChoice {
                 logprobs,
                 text,
                 index: i as u32,
                 finish_reason: Some(finish_reason),
+                stop_reason,
                 prompt_logprobs: listed,
             }
         })
@@ -198,11 +207,11 @@ struct Echo {
 }
 
 /// The text `echo` returns for a prompt: as sent, or its token ids decoded (special tokens
-/// included, as they are in the prompt).
-fn echo_text(tok: &Tokenizer, input: &PromptInput, ids: &[u32]) -> String {
+/// included, as they are in the prompt), as are the tokens `truncate_prompt_tokens` kept.
+fn echo_text(tok: &Tokenizer, input: &PromptInput, ids: &[u32], truncated: bool) -> String {
     match input {
-        PromptInput::Text(text) => text.clone(),
-        PromptInput::Tokens(_) => tok.decode(ids, false).unwrap_or_default(),
+        PromptInput::Text(text) if !truncated => text.clone(),
+        _ => tok.decode(ids, false).unwrap_or_default(),
     }
 }
 
@@ -210,7 +219,7 @@ fn echo_text(tok: &Tokenizer, input: &PromptInput, ids: &[u32]) -> String {
 /// the choice), after `echo`'s prompt when there is one, whose tokens lead `logprobs` with
 /// `top` alternatives when `echo` came with `logprobs`.
 fn with_echo(
-    tok: &Tokenizer,
+    names: TokenNames,
     echo: Option<Echo>,
     top: Option<usize>,
     text: String,
@@ -218,10 +227,10 @@ fn with_echo(
     offset: usize,
 ) -> (String, Option<CompletionLogprobs>) {
     let Some(echo) = echo else {
-        return (text, completion_logprobs(tok, tokens, offset));
+        return (text, completion_logprobs(names, tokens, offset));
     };
-    let generated = completion_logprobs(tok, tokens, offset + echo.text.len());
-    let logprobs = match top.map(|k| echo_logprobs(tok, &echo.ids, &echo.scored, k)) {
+    let generated = completion_logprobs(names, tokens, offset + echo.text.len());
+    let logprobs = match top.map(|k| echo_logprobs(names, &echo.ids, &echo.scored, k)) {
         Some(mut prompt) => {
             prompt.extend(generated.unwrap_or_default());
             Some(prompt)
@@ -240,6 +249,8 @@ struct CompletionFormat {
     include_usage: bool,
     logprobs: bool,
     tokenizer: Arc<Tokenizer>,
+    /// Logprobs name tokens `token_id:{id}`.
+    tokens_as_ids: bool,
     /// Bytes of text sent so far per choice (logprobs' `text_offset`).
     offsets: Vec<usize>,
     /// Prompts still to echo, per choice (with their logprobs once they arrive).
@@ -260,17 +271,26 @@ impl ChunkFormat for CompletionFormat {
         index: u32,
         text: String,
         tokens: &[SampledToken],
-        finish: Option<FinishReason>,
+        finish: Option<(FinishReason, Option<StopReason>)>,
     ) -> serde_json::Value {
         let i = index as usize;
         let start = self.offsets.get(i).copied().unwrap_or(0);
         let (text, tokens, finish) = if self.prompt_only {
-            (String::new(), &[][..], finish.map(|_| FinishReason::Length))
+            (
+                String::new(),
+                &[][..],
+                finish.map(|_| (FinishReason::Length, None)),
+            )
         } else {
             (text, tokens, finish)
         };
+        let (finish, stop_reason) = finish.unzip();
         let echo = self.echoes.get_mut(i).and_then(Option::take);
-        let (text, logprobs) = with_echo(&self.tokenizer, echo, self.echo_top, text, tokens, start);
+        let names = TokenNames {
+            tok: &self.tokenizer,
+            as_ids: self.tokens_as_ids,
+        };
+        let (text, logprobs) = with_echo(names, echo, self.echo_top, text, tokens, start);
         if let Some(o) = self.offsets.get_mut(i) {
             *o = start + text.len();
         }
@@ -279,6 +299,7 @@ impl ChunkFormat for CompletionFormat {
             index,
             logprobs,
             finish_reason: finish,
+            stop_reason: stop_reason.flatten(),
             prompt_logprobs: None,
         };
         let chunk = CompletionChunk::new(

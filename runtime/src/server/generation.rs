@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use futures_util::stream::{self, BoxStream, StreamExt};
 
 use super::error::{check_token_ids, failure_error, request_error, timeout_error};
-use super::protocol::{ApiError, FinishReason, GenerationParams};
+use super::protocol::{ApiError, FinishReason, GenerationParams, StopReason};
 use super::request_log::RequestLog;
 use super::state::AppState;
 use super::tenant::{cache_salt, Tenant};
@@ -28,6 +28,8 @@ pub struct ChoiceOutput {
     pub prompt_logprobs: Option<Vec<PromptLogprob>>,
     /// Why it ended.
     pub finish_reason: FinishReason,
+    /// The request's stop string or stop token that ended it, if one did.
+    pub stop_reason: Option<StopReason>,
 }
 
 /// Compiles the request's output grammar (cached by its text) off the async workers; a grammar
@@ -95,6 +97,8 @@ pub fn submit(
     let biased = params.sampling.logit_bias.iter().map(|&(t, _)| t);
     let vocab = state.tokenizer.vocab_size();
     check_token_ids(biased, vocab, "logit_bias", "logit_bias")?;
+    let allowed = params.sampling.allowed_token_ids.iter().copied();
+    check_token_ids(allowed, vocab, "allowed_token_ids", "allowed_token_ids")?;
     let cache_salt = cache_salt(
         state.settings.prefix_cache_isolation,
         tenant,
@@ -125,6 +129,8 @@ pub fn submit(
                 ignore_eos: params.ignore_eos,
                 stop: params.stop.clone(),
                 stop_token_ids: params.stop_token_ids.clone(),
+                include_stop_str_in_output: params.output.include_stop_str_in_output,
+                skip_special_tokens: params.output.skip_special_tokens,
                 priority: params.priority,
                 adapter: adapter.clone(),
                 cache_salt,
@@ -197,6 +203,7 @@ pub async fn collect_all(
             tokens: Vec::new(),
             prompt_logprobs: None,
             finish_reason: FinishReason::Error,
+            stop_reason: None,
         })
         .collect();
     let mut lasts = vec![None; n];
@@ -229,6 +236,7 @@ pub async fn collect_all(
         }
         if let Some(f) = out.finished {
             o.finish_reason = f.reason.into();
+            o.stop_reason = f.stop_reason.map(StopReason::from);
             remaining -= 1;
         }
     }

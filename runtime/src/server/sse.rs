@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 
 use super::error::{failure_error, timeout_error};
 use super::generation::{engine_gone, merge, note_stream_output};
-use super::protocol::{ApiError, FinishReason, Usage, SSE_DONE};
+use super::protocol::{ApiError, FinishReason, StopReason, Usage, SSE_DONE};
 use super::request_log::RequestLog;
 use crate::engine::RequestStream;
 use crate::sampling::{PromptLogprob, SampledToken};
@@ -22,13 +22,14 @@ use crate::sampling::{PromptLogprob, SampledToken};
 pub trait ChunkFormat: Send + 'static {
     /// The chunk opening choice `index` (chat sends the assistant role first), if any.
     fn opening(&self, index: u32) -> Option<serde_json::Value>;
-    /// A chunk with new text (and the logprobs of the tokens behind it), maybe the last one.
+    /// A chunk with new text (and the logprobs of the tokens behind it), maybe the last one
+    /// (`finish` set, with the stop string or token that ended it).
     fn content(
         &mut self,
         index: u32,
         text: String,
         tokens: &[SampledToken],
-        finish: Option<FinishReason>,
+        finish: Option<(FinishReason, Option<StopReason>)>,
     ) -> serde_json::Value;
     /// Choice `index`'s prompt logprobs arrived (before its first `content`); formats that do
     /// not echo the prompt ignore them.
@@ -122,7 +123,12 @@ async fn pump<F: ChunkFormat>(
             format.prompt_scored(i as u32, scored);
         }
         pending[i].extend(out.new_tokens);
-        let finish = out.finished.map(|f| FinishReason::from(f.reason));
+        let finish = (out.finished).map(|f| {
+            (
+                FinishReason::from(f.reason),
+                f.stop_reason.map(StopReason::from),
+            )
+        });
         if finish.is_some() {
             remaining -= 1;
         }

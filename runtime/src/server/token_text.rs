@@ -14,24 +14,63 @@ pub fn token_bytes(tok: &Tokenizer, id: u32) -> Vec<u8> {
     tok.decode(&[id], false).unwrap_or_default().into_bytes()
 }
 
+/// How logprobs name tokens: by their text, or (vLLM's `return_tokens_as_token_ids`) as
+/// `token_id:{id}`, which tells apart tokens whose bytes are not text of their own. Offsets and
+/// chat's `bytes` stay the tokens' own.
+#[derive(Clone, Copy)]
+pub struct TokenNames<'a> {
+    pub tok: &'a Tokenizer,
+    pub as_ids: bool,
+}
+
+impl TokenNames<'_> {
+    /// Token `id`'s name, given its text.
+    fn name(&self, id: u32, text: String) -> String {
+        if self.as_ids {
+            format!("token_id:{id}")
+        } else {
+            text
+        }
+    }
+
+    /// Token `id`'s text alone, lossily as UTF-8.
+    fn text(&self, id: u32) -> String {
+        String::from_utf8_lossy(&token_bytes(self.tok, id)).into_owned()
+    }
+
+    /// Chat's entry of token `id`: its name, logprob and bytes.
+    fn chat_entry(&self, id: u32, logprob: f32) -> TopLogprob {
+        let mut entry = TopLogprob::new(&token_bytes(self.tok, id), logprob);
+        entry.token = self.name(id, std::mem::take(&mut entry.token));
+        entry
+    }
+
+    /// `(name, logprob)` of each alternative.
+    fn alternatives(&self, top: &[(u32, f32)]) -> Vec<(String, f32)> {
+        top.iter()
+            .map(|&(id, l)| (self.name(id, self.text(id)), l))
+            .collect()
+    }
+}
+
 /// Chat logprobs of `tokens`; `None` when the request did not ask for them.
-pub fn chat_logprobs(tok: &Tokenizer, tokens: &[SampledToken]) -> Option<ChatLogprobs> {
+pub fn chat_logprobs(names: TokenNames, tokens: &[SampledToken]) -> Option<ChatLogprobs> {
     if tokens.is_empty() || tokens.iter().all(|t| t.logprob.is_none()) {
         return None;
     }
     let content = tokens
         .iter()
         .map(|t| {
-            let top = t
-                .top_logprobs
-                .iter()
-                .map(|&(id, lp)| TopLogprob::new(&token_bytes(tok, id), lp))
+            let top = (t.top_logprobs.iter())
+                .map(|&(id, lp)| names.chat_entry(id, lp))
                 .collect();
-            ChatTokenLogprob::new(
-                &token_bytes(tok, t.token_id),
-                t.logprob.unwrap_or(f32::NEG_INFINITY),
-                top,
-            )
+            let own = names.chat_entry(t.token_id, t.logprob.unwrap_or(f32::NEG_INFINITY));
+            ChatTokenLogprob {
+                token: own.token,
+                logprob: own.logprob,
+                bytes: own.bytes,
+                top_logprobs: top,
+            }
         })
         .collect();
     Some(ChatLogprobs {
@@ -39,21 +78,14 @@ pub fn chat_logprobs(tok: &Tokenizer, tokens: &[SampledToken]) -> Option<ChatLog
     })
 }
 
-/// The text of one token alone, lossily as UTF-8 (logprobs' `token` strings).
+/// The text of one token alone, lossily as UTF-8 (`prompt_logprobs`' `decoded_token`).
 fn token_text(tok: &Tokenizer, id: u32) -> String {
     String::from_utf8_lossy(&token_bytes(tok, id)).into_owned()
 }
 
-/// `(text, logprob)` of each alternative.
-fn alternatives(tok: &Tokenizer, top: &[(u32, f32)]) -> Vec<(String, f32)> {
-    top.iter()
-        .map(|&(id, l)| (token_text(tok, id), l))
-        .collect()
-}
-
 /// Legacy-completion logprobs of `tokens`, whose text starts at byte `offset` of the choice.
 pub fn completion_logprobs(
-    tok: &Tokenizer,
+    names: TokenNames,
     tokens: &[SampledToken],
     mut offset: usize,
 ) -> Option<CompletionLogprobs> {
@@ -62,11 +94,11 @@ pub fn completion_logprobs(
     }
     let mut lp = CompletionLogprobs::default();
     for t in tokens {
-        let text = token_text(tok, t.token_id);
-        let top = alternatives(tok, &t.top_logprobs);
+        let text = names.text(t.token_id);
+        let top = names.alternatives(&t.top_logprobs);
         let len = text.len();
         let logprob = t.logprob.unwrap_or(f32::NEG_INFINITY);
-        lp.push(text, Some((logprob, &top)), offset);
+        lp.push(names.name(t.token_id, text), Some((logprob, &top)), offset);
         offset += len;
     }
     Some(lp)
@@ -76,7 +108,7 @@ pub fn completion_logprobs(
 /// has none (nothing precedes it), `scored[i]` is token `i + 1`'s, with its first `top`
 /// alternatives.
 pub fn echo_logprobs(
-    tok: &Tokenizer,
+    names: TokenNames,
     prompt: &[u32],
     scored: &[PromptLogprob],
     top: usize,
@@ -84,14 +116,15 @@ pub fn echo_logprobs(
     let mut lp = CompletionLogprobs::default();
     let mut offset = 0;
     for (i, &id) in prompt.iter().enumerate() {
-        let text = token_text(tok, id);
+        let text = names.text(id);
         let len = text.len();
+        let name = names.name(id, text);
         match i.checked_sub(1).and_then(|j| scored.get(j)) {
             Some(s) => {
-                let alts = alternatives(tok, &s.top_logprobs[..top.min(s.top_logprobs.len())]);
-                lp.push(text, Some((s.logprob, &alts)), offset);
+                let alts = names.alternatives(&s.top_logprobs[..top.min(s.top_logprobs.len())]);
+                lp.push(name, Some((s.logprob, &alts)), offset);
             }
-            None => lp.push(text, None, offset),
+            None => lp.push(name, None, offset),
         }
         offset += len;
     }

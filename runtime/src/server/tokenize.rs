@@ -35,12 +35,8 @@ pub async fn tokenize(
         }
         TokenizeInput::Chat {
             messages,
-            add_generation_prompt,
-        } => {
-            render_chat(&state, messages, add_generation_prompt)
-                .await?
-                .token_ids
-        }
+            rendering,
+        } => render_chat(&state, messages, rendering).await?.token_ids,
     };
     let token_strs = strs.then(|| {
         let t = &state.tokenizer;

@@ -5,7 +5,9 @@
 use rand::distr::{Alphanumeric, SampleString};
 
 use super::{Tokenizer, TokenizerError};
-use crate::chat_template::{ChatMessage, ChatTemplate, ChatTemplateError};
+use crate::chat_template::{
+    final_message_end, ChatMessage, ChatTemplate, ChatTemplateError, RenderOptions,
+};
 
 /// A rendered chat prompt.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -29,21 +31,37 @@ pub enum ChatPromptError {
          chat template does not let the server keep apart from its own markup"
     )]
     Unseparable,
+    /// `continue_final_message`, but the template did not render the last message's text (or
+    /// it has none) so there is no place to end the prompt.
+    #[error(
+        "`continue_final_message` needs the last message's text in the rendered conversation, \
+         and this model's chat template did not render it"
+    )]
+    FinalMessageNotRendered,
 }
 
-/// Renders `messages` and tokenizes the result. When no message spells a special token (the
-/// usual case) the whole text is tokenized at once, exactly as Hugging Face does. Otherwise the
-/// template is rendered a second time with each content wrapped in random markers: the text
-/// between markers is tokenized as plain text, the rest (the template's markup) with special
-/// tokens. That second rendering keeps the contents' outer whitespace, which a template's
-/// `trim` would otherwise remove.
+/// Renders `messages` as `how` says and tokenizes the result. When no message spells a special
+/// token (the usual case) the whole text is tokenized at once, exactly as Hugging Face does.
+/// Otherwise the template is rendered a second time with each content wrapped in random
+/// markers: the text between markers is tokenized as plain text, the rest (the template's
+/// markup) with special tokens. That second rendering keeps the contents' outer whitespace,
+/// which a template's `trim` would otherwise remove. With `continue_final_message` the prompt
+/// ends where the last message's content does ([`final_message_end`]; in the marked rendering,
+/// at its closing marker).
 pub fn encode_chat(
     template: &ChatTemplate,
     tokenizer: &Tokenizer,
     messages: &[ChatMessage],
-    add_generation_prompt: bool,
+    how: &RenderOptions,
 ) -> Result<ChatPrompt, ChatPromptError> {
-    let text = template.render(messages, add_generation_prompt)?;
+    let add = how.add_generation_prompt;
+    let mut text = template.render_with(messages, add, &how.kwargs)?;
+    if how.continue_final_message {
+        let content = messages.last().map_or("", |m| m.content.as_str());
+        let end =
+            final_message_end(&text, content).ok_or(ChatPromptError::FinalMessageNotRendered)?;
+        text.truncate(end);
+    }
     if !messages
         .iter()
         .any(|m| tokenizer.spells_special_token(&m.content))
@@ -56,7 +74,11 @@ pub fn encode_chat(
         .iter()
         .map(|m| ChatMessage::new(m.role.clone(), format!("{open}{}{close}", m.content)))
         .collect();
-    let rendered = template.render(&marked, add_generation_prompt)?;
+    let mut rendered = template.render_with(&marked, add, &how.kwargs)?;
+    if how.continue_final_message {
+        let end = rendered.rfind(&close).ok_or(ChatPromptError::Unseparable)?;
+        rendered.truncate(end + close.len());
+    }
     let segments = split_marked(&rendered, &open, &close).ok_or(ChatPromptError::Unseparable)?;
     let token_ids = tokenizer.encode_segments(&segments)?;
     Ok(ChatPrompt { text, token_ids })

@@ -3,7 +3,8 @@
 use caduceus_runtime::server::protocol::{
     random_id, ApiError, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse,
     ChatLogprobs, ChatTokenLogprob, CompletionChoice, CompletionChunk, CompletionLogprobs,
-    CompletionResponse, FinishReason, ModelCard, ModelList, PromptTokenLogprob, TopLogprob, Usage,
+    CompletionResponse, FinishReason, ModelCard, ModelList, PromptTokenLogprob, StopReason,
+    TopLogprob, Usage,
 };
 use serde_json::{json, Value};
 
@@ -84,6 +85,11 @@ fn chat_stream_chunks_role_first_then_content_then_usage() {
                "choices": [{"index": 1, "delta": {"content": "!"}, "logprobs": null, "finish_reason": "length"}],
                "usage": null})
     );
+    // vLLM's `stop_reason`: a stop token's id as a number.
+    let mut stopped = ChatChunkChoice::content(0, String::new(), None, Some(FinishReason::Stop));
+    stopped.stop_reason = Some(StopReason::TokenId(13));
+    let chunk = to_json(&ChatCompletionChunk::new("c", 7, "m", vec![stopped], false));
+    assert_eq!(chunk["choices"][0]["stop_reason"], json!(13));
     let usage = ChatCompletionChunk::usage("chatcmpl-1", 7, "m", Usage::new(3, 4));
     assert_eq!(
         to_json(&usage),
@@ -115,6 +121,7 @@ fn completions_and_their_chunks_are_text_completion_objects() {
         index: 0,
         logprobs: Some(lp),
         finish_reason: Some(FinishReason::Stop),
+        stop_reason: Some(StopReason::Text("\nUser:".into())),
         prompt_logprobs: Some(listed),
     };
     let resp = CompletionResponse::new(
@@ -127,7 +134,8 @@ fn completions_and_their_chunks_are_text_completion_objects() {
     assert_eq!(
         to_json(&resp),
         json!({"id": "cmpl-1", "object": "text_completion", "created": 5, "model": "m",
-               "choices": [{"text": "Hi a!", "index": 0, "finish_reason": "stop", "logprobs": {
+               "choices": [{"text": "Hi a!", "index": 0, "finish_reason": "stop",
+                   "stop_reason": "\nUser:", "logprobs": {
                    "tokens": ["Hi", " a", "!"], "token_logprobs": [null, -0.5, -9999.0],
                    "top_logprobs": [null, {" a": -0.5, " b": -1.5}, {}], "text_offset": [0, 2, 4]},
                    "prompt_logprobs": [null, {"7": {"logprob": -2.5, "rank": 3, "decoded_token": " a"}}]}],
@@ -138,6 +146,7 @@ fn completions_and_their_chunks_are_text_completion_objects() {
         index: 3,
         logprobs: None,
         finish_reason: None,
+        stop_reason: None,
         prompt_logprobs: None,
     };
     let chunk = CompletionChunk::new("cmpl-1", 5, "m", vec![delta], false);
@@ -280,8 +289,18 @@ fn openapi_components_come_from_the_same_types() {
     struct Doc;
     let doc = serde_json::to_value(Doc::openapi()).unwrap();
     let schemas = &doc["components"]["schemas"];
+    // The request's own fields, and vLLM's output options flattened into it (`allOf`).
     let req = &schemas["ChatCompletionRequest"];
-    assert!(req["properties"]["messages"].is_object(), "{req}");
-    assert_eq!(req["required"], json!(["messages"]));
+    let parts = req["allOf"].as_array().unwrap_or_else(|| panic!("{req}"));
+    let own = parts.iter().find(|p| p["properties"].is_object()).unwrap();
+    assert!(own["properties"]["messages"].is_object(), "{req}");
+    assert_eq!(own["required"], json!(["messages"]));
+    let flattened = json!({"$ref": "#/components/schemas/OutputOptions"});
+    assert!(
+        parts.iter().any(|p| p["$ref"] == flattened["$ref"]),
+        "{req}"
+    );
+    let options = &schemas["OutputOptions"]["properties"];
+    assert!(options["allowed_token_ids"].is_object(), "{doc}");
     assert!(schemas["ErrorResponse"]["properties"]["error"].is_object());
 }

@@ -19,8 +19,11 @@ async fn unimplemented_fields_and_oversized_stops_get_a_400_naming_the_field() {
         (json!({"functions": [{"name": "f"}]}), "functions"),
         (json!({"guided_json": {"type": "object"}}), "guided_json"),
         (json!({"best_of": 2}), "best_of"),
-        (json!({"allowed_token_ids": [1, 2]}), "allowed_token_ids"),
-        (json!({"skip_special_tokens": false}), "skip_special_tokens"),
+        (json!({"bad_words": ["x"]}), "bad_words"),
+        (
+            json!({"spaces_between_special_tokens": false}),
+            "spaces_between_special_tokens",
+        ),
         (
             json!({"stop": ["x".repeat(MAX_STOP_STRING_BYTES + 1)]}),
             "stop",

@@ -3,7 +3,8 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::common::{FinishReason, StopSpec, StreamOptions, Usage};
+use super::chat_options::ChatTemplateOptions;
+use super::common::{FinishReason, OutputOptions, StopReason, StopSpec, StreamOptions, Usage};
 use super::logprobs::{ChatLogprobs, PromptLogprobs};
 use super::structured::{
     ResponseFormat, StructuredOutputs, ToolCall, ToolCallDelta, ToolChoiceParam, ToolParam,
@@ -63,6 +64,12 @@ pub struct ChatCompletionRequest {
     pub prompt_logprobs: Option<i64>,
     /// vLLM's chat `echo` (prepend the last message) is not implemented: refused when true.
     pub echo: Option<bool>,
+    /// vLLM's text and token options.
+    #[serde(flatten)]
+    pub output: OutputOptions,
+    /// vLLM's chat-template options.
+    #[serde(flatten)]
+    pub template: ChatTemplateOptions,
 }
 
 /// One input message.
@@ -151,6 +158,9 @@ pub struct ChatChoice {
     pub message: ChatResponseMessage,
     pub logprobs: Option<ChatLogprobs>,
     pub finish_reason: FinishReason,
+    /// vLLM extension: the `stop` string or `stop_token_ids` id that ended the answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_reason: Option<StopReason>,
 }
 
 /// The assistant's message.
@@ -180,6 +190,7 @@ impl ChatChoice {
             },
             logprobs,
             finish_reason,
+            stop_reason: None,
         }
     }
 }
@@ -235,6 +246,9 @@ pub struct ChatChunkChoice {
     pub delta: ChatDelta,
     pub logprobs: Option<ChatLogprobs>,
     pub finish_reason: Option<FinishReason>,
+    /// On the last chunk, as in [`ChatChoice`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_reason: Option<StopReason>,
 }
 
 /// New text (and on the first chunk, the role).
@@ -261,6 +275,7 @@ impl ChatChunkChoice {
             delta,
             logprobs: None,
             finish_reason: None,
+            stop_reason: None,
         }
     }
 
@@ -281,6 +296,7 @@ impl ChatChunkChoice {
             delta,
             logprobs,
             finish_reason,
+            stop_reason: None,
         }
     }
 }

@@ -23,6 +23,22 @@ impl StopSpec {
     }
 }
 
+/// vLLM's fields that shape the answer's text and tokens, read by both endpoints.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, ToSchema)]
+pub struct OutputOptions {
+    /// The stop string (or `stop_token_ids` token) that ended the answer ends its text too
+    /// (default false: neither is returned).
+    pub include_stop_str_in_output: Option<bool>,
+    /// Leave special tokens (e.g. `<|im_end|>`) out of the text (default true).
+    pub skip_special_tokens: Option<bool>,
+    /// Keep only the prompt's last k tokens (k >= 1), or -1: its last `max_model_len`.
+    pub truncate_prompt_tokens: Option<i64>,
+    /// Only these token ids may be generated.
+    pub allowed_token_ids: Option<Vec<u32>>,
+    /// Logprobs name each token `token_id:{id}` instead of its text.
+    pub return_tokens_as_token_ids: Option<bool>,
+}
+
 /// `stream_options`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct StreamOptions {
@@ -90,6 +106,24 @@ impl From<caduceus_scheduler::FinishReason> for FinishReason {
             caduceus_scheduler::FinishReason::Length => FinishReason::Length,
             caduceus_scheduler::FinishReason::Abort => FinishReason::Abort,
             caduceus_scheduler::FinishReason::Error => FinishReason::Error,
+        }
+    }
+}
+
+/// vLLM's `stop_reason`: which of the request's own `stop` strings or `stop_token_ids` ended a
+/// choice (absent when it ended otherwise, an EOS token included).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum StopReason {
+    Text(String),
+    TokenId(u32),
+}
+
+impl From<crate::engine::StopReason> for StopReason {
+    fn from(reason: crate::engine::StopReason) -> Self {
+        match reason {
+            crate::engine::StopReason::Text(s) => StopReason::Text(s),
+            crate::engine::StopReason::TokenId(t) => StopReason::TokenId(t),
         }
     }
 }

@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::common::{FinishReason, StopSpec, StreamOptions, Usage};
+use super::common::{FinishReason, OutputOptions, StopReason, StopSpec, StreamOptions, Usage};
 use super::logprobs::{CompletionLogprobs, PromptLogprobs};
 use super::structured::{ResponseFormat, StructuredOutputs};
 
@@ -50,6 +50,9 @@ pub struct CompletionRequest {
     /// vLLM extension: each prompt token's logprob with this many alternatives (0 to 20),
     /// returned as `choices[].prompt_logprobs`. Not with `stream`.
     pub prompt_logprobs: Option<i64>,
+    /// vLLM's text and token options.
+    #[serde(flatten)]
+    pub output: OutputOptions,
 }
 
 /// `prompt`: text, several texts, token ids, or several token-id lists.
@@ -107,6 +110,9 @@ pub struct CompletionChoice {
     pub index: u32,
     pub logprobs: Option<CompletionLogprobs>,
     pub finish_reason: Option<FinishReason>,
+    /// vLLM extension: the `stop` string or `stop_token_ids` id that ended the text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_reason: Option<StopReason>,
     /// vLLM extension: the prompt tokens' logprobs, when `prompt_logprobs` was sent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt_logprobs: Option<PromptLogprobs>,

@@ -4,12 +4,14 @@
 //! same definitions serde uses.
 
 mod chat;
+mod chat_options;
 mod common;
 mod completion;
 mod convert;
 mod error;
 mod logprobs;
 mod models;
+mod output_options;
 mod structured;
 mod tokenize;
 mod unsupported;
@@ -20,9 +22,10 @@ pub use chat::{
     ChatCompletionResponse, ChatDelta, ChatMessageParam, ChatResponseMessage, ContentPart,
     MessageContent, CHAT_CHUNK_OBJECT, CHAT_COMPLETION_OBJECT,
 };
+pub use chat_options::{template_strings, ChatTemplateOptions};
 pub use common::{
-    random_id, unix_timestamp, FinishReason, PromptTokensDetails, StopSpec, StreamOptions, Usage,
-    CHAT_ID_PREFIX, COMPLETION_ID_PREFIX, SSE_DONE,
+    random_id, unix_timestamp, FinishReason, OutputOptions, PromptTokensDetails, StopReason,
+    StopSpec, StreamOptions, Usage, CHAT_ID_PREFIX, COMPLETION_ID_PREFIX, SSE_DONE,
 };
 pub use completion::{
     CompletionChoice, CompletionChunk, CompletionRequest, CompletionResponse, Prompt,
@@ -34,6 +37,7 @@ pub use logprobs::{
     TopLogprob, MIN_LOGPROB,
 };
 pub use models::{ModelCard, ModelList, OWNED_BY};
+pub use output_options::{OutputSettings, PromptTruncation};
 pub use structured::{
     output_constraint, tool_calls_text, tool_plan, FunctionCall, FunctionCallDelta, FunctionDef,
     JsonSchemaFormat, NamedFunction, NamedToolChoice, ResponseFormat, StructuredOutputs, ToolCall,

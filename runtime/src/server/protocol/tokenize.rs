@@ -5,9 +5,10 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::chat_template::ChatMessage;
+use crate::chat_template::{ChatMessage, RenderOptions};
 
 use super::chat::ChatMessageParam;
+use super::chat_options::{render_options, ChatTemplateOptions};
 use super::convert::convert_messages;
 use super::validate::{invalid, ValidationError};
 
@@ -23,10 +24,16 @@ pub struct TokenizeRequest {
     pub prompt: Option<String>,
     #[serde(default)]
     pub messages: Option<Vec<ChatMessageParam>>,
-    /// With `messages`: end with the template's assistant header (the chat endpoint always
-    /// does). Default true.
+    /// With `messages`, as in chat: end with the template's assistant header (default true).
     #[serde(default)]
     pub add_generation_prompt: Option<bool>,
+    /// With `messages`, as in chat: end inside the last (assistant) message.
+    #[serde(default)]
+    pub continue_final_message: Option<bool>,
+    /// With `messages`, as in chat: extra variables for the chat template.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub chat_template_kwargs: Option<serde_json::Map<String, serde_json::Value>>,
     /// Also return each id's vocabulary entry (`token_strs`).
     #[serde(default)]
     pub return_token_strs: Option<bool>,
@@ -63,26 +70,46 @@ pub enum TokenizeInput {
     Prompt(String),
     Chat {
         messages: Vec<ChatMessage>,
-        add_generation_prompt: bool,
+        rendering: RenderOptions,
     },
 }
 
-/// Checks a tokenize request: one input, and `add_generation_prompt` only with `messages`.
+/// Checks a tokenize request: one input, and the chat-template options only with `messages`.
 pub fn validate_tokenize(req: TokenizeRequest) -> Result<TokenizeInput, ValidationError> {
+    let template = ChatTemplateOptions {
+        add_generation_prompt: req.add_generation_prompt,
+        continue_final_message: req.continue_final_message,
+        chat_template_kwargs: req.chat_template_kwargs,
+    };
     match (req.prompt, req.messages) {
         (Some(prompt), None) => {
-            if req.add_generation_prompt.is_some() {
-                return Err(invalid(
+            let chat_only = [
+                (
                     "add_generation_prompt",
-                    "applies to `messages` only",
-                ));
+                    template.add_generation_prompt.is_some(),
+                ),
+                (
+                    "continue_final_message",
+                    template.continue_final_message.is_some(),
+                ),
+                (
+                    "chat_template_kwargs",
+                    template.chat_template_kwargs.is_some(),
+                ),
+            ];
+            if let Some((field, _)) = chat_only.iter().find(|(_, sent)| *sent) {
+                return Err(invalid(field, "applies to `messages` only"));
             }
             Ok(TokenizeInput::Prompt(prompt))
         }
-        (None, Some(messages)) => Ok(TokenizeInput::Chat {
-            messages: convert_messages(messages)?,
-            add_generation_prompt: req.add_generation_prompt.unwrap_or(true),
-        }),
+        (None, Some(messages)) => {
+            let messages = convert_messages(messages)?;
+            let rendering = render_options(template, &messages)?;
+            Ok(TokenizeInput::Chat {
+                messages,
+                rendering,
+            })
+        }
         _ => Err(invalid(
             "prompt",
             "send exactly one of `prompt` or `messages`",

@@ -25,22 +25,14 @@ pub const UNSUPPORTED_FIELDS: &[&str] = &[
     "web_search_options",
     // vLLM's extensions that change the answer.
     "chat_template",
-    "chat_template_kwargs",
-    "continue_final_message",
-    "include_stop_str_in_output",
-    "truncate_prompt_tokens",
     "bad_words",
-    "allowed_token_ids",
     "use_beam_search",
-    "return_tokens_as_token_ids",
     "documents",
 ];
 
 /// Fields whose default is `true`, refused only when sent as something else (`false`): the
-/// server always skips special tokens in the text it returns and spaces them as the tokenizer
-/// does.
-pub const UNSUPPORTED_UNLESS_TRUE: &[&str] =
-    &["skip_special_tokens", "spaces_between_special_tokens"];
+/// server always spaces special tokens as the tokenizer does.
+pub const UNSUPPORTED_UNLESS_TRUE: &[&str] = &["spaces_between_special_tokens"];
 
 /// Whether a field's value asks for anything: `null`, `false`, `""`, `[]` and `{}` do not (SDKs
 /// send some of these as explicit defaults). `true` and `false` are told apart for the fields
@@ -160,23 +152,17 @@ mod tests {
                 None,
             ),
             (r#"{"model": "m", "prompt": "hi"}"#, None),
+            (r#"{"bad_words": ["x"]}"#, Some("bad_words")),
+            (r#"{"use_beam_search": true}"#, Some("use_beam_search")),
+            // Implemented vLLM options.
             (
-                r#"{"allowed_token_ids": [1, 2]}"#,
-                Some("allowed_token_ids"),
-            ),
-            (
-                r#"{"include_stop_str_in_output": true}"#,
-                Some("include_stop_str_in_output"),
-            ),
-            // Default-true fields pass as true (and absent, or null) and are refused otherwise.
-            (
-                r#"{"skip_special_tokens": true, "spaces_between_special_tokens": null}"#,
+                r#"{"allowed_token_ids": [1, 2], "include_stop_str_in_output": true}"#,
                 None,
             ),
-            (
-                r#"{"skip_special_tokens": false}"#,
-                Some("skip_special_tokens"),
-            ),
+            (r#"{"skip_special_tokens": false}"#, None),
+            // Default-true fields pass as true (and absent, or null) and are refused otherwise.
+            (r#"{"spaces_between_special_tokens": null}"#, None),
+            (r#"{"spaces_between_special_tokens": true}"#, None),
             (
                 r#"{"spaces_between_special_tokens": 0}"#,
                 Some("spaces_between_special_tokens"),

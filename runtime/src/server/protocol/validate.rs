@@ -9,11 +9,14 @@ use crate::engine::{MAX_STOP_STRINGS, MAX_STOP_STRING_BYTES, MAX_STOP_TOKEN_IDS}
 use crate::sampling::{SamplingError, SamplingParams, MAX_LOGPROBS};
 
 use super::chat::ChatCompletionRequest;
-use super::common::{StopSpec, StreamOptions};
+use super::chat_options::render_options;
+use super::common::{OutputOptions, StopSpec, StreamOptions};
 use super::completion::CompletionRequest;
 use super::convert::{convert_messages, convert_prompt};
 use super::error::ApiError;
+use super::output_options::{output_settings, OutputSettings};
 use super::structured::{output_constraint, tool_plan, ToolPlan};
+use crate::chat_template::RenderOptions;
 use crate::structured::ConstraintSpec;
 
 /// Most choices per prompt (`n`); each is a full sequence in the batch.
@@ -101,6 +104,8 @@ pub struct GenerationParams {
     pub constraint: Option<(ConstraintSpec, &'static str)>,
     /// What the request asks of its prompt tokens' logprobs.
     pub prompt_scoring: PromptScoring,
+    /// vLLM's text and token options.
+    pub output: OutputSettings,
 }
 
 /// The prompt-token logprobs a request asks for, each as its number of alternatives.
@@ -132,6 +137,8 @@ impl PromptScoring {
 #[derive(Clone, Debug, PartialEq)]
 pub struct ValidatedChatRequest {
     pub messages: Vec<ChatMessage>,
+    /// How the template renders them.
+    pub rendering: RenderOptions,
     pub params: GenerationParams,
     /// The tools the model may call (absent with none, or `tool_choice: "none"`).
     pub tools: Option<ToolPlan>,
@@ -183,6 +190,7 @@ struct Common {
     prompt_logprobs: Option<i64>,
     /// Legacy completions' `echo` (chat refuses it before).
     echo: bool,
+    output: OutputOptions,
 }
 
 /// Checks a chat request and converts its messages for the chat template.
@@ -201,12 +209,19 @@ pub fn validate_chat(req: ChatCompletionRequest) -> Result<ValidatedChatRequest,
         ));
     }
     let messages = convert_messages(req.messages)?;
+    let rendering = render_options(req.template, &messages)?;
     let constraint = output_constraint(req.response_format, req.structured_outputs)?;
     let tools = tool_plan(req.tools, req.tool_choice, req.parallel_tool_calls)?;
     if let (Some((_, field)), Some(_)) = (&constraint, &tools) {
         return Err(invalid(
             field,
             "cannot be combined with `tools`; send `tool_choice: \"none\"` or drop one",
+        ));
+    }
+    if tools.is_some() && req.output.allowed_token_ids.is_some() {
+        return Err(invalid(
+            "allowed_token_ids",
+            "cannot be combined with `tools` (their grammar chooses the tokens)",
         ));
     }
     // OpenAI deprecated `max_tokens` for `max_completion_tokens`; the newer field wins.
@@ -240,10 +255,12 @@ pub fn validate_chat(req: ChatCompletionRequest) -> Result<ValidatedChatRequest,
         constraint,
         prompt_logprobs: req.prompt_logprobs,
         echo: false,
+        output: req.output,
     };
     let params = generation_params(common, logprobs)?;
     Ok(ValidatedChatRequest {
         messages,
+        rendering,
         params,
         tools,
     })
@@ -290,6 +307,7 @@ pub fn validate_completion(
         constraint: output_constraint(req.response_format, req.structured_outputs)?,
         prompt_logprobs: req.prompt_logprobs,
         echo,
+        output: req.output,
     };
     let params = generation_params(common, logprobs)?;
     Ok(ValidatedCompletionRequest {
@@ -309,10 +327,18 @@ fn logprob_count(param: &str, k: i64) -> Result<usize, ValidationError> {
 }
 
 fn generation_params(
-    c: Common,
+    mut c: Common,
     logprobs: Option<usize>,
 ) -> Result<GenerationParams, ValidationError> {
-    let sampling = sampling_params(&c, logprobs)?;
+    let (output, allowed_token_ids) = output_settings(std::mem::take(&mut c.output))?;
+    if let (Some((_, field)), false) = (&c.constraint, allowed_token_ids.is_empty()) {
+        return Err(invalid(
+            "allowed_token_ids",
+            format!("cannot be combined with `{field}` (its grammar chooses the tokens)"),
+        ));
+    }
+    let mut sampling = sampling_params(&c, logprobs)?;
+    sampling.allowed_token_ids = allowed_token_ids;
     if c.constraint.is_some() && c.ignore_eos == Some(true) {
         return Err(invalid(
             "ignore_eos",
@@ -423,6 +449,7 @@ fn generation_params(
         cache_salt: c.cache_salt,
         constraint: c.constraint,
         prompt_scoring,
+        output,
     })
 }
 
@@ -514,6 +541,7 @@ fn sampling_params(c: &Common, logprobs: Option<usize>) -> Result<SamplingParams
         seed: c.seed.map(|s| s as u64),
         logprobs,
         logit_bias: logit_bias(c.logit_bias.as_ref())?,
+        allowed_token_ids: Vec::new(),
     };
     // The engine's own check, so the two can never disagree about a value passed on.
     sampling.validate().map_err(

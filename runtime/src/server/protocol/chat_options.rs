@@ -1,0 +1,130 @@
+//! vLLM's chat-template fields ([`ChatTemplateOptions`]: `add_generation_prompt`,
+//! `continue_final_message`, `chat_template_kwargs`), checked into how the conversation is
+//! rendered.
+
+use serde::Deserialize;
+use utoipa::ToSchema;
+
+use crate::chat_template::{ChatMessage, RenderOptions, RESERVED_TEMPLATE_NAMES};
+
+use super::validate::{invalid, ValidationError};
+
+/// How the model's chat template renders the conversation (Hugging Face `apply_chat_template`'s
+/// arguments, as vLLM takes them).
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, ToSchema)]
+pub struct ChatTemplateOptions {
+    /// End the prompt with the assistant's header (default true; false with
+    /// `continue_final_message`).
+    pub add_generation_prompt: Option<bool>,
+    /// End the prompt inside the last message, an assistant's, so the answer continues its text
+    /// (e.g. a doctor avatar's greeting written by the caller).
+    pub continue_final_message: Option<bool>,
+    /// Extra variables for the model's chat template (e.g. `{"enable_thinking": false}`);
+    /// templates ignore names they do not use.
+    #[schema(value_type = Option<Object>)]
+    pub chat_template_kwargs: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+/// Checks `o` against the conversation it renders.
+pub(super) fn render_options(
+    o: ChatTemplateOptions,
+    messages: &[ChatMessage],
+) -> Result<RenderOptions, ValidationError> {
+    let continue_final_message = o.continue_final_message.unwrap_or(false);
+    if continue_final_message {
+        if o.add_generation_prompt == Some(true) {
+            return Err(invalid(
+                "continue_final_message",
+                "cannot be combined with `add_generation_prompt: true` (the prompt ends inside \
+                 the last message, not after it)",
+            ));
+        }
+        if messages.last().is_none_or(|m| m.role != "assistant") {
+            return Err(invalid(
+                "continue_final_message",
+                "needs the last message to be the assistant's: the text the answer continues",
+            ));
+        }
+    }
+    let kwargs = o.chat_template_kwargs.unwrap_or_default();
+    if let Some(name) = kwargs
+        .keys()
+        .find(|k| RESERVED_TEMPLATE_NAMES.contains(&k.as_str()))
+    {
+        return Err(invalid(
+            &format!("chat_template_kwargs.{name}"),
+            "is set by the server; send it as its own request field, if any",
+        ));
+    }
+    Ok(RenderOptions {
+        add_generation_prompt: o.add_generation_prompt.unwrap_or(!continue_final_message),
+        continue_final_message,
+        kwargs,
+    })
+}
+
+/// Every string inside `kwargs` (keys included), for the special-token check.
+pub fn template_strings(kwargs: &serde_json::Map<String, serde_json::Value>) -> Vec<&str> {
+    fn walk<'a>(v: &'a serde_json::Value, out: &mut Vec<&'a str>) {
+        match v {
+            serde_json::Value::String(s) => out.push(s),
+            serde_json::Value::Array(items) => items.iter().for_each(|i| walk(i, out)),
+            serde_json::Value::Object(map) => map.iter().for_each(|(k, v)| {
+                out.push(k);
+                walk(v, out);
+            }),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    for (k, v) in kwargs {
+        out.push(k.as_str());
+        walk(v, &mut out);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conversation(last_role: &str) -> Vec<ChatMessage> {
+        vec![
+            ChatMessage::new("user", "Hi"),
+            ChatMessage::new(last_role, "Dr. Lin here"),
+        ]
+    }
+
+    #[test]
+    fn continuing_needs_an_assistant_message_last_and_no_generation_prompt() {
+        let cont = |agp: Option<bool>| ChatTemplateOptions {
+            add_generation_prompt: agp,
+            continue_final_message: Some(true),
+            chat_template_kwargs: None,
+        };
+        let ok = render_options(cont(None), &conversation("assistant")).unwrap();
+        assert!(ok.continue_final_message && !ok.add_generation_prompt);
+        assert!(render_options(cont(Some(false)), &conversation("assistant")).is_ok());
+        for (o, last) in [(cont(Some(true)), "assistant"), (cont(None), "user")] {
+            let err = render_options(o, &conversation(last)).unwrap_err();
+            assert_eq!(err.param(), "continue_final_message");
+        }
+        let plain = render_options(ChatTemplateOptions::default(), &conversation("user")).unwrap();
+        assert_eq!(plain, RenderOptions::generation());
+    }
+
+    #[test]
+    fn kwargs_may_not_replace_what_the_server_sets_and_their_strings_are_all_found() {
+        let with = |kwargs: serde_json::Value| ChatTemplateOptions {
+            chat_template_kwargs: kwargs.as_object().cloned(),
+            ..ChatTemplateOptions::default()
+        };
+        let err = render_options(with(serde_json::json!({"messages": []})), &[]).unwrap_err();
+        assert_eq!(err.param(), "chat_template_kwargs.messages");
+        let kwargs = serde_json::json!({"enable_thinking": false, "doc": {"k": ["a", 1, "b"]}});
+        let o = render_options(with(kwargs), &conversation("user")).unwrap();
+        let mut found = template_strings(&o.kwargs);
+        found.sort_unstable();
+        assert_eq!(found, ["a", "b", "doc", "enable_thinking", "k"]);
+    }
+}

@@ -1,0 +1,134 @@
+//! vLLM's text and token options ([`OutputOptions`]), checked into the settings the server and
+//! the engine act on.
+
+use super::common::OutputOptions;
+use super::validate::{invalid, out_of_range, ValidationError};
+
+/// How much of a prompt `truncate_prompt_tokens` keeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PromptTruncation {
+    /// Its last `k` tokens.
+    Last(usize),
+    /// Its last `max_model_len` tokens (`-1`).
+    ToContext,
+}
+
+impl PromptTruncation {
+    /// Drops all but the kept tokens from the front of `ids`; true when any were dropped.
+    pub fn apply(self, ids: &mut Vec<u32>, max_model_len: usize) -> bool {
+        let keep = match self {
+            PromptTruncation::Last(k) => k,
+            PromptTruncation::ToContext => max_model_len,
+        };
+        let drop = ids.len().saturating_sub(keep);
+        ids.drain(..drop);
+        drop > 0
+    }
+}
+
+/// The checked [`OutputOptions`] (`allowed_token_ids` goes to the sampling settings).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OutputSettings {
+    /// The stop string or stop token that ended the answer ends its text.
+    pub include_stop_str_in_output: bool,
+    /// Special tokens are left out of the text.
+    pub skip_special_tokens: bool,
+    /// Prompt tokens dropped from the front, if any.
+    pub truncate_prompt: Option<PromptTruncation>,
+    /// Logprobs name tokens `token_id:{id}`.
+    pub tokens_as_ids: bool,
+}
+
+impl Default for OutputSettings {
+    fn default() -> Self {
+        OutputSettings {
+            include_stop_str_in_output: false,
+            skip_special_tokens: true,
+            truncate_prompt: None,
+            tokens_as_ids: false,
+        }
+    }
+}
+
+/// Checks `o`; returns the settings and the allowed token ids (empty: all).
+pub(super) fn output_settings(
+    o: OutputOptions,
+) -> Result<(OutputSettings, Vec<u32>), ValidationError> {
+    let truncate_prompt = match o.truncate_prompt_tokens {
+        None => None,
+        Some(-1) => Some(PromptTruncation::ToContext),
+        Some(k) if k >= 1 => Some(PromptTruncation::Last(
+            usize::try_from(k).unwrap_or(usize::MAX),
+        )),
+        Some(k) => {
+            return Err(out_of_range(
+                "truncate_prompt_tokens",
+                k,
+                "at least 1, or -1 (the model's context length)",
+            ))
+        }
+    };
+    let allowed = match o.allowed_token_ids {
+        Some(ids) if ids.is_empty() => {
+            return Err(invalid(
+                "allowed_token_ids",
+                "must list at least one token id (leave it out to allow all)",
+            ))
+        }
+        ids => ids.unwrap_or_default(),
+    };
+    let settings = OutputSettings {
+        include_stop_str_in_output: o.include_stop_str_in_output.unwrap_or(false),
+        skip_special_tokens: o.skip_special_tokens.unwrap_or(true),
+        truncate_prompt,
+        tokens_as_ids: o.return_tokens_as_token_ids.unwrap_or(false),
+    };
+    Ok((settings, allowed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn truncation_keeps_the_last_tokens() {
+        let mut ids = vec![1, 2, 3, 4, 5];
+        assert!(PromptTruncation::Last(2).apply(&mut ids, 100));
+        assert_eq!(ids, [4, 5]);
+        assert!(!PromptTruncation::Last(9).apply(&mut ids, 100));
+        assert_eq!(ids, [4, 5]);
+        let mut ids = vec![1, 2, 3];
+        assert!(PromptTruncation::ToContext.apply(&mut ids, 2));
+        assert_eq!(ids, [2, 3]);
+    }
+
+    #[test]
+    fn options_are_checked_and_default_as_vllm_does() {
+        let (s, allowed) = output_settings(OutputOptions::default()).unwrap();
+        assert_eq!(s, OutputSettings::default());
+        assert!(s.skip_special_tokens && allowed.is_empty());
+        let param = |o: OutputOptions| output_settings(o).unwrap_err().param().to_string();
+        for k in [0, -2] {
+            let o = OutputOptions {
+                truncate_prompt_tokens: Some(k),
+                ..Default::default()
+            };
+            assert_eq!(param(o), "truncate_prompt_tokens");
+        }
+        let o = OutputOptions {
+            allowed_token_ids: Some(vec![]),
+            ..Default::default()
+        };
+        assert_eq!(param(o), "allowed_token_ids");
+        let o = OutputOptions {
+            truncate_prompt_tokens: Some(-1),
+            allowed_token_ids: Some(vec![7, 3]),
+            skip_special_tokens: Some(false),
+            ..Default::default()
+        };
+        let (s, allowed) = output_settings(o).unwrap();
+        assert_eq!(s.truncate_prompt, Some(PromptTruncation::ToContext));
+        assert!(!s.skip_special_tokens);
+        assert_eq!(allowed, [7, 3]);
+    }
+}

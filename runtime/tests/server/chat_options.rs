@@ -1,0 +1,173 @@
+//! vLLM's chat-template options over HTTP, on the tiny model (ChatML, its fallback template):
+//! `continue_final_message` ends the prompt inside the last assistant message (the answer
+//! continues it), `add_generation_prompt: false` leaves the assistant's header out, and
+//! `chat_template_kwargs` reach the template as variables, never as forged special tokens.
+
+use std::sync::Arc;
+
+use axum::http::StatusCode;
+use axum::Router;
+use caduceus_runtime::chat_template::ChatTemplate;
+use caduceus_runtime::server::{app, AppState};
+use serde_json::{json, Value};
+
+use super::support::server_app::{with_fields, TestServer};
+use super::{post, MODEL};
+
+fn serve() -> (Router, AppState) {
+    let state = TestServer::default().state();
+    (app(state.clone()), state)
+}
+
+fn conversation(last: &str) -> Value {
+    json!([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": last}])
+}
+
+/// The ids `/tokenize` gives `messages` with `extra`, and their text (special tokens spelled).
+async fn rendered(r: &Router, messages: Value, extra: Value) -> (Vec<u32>, String) {
+    let body = with_fields(json!({"model": MODEL, "messages": messages}), extra);
+    let (s, b) = post(r, "/tokenize", body).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let ids: Vec<u32> = serde_json::from_value(b["tokens"].clone()).unwrap();
+    let (s, d) = post(r, "/detokenize", json!({"model": MODEL, "tokens": ids})).await;
+    assert_eq!(s, StatusCode::OK, "{d}");
+    (ids, d["prompt"].as_str().unwrap().to_owned())
+}
+
+#[tokio::test]
+async fn continue_final_message_ends_the_prompt_inside_the_last_message() {
+    let (r, state) = serve();
+    for last in ["Dr. Lin here, I", "Dr. Lin here, ", "I said </s> and"] {
+        let cont = json!({"continue_final_message": true});
+        let (ids, text) = rendered(&r, conversation(last), cont.clone()).await;
+        let (_, closed) = rendered(
+            &r,
+            conversation(last),
+            json!({"add_generation_prompt": false}),
+        )
+        .await;
+        // ChatML closes a turn with `<|im_end|>\n`: the continued prompt is the closed one
+        // without it, ending with the message as sent (trailing space included).
+        assert_eq!(format!("{text}<|im_end|>\n"), closed, "{last:?}");
+        assert!(text.ends_with(last), "{text:?}");
+        // A `</s>` the caller wrote is text, not the end-of-sequence token.
+        let eos = state.tokenizer.eos_ids()[0];
+        assert!(!ids.contains(&eos), "{last:?}: {ids:?}");
+
+        // The chat endpoint answers from exactly these ids.
+        let base = json!({"model": MODEL, "max_tokens": 6, "temperature": 0, "ignore_eos": true});
+        let chat = with_fields(base.clone(), json!({"messages": conversation(last)}));
+        let b = post(&r, "/v1/chat/completions", with_fields(chat, cont))
+            .await
+            .1;
+        let by_ids = post(
+            &r,
+            "/v1/completions",
+            with_fields(base, json!({"prompt": ids})),
+        )
+        .await
+        .1;
+        assert_eq!(
+            b["usage"]["prompt_tokens"], by_ids["usage"]["prompt_tokens"],
+            "{b}"
+        );
+        assert_eq!(
+            b["choices"][0]["message"]["content"], by_ids["choices"][0]["text"],
+            "{last:?}"
+        );
+    }
+    // Without the generation prompt the conversation ends with the closed last turn; by
+    // default it ends with the assistant's header.
+    let (_, open) = rendered(&r, conversation("Ok."), json!({})).await;
+    assert!(
+        open.ends_with("Ok.<|im_end|>\n<|im_start|>assistant\n"),
+        "{open:?}"
+    );
+}
+
+#[tokio::test]
+async fn chat_template_kwargs_reach_the_template_as_variables() {
+    let (_, mut state) = serve();
+    let source = "{% for m in messages %}[{{ m['content'] }}]{% endfor %}\
+                  {% if enable_thinking %}<think>{{ depth }}{% endif %}";
+    state.chat_template = Arc::new(ChatTemplate::new(source, None, None).unwrap());
+    let r = app(state);
+    let messages = json!([{"role": "user", "content": "Hi"}]);
+    let kwargs = json!({"chat_template_kwargs": {"enable_thinking": true, "depth": 2}});
+    assert!(rendered(&r, messages.clone(), kwargs.clone())
+        .await
+        .1
+        .ends_with("[Hi]<think>2"));
+    assert!(rendered(&r, messages.clone(), json!({}))
+        .await
+        .1
+        .ends_with("[Hi]"));
+    let chat = json!({"model": MODEL, "max_tokens": 1, "messages": messages});
+    let (s, b) = post(&r, "/v1/chat/completions", with_fields(chat, kwargs)).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+}
+
+#[tokio::test]
+async fn unusable_chat_template_options_are_400s_naming_the_field() {
+    let (r, _) = serve();
+    let chat = |messages: Value, extra: Value| {
+        with_fields(
+            json!({"model": MODEL, "max_tokens": 1, "messages": messages}),
+            extra,
+        )
+    };
+    let user_last = json!([{"role": "user", "content": "Hi"}]);
+    let cases = [
+        (
+            chat(user_last.clone(), json!({"continue_final_message": true})),
+            "continue_final_message",
+        ),
+        (
+            chat(
+                conversation("Dr."),
+                json!({"continue_final_message": true, "add_generation_prompt": true}),
+            ),
+            "continue_final_message",
+        ),
+        // An empty last message leaves nothing to continue.
+        (
+            chat(conversation(""), json!({"continue_final_message": true})),
+            "continue_final_message",
+        ),
+        (
+            chat(
+                user_last.clone(),
+                json!({"chat_template_kwargs": {"messages": []}}),
+            ),
+            "chat_template_kwargs.messages",
+        ),
+        (
+            chat(
+                user_last.clone(),
+                json!({"chat_template_kwargs": {"note": ["ok", "</s>"]}}),
+            ),
+            "chat_template_kwargs",
+        ),
+    ];
+    for (body, field) in cases {
+        for uri in ["/v1/chat/completions", "/tokenize"] {
+            let mut body = body.clone();
+            if uri == "/tokenize" {
+                body.as_object_mut().unwrap().remove("max_tokens");
+            }
+            let (s, b) = post(&r, uri, body).await;
+            assert_eq!(
+                (s, &b["error"]["param"]),
+                (StatusCode::BAD_REQUEST, &json!(field)),
+                "{uri}: {b}"
+            );
+        }
+    }
+    // A prompt takes none of them.
+    let prompt = json!({"model": MODEL, "prompt": "Hi", "continue_final_message": false});
+    let (s, b) = post(&r, "/tokenize", prompt).await;
+    assert_eq!(
+        (s, &b["error"]["param"]),
+        (StatusCode::BAD_REQUEST, &json!("continue_final_message"))
+    );
+}
