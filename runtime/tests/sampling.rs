@@ -533,6 +533,7 @@ fn validate_names_each_out_of_range_field() {
         logprobs: Some(20),
         logit_bias: vec![(0, -100.0), (1, 100.0)],
         allowed_token_ids: vec![0, 1],
+        bad_words: vec![vec![3], vec![4, 5]],
     };
     assert_eq!(ok.validate(), Ok(()));
     let err = SamplingParams { top_p: 1.5, ..base }

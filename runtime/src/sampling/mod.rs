@@ -10,7 +10,8 @@ pub mod sampler;
 
 pub use logprobs::{score_rows, score_token, PromptLogprob};
 pub use params::{
-    SamplingError, SamplingParams, GREEDY_TEMPERATURE_EPS, MAX_LOGIT_BIAS, MAX_LOGPROBS,
+    SamplingError, SamplingParams, GREEDY_TEMPERATURE_EPS, MAX_BAD_WORD_SEQUENCES,
+    MAX_BAD_WORD_TOKENS, MAX_LOGIT_BIAS, MAX_LOGPROBS,
 };
 pub use row::{sample_row, RowSample, RowScratch};
 pub use sampler::{SampledToken, Sampler};

@@ -13,6 +13,10 @@ pub use caduceus_kernels::sampling::MAX_LOGPROBS;
 pub const MAX_LOGIT_BIAS: usize = 1024;
 /// Largest bias magnitude (OpenAI's range: -100 bans a token, 100 all but forces it).
 pub const MAX_BIAS: f32 = 100.0;
+/// Most token sequences one request's `bad_words` may become (each is checked every step).
+pub const MAX_BAD_WORD_SEQUENCES: usize = 128;
+/// Longest `bad_words` token sequence.
+pub const MAX_BAD_WORD_TOKENS: usize = 64;
 
 /// How one request wants its tokens chosen. Values come straight from the HTTP request, so
 /// [`SamplingParams::validate`] must be called before sampling; the sampler itself never panics on
@@ -45,6 +49,9 @@ pub struct SamplingParams {
     /// vLLM's `allowed_token_ids`: only these ids may be sampled (the others count as -inf, for
     /// the draw and the logprobs alike); empty allows all.
     pub allowed_token_ids: Vec<u32>,
+    /// vLLM's `bad_words` as token sequences: the last token of each is banned whenever the
+    /// output ends with the others (a one-token sequence always).
+    pub bad_words: Vec<Vec<u32>>,
 }
 
 impl Default for SamplingParams {
@@ -61,6 +68,7 @@ impl Default for SamplingParams {
             logprobs: None,
             logit_bias: Vec::new(),
             allowed_token_ids: Vec::new(),
+            bad_words: Vec::new(),
         }
     }
 }
@@ -144,6 +152,15 @@ impl SamplingParams {
                     allowed: "[0, 20]",
                 });
             }
+        }
+        if self.bad_words.len() > MAX_BAD_WORD_SEQUENCES
+            || (self.bad_words.iter()).any(|w| w.is_empty() || w.len() > MAX_BAD_WORD_TOKENS)
+        {
+            return Err(SamplingError::OutOfRange {
+                field: "bad_words",
+                value: format!("{} token sequences", self.bad_words.len()),
+                allowed: "at most 128 sequences of 1 to 64 tokens",
+            });
         }
         self.validate_logit_bias()
     }

@@ -137,7 +137,8 @@ impl Sampler {
     }
 
     /// This step's [`RowSample`] for a row of `vocab` logits: consumes one uniform (non-greedy)
-    /// and builds the penalty entries; `banned` ids count as -inf.
+    /// and builds the penalty entries; `banned` ids count as -inf, as do the `bad_words`
+    /// tokens the output now leads to.
     pub fn row_sample(
         &mut self,
         prompt_ids: &[u32],
@@ -147,11 +148,13 @@ impl Sampler {
     ) -> RowSample {
         let sampling = self.row_sampling();
         let penalties = self.penalty_entries(prompt_ids, output_ids, vocab).to_vec();
+        let mut banned = banned.to_vec();
+        banned.extend(bad_word_bans(&self.params.bad_words, output_ids));
         RowSample {
             sampling,
             u: self.next_uniform(),
             penalties,
-            banned: banned.to_vec(),
+            banned,
             logprobs: self.params.logprobs,
             allowed: self.allowed_mask(vocab),
             bias: self.params.logit_bias.clone(),
@@ -171,6 +174,15 @@ impl Sampler {
         let r = self.row_sample(prompt_ids, output_ids, logits.len(), &[]);
         sample_row(logits, &r, &mut self.scratch)
     }
+}
+
+/// The tokens `bad_words` bans after `output`: each sequence's last token where the output
+/// ends with the rest of it (vLLM's `NoBadWordsLogitsProcessor`).
+fn bad_word_bans<'a>(words: &'a [Vec<u32>], output: &'a [u32]) -> impl Iterator<Item = u32> + 'a {
+    words.iter().filter_map(move |w| {
+        let (&last, lead) = w.split_last()?;
+        output.ends_with(lead).then_some(last)
+    })
 }
 
 #[cfg(test)]
@@ -226,5 +238,16 @@ mod tests {
             assert!(t == 1 || t == 3);
         }
         assert_eq!(s.sample(&[], &[], &[]).token_id, 0);
+    }
+
+    #[test]
+    fn bad_words_ban_their_last_token_after_the_rest() {
+        let words = vec![vec![7], vec![1, 2], vec![3, 4, 5]];
+        let bans = |out: &[u32]| super::bad_word_bans(&words, out).collect::<Vec<_>>();
+        assert_eq!(bans(&[]), [7]);
+        assert_eq!(bans(&[9, 1]), [7, 2]);
+        assert_eq!(bans(&[3, 4]), [7, 5]);
+        assert_eq!(bans(&[4, 3]), [7]);
+        assert_eq!(bans(&[1, 3, 4]), [7, 5]);
     }
 }

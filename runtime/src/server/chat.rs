@@ -129,6 +129,7 @@ pub async fn chat_completions(
             logprobs: v.params.sampling.logprobs.is_some(),
             tokenizer: state.tokenizer.clone(),
             tokens_as_ids: v.params.output.tokens_as_ids,
+            echo: v.echo.clone(),
             tools: v.tools.as_ref().map(|_| {
                 (0..streams.len())
                     .map(|_| ToolCallStream::default())
@@ -159,6 +160,9 @@ pub async fn chat_completions(
             let calls = v.tools.as_ref().and_then(|_| parse_tool_calls(&o.text));
             let mut choice = ChatChoice::new(i as u32, o.text, lp, o.finish_reason);
             choice.stop_reason = o.stop_reason;
+            if let (Some(echo), Some(content)) = (&v.echo, choice.message.content.as_mut()) {
+                content.insert_str(0, echo);
+            }
             if let Some(calls) = calls {
                 choice.message.content = None;
                 choice.message.tool_calls = Some(calls);
@@ -169,8 +173,12 @@ pub async fn chat_completions(
             choice
         })
         .collect::<Vec<_>>();
+    // With `log_prompts`, the first choice's completion (without the message `echo` puts
+    // before it).
     if let (Some(t), Some(c)) = (log.texts.as_mut(), choices.first()) {
-        t.1 = c.message.content.clone().unwrap_or_default();
+        let content = c.message.content.as_deref().unwrap_or_default();
+        let echoed = v.echo.as_deref().unwrap_or_default();
+        t.1 = content.strip_prefix(echoed).unwrap_or(content).to_owned();
     }
     let usage =
         Usage::new(log.prompt_tokens, log.completion_tokens).with_cached_tokens(log.cached_tokens);
@@ -193,17 +201,23 @@ struct ChatFormat {
     tokenizer: Arc<Tokenizer>,
     /// Logprobs name tokens `token_id:{id}`.
     tokens_as_ids: bool,
+    /// The text `echo` puts first in every choice (sent with its role).
+    echo: Option<String>,
     /// Per choice, with tools: the parser turning its text into `delta.tool_calls`.
     tools: Option<Vec<ToolCallStream>>,
 }
 
 impl ChunkFormat for ChatFormat {
     fn opening(&self, index: u32) -> Option<serde_json::Value> {
+        let mut choice = ChatChunkChoice::role(index);
+        if let Some(echo) = &self.echo {
+            choice.delta.content = Some(echo.clone());
+        }
         let chunk = ChatCompletionChunk::new(
             &self.id,
             self.created,
             &self.model,
-            vec![ChatChunkChoice::role(index)],
+            vec![choice],
             self.include_usage,
         );
         serde_json::to_value(chunk).ok()

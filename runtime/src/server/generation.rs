@@ -12,10 +12,11 @@ use super::state::AppState;
 use super::tenant::{cache_salt, Tenant};
 use crate::engine::{EngineRequest, RequestOutput, RequestStream};
 use crate::metrics::record_inter_token;
-use crate::sampling::{PromptLogprob, SampledToken};
+use crate::sampling::{PromptLogprob, SampledToken, MAX_BAD_WORD_TOKENS};
 use crate::structured::{
     CompiledConstraint, Compiling, ConstraintSpec, PendingCompile, StructuredError,
 };
+use crate::tokenizer::Tokenizer;
 
 /// Everything one choice produced.
 #[derive(Clone, Debug)]
@@ -99,6 +100,7 @@ pub fn submit(
     check_token_ids(biased, vocab, "logit_bias", "logit_bias")?;
     let allowed = params.sampling.allowed_token_ids.iter().copied();
     check_token_ids(allowed, vocab, "allowed_token_ids", "allowed_token_ids")?;
+    let bad_words = bad_word_sequences(&state.tokenizer, &params.bad_words)?;
     let cache_salt = cache_salt(
         state.settings.prefix_cache_isolation,
         tenant,
@@ -119,6 +121,7 @@ pub fn submit(
         let max_tokens = params.max_tokens.unwrap_or(room.max(1));
         for choice in 0..params.n {
             let mut sampling = params.sampling.clone();
+            sampling.bad_words.clone_from(&bad_words);
             // Distinct but reproducible streams for n > 1 with a seed.
             sampling.seed = sampling.seed.map(|s| s.wrapping_add(choice as u64));
             let req = EngineRequest {
@@ -146,6 +149,37 @@ pub fn submit(
         }
     }
     Ok(streams)
+}
+
+/// `bad_words` as token sequences, as vLLM makes them: each word's tokens with its leading
+/// spaces removed, and with one space before it where that spells the word in as many tokens,
+/// starting with another token (the word inside a sentence).
+fn bad_word_sequences(tok: &Tokenizer, words: &[String]) -> Result<Vec<Vec<u32>>, ApiError> {
+    let encode = |text: &str| {
+        tok.encode_fragment(text).map_err(|e| {
+            tracing::error!(error = %e, "tokenizer failed");
+            ApiError::internal()
+        })
+    };
+    let mut sequences = Vec::with_capacity(words.len() * 2);
+    for word in words {
+        let word = word.trim_start();
+        let plain = encode(word)?;
+        let spaced = encode(&format!(" {word}"))?;
+        let differs = spaced.len() == plain.len() && spaced.first() != plain.first();
+        sequences.push(plain);
+        if differs {
+            sequences.push(spaced);
+        }
+    }
+    if let Some(long) = sequences.iter().find(|s| s.len() > MAX_BAD_WORD_TOKENS) {
+        let message = format!(
+            "`bad_words` has a word of {} tokens; at most {MAX_BAD_WORD_TOKENS} are allowed",
+            long.len()
+        );
+        return Err(ApiError::invalid_request(message, Some("bad_words")));
+    }
+    Ok(sequences)
 }
 
 /// Runs CPU-bound request work (template rendering, tokenization) on tokio's blocking pool, so

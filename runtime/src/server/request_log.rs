@@ -133,7 +133,8 @@ impl Drop for RequestLog {
             e2e: (self.status == 200).then_some(e2e),
         });
         let ms = |d: Option<Duration>| d.map_or(-1.0, |d| d.as_secs_f64() * 1e3);
-        // Text fields are recorded only with `log_prompts` (`None` records nothing).
+        // Text fields are recorded only with `log_prompts` (`None` records nothing), quoted and
+        // escaped: a newline in a prompt cannot start a forged record.
         let texts = self.texts.as_ref();
         tracing::info!(
             target: "caduceus::request",
@@ -148,8 +149,8 @@ impl Drop for RequestLog {
             queue_ms = ms(self.queue_time),
             ttft_ms = ms(ttft),
             e2e_ms = ms(Some(e2e)),
-            prompt = texts.map(|(p, _)| tracing::field::display(p)),
-            completion = texts.map(|(_, c)| tracing::field::display(c)),
+            prompt = texts.map(|(p, _)| tracing::field::debug(p)),
+            completion = texts.map(|(_, c)| tracing::field::debug(c)),
             "request"
         );
     }

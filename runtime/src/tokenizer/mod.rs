@@ -272,6 +272,15 @@ impl Tokenizer {
         self.encode_segments(&[(text, false)])
     }
 
+    /// The ids of `text` alone, as they appear inside a longer text: no BOS/EOS, special-token
+    /// parsing off (a `bad_words` entry's tokens).
+    pub fn encode_fragment(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
+        let enc = (self.literal)
+            .encode_fast(text, false)
+            .map_err(TokenizerError::backend)?;
+        Ok(enc.get_ids().to_vec())
+    }
+
     /// Whether `text` contains the text of a special token (which [`Tokenizer::encode`] would
     /// turn into the token itself).
     pub fn spells_special_token(&self, text: &str) -> bool {

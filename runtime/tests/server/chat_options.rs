@@ -11,7 +11,7 @@ use caduceus_runtime::chat_template::ChatTemplate;
 use caduceus_runtime::server::{app, AppState};
 use serde_json::{json, Value};
 
-use super::support::server_app::{with_fields, TestServer};
+use super::support::server_app::{call, sse_chunks, with_fields, TestServer};
 use super::{post, MODEL};
 
 fn serve() -> (Router, AppState) {
@@ -83,6 +83,54 @@ async fn continue_final_message_ends_the_prompt_inside_the_last_message() {
         open.ends_with("Ok.<|im_end|>\n<|im_start|>assistant\n"),
         "{open:?}"
     );
+}
+
+#[tokio::test]
+async fn echo_leads_the_answer_with_the_assistant_message_it_continues() {
+    let (r, _) = serve();
+    let body = json!({"model": MODEL, "max_tokens": 6, "temperature": 0, "ignore_eos": true,
+                      "messages": conversation("Dr. Lin here. First,"),
+                      "continue_final_message": true});
+    let content = |b: &Value| {
+        b["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let plain = content(&post(&r, "/v1/chat/completions", body.clone()).await.1);
+    let echoed = post(
+        &r,
+        "/v1/chat/completions",
+        with_fields(body.clone(), json!({"echo": true})),
+    )
+    .await
+    .1;
+    assert_eq!(content(&echoed), format!("Dr. Lin here. First,{plain}"));
+    // Streamed: the message comes with the role, then the same continuation.
+    let stream = with_fields(body, json!({"echo": true, "stream": true}));
+    let (s, _, text) = call(&r, "POST", "/v1/chat/completions", Some(stream), None).await;
+    assert_eq!(s, StatusCode::OK, "{text}");
+    let chunks = sse_chunks(&text);
+    assert_eq!(
+        chunks[0]["choices"][0]["delta"]["content"],
+        "Dr. Lin here. First,"
+    );
+    let joined: String = (chunks.iter())
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(joined, content(&echoed));
+    // A last message of the user's is not the answer's to lead.
+    let user_last = json!({"model": MODEL, "max_tokens": 4, "temperature": 0, "ignore_eos": true,
+                           "messages": [{"role": "user", "content": "Hi"}]});
+    let plain = content(&post(&r, "/v1/chat/completions", user_last.clone()).await.1);
+    let echoed = post(
+        &r,
+        "/v1/chat/completions",
+        with_fields(user_last, json!({"echo": true})),
+    )
+    .await
+    .1;
+    assert_eq!(content(&echoed), plain);
 }
 
 #[tokio::test]

@@ -309,7 +309,11 @@ async fn misused_prompt_logprobs_and_echo_are_400s_naming_the_field() {
             chat(json!({"prompt_logprobs": 2, "stream": true})),
             "prompt_logprobs",
         ),
-        ("/v1/chat/completions", chat(json!({"echo": true})), "echo"),
+        (
+            "/v1/chat/completions",
+            chat(json!({"echo": true, "tools": [{"type": "function", "function": {"name": "f"}}]})),
+            "echo",
+        ),
     ];
     for (uri, body, field) in cases {
         let (s, b) = post(&r, uri, body.clone()).await;
@@ -320,9 +324,10 @@ async fn misused_prompt_logprobs_and_echo_are_400s_naming_the_field() {
     assert_eq!(s, StatusCode::OK, "{b}");
 }
 
-/// The request log line of each of `bodies`, sent to a server with `log_prompts` on or off (a
-/// streamed request logs when its stream ends). The log is the test binary's (tests run in
-/// parallel): a request's line is the one with its response id.
+/// The request log line of each of `bodies` (chat requests where they have `messages`), sent to
+/// a server with `log_prompts` on or off (a streamed request logs when its stream ends). The log
+/// is the test binary's (tests run in parallel): a request's line is the one with its response
+/// id.
 async fn logged(log_prompts: bool, bodies: &[Value]) -> Vec<String> {
     let log = capture_global();
     let r = app(TestServer {
@@ -332,7 +337,11 @@ async fn logged(log_prompts: bool, bodies: &[Value]) -> Vec<String> {
     .state());
     let mut lines = Vec::new();
     for body in bodies {
-        let (s, _, text) = call(&r, "POST", "/v1/completions", Some(body.clone()), None).await;
+        let uri = match body.get("messages") {
+            Some(_) => "/v1/chat/completions",
+            None => "/v1/completions",
+        };
+        let (s, _, text) = call(&r, "POST", uri, Some(body.clone()), None).await;
         assert_eq!(s, StatusCode::OK, "{text}");
         let reply = match body["stream"].as_bool() {
             Some(true) => sse_chunks(&text).swap_remove(0),
@@ -389,7 +398,7 @@ async fn echo_is_logged_as_the_completion_it_answers() {
     let completion = |l: &str| l.split("completion=").nth(1).map(str::to_owned);
     let plain = completion(&lines[0]).expect("the completion is logged");
     assert!(
-        lines[0].contains(&format!("prompt={PROMPT}")),
+        lines[0].contains(&format!("prompt={PROMPT:?}")),
         "{}",
         lines[0]
     );
@@ -397,8 +406,29 @@ async fn echo_is_logged_as_the_completion_it_answers() {
         assert_eq!(completion(line).as_deref(), Some(plain.as_str()), "{line}");
     }
     assert!(
-        !lines[3].contains(&format!("completion={PROMPT}")),
+        !lines[3].contains(&format!("completion=\"{PROMPT}")),
         "{}",
         lines[3]
     );
+    // Chat's `echo` (the assistant message it continues) is not logged as the completion; the
+    // rendered prompt's newlines are escaped, so each record is one line.
+    let chat = |extra: Value| {
+        let messages = [
+            json!({"role": "user", "content": "Hi"}),
+            json!({"role": "assistant", "content": "Dr. Lin here,"}),
+        ];
+        let body = json!({"model": MODEL, "messages": messages, "temperature": 0,
+                          "max_tokens": 3, "continue_final_message": true});
+        with_fields(body, extra)
+    };
+    let bodies = [
+        chat(json!({})),
+        chat(json!({"echo": true})),
+        chat(json!({"echo": true, "stream": true})),
+    ];
+    let lines = logged(true, &bodies).await;
+    let plain = completion(&lines[0]).unwrap_or_else(|| panic!("no completion: {lines:?}"));
+    for line in &lines[1..] {
+        assert_eq!(completion(line).as_deref(), Some(plain.as_str()), "{line}");
+    }
 }

@@ -19,7 +19,7 @@ async fn unimplemented_fields_and_oversized_stops_get_a_400_naming_the_field() {
         (json!({"functions": [{"name": "f"}]}), "functions"),
         (json!({"guided_json": {"type": "object"}}), "guided_json"),
         (json!({"best_of": 2}), "best_of"),
-        (json!({"bad_words": ["x"]}), "bad_words"),
+        (json!({"use_beam_search": true}), "use_beam_search"),
         (
             json!({"spaces_between_special_tokens": false}),
             "spaces_between_special_tokens",

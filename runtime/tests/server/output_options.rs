@@ -144,6 +144,44 @@ async fn a_stop_string_ends_the_text_before_it_or_with_it_and_is_named() {
 }
 
 #[tokio::test]
+async fn bad_words_are_never_generated() {
+    let (r, state) = serve();
+    let body = letters_body(&state);
+    let answer = |b: Value| b["choices"][0]["text"].as_str().unwrap().to_owned();
+    let text = answer(ok(&r, "/v1/completions", body.clone()).await);
+    // A one-letter word is banned everywhere.
+    let first = &text[..1];
+    let got = answer(
+        ok(
+            &r,
+            "/v1/completions",
+            with_fields(body.clone(), json!({"bad_words": [first]})),
+        )
+        .await,
+    );
+    assert!(
+        got.len() == 24 && !got.contains(first),
+        "{got:?} still has {first:?}"
+    );
+    // A two-letter word first met at `at`: the answer is the same up to its first letter, then
+    // turns elsewhere, and never spells it.
+    let (at, word) = (4..text.len() - 2)
+        .map(|p| (p, &text[p..p + 2]))
+        .find(|&(p, w)| text.find(w) == Some(p))
+        .unwrap_or_else(|| panic!("no fresh pair in {text:?}"));
+    let got = answer(
+        ok(
+            &r,
+            "/v1/completions",
+            with_fields(body, json!({"bad_words": [word]})),
+        )
+        .await,
+    );
+    assert_eq!(got[..=at], text[..=at], "{got:?} vs {text:?}");
+    assert!(!got.contains(word), "{got:?} spells {word:?}");
+}
+
+#[tokio::test]
 async fn a_stop_token_is_named_and_its_text_kept_only_when_asked() {
     let (r, state) = serve();
     let letters = letter_ids(&state);

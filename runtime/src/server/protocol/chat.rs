@@ -62,7 +62,8 @@ pub struct ChatCompletionRequest {
     /// vLLM extension: each prompt token's logprob (the rendered conversation's) with this many
     /// alternatives (0 to 20), returned as `prompt_logprobs`. Not with `stream`.
     pub prompt_logprobs: Option<i64>,
-    /// vLLM's chat `echo` (prepend the last message) is not implemented: refused when true.
+    /// vLLM extension: the last message, when it is the assistant's, leads the answer's
+    /// content (with `continue_final_message`, the answer is then the whole message).
     pub echo: Option<bool>,
     /// vLLM's text and token options.
     #[serde(flatten)]

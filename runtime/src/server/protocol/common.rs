@@ -35,6 +35,9 @@ pub struct OutputOptions {
     pub truncate_prompt_tokens: Option<i64>,
     /// Only these token ids may be generated.
     pub allowed_token_ids: Option<Vec<u32>>,
+    /// Words never generated (each as written and with a leading space): a word's last token
+    /// is banned wherever the answer ends with the rest of it.
+    pub bad_words: Option<Vec<String>>,
     /// Logprobs name each token `token_id:{id}` instead of its text.
     pub return_tokens_as_token_ids: Option<bool>,
 }

@@ -50,10 +50,24 @@ impl Default for OutputSettings {
     }
 }
 
-/// Checks `o`; returns the settings and the allowed token ids (empty: all).
+/// Most `bad_words` one request may send (each becomes up to two token sequences).
+pub const MAX_BAD_WORDS: usize = 64;
+/// Longest `bad_words` entry in bytes.
+pub const MAX_BAD_WORD_BYTES: usize = 256;
+
+/// The token choices of [`OutputOptions`], for the sampling settings.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TokenChoices {
+    /// `allowed_token_ids` (empty: all).
+    pub allowed: Vec<u32>,
+    /// `bad_words`, still text (the server tokenizes them).
+    pub bad_words: Vec<String>,
+}
+
+/// Checks `o`; returns the settings and the token choices.
 pub(super) fn output_settings(
     o: OutputOptions,
-) -> Result<(OutputSettings, Vec<u32>), ValidationError> {
+) -> Result<(OutputSettings, TokenChoices), ValidationError> {
     let truncate_prompt = match o.truncate_prompt_tokens {
         None => None,
         Some(-1) => Some(PromptTruncation::ToContext),
@@ -77,13 +91,25 @@ pub(super) fn output_settings(
         }
         ids => ids.unwrap_or_default(),
     };
+    let bad_words = o.bad_words.unwrap_or_default();
+    if bad_words.len() > MAX_BAD_WORDS {
+        let allowed = format!("at most {MAX_BAD_WORDS} words");
+        let value = format!("{} words", bad_words.len());
+        return Err(out_of_range("bad_words", value, &allowed));
+    }
+    if let Some(w) =
+        (bad_words.iter()).find(|w| w.trim().is_empty() || w.len() > MAX_BAD_WORD_BYTES)
+    {
+        let allowed = format!("words of 1 to {MAX_BAD_WORD_BYTES} bytes, not only spaces");
+        return Err(out_of_range("bad_words", format!("{w:?}"), &allowed));
+    }
     let settings = OutputSettings {
         include_stop_str_in_output: o.include_stop_str_in_output.unwrap_or(false),
         skip_special_tokens: o.skip_special_tokens.unwrap_or(true),
         truncate_prompt,
         tokens_as_ids: o.return_tokens_as_token_ids.unwrap_or(false),
     };
-    Ok((settings, allowed))
+    Ok((settings, TokenChoices { allowed, bad_words }))
 }
 
 #[cfg(test)]
@@ -104,9 +130,9 @@ mod tests {
 
     #[test]
     fn options_are_checked_and_default_as_vllm_does() {
-        let (s, allowed) = output_settings(OutputOptions::default()).unwrap();
+        let (s, choices) = output_settings(OutputOptions::default()).unwrap();
         assert_eq!(s, OutputSettings::default());
-        assert!(s.skip_special_tokens && allowed.is_empty());
+        assert!(s.skip_special_tokens && choices == TokenChoices::default());
         let param = |o: OutputOptions| output_settings(o).unwrap_err().param().to_string();
         for k in [0, -2] {
             let o = OutputOptions {
@@ -120,15 +146,26 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(param(o), "allowed_token_ids");
+        for words in [
+            vec![" ".to_string()],
+            vec!["x".repeat(257)],
+            vec!["w".into(); 65],
+        ] {
+            let o = OutputOptions {
+                bad_words: Some(words),
+                ..Default::default()
+            };
+            assert_eq!(param(o), "bad_words");
+        }
         let o = OutputOptions {
             truncate_prompt_tokens: Some(-1),
             allowed_token_ids: Some(vec![7, 3]),
             skip_special_tokens: Some(false),
             ..Default::default()
         };
-        let (s, allowed) = output_settings(o).unwrap();
+        let (s, choices) = output_settings(o).unwrap();
         assert_eq!(s.truncate_prompt, Some(PromptTruncation::ToContext));
         assert!(!s.skip_special_tokens);
-        assert_eq!(allowed, [7, 3]);
+        assert_eq!(choices.allowed, [7, 3]);
     }
 }

@@ -25,7 +25,6 @@ pub const UNSUPPORTED_FIELDS: &[&str] = &[
     "web_search_options",
     // vLLM's extensions that change the answer.
     "chat_template",
-    "bad_words",
     "use_beam_search",
     "documents",
 ];
@@ -152,7 +151,6 @@ mod tests {
                 None,
             ),
             (r#"{"model": "m", "prompt": "hi"}"#, None),
-            (r#"{"bad_words": ["x"]}"#, Some("bad_words")),
             (r#"{"use_beam_search": true}"#, Some("use_beam_search")),
             // Implemented vLLM options.
             (

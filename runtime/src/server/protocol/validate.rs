@@ -106,6 +106,8 @@ pub struct GenerationParams {
     pub prompt_scoring: PromptScoring,
     /// vLLM's text and token options.
     pub output: OutputSettings,
+    /// vLLM's `bad_words` (tokenized by the server into `sampling.bad_words`).
+    pub bad_words: Vec<String>,
 }
 
 /// The prompt-token logprobs a request asks for, each as its number of alternatives.
@@ -139,6 +141,9 @@ pub struct ValidatedChatRequest {
     pub messages: Vec<ChatMessage>,
     /// How the template renders them.
     pub rendering: RenderOptions,
+    /// vLLM's chat `echo`: the last message's content, an assistant's, leads the answer
+    /// (with `continue_final_message`, the whole message).
+    pub echo: Option<String>,
     pub params: GenerationParams,
     /// The tools the model may call (absent with none, or `tool_choice: "none"`).
     pub tools: Option<ToolPlan>,
@@ -202,13 +207,12 @@ pub fn validate_chat(req: ChatCompletionRequest) -> Result<ValidatedChatRequest,
         (Some(true), k) => Some(logprob_count("top_logprobs", k.unwrap_or(0))?),
         _ => None,
     };
-    if req.echo == Some(true) {
-        return Err(invalid(
-            "echo",
-            "is not supported on /v1/chat/completions (it is on /v1/completions)",
-        ));
-    }
     let messages = convert_messages(req.messages)?;
+    // vLLM's chat `echo`: the last message leads the answer when it is the assistant's own.
+    let echo = (req.echo == Some(true))
+        .then(|| messages.last().filter(|m| m.role == "assistant"))
+        .flatten()
+        .map(|m| m.content.clone());
     let rendering = render_options(req.template, &messages)?;
     let constraint = output_constraint(req.response_format, req.structured_outputs)?;
     let tools = tool_plan(req.tools, req.tool_choice, req.parallel_tool_calls)?;
@@ -216,6 +220,12 @@ pub fn validate_chat(req: ChatCompletionRequest) -> Result<ValidatedChatRequest,
         return Err(invalid(
             field,
             "cannot be combined with `tools`; send `tool_choice: \"none\"` or drop one",
+        ));
+    }
+    if tools.is_some() && req.echo == Some(true) {
+        return Err(invalid(
+            "echo",
+            "cannot be combined with `tools` (an answer of calls has no text to lead)",
         ));
     }
     if tools.is_some() && req.output.allowed_token_ids.is_some() {
@@ -261,6 +271,7 @@ pub fn validate_chat(req: ChatCompletionRequest) -> Result<ValidatedChatRequest,
     Ok(ValidatedChatRequest {
         messages,
         rendering,
+        echo,
         params,
         tools,
     })
@@ -330,15 +341,15 @@ fn generation_params(
     mut c: Common,
     logprobs: Option<usize>,
 ) -> Result<GenerationParams, ValidationError> {
-    let (output, allowed_token_ids) = output_settings(std::mem::take(&mut c.output))?;
-    if let (Some((_, field)), false) = (&c.constraint, allowed_token_ids.is_empty()) {
+    let (output, choices) = output_settings(std::mem::take(&mut c.output))?;
+    if let (Some((_, field)), false) = (&c.constraint, choices.allowed.is_empty()) {
         return Err(invalid(
             "allowed_token_ids",
             format!("cannot be combined with `{field}` (its grammar chooses the tokens)"),
         ));
     }
     let mut sampling = sampling_params(&c, logprobs)?;
-    sampling.allowed_token_ids = allowed_token_ids;
+    sampling.allowed_token_ids = choices.allowed;
     if c.constraint.is_some() && c.ignore_eos == Some(true) {
         return Err(invalid(
             "ignore_eos",
@@ -450,6 +461,7 @@ fn generation_params(
         constraint: c.constraint,
         prompt_scoring,
         output,
+        bad_words: choices.bad_words,
     })
 }
 
@@ -542,6 +554,7 @@ fn sampling_params(c: &Common, logprobs: Option<usize>) -> Result<SamplingParams
         logprobs,
         logit_bias: logit_bias(c.logit_bias.as_ref())?,
         allowed_token_ids: Vec::new(),
+        bad_words: Vec::new(),
     };
     // The engine's own check, so the two can never disagree about a value passed on.
     sampling.validate().map_err(
