@@ -211,6 +211,14 @@ async fn unusable_chat_template_options_are_400s_naming_the_field() {
             );
         }
     }
+    // A value of the wrong JSON type is named.
+    let body = chat(user_last.clone(), json!({"chat_template_kwargs": 3}));
+    let (s, b) = post(&r, "/v1/chat/completions", body).await;
+    assert_eq!(
+        (s, &b["error"]["param"]),
+        (StatusCode::BAD_REQUEST, &json!("chat_template_kwargs")),
+        "{b}"
+    );
     // A prompt takes none of them.
     let prompt = json!({"model": MODEL, "prompt": "Hi", "continue_final_message": false});
     let (s, b) = post(&r, "/tokenize", prompt).await;

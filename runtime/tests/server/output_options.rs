@@ -385,6 +385,23 @@ async fn unusable_allowed_token_ids_are_400s_naming_the_field() {
         assert_eq!(s, StatusCode::BAD_REQUEST, "{extra}: {b}");
         assert_eq!(b["error"]["param"], "allowed_token_ids", "{extra}: {b}");
     }
+    // A value of the wrong JSON type is named too, on both endpoints.
+    let chat = json!({"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]});
+    for (field, value) in [
+        ("allowed_token_ids", json!([-1])),
+        ("truncate_prompt_tokens", json!("a")),
+        ("bad_words", json!("x")),
+        ("include_stop_str_in_output", json!(1)),
+    ] {
+        for (uri, body) in [("/v1/completions", &base), ("/v1/chat/completions", &chat)] {
+            let (s, b) = post(&r, uri, with_fields(body.clone(), json!({field: value}))).await;
+            let param = b["error"]["param"].as_str().unwrap_or_default();
+            assert!(
+                s == StatusCode::BAD_REQUEST && param.starts_with(field),
+                "{uri} {field}: {b}"
+            );
+        }
+    }
     let tools = json!({"model": MODEL, "messages": [{"role": "user", "content": "Hi"}],
         "allowed_token_ids": [1], "tools": [{"type": "function", "function": {"name": "f"}}]});
     let (s, b) = post(&r, "/v1/chat/completions", tools).await;

@@ -3,8 +3,7 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::chat_options::ChatTemplateOptions;
-use super::common::{FinishReason, OutputOptions, StopReason, StopSpec, StreamOptions, Usage};
+use super::common::{FinishReason, StopReason, StopSpec, StreamOptions, Usage};
 use super::logprobs::{ChatLogprobs, PromptLogprobs};
 use super::structured::{
     ResponseFormat, StructuredOutputs, ToolCall, ToolCallDelta, ToolChoiceParam, ToolParam,
@@ -65,12 +64,31 @@ pub struct ChatCompletionRequest {
     /// vLLM extension: the last message, when it is the assistant's, leads the answer's
     /// content (with `continue_final_message`, the answer is then the whole message).
     pub echo: Option<bool>,
-    /// vLLM's text and token options.
-    #[serde(flatten)]
-    pub output: OutputOptions,
-    /// vLLM's chat-template options.
-    #[serde(flatten)]
-    pub template: ChatTemplateOptions,
+    /// vLLM extension: the stop string (or `stop_token_ids` token) that ended the answer ends
+    /// its text too (default false: neither is returned).
+    pub include_stop_str_in_output: Option<bool>,
+    /// vLLM extension: leave special tokens (e.g. `<|im_end|>`) out of the text (default true).
+    pub skip_special_tokens: Option<bool>,
+    /// vLLM extension: keep only the prompt's last k tokens (k >= 1), or -1: its last
+    /// `max_model_len`.
+    pub truncate_prompt_tokens: Option<i64>,
+    /// vLLM extension: only these token ids may be generated.
+    pub allowed_token_ids: Option<Vec<u32>>,
+    /// vLLM extension: words never generated (each as written and with a leading space): a
+    /// word's last token is banned wherever the answer ends with the rest of it.
+    pub bad_words: Option<Vec<String>>,
+    /// vLLM extension: logprobs name each token `token_id:{id}` instead of its text.
+    pub return_tokens_as_token_ids: Option<bool>,
+    /// vLLM extension: end the prompt with the assistant's header (default true; false with
+    /// `continue_final_message`).
+    pub add_generation_prompt: Option<bool>,
+    /// vLLM extension: end the prompt inside the last message, an assistant's, so the answer
+    /// continues its text (e.g. a doctor avatar's greeting written by the caller).
+    pub continue_final_message: Option<bool>,
+    /// vLLM extension: extra variables for the model's chat template (e.g.
+    /// `{"enable_thinking": false}`); templates ignore names they do not use.
+    #[schema(value_type = Option<Object>)]
+    pub chat_template_kwargs: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 /// One input message.

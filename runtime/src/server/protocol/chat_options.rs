@@ -2,26 +2,16 @@
 //! `continue_final_message`, `chat_template_kwargs`), checked into how the conversation is
 //! rendered.
 
-use serde::Deserialize;
-use utoipa::ToSchema;
-
 use crate::chat_template::{ChatMessage, RenderOptions, RESERVED_TEMPLATE_NAMES};
 
 use super::validate::{invalid, ValidationError};
 
 /// How the model's chat template renders the conversation (Hugging Face `apply_chat_template`'s
-/// arguments, as vLLM takes them).
-#[derive(Clone, Debug, Default, PartialEq, Deserialize, ToSchema)]
-pub struct ChatTemplateOptions {
-    /// End the prompt with the assistant's header (default true; false with
-    /// `continue_final_message`).
+/// arguments, as vLLM takes them on `/v1/chat/completions` and `/tokenize`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(super) struct ChatTemplateOptions {
     pub add_generation_prompt: Option<bool>,
-    /// End the prompt inside the last message, an assistant's, so the answer continues its text
-    /// (e.g. a doctor avatar's greeting written by the caller).
     pub continue_final_message: Option<bool>,
-    /// Extra variables for the model's chat template (e.g. `{"enable_thinking": false}`);
-    /// templates ignore names they do not use.
-    #[schema(value_type = Option<Object>)]
     pub chat_template_kwargs: Option<serde_json::Map<String, serde_json::Value>>,
 }
 

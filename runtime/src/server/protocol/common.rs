@@ -23,25 +23,6 @@ impl StopSpec {
     }
 }
 
-/// vLLM's fields that shape the answer's text and tokens, read by both endpoints.
-#[derive(Clone, Debug, Default, PartialEq, Deserialize, ToSchema)]
-pub struct OutputOptions {
-    /// The stop string (or `stop_token_ids` token) that ended the answer ends its text too
-    /// (default false: neither is returned).
-    pub include_stop_str_in_output: Option<bool>,
-    /// Leave special tokens (e.g. `<|im_end|>`) out of the text (default true).
-    pub skip_special_tokens: Option<bool>,
-    /// Keep only the prompt's last k tokens (k >= 1), or -1: its last `max_model_len`.
-    pub truncate_prompt_tokens: Option<i64>,
-    /// Only these token ids may be generated.
-    pub allowed_token_ids: Option<Vec<u32>>,
-    /// Words never generated (each as written and with a leading space): a word's last token
-    /// is banned wherever the answer ends with the rest of it.
-    pub bad_words: Option<Vec<String>>,
-    /// Logprobs name each token `token_id:{id}` instead of its text.
-    pub return_tokens_as_token_ids: Option<bool>,
-}
-
 /// `stream_options`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct StreamOptions {

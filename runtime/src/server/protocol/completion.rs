@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::common::{FinishReason, OutputOptions, StopReason, StopSpec, StreamOptions, Usage};
+use super::common::{FinishReason, StopReason, StopSpec, StreamOptions, Usage};
 use super::logprobs::{CompletionLogprobs, PromptLogprobs};
 use super::structured::{ResponseFormat, StructuredOutputs};
 
@@ -50,9 +50,21 @@ pub struct CompletionRequest {
     /// vLLM extension: each prompt token's logprob with this many alternatives (0 to 20),
     /// returned as `choices[].prompt_logprobs`. Not with `stream`.
     pub prompt_logprobs: Option<i64>,
-    /// vLLM's text and token options.
-    #[serde(flatten)]
-    pub output: OutputOptions,
+    /// vLLM extension: the stop string (or `stop_token_ids` token) that ended the answer ends
+    /// its text too (default false: neither is returned).
+    pub include_stop_str_in_output: Option<bool>,
+    /// vLLM extension: leave special tokens (e.g. `<|im_end|>`) out of the text (default true).
+    pub skip_special_tokens: Option<bool>,
+    /// vLLM extension: keep only the prompt's last k tokens (k >= 1), or -1: its last
+    /// `max_model_len`.
+    pub truncate_prompt_tokens: Option<i64>,
+    /// vLLM extension: only these token ids may be generated.
+    pub allowed_token_ids: Option<Vec<u32>>,
+    /// vLLM extension: words never generated (each as written and with a leading space): a
+    /// word's last token is banned wherever the answer ends with the rest of it.
+    pub bad_words: Option<Vec<String>>,
+    /// vLLM extension: logprobs name each token `token_id:{id}` instead of its text.
+    pub return_tokens_as_token_ids: Option<bool>,
 }
 
 /// `prompt`: text, several texts, token ids, or several token-id lists.

@@ -22,10 +22,10 @@ pub use chat::{
     ChatCompletionResponse, ChatDelta, ChatMessageParam, ChatResponseMessage, ContentPart,
     MessageContent, CHAT_CHUNK_OBJECT, CHAT_COMPLETION_OBJECT,
 };
-pub use chat_options::{template_strings, ChatTemplateOptions};
+pub use chat_options::template_strings;
 pub use common::{
-    random_id, unix_timestamp, FinishReason, OutputOptions, PromptTokensDetails, StopReason,
-    StopSpec, StreamOptions, Usage, CHAT_ID_PREFIX, COMPLETION_ID_PREFIX, SSE_DONE,
+    random_id, unix_timestamp, FinishReason, PromptTokensDetails, StopReason, StopSpec,
+    StreamOptions, Usage, CHAT_ID_PREFIX, COMPLETION_ID_PREFIX, SSE_DONE,
 };
 pub use completion::{
     CompletionChoice, CompletionChunk, CompletionRequest, CompletionResponse, Prompt,

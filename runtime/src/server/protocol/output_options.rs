@@ -1,8 +1,19 @@
 //! vLLM's text and token options ([`OutputOptions`]), checked into the settings the server and
 //! the engine act on.
 
-use super::common::OutputOptions;
 use super::validate::{invalid, out_of_range, ValidationError};
+
+/// vLLM's request fields that shape the answer's text and tokens, as both endpoints read them
+/// (each request type declares them, so a wrong type is a 400 naming the field).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(super) struct OutputOptions {
+    pub include_stop_str_in_output: Option<bool>,
+    pub skip_special_tokens: Option<bool>,
+    pub truncate_prompt_tokens: Option<i64>,
+    pub allowed_token_ids: Option<Vec<u32>>,
+    pub bad_words: Option<Vec<String>>,
+    pub return_tokens_as_token_ids: Option<bool>,
+}
 
 /// How much of a prompt `truncate_prompt_tokens` keeps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

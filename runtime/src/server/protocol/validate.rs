@@ -9,12 +9,12 @@ use crate::engine::{MAX_STOP_STRINGS, MAX_STOP_STRING_BYTES, MAX_STOP_TOKEN_IDS}
 use crate::sampling::{SamplingError, SamplingParams, MAX_LOGPROBS};
 
 use super::chat::ChatCompletionRequest;
-use super::chat_options::render_options;
-use super::common::{OutputOptions, StopSpec, StreamOptions};
+use super::chat_options::{render_options, ChatTemplateOptions};
+use super::common::{StopSpec, StreamOptions};
 use super::completion::CompletionRequest;
 use super::convert::{convert_messages, convert_prompt};
 use super::error::ApiError;
-use super::output_options::{output_settings, OutputSettings};
+use super::output_options::{output_settings, OutputOptions, OutputSettings};
 use super::structured::{output_constraint, tool_plan, ToolPlan};
 use crate::chat_template::RenderOptions;
 use crate::structured::ConstraintSpec;
@@ -213,7 +213,12 @@ pub fn validate_chat(req: ChatCompletionRequest) -> Result<ValidatedChatRequest,
         .then(|| messages.last().filter(|m| m.role == "assistant"))
         .flatten()
         .map(|m| m.content.clone());
-    let rendering = render_options(req.template, &messages)?;
+    let template = ChatTemplateOptions {
+        add_generation_prompt: req.add_generation_prompt,
+        continue_final_message: req.continue_final_message,
+        chat_template_kwargs: req.chat_template_kwargs,
+    };
+    let rendering = render_options(template, &messages)?;
     let constraint = output_constraint(req.response_format, req.structured_outputs)?;
     let tools = tool_plan(req.tools, req.tool_choice, req.parallel_tool_calls)?;
     if let (Some((_, field)), Some(_)) = (&constraint, &tools) {
@@ -228,7 +233,7 @@ pub fn validate_chat(req: ChatCompletionRequest) -> Result<ValidatedChatRequest,
             "cannot be combined with `tools` (an answer of calls has no text to lead)",
         ));
     }
-    if tools.is_some() && req.output.allowed_token_ids.is_some() {
+    if tools.is_some() && req.allowed_token_ids.is_some() {
         return Err(invalid(
             "allowed_token_ids",
             "cannot be combined with `tools` (their grammar chooses the tokens)",
@@ -265,7 +270,14 @@ pub fn validate_chat(req: ChatCompletionRequest) -> Result<ValidatedChatRequest,
         constraint,
         prompt_logprobs: req.prompt_logprobs,
         echo: false,
-        output: req.output,
+        output: OutputOptions {
+            include_stop_str_in_output: req.include_stop_str_in_output,
+            skip_special_tokens: req.skip_special_tokens,
+            truncate_prompt_tokens: req.truncate_prompt_tokens,
+            allowed_token_ids: req.allowed_token_ids,
+            bad_words: req.bad_words,
+            return_tokens_as_token_ids: req.return_tokens_as_token_ids,
+        },
     };
     let params = generation_params(common, logprobs)?;
     Ok(ValidatedChatRequest {
@@ -318,7 +330,14 @@ pub fn validate_completion(
         constraint: output_constraint(req.response_format, req.structured_outputs)?,
         prompt_logprobs: req.prompt_logprobs,
         echo,
-        output: req.output,
+        output: OutputOptions {
+            include_stop_str_in_output: req.include_stop_str_in_output,
+            skip_special_tokens: req.skip_special_tokens,
+            truncate_prompt_tokens: req.truncate_prompt_tokens,
+            allowed_token_ids: req.allowed_token_ids,
+            bad_words: req.bad_words,
+            return_tokens_as_token_ids: req.return_tokens_as_token_ids,
+        },
     };
     let params = generation_params(common, logprobs)?;
     Ok(ValidatedCompletionRequest {
