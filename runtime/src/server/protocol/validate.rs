@@ -198,6 +198,21 @@ struct Common {
     output: OutputOptions,
 }
 
+/// The vLLM output options of a request (chat and completion requests declare the same fields,
+/// so a wrong JSON type is a 400 naming its field).
+macro_rules! output_options {
+    ($req:ident) => {
+        OutputOptions {
+            include_stop_str_in_output: $req.include_stop_str_in_output,
+            skip_special_tokens: $req.skip_special_tokens,
+            truncate_prompt_tokens: $req.truncate_prompt_tokens,
+            allowed_token_ids: $req.allowed_token_ids,
+            bad_words: $req.bad_words,
+            return_tokens_as_token_ids: $req.return_tokens_as_token_ids,
+        }
+    };
+}
+
 /// Checks a chat request and converts its messages for the chat template.
 pub fn validate_chat(req: ChatCompletionRequest) -> Result<ValidatedChatRequest, ValidationError> {
     if req.logprobs != Some(true) && req.top_logprobs.is_some_and(|k| k > 0) {
@@ -270,14 +285,7 @@ pub fn validate_chat(req: ChatCompletionRequest) -> Result<ValidatedChatRequest,
         constraint,
         prompt_logprobs: req.prompt_logprobs,
         echo: false,
-        output: OutputOptions {
-            include_stop_str_in_output: req.include_stop_str_in_output,
-            skip_special_tokens: req.skip_special_tokens,
-            truncate_prompt_tokens: req.truncate_prompt_tokens,
-            allowed_token_ids: req.allowed_token_ids,
-            bad_words: req.bad_words,
-            return_tokens_as_token_ids: req.return_tokens_as_token_ids,
-        },
+        output: output_options!(req),
     };
     let params = generation_params(common, logprobs)?;
     Ok(ValidatedChatRequest {
@@ -330,14 +338,7 @@ pub fn validate_completion(
         constraint: output_constraint(req.response_format, req.structured_outputs)?,
         prompt_logprobs: req.prompt_logprobs,
         echo,
-        output: OutputOptions {
-            include_stop_str_in_output: req.include_stop_str_in_output,
-            skip_special_tokens: req.skip_special_tokens,
-            truncate_prompt_tokens: req.truncate_prompt_tokens,
-            allowed_token_ids: req.allowed_token_ids,
-            bad_words: req.bad_words,
-            return_tokens_as_token_ids: req.return_tokens_as_token_ids,
-        },
+        output: output_options!(req),
     };
     let params = generation_params(common, logprobs)?;
     Ok(ValidatedCompletionRequest {
