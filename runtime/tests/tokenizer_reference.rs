@@ -264,6 +264,24 @@ fn smollm2_template() -> caduceus_runtime::chat_template::ChatTemplate {
     .unwrap()
 }
 
+/// `bad_words` bans a word wherever it starts: SmolLM2 spells `fever` in two tokens at the start
+/// of a text and ` fever` in one inside a sentence (where vLLM's equal-length rule would drop
+/// the second), and a word with its own leading space is the same word.
+#[test]
+fn smollm2_bad_words_cover_a_word_inside_a_sentence() {
+    let Some(tok) = smollm2() else { return };
+    let fever = tok.word_sequences("fever").unwrap();
+    let (plain, spaced) = (
+        tok.encode_fragment("fever").unwrap(),
+        tok.encode_fragment(" fever").unwrap(),
+    );
+    assert_eq!(fever, [plain.clone(), spaced.clone()]);
+    assert!(plain.len() > spaced.len(), "{plain:?} {spaced:?}");
+    let in_sentence = tok.encode_fragment("a mild fever").unwrap();
+    assert!(in_sentence.ends_with(&spaced), "{in_sentence:?}");
+    assert_eq!(tok.word_sequences("  fever").unwrap(), fever);
+}
+
 #[test]
 fn smollm2_chat_messages_cannot_forge_control_tokens() {
     use caduceus_runtime::chat_template::ChatMessage;

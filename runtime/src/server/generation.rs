@@ -151,26 +151,15 @@ pub fn submit(
     Ok(streams)
 }
 
-/// `bad_words` as token sequences, as vLLM makes them: each word's tokens with its leading
-/// spaces removed, and with one space before it where that spells the word in as many tokens,
-/// starting with another token (the word inside a sentence).
+/// `bad_words` as token sequences ([`Tokenizer::word_sequences`] of each), each at most
+/// [`MAX_BAD_WORD_TOKENS`] long.
 fn bad_word_sequences(tok: &Tokenizer, words: &[String]) -> Result<Vec<Vec<u32>>, ApiError> {
-    let encode = |text: &str| {
-        tok.encode_fragment(text).map_err(|e| {
-            tracing::error!(error = %e, "tokenizer failed");
-            ApiError::internal()
-        })
-    };
     let mut sequences = Vec::with_capacity(words.len() * 2);
     for word in words {
-        let word = word.trim_start();
-        let plain = encode(word)?;
-        let spaced = encode(&format!(" {word}"))?;
-        let differs = spaced.len() == plain.len() && spaced.first() != plain.first();
-        sequences.push(plain);
-        if differs {
-            sequences.push(spaced);
-        }
+        sequences.extend(tok.word_sequences(word).map_err(|e| {
+            tracing::error!(error = %e, "tokenizer failed");
+            ApiError::internal()
+        })?);
     }
     if let Some(long) = sequences.iter().find(|s| s.len() > MAX_BAD_WORD_TOKENS) {
         let message = format!(

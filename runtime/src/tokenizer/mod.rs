@@ -273,12 +273,28 @@ impl Tokenizer {
     }
 
     /// The ids of `text` alone, as they appear inside a longer text: no BOS/EOS, special-token
-    /// parsing off (a `bad_words` entry's tokens).
+    /// parsing off.
     pub fn encode_fragment(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
         let enc = (self.literal)
             .encode_fast(text, false)
             .map_err(TokenizerError::backend)?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    /// The token sequences that spell `word` (its leading spaces dropped) in an answer: at the
+    /// start of a text, and after a space where that tokenizes differently (vLLM's
+    /// `bad_words`). vLLM keeps the second only when it has as many tokens as the first; in a
+    /// byte-level vocabulary ` fever` is one token where `fever` is two, so that rule would
+    /// leave the word allowed inside a sentence, and here it is kept whenever it differs.
+    pub fn word_sequences(&self, word: &str) -> Result<Vec<Vec<u32>>, TokenizerError> {
+        let word = word.trim_start();
+        let plain = self.encode_fragment(word)?;
+        let spaced = self.encode_fragment(&format!(" {word}"))?;
+        Ok(if spaced == plain {
+            vec![plain]
+        } else {
+            vec![plain, spaced]
+        })
     }
 
     /// Whether `text` contains the text of a special token (which [`Tokenizer::encode`] would
