@@ -59,8 +59,6 @@ struct Tracked {
     stop: StopStrings,
     /// The request's own `stop_token_ids` (not the model's EOS ids), for `stop_reason`.
     stop_token_ids: Vec<u32>,
-    /// A stop token's text is emitted (`include_stop_str_in_output`).
-    keep_stop: bool,
     num_prompt_tokens: usize,
     num_output_tokens: usize,
     num_cached_tokens: usize,
@@ -236,7 +234,6 @@ impl<B: Backend> EngineCore<B> {
             }),
             stop: StopStrings::new(req.stop.clone(), req.include_stop_str_in_output),
             stop_token_ids: req.stop_token_ids.clone(),
-            keep_stop: req.include_stop_str_in_output,
             num_prompt_tokens: req.prompt_token_ids.len(),
             num_output_tokens: 0,
             num_cached_tokens: 0,
@@ -549,7 +546,7 @@ fn next_text(
         return (String::new(), None);
     };
     // A token the tokenizer cannot decode yields no text rather than failing the request.
-    let mut piece = if stop_token && !t.keep_stop {
+    let mut piece = if stop_token && !t.stop.keeps_stop() {
         String::new()
     } else {
         detok.push(tok, token_id).unwrap_or_default()

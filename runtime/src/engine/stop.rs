@@ -144,6 +144,11 @@ impl StopStrings {
         StopCheck::Continue(out)
     }
 
+    /// Whether a stop ends the emitted text (`include_stop_str_in_output`).
+    pub fn keeps_stop(&self) -> bool {
+        self.keep_stop
+    }
+
     /// Releases held text at the end of generation (no stop string can complete any more).
     pub fn flush(&mut self) -> String {
         std::mem::take(&mut self.held)

@@ -153,14 +153,20 @@ impl SamplingParams {
                 });
             }
         }
-        if self.bad_words.len() > MAX_BAD_WORD_SEQUENCES
-            || (self.bad_words.iter()).any(|w| w.is_empty() || w.len() > MAX_BAD_WORD_TOKENS)
-        {
-            return Err(SamplingError::OutOfRange {
-                field: "bad_words",
-                value: format!("{} token sequences", self.bad_words.len()),
-                allowed: "at most 128 sequences of 1 to 64 tokens",
-            });
+        let bad_word = |value: String| SamplingError::OutOfRange {
+            field: "bad_words",
+            value,
+            allowed: "at most 128 sequences of 1 to 64 tokens",
+        };
+        if self.bad_words.len() > MAX_BAD_WORD_SEQUENCES {
+            return Err(bad_word(format!(
+                "{} token sequences",
+                self.bad_words.len()
+            )));
+        }
+        let out_of_bounds = |w: &&Vec<u32>| w.is_empty() || w.len() > MAX_BAD_WORD_TOKENS;
+        if let Some(w) = self.bad_words.iter().find(out_of_bounds) {
+            return Err(bad_word(format!("a sequence of {} tokens", w.len())));
         }
         self.validate_logit_bias()
     }

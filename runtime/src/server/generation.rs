@@ -12,7 +12,7 @@ use super::state::AppState;
 use super::tenant::{cache_salt, Tenant};
 use crate::engine::{EngineRequest, RequestOutput, RequestStream};
 use crate::metrics::record_inter_token;
-use crate::sampling::{PromptLogprob, SampledToken, MAX_BAD_WORD_TOKENS};
+use crate::sampling::{PromptLogprob, SampledToken};
 use crate::structured::{
     CompiledConstraint, Compiling, ConstraintSpec, PendingCompile, StructuredError,
 };
@@ -151,8 +151,8 @@ pub fn submit(
     Ok(streams)
 }
 
-/// `bad_words` as token sequences ([`Tokenizer::word_sequences`] of each), each at most
-/// [`MAX_BAD_WORD_TOKENS`] long.
+/// `bad_words` as token sequences ([`Tokenizer::word_sequences`] of each); the engine's
+/// `SamplingParams::validate` bounds them (a 400 naming `bad_words`).
 fn bad_word_sequences(tok: &Tokenizer, words: &[String]) -> Result<Vec<Vec<u32>>, ApiError> {
     let mut sequences = Vec::with_capacity(words.len() * 2);
     for word in words {
@@ -160,13 +160,6 @@ fn bad_word_sequences(tok: &Tokenizer, words: &[String]) -> Result<Vec<Vec<u32>>
             tracing::error!(error = %e, "tokenizer failed");
             ApiError::internal()
         })?);
-    }
-    if let Some(long) = sequences.iter().find(|s| s.len() > MAX_BAD_WORD_TOKENS) {
-        let message = format!(
-            "`bad_words` has a word of {} tokens; at most {MAX_BAD_WORD_TOKENS} are allowed",
-            long.len()
-        );
-        return Err(ApiError::invalid_request(message, Some("bad_words")));
     }
     Ok(sequences)
 }

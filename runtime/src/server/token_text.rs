@@ -24,31 +24,27 @@ pub struct TokenNames<'a> {
 }
 
 impl TokenNames<'_> {
-    /// Token `id`'s name, given its text.
-    fn name(&self, id: u32, text: String) -> String {
+    /// Token `id`'s name: `text` (computed only when it is the name), or its id.
+    fn name(&self, id: u32, text: impl FnOnce() -> String) -> String {
         if self.as_ids {
             format!("token_id:{id}")
         } else {
-            text
+            text()
         }
-    }
-
-    /// Token `id`'s text alone, lossily as UTF-8.
-    fn text(&self, id: u32) -> String {
-        String::from_utf8_lossy(&token_bytes(self.tok, id)).into_owned()
     }
 
     /// Chat's entry of token `id`: its name, logprob and bytes.
     fn chat_entry(&self, id: u32, logprob: f32) -> TopLogprob {
         let mut entry = TopLogprob::new(&token_bytes(self.tok, id), logprob);
-        entry.token = self.name(id, std::mem::take(&mut entry.token));
+        let text = std::mem::take(&mut entry.token);
+        entry.token = self.name(id, || text);
         entry
     }
 
     /// `(name, logprob)` of each alternative.
     fn alternatives(&self, top: &[(u32, f32)]) -> Vec<(String, f32)> {
         top.iter()
-            .map(|&(id, l)| (self.name(id, self.text(id)), l))
+            .map(|&(id, l)| (self.name(id, || token_text(self.tok, id)), l))
             .collect()
     }
 }
@@ -64,13 +60,12 @@ pub fn chat_logprobs(names: TokenNames, tokens: &[SampledToken]) -> Option<ChatL
             let top = (t.top_logprobs.iter())
                 .map(|&(id, lp)| names.chat_entry(id, lp))
                 .collect();
-            let own = names.chat_entry(t.token_id, t.logprob.unwrap_or(f32::NEG_INFINITY));
-            ChatTokenLogprob {
-                token: own.token,
-                logprob: own.logprob,
-                bytes: own.bytes,
-                top_logprobs: top,
-            }
+            let raw = token_bytes(names.tok, t.token_id);
+            let logprob = t.logprob.unwrap_or(f32::NEG_INFINITY);
+            let mut own = ChatTokenLogprob::new(&raw, logprob, top);
+            let text = std::mem::take(&mut own.token);
+            own.token = names.name(t.token_id, || text);
+            own
         })
         .collect();
     Some(ChatLogprobs {
@@ -78,7 +73,7 @@ pub fn chat_logprobs(names: TokenNames, tokens: &[SampledToken]) -> Option<ChatL
     })
 }
 
-/// The text of one token alone, lossily as UTF-8 (`prompt_logprobs`' `decoded_token`).
+/// The text of one token alone, lossily as UTF-8 (logprobs' `token` strings).
 fn token_text(tok: &Tokenizer, id: u32) -> String {
     String::from_utf8_lossy(&token_bytes(tok, id)).into_owned()
 }
@@ -94,11 +89,15 @@ pub fn completion_logprobs(
     }
     let mut lp = CompletionLogprobs::default();
     for t in tokens {
-        let text = names.text(t.token_id);
+        let text = token_text(names.tok, t.token_id);
         let top = names.alternatives(&t.top_logprobs);
         let len = text.len();
         let logprob = t.logprob.unwrap_or(f32::NEG_INFINITY);
-        lp.push(names.name(t.token_id, text), Some((logprob, &top)), offset);
+        lp.push(
+            names.name(t.token_id, || text),
+            Some((logprob, &top)),
+            offset,
+        );
         offset += len;
     }
     Some(lp)
@@ -116,9 +115,9 @@ pub fn echo_logprobs(
     let mut lp = CompletionLogprobs::default();
     let mut offset = 0;
     for (i, &id) in prompt.iter().enumerate() {
-        let text = names.text(id);
+        let text = token_text(names.tok, id);
         let len = text.len();
-        let name = names.name(id, text);
+        let name = names.name(id, || text);
         match i.checked_sub(1).and_then(|j| scored.get(j)) {
             Some(s) => {
                 let alts = names.alternatives(&s.top_logprobs[..top.min(s.top_logprobs.len())]);

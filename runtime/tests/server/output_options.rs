@@ -385,6 +385,22 @@ async fn unusable_allowed_token_ids_are_400s_naming_the_field() {
         assert_eq!(s, StatusCode::BAD_REQUEST, "{extra}: {b}");
         assert_eq!(b["error"]["param"], "allowed_token_ids", "{extra}: {b}");
     }
+    // A word of more tokens than a bad-word sequence may hold (the tiny vocabulary spells one
+    // letter per token).
+    let long = with_fields(base.clone(), json!({"bad_words": ["x".repeat(65)]}));
+    let (s, b) = post(&r, "/v1/completions", long).await;
+    assert_eq!(
+        (s, &b["error"]["param"]),
+        (StatusCode::BAD_REQUEST, &json!("bad_words")),
+        "{b}"
+    );
+    assert!(
+        b["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("65 tokens"),
+        "{b}"
+    );
     // A value of the wrong JSON type is named too, on both endpoints.
     let chat = json!({"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]});
     for (field, value) in [

@@ -55,22 +55,22 @@ pub(super) fn render_options(
 
 /// Every string inside `kwargs` (keys included), for the special-token check.
 pub fn template_strings(kwargs: &serde_json::Map<String, serde_json::Value>) -> Vec<&str> {
+    fn walk_map<'a>(map: &'a serde_json::Map<String, serde_json::Value>, out: &mut Vec<&'a str>) {
+        for (k, v) in map {
+            out.push(k);
+            walk(v, out);
+        }
+    }
     fn walk<'a>(v: &'a serde_json::Value, out: &mut Vec<&'a str>) {
         match v {
             serde_json::Value::String(s) => out.push(s),
             serde_json::Value::Array(items) => items.iter().for_each(|i| walk(i, out)),
-            serde_json::Value::Object(map) => map.iter().for_each(|(k, v)| {
-                out.push(k);
-                walk(v, out);
-            }),
+            serde_json::Value::Object(map) => walk_map(map, out),
             _ => {}
         }
     }
     let mut out = Vec::new();
-    for (k, v) in kwargs {
-        out.push(k.as_str());
-        walk(v, &mut out);
-    }
+    walk_map(kwargs, &mut out);
     out
 }
 
