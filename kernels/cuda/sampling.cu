@@ -14,9 +14,9 @@
 //   contiguous id range, warp totals are scanned, and one warp walks its range 32 ids a step;
 // - the draw is the same ordered select over the survivors' fixed-point weights in ascending id
 //   order: integer prefix sums, so it is exact and equal to the CPU's for the same weights.
-// Floating-point operations whose rounding decides a token (penalties, temperature, exp) are
-// written unfused (__fmul_rn...) as in the CPU twin; the only remaining difference on a GPU is
-// expf's last bits, which can move a boundary only when `u` or a threshold sits within ~1e-6 of it.
+// Floating-point operations whose rounding decides a token (penalties, temperature, the weights'
+// exp, a polynomial of the CPU twin's rather than expf) are written unfused (__fmul_rn...) as in
+// the CPU twin, so a row's weights, and with them the token, are the same bits on both.
 #include "common.cuh"
 #include "params/sampling.h"
 
@@ -55,6 +55,27 @@ __device__ __forceinline__ uint32_t order_key(float v) {
 }
 
 __device__ __forceinline__ u64 fixed_weight(float w) { return (u64)(w * kWeightOne); }
+
+/// kernels::sampling::weights::NEGLIGIBLE: below it, `s - max` weighs 0.
+constexpr float kNegligible = -30.0f;
+
+/// e^x for kNegligible <= x <= 0, 0 below it and for NaN: the CPU twin's polynomial
+/// (kernels::sampling::weights::exp_near_zero) by the same unfused f32 operations, so the same
+/// bits. e^x = 2^n e^r, n = round(x / ln 2) by adding and subtracting 1.5 * 2^23, r = x - n ln 2
+/// (ln 2 in two parts), e^r by its Taylor series to the 7th power.
+__device__ __forceinline__ float weight_below(float x) {
+  const float rounder = 12582912.0f;  // 0x4B400000
+  const float shifted = __fadd_rn(__fmul_rn(x, __uint_as_float(0x3FB8AA3Bu)), rounder);  // log2(e)
+  const float n = __fsub_rn(shifted, rounder);
+  const float r = __fsub_rn(__fsub_rn(x, __fmul_rn(n, 0.693359375f)), __fmul_rn(n, -2.1219444e-4f));
+  const float coef[7] = {1.0f / 720.0f, 1.0f / 120.0f, 1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f, 1.0f};
+  float p = 1.0f / 5040.0f;
+CAD_UNROLL
+  for (int i = 0; i < 7; ++i) p = __fadd_rn(__fmul_rn(p, r), coef[i]);
+  const uint32_t exponent = __float_as_uint(shifted) - 0x4B400000u + 127u;
+  const float e = __fmul_rn(p, __uint_as_float(exponent << 23));
+  return x >= kNegligible ? e : 0.0f;
+}
 
 __device__ __forceinline__ u64 warp_sum_u64(u64 v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
@@ -297,7 +318,7 @@ __device__ uint32_t draw_row(const float* src, uint32_t n, const SampleRow& row,
   };
   const bool inf_max = smax == INFINITY;
   auto weight = [&](float s) {
-    return inf_max ? (s == INFINITY ? 1.0f : 0.0f) : expf(__fsub_rn(s, smax));
+    return inf_max ? (s == INFINITY ? 1.0f : 0.0f) : weight_below(__fsub_rn(s, smax));
   };
 
   // top-p: ranked by weight (ties to the lowest ids), keep while the mass above is < limit.

@@ -2,19 +2,34 @@
 //! otherwise. Both are pure functions of the row and a uniform `u`, so the GPU kernel and the CPU
 //! sampler give the same token for the same request RNG state.
 
-use super::logprobs::sanitize;
 use super::truncation::Candidate;
 
 /// Index of the largest value above -inf (NaN as -inf), ties to the lowest id (-0 and +0 tie).
+/// Two passes: the maximum, in eight lanes that compile to vector instructions, then the
+/// first index that equals it (NaN equals nothing).
 pub fn argmax(row: &[f32]) -> Option<u32> {
-    let mut best: Option<(f32, u32)> = None;
-    for (id, &l) in row.iter().enumerate() {
-        let l = sanitize(l);
-        if l > best.map_or(f32::NEG_INFINITY, |b| b.0) {
-            best = Some((l, id as u32));
+    let max = max_value(row);
+    if max == f32::NEG_INFINITY {
+        return None;
+    }
+    row.iter().position(|&l| l == max).map(|i| i as u32)
+}
+
+/// The largest value of `row`, ignoring NaN (-inf when empty or all NaN).
+pub(super) fn max_value(row: &[f32]) -> f32 {
+    const LANES: usize = 8;
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let chunks = row.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for (m, &l) in lanes.iter_mut().zip(chunk) {
+            *m = m.max(l);
         }
     }
-    best.map(|b| b.1)
+    lanes
+        .iter()
+        .chain(rest)
+        .fold(f32::NEG_INFINITY, |m, &l| m.max(l))
 }
 
 /// Last-resort choice when every candidate is masked: the raw argmax, or token 0.
@@ -51,7 +66,7 @@ pub fn draw(cand: &[Candidate], u: f64) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sampling::truncation::WEIGHT_ONE;
+    use crate::sampling::weights::WEIGHT_ONE;
 
     #[test]
     fn draw_respects_cdf_edges() {
@@ -74,5 +89,14 @@ mod tests {
         assert_eq!(argmax(&[1.0, 5.0, 5.0]), Some(1));
         assert_eq!(argmax(&[-0.0, 0.0]), Some(0));
         assert_eq!(argmax(&[f32::NAN, f32::NEG_INFINITY]), None);
+        assert_eq!(argmax(&[]), None);
+        // Past the vector lanes, with NaN among them: the first of the largest.
+        let mut row = vec![1.0; 21];
+        row[3] = f32::NAN;
+        row[17] = 4.0;
+        row[19] = 4.0;
+        assert_eq!(argmax(&row), Some(17));
+        row[9] = f32::INFINITY;
+        assert_eq!(argmax(&row), Some(9));
     }
 }

@@ -11,11 +11,13 @@ pub mod draw;
 pub mod logprobs;
 pub mod penalties;
 pub mod truncation;
+pub mod weights;
 
 pub use draw::{argmax, draw, draw_target, raw_argmax};
 pub use logprobs::{rank_desc, sanitize, top_logprobs, LogSoftmax};
 pub use penalties::{apply_penalties, penalty_entries, Penalties, PenaltyEntry};
-pub use truncation::{survivors, Candidate, Truncation, WEIGHT_ONE};
+pub use truncation::{survivors, Candidate, SurvivorScratch, Truncation};
+pub use weights::WEIGHT_ONE;
 
 /// Most top logprobs a request may ask for (OpenAI's limit); the GPU kernel's output stride.
 pub const MAX_LOGPROBS: usize = 20;
@@ -32,7 +34,7 @@ pub struct RowSampling {
 #[derive(Default)]
 pub struct SampleScratch {
     work: Vec<f32>,
-    scaled: Vec<(f32, u32)>,
+    survivors: SurvivorScratch,
     cand: Vec<Candidate>,
 }
 
@@ -46,12 +48,18 @@ pub fn choose_token(
     u: f64,
     scratch: &mut SampleScratch,
 ) -> u32 {
-    scratch.work.clear();
-    scratch.work.extend(logits.iter().map(|&l| sanitize(l)));
-    apply_penalties(&mut scratch.work, entries, &s.penalties);
-    let Some(t) = s.truncation else {
-        return argmax(&scratch.work).unwrap_or_else(|| raw_argmax(logits));
+    // Without penalties the row is read as it is: argmax and survivors count NaN as -inf.
+    let row = if entries.is_empty() {
+        logits
+    } else {
+        scratch.work.clear();
+        scratch.work.extend(logits.iter().map(|&l| sanitize(l)));
+        apply_penalties(&mut scratch.work, entries, &s.penalties);
+        &scratch.work
     };
-    survivors(&scratch.work, &t, &mut scratch.scaled, &mut scratch.cand);
+    let Some(t) = s.truncation else {
+        return argmax(row).unwrap_or_else(|| raw_argmax(logits));
+    };
+    survivors(row, &t, &mut scratch.survivors, &mut scratch.cand);
     draw(&scratch.cand, u).unwrap_or_else(|| raw_argmax(logits))
 }

@@ -1,15 +1,15 @@
 //! The candidates a token is drawn from: temperature, then top-k, top-p and min-p (vLLM's order).
 //!
 //! Weights are fixed point: a surviving token weighs `q = trunc(w * 2^40)` where
-//! `w = exp(l / T - max)` is its probability relative to the most likely token. Sums of `q` are
-//! exact integers, so the nucleus and the draw do not depend on summation order and the GPU
-//! kernel (`cuda/sampling.cu`) reproduces them bit for bit from the same `w`; the price is that a
-//! token less than 2^-40 times as likely as the best one is never drawn.
+//! `w = exp(l / T - max)` is its probability relative to the most likely token (`weights`).
+//! Sums of `q` are exact integers, so the nucleus and the draw do not depend on summation order
+//! and the GPU kernel (`cuda/sampling.cu`), which computes the same `w` bits, reproduces them
+//! bit for bit; the price is that a token less than 2^-40 times as likely as the best one is
+//! never drawn.
 
+use super::draw::max_value;
 use super::logprobs::rank_desc;
-
-/// Fixed-point scale of the weights: a weight of 1.0 (the most likely token) is 2^40.
-pub const WEIGHT_ONE: u64 = 1 << 40;
+use super::weights::{fill_weights, fixed_weight, relative_weight};
 
 /// One surviving token: its relative weight `w` (f32, in [0, 1]), its fixed-point weight and id.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -17,12 +17,6 @@ pub struct Candidate {
     pub w: f32,
     pub q: u64,
     pub id: u32,
-}
-
-/// The fixed-point weight of a relative weight `w` in [0, 1].
-#[inline]
-pub fn fixed_weight(w: f32) -> u64 {
-    (w * WEIGHT_ONE as f32) as u64
 }
 
 /// What truncates the distribution of one request (already validated: temperature > 0,
@@ -45,42 +39,78 @@ pub fn nucleus_limit(top_p: f32, total: u64) -> u64 {
     (top_p as f64 * total as f64).ceil() as u64
 }
 
-/// Fills `cand` with the survivors of `t` over `row` (penalised logits, NaN-free), in ascending
-/// id order: the canonical order of the draw. Leaves it empty when every logit is -inf.
-/// `scaled` is reused storage.
+/// Weight octaves: octave `j` holds the weights in `[2^-j, 2^-j+1)`; a weight with a non-zero
+/// fixed-point weight is at least `2^-40`, so 41 octaves hold them all.
+const OCTAVES: usize = 41;
+
+/// Fixed-point mass of the candidates in each weight octave.
+type OctaveMass = [u64; OCTAVES];
+
+/// The octave of a weight in `[2^-40, 1]`: minus its binary exponent.
+#[inline]
+fn octave(w: f32) -> usize {
+    let exponent = (w.to_bits() >> 23) as usize;
+    127usize.saturating_sub(exponent).min(OCTAVES - 1)
+}
+
+/// The smallest weight of octave `j`: `2^-j`.
+#[inline]
+fn octave_floor(j: usize) -> f32 {
+    f32::from_bits(((127 - j.min(OCTAVES - 1)) as u32) << 23)
+}
+
+/// Reused storage of [`survivors`].
+#[derive(Default)]
+pub struct SurvivorScratch {
+    /// Scaled logits and ids, for top-k.
+    scaled: Vec<(f32, u32)>,
+    /// Relative weights of the whole row, by id.
+    weights: Vec<f32>,
+}
+
+/// Fills `cand` with the survivors of `t` over `row` (penalised logits; NaN counts as -inf), in
+/// ascending id order: the canonical order of the draw. Leaves it empty when every logit is
+/// -inf.
+///
+/// Tokens whose fixed-point weight is 0 are left out: they are never drawn, add nothing to a
+/// mass and rank below every other token, so leaving them out changes no draw.
 pub fn survivors(
     row: &[f32],
     t: &Truncation,
-    scaled: &mut Vec<(f32, u32)>,
+    scratch: &mut SurvivorScratch,
     cand: &mut Vec<Candidate>,
 ) {
     cand.clear();
     let inv_t = 1.0 / t.temperature;
-    scaled.clear();
-    scaled.extend(row.iter().enumerate().filter_map(|(id, &l)| {
-        let s = l * inv_t;
-        // `>` also drops NaN that invalid penalties could produce.
-        (s > f32::NEG_INFINITY).then_some((s, id as u32))
-    }));
-    if scaled.is_empty() {
-        return;
-    }
     let k = t.top_k as usize;
     let mut ranked_order = false;
-    if k > 0 && k < scaled.len() {
-        scaled.select_nth_unstable_by(k - 1, rank_desc);
-        scaled.truncate(k);
-        ranked_order = true;
-    }
-    let max = scaled.iter().map(|c| c.0).fold(f32::NEG_INFINITY, f32::max);
-    cand.extend(scaled.iter().map(|&(s, id)| {
-        let w = relative_weight(s, max);
-        Candidate {
-            w,
-            q: fixed_weight(w),
-            id,
+    if k > 0 {
+        let scaled = &mut scratch.scaled;
+        scaled.clear();
+        scaled.extend(row.iter().enumerate().filter_map(|(id, &l)| {
+            let s = l * inv_t;
+            // `>` also drops NaN that invalid penalties could produce.
+            (s > f32::NEG_INFINITY).then_some((s, id as u32))
+        }));
+        if k < scaled.len() {
+            scaled.select_nth_unstable_by(k - 1, rank_desc);
+            scaled.truncate(k);
+            ranked_order = true;
         }
-    }));
+        let max = scaled.iter().map(|c| c.0).fold(f32::NEG_INFINITY, f32::max);
+        cand.extend(scaled.iter().filter_map(|&(s, id)| {
+            let w = relative_weight(s, max);
+            let q = fixed_weight(w);
+            (q > 0).then_some(Candidate { w, q, id })
+        }));
+    } else {
+        // Rounding keeps the order, so scaling the maximum gives the scaled maximum.
+        let max = max_value(row) * inv_t;
+        if max > f32::NEG_INFINITY {
+            fill_weights(row, inv_t, max, &mut scratch.weights);
+            weighted(&scratch.weights, cand);
+        }
+    }
     if t.top_p < 1.0 {
         truncate_to_nucleus(cand, t.top_p);
         ranked_order = true;
@@ -95,26 +125,50 @@ pub fn survivors(
     }
 }
 
-/// `exp(s - max)`, so the maximum gets exactly 1; with +inf logits those get 1, the rest 0.
-#[inline]
-pub fn relative_weight(s: f32, max: f32) -> f32 {
-    if max == f32::INFINITY {
-        if s == f32::INFINITY {
-            1.0
-        } else {
-            0.0
-        }
-    } else {
-        (s - max).exp()
+/// Sets `cand` to the tokens of `weights` (by id) with a non-zero fixed-point weight. Every
+/// token is written and the next one overwrites it unless it counts: no branch to mispredict.
+fn weighted(weights: &[f32], cand: &mut Vec<Candidate>) {
+    const NONE: Candidate = Candidate {
+        w: 0.0,
+        q: 0,
+        id: 0,
+    };
+    cand.resize(weights.len(), NONE);
+    let mut kept = 0;
+    for (id, &w) in weights.iter().enumerate() {
+        let q = fixed_weight(w);
+        cand[kept] = Candidate {
+            w,
+            q,
+            id: id as u32,
+        };
+        kept += usize::from(q > 0);
     }
+    cand.truncate(kept);
 }
 
-/// Keeps the tokens whose mass ranked strictly above them is below the nucleus limit. Sorts a
-/// prefix that grows 4x at a time, selected with `select_nth_unstable`, not the whole row, since
-/// the nucleus is usually a few dozen tokens. Leaves `cand` in rank order.
-pub fn truncate_to_nucleus(cand: &mut Vec<Candidate>, top_p: f32) {
-    let total: u64 = cand.iter().map(|c| c.q).sum();
+/// Keeps the tokens whose mass ranked strictly above them is below the nucleus limit. Only the octaves whose mass, from the top, first reaches the
+/// limit can hold the nucleus (every token below them has at least that mass above it), so the
+/// rest are dropped first; of those left, a prefix that grows 4x at a time is selected with
+/// `select_nth_unstable` and sorted, not the whole set, since the nucleus is usually a few
+/// dozen tokens. Leaves `cand` in rank order.
+fn truncate_to_nucleus(cand: &mut Vec<Candidate>, top_p: f32) {
+    let mut mass: OctaveMass = [0; OCTAVES];
+    for c in cand.iter() {
+        mass[octave(c.w)] += c.q;
+    }
+    let total: u64 = mass.iter().sum();
     let limit = nucleus_limit(top_p, total);
+    let mut reached = 0u64;
+    let last = mass
+        .iter()
+        .position(|&m| {
+            reached += m;
+            reached >= limit
+        })
+        .unwrap_or(OCTAVES - 1);
+    let floor = octave_floor(last);
+    cand.retain(|c| c.w >= floor);
     let by_rank = |a: &Candidate, b: &Candidate| rank_desc(&(a.w, a.id), &(b.w, b.id));
     let len = cand.len();
     let mut k = len.min(64);
@@ -141,6 +195,7 @@ pub fn truncate_to_nucleus(cand: &mut Vec<Candidate>, top_p: f32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sampling::weights::WEIGHT_ONE;
 
     fn equal(n: u32) -> Vec<Candidate> {
         (0..n)
@@ -170,11 +225,96 @@ mod tests {
             top_p: 1.0,
             min_p: 0.0,
         };
-        let (mut scaled, mut cand) = (Vec::new(), Vec::new());
-        survivors(&row, &t, &mut scaled, &mut cand);
+        let (mut scratch, mut cand) = (SurvivorScratch::default(), Vec::new());
+        survivors(&row, &t, &mut scratch, &mut cand);
         let ids: Vec<u32> = cand.iter().map(|c| c.id).collect();
         assert_eq!(ids, vec![1, 3, 4]);
-        survivors(&[f32::NEG_INFINITY; 3], &t, &mut scaled, &mut cand);
+        survivors(&[f32::NEG_INFINITY; 3], &t, &mut scratch, &mut cand);
         assert!(cand.is_empty());
+    }
+
+    /// The survivors by definition, sorting everything: scaled logits ranked, the top k, weights
+    /// relative to their maximum, the nucleus walked over the whole ranking, min-p, id order;
+    /// without the zero fixed-point weights, which `survivors` leaves out.
+    fn by_definition(row: &[f32], t: &Truncation) -> Vec<Candidate> {
+        let mut ranked: Vec<(f32, u32)> = row
+            .iter()
+            .enumerate()
+            .map(|(id, &l)| (l * (1.0 / t.temperature), id as u32))
+            .filter(|c| c.0 > f32::NEG_INFINITY)
+            .collect();
+        ranked.sort_by(rank_desc);
+        if t.top_k > 0 {
+            ranked.truncate(t.top_k as usize);
+        }
+        let max = ranked.first().map_or(f32::NEG_INFINITY, |c| c.0);
+        let mut cand: Vec<Candidate> = ranked
+            .iter()
+            .map(|&(s, id)| {
+                let w = relative_weight(s, max);
+                Candidate {
+                    w,
+                    q: fixed_weight(w),
+                    id,
+                }
+            })
+            .collect();
+        cand.sort_by(|a, b| rank_desc(&(a.w, a.id), &(b.w, b.id)));
+        let limit = nucleus_limit(t.top_p, cand.iter().map(|c| c.q).sum());
+        let mut above = 0;
+        cand.retain(|c| {
+            let keep = t.top_p >= 1.0 || above < limit;
+            above += c.q;
+            keep && c.q > 0 && c.w >= t.min_p
+        });
+        cand.sort_by_key(|c| c.id);
+        cand
+    }
+
+    /// Rows of real-looking logits (a few leaders over a broad tail), with ties, -inf, NaN and
+    /// +inf mixed in, under every kind of truncation: the same survivors as by definition.
+    #[test]
+    fn survivors_match_the_definition() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        for case in 0..3000 {
+            let n = rng.random_range(1..400);
+            let spread = [0.5f32, 3.0, 12.0][case % 3];
+            let mut row: Vec<f32> = (0..n)
+                .map(|_| (rng.random_range(-spread..spread) * 4.0).round() / 4.0)
+                .collect();
+            for _ in 0..rng.random_range(0..4) {
+                let i = rng.random_range(0..n);
+                row[i] = [f32::NEG_INFINITY, f32::NAN, 20.0, 35.0, f32::INFINITY, -0.0]
+                    [rng.random_range(0..6)];
+            }
+            let t = Truncation {
+                temperature: [0.3, 0.8, 1.0, 1.7][rng.random_range(0..4)],
+                top_k: [0, 0, 1, 5, 50, 1000][rng.random_range(0..6)],
+                top_p: [1.0, 1.0, 0.9, 0.5, 0.999, 0.05][rng.random_range(0..6)],
+                min_p: [0.0, 0.0, 0.1, 0.5][rng.random_range(0..4)],
+            };
+            let (mut scratch, mut cand) = (SurvivorScratch::default(), Vec::new());
+            survivors(&row, &t, &mut scratch, &mut cand);
+            assert_eq!(
+                cand,
+                by_definition(&row, &t),
+                "case {case}: {t:?} over {row:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn octaves_bound_their_weights() {
+        for j in 0..OCTAVES {
+            let floor = octave_floor(j);
+            assert_eq!(octave(floor), j);
+            if j > 0 {
+                assert_eq!(octave(floor * 1.999), j);
+            }
+            assert!(j == OCTAVES - 1 || octave(floor * 0.999) == j + 1);
+        }
+        assert_eq!(octave(1.0), 0);
+        assert!(octave_floor(OCTAVES - 1) as f64 <= 1.0 / WEIGHT_ONE as f64);
     }
 }

@@ -2,10 +2,11 @@
 //! -> min-p -> draw (vLLM's order). The math is `caduceus_kernels::sampling` (RNG-free, shared
 //! with the GPU kernel); this type owns the request's parameters and seeded RNG.
 //!
-//! Cost per call for a vocabulary V: one copy of the row, one pass of `exp`, and an O(V)
-//! `select_nth_unstable` for top-k; top-p grows a sorted prefix geometrically instead of sorting
-//! the whole row. Scratch buffers live in the sampler, so after the first call no vocab-sized
-//! allocation happens.
+//! Cost per call for a vocabulary V (`benches/sampling`): greedy is a vectorised maximum and a
+//! scan; a draw is one vectorised pass of weights, a compaction of the tokens that can be drawn,
+//! an O(V) `select_nth_unstable` for top-k, and for top-p a sort of only the tokens heavy enough
+//! to be in the nucleus. The row is copied only for penalties or masks. Scratch buffers live in
+//! the sampler, so after the first call no vocab-sized allocation happens.
 
 use caduceus_kernels::sampling::{
     penalty_entries, Penalties, PenaltyEntry, RowSampling, Truncation,
