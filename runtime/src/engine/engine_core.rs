@@ -443,19 +443,21 @@ impl<B: Backend> EngineCore<B> {
             });
             t.num_output_tokens += 1;
             t.times.first_token.get_or_insert(now);
-            let stop_token = u.finish_reason == Some(FinishReason::Stop);
-            let (text, stop_string) =
-                self.tokenizer
-                    .as_deref()
-                    .map_or((String::new(), None), |tok| {
-                        next_text(
-                            t,
-                            tok,
-                            u.new_token_id,
-                            u.finish_reason.is_some(),
-                            stop_token,
-                        )
-                    });
+            // A stop token its mask left as the only choice before `min_tokens` ends it here.
+            let ended_by_mask = u.finish_reason.is_none() && result.ended_by_mask.contains(&u.id);
+            if ended_by_mask {
+                self.scheduler.finish_request(u.id, FinishReason::Stop);
+            }
+            let finish_reason = u
+                .finish_reason
+                .or(ended_by_mask.then_some(FinishReason::Stop));
+            let stop_token = finish_reason == Some(FinishReason::Stop);
+            let (text, stop_string) = self
+                .tokenizer
+                .as_deref()
+                .map_or((String::new(), None), |tok| {
+                    next_text(t, tok, u.new_token_id, finish_reason.is_some(), stop_token)
+                });
             let stop_reason = match stop_string {
                 Some(s) => Some(StopReason::Text(s)),
                 None => (stop_token && t.stop_token_ids.contains(&u.new_token_id))
@@ -465,7 +467,7 @@ impl<B: Backend> EngineCore<B> {
                 self.scheduler.finish_request(u.id, FinishReason::Stop);
                 Some(FinishReason::Stop)
             } else {
-                u.finish_reason
+                finish_reason
             };
             match reason {
                 Some(reason) => {

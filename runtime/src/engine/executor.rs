@@ -81,6 +81,10 @@ pub struct ExecuteResult {
     pub failed: Vec<(RequestId, RequestFailure)>,
     /// The prompt logprobs of requests that sampled their first token this step.
     pub prompt_logprobs: HashMap<RequestId, Vec<PromptLogprob>>,
+    /// Requests that sampled a stop token before `min_tokens` because their grammar or
+    /// `allowed_token_ids` allowed nothing else: the engine ends them (the scheduler would
+    /// not, below `min_tokens`).
+    pub ended_by_mask: Vec<RequestId>,
 }
 
 /// The scheduler and executor disagree: a programming error, which stops the engine (one
@@ -439,6 +443,15 @@ impl<B: Backend> Executor<B> {
             if let Some(mask) = grammar_masks.remove(id) {
                 row.allowed = Some(mask);
             }
+            // A mask outranks the bans (`min_tokens`, `bad_words`): were every token it allows
+            // banned, the bans are lifted, so the answer keeps to its grammar (or ends).
+            if row
+                .allowed
+                .as_ref()
+                .is_some_and(|m| m.allows_only(&row.banned))
+            {
+                row.banned.clear();
+            }
             rows.push(row);
         }
         let sampled = self
@@ -460,6 +473,11 @@ impl<B: Backend> Executor<B> {
                     m.commit(sampled.token_id);
                 }
                 if let Some(kv) = state.kv.as_mut() {
+                    // Only a lifted ban lets a masked id through before `min_tokens`.
+                    let outputs = kv.token_ids.len() - kv.num_prompt_tokens;
+                    if outputs < state.min_tokens && state.masked_ids.contains(&sampled.token_id) {
+                        result.ended_by_mask.push(*id);
+                    }
                     kv.token_ids.push(sampled.token_id);
                 }
                 // A request samples once its prompt is complete: its prompt logprobs go out.

@@ -53,6 +53,18 @@ impl TokenMask {
             .is_some_and(|w| w & (1 << (t % 32)) != 0)
     }
 
+    /// Whether every token it allows is among `ids` (also when it allows none).
+    pub fn allows_only(&self, ids: &[u32]) -> bool {
+        let num_allowed = self.num_allowed();
+        if num_allowed > ids.len() {
+            return false;
+        }
+        let mut listed: Vec<u32> = ids.iter().copied().filter(|&t| self.allows(t)).collect();
+        listed.sort_unstable();
+        listed.dedup();
+        listed.len() == num_allowed
+    }
+
     /// Number of allowed tokens.
     pub fn num_allowed(&self) -> usize {
         self.words.iter().map(|w| w.count_ones() as usize).sum()
@@ -143,5 +155,16 @@ mod tests {
             mask,
             "one layout with llguidance"
         );
+    }
+
+    #[test]
+    fn allows_only_compares_sets_not_lists() {
+        let mask = TokenMask::from_ids(70, &[2, 40]);
+        assert!(mask.allows_only(&[40, 2]));
+        assert!(mask.allows_only(&[1, 2, 40, 69, 500]));
+        // Duplicates do not stand in for a missing id.
+        assert!(!mask.allows_only(&[2, 2, 2]));
+        assert!(!mask.allows_only(&[40]));
+        assert!(TokenMask::from_ids(70, &[]).allows_only(&[]));
     }
 }

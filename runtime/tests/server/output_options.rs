@@ -215,6 +215,47 @@ async fn a_stop_token_is_named_and_its_text_kept_only_when_asked() {
     }
 }
 
+/// `min_tokens` never forces a token `allowed_token_ids` forbids: when the list allows only
+/// stop tokens, the answer ends with one at once, named as usual; while it allows others, the
+/// stop tokens stay banned until `min_tokens`.
+#[tokio::test]
+async fn min_tokens_yield_to_allowed_token_ids() {
+    let (r, state) = serve();
+    let eos = state.tokenizer.eos_ids()[0];
+    let a = letter_ids(&state)[0];
+    let base = json!({"model": MODEL, "prompt": "Dr. Lin says", "max_tokens": 8,
+                      "min_tokens": 5, "temperature": 0});
+    for (fields, stop_reason) in [
+        (json!({"allowed_token_ids": [eos]}), Value::Null),
+        (
+            json!({"allowed_token_ids": [a], "stop_token_ids": [a]}),
+            json!(a),
+        ),
+    ] {
+        let body = with_fields(base.clone(), fields);
+        let b = ok(&r, "/v1/completions", body.clone()).await;
+        let choice = &b["choices"][0];
+        assert_eq!(choice["text"], "", "{b}");
+        assert_eq!(choice["finish_reason"], "stop", "{b}");
+        assert_eq!(choice["stop_reason"], stop_reason, "{b}");
+        assert_eq!(b["usage"]["completion_tokens"], 1, "{b}");
+        let (joined, last) = streamed(&r, body).await;
+        assert_eq!(
+            (joined.as_str(), &last["finish_reason"]),
+            ("", &json!("stop"))
+        );
+    }
+    let held = with_fields(
+        base,
+        json!({"allowed_token_ids": [eos, a], "min_tokens": 3, "max_tokens": 3}),
+    );
+    let b = ok(&r, "/v1/completions", held).await;
+    assert_eq!(
+        (&b["choices"][0]["text"], &b["choices"][0]["finish_reason"]),
+        (&json!("aaa"), &json!("length"))
+    );
+}
+
 #[tokio::test]
 async fn special_tokens_are_text_only_when_skip_special_tokens_is_false() {
     let (r, state) = serve();

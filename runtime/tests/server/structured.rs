@@ -245,6 +245,30 @@ async fn regex_choice_and_lark_constrain_the_text() {
     }
 }
 
+/// `min_tokens` never breaks a grammar: once the grammar is complete, the end of the answer is
+/// the only token it allows, and the answer ends there even below `min_tokens`.
+#[tokio::test]
+async fn a_complete_grammar_ends_the_answer_below_min_tokens() {
+    let r = server();
+    for endpoint in ["/v1/completions", "/v1/chat/completions"] {
+        let mut body = json!({"model": MODEL, "max_tokens": 40, "min_tokens": 30,
+            "temperature": 1.0, "seed": 3, "n": 3,
+            "structured_outputs": {"choice": ["urgent", "routine"]}});
+        if endpoint == "/v1/completions" {
+            body["prompt"] = json!("Answer:");
+        } else {
+            body["messages"] = json!([{"role": "user", "content": "Answer:"}]);
+        }
+        let (s, b) = post(&r, endpoint, body).await;
+        assert_eq!(s, StatusCode::OK, "{b}");
+        for c in b["choices"].as_array().unwrap() {
+            let t = c["text"].as_str().or(c["message"]["content"].as_str());
+            assert!(matches!(t, Some("urgent" | "routine")), "{endpoint}: {c}");
+            assert_eq!(c["finish_reason"], "stop", "{endpoint}: {c}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn the_configured_compile_limits_bound_each_request() {
     use caduceus_runtime::structured::CompileLimits;
