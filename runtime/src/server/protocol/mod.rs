@@ -12,6 +12,7 @@ mod error;
 mod logprobs;
 mod models;
 mod output_options;
+mod sampling_fields;
 mod structured;
 mod tokenize;
 mod unsupported;

@@ -2,11 +2,9 @@
 //! settings the engine understands. Converting to `EngineRequest` (templating, tokenizing,
 //! context-length checks) happens in the server, which knows the model.
 
-use std::collections::BTreeMap;
-
 use crate::chat_template::ChatMessage;
 use crate::engine::{MAX_STOP_STRINGS, MAX_STOP_STRING_BYTES, MAX_STOP_TOKEN_IDS};
-use crate::sampling::{SamplingError, SamplingParams, MAX_LOGPROBS};
+use crate::sampling::SamplingParams;
 
 use super::chat::ChatCompletionRequest;
 use super::chat_options::{render_options, ChatTemplateOptions};
@@ -15,6 +13,7 @@ use super::completion::CompletionRequest;
 use super::convert::{convert_messages, convert_prompt};
 use super::error::ApiError;
 use super::output_options::{output_settings, OutputOptions, OutputSettings};
+use super::sampling_fields::{logprob_count, sampling_fields, sampling_params, SamplingFields};
 use super::structured::{output_constraint, tool_plan, ToolPlan};
 use crate::chat_template::RenderOptions;
 use crate::structured::ConstraintSpec;
@@ -172,19 +171,11 @@ pub struct ValidatedCompletionRequest {
 struct Common {
     model: Option<String>,
     max_tokens: Option<(&'static str, i64)>,
-    temperature: Option<f64>,
-    top_p: Option<f64>,
-    top_k: Option<i64>,
-    min_p: Option<f64>,
-    seed: Option<i64>,
+    sampling: SamplingFields,
     stop: Option<StopSpec>,
     stop_token_ids: Option<Vec<u32>>,
     priority: Option<i64>,
     n: Option<i64>,
-    presence_penalty: Option<f64>,
-    frequency_penalty: Option<f64>,
-    repetition_penalty: Option<f64>,
-    logit_bias: Option<BTreeMap<String, f64>>,
     stream: Option<bool>,
     stream_options: Option<StreamOptions>,
     ignore_eos: Option<bool>,
@@ -263,19 +254,11 @@ pub fn validate_chat(req: ChatCompletionRequest) -> Result<ValidatedChatRequest,
     let common = Common {
         model: req.model,
         max_tokens,
-        temperature: req.temperature,
-        top_p: req.top_p,
-        top_k: req.top_k,
-        min_p: req.min_p,
-        seed: req.seed,
+        sampling: sampling_fields!(req),
         stop: req.stop,
         stop_token_ids: req.stop_token_ids,
         priority: req.priority,
         n: req.n,
-        presence_penalty: req.presence_penalty,
-        frequency_penalty: req.frequency_penalty,
-        repetition_penalty: req.repetition_penalty,
-        logit_bias: req.logit_bias,
         stream: req.stream,
         stream_options: req.stream_options,
         ignore_eos: req.ignore_eos,
@@ -316,19 +299,11 @@ pub fn validate_completion(
     let common = Common {
         model: req.model,
         max_tokens: Some(("max_tokens", max_tokens)),
-        temperature: req.temperature,
-        top_p: req.top_p,
-        top_k: req.top_k,
-        min_p: req.min_p,
-        seed: req.seed,
+        sampling: sampling_fields!(req),
         stop: req.stop,
         stop_token_ids: req.stop_token_ids,
         priority: req.priority,
         n: req.n,
-        presence_penalty: req.presence_penalty,
-        frequency_penalty: req.frequency_penalty,
-        repetition_penalty: req.repetition_penalty,
-        logit_bias: req.logit_bias,
         stream: req.stream,
         stream_options: req.stream_options,
         ignore_eos: req.ignore_eos,
@@ -349,14 +324,6 @@ pub fn validate_completion(
     })
 }
 
-fn logprob_count(param: &str, k: i64) -> Result<usize, ValidationError> {
-    let allowed = format!("in [0, {MAX_LOGPROBS}]");
-    usize::try_from(k)
-        .ok()
-        .filter(|&k| k <= MAX_LOGPROBS)
-        .ok_or_else(|| out_of_range(param, k, &allowed))
-}
-
 fn generation_params(
     mut c: Common,
     logprobs: Option<usize>,
@@ -368,7 +335,7 @@ fn generation_params(
             format!("cannot be combined with `{field}` (its grammar chooses the tokens)"),
         ));
     }
-    let mut sampling = sampling_params(&c, logprobs)?;
+    let mut sampling = sampling_params(&c.sampling, logprobs)?;
     sampling.allowed_token_ids = choices.allowed;
     if c.constraint.is_some() && c.ignore_eos == Some(true) {
         return Err(invalid(
@@ -483,106 +450,4 @@ fn generation_params(
         output,
         bad_words: choices.bad_words,
     })
-}
-
-/// `logit_bias`'s token ids (JSON keys are strings) with their biases; the ranges are
-/// [`SamplingParams::validate`]'s, the vocabulary's the handler's.
-fn logit_bias(map: Option<&BTreeMap<String, f64>>) -> Result<Vec<(u32, f32)>, ValidationError> {
-    let Some(map) = map else {
-        return Ok(Vec::new());
-    };
-    map.iter()
-        .map(|(key, &bias)| match key.parse::<u32>() {
-            Ok(id) => Ok((id, bias as f32)),
-            Err(_) => Err(invalid(
-                "logit_bias",
-                format!("keys must be token ids (integers as strings); got {key:?}"),
-            )),
-        })
-        .collect()
-}
-
-/// A float field: its default when absent, else checked against `ok`.
-fn float(
-    param: &str,
-    value: Option<f64>,
-    default: f32,
-    ok: fn(f64) -> bool,
-    allowed: &str,
-) -> Result<f32, ValidationError> {
-    match value {
-        None => Ok(default),
-        Some(v) if v.is_finite() && ok(v) => Ok(v as f32),
-        Some(v) => Err(out_of_range(param, v, allowed)),
-    }
-}
-
-fn sampling_params(c: &Common, logprobs: Option<usize>) -> Result<SamplingParams, ValidationError> {
-    let d = SamplingParams::default();
-    let penalty = |v: f64| (-2.0..=2.0).contains(&v);
-    let top_k = match c.top_k {
-        None | Some(-1) | Some(0) => None,
-        Some(k) if k >= 1 => Some(usize::try_from(k).unwrap_or(usize::MAX)),
-        Some(k) => return Err(out_of_range("top_k", k, "-1 or 0 (off), or at least 1")),
-    };
-    let sampling = SamplingParams {
-        temperature: float(
-            "temperature",
-            c.temperature,
-            d.temperature,
-            |v| (0.0..=2.0).contains(&v),
-            "in [0, 2]",
-        )?,
-        top_k,
-        top_p: float(
-            "top_p",
-            c.top_p,
-            d.top_p,
-            |v| v > 0.0 && v <= 1.0,
-            "in (0, 1]",
-        )?,
-        min_p: float(
-            "min_p",
-            c.min_p,
-            d.min_p,
-            |v| (0.0..=1.0).contains(&v),
-            "in [0, 1]",
-        )?,
-        presence_penalty: float(
-            "presence_penalty",
-            c.presence_penalty,
-            0.0,
-            penalty,
-            "in [-2, 2]",
-        )?,
-        frequency_penalty: float(
-            "frequency_penalty",
-            c.frequency_penalty,
-            0.0,
-            penalty,
-            "in [-2, 2]",
-        )?,
-        repetition_penalty: float(
-            "repetition_penalty",
-            c.repetition_penalty,
-            1.0,
-            |v| v > 0.0 && v <= 2.0,
-            "in (0, 2]",
-        )?,
-        // Negative seeds are accepted (vLLM does) and reinterpreted as their bit pattern.
-        seed: c.seed.map(|s| s as u64),
-        logprobs,
-        logit_bias: logit_bias(c.logit_bias.as_ref())?,
-        allowed_token_ids: Vec::new(),
-        bad_words: Vec::new(),
-    };
-    // The engine's own check, so the two can never disagree about a value passed on.
-    sampling.validate().map_err(
-        |SamplingError::OutOfRange {
-             field,
-             value,
-             allowed,
-         }| { out_of_range(field, value, &format!("in {allowed}")) },
-    )?;
-    Ok(sampling)
 }
