@@ -93,6 +93,18 @@ pub enum ChatTemplateError {
     /// not alternate; the message is the template's and is meant for the API caller.
     #[error("chat template rejected the conversation: {0}")]
     Raised(String),
+    /// A bounded template wrote more than its bound.
+    #[error("chat template rendered more than {0} bytes")]
+    TooLong(usize),
+}
+
+/// Bounds on a template the server did not choose (a request's own): how many template
+/// instructions it may run (minijinja's fuel) and how many bytes it may write. They stop a
+/// runaway loop or output; they are not a sandbox against a caller who means harm.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RenderBounds {
+    pub fuel: u64,
+    pub max_output_bytes: usize,
 }
 
 const TEMPLATE_NAME: &str = "chat";
@@ -105,6 +117,8 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: Option<String>,
     eos_token: Option<String>,
+    /// Set for a template the server did not choose.
+    max_output_bytes: Option<usize>,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -137,7 +151,20 @@ impl ChatTemplate {
             env,
             bos_token,
             eos_token,
+            max_output_bytes: None,
         })
+    }
+
+    /// `source` compiled as a template of this model (its BOS/EOS strings), run within `bounds`.
+    pub fn bounded(
+        &self,
+        source: &str,
+        bounds: RenderBounds,
+    ) -> Result<ChatTemplate, ChatTemplateError> {
+        let mut t = ChatTemplate::new(source, self.bos_token.clone(), self.eos_token.clone())?;
+        t.env.set_fuel(Some(bounds.fuel));
+        t.max_output_bytes = Some(bounds.max_output_bytes);
+        Ok(t)
     }
 
     /// Renders `messages`; with `add_generation_prompt` the template appends the header that
@@ -173,16 +200,54 @@ impl ChatTemplate {
             .env
             .get_template(TEMPLATE_NAME)
             .map_err(|e| ChatTemplateError::Render(describe(&e)))?;
-        template.render(ctx).map_err(|e| match raised_message(&e) {
-            Some(msg) => ChatTemplateError::Raised(msg),
-            None => ChatTemplateError::Render(describe(&e)),
-        })
+        let Some(limit) = self.max_output_bytes else {
+            return template.render(ctx).map_err(render_error);
+        };
+        let mut out = BoundedOutput {
+            bytes: Vec::new(),
+            limit,
+        };
+        match template.render_captured_to(ctx, &mut out) {
+            Ok(_) => String::from_utf8(out.bytes)
+                .map_err(|_| ChatTemplateError::Render("wrote invalid UTF-8".into())),
+            Err(_) if out.bytes.len() > limit => Err(ChatTemplateError::TooLong(limit)),
+            Err(e) => Err(render_error(e)),
+        }
     }
 
     /// ChatML (`<|im_start|>role\ncontent<|im_end|>\n`), the fallback for models without a template.
     pub fn chatml() -> ChatTemplate {
         // The source is a constant that the unit tests render, so compiling it cannot fail.
         ChatTemplate::new(CHATML, None, None).expect("the built-in ChatML template compiles")
+    }
+}
+
+fn render_error(e: Error) -> ChatTemplateError {
+    match raised_message(&e) {
+        Some(msg) => ChatTemplateError::Raised(msg),
+        None => ChatTemplateError::Render(describe(&e)),
+    }
+}
+
+/// A render target that refuses to grow past `limit` bytes (it keeps one byte more, so the
+/// caller can tell the bound stopped it).
+struct BoundedOutput {
+    bytes: Vec<u8>,
+    limit: usize,
+}
+
+impl std::io::Write for BoundedOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let room = (self.limit + 1).saturating_sub(self.bytes.len());
+        self.bytes.extend_from_slice(&buf[..buf.len().min(room)]);
+        if self.bytes.len() > self.limit {
+            return Err(std::io::Error::other("rendered past the bound"));
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -253,5 +318,36 @@ mod tests {
     fn syntax_errors_are_reported_at_compile_time() {
         let err = ChatTemplate::new("{% for m in messages %}", None, None).unwrap_err();
         assert!(matches!(err, ChatTemplateError::Syntax(_)), "{err}");
+    }
+
+    #[test]
+    fn bounded_templates_stop_runaway_loops_and_output() {
+        let model = ChatTemplate::new("{{ bos_token }}", Some("<s>".into()), None).unwrap();
+        let bounds = RenderBounds {
+            fuel: 10_000,
+            max_output_bytes: 1000,
+        };
+        let msgs = [ChatMessage::new("user", "Hi")];
+        let own = model
+            .bounded(
+                "{{ bos_token }}{% for m in messages %}{{ m.content }}{% endfor %}",
+                bounds,
+            )
+            .unwrap();
+        assert_eq!(own.render(&msgs, true).unwrap(), "<s>Hi", "the model's BOS");
+        let long = model.bounded("{{ 'x' * 1001 }}", bounds).unwrap();
+        assert!(matches!(
+            long.render(&msgs, true),
+            Err(ChatTemplateError::TooLong(1000))
+        ));
+        let exact = model.bounded("{{ 'x' * 1000 }}", bounds).unwrap();
+        assert_eq!(exact.render(&msgs, true).unwrap().len(), 1000);
+        let endless =
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}";
+        let err = model.bounded(endless, bounds).unwrap().render(&msgs, true);
+        assert!(
+            matches!(&err, Err(ChatTemplateError::Render(m)) if m.contains("fuel")),
+            "{err:?}"
+        );
     }
 }

@@ -44,6 +44,8 @@ pub(super) const FIELDS: &[&str] = &[
     "add_generation_prompt",
     "continue_final_message",
     "chat_template_kwargs",
+    "chat_template",
+    "bad_words",
     "lora_name",
     "lora_path",
     "load_inplace",

@@ -267,6 +267,7 @@ pub(super) fn serve<B: Backend + Send + 'static>(
             log_prompts: config.logging.log_prompts,
             prefix_cache_isolation: config.server.prefix_cache_isolation,
             allow_special_tokens_in_prompt: config.server.allow_special_tokens_in_prompt,
+            trust_request_chat_template: config.server.trust_request_chat_template,
             allow_request_priority: config.server.allow_request_priority,
             admin_api_keys: expose(&config.server.admin_api_keys),
             allow_keyless_admin: config.server.allow_runtime_lora_updating

@@ -87,6 +87,7 @@ pub(crate) const SCHEMA: &[KeySpec] = &[
         Kind::Choice(&["per_key", "shared"]),
     ),
     spec("server", "allow_special_tokens_in_prompt", Kind::Bool),
+    spec("server", "trust_request_chat_template", Kind::Bool),
     spec("server", "allow_request_priority", Kind::Bool),
     spec("server", "admin_api_keys", Kind::StrList),
     spec("server", "allow_runtime_lora_updating", Kind::Bool),

@@ -54,6 +54,9 @@ pub struct ServerSection {
     pub prefix_cache_isolation: PrefixCacheIsolation,
     /// Let `/v1/completions` text spell special tokens (off: a client cannot forge control tokens).
     pub allow_special_tokens_in_prompt: bool,
+    /// Render a chat request's own `chat_template` (vLLM's `--trust-request-chat-template`);
+    /// off, it is a 400: a template is code run on the server.
+    pub trust_request_chat_template: bool,
     /// Honour a request's `priority` (vLLM's: lower is served first); off, a non-zero one is a
     /// 400.
     pub allow_request_priority: bool,
@@ -123,6 +126,7 @@ impl Default for ServerSection {
             engine_stall_timeout: HumanDuration::secs(60),
             prefix_cache_isolation: PrefixCacheIsolation::PerKey,
             allow_special_tokens_in_prompt: false,
+            trust_request_chat_template: false,
             allow_request_priority: true,
             admin_api_keys: Vec::new(),
             allow_runtime_lora_updating: false,

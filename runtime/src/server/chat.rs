@@ -12,7 +12,7 @@ use super::json::ApiJson;
 use super::protocol::{
     random_id, template_strings, unix_timestamp, validate_chat, ApiError, ChatChoice,
     ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatDelta,
-    FinishReason, StopReason, Usage, CHAT_ID_PREFIX,
+    FinishReason, Rendering, StopReason, Usage, CHAT_ID_PREFIX,
 };
 use super::request_log::RequestLog;
 use super::routes::{admit, check_model};
@@ -21,20 +21,36 @@ use super::state::AppState;
 use super::tenant::Tenant;
 use super::token_text::{chat_logprobs, listed_prompt_logprobs, TokenNames};
 use super::tool_calls::{add_tools_prompt, parse_tool_calls, tool_constraint, ToolCallStream};
-use crate::chat_template::{ChatMessage, ChatTemplateError, RenderOptions};
+use crate::chat_template::{ChatMessage, ChatTemplateError, RenderBounds};
 use crate::sampling::SampledToken;
 use crate::tokenizer::chat_prompt::{encode_chat, ChatPrompt, ChatPromptError};
 use crate::tokenizer::Tokenizer;
 
-/// The conversation rendered by the model's chat template and tokenized (template markup as
-/// control tokens, message text as plain text), as the model will read it. Template variables
-/// become markup, so a string among them that spells a special token is refused unless the
-/// server lets prompts carry special tokens.
+/// Template instructions a request's own chat template may run: a long conversation through a
+/// tool-heavy template takes some ten thousand.
+const REQUEST_TEMPLATE_FUEL: u64 = 2_000_000;
+
+/// The conversation rendered by the model's chat template (or the request's own, where the
+/// server trusts callers with one) and tokenized (template markup as control tokens, message
+/// text as plain text), as the model will read it. Template variables become markup, so a
+/// string among them that spells a special token is refused unless the server lets prompts
+/// carry special tokens.
 pub(super) async fn render_chat(
     state: &AppState,
     messages: Vec<ChatMessage>,
-    how: RenderOptions,
+    rendering: Rendering,
 ) -> Result<ChatPrompt, ApiError> {
+    let Rendering {
+        options: how,
+        template: own_template,
+    } = rendering;
+    if own_template.is_some() && !state.settings.trust_request_chat_template {
+        return Err(ApiError::invalid_request(
+            "this server does not take a request's own chat template: it runs template code on \
+             the server, so it is for trusted callers only (`server.trust_request_chat_template`)",
+            Some("chat_template"),
+        ));
+    }
     let tokenizer = &state.tokenizer;
     if !state.settings.allow_special_tokens_in_prompt
         && (template_strings(&how.kwargs).iter()).any(|s| tokenizer.spells_special_token(s))
@@ -47,31 +63,48 @@ pub(super) async fn render_chat(
     }
     // Rendering and tokenizing a long conversation takes milliseconds of CPU: off the async
     // workers, so `/health` and other connections keep answering.
-    let (template, tokenizer) = (state.chat_template.clone(), state.tokenizer.clone());
-    off_the_workers(move || encode_chat(&template, &tokenizer, &messages, &how))
-        .await?
-        .map_err(|e| match e {
-            ChatPromptError::Template(ChatTemplateError::Raised(msg)) => {
-                ApiError::invalid_request(msg, Some("messages"))
-            }
-            ChatPromptError::Template(other) => {
-                tracing::error!(error = %other, "chat template failed");
-                ApiError::invalid_request(
-                    "the model's chat template could not render these messages",
-                    Some("messages"),
-                )
-            }
-            ChatPromptError::Unseparable => {
-                ApiError::invalid_request(e.to_string(), Some("messages"))
-            }
-            ChatPromptError::FinalMessageNotRendered => {
-                ApiError::invalid_request(e.to_string(), Some("continue_final_message"))
-            }
-            ChatPromptError::Tokenizer(e) => {
-                tracing::error!(error = %e, "tokenizer failed");
-                ApiError::internal()
-            }
-        })
+    let (model_template, tokenizer) = (state.chat_template.clone(), state.tokenizer.clone());
+    let bounds = RenderBounds {
+        fuel: REQUEST_TEMPLATE_FUEL,
+        // Room for every message of the largest body, and the markup around them.
+        max_output_bytes: 2 * state.settings.body_limit_bytes + 64 * 1024,
+    };
+    let own_used = own_template.is_some();
+    let render = move || match own_template {
+        None => Ok(encode_chat(&model_template, &tokenizer, &messages, &how)),
+        Some(source) => model_template
+            .bounded(&source, bounds)
+            .map(|t| encode_chat(&t, &tokenizer, &messages, &how)),
+    };
+    let own =
+        |e: ChatTemplateError| ApiError::invalid_request(e.to_string(), Some("chat_template"));
+    let encoded = off_the_workers(render).await?.map_err(own)?;
+    encoded.map_err(|e| match e {
+        // The request's own template failing is the caller's to read.
+        ChatPromptError::Template(
+            e @ (ChatTemplateError::Syntax(_)
+            | ChatTemplateError::Render(_)
+            | ChatTemplateError::TooLong(_)),
+        ) if own_used => own(e),
+        ChatPromptError::Template(ChatTemplateError::Raised(msg)) => {
+            ApiError::invalid_request(msg, Some("messages"))
+        }
+        ChatPromptError::Template(other) => {
+            tracing::error!(error = %other, "chat template failed");
+            ApiError::invalid_request(
+                "the model's chat template could not render these messages",
+                Some("messages"),
+            )
+        }
+        ChatPromptError::Unseparable => ApiError::invalid_request(e.to_string(), Some("messages")),
+        ChatPromptError::FinalMessageNotRendered => {
+            ApiError::invalid_request(e.to_string(), Some("continue_final_message"))
+        }
+        ChatPromptError::Tokenizer(e) => {
+            tracing::error!(error = %e, "tokenizer failed");
+            ApiError::internal()
+        }
+    })
 }
 
 /// Creates a chat completion (OpenAI's `POST /v1/chat/completions`).

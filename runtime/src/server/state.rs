@@ -110,6 +110,8 @@ pub struct ServerSettings {
     pub prefix_cache_isolation: PrefixCacheIsolation,
     /// `/v1/completions` text may spell special tokens (off: they stay plain text).
     pub allow_special_tokens_in_prompt: bool,
+    /// A chat request's own `chat_template` is rendered (off: a 400).
+    pub trust_request_chat_template: bool,
     /// A request's `priority` is honoured (off: a non-zero one is a 400).
     pub allow_request_priority: bool,
     /// Keys for the adapter load/unload routes (inference keys do not grant them).

@@ -227,3 +227,102 @@ async fn unusable_chat_template_options_are_400s_naming_the_field() {
         (StatusCode::BAD_REQUEST, &json!("continue_final_message"))
     );
 }
+
+/// A request's own `chat_template` (vLLM's): a 400 naming it unless the server trusts callers
+/// with one; then it renders the conversation instead of the model's, on chat and `/tokenize`,
+/// and what goes wrong in it is a 400 naming it (its `raise_exception`, `messages`).
+#[tokio::test]
+async fn a_request_chat_template_is_rendered_only_where_trusted() {
+    let source = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}\
+                  {% if add_generation_prompt %}assistant:{% endif %}";
+    let own = |t: &str| json!({"chat_template": t});
+    let messages = json!([{"role": "user", "content": "Hi"}]);
+    let chat = |extra: Value| {
+        let body = json!({"model": MODEL, "max_tokens": 6, "temperature": 0,
+                          "ignore_eos": true, "messages": messages});
+        with_fields(body, extra)
+    };
+    // `/tokenize` takes the conversation and the template only.
+    let to = |uri: &str, body: Value| {
+        let mut body = body;
+        if uri == "/tokenize" {
+            for field in ["max_tokens", "temperature", "ignore_eos"] {
+                body.as_object_mut().unwrap().remove(field);
+            }
+        }
+        body
+    };
+    let param = |b: &Value| b["error"]["param"].clone();
+
+    let (untrusting, _) = serve();
+    for uri in ["/v1/chat/completions", "/tokenize"] {
+        let (s, b) = post(&untrusting, uri, to(uri, chat(own(source)))).await;
+        assert_eq!(
+            (s, param(&b)),
+            (StatusCode::BAD_REQUEST, json!("chat_template"))
+        );
+        assert!(b["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("trust_request_chat_template"));
+    }
+
+    let state = TestServer {
+        trust_request_chat_template: true,
+        // Room for the longest template a request may send.
+        body_limit_bytes: 1 << 20,
+        ..TestServer::default()
+    }
+    .state();
+    let r = app(state);
+    let (ids, text) = rendered(&r, messages.clone(), own(source)).await;
+    assert!(text.ends_with("user: Hi\nassistant:"), "{text:?}");
+    let (_, model_text) = rendered(&r, messages.clone(), json!({})).await;
+    assert!(
+        model_text.ends_with("<|im_start|>assistant\n"),
+        "the model's is kept"
+    );
+    // The chat endpoint answers from exactly these ids.
+    let (s, b) = post(&r, "/v1/chat/completions", chat(own(source))).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let by_ids = json!({"model": MODEL, "max_tokens": 6, "temperature": 0, "ignore_eos": true,
+                        "prompt": ids});
+    let by_ids = post(&r, "/v1/completions", by_ids).await.1;
+    assert_eq!(
+        b["choices"][0]["message"]["content"],
+        by_ids["choices"][0]["text"]
+    );
+
+    let endless =
+        "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}";
+    let too_long = "x".repeat(64 * 1024 + 1);
+    for (template, field, says) in [
+        ("{% for m in messages %}", "chat_template", "parse"),
+        (endless, "chat_template", "fuel"),
+        ("{{ 'x' * 9000000 }}", "chat_template", "bytes"),
+        (too_long.as_str(), "chat_template", "bytes"),
+        (
+            "{{ raise_exception('roles must alternate') }}",
+            "messages",
+            "alternate",
+        ),
+    ] {
+        for uri in ["/v1/chat/completions", "/tokenize"] {
+            let (s, b) = post(&r, uri, to(uri, chat(own(template)))).await;
+            let message = b["error"]["message"].as_str().unwrap_or_default();
+            assert_eq!(
+                (s, param(&b)),
+                (StatusCode::BAD_REQUEST, json!(field)),
+                "{b}"
+            );
+            assert!(message.contains(says), "{uri}: {message}");
+        }
+    }
+    // A prompt takes no template.
+    let prompt = json!({"model": MODEL, "prompt": "Hi", "chat_template": source});
+    let (s, b) = post(&r, "/tokenize", prompt).await;
+    assert_eq!(
+        (s, param(&b)),
+        (StatusCode::BAD_REQUEST, json!("chat_template"))
+    );
+}

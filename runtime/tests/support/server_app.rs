@@ -40,6 +40,8 @@ pub struct TestServer {
     pub prefix_cache_isolation: PrefixCacheIsolation,
     /// `server.allow_special_tokens_in_prompt`.
     pub allow_special_tokens_in_prompt: bool,
+    /// `server.trust_request_chat_template`.
+    pub trust_request_chat_template: bool,
     /// `server.allow_request_priority`.
     pub allow_request_priority: bool,
     /// `logging.log_prompts`.
@@ -78,6 +80,7 @@ impl Default for TestServer {
             max_cpu_loras: 8,
             prefix_cache_isolation: PrefixCacheIsolation::PerKey,
             allow_special_tokens_in_prompt: false,
+            trust_request_chat_template: false,
             allow_request_priority: true,
             log_prompts: false,
             admin_api_keys: Vec::new(),
@@ -155,6 +158,7 @@ impl TestServer {
                 log_prompts: self.log_prompts,
                 prefix_cache_isolation: self.prefix_cache_isolation,
                 allow_special_tokens_in_prompt: self.allow_special_tokens_in_prompt,
+                trust_request_chat_template: self.trust_request_chat_template,
                 allow_request_priority: self.allow_request_priority,
                 admin_api_keys: self.admin_api_keys.clone(),
                 allow_keyless_admin: self.allow_keyless_admin,

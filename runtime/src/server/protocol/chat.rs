@@ -89,6 +89,9 @@ pub struct ChatCompletionRequest {
     /// `{"enable_thinking": false}`); templates ignore names they do not use.
     #[schema(value_type = Option<Object>)]
     pub chat_template_kwargs: Option<serde_json::Map<String, serde_json::Value>>,
+    /// vLLM extension: a Jinja chat template of the caller's, used instead of the model's; a
+    /// 400 unless the server trusts callers with one (`server.trust_request_chat_template`).
+    pub chat_template: Option<String>,
 }
 
 /// One input message.

@@ -1,10 +1,10 @@
 //! vLLM's chat-template fields ([`ChatTemplateOptions`]: `add_generation_prompt`,
-//! `continue_final_message`, `chat_template_kwargs`), checked into how the conversation is
-//! rendered.
+//! `continue_final_message`, `chat_template_kwargs`, `chat_template`), checked into how the
+//! conversation is rendered ([`Rendering`]).
 
 use crate::chat_template::{ChatMessage, RenderOptions, RESERVED_TEMPLATE_NAMES};
 
-use super::validate::{invalid, ValidationError};
+use super::validate::{invalid, out_of_range, ValidationError};
 
 /// How the model's chat template renders the conversation (Hugging Face `apply_chat_template`'s
 /// arguments, as vLLM takes them on `/v1/chat/completions` and `/tokenize`).
@@ -13,13 +13,36 @@ pub(super) struct ChatTemplateOptions {
     pub add_generation_prompt: Option<bool>,
     pub continue_final_message: Option<bool>,
     pub chat_template_kwargs: Option<serde_json::Map<String, serde_json::Value>>,
+    pub chat_template: Option<String>,
+}
+
+/// Longest chat template a request may send (real ones are a few KiB).
+pub const MAX_REQUEST_CHAT_TEMPLATE_BYTES: usize = 64 * 1024;
+
+/// How a conversation is rendered: the template's arguments, and the template when the request
+/// sent its own.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rendering {
+    pub options: RenderOptions,
+    /// The request's own chat template (vLLM's `chat_template`): used instead of the model's
+    /// only where `server.trust_request_chat_template` is on, else a 400.
+    pub template: Option<String>,
 }
 
 /// Checks `o` against the conversation it renders.
 pub(super) fn render_options(
     o: ChatTemplateOptions,
     messages: &[ChatMessage],
-) -> Result<RenderOptions, ValidationError> {
+) -> Result<Rendering, ValidationError> {
+    if let Some(t) = &o.chat_template {
+        if t.trim().is_empty() || t.len() > MAX_REQUEST_CHAT_TEMPLATE_BYTES {
+            return Err(out_of_range(
+                "chat_template",
+                format!("{} bytes long", t.len()),
+                &format!("a template of 1 to {MAX_REQUEST_CHAT_TEMPLATE_BYTES} bytes"),
+            ));
+        }
+    }
     let continue_final_message = o.continue_final_message.unwrap_or(false);
     if continue_final_message {
         if o.add_generation_prompt == Some(true) {
@@ -46,10 +69,13 @@ pub(super) fn render_options(
             "is set by the server; send it as its own request field, if any",
         ));
     }
-    Ok(RenderOptions {
-        add_generation_prompt: o.add_generation_prompt.unwrap_or(!continue_final_message),
-        continue_final_message,
-        kwargs,
+    Ok(Rendering {
+        options: RenderOptions {
+            add_generation_prompt: o.add_generation_prompt.unwrap_or(!continue_final_message),
+            continue_final_message,
+            kwargs,
+        },
+        template: o.chat_template,
     })
 }
 
@@ -90,9 +116,11 @@ mod tests {
         let cont = |agp: Option<bool>| ChatTemplateOptions {
             add_generation_prompt: agp,
             continue_final_message: Some(true),
-            chat_template_kwargs: None,
+            ..ChatTemplateOptions::default()
         };
-        let ok = render_options(cont(None), &conversation("assistant")).unwrap();
+        let ok = render_options(cont(None), &conversation("assistant"))
+            .unwrap()
+            .options;
         assert!(ok.continue_final_message && !ok.add_generation_prompt);
         assert!(render_options(cont(Some(false)), &conversation("assistant")).is_ok());
         for (o, last) in [(cont(Some(true)), "assistant"), (cont(None), "user")] {
@@ -100,7 +128,20 @@ mod tests {
             assert_eq!(err.param(), "continue_final_message");
         }
         let plain = render_options(ChatTemplateOptions::default(), &conversation("user")).unwrap();
-        assert_eq!(plain, RenderOptions::generation());
+        assert_eq!(plain.options, RenderOptions::generation());
+        assert_eq!(plain.template, None);
+        for bad in [
+            String::new(),
+            " \n".into(),
+            "x".repeat(MAX_REQUEST_CHAT_TEMPLATE_BYTES + 1),
+        ] {
+            let o = ChatTemplateOptions {
+                chat_template: Some(bad),
+                ..ChatTemplateOptions::default()
+            };
+            let err = render_options(o, &conversation("user")).unwrap_err();
+            assert_eq!(err.param(), "chat_template");
+        }
     }
 
     #[test]
@@ -113,7 +154,7 @@ mod tests {
         assert_eq!(err.param(), "chat_template_kwargs.messages");
         let kwargs = serde_json::json!({"enable_thinking": false, "doc": {"k": ["a", 1, "b"]}});
         let o = render_options(with(kwargs), &conversation("user")).unwrap();
-        let mut found = template_strings(&o.kwargs);
+        let mut found = template_strings(&o.options.kwargs);
         found.sort_unstable();
         assert_eq!(found, ["a", "b", "doc", "enable_thinking", "k"]);
     }

@@ -23,7 +23,7 @@ pub use chat::{
     ChatCompletionResponse, ChatDelta, ChatMessageParam, ChatResponseMessage, ContentPart,
     MessageContent, CHAT_CHUNK_OBJECT, CHAT_COMPLETION_OBJECT,
 };
-pub use chat_options::template_strings;
+pub use chat_options::{template_strings, Rendering, MAX_REQUEST_CHAT_TEMPLATE_BYTES};
 pub use common::{
     random_id, unix_timestamp, FinishReason, PromptTokensDetails, StopReason, StopSpec,
     StreamOptions, Usage, CHAT_ID_PREFIX, COMPLETION_ID_PREFIX, SSE_DONE,

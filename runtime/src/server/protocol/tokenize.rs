@@ -5,10 +5,10 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::chat_template::{ChatMessage, RenderOptions};
+use crate::chat_template::ChatMessage;
 
 use super::chat::ChatMessageParam;
-use super::chat_options::{render_options, ChatTemplateOptions};
+use super::chat_options::{render_options, ChatTemplateOptions, Rendering};
 use super::convert::convert_messages;
 use super::validate::{invalid, ValidationError};
 
@@ -34,6 +34,9 @@ pub struct TokenizeRequest {
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
     pub chat_template_kwargs: Option<serde_json::Map<String, serde_json::Value>>,
+    /// With `messages`, as in chat: the caller's own chat template (where trusted).
+    #[serde(default)]
+    pub chat_template: Option<String>,
     /// Also return each id's vocabulary entry (`token_strs`).
     #[serde(default)]
     pub return_token_strs: Option<bool>,
@@ -70,7 +73,7 @@ pub enum TokenizeInput {
     Prompt(String),
     Chat {
         messages: Vec<ChatMessage>,
-        rendering: RenderOptions,
+        rendering: Rendering,
     },
 }
 
@@ -80,6 +83,7 @@ pub fn validate_tokenize(req: TokenizeRequest) -> Result<TokenizeInput, Validati
         add_generation_prompt: req.add_generation_prompt,
         continue_final_message: req.continue_final_message,
         chat_template_kwargs: req.chat_template_kwargs,
+        chat_template: req.chat_template,
     };
     match (req.prompt, req.messages) {
         (Some(prompt), None) => {
@@ -96,6 +100,7 @@ pub fn validate_tokenize(req: TokenizeRequest) -> Result<TokenizeInput, Validati
                     "chat_template_kwargs",
                     template.chat_template_kwargs.is_some(),
                 ),
+                ("chat_template", template.chat_template.is_some()),
             ];
             if let Some((field, _)) = chat_only.iter().find(|(_, sent)| *sent) {
                 return Err(invalid(field, "applies to `messages` only"));

@@ -24,7 +24,6 @@ pub const UNSUPPORTED_FIELDS: &[&str] = &[
     "modalities",
     "web_search_options",
     // vLLM's extensions that change the answer.
-    "chat_template",
     "use_beam_search",
     "documents",
 ];

@@ -7,7 +7,7 @@ use crate::engine::{MAX_STOP_STRINGS, MAX_STOP_STRING_BYTES, MAX_STOP_TOKEN_IDS}
 use crate::sampling::SamplingParams;
 
 use super::chat::ChatCompletionRequest;
-use super::chat_options::{render_options, ChatTemplateOptions};
+use super::chat_options::{render_options, ChatTemplateOptions, Rendering};
 use super::common::{StopSpec, StreamOptions};
 use super::completion::CompletionRequest;
 use super::convert::{convert_messages, convert_prompt};
@@ -15,7 +15,6 @@ use super::error::ApiError;
 use super::output_options::{output_settings, OutputOptions, OutputSettings};
 use super::sampling_fields::{logprob_count, sampling_fields, sampling_params, SamplingFields};
 use super::structured::{output_constraint, tool_plan, ToolPlan};
-use crate::chat_template::RenderOptions;
 use crate::structured::ConstraintSpec;
 
 /// Most choices per prompt (`n`); each is a full sequence in the batch.
@@ -139,7 +138,7 @@ impl PromptScoring {
 pub struct ValidatedChatRequest {
     pub messages: Vec<ChatMessage>,
     /// How the template renders them.
-    pub rendering: RenderOptions,
+    pub rendering: Rendering,
     /// vLLM's chat `echo`: the last message's content, an assistant's, leads the answer
     /// (with `continue_final_message`, the whole message).
     pub echo: Option<String>,
@@ -223,6 +222,7 @@ pub fn validate_chat(req: ChatCompletionRequest) -> Result<ValidatedChatRequest,
         add_generation_prompt: req.add_generation_prompt,
         continue_final_message: req.continue_final_message,
         chat_template_kwargs: req.chat_template_kwargs,
+        chat_template: req.chat_template,
     };
     let rendering = render_options(template, &messages)?;
     let constraint = output_constraint(req.response_format, req.structured_outputs)?;
