@@ -203,6 +203,17 @@ async fn a_seeded_constrained_request_repeats_and_json_object_gives_an_object() 
     }
 }
 
+/// A request to `endpoint` saying "Answer:" (as its prompt or a user message), with `fields`.
+fn answer(endpoint: &str, fields: Value) -> Value {
+    let mut body = with_fields(json!({"model": MODEL}), fields);
+    if endpoint == "/v1/completions" {
+        body["prompt"] = json!("Answer:");
+    } else {
+        body["messages"] = json!([{"role": "user", "content": "Answer:"}]);
+    }
+    body
+}
+
 #[tokio::test]
 async fn regex_choice_and_lark_constrain_the_text() {
     let r = server();
@@ -222,13 +233,11 @@ async fn regex_choice_and_lark_constrain_the_text() {
     ];
     for (so, want) in cases {
         for endpoint in ["/v1/completions", "/v1/chat/completions"] {
-            let mut body = json!({"model": MODEL, "max_tokens": 20, "temperature": 1.0,
-                "seed": 5, "n": 2, "structured_outputs": so});
-            if endpoint == "/v1/completions" {
-                body["prompt"] = json!("Answer:");
-            } else {
-                body["messages"] = json!([{"role": "user", "content": "Answer:"}]);
-            }
+            let body = answer(
+                endpoint,
+                json!({"max_tokens": 20, "temperature": 1.0, "seed": 5, "n": 2,
+                       "structured_outputs": so}),
+            );
             let (s, b) = post(&r, endpoint, body).await;
             assert_eq!(s, StatusCode::OK, "{b}");
             for c in b["choices"].as_array().unwrap() {
@@ -251,14 +260,11 @@ async fn regex_choice_and_lark_constrain_the_text() {
 async fn a_complete_grammar_ends_the_answer_below_min_tokens() {
     let r = server();
     for endpoint in ["/v1/completions", "/v1/chat/completions"] {
-        let mut body = json!({"model": MODEL, "max_tokens": 40, "min_tokens": 30,
-            "temperature": 1.0, "seed": 3, "n": 3,
-            "structured_outputs": {"choice": ["urgent", "routine"]}});
-        if endpoint == "/v1/completions" {
-            body["prompt"] = json!("Answer:");
-        } else {
-            body["messages"] = json!([{"role": "user", "content": "Answer:"}]);
-        }
+        let body = answer(
+            endpoint,
+            json!({"max_tokens": 40, "min_tokens": 30, "temperature": 1.0, "seed": 3, "n": 3,
+                   "structured_outputs": {"choice": ["urgent", "routine"]}}),
+        );
         let (s, b) = post(&r, endpoint, body).await;
         assert_eq!(s, StatusCode::OK, "{b}");
         for c in b["choices"].as_array().unwrap() {
