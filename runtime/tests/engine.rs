@@ -304,6 +304,37 @@ fn min_tokens_keeps_stop_tokens_from_ending_the_request_early() {
     }
 }
 
+/// When `allowed_token_ids` leave only a stop token, `min_tokens` yields: the request ends with
+/// it in as many steps as without `min_tokens`, in the scheduler too (no steps run on for
+/// nobody, no block kept).
+#[test]
+fn a_mask_of_stop_tokens_only_ends_the_request_before_min_tokens() {
+    let m = tiny();
+    let p = prompts(&m.tokenizer);
+    let run = |min_tokens: usize| {
+        let mut core = EngineCore::new(&m.model, None, Vec::new(), config(200, true)).unwrap();
+        let mut req = greedy_reqs(&p[..1], 12).remove(0);
+        req.detokenize = false;
+        req.stop_token_ids = vec![7];
+        req.sampling.allowed_token_ids = vec![7];
+        req.min_tokens = min_tokens;
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        core.add_request(RequestId(0), req, tx).unwrap();
+        let mut steps = 0;
+        while core.has_unfinished() {
+            core.step().unwrap();
+            steps += 1;
+        }
+        let s = core.stats();
+        assert_eq!(s.num_free_blocks, s.num_usable_blocks, "blocks leaked");
+        let c = drain(&mut rx);
+        assert_eq!(c.tokens, [7]);
+        assert_eq!(c.finished.unwrap().reason, FinishReason::Stop);
+        steps
+    };
+    assert_eq!(run(4), run(0), "steps to the end");
+}
+
 #[test]
 fn a_dropped_stream_aborts_its_request_wherever_it_is() {
     let m = tiny();

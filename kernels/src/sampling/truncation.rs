@@ -82,6 +82,11 @@ pub fn survivors(
 ) {
     cand.clear();
     let inv_t = 1.0 / t.temperature;
+    // Rounding keeps the order, so scaling the maximum gives the scaled maximum.
+    let max = max_value(row) * inv_t;
+    if max == f32::NEG_INFINITY {
+        return;
+    }
     let k = t.top_k as usize;
     let mut ranked_order = false;
     if k > 0 {
@@ -97,19 +102,14 @@ pub fn survivors(
             scaled.truncate(k);
             ranked_order = true;
         }
-        let max = scaled.iter().map(|c| c.0).fold(f32::NEG_INFINITY, f32::max);
         cand.extend(scaled.iter().filter_map(|&(s, id)| {
             let w = relative_weight(s, max);
             let q = fixed_weight(w);
             (q > 0).then_some(Candidate { w, q, id })
         }));
     } else {
-        // Rounding keeps the order, so scaling the maximum gives the scaled maximum.
-        let max = max_value(row) * inv_t;
-        if max > f32::NEG_INFINITY {
-            fill_weights(row, inv_t, max, &mut scratch.weights);
-            weighted(&scratch.weights, cand);
-        }
+        fill_weights(row, inv_t, max, &mut scratch.weights);
+        weighted(&scratch.weights, cand);
     }
     if t.top_p < 1.0 {
         truncate_to_nucleus(cand, t.top_p);
@@ -147,11 +147,11 @@ fn weighted(weights: &[f32], cand: &mut Vec<Candidate>) {
     cand.truncate(kept);
 }
 
-/// Keeps the tokens whose mass ranked strictly above them is below the nucleus limit. Only the octaves whose mass, from the top, first reaches the
-/// limit can hold the nucleus (every token below them has at least that mass above it), so the
-/// rest are dropped first; of those left, a prefix that grows 4x at a time is selected with
-/// `select_nth_unstable` and sorted, not the whole set, since the nucleus is usually a few
-/// dozen tokens. Leaves `cand` in rank order.
+/// Keeps the tokens whose mass ranked strictly above them is below the nucleus limit. Only the
+/// octaves whose mass, from the top, first reaches the limit can hold the nucleus (every token
+/// below them has at least that mass above it), so the rest are dropped first; of those left, a
+/// prefix that grows 4x at a time is selected with `select_nth_unstable` and sorted, not the
+/// whole set, since the nucleus is usually a few dozen tokens. Leaves `cand` in rank order.
 fn truncate_to_nucleus(cand: &mut Vec<Candidate>, top_p: f32) {
     let mut mass: OctaveMass = [0; OCTAVES];
     for c in cand.iter() {

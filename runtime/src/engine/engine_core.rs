@@ -445,9 +445,6 @@ impl<B: Backend> EngineCore<B> {
             t.times.first_token.get_or_insert(now);
             // A stop token its mask left as the only choice before `min_tokens` ends it here.
             let ended_by_mask = u.finish_reason.is_none() && result.ended_by_mask.contains(&u.id);
-            if ended_by_mask {
-                self.scheduler.finish_request(u.id, FinishReason::Stop);
-            }
             let finish_reason = u
                 .finish_reason
                 .or(ended_by_mask.then_some(FinishReason::Stop));
@@ -463,7 +460,8 @@ impl<B: Backend> EngineCore<B> {
                 None => (stop_token && t.stop_token_ids.contains(&u.new_token_id))
                     .then_some(StopReason::TokenId(u.new_token_id)),
             };
-            let reason = if matches!(stop_reason, Some(StopReason::Text(_))) {
+            // The stops the engine finds, not the scheduler, end the request here.
+            let reason = if ended_by_mask || matches!(stop_reason, Some(StopReason::Text(_))) {
                 self.scheduler.finish_request(u.id, FinishReason::Stop);
                 Some(FinishReason::Stop)
             } else {

@@ -445,10 +445,12 @@ impl<B: Backend> Executor<B> {
             }
             // A mask outranks the bans (`min_tokens`, `bad_words`): were every token it allows
             // banned, the bans are lifted, so the answer keeps to its grammar (or ends).
-            if row
-                .allowed
-                .as_ref()
-                .is_some_and(|m| m.allows_only(&row.banned))
+            // (Only rows with bans: counting a mask's tokens reads all of its words.)
+            if !row.banned.is_empty()
+                && row
+                    .allowed
+                    .as_ref()
+                    .is_some_and(|m| m.allows_only(&row.banned))
             {
                 row.banned.clear();
             }

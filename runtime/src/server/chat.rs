@@ -71,21 +71,21 @@ pub(super) async fn render_chat(
     };
     let own_used = own_template.is_some();
     let render = move || match own_template {
-        None => Ok(encode_chat(&model_template, &tokenizer, &messages, &how)),
-        Some(source) => model_template
-            .bounded(&source, bounds)
-            .map(|t| encode_chat(&t, &tokenizer, &messages, &how)),
+        None => encode_chat(&model_template, &tokenizer, &messages, &how),
+        Some(source) => encode_chat(
+            &model_template.bounded(&source, bounds)?,
+            &tokenizer,
+            &messages,
+            &how,
+        ),
     };
-    let own =
-        |e: ChatTemplateError| ApiError::invalid_request(e.to_string(), Some("chat_template"));
-    let encoded = off_the_workers(render).await?.map_err(own)?;
-    encoded.map_err(|e| match e {
-        // The request's own template failing is the caller's to read.
+    off_the_workers(render).await?.map_err(|e| match e {
+        // The request's own template failing (compiling or rendering) is the caller's to read.
         ChatPromptError::Template(
             e @ (ChatTemplateError::Syntax(_)
             | ChatTemplateError::Render(_)
             | ChatTemplateError::TooLong(_)),
-        ) if own_used => own(e),
+        ) if own_used => ApiError::invalid_request(e.to_string(), Some("chat_template")),
         ChatPromptError::Template(ChatTemplateError::Raised(msg)) => {
             ApiError::invalid_request(msg, Some("messages"))
         }
