@@ -52,7 +52,9 @@ async fn an_urgent_request_is_served_before_routine_ones_queued_earlier() {
     until("the first request runs", || latch.is_waiting()).await;
     // The count is as of the last finished step, so the held one may still be in it.
     let before = state.engine.num_queued();
-    let routine = send(&r, completion(0, 1, 4));
+    // The routine answer is much longer than the urgent one, so served after it, it ends many
+    // steps later: the order of the two answers does not hang on which task tokio wakes first.
+    let routine = send(&r, completion(0, 1, 32));
     until("the routine request queues", || {
         state.engine.num_queued() == before + 1
     })
