@@ -86,9 +86,9 @@ pub fn final_message_end(rendered: &str, content: &str) -> Option<usize> {
 #[derive(Debug, thiserror::Error)]
 pub enum ChatTemplateError {
     #[error("chat template does not parse: {0}")]
-    Syntax(String),
+    Syntax(TemplateFailure),
     #[error("chat template failed to render: {0}")]
-    Render(String),
+    Render(TemplateFailure),
     /// The template itself rejected the conversation (`raise_exception(...)`), e.g. roles that do
     /// not alternate; the message is the template's and is meant for the API caller.
     #[error("chat template rejected the conversation: {0}")]
@@ -96,6 +96,58 @@ pub enum ChatTemplateError {
     /// A bounded template wrote more than its bound.
     #[error("chat template rendered more than {0} bytes")]
     TooLong(usize),
+}
+
+impl ChatTemplateError {
+    /// What the log may hold of this error: no value the template read (see
+    /// [`TemplateFailure::redacted`]; a raised message is the template's own text, which may quote
+    /// the messages too).
+    pub fn redacted(&self) -> String {
+        match self {
+            ChatTemplateError::Syntax(f) => format!("does not parse: {}", f.redacted()),
+            ChatTemplateError::Render(f) => format!("failed to render: {}", f.redacted()),
+            ChatTemplateError::Raised(_) => "raised an exception".into(),
+            ChatTemplateError::TooLong(_) => self.to_string(),
+        }
+    }
+}
+
+/// What minijinja said of a template that failed. Its `detail` may quote values the template
+/// read (an `include` of a message's text names it; an arithmetic overflow prints its operands),
+/// so it goes back only to a caller who sent the template; the log takes [`Self::redacted`].
+#[derive(Debug)]
+pub struct TemplateFailure {
+    /// minijinja's message, with its causes.
+    pub detail: String,
+    /// minijinja's class of error.
+    pub kind: ErrorKind,
+    /// The template line that failed, when minijinja knows it.
+    pub line: Option<usize>,
+}
+
+impl TemplateFailure {
+    fn of(e: &Error) -> TemplateFailure {
+        TemplateFailure {
+            detail: describe(e),
+            kind: e.kind(),
+            line: e.line(),
+        }
+    }
+
+    /// The class of error and the template line, never a value the template read: what the log
+    /// may hold of a failure of the model's own template on a patient's messages.
+    pub fn redacted(&self) -> String {
+        match self.line {
+            Some(line) => format!("{:?} at template line {line}", self.kind),
+            None => format!("{:?}", self.kind),
+        }
+    }
+}
+
+impl std::fmt::Display for TemplateFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.detail)
+    }
 }
 
 /// Bounds on a template the server did not choose (a request's own): how many template
@@ -146,7 +198,7 @@ impl ChatTemplate {
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
         env.add_template_owned(TEMPLATE_NAME, source.to_owned())
-            .map_err(|e| ChatTemplateError::Syntax(describe(&e)))?;
+            .map_err(|e| ChatTemplateError::Syntax(TemplateFailure::of(&e)))?;
         Ok(ChatTemplate {
             env,
             bos_token,
@@ -199,7 +251,7 @@ impl ChatTemplate {
         let template = self
             .env
             .get_template(TEMPLATE_NAME)
-            .map_err(|e| ChatTemplateError::Render(describe(&e)))?;
+            .map_err(|e| ChatTemplateError::Render(TemplateFailure::of(&e)))?;
         let Some(limit) = self.max_output_bytes else {
             return template.render(ctx).map_err(render_error);
         };
@@ -208,8 +260,13 @@ impl ChatTemplate {
             limit,
         };
         match template.render_captured_to(ctx, &mut out) {
-            Ok(_) => String::from_utf8(out.bytes)
-                .map_err(|_| ChatTemplateError::Render("wrote invalid UTF-8".into())),
+            Ok(_) => String::from_utf8(out.bytes).map_err(|_| {
+                ChatTemplateError::Render(TemplateFailure {
+                    detail: "wrote invalid UTF-8".into(),
+                    kind: ErrorKind::WriteFailure,
+                    line: None,
+                })
+            }),
             Err(_) if out.bytes.len() > limit => Err(ChatTemplateError::TooLong(limit)),
             Err(e) => Err(render_error(e)),
         }
@@ -225,7 +282,7 @@ impl ChatTemplate {
 fn render_error(e: Error) -> ChatTemplateError {
     match raised_message(&e) {
         Some(msg) => ChatTemplateError::Raised(msg),
-        None => ChatTemplateError::Render(describe(&e)),
+        None => ChatTemplateError::Render(TemplateFailure::of(&e)),
     }
 }
 
@@ -346,7 +403,7 @@ mod tests {
             "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}";
         let err = model.bounded(endless, bounds).unwrap().render(&msgs, true);
         assert!(
-            matches!(&err, Err(ChatTemplateError::Render(m)) if m.contains("fuel")),
+            matches!(&err, Err(ChatTemplateError::Render(m)) if m.detail.contains("fuel")),
             "{err:?}"
         );
     }

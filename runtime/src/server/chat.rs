@@ -90,7 +90,8 @@ pub(super) async fn render_chat(
             ApiError::invalid_request(msg, Some("messages"))
         }
         ChatPromptError::Template(other) => {
-            tracing::error!(error = %other, "chat template failed");
+            // minijinja's own words may quote what the template read: a patient's messages.
+            tracing::error!(error = %other.redacted(), "the model's chat template failed");
             ApiError::invalid_request(
                 "the model's chat template could not render these messages",
                 Some("messages"),

@@ -11,6 +11,7 @@ use caduceus_runtime::chat_template::ChatTemplate;
 use caduceus_runtime::server::{app, AppState};
 use serde_json::{json, Value};
 
+use super::support::log_capture::{capture_global, text as log_text};
 use super::support::server_app::{call, sse_chunks, with_fields, TestServer};
 use super::{post, MODEL};
 
@@ -325,4 +326,46 @@ async fn a_request_chat_template_is_rendered_only_where_trusted() {
         (s, param(&b)),
         (StatusCode::BAD_REQUEST, json!("chat_template"))
     );
+}
+
+/// The model's own template failing on a conversation is a 400 that quotes nothing, and the log
+/// names the kind of failure and the template line but not minijinja's words, which can quote
+/// what the template read: an `include` names its argument, an overflow prints its operands.
+#[tokio::test]
+async fn a_failing_model_template_logs_no_message_text() {
+    let log = capture_global();
+    let secret = "HIV test 4711 came back positive";
+    let number = "12345678901234567890123";
+    for (source, says) in [
+        (
+            "{% for m in messages %}\n{% include m['content'] %}{% endfor %}",
+            "TemplateNotFound at template line 2",
+        ),
+        (
+            "{% for m in messages %}\n\n{{ (m['content'] | int) * 10 ** 30 }}{% endfor %}",
+            "InvalidOperation at template line 3",
+        ),
+    ] {
+        let (_, mut state) = serve();
+        state.chat_template = Arc::new(ChatTemplate::new(source, None, None).unwrap());
+        let r = app(state);
+        let content = match says.starts_with("Invalid") {
+            true => number,
+            false => secret,
+        };
+        let messages = json!([{"role": "user", "content": content}]);
+        for uri in ["/v1/chat/completions", "/tokenize"] {
+            let (s, b) = post(&r, uri, json!({"model": MODEL, "messages": messages})).await;
+            assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
+            assert_eq!(b["error"]["param"], "messages", "{b}");
+            assert!(!b.to_string().contains(content), "{b}");
+        }
+        let log = log_text(&log);
+        let failed: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("the model's chat template failed") && l.contains(says))
+            .collect();
+        assert_eq!(failed.len(), 2, "{log}");
+        assert!(!log.contains(content), "{log}");
+    }
 }
