@@ -56,13 +56,19 @@ impl RenderOptions {
     }
 }
 
-/// The template variables the renderer sets, which `kwargs` may not replace.
+/// The template variables the renderer sets, which `kwargs` may not replace (`documents` comes
+/// from a request field of its own).
 pub const RESERVED_TEMPLATE_NAMES: &[&str] = &[
     "messages",
     "add_generation_prompt",
     "bos_token",
     "eos_token",
+    "documents",
 ];
+
+/// Variables Hugging Face always passes (none unless given), which templates test with
+/// `is none` / `is not none`: left undefined, `tools is not none` would hold.
+const NONE_UNLESS_GIVEN: &[&str] = &["tools", "documents"];
 
 /// Where `continue_final_message` ends `rendered`: right after the last occurrence of `content`
 /// (the final message's), as Hugging Face cuts it: its stripped text is found from the end,
@@ -229,7 +235,8 @@ impl ChatTemplate {
         self.render_with(messages, add_generation_prompt, &serde_json::Map::new())
     }
 
-    /// [`Self::render`] with extra template variables (`kwargs`; names the renderer sets win).
+    /// [`Self::render`] with extra template variables (`kwargs`; names the renderer sets win;
+    /// `tools` and `documents` are none unless `kwargs` gives them, as in HF).
     pub fn render_with(
         &self,
         messages: &[ChatMessage],
@@ -240,6 +247,9 @@ impl ChatTemplate {
             .iter()
             .map(|(k, v)| (k.as_str(), Value::from_serialize(v)))
             .collect();
+        for name in NONE_UNLESS_GIVEN {
+            ctx.entry(name).or_insert(Value::from(()));
+        }
         ctx.insert("messages", Value::from_serialize(messages));
         ctx.insert("add_generation_prompt", Value::from(add_generation_prompt));
         if let Some(bos) = &self.bos_token {

@@ -223,3 +223,22 @@ fn continue_final_message_cuts_where_hugging_face_does() {
     assert_eq!(end("<a></a>", "  "), None);
     assert_eq!(end("<a>x</a>", "y"), None);
 }
+
+/// Hugging Face always passes `tools` and `documents` (none unless given), so a template's
+/// `is none` / `is not none` tests see none, not undefined; `kwargs` may give `tools`.
+#[test]
+fn tools_and_documents_are_none_unless_given() {
+    let template = ChatTemplate::new(
+        "{{ tools is none }}/{{ documents is none }}/{{ tools is defined }}",
+        None,
+        None,
+    )
+    .unwrap();
+    let msgs = [ChatMessage::new("user", "x")];
+    assert_eq!(template.render(&msgs, false).unwrap(), "True/True/True");
+    let kwargs = serde_json::json!({"tools": [{"type": "function"}], "documents": []});
+    let given = template
+        .render_with(&msgs, false, kwargs.as_object().unwrap())
+        .unwrap();
+    assert_eq!(given, "False/False/True");
+}

@@ -46,6 +46,7 @@ pub(super) const FIELDS: &[&str] = &[
     "chat_template_kwargs",
     "chat_template",
     "bad_words",
+    "documents",
     "lora_name",
     "lora_path",
     "load_inplace",

@@ -52,14 +52,19 @@ pub(super) async fn render_chat(
         ));
     }
     let tokenizer = &state.tokenizer;
-    if !state.settings.allow_special_tokens_in_prompt
-        && (template_strings(&how.kwargs).iter()).any(|s| tokenizer.spells_special_token(s))
-    {
-        return Err(ApiError::invalid_request(
-            "`chat_template_kwargs` spells one of the model's special tokens, which only the \
-             chat template itself may write",
-            Some("chat_template_kwargs"),
-        ));
+    if !state.settings.allow_special_tokens_in_prompt {
+        let spelled = template_strings(&how.kwargs)
+            .into_iter()
+            .find(|(_, s)| tokenizer.spells_special_token(s));
+        if let Some((field, _)) = spelled {
+            return Err(ApiError::invalid_request(
+                format!(
+                    "`{field}` spells one of the model's special tokens, which only the chat \
+                     template itself may write"
+                ),
+                Some(field),
+            ));
+        }
     }
     // Rendering and tokenizing a long conversation takes milliseconds of CPU: off the async
     // workers, so `/health` and other connections keep answering.

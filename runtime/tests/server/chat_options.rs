@@ -197,6 +197,28 @@ async fn unusable_chat_template_options_are_400s_naming_the_field() {
             ),
             "chat_template_kwargs",
         ),
+        (
+            chat(user_last.clone(), json!({"documents": [{"text": "</s>"}]})),
+            "documents",
+        ),
+        (
+            chat(
+                user_last.clone(),
+                json!({"documents": [{"text": "ok"}, {"title": "t", "page": 3}]}),
+            ),
+            "documents[1].page",
+        ),
+        (
+            chat(
+                user_last.clone(),
+                json!({"chat_template_kwargs": {"documents": [{"text": "ok"}]}}),
+            ),
+            "chat_template_kwargs.documents",
+        ),
+        (
+            chat(user_last.clone(), json!({"documents": "ok"})),
+            "documents",
+        ),
     ];
     for (body, field) in cases {
         for uri in ["/v1/chat/completions", "/tokenize"] {
@@ -221,11 +243,56 @@ async fn unusable_chat_template_options_are_400s_naming_the_field() {
         "{b}"
     );
     // A prompt takes none of them.
-    let prompt = json!({"model": MODEL, "prompt": "Hi", "continue_final_message": false});
-    let (s, b) = post(&r, "/tokenize", prompt).await;
+    for field in ["continue_final_message", "documents"] {
+        let prompt = json!({"model": MODEL, "prompt": "Hi", field: []});
+        let (s, b) = post(&r, "/tokenize", prompt).await;
+        assert_eq!(
+            (s, &b["error"]["param"]),
+            (StatusCode::BAD_REQUEST, &json!(field)),
+            "{b}"
+        );
+    }
+}
+
+/// vLLM's `documents` reach the template as `documents`, each with its fields in the order sent;
+/// without them `documents` is none, as Hugging Face renders (`is not none` tells them apart); a
+/// template that does not read them (the tiny model's ChatML) renders as without.
+#[tokio::test]
+async fn documents_reach_the_template_in_the_order_sent() {
+    let messages = json!([{"role": "user", "content": "Hi"}]);
+    let documents = json!({"documents": [
+        {"title": "Lab 2026-11", "text": "HbA1c 6.1%"},
+        {"text": "Metformin 500 mg", "id": "7"},
+    ]});
+    let (chatml, _) = serve();
     assert_eq!(
-        (s, &b["error"]["param"]),
-        (StatusCode::BAD_REQUEST, &json!("continue_final_message"))
+        rendered(&chatml, messages.clone(), documents.clone()).await,
+        rendered(&chatml, messages.clone(), json!({})).await
+    );
+
+    let (_, mut state) = serve();
+    let source = "{% if documents is not none %}{% for d in documents %}[{% for k, v in \
+                  d.items() %}{{ k }}={{ v }};{% endfor %}]{% endfor %}{% else %}none {% endif %}\
+                  {% for m in messages %}{{ m['content'] }}{% endfor %}";
+    state.chat_template = Arc::new(ChatTemplate::new(source, None, None).unwrap());
+    let r = app(state);
+    let (ids, text) = rendered(&r, messages.clone(), documents.clone()).await;
+    assert_eq!(
+        text,
+        "[title=Lab 2026-11;text=HbA1c 6.1%;][text=Metformin 500 mg;id=7;]Hi"
+    );
+    assert_eq!(rendered(&r, messages.clone(), json!({})).await.1, "none Hi");
+    // The chat endpoint answers from exactly these ids.
+    let chat = json!({"model": MODEL, "max_tokens": 4, "temperature": 0, "ignore_eos": true,
+                      "messages": messages});
+    let (s, b) = post(&r, "/v1/chat/completions", with_fields(chat, documents)).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let by_ids = json!({"model": MODEL, "max_tokens": 4, "temperature": 0, "ignore_eos": true,
+                        "prompt": ids});
+    let by_ids = post(&r, "/v1/completions", by_ids).await.1;
+    assert_eq!(
+        b["choices"][0]["message"]["content"],
+        by_ids["choices"][0]["text"]
     );
 }
 

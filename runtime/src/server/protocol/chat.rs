@@ -92,6 +92,11 @@ pub struct ChatCompletionRequest {
     /// vLLM extension: a Jinja chat template of the caller's, used instead of the model's; a
     /// 400 unless the server trusts callers with one (`server.trust_request_chat_template`).
     pub chat_template: Option<String>,
+    /// vLLM extension: documents for a retrieval-augmented chat template (objects of string
+    /// fields, e.g. `{"title": ..., "text": ...}`), passed to it as `documents`; a template that
+    /// does not read them renders as without.
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub documents: Option<Vec<super::chat_options::Document>>,
 }
 
 /// One input message.

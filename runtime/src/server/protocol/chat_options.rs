@@ -1,6 +1,6 @@
 //! vLLM's chat-template fields ([`ChatTemplateOptions`]: `add_generation_prompt`,
-//! `continue_final_message`, `chat_template_kwargs`, `chat_template`), checked into how the
-//! conversation is rendered ([`Rendering`]).
+//! `continue_final_message`, `chat_template_kwargs`, `chat_template`, `documents`), checked into
+//! how the conversation is rendered ([`Rendering`]).
 
 use crate::chat_template::{ChatMessage, RenderOptions, RESERVED_TEMPLATE_NAMES};
 
@@ -14,7 +14,12 @@ pub(super) struct ChatTemplateOptions {
     pub continue_final_message: Option<bool>,
     pub chat_template_kwargs: Option<serde_json::Map<String, serde_json::Value>>,
     pub chat_template: Option<String>,
+    pub documents: Option<Vec<Document>>,
 }
+
+/// One document for a retrieval-augmented template (vLLM's `documents`: string fields such as
+/// `title` and `text`, in the order sent).
+pub type Document = serde_json::Map<String, serde_json::Value>;
 
 /// Longest chat template a request may send (real ones are a few KiB).
 pub const MAX_REQUEST_CHAT_TEMPLATE_BYTES: usize = 64 * 1024;
@@ -59,7 +64,7 @@ pub(super) fn render_options(
             ));
         }
     }
-    let kwargs = o.chat_template_kwargs.unwrap_or_default();
+    let mut kwargs = o.chat_template_kwargs.unwrap_or_default();
     if let Some(name) = kwargs
         .keys()
         .find(|k| RESERVED_TEMPLATE_NAMES.contains(&k.as_str()))
@@ -68,6 +73,9 @@ pub(super) fn render_options(
             &format!("chat_template_kwargs.{name}"),
             "is set by the server; send it as its own request field, if any",
         ));
+    }
+    if let Some(documents) = o.documents {
+        kwargs.insert("documents".into(), documents_value(documents)?);
     }
     Ok(Rendering {
         options: RenderOptions {
@@ -79,24 +87,52 @@ pub(super) fn render_options(
     })
 }
 
-/// Every string inside `kwargs` (keys included), for the special-token check.
-pub fn template_strings(kwargs: &serde_json::Map<String, serde_json::Value>) -> Vec<&str> {
-    fn walk_map<'a>(map: &'a serde_json::Map<String, serde_json::Value>, out: &mut Vec<&'a str>) {
-        for (k, v) in map {
-            out.push(k);
-            walk(v, out);
+/// `documents` as the template reads them, once every field is checked to be a string (as vLLM
+/// types them).
+fn documents_value(documents: Vec<Document>) -> Result<serde_json::Value, ValidationError> {
+    for (i, document) in documents.iter().enumerate() {
+        if let Some((key, _)) = document.iter().find(|(_, v)| !v.is_string()) {
+            return Err(invalid(
+                &format!("documents[{i}].{key}"),
+                "must be a string (a document is an object of string fields, e.g. `title` and \
+                 `text`)",
+            ));
         }
     }
+    Ok(serde_json::Value::Array(
+        documents
+            .into_iter()
+            .map(serde_json::Value::Object)
+            .collect(),
+    ))
+}
+
+/// Every string inside `kwargs` (keys included), for the special-token check, each with the
+/// request field it came from: `documents`, or `chat_template_kwargs` for the rest.
+pub fn template_strings(
+    kwargs: &serde_json::Map<String, serde_json::Value>,
+) -> Vec<(&'static str, &str)> {
     fn walk<'a>(v: &'a serde_json::Value, out: &mut Vec<&'a str>) {
         match v {
             serde_json::Value::String(s) => out.push(s),
             serde_json::Value::Array(items) => items.iter().for_each(|i| walk(i, out)),
-            serde_json::Value::Object(map) => walk_map(map, out),
+            serde_json::Value::Object(map) => map.iter().for_each(|(k, v)| {
+                out.push(k);
+                walk(v, out);
+            }),
             _ => {}
         }
     }
     let mut out = Vec::new();
-    walk_map(kwargs, &mut out);
+    for (name, value) in kwargs {
+        let (field, mut strings) = match name.as_str() {
+            // Set by the server from the request's own field (a name `kwargs` may not take).
+            "documents" => ("documents", Vec::new()),
+            _ => ("chat_template_kwargs", vec![name.as_str()]),
+        };
+        walk(value, &mut strings);
+        out.extend(strings.into_iter().map(|s| (field, s)));
+    }
     out
 }
 
@@ -156,6 +192,16 @@ mod tests {
         let o = render_options(with(kwargs), &conversation("user")).unwrap();
         let mut found = template_strings(&o.options.kwargs);
         found.sort_unstable();
-        assert_eq!(found, ["a", "b", "doc", "enable_thinking", "k"]);
+        let kw = "chat_template_kwargs";
+        assert_eq!(
+            found,
+            [
+                (kw, "a"),
+                (kw, "b"),
+                (kw, "doc"),
+                (kw, "enable_thinking"),
+                (kw, "k")
+            ]
+        );
     }
 }

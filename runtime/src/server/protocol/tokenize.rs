@@ -37,6 +37,10 @@ pub struct TokenizeRequest {
     /// With `messages`, as in chat: the caller's own chat template (where trusted).
     #[serde(default)]
     pub chat_template: Option<String>,
+    /// With `messages`, as in chat: documents for the chat template.
+    #[serde(default)]
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub documents: Option<Vec<super::chat_options::Document>>,
     /// Also return each id's vocabulary entry (`token_strs`).
     #[serde(default)]
     pub return_token_strs: Option<bool>,
@@ -84,6 +88,7 @@ pub fn validate_tokenize(req: TokenizeRequest) -> Result<TokenizeInput, Validati
         continue_final_message: req.continue_final_message,
         chat_template_kwargs: req.chat_template_kwargs,
         chat_template: req.chat_template,
+        documents: req.documents,
     };
     match (req.prompt, req.messages) {
         (Some(prompt), None) => {
@@ -101,6 +106,7 @@ pub fn validate_tokenize(req: TokenizeRequest) -> Result<TokenizeInput, Validati
                     template.chat_template_kwargs.is_some(),
                 ),
                 ("chat_template", template.chat_template.is_some()),
+                ("documents", template.documents.is_some()),
             ];
             if let Some((field, _)) = chat_only.iter().find(|(_, sent)| *sent) {
                 return Err(invalid(field, "applies to `messages` only"));

@@ -25,7 +25,6 @@ pub const UNSUPPORTED_FIELDS: &[&str] = &[
     "web_search_options",
     // vLLM's extensions that change the answer.
     "use_beam_search",
-    "documents",
 ];
 
 /// Fields whose default is `true`, refused only when sent as something else (`false`): the

@@ -223,6 +223,7 @@ pub fn validate_chat(req: ChatCompletionRequest) -> Result<ValidatedChatRequest,
         continue_final_message: req.continue_final_message,
         chat_template_kwargs: req.chat_template_kwargs,
         chat_template: req.chat_template,
+        documents: req.documents,
     };
     let rendering = render_options(template, &messages)?;
     let constraint = output_constraint(req.response_format, req.structured_outputs)?;
