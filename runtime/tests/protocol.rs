@@ -9,7 +9,7 @@ use caduceus_runtime::chat_template::ChatMessage;
 use caduceus_runtime::sampling::SamplingParams;
 use caduceus_runtime::server::protocol::{
     validate_chat, validate_completion, ApiError, ChatCompletionRequest, CompletionRequest,
-    PromptInput, ValidationError,
+    PromptInput, StreamUsage, ValidationError,
 };
 use serde_json::{json, Value};
 
@@ -84,7 +84,7 @@ fn reference_chat_body_parses_and_validates() {
     );
     assert_eq!(p.sampling.logprobs, Some(3));
     assert_eq!(p.stop, ["\n\n", "END"]);
-    assert_eq!((p.n, p.stream, p.include_usage), (2, true, true));
+    assert_eq!((p.n, p.stream, p.usage), (2, true, StreamUsage::Final));
     assert_eq!(p.user.as_deref(), Some("user-1234"));
     assert_eq!(p.model.as_deref(), Some("gpt-4o"));
 }
@@ -96,7 +96,7 @@ fn chat_defaults_fill_the_context_with_default_sampling() {
     assert_eq!(v.params.max_tokens, None);
     assert_eq!(v.params.sampling, SamplingParams::default());
     assert_eq!((v.params.n, v.params.min_tokens), (1, 0));
-    assert!(!v.params.stream && !v.params.include_usage && !v.params.ignore_eos);
+    assert!(!v.params.stream && !v.params.usage.included() && !v.params.ignore_eos);
     assert!(v.params.stop.is_empty());
     let v = chat(with(chat_base(), "logprobs", json!(true))).unwrap();
     assert_eq!(v.params.sampling.logprobs, Some(0));

@@ -33,6 +33,8 @@ mod priority;
 mod rate_limit;
 #[path = "server/special_tokens.rs"]
 mod special_tokens;
+#[path = "server/stream_usage.rs"]
+mod stream_usage;
 #[path = "server/structured.rs"]
 mod structured;
 #[path = "server/structured_compile.rs"]

@@ -16,7 +16,7 @@ use super::protocol::{
 };
 use super::request_log::RequestLog;
 use super::routes::{admit, check_model};
-use super::sse::{self, ChunkFormat};
+use super::sse::{self, ChunkFormat, UsageReport};
 use super::state::AppState;
 use super::tenant::Tenant;
 use super::token_text::{chat_logprobs, listed_prompt_logprobs, TokenNames};
@@ -160,11 +160,15 @@ pub async fn chat_completions(
         log.texts = Some((text, String::new()));
     }
     if v.params.stream {
+        let report = UsageReport {
+            usage: v.params.usage,
+            prompt_tokens: vec![prompt.len(); streams.len()],
+        };
         let format = ChatFormat {
             id,
             created,
             model,
-            include_usage: v.params.include_usage,
+            include_usage: v.params.usage.included(),
             logprobs: v.params.sampling.logprobs.is_some(),
             tokenizer: state.tokenizer.clone(),
             tokens_as_ids: v.params.output.tokens_as_ids,
@@ -175,9 +179,7 @@ pub async fn chat_completions(
                     .collect()
             }),
         };
-        return Ok(
-            sse::respond(streams, format, log, v.params.include_usage, timeout).into_response(),
-        );
+        return Ok(sse::respond(streams, format, log, report, timeout).into_response());
     }
     let outs = collect_all(streams, &mut log, timeout)
         .await

@@ -17,7 +17,7 @@ use super::protocol::{
 };
 use super::request_log::RequestLog;
 use super::routes::{admit, check_model};
-use super::sse::{self, ChunkFormat};
+use super::sse::{self, ChunkFormat, UsageReport};
 use super::state::AppState;
 use super::tenant::Tenant;
 use super::token_text::{completion_logprobs, echo_logprobs, listed_prompt_logprobs, TokenNames};
@@ -118,11 +118,16 @@ pub async fn completions(
         })
         .collect();
     if v.params.stream {
+        // Streams are prompt-major: `n` choices of each prompt in turn.
+        let report = UsageReport {
+            usage: v.params.usage,
+            prompt_tokens: (0..streams.len()).map(|i| prompts[i / n].len()).collect(),
+        };
         let format = CompletionFormat {
             id,
             created,
             model,
-            include_usage: v.params.include_usage,
+            include_usage: v.params.usage.included(),
             logprobs: v.params.sampling.logprobs.is_some(),
             tokenizer: state.tokenizer.clone(),
             tokens_as_ids: v.params.output.tokens_as_ids,
@@ -131,9 +136,7 @@ pub async fn completions(
             echoes: (0..streams.len()).map(|i| echoes[i / n].clone()).collect(),
             prompt_only: v.prompt_only,
         };
-        return Ok(
-            sse::respond(streams, format, log, v.params.include_usage, timeout).into_response(),
-        );
+        return Ok(sse::respond(streams, format, log, report, timeout).into_response());
     }
     let outs = collect_all(streams, &mut log, timeout)
         .await

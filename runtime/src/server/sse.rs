@@ -1,5 +1,6 @@
 //! Server-sent events for `stream: true`: a task pumps engine outputs into OpenAI chunks
-//! (`data: {...}`), ending with an optional usage chunk and `data: [DONE]`. When the client
+//! (`data: {...}`), ending with an optional usage chunk and `data: [DONE]` (with vLLM's
+//! `continuous_usage_stats`, every chunk also carries its choice's counts so far). When the client
 //! leaves, the task sees the closed channel, drops the engine streams (aborting the requests)
 //! and the request is logged as aborted.
 
@@ -13,7 +14,7 @@ use tokio::sync::mpsc;
 
 use super::error::{failure_error, timeout_error};
 use super::generation::{engine_gone, merge, note_stream_output};
-use super::protocol::{ApiError, FinishReason, StopReason, Usage, SSE_DONE};
+use super::protocol::{ApiError, FinishReason, StopReason, StreamUsage, Usage, SSE_DONE};
 use super::request_log::RequestLog;
 use crate::engine::RequestStream;
 use crate::sampling::{PromptLogprob, SampledToken};
@@ -54,16 +55,23 @@ pub fn event<T: Serialize>(chunk: &T) -> Event {
     Event::default().data(serde_json::to_string(chunk).unwrap_or_default())
 }
 
+/// What a stream reports of its token counts: `usage`, and each stream's prompt tokens (what
+/// [`StreamUsage::Continuous`] chunks count for their choice).
+pub struct UsageReport {
+    pub usage: StreamUsage,
+    pub prompt_tokens: Vec<usize>,
+}
+
 /// Starts streaming `streams` as SSE.
 pub fn respond<F: ChunkFormat>(
     streams: Vec<RequestStream>,
     format: F,
     log: RequestLog,
-    include_usage: bool,
+    report: UsageReport,
     timeout: Duration,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let (tx, rx) = mpsc::channel::<Event>(64);
-    tokio::spawn(pump(streams, format, log, include_usage, timeout, tx));
+    tokio::spawn(pump(streams, format, log, report, timeout, tx));
     let body = stream::unfold(
         rx,
         |mut rx| async move { rx.recv().await.map(|e| (Ok(e), rx)) },
@@ -75,15 +83,31 @@ async fn pump<F: ChunkFormat>(
     streams: Vec<RequestStream>,
     mut format: F,
     mut log: RequestLog,
-    include_usage: bool,
+    report: UsageReport,
     timeout: Duration,
     tx: mpsc::Sender<Event>,
 ) {
     let n = streams.len();
     let mut merged = merge(streams);
+    // Each choice's completion tokens so far, for continuous usage.
+    let mut generated = vec![0usize; n];
+    let counted = |i: usize, generated: &[usize], mut chunk: serde_json::Value| {
+        if report.usage == StreamUsage::Continuous {
+            let prompt = report.prompt_tokens.get(i).copied().unwrap_or(0);
+            let usage = Usage::new(prompt, generated[i]);
+            if let (Some(chunk), Ok(usage)) = (chunk.as_object_mut(), serde_json::to_value(usage)) {
+                chunk.insert("usage".into(), usage);
+            }
+        }
+        chunk
+    };
     for i in 0..n {
         if let Some(chunk) = format.opening(i as u32) {
-            if tx.send(event(&chunk)).await.is_err() {
+            if tx
+                .send(event(&counted(i, &generated, chunk)))
+                .await
+                .is_err()
+            {
                 return;
             }
         }
@@ -122,6 +146,9 @@ async fn pump<F: ChunkFormat>(
         if let Some(scored) = out.prompt_logprobs.take() {
             format.prompt_scored(i as u32, scored);
         }
+        if format.counts_completion() {
+            generated[i] += out.new_tokens.len();
+        }
         pending[i].extend(out.new_tokens);
         let finish = (out.finished).map(|f| {
             (
@@ -142,14 +169,18 @@ async fn pump<F: ChunkFormat>(
             &[]
         };
         let chunk = format.content(i as u32, out.text, tokens, finish);
-        if tx.send(event(&chunk)).await.is_err() {
+        if tx
+            .send(event(&counted(i, &generated, chunk)))
+            .await
+            .is_err()
+        {
             return;
         }
     }
     if !format.counts_completion() {
         log.completion_tokens = 0;
     }
-    if include_usage {
+    if report.usage.included() {
         let usage = Usage::new(log.prompt_tokens, log.completion_tokens)
             .with_cached_tokens(log.cached_tokens);
         if tx.send(event(&format.usage(usage))).await.is_err() {

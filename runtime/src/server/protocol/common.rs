@@ -29,6 +29,29 @@ pub struct StreamOptions {
     /// Send a last chunk with `usage` (and `"usage": null` on every other chunk).
     #[serde(default)]
     pub include_usage: Option<bool>,
+    /// vLLM extension, with `include_usage`: every chunk carries its choice's counts so far.
+    #[serde(default)]
+    pub continuous_usage_stats: Option<bool>,
+}
+
+/// What a stream reports of its token counts (`stream_options`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum StreamUsage {
+    /// Nothing (the default).
+    #[default]
+    Off,
+    /// A last chunk with the totals; every other chunk has `"usage": null` (`include_usage`).
+    Final,
+    /// The last chunk, and on every other chunk its choice's prompt and completion tokens so far
+    /// (vLLM's `continuous_usage_stats`).
+    Continuous,
+}
+
+impl StreamUsage {
+    /// Whether chunks carry a `usage` field at all.
+    pub fn included(self) -> bool {
+        self != StreamUsage::Off
+    }
 }
 
 /// Token counts of one response.

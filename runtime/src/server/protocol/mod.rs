@@ -26,7 +26,7 @@ pub use chat::{
 pub use chat_options::{template_strings, Rendering, MAX_REQUEST_CHAT_TEMPLATE_BYTES};
 pub use common::{
     random_id, unix_timestamp, FinishReason, PromptTokensDetails, StopReason, StopSpec,
-    StreamOptions, Usage, CHAT_ID_PREFIX, COMPLETION_ID_PREFIX, SSE_DONE,
+    StreamOptions, StreamUsage, Usage, CHAT_ID_PREFIX, COMPLETION_ID_PREFIX, SSE_DONE,
 };
 pub use completion::{
     CompletionChoice, CompletionChunk, CompletionRequest, CompletionResponse, Prompt,

@@ -8,7 +8,7 @@ use crate::sampling::SamplingParams;
 
 use super::chat::ChatCompletionRequest;
 use super::chat_options::{render_options, ChatTemplateOptions, Rendering};
-use super::common::{StopSpec, StreamOptions};
+use super::common::{StopSpec, StreamOptions, StreamUsage};
 use super::completion::CompletionRequest;
 use super::convert::{convert_messages, convert_prompt};
 use super::error::ApiError;
@@ -93,8 +93,8 @@ pub struct GenerationParams {
     /// Choices per prompt.
     pub n: usize,
     pub stream: bool,
-    /// Send a final usage chunk (streaming only).
-    pub include_usage: bool,
+    /// The usage chunks of a stream.
+    pub usage: StreamUsage,
     pub user: Option<String>,
     /// The request's own prefix-cache salt (vLLM's `cache_salt`).
     pub cache_salt: Option<String>,
@@ -428,10 +428,19 @@ fn generation_params(
             "cannot be combined with `stream` (they are returned with the whole response)",
         ));
     }
-    let include_usage = c
-        .stream_options
-        .and_then(|o| o.include_usage)
-        .unwrap_or(false);
+    let usage =
+        match c.stream_options {
+            None => StreamUsage::Off,
+            Some(o) => match (o.include_usage, o.continuous_usage_stats) {
+                (Some(true), Some(true)) => StreamUsage::Continuous,
+                (_, Some(true)) => return Err(invalid(
+                    "stream_options.continuous_usage_stats",
+                    "needs `include_usage: true` (the counts travel in the `usage` field it adds)",
+                )),
+                (Some(true), _) => StreamUsage::Final,
+                _ => StreamUsage::Off,
+            },
+        };
     Ok(GenerationParams {
         model: c.model,
         sampling,
@@ -443,7 +452,7 @@ fn generation_params(
         priority,
         n,
         stream,
-        include_usage,
+        usage,
         user: c.user,
         cache_salt: c.cache_salt,
         constraint: c.constraint,
