@@ -103,6 +103,7 @@ impl Gen<'_> {
             }
         };
         self.maybe_auth(&mut req);
+        self.maybe_request_id(&mut req);
         req
     }
 
@@ -350,6 +351,20 @@ impl Gen<'_> {
             _ => String::new(),
         };
         req.headers.push(("authorization", v));
+    }
+
+    /// Now and then a gateway's `X-Request-Id`, valid or not.
+    fn maybe_request_id(&mut self, req: &mut FuzzRequest) {
+        if self.rng.random_bool(0.9) {
+            return;
+        }
+        let v = match self.rng.random_range(0..4) {
+            0 => "0f8fad5b-d9cb-469f-a165-70867728950e".to_owned(),
+            1 => "a=b status=500".to_owned(),
+            2 => "r".repeat(self.size(300)),
+            _ => String::new(),
+        };
+        req.headers.push(("x-request-id", v));
     }
 
     fn json_post(&mut self, path: &str, body: Value) -> FuzzRequest {

@@ -31,6 +31,8 @@ mod output_options;
 mod priority;
 #[path = "server/rate_limit.rs"]
 mod rate_limit;
+#[path = "server/request_id.rs"]
+mod request_id;
 #[path = "server/special_tokens.rs"]
 mod special_tokens;
 #[path = "server/stream_usage.rs"]

@@ -12,6 +12,7 @@ use super::auth::{require_admin_key, require_api_key, require_metrics_key};
 use super::json::BodyLimit;
 use super::protocol::ApiError;
 use super::rate_limit::limit_rate;
+use super::request_id::client_request_id;
 use super::request_log::count_early_responses;
 use super::state::AppState;
 use super::{adapters, chat, completions, models_page, routes, tokenize};
@@ -28,6 +29,8 @@ pub fn app(state: AppState) -> Router {
             state.clone(),
             require_api_key,
         ))
+        // Outside authentication, so a 401 echoes the caller's id too.
+        .route_layer(middleware::from_fn(client_request_id))
         // Outermost, so requests refused by authentication are counted too.
         .route_layer(middleware::from_fn(count_early_responses));
     let v1 = Router::new()
@@ -37,7 +40,8 @@ pub fn app(state: AppState) -> Router {
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_api_key,
-        ));
+        ))
+        .route_layer(middleware::from_fn(client_request_id));
     let admin = Router::new()
         .route("/v1/load_lora_adapter", post(adapters::load_lora_adapter))
         .route(

@@ -13,6 +13,7 @@ mod json;
 mod models_page;
 pub mod protocol;
 mod rate_limit;
+mod request_id;
 mod request_log;
 mod routes;
 mod serve;

@@ -64,6 +64,8 @@ impl Drop for EarlyCount {
 pub struct RequestLog {
     /// Response id (`chatcmpl-...` / `cmpl-...`).
     pub id: String,
+    /// The caller's `X-Request-Id`, if it sent one.
+    pub client_id: Option<String>,
     /// `chat` or `completions`.
     pub endpoint: &'static str,
     /// The requested model.
@@ -95,6 +97,7 @@ impl RequestLog {
         let _ = LOGGED.try_with(|l| l.store(true, Ordering::Release));
         RequestLog {
             id,
+            client_id: super::request_id::current(),
             endpoint,
             model,
             prompt_tokens: 0,
@@ -139,6 +142,7 @@ impl Drop for RequestLog {
         tracing::info!(
             target: "caduceus::request",
             id = %self.id,
+            request_id = self.client_id.as_deref().map(tracing::field::display),
             endpoint = self.endpoint,
             model = %self.model,
             status = self.status,

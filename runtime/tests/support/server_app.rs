@@ -218,9 +218,22 @@ pub async fn call(
     body: Option<Value>,
     key: Option<&str>,
 ) -> (StatusCode, axum::http::HeaderMap, String) {
+    let auth = key.map(|k| format!("Bearer {k}"));
+    let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("authorization", a.as_str())).collect();
+    call_with_headers(router, method, uri, body, &headers).await
+}
+
+/// [`call`] with any request headers.
+pub async fn call_with_headers(
+    router: &Router,
+    method: &str,
+    uri: &str,
+    body: Option<Value>,
+    headers: &[(&str, &str)],
+) -> (StatusCode, axum::http::HeaderMap, String) {
     let mut req = Request::builder().method(method).uri(uri);
-    if let Some(k) = key {
-        req = req.header("authorization", format!("Bearer {k}"));
+    for (name, value) in headers {
+        req = req.header(*name, *value);
     }
     let body = match body {
         Some(v) => {
