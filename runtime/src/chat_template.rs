@@ -41,8 +41,8 @@ pub struct RenderOptions {
     /// End right after the last message's content, so the model continues it (HF's and
     /// vLLM's `continue_final_message`).
     pub continue_final_message: bool,
-    /// Extra variables for the template (vLLM's `chat_template_kwargs`); never one of the
-    /// names the renderer sets itself ([`RESERVED_TEMPLATE_NAMES`]).
+    /// Extra variables for the template: vLLM's `chat_template_kwargs` (never one of
+    /// [`RESERVED_TEMPLATE_NAMES`]) and the request's `documents`.
     pub kwargs: serde_json::Map<String, serde_json::Value>,
 }
 
@@ -56,8 +56,8 @@ impl RenderOptions {
     }
 }
 
-/// The template variables the renderer sets, which `kwargs` may not replace (`documents` comes
-/// from a request field of its own).
+/// The template variables a request's `chat_template_kwargs` may not set: those the renderer
+/// sets, and `documents`, which comes from a request field of its own.
 pub const RESERVED_TEMPLATE_NAMES: &[&str] = &[
     "messages",
     "add_generation_prompt",

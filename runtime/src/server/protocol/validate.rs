@@ -428,19 +428,7 @@ fn generation_params(
             "cannot be combined with `stream` (they are returned with the whole response)",
         ));
     }
-    let usage =
-        match c.stream_options {
-            None => StreamUsage::Off,
-            Some(o) => match (o.include_usage, o.continuous_usage_stats) {
-                (Some(true), Some(true)) => StreamUsage::Continuous,
-                (_, Some(true)) => return Err(invalid(
-                    "stream_options.continuous_usage_stats",
-                    "needs `include_usage: true` (the counts travel in the `usage` field it adds)",
-                )),
-                (Some(true), _) => StreamUsage::Final,
-                _ => StreamUsage::Off,
-            },
-        };
+    let usage = stream_usage(c.stream_options)?;
     Ok(GenerationParams {
         model: c.model,
         sampling,
@@ -459,5 +447,23 @@ fn generation_params(
         prompt_scoring,
         output,
         bad_words: choices.bad_words,
+    })
+}
+
+/// What `stream_options` asks a stream to report of its token counts.
+fn stream_usage(options: Option<StreamOptions>) -> Result<StreamUsage, ValidationError> {
+    let Some(o) = options else {
+        return Ok(StreamUsage::Off);
+    };
+    Ok(match (o.include_usage, o.continuous_usage_stats) {
+        (Some(true), Some(true)) => StreamUsage::Continuous,
+        (_, Some(true)) => {
+            return Err(invalid(
+                "stream_options.continuous_usage_stats",
+                "needs `include_usage: true` (the counts travel in the `usage` field it adds)",
+            ))
+        }
+        (Some(true), _) => StreamUsage::Final,
+        _ => StreamUsage::Off,
     })
 }
