@@ -181,3 +181,27 @@ fn generate_with_adapters_matches_peft_per_prompt_in_one_batch() {
         "{err}"
     );
 }
+
+/// A log written to a pipe (a file, `docker logs`, a collector) carries no terminal colour codes.
+#[test]
+fn logs_to_a_pipe_have_no_colour_codes() {
+    let model = support::shared("reference/tiny-llama/model");
+    let out = caduceus(&[
+        "--log-level",
+        "debug",
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "ok",
+        "--max-tokens",
+        "2",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("DEBUG") || err.contains("INFO"),
+        "nothing logged: {err}"
+    );
+    assert!(!err.contains('\u{1b}'), "{err}");
+}
