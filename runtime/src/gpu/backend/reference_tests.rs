@@ -4,7 +4,11 @@
 //! `scripts/gpu-check`.
 //!
 //! Precision: in f16 the last-position logits stay within 0.03 of torch's f32 (measured worst
-//! 0.015) and every greedy token of a mixed three-adapter batch equals PEFT's. In bf16 (three
+//! 0.015) and every greedy token of a mixed three-adapter batch equals PEFT's up to a near-tie:
+//! base prompt 2's second token has two candidates 0.008 apart (215 and 148), and which one f16
+//! picks depends on the step's kernels (a decode-only step's attention rounds otherwise than a
+//! mixed step's), so on the schedule the adapter loads make. A sequence may part from PEFT only
+//! at such a tie ([`TieCheck::agrees`]). In bf16 (three
 //! fewer mantissa bits) they stay within 0.25, but this random-weight model's top logits are
 //! closer than that: its argmax flips on some prompts and greedy continuations then diverge, so
 //! bf16 is held to the logit tolerance only.
@@ -59,6 +63,126 @@ fn ids(v: &Value) -> Vec<u32> {
     serde_json::from_value(v.clone()).unwrap()
 }
 
+/// The reference outputs' keys, and the slot [`TieCheck`] and the logits test give each doctor.
+const KEYS_AND_SLOTS: [(&str, Option<u32>); 3] =
+    [("base", None), ("doctor-a", Some(0)), ("doctor-b", Some(1))];
+
+/// The f16 model with both doctors in slots, for the logits at the end of a token sequence.
+struct TieCheck {
+    model: GpuModel,
+    stack: GpuLoraStack,
+}
+
+impl TieCheck {
+    fn new(dev: Device) -> TieCheck {
+        let model = load(dev, EXACT).model;
+        let c = model.config().clone();
+        let mut stack = GpuLoraStack::new(model.device(), EXACT, &c, 2, 16).unwrap();
+        for (key, slot) in KEYS_AND_SLOTS {
+            if let Some(slot) = slot {
+                let w = load_adapter(&dir().join("adapters").join(key), &c, &LIMITS).unwrap();
+                stack.load(model.device(), slot as usize, &w).unwrap();
+            }
+        }
+        TieCheck { model, stack }
+    }
+
+    /// The last position's logits of `tokens` in one prefill, with `slot`'s adapter.
+    fn last_logits(&self, slot: Option<u32>, tokens: &[u32]) -> Vec<f32> {
+        let n = tokens.len();
+        let pos: Vec<u32> = (0..n as u32).collect();
+        let table: Vec<u32> = (0..n.div_ceil(16) as u32).collect();
+        let seqs = [SeqAttention {
+            query_start: 0,
+            query_len: n,
+            context_len: n,
+            block_table: &table,
+        }];
+        let batch = ForwardBatch {
+            token_ids: tokens,
+            positions: &pos,
+            slot_mapping: &pos,
+            seqs: &seqs,
+            logits_indices: &[n - 1],
+        };
+        let kv = self.model.new_kv_cache(table.len(), 16).unwrap();
+        let segs = segments_from_token_slots(&vec![slot; n]);
+        let lora = GpuLoraBatch {
+            stack: &self.stack,
+            segments: &segs,
+        };
+        self.model
+            .forward_with_lora(&batch, &kv, Some(&lora))
+            .unwrap()
+    }
+
+    /// Whether greedy `got` is PEFT's `want`, or parts from it first where the two tokens'
+    /// logits after `want`'s prefix lie within `tie` of each other in this model (a near-tie
+    /// f16 rounding breaks either way); the tokens after that are not compared.
+    fn agrees(
+        &self,
+        slot: Option<u32>,
+        prompt: &[u32],
+        got: &[u32],
+        want: &[u32],
+        tie: f32,
+    ) -> Result<(), String> {
+        if got.len() != want.len() {
+            return Err(format!("{} tokens, PEFT {}", got.len(), want.len()));
+        }
+        let Some(k) = (0..got.len()).find(|&k| got[k] != want[k]) else {
+            return Ok(());
+        };
+        let prefix: Vec<u32> = prompt.iter().chain(&want[..k]).copied().collect();
+        let logits = self.last_logits(slot, &prefix);
+        let (g, w) = (logits[got[k] as usize], logits[want[k] as usize]);
+        match (g - w).abs() <= tie {
+            true => Ok(()),
+            false => Err(format!(
+                "token {k}: {} (logit {g}) where PEFT has {} (logit {w}), not a tie within {tie}",
+                got[k], want[k]
+            )),
+        }
+    }
+}
+
+/// `prompt`'s 16 greedy tokens on the f16 GPU engine, alone.
+fn solo_greedy(dev: Device, prompt: &[u32]) -> Vec<u32> {
+    let backend = GpuBackend::new(
+        load(dev, EXACT).model,
+        GpuBackendConfig {
+            block_size: 16,
+            kv_blocks: KvBlocks::Fixed(8),
+            adapter_slots: None,
+            step: StepLimits {
+                max_num_batched_tokens: 40,
+                max_num_seqs: 1,
+                max_scored_rows: 0,
+                max_model_len: 256,
+            },
+            cuda_graph_max_batch: 0,
+        },
+    )
+    .unwrap();
+    let sched = SchedulerConfig {
+        max_num_seqs: 1,
+        max_num_batched_tokens: 40,
+        block_size: 16,
+        num_blocks: 8,
+        max_model_len: 256,
+        ..SchedulerConfig::default()
+    };
+    let mut core = EngineCore::with_backend(backend, None, Vec::new(), sched).unwrap();
+    let mut r = EngineRequest::new(prompt.to_vec(), 16);
+    r.ignore_eos = true;
+    r.detokenize = false;
+    let outs = core.run_to_end(vec![r]).unwrap();
+    outs[0]
+        .iter()
+        .flat_map(|o| o.new_tokens.iter().map(|t| t.token_id))
+        .collect()
+}
+
 /// The reference prompts' token ids.
 fn prompts(expected: &Value) -> Vec<Vec<u32>> {
     expected["prompts"]
@@ -109,7 +233,7 @@ fn logits_match(
         stack.load(model.device(), slot, &w).unwrap();
     }
     let mut worst = 0f32;
-    for (key, slot) in [("base", None), ("doctor-a", Some(0)), ("doctor-b", Some(1))] {
+    for (key, slot) in KEYS_AND_SLOTS {
         for (i, (prompt, want)) in prompts
             .iter()
             .zip(expected[key].as_array().unwrap())
@@ -166,10 +290,13 @@ fn logits_match(
 fn tiny_llama_mixed_adapter_batch_on_the_f16_gpu_engine_generates_peft_greedy_tokens() {
     let expected = expected();
     let prompts = prompts(&expected);
-    for dev in devices_under_test().unwrap() {
+    for (d, dev) in devices_under_test().unwrap().into_iter().enumerate() {
         let what = format!("{} {EXACT:?}", dev.describe());
+        // A second handle on the same device, for the tie checks' own model.
+        let ties = TieCheck::new(devices_under_test().unwrap().swap_remove(d));
         let loaded = load(dev, EXACT);
         let c = loaded.model.config().clone();
+        let vocab = c.vocab_size as u32;
         // As `caduceus serve` on a GPU: adapter images in pinned pages.
         let pool = adapter_pool(loaded.model.device(), 8 << 20).unwrap();
         let format = SlotFormat::Device {
@@ -253,12 +380,35 @@ fn tiny_llama_mixed_adapter_batch_on_the_f16_gpu_engine_generates_peft_greedy_to
                 "{what}: the engine does not finish"
             );
         }
-        for ((key, rx), want) in rxs.iter_mut().zip(&wants) {
+        let tie = TOLERANCES[0].1;
+        for (n, ((key, rx), want)) in rxs.iter_mut().zip(&wants).enumerate() {
             let mut got = Vec::new();
             while let Ok(o) = rx.try_recv() {
                 got.extend(o.new_tokens.iter().map(|t| t.token_id));
             }
-            assert_eq!(&got, want, "{what} {key}: greedy tokens vs peft");
+            let slot = KEYS_AND_SLOTS
+                .iter()
+                .find(|(k, _)| k == key)
+                .and_then(|(_, s)| *s);
+            let prompt = &prompts[n % prompts.len()];
+            if let Err(e) = ties.agrees(slot, prompt, &got, want, tie) {
+                panic!("{what} {key}: greedy tokens vs peft: {e}\n{got:?}\n{want:?}");
+            }
+            // The check is no excuse for a wrong token: one that is not a near-tie fails it.
+            let mut wrong = want.clone();
+            wrong[0] = (0..vocab).find(|&t| t != want[0]).unwrap();
+            if ties.agrees(slot, prompt, &wrong, want, tie).is_ok() {
+                let logits = ties.last_logits(slot, prompt);
+                let gap = logits[want[0] as usize] - logits[wrong[0] as usize];
+                assert!(gap.abs() <= tie, "{what} {key}: a wrong first token passed");
+            }
+        }
+        // The tie itself: base prompt 2 alone decodes through decode-only steps, whose attention
+        // rounds the 0.008 tie the other way in the emulation (148 where PEFT has 215).
+        let solo = solo_greedy(devices_under_test().unwrap().swap_remove(d), &prompts[2]);
+        let want = &wants[2];
+        if let Err(e) = ties.agrees(None, &prompts[2], &solo, want, tie) {
+            panic!("{what} base prompt 2 alone: {e}\n{solo:?}\n{want:?}");
         }
         // Both doctors' images were pinned, and the host cache holds their pages.
         assert_eq!(pool.refused(), 0, "{what}");
