@@ -6,9 +6,9 @@
 //! Precision: in f16 the last-position logits stay within 0.03 of torch's f32 (measured worst
 //! 0.015) and every greedy token of a mixed three-adapter batch equals PEFT's up to a near-tie:
 //! base prompt 2's second token has two candidates 0.008 apart (215 and 148), and which one f16
-//! picks depends on the step's kernels (a decode-only step's attention rounds otherwise than a
-//! mixed step's), so on the schedule the adapter loads make. A sequence may part from PEFT only
-//! at such a tie ([`TieCheck::agrees`]). In bf16 (three
+//! picks depends on the step's kernels (a decode-only step's round it otherwise than a mixed
+//! step's), so on the schedule the adapter loads make. A sequence may part from PEFT only
+//! at such a tie ([`LogitsProbe::agrees`]). In bf16 (three
 //! fewer mantissa bits) they stay within 0.25, but this random-weight model's top logits are
 //! closer than that: its argmax flips on some prompts and greedy continuations then diverge, so
 //! bf16 is held to the logit tolerance only.
@@ -63,28 +63,29 @@ fn ids(v: &Value) -> Vec<u32> {
     serde_json::from_value(v.clone()).unwrap()
 }
 
-/// The reference outputs' keys, and the slot [`TieCheck`] and the logits test give each doctor.
+/// The reference outputs' keys, and the slot [`LogitsProbe`] gives each doctor.
 const KEYS_AND_SLOTS: [(&str, Option<u32>); 3] =
     [("base", None), ("doctor-a", Some(0)), ("doctor-b", Some(1))];
 
-/// The f16 model with both doctors in slots, for the logits at the end of a token sequence.
-struct TieCheck {
+/// The model on a device with both doctors in slots, for the logits at the end of a token
+/// sequence in one prefill.
+struct LogitsProbe {
     model: GpuModel,
     stack: GpuLoraStack,
 }
 
-impl TieCheck {
-    fn new(dev: Device) -> TieCheck {
-        let model = load(dev, EXACT).model;
+impl LogitsProbe {
+    fn new(dev: Device, dtype: DType) -> LogitsProbe {
+        let model = load(dev, dtype).model;
         let c = model.config().clone();
-        let mut stack = GpuLoraStack::new(model.device(), EXACT, &c, 2, 16).unwrap();
+        let mut stack = GpuLoraStack::new(model.device(), dtype, &c, 2, 16).unwrap();
         for (key, slot) in KEYS_AND_SLOTS {
             if let Some(slot) = slot {
                 let w = load_adapter(&dir().join("adapters").join(key), &c, &LIMITS).unwrap();
                 stack.load(model.device(), slot as usize, &w).unwrap();
             }
         }
-        TieCheck { model, stack }
+        LogitsProbe { model, stack }
     }
 
     /// The last position's logits of `tokens` in one prefill, with `slot`'s adapter.
@@ -224,14 +225,7 @@ fn logits_match(
     exact_argmax: bool,
 ) {
     let what = format!("{} {dtype:?}", dev.describe());
-    let loaded = load(dev, dtype);
-    let model = &loaded.model;
-    let c = model.config().clone();
-    let mut stack = GpuLoraStack::new(model.device(), dtype, &c, 2, 16).unwrap();
-    for (slot, name) in ["doctor-a", "doctor-b"].iter().enumerate() {
-        let w = load_adapter(&dir().join("adapters").join(name), &c, &LIMITS).unwrap();
-        stack.load(model.device(), slot, &w).unwrap();
-    }
+    let probe = LogitsProbe::new(dev, dtype);
     let mut worst = 0f32;
     for (key, slot) in KEYS_AND_SLOTS {
         for (i, (prompt, want)) in prompts
@@ -239,29 +233,7 @@ fn logits_match(
             .zip(expected[key].as_array().unwrap())
             .enumerate()
         {
-            let n = prompt.len();
-            let pos: Vec<u32> = (0..n as u32).collect();
-            let table: Vec<u32> = (0..n.div_ceil(16) as u32).collect();
-            let seqs = [SeqAttention {
-                query_start: 0,
-                query_len: n,
-                context_len: n,
-                block_table: &table,
-            }];
-            let batch = ForwardBatch {
-                token_ids: prompt,
-                positions: &pos,
-                slot_mapping: &pos,
-                seqs: &seqs,
-                logits_indices: &[n - 1],
-            };
-            let kv = model.new_kv_cache(table.len(), 16).unwrap();
-            let segs = segments_from_token_slots(&vec![slot; n]);
-            let lora = GpuLoraBatch {
-                stack: &stack,
-                segments: &segs,
-            };
-            let logits = model.forward_with_lora(&batch, &kv, Some(&lora)).unwrap();
+            let logits = probe.last_logits(slot, prompt);
             let want16: Vec<f32> =
                 serde_json::from_value(want["last_logits_first16"].clone()).unwrap();
             for (t, (g, w)) in logits.iter().zip(&want16).enumerate() {
@@ -293,7 +265,7 @@ fn tiny_llama_mixed_adapter_batch_on_the_f16_gpu_engine_generates_peft_greedy_to
     for (d, dev) in devices_under_test().unwrap().into_iter().enumerate() {
         let what = format!("{} {EXACT:?}", dev.describe());
         // A second handle on the same device, for the tie checks' own model.
-        let ties = TieCheck::new(devices_under_test().unwrap().swap_remove(d));
+        let ties = LogitsProbe::new(devices_under_test().unwrap().swap_remove(d), EXACT);
         let loaded = load(dev, EXACT);
         let c = loaded.model.config().clone();
         let vocab = c.vocab_size as u32;
