@@ -17,13 +17,12 @@ fn completion(priority: i64, seed: u64, max_tokens: u32) -> Value {
         "ignore_eos": true, "seed": seed, "priority": priority})
 }
 
-/// Sends `body` now; resolves to its status and when it finished.
-fn send(r: &Router, body: Value) -> tokio::task::JoinHandle<(StatusCode, Instant)> {
+/// Sends `body` now; resolves once it is answered (200).
+fn send(r: &Router, body: Value) -> tokio::task::JoinHandle<()> {
     let r = r.clone();
     tokio::spawn(async move {
         let (s, b) = post(&r, "/v1/completions", body).await;
         assert_eq!(s, StatusCode::OK, "{b}");
-        (s, Instant::now())
     })
 }
 
@@ -38,6 +37,10 @@ async fn until(what: &str, ready: impl Fn() -> bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_urgent_request_is_served_before_routine_ones_queued_earlier() {
+    // Every step of a request with seed 99 waits on the latch; the urgent request (seed 2) never
+    // does. So once the first request is done, the routine one (seed 99 too) cannot finish
+    // until the test releases it: the urgent one finishes first only if it is served first,
+    // whatever the machine's load (no race between wall clocks).
     let (faults, latch) = FaultPlan::hold_steps_of(99);
     let state = TestServer {
         max_num_seqs: 1,
@@ -52,9 +55,7 @@ async fn an_urgent_request_is_served_before_routine_ones_queued_earlier() {
     until("the first request runs", || latch.is_waiting()).await;
     // The count is as of the last finished step, so the held one may still be in it.
     let before = state.engine.num_queued();
-    // The routine answer is much longer than the urgent one, so served after it, it ends many
-    // steps later: the order of the two answers does not hang on which task tokio wakes first.
-    let routine = send(&r, completion(0, 1, 32));
+    let routine = send(&r, completion(0, 99, 32));
     until("the routine request queues", || {
         state.engine.num_queued() == before + 1
     })
@@ -64,14 +65,30 @@ async fn an_urgent_request_is_served_before_routine_ones_queued_earlier() {
         state.engine.num_queued() == before + 2
     })
     .await;
+    // Step the first request to its end (a pass or two may reach the routine request's steps
+    // before its end is seen: far fewer than the routine answer's 32).
+    // One pass per step that reached the latch, so no pass is left over for later steps.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut passed = 0;
+    while !running.is_finished() {
+        assert!(
+            Instant::now() < deadline,
+            "the first request never finished"
+        );
+        if latch.num_held() > passed {
+            latch.pass_one();
+            passed += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    tokio::time::timeout(Duration::from_secs(30), urgent)
+        .await
+        .expect("the urgent request waits behind the routine one")
+        .unwrap();
+    assert!(!routine.is_finished(), "the routine request finished first");
     latch.release();
-    let (_, urgent_done) = urgent.await.unwrap();
-    let (_, routine_done) = routine.await.unwrap();
+    routine.await.unwrap();
     running.await.unwrap();
-    assert!(
-        urgent_done < routine_done,
-        "the routine request finished first"
-    );
 }
 
 #[tokio::test]
