@@ -41,6 +41,8 @@ mod stream_usage;
 mod structured;
 #[path = "server/structured_compile.rs"]
 mod structured_compile;
+#[path = "server/structured_fields.rs"]
+mod structured_fields;
 #[path = "server/tokenize.rs"]
 mod tokenize;
 

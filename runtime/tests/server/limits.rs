@@ -17,7 +17,10 @@ async fn unimplemented_fields_and_oversized_stops_get_a_400_naming_the_field() {
     };
     let cases = [
         (json!({"functions": [{"name": "f"}]}), "functions"),
-        (json!({"guided_json": {"type": "object"}}), "guided_json"),
+        (
+            json!({"guided_whitespace_pattern": "[ ]?"}),
+            "guided_whitespace_pattern",
+        ),
         (json!({"best_of": 2}), "best_of"),
         (json!({"use_beam_search": true}), "use_beam_search"),
         (

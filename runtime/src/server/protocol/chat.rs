@@ -52,6 +52,13 @@ pub struct ChatCompletionRequest {
     pub response_format: Option<ResponseFormat>,
     /// vLLM extension: a JSON schema, regex, choice list or Lark grammar the answer must match.
     pub structured_outputs: Option<StructuredOutputs>,
+    /// vLLM's older spellings of `structured_outputs`' `json`, `regex`, `choice` and `grammar`
+    /// (dropped by vLLM in 0.12; accepted here with the same meaning).
+    #[schema(value_type = Option<Object>)]
+    pub guided_json: Option<serde_json::Value>,
+    pub guided_regex: Option<String>,
+    pub guided_choice: Option<Vec<String>>,
+    pub guided_grammar: Option<String>,
     /// Functions the model may call.
     pub tools: Option<Vec<ToolParam>>,
     /// `none`, `auto` (default with tools), `required` or a named function.

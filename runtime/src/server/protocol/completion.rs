@@ -44,6 +44,13 @@ pub struct CompletionRequest {
     pub response_format: Option<ResponseFormat>,
     /// vLLM extension, as in chat.
     pub structured_outputs: Option<StructuredOutputs>,
+    /// vLLM's older spellings of `structured_outputs`' `json`, `regex`, `choice` and `grammar`
+    /// (dropped by vLLM in 0.12; accepted here with the same meaning).
+    #[schema(value_type = Option<Object>)]
+    pub guided_json: Option<serde_json::Value>,
+    pub guided_regex: Option<String>,
+    pub guided_choice: Option<Vec<String>>,
+    pub guided_grammar: Option<String>,
     /// Returns the prompt before the completion in `text` (and, with `logprobs`, the prompt
     /// tokens' logprobs first).
     pub echo: Option<bool>,

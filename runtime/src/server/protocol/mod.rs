@@ -7,6 +7,7 @@ mod chat;
 mod chat_options;
 mod common;
 mod completion;
+mod constraint;
 mod convert;
 mod error;
 mod logprobs;
@@ -40,10 +41,9 @@ pub use logprobs::{
 pub use models::{ModelCard, ModelList, OWNED_BY};
 pub use output_options::{OutputSettings, PromptTruncation};
 pub use structured::{
-    output_constraint, tool_calls_text, tool_plan, FunctionCall, FunctionCallDelta, FunctionDef,
-    JsonSchemaFormat, NamedFunction, NamedToolChoice, ResponseFormat, StructuredOutputs, ToolCall,
-    ToolCallDelta, ToolChoiceParam, ToolMode, ToolParam, ToolPlan, MAX_TOOLS, TOOL_CALL_CLOSE,
-    TOOL_CALL_OPEN,
+    tool_calls_text, tool_plan, FunctionCall, FunctionCallDelta, FunctionDef, JsonSchemaFormat,
+    NamedFunction, NamedToolChoice, ResponseFormat, StructuredOutputs, ToolCall, ToolCallDelta,
+    ToolChoiceParam, ToolMode, ToolParam, ToolPlan, MAX_TOOLS, TOOL_CALL_CLOSE, TOOL_CALL_OPEN,
 };
 pub use tokenize::{
     validate_tokenize, DetokenizeRequest, DetokenizeResponse, TokenizeInput, TokenizeRequest,

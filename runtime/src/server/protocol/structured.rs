@@ -1,13 +1,12 @@
 //! Structured outputs and tools on the wire: OpenAI's `response_format`, `tools`,
-//! `tool_choice`, `parallel_tool_calls` and vLLM's `structured_outputs`, checked into a
-//! [`ConstraintSpec`] and a [`ToolPlan`].
+//! `tool_choice`, `parallel_tool_calls` and vLLM's `structured_outputs`; the tools are checked
+//! into a [`ToolPlan`] here, the output constraints in `constraint`.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
 
 use super::validate::{invalid, ValidationError};
-use crate::structured::ConstraintSpec;
 
 /// `response_format`.
 #[derive(Clone, Debug, PartialEq, Deserialize, ToSchema)]
@@ -39,8 +38,10 @@ pub struct JsonSchemaFormat {
     pub strict: Option<bool>,
 }
 
-/// vLLM's `structured_outputs`: exactly one of its constraints.
+/// vLLM's `structured_outputs`: exactly one of its constraints. A key the server does not know
+/// is a 400 (a misspelt constraint would otherwise leave the answer unconstrained).
 #[derive(Clone, Debug, Default, PartialEq, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct StructuredOutputs {
     /// A JSON schema (an object, or its text).
     #[serde(default)]
@@ -55,6 +56,22 @@ pub struct StructuredOutputs {
     pub grammar: Option<String>,
     #[serde(default)]
     pub json_object: Option<bool>,
+    /// Accepted: the grammar engine has no fallback to disable.
+    #[serde(default)]
+    pub disable_fallback: Option<bool>,
+    /// Accepted: JSON is always laid out without free whitespace.
+    #[serde(default)]
+    pub disable_any_whitespace: Option<bool>,
+    /// `true` is a 400 (set `"additionalProperties": false` in the schema instead).
+    #[serde(default)]
+    pub disable_additional_properties: Option<bool>,
+    /// A 400 when set: JSON's whitespace is fixed.
+    #[serde(default)]
+    pub whitespace_pattern: Option<String>,
+    /// A 400 when set: structural tags are not implemented.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub structural_tag: Option<Value>,
 }
 
 /// One entry of `tools`.
@@ -166,64 +183,6 @@ pub struct ToolPlan {
 
 /// Most tools in one request.
 pub const MAX_TOOLS: usize = 64;
-
-/// The output constraint `response_format` or `structured_outputs` asks for, with the field
-/// that asked (for a 400 about it).
-pub fn output_constraint(
-    response_format: Option<ResponseFormat>,
-    structured: Option<StructuredOutputs>,
-) -> Result<Option<(ConstraintSpec, &'static str)>, ValidationError> {
-    let from_format = match response_format {
-        None | Some(ResponseFormat::Text) => None,
-        Some(ResponseFormat::JsonObject) => Some(ConstraintSpec::JsonObject),
-        Some(ResponseFormat::JsonSchema { json_schema }) => {
-            let schema = json_schema.schema.unwrap_or(Value::Bool(true));
-            Some(ConstraintSpec::JsonSchema(schema))
-        }
-    };
-    let from_structured = structured.map(structured_spec).transpose()?.flatten();
-    match (from_format, from_structured) {
-        (Some(_), Some(_)) => Err(invalid(
-            "structured_outputs",
-            "cannot be combined with `response_format`; send one of them",
-        )),
-        (Some(s), None) => Ok(Some((s, "response_format"))),
-        (None, Some(s)) => Ok(Some((s, "structured_outputs"))),
-        (None, None) => Ok(None),
-    }
-}
-
-fn structured_spec(s: StructuredOutputs) -> Result<Option<ConstraintSpec>, ValidationError> {
-    let mut specs = Vec::new();
-    if let Some(json) = s.json {
-        specs.push(match json {
-            Value::String(text) => ConstraintSpec::JsonSchema(
-                serde_json::from_str(&text)
-                    .map_err(|e| invalid("structured_outputs.json", format!("is not JSON: {e}")))?,
-            ),
-            other => ConstraintSpec::JsonSchema(other),
-        });
-    }
-    if let Some(rx) = s.regex {
-        specs.push(ConstraintSpec::Regex(rx));
-    }
-    if let Some(choice) = s.choice {
-        specs.push(ConstraintSpec::Choice(choice));
-    }
-    if let Some(g) = s.grammar {
-        specs.push(ConstraintSpec::Lark(g));
-    }
-    if s.json_object == Some(true) {
-        specs.push(ConstraintSpec::JsonObject);
-    }
-    if specs.len() > 1 {
-        return Err(invalid(
-            "structured_outputs",
-            "must set exactly one of `json`, `regex`, `choice`, `grammar`, `json_object`",
-        ));
-    }
-    Ok(specs.pop())
-}
 
 /// Checks `tools`, `tool_choice` and `parallel_tool_calls`.
 pub fn tool_plan(

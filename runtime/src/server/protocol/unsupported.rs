@@ -13,10 +13,8 @@ use super::error::ApiError;
 pub const UNSUPPORTED_FIELDS: &[&str] = &[
     "functions",
     "function_call",
-    "guided_json",
-    "guided_regex",
-    "guided_choice",
-    "guided_grammar",
+    // vLLM's older JSON whitespace option (its `guided_*` constraints are implemented).
+    "guided_whitespace_pattern",
     "best_of",
     "suffix",
     "prediction",

@@ -10,11 +10,12 @@ use super::chat::ChatCompletionRequest;
 use super::chat_options::{render_options, ChatTemplateOptions, Rendering};
 use super::common::{StopSpec, StreamOptions, StreamUsage};
 use super::completion::CompletionRequest;
+use super::constraint::{constraint_fields, output_constraint, ConstraintFields};
 use super::convert::{convert_messages, convert_prompt};
 use super::error::ApiError;
 use super::output_options::{output_settings, OutputOptions, OutputSettings};
 use super::sampling_fields::{logprob_count, sampling_fields, sampling_params, SamplingFields};
-use super::structured::{output_constraint, tool_plan, ToolPlan};
+use super::structured::{tool_plan, ToolPlan};
 use crate::structured::ConstraintSpec;
 
 /// Most choices per prompt (`n`); each is a full sequence in the batch.
@@ -226,7 +227,7 @@ pub fn validate_chat(req: ChatCompletionRequest) -> Result<ValidatedChatRequest,
         documents: req.documents,
     };
     let rendering = render_options(template, &messages)?;
-    let constraint = output_constraint(req.response_format, req.structured_outputs)?;
+    let constraint = output_constraint(constraint_fields!(req))?;
     let tools = tool_plan(req.tools, req.tool_choice, req.parallel_tool_calls)?;
     if let (Some((_, field)), Some(_)) = (&constraint, &tools) {
         return Err(invalid(
@@ -311,7 +312,7 @@ pub fn validate_completion(
         min_tokens: req.min_tokens,
         user: req.user,
         cache_salt: req.cache_salt,
-        constraint: output_constraint(req.response_format, req.structured_outputs)?,
+        constraint: output_constraint(constraint_fields!(req))?,
         prompt_logprobs: req.prompt_logprobs,
         echo,
         output: output_options!(req),
