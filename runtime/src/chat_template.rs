@@ -17,6 +17,8 @@ mod strftime;
 
 use pyjson::tojson;
 
+use crate::tokenizer::AddedTokens;
+
 /// One chat turn as the OpenAI-style API and the templates see it.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ChatMessage {
@@ -44,6 +46,9 @@ pub struct RenderOptions {
     /// Extra variables for the template: vLLM's `chat_template_kwargs` (never one of
     /// [`RESERVED_TEMPLATE_NAMES`]) and the request's `documents`.
     pub kwargs: serde_json::Map<String, serde_json::Value>,
+    /// Whether the tokenizer adds the model's BOS/EOS to the rendered text (a BOS the template
+    /// wrote is never doubled).
+    pub added_tokens: AddedTokens,
 }
 
 impl RenderOptions {

@@ -9,6 +9,8 @@ mod admin;
 mod admin_loads;
 #[path = "server/admission.rs"]
 mod admission;
+#[path = "server/bos.rs"]
+mod bos;
 #[path = "server/chat_options.rs"]
 mod chat_options;
 #[path = "server/echo.rs"]

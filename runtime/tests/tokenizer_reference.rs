@@ -4,6 +4,10 @@
 
 #[path = "support/fetched.rs"]
 mod fetched;
+mod support {
+    #[path = "bos_model.rs"]
+    pub mod bos_model;
+}
 
 use std::path::Path;
 use std::sync::OnceLock;
@@ -370,4 +374,46 @@ fn the_grammar_engine_sees_every_token_as_we_decode_it() {
         whole > 45_000 && partial < 2_000,
         "{whole} whole, {partial} partial"
     );
+}
+
+/// A chat prompt has one BOS, the template's, as transformers' `apply_chat_template` gives
+/// (and vLLM, which tokenizes chat prompts without adding special tokens); a raw prompt gets
+/// the post-processor's, and keeps one when it spells its own (transformers would give two).
+#[test]
+fn a_template_bos_is_not_doubled_by_the_post_processor() {
+    use caduceus_runtime::chat_template::{ChatMessage, ChatTemplate, RenderOptions};
+    use caduceus_runtime::tokenizer::chat_prompt::encode_chat;
+    use caduceus_runtime::tokenizer::AddedTokens;
+    use support::bos_model::{write_tiny_llama_with_bos, BOS, HF_CHAT_HI, HF_HI_THERE};
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_llama_with_bos(dir.path());
+    let tok = Tokenizer::from_hf_dir(dir.path()).unwrap();
+    assert_eq!(tok.encode("hi there").unwrap(), HF_HI_THERE);
+    assert_eq!(tok.encode("<s>hi there").unwrap(), HF_HI_THERE);
+    assert_eq!(tok.encode_literal("hi there").unwrap(), HF_HI_THERE);
+    let bare = tok
+        .encode_segments(&[("hi there", true)], AddedTokens::None)
+        .unwrap();
+    assert_eq!(bare, HF_HI_THERE[1..]);
+    let template = ChatTemplate::new(
+        tok.chat_template().unwrap(),
+        tok.bos_token(),
+        tok.eos_token(),
+    )
+    .unwrap();
+    let plain = [ChatMessage::new("user", "hi")];
+    for added in [AddedTokens::Model, AddedTokens::None] {
+        let how = RenderOptions {
+            added_tokens: added,
+            ..RenderOptions::generation()
+        };
+        let prompt = encode_chat(&template, &tok, &plain, &how).unwrap();
+        assert_eq!(prompt.text, "<s>[user]hi</s>[assistant]");
+        assert_eq!(prompt.token_ids, HF_CHAT_HI, "{added:?}");
+        // A message spelling a special token takes the segment-wise path: one BOS there too.
+        let spelled = [ChatMessage::new("user", "<s>")];
+        let prompt = encode_chat(&template, &tok, &spelled, &how).unwrap();
+        let bos_count = prompt.token_ids.iter().filter(|&&t| t == BOS).count();
+        assert_eq!((prompt.token_ids[0], bos_count), (BOS, 1), "{added:?}");
+    }
 }

@@ -46,6 +46,7 @@ pub(super) const FIELDS: &[&str] = &[
     "allowed_token_ids",
     "truncate_prompt_tokens",
     "return_tokens_as_token_ids",
+    "add_special_tokens",
     "add_generation_prompt",
     "continue_final_message",
     "chat_template_kwargs",

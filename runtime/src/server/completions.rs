@@ -22,16 +22,22 @@ use super::state::AppState;
 use super::tenant::Tenant;
 use super::token_text::{completion_logprobs, echo_logprobs, listed_prompt_logprobs, TokenNames};
 use crate::sampling::{PromptLogprob, SampledToken};
-use crate::tokenizer::Tokenizer;
+use crate::tokenizer::{AddedTokens, Tokenizer};
 
 /// A text prompt's ids: special-token strings stay plain text (a client cannot forge control
-/// tokens) unless `server.allow_special_tokens_in_prompt` is on.
-pub(super) fn prompt_ids(state: &AppState, text: &str) -> Result<Vec<u32>, ApiError> {
+/// tokens) unless `server.allow_special_tokens_in_prompt` is on; `added` says whether the
+/// model's BOS/EOS go around them.
+pub(super) fn prompt_ids(
+    state: &AppState,
+    text: &str,
+    added: AddedTokens,
+) -> Result<Vec<u32>, ApiError> {
     let tokenizer = &state.tokenizer;
-    if state.settings.allow_special_tokens_in_prompt || !tokenizer.spells_special_token(text) {
-        tokenizer.encode(text)
-    } else {
-        tokenizer.encode_literal(text)
+    let parse_special =
+        state.settings.allow_special_tokens_in_prompt || !tokenizer.spells_special_token(text);
+    match (parse_special, added) {
+        (true, AddedTokens::Model) => tokenizer.encode(text),
+        _ => tokenizer.encode_segments(&[(text, parse_special)], added),
     }
     .map_err(|e| {
         tracing::error!(error = %e, "tokenizer failed");
@@ -44,12 +50,13 @@ pub(super) fn prompt_ids(state: &AppState, text: &str) -> Result<Vec<u32>, ApiEr
 fn tokenize_prompts(
     state: &AppState,
     inputs: Vec<PromptInput>,
+    added: AddedTokens,
 ) -> Result<(Vec<Vec<u32>>, Vec<PromptInput>), ApiError> {
     let vocab = state.tokenizer.vocab_size();
     let mut prompts = Vec::with_capacity(inputs.len());
     for (i, p) in inputs.iter().enumerate() {
         let ids = match p {
-            PromptInput::Text(text) => prompt_ids(state, text)?,
+            PromptInput::Text(text) => prompt_ids(state, text, added)?,
             PromptInput::Tokens(ids) => {
                 check_token_ids(
                     ids.iter().copied(),
@@ -82,8 +89,8 @@ pub async fn completions(
     // Tokenizing up to a body limit's worth of text is CPU work: off the async workers.
     let (mut prompts, inputs) = {
         let state = state.clone();
-        let inputs = v.prompts;
-        off_the_workers(move || tokenize_prompts(&state, inputs)).await??
+        let (inputs, added) = (v.prompts, v.added_tokens);
+        off_the_workers(move || tokenize_prompts(&state, inputs, added)).await??
     };
     let max_model_len = state.engine.limits().max_model_len;
     let truncated: Vec<bool> = (prompts.iter_mut())

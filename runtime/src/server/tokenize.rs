@@ -29,9 +29,9 @@ pub async fn tokenize(
     check_model(&state, req.model.as_deref())?;
     let strs = req.return_token_strs.unwrap_or(false);
     let tokens = match validate_tokenize(req)? {
-        TokenizeInput::Prompt(text) => {
+        TokenizeInput::Prompt { text, added } => {
             let s = state.clone();
-            off_the_workers(move || prompt_ids(&s, &text)).await??
+            off_the_workers(move || prompt_ids(&s, &text, added)).await??
         }
         TokenizeInput::Chat {
             messages,

@@ -4,7 +4,7 @@
 
 use rand::distr::{Alphanumeric, SampleString};
 
-use super::{Tokenizer, TokenizerError};
+use super::{AddedTokens, Tokenizer, TokenizerError};
 use crate::chat_template::{
     final_message_end, ChatMessage, ChatTemplate, ChatTemplateError, RenderOptions,
 };
@@ -66,7 +66,10 @@ pub fn encode_chat(
         .iter()
         .any(|m| tokenizer.spells_special_token(&m.content))
     {
-        let token_ids = tokenizer.encode(&text)?;
+        let token_ids = match how.added_tokens {
+            AddedTokens::Model => tokenizer.encode(&text)?,
+            AddedTokens::None => tokenizer.encode_segments(&[(&text, true)], AddedTokens::None)?,
+        };
         return Ok(ChatPrompt { text, token_ids });
     }
     let (open, close) = markers(messages);
@@ -80,7 +83,7 @@ pub fn encode_chat(
         rendered.truncate(end + close.len());
     }
     let segments = split_marked(&rendered, &open, &close).ok_or(ChatPromptError::Unseparable)?;
-    let token_ids = tokenizer.encode_segments(&segments)?;
+    let token_ids = tokenizer.encode_segments(&segments, how.added_tokens)?;
     Ok(ChatPrompt { text, token_ids })
 }
 

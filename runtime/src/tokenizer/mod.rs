@@ -59,6 +59,25 @@ const END_OF_GENERATION_NAMES: &[&str] = &[
     "<｜end▁of▁sentence｜>",
 ];
 
+/// Whether the model's BOS/EOS are added around a text (vLLM's `add_special_tokens`): as the
+/// model asks (its `add_bos_token`, or its post-processor), or none beyond what the text spells.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AddedTokens {
+    #[default]
+    Model,
+    None,
+}
+
+impl AddedTokens {
+    /// From a request's `add_special_tokens` (absent: as the model asks).
+    pub fn from_request(add_special_tokens: Option<bool>) -> Self {
+        match add_special_tokens {
+            Some(false) => AddedTokens::None,
+            _ => AddedTokens::Model,
+        }
+    }
+}
+
 /// A loaded tokenizer plus the serving policy around it (BOS, stop ids, chat template).
 #[derive(Clone)]
 pub struct Tokenizer {
@@ -218,13 +237,20 @@ impl Tokenizer {
     }
 
     /// Raw text to ids. Special-token strings in the text (e.g. `<|im_start|>`) become their
-    /// special ids, as Hugging Face does; BOS/EOS are added only when the model asks for them.
+    /// special ids, as Hugging Face does; BOS/EOS are added only when the model asks for them,
+    /// and BOS not before a text that starts with its own (Hugging Face would give two).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
         let enc = self
             .inner
             .encode_fast(text, true)
             .map_err(TokenizerError::backend)?;
-        let body = enc.get_ids();
+        let mut body = enc.get_ids();
+        if let (true, Some(bos)) = (self.post_adds_bos, self.bos_id) {
+            // The post-processor's BOS before the text's own: keep the text's.
+            if body.get(1) == Some(&bos) {
+                body = &body[1..];
+            }
+        }
         let mut ids = Vec::with_capacity(body.len() + 2);
         if let (true, Some(bos)) = (self.add_bos, self.bos_id) {
             if body.first() != Some(&bos) {
@@ -241,13 +267,19 @@ impl Tokenizer {
     }
 
     /// Text that may spell special tokens only where `parse_special` is set: each segment is
-    /// encoded on its own (no BOS/EOS), the model's BOS/EOS policy applied once around them.
-    /// Chat prompts use it so that only the template's markup becomes control tokens.
-    pub fn encode_segments(&self, segments: &[(&str, bool)]) -> Result<Vec<u32>, TokenizerError> {
+    /// encoded on its own (no BOS/EOS), then `added` says whether the model's BOS/EOS go around
+    /// them (BOS not before a text that starts with one). Chat prompts use it so that only the
+    /// template's markup becomes control tokens.
+    pub fn encode_segments(
+        &self,
+        segments: &[(&str, bool)],
+        added: AddedTokens,
+    ) -> Result<Vec<u32>, TokenizerError> {
         let mut ids = Vec::new();
-        if let (true, Some(bos)) = (self.add_bos || self.post_adds_bos, self.bos_id) {
-            ids.push(bos);
-        }
+        let bos = match (added, self.bos_id) {
+            (AddedTokens::Model, Some(bos)) if self.add_bos || self.post_adds_bos => Some(bos),
+            _ => None,
+        };
         for &(text, parse_special) in segments {
             let backend = if parse_special {
                 &self.inner
@@ -259,7 +291,10 @@ impl Tokenizer {
                 .map_err(TokenizerError::backend)?;
             ids.extend_from_slice(enc.get_ids());
         }
-        if let (true, Some(eos)) = (self.add_eos, self.eos_id) {
+        if let Some(bos) = bos.filter(|&b| ids.first() != Some(&b)) {
+            ids.insert(0, bos);
+        }
+        if let (AddedTokens::Model, true, Some(eos)) = (added, self.add_eos, self.eos_id) {
             if ids.last() != Some(&eos) {
                 ids.push(eos);
             }
@@ -269,16 +304,13 @@ impl Tokenizer {
 
     /// Raw text with special-token parsing off: a user's `<|im_start|>` is characters.
     pub fn encode_literal(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
-        self.encode_segments(&[(text, false)])
+        self.encode_segments(&[(text, false)], AddedTokens::Model)
     }
 
     /// The ids of `text` alone, as they appear inside a longer text: no BOS/EOS, special-token
     /// parsing off.
     pub fn encode_fragment(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
-        let enc = (self.literal)
-            .encode_fast(text, false)
-            .map_err(TokenizerError::backend)?;
-        Ok(enc.get_ids().to_vec())
+        self.encode_segments(&[(text, false)], AddedTokens::None)
     }
 
     /// The token sequences that spell `word` (its leading spaces dropped) in an answer: at the

@@ -101,7 +101,7 @@ async fn bad_requests_are_refused_naming_the_field() {
         ),
         (
             "/tokenize",
-            json!({"prompt": "a", "add_special_tokens": false}),
+            json!({"prompt": "a", "add_bos": false}),
             400,
             "",
         ),

@@ -1,6 +1,7 @@
 //! Shared test support: an independent dense reference Llama and tiny random HF models.
 #![allow(dead_code)]
 
+pub mod bos_model;
 pub mod fetched;
 pub mod log_capture;
 pub mod random_model;

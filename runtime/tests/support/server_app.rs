@@ -64,6 +64,8 @@ pub struct TestServer {
     pub max_concurrent_adapter_loads: usize,
     /// `[structured_outputs]`.
     pub compile_limits: CompileLimits,
+    /// Serve this model directory instead of the shared tiny Llama.
+    pub model_dir: Option<PathBuf>,
 }
 
 impl Default for TestServer {
@@ -92,6 +94,7 @@ impl Default for TestServer {
             max_model_len: None,
             max_concurrent_adapter_loads: 2,
             compile_limits: CompileLimits::default(),
+            model_dir: None,
         }
     }
 }
@@ -102,7 +105,9 @@ pub const MODEL: &str = "tiny-llama";
 impl TestServer {
     /// Loads the tiny model and starts its engine thread.
     pub fn state(&self) -> AppState {
-        let loaded = LoadedModel::load(&super::shared("reference/tiny-llama/model")).unwrap();
+        let dir =
+            (self.model_dir.clone()).unwrap_or_else(|| super::shared("reference/tiny-llama/model"));
+        let loaded = LoadedModel::load(&dir).unwrap();
         let tokenizer = Arc::new(loaded.tokenizer);
         let config = SchedulerConfig {
             max_num_seqs: self.max_num_seqs,

@@ -89,6 +89,10 @@ pub struct ChatCompletionRequest {
     /// vLLM extension: end the prompt with the assistant's header (default true; false with
     /// `continue_final_message`).
     pub add_generation_prompt: Option<bool>,
+    /// vLLM extension: `false` tokenizes the rendered conversation without the model's own
+    /// BOS/EOS (only what the template writes). Default true: the model's BOS where the
+    /// template did not write one.
+    pub add_special_tokens: Option<bool>,
     /// vLLM extension: end the prompt inside the last message, an assistant's, so the answer
     /// continues its text (e.g. a doctor avatar's greeting written by the caller).
     pub continue_final_message: Option<bool>,

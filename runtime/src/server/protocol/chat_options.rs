@@ -1,8 +1,9 @@
 //! vLLM's chat-template fields ([`ChatTemplateOptions`]: `add_generation_prompt`,
-//! `continue_final_message`, `chat_template_kwargs`, `chat_template`, `documents`), checked into
-//! how the conversation is rendered ([`Rendering`]).
+//! `continue_final_message`, `chat_template_kwargs`, `chat_template`, `documents`,
+//! `add_special_tokens`), checked into how the conversation is rendered ([`Rendering`]).
 
 use crate::chat_template::{ChatMessage, RenderOptions, RESERVED_TEMPLATE_NAMES};
+use crate::tokenizer::AddedTokens;
 
 use super::validate::{invalid, out_of_range, ValidationError};
 
@@ -15,6 +16,7 @@ pub(super) struct ChatTemplateOptions {
     pub chat_template_kwargs: Option<serde_json::Map<String, serde_json::Value>>,
     pub chat_template: Option<String>,
     pub documents: Option<Vec<Document>>,
+    pub add_special_tokens: Option<bool>,
 }
 
 /// One document for a retrieval-augmented template (vLLM's `documents`: string fields such as
@@ -82,6 +84,7 @@ pub(super) fn render_options(
             add_generation_prompt: o.add_generation_prompt.unwrap_or(!continue_final_message),
             continue_final_message,
             kwargs,
+            added_tokens: AddedTokens::from_request(o.add_special_tokens),
         },
         template: o.chat_template,
     })

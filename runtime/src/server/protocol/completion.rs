@@ -72,6 +72,10 @@ pub struct CompletionRequest {
     pub bad_words: Option<Vec<String>>,
     /// vLLM extension: logprobs name each token `token_id:{id}` instead of its text.
     pub return_tokens_as_token_ids: Option<bool>,
+    /// vLLM extension: `false` tokenizes text prompts without the model's BOS/EOS (for clients
+    /// that render the model's markup themselves). Default true; a prompt that starts with BOS
+    /// keeps one.
+    pub add_special_tokens: Option<bool>,
 }
 
 /// `prompt`: text, several texts, token ids, or several token-id lists.

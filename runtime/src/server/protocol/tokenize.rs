@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::chat_template::ChatMessage;
+use crate::tokenizer::AddedTokens;
 
 use super::chat::ChatMessageParam;
 use super::chat_options::{render_options, ChatTemplateOptions, Rendering};
@@ -44,6 +45,9 @@ pub struct TokenizeRequest {
     /// Also return each id's vocabulary entry (`token_strs`).
     #[serde(default)]
     pub return_token_strs: Option<bool>,
+    /// As in the endpoint tokenized for: `false` leaves out the model's BOS/EOS.
+    #[serde(default)]
+    pub add_special_tokens: Option<bool>,
 }
 
 /// The ids of a tokenized prompt or conversation.
@@ -74,7 +78,10 @@ pub struct DetokenizeResponse {
 /// What a tokenize request asks to tokenize.
 #[derive(Clone, Debug, PartialEq)]
 pub enum TokenizeInput {
-    Prompt(String),
+    Prompt {
+        text: String,
+        added: AddedTokens,
+    },
     Chat {
         messages: Vec<ChatMessage>,
         rendering: Rendering,
@@ -89,6 +96,7 @@ pub fn validate_tokenize(req: TokenizeRequest) -> Result<TokenizeInput, Validati
         chat_template_kwargs: req.chat_template_kwargs,
         chat_template: req.chat_template,
         documents: req.documents,
+        add_special_tokens: req.add_special_tokens,
     };
     match (req.prompt, req.messages) {
         (Some(prompt), None) => {
@@ -111,7 +119,10 @@ pub fn validate_tokenize(req: TokenizeRequest) -> Result<TokenizeInput, Validati
             if let Some((field, _)) = chat_only.iter().find(|(_, sent)| *sent) {
                 return Err(invalid(field, "applies to `messages` only"));
             }
-            Ok(TokenizeInput::Prompt(prompt))
+            Ok(TokenizeInput::Prompt {
+                text: prompt,
+                added: AddedTokens::from_request(template.add_special_tokens),
+            })
         }
         (None, Some(messages)) => {
             let messages = convert_messages(messages)?;

@@ -17,6 +17,7 @@ use super::output_options::{output_settings, OutputOptions, OutputSettings};
 use super::sampling_fields::{logprob_count, sampling_fields, sampling_params, SamplingFields};
 use super::structured::{tool_plan, ToolPlan};
 use crate::structured::ConstraintSpec;
+use crate::tokenizer::AddedTokens;
 
 /// Most choices per prompt (`n`); each is a full sequence in the batch.
 pub const MAX_N: usize = 8;
@@ -165,6 +166,8 @@ pub struct ValidatedCompletionRequest {
     /// `echo` with `max_tokens: 0` (scoring a prompt, as OpenAI's legacy API allowed): the engine
     /// still computes one token, which is left out of the choice and of `usage`.
     pub prompt_only: bool,
+    /// Whether text prompts get the model's BOS/EOS (`add_special_tokens`).
+    pub added_tokens: AddedTokens,
 }
 
 /// The fields both request kinds share, borrowed from either.
@@ -225,6 +228,7 @@ pub fn validate_chat(req: ChatCompletionRequest) -> Result<ValidatedChatRequest,
         chat_template_kwargs: req.chat_template_kwargs,
         chat_template: req.chat_template,
         documents: req.documents,
+        add_special_tokens: req.add_special_tokens,
     };
     let rendering = render_options(template, &messages)?;
     let constraint = output_constraint(constraint_fields!(req))?;
@@ -294,6 +298,7 @@ pub fn validate_completion(
     let prompts = convert_prompt(req.prompt)?;
     let echo = req.echo == Some(true);
     let prompt_only = echo && req.max_tokens == Some(0);
+    let added_tokens = AddedTokens::from_request(req.add_special_tokens);
     let max_tokens = match req.max_tokens {
         Some(0) if prompt_only => 1,
         v => v.unwrap_or(DEFAULT_COMPLETION_MAX_TOKENS as i64),
@@ -323,6 +328,7 @@ pub fn validate_completion(
         params,
         echo,
         prompt_only,
+        added_tokens,
     })
 }
 
