@@ -384,9 +384,9 @@ fn a_template_bos_is_not_doubled_by_the_post_processor() {
     use caduceus_runtime::chat_template::{ChatMessage, ChatTemplate, RenderOptions};
     use caduceus_runtime::tokenizer::chat_prompt::encode_chat;
     use caduceus_runtime::tokenizer::AddedTokens;
-    use support::bos_model::{write_tiny_llama_with_bos, BOS, HF_CHAT_HI, HF_HI_THERE};
+    use support::bos_model::{write_tiny_llama_with_bos, TemplateIn, BOS, HF_CHAT_HI, HF_HI_THERE};
     let dir = tempfile::tempdir().unwrap();
-    write_tiny_llama_with_bos(dir.path());
+    write_tiny_llama_with_bos(dir.path(), TemplateIn::Config);
     let tok = Tokenizer::from_hf_dir(dir.path()).unwrap();
     assert_eq!(tok.encode("hi there").unwrap(), HF_HI_THERE);
     assert_eq!(tok.encode("<s>hi there").unwrap(), HF_HI_THERE);
@@ -416,4 +416,21 @@ fn a_template_bos_is_not_doubled_by_the_post_processor() {
         let bos_count = prompt.token_ids.iter().filter(|&&t| t == BOS).count();
         assert_eq!((prompt.token_ids[0], bos_count), (BOS, 1), "{added:?}");
     }
+}
+
+/// Transformers now saves the chat template as `chat_template.jinja` (tokenizer_config.json
+/// then has none, as transformers 5.25 wrote these files) and reads that file first.
+#[test]
+fn the_chat_template_file_is_read_and_wins_over_the_config() {
+    use support::bos_model::{write_tiny_llama_with_bos, TemplateIn, TEMPLATE};
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_llama_with_bos(dir.path(), TemplateIn::File);
+    let tok = Tokenizer::from_hf_dir(dir.path()).unwrap();
+    assert_eq!(tok.chat_template(), Some(TEMPLATE));
+    let config_path = dir.path().join("tokenizer_config.json");
+    let mut config = read_json(&config_path);
+    config["chat_template"] = Value::from("{{ messages[0]['content'] }}");
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let tok = Tokenizer::from_hf_dir(dir.path()).unwrap();
+    assert_eq!(tok.chat_template(), Some(TEMPLATE));
 }

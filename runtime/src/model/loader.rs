@@ -184,7 +184,10 @@ impl<N: Network> LoadedModel<N> {
                     source,
                 })?,
             None => {
-                tracing::warn!("model has no chat template; using ChatML");
+                tracing::warn!(
+                    "model has no chat template (GGUF metadata, chat_template.jinja or \
+                     tokenizer_config.json); using ChatML"
+                );
                 ChatTemplate::chatml()
             }
         };

@@ -130,7 +130,8 @@ impl Tokenizer {
     }
 
     /// Loads a Hugging Face model directory: `tokenizer.json`, plus `tokenizer_config.json` (BOS/EOS,
-    /// `add_bos_token`, chat template) and `generation_config.json` (extra EOS ids) when present.
+    /// `add_bos_token`, chat template), `chat_template.jinja` (the chat template, first) and
+    /// `generation_config.json` (extra EOS ids) when present.
     pub fn from_hf_dir(dir: &Path) -> Result<Tokenizer, TokenizerError> {
         let tok_path = dir.join("tokenizer.json");
         let text = std::fs::read_to_string(&tok_path).map_err(|source| TokenizerError::Io {
@@ -167,7 +168,12 @@ impl Tokenizer {
             (Some(bos), Ok(enc)) => enc.get_ids().first() == Some(&bos),
             _ => false,
         };
-        let chat_template = cfg("chat_template").and_then(chat_template_text);
+        // Transformers saves the template as its own file (and lets that file win over the
+        // config's entry, as here); older directories keep it in tokenizer_config.json.
+        let chat_template = match read_optional_text(&dir.join(CHAT_TEMPLATE_FILE))? {
+            Some(text) => Some(text),
+            None => cfg("chat_template").and_then(chat_template_text),
+        };
         Ok(Self::assemble(
             inner,
             bos_id,
@@ -391,16 +397,25 @@ impl Tokenizer {
     }
 }
 
+/// The chat template file of a Hugging Face directory (what transformers' `save_pretrained`
+/// writes now, leaving the template out of tokenizer_config.json).
+const CHAT_TEMPLATE_FILE: &str = "chat_template.jinja";
+
+/// A file's text, or `None` when it does not exist.
+fn read_optional_text(path: &Path) -> Result<Option<String>, TokenizerError> {
+    match std::fs::read_to_string(path) {
+        Ok(t) => Ok(Some(t)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(TokenizerError::Io {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
 fn read_optional_json(path: &Path) -> Result<Option<serde_json::Value>, TokenizerError> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(source) => {
-            return Err(TokenizerError::Io {
-                path: path.to_path_buf(),
-                source,
-            })
-        }
+    let Some(text) = read_optional_text(path)? else {
+        return Ok(None);
     };
     serde_json::from_str(&text)
         .map(Some)

@@ -9,11 +9,11 @@ use caduceus_runtime::server::app;
 use serde_json::{json, Value};
 
 use super::post;
-use super::support::bos_model::{write_tiny_llama_with_bos, HF_CHAT_HI, HF_HI_THERE};
+use super::support::bos_model::{write_tiny_llama_with_bos, TemplateIn, HF_CHAT_HI, HF_HI_THERE};
 use super::support::server_app::{with_fields, TestServer};
 
-fn bos_server(dir: &tempfile::TempDir) -> Router {
-    write_tiny_llama_with_bos(dir.path());
+fn bos_server(dir: &tempfile::TempDir, template: TemplateIn) -> Router {
+    write_tiny_llama_with_bos(dir.path(), template);
     app(TestServer {
         model_dir: Some(dir.path().to_owned()),
         allow_special_tokens_in_prompt: true,
@@ -40,7 +40,7 @@ async fn answer(r: &Router, uri: &str, body: Value) -> (u64, Value) {
 #[tokio::test]
 async fn add_special_tokens_decides_the_bos_of_a_text_prompt() {
     let dir = tempfile::tempdir().unwrap();
-    let r = bos_server(&dir);
+    let r = bos_server(&dir, TemplateIn::Config);
     let with_bos = HF_HI_THERE.to_vec();
     let without = HF_HI_THERE[1..].to_vec();
     let cases = [
@@ -71,10 +71,18 @@ async fn add_special_tokens_decides_the_bos_of_a_text_prompt() {
     }
 }
 
+/// Either place transformers keeps the template in: with the template ignored (ChatML), the
+/// prompt would not be transformers' ids.
 #[tokio::test]
 async fn a_chat_prompt_has_the_template_bos_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let r = bos_server(&dir);
+    for template in [TemplateIn::Config, TemplateIn::File] {
+        let dir = tempfile::tempdir().unwrap();
+        let r = bos_server(&dir, template);
+        chat_prompt_is_transformers(&r).await;
+    }
+}
+
+async fn chat_prompt_is_transformers(r: &Router) {
     let messages = json!([{"role": "user", "content": "hi"}]);
     for fields in [
         json!({}),
@@ -82,9 +90,9 @@ async fn a_chat_prompt_has_the_template_bos_once() {
         json!({"add_special_tokens": false}),
     ] {
         let body = with_fields(json!({"messages": messages}), fields.clone());
-        assert_eq!(tokens(&r, body.clone()).await, HF_CHAT_HI, "{fields}");
+        assert_eq!(tokens(r, body.clone()).await, HF_CHAT_HI, "{fields}");
         let chat = with_fields(body, json!({"max_tokens": 2}));
-        let (prompt_tokens, _) = answer(&r, "/v1/chat/completions", chat).await;
+        let (prompt_tokens, _) = answer(r, "/v1/chat/completions", chat).await;
         assert_eq!(prompt_tokens, HF_CHAT_HI.len() as u64, "{fields}");
     }
 }

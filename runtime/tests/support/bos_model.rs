@@ -13,8 +13,22 @@ const TINY_LLAMA_MODEL: &str = concat!(
 /// The BOS id of the tiny Llama's vocabulary.
 pub const BOS: u32 = 256;
 
+/// Where the chat template is written.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum TemplateIn {
+    /// `tokenizer_config.json`'s `chat_template` (older transformers).
+    Config,
+    /// `chat_template.jinja`, and none in the config (what transformers 5 saves).
+    File,
+}
+
+/// The chat template: `<s>[user]hi</s>[assistant]` for one message "hi".
+pub const TEMPLATE: &str =
+    "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}</s>\
+                            {% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}";
+
 /// Writes the model into `dir`: weights and config copied, tokenizer files changed.
-pub fn write_tiny_llama_with_bos(dir: &Path) {
+pub fn write_tiny_llama_with_bos(dir: &Path, template: TemplateIn) {
     let model = Path::new(TINY_LLAMA_MODEL);
     let read = |name: &str| -> Value {
         let text = std::fs::read_to_string(model.join(name))
@@ -31,10 +45,10 @@ pub fn write_tiny_llama_with_bos(dir: &Path) {
                  {"Sequence": {"id": "B", "type_id": 1}}],
         "special_tokens": {"<s>": {"id": "<s>", "ids": [BOS], "tokens": ["<s>"]}}});
     let mut config = read("tokenizer_config.json");
-    config["chat_template"] = Value::from(
-        "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}</s>\
-         {% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}",
-    );
+    match template {
+        TemplateIn::Config => config["chat_template"] = Value::from(TEMPLATE),
+        TemplateIn::File => std::fs::write(dir.join("chat_template.jinja"), TEMPLATE).unwrap(),
+    }
     for (name, json) in [
         ("tokenizer.json", tokenizer),
         ("tokenizer_config.json", config),
