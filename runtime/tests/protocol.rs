@@ -9,20 +9,26 @@ use caduceus_runtime::chat_template::ChatMessage;
 use caduceus_runtime::sampling::SamplingParams;
 use caduceus_runtime::server::protocol::{
     validate_chat, validate_completion, ApiError, ChatCompletionRequest, CompletionRequest,
-    PromptInput, StreamUsage, ValidationError,
+    PromptInput, SamplingDefaults, StreamUsage, ValidationError,
 };
 use serde_json::{json, Value};
 
 fn chat(
     body: Value,
 ) -> Result<caduceus_runtime::server::protocol::ValidatedChatRequest, ValidationError> {
-    validate_chat(serde_json::from_value::<ChatCompletionRequest>(body).unwrap())
+    validate_chat(
+        serde_json::from_value::<ChatCompletionRequest>(body).unwrap(),
+        &SamplingDefaults::default(),
+    )
 }
 
 fn completion(
     body: Value,
 ) -> Result<caduceus_runtime::server::protocol::ValidatedCompletionRequest, ValidationError> {
-    validate_completion(serde_json::from_value::<CompletionRequest>(body).unwrap())
+    validate_completion(
+        serde_json::from_value::<CompletionRequest>(body).unwrap(),
+        &SamplingDefaults::default(),
+    )
 }
 
 /// `base` with `field` set to `value`.

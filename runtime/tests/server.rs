@@ -35,6 +35,8 @@ mod priority;
 mod rate_limit;
 #[path = "server/request_id.rs"]
 mod request_id;
+#[path = "server/sampling_defaults.rs"]
+mod sampling_defaults;
 #[path = "server/special_tokens.rs"]
 mod special_tokens;
 #[path = "server/stream_usage.rs"]

@@ -8,12 +8,14 @@ use anyhow::Context;
 use crate::adapters::peft::AdapterLimits;
 use crate::adapters::{AdapterRegistry, AdapterService, AdapterSettings, SlotFormat};
 use crate::config::{
-    CaduceusConfig, ConfigOverrides, Device, Dtype, KvCacheSize, PrefixCacheIsolation,
+    CaduceusConfig, ConfigOverrides, Device, Dtype, GenerationConfigSetting, KvCacheSize,
+    PrefixCacheIsolation,
 };
 use crate::engine::{Backend, EngineCore, EngineHandle};
 use crate::kv_events::{KvEventPublisher, KvEventSettings, DEFAULT_REPLAY_BUFFER};
 use crate::model::loader::LoadedModel;
 use crate::model::WeightFormat;
+use crate::server::protocol::SamplingDefaults;
 use crate::server::{
     run_server, shutdown_signal, AdapterLoadLimit, AppState, Lifecycle, RateLimiter, ServeOutcome,
     ServerSettings,
@@ -281,6 +283,7 @@ pub(super) fn serve<B: Backend + Send + 'static>(
                 .server
                 .rate_limit()
                 .map(|limit| Arc::new(RateLimiter::new(limit))),
+            sampling_defaults: sampling_defaults(&config)?,
         }),
         lifecycle: Arc::new(Lifecycle::default()),
         metrics,
@@ -319,6 +322,37 @@ pub(super) fn serve<B: Backend + Send + 'static>(
 }
 
 /// The keys in full, for the server's comparisons.
+/// The sampling defaults `model.generation_config` takes from a Hugging Face directory's
+/// `generation_config.json` (none for GGUF files), logged.
+fn sampling_defaults(config: &CaduceusConfig) -> anyhow::Result<SamplingDefaults> {
+    let dir = &config.model.path;
+    if config.model.generation_config == GenerationConfigSetting::Ignore || !dir.is_dir() {
+        return Ok(SamplingDefaults::default());
+    }
+    let path = dir.join("generation_config.json");
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(SamplingDefaults::default())
+        }
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let json: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
+    let (defaults, refused) = SamplingDefaults::from_generation_config(&json);
+    for reason in refused {
+        tracing::warn!(%reason, "generation_config.json: a sampling default not used");
+    }
+    if !defaults.is_empty() {
+        tracing::info!(
+            defaults = %defaults.describe(),
+            "requests that leave these sampling fields out take the model's \
+             generation_config.json values (model.generation_config = \"ignore\": the API's own)"
+        );
+    }
+    Ok(defaults)
+}
+
 fn expose(keys: &[crate::config::ApiKey]) -> Vec<String> {
     keys.iter().map(|k| k.expose().to_owned()).collect()
 }
@@ -393,5 +427,37 @@ fn structured_compiler(
             tracing::warn!(error = %e, "structured outputs disabled");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{sampling_defaults, CaduceusConfig, GenerationConfigSetting, SamplingDefaults};
+
+    #[test]
+    fn a_model_directory_gives_its_generation_config_defaults_unless_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = CaduceusConfig::default();
+        config.model.path = dir.path().to_owned();
+        // No generation_config.json: none.
+        assert!(sampling_defaults(&config).unwrap().is_empty());
+        let file = dir.path().join("generation_config.json");
+        std::fs::write(
+            &file,
+            r#"{"temperature": 0.6, "top_p": 0.9, "eos_token_id": 2}"#,
+        )
+        .unwrap();
+        let want = SamplingDefaults {
+            temperature: Some(0.6),
+            top_p: Some(0.9),
+            ..SamplingDefaults::default()
+        };
+        assert_eq!(sampling_defaults(&config).unwrap(), want);
+        config.model.generation_config = GenerationConfigSetting::Ignore;
+        assert!(sampling_defaults(&config).unwrap().is_empty());
+        // A GGUF file (not a directory) has none.
+        config.model.generation_config = GenerationConfigSetting::Auto;
+        config.model.path = file;
+        assert!(sampling_defaults(&config).unwrap().is_empty());
     }
 }

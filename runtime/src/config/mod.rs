@@ -18,7 +18,8 @@ pub use load::{env_var_name, ConfigOverrides, ENV_PREFIX};
 pub use secrets::ApiKey;
 pub use sections::{
     AdapterDtype, AdaptersSection, AttentionKernelSetting, CaduceusConfig, Device, Dtype,
-    GemmSetting, KvCacheSize, KvEventsSection, LoggingSection, ModelSection, PrefixCacheIsolation,
-    SchedulerSection, ServerSection, StructuredOutputsSection, DEFAULT_KV_CACHE_BYTES,
+    GemmSetting, GenerationConfigSetting, KvCacheSize, KvEventsSection, LoggingSection,
+    ModelSection, PrefixCacheIsolation, SchedulerSection, ServerSection, StructuredOutputsSection,
+    DEFAULT_KV_CACHE_BYTES,
 };
 pub use units::{ByteSize, HumanDuration};

@@ -105,6 +105,11 @@ pub(crate) const SCHEMA: &[KeySpec] = &[
     spec("model", "cuda_graphs", Kind::Bool),
     spec("model", "cuda_graph_max_batch", int(1, 65536)),
     spec("model", "programmatic_launch", Kind::Bool),
+    spec(
+        "model",
+        "generation_config",
+        Kind::Choice(&["auto", "ignore"]),
+    ),
     spec("model", "gemm", Kind::Choice(&["tuned", "library", "gemv"])),
     spec(
         "model",

@@ -197,6 +197,18 @@ pub enum Dtype {
     Bf16,
 }
 
+/// `model.generation_config`: whether a Hugging Face directory's `generation_config.json`
+/// sampling fields (`temperature`, `top_p`, `top_k`, `min_p`, `repetition_penalty`) are the
+/// defaults of requests that leave them out (vLLM's `--generation-config auto`, its default).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GenerationConfigSetting {
+    #[default]
+    Auto,
+    /// The API's own defaults (temperature 1, no truncation) whatever the model recommends.
+    Ignore,
+}
+
 /// CUDA: how each projection shape picks its GEMM implementation (`caduceus_kernels::gpu::
 /// gemm_tune`): `tuned` times cuBLASLt's candidates and our GEMV kernels once per decode-sized
 /// shape at start and keeps the fastest; `library` takes cuBLASLt's heuristic choice untimed;
@@ -256,6 +268,8 @@ pub struct ModelSection {
     /// CUDA (sm_90+): launch every kernel as a programmatic dependent of the one before, so its
     /// launch overlaps the previous kernel's end (off until `gpu-bench` shows it pays).
     pub programmatic_launch: bool,
+    /// Sampling defaults from the model's `generation_config.json` ([`GenerationConfigSetting`]).
+    pub generation_config: GenerationConfigSetting,
 }
 
 impl Default for ModelSection {
@@ -273,6 +287,7 @@ impl Default for ModelSection {
             gemm: GemmSetting::Tuned,
             attention_kernel: AttentionKernelSetting::TensorCores,
             programmatic_launch: false,
+            generation_config: GenerationConfigSetting::Auto,
         }
     }
 }

@@ -124,7 +124,7 @@ pub async fn chat_completions(
     ApiJson(req): ApiJson<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
     let in_flight = admit(&state)?;
-    let mut v = validate_chat(req)?;
+    let mut v = validate_chat(req, &state.settings.sampling_defaults)?;
     let model = check_model(&state, v.params.model.as_deref())?;
     if let Some(plan) = &v.tools {
         add_tools_prompt(&mut v.messages, plan);

@@ -84,7 +84,7 @@ pub async fn completions(
     ApiJson(req): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     let in_flight = admit(&state)?;
-    let v = validate_completion(req)?;
+    let v = validate_completion(req, &state.settings.sampling_defaults)?;
     let model = check_model(&state, v.params.model.as_deref())?;
     // Tokenizing up to a body limit's worth of text is CPU work: off the async workers.
     let (mut prompts, inputs) = {

@@ -15,6 +15,7 @@ use crate::engine::EngineHandle;
 use crate::structured::ConstraintCompiler;
 use crate::tokenizer::Tokenizer;
 
+use super::protocol::SamplingDefaults;
 use super::rate_limit::RateLimiter;
 
 /// Where the server is in its life.
@@ -126,6 +127,8 @@ pub struct ServerSettings {
     pub engine_stall_timeout: Duration,
     /// Per-key request-rate limit of the generation routes, if configured.
     pub rate_limiter: Option<Arc<RateLimiter>>,
+    /// Sampling fields a request leaves out (`model.generation_config`).
+    pub sampling_defaults: SamplingDefaults,
 }
 
 /// Everything a handler needs; cheap to clone.

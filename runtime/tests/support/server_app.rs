@@ -16,6 +16,7 @@ use caduceus_runtime::config::PrefixCacheIsolation;
 use caduceus_runtime::engine::{EngineCore, EngineHandle, FaultPlan, SchedulerConfig};
 use caduceus_runtime::model::loader::LoadedModel;
 use caduceus_runtime::model::LoraDtype;
+use caduceus_runtime::server::protocol::SamplingDefaults;
 use caduceus_runtime::server::{
     AdapterLoadLimit, AppState, Lifecycle, RateLimit, RateLimiter, ServerSettings,
 };
@@ -66,6 +67,8 @@ pub struct TestServer {
     pub compile_limits: CompileLimits,
     /// Serve this model directory instead of the shared tiny Llama.
     pub model_dir: Option<PathBuf>,
+    /// Sampling fields a request leaves out (`model.generation_config`).
+    pub sampling_defaults: SamplingDefaults,
 }
 
 impl Default for TestServer {
@@ -95,6 +98,7 @@ impl Default for TestServer {
             max_concurrent_adapter_loads: 2,
             compile_limits: CompileLimits::default(),
             model_dir: None,
+            sampling_defaults: SamplingDefaults::default(),
         }
     }
 }
@@ -170,6 +174,7 @@ impl TestServer {
                 metrics_api_key: self.metrics_api_key.clone(),
                 engine_stall_timeout: self.engine_stall_timeout,
                 rate_limiter: self.rate_limit.map(|l| Arc::new(RateLimiter::new(l))),
+                sampling_defaults: self.sampling_defaults.clone(),
             }),
             lifecycle: Arc::new(Lifecycle::default()),
             metrics: caduceus_runtime::metrics::install(),

@@ -13,6 +13,7 @@ mod error;
 mod logprobs;
 mod models;
 mod output_options;
+mod sampling_defaults;
 mod sampling_fields;
 mod structured;
 mod tokenize;
@@ -40,6 +41,7 @@ pub use logprobs::{
 };
 pub use models::{ModelCard, ModelList, OWNED_BY};
 pub use output_options::{OutputSettings, PromptTruncation};
+pub use sampling_defaults::SamplingDefaults;
 pub use structured::{
     tool_calls_text, tool_plan, FunctionCall, FunctionCallDelta, FunctionDef, JsonSchemaFormat,
     NamedFunction, NamedToolChoice, ResponseFormat, StructuredOutputs, ToolCall, ToolCallDelta,

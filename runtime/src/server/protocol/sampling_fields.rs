@@ -8,6 +8,7 @@ use crate::sampling::{SamplingError, SamplingParams, MAX_LOGPROBS};
 use super::validate::{invalid, out_of_range, ValidationError};
 
 /// A request's sampling fields as sent (chat and completion requests declare the same ones).
+#[derive(Default)]
 pub(super) struct SamplingFields {
     pub temperature: Option<f64>,
     pub top_p: Option<f64>,

@@ -14,6 +14,7 @@ use super::constraint::{constraint_fields, output_constraint, ConstraintFields};
 use super::convert::{convert_messages, convert_prompt};
 use super::error::ApiError;
 use super::output_options::{output_settings, OutputOptions, OutputSettings};
+use super::sampling_defaults::SamplingDefaults;
 use super::sampling_fields::{logprob_count, sampling_fields, sampling_params, SamplingFields};
 use super::structured::{tool_plan, ToolPlan};
 use crate::structured::ConstraintSpec;
@@ -207,8 +208,12 @@ macro_rules! output_options {
     };
 }
 
-/// Checks a chat request and converts its messages for the chat template.
-pub fn validate_chat(req: ChatCompletionRequest) -> Result<ValidatedChatRequest, ValidationError> {
+/// Checks a chat request and converts its messages for the chat template; sampling fields it
+/// leaves out come from `defaults`.
+pub fn validate_chat(
+    req: ChatCompletionRequest,
+    defaults: &SamplingDefaults,
+) -> Result<ValidatedChatRequest, ValidationError> {
     if req.logprobs != Some(true) && req.top_logprobs.is_some_and(|k| k > 0) {
         return Err(invalid("top_logprobs", "requires `logprobs` to be true"));
     }
@@ -260,7 +265,7 @@ pub fn validate_chat(req: ChatCompletionRequest) -> Result<ValidatedChatRequest,
     let common = Common {
         model: req.model,
         max_tokens,
-        sampling: sampling_fields!(req),
+        sampling: sampling_fields!(req).or(defaults),
         stop: req.stop,
         stop_token_ids: req.stop_token_ids,
         priority: req.priority,
@@ -287,9 +292,11 @@ pub fn validate_chat(req: ChatCompletionRequest) -> Result<ValidatedChatRequest,
 }
 
 /// Checks a legacy completion request; `max_tokens` defaults to
-/// [`DEFAULT_COMPLETION_MAX_TOKENS`] as in OpenAI's API.
+/// [`DEFAULT_COMPLETION_MAX_TOKENS`] as in OpenAI's API, sampling fields it leaves out come
+/// from `defaults`.
 pub fn validate_completion(
     req: CompletionRequest,
+    defaults: &SamplingDefaults,
 ) -> Result<ValidatedCompletionRequest, ValidationError> {
     let logprobs = req
         .logprobs
@@ -306,7 +313,7 @@ pub fn validate_completion(
     let common = Common {
         model: req.model,
         max_tokens: Some(("max_tokens", max_tokens)),
-        sampling: sampling_fields!(req),
+        sampling: sampling_fields!(req).or(defaults),
         stop: req.stop,
         stop_token_ids: req.stop_token_ids,
         priority: req.priority,
