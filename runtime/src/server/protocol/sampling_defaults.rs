@@ -7,6 +7,22 @@ use serde_json::Value;
 
 use super::sampling_fields::{sampling_params, SamplingFields};
 
+/// Sets one field from its JSON value (`None`: not a number of the field's kind).
+type SetField = fn(&mut SamplingDefaults, &Value) -> Option<()>;
+
+/// The `generation_config.json` keys read, in vLLM's order.
+const FIELDS: [(&str, SetField); 5] = [
+    ("temperature", |d, v| {
+        v.as_f64().map(|x| d.temperature = Some(x))
+    }),
+    ("top_p", |d, v| v.as_f64().map(|x| d.top_p = Some(x))),
+    ("top_k", |d, v| v.as_i64().map(|x| d.top_k = Some(x))),
+    ("min_p", |d, v| v.as_f64().map(|x| d.min_p = Some(x))),
+    ("repetition_penalty", |d, v| {
+        v.as_f64().map(|x| d.repetition_penalty = Some(x))
+    }),
+];
+
 /// Defaults for a request's sampling fields; all `None`: the API's own defaults.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct SamplingDefaults {
@@ -23,30 +39,13 @@ impl SamplingDefaults {
     pub fn from_generation_config(config: &Value) -> (SamplingDefaults, Vec<String>) {
         let mut defaults = SamplingDefaults::default();
         let mut refused = Vec::new();
-        let number = |key: &str| config.get(key).filter(|v| !v.is_null());
-        for key in [
-            "temperature",
-            "top_p",
-            "top_k",
-            "min_p",
-            "repetition_penalty",
-        ] {
-            let Some(value) = number(key) else { continue };
-            let mut one = SamplingDefaults::default();
-            let parsed = match key {
-                "top_k" => value.as_i64().map(|k| one.top_k = Some(k)),
-                _ => value.as_f64().map(|v| {
-                    let slot = match key {
-                        "temperature" => &mut one.temperature,
-                        "top_p" => &mut one.top_p,
-                        "min_p" => &mut one.min_p,
-                        _ => &mut one.repetition_penalty,
-                    };
-                    *slot = Some(v);
-                }),
+        for (key, set) in FIELDS {
+            let Some(value) = config.get(key).filter(|v| !v.is_null()) else {
+                continue;
             };
-            if parsed.is_none() {
-                refused.push(format!("{key} = {value} is not a number"));
+            let mut one = SamplingDefaults::default();
+            if set(&mut one, value).is_none() {
+                refused.push(format!("`{key}` is {value}, not a number"));
                 continue;
             }
             // The request's own check: a default no request could send is not taken.
