@@ -64,6 +64,8 @@ fn octave_floor(j: usize) -> f32 {
 pub struct SurvivorScratch {
     /// Scaled logits and ids, for top-k.
     scaled: Vec<(f32, u32)>,
+    /// Top-k's strided sample of the row's scaled logits.
+    sample: Vec<f32>,
     /// Relative weights of the whole row, by id.
     weights: Vec<f32>,
 }
@@ -90,13 +92,8 @@ pub fn survivors(
     let k = t.top_k as usize;
     let mut ranked_order = false;
     if k > 0 {
+        top_k_candidates(row, inv_t, k, scratch);
         let scaled = &mut scratch.scaled;
-        scaled.clear();
-        scaled.extend(row.iter().enumerate().filter_map(|(id, &l)| {
-            let s = l * inv_t;
-            // `>` also drops NaN that invalid penalties could produce.
-            (s > f32::NEG_INFINITY).then_some((s, id as u32))
-        }));
         if k < scaled.len() {
             scaled.select_nth_unstable_by(k - 1, rank_desc);
             scaled.truncate(k);
@@ -123,6 +120,45 @@ pub fn survivors(
     if ranked_order {
         cand.sort_unstable_by_key(|c| c.id);
     }
+}
+
+/// Top-k's threshold sample takes one scaled logit in this many.
+const TOP_K_STRIDE: usize = 32;
+
+/// Fills `scratch.scaled` with (scaled logit, id) pairs that include the `k` best of the row:
+/// every finite one, or, when a threshold estimated from a strided sample leaves at least `k`,
+/// only those at or above it. The pairs above a value are a prefix of the ranking (ties to the
+/// lowest id), so the `k` best of them are the row's; the estimate only decides how few pairs
+/// the selection sorts (a few hundred instead of the vocabulary).
+fn top_k_candidates(row: &[f32], inv_t: f32, k: usize, scratch: &mut SurvivorScratch) {
+    let scaled = &mut scratch.scaled;
+    scaled.clear();
+    // `> -inf` also drops NaN that invalid penalties could produce.
+    let finite = |s: f32| s > f32::NEG_INFINITY;
+    let sample = &mut scratch.sample;
+    sample.clear();
+    sample.extend(
+        (row.iter().step_by(TOP_K_STRIDE))
+            .map(|&l| l * inv_t)
+            .filter(|&s| finite(s)),
+    );
+    // About twice the sample's share of k, so that fewer than k pass only by a rare draw.
+    let j = k / TOP_K_STRIDE * 2 + 4;
+    if j < sample.len() {
+        let (_, &mut threshold, _) = sample.select_nth_unstable_by(j - 1, |a, b| b.total_cmp(a));
+        scaled.extend(row.iter().enumerate().filter_map(|(id, &l)| {
+            let s = l * inv_t;
+            (s >= threshold && finite(s)).then_some((s, id as u32))
+        }));
+        if scaled.len() >= k {
+            return;
+        }
+        scaled.clear();
+    }
+    scaled.extend(row.iter().enumerate().filter_map(|(id, &l)| {
+        let s = l * inv_t;
+        finite(s).then_some((s, id as u32))
+    }));
 }
 
 /// Sets `cand` to the tokens of `weights` (by id) with a non-zero fixed-point weight. Every
@@ -278,7 +314,12 @@ mod tests {
         use rand::{Rng, SeedableRng};
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
         for case in 0..3000 {
-            let n = rng.random_range(1..400);
+            // Every tenth row vocabulary-sized, where top-k selects above a sampled threshold.
+            let n = if case % 10 == 9 {
+                rng.random_range(400..6000)
+            } else {
+                rng.random_range(1..400)
+            };
             let spread = [0.5f32, 3.0, 12.0][case % 3];
             let mut row: Vec<f32> = (0..n)
                 .map(|_| (rng.random_range(-spread..spread) * 4.0).round() / 4.0)
@@ -301,6 +342,33 @@ mod tests {
                 by_definition(&row, &t),
                 "case {case}: {t:?} over {row:?}"
             );
+        }
+    }
+
+    /// Rows whose sampled positions (every 32nd) hold their largest logits: the sample's
+    /// threshold leaves fewer than k above it, and top-k must look at the whole row.
+    #[test]
+    fn top_k_does_not_trust_a_sample_that_leaves_too_few() {
+        let row: Vec<f32> = (0..3200)
+            .map(|i| {
+                if i % TOP_K_STRIDE == 0 {
+                    10.0
+                } else {
+                    (i % 7) as f32
+                }
+            })
+            .collect();
+        for top_k in [1, 50, 99, 100, 101, 200, 3000] {
+            let t = Truncation {
+                temperature: 1.0,
+                top_k,
+                top_p: 1.0,
+                min_p: 0.0,
+            };
+            let (mut scratch, mut cand) = (SurvivorScratch::default(), Vec::new());
+            survivors(&row, &t, &mut scratch, &mut cand);
+            assert_eq!(cand.len(), top_k.min(3200) as usize);
+            assert_eq!(cand, by_definition(&row, &t), "top_k {top_k}");
         }
     }
 

@@ -56,6 +56,9 @@ pub struct BenchThroughputArgs {
     /// Nucleus of every request (1: off).
     #[arg(long, default_value_t = 1.0)]
     top_p: f32,
+    /// Top-k of every request (0: off).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
     /// Logprobs (the sampled token's and this many alternatives) for every token.
     #[arg(long)]
     logprobs: Option<usize>,
@@ -200,6 +203,7 @@ pub fn run(args: BenchThroughputArgs) -> anyhow::Result<()> {
     let sampling = SamplingParams {
         temperature: args.temperature,
         top_p: args.top_p,
+        top_k: (args.top_k > 0).then_some(args.top_k),
         logprobs: args.logprobs,
         ..SamplingParams::default()
     };
@@ -268,12 +272,13 @@ pub fn run(args: BenchThroughputArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{} prompts x ({} in, {} out), temperature {}, top_p {}, logprobs {:?}, threads {}",
+        "{} prompts x ({} in, {} out), temperature {}, top_p {}, top_k {}, logprobs {:?}, threads {}",
         args.num_prompts,
         args.input_len,
         args.output_len,
         args.temperature,
         args.top_p,
+        args.top_k,
         args.logprobs,
         rayon::current_num_threads()
     );
