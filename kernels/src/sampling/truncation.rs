@@ -131,33 +131,32 @@ const TOP_K_STRIDE: usize = 32;
 /// lowest id), so the `k` best of them are the row's; the estimate only decides how few pairs
 /// the selection sorts (a few hundred instead of the vocabulary).
 fn top_k_candidates(row: &[f32], inv_t: f32, k: usize, scratch: &mut SurvivorScratch) {
-    let scaled = &mut scratch.scaled;
-    scaled.clear();
-    // `> -inf` also drops NaN that invalid penalties could produce.
-    let finite = |s: f32| s > f32::NEG_INFINITY;
     let sample = &mut scratch.sample;
     sample.clear();
     sample.extend(
         (row.iter().step_by(TOP_K_STRIDE))
             .map(|&l| l * inv_t)
-            .filter(|&s| finite(s)),
+            .filter(|&s| s > f32::NEG_INFINITY),
     );
     // About twice the sample's share of k, so that fewer than k pass only by a rare draw.
     let j = k / TOP_K_STRIDE * 2 + 4;
     if j < sample.len() {
         let (_, &mut threshold, _) = sample.select_nth_unstable_by(j - 1, |a, b| b.total_cmp(a));
-        scaled.extend(row.iter().enumerate().filter_map(|(id, &l)| {
-            let s = l * inv_t;
-            (s >= threshold && finite(s)).then_some((s, id as u32))
-        }));
-        if scaled.len() >= k {
+        scaled_at_or_above(row, inv_t, threshold, &mut scratch.scaled);
+        if scratch.scaled.len() >= k {
             return;
         }
-        scaled.clear();
     }
+    scaled_at_or_above(row, inv_t, f32::NEG_INFINITY, &mut scratch.scaled);
+}
+
+/// Sets `scaled` to the row's finite (scaled logit, id) pairs at or above `threshold` (`>
+/// -inf` also drops NaN that invalid penalties could produce).
+fn scaled_at_or_above(row: &[f32], inv_t: f32, threshold: f32, scaled: &mut Vec<(f32, u32)>) {
+    scaled.clear();
     scaled.extend(row.iter().enumerate().filter_map(|(id, &l)| {
         let s = l * inv_t;
-        finite(s).then_some((s, id as u32))
+        (s >= threshold && s > f32::NEG_INFINITY).then_some((s, id as u32))
     }));
 }
 

@@ -20,6 +20,7 @@ use crate::server::{
     run_server, shutdown_signal, AdapterLoadLimit, AppState, Lifecycle, RateLimiter, ServeOutcome,
     ServerSettings,
 };
+use crate::tokenizer::read_optional_json;
 
 /// The adapter registry and tiers when `adapters.dir` is set (listing it reads no weights).
 fn adapter_service(
@@ -329,16 +330,9 @@ fn sampling_defaults(config: &CaduceusConfig) -> anyhow::Result<SamplingDefaults
     if config.model.generation_config == GenerationConfigSetting::Ignore || !dir.is_dir() {
         return Ok(SamplingDefaults::default());
     }
-    let path = dir.join("generation_config.json");
-    let text = match std::fs::read_to_string(&path) {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Ok(SamplingDefaults::default())
-        }
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    let Some(json) = read_optional_json(&dir.join("generation_config.json"))? else {
+        return Ok(SamplingDefaults::default());
     };
-    let json: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
     let (defaults, refused) = SamplingDefaults::from_generation_config(&json);
     for reason in refused {
         tracing::warn!(%reason, "generation_config.json: a sampling default not used");

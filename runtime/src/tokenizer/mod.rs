@@ -413,7 +413,9 @@ fn read_optional_text(path: &Path) -> Result<Option<String>, TokenizerError> {
     }
 }
 
-fn read_optional_json(path: &Path) -> Result<Option<serde_json::Value>, TokenizerError> {
+/// A JSON file's document, or `None` when it does not exist (a model directory's optional
+/// `tokenizer_config.json` and `generation_config.json`).
+pub(crate) fn read_optional_json(path: &Path) -> Result<Option<serde_json::Value>, TokenizerError> {
     let Some(text) = read_optional_text(path)? else {
         return Ok(None);
     };

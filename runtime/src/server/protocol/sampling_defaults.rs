@@ -43,29 +43,19 @@ impl SamplingDefaults {
             let Some(value) = config.get(key).filter(|v| !v.is_null()) else {
                 continue;
             };
-            let mut one = SamplingDefaults::default();
-            if set(&mut one, value).is_none() {
+            let mut with = defaults.clone();
+            if set(&mut with, value).is_none() {
                 refused.push(format!("`{key}` is {value}, not a number"));
                 continue;
             }
-            // The request's own check: a default no request could send is not taken.
-            match sampling_params(&SamplingFields::default().or(&one), None) {
-                Ok(_) => defaults = defaults.or(&one),
+            // The request's own check (field by field, and the fields taken so far pass it): a
+            // default no request could send is not taken.
+            match sampling_params(&SamplingFields::default().or(&with), None) {
+                Ok(_) => defaults = with,
                 Err(e) => refused.push(e.to_string()),
             }
         }
         (defaults, refused)
-    }
-
-    /// Each field of `self`, else `other`'s.
-    fn or(&self, other: &SamplingDefaults) -> SamplingDefaults {
-        SamplingDefaults {
-            temperature: self.temperature.or(other.temperature),
-            top_p: self.top_p.or(other.top_p),
-            top_k: self.top_k.or(other.top_k),
-            min_p: self.min_p.or(other.min_p),
-            repetition_penalty: self.repetition_penalty.or(other.repetition_penalty),
-        }
     }
 
     /// Whether there is any default.
